@@ -1,0 +1,247 @@
+"""``dc-broker``: the daemon's command line (click). Expected failures print one ``Error:`` line and
+exit non-zero without a traceback.
+
+    dc-broker run      serve the profiles in config.toml on the user socket
+    dc-broker dev      dev IdP + demo API + a broker with a ready `demo` profile, in one process
+    dc-broker status   ask the running broker what it holds
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import tomllib
+from typing import Any
+
+import click
+import trio
+
+from broker.config import Profile, load_config
+from broker.daemon import run_broker, until_signalled
+from broker.secret import Secret
+from broker.store import Credentials, MemoryStore
+from client.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError
+from client.paths import default_socket_path
+
+log = logging.getLogger("dc_broker")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # httpx logs every request URL at INFO; URLs are not secret but the noise is not useful
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("hpack").setLevel(logging.WARNING)
+
+
+class _Fail(click.ClickException):
+    def __init__(self, exc: DcBrokerError) -> None:
+        hint = f"\n  {exc.hint}" if exc.hint and exc.hint not in str(exc) else ""
+        super().__init__(f"{exc}{hint}")
+        self.exit_code = exc.exit_code if exc.exit_code != 0 else 1
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option("0.1.0", prog_name="dc-broker")
+def cli() -> None:
+    """dc-broker: keeps bearer tokens for Keycloak-protected APIs fresh and serves them to local programs."""
+
+
+def _read_secrets_stdin(profiles: dict[str, Profile]) -> MemoryStore:
+    raw = sys.stdin.buffer.read()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"secrets on stdin are not valid TOML: {exc}") from None
+    store = MemoryStore()
+    for name, table in data.items():
+        if name not in profiles:
+            raise ConfigError(f"secrets on stdin name profile {name!r}, which the config does not define")
+        if not isinstance(table, dict) or set(table) - {"password", "client_secret", "refresh_token"}:
+            raise ConfigError(
+                f"secrets for {name!r} must be a table of password / client_secret / refresh_token"
+            )
+        store.set_credentials(
+            name,
+            Credentials(**{k: Secret(str(v)) for k, v in table.items()}),
+        )
+    return store
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="DC_BROKER_CONFIG",
+    help="config file (default: $XDG_CONFIG_HOME/dc-broker/config.toml)",
+)
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False),
+    envvar="DC_BROKER_SOCKET",
+    help="socket to listen on (default: $XDG_RUNTIME_DIR/dc-broker/broker.sock)",
+)
+@click.option(
+    "--secrets-stdin",
+    is_flag=True,
+    help="read profile secrets as TOML ([NAME] password=/client_secret=) from stdin; kept in memory only",
+)
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def run(config_path: str | None, socket_path: str | None, secrets_stdin: bool, verbose: bool) -> None:
+    """Run the broker in the foreground until SIGINT or SIGTERM."""
+    _setup_logging(verbose)
+    try:
+        config = load_config(config_path, missing_ok=config_path is None)
+        store = _read_secrets_stdin(config.profiles) if secrets_stdin else MemoryStore()
+        path = socket_path or config.socket or default_socket_path()
+        trio.run(_run_until_signal, config.profiles, store, path)
+    except DcBrokerError as exc:
+        raise _Fail(exc) from None
+
+
+async def _run_until_signal(profiles: dict[str, Profile], store: MemoryStore, path: str) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(until_signalled, nursery.cancel_scope)
+        await run_broker(profiles, store, path)
+
+
+def demo_profiles(base_url: str) -> tuple[dict[str, Profile], MemoryStore]:
+    """The profiles `dc-broker dev` serves, against the dev IdP's demo realm."""
+    profiles = {
+        "demo": Profile(
+            name="demo", server=base_url, tenant="demo", client_id="dc-cli", grant="password", username="demo"
+        ),
+        "demo-service": Profile(
+            name="demo-service",
+            server=base_url,
+            tenant="demo",
+            client_id="dc-service",
+            grant="client_credentials",
+        ),
+    }
+    store = MemoryStore(
+        {
+            "demo": Credentials(password=Secret("demo"), client_secret=Secret("dc-cli-secret")),
+            "demo-service": Credentials(client_secret=Secret("dc-service-secret")),
+        }
+    )
+    return profiles, store
+
+
+@cli.command()
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False),
+    envvar="DC_BROKER_SOCKET",
+    help="socket for the broker (default: a fresh private temp directory)",
+)
+@click.option(
+    "--port", default=0, show_default=True, help="TCP port for the dev IdP on 127.0.0.1 (0 = any free port)"
+)
+@click.option("--access-lifespan", default=1800.0, show_default=True, help="access token lifetime in seconds")
+@click.option("--rotate", is_flag=True, help="rotate refresh tokens (Keycloak's 'Revoke Refresh Token')")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def dev(socket_path: str | None, port: int, access_lifespan: float, rotate: bool, verbose: bool) -> None:
+    """Run the dev IdP, the demo API and a broker with a ready `demo` profile, until Ctrl-C."""
+    _setup_logging(verbose)
+    if socket_path is None:
+        import tempfile
+
+        socket_path = os.path.join(tempfile.mkdtemp(prefix="dc-broker-dev-"), "broker.sock")
+    try:
+        trio.run(_dev, socket_path, port, access_lifespan, rotate)
+    except DcBrokerError as exc:
+        raise _Fail(exc) from None
+
+
+async def _dev(socket_path: str, port: int, access_lifespan: float, rotate: bool) -> None:
+    from broker import devserver
+
+    idp = devserver.DevIdP(
+        [devserver.demo_realm(access_lifespan=access_lifespan, rotate_refresh_tokens=rotate)]
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(until_signalled, nursery.cancel_scope)
+        base_url = await nursery.start(
+            lambda task_status: devserver.serve(idp, port=port, task_status=task_status)
+        )
+        profiles, store = demo_profiles(base_url)
+        await nursery.start(
+            lambda task_status: run_broker(
+                profiles, store, socket_path, strict_dir=False, task_status=task_status
+            )
+        )
+        api = f"{base_url}/dp/api/v1/aiconnections/types"
+        print(
+            f"dc-broker dev is running.\n"
+            f"  dev IdP:   {base_url}/realms/demo  (users demo/demo, viewer/viewer)\n"
+            f"  demo API:  {api}\n"
+            f"  profiles:  demo (password grant), demo-service (client_credentials)\n\n"
+            f"In another shell:\n"
+            f"  export DC_BROKER_SOCKET={socket_path}\n"
+            f"  dc-token demo\n"
+            f'  curl -H "Authorization: Bearer $(dc-token demo)" {api}\n'
+            f"  dc-broker status\n\n"
+            f"Ctrl-C stops everything.",
+            flush=True,
+        )
+
+
+def _fmt_seconds(value: Any) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    if value < 0:
+        return "expired"
+    minutes, seconds = divmod(int(value), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+@cli.command()
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False),
+    envvar="DC_BROKER_SOCKET",
+    help="broker socket (default: $XDG_RUNTIME_DIR/dc-broker/broker.sock)",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the broker's status as JSON")
+@click.argument("profile", required=False)
+def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
+    """Show the profiles the running broker holds: state, expiry, last refresh, last error."""
+    from client.sync import TokenClient
+
+    try:
+        with TokenClient(socket_path) as broker:
+            result = broker.status(profile)
+    except (BrokerError, BrokerUnavailable) as exc:
+        raise _Fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    info = result["broker"]
+    click.echo(
+        f"broker {info['version']} pid {info['pid']} on {info['socket']}, up {_fmt_seconds(info['uptime'])}"
+    )
+    rows = [("PROFILE", "STATE", "EXPIRES IN", "LAST REFRESH", "LAST ERROR")]
+    for p in result["profiles"]:
+        last = time.strftime("%H:%M:%S", time.localtime(p["last_refresh"])) if p.get("last_refresh") else "-"
+        rows.append(
+            (p["profile"], p["state"], _fmt_seconds(p.get("expires_in")), last, p.get("last_error") or "")
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
+
+
+def main() -> None:
+    cli(prog_name="dc-broker")

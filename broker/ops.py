@@ -1,0 +1,142 @@
+"""What each wire op does: the dispatch table ``HANDLERS`` (op name -> handler).
+
+A handler takes the broker's state, the caller (from the kernel) and the request, and returns either
+the result map at once (the common, allocation-light path: a cached token) or an awaitable that
+produces it (the server runs those as separate tasks so a slow op never delays the connection).
+Handlers raise ``client.errors.BrokerError`` subclasses; the server turns them into error replies.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from broker.oidc import TokenSet
+from broker.sessions import Session, Sessions
+from client.errors import BadRequest
+from client.protocol import PROTOCOL_VERSION, Request
+
+VERSION = "0.1.0"
+MAX_MIN_TTL = 86400.0
+
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is on the other end, as the kernel says (SO_PEERCRED), never as the client claims."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+@dataclass
+class BrokerState:
+    sessions: Sessions
+    socket_path: str
+    started_at: float = field(default_factory=time.time)
+    clock: Callable[[], float] = trio.current_time
+
+
+Handler = Callable[[BrokerState, Caller, Request], "Result | Awaitable[Result]"]
+
+
+def _profile_arg(args: Mapping[str, Any]) -> str:
+    name = args.get("profile")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("'profile' must be a non-empty string")
+    return name
+
+
+def _seconds_arg(args: Mapping[str, Any], key: str, default: float, maximum: float) -> float:
+    value = args.get(key, default)
+    if value is None:
+        return default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= maximum
+        or math.isnan(value)
+    ):
+        raise BadRequest(f"'{key}' must be a number of seconds between 0 and {maximum:g}")
+    return float(value)
+
+
+def token_result(session: Session, tok: TokenSet, now: float) -> Result:
+    remaining = tok.expires_at - now
+    return {
+        "profile": session.profile.name,
+        "token": tok.access_token.reveal(),
+        "type": tok.token_type,
+        "expires_in": remaining,
+        "expires_at": time.time() + remaining,
+        "scope": tok.scope,
+    }
+
+
+def op_hello(state: BrokerState, caller: Caller, req: Request) -> Result:
+    return {
+        "server": "dc-broker",
+        "version": VERSION,
+        "protocol": PROTOCOL_VERSION,
+        "ops": sorted(HANDLERS),
+        "uid": caller.uid,
+        "pid": os.getpid(),
+    }
+
+
+def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
+    args = req.args
+    session = state.sessions.lookup(_profile_arg(args))
+    min_ttl = _seconds_arg(args, "min_ttl", 0.0, MAX_MIN_TTL)
+    now = state.clock()
+    tok = session.peek(min_ttl, now)
+    if tok is not None:
+        return token_result(session, tok, now)
+    return _token_slow(state, session, min_ttl)
+
+
+async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> Result:
+    tok = await session.get(min_ttl)
+    return token_result(session, tok, state.clock())
+
+
+def op_invalidate(state: BrokerState, caller: Caller, req: Request) -> Result:
+    session = state.sessions.lookup(_profile_arg(req.args))
+    token = req.args.get("token")
+    if not isinstance(token, str) or not token:
+        raise BadRequest("'token' must be the access token the API rejected")
+    return {"profile": session.profile.name, "refreshing": session.invalidate(token)}
+
+
+def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
+    name = req.args.get("profile")
+    if name is not None:
+        sessions = [state.sessions.lookup(_profile_arg(req.args)).status(state.clock())]
+    else:
+        sessions = state.sessions.status()
+    return {
+        "broker": {
+            "version": VERSION,
+            "pid": os.getpid(),
+            "socket": state.socket_path,
+            "uptime": round(time.time() - state.started_at, 3),
+            "profiles": len(state.sessions),
+        },
+        "profiles": sessions,
+    }
+
+
+HANDLERS: dict[str, Handler] = {
+    "hello": op_hello,
+    "token": op_token,
+    "invalidate": op_invalidate,
+    "status": op_status,
+}

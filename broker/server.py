@@ -1,0 +1,204 @@
+"""The trio Unix-socket server: accept, check the caller's identity with the kernel, frame, dispatch.
+
+One task per connection. Each receive decodes every whole frame it holds; requests a handler answers
+at once (a cached token) are replied to in one ``send_all`` per batch, requests that must wait (a
+refresh) run as tasks of their own in the connection's nursery, so pipelined requests and other
+connections never queue behind them. Replies share the stream under a lock, whole frames at a time.
+
+Bad input closes only the connection it came on: a frame that is not msgpack, oversized, or cut off
+is answered with one ``bad_request`` error (id None) and the connection is closed; a well-framed
+request of the wrong shape gets an error reply and the connection lives on. Nothing a client sends can
+stop the accept loop. Only EMFILE/ENFILE/ENOBUFS/ENOMEM on accept are waited out (trio's own rule).
+
+The caller is whoever the kernel says (SO_PEERCRED): in user mode only our own uid (and root) may
+talk to the broker; anyone else is closed at once with ``forbidden``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable
+from typing import Any
+
+import trio
+
+from broker.ops import HANDLERS, BrokerState, Caller
+from client.errors import BrokerError, Forbidden, InternalError, Overloaded, RemoteProtocolError, UnknownOp
+from client.protocol import (
+    NEED_DATA,
+    OPS,
+    ErrorCode,
+    ErrorReply,
+    FrameDecoder,
+    Reply,
+    Request,
+    encode,
+    request_from_wire,
+)
+from client.protocol import RequestShapeError as _ShapeError
+
+log = logging.getLogger("dc_broker.server")
+
+_UCRED = struct.Struct("3i")
+RECEIVE_SIZE = 65536
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+class Limits:
+    """Per-connection limits; exceeding one affects that connection only."""
+
+    def __init__(self, *, max_in_flight: int = 256, max_connections: int = 4096) -> None:
+        self.max_in_flight = max_in_flight
+        self.max_connections = max_connections
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> Caller:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return Caller(uid=uid, gid=gid, pid=pid)
+
+
+def _error_frame(rid: int | None, exc: BrokerError) -> bytes:
+    return encode(ErrorReply(rid, ErrorCode(exc.code), exc.message, exc.retry_after))
+
+
+class Server:
+    def __init__(
+        self, state: BrokerState, *, limits: Limits | None = None, allowed_uids: frozenset[int] | None = None
+    ):
+        self.state = state
+        self.limits = limits or Limits()
+        self.allowed_uids = allowed_uids if allowed_uids is not None else frozenset({os.getuid(), 0})
+        self.connections = 0
+
+    async def serve(
+        self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept on ``sock`` (a listening AF_UNIX socket) until cancelled."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in _RESOURCE_ERRNOS:
+                        log.error("accept failed (%s); pausing 100 ms", os.strerror(exc.errno or 0))
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                nursery.start_soon(self.handle, stream)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            caller = peer_credentials(stream.socket)
+            if caller.uid not in self.allowed_uids:
+                log.warning("refused connection from uid %d (pid %d)", caller.uid, caller.pid)
+                exc = Forbidden("this broker serves only its own user")
+                await stream.send_all(_error_frame(None, exc))
+                return
+            if self.connections > self.limits.max_connections:
+                await stream.send_all(_error_frame(None, Overloaded("too many connections", retry_after=1.0)))
+                return
+            await _Connection(self, stream, caller).run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.connections -= 1
+            await stream.aclose()
+
+
+class _Connection:
+    __slots__ = ("caller", "decoder", "in_flight", "send_lock", "server", "state", "stream")
+
+    def __init__(self, server: Server, stream: trio.SocketStream, caller: Caller) -> None:
+        self.server = server
+        self.state = server.state
+        self.stream = stream
+        self.caller = caller
+        self.decoder = FrameDecoder()
+        self.send_lock = trio.Lock()
+        self.in_flight = 0
+
+    async def run(self) -> None:
+        decoder = self.decoder
+        async with trio.open_nursery() as nursery:
+            while True:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    # a peer that went away mid-frame has nobody left to tell
+                    with contextlib.suppress(RemoteProtocolError):
+                        decoder.check_eof()
+                    return
+                decoder.receive_data(data)
+                out: list[bytes] = []
+                try:
+                    while True:
+                        frame = decoder.next_frame()
+                        if frame is NEED_DATA:
+                            break
+                        assert isinstance(frame, dict)
+                        reply = self.dispatch(frame)
+                        if isinstance(reply, bytes):
+                            out.append(reply)
+                        else:
+                            nursery.start_soon(self._finish, *reply)
+                except RemoteProtocolError as exc:
+                    out.append(encode(ErrorReply(None, ErrorCode.BAD_REQUEST, f"protocol error: {exc}")))
+                    await self._send(b"".join(out))
+                    nursery.cancel_scope.cancel()
+                    return
+                if out:
+                    await self._send(b"".join(out))
+
+    async def _send(self, data: bytes) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    def dispatch(self, frame: dict[str, Any]) -> bytes | tuple[int, Awaitable[dict[str, Any]]]:
+        try:
+            req: Request = request_from_wire(frame)
+        except _ShapeError as exc:
+            return encode(exc.reply)
+        try:
+            handler = HANDLERS.get(req.op)
+            if handler is None:
+                known = "is not supported by this broker" if req.op in OPS else "is not a dc-broker op"
+                raise UnknownOp(f"op {req.op!r} {known}; supported: {', '.join(sorted(HANDLERS))}")
+            result = handler(self.state, self.caller, req)
+            if isinstance(result, dict):
+                return encode(Reply(req.id, result))
+            if self.in_flight >= self.server.limits.max_in_flight:
+                result.close()  # type: ignore[attr-defined]
+                raise Overloaded(
+                    f"more than {self.server.limits.max_in_flight} requests waiting on this connection",
+                    retry_after=1.0,
+                )
+            self.in_flight += 1
+            return (req.id, result)
+        except BrokerError as exc:
+            return _error_frame(req.id, exc)
+        except Exception:
+            log.exception("op %s failed", req.op)
+            return _error_frame(req.id, InternalError(f"op {req.op!r} failed inside the broker; see its log"))
+
+    async def _finish(self, rid: int, pending: Awaitable[dict[str, Any]]) -> None:
+        try:
+            try:
+                frame = encode(Reply(rid, await pending))
+            except BrokerError as exc:
+                frame = _error_frame(rid, exc)
+            except Exception:
+                log.exception("request %d failed", rid)
+                frame = _error_frame(rid, InternalError("the request failed inside the broker; see its log"))
+            await self._send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.in_flight -= 1

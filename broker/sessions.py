@@ -1,0 +1,436 @@
+"""One ``Session`` per profile: the current token, its refresh task, single-flight and the state machine.
+
+A session owns exactly one login. Its background task (``run``) refreshes ahead of expiry as
+``broker.policy`` says, retries with backoff when the IdP fails, and is the only code that talks to
+the IdP for this profile, so there is never more than one refresh in flight per login: callers that
+need a token the current one cannot satisfy wake the task and wait for the *round* in progress,
+sharing its result (single-flight). Reads that the current token satisfies never wait (``peek``).
+
+States (``State``) and the allowed moves between them are plain data (``TRANSITIONS``):
+
+    empty ──► refreshing ──► fresh ──► refreshing ──► fresh ...
+                  │  ▲          ▲          │
+                  │  └── stale ◄┼──────────┤  (refresh failed, current token still valid)
+                  │  ┌─ unavailable ◄──────┘  (refresh failed, no valid token)
+                  ▼  ▼
+          login_required / rejected          (a person must act; no retries until they do)
+
+Credential order for a refresh: the refresh token (if alive) -> on ``invalid_grant`` the stored
+password or client secret -> with neither, ``login_required``. OAuth errors on a primary grant
+(bad password, bad secret, client misconfigured) mean ``rejected``: retrying cannot help, so the
+session waits for a config or credential change. New tokens go to the store (``save_tokens``)
+before the old refresh token is dropped.
+
+Time comes from ``clock`` (``trio.current_time`` by default, so trio's MockClock drives it in tests).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from enum import StrEnum
+from typing import Any, Final
+
+import trio
+
+from broker import oidc, policy
+from broker.config import Profile
+from broker.oidc import Endpoints, IdpTransport, TokenSet
+from broker.policy import RefreshPolicy
+from broker.store import SecretStore
+from client.errors import (
+    BrokerError,
+    CredentialsRejected,
+    LoginRequired,
+    OAuthError,
+    UnknownProfile,
+    UpstreamError,
+    UpstreamFault,
+    UpstreamGarbage,
+    UpstreamUnavailable,
+)
+
+log = logging.getLogger("dc_broker.sessions")
+
+
+class State(StrEnum):
+    EMPTY = "empty"
+    REFRESHING = "refreshing"
+    FRESH = "fresh"
+    STALE = "stale"
+    UNAVAILABLE = "unavailable"
+    LOGIN_REQUIRED = "login_required"
+    REJECTED = "rejected"
+
+
+_S = State
+TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    _S.EMPTY: frozenset({_S.REFRESHING, _S.LOGIN_REQUIRED}),
+    _S.REFRESHING: frozenset({_S.FRESH, _S.STALE, _S.UNAVAILABLE, _S.LOGIN_REQUIRED, _S.REJECTED}),
+    _S.FRESH: frozenset({_S.REFRESHING, _S.EMPTY}),
+    _S.STALE: frozenset({_S.REFRESHING, _S.UNAVAILABLE, _S.EMPTY}),
+    _S.UNAVAILABLE: frozenset({_S.REFRESHING, _S.EMPTY}),
+    _S.LOGIN_REQUIRED: frozenset({_S.REFRESHING, _S.EMPTY}),
+    _S.REJECTED: frozenset({_S.REFRESHING, _S.EMPTY}),
+}
+#: states in which no background retry happens until a person changes something
+WAITING_FOR_PERSON: Final = frozenset({State.LOGIN_REQUIRED, State.REJECTED})
+
+#: longest a caller waits for a refresh round before getting upstream_unavailable
+DEFAULT_WAIT_LIMIT: Final = 30.0
+
+
+class Session:
+    """The live state of one profile's login."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        store: SecretStore,
+        idp: IdpTransport,
+        *,
+        refresh_policy: RefreshPolicy = policy.DEFAULT_POLICY,
+        clock: Callable[[], float] = trio.current_time,
+        rng: random.Random | None = None,
+        wait_limit: float = DEFAULT_WAIT_LIMIT,
+    ) -> None:
+        self.profile = profile
+        self.store = store
+        self.idp = idp
+        self.policy = refresh_policy
+        self.clock = clock
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self.wait_limit = wait_limit
+        self.state = State.EMPTY
+        self.token: TokenSet | None = None
+        self.last_error: BrokerError | None = None
+        self.last_refresh_at: float | None = None
+        self.refreshes = 0
+        self.idp_requests = 0
+        self.failures = 0
+        self.next_attempt_at = math.inf
+        self._backoff_until = -math.inf
+        self._last_forced_at: float | None = None
+        self._endpoints: Endpoints | None = oidc.static_endpoints(profile)
+        self._wake = trio.Event()
+        self._round = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"Session({self.profile.name!r}, state={self.state.value})"
+
+    # ------------------------------------------------------------ reads
+
+    def peek(self, min_ttl: float, now: float) -> TokenSet | None:
+        """The current token if it satisfies min_ttl at ``now``; never waits, never refreshes."""
+        tok = self.token
+        if tok is not None and tok.expires_at - now >= policy.effective_min_ttl(
+            self.policy, min_ttl, tok.lifetime
+        ):
+            return tok
+        return None
+
+    async def get(self, min_ttl: float = 0.0) -> TokenSet:
+        """A token with at least min_ttl left: from memory, or by joining/starting a refresh round."""
+        deadline = self.clock() + self.wait_limit
+        for _ in range(3):
+            now = self.clock()
+            tok = self.peek(min_ttl, now)
+            if tok is not None:
+                return tok
+            self._raise_if_blocked(now)
+            round_done = self._round
+            self._wake.set()
+            with trio.move_on_at(deadline) as scope:
+                await round_done.wait()
+            if scope.cancelled_caught:
+                raise UpstreamUnavailable(
+                    f"profile {self.profile.name!r}: the identity provider has not answered in "
+                    f"{self.wait_limit:g} s; the broker keeps trying",
+                    retry_after=max(1.0, self.policy.backoff_base),
+                )
+        tok = self.token
+        raise UpstreamError(
+            f"profile {self.profile.name!r}: the identity provider grants tokens too short for min_ttl "
+            f"{min_ttl:g} s (last lifetime {tok.lifetime if tok else 0:.0f} s)"
+        )
+
+    def _raise_if_blocked(self, now: float) -> None:
+        if self.state in WAITING_FOR_PERSON and self.last_error is not None:
+            raise self.last_error
+        if now < self._backoff_until:
+            retry_after = self._backoff_until - now
+            err = self.last_error
+            if isinstance(err, UpstreamError):
+                raise UpstreamError(err.message, retry_after=retry_after)
+            message = err.message if err is not None else "the identity provider is unavailable"
+            raise UpstreamUnavailable(message, retry_after=retry_after)
+
+    def invalidate(self, access_token: str) -> bool:
+        """The API rejected ``access_token``. If it is still current (and we have not just done this),
+        treat it as expired and refresh now. Returns whether a refresh was forced."""
+        tok = self.token
+        now = self.clock()
+        if tok is None or not hmac.compare_digest(tok.access_token.reveal().encode(), access_token.encode()):
+            return False
+        if not policy.may_force_refresh(self.policy, last_forced_at=self._last_forced_at, now=now):
+            return False
+        self._last_forced_at = now
+        self.token = replace(tok, expires_at=min(tok.expires_at, now))
+        self.next_attempt_at = now
+        self._wake.set()
+        return True
+
+    def credentials_changed(self) -> None:
+        """Config or secrets changed: leave rejected/login_required and try again now."""
+        self.failures = 0
+        self._backoff_until = -math.inf
+        self.next_attempt_at = self.clock()
+        if self.state in WAITING_FOR_PERSON:
+            self._move(State.EMPTY)
+            self.last_error = None
+        self._wake.set()
+
+    # ------------------------------------------------------------ the background task
+
+    async def run(self, *, first_attempt_delay: float = 0.0) -> None:
+        """Keep this profile's token fresh until cancelled."""
+        self.next_attempt_at = self.clock() + first_attempt_delay
+        while True:
+            with trio.move_on_at(self.next_attempt_at):
+                await self._wake.wait()
+            if self.state in WAITING_FOR_PERSON:
+                self._finish_round()
+                self._wake = trio.Event()
+                self.next_attempt_at = math.inf
+                continue
+            if self.clock() < self._backoff_until:
+                # woken during backoff: waiters were told retry_after; nothing to do
+                self._wake = trio.Event()
+                continue
+            await self._attempt()
+            self._wake = trio.Event()
+
+    def _finish_round(self) -> None:
+        done, self._round = self._round, trio.Event()
+        done.set()
+
+    def _move(self, new: State) -> None:
+        if new is not self.state and new not in TRANSITIONS[self.state]:
+            raise AssertionError(f"session {self.profile.name}: illegal move {self.state} -> {new}")
+        self.state = new
+
+    async def _attempt(self) -> None:
+        self._move(State.REFRESHING)
+        try:
+            tokens = await self._obtain()
+        except (LoginRequired, CredentialsRejected) as exc:
+            self.last_error = exc
+            self.token = None if isinstance(exc, LoginRequired) else self.token
+            self.next_attempt_at = math.inf
+            self._move(State.LOGIN_REQUIRED if isinstance(exc, LoginRequired) else State.REJECTED)
+            log.warning("profile %s: %s", self.profile.name, exc.message)
+        except UpstreamFault as exc:
+            self._on_transient(exc)
+        else:
+            await self.store.save_tokens(self.profile.name, tokens)  # durable before the old one goes
+            now = self.clock()
+            self.token = tokens
+            self.last_error = None
+            self.failures = 0
+            self._backoff_until = -math.inf
+            self.last_refresh_at = now
+            self.refreshes += 1
+            self.next_attempt_at = policy.refresh_at(
+                self.policy,
+                obtained_at=tokens.obtained_at,
+                expires_at=tokens.expires_at,
+                refresh_expires_at=tokens.refresh_expires_at,
+                rand=self.rng.random(),
+            )
+            self._move(State.FRESH)
+        finally:
+            self._finish_round()
+
+    def _on_transient(self, exc: UpstreamFault) -> None:
+        now = self.clock()
+        self.failures += 1
+        delay = policy.backoff_delay(self.policy, self.failures, self.rng.random(), exc.retry_after)
+        self._backoff_until = now + delay
+        self.next_attempt_at = self._backoff_until
+        wrapped: BrokerError
+        if isinstance(exc, UpstreamGarbage):
+            wrapped = UpstreamError(f"profile {self.profile.name!r}: {exc}", retry_after=delay)
+        else:
+            wrapped = UpstreamUnavailable(f"profile {self.profile.name!r}: {exc}", retry_after=delay)
+        self.last_error = wrapped
+        valid = self.token is not None and self.token.expires_at > now
+        self._move(State.STALE if valid else State.UNAVAILABLE)
+        log.warning(
+            "profile %s: refresh failed (%s); retry %d in %.1f s",
+            self.profile.name,
+            exc,
+            self.failures,
+            delay,
+        )
+
+    # ------------------------------------------------------------ one refresh, credential by credential
+
+    async def _obtain(self) -> TokenSet:
+        name = self.profile.name
+        creds = self.store.credentials(name)
+        endpoints = await self._resolve_endpoints()
+        client = oidc.client_of(self.profile, creds.client_secret)
+        now = self.clock()
+        tok = self.token
+        refresh_token = tok.refresh_token if tok is not None and tok.refresh_usable(now) else None
+        if refresh_token is None and tok is None:
+            refresh_token = creds.refresh_token
+        scope = self.profile.scope
+        if refresh_token is not None:
+            try:
+                return await self._grant(oidc.build_refresh(endpoints.token, client, refresh_token))
+            except OAuthError as exc:
+                if exc.error != "invalid_grant":
+                    raise self._rejected(exc) from None
+                log.info("profile %s: refresh token refused (%s); falling back", name, exc.description)
+                self.token = None
+        grant = self.profile.grant
+        if grant == "password" and creds.password is not None and self.profile.username:
+            req = oidc.build_password(endpoints.token, client, self.profile.username, creds.password, scope)
+        elif grant == "client_credentials" and creds.client_secret is not None:
+            req = oidc.build_client_credentials(endpoints.token, client, scope)
+        else:
+            raise LoginRequired(self._login_message())
+        try:
+            return await self._grant(req)
+        except OAuthError as exc:
+            raise self._rejected(exc) from None
+
+    def _login_message(self) -> str:
+        name = self.profile.name
+        if self.profile.grant == "device":
+            return f"profile {name!r}: no valid login; run `dc-broker login {name}`"
+        what = "password" if self.profile.grant == "password" else "client secret"
+        return f"profile {name!r}: no {what} stored and no valid login; run `dc-broker login {name}`"
+
+    def _rejected(self, exc: OAuthError) -> CredentialsRejected:
+        name = self.profile.name
+        return CredentialsRejected(
+            f"profile {name!r}: the identity provider refused the credentials ({exc}); "
+            f"fix the profile or run `dc-broker login {name}`"
+        )
+
+    async def _grant(self, req: oidc.HttpRequest) -> TokenSet:
+        self.idp_requests += 1
+        resp = await self.idp.send(req, ca_bundle=self.profile.ca_bundle)
+        return oidc.parse_token_response(resp, self.clock())
+
+    async def _resolve_endpoints(self) -> Endpoints:
+        if self._endpoints is None:
+            issuer = self.profile.issuer
+            assert issuer is not None  # config validation guarantees server+tenant, token_url or issuer
+            resp = await self.idp.send(oidc.build_discovery(issuer), ca_bundle=self.profile.ca_bundle)
+            try:
+                self._endpoints = oidc.parse_discovery(resp, issuer)
+            except OAuthError as exc:
+                raise UpstreamGarbage(f"discovery at {issuer} failed: {exc}") from None
+        return self._endpoints
+
+    # ------------------------------------------------------------ reporting
+
+    def status(self, now: float, wall_now: float | None = None) -> dict[str, Any]:
+        wall = time.time() if wall_now is None else wall_now
+        tok = self.token
+        out: dict[str, Any] = {
+            "profile": self.profile.name,
+            "state": self.state.value,
+            "grant": self.profile.grant,
+            "idp": self.profile.describe(),
+            "expires_in": round(tok.expires_at - now, 3) if tok else None,
+            "refreshes": self.refreshes,
+            "idp_requests": self.idp_requests,
+            "last_refresh": round(wall - (now - self.last_refresh_at), 3)
+            if self.last_refresh_at is not None
+            else None,
+            "next_refresh_in": round(self.next_attempt_at - now, 3)
+            if math.isfinite(self.next_attempt_at)
+            else None,
+            "last_error": self.last_error.message if self.last_error else None,
+        }
+        return out
+
+
+class Sessions:
+    """All sessions of this broker, by profile name, and the nursery their refresh tasks run in."""
+
+    def __init__(
+        self,
+        profiles: dict[str, Profile],
+        store: SecretStore,
+        idp: IdpTransport,
+        *,
+        refresh_policy: RefreshPolicy = policy.DEFAULT_POLICY,
+        clock: Callable[[], float] = trio.current_time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.idp = idp
+        self.policy = refresh_policy
+        self.clock = clock
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._by_name: dict[str, Session] = {
+            name: Session(p, store, idp, refresh_policy=refresh_policy, clock=clock, rng=self.rng)
+            for name, p in profiles.items()
+        }
+        self._nursery: trio.Nursery | None = None
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def lookup(self, name: str) -> Session:
+        session = self._by_name.get(name)
+        if session is None:
+            raise UnknownProfile(f"no profile named {name!r}; `dc-broker status` lists the profiles")
+        return session
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every session's refresh task until cancelled; first refreshes are staggered."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for session in self._by_name.values():
+                nursery.start_soon(
+                    self._run_one, session, policy.startup_delay(self.policy, self.rng.random())
+                )
+            task_status.started()
+
+    async def _run_one(self, session: Session, delay: float) -> None:
+        await session.run(first_attempt_delay=delay)
+
+    def add(self, profile: Profile) -> Session:
+        """Add (or replace the settings of) a profile at run time."""
+        existing = self._by_name.get(profile.name)
+        if existing is not None:
+            existing.profile = profile
+            existing._endpoints = oidc.static_endpoints(profile)
+            existing.credentials_changed()
+            return existing
+        session = Session(
+            profile, self.store, self.idp, refresh_policy=self.policy, clock=self.clock, rng=self.rng
+        )
+        self._by_name[profile.name] = session
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run_one, session, 0.0)
+        return session
+
+    def status(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        wall = time.time()
+        return [self._by_name[n].status(now, wall) for n in sorted(self._by_name)]
