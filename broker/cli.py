@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import tomllib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
@@ -44,7 +45,24 @@ class _Fail(click.ClickException):
     def __init__(self, exc: DcBrokerError) -> None:
         hint = f"\n  {exc.hint}" if exc.hint and exc.hint not in str(exc) else ""
         super().__init__(f"{exc}{hint}")
-        self.exit_code = exc.exit_code if exc.exit_code != 0 else 1
+        self.exit_code = exc.exit_code or 1  # type: ignore[misc]
+
+
+def _trio_run(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """trio.run, with our expected errors (possibly inside nursery exception groups) as one clean line."""
+    try:
+        trio.run(fn, *args)
+    except DcBrokerError as exc:
+        raise _Fail(exc) from None
+    except BaseExceptionGroup as group:
+        expected = group.subgroup(DcBrokerError)
+        if expected is None:
+            raise
+        leaf: BaseException = expected
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        assert isinstance(leaf, DcBrokerError)
+        raise _Fail(leaf) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,9 +82,7 @@ def _read_secrets_stdin(profiles: dict[str, Profile]) -> MemoryStore:
         if name not in profiles:
             raise ConfigError(f"secrets on stdin name profile {name!r}, which the config does not define")
         if not isinstance(table, dict) or set(table) - {"password", "client_secret", "refresh_token"}:
-            raise ConfigError(
-                f"secrets for {name!r} must be a table of password / client_secret / refresh_token"
-            )
+            raise ConfigError(f"secrets for {name!r} must be a table of password / client_secret / refresh_token")
         store.set_credentials(
             name,
             Credentials(**{k: Secret(str(v)) for k, v in table.items()}),
@@ -102,9 +118,9 @@ def run(config_path: str | None, socket_path: str | None, secrets_stdin: bool, v
         config = load_config(config_path, missing_ok=config_path is None)
         store = _read_secrets_stdin(config.profiles) if secrets_stdin else MemoryStore()
         path = socket_path or config.socket or default_socket_path()
-        trio.run(_run_until_signal, config.profiles, store, path)
     except DcBrokerError as exc:
         raise _Fail(exc) from None
+    _trio_run(_run_until_signal, config.profiles, store, path)
 
 
 async def _run_until_signal(profiles: dict[str, Profile], store: MemoryStore, path: str) -> None:
@@ -144,9 +160,7 @@ def demo_profiles(base_url: str) -> tuple[dict[str, Profile], MemoryStore]:
     envvar="DC_BROKER_SOCKET",
     help="socket for the broker (default: a fresh private temp directory)",
 )
-@click.option(
-    "--port", default=0, show_default=True, help="TCP port for the dev IdP on 127.0.0.1 (0 = any free port)"
-)
+@click.option("--port", default=0, show_default=True, help="TCP port for the dev IdP on 127.0.0.1 (0 = any free port)")
 @click.option("--access-lifespan", default=1800.0, show_default=True, help="access token lifetime in seconds")
 @click.option("--rotate", is_flag=True, help="rotate refresh tokens (Keycloak's 'Revoke Refresh Token')")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
@@ -157,28 +171,19 @@ def dev(socket_path: str | None, port: int, access_lifespan: float, rotate: bool
         import tempfile
 
         socket_path = os.path.join(tempfile.mkdtemp(prefix="dc-broker-dev-"), "broker.sock")
-    try:
-        trio.run(_dev, socket_path, port, access_lifespan, rotate)
-    except DcBrokerError as exc:
-        raise _Fail(exc) from None
+    _trio_run(_dev, socket_path, port, access_lifespan, rotate)
 
 
 async def _dev(socket_path: str, port: int, access_lifespan: float, rotate: bool) -> None:
     from broker import devserver
 
-    idp = devserver.DevIdP(
-        [devserver.demo_realm(access_lifespan=access_lifespan, rotate_refresh_tokens=rotate)]
-    )
+    idp = devserver.DevIdP([devserver.demo_realm(access_lifespan=access_lifespan, rotate_refresh_tokens=rotate)])
     async with trio.open_nursery() as nursery:
         nursery.start_soon(until_signalled, nursery.cancel_scope)
-        base_url = await nursery.start(
-            lambda task_status: devserver.serve(idp, port=port, task_status=task_status)
-        )
+        base_url = await nursery.start(lambda task_status: devserver.serve(idp, port=port, task_status=task_status))
         profiles, store = demo_profiles(base_url)
         await nursery.start(
-            lambda task_status: run_broker(
-                profiles, store, socket_path, strict_dir=False, task_status=task_status
-            )
+            lambda task_status: run_broker(profiles, store, socket_path, strict_dir=False, task_status=task_status)
         )
         api = f"{base_url}/dp/api/v1/aiconnections/types"
         print(
@@ -229,15 +234,11 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
     info = result["broker"]
-    click.echo(
-        f"broker {info['version']} pid {info['pid']} on {info['socket']}, up {_fmt_seconds(info['uptime'])}"
-    )
+    click.echo(f"broker {info['version']} pid {info['pid']} on {info['socket']}, up {_fmt_seconds(info['uptime'])}")
     rows = [("PROFILE", "STATE", "EXPIRES IN", "LAST REFRESH", "LAST ERROR")]
     for p in result["profiles"]:
         last = time.strftime("%H:%M:%S", time.localtime(p["last_refresh"])) if p.get("last_refresh") else "-"
-        rows.append(
-            (p["profile"], p["state"], _fmt_seconds(p.get("expires_in")), last, p.get("last_error") or "")
-        )
+        rows.append((p["profile"], p["state"], _fmt_seconds(p.get("expires_in")), last, p.get("last_error") or ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])

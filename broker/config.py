@@ -91,21 +91,15 @@ def check_url(url: str, what: str) -> None:
 
 def check_profile(p: Profile) -> None:
     if not _PROFILE_NAME.match(p.name):
-        raise ConfigError(
-            f"profile name {p.name!r} is not valid: use letters, digits, '.', '_' or '-' (at most 64)"
-        )
+        raise ConfigError(f"profile name {p.name!r} is not valid: use letters, digits, '.', '_' or '-' (at most 64)")
     if p.grant not in GRANTS:
         raise ConfigError(f"profile {p.name!r}: grant {p.grant!r} is not one of {', '.join(GRANTS)}")
     if p.auth_method not in AUTH_METHODS:
-        raise ConfigError(
-            f"profile {p.name!r}: auth_method {p.auth_method!r} is not one of {', '.join(AUTH_METHODS)}"
-        )
+        raise ConfigError(f"profile {p.name!r}: auth_method {p.auth_method!r} is not one of {', '.join(AUTH_METHODS)}")
     if not p.client_id:
         raise ConfigError(f"profile {p.name!r}: client_id is required")
     if p.token_url is None and p.issuer is None and (p.server is None or p.tenant is None):
-        raise ConfigError(
-            f"profile {p.name!r}: say where the IdP is with server + tenant, issuer, or token_url"
-        )
+        raise ConfigError(f"profile {p.name!r}: say where the IdP is with server + tenant, issuer, or token_url")
     for what in ("server", "issuer", "token_url"):
         url = getattr(p, what)
         if url is not None:
@@ -113,9 +107,7 @@ def check_profile(p: Profile) -> None:
     if p.grant == "password" and not p.username:
         raise ConfigError(f"profile {p.name!r}: grant 'password' needs a username")
     if p.grant == "client_credentials" and p.auth_method == "none":
-        raise ConfigError(
-            f"profile {p.name!r}: client_credentials needs a client secret (auth_method basic or post)"
-        )
+        raise ConfigError(f"profile {p.name!r}: client_credentials needs a client secret (auth_method basic or post)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,9 +217,7 @@ def parse_config(data: dict[str, Any], *, text: str = "", path: str = "<config>"
                 known = ", ".join(sorted(_PROFILE_KEYS))
                 raise ConfigError(f"{where(section, key)}: unknown key {section}.{key} (known: {known})")
             if not isinstance(value, expected) or (expected is str and not value):
-                raise ConfigError(
-                    f"{where(section, key)}: {section}.{key} must be a non-empty {expected.__name__}"
-                )
+                raise ConfigError(f"{where(section, key)}: {section}.{key} must be a non-empty {expected.__name__}")
         kwargs = dict(table)
         if "allow" in kwargs:
             kwargs["allow"] = tuple(str(rule) for rule in kwargs["allow"])

@@ -37,9 +37,7 @@ def _ensure_private_dir(directory: str, *, strict: bool) -> None:
         pass
     st = os.stat(directory)
     if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(
-            f"{directory} exists and is not a directory; remove it or choose another socket path"
-        )
+        raise ConfigError(f"{directory} exists and is not a directory; remove it or choose another socket path")
     if strict:
         if st.st_uid != os.getuid():
             raise ConfigError(
@@ -58,9 +56,7 @@ def bind_unix_socket(
     """Bind and listen on ``path``; see the module docstring. Raises AlreadyRunning or ConfigError."""
     path = os.path.abspath(path)
     if len(path.encode()) > 107:
-        raise ConfigError(
-            f"socket path {path} is longer than the 107 bytes a Unix socket allows; choose a shorter one"
-        )
+        raise ConfigError(f"socket path {path} is longer than the 107 bytes a Unix socket allows; choose a shorter one")
     _ensure_private_dir(os.path.dirname(path), strict=strict_dir)
     lock_path = path + ".lock"
     old_umask = os.umask(0o077)

@@ -48,9 +48,7 @@ class TokenSet:
         return self.expires_at - self.obtained_at
 
     def refresh_usable(self, now: float) -> bool:
-        return self.refresh_token is not None and (
-            self.refresh_expires_at is None or self.refresh_expires_at > now
-        )
+        return self.refresh_token is not None and (self.refresh_expires_at is None or self.refresh_expires_at > now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +112,7 @@ def _client_auth(client: ClientCredentials, form: dict[str, str]) -> dict[str, s
     return headers
 
 
-def _token_request(
-    url: str, client: ClientCredentials, form: dict[str, str], scope: str | None
-) -> HttpRequest:
+def _token_request(url: str, client: ClientCredentials, form: dict[str, str], scope: str | None) -> HttpRequest:
     if scope:
         form["scope"] = scope
     headers = _client_auth(client, form)
@@ -134,9 +130,7 @@ def build_client_credentials(url: str, client: ClientCredentials, scope: str | N
     return _token_request(url, client, {"grant_type": "client_credentials"}, scope)
 
 
-def build_refresh(
-    url: str, client: ClientCredentials, refresh_token: Secret, scope: str | None = None
-) -> HttpRequest:
+def build_refresh(url: str, client: ClientCredentials, refresh_token: Secret, scope: str | None = None) -> HttpRequest:
     form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
     return _token_request(url, client, form, scope)
 
@@ -150,17 +144,13 @@ def build_device_poll(url: str, client: ClientCredentials, device_code: Secret) 
     return _token_request(url, client, form, None)
 
 
-def build_revoke(
-    url: str, client: ClientCredentials, token: Secret, hint: str = "refresh_token"
-) -> HttpRequest:
+def build_revoke(url: str, client: ClientCredentials, token: Secret, hint: str = "refresh_token") -> HttpRequest:
     form = {"token": token.reveal(), "token_type_hint": hint}
     return _token_request(url, client, form, None)
 
 
 def build_discovery(issuer: str) -> HttpRequest:
-    return HttpRequest(
-        "GET", issuer.rstrip("/") + "/.well-known/openid-configuration", {"Accept": "application/json"}
-    )
+    return HttpRequest("GET", issuer.rstrip("/") + "/.well-known/openid-configuration", {"Accept": "application/json"})
 
 
 # ---------------------------------------------------------------- parsing responses (pure)
@@ -197,17 +187,13 @@ def check_error(resp: HttpResponse) -> None:
     if 200 <= status < 300:
         return
     if status >= 500 or status in (408, 425, 429):
-        raise UpstreamTransient(
-            f"identity provider answered HTTP {status}", retry_after=_retry_after(resp.headers)
-        )
+        raise UpstreamTransient(f"identity provider answered HTTP {status}", retry_after=_retry_after(resp.headers))
     data = _json_object(resp, "error")
     if data is not None and isinstance(data.get("error"), str):
         description = data.get("error_description")
         raise OAuthError(data["error"], description if isinstance(description, str) else "", status)
     if status == 404:
-        raise OAuthError(
-            "not_found", "the token endpoint URL answers 404: check server, tenant or issuer", 404
-        )
+        raise OAuthError("not_found", "the token endpoint URL answers 404: check server, tenant or issuer", 404)
     raise UpstreamGarbage(f"identity provider answered {_describe_garbage(resp)}")
 
 
@@ -230,12 +216,7 @@ def parse_token_response(resp: HttpResponse, now: float) -> TokenSet:
     refresh_token = Secret(refresh) if isinstance(refresh, str) and refresh else None
     refresh_expires_at: float | None = None
     rexp = data.get("refresh_expires_in")
-    if (
-        refresh_token is not None
-        and isinstance(rexp, int | float)
-        and not isinstance(rexp, bool)
-        and rexp > 0
-    ):
+    if refresh_token is not None and isinstance(rexp, int | float) and not isinstance(rexp, bool) and rexp > 0:
         refresh_expires_at = now + float(rexp)
     scope = data.get("scope")
     id_token = data.get("id_token")
@@ -263,9 +244,7 @@ def parse_device_start(resp: HttpResponse, now: float) -> DeviceAuthorization:
         expires_in = float(data.get("expires_in", 600))
         interval = float(data.get("interval", 5))
     except (KeyError, TypeError, ValueError):
-        raise UpstreamGarbage(
-            "device authorization response lacks device_code/user_code/verification_uri"
-        ) from None
+        raise UpstreamGarbage("device authorization response lacks device_code/user_code/verification_uri") from None
     complete = data.get("verification_uri_complete")
     return DeviceAuthorization(
         device_code=Secret(device_code),
@@ -303,9 +282,7 @@ def static_endpoints(profile: Profile) -> Endpoints | None:
         return Endpoints(token=profile.token_url, device=device, revocation=revoke)
     if base:
         oc = f"{base}/protocol/openid-connect"
-        return Endpoints(
-            token=f"{oc}/token", device=f"{oc}/auth/device", revocation=f"{oc}/revoke", issuer=base
-        )
+        return Endpoints(token=f"{oc}/token", device=f"{oc}/auth/device", revocation=f"{oc}/revoke", issuer=base)
     return None
 
 
@@ -327,12 +304,8 @@ class Timeouts:
 class IdpTransport:
     """Sends HttpRequests with httpx. One AsyncClient per CA bundle, kept for connection reuse."""
 
-    def __init__(
-        self, timeouts: Timeouts = Timeouts(), *, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
-        self._timeout = httpx.Timeout(
-            timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool
-        )
+    def __init__(self, timeouts: Timeouts = Timeouts(), *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._timeout = httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool)
         self._transport = transport
         self._clients: dict[str | None, httpx.AsyncClient] = {}
 

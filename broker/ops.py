@@ -59,12 +59,7 @@ def _seconds_arg(args: Mapping[str, Any], key: str, default: float, maximum: flo
     value = args.get(key, default)
     if value is None:
         return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 <= value <= maximum
-        or math.isnan(value)
-    ):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= maximum or math.isnan(value):
         raise BadRequest(f"'{key}' must be a number of seconds between 0 and {maximum:g}")
     return float(value)
 

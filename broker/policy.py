@@ -36,12 +36,7 @@ class RefreshPolicy:
     startup_spread: float = 5.0
 
     def __post_init__(self) -> None:
-        if (
-            not 0
-            < self.refresh_fraction - self.jitter_fraction
-            < self.refresh_fraction + self.jitter_fraction
-            < 1
-        ):
+        if not 0 < self.refresh_fraction - self.jitter_fraction < self.refresh_fraction + self.jitter_fraction < 1:
             raise ValueError("refresh_fraction +- jitter_fraction must stay inside (0, 1)")
 
 
@@ -83,12 +78,11 @@ def effective_min_ttl(policy: RefreshPolicy, min_ttl: float, lifetime: float) ->
 
 
 def satisfies(*, expires_at: float, now: float, min_ttl: float) -> bool:
-    return expires_at - now >= min_ttl
+    """A token with more than min_ttl left (strictly: a token at its expiry instant satisfies nobody)."""
+    return expires_at - now > min_ttl
 
 
-def backoff_delay(
-    policy: RefreshPolicy, failures: int, rand: float, retry_after: float | None = None
-) -> float:
+def backoff_delay(policy: RefreshPolicy, failures: int, rand: float, retry_after: float | None = None) -> float:
     """Seconds to wait after ``failures`` consecutive failures (1 = the first). ``rand`` in [0, 1)."""
     exponent = min(max(failures - 1, 0), 32)
     ceiling = min(policy.backoff_cap, policy.backoff_base * (2.0**exponent))

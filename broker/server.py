@@ -68,9 +68,7 @@ def _error_frame(rid: int | None, exc: BrokerError) -> bytes:
 
 
 class Server:
-    def __init__(
-        self, state: BrokerState, *, limits: Limits | None = None, allowed_uids: frozenset[int] | None = None
-    ):
+    def __init__(self, state: BrokerState, *, limits: Limits | None = None, allowed_uids: frozenset[int] | None = None):
         self.state = state
         self.limits = limits or Limits()
         self.allowed_uids = allowed_uids if allowed_uids is not None else frozenset({os.getuid(), 0})
@@ -95,23 +93,28 @@ class Server:
                 nursery.start_soon(self.handle, stream)
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        """Serve one connection. Nothing that happens on it may reach the accept loop."""
         self.connections += 1
         try:
-            caller = peer_credentials(stream.socket)
-            if caller.uid not in self.allowed_uids:
-                log.warning("refused connection from uid %d (pid %d)", caller.uid, caller.pid)
-                exc = Forbidden("this broker serves only its own user")
-                await stream.send_all(_error_frame(None, exc))
-                return
-            if self.connections > self.limits.max_connections:
-                await stream.send_all(_error_frame(None, Overloaded("too many connections", retry_after=1.0)))
-                return
-            await _Connection(self, stream, caller).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            await self._handle(stream)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away; its in-flight replies have nobody to go to
+        except* Exception as group:
+            log.error("connection handler failed; connection closed", exc_info=group)
         finally:
             self.connections -= 1
             await stream.aclose()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        caller = peer_credentials(stream.socket)
+        if caller.uid not in self.allowed_uids:
+            log.warning("refused connection from uid %d (pid %d)", caller.uid, caller.pid)
+            await stream.send_all(_error_frame(None, Forbidden("this broker serves only its own user")))
+            return
+        if self.connections > self.limits.max_connections:
+            await stream.send_all(_error_frame(None, Overloaded("too many connections", retry_after=1.0)))
+            return
+        await _Connection(self, stream, caller).run()
 
 
 class _Connection:

@@ -42,7 +42,7 @@ from broker import oidc, policy
 from broker.config import Profile
 from broker.oidc import Endpoints, IdpTransport, TokenSet
 from broker.policy import RefreshPolicy
-from broker.store import SecretStore
+from broker.store import Credentials, SecretStore
 from client.errors import (
     BrokerError,
     CredentialsRejected,
@@ -52,6 +52,7 @@ from client.errors import (
     UpstreamError,
     UpstreamFault,
     UpstreamGarbage,
+    UpstreamTransient,
     UpstreamUnavailable,
 )
 
@@ -116,6 +117,9 @@ class Session:
         self.next_attempt_at = math.inf
         self._backoff_until = -math.inf
         self._last_forced_at: float | None = None
+        # the last refresh did not push the refresh token's deadline out: the IdP session is at its
+        # SSO Session Max, so refreshing again buys nothing; re-login with the primary credential
+        self._session_capped = False
         self._endpoints: Endpoints | None = oidc.static_endpoints(profile)
         self._wake = trio.Event()
         self._round = trio.Event()
@@ -128,11 +132,17 @@ class Session:
     def peek(self, min_ttl: float, now: float) -> TokenSet | None:
         """The current token if it satisfies min_ttl at ``now``; never waits, never refreshes."""
         tok = self.token
-        if tok is not None and tok.expires_at - now >= policy.effective_min_ttl(
-            self.policy, min_ttl, tok.lifetime
+        if tok is not None and policy.satisfies(
+            expires_at=tok.expires_at, now=now, min_ttl=policy.effective_min_ttl(self.policy, min_ttl, tok.lifetime)
         ):
             return tok
         return None
+
+    def effective_state(self, now: float) -> State:
+        """``state``, except that a stale session whose token has since expired is unavailable."""
+        if self.state is State.STALE and (self.token is None or self.token.expires_at <= now):
+            return State.UNAVAILABLE
+        return self.state
 
     async def get(self, min_ttl: float = 0.0) -> TokenSet:
         """A token with at least min_ttl left: from memory, or by joining/starting a refresh round."""
@@ -236,9 +246,23 @@ class Session:
             log.warning("profile %s: %s", self.profile.name, exc.message)
         except UpstreamFault as exc:
             self._on_transient(exc)
+        except Exception as exc:  # a bug must not end this profile's refresh task, nor the broker
+            log.exception("profile %s: refresh failed inside the broker", self.profile.name)
+            self._on_transient(UpstreamTransient(f"internal error during refresh ({type(exc).__name__})"))
         else:
-            await self.store.save_tokens(self.profile.name, tokens)  # durable before the old one goes
+            try:
+                await self.store.save_tokens(self.profile.name, tokens)  # durable before the old one goes
+            except Exception:
+                # keep serving from memory: with rotation the old refresh token is already dead
+                log.exception("profile %s: could not store the new tokens", self.profile.name)
             now = self.clock()
+            previous = self.token
+            self._session_capped = (
+                previous is not None
+                and previous.refresh_expires_at is not None
+                and tokens.refresh_expires_at is not None
+                and tokens.refresh_expires_at <= previous.refresh_expires_at + 1.0
+            )
             self.token = tokens
             self.last_error = None
             self.failures = 0
@@ -249,7 +273,8 @@ class Session:
                 self.policy,
                 obtained_at=tokens.obtained_at,
                 expires_at=tokens.expires_at,
-                refresh_expires_at=tokens.refresh_expires_at,
+                # at session max the refresh deadline cannot move: schedule on the access token alone
+                refresh_expires_at=None if self._session_capped else tokens.refresh_expires_at,
                 rand=self.rng.random(),
             )
             self._move(State.FRESH)
@@ -290,6 +315,8 @@ class Session:
         refresh_token = tok.refresh_token if tok is not None and tok.refresh_usable(now) else None
         if refresh_token is None and tok is None:
             refresh_token = creds.refresh_token
+        if self._session_capped and self._primary_grant_possible(creds):
+            refresh_token = None  # a fresh login now beats refreshing a session that is about to end
         scope = self.profile.scope
         if refresh_token is not None:
             try:
@@ -299,17 +326,22 @@ class Session:
                     raise self._rejected(exc) from None
                 log.info("profile %s: refresh token refused (%s); falling back", name, exc.description)
                 self.token = None
-        grant = self.profile.grant
-        if grant == "password" and creds.password is not None and self.profile.username:
-            req = oidc.build_password(endpoints.token, client, self.profile.username, creds.password, scope)
-        elif grant == "client_credentials" and creds.client_secret is not None:
-            req = oidc.build_client_credentials(endpoints.token, client, scope)
-        else:
+        if not self._primary_grant_possible(creds):
             raise LoginRequired(self._login_message())
+        if self.profile.grant == "password":
+            assert creds.password is not None and self.profile.username
+            req = oidc.build_password(endpoints.token, client, self.profile.username, creds.password, scope)
+        else:
+            req = oidc.build_client_credentials(endpoints.token, client, scope)
         try:
             return await self._grant(req)
         except OAuthError as exc:
             raise self._rejected(exc) from None
+
+    def _primary_grant_possible(self, creds: Credentials) -> bool:
+        if self.profile.grant == "password":
+            return creds.password is not None and bool(self.profile.username)
+        return self.profile.grant == "client_credentials" and creds.client_secret is not None
 
     def _login_message(self) -> str:
         name = self.profile.name
@@ -348,18 +380,14 @@ class Session:
         tok = self.token
         out: dict[str, Any] = {
             "profile": self.profile.name,
-            "state": self.state.value,
+            "state": self.effective_state(now).value,
             "grant": self.profile.grant,
             "idp": self.profile.describe(),
             "expires_in": round(tok.expires_at - now, 3) if tok else None,
             "refreshes": self.refreshes,
             "idp_requests": self.idp_requests,
-            "last_refresh": round(wall - (now - self.last_refresh_at), 3)
-            if self.last_refresh_at is not None
-            else None,
-            "next_refresh_in": round(self.next_attempt_at - now, 3)
-            if math.isfinite(self.next_attempt_at)
-            else None,
+            "last_refresh": round(wall - (now - self.last_refresh_at), 3) if self.last_refresh_at is not None else None,
+            "next_refresh_in": round(self.next_attempt_at - now, 3) if math.isfinite(self.next_attempt_at) else None,
             "last_error": self.last_error.message if self.last_error else None,
         }
         return out
@@ -406,9 +434,7 @@ class Sessions:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for session in self._by_name.values():
-                nursery.start_soon(
-                    self._run_one, session, policy.startup_delay(self.policy, self.rng.random())
-                )
+                nursery.start_soon(self._run_one, session, policy.startup_delay(self.policy, self.rng.random()))
             task_status.started()
 
     async def _run_one(self, session: Session, delay: float) -> None:
@@ -422,9 +448,7 @@ class Sessions:
             existing._endpoints = oidc.static_endpoints(profile)
             existing.credentials_changed()
             return existing
-        session = Session(
-            profile, self.store, self.idp, refresh_policy=self.policy, clock=self.clock, rng=self.rng
-        )
+        session = Session(profile, self.store, self.idp, refresh_policy=self.policy, clock=self.clock, rng=self.rng)
         self._by_name[profile.name] = session
         if self._nursery is not None:
             self._nursery.start_soon(self._run_one, session, 0.0)

@@ -40,10 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(exc: DcBrokerError) -> int:
-    hint = exc.hint.replace("PROFILE", getattr(exc, "_profile", "PROFILE"))
+def _fail(exc: DcBrokerError, profile: str) -> int:
+    """One line: what is wrong, then what to do (unless the broker's message already says it)."""
     message = str(exc)
-    line = f"{PROG}: {message}" if not hint or hint in message else f"{PROG}: {message}; {hint}"
+    hint = exc.hint.replace("PROFILE", profile)
+    line = f"{PROG}: {message}" if not hint or "`" in message else f"{PROG}: {message}; {hint}"
     sys.stderr.write(line + "\n")
     return exc.exit_code
 
@@ -59,8 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with TokenClient(args.socket) as broker:
             token = broker.token(args.profile, min_ttl=args.min_ttl)
     except DcBrokerError as exc:
-        exc._profile = args.profile  # type: ignore[attr-defined]
-        return _fail(exc)
+        return _fail(exc, args.profile)
     except KeyboardInterrupt:
         return 130
     sys.stdout.write(token + "\n")

@@ -244,9 +244,7 @@ def request_from_wire(obj: dict[str, Any]) -> Request:
     """Shape a decoded map into a Request, or raise RequestShapeError carrying the error to send back."""
     rid = obj.get("id")
     if type(rid) is not int or not 0 <= rid <= _MAX_ID:
-        raise RequestShapeError(
-            ErrorReply(None, ErrorCode.BAD_REQUEST, "request needs an integer 'id' in 0..2**63-1")
-        )
+        raise RequestShapeError(ErrorReply(None, ErrorCode.BAD_REQUEST, "request needs an integer 'id' in 0..2**63-1"))
     v = obj.get("v")
     if v != PROTOCOL_VERSION:
         raise RequestShapeError(

@@ -82,9 +82,7 @@ class TokenClient:
             except (BrokenPipeError, ConnectionResetError, _ClosedByPeer):
                 self._drop()
                 if fresh:
-                    raise BrokerUnavailable(
-                        f"the broker on {self.socket_path} closed the connection"
-                    ) from None
+                    raise BrokerUnavailable(f"the broker on {self.socket_path} closed the connection") from None
             # the broker restarted since our last request: one fresh attempt
             try:
                 return self._roundtrip(rid, frame)

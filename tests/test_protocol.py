@@ -26,7 +26,9 @@ from client.protocol import (
 )
 
 keys = st.text(min_size=1, max_size=12).filter(lambda k: k not in {"v", "id", "op"})
-scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=40)
+scalars = (
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=40)
+)
 values = st.recursive(
     scalars | st.binary(max_size=40),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -39,7 +41,9 @@ requests = st.builds(
     args=st.dictionaries(keys, values, max_size=6),
 )
 replies = st.one_of(
-    st.builds(Reply, id=st.integers(0, 2**63 - 1), result=st.dictionaries(keys, values, max_size=6), more=st.booleans()),
+    st.builds(
+        Reply, id=st.integers(0, 2**63 - 1), result=st.dictionaries(keys, values, max_size=6), more=st.booleans()
+    ),
     st.builds(
         ErrorReply,
         id=st.none() | st.integers(0, 2**63 - 1),

@@ -1,0 +1,51 @@
+"""dc-token whole-process wall time beside the Python floor (`python -c 'import socket, msgpack'`).
+
+Target (issue 2): dc-token <= 1.5 x the floor. Both are measured in the same run, interleaved, so
+machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+
+RUNS = 40
+
+
+def wall(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main() -> dict[str, object]:
+    py = str(Path(sys.executable))
+    dc_token = str(Path(sys.executable).parent / "dc-token")
+    with common.dev() as (sock, _):
+        env = {**os.environ, "DC_BROKER_SOCKET": sock}
+        floor, tok = [], []
+        for _ in range(5):
+            wall([py, "-c", "import socket, msgpack"], env)
+            wall([dc_token, "demo"], env)
+        for _ in range(RUNS):
+            floor.append(wall([py, "-c", "import socket, msgpack"], env))
+            tok.append(wall([dc_token, "demo"], env))
+    f, t = statistics.median(floor) * 1e3, statistics.median(tok) * 1e3
+    result = {"python_floor_ms": f, "dc_token_ms": t, "ratio": t / f, "runs": RUNS, "target_ratio": 1.5}
+    print(
+        f"whole-process wall time, median of {RUNS}:\n"
+        f"  python -c 'import socket, msgpack':  {f:.1f} ms\n"
+        f"  dc-token demo:                       {t:.1f} ms   ratio {t / f:.2f} (target <= 1.5)"
+    )
+    print(f"  -> {common.write('startup', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Shared fixtures: the dev IdP in-process (ASGI transport, trio clock) and session factories."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from broker.config import Profile
+from broker.devserver import DevIdP, demo_realm
+from broker.oidc import IdpTransport
+from broker.policy import DEFAULT_POLICY, RefreshPolicy
+from broker.secret import Secret
+from broker.sessions import Session
+from broker.store import Credentials, MemoryStore
+
+WALL0 = 1_750_000_000.0
+IDP_URL = "http://127.0.0.1:1"  # never dialled: requests go straight into the ASGI app
+
+
+def trio_wall_clock() -> float:
+    """The IdP's notion of 'now', driven by trio's (mock) clock."""
+    return WALL0 + trio.current_time()
+
+
+@pytest.fixture
+def make_idp() -> Callable[..., DevIdP]:
+    def make(**realm: Any) -> DevIdP:
+        return DevIdP([demo_realm(**realm)], clock=trio_wall_clock)
+
+    return make
+
+
+def idp_transport(idp: DevIdP) -> IdpTransport:
+    return IdpTransport(transport=httpx.ASGITransport(app=idp.app))
+
+
+PROFILES = {
+    "demo": dict(client_id="dc-cli", grant="password", username="demo"),
+    "service": dict(client_id="dc-service", grant="client_credentials"),
+    "device": dict(client_id="dc-public", grant="device", auth_method="none"),
+}
+CREDENTIALS = {
+    "demo": Credentials(password=Secret("demo"), client_secret=Secret("dc-cli-secret")),
+    "service": Credentials(client_secret=Secret("dc-service-secret")),
+    "device": Credentials(),
+}
+
+
+def profile(name: str, **overrides: Any) -> Profile:
+    kwargs: dict[str, Any] = {"server": IDP_URL, "tenant": "demo", **PROFILES[name], **overrides}
+    return Profile(name=name, **kwargs)
+
+
+def make_session(
+    idp: DevIdP,
+    name: str = "demo",
+    *,
+    credentials: Credentials | None = None,
+    refresh_policy: RefreshPolicy = DEFAULT_POLICY,
+    seed: int = 1,
+    **overrides: Any,
+) -> Session:
+    store = MemoryStore({name: credentials if credentials is not None else CREDENTIALS[name]})
+    return Session(
+        profile(name, **overrides),
+        store,
+        idp_transport(idp),
+        refresh_policy=refresh_policy,
+        rng=random.Random(seed),
+    )

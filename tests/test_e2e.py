@@ -1,0 +1,292 @@
+"""End to end: `dc-broker dev` / `dc-broker run` as real processes, dc-token and raw clients on real sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import msgpack
+import pytest
+
+from client.errors import BrokerUnavailable, UnknownProfile
+from client.protocol import Request, encode
+from client.sync import TokenClient
+from tests.e2e import DC_BROKER, dc_token, dev_broker, run, stop, wait_for_socket
+
+pytestmark = pytest.mark.e2e
+
+API = "/dp/api/v1/aiconnections/types"
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory):
+    with dev_broker(tmp_path_factory.mktemp("dev")) as env:
+        yield env
+
+
+def test_dc_token_gets_a_token_the_demo_api_accepts(dev) -> None:
+    sock, base, _ = dev
+    result = dc_token(sock, "demo")
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert result.stdout == token + "\n" and result.stderr == ""
+    assert httpx.get(base + API, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert httpx.get(base + API).status_code == 401
+    assert httpx.get(base + API, headers={"Authorization": "Bearer not-a-token"}).status_code == 401
+
+
+def test_client_credentials_profile(dev) -> None:
+    sock, base, _ = dev
+    token = TokenClient(sock).token("demo-service", min_ttl=60)
+    assert httpx.get(base + API, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_cached_token_is_reused(dev) -> None:
+    sock, _, _ = dev
+    with TokenClient(sock) as c:
+        assert c.token("demo") == c.token("demo", min_ttl=60)
+        status = c.status("demo")["profiles"][0]
+    assert status["state"] == "fresh" and status["expires_in"] > 1700
+
+
+def test_socket_and_directory_are_private(dev) -> None:
+    sock, _, _ = dev
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode) == 0o700
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["nope"], 4, "dc-token: no profile named 'nope'; `dc-broker status` lists the profiles"),
+        (["demo", "--min-ttl", "-1"], 2, "dc-token: --min-ttl must be a number of seconds >= 0"),
+    ],
+)
+def test_dc_token_failures_are_one_line_with_exit_codes(dev, args: list[str], code: int, message: str) -> None:
+    sock, _, _ = dev
+    result = dc_token(sock, *args)
+    assert (result.returncode, result.stdout, result.stderr) == (code, "", message + "\n")
+
+
+def test_dc_token_without_a_broker(tmp_path: Path) -> None:
+    result = dc_token(str(tmp_path / "none.sock"), "demo")
+    assert result.returncode == 3
+    assert result.stderr == (
+        f"dc-token: no dc-broker is running on {tmp_path / 'none.sock'}; "
+        "start it with `systemctl --user start dc-broker` or `dc-broker run`\n"
+    )
+    with pytest.raises(BrokerUnavailable):
+        TokenClient(str(tmp_path / "none.sock")).hello()
+
+
+def test_pipelined_requests_on_one_connection(dev) -> None:
+    sock, _, _ = dev
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    s.sendall(
+        b"".join(encode(Request(i, "token", {"profile": "demo"})) for i in range(1, 4)) + encode(Request(9, "hello"))
+    )
+    replies = read_frames(s, 4)
+    assert sorted(r["id"] for r in replies) == [1, 2, 3, 9]
+    assert all(r["ok"] for r in replies)
+    s.close()
+
+
+def read_frames(s: socket.socket, n: int) -> list[dict]:
+    buf = b""
+    out = []
+    s.settimeout(10)
+    while len(out) < n:
+        while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
+            size = struct.unpack(">I", buf[:4])[0]
+            out.append(msgpack.unpackb(buf[4 : 4 + size]))
+            buf = buf[4 + size :]
+        if len(out) >= n:
+            break
+        data = s.recv(65536)
+        if not data:
+            break
+        buf += data
+    return out
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", struct.pack(">I", 3) + b"\xc1\xc1\xc1", struct.pack(">I", 2) + b"\x92\x01"],
+    ids=["http", "not-msgpack", "array"],
+)
+def test_garbage_closes_that_connection_only(dev, garbage: bytes) -> None:
+    sock, _, _ = dev
+    bad = socket.socket(socket.AF_UNIX)
+    bad.connect(sock)
+    bad.sendall(garbage)
+    [reply] = read_frames(bad, 1)
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+    assert bad.recv(10) == b""  # closed
+    bad.close()
+    assert TokenClient(sock).token("demo")
+
+
+def test_misshapen_request_keeps_the_connection(dev) -> None:
+    sock, _, _ = dev
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    body = msgpack.packb({"v": 1, "id": 5, "op": "token", "profile": 7})
+    s.sendall(struct.pack(">I", len(body)) + body + encode(Request(6, "frobnicate")) + encode(Request(7, "hello")))
+    replies = {r["id"]: r for r in read_frames(s, 3)}
+    assert replies[5]["error"]["code"] == "bad_request"
+    assert replies[6]["error"]["code"] == "unknown_op"
+    assert replies[7]["ok"] is True
+    s.close()
+
+
+def test_a_stalled_client_does_not_delay_others(dev) -> None:
+    sock, _, _ = dev
+    stalled = []
+    for _ in range(50):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sock)
+        s.sendall(encode(Request(1, "token", {"profile": "demo"}))[:5])  # half a frame, then silence
+        stalled.append(s)
+    with TokenClient(sock, timeout=5) as c:
+        for _ in range(100):
+            assert c.token("demo")
+    for s in stalled:
+        s.close()
+
+
+def test_unknown_profile_error_class(dev) -> None:
+    sock, _, _ = dev
+    with pytest.raises(UnknownProfile, match="nope"):
+        TokenClient(sock).token("nope")
+
+
+def test_second_daemon_on_the_same_socket_is_refused(dev, tmp_path: Path) -> None:
+    sock, _, _ = dev
+    env = {k: v for k, v in os.environ.items() if k != "DC_BROKER_CONFIG"}
+    result = run([DC_BROKER, "run", "--socket", sock], env={**env, "XDG_CONFIG_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert f"another dc-broker is already serving on {sock}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert TokenClient(sock).hello()["server"] == "dc-broker"
+
+
+def write_config(tmp: Path, base: str) -> Path:
+    cfg = tmp / "config.toml"
+    cfg.write_text(
+        f"""
+[profiles.acme]
+server = "{base}"
+tenant = "demo"
+client_id = "dc-cli"
+username = "demo"
+
+[profiles.svc]
+server = "{base}"
+tenant = "demo"
+client_id = "dc-service"
+grant = "client_credentials"
+auth_method = "post"
+
+[profiles.nosecret]
+server = "{base}"
+tenant = "demo"
+client_id = "dc-service"
+grant = "client_credentials"
+"""
+    )
+    return cfg
+
+
+def start_run(tmp: Path, cfg: Path, secrets: str, sock: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [DC_BROKER, "run", "--config", str(cfg), "--socket", sock, "--secrets-stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(secrets)
+    proc.stdin.close()
+    wait_for_socket(sock, proc)
+    return proc
+
+
+def test_run_with_config_and_secrets_on_stdin(dev, tmp_path: Path) -> None:
+    _, base, _ = dev
+    cfg = write_config(tmp_path, base)
+    sock = str(tmp_path / "r" / "b.sock")
+    proc = start_run(
+        tmp_path,
+        cfg,
+        '[acme]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n[svc]\nclient_secret = "dc-service-secret"\n',
+        sock,
+    )
+    try:
+        assert dc_token(sock, "acme").returncode == 0
+        assert dc_token(sock, "svc").returncode == 0
+        result = dc_token(sock, "nosecret")
+        assert result.returncode == 5
+        assert "run `dc-broker login nosecret`" in result.stderr
+        status = run([DC_BROKER, "status", "--socket", sock])
+        assert status.returncode == 0 and "acme" in status.stdout and "fresh" in status.stdout
+    finally:
+        assert stop(proc, signal.SIGTERM) == 0
+    assert not os.path.exists(sock)
+    err = proc.stderr.read() if proc.stderr else ""
+    for secret in ("dc-cli-secret", "dc-service-secret", '"demo"'):
+        assert secret not in err
+
+
+def test_stale_socket_is_replaced(dev, tmp_path: Path) -> None:
+    _, base, _ = dev
+    sock = str(tmp_path / "s" / "b.sock")
+    os.makedirs(os.path.dirname(sock), mode=0o700)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(sock)
+    stale.close()  # the file stays, nobody listens: what a kill -9 leaves behind
+    proc = start_run(tmp_path, write_config(tmp_path, base), "", sock)
+    try:
+        assert TokenClient(sock).hello()["server"] == "dc-broker"
+    finally:
+        assert stop(proc) == 0
+
+
+def test_broken_config_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        '[profiles.acme]\nserver = "https://sso.example.com"\ntenant = "acme"\nclient_id = "c"\nusername = "u"\ncolour = "blue"\n'
+    )
+    result = run([DC_BROKER, "run", "--config", str(cfg), "--socket", str(tmp_path / "b.sock")])
+    assert result.returncode == 2
+    assert f"Error: {cfg}:6: unknown key profiles.acme.colour" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = run([DC_BROKER, "run", "--config", str(tmp_path / "missing.toml"), "--socket", str(tmp_path / "b.sock")])
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_dev_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    with dev_broker(tmp_path) as (sock, _, proc):
+        assert TokenClient(sock).token("demo")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    assert not os.path.exists(sock)
+
+
+def test_broker_survives_clients_vanishing_mid_request(dev) -> None:
+    sock, _, _ = dev
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sock)
+        s.sendall(encode(Request(1, "token", {"profile": "demo", "min_ttl": 86400})))
+        s.close()
+    time.sleep(0.1)
+    assert TokenClient(sock).token("demo")

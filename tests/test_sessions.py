@@ -1,0 +1,311 @@
+"""Token lifecycle on trio's autojump clock: hours of 30-minute tokens simulated in milliseconds."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from broker import policy
+from broker.oidc import TokenSet
+from broker.secret import Secret
+from broker.sessions import Session, State
+from broker.store import Credentials
+from client.errors import CredentialsRejected, LoginRequired, UpstreamError, UpstreamUnavailable
+from tests.conftest import make_session
+
+T = 1800.0
+
+
+class Recorder:
+    """Wraps a session's store to record every token set it saves (= every successful grant)."""
+
+    def __init__(self, session: Session) -> None:
+        self.saved: list[TokenSet] = []
+        inner = session.store.save_tokens
+
+        async def save(profile: str, tokens: TokenSet) -> None:
+            await inner(profile, tokens)
+            self.saved.append(tokens)
+
+        session.store.save_tokens = save  # type: ignore[method-assign]
+
+
+def token_requests(idp: Any) -> int:
+    return int(idp.stats.total)
+
+
+async def test_refreshes_land_in_their_window_and_min_ttl_always_holds(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=T, sso_idle=T, sso_max=36000)
+    session = make_session(idp)
+    rec = Recorder(session)
+    served: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        for _ in range(int(9 * 3600 / 7)):  # a reader every 7 s for 9 simulated hours
+            tok = await session.get(min_ttl=60)
+            remaining = tok.expires_at - trio.current_time()
+            assert remaining >= 60
+            served.append(remaining)
+            await trio.sleep(7)
+        nursery.cancel_scope.cancel()
+    assert len(rec.saved) >= 9 * 3600 / (0.8 * T) - 1
+    for prev, nxt in zip(rec.saved, rec.saved[1:], strict=False):
+        lo, hi = policy.refresh_window(policy.DEFAULT_POLICY, obtained_at=prev.obtained_at, expires_at=prev.expires_at)
+        assert lo - 0.01 <= nxt.obtained_at <= hi + 0.01, (prev.obtained_at, nxt.obtained_at)
+    # reads never waited: the background task refreshed before anyone needed it
+    assert min(served) > 0.15 * T
+
+
+async def test_steady_state_request_rate(make_idp, autojump_clock) -> None:
+    # 24 simulated hours across two SSO Session Max boundaries (10 h): re-logins included
+    idp = make_idp(access_lifespan=T, sso_idle=T, sso_max=10 * 3600)
+    session = make_session(idp)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        await trio.sleep(24 * 3600)
+        nursery.cancel_scope.cancel()
+    per_hour = token_requests(idp) / 24
+    assert per_hour <= 1.1 * 3600 / (0.75 * T)
+
+
+async def test_thousand_callers_on_an_expired_token_make_one_idp_request(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=T)
+    session = make_session(idp)
+    idp.faults.latency = 1.0
+    results: list[str] = []
+
+    async def caller() -> None:
+        tok = await session.get(min_ttl=10)
+        results.append(tok.access_token.reveal())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(session.run, first_attempt_delay=math.inf))
+        await trio.sleep(0)
+        for _ in range(1000):
+            nursery.start_soon(caller)
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert len(results) == 1000 and len(set(results)) == 1
+    assert token_requests(idp) == 1
+
+
+async def test_rotation_never_reuses_a_refresh_token(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=300, sso_idle=300, sso_max=36000, rotate_refresh_tokens=True)
+    session = make_session(idp)
+    rec = Recorder(session)
+
+    async def storm() -> None:
+        # bursts of callers with large min_ttl keep pushing for refreshes while rotation is on
+        for _ in range(200):
+            async with trio.open_nursery() as n:
+                for _ in range(20):
+                    n.start_soon(session.get, 200)
+            await trio.sleep(53)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        await storm()
+        nursery.cancel_scope.cancel()
+    refresh_tokens = [t.refresh_token.reveal() for t in rec.saved if t.refresh_token]
+    assert len(refresh_tokens) == len(set(refresh_tokens)) > 20
+    assert idp.stats.refresh_reuse == 0
+    assert session.state is State.FRESH
+
+
+async def test_session_max_leads_to_relogin_with_stored_password(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=T, sso_idle=T, sso_max=3600)
+    session = make_session(idp)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        for _ in range(5 * 60):
+            tok = await session.get(min_ttl=30)
+            assert tok.expires_at - trio.current_time() >= 30
+            await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    grants = idp.stats.token_requests
+    assert grants[("demo", "dc-cli", "password")] >= 2  # the first login and at least one re-login
+    assert session.state is State.FRESH
+
+
+async def test_device_login_expires_to_login_required(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=300, sso_idle=300, sso_max=900)
+    # a device login that already happened: the store holds the refresh token it produced
+    from broker import oidc
+    from tests.conftest import idp_transport
+
+    t = idp_transport(idp)
+    idp.faults.clear()
+    login = await t.send(
+        oidc.build_password(
+            "http://127.0.0.1:1/auth/realms/demo/protocol/openid-connect/token",
+            oidc.ClientCredentials("dc-public", "none"),
+            "demo",
+            Secret("demo"),
+        )
+    )
+    first = oidc.parse_token_response(login, trio.current_time())
+    session = make_session(idp, "device", credentials=Credentials(refresh_token=first.refresh_token))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        tok = await session.get()
+        assert tok.access_token != first.access_token
+        await trio.sleep(1200)  # past SSO Session Max
+        with pytest.raises(LoginRequired, match="dc-broker login device"):
+            await session.get(min_ttl=10)
+        assert session.state is State.LOGIN_REQUIRED
+        nursery.cancel_scope.cancel()
+
+
+async def test_outage_serves_valid_token_backs_off_and_recovers(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=T)
+    session = make_session(idp)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        first = await session.get()
+        idp.faults.fail_next(10_000, status=503)
+        before = token_requests(idp)
+        # until expiry the valid token keeps being served
+        await trio.sleep(0.8 * T + 1)
+        assert (await session.get()).access_token == first.access_token
+        assert session.state is State.STALE
+        await trio.sleep(0.2 * T)
+        with pytest.raises(UpstreamUnavailable) as info:
+            await session.get()
+        assert info.value.retry_after is not None and info.value.retry_after > 0
+        assert session.effective_state(trio.current_time()) is State.UNAVAILABLE
+        attempts = token_requests(idp) - before
+        # backoff: a 10-minute outage window costs far fewer than one attempt per second
+        assert 3 <= attempts <= 30
+        idp.faults.clear()
+        await trio.sleep(policy.DEFAULT_POLICY.backoff_cap + 1)
+        tok = await session.get(min_ttl=60)
+        assert tok.access_token != first.access_token and session.state is State.FRESH
+        nursery.cancel_scope.cancel()
+
+
+async def test_retry_after_is_honoured(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=T)
+    session = make_session(idp)
+    idp.faults.fail_next(1, status=503, retry_after=120)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        with pytest.raises(UpstreamUnavailable) as info:
+            await session.get()
+        assert info.value.retry_after == pytest.approx(120, abs=1)
+        await trio.sleep(119)
+        assert token_requests(idp) == 1
+        await trio.sleep(2)
+        assert token_requests(idp) == 2 and session.state is State.FRESH
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"), [("truncated", "not a JSON object"), ("no_access_token", "without an access_token")]
+)
+async def test_garbage_from_the_idp_is_upstream_error(make_idp, autojump_clock, kind: str, match: str) -> None:
+    idp = make_idp()
+    session = make_session(idp)
+    idp.faults.malformed(kind, count=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        with pytest.raises(UpstreamError, match=match) as info:
+            await session.get()
+        assert info.value.retry_after is not None
+        await trio.sleep(10)
+        assert (await session.get()).access_token  # recovers by itself
+        assert session.state is State.FRESH
+        nursery.cancel_scope.cancel()
+
+
+async def test_hung_idp_gives_callers_an_answer_not_a_hang(make_idp, autojump_clock) -> None:
+    idp = make_idp()
+    session = make_session(idp)
+    idp.faults.hang = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        start = trio.current_time()
+        with pytest.raises(UpstreamUnavailable):
+            await session.get()
+        assert trio.current_time() - start <= 31
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("name", "credentials", "match"),
+    [
+        (
+            "demo",
+            Credentials(password=Secret("wrong"), client_secret=Secret("dc-cli-secret")),
+            "Invalid user credentials",
+        ),
+        ("demo", Credentials(password=Secret("demo"), client_secret=Secret("bad")), "Invalid client"),
+        ("service", Credentials(client_secret=Secret("bad")), "Invalid client"),
+    ],
+)
+async def test_rejected_credentials_stop_retries_until_changed(
+    make_idp, autojump_clock, name: str, credentials: Credentials, match: str
+) -> None:
+    idp = make_idp()
+    session = make_session(idp, name, credentials=credentials)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        with pytest.raises(CredentialsRejected, match=match):
+            await session.get()
+        assert session.state is State.REJECTED
+        await trio.sleep(3600)
+        with pytest.raises(CredentialsRejected):
+            await session.get()
+        assert token_requests(idp) == 1  # no retry storm against a bad secret
+        # the person fixes the secret: the session tries again at once
+        from tests.conftest import CREDENTIALS
+
+        session.store.set_credentials(name, CREDENTIALS[name])  # type: ignore[attr-defined]
+        session.credentials_changed()
+        assert (await session.get()).access_token
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_credentials_means_login_required(make_idp, autojump_clock) -> None:
+    idp = make_idp()
+    session = make_session(idp, credentials=Credentials())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        with pytest.raises(LoginRequired, match="dc-broker login demo"):
+            await session.get()
+        nursery.cancel_scope.cancel()
+    assert token_requests(idp) == 0
+
+
+async def test_invalidate_forces_one_refresh_rate_limited(make_idp, autojump_clock) -> None:
+    idp = make_idp()
+    session = make_session(idp)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        first = (await session.get()).access_token.reveal()
+        assert not session.invalidate("some-other-token")
+        assert session.invalidate(first)
+        second = (await session.get()).access_token.reveal()
+        assert second != first
+        assert not session.invalidate(second)  # within invalidate_interval: no second forced refresh
+        await trio.sleep(11)
+        assert session.invalidate(second)
+        assert (await session.get()).access_token.reveal() != second
+        nursery.cancel_scope.cancel()
+    assert token_requests(idp) == 3
+
+
+async def test_min_ttl_beyond_lifetime_does_not_refresh_every_call(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=300)
+    session = make_session(idp)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        for _ in range(600):
+            await session.get(min_ttl=3600)
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    # 10 minutes of calls at 1/s: bounded by one refresh per half lifetime, not 600
+    assert token_requests(idp) <= 600 / 150 + 2
