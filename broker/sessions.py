@@ -71,7 +71,7 @@ class State(StrEnum):
 
 _S = State
 TRANSITIONS: Final[dict[State, frozenset[State]]] = {
-    _S.EMPTY: frozenset({_S.REFRESHING, _S.LOGIN_REQUIRED}),
+    _S.EMPTY: frozenset({_S.REFRESHING, _S.LOGIN_REQUIRED, _S.FRESH}),  # -> fresh: restored from the store
     _S.REFRESHING: frozenset({_S.FRESH, _S.STALE, _S.UNAVAILABLE, _S.LOGIN_REQUIRED, _S.REJECTED}),
     _S.FRESH: frozenset({_S.REFRESHING, _S.EMPTY}),
     _S.STALE: frozenset({_S.REFRESHING, _S.UNAVAILABLE, _S.EMPTY}),
@@ -84,6 +84,16 @@ WAITING_FOR_PERSON: Final = frozenset({State.LOGIN_REQUIRED, State.REJECTED})
 
 #: longest a caller waits for a refresh round before getting upstream_unavailable
 DEFAULT_WAIT_LIMIT: Final = 30.0
+
+
+def shift_times(tokens: TokenSet, delta: float) -> TokenSet:
+    """The same token set on another clock (``delta`` = other clock - this clock)."""
+    return replace(
+        tokens,
+        obtained_at=tokens.obtained_at + delta,
+        expires_at=tokens.expires_at + delta,
+        refresh_expires_at=None if tokens.refresh_expires_at is None else tokens.refresh_expires_at + delta,
+    )
 
 
 class Session:
@@ -99,6 +109,7 @@ class Session:
         clock: Callable[[], float] = trio.current_time,
         rng: random.Random | None = None,
         wait_limit: float = DEFAULT_WAIT_LIMIT,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.profile = profile
         self.store = store
@@ -123,9 +134,29 @@ class Session:
         self._endpoints: Endpoints | None = oidc.static_endpoints(profile)
         self._wake = trio.Event()
         self._round = trio.Event()
+        #: cancelled when the profile is removed at run time
+        self.cancel_scope = trio.CancelScope()
+        self.wall_clock = wall_clock
+        self._restore()
 
     def __repr__(self) -> str:
         return f"Session({self.profile.name!r}, state={self.state.value})"
+
+    def _restore(self) -> None:
+        """Pick up tokens a previous run stored, so a restart serves at once and logs nobody in."""
+        try:
+            saved = self.store.saved_tokens(self.profile.name)
+        except BrokerError as exc:  # e.g. the vault is locked or this record is corrupt
+            log.warning("profile %s: stored tokens not usable: %s", self.profile.name, exc.message)
+            return
+        if saved is None:
+            return
+        tokens = shift_times(saved, self.clock() - self.wall_clock())
+        if tokens.expires_at > self.clock() or tokens.refresh_usable(self.clock()):
+            self.token = tokens
+            self.last_refresh_at = tokens.obtained_at
+            if tokens.expires_at > self.clock():
+                self._move(State.FRESH)
 
     # ------------------------------------------------------------ reads
 
@@ -209,7 +240,18 @@ class Session:
 
     async def run(self, *, first_attempt_delay: float = 0.0) -> None:
         """Keep this profile's token fresh until cancelled."""
-        self.next_attempt_at = self.clock() + first_attempt_delay
+        now = self.clock()
+        tok = self.token
+        self.next_attempt_at = now + first_attempt_delay
+        if tok is not None and tok.expires_at > now:  # restored: keep its schedule unless already due
+            due = policy.refresh_at(
+                self.policy,
+                obtained_at=tok.obtained_at,
+                expires_at=tok.expires_at,
+                refresh_expires_at=tok.refresh_expires_at,
+                rand=self.rng.random(),
+            )
+            self.next_attempt_at = max(due, self.next_attempt_at)
         while True:
             with trio.move_on_at(self.next_attempt_at):
                 await self._wake.wait()
@@ -251,7 +293,9 @@ class Session:
             self._on_transient(UpstreamTransient(f"internal error during refresh ({type(exc).__name__})"))
         else:
             try:
-                await self.store.save_tokens(self.profile.name, tokens)  # durable before the old one goes
+                # durable before the old refresh token is dropped; stores keep wall-clock times
+                wall = shift_times(tokens, self.wall_clock() - self.clock())
+                await self.store.save_tokens(self.profile.name, wall)
             except Exception:
                 # keep serving from memory: with rotation the old refresh token is already dead
                 log.exception("profile %s: could not store the new tokens", self.profile.name)
@@ -438,7 +482,8 @@ class Sessions:
             task_status.started()
 
     async def _run_one(self, session: Session, delay: float) -> None:
-        await session.run(first_attempt_delay=delay)
+        with session.cancel_scope:
+            await session.run(first_attempt_delay=delay)
 
     def add(self, profile: Profile) -> Session:
         """Add (or replace the settings of) a profile at run time."""
@@ -453,6 +498,25 @@ class Sessions:
         if self._nursery is not None:
             self._nursery.start_soon(self._run_one, session, 0.0)
         return session
+
+    def remove(self, name: str) -> None:
+        """Forget a profile: its refresh task stops and its token leaves memory."""
+        session = self._by_name.pop(name, None)
+        if session is not None:
+            session.token = None
+            session.cancel_scope.cancel()
+
+    def reload(self, profiles: dict[str, Profile]) -> tuple[list[str], list[str], list[str]]:
+        """Make the running set match ``profiles`` without dropping tokens of unchanged profiles.
+        Returns (added, changed, removed) names."""
+        added = [n for n in profiles if n not in self._by_name]
+        changed = [n for n in profiles if n in self._by_name and self._by_name[n].profile != profiles[n]]
+        removed = [n for n in self._by_name if n not in profiles]
+        for name in removed:
+            self.remove(name)
+        for name in added + changed:
+            self.add(profiles[name])
+        return added, changed, removed
 
     def status(self) -> list[dict[str, Any]]:
         now = self.clock()

@@ -1,10 +1,11 @@
 """Where a profile's secrets and its latest tokens live: the ``SecretStore`` interface and the
 in-memory store that ``dc-broker dev`` and ``dc-broker run --secrets-stdin`` use.
 
-Sessions depend only on ``SecretStore``. Its one hard rule: ``save_tokens`` returns only once the new
-tokens (above all a rotated refresh token) are as durable as the store can make them, so a session
-drops the old refresh token only after the new one is safe. The encrypted vault implements the same
-interface on disk.
+Sessions depend only on ``SecretStore``. Token sets cross this interface with *wall-clock* times
+(unix seconds), so what a store keeps stays meaningful after a restart. Its one hard rule:
+``save_tokens`` returns only once the new tokens (above all a rotated refresh token) are as durable
+as the store can make them, so a session drops the old refresh token only after the new one is
+safe. The encrypted vault implements the same interface on disk.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class SecretStore(Protocol):
     async def save_tokens(self, profile: str, tokens: TokenSet) -> None: ...
 
     async def forget_tokens(self, profile: str) -> None: ...
+
+    def saved_tokens(self, profile: str) -> TokenSet | None: ...
 
 
 class MemoryStore:

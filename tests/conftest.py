@@ -72,4 +72,5 @@ def make_session(
         idp_transport(idp),
         refresh_policy=refresh_policy,
         rng=random.Random(seed),
+        wall_clock=trio_wall_clock,
     )

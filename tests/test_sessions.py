@@ -12,10 +12,10 @@ import trio
 from broker import policy
 from broker.oidc import TokenSet
 from broker.secret import Secret
-from broker.sessions import Session, State
+from broker.sessions import Session, State, shift_times
 from broker.store import Credentials
 from client.errors import CredentialsRejected, LoginRequired, UpstreamError, UpstreamUnavailable
-from tests.conftest import make_session
+from tests.conftest import make_session, trio_wall_clock
 
 T = 1800.0
 
@@ -29,7 +29,8 @@ class Recorder:
 
         async def save(profile: str, tokens: TokenSet) -> None:
             await inner(profile, tokens)
-            self.saved.append(tokens)
+            # stores get wall-clock times; record them on the session's clock
+            self.saved.append(shift_times(tokens, session.clock() - session.wall_clock()))
 
         session.store.save_tokens = save  # type: ignore[method-assign]
 
@@ -309,3 +310,44 @@ async def test_min_ttl_beyond_lifetime_does_not_refresh_every_call(make_idp, aut
         nursery.cancel_scope.cancel()
     # 10 minutes of calls at 1/s: bounded by one refresh per half lifetime, not 600
     assert token_requests(idp) <= 600 / 150 + 2
+
+
+async def test_reload_adds_changes_and_removes_without_dropping_tokens(make_idp, autojump_clock) -> None:
+    from broker.sessions import Sessions
+    from broker.store import MemoryStore
+    from tests.conftest import CREDENTIALS, idp_transport, profile
+
+    idp = make_idp()
+    store = MemoryStore(dict(CREDENTIALS))
+    sessions = Sessions({"demo": profile("demo"), "service": profile("service")}, store, idp_transport(idp))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sessions.run)
+        demo_token = (await sessions.lookup("demo").get()).access_token
+        added, changed, removed = sessions.reload({"demo": profile("demo"), "device": profile("device")})
+        assert (added, changed, removed) == (["device"], [], ["service"])
+        assert sessions.names() == ["demo", "device"]
+        assert (await sessions.lookup("demo").get()).access_token == demo_token  # unchanged: token kept
+        _, changed, _ = sessions.reload({"demo": profile("demo", scope="email"), "device": profile("device")})
+        assert changed == ["demo"]
+        assert sessions.lookup("demo").peek(0, trio.current_time()) is not None  # still served while it refreshes
+        nursery.cancel_scope.cancel()
+
+
+async def test_restart_serves_stored_tokens_at_once(make_idp, autojump_clock) -> None:
+    idp = make_idp()
+    first = make_session(idp)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first.run)
+        tok = await first.get()
+        nursery.cancel_scope.cancel()
+    await trio.sleep(100)
+    # a new process: same store, a different monotonic clock origin
+    second = Session(
+        first.profile, first.store, first.idp, clock=lambda: trio.current_time() + 5000.0, wall_clock=trio_wall_clock
+    )
+    assert second.state is State.FRESH
+    before = token_requests(idp)
+    got = second.peek(60, second.clock())
+    assert got is not None and got.access_token == tok.access_token
+    assert got.expires_at - second.clock() == pytest.approx(tok.expires_at - trio.current_time(), abs=0.01)
+    assert token_requests(idp) == before

@@ -1,0 +1,95 @@
+"""What a development realm is: users, clients and session lifetimes. Plain mutable config, no logic.
+
+These objects are read on every request, so tests may change them at runtime (a new password, a
+client secret rotated away, a user disabled) through ``DevIdP.realm(name)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass
+class DevUser:
+    """A realm user. ``required_actions`` models "Account is not fully set up" (e.g. UPDATE_PASSWORD)."""
+
+    username: str
+    password: str = field(repr=False)
+    roles: list[str] = field(default_factory=list)
+    enabled: bool = True
+    required_actions: bool = False
+
+
+@dataclass
+class DevClient:
+    """An OIDC client. ``secret=None`` is a public client (client_id only).
+
+    ``service_account``: ``None`` (default) means "enabled iff ``service_account_roles`` is non-empty";
+    set it to force the service account on or off.
+    """
+
+    client_id: str
+    secret: str | None = field(default=None, repr=False)
+    direct_grants: bool = True
+    service_account_roles: list[str] = field(default_factory=list)
+    device_grant: bool = True
+    service_account: bool | None = None
+
+    @property
+    def public(self) -> bool:
+        return self.secret is None
+
+    @property
+    def has_service_account(self) -> bool:
+        if self.public:
+            return False
+        if self.service_account is None:
+            return bool(self.service_account_roles)
+        return self.service_account
+
+
+@dataclass
+class DevRealm:
+    """A realm. Lifetimes are seconds, as in the Keycloak admin console (Realm settings -> Sessions/Tokens)."""
+
+    name: str
+    users: list[DevUser]
+    clients: list[DevClient]
+    access_lifespan: float = 1800
+    sso_idle: float = 1800
+    sso_max: float = 36000
+    offline_idle: float = 30 * 86400
+    rotate_refresh_tokens: bool = False
+    refresh_token_max_reuse: int = 0
+
+    def user(self, username: str) -> DevUser | None:
+        # Keycloak usernames are case-insensitive.
+        wanted = username.lower()
+        return next((u for u in self.users if u.username.lower() == wanted), None)
+
+    def client(self, client_id: str) -> DevClient | None:
+        return next((c for c in self.clients if c.client_id == client_id), None)
+
+
+def demo_realm(**overrides: Any) -> DevRealm:
+    """The realm `dc-broker dev`, `make demo` and the tests use; ``overrides`` set DevRealm fields."""
+    known = {f.name for f in fields(DevRealm)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"demo_realm() got unknown DevRealm fields: {sorted(unknown)}")
+    realm = DevRealm(
+        name="demo",
+        users=[
+            DevUser("demo", "demo", roles=["dc-api"]),
+            DevUser("viewer", "viewer"),
+            DevUser("disabled", "disabled", enabled=False),
+        ],
+        clients=[
+            DevClient("dc-cli", "dc-cli-secret"),
+            DevClient("dc-public", None),
+            DevClient("dc-service", "dc-service-secret", service_account_roles=["dc-api"]),
+            DevClient("no-direct", "no-direct-secret", direct_grants=False),
+        ],
+    )
+    return replace(realm, **overrides)
