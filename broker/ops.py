@@ -1,8 +1,9 @@
 """What each wire op does: the dispatch table ``HANDLERS`` (op name -> handler).
 
 A handler takes the broker's state, the caller (from the kernel) and the request, and returns either
-the result map at once (the common, allocation-light path: a cached token) or an awaitable that
-produces it (the server runs those as separate tasks so a slow op never delays the connection).
+the result map at once (the common, allocation-light path: a cached token), an awaitable that
+produces it (the server runs those as separate tasks so a slow op never delays the connection), or
+an async iterator of results (a stream: each is sent with ``more: true``; ``watch``).
 Handlers raise ``client.errors.BrokerError`` subclasses; the server turns them into error replies.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,7 @@ class BrokerState:
     clock: Callable[[], float] = trio.current_time
 
 
-Handler = Callable[[BrokerState, Caller, Request], "Result | Awaitable[Result]"]
+Handler = Callable[[BrokerState, Caller, Request], "Result | Awaitable[Result] | AsyncIterator[Result]"]
 
 
 def _profile_arg(args: Mapping[str, Any]) -> str:
@@ -98,6 +99,24 @@ def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Await
     return _token_slow(state, session, min_ttl)
 
 
+def op_watch(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
+    """Stream: the current token at once, then every new one, until the client closes or an error."""
+    session = state.sessions.lookup(_profile_arg(req.args))
+    min_ttl = _seconds_arg(req.args, "min_ttl", 0.0, MAX_MIN_TTL)
+    return _watch(state, session, min_ttl)
+
+
+async def _watch(state: BrokerState, session: Session, min_ttl: float) -> AsyncIterator[Result]:
+    last: TokenSet | None = None
+    while True:
+        changed = session.token_changed
+        tok = await session.get(min_ttl)
+        if tok is not last:
+            last = tok
+            yield token_result(session, tok, state.clock())
+        await changed.wait()
+
+
 async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> Result:
     tok = await session.get(min_ttl)
     return token_result(session, tok, state.clock())
@@ -134,4 +153,5 @@ HANDLERS: dict[str, Handler] = {
     "token": op_token,
     "invalidate": op_invalidate,
     "status": op_status,
+    "watch": op_watch,
 }

@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import trio
@@ -164,7 +164,9 @@ class _Connection:
         async with self.send_lock:
             await self.stream.send_all(data)
 
-    def dispatch(self, frame: dict[str, Any]) -> bytes | tuple[int, Awaitable[dict[str, Any]]]:
+    def dispatch(
+        self, frame: dict[str, Any]
+    ) -> bytes | tuple[int, Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]]:
         try:
             req: Request = request_from_wire(frame)
         except _ShapeError as exc:
@@ -178,7 +180,8 @@ class _Connection:
             if isinstance(result, dict):
                 return encode(Reply(req.id, result))
             if self.in_flight >= self.server.limits.max_in_flight:
-                result.close()  # type: ignore[attr-defined]
+                if not isinstance(result, AsyncIterator):
+                    result.close()  # type: ignore[attr-defined]
                 raise Overloaded(
                     f"more than {self.server.limits.max_in_flight} requests waiting on this connection",
                     retry_after=1.0,
@@ -191,10 +194,15 @@ class _Connection:
             log.exception("op %s failed", req.op)
             return _error_frame(req.id, InternalError(f"op {req.op!r} failed inside the broker; see its log"))
 
-    async def _finish(self, rid: int, pending: Awaitable[dict[str, Any]]) -> None:
+    async def _finish(self, rid: int, pending: Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]) -> None:
         try:
             try:
-                frame = encode(Reply(rid, await pending))
+                if isinstance(pending, AsyncIterator):
+                    async for result in pending:  # a stream: every message but a final error has more=true
+                        await self._send(encode(Reply(rid, result, more=True)))
+                    frame = encode(Reply(rid, {"end": True}))
+                else:
+                    frame = encode(Reply(rid, await pending))
             except BrokerError as exc:
                 frame = _error_frame(rid, exc)
             except Exception:

@@ -136,6 +136,8 @@ class Session:
         self._round = trio.Event()
         #: cancelled when the profile is removed at run time
         self.cancel_scope = trio.CancelScope()
+        #: set (and replaced) whenever a new token arrives; ``watch`` waits on it
+        self.token_changed = trio.Event()
         self.wall_clock = wall_clock
         self._restore()
 
@@ -322,6 +324,8 @@ class Session:
                 rand=self.rng.random(),
             )
             self._move(State.FRESH)
+            self.token_changed.set()
+            self.token_changed = trio.Event()
         finally:
             self._finish_round()
 

@@ -290,3 +290,20 @@ def test_broker_survives_clients_vanishing_mid_request(dev) -> None:
         s.close()
     time.sleep(0.1)
     assert TokenClient(sock).token("demo")
+
+
+def test_watch_streams_each_new_token(dev) -> None:
+    sock, _, _ = dev
+    w = socket.socket(socket.AF_UNIX)
+    w.connect(sock)
+    w.sendall(encode(Request(42, "watch", {"profile": "demo"})))
+    [first] = read_frames(w, 1)
+    assert first["id"] == 42 and first["more"] is True and first["result"]["token"]
+    # the API said 401 to that token: the broker refreshes, and the watcher hears about it
+    with TokenClient(sock) as c:
+        assert c.invalidate("demo", first["result"]["token"])
+    [second] = read_frames(w, 1)
+    assert second["id"] == 42 and second["more"] is True
+    assert second["result"]["token"] != first["result"]["token"]
+    w.close()
+    assert TokenClient(sock).token("demo") == second["result"]["token"]
