@@ -6,9 +6,10 @@ re-exported lazily so that ``import client.cli`` pays only for what dc-token use
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing costs dc-token ~2 ms of start-up; annotations only
+    from typing import Any
 
-if TYPE_CHECKING:
     from client.errors import *  # noqa: F403
     from client.sync import TokenClient
 

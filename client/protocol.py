@@ -31,14 +31,16 @@ Invariants
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Final
 
 import msgpack
 
 from client.errors import LocalProtocolError, RemoteProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing and collections.abc cost dc-token start-up time; annotations only
+    from collections.abc import Mapping
+    from typing import Any, Final
 
 __all__ = [
     "MAX_FRAME",
@@ -98,22 +100,49 @@ class _NeedData:
 NEED_DATA: Final = _NeedData()
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class _Message:
+    """Frozen, slotted value object (hand-written: ``dataclasses`` costs dc-token ~5 ms to import)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f) for f in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._fields() == other._fields()  # type: ignore[attr-defined,unused-ignore]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, *(repr(f) for f in self._fields())))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__)
+        return f"{type(self).__name__}({inner})"
+
+
+class Request(_Message):
     """One request. ``args`` are the op's arguments (every key except v/id/op)."""
 
+    __slots__ = ("id", "op", "args", "v")
     id: int
     op: str
-    args: Mapping[str, Any] = field(default_factory=dict)
-    v: int = PROTOCOL_VERSION
+    args: Mapping[str, Any]
+    v: int
 
-    def __post_init__(self) -> None:
-        if type(self.id) is not int or not 0 <= self.id <= _MAX_ID:
-            raise LocalProtocolError(f"request id must be an int in 0..2**63-1, not {self.id!r}")
-        if not isinstance(self.op, str) or not 0 < len(self.op) <= 64:
-            raise LocalProtocolError(f"op must be a non-empty string, not {self.op!r}")
-        if _RESERVED_REQUEST_KEYS.intersection(self.args):
+    def __init__(self, id: int, op: str, args: Mapping[str, Any] | None = None, v: int = PROTOCOL_VERSION) -> None:
+        if type(id) is not int or not 0 <= id <= _MAX_ID:
+            raise LocalProtocolError(f"request id must be an int in 0..2**63-1, not {id!r}")
+        if not isinstance(op, str) or not 0 < len(op) <= 64:
+            raise LocalProtocolError(f"op must be a non-empty string, not {op!r}")
+        args = {} if args is None else args
+        if _RESERVED_REQUEST_KEYS.intersection(args):
             raise LocalProtocolError("request args may not use the keys v, id or op")
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "op", op)
+        object.__setattr__(self, "args", args)
+        object.__setattr__(self, "v", v)
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"v": self.v, "id": self.id, "op": self.op}
@@ -121,13 +150,18 @@ class Request:
         return wire
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(_Message):
     """A successful reply. ``more`` is true on every message of a stream but the last."""
 
+    __slots__ = ("id", "result", "more")
     id: int
     result: Mapping[str, Any]
-    more: bool = False
+    more: bool
+
+    def __init__(self, id: int, result: Mapping[str, Any], more: bool = False) -> None:
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "result", result)
+        object.__setattr__(self, "more", more)
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"id": self.id, "ok": True, "result": self.result}
@@ -136,18 +170,22 @@ class Reply:
         return wire
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply:
+class ErrorReply(_Message):
     """A failed request. ``id`` is None when the request was too broken to have one."""
 
+    __slots__ = ("id", "code", "message", "retry_after")
     id: int | None
     code: ErrorCode
     message: str
-    retry_after: float | None = None
+    retry_after: float | None
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.code, ErrorCode):
-            raise LocalProtocolError(f"unknown error code {self.code!r}")
+    def __init__(self, id: int | None, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+        if not isinstance(code, ErrorCode):
+            raise LocalProtocolError(f"unknown error code {code!r}")
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "message", message)
+        object.__setattr__(self, "retry_after", retry_after)
 
     def to_wire(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code.value, "message": self.message}
