@@ -11,7 +11,6 @@ import multiprocessing as mp
 import selectors
 import socket
 import struct
-import sys
 import time
 
 import common
@@ -130,4 +129,4 @@ def main() -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()
