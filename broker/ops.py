@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -88,9 +89,21 @@ def op_hello(state: BrokerState, caller: Caller, req: Request) -> Result:
     }
 
 
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+( [\x21\x23-\x5b\x5d-\x7e]+)*$")  # RFC 6749 3.3
+
+
+def _scope_arg(args: Mapping[str, Any]) -> str | None:
+    scope = args.get("scope")
+    if scope is None or scope == "":
+        return None
+    if not isinstance(scope, str) or len(scope) > 1024 or not _SCOPE.match(scope):
+        raise BadRequest("'scope' must be space-separated OAuth scope tokens")
+    return scope
+
+
 def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
     args = req.args
-    session = state.sessions.lookup(_profile_arg(args))
+    session = state.sessions.lookup_scoped(_profile_arg(args), _scope_arg(args))
     min_ttl = _seconds_arg(args, "min_ttl", 0.0, MAX_MIN_TTL)
     now = state.clock()
     tok = session.peek(min_ttl, now)
@@ -101,7 +114,7 @@ def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Await
 
 def op_watch(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
     """Stream: the current token at once, then every new one, until the client closes or an error."""
-    session = state.sessions.lookup(_profile_arg(req.args))
+    session = state.sessions.lookup_scoped(_profile_arg(req.args), _scope_arg(req.args))
     min_ttl = _seconds_arg(req.args, "min_ttl", 0.0, MAX_MIN_TTL)
     return _watch(state, session, min_ttl)
 

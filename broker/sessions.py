@@ -48,6 +48,7 @@ from client.errors import (
     CredentialsRejected,
     LoginRequired,
     OAuthError,
+    Overloaded,
     UnknownProfile,
     UpstreamError,
     UpstreamFault,
@@ -82,6 +83,9 @@ TRANSITIONS: Final[dict[State, frozenset[State]]] = {
 #: states in which no background retry happens until a person changes something
 WAITING_FOR_PERSON: Final = frozenset({State.LOGIN_REQUIRED, State.REJECTED})
 
+#: distinct per-request scopes one profile may serve at once
+MAX_SCOPES_PER_PROFILE: Final = 16
+
 #: longest a caller waits for a refresh round before getting upstream_unavailable
 DEFAULT_WAIT_LIMIT: Final = 30.0
 
@@ -110,7 +114,10 @@ class Session:
         rng: random.Random | None = None,
         wait_limit: float = DEFAULT_WAIT_LIMIT,
         wall_clock: Callable[[], float] = time.time,
+        parent: Session | None = None,
     ) -> None:
+        #: for a per-request scope: the profile's main session, whose login this one narrows
+        self.parent = parent
         self.profile = profile
         self.store = store
         self.idp = idp
@@ -138,6 +145,8 @@ class Session:
         self.cancel_scope = trio.CancelScope()
         #: set (and replaced) whenever a new token arrives; ``watch`` waits on it
         self.token_changed = trio.Event()
+        #: held while this login's refresh token is in use at the IdP: one use at a time (rotation)
+        self._login_lock = trio.Lock()
         self.wall_clock = wall_clock
         self._restore()
 
@@ -146,6 +155,8 @@ class Session:
 
     def _restore(self) -> None:
         """Pick up tokens a previous run stored, so a restart serves at once and logs nobody in."""
+        if self.parent is not None:
+            return
         try:
             saved = self.store.saved_tokens(self.profile.name)
         except BrokerError as exc:  # e.g. the vault is locked or this record is corrupt
@@ -281,7 +292,11 @@ class Session:
     async def _attempt(self) -> None:
         self._move(State.REFRESHING)
         try:
-            tokens = await self._obtain()
+            if self.parent is not None:
+                tokens = await self.parent.narrow(self.profile.scope or "")
+            else:
+                async with self._login_lock:
+                    tokens = await self._obtain()
         except (LoginRequired, CredentialsRejected) as exc:
             self.last_error = exc
             self.token = None if isinstance(exc, LoginRequired) else self.token
@@ -296,8 +311,8 @@ class Session:
         else:
             try:
                 # durable before the old refresh token is dropped; stores keep wall-clock times
-                wall = shift_times(tokens, self.wall_clock() - self.clock())
-                await self.store.save_tokens(self.profile.name, wall)
+                if self.parent is None:
+                    await self._save(tokens)
             except Exception:
                 # keep serving from memory: with rotation the old refresh token is already dead
                 log.exception("profile %s: could not store the new tokens", self.profile.name)
@@ -386,6 +401,44 @@ class Session:
         except OAuthError as exc:
             raise self._rejected(exc) from None
 
+    async def _save(self, tokens: TokenSet) -> None:
+        await self.store.save_tokens(self.profile.name, shift_times(tokens, self.wall_clock() - self.clock()))
+
+    async def narrow(self, scope: str) -> TokenSet:
+        """A token for ``scope`` from this login: the refresh grant with a narrower scope (or, for
+        client credentials, a grant with that scope). A refresh token the IdP rotates on the way is
+        adopted by this login, stored first, so the chain of refresh tokens stays single."""
+        creds = self.store.credentials(self.profile.name)
+        endpoints = await self._resolve_endpoints()
+        client = oidc.client_of(self.profile, creds.client_secret)
+        if self.profile.grant == "client_credentials":
+            if creds.client_secret is None:
+                raise LoginRequired(self._login_message())
+            try:
+                return await self._grant(oidc.build_client_credentials(endpoints.token, client, scope))
+            except OAuthError as exc:
+                raise self._rejected(exc) from None
+        await self.get(0.0)  # this login must exist first
+        async with self._login_lock:
+            tok = self.token
+            now = self.clock()
+            if tok is None or tok.refresh_token is None or not tok.refresh_usable(now):
+                raise LoginRequired(self._login_message())
+            try:
+                new = await self._grant(oidc.build_refresh(endpoints.token, client, tok.refresh_token, scope))
+            except OAuthError as exc:
+                if exc.error == "invalid_grant":
+                    self.next_attempt_at = now  # this login's refresh token is dead: let it recover
+                    self._wake.set()
+                    raise UpstreamGarbage(f"the login behind scope {scope!r} must be renewed first") from None
+                raise self._rejected(exc) from None
+            if new.refresh_token is not None and new.refresh_token != tok.refresh_token:
+                adopted = replace(tok, refresh_token=new.refresh_token, refresh_expires_at=new.refresh_expires_at)
+                await self._save(adopted)
+                if self.token is tok:
+                    self.token = adopted
+        return replace(new, refresh_token=None, refresh_expires_at=None)
+
     def _primary_grant_possible(self, creds: Credentials) -> bool:
         if self.profile.grant == "password":
             return creds.password is not None and bool(self.profile.username)
@@ -463,6 +516,7 @@ class Sessions:
             name: Session(p, store, idp, refresh_policy=refresh_policy, clock=clock, rng=self.rng)
             for name, p in profiles.items()
         }
+        self._scoped: dict[tuple[str, str], Session] = {}
         self._nursery: trio.Nursery | None = None
 
     def __len__(self) -> int:
@@ -503,8 +557,41 @@ class Sessions:
             self._nursery.start_soon(self._run_one, session, 0.0)
         return session
 
+    def lookup_scoped(self, name: str, scope: str | None) -> Session:
+        """The session for ``(profile, scope)``: the profile's own for no scope or its configured one,
+        else a child session (created on first use) that narrows the profile's login to ``scope``."""
+        base = self.lookup(name)
+        if not scope or scope == base.profile.scope:
+            return base
+        child = self._scoped.get((name, scope))
+        if child is None:
+            if sum(1 for n, _ in self._scoped if n == name) >= MAX_SCOPES_PER_PROFILE:
+                raise Overloaded(
+                    f"profile {name!r} already serves {MAX_SCOPES_PER_PROFILE} different scopes", retry_after=60.0
+                )
+            child = Session(
+                replace(base.profile, scope=scope),
+                self.store,
+                self.idp,
+                refresh_policy=self.policy,
+                clock=self.clock,
+                rng=self.rng,
+                parent=base,
+            )
+            self._scoped[(name, scope)] = child
+            if self._nursery is not None:
+                self._nursery.start_soon(self._run_one, child, math.inf)  # refreshes on demand first
+        return child
+
+    def _drop_scoped(self, name: str) -> None:
+        for key in [k for k in self._scoped if k[0] == name]:
+            child = self._scoped.pop(key)
+            child.token = None
+            child.cancel_scope.cancel()
+
     def remove(self, name: str) -> None:
         """Forget a profile: its refresh task stops and its token leaves memory."""
+        self._drop_scoped(name)
         session = self._by_name.pop(name, None)
         if session is not None:
             session.token = None
@@ -518,6 +605,8 @@ class Sessions:
         removed = [n for n in self._by_name if n not in profiles]
         for name in removed:
             self.remove(name)
+        for name in changed:
+            self._drop_scoped(name)
         for name in added + changed:
             self.add(profiles[name])
         return added, changed, removed

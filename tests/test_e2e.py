@@ -307,3 +307,17 @@ def test_watch_streams_each_new_token(dev) -> None:
     assert second["result"]["token"] != first["result"]["token"]
     w.close()
     assert TokenClient(sock).token("demo") == second["result"]["token"]
+
+
+def test_scope_argument_on_the_wire(dev) -> None:
+    sock, _, _ = dev
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    s.sendall(
+        encode(Request(1, "token", {"profile": "demo", "scope": "openid"}))
+        + encode(Request(2, "token", {"profile": "demo", "scope": 'bad"scope'}))
+    )
+    replies = {r["id"]: r for r in read_frames(s, 2)}
+    assert replies[1]["ok"] and "openid" in replies[1]["result"]["scope"]
+    assert replies[2]["error"]["code"] == "bad_request"
+    s.close()
