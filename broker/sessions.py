@@ -453,6 +453,11 @@ class Session:
 
     def _rejected(self, exc: OAuthError) -> CredentialsRejected:
         name = self.profile.name
+        if exc.error == "invalid_scope":
+            return CredentialsRejected(
+                f"profile {name!r}: the identity provider refuses scope {self.profile.scope!r} ({exc}); "
+                "a per-request scope can only narrow the profile's own scope"
+            )
         return CredentialsRejected(
             f"profile {name!r}: the identity provider refused the credentials ({exc}); "
             f"fix the profile or run `dc-broker login {name}`"

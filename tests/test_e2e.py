@@ -314,10 +314,13 @@ def test_scope_argument_on_the_wire(dev) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.connect(sock)
     s.sendall(
-        encode(Request(1, "token", {"profile": "demo", "scope": "openid"}))
+        encode(Request(1, "token", {"profile": "demo", "scope": "email"}))
         + encode(Request(2, "token", {"profile": "demo", "scope": 'bad"scope'}))
+        + encode(Request(3, "token", {"profile": "demo", "scope": "openid"}))
     )
-    replies = {r["id"]: r for r in read_frames(s, 2)}
-    assert replies[1]["ok"] and "openid" in replies[1]["result"]["scope"]
+    replies = {r["id"]: r for r in read_frames(s, 3)}
+    assert replies[1]["ok"] and "email" in replies[1]["result"]["scope"].split()
     assert replies[2]["error"]["code"] == "bad_request"
+    assert replies[3]["error"]["code"] == "credentials_rejected"
+    assert "can only narrow" in replies[3]["error"]["message"]
     s.close()
