@@ -9,6 +9,7 @@ Handlers raise ``client.errors.BrokerError`` subclasses; the server turns them i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any
 import trio
 
 from broker.oidc import TokenSet
+from broker.secret import Secret
 from broker.sessions import Session, Sessions
 from client.errors import BadRequest
 from client.protocol import PROTOCOL_VERSION, Request
@@ -130,6 +132,30 @@ async def _watch(state: BrokerState, session: Session, min_ttl: float) -> AsyncI
         await changed.wait()
 
 
+def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
+    """Stream: a password login (one message), or the device flow (the code to show, then the outcome)."""
+    session = state.sessions.lookup(_profile_arg(req.args))
+    password = req.args.get("password")
+    if password is not None and (not isinstance(password, str) or not password):
+        raise BadRequest("'password' must be a non-empty string")
+    if password is not None:
+        if session.profile.grant != "password":
+            raise BadRequest(
+                f"profile {session.profile.name!r} does not use a password (grant {session.profile.grant})"
+            )
+        return _password_login(session, Secret(password))
+    return session.device_login()
+
+
+async def _password_login(session: Session, password: Secret) -> AsyncIterator[Result]:
+    store = session.store
+    name = session.profile.name
+    store.set_credentials(name, dataclasses.replace(store.credentials(name), password=password))
+    session.credentials_changed(relogin=True)
+    tok = await session.get()
+    yield {"profile": name, "logged_in": True, "expires_in": tok.expires_at - session.clock()}
+
+
 async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> Result:
     tok = await session.get(min_ttl)
     return token_result(session, tok, state.clock())
@@ -167,4 +193,5 @@ HANDLERS: dict[str, Handler] = {
     "invalidate": op_invalidate,
     "status": op_status,
     "watch": op_watch,
+    "login": op_login,
 }

@@ -31,7 +31,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from enum import StrEnum
 from typing import Any, Final
@@ -71,7 +71,7 @@ class State(StrEnum):
 
 
 _S = State
-TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+_MOVES: Final[dict[State, frozenset[State]]] = {
     _S.EMPTY: frozenset({_S.REFRESHING, _S.LOGIN_REQUIRED, _S.FRESH}),  # -> fresh: restored from the store
     _S.REFRESHING: frozenset({_S.FRESH, _S.STALE, _S.UNAVAILABLE, _S.LOGIN_REQUIRED, _S.REJECTED}),
     _S.FRESH: frozenset({_S.REFRESHING, _S.EMPTY}),
@@ -80,6 +80,8 @@ TRANSITIONS: Final[dict[State, frozenset[State]]] = {
     _S.LOGIN_REQUIRED: frozenset({_S.REFRESHING, _S.EMPTY}),
     _S.REJECTED: frozenset({_S.REFRESHING, _S.EMPTY}),
 }
+#: the allowed moves; a person's interactive login (device flow) makes any session fresh
+TRANSITIONS: Final[dict[State, frozenset[State]]] = {state: moves | {_S.FRESH} for state, moves in _MOVES.items()}
 #: states in which no background retry happens until a person changes something
 WAITING_FOR_PERSON: Final = frozenset({State.LOGIN_REQUIRED, State.REJECTED})
 
@@ -145,6 +147,8 @@ class Session:
         self.cancel_scope = trio.CancelScope()
         #: set (and replaced) whenever a new token arrives; ``watch`` waits on it
         self.token_changed = trio.Event()
+        #: a caller is waiting for a token the current one cannot give
+        self._demanded = False
         #: held while this login's refresh token is in use at the IdP: one use at a time (rotation)
         self._login_lock = trio.Lock()
         self.wall_clock = wall_clock
@@ -198,6 +202,7 @@ class Session:
                 return tok
             self._raise_if_blocked(now)
             round_done = self._round
+            self._demanded = True
             self._wake.set()
             with trio.move_on_at(deadline) as scope:
                 await round_done.wait()
@@ -239,8 +244,11 @@ class Session:
         self._wake.set()
         return True
 
-    def credentials_changed(self) -> None:
-        """Config or secrets changed: leave rejected/login_required and try again now."""
+    def credentials_changed(self, *, relogin: bool = False) -> None:
+        """Config or secrets changed: leave rejected/login_required and try again now. With ``relogin``
+        the current login is dropped, so the next grant proves the new credentials."""
+        if relogin:
+            self.token = None
         self.failures = 0
         self._backoff_until = -math.inf
         self.next_attempt_at = self.clock()
@@ -277,6 +285,10 @@ class Session:
                 # woken during backoff: waiters were told retry_after; nothing to do
                 self._wake = trio.Event()
                 continue
+            if not self._demanded and self.clock() < self.next_attempt_at:
+                self._wake = trio.Event()  # woken only to re-arm the timer (a login was adopted)
+                continue
+            self._demanded = False
             await self._attempt()
             self._wake = trio.Event()
 
@@ -438,6 +450,82 @@ class Session:
                 if self.token is tok:
                     self.token = adopted
         return replace(new, refresh_token=None, refresh_expires_at=None)
+
+    async def device_login(self) -> AsyncIterator[dict[str, Any]]:
+        """The OAuth device authorization grant, for a person at another screen. Yields the code to
+        show them, then polls (honouring ``interval`` and ``slow_down``) until they approve, deny, or
+        the code expires; the new login replaces this session's tokens."""
+        name = self.profile.name
+        creds = self.store.credentials(name)
+        endpoints = await self._resolve_endpoints()
+        if endpoints.device is None:
+            raise CredentialsRejected(
+                f"profile {name!r} has no device authorization endpoint; configure it with server + tenant or issuer"
+            )
+        client = oidc.client_of(self.profile, creds.client_secret)
+        self.idp_requests += 1
+        resp = await self.idp.send(
+            oidc.build_device_start(endpoints.device, client, self.profile.scope), ca_bundle=self.profile.ca_bundle
+        )
+        try:
+            auth = oidc.parse_device_start(resp, self.clock())
+        except OAuthError as exc:
+            raise self._rejected(exc) from None
+        yield {
+            "profile": name,
+            "verification_uri": auth.verification_uri,
+            "verification_uri_complete": auth.verification_uri_complete,
+            "user_code": auth.user_code,
+            "expires_in": auth.expires_at - self.clock(),
+        }
+        interval = auth.interval
+        while True:
+            await trio.sleep(interval)
+            if self.clock() >= auth.expires_at:
+                raise LoginRequired(f"profile {name!r}: the login code expired; run `dc-broker login {name}` again")
+            try:
+                tokens = await self._grant(oidc.build_device_poll(endpoints.token, client, auth.device_code))
+            except OAuthError as exc:
+                if exc.error == "authorization_pending":
+                    continue
+                if exc.error == "slow_down":
+                    interval += 5.0  # RFC 8628 3.5
+                    continue
+                if exc.error == "expired_token":
+                    raise LoginRequired(
+                        f"profile {name!r}: the login code expired; run `dc-broker login {name}` again"
+                    ) from None
+                if exc.error == "access_denied":
+                    raise CredentialsRejected(
+                        f"profile {name!r}: the login was denied at the identity provider"
+                    ) from None
+                raise self._rejected(exc) from None
+            await self.adopt_login(tokens)
+            yield {"profile": name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
+            return
+
+    async def adopt_login(self, tokens: TokenSet) -> None:
+        """A login made outside the refresh task (device flow) becomes this session's login."""
+        async with self._login_lock:
+            await self._save(tokens)
+            self.token = tokens
+            self.last_error = None
+            self.failures = 0
+            self._backoff_until = -math.inf
+            self._session_capped = False
+            self.last_refresh_at = self.clock()
+            self.refreshes += 1
+            self.next_attempt_at = policy.refresh_at(
+                self.policy,
+                obtained_at=tokens.obtained_at,
+                expires_at=tokens.expires_at,
+                refresh_expires_at=tokens.refresh_expires_at,
+                rand=self.rng.random(),
+            )
+            self._move(State.FRESH)
+            self.token_changed.set()
+            self.token_changed = trio.Event()
+            self._wake.set()  # the refresh task picks up the new schedule
 
     def _primary_grant_possible(self, creds: Credentials) -> bool:
         if self.profile.grant == "password":

@@ -397,3 +397,67 @@ async def test_client_credentials_scope_asks_with_the_secret(make_idp, autojump_
         tok = await sessions.lookup_scoped("service", "openid").get()
         assert "openid" in (tok.scope or "")
         nursery.cancel_scope.cancel()
+
+
+async def device_code(session: Session):
+    flow = session.device_login()
+    first = await flow.__anext__()
+    return flow, first
+
+
+async def test_device_login_approved(make_idp, autojump_clock) -> None:
+    idp = make_idp()
+    session = make_session(idp, "device")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        with pytest.raises(LoginRequired, match="dc-broker login device"):
+            await session.get()
+        flow, shown = await device_code(session)
+        assert shown["user_code"] and shown["verification_uri"].endswith("/device")
+        polls_before = token_requests(idp)
+        outcome: list[dict] = []
+
+        async def consume() -> None:
+            outcome.append(await flow.__anext__())
+
+        nursery.start_soon(consume)
+        await trio.sleep(12)
+        assert token_requests(idp) - polls_before == 2  # every 5 s, as the IdP's interval says
+        idp.approve_device(shown["user_code"], "demo")
+        await trio.sleep(5)
+        assert outcome and outcome[0]["logged_in"] is True
+        with pytest.raises(StopAsyncIteration):
+            await flow.__anext__()
+        assert session.state is State.FRESH
+        requests = token_requests(idp)
+        assert (await session.get(min_ttl=60)).access_token
+        assert token_requests(idp) == requests  # served from the adopted login
+        await trio.sleep(3 * T)
+        assert session.state is State.FRESH  # kept alive by refresh since
+        nursery.cancel_scope.cancel()
+
+
+async def test_device_login_denied_and_expired(make_idp, autojump_clock) -> None:
+    idp = make_idp()
+    session = make_session(idp, "device")
+    flow, shown = await device_code(session)
+    idp.deny_device(shown["user_code"])
+    with pytest.raises(CredentialsRejected, match="denied"):
+        await flow.__anext__()
+    flow, shown = await device_code(session)
+    with pytest.raises(LoginRequired, match="expired"):
+        await flow.__anext__()  # nobody approves within 600 s
+
+
+async def test_device_login_honours_slow_down(make_idp, autojump_clock) -> None:
+    idp = make_idp()
+    session = make_session(idp, "device")
+    idp.faults.fail_next(
+        2, status=400, body='{"error": "slow_down", "error_description": "Slow down"}', content_type="application/json"
+    )
+    flow, shown = await device_code(session)
+    t0 = trio.current_time()
+    idp.approve_device(shown["user_code"], "demo")
+    assert (await flow.__anext__())["logged_in"]
+    # waits 5, then 10 (slowed), then 15 (slowed again) seconds between polls
+    assert trio.current_time() - t0 == pytest.approx(5 + 10 + 15, abs=0.5)
