@@ -125,7 +125,7 @@ class _Message:
 class Request(_Message):
     """One request. ``args`` are the op's arguments (every key except v/id/op)."""
 
-    __slots__ = ("id", "op", "args", "v")
+    __slots__ = ("args", "id", "op", "v")
     id: int
     op: str
     args: Mapping[str, Any]
@@ -153,7 +153,7 @@ class Request(_Message):
 class Reply(_Message):
     """A successful reply. ``more`` is true on every message of a stream but the last."""
 
-    __slots__ = ("id", "result", "more")
+    __slots__ = ("id", "more", "result")
     id: int
     result: Mapping[str, Any]
     more: bool
@@ -173,7 +173,7 @@ class Reply(_Message):
 class ErrorReply(_Message):
     """A failed request. ``id`` is None when the request was too broken to have one."""
 
-    __slots__ = ("id", "code", "message", "retry_after")
+    __slots__ = ("code", "id", "message", "retry_after")
     id: int | None
     code: ErrorCode
     message: str

@@ -1,0 +1,247 @@
+"""``dc-broker systemd install``: the unit files, and writing them where systemd looks.
+
+Owns the text of the four units (user socket + service, system socket + service) and the sysusers.d
+line for the system broker's dedicated user. The files in the repository's ``systemd/`` directory
+are these templates rendered with ``ExecStart=/usr/bin/dc-broker``; a test keeps them identical, so
+there is one source of truth and the installed units carry the real path of this installation.
+
+It writes files and prints the next command; it never runs ``systemctl`` itself (the admin decides
+when to enable a service) and never writes a secret: the vault key reaches the system service as
+a systemd credential (``LoadCredentialEncrypted=``), decrypted by systemd into a private tmpfs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+import click
+
+#: where the shipped copies in systemd/ point; installed units get the real path
+DEFAULT_EXEC: Final = "/usr/bin/dc-broker"
+SYSTEM_USER: Final = "dc-broker"
+
+USER_SOCKET: Final = """\
+[Unit]
+Description=dc-broker token broker socket (per user)
+Documentation=https://github.com/dataclarity/dc-broker/blob/main/docs/systemd.md
+
+[Socket]
+ListenStream=%t/dc-broker/broker.sock
+SocketMode=0600
+DirectoryMode=0700
+RemoveOnStop=yes
+
+[Install]
+WantedBy=sockets.target
+"""
+
+USER_SERVICE: Final = """\
+[Unit]
+Description=dc-broker token broker (per user)
+Documentation=https://github.com/dataclarity/dc-broker/blob/main/docs/systemd.md
+Requires=dc-broker.socket
+After=dc-broker.socket
+
+[Service]
+Type=notify
+ExecStart={exec_start} run
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=2
+WatchdogSec=30
+TimeoutStopSec=30
+UMask=0077
+NoNewPrivileges=yes
+LockPersonality=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
+
+[Install]
+WantedBy=default.target
+Also=dc-broker.socket
+"""
+
+SYSTEM_SOCKET: Final = """\
+[Unit]
+Description=dc-broker shared token broker socket
+Documentation=https://github.com/dataclarity/dc-broker/blob/main/docs/systemd.md
+
+[Socket]
+ListenStream=/run/dc-broker/broker.sock
+SocketUser=dc-broker
+SocketGroup=dc-broker
+SocketMode=0660
+DirectoryMode=0755
+RemoveOnStop=yes
+
+[Install]
+WantedBy=sockets.target
+"""
+
+SYSTEM_SERVICE: Final = """\
+[Unit]
+Description=dc-broker shared token broker
+Documentation=https://github.com/dataclarity/dc-broker/blob/main/docs/systemd.md
+Requires=dc-broker.socket
+After=dc-broker.socket network-online.target
+Wants=network-online.target
+
+[Service]
+Type=notify
+ExecStart={exec_start} run --system
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=2
+WatchdogSec=30
+TimeoutStopSec=30
+
+User=dc-broker
+Group=dc-broker
+UMask=0077
+# /run/dc-broker also holds the .socket unit's socket: keep it across restarts
+RuntimeDirectory=dc-broker
+RuntimeDirectoryMode=0755
+RuntimeDirectoryPreserve=yes
+StateDirectory=dc-broker
+StateDirectoryMode=0700
+ConfigurationDirectory=dc-broker
+ConfigurationDirectoryMode=0755
+Environment=DC_BROKER_CONFIG=%E/dc-broker/config.toml
+Environment=DC_BROKER_STATE_DIR=%S/dc-broker
+# the vault key: `systemd-creds encrypt --name=vault-key KEYFILE /etc/dc-broker/vault-key.cred`
+# (or LoadCredential=vault-key:/path/to/plain-keyfile); the broker reads $CREDENTIALS_DIRECTORY/vault-key
+LoadCredentialEncrypted=vault-key:/etc/dc-broker/vault-key.cred
+Environment=DC_BROKER_VAULT_KEY_FILE=%d/vault-key
+
+# hardening (docs/systemd.md explains each; `systemd-analyze security dc-broker.service`)
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+DevicePolicy=closed
+PrivateMounts=yes
+PrivateIPC=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=default
+ProcSubset=pid
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+
+[Install]
+WantedBy=multi-user.target
+Also=dc-broker.socket
+"""
+
+SYSUSERS: Final = 'u dc-broker - "dc-broker shared token broker" /var/lib/dc-broker\n'
+
+#: file name -> template, per mode
+USER_UNITS: Final = {"dc-broker.socket": USER_SOCKET, "dc-broker.service": USER_SERVICE}
+SYSTEM_UNITS: Final = {"dc-broker.socket": SYSTEM_SOCKET, "dc-broker.service": SYSTEM_SERVICE}
+
+
+def render(units: Mapping[str, str], exec_start: str) -> dict[str, str]:
+    """The unit texts with ``{exec_start}`` filled in (a path with spaces is quoted for systemd)."""
+    quoted = f'"{exec_start}"' if any(c.isspace() for c in exec_start) else exec_start
+    return {name: text.replace("{exec_start}", quoted) for name, text in units.items()}
+
+
+def find_executable() -> str:
+    """The absolute path of this installation's ``dc-broker`` script."""
+    beside = Path(sys.executable).parent / "dc-broker"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside.absolute())
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "dc-broker" and argv0.is_file():
+        return str(argv0.resolve())
+    found = shutil.which("dc-broker")
+    if found is None:
+        raise click.ClickException("cannot find the dc-broker executable; pass --exec /path/to/dc-broker")
+    return str(Path(found).absolute())
+
+
+def user_unit_dir() -> Path:
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(config) / "systemd" / "user"
+
+
+def write_units(dest: Path, units: Mapping[str, str]) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in units.items():
+        path = dest / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+@click.group("systemd")
+def systemd_group() -> None:
+    """Install the systemd units (socket-activated, Type=notify, hardened)."""
+
+
+@systemd_group.command("install")
+@click.option("--user", "mode", flag_value="user", default=True, help="per-user units (default)")
+@click.option("--system", "mode", flag_value="system", help="the shared broker, run as the dc-broker user")
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False),
+    help="directory to write to (default: ~/.config/systemd/user, or /etc/systemd/system with --system)",
+)
+@click.option("--exec", "exec_start", help="path of dc-broker for ExecStart= (default: this installation's)")
+def install(mode: str, dest: str | None, exec_start: str | None) -> None:
+    """Write dc-broker.socket and dc-broker.service, and print the command that starts them."""
+    exe = exec_start or find_executable()
+    if not os.path.isabs(exe):
+        raise click.ClickException(f"--exec must be an absolute path, not {exe!r}")
+    if mode == "system":
+        target = Path(dest or "/etc/systemd/system")
+        written = write_units(target, render(SYSTEM_UNITS, exe))
+        sysusers_dir = target.parent.parent / "sysusers.d" if dest is None else target
+        written += write_units(sysusers_dir, {"dc-broker.conf": SYSUSERS})
+        for path in written:
+            click.echo(f"wrote {path}")
+        if exe.startswith(("/home/", "/root/")):
+            click.echo(
+                f"warning: {exe} is under a home directory, which ProtectHome=yes hides from the service; "
+                "install dc-broker under /opt or /usr/local, or override ProtectHome=read-only",
+                err=True,
+            )
+        click.echo(
+            "next: systemd-sysusers && systemctl daemon-reload && systemctl enable --now dc-broker.socket\n"
+            "(put profiles in /etc/dc-broker/config.toml and the vault key credential in "
+            "/etc/dc-broker/vault-key.cred first; see docs/systemd.md)"
+        )
+        return
+    target = Path(dest) if dest else user_unit_dir()
+    for path in write_units(target, render(USER_UNITS, exe)):
+        click.echo(f"wrote {path}")
+    click.echo("next: systemctl --user daemon-reload && systemctl --user enable --now dc-broker.socket")
