@@ -20,8 +20,9 @@ from typing import Any
 import click
 import trio
 
-from broker.config import Profile, load_config
+from broker.config import Config, Profile, load_config
 from broker.daemon import run_broker, until_signalled
+from broker.hardening import harden
 from broker.secret import Secret
 from broker.store import Credentials, MemoryStore
 from client.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError
@@ -31,14 +32,9 @@ log = logging.getLogger("dc_broker")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every request URL at INFO; URLs are not secret but the noise is not useful
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("hpack").setLevel(logging.WARNING)
+    from broker.logs import setup_logging
+
+    setup_logging(verbose)  # journal priority prefixes under systemd, plain lines elsewhere
 
 
 class _Fail(click.ClickException):
@@ -110,23 +106,42 @@ def _read_secrets_stdin(profiles: dict[str, Profile]) -> MemoryStore:
     is_flag=True,
     help="read profile secrets as TOML ([NAME] password=/client_secret=) from stdin; kept in memory only",
 )
+@click.option(
+    "--system",
+    is_flag=True,
+    help="the shared system broker: default socket /run/dc-broker/broker.sock, mode 0660 (the system unit)",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def run(config_path: str | None, socket_path: str | None, secrets_stdin: bool, verbose: bool) -> None:
-    """Run the broker in the foreground until SIGINT or SIGTERM."""
+def run(config_path: str | None, socket_path: str | None, secrets_stdin: bool, system: bool, verbose: bool) -> None:
+    """Run the broker in the foreground. SIGTERM/SIGINT answer what is in flight and stop; SIGHUP
+    reloads the config. Under systemd: socket activation, Type=notify readiness and the watchdog."""
+    from client.paths import SYSTEM_SOCKET
+
     _setup_logging(verbose)
     try:
         config = load_config(config_path, missing_ok=config_path is None)
         store = _read_secrets_stdin(config.profiles) if secrets_stdin else MemoryStore()
-        path = socket_path or config.socket or default_socket_path()
+        path = socket_path or config.socket or (SYSTEM_SOCKET if system else default_socket_path())
     except DcBrokerError as exc:
         raise _Fail(exc) from None
-    _trio_run(_run_until_signal, config.profiles, store, path)
+    hardened = harden()
+    log.debug("hardening: %s", hardened)
+    _trio_run(_run_until_signal, config, store, path, system)
 
 
-async def _run_until_signal(profiles: dict[str, Profile], store: MemoryStore, path: str) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(until_signalled, nursery.cancel_scope)
-        await run_broker(profiles, store, path)
+async def _run_until_signal(config: Config, store: MemoryStore, path: str, system: bool) -> None:
+    await run_broker(
+        config.profiles,
+        store,
+        path,
+        system=system,
+        settings=config.daemon,
+        socket_mode=0o660 if system else 0o600,
+        strict_dir=not system,  # the system unit's RuntimeDirectory is 0755, the socket 0660
+        systemd_integration=True,
+        handle_signals=True,
+        config_path=config.path,
+    )
 
 
 def demo_profiles(base_url: str) -> tuple[dict[str, Profile], MemoryStore]:
@@ -141,6 +156,14 @@ def demo_profiles(base_url: str) -> tuple[dict[str, Profile], MemoryStore]:
             tenant="demo",
             client_id="dc-service",
             grant="client_credentials",
+        ),
+        "demo-device": Profile(
+            name="demo-device",
+            server=base_url,
+            tenant="demo",
+            client_id="dc-public",
+            grant="device",
+            auth_method="none",
         ),
     }
     store = MemoryStore(
@@ -190,7 +213,8 @@ async def _dev(socket_path: str, port: int, access_lifespan: float, rotate: bool
             f"dc-broker dev is running.\n"
             f"  dev IdP:   {base_url}/realms/demo  (users demo/demo, viewer/viewer)\n"
             f"  demo API:  {api}\n"
-            f"  profiles:  demo (password grant), demo-service (client_credentials)\n\n"
+            f"  profiles:  demo (password grant), demo-service (client_credentials),\n"
+            f"             demo-device (device login: `dc-broker login demo-device`)\n\n"
             f"In another shell:\n"
             f"  export DC_BROKER_SOCKET={socket_path}\n"
             f"  dc-token demo\n"
@@ -242,6 +266,51 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
+
+
+@cli.command()
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False),
+    envvar="DC_BROKER_SOCKET",
+    help="broker socket (default: $XDG_RUNTIME_DIR/dc-broker/broker.sock)",
+)
+@click.option("--password-stdin", is_flag=True, help="read the password from stdin instead of a hidden prompt")
+@click.argument("profile")
+def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:
+    """Log PROFILE in: a password prompt for password profiles, else the device flow (a URL and a code to
+    enter in a browser anywhere; this command waits until you have approved)."""
+    from broker import control
+
+    try:
+        grant = control.request("status", socket_path, profile=profile)["profiles"][0]["grant"]
+        if grant == "password":
+            if password_stdin:
+                password = sys.stdin.readline().rstrip("\n")
+            else:
+                password = click.prompt(f"Password for profile {profile}", hide_input=True)
+            if not password:
+                raise click.UsageError("the password is empty")
+            results = control.stream("login", socket_path, profile=profile, password=password)
+        else:
+            results = control.stream("login", socket_path, profile=profile)
+        for result in results:
+            if result.get("logged_in"):
+                click.echo(f"Logged in: profile {profile} has a token for {_fmt_seconds(result.get('expires_in'))}.")
+                return
+            uri = result.get("verification_uri_complete") or result["verification_uri"]
+            click.echo(
+                f"To log in profile {profile}, open\n\n    {uri}\n\nand enter the code {result['user_code']} "
+                f"(valid {_fmt_seconds(result.get('expires_in'))}). Waiting...",
+            )
+    except DcBrokerError as exc:
+        raise _Fail(exc) from None
+
+
+from broker.systemd_install import systemd_group  # noqa: E402 - registered beside the other commands
+
+cli.add_command(systemd_group)
 
 
 def main() -> None:

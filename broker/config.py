@@ -106,8 +106,40 @@ def check_profile(p: Profile) -> None:
             check_url(url, f"profile {p.name!r}: {what}")
     if p.grant == "password" and not p.username:
         raise ConfigError(f"profile {p.name!r}: grant 'password' needs a username")
+    from broker.acl import parse_rules
+
+    try:
+        parse_rules(p.allow)
+    except ConfigError as exc:
+        raise ConfigError(f"profile {p.name!r}: {exc}") from None
     if p.grant == "client_credentials" and p.auth_method == "none":
         raise ConfigError(f"profile {p.name!r}: client_credentials needs a client secret (auth_method basic or post)")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    """[daemon]: where to listen and the limits that protect the broker from its clients."""
+
+    socket: str | None = None
+    #: system mode only: the group that may connect to the 0660 socket
+    group: str | None = None
+    max_connections: int = 4096
+    max_in_flight: int = 256
+    max_frame: int = 64 * 1024
+    partial_frame_timeout: float = 10.0
+    audit_interval: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name, low, high in (
+            ("max_connections", 1, 1_000_000),
+            ("max_in_flight", 1, 100_000),
+            ("max_frame", 256, 64 * 1024),
+            ("partial_frame_timeout", 0.1, 3600),
+            ("audit_interval", 1, 86400),
+        ):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"daemon.{name} = {value} is out of range ({low} to {high})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +147,12 @@ class Config:
     """The whole parsed config file."""
 
     profiles: dict[str, Profile] = field(default_factory=dict)
-    socket: str | None = None
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
     path: str | None = None
+
+    @property
+    def socket(self) -> str | None:
+        return self.daemon.socket
 
 
 def config_home(environ: Mapping[str, str] | None = None) -> str:
@@ -143,7 +179,15 @@ _PROFILE_KEYS: Final[dict[str, type]] = {
     "ca_bundle": str,
     "allow": list,
 }
-_DAEMON_KEYS: Final[dict[str, type]] = {"socket": str}
+_DAEMON_KEYS: Final[dict[str, type | tuple[type, ...]]] = {
+    "socket": str,
+    "group": str,
+    "max_connections": int,
+    "max_in_flight": int,
+    "max_frame": int,
+    "partial_frame_timeout": (int, float),
+    "audit_interval": (int, float),
+}
 
 
 def _line_of(text: str, table: str, key: str | None) -> int | None:
@@ -201,8 +245,9 @@ def parse_config(data: dict[str, Any], *, text: str = "", path: str = "<config>"
         expected = _DAEMON_KEYS.get(key)
         if expected is None:
             raise ConfigError(f"{where('daemon', key)}: unknown key daemon.{key}")
-        if not isinstance(value, expected):
-            raise ConfigError(f"{where('daemon', key)}: daemon.{key} must be a {expected.__name__}")
+        if not isinstance(value, expected) or isinstance(value, bool):
+            what = "number" if isinstance(expected, tuple) else expected.__name__
+            raise ConfigError(f"{where('daemon', key)}: daemon.{key} must be a {what}")
     profiles_raw = data.get("profiles", {})
     if not isinstance(profiles_raw, dict):
         raise ConfigError(f"{path}: profiles must be tables like [profiles.acme]")
@@ -227,7 +272,11 @@ def parse_config(data: dict[str, Any], *, text: str = "", path: str = "<config>"
             raise ConfigError(f"{where(section)}: {exc}") from None
         except TypeError:
             raise ConfigError(f"{where(section)}: [profiles.{name}] needs client_id") from None
-    return Config(profiles=profiles, socket=daemon.get("socket"), path=path)
+    try:
+        settings = DaemonSettings(**daemon)
+    except ConfigError as exc:
+        raise ConfigError(f"{where('daemon')}: {exc}") from None
+    return Config(profiles=profiles, daemon=settings, path=path)
 
 
 def with_overrides(p: Profile, **changes: Any) -> Profile:

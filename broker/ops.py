@@ -10,6 +10,7 @@ Handlers raise ``client.errors.BrokerError`` subclasses; the server turns them i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -20,10 +21,15 @@ from typing import Any
 
 import trio
 
+from broker import acl
+from broker.acl import Identity
+from broker.audit import Audit
+from broker.config import Profile
+from broker.identity import identify
 from broker.oidc import TokenSet
 from broker.secret import Secret
 from broker.sessions import Session, Sessions
-from client.errors import BadRequest
+from client.errors import BadRequest, Forbidden, UnknownProfile
 from client.protocol import PROTOCOL_VERSION, Request
 
 VERSION = "0.1.0"
@@ -32,13 +38,34 @@ MAX_MIN_TTL = 86400.0
 Result = dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is on the other end, as the kernel says (SO_PEERCRED), never as the client claims."""
+    """Who is on the other end, as the kernel says (SO_PEERCRED, /proc), never as the client claims.
+    The full identity (names, supplementary groups, systemd unit) is read once, when a rule needs it."""
 
-    uid: int
-    gid: int
-    pid: int
+    __slots__ = ("_identity", "accepted_at", "gid", "pid", "uid")
+
+    def __init__(self, uid: int, gid: int, pid: int, accepted_at: float = 0.0) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.accepted_at = accepted_at
+        self._identity: Identity | None = None
+
+    def __repr__(self) -> str:
+        return f"Caller(uid={self.uid}, gid={self.gid}, pid={self.pid})"
+
+    def identity(self) -> Identity:
+        if self._identity is None:
+            self._identity = identify(self.pid, self.uid, self.gid, accepted_at=self.accepted_at)
+        return self._identity
+
+    def describe(self) -> str:
+        who = self._identity
+        if who is None:
+            return f"uid {self.uid}"
+        name = f" ({who.user})" if who.user else ""
+        unit = f" unit {who.unit}" if who.unit else ""
+        return f"uid {self.uid}{name}{unit}"
 
 
 @dataclass
@@ -47,6 +74,43 @@ class BrokerState:
     socket_path: str
     started_at: float = field(default_factory=time.time)
     clock: Callable[[], float] = trio.current_time
+    #: system mode (a shared broker): profiles without allow rules are closed to everyone
+    system: bool = False
+    audit: Audit = field(default_factory=Audit)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rules(allow: tuple[str, ...]) -> tuple[acl.Rule, ...]:
+    return acl.parse_rules(allow)
+
+
+def permits(state: BrokerState, caller: Caller, profile: Profile) -> bool:
+    rules = _rules(profile.allow)
+    if not rules:
+        return not state.system
+    if acl.needs_details(rules):
+        return acl.allowed(rules, caller.identity(), default_allow=False)
+    return acl.allowed(rules, acl.Identity(caller.uid, caller.gid, caller.pid), default_allow=False)
+
+
+def authorized(state: BrokerState, caller: Caller, name: str) -> Session:
+    """The profile's session if this caller may use it. In system mode an unknown profile and a
+    forbidden one get the same answer, so a caller learns nothing about profiles not meant for it."""
+    try:
+        session = state.sessions.lookup(name)
+    except UnknownProfile:
+        if state.system:
+            raise _denied(name, caller) from None
+        raise
+    if not permits(state, caller, session.profile):
+        raise _denied(name, caller)
+    if state.system:
+        caller.identity()  # names and unit for the audit trail; read once per connection
+    return session
+
+
+def _denied(name: str, caller: Caller) -> Forbidden:
+    return Forbidden(f"profile {name!r} is not available to uid {caller.uid}")
 
 
 Handler = Callable[[BrokerState, Caller, Request], "Result | Awaitable[Result] | AsyncIterator[Result]"]
@@ -105,8 +169,11 @@ def _scope_arg(args: Mapping[str, Any]) -> str | None:
 
 def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
     args = req.args
-    session = state.sessions.lookup_scoped(_profile_arg(args), _scope_arg(args))
+    name = _profile_arg(args)
+    authorized(state, caller, name)
+    session = state.sessions.lookup_scoped(name, _scope_arg(args))
     min_ttl = _seconds_arg(args, "min_ttl", 0.0, MAX_MIN_TTL)
+    state.audit.record(name, caller)
     now = state.clock()
     tok = session.peek(min_ttl, now)
     if tok is not None:
@@ -116,8 +183,11 @@ def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Await
 
 def op_watch(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
     """Stream: the current token at once, then every new one, until the client closes or an error."""
-    session = state.sessions.lookup_scoped(_profile_arg(req.args), _scope_arg(req.args))
+    name = _profile_arg(req.args)
+    authorized(state, caller, name)
+    session = state.sessions.lookup_scoped(name, _scope_arg(req.args))
     min_ttl = _seconds_arg(req.args, "min_ttl", 0.0, MAX_MIN_TTL)
+    state.audit.record(name, caller)
     return _watch(state, session, min_ttl)
 
 
@@ -134,7 +204,7 @@ async def _watch(state: BrokerState, session: Session, min_ttl: float) -> AsyncI
 
 def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
     """Stream: a password login (one message), or the device flow (the code to show, then the outcome)."""
-    session = state.sessions.lookup(_profile_arg(req.args))
+    session = authorized(state, caller, _profile_arg(req.args))
     password = req.args.get("password")
     if password is not None and (not isinstance(password, str) or not password):
         raise BadRequest("'password' must be a non-empty string")
@@ -162,7 +232,7 @@ async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> R
 
 
 def op_invalidate(state: BrokerState, caller: Caller, req: Request) -> Result:
-    session = state.sessions.lookup(_profile_arg(req.args))
+    session = authorized(state, caller, _profile_arg(req.args))
     token = req.args.get("token")
     if not isinstance(token, str) or not token:
         raise BadRequest("'token' must be the access token the API rejected")
@@ -172,16 +242,19 @@ def op_invalidate(state: BrokerState, caller: Caller, req: Request) -> Result:
 def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
     name = req.args.get("profile")
     if name is not None:
-        sessions = [state.sessions.lookup(_profile_arg(req.args)).status(state.clock())]
-    else:
-        sessions = state.sessions.status()
+        sessions = [authorized(state, caller, _profile_arg(req.args)).status(state.clock())]
+    else:  # only the profiles this caller may use
+        sessions = [
+            st for st in state.sessions.status() if permits(state, caller, state.sessions.lookup(st["profile"]).profile)
+        ]
     return {
         "broker": {
             "version": VERSION,
             "pid": os.getpid(),
             "socket": state.socket_path,
             "uptime": round(time.time() - state.started_at, 3),
-            "profiles": len(state.sessions),
+            "profiles": len(sessions),
+            "mode": "system" if state.system else "user",
         },
         "profiles": sessions,
     }

@@ -21,15 +21,16 @@ import errno
 import logging
 import os
 import socket
-import struct
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import trio
 
+from broker.identity import boottime, peer_credentials
 from broker.ops import HANDLERS, BrokerState, Caller
 from client.errors import BrokerError, Forbidden, InternalError, Overloaded, RemoteProtocolError, UnknownOp
 from client.protocol import (
+    MAX_FRAME,
     NEED_DATA,
     OPS,
     ErrorCode,
@@ -44,23 +45,26 @@ from client.protocol import RequestShapeError as _ShapeError
 
 log = logging.getLogger("dc_broker.server")
 
-_UCRED = struct.Struct("3i")
 RECEIVE_SIZE = 65536
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 class Limits:
-    """Per-connection limits; exceeding one affects that connection only."""
+    """Per-connection limits with sane defaults; exceeding one closes (or refuses) that connection only."""
 
-    def __init__(self, *, max_in_flight: int = 256, max_connections: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        max_in_flight: int = 256,
+        max_connections: int = 4096,
+        max_frame: int = MAX_FRAME,
+        partial_frame_timeout: float = 10.0,
+    ) -> None:
         self.max_in_flight = max_in_flight
         self.max_connections = max_connections
-
-
-def peer_credentials(sock: socket.socket) -> Caller:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
-    return Caller(uid=uid, gid=gid, pid=pid)
+        self.max_frame = max_frame
+        #: a frame begun but not finished within this many seconds closes the connection (slowloris)
+        self.partial_frame_timeout = partial_frame_timeout
 
 
 def _error_frame(rid: int | None, exc: BrokerError) -> bytes:
@@ -107,34 +111,60 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
 
 
 class Server:
-    def __init__(self, state: BrokerState, *, limits: Limits | None = None, allowed_uids: frozenset[int] | None = None):
+    def __init__(self, state: BrokerState, *, limits: Limits | None = None):
         self.state = state
         self.limits = limits or Limits()
-        self.allowed_uids = allowed_uids if allowed_uids is not None else frozenset({os.getuid(), 0})
+        # user mode: only our own uid (and root) may connect at all; system mode: the socket's mode and
+        # group decide who connects, and per-profile allow rules decide what each caller gets
+        self.allowed_uids: frozenset[int] | None = None if state.system else frozenset({os.getuid(), 0})
         self.connections = 0
+        #: requests answered by a task of their own (a refresh wait) whose reply is not yet sent
+        self.pending = 0
+        self._idle = trio.Event()
+        self._accepting = trio.CancelScope()
 
     async def serve(
         self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Accept on ``sock`` (a listening AF_UNIX socket) until cancelled."""
+        """Accept on ``sock`` (a listening AF_UNIX socket) until cancelled; after ``drain`` only the
+        connections already open are served."""
         sock.setblocking(False)
         async with trio.open_nursery() as nursery:
             task_status.started()
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                while True:  # take every pending connection before waiting again
-                    try:
-                        conn, _ = sock.accept()
-                    except BlockingIOError:
-                        break
-                    except OSError as exc:
-                        if exc.errno in _RESOURCE_ERRNOS:
-                            log.error("accept failed (%s); pausing 100 ms", os.strerror(exc.errno or 0))
-                            await trio.sleep(0.1)
+            with self._accepting:
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    while True:  # take every pending connection before waiting again
+                        try:
+                            conn, _ = sock.accept()
+                        except BlockingIOError:
                             break
-                        raise
-                    conn.setblocking(False)
-                    nursery.start_soon(self.handle, conn)
+                        except OSError as exc:
+                            if exc.errno in _RESOURCE_ERRNOS:
+                                log.error("accept failed (%s); pausing 100 ms", os.strerror(exc.errno or 0))
+                                await trio.sleep(0.1)
+                                break
+                            raise
+                        conn.setblocking(False)
+                        nursery.start_soon(self.handle, conn)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting connections, then wait (at most ``timeout`` s) until every request that was
+        waiting on a refresh has had its reply sent. Open connections are not closed here (the caller
+        cancels ``serve`` for that); ``watch`` streams never end by themselves and do not count.
+        True if everything in flight was answered in time."""
+        self._accepting.cancel()
+        with trio.move_on_after(timeout):
+            while self.pending:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            return True
+        return False
+
+    def _request_done(self) -> None:
+        self.pending -= 1
+        if not self.pending:
+            self._idle.set()
 
     async def handle(self, conn: socket.socket) -> None:
         """Serve one connection. Nothing that happens on it may reach the accept loop."""
@@ -151,8 +181,9 @@ class Server:
             conn.close()
 
     async def _handle(self, conn: socket.socket) -> None:
-        caller = peer_credentials(conn)
-        if caller.uid not in self.allowed_uids:
+        pid, uid, gid = peer_credentials(conn)
+        caller = Caller(uid, gid, pid, accepted_at=boottime())
+        if self.allowed_uids is not None and caller.uid not in self.allowed_uids:
             log.warning("refused connection from uid %d (pid %d)", caller.uid, caller.pid)
             await send_all(conn, _error_frame(None, Forbidden("this broker serves only its own user")))
             return
@@ -170,7 +201,7 @@ class _Connection:
         self.state = server.state
         self.conn = conn
         self.caller = caller
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(server.limits.max_frame)
         self.send_lock = trio.Lock()
         self.in_flight = 0
 
@@ -179,8 +210,18 @@ class _Connection:
         dispatch = self.dispatch
         async with trio.open_nursery() as nursery:
             unbroken = 0
+            partial_timeout = self.server.limits.partial_frame_timeout
             while True:
-                data = await recv_some(self.conn)
+                data: bytes | None = None
+                if decoder.buffered:  # in the middle of a frame: it must finish in time
+                    with trio.move_on_after(partial_timeout):
+                        data = await recv_some(self.conn)
+                    if data is None:
+                        log.info("closed a connection that left a frame unfinished for %.0f s", partial_timeout)
+                        nursery.cancel_scope.cancel()
+                        return
+                else:
+                    data = await recv_some(self.conn)
                 if not data:
                     # a peer that went away mid-frame has nobody left to tell
                     with contextlib.suppress(RemoteProtocolError):
@@ -247,6 +288,8 @@ class _Connection:
                     retry_after=1.0,
                 )
             self.in_flight += 1
+            if not isinstance(result, AsyncIterator):
+                self.server.pending += 1
             return (req.id, result)
         except BrokerError as exc:
             return _error_frame(req.id, exc)
@@ -273,3 +316,5 @@ class _Connection:
             pass
         finally:
             self.in_flight -= 1
+            if not isinstance(pending, AsyncIterator):
+                self.server._request_done()

@@ -324,3 +324,39 @@ def test_scope_argument_on_the_wire(dev) -> None:
     assert replies[3]["error"]["code"] == "credentials_rejected"
     assert "can only narrow" in replies[3]["error"]["message"]
     s.close()
+
+
+def test_login_with_password(dev) -> None:
+    sock, _, _ = dev
+    good = run([DC_BROKER, "login", "--socket", sock, "--password-stdin", "demo"], input="demo\n")
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.startswith("Logged in: profile demo has a token for")
+    bad = run([DC_BROKER, "login", "--socket", sock, "--password-stdin", "demo"], input="wrong\n")
+    assert bad.returncode == 8
+    assert "Invalid user credentials" in bad.stderr and "wrong" not in bad.stderr
+    assert dc_token(sock, "demo").returncode == 8  # the broker now holds the wrong password: rejected
+    fixed = run([DC_BROKER, "login", "--socket", sock, "--password-stdin", "demo"], input="demo\n")
+    assert fixed.returncode == 0 and dc_token(sock, "demo").returncode == 0
+
+
+def test_device_login_through_the_verification_page(dev) -> None:
+    sock, base, _ = dev
+    assert dc_token(sock, "demo-device").returncode == 5  # login required
+    proc = subprocess.Popen(
+        [DC_BROKER, "login", "--socket", sock, "demo-device"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    shown = ""
+    while "enter the code" not in shown:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        shown += line
+    code = shown.split("enter the code ")[1].split()[0]
+    page = httpx.post(f"{base}/realms/demo/device", data={"user_code": code, "username": "demo", "password": "demo"})
+    assert page.status_code == 200
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Logged in: profile demo-device" in out
+    token = dc_token(sock, "demo-device")
+    assert token.returncode == 0
+    assert httpx.get(base + API, headers={"Authorization": f"Bearer {token.stdout.strip()}"}).status_code == 200
