@@ -43,11 +43,11 @@ def unit_from_cgroup(text: str) -> str | None:
         parts = line.split(":", 2)
         if len(parts) == 3:
             paths[parts[1]] = parts[2]
-    path = paths.get("") or paths.get("name=systemd") or ""
-    for component in reversed([c for c in path.split("/") if c]):
-        m = _UNIT.match(component)
-        if m and not component.startswith("user@"):
-            return m.group(1)
+    for hierarchy in ("", "name=systemd"):  # unified first; the v1 named hierarchy on hybrid systems
+        for component in reversed([c for c in paths.get(hierarchy, "").split("/") if c]):
+            m = _UNIT.match(component)
+            if m and not component.startswith("user@"):
+                return m.group(1)
     return None
 
 
@@ -75,7 +75,7 @@ def identify(pid: int, uid: int, gid: int, *, accepted_at: float, proc: str = "/
                 status = _read(dirfd, "status") or ""
                 proc_uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
                 if proc_uid and int(proc_uid.group(1)) == uid:
-                    m = re.search(r"^Groups:\s*(.*)$", status, re.M)
+                    m = re.search(r"^Groups:[ \t]*([0-9 \t]*)$", status, re.M)
                     if m:
                         groups.update(int(g) for g in m.group(1).split())
                     unit = unit_from_cgroup(_read(dirfd, "cgroup") or "")
