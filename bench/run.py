@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["roundtrip", "startup", "lifecycle", "coldstart"]
+BENCHES = ["roundtrip", "startup", "client", "lifecycle", "coldstart", "fuzz"]
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))

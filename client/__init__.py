@@ -1,29 +1,32 @@
-"""dc-broker's thin client side: the wire protocol, the error tree, a blocking client and dc-token.
+"""dc-broker's thin client side: the wire protocol, the error tree, the clients and dc-token.
 
-Importing this package stays light: no trio, httpx or click. ``TokenClient`` and the errors are
-re-exported lazily so that ``import client.cli`` pays only for what dc-token uses.
+    from client import TokenClient                  # blocking, thread-safe, cached
+    from client import AsyncTokenClient             # trio or asyncio (anyio)
+    from client.httpx import BrokerAuth             # httpx.Auth, sync and async
+
+Importing this package stays light: no trio, httpx, anyio or click. Every public name is re-exported
+lazily, so ``import client.cli`` pays only for what dc-token uses. The errors are the names of
+``client.errors`` (``from client import LoginRequired`` works).
 """
 
 from __future__ import annotations
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:  # importing typing costs dc-token ~2 ms of start-up; annotations only
-    from typing import Any
-
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy treats the name the same)
+if TYPE_CHECKING:
+    from client.aio import AsyncTokenClient
     from client.errors import *  # noqa: F403
-    from client.sync import TokenClient
+    from client.sync import Token, TokenClient
 
-__all__ = ["TokenClient"]
+__all__ = ["AsyncTokenClient", "Token", "TokenClient"]
+
+_LAZY = {"TokenClient": "client.sync", "Token": "client.sync", "AsyncTokenClient": "client.aio"}
 
 
-def __getattr__(name: str) -> Any:
-    if name == "TokenClient":
-        from client.sync import TokenClient
+def __getattr__(name: str) -> object:
+    from importlib import import_module
 
-        return TokenClient
-    from client import errors
-
+    module = import_module(_LAZY.get(name, "client.errors"))
     try:
-        return getattr(errors, name)
+        return getattr(module, name)
     except AttributeError:
         raise AttributeError(f"module 'client' has no attribute {name!r}") from None

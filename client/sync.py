@@ -1,39 +1,168 @@
-"""``TokenClient``: the blocking client. One connection, reused, reconnected once after a broker restart.
+"""``TokenClient``: the blocking client, plus the pieces the async client shares (``Token``, ``TokenCache``).
 
-Thread-safe (one request at a time per client, under a lock). Errors are the ``client.errors`` tree:
-``BrokerUnavailable`` when nothing listens, one ``BrokerError`` subclass per wire error code.
-Imports only the standard library, msgpack and ``client.protocol``: cheap enough for dc-token.
+Owns: one reused connection per client (reconnected after a broker restart), an in-process token
+cache, and ``watch`` streams on dedicated connections. Must never: hold a secret in a repr, block a
+cache hit on the lock or a socket, or import anything heavier than the standard library's cheapest,
+msgpack and ``client.protocol`` (dc-token imports this module on every run).
+
+Thread-safety: requests on the shared connection are serialized by a lock (one in flight at a time);
+a cache hit takes no lock at all (one dict read, atomic in CPython). Errors are the ``client.errors``
+tree: ``BrokerUnavailable`` when nothing listens, one ``BrokerError`` subclass per wire error code.
+
+The cache
+    Per profile, the last token the broker gave us and the monotonic deadline at which it expires
+    (measured from when the request was *sent*, so it errs early). ``token(p, min_ttl=t)`` is served
+    from memory while ``deadline - now > t + CACHE_MARGIN``; otherwise it asks the broker. The broker
+    refreshes ahead of expiry, so a miss costs one round trip, never a wait on the identity provider.
+    ``invalidate(p, token)`` drops that token from the cache before telling the broker.
 """
 
 from __future__ import annotations
 
+import _thread
+import os
 import socket
-import threading
-from typing import Any
+import time
+from contextlib import contextmanager
 
 from client.errors import BrokerUnavailable, RemoteProtocolError, error_for_code
 from client.paths import default_socket_path
-from client.protocol import NEED_DATA, ErrorReply, FrameDecoder, Request, encode, reply_from_wire
+from client.protocol import NEED_DATA, ErrorReply, FrameDecoder, Reply, Request, encode, reply_from_wire
 
-__all__ = ["TokenClient"]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (dc-token start-up)
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+    from typing import Any, Final
 
-_RECV = 65536
+__all__ = ["CACHE_MARGIN", "Token", "TokenCache", "TokenClient"]
+
+_RECV: Final = 65536
+#: seconds of validity a cached token must have beyond the caller's min_ttl to be served from memory
+CACHE_MARGIN: Final = 5.0
+_monotonic = time.monotonic
+
+
+class Token:
+    """One access token as the broker handed it out. The token itself never appears in the repr.
+
+    (A plain slotted class, not a dataclass: ``dataclasses`` costs dc-token milliseconds at start-up.)
+    """
+
+    __slots__ = ("expires_at", "profile", "scope", "token", "type")
+
+    def __init__(self, token: str, type: str, expires_at: float, scope: str, profile: str) -> None:
+        self.token = token
+        self.type = type
+        #: unix time (wall clock) at which the token expires
+        self.expires_at = expires_at
+        self.scope = scope
+        self.profile = profile
+
+    def __repr__(self) -> str:
+        return (
+            f"Token(profile={self.profile!r}, type={self.type!r}, expires_at={self.expires_at!r}, scope={self.scope!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Token):
+            return NotImplemented
+        return (self.token, self.type, self.expires_at, self.scope, self.profile) == (
+            other.token,
+            other.type,
+            other.expires_at,
+            other.scope,
+            other.profile,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def expires_in(self) -> float:
+        """Seconds left, by the wall clock (may be negative)."""
+        return self.expires_at - time.time()
+
+    @property
+    def header(self) -> str:
+        """The ``Authorization`` header value."""
+        return f"Bearer {self.token}"
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any], profile: str) -> Token:
+        """Shape a ``token``/``watch`` result map; a map without a token string is the peer's fault."""
+        token = result.get("token")
+        expires_at = result.get("expires_at")
+        if not isinstance(token, str) or not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
+            raise RemoteProtocolError("token result needs a 'token' string and a numeric 'expires_at'")
+        return cls(
+            token=token,
+            type=str(result.get("type") or "Bearer"),
+            expires_at=float(expires_at),
+            scope=str(result.get("scope") or ""),
+            profile=str(result.get("profile") or profile),
+        )
+
+
+def _deadline(result: Mapping[str, Any], sent_at: float) -> float:
+    """Monotonic time at which a token expires, counted from when we asked (so it errs early)."""
+    expires_in = result.get("expires_in")
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+        return sent_at + float(expires_in)
+    return sent_at  # no lifetime given: never serve it from the cache
+
+
+class TokenCache:
+    """Profile -> (monotonic deadline, Token). Reads take no lock; writes replace whole entries."""
+
+    __slots__ = ("_entries", "margin")
+
+    def __init__(self, margin: float = CACHE_MARGIN) -> None:
+        self._entries: dict[str, tuple[float, Token]] = {}
+        self.margin = margin
+
+    def get(self, profile: str, min_ttl: float) -> Token | None:
+        entry = self._entries.get(profile)
+        if entry is not None and entry[0] - _monotonic() > min_ttl + self.margin:
+            return entry[1]
+        return None
+
+    def put(self, token: Token, deadline: float) -> None:
+        old = self._entries.get(token.profile)
+        if old is None or deadline >= old[0]:  # never replace a newer token with an older one
+            self._entries[token.profile] = (deadline, token)
+
+    def forget(self, profile: str, token: str | None = None) -> None:
+        """Drop the profile's entry (only if it holds ``token``, when given)."""
+        entry = self._entries.get(profile)
+        if entry is not None and (token is None or entry[1].token == token):
+            self._entries.pop(profile, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class _ClosedByPeer(Exception):
+    pass
 
 
 class TokenClient:
-    """Blocking client for one broker socket.
+    """Blocking, thread-safe client for one broker socket.
 
     >>> with TokenClient() as broker:
     ...     token = broker.token("acme", min_ttl=60)
+
+    ``cache=False`` sends every ``token`` request to the broker. ``timeout`` bounds each request
+    (``None``: wait forever); ``watch`` streams have no timeout.
     """
 
-    def __init__(self, socket_path: str | None = None, *, timeout: float | None = 60.0) -> None:
+    def __init__(self, socket_path: str | None = None, *, timeout: float | None = 60.0, cache: bool = True) -> None:
         self.socket_path = socket_path or default_socket_path()
         self.timeout = timeout
+        self.cache: TokenCache | None = TokenCache() if cache else None
         self._sock: socket.socket | None = None
+        self._pid = os.getpid()
         self._decoder = FrameDecoder()
         self._next_id = 1
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def __repr__(self) -> str:
         return f"TokenClient({self.socket_path!r})"
@@ -45,6 +174,7 @@ class TokenClient:
         self.close()
 
     def close(self) -> None:
+        """Close the shared connection (the next request opens a new one). The cache is kept."""
         with self._lock:
             self._drop()
 
@@ -54,9 +184,9 @@ class TokenClient:
             self._sock = None
         self._decoder = FrameDecoder()
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, timeout: float | None) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        sock.settimeout(timeout)
         try:
             sock.connect(self.socket_path)
         except (FileNotFoundError, ConnectionRefusedError):
@@ -73,6 +203,8 @@ class TokenClient:
     def request(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request and return its result map, or raise the error it came back with."""
         with self._lock:
+            if self._pid != os.getpid():  # forked: the connection belongs to the parent
+                self._sock, self._decoder, self._pid = None, FrameDecoder(), os.getpid()
             rid = self._next_id
             self._next_id += 1
             frame = encode(Request(rid, op, args))
@@ -83,7 +215,7 @@ class TokenClient:
                 self._drop()
                 if fresh:
                     raise BrokerUnavailable(f"the broker on {self.socket_path} closed the connection") from None
-            # the broker restarted since our last request: one fresh attempt
+            # the broker restarted since our last request: one fresh attempt on a new connection
             try:
                 return self._roundtrip(rid, frame)
             except (BrokenPipeError, ConnectionResetError, _ClosedByPeer):
@@ -92,7 +224,7 @@ class TokenClient:
 
     def _roundtrip(self, rid: int, frame: bytes) -> dict[str, Any]:
         if self._sock is None:
-            self._sock = self._connect()
+            self._sock = self._connect(self.timeout)
         sock = self._sock
         try:
             sock.sendall(frame)
@@ -124,28 +256,93 @@ class TokenClient:
             self._drop()
             raise
 
-    # convenience wrappers -----------------------------------------------------------------
+    # the ops -------------------------------------------------------------------------------
 
     def hello(self) -> dict[str, Any]:
         return self.request("hello")
 
-    def token_info(self, profile: str, *, min_ttl: float = 0.0) -> dict[str, Any]:
-        """The token and its metadata: token, type, expires_in, expires_at (unix), scope."""
-        return self.request("token", profile=profile, min_ttl=min_ttl)
+    def token_info(self, profile: str, *, min_ttl: float = 0.0) -> Token:
+        """The token and its metadata, with at least ``min_ttl`` seconds left."""
+        cache = self.cache
+        if cache is not None:
+            hit = cache.get(profile, min_ttl)
+            if hit is not None:
+                return hit
+        sent_at = _monotonic()
+        result = self.request("token", profile=profile, min_ttl=min_ttl)
+        tok = Token.from_result(result, profile)
+        if cache is not None:
+            cache.put(tok, _deadline(result, sent_at))
+        return tok
 
     def token(self, profile: str, *, min_ttl: float = 0.0) -> str:
         """A bearer token for ``profile`` with at least ``min_ttl`` seconds left."""
-        token = self.token_info(profile, min_ttl=min_ttl)["token"]
-        assert isinstance(token, str)
-        return token
+        cache = self.cache
+        if cache is not None:  # the hot path, inlined: no lock, no socket
+            hit = cache.get(profile, min_ttl)
+            if hit is not None:
+                return hit.token
+        return self.token_info(profile, min_ttl=min_ttl).token
 
     def invalidate(self, profile: str, token: str) -> bool:
-        """Tell the broker the API answered 401 to ``token``; returns whether it refreshes."""
-        return bool(self.request("invalidate", profile=profile, token=token)["refreshing"])
+        """The API answered 401 to ``token``: forget it here, and have the broker refresh if it is the
+        current one. Returns whether the broker started a refresh (it does so at most every 10 s)."""
+        if self.cache is not None:
+            self.cache.forget(profile, token)
+        return bool(self.request("invalidate", profile=profile, token=token).get("refreshing"))
 
     def status(self, profile: str | None = None) -> dict[str, Any]:
         return self.request("status", profile=profile) if profile else self.request("status")
 
+    @contextmanager
+    def watch(self, profile: str, *, min_ttl: float = 0.0) -> Iterator[Iterator[Token]]:
+        """Stream the profile's current token, then each new one, on a dedicated connection.
 
-class _ClosedByPeer(Exception):
-    pass
+        >>> with broker.watch("acme") as tokens:
+        ...     for tok in tokens:
+        ...         service.set_token(tok.token)
+
+        Leaving the ``with`` block closes the stream. An error reply ends it by raising its
+        ``BrokerError``; a broker that goes away raises ``BrokerUnavailable`` (watch again to resume).
+        Every token also refreshes this client's cache.
+        """
+        sock = self._connect(None)
+        try:
+            try:
+                sock.sendall(encode(Request(1, "watch", {"profile": profile, "min_ttl": min_ttl})))
+            except OSError as exc:
+                raise BrokerUnavailable(f"the watch on {self.socket_path} failed: {exc.strerror or exc}") from None
+            yield self._stream(sock, profile)
+        finally:
+            sock.close()
+
+    def _stream(self, sock: socket.socket, profile: str) -> Iterator[Token]:
+        decoder = FrameDecoder()
+        received_at = _monotonic()
+        while True:
+            obj = decoder.next_frame()
+            if obj is NEED_DATA:
+                try:
+                    data = sock.recv(_RECV)
+                except OSError:
+                    data = b""
+                received_at = _monotonic()  # a push's expires_in was measured just before it was sent
+                if not data:
+                    raise BrokerUnavailable(f"the broker on {self.socket_path} closed the watch on {profile!r}")
+                decoder.receive_data(data)
+                continue
+            assert isinstance(obj, dict)
+            reply = reply_from_wire(obj)
+            yield from _watch_reply(reply, profile, self.cache, received_at)
+            if isinstance(reply, Reply) and not reply.more:
+                return
+
+
+def _watch_reply(reply: Reply | ErrorReply, profile: str, cache: TokenCache | None, sent_at: float) -> Iterator[Token]:
+    """What one watch message means: a token to yield (and cache), or the error that ends the stream."""
+    if isinstance(reply, ErrorReply):
+        raise error_for_code(reply.code.value)(reply.message, retry_after=reply.retry_after)
+    tok = Token.from_result(reply.result, profile)
+    if cache is not None:
+        cache.put(tok, _deadline(reply.result, sent_at))
+    yield tok
