@@ -141,6 +141,9 @@ def token_result(session: Session, tok: TokenSet, now: float) -> Result:
         "expires_in": remaining,
         "expires_at": time.time() + remaining,
         "scope": tok.scope,
+        # when the broker will replace this token: a client cache must not outlive it (some IdPs,
+        # Django OAuth Toolkit among them, revoke the old access token when they issue a new one)
+        "refresh_in": max(0.0, min(session.next_attempt_at - now, remaining)),
     }
 
 

@@ -13,7 +13,7 @@ States (``State``) and the allowed moves between them are plain data (``TRANSITI
                   │  └── stale ◄┼──────────┤  (refresh failed, current token still valid)
                   │  ┌─ unavailable ◄──────┘  (refresh failed, no valid token)
                   ▼  ▼
-          login_required / rejected          (a person must act; no retries until they do)
+          login_required / rejected / locked   (a person must act; no retries until they do)
 
 Credential order for a refresh: the refresh token (if alive) -> on ``invalid_grant`` the stored
 password or client secret -> with neither, ``login_required``. OAuth errors on a primary grant
@@ -46,6 +46,7 @@ from broker.store import Credentials, SecretStore
 from client.errors import (
     BrokerError,
     CredentialsRejected,
+    Locked,
     LoginRequired,
     OAuthError,
     Overloaded,
@@ -68,22 +69,24 @@ class State(StrEnum):
     UNAVAILABLE = "unavailable"
     LOGIN_REQUIRED = "login_required"
     REJECTED = "rejected"
+    LOCKED = "locked"
 
 
 _S = State
 _MOVES: Final[dict[State, frozenset[State]]] = {
     _S.EMPTY: frozenset({_S.REFRESHING, _S.LOGIN_REQUIRED, _S.FRESH}),  # -> fresh: restored from the store
-    _S.REFRESHING: frozenset({_S.FRESH, _S.STALE, _S.UNAVAILABLE, _S.LOGIN_REQUIRED, _S.REJECTED}),
+    _S.REFRESHING: frozenset({_S.FRESH, _S.STALE, _S.UNAVAILABLE, _S.LOGIN_REQUIRED, _S.REJECTED, _S.LOCKED}),
     _S.FRESH: frozenset({_S.REFRESHING, _S.EMPTY}),
     _S.STALE: frozenset({_S.REFRESHING, _S.UNAVAILABLE, _S.EMPTY}),
     _S.UNAVAILABLE: frozenset({_S.REFRESHING, _S.EMPTY}),
     _S.LOGIN_REQUIRED: frozenset({_S.REFRESHING, _S.EMPTY}),
     _S.REJECTED: frozenset({_S.REFRESHING, _S.EMPTY}),
+    _S.LOCKED: frozenset({_S.REFRESHING, _S.EMPTY}),
 }
 #: the allowed moves; a person's interactive login (device flow) makes any session fresh
 TRANSITIONS: Final[dict[State, frozenset[State]]] = {state: moves | {_S.FRESH} for state, moves in _MOVES.items()}
 #: states in which no background retry happens until a person changes something
-WAITING_FOR_PERSON: Final = frozenset({State.LOGIN_REQUIRED, State.REJECTED})
+WAITING_FOR_PERSON: Final = frozenset({State.LOGIN_REQUIRED, State.REJECTED, State.LOCKED})
 
 #: distinct per-request scopes one profile may serve at once
 MAX_SCOPES_PER_PROFILE: Final = 16
@@ -305,10 +308,26 @@ class Session:
         self._move(State.REFRESHING)
         try:
             if self.parent is not None:
+                await self._attempt_once()
+            else:
+                # held until the new refresh token is stored *and* current: a narrowing call must
+                # never pick up the one this refresh just used (with rotation, that kills the session)
+                async with self._login_lock:
+                    await self._attempt_once()
+        finally:
+            self._finish_round()
+
+    async def _attempt_once(self) -> None:
+        try:
+            if self.parent is not None:
                 tokens = await self.parent.narrow(self.profile.scope or "")
             else:
-                async with self._login_lock:
-                    tokens = await self._obtain()
+                tokens = await self._obtain()
+        except Locked as exc:
+            self.last_error = exc
+            self.next_attempt_at = math.inf
+            self._move(State.LOCKED)
+            log.info("profile %s: waiting for `dc-broker unlock`", self.profile.name)
         except (LoginRequired, CredentialsRejected) as exc:
             self.last_error = exc
             self.token = None if isinstance(exc, LoginRequired) else self.token
@@ -353,8 +372,6 @@ class Session:
             self._move(State.FRESH)
             self.token_changed.set()
             self.token_changed = trio.Event()
-        finally:
-            self._finish_round()
 
     def _on_transient(self, exc: UpstreamFault) -> None:
         now = self.clock()
@@ -447,8 +464,11 @@ class Session:
             if new.refresh_token is not None and new.refresh_token != tok.refresh_token:
                 adopted = replace(tok, refresh_token=new.refresh_token, refresh_expires_at=new.refresh_expires_at)
                 await self._save(adopted)
-                if self.token is tok:
-                    self.token = adopted
+                current = self.token  # may have been replaced meanwhile (invalidate): keep its other fields
+                if current is not None and current.refresh_token == tok.refresh_token:
+                    self.token = replace(
+                        current, refresh_token=new.refresh_token, refresh_expires_at=new.refresh_expires_at
+                    )
         return replace(new, refresh_token=None, refresh_expires_at=None)
 
     async def device_login(self) -> AsyncIterator[dict[str, Any]]:

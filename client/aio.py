@@ -151,7 +151,7 @@ class AsyncTokenClient:
         result = await self.request("token", profile=profile, min_ttl=min_ttl)
         tok = Token.from_result(result, profile)
         if cache is not None:
-            cache.put(tok, _deadline(result, sent_at))
+            cache.put(tok, *_deadline(result, sent_at))
         return tok
 
     async def token(self, profile: str, *, min_ttl: float = 0.0) -> str:

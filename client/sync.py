@@ -102,38 +102,48 @@ class Token:
         )
 
 
-def _deadline(result: Mapping[str, Any], sent_at: float) -> float:
-    """Monotonic time at which a token expires, counted from when we asked (so it errs early)."""
+def _deadline(result: Mapping[str, Any], sent_at: float) -> tuple[float, float]:
+    """Monotonic (expiry, fresh-until) of a token, counted from when we asked (so both err early).
+    Fresh-until is when the broker replaces it (``refresh_in``): the cache must not serve it past
+    that, since some IdPs revoke the old access token when they issue the new one."""
     expires_in = result.get("expires_in")
-    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
-        return sent_at + float(expires_in)
-    return sent_at  # no lifetime given: never serve it from the cache
+    if not isinstance(expires_in, int | float) or isinstance(expires_in, bool):
+        return sent_at, sent_at  # no lifetime given: never serve it from the cache
+    refresh_in = result.get("refresh_in")
+    if not isinstance(refresh_in, int | float) or isinstance(refresh_in, bool):
+        refresh_in = expires_in
+    return sent_at + float(expires_in), sent_at + min(float(refresh_in), float(expires_in))
 
 
 class TokenCache:
-    """Profile -> (monotonic deadline, Token). Reads take no lock; writes replace whole entries."""
+    """Profile -> (monotonic expiry, monotonic fresh-until, Token). Reads take no lock; writes replace
+    whole entries."""
 
     __slots__ = ("_entries", "margin")
 
     def __init__(self, margin: float = CACHE_MARGIN) -> None:
-        self._entries: dict[str, tuple[float, Token]] = {}
+        self._entries: dict[str, tuple[float, float, Token]] = {}
         self.margin = margin
 
     def get(self, profile: str, min_ttl: float) -> Token | None:
         entry = self._entries.get(profile)
-        if entry is not None and entry[0] - _monotonic() > min_ttl + self.margin:
-            return entry[1]
+        if entry is not None:
+            now = _monotonic()
+            if entry[0] - now > min_ttl + self.margin and now < entry[1]:
+                return entry[2]
         return None
 
-    def put(self, token: Token, deadline: float) -> None:
+    def put(self, token: Token, deadline: float, fresh_until: float | None = None) -> None:
+        """Cache ``token`` until ``deadline`` (its expiry) but never past ``fresh_until`` (when the
+        broker replaces it)."""
         old = self._entries.get(token.profile)
         if old is None or deadline >= old[0]:  # never replace a newer token with an older one
-            self._entries[token.profile] = (deadline, token)
+            self._entries[token.profile] = (deadline, deadline if fresh_until is None else fresh_until, token)
 
     def forget(self, profile: str, token: str | None = None) -> None:
         """Drop the profile's entry (only if it holds ``token``, when given)."""
         entry = self._entries.get(profile)
-        if entry is not None and (token is None or entry[1].token == token):
+        if entry is not None and (token is None or entry[2].token == token):
             self._entries.pop(profile, None)
 
     def clear(self) -> None:
@@ -272,7 +282,7 @@ class TokenClient:
         result = self.request("token", profile=profile, min_ttl=min_ttl)
         tok = Token.from_result(result, profile)
         if cache is not None:
-            cache.put(tok, _deadline(result, sent_at))
+            cache.put(tok, *_deadline(result, sent_at))
         return tok
 
     def token(self, profile: str, *, min_ttl: float = 0.0) -> str:
@@ -344,5 +354,5 @@ def _watch_reply(reply: Reply | ErrorReply, profile: str, cache: TokenCache | No
         raise error_for_code(reply.code.value)(reply.message, retry_after=reply.retry_after)
     tok = Token.from_result(reply.result, profile)
     if cache is not None:
-        cache.put(tok, _deadline(reply.result, sent_at))
+        cache.put(tok, *_deadline(reply.result, sent_at))
     yield tok

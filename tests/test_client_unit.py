@@ -50,6 +50,24 @@ def test_cache_keeps_the_newer_token_and_forgets_only_the_named_one() -> None:
     assert cache.get("acme", 0) is None
 
 
+def test_cache_never_outlives_the_brokers_next_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.sync as sync
+
+    now = [1000.0]
+    monkeypatch.setattr(sync, "_monotonic", lambda: now[0])
+    cache = TokenCache()
+    # valid for 300 s, but the broker replaces it in 225 s (and DOT-like IdPs revoke it then)
+    cache.put(tok("t"), *sync._deadline({"expires_in": 300.0, "refresh_in": 225.0}, now[0]))
+    now[0] += 224
+    assert cache.get("acme", 0) == tok("t")
+    now[0] += 2
+    assert cache.get("acme", 0) is None
+    # an older broker that does not say: the expiry alone decides
+    cache.put(tok("u"), *sync._deadline({"expires_in": 300.0}, now[0]))
+    now[0] += 290
+    assert cache.get("acme", 0) == tok("u")
+
+
 def test_token_repr_hides_the_secret() -> None:
     assert "s3cret" not in repr(tok("s3cret"))
     assert tok("s3cret").header == "Bearer s3cret"
