@@ -11,6 +11,8 @@ replies at a single place, and the client turns error replies back into them at 
     │   └── RemoteProtocolError         ...by the peer (garbage, oversized frame, wrong shape)
     ├── BrokerUnavailable               client side only: no broker answers on the socket
     ├── ConfigError                     broker side only: a config file or option is wrong
+    │   └── VaultError                  the vault file or its key source cannot be used (broker/vault.py)
+    │       └── VaultBusy               another process holds the vault open (its ``.lock`` is taken)
     ├── UpstreamFault                   broker side only, never on the wire: the IdP said or did
     │   │                               something (broker/oidc.py); sessions translate it into
     │   ├── OAuthError                  a BrokerError below. {"error", "error_description"} from the IdP
@@ -23,12 +25,17 @@ replies at a single place, and the client turns error replies back into them at 
         ├── UnknownProfile              unknown_profile
         ├── Forbidden                   forbidden
         ├── Locked                      locked: the vault is locked
+        │   └── WrongPassphrase         ...and stays locked: the passphrase did not open it
         ├── LoginRequired               login_required: no usable credential, a person must log in
+        │   └── RecordCorrupt           ...because this profile's vault record fails authentication
         ├── CredentialsRejected         credentials_rejected: the IdP refuses the stored secret/config
         ├── UpstreamUnavailable         upstream_unavailable: IdP down/slow; has retry_after
         ├── UpstreamError               upstream_error: the IdP answered nonsense
         ├── Overloaded                  overloaded: a limit was hit; has retry_after
         └── InternalError               internal: a bug in the broker
+
+``VaultError``, ``VaultBusy``, ``WrongPassphrase`` and ``RecordCorrupt`` are raised by the broker only;
+the last two inherit their parent's wire code, so a client sees them as ``Locked`` / ``LoginRequired``.
 
 This module is pure: no I/O, no imports beyond the standard library's cheapest.
 """
@@ -51,6 +58,7 @@ __all__ = [
     "OAuthError",
     "Overloaded",
     "ProtocolError",
+    "RecordCorrupt",
     "RemoteProtocolError",
     "UnknownOp",
     "UnknownProfile",
@@ -60,6 +68,9 @@ __all__ = [
     "UpstreamGarbage",
     "UpstreamTransient",
     "UpstreamUnavailable",
+    "VaultBusy",
+    "VaultError",
+    "WrongPassphrase",
     "error_for_code",
 ]
 
@@ -99,6 +110,16 @@ class ConfigError(DcBrokerError):
     """A configuration file, option or profile definition is wrong (broker side)."""
 
     exit_code = 2
+
+
+class VaultError(ConfigError):
+    """The vault file or its key source cannot be used: missing, not a vault, too open, wrong key file."""
+
+
+class VaultBusy(VaultError):
+    """Another process (usually a running dc-broker) has the vault open for writing."""
+
+    hint = "stop the other dc-broker, or send the change to it instead"
 
 
 class UpstreamFault(DcBrokerError):
@@ -177,10 +198,24 @@ class Locked(BrokerError):
     hint = "run `dc-broker unlock`"
 
 
+class WrongPassphrase(Locked):
+    """The passphrase did not unwrap the vault's data key; the vault is unharmed and still locked.
+    ``retry_after`` (when set) is how long the daemon makes the next attempt wait."""
+
+    hint = "check the passphrase and run `dc-broker unlock` again"
+
+
 class LoginRequired(BrokerError):
     code = "login_required"
     exit_code = 5
     hint = "run `dc-broker login PROFILE`"
+
+
+class RecordCorrupt(LoginRequired):
+    """A profile's vault record failed authentication (tampered, corrupt, swapped or from a newer
+    format). Only that profile is affected; storing its secret again or logging in replaces it."""
+
+    hint = "store the profile's secret again (`dc-broker add PROFILE`) or run `dc-broker login PROFILE`"
 
 
 class CredentialsRejected(BrokerError):
