@@ -24,7 +24,7 @@ from broker.config import Config, Profile, load_config
 from broker.daemon import run_broker, until_signalled
 from broker.hardening import harden
 from broker.secret import Secret
-from broker.store import Credentials, MemoryStore
+from broker.store import Credentials, MemoryStore, SecretStore
 from client.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError
 from client.paths import default_socket_path
 
@@ -112,7 +112,21 @@ def _read_secrets_stdin(profiles: dict[str, Profile]) -> MemoryStore:
     help="the shared system broker: default socket /run/dc-broker/broker.sock, mode 0660 (the system unit)",
 )
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def run(config_path: str | None, socket_path: str | None, secrets_stdin: bool, system: bool, verbose: bool) -> None:
+@click.option(
+    "--vault",
+    "vault_path",
+    type=click.Path(dir_okay=False),
+    envvar="DC_BROKER_VAULT",
+    help="vault file (default: $XDG_DATA_HOME/dc-broker/vault.db)",
+)
+def run(
+    config_path: str | None,
+    socket_path: str | None,
+    secrets_stdin: bool,
+    system: bool,
+    verbose: bool,
+    vault_path: str | None,
+) -> None:
     """Run the broker in the foreground. SIGTERM/SIGINT answer what is in flight and stop; SIGHUP
     reloads the config. Under systemd: socket activation, Type=notify readiness and the watchdog."""
     from client.paths import SYSTEM_SOCKET
@@ -120,7 +134,7 @@ def run(config_path: str | None, socket_path: str | None, secrets_stdin: bool, s
     _setup_logging(verbose)
     try:
         config = load_config(config_path, missing_ok=config_path is None)
-        store = _read_secrets_stdin(config.profiles) if secrets_stdin else MemoryStore()
+        store = _read_secrets_stdin(config.profiles) if secrets_stdin else _open_store(vault_path)
         path = socket_path or config.socket or (SYSTEM_SOCKET if system else default_socket_path())
     except DcBrokerError as exc:
         raise _Fail(exc) from None
@@ -129,7 +143,21 @@ def run(config_path: str | None, socket_path: str | None, secrets_stdin: bool, s
     _trio_run(_run_until_signal, config, store, path, system)
 
 
-async def _run_until_signal(config: Config, store: MemoryStore, path: str, system: bool) -> None:
+def _open_store(vault_path: str | None) -> SecretStore:
+    """The vault (locked when its key is a passphrase), or memory only when there is no vault yet."""
+    from broker.vault import Vault, default_vault_path
+
+    path = vault_path or default_vault_path()
+    if not os.path.exists(path):
+        log.warning("no vault at %s: secrets live in memory only; create one with `dc-broker init`", path)
+        return MemoryStore()
+    vault = Vault.open(path, auto_unlock=True)
+    if vault.locked:
+        log.info("vault %s is locked; `dc-broker unlock` opens it", path)
+    return vault
+
+
+async def _run_until_signal(config: Config, store: SecretStore, path: str, system: bool) -> None:
     await run_broker(
         config.profiles,
         store,
@@ -307,6 +335,11 @@ def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:
     except DcBrokerError as exc:
         raise _Fail(exc) from None
 
+
+from broker.manage import COMMANDS  # noqa: E402 - registered beside the other commands
+
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 from broker.systemd_install import systemd_group  # noqa: E402 - registered beside the other commands
 

@@ -20,6 +20,8 @@ to write instead. Pure apart from reading the one file it is given.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
 import tomllib
@@ -281,3 +283,77 @@ def parse_config(data: dict[str, Any], *, text: str = "", path: str = "<config>"
 
 def with_overrides(p: Profile, **changes: Any) -> Profile:
     return replace(p, **changes)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def profile_toml(p: Profile) -> str:
+    """The ``[profiles.NAME]`` table for a profile: every field that is set and not its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Profile)}
+    lines = [f"[profiles.{p.name}]"]
+    for key in _PROFILE_KEYS:
+        value = getattr(p, key)
+        if value is not None and value != () and (key == "client_id" or value != defaults.get(key)):
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def add_profile(path: str, p: Profile) -> None:
+    """Append a profile to the config file (created 0600 in a 0700 directory if missing); comments and
+    other tables are kept as they are. Refuses a name that exists."""
+    config = load_config(path, missing_ok=True)
+    if p.name in config.profiles:
+        raise ConfigError(
+            f"profile {p.name!r} already exists in {path}; remove it first with `dc-broker remove {p.name}`"
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    if text and not text.endswith("\n"):
+        text += "\n"
+    _write_atomically(path, text + ("\n" if text else "") + profile_toml(p))
+
+
+def remove_profile(path: str, name: str) -> None:
+    """Remove ``[profiles.NAME]`` (header to the next table) from the config file, keeping the rest."""
+    config = load_config(path, missing_ok=False)
+    if name not in config.profiles:
+        raise ConfigError(f"no profile named {name!r} in {path}; `dc-broker list` shows the profiles")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    header = re.compile(r"^\s*\[\s*profiles\s*\.\s*" + re.escape(name) + r"\s*\]")
+    out, skipping = [], False
+    for line in lines:
+        if line.lstrip().startswith("["):
+            skipping = bool(header.match(line))
+        if not skipping:
+            out.append(line)
+    _write_atomically(path, "".join(out))
+    if name in load_config(path).profiles:  # e.g. an inline-table form we do not edit
+        raise ConfigError(f"could not remove profile {name!r} from {path}; edit the file by hand")
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        parse_config(tomllib.loads(text), text=text, path=path)  # never write a config that will not load
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

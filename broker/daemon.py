@@ -251,7 +251,11 @@ async def run_broker(
     if system and settings.group and not listener.activated:
         _give_socket_to_group(listener.path, settings.group)
     state = BrokerState(
-        sessions=sessions, socket_path=listener.path, system=system, audit=Audit(settings.audit_interval)
+        sessions=sessions,
+        socket_path=listener.path,
+        system=system,
+        audit=Audit(settings.audit_interval),
+        config_path=config_path,
     )
     server = Server(
         state,

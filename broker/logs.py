@@ -70,4 +70,5 @@ def setup_logging(verbose: bool = False, environ: Mapping[str, str] | None = Non
     # httpx logs every request URL at INFO; URLs are not secret but the noise is not useful
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("hpack").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)  # -v must not trace HTTP internals
     return handler

@@ -24,12 +24,13 @@ import trio
 from broker import acl
 from broker.acl import Identity
 from broker.audit import Audit
-from broker.config import Profile
+from broker.config import Profile, load_config
 from broker.identity import identify
 from broker.oidc import TokenSet
 from broker.secret import Secret
 from broker.sessions import Session, Sessions
-from client.errors import BadRequest, Forbidden, UnknownProfile
+from broker.vault.records import unlock_delay
+from client.errors import BadRequest, Forbidden, UnknownProfile, WrongPassphrase
 from client.protocol import PROTOCOL_VERSION, Request
 
 VERSION = "0.1.0"
@@ -77,6 +78,8 @@ class BrokerState:
     #: system mode (a shared broker): profiles without allow rules are closed to everyone
     system: bool = False
     audit: Audit = field(default_factory=Audit)
+    config_path: str | None = None
+    unlock_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -263,6 +266,89 @@ def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
     }
 
 
+# ---------------------------------------------------------------- administration (vault, config)
+
+
+def _admin(state: BrokerState, caller: Caller) -> None:
+    """Changing the broker (unlock, lock, secrets, config) is for its own user and root only."""
+    if caller.uid not in (0, os.getuid()):
+        raise Forbidden("only the broker's own user (or root) may change it")
+
+
+def _vault(state: BrokerState) -> Any:
+    store = state.sessions.store
+    if not hasattr(store, "unlock"):
+        raise BadRequest("this broker keeps its secrets in memory only (no vault); there is nothing to lock")
+    return store
+
+
+def op_unlock(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
+    _admin(state, caller)
+    vault = _vault(state)
+    passphrase = req.args.get("passphrase")
+    if passphrase is not None and (not isinstance(passphrase, str) or not passphrase):
+        raise BadRequest("'passphrase' must be a non-empty string")
+    return _unlock(state, vault, Secret(passphrase) if passphrase else None)
+
+
+async def _unlock(state: BrokerState, vault: Any, passphrase: Secret | None) -> Result:
+    async with state.unlock_lock:  # one attempt at a time, so the delay cannot be sidestepped
+        try:
+            await trio.to_thread.run_sync(vault.unlock, passphrase)  # Argon2id: ~0.1 s, off the loop
+        except WrongPassphrase as exc:
+            delay = unlock_delay(vault.failed_unlocks)
+            await trio.sleep(delay)  # wrong passphrases are slowed down, increasingly
+            raise WrongPassphrase(f"{exc.message}", retry_after=delay or None) from None
+    state.sessions.unlocked()
+    return {"unlocked": True, "profiles": len(state.sessions)}
+
+
+def op_lock(state: BrokerState, caller: Caller, req: Request) -> Result:
+    _admin(state, caller)
+    vault = _vault(state)
+    vault.lock()
+    state.sessions.locked()
+    return {"locked": True}
+
+
+def op_reload(state: BrokerState, caller: Caller, req: Request) -> Result:
+    """Re-read the config file (what `dc-broker add/remove` do with a running broker)."""
+    _admin(state, caller)
+    if state.config_path is None:
+        raise BadRequest("this broker was not started from a config file; there is nothing to reload")
+    config = load_config(state.config_path, missing_ok=True)
+    added, changed, removed = state.sessions.reload(config.profiles)
+    return {"added": added, "changed": changed, "removed": removed}
+
+
+def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result:
+    """Store a profile's password / client secret (from `dc-broker add` with a running broker)."""
+    _admin(state, caller)
+    session = state.sessions.lookup(_profile_arg(req.args))
+    fields: dict[str, Secret] = {}
+    for key in ("password", "client_secret"):
+        value = req.args.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise BadRequest(f"'{key}' must be a non-empty string")
+            fields[key] = Secret(value)
+    store = state.sessions.store
+    store.set_credentials(session.profile.name, dataclasses.replace(store.credentials(session.profile.name), **fields))
+    session.credentials_changed(relogin=True)
+    return {"profile": session.profile.name, "stored": sorted(fields)}
+
+
+def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
+    _admin(state, caller)
+    session = state.sessions.lookup(_profile_arg(req.args))
+    return _logout(session)
+
+
+async def _logout(session: Session) -> Result:
+    revoked = await session.logout()
+    return {"profile": session.profile.name, "revoked": revoked}
+
+
 HANDLERS: dict[str, Handler] = {
     "hello": op_hello,
     "token": op_token,
@@ -270,4 +356,9 @@ HANDLERS: dict[str, Handler] = {
     "status": op_status,
     "watch": op_watch,
     "login": op_login,
+    "unlock": op_unlock,
+    "lock": op_lock,
+    "reload": op_reload,
+    "set_secrets": op_set_secrets,
+    "logout": op_logout,
 }

@@ -83,8 +83,11 @@ _MOVES: Final[dict[State, frozenset[State]]] = {
     _S.REJECTED: frozenset({_S.REFRESHING, _S.EMPTY}),
     _S.LOCKED: frozenset({_S.REFRESHING, _S.EMPTY}),
 }
-#: the allowed moves; a person's interactive login (device flow) makes any session fresh
-TRANSITIONS: Final[dict[State, frozenset[State]]] = {state: moves | {_S.FRESH} for state, moves in _MOVES.items()}
+#: the allowed moves; from any state, a person's interactive login (device flow) makes a session
+#: fresh, `dc-broker lock` locked and `dc-broker logout` login_required
+TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    state: moves | {_S.FRESH, _S.LOCKED, _S.LOGIN_REQUIRED} for state, moves in _MOVES.items()
+}
 #: states in which no background retry happens until a person changes something
 WAITING_FOR_PERSON: Final = frozenset({State.LOGIN_REQUIRED, State.REJECTED, State.LOCKED})
 
@@ -143,6 +146,8 @@ class Session:
         # the last refresh did not push the refresh token's deadline out: the IdP session is at its
         # SSO Session Max, so refreshing again buys nothing; re-login with the primary credential
         self._session_capped = False
+        #: the refresh-token life the IdP granted below SSO Session Max (its idle timeout)
+        self._refresh_life: float | None = None
         self._endpoints: Endpoints | None = oidc.static_endpoints(profile)
         self._wake = trio.Event()
         self._round = trio.Event()
@@ -294,6 +299,7 @@ class Session:
             self._demanded = False
             await self._attempt()
             self._wake = trio.Event()
+            self._demanded = False  # callers that joined during the attempt were served by its round
 
     def _finish_round(self) -> None:
         done, self._round = self._round, trio.Event()
@@ -348,13 +354,15 @@ class Session:
                 # keep serving from memory: with rotation the old refresh token is already dead
                 log.exception("profile %s: could not store the new tokens", self.profile.name)
             now = self.clock()
-            previous = self.token
+            # At SSO Session Max the IdP grants refresh tokens with ever shorter lives (max - elapsed);
+            # below Max their life is the idle timeout, the same every time. (Comparing deadlines
+            # instead misfires when a scope narrowing has just pushed the deadline.)
+            life = None if tokens.refresh_expires_at is None else tokens.refresh_expires_at - tokens.obtained_at
             self._session_capped = (
-                previous is not None
-                and previous.refresh_expires_at is not None
-                and tokens.refresh_expires_at is not None
-                and tokens.refresh_expires_at <= previous.refresh_expires_at + 1.0
+                life is not None and self._refresh_life is not None and life < self._refresh_life - 2.0
             )
+            if not self._session_capped:
+                self._refresh_life = life
             self.token = tokens
             self.last_error = None
             self.failures = 0
@@ -523,6 +531,69 @@ class Session:
             await self.adopt_login(tokens)
             yield {"profile": name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
             return
+
+    async def verify(self) -> TokenSet:
+        """One grant with the stored credentials, outside the refresh task (`dc-broker add`)."""
+        return await self._obtain()
+
+    def resume(self) -> None:
+        """After unlock: a stored, still-valid token is served at once and refreshed on its own schedule;
+        without one, try now."""
+        self.last_error = None
+        if self.token is None:
+            self._restore()
+        tok = self.token
+        now = self.clock()
+        if tok is None or tok.expires_at <= now:
+            self.credentials_changed()
+            return
+        self.next_attempt_at = policy.refresh_at(
+            self.policy,
+            obtained_at=tok.obtained_at,
+            expires_at=tok.expires_at,
+            refresh_expires_at=tok.refresh_expires_at,
+            rand=self.rng.random(),
+        )
+        if self.state is not State.FRESH:
+            self._move(State.FRESH)
+        self._wake.set()  # re-arm the refresh timer
+
+    def lock_out(self) -> None:
+        """The vault was locked: drop the token from memory and wait for `dc-broker unlock`."""
+        self.token = None
+        self.last_error = Locked("the vault is locked; run `dc-broker unlock`")
+        self.next_attempt_at = math.inf
+        self._move(State.LOCKED)
+
+    async def logout(self) -> bool:
+        """Revoke the login at the IdP (best effort) and forget its secrets and tokens. Returns
+        whether the IdP confirmed the revocation."""
+        name = self.profile.name
+        revoked = False
+        async with self._login_lock:
+            tok = self.token
+            if tok is not None and tok.refresh_token is not None:
+                try:
+                    endpoints = await self._resolve_endpoints()
+                    if endpoints.revocation:
+                        creds = self.store.credentials(name)
+                        client = oidc.client_of(self.profile, creds.client_secret)
+                        resp = await self.idp.send(
+                            oidc.build_revoke(endpoints.revocation, client, tok.refresh_token),
+                            ca_bundle=self.profile.ca_bundle,
+                        )
+                        revoked = 200 <= resp.status < 300
+                except (UpstreamFault, BrokerError) as exc:
+                    log.warning("profile %s: could not revoke at the identity provider: %s", name, exc)
+            await self.store.forget_tokens(name)
+            self.store.set_credentials(name, Credentials())
+            self.token = None
+            self.last_error = LoginRequired(self._login_message())
+            self.next_attempt_at = math.inf
+            if self.state is not State.REFRESHING:  # an attempt waiting for the lock ends there itself
+                self._move(State.LOGIN_REQUIRED)
+        log.info("profile %s: logged out (revoked at the IdP: %s)", name, revoked)
+        return revoked
 
     async def adopt_login(self, tokens: TokenSet) -> None:
         """A login made outside the refresh task (device flow) becomes this session's login."""
@@ -701,6 +772,19 @@ class Sessions:
             child = self._scoped.pop(key)
             child.token = None
             child.cancel_scope.cancel()
+
+    def _all(self) -> list[Session]:
+        return [*self._by_name.values(), *self._scoped.values()]
+
+    def locked(self) -> None:
+        """The vault was locked: no token stays in memory, none is served until unlock."""
+        for session in self._all():
+            session.lock_out()
+
+    def unlocked(self) -> None:
+        """The vault was unlocked: stored tokens are served again on their schedule."""
+        for session in self._all():
+            session.resume()
 
     def remove(self, name: str) -> None:
         """Forget a profile: its refresh task stops and its token leaves memory."""

@@ -84,7 +84,9 @@ class ErrorCode(StrEnum):
 
 #: the operations this protocol version defines (the broker may implement a subset and answer
 #: ``unknown_op`` for the rest)
-OPS: Final = frozenset({"hello", "token", "invalidate", "status", "unlock", "lock", "login", "watch"})
+OPS: Final = frozenset(
+    {"hello", "token", "invalidate", "status", "unlock", "lock", "login", "watch", "reload", "set_secrets", "logout"}
+)
 
 _RESERVED_REQUEST_KEYS: Final = frozenset({"v", "id", "op"})
 

@@ -461,3 +461,18 @@ async def test_device_login_honours_slow_down(make_idp, autojump_clock) -> None:
     assert (await flow.__anext__())["logged_in"]
     # waits 5, then 10 (slowed), then 15 (slowed again) seconds between polls
     assert trio.current_time() - t0 == pytest.approx(5 + 10 + 15, abs=0.5)
+
+
+async def test_a_caller_joining_a_round_leaves_no_stale_demand(make_idp, autojump_clock) -> None:
+    idp = make_idp()
+    session = make_session(idp)
+    idp.faults.latency = 1.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        await trio.sleep(0.5)  # the first login is in flight
+        await session.get()  # joins that round
+        assert token_requests(idp) == 1
+        session.resume()  # anything that merely re-arms the timer must not cause a refresh
+        await trio.sleep(60)
+        assert token_requests(idp) == 1
+        nursery.cancel_scope.cancel()

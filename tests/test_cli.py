@@ -1,0 +1,226 @@
+"""dc-broker's management CLI as a user runs it: real processes, a real dev IdP, a real vault.
+Exact exit codes and messages for the failures a person will meet."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import DC_BROKER, dc_token, stop, wait_for_socket
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert proc.stdout is not None
+    yield proc.stdout.readline().strip()
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DC_BROKER_")}
+    env.update(
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        DC_BROKER_SOCKET=str(tmp_path / "run" / "broker.sock"),
+    )
+    return env
+
+
+def cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DC_BROKER, *args], input=stdin, capture_output=True, text=True, env=env, timeout=60)
+
+
+def add_demo(
+    env: dict[str, str], idp: str, name: str = "acme", password: str = "demo"
+) -> subprocess.CompletedProcess[str]:
+    return cli(
+        env,
+        "add",
+        name,
+        "--server",
+        idp,
+        "--tenant",
+        "demo",
+        "--client-id",
+        "dc-cli",
+        "--username",
+        "demo",
+        "--password-stdin",
+        "--secret-stdin",
+        stdin=f"{password}\ndc-cli-secret\n",
+    )
+
+
+def init_keyfile(env: dict[str, str], tmp: Path) -> None:
+    result = cli(env, "init", "--key-source", "keyfile", "--key-file", str(tmp / "key"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_add_list_remove_without_a_daemon(idp: str, home: dict[str, str], tmp_path: Path) -> None:
+    init_keyfile(home, tmp_path)
+    result = add_demo(home, idp)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Added profile acme (") and "Next: `dc-token acme`" in result.stdout
+    listed = cli(home, "list")
+    assert listed.returncode == 0 and listed.stdout.startswith("acme  password")
+    config = (tmp_path / "config" / "dc-broker" / "config.toml").read_text()
+    assert "demo" in config and "dc-cli-secret" not in config  # the username is there, secrets never
+    assert oct(os.stat(tmp_path / "config" / "dc-broker" / "config.toml").st_mode & 0o777) == "0o600"
+    duplicate = add_demo(home, idp)
+    assert duplicate.returncode == 2
+    assert "Error: profile 'acme' already exists in" in duplicate.stderr
+    assert "remove it first with `dc-broker remove acme`" in duplicate.stderr
+    removed = cli(home, "remove", "acme")
+    assert (removed.returncode, removed.stdout) == (0, "Removed profile acme.\n")
+    unknown = cli(home, "remove", "acme")
+    assert unknown.returncode == 2
+    assert "Error: no profile named 'acme' in" in unknown.stderr and "`dc-broker list`" in unknown.stderr
+
+
+def test_wrong_password_at_add_is_refused_and_nothing_is_stored(idp: str, home: dict[str, str], tmp_path: Path) -> None:
+    init_keyfile(home, tmp_path)
+    result = add_demo(home, idp, password="wrong")
+    assert result.returncode == 8
+    assert "the identity provider refused the credentials (invalid_grant: Invalid user credentials)" in result.stderr
+    assert "wrong" not in result.stderr.replace("wrong password", "")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "config" / "dc-broker" / "config.toml").exists()  # nothing was written
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ("ftp://sso.example.com", "is not an http(s) URL"),
+        ("http://sso.example.com", "uses plain http to a non-loopback host; use https"),
+        ("not a url", "is not an http(s) URL"),
+    ],
+)
+def test_bad_url(home: dict[str, str], server: str, message: str) -> None:
+    result = cli(
+        home, "add", "x", "--server", server, "--tenant", "t", "--client-id", "c", "--username", "u", "--no-verify"
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_idp_at_add(home: dict[str, str], tmp_path: Path) -> None:
+    init_keyfile(home, tmp_path)
+    result = cli(
+        home,
+        "add",
+        "x",
+        "--server",
+        "http://127.0.0.1:9",
+        "--tenant",
+        "t",
+        "--client-id",
+        "c",
+        "--username",
+        "u",
+        "--password-stdin",
+        "--secret-stdin",
+        stdin="p\ns\n",
+    )
+    assert result.returncode == 7
+    assert "could not verify profile 'x'" in result.stderr and "--no-verify" in result.stderr
+
+
+def test_missing_config(home: dict[str, str], tmp_path: Path) -> None:
+    result = cli(home, "list", "--config", str(tmp_path / "nope.toml"))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert (
+        result.stderr
+        == f"Error: config file {tmp_path / 'nope.toml'} does not exist; create it or run `dc-broker add`\n"
+    )
+
+
+def test_unreadable_vault(idp: str, home: dict[str, str], tmp_path: Path) -> None:
+    vault = tmp_path / "data" / "dc-broker" / "vault.db"
+    vault.parent.mkdir(parents=True, mode=0o700)
+    vault.write_bytes(b"this is not a vault")
+    vault.chmod(0o600)
+    result = add_demo(home, idp)
+    assert result.returncode == 2
+    assert str(vault) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_daemon_not_running(home: dict[str, str]) -> None:
+    sock = home["DC_BROKER_SOCKET"]
+    for args in (["unlock", "--passphrase-stdin"], ["lock"], ["status"], ["logout", "acme"]):
+        result = cli(home, *args, stdin="x\n")
+        assert result.returncode == 3, args
+        assert result.stderr.startswith(f"Error: no dc-broker is running on {sock}"), result.stderr
+        assert "dc-broker run" in result.stderr
+
+
+def test_passphrase_vault_locked_daemon_unlock_lock_restart(idp: str, home: dict[str, str], tmp_path: Path) -> None:
+    assert cli(home, "init", "--passphrase-stdin", stdin="correct horse\n").returncode == 0
+    vault = tmp_path / "data" / "dc-broker" / "vault.db"
+    assert oct(vault.stat().st_mode & 0o777) == "0o600" and oct(vault.parent.stat().st_mode & 0o777) == "0o700"
+    added = cli(
+        home,
+        "add",
+        "acme",
+        "--server",
+        idp,
+        "--tenant",
+        "demo",
+        "--client-id",
+        "dc-cli",
+        "--username",
+        "demo",
+        "--password-stdin",
+        "--secret-stdin",
+        stdin="demo\ndc-cli-secret\ncorrect horse\n",
+    )
+    assert added.returncode == 0, added.stderr
+    sock = home["DC_BROKER_SOCKET"]
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([DC_BROKER, "run"], env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_socket(sock, proc)
+        return proc
+
+    daemon = start()
+    try:
+        locked = dc_token(sock, "acme")
+        assert locked.returncode == 6 and "run `dc-broker unlock`" in locked.stderr
+        wrong = cli(home, "unlock", "--passphrase-stdin", stdin="wrong\n")
+        assert wrong.returncode == 6 and "Traceback" not in wrong.stderr
+        assert cli(home, "unlock", "--passphrase-stdin", stdin="correct horse\n").returncode == 0
+        first = dc_token(sock, "acme")
+        assert first.returncode == 0, first.stderr
+        assert cli(home, "lock").returncode == 0
+        assert dc_token(sock, "acme").returncode == 6
+        assert cli(home, "unlock", "--passphrase-stdin", stdin="correct horse\n").returncode == 0
+        assert dc_token(sock, "acme").stdout == first.stdout  # restored from the vault, no new login
+        # a profile added while the daemon runs works at once, no restart
+        second = add_demo(home, idp, name="beta")
+        assert second.returncode == 0 and "secrets are in the running broker" in second.stdout
+        assert dc_token(sock, "beta").returncode == 0
+    finally:
+        assert stop(daemon) == 0
+    daemon = start()
+    try:
+        assert cli(home, "unlock", "--passphrase-stdin", stdin="correct horse\n").returncode == 0
+        assert dc_token(sock, "acme").stdout == first.stdout  # a restart serves the stored token at once
+        out = cli(home, "logout", "acme")
+        assert out.returncode == 0 and out.stdout.startswith("Logged out of profile acme: login revoked")
+        gone = dc_token(sock, "acme")
+        assert gone.returncode == 5 and "dc-broker login acme" in gone.stderr
+    finally:
+        assert stop(daemon) == 0
+    err = daemon.stderr.read() if daemon.stderr else ""
+    for secret in ("correct horse", "dc-cli-secret", first.stdout.strip()):
+        assert secret not in err
