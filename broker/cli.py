@@ -222,6 +222,7 @@ def dev(socket_path: str | None, port: int, access_lifespan: float, rotate: bool
         import tempfile
 
         socket_path = os.path.join(tempfile.mkdtemp(prefix="dc-broker-dev-"), "broker.sock")
+    harden()
     _trio_run(_dev, socket_path, port, access_lifespan, rotate)
 
 

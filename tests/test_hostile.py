@@ -1,0 +1,131 @@
+"""Hostile and careless clients against a live broker: fuzzed frames, idle half-open connections,
+half-sent frames, and what reaches the logs. (The long fuzz run is bench/fuzz.py: >= 100,000 frames.)"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from client.protocol import Request, encode
+from client.sync import TokenClient
+from tests.e2e import DC_BROKER, dc_token, dev_broker, run, stop, wait_for_socket
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import fuzz
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory):
+    with dev_broker(tmp_path_factory.mktemp("hostile")) as env:
+        yield env
+
+
+def test_fuzzed_frames_never_hurt_the_broker(dev) -> None:
+    sock, _, _ = dev
+    pid = TokenClient(sock, cache=False).hello()["pid"]
+    result = fuzz.run(sock, pid, frames=4000, workers=2, seed=7)
+    assert result["frames"] >= 4000
+    assert TokenClient(sock, cache=False).token("demo")
+    well = result["well_behaved"]
+    assert isinstance(well, dict) and well["n"] > 0  # every one of them got a token (asserted inside)
+    assert int(result["rss_after_kb"]) - int(result["rss_before_kb"]) < 50 * 1024
+
+
+def test_a_thousand_idle_half_open_connections_do_not_block_a_new_client(dev) -> None:
+    sock, _, _ = dev
+    idle = []
+    try:
+        for i in range(1000):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(sock)
+            if i % 2:
+                s.sendall(encode(Request(1, "token", {"profile": "demo"}))[:3])  # a frame begun, never finished
+            idle.append(s)
+        assert dc_token(sock, "demo").returncode == 0
+        with TokenClient(sock, cache=False) as c:
+            assert all(c.token("demo") for _ in range(50))
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_half_sent_frame_is_cut_off_after_the_deadline(dev, tmp_path: Path) -> None:
+    _, base, _ = dev
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[daemon]\npartial_frame_timeout = 0.3\n[profiles.acme]\nserver = "{base}"\ntenant = "demo"\n'
+        'client_id = "dc-service"\ngrant = "client_credentials"\n'
+    )
+    sock = str(tmp_path / "r" / "b.sock")
+    proc = subprocess.Popen(
+        [DC_BROKER, "run", "--config", str(cfg), "--socket", sock, "--secrets-stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write('[acme]\nclient_secret = "dc-service-secret"\n')
+    proc.stdin.close()
+    try:
+        wait_for_socket(sock, proc)
+        slow = socket.socket(socket.AF_UNIX)
+        slow.connect(sock)
+        slow.sendall(encode(Request(1, "hello"))[:6])
+        slow.settimeout(5)
+        t0 = time.monotonic()
+        assert slow.recv(100) == b""  # closed by the broker
+        assert time.monotonic() - t0 < 3
+        idle = socket.socket(socket.AF_UNIX)
+        idle.connect(sock)  # an idle connection with no partial frame is left alone
+        time.sleep(0.6)
+        idle.sendall(encode(Request(2, "hello")))
+        idle.settimeout(5)
+        assert idle.recv(65536)
+    finally:
+        assert stop(proc) == 0
+
+
+def test_no_secret_or_token_reaches_the_logs(tmp_path: Path) -> None:
+    """A busy broker at debug level: logins, rotations, refreshes, invalidations, a wrong password,
+    a device login, lock attempts. Its whole log must hold no token, secret or password."""
+    seen: set[str] = set()
+    with dev_broker(tmp_path, "--access-lifespan", "2", "--rotate", "-v") as (sock, base, proc):
+        for _ in range(8):
+            for profile in ("demo", "demo-service"):
+                out = dc_token(sock, profile)
+                assert out.returncode == 0
+                seen.add(out.stdout.strip())
+            time.sleep(0.4)
+        with TokenClient(sock, cache=False) as c:
+            tok = c.token("demo")
+            seen.add(tok)
+            c.invalidate("demo", tok)
+            seen.add(c.token("demo", min_ttl=1))
+        wrong = run([DC_BROKER, "login", "--socket", sock, "--password-stdin", "demo"], input="Wr0ng-pa55-xyzzy\n")
+        assert wrong.returncode == 8
+        good = run([DC_BROKER, "login", "--socket", sock, "--password-stdin", "demo"], input="demo\n")
+        assert good.returncode == 0
+        seen.add(dc_token(sock, "demo").stdout.strip())
+        httpx.get(base + "/dp/api/v1/aiconnections/types", headers={"Authorization": f"Bearer {tok}"})
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+        log = proc.stderr.read() if proc.stderr else ""
+    assert "dc-broker ready" in log and "dc_broker.audit" in log  # the log did record the activity
+    for token in seen:
+        for piece in (token, token.split(".")[-1]):  # the whole JWT, and its signature alone
+            assert piece not in log
+    for secret in ("dc-cli-secret", "dc-service-secret", "Wr0ng-pa55-xyzzy", "password=demo"):
+        assert secret not in log
+    assert not re.search(r"Bearer\s+ey", log)
+    assert "Traceback" not in log
