@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sso-idle", type=float, default=None, help="SSO Session Idle, seconds")
     parser.add_argument("--sso-max", type=float, default=None, help="SSO Session Max, seconds")
     parser.add_argument("--rotate", action="store_true", help="rotate refresh tokens (reuse kills the session)")
+    parser.add_argument(
+        "--max-reuse",
+        type=int,
+        default=None,
+        help="with --rotate: times a refresh token may be reused (Keycloak's default 0)",
+    )
     return parser
 
 
@@ -94,6 +100,8 @@ def realm_from_args(args: argparse.Namespace) -> DevRealm:
     }
     if args.rotate:
         overrides["rotate_refresh_tokens"] = True
+    if args.max_reuse is not None:
+        overrides["refresh_token_max_reuse"] = args.max_reuse
     return demo_realm(**overrides)
 
 

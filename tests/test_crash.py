@@ -1,0 +1,14 @@
+"""kill -9 the daemon while refresh tokens rotate: no login is lost (the long run is bench/crash.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.crash_daemon import run_crash_loop
+
+pytestmark = pytest.mark.e2e
+
+
+def test_kill_9_while_rotating_loses_no_login() -> None:
+    result = run_crash_loop(12, max_reuse=1, seed=3)
+    assert result.lost_logins == 0, result
