@@ -130,6 +130,8 @@ class DaemonSettings:
     max_frame: int = 64 * 1024
     partial_frame_timeout: float = 10.0
     audit_interval: float = 60.0
+    #: lock the vault after this many seconds without a token request (0: never)
+    auto_lock_after: float = 0.0
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -138,6 +140,7 @@ class DaemonSettings:
             ("max_frame", 256, 64 * 1024),
             ("partial_frame_timeout", 0.1, 3600),
             ("audit_interval", 1, 86400),
+            ("auto_lock_after", 0, 30 * 86400),
         ):
             value = getattr(self, name)
             if not low <= value <= high:
@@ -189,6 +192,7 @@ _DAEMON_KEYS: Final[dict[str, type | tuple[type, ...]]] = {
     "max_frame": int,
     "partial_frame_timeout": (int, float),
     "audit_interval": (int, float),
+    "auto_lock_after": (int, float),
 }
 
 

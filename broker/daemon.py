@@ -37,7 +37,7 @@ from broker.audit import Audit
 from broker.config import DaemonSettings, Profile, load_config
 from broker.listen import bind_unix_socket, release
 from broker.oidc import IdpTransport
-from broker.ops import BrokerState
+from broker.ops import BrokerState, auto_lock
 from broker.policy import DEFAULT_POLICY, RefreshPolicy
 from broker.server import Limits, Server
 from broker.sessions import Sessions, State
@@ -274,6 +274,7 @@ async def run_broker(
             await nursery.start(sessions.run)
             await nursery.start(server.serve, listener.sock)
             nursery.start_soon(state.audit.run)
+            nursery.start_soon(auto_lock, state, settings.auto_lock_after)
             how = " (socket from systemd)" if listener.activated else ""
             log.info("dc-broker ready on %s%s with %d profile(s)", listener.path, how, len(sessions))
             if notifier.enabled:

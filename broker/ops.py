@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import re
@@ -32,6 +33,8 @@ from broker.sessions import Session, Sessions
 from broker.vault.records import unlock_delay
 from client.errors import BadRequest, Forbidden, UnknownProfile, WrongPassphrase
 from client.protocol import PROTOCOL_VERSION, Request
+
+log = logging.getLogger("dc_broker")
 
 VERSION = "0.1.0"
 MAX_MIN_TTL = 86400.0
@@ -80,6 +83,8 @@ class BrokerState:
     audit: Audit = field(default_factory=Audit)
     config_path: str | None = None
     unlock_lock: trio.Lock = field(default_factory=trio.Lock)
+    #: clock time of the last token request (for auto-lock)
+    last_use: float = 0.0
 
 
 @functools.lru_cache(maxsize=1024)
@@ -180,7 +185,7 @@ def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Await
     session = state.sessions.lookup_scoped(name, _scope_arg(args))
     min_ttl = _seconds_arg(args, "min_ttl", 0.0, MAX_MIN_TTL)
     state.audit.record(name, caller)
-    now = state.clock()
+    now = state.last_use = state.clock()
     tok = session.peek(min_ttl, now)
     if tok is not None:
         return token_result(session, tok, now)
@@ -309,6 +314,22 @@ def op_lock(state: BrokerState, caller: Caller, req: Request) -> Result:
     vault.lock()
     state.sessions.locked()
     return {"locked": True}
+
+
+async def auto_lock(state: BrokerState, after: float) -> None:
+    """Lock the vault once no token has been asked for in ``after`` seconds (``[daemon]
+    auto_lock_after``); `dc-broker unlock` opens it again."""
+    store: Any = state.sessions.store  # a Vault; a MemoryStore has no lock
+    if after <= 0 or not hasattr(store, "lock"):
+        return
+    state.last_use = state.clock()
+    while True:
+        await trio.sleep_until(state.last_use + after)
+        if state.clock() >= state.last_use + after and not store.locked:
+            store.lock()
+            state.sessions.locked()
+            log.info("vault locked after %.0f s without a token request", after)
+            state.last_use = state.clock()  # wait a full period again after the next unlock
 
 
 def op_reload(state: BrokerState, caller: Caller, req: Request) -> Result:

@@ -476,3 +476,33 @@ async def test_a_caller_joining_a_round_leaves_no_stale_demand(make_idp, autojum
         await trio.sleep(60)
         assert token_requests(idp) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_auto_lock_after_idle(make_idp, autojump_clock) -> None:
+    from broker.ops import BrokerState, auto_lock
+    from broker.sessions import Sessions
+    from broker.store import MemoryStore
+    from tests.conftest import CREDENTIALS, idp_transport, profile
+
+    class FakeVault(MemoryStore):  # the vault's lock surface, in memory
+        locked = False
+
+        def lock(self) -> None:
+            self.locked = True
+
+    store = FakeVault(dict(CREDENTIALS))
+    idp = make_idp()
+    sessions = Sessions({"demo": profile("demo")}, store, idp_transport(idp))
+    state = BrokerState(sessions=sessions, socket_path="-")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sessions.run)
+        nursery.start_soon(auto_lock, state, 600.0)
+        for _ in range(10):  # in use: a token every 5 minutes keeps it open
+            state.last_use = trio.current_time()
+            await sessions.lookup("demo").get()
+            await trio.sleep(300)
+        assert not store.locked
+        await trio.sleep(601)
+        assert store.locked and sessions.lookup("demo").state is State.LOCKED
+        assert sessions.lookup("demo").token is None  # no token left in memory
+        nursery.cancel_scope.cancel()
