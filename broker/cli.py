@@ -295,6 +295,9 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
+    if info.get("truncated"):
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(info.get("states", {}).items()))
+        click.echo(f"... and {info['truncated']} more ({counts} in all); `dc-broker status PROFILE` shows one")
 
 
 @cli.command()

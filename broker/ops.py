@@ -38,6 +38,8 @@ log = logging.getLogger("dc_broker")
 
 VERSION = "0.1.0"
 MAX_MIN_TTL = 86400.0
+#: profiles listed in one status reply (each ~250 bytes; a frame holds 64 KiB); the rest are counted
+STATUS_LIMIT = 200
 
 Result = dict[str, Any]
 
@@ -258,6 +260,10 @@ def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
         sessions = [
             st for st in state.sessions.status() if permits(state, caller, state.sessions.lookup(st["profile"]).profile)
         ]
+    summary: dict[str, int] = {}
+    for st in sessions:
+        summary[st["state"]] = summary.get(st["state"], 0) + 1
+    shown = sessions[:STATUS_LIMIT]  # one reply must fit a frame; the summary counts them all
     return {
         "broker": {
             "version": VERSION,
@@ -266,8 +272,10 @@ def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
             "uptime": round(time.time() - state.started_at, 3),
             "profiles": len(sessions),
             "mode": "system" if state.system else "user",
+            "states": summary,
+            "truncated": len(sessions) - len(shown),
         },
-        "profiles": sessions,
+        "profiles": shown,
     }
 
 

@@ -171,7 +171,9 @@ class Session:
             return
         try:
             saved = self.store.saved_tokens(self.profile.name)
-        except BrokerError as exc:  # e.g. the vault is locked or this record is corrupt
+        except Locked:
+            return  # said once for all profiles by the daemon; unlock restores
+        except BrokerError as exc:  # e.g. this record is corrupt
             log.warning("profile %s: stored tokens not usable: %s", self.profile.name, exc.message)
             return
         if saved is None:
@@ -333,7 +335,7 @@ class Session:
             self.last_error = exc
             self.next_attempt_at = math.inf
             self._move(State.LOCKED)
-            log.info("profile %s: waiting for `dc-broker unlock`", self.profile.name)
+            log.debug("profile %s: waiting for `dc-broker unlock`", self.profile.name)
         except (LoginRequired, CredentialsRejected) as exc:
             self.last_error = exc
             self.token = None if isinstance(exc, LoginRequired) else self.token
