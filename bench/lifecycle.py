@@ -34,7 +34,7 @@ from broker.secret import Secret
 from broker.sessions import Session
 from broker.store import Credentials, MemoryStore
 from client.sync import TokenClient
-from tests.e2e import DC_BROKER, stop, wait_for_socket
+from tests.e2e import start_run, stop, wait_for_socket
 
 
 def demo_session(base: str, transport: IdpTransport, name: str = "demo") -> Session:
@@ -164,16 +164,7 @@ async def _isolation(seconds: float) -> dict[str, object]:
             )
             sock = os.path.join(tmp, "run", "b.sock")
             secrets = "".join(f'[{n}]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n' for n in ("fast", "slow"))
-            proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
-                [DC_BROKER, "run", "--config", str(cfg), "--socket", sock, "--secrets-stdin"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            assert proc.stdin is not None
-            proc.stdin.write(secrets)
-            proc.stdin.close()
+            proc = start_run(cfg, sock, secrets, stderr=subprocess.DEVNULL, wait=False)
             await trio.to_thread.run_sync(wait_for_socket, sock, proc)
             await trio.to_thread.run_sync(lambda: [TokenClient(sock).token(n) for n in ("fast", "slow")])
             slow_idp.faults.latency = 2.0

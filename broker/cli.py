@@ -23,6 +23,7 @@ import trio
 from broker.config import Config, Profile, load_config
 from broker.daemon import run_broker, until_signalled
 from broker.hardening import harden
+from broker.options import CONFIG, SOCKET, VAULT
 from broker.secret import Secret
 from broker.store import Credentials, MemoryStore, SecretStore
 from client.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError
@@ -87,13 +88,7 @@ def _read_secrets_stdin(profiles: dict[str, Profile]) -> MemoryStore:
 
 
 @cli.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    envvar="DC_BROKER_CONFIG",
-    help="config file (default: $XDG_CONFIG_HOME/dc-broker/config.toml)",
-)
+@CONFIG
 @click.option(
     "--socket",
     "socket_path",
@@ -112,13 +107,7 @@ def _read_secrets_stdin(profiles: dict[str, Profile]) -> MemoryStore:
     help="the shared system broker: default socket /run/dc-broker/broker.sock, mode 0660 (the system unit)",
 )
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-@click.option(
-    "--vault",
-    "vault_path",
-    type=click.Path(dir_okay=False),
-    envvar="DC_BROKER_VAULT",
-    help="vault file (default: $XDG_DATA_HOME/dc-broker/vault.db)",
-)
+@VAULT
 def run(
     config_path: str | None,
     socket_path: str | None,
@@ -265,13 +254,7 @@ def _fmt_seconds(value: Any) -> str:
 
 
 @cli.command()
-@click.option(
-    "--socket",
-    "socket_path",
-    type=click.Path(dir_okay=False),
-    envvar="DC_BROKER_SOCKET",
-    help="broker socket (default: $XDG_RUNTIME_DIR/dc-broker/broker.sock)",
-)
+@SOCKET
 @click.option("--json", "as_json", is_flag=True, help="print the broker's status as JSON")
 @click.argument("profile", required=False)
 def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
@@ -301,13 +284,7 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
 
 
 @cli.command()
-@click.option(
-    "--socket",
-    "socket_path",
-    type=click.Path(dir_okay=False),
-    envvar="DC_BROKER_SOCKET",
-    help="broker socket (default: $XDG_RUNTIME_DIR/dc-broker/broker.sock)",
-)
+@SOCKET
 @click.option("--password-stdin", is_flag=True, help="read the password from stdin instead of a hidden prompt")
 @click.argument("profile")
 def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:

@@ -18,32 +18,11 @@ import trio
 from broker import control
 from broker.config import AUTH_METHODS, GRANTS, Profile, add_profile, default_config_path, load_config, remove_profile
 from broker.oidc import IdpTransport
+from broker.options import CONFIG, SOCKET, VAULT
 from broker.secret import Secret
 from broker.sessions import Session
 from broker.store import Credentials, MemoryStore
 from client.errors import BrokerUnavailable, ConfigError, DcBrokerError, UpstreamFault, UpstreamUnavailable
-
-SOCKET = click.option(
-    "--socket",
-    "socket_path",
-    type=click.Path(dir_okay=False),
-    envvar="DC_BROKER_SOCKET",
-    help="broker socket (default: $XDG_RUNTIME_DIR/dc-broker/broker.sock)",
-)
-CONFIG = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    envvar="DC_BROKER_CONFIG",
-    help="config file (default: $XDG_CONFIG_HOME/dc-broker/config.toml)",
-)
-VAULT = click.option(
-    "--vault",
-    "vault_path",
-    type=click.Path(dir_okay=False),
-    envvar="DC_BROKER_VAULT",
-    help="vault file (default: $XDG_DATA_HOME/dc-broker/vault.db)",
-)
 
 
 class Failed(click.ClickException):

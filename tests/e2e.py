@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from client.protocol import Request, encode
+
 BIN = Path(sys.executable).parent
 DC_BROKER = str(BIN / "dc-broker")
 DC_TOKEN = str(BIN / "dc-token")
@@ -25,9 +27,13 @@ def wait_for_socket(path: str, proc: subprocess.Popen[str] | None = None, timeou
             err = proc.stderr.read() if proc.stderr else ""
             raise AssertionError(f"broker exited with {proc.returncode}:\n{out}\n{err}")
         s = socket.socket(socket.AF_UNIX)
+        s.settimeout(max(0.1, deadline - time.monotonic()))
         try:
+            # a connect succeeds from listen(); an answered hello means the broker is serving
             s.connect(path)
-            return
+            s.sendall(encode(Request(1, "hello")))
+            if s.recv(65536):
+                return
         except OSError:
             time.sleep(0.02)
         finally:
@@ -72,6 +78,32 @@ def dev_broker(tmp: Path, *args: str) -> Iterator[tuple[str, str, subprocess.Pop
         yield sock, base, proc
     finally:
         stop(proc)
+
+
+def start_run(
+    cfg: str | Path,
+    sock: str,
+    secrets: str,
+    *extra_args: str,
+    env: dict[str, str] | None = None,
+    stderr: int | None = subprocess.PIPE,
+    wait: bool = True,
+) -> subprocess.Popen[str]:
+    """`dc-broker run --config CFG --socket SOCK --secrets-stdin [extra]` with ``secrets`` (TOML) on stdin."""
+    proc = subprocess.Popen(
+        [DC_BROKER, "run", *extra_args, "--config", str(cfg), "--socket", sock, "--secrets-stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=env,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(secrets)
+    proc.stdin.close()
+    if wait:
+        wait_for_socket(sock, proc)
+    return proc
 
 
 def dc_token(sock: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ import pytest
 from client.errors import BrokerUnavailable, UnknownProfile
 from client.protocol import Request, encode
 from client.sync import TokenClient
-from tests.e2e import DC_BROKER, dc_token, dev_broker, run, stop, wait_for_socket
+from tests.e2e import DC_BROKER, dc_token, dev_broker, run, start_run, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -205,30 +205,14 @@ grant = "client_credentials"
     return cfg
 
 
-def start_run(tmp: Path, cfg: Path, secrets: str, sock: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [DC_BROKER, "run", "--config", str(cfg), "--socket", sock, "--secrets-stdin"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None
-    proc.stdin.write(secrets)
-    proc.stdin.close()
-    wait_for_socket(sock, proc)
-    return proc
-
-
 def test_run_with_config_and_secrets_on_stdin(dev, tmp_path: Path) -> None:
     _, base, _ = dev
     cfg = write_config(tmp_path, base)
     sock = str(tmp_path / "r" / "b.sock")
     proc = start_run(
-        tmp_path,
         cfg,
-        '[acme]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n[svc]\nclient_secret = "dc-service-secret"\n',
         sock,
+        '[acme]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n[svc]\nclient_secret = "dc-service-secret"\n',
     )
     try:
         assert dc_token(sock, "acme").returncode == 0
@@ -253,7 +237,7 @@ def test_stale_socket_is_replaced(dev, tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(sock)
     stale.close()  # the file stays, nobody listens: what a kill -9 leaves behind
-    proc = start_run(tmp_path, write_config(tmp_path, base), "", sock)
+    proc = start_run(write_config(tmp_path, base), sock, "")
     try:
         assert TokenClient(sock).hello()["server"] == "dc-broker"
     finally:

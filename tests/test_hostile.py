@@ -16,7 +16,7 @@ import pytest
 
 from client.protocol import Request, encode
 from client.sync import TokenClient
-from tests.e2e import DC_BROKER, dc_token, dev_broker, run, stop, wait_for_socket
+from tests.e2e import DC_BROKER, dc_token, dev_broker, run, start_run, stop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import fuzz
@@ -67,18 +67,8 @@ def test_half_sent_frame_is_cut_off_after_the_deadline(dev, tmp_path: Path) -> N
         'client_id = "dc-service"\ngrant = "client_credentials"\n'
     )
     sock = str(tmp_path / "r" / "b.sock")
-    proc = subprocess.Popen(
-        [DC_BROKER, "run", "--config", str(cfg), "--socket", sock, "--secrets-stdin"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None
-    proc.stdin.write('[acme]\nclient_secret = "dc-service-secret"\n')
-    proc.stdin.close()
+    proc = start_run(cfg, sock, '[acme]\nclient_secret = "dc-service-secret"\n', stderr=subprocess.DEVNULL)
     try:
-        wait_for_socket(sock, proc)
         slow = socket.socket(socket.AF_UNIX)
         slow.connect(sock)
         slow.sendall(encode(Request(1, "hello"))[:6])

@@ -21,7 +21,7 @@ import msgpack
 import pytest
 
 from client.protocol import Request, encode
-from tests.e2e import DC_BROKER, stop, wait_for_socket
+from tests.e2e import DC_BROKER, start_run, stop, wait_for_socket
 
 pytestmark = [
     pytest.mark.e2e,
@@ -108,16 +108,7 @@ def shared(users: dict[str, int]) -> Iterator[str]:
         text += 'grant = "client_credentials"\n' + (f"allow = {allow}\n" if allow else "")
     cfg.write_text(text)
     secrets = "".join(f'[{n}]\nclient_secret = "dc-service-secret"\n' for n in rules)
-    proc = subprocess.Popen(
-        [DC_BROKER, "run", "--system", "--config", str(cfg), "--socket", sock, "--secrets-stdin"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None
-    proc.stdin.write(secrets)
-    proc.stdin.close()
+    proc = start_run(cfg, sock, secrets, "--system", stderr=subprocess.DEVNULL, wait=False)
     try:
         wait_for_socket(sock, proc)
         yield sock

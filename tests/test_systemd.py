@@ -33,6 +33,7 @@ from broker.cli import cli
 from broker.logs import JournalFormatter, setup_logging, stderr_is_journal, syslog_priority
 from broker.systemd_install import DEFAULT_EXEC, SYSTEM_UNITS, SYSUSERS, USER_UNITS, render
 from client.sync import TokenClient
+from tests import e2e
 from tests.e2e import DC_BROKER, stop, wait_for_socket
 
 pytestmark = pytest.mark.e2e
@@ -116,18 +117,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 def start_run(
     tmp: Path, cfg: Path, sock: str, secret_text: str, *, env: dict[str, str] | None = None, stderr: object = None
 ) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [DC_BROKER, "run", "--config", str(cfg), "--socket", sock, "--secrets-stdin"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=stderr if stderr is not None else subprocess.PIPE,
-        text=True,
-        env=env or clean_env(),
-    )
-    assert proc.stdin is not None
-    proc.stdin.write(secret_text)
-    proc.stdin.close()
-    return proc
+    return e2e.start_run(
+        cfg, sock, secret_text, env=env or clean_env(), stderr=subprocess.PIPE if stderr is None else stderr, wait=False
+    )  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- pure parsers
@@ -432,6 +424,9 @@ def test_journal_stream_gets_priority_prefixes(tmp_path: Path, idp: StubIdP) -> 
         )
         try:
             wait_for_socket(sock, proc)
+            # a connect succeeds from listen(); an answered request means serving began, and the
+            # ready line is logged before the accept loop first runs
+            TokenClient(sock, cache=False).hello()
         finally:
             assert stop(proc, signal.SIGTERM) == 0
     lines = err_path.read_text().splitlines()

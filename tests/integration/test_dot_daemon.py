@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from client.sync import TokenClient
-from tests.e2e import DC_BROKER, dc_token, stop, wait_for_socket
+from tests.e2e import dc_token, start_run, stop, wait_for_socket
 from tests.integration.conftest import DotServer
 from tests.integration.dot_idp import (
     ACCESS_LIFETIME,
@@ -58,25 +58,8 @@ auth_method = "post"
 @pytest.fixture
 def daemon(dot_server: DotServer, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     sock = str(tmp_path / "r" / "s.sock")
-    proc = subprocess.Popen(
-        [
-            DC_BROKER,
-            "run",
-            "--config",
-            str(write_config(tmp_path, dot_server.base)),
-            "--socket",
-            sock,
-            "--secrets-stdin",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_run(write_config(tmp_path, dot_server.base), sock, SECRETS, wait=False)
     try:
-        assert proc.stdin is not None
-        proc.stdin.write(SECRETS)
-        proc.stdin.close()
         wait_for_socket(sock, proc)
         yield sock, proc
     finally:
