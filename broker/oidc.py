@@ -189,11 +189,12 @@ def check_error(resp: HttpResponse) -> None:
     if status >= 500 or status in (408, 425, 429):
         raise UpstreamTransient(f"identity provider answered HTTP {status}", retry_after=_retry_after(resp.headers))
     data = _json_object(resp, "error")
+    if status == 404:  # a wrong URL, whatever the body says (Keycloak: {"error": "Realm does not exist"})
+        said = data.get("error") if data is not None and isinstance(data.get("error"), str) else "no such endpoint"
+        raise OAuthError("not_found", said, 404)
     if data is not None and isinstance(data.get("error"), str):
         description = data.get("error_description")
         raise OAuthError(data["error"], description if isinstance(description, str) else "", status)
-    if status == 404:
-        raise OAuthError("not_found", "the token endpoint URL answers 404: check server, tenant or issuer", 404)
     raise UpstreamGarbage(f"identity provider answered {_describe_garbage(resp)}")
 
 

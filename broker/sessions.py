@@ -635,9 +635,19 @@ class Session:
     def _rejected(self, exc: OAuthError) -> CredentialsRejected:
         name = self.profile.name
         if exc.error == "invalid_scope":
-            return CredentialsRejected(
-                f"profile {name!r}: the identity provider refuses scope {self.profile.scope!r} ({exc}); "
+            why = (
                 "a per-request scope can only narrow the profile's own scope"
+                if self.parent is not None
+                else "fix the profile's scope"
+            )
+            return CredentialsRejected(
+                f"profile {name!r}: the identity provider refuses scope {self.profile.scope!r} ({exc}); {why}"
+            )
+        if exc.error == "not_found":
+            return CredentialsRejected(
+                f"profile {name!r}: {self.profile.describe()} answers 404 Not Found ({exc.description}); "
+                "check server, tenant, "
+                "legacy_paths (Keycloak 17+ has no /auth) or issuer"
             )
         return CredentialsRejected(
             f"profile {name!r}: the identity provider refused the credentials ({exc}); "

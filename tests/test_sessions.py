@@ -506,3 +506,21 @@ async def test_auto_lock_after_idle(make_idp, autojump_clock) -> None:
         assert store.locked and sessions.lookup("demo").state is State.LOCKED
         assert sessions.lookup("demo").token is None  # no token left in memory
         nursery.cancel_scope.cancel()
+
+
+async def test_wrong_url_and_refused_scope_say_what_to_fix(make_idp, autojump_clock) -> None:
+    idp = make_idp()
+    wrong_tenant = make_session(idp, tenant="nope")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wrong_tenant.run)
+        with pytest.raises(
+            CredentialsRejected, match=r"answers 404 Not Found \(Realm does not exist\); check server, tenant"
+        ):
+            await wrong_tenant.get()
+        nursery.cancel_scope.cancel()
+    bad_scope = make_session(idp, scope="no-such-scope")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bad_scope.run)
+        with pytest.raises(CredentialsRejected, match=r"refuses scope 'no-such-scope'.*fix the profile's scope"):
+            await bad_scope.get()
+        nursery.cancel_scope.cancel()
