@@ -115,11 +115,10 @@ StateDirectoryMode=0700
 ConfigurationDirectory=dc-broker
 ConfigurationDirectoryMode=0755
 Environment=DC_BROKER_CONFIG=%E/dc-broker/config.toml
-Environment=DC_BROKER_STATE_DIR=%S/dc-broker
+Environment=DC_BROKER_VAULT=%S/dc-broker/vault.db
 # the vault key: `systemd-creds encrypt --name=vault-key KEYFILE /etc/dc-broker/vault-key.cred`
 # (or LoadCredential=vault-key:/path/to/plain-keyfile); the broker reads $CREDENTIALS_DIRECTORY/vault-key
 LoadCredentialEncrypted=vault-key:/etc/dc-broker/vault-key.cred
-Environment=DC_BROKER_VAULT_KEY_FILE=%d/vault-key
 
 # hardening (docs/systemd.md explains each; `systemd-analyze security dc-broker.service`)
 NoNewPrivileges=yes
