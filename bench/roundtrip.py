@@ -46,9 +46,9 @@ def roundtrip_raw(sock_path: str) -> list[float]:
 
 
 def roundtrip_client(sock_path: str) -> list[float]:
-    """TokenClient.token(): what a Python caller sees, encoding and decoding included."""
+    """TokenClient.token() without its cache: a full round trip, encoding and decoding included."""
     out = []
-    with TokenClient(sock_path) as c:
+    with TokenClient(sock_path, cache=False) as c:  # the round trip, not the in-process cache
         for i in range(WARMUP + SAMPLES):
             t0 = time.perf_counter()
             c.token("demo", min_ttl=60)
