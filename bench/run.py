@@ -12,6 +12,14 @@ BENCHES = ["roundtrip", "startup", "client", "lifecycle", "coldstart", "vault", 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     only = sys.argv[1:] or BENCHES
+    failed: list[str] = []
     for name in only:
-        print(f"\n### {name}")
-        runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
+        print(f"\n### {name}", flush=True)
+        sys.argv = [str(HERE / f"{name}.py")]  # each bench with its defaults, not our arguments
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as exc:  # a bench's own exit status must not end the others
+            if exc.code not in (0, None):
+                failed.append(name)
+    if failed:
+        sys.exit(f"benchmarks that failed: {', '.join(failed)}")
