@@ -190,8 +190,8 @@ def check_error(resp: HttpResponse) -> None:
         raise UpstreamTransient(f"identity provider answered HTTP {status}", retry_after=_retry_after(resp.headers))
     data = _json_object(resp, "error")
     if status == 404:  # a wrong URL, whatever the body says (Keycloak: {"error": "Realm does not exist"})
-        said = data.get("error") if data is not None and isinstance(data.get("error"), str) else "no such endpoint"
-        raise OAuthError("not_found", said, 404)
+        said = data.get("error") if data is not None else None
+        raise OAuthError("not_found", said if isinstance(said, str) else "no such endpoint", 404)
     if data is not None and isinstance(data.get("error"), str):
         description = data.get("error_description")
         raise OAuthError(data["error"], description if isinstance(description, str) else "", status)
