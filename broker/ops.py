@@ -48,7 +48,7 @@ class Caller:
     """Who is on the other end, as the kernel says (SO_PEERCRED, /proc), never as the client claims.
     The full identity (names, supplementary groups, systemd unit) is read once, when a rule needs it."""
 
-    __slots__ = ("_identity", "accepted_at", "gid", "pid", "uid")
+    __slots__ = ("_described", "_identity", "accepted_at", "gid", "pid", "uid")
 
     def __init__(self, uid: int, gid: int, pid: int, accepted_at: float = 0.0) -> None:
         self.uid = uid
@@ -56,6 +56,7 @@ class Caller:
         self.pid = pid
         self.accepted_at = accepted_at
         self._identity: Identity | None = None
+        self._described: str | None = None
 
     def __repr__(self) -> str:
         return f"Caller(uid={self.uid}, gid={self.gid}, pid={self.pid})"
@@ -66,12 +67,17 @@ class Caller:
         return self._identity
 
     def describe(self) -> str:
-        who = self._identity
-        if who is None:
-            return f"uid {self.uid}"
-        name = f" ({who.user})" if who.user else ""
-        unit = f" unit {who.unit}" if who.unit else ""
-        return f"uid {self.uid}{name}{unit}"
+        """For the audit trail; built once per connection (it is on every token request's path).
+        In system mode the identity is read before the first request is served, so it is included."""
+        if self._described is None:
+            who = self._identity
+            if who is None:
+                self._described = f"uid {self.uid}"
+            else:
+                name = f" ({who.user})" if who.user else ""
+                unit = f" unit {who.unit}" if who.unit else ""
+                self._described = f"uid {self.uid}{name}{unit}"
+        return self._described
 
 
 @dataclass

@@ -456,7 +456,7 @@ class Session:
             try:
                 return await self._grant(oidc.build_client_credentials(endpoints.token, client, scope))
             except OAuthError as exc:
-                raise self._rejected(exc) from None
+                raise self._rejected(exc, narrowing_to=scope) from None
         await self.get(0.0)  # this login must exist first
         async with self._login_lock:
             tok = self.token
@@ -470,7 +470,7 @@ class Session:
                     self.next_attempt_at = now  # this login's refresh token is dead: let it recover
                     self._wake.set()
                     raise UpstreamGarbage(f"the login behind scope {scope!r} must be renewed first") from None
-                raise self._rejected(exc) from None
+                raise self._rejected(exc, narrowing_to=scope) from None
             if new.refresh_token is not None and new.refresh_token != tok.refresh_token:
                 adopted = replace(tok, refresh_token=new.refresh_token, refresh_expires_at=new.refresh_expires_at)
                 await self._save(adopted)
@@ -632,16 +632,16 @@ class Session:
         what = "password" if self.profile.grant == "password" else "client secret"
         return f"profile {name!r}: no {what} stored and no valid login; run `dc-broker login {name}`"
 
-    def _rejected(self, exc: OAuthError) -> CredentialsRejected:
+    def _rejected(self, exc: OAuthError, *, narrowing_to: str | None = None) -> CredentialsRejected:
         name = self.profile.name
         if exc.error == "invalid_scope":
-            why = (
-                "a per-request scope can only narrow the profile's own scope"
-                if self.parent is not None
-                else "fix the profile's scope"
+            scope, why = (
+                (narrowing_to, "a per-request scope can only narrow the profile's own scope")
+                if narrowing_to is not None
+                else (self.profile.scope, "fix the profile's scope")
             )
             return CredentialsRejected(
-                f"profile {name!r}: the identity provider refuses scope {self.profile.scope!r} ({exc}); {why}"
+                f"profile {name!r}: the identity provider refuses scope {scope!r} ({exc}); {why}"
             )
         if exc.error == "not_found":
             return CredentialsRejected(

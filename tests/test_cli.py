@@ -43,8 +43,9 @@ def cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.Complete
 
 
 def add_demo(
-    env: dict[str, str], idp: str, name: str = "acme", password: str = "demo"
+    env: dict[str, str], idp: str, name: str = "acme", password: str = "demo", vault_passphrase: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """`dc-broker add` for the demo user; a locked vault's passphrase is the third line of stdin."""
     return cli(
         env,
         "add",
@@ -59,7 +60,7 @@ def add_demo(
         "demo",
         "--password-stdin",
         "--secret-stdin",
-        stdin=f"{password}\ndc-cli-secret\n",
+        stdin=f"{password}\ndc-cli-secret\n" + (f"{vault_passphrase}\n" if vault_passphrase else ""),
     )
 
 
@@ -168,22 +169,7 @@ def test_passphrase_vault_locked_daemon_unlock_lock_restart(idp: str, home: dict
     assert cli(home, "init", "--passphrase-stdin", stdin="correct horse\n").returncode == 0
     vault = tmp_path / "data" / "dc-broker" / "vault.db"
     assert oct(vault.stat().st_mode & 0o777) == "0o600" and oct(vault.parent.stat().st_mode & 0o777) == "0o700"
-    added = cli(
-        home,
-        "add",
-        "acme",
-        "--server",
-        idp,
-        "--tenant",
-        "demo",
-        "--client-id",
-        "dc-cli",
-        "--username",
-        "demo",
-        "--password-stdin",
-        "--secret-stdin",
-        stdin="demo\ndc-cli-secret\ncorrect horse\n",
-    )
+    added = add_demo(home, idp, vault_passphrase="correct horse")
     assert added.returncode == 0, added.stderr
     sock = home["DC_BROKER_SOCKET"]
 
