@@ -26,7 +26,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -283,10 +283,6 @@ def parse_config(data: dict[str, Any], *, text: str = "", path: str = "<config>"
     except ConfigError as exc:
         raise ConfigError(f"{where('daemon')}: {exc}") from None
     return Config(profiles=profiles, daemon=settings, path=path)
-
-
-def with_overrides(p: Profile, **changes: Any) -> Profile:
-    return replace(p, **changes)
 
 
 def _toml_value(value: object) -> str:

@@ -189,8 +189,7 @@ def _scope_arg(args: Mapping[str, Any]) -> str | None:
 def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
     args = req.args
     name = _profile_arg(args)
-    authorized(state, caller, name)
-    session = state.sessions.lookup_scoped(name, _scope_arg(args))
+    session = state.sessions.lookup_scoped(authorized(state, caller, name), _scope_arg(args))
     min_ttl = _seconds_arg(args, "min_ttl", 0.0, MAX_MIN_TTL)
     state.audit.record(name, caller)
     now = state.last_use = state.clock()
@@ -203,8 +202,7 @@ def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Await
 def op_watch(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
     """Stream: the current token at once, then every new one, until the client closes or an error."""
     name = _profile_arg(req.args)
-    authorized(state, caller, name)
-    session = state.sessions.lookup_scoped(name, _scope_arg(req.args))
+    session = state.sessions.lookup_scoped(authorized(state, caller, name), _scope_arg(req.args))
     min_ttl = _seconds_arg(req.args, "min_ttl", 0.0, MAX_MIN_TTL)
     state.audit.record(name, caller)
     return _watch(state, session, min_ttl)

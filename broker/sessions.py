@@ -753,10 +753,10 @@ class Sessions:
             self._nursery.start_soon(self._run_one, session, 0.0)
         return session
 
-    def lookup_scoped(self, name: str, scope: str | None) -> Session:
-        """The session for ``(profile, scope)``: the profile's own for no scope or its configured one,
-        else a child session (created on first use) that narrows the profile's login to ``scope``."""
-        base = self.lookup(name)
+    def lookup_scoped(self, base: Session, scope: str | None) -> Session:
+        """The session for ``(base's profile, scope)``: ``base`` itself for no scope or its configured
+        one, else a child session (created on first use) that narrows base's login to ``scope``."""
+        name = base.profile.name
         if not scope or scope == base.profile.scope:
             return base
         child = self._scoped.get((name, scope))

@@ -364,20 +364,21 @@ async def test_scope_narrows_via_refresh_and_is_cached_per_scope(make_idp, autoj
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(sessions.run)
-        base = await sessions.lookup("demo").get()
-        narrowed = await sessions.lookup_scoped("demo", "openid").get()
+        demo = sessions.lookup("demo")
+        base = await demo.get()
+        narrowed = await sessions.lookup_scoped(demo, "openid").get()
         assert "phone" not in (narrowed.scope or "").split() and "phone" in (base.scope or "").split()
-        assert sessions.lookup_scoped("demo", "openid") is sessions.lookup_scoped("demo", "openid")
-        assert sessions.lookup_scoped("demo", "openid phone") is sessions.lookup("demo")
+        assert sessions.lookup_scoped(demo, "openid") is sessions.lookup_scoped(sessions.lookup("demo"), "openid")
+        assert sessions.lookup_scoped(demo, "openid phone") is sessions.lookup("demo")
         requests = token_requests(idp)
-        assert (await sessions.lookup_scoped("demo", "openid").get()).access_token == narrowed.access_token
+        assert (await sessions.lookup_scoped(demo, "openid").get()).access_token == narrowed.access_token
         assert token_requests(idp) == requests  # cached
         grants = idp.stats.token_requests
         assert grants[("demo", "dc-cli", "password")] == 1  # narrowing rode on the one login
         # hours of both refreshing with rotation on: the single refresh-token chain never forks
         for _ in range(60):
             await sessions.lookup("demo").get(min_ttl=100)
-            await sessions.lookup_scoped("demo", "openid").get(min_ttl=100)
+            await sessions.lookup_scoped(demo, "openid").get(min_ttl=100)
             await trio.sleep(120)
         assert idp.stats.refresh_reuse == 0
         assert sessions.lookup("demo").state is State.FRESH
@@ -394,7 +395,7 @@ async def test_client_credentials_scope_asks_with_the_secret(make_idp, autojump_
     sessions = Sessions({"service": profile("service")}, MemoryStore(dict(CREDENTIALS)), idp_transport(idp))
     async with trio.open_nursery() as nursery:
         await nursery.start(sessions.run)
-        tok = await sessions.lookup_scoped("service", "openid").get()
+        tok = await sessions.lookup_scoped(sessions.lookup("service"), "openid").get()
         assert "openid" in (tok.scope or "")
         nursery.cancel_scope.cancel()
 
