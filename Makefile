@@ -4,11 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench fuzz clean
+.PHONY: demo test lint typecheck unit install-test bench fuzz clean
 
+# An editable install (hatchling: a static .pth naming broker/ and client/, the import packages
+# dc_broker and dc_token beneath them) with the dev IdP extra and the test tools.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,test]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,10 +26,14 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the wheel as a user installs it (also part of `make unit`: tests/test_install.py, marker `install`)
+install-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m install
+
 test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/results
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/results dist build

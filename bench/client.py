@@ -18,7 +18,7 @@ from pathlib import Path
 
 import common
 
-from client.sync import TokenClient
+from dc_token.sync import TokenClient
 
 RUNS = 30
 HIT_CALLS = 100_000

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import common
 
-from client.sync import TokenClient
+from dc_token.sync import TokenClient
 
 RUNS = 15
 ACTIVATE = shutil.which("systemd-socket-activate")
@@ -28,7 +28,7 @@ DC_BROKER = str(Path(sys.executable).parent / "dc-broker")
 
 def start_idp() -> tuple[subprocess.Popen[str], str]:
     idp = subprocess.Popen(
-        [sys.executable, "-m", "broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [sys.executable, "-m", "dc_broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     assert idp.stdout is not None
     return idp, idp.stdout.readline().strip()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common
 
-from client.protocol import Request, encode
+from dc_token.protocol import Request, encode
 
 OPS = ["hello", "token", "invalidate", "status", "watch", "login", "unlock", "lock", "", "x" * 70, "tok\x00en"]
 KEYS = ["v", "id", "op", "profile", "min_ttl", "scope", "token", "password", "more", "\x00", "k" * 300]
@@ -158,7 +158,7 @@ def run(sock_path: str, broker_pid: int, frames: int, workers: int = 2, seed: in
 def main() -> None:
     frames = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     with common.dev() as (sock, _):
-        from client.sync import TokenClient
+        from dc_token.sync import TokenClient
 
         pid = TokenClient(sock).hello()["pid"]
         result = run(sock, pid, frames)

@@ -27,13 +27,13 @@ import httpx
 import trio
 import trio.testing
 
-from broker.config import Profile
-from broker.devserver import DevIdP, demo_realm, serve
-from broker.oidc import IdpTransport
-from broker.secret import Secret
-from broker.sessions import Session
-from broker.store import Credentials, MemoryStore
-from client.sync import TokenClient
+from dc_broker.config import Profile
+from dc_broker.devserver import DevIdP, demo_realm, serve
+from dc_broker.oidc import IdpTransport
+from dc_broker.secret import Secret
+from dc_broker.sessions import Session
+from dc_broker.store import Credentials, MemoryStore
+from dc_token.sync import TokenClient
 from tests.e2e import start_run, stop, wait_for_socket
 
 
@@ -100,7 +100,7 @@ def _measure(sock_path: str, seconds: float, q: mp.Queue) -> None:  # type: igno
     """Raw frames (no client-side cache): every sample is a real round trip through the broker."""
     import socket
 
-    from client.protocol import Request, encode
+    from dc_token.protocol import Request, encode
 
     def conn() -> socket.socket:
         s = socket.socket(socket.AF_UNIX)

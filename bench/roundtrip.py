@@ -15,8 +15,8 @@ import time
 
 import common
 
-from client.protocol import Request, encode
-from client.sync import TokenClient
+from dc_token.protocol import Request, encode
+from dc_token.sync import TokenClient
 
 WARMUP = 2000
 SAMPLES = 20000

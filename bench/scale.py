@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common
 
-from broker import control
-from broker.oidc import TokenSet
-from broker.secret import Secret
-from broker.store import Credentials
-from broker.vault import Passphrase, Vault
+from dc_broker import control
+from dc_broker.oidc import TokenSet
+from dc_broker.secret import Secret
+from dc_broker.store import Credentials
+from dc_broker.vault import Passphrase, Vault
 from tests.e2e import DC_BROKER, DC_TOKEN, wait_for_socket
 
 PASSPHRASE = "bench passphrase"

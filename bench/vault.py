@@ -25,10 +25,10 @@ from typing import Any
 import common
 import trio
 
-from broker.oidc import TokenSet
-from broker.secret import Secret
-from broker.store import Credentials
-from broker.vault import PRODUCTION_KDF, KeyFile, Passphrase, Vault, create_key_file
+from dc_broker.oidc import TokenSet
+from dc_broker.secret import Secret
+from dc_broker.store import Credentials
+from dc_broker.vault import PRODUCTION_KDF, KeyFile, Passphrase, Vault, create_key_file
 from tests.vault_writer import kill_loop, new_vault
 
 KILLS = 200
@@ -81,7 +81,7 @@ async def _save_latency(vault: Vault) -> list[float]:
 # run in a fresh interpreter that imports only the vault, so its RSS is what a daemon's store costs
 READY_CHILD = """
 import json, sys, time
-from broker.vault import Vault
+from dc_broker.vault import Vault
 def hwm_mib():  # VmHWM, not ru_maxrss: that one keeps the forking parent's peak across exec
     status = open("/proc/self/status").read()
     return int(status.split("VmHWM:")[1].split()[0]) / 1024

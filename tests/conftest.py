@@ -10,13 +10,13 @@ import httpx
 import pytest
 import trio
 
-from broker.config import Profile
-from broker.devserver import DevIdP, demo_realm
-from broker.oidc import IdpTransport
-from broker.policy import DEFAULT_POLICY, RefreshPolicy
-from broker.secret import Secret
-from broker.sessions import Session
-from broker.store import Credentials, MemoryStore
+from dc_broker.config import Profile
+from dc_broker.devserver import DevIdP, demo_realm
+from dc_broker.oidc import IdpTransport
+from dc_broker.policy import DEFAULT_POLICY, RefreshPolicy
+from dc_broker.secret import Secret
+from dc_broker.sessions import Session
+from dc_broker.store import Credentials, MemoryStore
 
 WALL0 = 1_750_000_000.0
 IDP_URL = "http://127.0.0.1:1"  # never dialled: requests go straight into the ASGI app

@@ -57,7 +57,7 @@ def run_crash_loop(kills: int, *, max_reuse: int = 1, access_lifespan: int = 1, 
             [
                 sys.executable,
                 "-m",
-                "broker.devserver",
+                "dc_broker.devserver",
                 "--rotate",
                 "--max-reuse",
                 str(max_reuse),

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from client.protocol import Request, encode
+from dc_token.protocol import Request, encode
 
 BIN = Path(sys.executable).parent
 DC_BROKER = str(BIN / "dc-broker")

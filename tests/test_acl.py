@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
-from broker.acl import Identity, allowed, parse_rule, parse_rules
-from broker.identity import boottime, identify, peer_credentials, unit_from_cgroup
-from client.errors import ConfigError
+from dc_broker.acl import Identity, allowed, parse_rule, parse_rules
+from dc_broker.identity import boottime, identify, peer_credentials, unit_from_cgroup
+from dc_token.errors import ConfigError
 
 WHO = Identity(
     uid=1001,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def idp() -> Iterator[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [sys.executable, "-m", "dc_broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     assert proc.stdout is not None
     yield proc.stdout.readline().strip()
@@ -73,7 +73,9 @@ def test_add_list_remove_without_a_daemon(idp: str, home: dict[str, str], tmp_pa
     init_keyfile(home, tmp_path)
     result = add_demo(home, idp)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("Added profile acme (") and "Next: `dc-token acme`" in result.stdout
+    assert result.stdout.startswith("Added profile acme (") and result.stdout.endswith(
+        "Next: `dc-broker run` (or `systemctl --user start dc-broker`), then `dc-token acme`\n"
+    )
     listed = cli(home, "list")
     assert listed.returncode == 0 and listed.stdout.startswith("acme  password")
     config = (tmp_path / "config" / "dc-broker" / "config.toml").read_text()

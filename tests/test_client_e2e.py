@@ -19,10 +19,10 @@ import httpx
 import pytest
 import trio
 
-from client.aio import AsyncTokenClient
-from client.errors import BrokerUnavailable, UnknownProfile
-from client.httpx import BrokerAuth
-from client.sync import TokenClient
+from dc_token.aio import AsyncTokenClient
+from dc_token.errors import BrokerUnavailable, UnknownProfile
+from dc_token.httpx import BrokerAuth
+from dc_token.sync import TokenClient
 from tests.e2e import BIN, DC_TOKEN, dc_token, dev_broker
 from tests.test_client_unit import check_exec_credential_v1
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import trio
 
-from client import cli
-from client.httpx import RETRY_MIN_TTL, BrokerAuth, GetToken, Invalidate
-from client.sync import CACHE_MARGIN, Token, TokenCache
+from dc_token import cli
+from dc_token.httpx import RETRY_MIN_TTL, BrokerAuth, GetToken, Invalidate
+from dc_token.sync import CACHE_MARGIN, Token, TokenCache
 
 
 def tok(value: str = "t1", profile: str = "acme", expires_at: float = 2e9) -> Token:
@@ -28,7 +28,7 @@ def tok(value: str = "t1", profile: str = "acme", expires_at: float = 2e9) -> To
 
 def test_cache_serves_while_min_ttl_plus_margin_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("client.sync._monotonic", lambda: now[0])
+    monkeypatch.setattr("dc_token.sync._monotonic", lambda: now[0])
     cache = TokenCache()
     cache.put(tok(), deadline=100.0 + 300)
     assert cache.get("acme", 0) == tok()
@@ -51,7 +51,7 @@ def test_cache_keeps_the_newer_token_and_forgets_only_the_named_one() -> None:
 
 
 def test_cache_never_outlives_the_brokers_next_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
-    import client.sync as sync
+    import dc_token.sync as sync
 
     now = [1000.0]
     monkeypatch.setattr(sync, "_monotonic", lambda: now[0])
@@ -115,7 +115,7 @@ def test_usage_errors_exit_2_with_one_line(argv: list[str], message: str, capsys
 def test_help_lists_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    from client.errors import EXIT_CODES
+    from dc_token.errors import EXIT_CODES
 
     for code, text in EXIT_CODES.items():
         assert f"{code:>3}  {text}" in out
@@ -129,7 +129,7 @@ def test_read_credential_stops_at_the_blank_line() -> None:
 
 def test_importing_dc_token_loads_nothing_heavy() -> None:
     out = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import client.cli"], capture_output=True, text=True, check=True
+        [sys.executable, "-X", "importtime", "-c", "import dc_token.cli"], capture_output=True, text=True, check=True
     ).stderr
     loaded = {line.rsplit("|", 1)[-1].strip() for line in out.splitlines()}
     assert not loaded & {"trio", "httpx", "click", "anyio", "argparse", "json", "subprocess"}

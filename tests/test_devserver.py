@@ -1,6 +1,6 @@
-"""The dev IdP (broker.devserver): Keycloak-exact grants, errors, session expiry, rotation, the
+"""The dev IdP (dc_broker.devserver): Keycloak-exact grants, errors, session expiry, rotation, the
 device flow, faults and the demo API, driven in-process through httpx's ASGI transport with a fake
-clock, plus real HTTP through serve() and the ``python -m broker.devserver`` process."""
+clock, plus real HTTP through serve() and the ``python -m dc_broker.devserver`` process."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import jwt
 import pytest
 import trio
 
-from broker.devserver import DevClient, DevIdP, DevRealm, DevUser, demo_realm, serve
+from dc_broker.devserver import DevClient, DevIdP, DevRealm, DevUser, demo_realm, serve
 
 BASE = "http://idp.test"
 OIDC = "/realms/demo/protocol/openid-connect"
@@ -737,7 +737,7 @@ async def test_serve_over_real_http_then_refuses_after_cancel() -> None:
 
 async def test_command_line_prints_url_first_and_exits_0_on_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.devserver", "--access-lifespan", "60", "--rotate"],
+        [sys.executable, "-m", "dc_broker.devserver", "--access-lifespan", "60", "--rotate"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -15,9 +15,9 @@ import httpx
 import msgpack
 import pytest
 
-from client.errors import BrokerUnavailable, UnknownProfile
-from client.protocol import Request, encode
-from client.sync import TokenClient
+from dc_token.errors import BrokerUnavailable, UnknownProfile
+from dc_token.protocol import Request, encode
+from dc_token.sync import TokenClient
 from tests.e2e import DC_BROKER, dc_token, dev_broker, run, start_run, stop
 
 pytestmark = pytest.mark.e2e

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.protocol import Request, encode
-from client.sync import TokenClient
+from dc_token.protocol import Request, encode
+from dc_token.sync import TokenClient
 from tests.e2e import DC_BROKER, dc_token, dev_broker, run, start_run, stop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))

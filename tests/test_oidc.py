@@ -8,11 +8,11 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from broker import oidc
-from broker.config import Profile
-from broker.oidc import ClientCredentials, HttpResponse
-from broker.secret import Secret
-from client.errors import OAuthError, UpstreamGarbage, UpstreamTransient
+from dc_broker import oidc
+from dc_broker.config import Profile
+from dc_broker.oidc import ClientCredentials, HttpResponse
+from dc_broker.secret import Secret
+from dc_token.errors import OAuthError, UpstreamGarbage, UpstreamTransient
 
 URL = "https://sso.example.com/auth/realms/acme/protocol/openid-connect/token"
 

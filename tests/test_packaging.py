@@ -10,7 +10,7 @@ import pytest
 HEAVY = ("trio", "httpx", "click", "anyio", "httpcore", "h11", "sniffio", "starlette", "hypercorn", "jwt")
 
 
-@pytest.mark.parametrize("module", ["client.cli", "client.sync", "client.protocol", "client"])
+@pytest.mark.parametrize("module", ["dc_token.cli", "dc_token.sync", "dc_token.protocol", "dc_token"])
 def test_client_imports_nothing_heavy(module: str) -> None:
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {module}"], capture_output=True, text=True, check=True

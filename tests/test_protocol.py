@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.errors import LocalProtocolError, RemoteProtocolError, error_for_code
-from client.protocol import (
+from dc_token.errors import LocalProtocolError, RemoteProtocolError, error_for_code
+from dc_token.protocol import (
     MAX_FRAME,
     NEED_DATA,
     ErrorCode,

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import trio
 
-from broker import policy
-from broker.oidc import TokenSet
-from broker.secret import Secret
-from broker.sessions import Session, State, shift_times
-from broker.store import Credentials
-from client.errors import CredentialsRejected, LoginRequired, UpstreamError, UpstreamUnavailable
+from dc_broker import policy
+from dc_broker.oidc import TokenSet
+from dc_broker.secret import Secret
+from dc_broker.sessions import Session, State, shift_times
+from dc_broker.store import Credentials
+from dc_token.errors import CredentialsRejected, LoginRequired, UpstreamError, UpstreamUnavailable
 from tests.conftest import make_session, trio_wall_clock
 
 T = 1800.0
@@ -135,7 +135,7 @@ async def test_session_max_leads_to_relogin_with_stored_password(make_idp, autoj
 async def test_device_login_expires_to_login_required(make_idp, autojump_clock) -> None:
     idp = make_idp(access_lifespan=300, sso_idle=300, sso_max=900)
     # a device login that already happened: the store holds the refresh token it produced
-    from broker import oidc
+    from dc_broker import oidc
     from tests.conftest import idp_transport
 
     t = idp_transport(idp)
@@ -313,8 +313,8 @@ async def test_min_ttl_beyond_lifetime_does_not_refresh_every_call(make_idp, aut
 
 
 async def test_reload_adds_changes_and_removes_without_dropping_tokens(make_idp, autojump_clock) -> None:
-    from broker.sessions import Sessions
-    from broker.store import MemoryStore
+    from dc_broker.sessions import Sessions
+    from dc_broker.store import MemoryStore
     from tests.conftest import CREDENTIALS, idp_transport, profile
 
     idp = make_idp()
@@ -354,8 +354,8 @@ async def test_restart_serves_stored_tokens_at_once(make_idp, autojump_clock) ->
 
 
 async def test_scope_narrows_via_refresh_and_is_cached_per_scope(make_idp, autojump_clock) -> None:
-    from broker.sessions import Sessions
-    from broker.store import MemoryStore
+    from dc_broker.sessions import Sessions
+    from dc_broker.store import MemoryStore
     from tests.conftest import CREDENTIALS, idp_transport, profile
 
     idp = make_idp(access_lifespan=300, sso_idle=1800, rotate_refresh_tokens=True)
@@ -387,8 +387,8 @@ async def test_scope_narrows_via_refresh_and_is_cached_per_scope(make_idp, autoj
 
 
 async def test_client_credentials_scope_asks_with_the_secret(make_idp, autojump_clock) -> None:
-    from broker.sessions import Sessions
-    from broker.store import MemoryStore
+    from dc_broker.sessions import Sessions
+    from dc_broker.store import MemoryStore
     from tests.conftest import CREDENTIALS, idp_transport, profile
 
     idp = make_idp()
@@ -480,9 +480,9 @@ async def test_a_caller_joining_a_round_leaves_no_stale_demand(make_idp, autojum
 
 
 async def test_auto_lock_after_idle(make_idp, autojump_clock) -> None:
-    from broker.ops import BrokerState, auto_lock
-    from broker.sessions import Sessions
-    from broker.store import MemoryStore
+    from dc_broker.ops import BrokerState, auto_lock
+    from dc_broker.sessions import Sessions
+    from dc_broker.store import MemoryStore
     from tests.conftest import CREDENTIALS, idp_transport, profile
 
     class FakeVault(MemoryStore):  # the vault's lock surface, in memory

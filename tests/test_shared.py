@@ -20,7 +20,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from client.protocol import Request, encode
+from dc_token.protocol import Request, encode
 from tests.e2e import DC_BROKER, start_run, stop, wait_for_socket
 
 pytestmark = [
@@ -84,7 +84,7 @@ def users() -> dict[str, int]:
 @pytest.fixture(scope="module")
 def shared(users: dict[str, int]) -> Iterator[str]:
     idp = subprocess.Popen(
-        [os.path.join(os.path.dirname(DC_BROKER), "python"), "-m", "broker.devserver"],
+        [os.path.join(os.path.dirname(DC_BROKER), "python"), "-m", "dc_broker.devserver"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -28,11 +28,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from broker import systemd
-from broker.cli import cli
-from broker.logs import JournalFormatter, setup_logging, stderr_is_journal, syslog_priority
-from broker.systemd_install import DEFAULT_EXEC, SYSTEM_UNITS, SYSUSERS, USER_UNITS, render
-from client.sync import TokenClient
+from dc_broker import systemd
+from dc_broker.cli import cli
+from dc_broker.logs import JournalFormatter, setup_logging, stderr_is_journal, syslog_priority
+from dc_broker.systemd_install import DEFAULT_EXEC, SYSTEM_UNITS, SYSUSERS, USER_UNITS, render
+from dc_token.sync import TokenClient
 from tests import e2e
 from tests.e2e import DC_BROKER, stop, wait_for_socket
 

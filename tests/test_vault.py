@@ -20,12 +20,12 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.keysource import derive_kek, read_key_file
-from broker.oidc import TokenSet
-from broker.secret import Secret
-from broker.sessions import Session, State
-from broker.store import Credentials
-from broker.vault import (
+from dc_broker.keysource import derive_kek, read_key_file
+from dc_broker.oidc import TokenSet
+from dc_broker.secret import Secret
+from dc_broker.sessions import Session, State
+from dc_broker.store import Credentials
+from dc_broker.vault import (
     PRODUCTION_KDF,
     KdfParams,
     KeyFile,
@@ -36,7 +36,7 @@ from broker.vault import (
     default_vault_path,
     unlock_delay,
 )
-from client.errors import Locked, LoginRequired, RecordCorrupt, VaultBusy, VaultError, WrongPassphrase
+from dc_token.errors import Locked, LoginRequired, RecordCorrupt, VaultBusy, VaultError, WrongPassphrase
 from tests.conftest import CREDENTIALS, idp_transport, profile, trio_wall_clock
 
 FAST = KdfParams(memory_kib=64, iterations=1, lanes=1)  # tests only: production is 64 MiB
@@ -504,7 +504,7 @@ def test_systemd_credential_source(home: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_a_second_opener_is_refused_naming_the_path(vault: Vault) -> None:
     with pytest.raises(VaultBusy, match=rf"{vault.path} is already open"):
         Vault.open(vault.path)
-    code = "import sys\nfrom broker.vault import Vault\ntry:\n    Vault.open(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    code = "import sys\nfrom dc_broker.vault import Vault\ntry:\n    Vault.open(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
     out = subprocess.run(
         [sys.executable, "-c", code, vault.path], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout

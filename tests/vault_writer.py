@@ -22,9 +22,9 @@ from pathlib import Path
 
 import trio
 
-from broker.oidc import TokenSet
-from broker.secret import Secret
-from broker.vault import KeyFile, Vault, create_key_file
+from dc_broker.oidc import TokenSet
+from dc_broker.secret import Secret
+from dc_broker.vault import KeyFile, Vault, create_key_file
 
 PROFILE = "rotating"
 REPO = Path(__file__).resolve().parent.parent

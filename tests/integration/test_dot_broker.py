@@ -16,12 +16,12 @@ import httpx
 import pytest
 import trio
 
-from broker.config import Profile
-from broker.oidc import IdpTransport, TokenSet
-from broker.secret import Secret
-from broker.sessions import Session, State
-from broker.store import Credentials, MemoryStore
-from client.errors import CredentialsRejected
+from dc_broker.config import Profile
+from dc_broker.oidc import IdpTransport, TokenSet
+from dc_broker.secret import Secret
+from dc_broker.sessions import Session, State
+from dc_broker.store import Credentials, MemoryStore
+from dc_token.errors import CredentialsRejected
 from tests.integration.conftest import DotServer
 from tests.integration.dot_idp import (
     ACCESS_LIFETIME,

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.sync import TokenClient
+from dc_token.sync import TokenClient
 from tests.e2e import dc_token, start_run, stop, wait_for_socket
 from tests.integration.conftest import DotServer
 from tests.integration.dot_idp import (

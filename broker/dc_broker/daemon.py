@@ -1,0 +1,311 @@
+"""Assemble and run one broker: listening socket + sessions + server, until cancelled or signalled.
+
+This is the composition root: it owns the process-level concerns (the socket's lifetime, signals,
+telling systemd how we are, closing the HTTP client and the store) and nothing else. ``dc-broker
+run`` and ``dc-broker dev`` both call ``run_broker``; tests can call it in-process too.
+
+With ``systemd=True`` (``dc-broker run``) the broker speaks the service-manager contract through
+``dc_broker.systemd``, all of it a no-op outside systemd:
+
+- socket activation: a listening socket passed in ``LISTEN_FDS`` is served instead of binding our
+  own, and is neither unlinked nor locked (systemd owns it);
+- ``READY=1`` once the socket accepts; ``STATUS=`` with the profile count and vault lock state;
+  ``WATCHDOG=1`` every half ``WatchdogSec=`` from a task of the event loop;
+- with ``handle_signals=True``: SIGTERM/SIGINT send ``STOPPING=1``, stop accepting, let requests
+  already waiting on a refresh get their answers, let refreshes in progress store their tokens,
+  close the store and return (exit status 0); a second signal stops at once. SIGHUP re-reads the
+  config file and applies it with ``Sessions.reload`` (unchanged profiles keep their tokens); a
+  config that does not load is logged and the running profiles are kept.
+"""
+
+from __future__ import annotations
+
+import grp
+import inspect
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import IO
+
+import trio
+
+from dc_broker import systemd
+from dc_broker.audit import Audit
+from dc_broker.config import DaemonSettings, Profile, load_config
+from dc_broker.listen import bind_unix_socket, release
+from dc_broker.oidc import IdpTransport
+from dc_broker.ops import BrokerState, auto_lock
+from dc_broker.policy import DEFAULT_POLICY, RefreshPolicy
+from dc_broker.server import Limits, Server
+from dc_broker.sessions import Sessions, State
+from dc_broker.store import SecretStore
+from dc_token.errors import ConfigError
+
+log = logging.getLogger("dc_broker")
+
+#: longest a stop waits for in-flight requests and refreshes (systemd's TimeoutStopSec is 90 s)
+DRAIN_TIMEOUT = 20.0
+#: how often STATUS= is recomputed (sent only when it changed)
+STATUS_EVERY = 5.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def vault_state(store: SecretStore) -> str:
+    """``locked`` / ``unlocked`` for a store with a ``locked`` attribute (the vault), else ``in memory``."""
+    locked = getattr(store, "locked", None)
+    if callable(locked):
+        locked = locked()
+    if isinstance(locked, bool):
+        return "locked" if locked else "unlocked"
+    return "in memory"
+
+
+def status_line(sessions: Sessions, store: SecretStore) -> str:
+    """One line for ``systemctl status``: counts and states only, never a token or a name's secret."""
+    now = sessions.clock()
+    states = [sessions.lookup(name).effective_state(now) for name in sessions.names()]
+    fresh = sum(1 for s in states if s is State.FRESH)
+    waiting = sum(1 for s in states if s in (State.LOGIN_REQUIRED, State.REJECTED))
+    text = f"{len(states)} profile(s), {fresh} fresh"
+    if waiting:
+        text += f", {waiting} need a login or new credentials"
+    return f"{text}; vault {vault_state(store)}"
+
+
+class _Listener:
+    """The socket we serve: our own (bound, locked, unlinked on exit) or systemd's (only closed)."""
+
+    def __init__(self, sock: socket.socket, path: str, lock: IO[bytes] | None) -> None:
+        self.sock = sock
+        self.path = path
+        self.lock = lock
+
+    @classmethod
+    def open(cls, socket_path: str, *, activation: bool, strict_dir: bool, mode: int) -> _Listener:
+        fds = systemd.listen_fds() if activation else []
+        if fds:
+            if len(fds) > 1:
+                log.warning("systemd passed %d sockets; serving the first (fd %d) only", len(fds), fds[0])
+            try:
+                sock = systemd.listening_unix_socket(fds[0])
+            except systemd.ActivationError as exc:
+                raise ConfigError(str(exc)) from None
+            name = sock.getsockname()
+            path = name if isinstance(name, str) and name else f"fd {fds[0]}"
+            log.info("serving the socket systemd passed: %s", path)
+            return cls(sock, path, None)
+        sock, lock = bind_unix_socket(socket_path, strict_dir=strict_dir, mode=mode)
+        return cls(sock, os.path.abspath(socket_path), lock)
+
+    @property
+    def activated(self) -> bool:
+        return self.lock is None
+
+    def close(self) -> None:
+        if self.lock is None:
+            self.sock.close()  # systemd's socket: it keeps the path and queues the next callers
+        else:
+            release(self.path, self.sock, self.lock)
+
+
+class _Supervisor:
+    """Signals, notifications and the watchdog around one running broker."""
+
+    def __init__(
+        self,
+        server: Server,
+        sessions: Sessions,
+        store: SecretStore,
+        notifier: systemd.Notifier,
+        *,
+        config_path: str | None,
+        drain_timeout: float,
+    ) -> None:
+        self.server = server
+        self.sessions = sessions
+        self.store = store
+        self.notifier = notifier
+        self.config_path = config_path
+        self.drain_timeout = drain_timeout
+        self._last_status = ""
+
+    def send_status(self, **extra: str | int) -> None:
+        line = status_line(self.sessions, self.store)
+        if extra or line != self._last_status:
+            self._last_status = line
+            self.notifier.send(**extra, STATUS=line)
+
+    async def status_loop(self) -> None:
+        while True:
+            await trio.sleep(STATUS_EVERY)
+            self.send_status()
+
+    async def watchdog_loop(self, dog: systemd.Watchdog) -> None:
+        log.debug("watchdog: pinging every %.1f s", dog.ping_every)
+        while True:
+            self.notifier.send(WATCHDOG=1)
+            await trio.sleep(dog.ping_every)
+
+    async def signals(
+        self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Handle SIGTERM/SIGINT (drain, then cancel ``scope``) and SIGHUP (reload) until cancelled."""
+        with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as received:
+            task_status.started()  # from here SIGHUP no longer kills the process
+            async with trio.open_nursery() as nursery:
+                stopping = False
+                async for signum in received:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        self.reload()
+                    elif stopping:
+                        log.warning("received %s again; stopping without waiting", name)
+                        scope.cancel()
+                    else:
+                        stopping = True
+                        log.info("received %s; stopping", name)
+                        nursery.start_soon(self.stop, scope)
+
+    async def stop(self, scope: trio.CancelScope) -> None:
+        self.notifier.send(STOPPING=1, STATUS=f"stopping: answering {self.server.pending} request(s) in flight")
+        deadline = trio.current_time() + self.drain_timeout
+        answered = await self.server.drain(self.drain_timeout)
+        if not answered:
+            log.warning(
+                "stopping with %d request(s) still unanswered after %.0f s", self.server.pending, self.drain_timeout
+            )
+        with trio.move_on_at(deadline) as settle:
+            # a refresh in progress stores its (maybe rotated) tokens first; polled: Session has no public event
+            while any(self.sessions.lookup(n).state is State.REFRESHING for n in self.sessions.names()):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        if settle.cancelled_caught:
+            log.warning("stopping during a refresh; its result is lost")
+        scope.cancel()
+
+    def reload(self) -> None:
+        """SIGHUP: apply the config file again; a broken file changes nothing."""
+        self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000, STATUS="reloading config")
+        try:
+            if self.config_path is None:
+                raise ConfigError("no config file was given at start")
+            config = load_config(self.config_path, missing_ok=False)
+        except ConfigError as exc:
+            log.error(
+                "SIGHUP: config not reloaded, still serving the %d profile(s) loaded before: %s",
+                len(self.sessions),
+                exc,
+            )
+        else:
+            added, changed, removed = self.sessions.reload(config.profiles)
+            log.info(
+                "SIGHUP: reloaded %s: %d profile(s); added %s, changed %s, removed %s",
+                self.config_path,
+                len(self.sessions),
+                ", ".join(added) or "none",
+                ", ".join(changed) or "none",
+                ", ".join(removed) or "none",
+            )
+        self.send_status(READY=1)
+
+
+async def _close_store(store: SecretStore) -> None:
+    """Stores that hold a file (the vault) flush and close; the memory store has nothing to close."""
+    close = getattr(store, "aclose", None) or getattr(store, "close", None)
+    if callable(close):
+        result = close()
+        if inspect.isawaitable(result):
+            await result
+
+
+async def run_broker(
+    profiles: dict[str, Profile],
+    store: SecretStore,
+    socket_path: str,
+    *,
+    idp: IdpTransport | None = None,
+    refresh_policy: RefreshPolicy = DEFAULT_POLICY,
+    strict_dir: bool = True,
+    socket_mode: int = 0o600,
+    systemd_integration: bool = False,
+    handle_signals: bool = False,
+    config_path: str | None = None,
+    drain_timeout: float = DRAIN_TIMEOUT,
+    system: bool = False,
+    settings: DaemonSettings | None = None,
+    on_ready: Callable[[], None] | None = None,
+    task_status: trio.TaskStatus[Sessions] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled (or, with ``handle_signals``, until SIGTERM/SIGINT has drained us).
+
+    ``task_status.started(sessions)`` once the socket accepts. See the module docstring for
+    ``systemd_integration`` and ``handle_signals``; ``config_path`` is what SIGHUP re-reads."""
+    notifier = systemd.Notifier.from_environ() if systemd_integration else systemd.Notifier(None)
+    dog = systemd.watchdog() if systemd_integration else None
+    listener = _Listener.open(socket_path, activation=systemd_integration, strict_dir=strict_dir, mode=socket_mode)
+    transport = idp or IdpTransport()
+    sessions = Sessions(profiles, store, transport, refresh_policy=refresh_policy)
+    settings = settings or DaemonSettings()
+    if system and settings.group and not listener.activated:
+        _give_socket_to_group(listener.path, settings.group)
+    state = BrokerState(
+        sessions=sessions,
+        socket_path=listener.path,
+        system=system,
+        audit=Audit(settings.audit_interval),
+        config_path=config_path,
+    )
+    server = Server(
+        state,
+        limits=Limits(
+            max_in_flight=settings.max_in_flight,
+            max_connections=settings.max_connections,
+            max_frame=settings.max_frame,
+            partial_frame_timeout=settings.partial_frame_timeout,
+        ),
+    )
+    supervisor = _Supervisor(server, sessions, store, notifier, config_path=config_path, drain_timeout=drain_timeout)
+    try:
+        async with trio.open_nursery() as nursery:
+            if handle_signals:
+                await nursery.start(supervisor.signals, nursery.cancel_scope)
+            await nursery.start(sessions.run)
+            await nursery.start(server.serve, listener.sock)
+            nursery.start_soon(state.audit.run)
+            nursery.start_soon(auto_lock, state, settings.auto_lock_after)
+            how = " (socket from systemd)" if listener.activated else ""
+            log.info("dc-broker ready on %s%s with %d profile(s)", listener.path, how, len(sessions))
+            if notifier.enabled:
+                supervisor.send_status(READY=1)
+                nursery.start_soon(supervisor.status_loop)
+            if dog is not None:
+                nursery.start_soon(supervisor.watchdog_loop, dog)
+            if on_ready is not None:
+                on_ready()
+            task_status.started(sessions)
+    finally:
+        listener.close()
+        with trio.CancelScope(shield=True):
+            await transport.aclose()
+            await _close_store(store)
+        notifier.close()
+
+
+def _give_socket_to_group(path: str, group: str) -> None:
+    """System mode: members of ``group`` may connect (socket 0660); allow rules decide the rest."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"daemon.group {group!r} does not exist; create it or change the config") from None
+    os.chown(path, -1, gid)
+
+
+async def until_signalled(scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` on SIGINT or SIGTERM (a clean stop, exit status 0)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            scope.cancel()
+            return

@@ -1,0 +1,289 @@
+"""The HTTP face of the dev IdP: a Starlette app with Keycloak's OIDC routes and the demo API.
+
+Every realm route exists under both prefixes, ``/auth/realms/{realm}/...`` (Keycloak <= 16, RH-SSO)
+and ``/realms/{realm}/...`` (Quarkus); the issuer follows the prefix and Host header actually used.
+This module only translates: form bodies in (``urllib.parse.parse_qsl``, no python-multipart),
+``grants`` does the logic, ``OAuthProblem`` becomes a JSON error response in ``_problem``.
+Faults (``state.faults``) run before any handler; the token endpoint counts requests first.
+
+The demo API accepts an access token from any realm of this IdP that is signed by its key, not
+expired by ``state.clock``, not revoked, whose session is alive, and that carries the realm role
+``state.api_role``: 401 otherwise (``WWW-Authenticate: Bearer error="invalid_token"`` when a token was
+sent), 403 without the role.
+
+Routes (``{base}`` = ``[/auth]/realms/{realm}``):
+
+    GET  {base}/.well-known/openid-configuration      GET  {base}/protocol/openid-connect/certs
+    POST {base}/protocol/openid-connect/token         POST {base}/protocol/openid-connect/token/introspect
+    POST {base}/protocol/openid-connect/auth/device   GET/POST {base}/device  (verification page)
+    POST {base}/protocol/openid-connect/logout        POST {base}/protocol/openid-connect/revoke
+    GET  {base}                                        GET  /dp/api/v1/aiconnections/types  (demo API)
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from dc_broker.devidp import grants
+from dc_broker.devidp.grants import OAuthProblem, TokenRequest
+from dc_broker.devidp.realm import DevRealm
+from dc_broker.devidp.state import IdPState
+
+NO_STORE: Final = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+OIDC: Final = "protocol/openid-connect"
+CONNECTION_TYPES: Final = [
+    {"id": "openai", "name": "OpenAI", "auth": "api_key"},
+    {"id": "azure-openai", "name": "Azure OpenAI", "auth": "api_key"},
+    {"id": "anthropic", "name": "Anthropic", "auth": "api_key"},
+    {"id": "ollama", "name": "Ollama", "auth": "none"},
+]
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _problem(problem: OAuthProblem) -> JSONResponse:
+    return JSONResponse(problem.body(), problem.status, headers=NO_STORE)
+
+
+def _no_realm() -> JSONResponse:
+    return JSONResponse({"error": "Realm does not exist"}, 404)
+
+
+def issuer_for(request: Request, realm: str) -> str:
+    prefix = "/auth" if request.url.path.startswith("/auth/") else ""
+    host = request.headers.get("host") or request.url.netloc
+    return f"{request.url.scheme}://{host}{prefix}/realms/{realm}"
+
+
+async def _read_form(request: Request) -> tuple[dict[str, str], bool]:
+    """The form fields (last one wins) and whether any field was sent twice."""
+    pairs = parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
+    form = dict(pairs)
+    return form, len(form) != len(pairs)
+
+
+class Endpoints:
+    """Route handlers bound to one ``IdPState``."""
+
+    def __init__(self, state: IdPState) -> None:
+        self.state = state
+
+    def routes(self) -> list[Route]:
+        per_realm: list[tuple[str, Handler, list[str]]] = [
+            ("", self.realm_info, ["GET"]),
+            ("/.well-known/openid-configuration", self.discovery, ["GET"]),
+            (f"/{OIDC}/certs", self.certs, ["GET"]),
+            (f"/{OIDC}/token", self.token, ["POST"]),
+            (f"/{OIDC}/token/introspect", self.form_endpoint("introspect", self._introspect), ["POST"]),
+            (f"/{OIDC}/auth/device", self.form_endpoint("device", self._device_authorization), ["POST"]),
+            (f"/{OIDC}/logout", self.form_endpoint("logout", self._logout), ["POST"]),
+            (f"/{OIDC}/revoke", self.form_endpoint("revoke", self._revoke), ["POST"]),
+            ("/device", self.verification_page, ["GET", "POST"]),
+        ]
+        routes = [
+            Route(f"{prefix}/realms/{{realm}}{path}", handler, methods=methods)
+            for prefix in ("/auth", "")
+            for path, handler, methods in per_realm
+        ]
+        routes.append(Route("/dp/api/v1/aiconnections/types", self.demo_api, methods=["GET"]))
+        return routes
+
+    # -- shared plumbing -----------------------------------------------------------------------
+    async def _guard(self, name: str) -> Response | None:
+        self.state.stats.requests[name] += 1
+        return await self.state.faults.apply(token_endpoint=False)
+
+    def _realm(self, request: Request) -> DevRealm | None:
+        return self.state.realms.get(request.path_params["realm"])
+
+    async def _token_request(self, request: Request, realm: DevRealm) -> TokenRequest:
+        form, duplicated = await _read_form(request)
+        if duplicated:
+            raise OAuthProblem(400, "invalid_request", "duplicated parameter")
+        return TokenRequest(realm, issuer_for(request, realm.name), form, request.headers.get("authorization"))
+
+    def form_endpoint(self, name: str, logic: Callable[[TokenRequest], Response]) -> Handler:
+        """A client-authenticated, form-encoded POST endpoint: faults, realm, form, problem mapping."""
+
+        async def endpoint(request: Request) -> Response:
+            faulted = await self._guard(name)
+            if faulted is not None:
+                return faulted
+            realm = self._realm(request)
+            if realm is None:
+                return _no_realm()
+            try:
+                return logic(await self._token_request(request, realm))
+            except OAuthProblem as problem:
+                return _problem(problem)
+
+        return endpoint
+
+    # -- discovery -------------------------------------------------------------------------------
+    async def realm_info(self, request: Request) -> Response:
+        faulted = await self._guard("realm")
+        if faulted is not None:
+            return faulted
+        realm = self._realm(request)
+        if realm is None:
+            return _no_realm()
+        iss = issuer_for(request, realm.name)
+        return JSONResponse(
+            {"realm": realm.name, "token-service": f"{iss}/{OIDC}", "account-service": f"{iss}/account"}
+            | {"tokens-not-before": 0}
+        )
+
+    async def discovery(self, request: Request) -> Response:
+        faulted = await self._guard("discovery")
+        if faulted is not None:
+            return faulted
+        realm = self._realm(request)
+        if realm is None:
+            return _no_realm()
+        iss = issuer_for(request, realm.name)
+        doc: dict[str, Any] = {
+            "issuer": iss,
+            "authorization_endpoint": f"{iss}/{OIDC}/auth",
+            "token_endpoint": f"{iss}/{OIDC}/token",
+            "introspection_endpoint": f"{iss}/{OIDC}/token/introspect",
+            "end_session_endpoint": f"{iss}/{OIDC}/logout",
+            "jwks_uri": f"{iss}/{OIDC}/certs",
+            "device_authorization_endpoint": f"{iss}/{OIDC}/auth/device",
+            "revocation_endpoint": f"{iss}/{OIDC}/revoke",
+            "grant_types_supported": list(grants.GRANTS),
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "scopes_supported": sorted(grants.OPTIONAL_SCOPES | set(grants.DEFAULT_SCOPES)),
+        }
+        return JSONResponse(doc)
+
+    async def certs(self, request: Request) -> Response:
+        faulted = await self._guard("certs")
+        if faulted is not None:
+            return faulted
+        if self._realm(request) is None:
+            return _no_realm()
+        return JSONResponse(self.state.key.jwks())
+
+    # -- token endpoint ----------------------------------------------------------------------------
+    async def token(self, request: Request) -> Response:
+        state = self.state
+        state.stats.requests["token"] += 1
+        form, duplicated = await _read_form(request)
+        authorization = request.headers.get("authorization")
+        realm_name = request.path_params["realm"]
+        client_id = grants.claimed_client_id(form, authorization)
+        state.stats.token_requests[(realm_name, client_id, form.get("grant_type", ""))] += 1
+        faulted = await state.faults.apply(token_endpoint=True)
+        if faulted is not None:
+            return faulted
+        realm = self._realm(request)
+        if realm is None:
+            return _no_realm()
+        try:
+            if duplicated:
+                raise OAuthProblem(400, "invalid_request", "duplicated parameter")
+            treq = TokenRequest(realm, issuer_for(request, realm.name), form, authorization)
+            return JSONResponse(grants.token(state, treq), headers=NO_STORE)
+        except OAuthProblem as problem:
+            return _problem(problem)
+
+    # -- other form endpoints ----------------------------------------------------------------------
+    def _introspect(self, treq: TokenRequest) -> Response:
+        return JSONResponse(grants.introspect(self.state, treq), headers=NO_STORE)
+
+    def _device_authorization(self, treq: TokenRequest) -> Response:
+        return JSONResponse(grants.start_device_authorization(self.state, treq), headers=NO_STORE)
+
+    def _logout(self, treq: TokenRequest) -> Response:
+        grants.logout(self.state, treq)
+        return Response(status_code=204)
+
+    def _revoke(self, treq: TokenRequest) -> Response:
+        grants.revoke(self.state, treq)
+        return Response(status_code=200)
+
+    # -- device verification page --------------------------------------------------------------------
+    async def verification_page(self, request: Request) -> Response:
+        faulted = await self._guard("verification")
+        if faulted is not None:
+            return faulted
+        realm = self._realm(request)
+        if realm is None:
+            return _no_realm()
+        if request.method == "GET":
+            return _page(realm.name, _form_html(request.query_params.get("user_code", "")))
+        form, _ = await _read_form(request)
+        user_code = form.get("user_code", "")
+        auth = self.state.devices.by_user_code(user_code)
+        if auth is None or auth.realm != realm.name or auth.expired(self.state.now()):
+            return _page(realm.name, _form_html(user_code, "Invalid code, please try again."), 400)
+        if form.get("action") == "deny":
+            grants.deny_device(self.state, user_code)
+            return _page(realm.name, "<p>Access denied. You can close this window.</p>")
+        failure = grants.check_user_login(realm, form.get("username", ""), form.get("password", ""))
+        if failure is not None:
+            return _page(realm.name, _form_html(user_code, failure), 400)
+        grants.approve_device(self.state, user_code, form.get("username", ""))
+        return _page(realm.name, "<p>Device Login Successful. You can close this window.</p>")
+
+    # -- demo API ---------------------------------------------------------------------------------
+    async def demo_api(self, request: Request) -> Response:
+        faulted = await self._guard("api")
+        if faulted is not None:
+            return faulted
+        header = request.headers.get("authorization")
+        if not header:
+            return JSONResponse({"error": "unauthorized"}, 401, headers={"WWW-Authenticate": "Bearer"})
+        scheme, _, token = header.strip().partition(" ")
+        claims = grants.access_token_claims(self.state, token.strip()) if scheme.lower() == "bearer" else None
+        if claims is None:
+            return JSONResponse(
+                {"error": "invalid_token"}, 401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            )
+        access = claims.get("realm_access")
+        roles = access.get("roles", []) if isinstance(access, dict) else []
+        if self.state.api_role not in roles:
+            return JSONResponse(
+                {"error": "forbidden", "error_description": f"requires realm role {self.state.api_role}"},
+                403,
+                headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
+            )
+        return JSONResponse(CONNECTION_TYPES)
+
+
+def _form_html(user_code: str, error: str | None = None) -> str:
+    message = f'<p class="error">{html.escape(error)}</p>' if error else ""
+    return (
+        f"{message}<form method=post>"
+        f'<label>Code <input name=user_code value="{html.escape(user_code)}" autofocus></label><br>'
+        "<label>Username <input name=username autocomplete=username></label><br>"
+        "<label>Password <input name=password type=password autocomplete=current-password></label><br>"
+        "<button name=action value=approve>Yes, sign in</button> "
+        "<button name=action value=deny>No</button></form>"
+    )
+
+
+def _page(realm: str, body: str, status: int = 200) -> HTMLResponse:
+    title = f"Sign in to {html.escape(realm)}: device login"
+    return HTMLResponse(
+        f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title></head>"
+        f"<body><h1>{title}</h1>{body}</body></html>",
+        status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def build_app(state: IdPState) -> Starlette:
+    return Starlette(routes=Endpoints(state).routes())

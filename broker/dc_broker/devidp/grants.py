@@ -1,0 +1,498 @@
+"""The token endpoint's logic, Keycloak-exact: client auth, grants, errors, token responses.
+
+Pure apart from reading ``state.clock`` and changing ``state`` (sessions, device codes, counters).
+Every failure is an ``OAuthProblem`` carrying the HTTP status and the ``{"error",
+"error_description"}`` body Keycloak sends (table in /work/shared/keycloak.md); the HTTP layer turns
+it into a response in one place.
+
+Grants are a table ``GRANTS[grant_type] -> handler``; each handler gets the authenticated client and
+returns the JSON body of a successful response. The device authorization, logout, revocation and
+introspection endpoints live here too, because they share client auth and token checks.
+
+Secrets (passwords, client secrets, tokens) are compared in constant time and never appear in an
+error description, a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote, unquote_plus
+
+from dc_broker.devidp import device
+from dc_broker.devidp.device import DeviceState
+from dc_broker.devidp.realm import DevClient, DevRealm, DevUser
+from dc_broker.devidp.sessions import UserSession
+from dc_broker.devidp.state import IdPState
+
+DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
+DEFAULT_SCOPES: Final = ("profile", "email")
+OPTIONAL_SCOPES: Final = frozenset(
+    {"openid", "offline_access", "address", "phone", "roles", "web-origins", "microprofile-jwt", "acr"}
+)
+BAD_CLIENT: Final = "Invalid client or Invalid client credentials"
+BAD_USER: Final = "Invalid user credentials"
+
+
+class OAuthProblem(Exception):
+    """An error response: HTTP status plus Keycloak's JSON error body."""
+
+    def __init__(self, status: int, error: str, description: str) -> None:
+        super().__init__(f"{status} {error}: {description}")
+        self.status = status
+        self.error = error
+        self.description = description
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.error, "error_description": self.description}
+
+
+def _invalid_grant(description: str, status: int = 400) -> OAuthProblem:
+    return OAuthProblem(status, "invalid_grant", description)
+
+
+def _missing(name: str) -> OAuthProblem:
+    return OAuthProblem(400, "invalid_request", f"Missing parameter: {name}")
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """One form-encoded request to a realm endpoint. ``issuer`` is derived from the URL used."""
+
+    realm: DevRealm
+    issuer: str
+    form: Mapping[str, str]
+    authorization: str | None
+
+    def param(self, name: str) -> str | None:
+        value = self.form.get(name)
+        return value if value else None
+
+
+# -- client authentication ---------------------------------------------------------------------------
+def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    if not authorization:
+        return None
+    scheme, _, encoded = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise OAuthProblem(401, "invalid_client", BAD_CLIENT) from None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise OAuthProblem(401, "invalid_client", BAD_CLIENT)
+    return unquote_plus(client_id), unquote_plus(secret)
+
+
+def claimed_client_id(form: Mapping[str, str], authorization: str | None) -> str:
+    """The client_id a request names (for counters), without authenticating it. "" if none."""
+    try:
+        basic = _basic_credentials(authorization)
+    except OAuthProblem:
+        basic = None
+    return basic[0] if basic else form.get("client_id", "")
+
+
+def authenticate_client(request: TokenRequest) -> DevClient:
+    """client_secret_basic, client_secret_post, or a public client by client_id alone."""
+    basic = _basic_credentials(request.authorization)
+    client_id, secret = basic if basic else (request.param("client_id"), request.param("client_secret"))
+    if not client_id:
+        raise OAuthProblem(400, "invalid_client", "Missing client_id parameter")
+    client = request.realm.client(client_id)
+    if client is None:
+        raise OAuthProblem(401, "invalid_client", BAD_CLIENT)
+    if client.secret is None:
+        return client
+    if secret is None or not _same_secret(secret, client.secret):
+        raise OAuthProblem(401, "unauthorized_client", BAD_CLIENT)
+    return client
+
+
+# -- scopes ----------------------------------------------------------------------------------------
+def resolve_scope(requested: str | None) -> str:
+    """Keycloak's granted scope string: "openid" first if asked, then other optional scopes, then defaults."""
+    words = requested.split() if requested else []
+    unknown = [w for w in words if w not in OPTIONAL_SCOPES and w not in DEFAULT_SCOPES]
+    if unknown:
+        raise OAuthProblem(400, "invalid_scope", f"Invalid scopes: {requested}")
+    ordered = [w for w in ("openid",) if w in words]
+    ordered += [w for w in words if w not in ordered and w not in DEFAULT_SCOPES]
+    ordered += list(DEFAULT_SCOPES)
+    return " ".join(dict.fromkeys(ordered))
+
+
+def _narrow_scope(original: str, requested: str | None) -> str:
+    if not requested:
+        return original
+    granted = resolve_scope(requested)
+    if not set(granted.split()) <= set(original.split()):
+        raise OAuthProblem(400, "invalid_scope", f"Invalid scopes: {requested}")
+    return granted
+
+
+# -- token minting ---------------------------------------------------------------------------------
+def _subject(realm: str, username: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dc-broker-dev:{realm}:{username.lower()}"))
+
+
+def realm_roles(realm: DevRealm, extra: list[str]) -> list[str]:
+    """Keycloak's default composite roles plus the user's own realm roles."""
+    defaults = [f"default-roles-{realm.name}", "offline_access", "uma_authorization"]
+    return list(dict.fromkeys(defaults + extra))
+
+
+def _roles_for(realm: DevRealm, session: UserSession) -> list[str]:
+    user = realm.user(session.username)
+    if user is not None:
+        return realm_roles(realm, user.roles)
+    client = realm.client(session.client_id)
+    return realm_roles(realm, client.service_account_roles if client else [])
+
+
+def issue_tokens(
+    state: IdPState,
+    request: TokenRequest,
+    session: UserSession,
+    *,
+    scope: str,
+    refresh_scope: str | None = None,
+    with_refresh: bool = True,
+) -> dict[str, Any]:
+    """The success body: an RS256 access token, optionally a refresh token and an ID token."""
+    realm, now = request.realm, state.now()
+    iat = int(now)
+    exp = int(now + session.access_lifetime(realm, now))
+    common = {
+        "exp": exp,
+        "iat": iat,
+        "iss": request.issuer,
+        "sub": _subject(realm.name, session.username),
+        "azp": session.client_id,
+        "sid": session.sid,
+        "session_state": session.sid,
+        "preferred_username": session.username.lower(),
+    }
+    access = common | {
+        "jti": str(uuid.uuid4()),
+        "typ": "Bearer",
+        "scope": scope,
+        "realm_access": {"roles": _roles_for(realm, session)},
+    }
+    body: dict[str, Any] = {
+        "access_token": state.key.sign(access),
+        "expires_in": exp - iat,
+        "refresh_expires_in": 0,
+    }
+    if with_refresh:
+        record, lifetime = state.sessions.mint_refresh(
+            session, realm, issuer=request.issuer, scope=refresh_scope or scope, now=now
+        )
+        body["refresh_token"] = record.value
+        body["refresh_expires_in"] = 0 if lifetime is None else int(lifetime)
+    body["token_type"] = "Bearer"
+    if "openid" in scope.split():
+        id_claims = common | {"jti": str(uuid.uuid4()), "typ": "ID", "aud": session.client_id}
+        body["id_token"] = state.key.sign(id_claims)
+    body["not-before-policy"] = 0
+    body["session_state"] = session.sid
+    body["scope"] = scope
+    return body
+
+
+# -- grants ----------------------------------------------------------------------------------------
+def _check_user_password(realm: DevRealm, username: str, password: str) -> DevUser:
+    """Keycloak's direct-grant checks, in Keycloak's order."""
+    user = realm.user(username)
+    if user is None:
+        raise _invalid_grant(BAD_USER)
+    if not user.enabled:
+        raise _invalid_grant("Account disabled")
+    if not _same_secret(password, user.password):
+        raise _invalid_grant(BAD_USER, status=401)
+    if user.required_actions:
+        raise _invalid_grant("Account is not fully set up")
+    return user
+
+
+def password_grant(state: IdPState, request: TokenRequest, client: DevClient) -> dict[str, Any]:
+    if not client.direct_grants:
+        raise OAuthProblem(400, "unauthorized_client", "Client not allowed for direct access grants")
+    username, password = request.param("username"), request.form.get("password")
+    if username is None:
+        raise _missing("username")
+    if password is None:
+        raise _missing("password")
+    user = _check_user_password(request.realm, username, password)
+    scope = resolve_scope(request.param("scope"))
+    session = state.sessions.start(
+        request.realm.name,
+        user.username,
+        client.client_id,
+        now=state.now(),
+        offline="offline_access" in scope.split(),
+    )
+    return issue_tokens(state, request, session, scope=scope)
+
+
+def client_credentials_grant(state: IdPState, request: TokenRequest, client: DevClient) -> dict[str, Any]:
+    if client.public:
+        raise OAuthProblem(401, "unauthorized_client", "Public client not allowed to retrieve service account")
+    if not client.has_service_account:
+        raise OAuthProblem(401, "unauthorized_client", "Client not enabled to retrieve service account")
+    scope = " ".join(w for w in resolve_scope(request.param("scope")).split() if w != "offline_access")
+    session = state.sessions.start(
+        request.realm.name,
+        f"service-account-{client.client_id}",
+        client.client_id,
+        now=state.now(),
+        offline=False,
+    )
+    return issue_tokens(state, request, session, scope=scope, with_refresh=False)
+
+
+def refresh_token_grant(state: IdPState, request: TokenRequest, client: DevClient) -> dict[str, Any]:
+    value = request.param("refresh_token")
+    if value is None:
+        raise OAuthProblem(400, "invalid_request", "No refresh token")
+    realm, now = request.realm, state.now()
+    record = state.sessions.refresh_token(value)
+    if record is None or record.realm != realm.name or record.issuer != request.issuer:
+        raise _invalid_grant("Invalid refresh token")
+    if record.client_id != client.client_id:
+        raise _invalid_grant("Unmatching clients")
+    if record.expired(now):
+        raise _invalid_grant("Token is not active")
+    session = state.sessions.session(record.sid)
+    if session is None or not session.active(realm, now):
+        raise _invalid_grant("Offline session not active" if session and session.offline else "Session not active")
+    user = realm.user(session.username)
+    if user is None:
+        raise _invalid_grant("Unknown user")
+    if not user.enabled:
+        raise _invalid_grant("User disabled")
+    if realm.rotate_refresh_tokens:
+        if record.uses > 0:
+            state.stats.refresh_reuse += 1
+        if record.uses > realm.refresh_token_max_reuse:
+            state.sessions.kill(session.sid)
+            raise _invalid_grant("Maximum allowed refresh token reuse exceeded")
+        record.uses += 1
+    scope = _narrow_scope(record.scope, request.param("scope"))
+    session.last_refresh = now
+    return issue_tokens(state, request, session, scope=scope, refresh_scope=record.scope)
+
+
+def _device_pending(auth: device.DeviceAuthorization) -> OAuthProblem:
+    return OAuthProblem(400, "authorization_pending", "The authorization request is still pending")
+
+
+def _device_denied(auth: device.DeviceAuthorization) -> OAuthProblem:
+    return OAuthProblem(400, "access_denied", "The end user denied the authorization request")
+
+
+_DEVICE_NOT_YET: Final[dict[DeviceState, Callable[[device.DeviceAuthorization], OAuthProblem]]] = {
+    DeviceState.PENDING: _device_pending,
+    DeviceState.DENIED: _device_denied,
+}
+DEVICE_FLOW_DISABLED: Final = (
+    "Client is not allowed to initiate OAuth 2.0 Device Authorization Grant. The flow is disabled for the client."
+)
+
+
+def device_code_grant(state: IdPState, request: TokenRequest, client: DevClient) -> dict[str, Any]:
+    code = request.param("device_code")
+    if code is None:
+        raise _missing("device_code")
+    if not client.device_grant:
+        raise OAuthProblem(400, "unauthorized_client", DEVICE_FLOW_DISABLED)
+    auth, now = state.devices.get(code), state.now()
+    if auth is None or auth.realm != request.realm.name or auth.client_id != client.client_id:
+        raise _invalid_grant("Device code not valid")
+    if auth.expired(now):
+        raise OAuthProblem(400, "expired_token", "Device code is expired")
+    polled_too_fast = auth.last_poll is not None and now - auth.last_poll < device.INTERVAL
+    auth.last_poll = now
+    if polled_too_fast:
+        raise OAuthProblem(400, "slow_down", "Slow down")
+    not_yet = _DEVICE_NOT_YET.get(auth.state)
+    if not_yet is not None:
+        raise not_yet(auth)
+    assert auth.username is not None  # APPROVED always records who approved
+    state.devices.consume(code)
+    scope = resolve_scope(auth.scope)
+    session = state.sessions.start(
+        request.realm.name, auth.username, client.client_id, now=now, offline="offline_access" in scope.split()
+    )
+    return issue_tokens(state, request, session, scope=scope)
+
+
+GrantHandler = Callable[[IdPState, TokenRequest, DevClient], dict[str, Any]]
+GRANTS: Final[dict[str, GrantHandler]] = {
+    "password": password_grant,
+    "client_credentials": client_credentials_grant,
+    "refresh_token": refresh_token_grant,
+    DEVICE_GRANT: device_code_grant,
+}
+
+
+def token(state: IdPState, request: TokenRequest) -> dict[str, Any]:
+    """POST .../protocol/openid-connect/token: the success body, or raises OAuthProblem."""
+    grant_type = request.param("grant_type")
+    if grant_type is None:
+        raise OAuthProblem(400, "invalid_request", "Missing form parameter: grant_type")
+    handler = GRANTS.get(grant_type)
+    if handler is None:
+        raise OAuthProblem(400, "unsupported_grant_type", "Unsupported grant_type")
+    client = authenticate_client(request)
+    return handler(state, request, client)
+
+
+# -- the other client-authenticated endpoints --------------------------------------------------------
+def start_device_authorization(state: IdPState, request: TokenRequest) -> dict[str, Any]:
+    """POST .../protocol/openid-connect/auth/device."""
+    client = authenticate_client(request)
+    if not client.device_grant:
+        raise OAuthProblem(400, "unauthorized_client", DEVICE_FLOW_DISABLED)
+    scope = request.param("scope")
+    resolve_scope(scope)  # validate now, as Keycloak does
+    auth = state.devices.create(request.realm.name, client.client_id, scope, now=state.now())
+    verification_uri = f"{request.issuer}/device"
+    return {
+        "device_code": auth.device_code,
+        "user_code": auth.user_code,
+        "verification_uri": verification_uri,
+        "verification_uri_complete": f"{verification_uri}?user_code={quote(auth.user_code)}",
+        "expires_in": device.EXPIRES_IN,
+        "interval": device.INTERVAL,
+    }
+
+
+def approve_device(state: IdPState, user_code: str, username: str) -> None:
+    """Mark a pending device authorization approved by ``username`` (who must exist and be enabled)."""
+    auth = _pending_device(state, user_code)
+    user = state.realms[auth.realm].user(username)
+    if user is None:
+        raise KeyError(f"no user {username!r} in realm {auth.realm!r}")
+    if not user.enabled:
+        raise ValueError(f"user {username!r} is disabled")
+    auth.state, auth.username = DeviceState.APPROVED, user.username
+
+
+def deny_device(state: IdPState, user_code: str) -> None:
+    _pending_device(state, user_code).state = DeviceState.DENIED
+
+
+def _pending_device(state: IdPState, user_code: str) -> device.DeviceAuthorization:
+    auth = state.devices.by_user_code(user_code)
+    if auth is None or auth.expired(state.now()):
+        raise KeyError(f"no pending device authorization with user code {user_code!r}")
+    return auth
+
+
+def check_user_login(realm: DevRealm, username: str, password: str) -> str | None:
+    """For the verification page: None if the login is good, else Keycloak's message for why not."""
+    try:
+        _check_user_password(realm, username, password)
+    except OAuthProblem as problem:
+        return problem.description
+    return None
+
+
+def logout(state: IdPState, request: TokenRequest) -> None:
+    """POST .../protocol/openid-connect/logout with client auth + refresh_token: ends the session."""
+    client = authenticate_client(request)
+    value = request.param("refresh_token")
+    if value is None:
+        raise OAuthProblem(400, "invalid_request", "No refresh token")
+    record = state.sessions.refresh_token(value)
+    if record is None or record.realm != request.realm.name:
+        raise _invalid_grant("Invalid refresh token")
+    if record.client_id != client.client_id:
+        raise _invalid_grant("Unmatching clients")
+    state.sessions.kill(record.sid)
+
+
+def revoke(state: IdPState, request: TokenRequest) -> None:
+    """POST .../protocol/openid-connect/revoke: a refresh token ends its session, an access token is
+    put on the revoked list. Unknown tokens are fine (RFC 7009)."""
+    client = authenticate_client(request)
+    value = request.param("token")
+    if value is None:
+        raise OAuthProblem(400, "invalid_request", "Token not provided")
+    record = state.sessions.refresh_token(value)
+    if record is not None and record.realm == request.realm.name:
+        if record.client_id != client.client_id:
+            raise OAuthProblem(400, "unauthorized_client", "Unmatching clients")
+        state.sessions.kill(record.sid)
+        return
+    claims = state.key.verify(value)
+    if claims is not None and claims.get("azp") == client.client_id and isinstance(claims.get("jti"), str):
+        state.sessions.revoked_access.add(claims["jti"])
+
+
+def access_token_claims(state: IdPState, token: str) -> dict[str, Any] | None:
+    """Claims of a live access token (good signature, typ Bearer, not expired by ``state.clock``,
+    not revoked, session still alive), else None."""
+    claims = state.key.verify(token)
+    if claims is None or claims.get("typ") != "Bearer":
+        return None
+    exp = claims.get("exp")
+    if not isinstance(exp, int | float) or state.now() > exp:
+        return None
+    if claims.get("jti") in state.sessions.revoked_access:
+        return None
+    session = state.sessions.session(str(claims.get("sid")))
+    if session is None or not session.alive:
+        return None
+    return claims
+
+
+def introspect(state: IdPState, request: TokenRequest) -> dict[str, Any]:
+    """POST .../protocol/openid-connect/token/introspect (confidential clients only)."""
+    client = authenticate_client(request)
+    if client.public:
+        raise OAuthProblem(403, "invalid_request", "Client not allowed.")
+    value = request.param("token")
+    if value is None:
+        raise OAuthProblem(400, "invalid_request", "Token not provided.")
+    claims = access_token_claims(state, value)
+    if claims is not None:
+        return {
+            **claims,
+            "active": True,
+            "client_id": claims.get("azp"),
+            "username": claims.get("preferred_username"),
+            "token_type": "Bearer",
+        }
+    record, now = state.sessions.refresh_token(value), state.now()
+    if record is None or record.realm != request.realm.name or record.expired(now):
+        return {"active": False}
+    session = state.sessions.session(record.sid)
+    if session is None or not session.active(request.realm, now):
+        return {"active": False}
+    body: dict[str, Any] = {
+        "active": True,
+        "typ": "Offline" if session.offline else "Refresh",
+        "iat": int(record.issued_at),
+        "iss": record.issuer,
+        "azp": record.client_id,
+        "client_id": record.client_id,
+        "sid": session.sid,
+        "scope": record.scope,
+        "username": session.username.lower(),
+    }
+    if record.expires_at is not None:
+        body["exp"] = int(record.expires_at)
+    return body

@@ -1,0 +1,54 @@
+"""``IdPState``: everything one dev IdP knows (realms, key, sessions, device codes, faults, counters).
+
+No HTTP here: ``grants.py`` and ``endpoints.py`` read and change this state; ``idp.DevIdP`` wraps it
+for tests. All time comes from ``clock`` (unix seconds, possibly a fake one).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dc_broker.devidp.device import DeviceStore
+from dc_broker.devidp.faults import Faults
+from dc_broker.devidp.keys import SigningKey
+from dc_broker.devidp.realm import DevRealm
+from dc_broker.devidp.sessions import SessionStore
+
+
+@dataclass
+class Stats:
+    """Request counters. ``token_requests[(realm, client_id, grant_type)]`` counts every token-endpoint
+    request that named a realm (also failed and faulted ones; client_id "" when none was sent).
+    ``refresh_reuse`` counts refreshes presenting an already-used refresh token while rotation is on.
+    ``requests[endpoint]`` counts every request by endpoint name ("token", "device", "api", ...).
+    """
+
+    token_requests: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    refresh_reuse: int = 0
+    requests: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.token_requests.values())
+
+    def reset(self) -> None:
+        self.token_requests.clear()
+        self.requests.clear()
+        self.refresh_reuse = 0
+
+
+@dataclass
+class IdPState:
+    realms: dict[str, DevRealm]
+    clock: Callable[[], float]
+    api_role: str
+    key: SigningKey = field(default_factory=SigningKey)
+    sessions: SessionStore = field(default_factory=SessionStore)
+    devices: DeviceStore = field(default_factory=DeviceStore)
+    faults: Faults = field(default_factory=Faults)
+    stats: Stats = field(default_factory=Stats)
+
+    def now(self) -> float:
+        return float(self.clock())

@@ -1,0 +1,132 @@
+"""Keycloak-compatible development IdP + demo API, served over real HTTP by hypercorn under trio.
+
+The public entry point for ``dc-broker dev``, ``make demo`` and the test suite:
+
+    idp = DevIdP([demo_realm(access_lifespan=5)], clock=fake_clock)
+    async with trio.open_nursery() as nursery:
+        base_url = await nursery.start(serve, idp)      # e.g. "http://127.0.0.1:43117"
+        ...                                             # issuer: f"{base_url}/realms/demo"
+        nursery.cancel_scope.cancel()                   # "connection refused" from here on
+
+or in-process without sockets: ``httpx.AsyncClient(transport=httpx.ASGITransport(app=idp.app))``.
+
+``python -m dc_broker.devserver [--host H] [--port P] [--access-lifespan S] [--sso-idle S] [--sso-max S]
+[--rotate]`` runs the demo realm, prints the base URL as the first stdout line and serves until
+SIGINT/SIGTERM (exit 0).
+
+The logic lives in the ``dc_broker.devidp`` package (see its docstring for the module map). This module
+owns only the public names, ``serve()`` and the command line. It never logs secrets: hypercorn's
+access log is off and its error log is limited to warnings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+from typing import cast
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import ASGIFramework
+
+from dc_broker.devidp.faults import Faults
+from dc_broker.devidp.idp import DevIdP
+from dc_broker.devidp.realm import DevClient, DevRealm, DevUser, demo_realm
+from dc_broker.devidp.state import Stats
+
+__all__ = ["DevClient", "DevIdP", "DevRealm", "DevUser", "Faults", "Stats", "demo_realm", "main", "serve"]
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def serve(
+    idp: DevIdP,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``idp.app`` on ``host:port`` (0 = a free port) until cancelled.
+
+    Calls ``task_status.started(base_url)`` (e.g. ``"http://127.0.0.1:43117"``) once the socket is
+    listening. Cancelling the surrounding scope closes the listener and in-flight requests.
+    """
+    config = Config()
+    config.bind = [_bind(host, port)]
+    config.loglevel = "WARNING"
+    config.accesslog = None
+    config.graceful_timeout = 1.0
+    app = cast(ASGIFramework, idp.app)  # Starlette is ASGI; the two libraries spell the types apart
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(partial(hypercorn_serve, app, config, mode="asgi"))
+        task_status.started(binds[0])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dc_broker.devserver",
+        description="Run the dev IdP with the demo realm; print the base URL as the first line on stdout.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind (default 0: a free port)")
+    parser.add_argument("--access-lifespan", type=float, default=None, help="access token lifespan, seconds")
+    parser.add_argument("--sso-idle", type=float, default=None, help="SSO Session Idle, seconds")
+    parser.add_argument("--sso-max", type=float, default=None, help="SSO Session Max, seconds")
+    parser.add_argument("--rotate", action="store_true", help="rotate refresh tokens (reuse kills the session)")
+    parser.add_argument(
+        "--max-reuse",
+        type=int,
+        default=None,
+        help="with --rotate: times a refresh token may be reused (Keycloak's default 0)",
+    )
+    return parser
+
+
+def realm_from_args(args: argparse.Namespace) -> DevRealm:
+    overrides: dict[str, object] = {
+        name: value
+        for name, value in (
+            ("access_lifespan", args.access_lifespan),
+            ("sso_idle", args.sso_idle),
+            ("sso_max", args.sso_max),
+        )
+        if value is not None
+    }
+    if args.rotate:
+        overrides["rotate_refresh_tokens"] = True
+    if args.max_reuse is not None:
+        overrides["refresh_token_max_reuse"] = args.max_reuse
+    return demo_realm(**overrides)
+
+
+async def _run(idp: DevIdP, host: str, port: int) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            base_url = await nursery.start(partial(serve, idp, host=host, port=port))
+            print(base_url, flush=True)
+            print(
+                f"realm demo: {base_url}/realms/demo (legacy: {base_url}/auth/realms/demo); "
+                f"demo API: {base_url}/dp/api/v1/aiconnections/types",
+                file=sys.stderr,
+                flush=True,
+            )
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    idp = DevIdP([realm_from_args(args)])
+    trio.run(_run, idp, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

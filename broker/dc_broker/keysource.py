@@ -1,0 +1,200 @@
+"""Where the vault's key-encryption key (KEK) comes from: a passphrase, a key file or a systemd credential.
+
+Owns: the three key sources as small values (``Passphrase``, ``KeyFile``, ``SystemdCredential``), the
+Argon2id parameters (``KdfParams``; production default 64 MiB, 3 passes, 4 lanes, RFC 9106's second
+recommendation) and the derivation, and reading a key file or credential with its permission checks:
+
+- a key file holds exactly 32 random bytes, is a regular file owned by us (or root) and grants nothing
+  to group or other (it is refused otherwise, naming the path and the fix);
+- a systemd credential is ``$CREDENTIALS_DIRECTORY/<name>`` with the same 32-byte format. systemd
+  grants the service user read access through an ACL, which shows up as group bits in the mode, so
+  only world access is refused there; the directory itself is private to the unit.
+
+Must never: keep a KEK or passphrase after returning it (the vault uses a KEK once to wrap or unwrap
+its data key and drops it), print or log key material, or touch the vault file. No SQLite, no trio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar, Final
+
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+from dc_broker.secret import Secret
+from dc_token.errors import VaultError
+
+KEY_BYTES: Final = 32
+SALT_BYTES: Final = 16
+CREDENTIALS_DIRECTORY_ENV: Final = "CREDENTIALS_DIRECTORY"
+
+
+class KeySourceKind(StrEnum):
+    PASSPHRASE = "passphrase"
+    KEY_FILE = "keyfile"
+    SYSTEMD_CREDENTIAL = "systemd-credential"
+
+
+@dataclass(frozen=True, slots=True)
+class KdfParams:
+    """Argon2id cost. ``memory_kib`` is in KiB (RFC 9106's m); stored in the vault next to the salt."""
+
+    memory_kib: int = 64 * 1024
+    iterations: int = 3
+    lanes: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lanes <= 255:
+            raise VaultError(f"Argon2id lanes must be 1..255, not {self.lanes}")
+        if not 1 <= self.iterations <= 64:
+            raise VaultError(f"Argon2id iterations must be 1..64, not {self.iterations}")
+        if not 8 * self.lanes <= self.memory_kib <= 4 * 1024 * 1024:
+            raise VaultError(f"Argon2id memory must be {8 * self.lanes} KiB..4 GiB, not {self.memory_kib} KiB")
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"alg": "argon2id", "memory_kib": self.memory_kib, "iterations": self.iterations, "lanes": self.lanes},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> KdfParams:
+        try:
+            data = json.loads(text)
+            if data.get("alg") != "argon2id":
+                raise ValueError(data.get("alg"))
+            return cls(int(data["memory_kib"]), int(data["iterations"]), int(data["lanes"]))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise VaultError(f"the vault's key-derivation parameters are unreadable ({type(exc).__name__})") from None
+
+
+#: what ``Vault.create`` uses unless told otherwise; never below 64 MiB
+PRODUCTION_KDF: Final = KdfParams()
+assert PRODUCTION_KDF.memory_kib >= 64 * 1024
+
+
+def derive_kek(passphrase: Secret, salt: bytes, params: KdfParams) -> bytes:
+    """Argon2id(passphrase, salt) -> a 256-bit KEK. Costs what ``params`` says (~0.1 s in production)."""
+    kdf = Argon2id(
+        salt=salt,
+        length=KEY_BYTES,
+        iterations=params.iterations,
+        lanes=params.lanes,
+        memory_cost=params.memory_kib,
+    )
+    return kdf.derive(passphrase.reveal().encode("utf-8"))
+
+
+@dataclass(frozen=True, slots=True)
+class Passphrase:
+    """The KEK is derived from a passphrase the person types at ``create`` / ``unlock``."""
+
+    kind: ClassVar[KeySourceKind] = KeySourceKind.PASSPHRASE
+    needs_passphrase: ClassVar[bool] = True
+
+    @property
+    def reference(self) -> str | None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFile:
+    """The KEK is the 32 bytes of a private file (``dc-broker init --key-file``; see ``create_key_file``)."""
+
+    path: str
+    kind: ClassVar[KeySourceKind] = KeySourceKind.KEY_FILE
+    needs_passphrase: ClassVar[bool] = False
+
+    @property
+    def reference(self) -> str:
+        return self.path
+
+    def read_key(self) -> bytes:
+        return read_key_file(self.path, what="key file", forbidden_bits=0o077)
+
+
+@dataclass(frozen=True, slots=True)
+class SystemdCredential:
+    """The KEK is the systemd credential ``name`` (``LoadCredential[Encrypted]=name:...`` in the unit)."""
+
+    name: str
+    kind: ClassVar[KeySourceKind] = KeySourceKind.SYSTEMD_CREDENTIAL
+    needs_passphrase: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise VaultError(f"{self.name!r} is not a systemd credential name")
+
+    @property
+    def reference(self) -> str:
+        return self.name
+
+    def path(self, environ: dict[str, str] | None = None) -> str:
+        env = os.environ if environ is None else environ
+        directory = env.get(CREDENTIALS_DIRECTORY_ENV)
+        if not directory:
+            raise VaultError(
+                f"the vault's key is the systemd credential {self.name!r}, but ${CREDENTIALS_DIRECTORY_ENV} "
+                f"is not set; run under systemd with `LoadCredential={self.name}:...` in the unit"
+            )
+        return os.path.join(directory, self.name)
+
+    def read_key(self, environ: dict[str, str] | None = None) -> bytes:
+        return read_key_file(self.path(environ), what=f"systemd credential {self.name!r}", forbidden_bits=0o007)
+
+
+KeySource = Passphrase | KeyFile | SystemdCredential
+
+
+def key_source_of(kind: str, reference: str | None) -> KeySource:
+    """Rebuild a key source from what the vault stores about it (its kind and reference)."""
+    if kind == KeySourceKind.PASSPHRASE:
+        return Passphrase()
+    if kind == KeySourceKind.KEY_FILE and reference:
+        return KeyFile(reference)
+    if kind == KeySourceKind.SYSTEMD_CREDENTIAL and reference:
+        return SystemdCredential(reference)
+    raise VaultError(f"the vault names an unknown key source {kind!r}; was it written by a newer dc-broker?")
+
+
+def read_key_file(path: str, *, what: str = "key file", forbidden_bits: int = 0o077) -> bytes:
+    """The 32 bytes in ``path``, after checking it is a private regular file (checked on the open fd)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise VaultError(f"cannot open the {what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise VaultError(f"the {what} {path} is not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise VaultError(f"the {what} {path} belongs to uid {st.st_uid}, not to us; refusing it")
+        if st.st_mode & forbidden_bits:
+            raise VaultError(
+                f"the {what} {path} has mode {stat.S_IMODE(st.st_mode):04o}: readable beyond its owner; "
+                f"refusing it (fix: chmod 600 {path}, then consider the key leaked and rotate it)"
+            )
+        data = os.read(fd, KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) != KEY_BYTES:
+        raise VaultError(f"the {what} {path} must hold exactly {KEY_BYTES} random bytes")
+    return data
+
+
+def create_key_file(path: str) -> None:
+    """Write 32 fresh random bytes to a new file, mode 0600. Refuses to overwrite."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise VaultError(f"{path} already exists; refusing to overwrite a key file") from None
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, os.urandom(KEY_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)

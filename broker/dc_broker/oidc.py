@@ -1,0 +1,367 @@
+"""OIDC token-endpoint flows: build the request, parse the response, map errors. httpx only at the edge.
+
+The pure half (``build_*``, ``parse_*``) turns a grant into an ``HttpRequest`` and an ``HttpResponse``
+into a ``TokenSet`` or an ``UpstreamFault`` (``OAuthError`` / ``UpstreamTransient`` /
+``UpstreamGarbage``); it never touches the network and is tested with plain values. ``IdpTransport``
+is the only code here that does I/O: it sends an ``HttpRequest`` with httpx under bounded timeouts,
+TLS verification on (optionally a per-profile CA bundle), and translates every httpx failure into
+``UpstreamTransient`` in one place.
+
+Secrets enter as ``Secret`` and leave only inside the request body or Authorization header.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import quote, urlencode
+
+import httpx
+
+from dc_broker.config import Profile, check_url
+from dc_broker.secret import Secret
+from dc_token.errors import OAuthError, UpstreamGarbage, UpstreamTransient
+
+DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
+_MAX_BODY: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """What a token endpoint granted. Times are on the caller's clock (the one ``now`` came from)."""
+
+    access_token: Secret
+    obtained_at: float
+    expires_at: float
+    token_type: str = "Bearer"
+    refresh_token: Secret | None = None
+    refresh_expires_at: float | None = None
+    scope: str | None = None
+    id_token: Secret | None = None
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.obtained_at
+
+    def refresh_usable(self, now: float) -> bool:
+        return self.refresh_token is not None and (self.refresh_expires_at is None or self.refresh_expires_at > now)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    method: str
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    form: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def body(self) -> bytes:
+        return urlencode(dict(self.form)).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCredentials:
+    """How the broker authenticates as the OAuth client."""
+
+    client_id: str
+    method: str = "basic"  # basic | post | none
+    secret: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    token: str
+    device: str | None = None
+    revocation: str | None = None
+    issuer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAuthorization:
+    device_code: Secret
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    expires_at: float
+    interval: float
+
+
+# ---------------------------------------------------------------- building requests (pure)
+
+
+def _client_auth(client: ClientCredentials, form: dict[str, str]) -> dict[str, str]:
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+    if client.method == "basic" and client.secret is not None:
+        raw = f"{quote(client.client_id, safe='')}:{quote(client.secret.reveal(), safe='')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode("ascii")
+    elif client.method == "post" and client.secret is not None:
+        form["client_id"] = client.client_id
+        form["client_secret"] = client.secret.reveal()
+    else:
+        form["client_id"] = client.client_id
+    return headers
+
+
+def _token_request(url: str, client: ClientCredentials, form: dict[str, str], scope: str | None) -> HttpRequest:
+    if scope:
+        form["scope"] = scope
+    headers = _client_auth(client, form)
+    return HttpRequest("POST", url, headers, form)
+
+
+def build_password(
+    url: str, client: ClientCredentials, username: str, password: Secret, scope: str | None = None
+) -> HttpRequest:
+    form = {"grant_type": "password", "username": username, "password": password.reveal()}
+    return _token_request(url, client, form, scope)
+
+
+def build_client_credentials(url: str, client: ClientCredentials, scope: str | None = None) -> HttpRequest:
+    return _token_request(url, client, {"grant_type": "client_credentials"}, scope)
+
+
+def build_refresh(url: str, client: ClientCredentials, refresh_token: Secret, scope: str | None = None) -> HttpRequest:
+    form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+    return _token_request(url, client, form, scope)
+
+
+def build_device_start(url: str, client: ClientCredentials, scope: str | None = None) -> HttpRequest:
+    return _token_request(url, client, {}, scope)
+
+
+def build_device_poll(url: str, client: ClientCredentials, device_code: Secret) -> HttpRequest:
+    form = {"grant_type": DEVICE_GRANT, "device_code": device_code.reveal()}
+    return _token_request(url, client, form, None)
+
+
+def build_revoke(url: str, client: ClientCredentials, token: Secret, hint: str = "refresh_token") -> HttpRequest:
+    form = {"token": token.reveal(), "token_type_hint": hint}
+    return _token_request(url, client, form, None)
+
+
+def build_discovery(issuer: str) -> HttpRequest:
+    return HttpRequest("GET", issuer.rstrip("/") + "/.well-known/openid-configuration", {"Accept": "application/json"})
+
+
+# ---------------------------------------------------------------- parsing responses (pure)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value.strip()))
+    except ValueError:
+        return None  # an HTTP date; treat as unknown and let backoff decide
+
+
+def _json_object(resp: HttpResponse, what: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(resp.body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _describe_garbage(resp: HttpResponse) -> str:
+    ctype = resp.headers.get("content-type", "no content type").split(";")[0]
+    if not resp.body:
+        return f"an empty HTTP {resp.status} body"
+    return f"HTTP {resp.status} with {ctype} that is not a JSON object ({len(resp.body)} bytes)"
+
+
+def check_error(resp: HttpResponse) -> None:
+    """Raise the fault a non-2xx response stands for. Returns only for 2xx."""
+    status = resp.status
+    if 200 <= status < 300:
+        return
+    if status >= 500 or status in (408, 425, 429):
+        raise UpstreamTransient(f"identity provider answered HTTP {status}", retry_after=_retry_after(resp.headers))
+    data = _json_object(resp, "error")
+    if status == 404:  # a wrong URL, whatever the body says (Keycloak: {"error": "Realm does not exist"})
+        said = data.get("error") if data is not None else None
+        raise OAuthError("not_found", said if isinstance(said, str) else "no such endpoint", 404)
+    if data is not None and isinstance(data.get("error"), str):
+        description = data.get("error_description")
+        raise OAuthError(data["error"], description if isinstance(description, str) else "", status)
+    raise UpstreamGarbage(f"identity provider answered {_describe_garbage(resp)}")
+
+
+def parse_token_response(resp: HttpResponse, now: float) -> TokenSet:
+    """A token endpoint response -> TokenSet, or the UpstreamFault it stands for."""
+    check_error(resp)
+    data = _json_object(resp, "token")
+    if data is None:
+        raise UpstreamGarbage(f"identity provider answered {_describe_garbage(resp)} instead of a token")
+    access = data.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise UpstreamGarbage("identity provider answered 200 without an access_token")
+    token_type = data.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise UpstreamGarbage(f"identity provider granted a {token_type!r} token, not a Bearer token")
+    expires_in = data.get("expires_in")
+    if not isinstance(expires_in, int | float) or isinstance(expires_in, bool) or expires_in <= 0:
+        raise UpstreamGarbage("identity provider answered without a positive expires_in")
+    refresh = data.get("refresh_token")
+    refresh_token = Secret(refresh) if isinstance(refresh, str) and refresh else None
+    refresh_expires_at: float | None = None
+    rexp = data.get("refresh_expires_in")
+    if refresh_token is not None and isinstance(rexp, int | float) and not isinstance(rexp, bool) and rexp > 0:
+        refresh_expires_at = now + float(rexp)
+    scope = data.get("scope")
+    id_token = data.get("id_token")
+    return TokenSet(
+        access_token=Secret(access),
+        obtained_at=now,
+        expires_at=now + float(expires_in),
+        token_type="Bearer",
+        refresh_token=refresh_token,
+        refresh_expires_at=refresh_expires_at,
+        scope=scope if isinstance(scope, str) else None,
+        id_token=Secret(id_token) if isinstance(id_token, str) and id_token else None,
+    )
+
+
+def parse_device_start(resp: HttpResponse, now: float) -> DeviceAuthorization:
+    check_error(resp)
+    data = _json_object(resp, "device")
+    if data is None:
+        raise UpstreamGarbage(f"device authorization answered {_describe_garbage(resp)}")
+    try:
+        device_code = str(data["device_code"])
+        user_code = str(data["user_code"])
+        uri = str(data["verification_uri"])
+        expires_in = float(data.get("expires_in", 600))
+        interval = float(data.get("interval", 5))
+    except (KeyError, TypeError, ValueError):
+        raise UpstreamGarbage("device authorization response lacks device_code/user_code/verification_uri") from None
+    complete = data.get("verification_uri_complete")
+    return DeviceAuthorization(
+        device_code=Secret(device_code),
+        user_code=user_code,
+        verification_uri=uri,
+        verification_uri_complete=complete if isinstance(complete, str) else None,
+        expires_at=now + expires_in,
+        interval=max(1.0, interval),
+    )
+
+
+def parse_discovery(resp: HttpResponse, issuer: str) -> Endpoints:
+    check_error(resp)
+    data = _json_object(resp, "discovery")
+    if data is None or not isinstance(data.get("token_endpoint"), str):
+        raise UpstreamGarbage(f"discovery document at {issuer} has no token_endpoint")
+    token = data["token_endpoint"]
+    check_url(token, "token_endpoint from discovery")
+    device = data.get("device_authorization_endpoint")
+    revocation = data.get("revocation_endpoint")
+    return Endpoints(
+        token=token,
+        device=device if isinstance(device, str) else None,
+        revocation=revocation if isinstance(revocation, str) else None,
+        issuer=data.get("issuer") if isinstance(data.get("issuer"), str) else issuer,
+    )
+
+
+def static_endpoints(profile: Profile) -> Endpoints | None:
+    """Endpoints known from the profile alone (Keycloak's fixed layout), or None when discovery is needed."""
+    base = profile.endpoint_base()
+    if profile.token_url:
+        device = f"{base}/protocol/openid-connect/auth/device" if base else None
+        revoke = f"{base}/protocol/openid-connect/revoke" if base else None
+        return Endpoints(token=profile.token_url, device=device, revocation=revoke)
+    if base:
+        oc = f"{base}/protocol/openid-connect"
+        return Endpoints(token=f"{oc}/token", device=f"{oc}/auth/device", revocation=f"{oc}/revoke", issuer=base)
+    return None
+
+
+def client_of(profile: Profile, secret: Secret | None) -> ClientCredentials:
+    return ClientCredentials(profile.client_id, profile.auth_method if secret is not None else "none", secret)
+
+
+# ---------------------------------------------------------------- the edge: httpx
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    read: float = 10.0
+    write: float = 5.0
+    pool: float = 5.0
+
+
+class IdpTransport:
+    """Sends HttpRequests with httpx. One AsyncClient per CA bundle, kept for connection reuse."""
+
+    def __init__(self, timeouts: Timeouts = Timeouts(), *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._timeout = httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool)
+        self._transport = transport
+        self._clients: dict[str | None, httpx.AsyncClient] = {}
+
+    def _client(self, ca_bundle: str | None) -> httpx.AsyncClient:
+        client = self._clients.get(ca_bundle)
+        if client is None:
+            verify: ssl.SSLContext | bool = True
+            if ca_bundle is not None:
+                verify = ssl.create_default_context(cafile=ca_bundle)
+            client = httpx.AsyncClient(
+                timeout=self._timeout,
+                verify=verify,
+                transport=self._transport,
+                follow_redirects=False,
+                trust_env=False,
+                headers={"User-Agent": "dc-broker"},
+            )
+            self._clients[ca_bundle] = client
+        return client
+
+    async def send(self, req: HttpRequest, *, ca_bundle: str | None = None) -> HttpResponse:
+        try:
+            client = self._client(ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamTransient(f"CA bundle {ca_bundle} cannot be loaded: {exc}") from None
+        content = req.body() if req.form else None
+        try:
+            async with client.stream(req.method, req.url, headers=dict(req.headers), content=content) as resp:
+                body = b""
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > _MAX_BODY:
+                        raise UpstreamGarbage(f"identity provider answer exceeds {_MAX_BODY} bytes")
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+                return HttpResponse(resp.status_code, headers, body)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTransient(
+                f"identity provider timed out ({type(exc).__name__}) at {_origin(req.url)}"
+            ) from None
+        except httpx.TransportError as exc:
+            raise UpstreamTransient(
+                f"identity provider unreachable at {_origin(req.url)}: {type(exc).__name__}: {_safe(exc)}"
+            ) from None
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+def _origin(url: str) -> str:
+    parts = httpx.URL(url)
+    return f"{parts.scheme}://{parts.host}{':' + str(parts.port) if parts.port else ''}"
+
+
+def _safe(exc: BaseException) -> str:
+    # httpx transport errors carry OS-level messages, never the request body; keep them short anyway
+    return str(exc)[:200]

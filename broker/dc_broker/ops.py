@@ -1,0 +1,398 @@
+"""What each wire op does: the dispatch table ``HANDLERS`` (op name -> handler).
+
+A handler takes the broker's state, the caller (from the kernel) and the request, and returns either
+the result map at once (the common, allocation-light path: a cached token), an awaitable that
+produces it (the server runs those as separate tasks so a slow op never delays the connection), or
+an async iterator of results (a stream: each is sent with ``more: true``; ``watch``).
+Handlers raise ``dc_token.errors.BrokerError`` subclasses; the server turns them into error replies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from dc_broker import acl
+from dc_broker.acl import Identity
+from dc_broker.audit import Audit
+from dc_broker.config import Profile, load_config
+from dc_broker.identity import identify
+from dc_broker.oidc import TokenSet
+from dc_broker.secret import Secret
+from dc_broker.sessions import Session, Sessions
+from dc_broker.vault.records import unlock_delay
+from dc_token.errors import BadRequest, Forbidden, UnknownProfile, WrongPassphrase
+from dc_token.protocol import PROTOCOL_VERSION, Request
+from dc_token.version import version
+
+log = logging.getLogger("dc_broker")
+
+VERSION = version()  # the installed package metadata: one version string
+MAX_MIN_TTL = 86400.0
+#: profiles listed in one status reply (each ~250 bytes; a frame holds 64 KiB); the rest are counted
+STATUS_LIMIT = 200
+
+Result = dict[str, Any]
+
+
+class Caller:
+    """Who is on the other end, as the kernel says (SO_PEERCRED, /proc), never as the client claims.
+    The full identity (names, supplementary groups, systemd unit) is read once, when a rule needs it."""
+
+    __slots__ = ("_described", "_identity", "accepted_at", "gid", "pid", "uid")
+
+    def __init__(self, uid: int, gid: int, pid: int, accepted_at: float = 0.0) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.accepted_at = accepted_at
+        self._identity: Identity | None = None
+        self._described: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Caller(uid={self.uid}, gid={self.gid}, pid={self.pid})"
+
+    def identity(self) -> Identity:
+        if self._identity is None:
+            self._identity = identify(self.pid, self.uid, self.gid, accepted_at=self.accepted_at)
+        return self._identity
+
+    def describe(self) -> str:
+        """For the audit trail; built once per connection (it is on every token request's path).
+        In system mode the identity is read before the first request is served, so it is included."""
+        if self._described is None:
+            who = self._identity
+            if who is None:
+                self._described = f"uid {self.uid}"
+            else:
+                name = f" ({who.user})" if who.user else ""
+                unit = f" unit {who.unit}" if who.unit else ""
+                self._described = f"uid {self.uid}{name}{unit}"
+        return self._described
+
+
+@dataclass
+class BrokerState:
+    sessions: Sessions
+    socket_path: str
+    started_at: float = field(default_factory=time.time)
+    clock: Callable[[], float] = trio.current_time
+    #: system mode (a shared broker): profiles without allow rules are closed to everyone
+    system: bool = False
+    audit: Audit = field(default_factory=Audit)
+    config_path: str | None = None
+    unlock_lock: trio.Lock = field(default_factory=trio.Lock)
+    #: clock time of the last token request (for auto-lock)
+    last_use: float = 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _rules(allow: tuple[str, ...]) -> tuple[acl.Rule, ...]:
+    return acl.parse_rules(allow)
+
+
+def permits(state: BrokerState, caller: Caller, profile: Profile) -> bool:
+    rules = _rules(profile.allow)
+    if not rules:
+        return not state.system
+    if acl.needs_details(rules):
+        return acl.allowed(rules, caller.identity(), default_allow=False)
+    return acl.allowed(rules, acl.Identity(caller.uid, caller.gid, caller.pid), default_allow=False)
+
+
+def authorized(state: BrokerState, caller: Caller, name: str) -> Session:
+    """The profile's session if this caller may use it. In system mode an unknown profile and a
+    forbidden one get the same answer, so a caller learns nothing about profiles not meant for it."""
+    try:
+        session = state.sessions.lookup(name)
+    except UnknownProfile:
+        if state.system:
+            raise _denied(name, caller) from None
+        raise
+    if not permits(state, caller, session.profile):
+        raise _denied(name, caller)
+    if state.system:
+        caller.identity()  # names and unit for the audit trail; read once per connection
+    return session
+
+
+def _denied(name: str, caller: Caller) -> Forbidden:
+    return Forbidden(f"profile {name!r} is not available to uid {caller.uid}")
+
+
+Handler = Callable[[BrokerState, Caller, Request], "Result | Awaitable[Result] | AsyncIterator[Result]"]
+
+
+def _profile_arg(args: Mapping[str, Any]) -> str:
+    name = args.get("profile")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("'profile' must be a non-empty string")
+    return name
+
+
+def _seconds_arg(args: Mapping[str, Any], key: str, default: float, maximum: float) -> float:
+    value = args.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= maximum or math.isnan(value):
+        raise BadRequest(f"'{key}' must be a number of seconds between 0 and {maximum:g}")
+    return float(value)
+
+
+def token_result(session: Session, tok: TokenSet, now: float) -> Result:
+    remaining = tok.expires_at - now
+    return {
+        "profile": session.profile.name,
+        "token": tok.access_token.reveal(),
+        "type": tok.token_type,
+        "expires_in": remaining,
+        "expires_at": time.time() + remaining,
+        "scope": tok.scope,
+        # when the broker will replace this token: a client cache must not outlive it (some IdPs,
+        # Django OAuth Toolkit among them, revoke the old access token when they issue a new one)
+        "refresh_in": max(0.0, min(session.next_attempt_at - now, remaining)),
+    }
+
+
+def op_hello(state: BrokerState, caller: Caller, req: Request) -> Result:
+    return {
+        "server": "dc-broker",
+        "version": VERSION,
+        "protocol": PROTOCOL_VERSION,
+        "ops": sorted(HANDLERS),
+        "uid": caller.uid,
+        "pid": os.getpid(),
+    }
+
+
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+( [\x21\x23-\x5b\x5d-\x7e]+)*$")  # RFC 6749 3.3
+
+
+def _scope_arg(args: Mapping[str, Any]) -> str | None:
+    scope = args.get("scope")
+    if scope is None or scope == "":
+        return None
+    if not isinstance(scope, str) or len(scope) > 1024 or not _SCOPE.match(scope):
+        raise BadRequest("'scope' must be space-separated OAuth scope tokens")
+    return scope
+
+
+def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
+    args = req.args
+    name = _profile_arg(args)
+    session = state.sessions.lookup_scoped(authorized(state, caller, name), _scope_arg(args))
+    min_ttl = _seconds_arg(args, "min_ttl", 0.0, MAX_MIN_TTL)
+    state.audit.record(name, caller)
+    now = state.last_use = state.clock()
+    tok = session.peek(min_ttl, now)
+    if tok is not None:
+        return token_result(session, tok, now)
+    return _token_slow(state, session, min_ttl)
+
+
+def op_watch(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
+    """Stream: the current token at once, then every new one, until the client closes or an error."""
+    name = _profile_arg(req.args)
+    session = state.sessions.lookup_scoped(authorized(state, caller, name), _scope_arg(req.args))
+    min_ttl = _seconds_arg(req.args, "min_ttl", 0.0, MAX_MIN_TTL)
+    state.audit.record(name, caller)
+    return _watch(state, session, min_ttl)
+
+
+async def _watch(state: BrokerState, session: Session, min_ttl: float) -> AsyncIterator[Result]:
+    last: TokenSet | None = None
+    while True:
+        changed = session.token_changed
+        tok = await session.get(min_ttl)
+        if tok is not last:
+            last = tok
+            yield token_result(session, tok, state.clock())
+        await changed.wait()
+
+
+def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
+    """Stream: a password login (one message), or the device flow (the code to show, then the outcome)."""
+    session = authorized(state, caller, _profile_arg(req.args))
+    password = req.args.get("password")
+    if password is not None and (not isinstance(password, str) or not password):
+        raise BadRequest("'password' must be a non-empty string")
+    if password is not None:
+        if session.profile.grant != "password":
+            raise BadRequest(
+                f"profile {session.profile.name!r} does not use a password (grant {session.profile.grant})"
+            )
+        return _password_login(session, Secret(password))
+    return session.device_login()
+
+
+async def _password_login(session: Session, password: Secret) -> AsyncIterator[Result]:
+    store = session.store
+    name = session.profile.name
+    store.set_credentials(name, dataclasses.replace(store.credentials(name), password=password))
+    session.credentials_changed(relogin=True)
+    tok = await session.get()
+    yield {"profile": name, "logged_in": True, "expires_in": tok.expires_at - session.clock()}
+
+
+async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> Result:
+    tok = await session.get(min_ttl)
+    return token_result(session, tok, state.clock())
+
+
+def op_invalidate(state: BrokerState, caller: Caller, req: Request) -> Result:
+    session = authorized(state, caller, _profile_arg(req.args))
+    token = req.args.get("token")
+    if not isinstance(token, str) or not token:
+        raise BadRequest("'token' must be the access token the API rejected")
+    return {"profile": session.profile.name, "refreshing": session.invalidate(token)}
+
+
+def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
+    name = req.args.get("profile")
+    if name is not None:
+        sessions = [authorized(state, caller, _profile_arg(req.args)).status(state.clock())]
+    else:  # only the profiles this caller may use
+        sessions = [
+            st for st in state.sessions.status() if permits(state, caller, state.sessions.lookup(st["profile"]).profile)
+        ]
+    summary: dict[str, int] = {}
+    for st in sessions:
+        summary[st["state"]] = summary.get(st["state"], 0) + 1
+    shown = sessions[:STATUS_LIMIT]  # one reply must fit a frame; the summary counts them all
+    return {
+        "broker": {
+            "version": VERSION,
+            "pid": os.getpid(),
+            "socket": state.socket_path,
+            "uptime": round(time.time() - state.started_at, 3),
+            "profiles": len(sessions),
+            "mode": "system" if state.system else "user",
+            "states": summary,
+            "truncated": len(sessions) - len(shown),
+        },
+        "profiles": shown,
+    }
+
+
+# ---------------------------------------------------------------- administration (vault, config)
+
+
+def _admin(state: BrokerState, caller: Caller) -> None:
+    """Changing the broker (unlock, lock, secrets, config) is for its own user and root only."""
+    if caller.uid not in (0, os.getuid()):
+        raise Forbidden("only the broker's own user (or root) may change it")
+
+
+def _vault(state: BrokerState) -> Any:
+    store = state.sessions.store
+    if not hasattr(store, "unlock"):
+        raise BadRequest("this broker keeps its secrets in memory only (no vault); there is nothing to lock")
+    return store
+
+
+def op_unlock(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
+    _admin(state, caller)
+    vault = _vault(state)
+    passphrase = req.args.get("passphrase")
+    if passphrase is not None and (not isinstance(passphrase, str) or not passphrase):
+        raise BadRequest("'passphrase' must be a non-empty string")
+    return _unlock(state, vault, Secret(passphrase) if passphrase else None)
+
+
+async def _unlock(state: BrokerState, vault: Any, passphrase: Secret | None) -> Result:
+    async with state.unlock_lock:  # one attempt at a time, so the delay cannot be sidestepped
+        try:
+            await trio.to_thread.run_sync(vault.unlock, passphrase)  # Argon2id: ~0.1 s, off the loop
+        except WrongPassphrase as exc:
+            delay = unlock_delay(vault.failed_unlocks)
+            await trio.sleep(delay)  # wrong passphrases are slowed down, increasingly
+            raise WrongPassphrase(f"{exc.message}", retry_after=delay or None) from None
+    state.sessions.unlocked()
+    return {"unlocked": True, "profiles": len(state.sessions)}
+
+
+def op_lock(state: BrokerState, caller: Caller, req: Request) -> Result:
+    _admin(state, caller)
+    vault = _vault(state)
+    vault.lock()
+    state.sessions.locked()
+    return {"locked": True}
+
+
+async def auto_lock(state: BrokerState, after: float) -> None:
+    """Lock the vault once no token has been asked for in ``after`` seconds (``[daemon]
+    auto_lock_after``); `dc-broker unlock` opens it again."""
+    store: Any = state.sessions.store  # a Vault; a MemoryStore has no lock
+    if after <= 0 or not hasattr(store, "lock"):
+        return
+    state.last_use = state.clock()
+    while True:
+        await trio.sleep_until(state.last_use + after)
+        if state.clock() >= state.last_use + after and not store.locked:
+            store.lock()
+            state.sessions.locked()
+            log.info("vault locked after %.0f s without a token request", after)
+            state.last_use = state.clock()  # wait a full period again after the next unlock
+
+
+def op_reload(state: BrokerState, caller: Caller, req: Request) -> Result:
+    """Re-read the config file (what `dc-broker add/remove` do with a running broker)."""
+    _admin(state, caller)
+    if state.config_path is None:
+        raise BadRequest("this broker was not started from a config file; there is nothing to reload")
+    config = load_config(state.config_path, missing_ok=True)
+    added, changed, removed = state.sessions.reload(config.profiles)
+    return {"added": added, "changed": changed, "removed": removed}
+
+
+def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result:
+    """Store a profile's password / client secret (from `dc-broker add` with a running broker)."""
+    _admin(state, caller)
+    session = state.sessions.lookup(_profile_arg(req.args))
+    fields: dict[str, Secret] = {}
+    for key in ("password", "client_secret"):
+        value = req.args.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise BadRequest(f"'{key}' must be a non-empty string")
+            fields[key] = Secret(value)
+    store = state.sessions.store
+    store.set_credentials(session.profile.name, dataclasses.replace(store.credentials(session.profile.name), **fields))
+    session.credentials_changed(relogin=True)
+    return {"profile": session.profile.name, "stored": sorted(fields)}
+
+
+def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
+    _admin(state, caller)
+    session = state.sessions.lookup(_profile_arg(req.args))
+    return _logout(session)
+
+
+async def _logout(session: Session) -> Result:
+    revoked = await session.logout()
+    return {"profile": session.profile.name, "revoked": revoked}
+
+
+HANDLERS: dict[str, Handler] = {
+    "hello": op_hello,
+    "token": op_token,
+    "invalidate": op_invalidate,
+    "status": op_status,
+    "watch": op_watch,
+    "login": op_login,
+    "unlock": op_unlock,
+    "lock": op_lock,
+    "reload": op_reload,
+    "set_secrets": op_set_secrets,
+    "logout": op_logout,
+}

@@ -1,0 +1,320 @@
+"""The trio Unix-socket server: accept, check the caller's identity with the kernel, frame, dispatch.
+
+One task per connection. Each receive decodes every whole frame it holds; requests a handler answers
+at once (a cached token) are replied to in one ``send_all`` per batch, requests that must wait (a
+refresh) run as tasks of their own in the connection's nursery, so pipelined requests and other
+connections never queue behind them. Replies share the stream under a lock, whole frames at a time.
+
+Bad input closes only the connection it came on: a frame that is not msgpack, oversized, or cut off
+is answered with one ``bad_request`` error (id None) and the connection is closed; a well-framed
+request of the wrong shape gets an error reply and the connection lives on. Nothing a client sends can
+stop the accept loop. Only EMFILE/ENFILE/ENOBUFS/ENOMEM on accept are waited out (trio's own rule).
+
+The caller is whoever the kernel says (SO_PEERCRED): in user mode only our own uid (and root) may
+talk to the broker; anyone else is closed at once with ``forbidden``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import trio
+
+from dc_broker.identity import boottime, peer_credentials
+from dc_broker.ops import HANDLERS, BrokerState, Caller
+from dc_token.errors import BrokerError, Forbidden, InternalError, Overloaded, RemoteProtocolError, UnknownOp
+from dc_token.protocol import (
+    MAX_FRAME,
+    NEED_DATA,
+    OPS,
+    ErrorCode,
+    ErrorReply,
+    FrameDecoder,
+    Reply,
+    Request,
+    encode,
+    request_from_wire,
+)
+from dc_token.protocol import RequestShapeError as _ShapeError
+
+log = logging.getLogger("dc_broker.server")
+
+RECEIVE_SIZE = 65536
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+class Limits:
+    """Per-connection limits with sane defaults; exceeding one closes (or refuses) that connection only."""
+
+    def __init__(
+        self,
+        *,
+        max_in_flight: int = 256,
+        max_connections: int = 4096,
+        max_frame: int = MAX_FRAME,
+        partial_frame_timeout: float = 10.0,
+    ) -> None:
+        self.max_in_flight = max_in_flight
+        self.max_connections = max_connections
+        self.max_frame = max_frame
+        #: a frame begun but not finished within this many seconds closes the connection (slowloris)
+        self.partial_frame_timeout = partial_frame_timeout
+
+
+def _error_frame(rid: int | None, exc: BrokerError) -> bytes:
+    return encode(ErrorReply(rid, ErrorCode(exc.code), exc.message, exc.retry_after))
+
+
+class PeerGone(Exception):
+    """The client closed or reset the connection."""
+
+
+_PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
+
+
+async def recv_some(sock: socket.socket) -> bytes:
+    """One non-blocking recv; parks on trio's epoll only when nothing is there yet.
+
+    trio's SocketStream yields to the scheduler on every call, even when data is ready; for a
+    request answered from memory that was most of its cost. Here the only yield is the wait.
+    """
+    while True:
+        try:
+            return sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+        except OSError as exc:
+            if exc.errno in _PEER_GONE_ERRNOS:
+                return b""
+            raise
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        except OSError as exc:
+            if exc.errno in _PEER_GONE_ERRNOS:
+                raise PeerGone from None
+            raise
+        view = view[sent:]
+
+
+class Server:
+    def __init__(self, state: BrokerState, *, limits: Limits | None = None):
+        self.state = state
+        self.limits = limits or Limits()
+        # user mode: only our own uid (and root) may connect at all; system mode: the socket's mode and
+        # group decide who connects, and per-profile allow rules decide what each caller gets
+        self.allowed_uids: frozenset[int] | None = None if state.system else frozenset({os.getuid(), 0})
+        self.connections = 0
+        #: requests answered by a task of their own (a refresh wait) whose reply is not yet sent
+        self.pending = 0
+        self._idle = trio.Event()
+        self._accepting = trio.CancelScope()
+
+    async def serve(
+        self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept on ``sock`` (a listening AF_UNIX socket) until cancelled; after ``drain`` only the
+        connections already open are served."""
+        sock.setblocking(False)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            with self._accepting:
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    while True:  # take every pending connection before waiting again
+                        try:
+                            conn, _ = sock.accept()
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:
+                            if exc.errno in _RESOURCE_ERRNOS:
+                                log.error("accept failed (%s); pausing 100 ms", os.strerror(exc.errno or 0))
+                                await trio.sleep(0.1)
+                                break
+                            raise
+                        conn.setblocking(False)
+                        nursery.start_soon(self.handle, conn)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting connections, then wait (at most ``timeout`` s) until every request that was
+        waiting on a refresh has had its reply sent. Open connections are not closed here (the caller
+        cancels ``serve`` for that); ``watch`` streams never end by themselves and do not count.
+        True if everything in flight was answered in time."""
+        self._accepting.cancel()
+        with trio.move_on_after(timeout):
+            while self.pending:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            return True
+        return False
+
+    def _request_done(self) -> None:
+        self.pending -= 1
+        if not self.pending:
+            self._idle.set()
+
+    async def handle(self, conn: socket.socket) -> None:
+        """Serve one connection. Nothing that happens on it may reach the accept loop."""
+        self.connections += 1
+        try:
+            await self._handle(conn)
+        except* PeerGone:
+            pass  # the peer went away; its in-flight replies have nobody to go to
+        except* Exception as group:
+            log.error("connection handler failed; connection closed", exc_info=group)
+        finally:
+            self.connections -= 1
+            trio.lowlevel.notify_closing(conn)
+            conn.close()
+
+    async def _handle(self, conn: socket.socket) -> None:
+        pid, uid, gid = peer_credentials(conn)
+        caller = Caller(uid, gid, pid, accepted_at=boottime())
+        if self.allowed_uids is not None and caller.uid not in self.allowed_uids:
+            log.warning("refused connection from uid %d (pid %d)", caller.uid, caller.pid)
+            await send_all(conn, _error_frame(None, Forbidden("this broker serves only its own user")))
+            return
+        if self.connections > self.limits.max_connections:
+            await send_all(conn, _error_frame(None, Overloaded("too many connections", retry_after=1.0)))
+            return
+        await _Connection(self, conn, caller).run()
+
+
+class _Connection:
+    __slots__ = ("caller", "conn", "decoder", "in_flight", "send_lock", "server", "state")
+
+    def __init__(self, server: Server, conn: socket.socket, caller: Caller) -> None:
+        self.server = server
+        self.state = server.state
+        self.conn = conn
+        self.caller = caller
+        self.decoder = FrameDecoder(server.limits.max_frame)
+        self.send_lock = trio.Lock()
+        self.in_flight = 0
+
+    async def run(self) -> None:
+        decoder = self.decoder
+        dispatch = self.dispatch
+        async with trio.open_nursery() as nursery:
+            unbroken = 0
+            partial_timeout = self.server.limits.partial_frame_timeout
+            while True:
+                data: bytes | None = None
+                if decoder.buffered:  # in the middle of a frame: it must finish in time
+                    with trio.move_on_after(partial_timeout):
+                        data = await recv_some(self.conn)
+                    if data is None:
+                        log.info("closed a connection that left a frame unfinished for %.0f s", partial_timeout)
+                        nursery.cancel_scope.cancel()
+                        return
+                else:
+                    data = await recv_some(self.conn)
+                if not data:
+                    # a peer that went away mid-frame has nobody left to tell
+                    with contextlib.suppress(RemoteProtocolError):
+                        decoder.check_eof()
+                    nursery.cancel_scope.cancel()
+                    return
+                decoder.receive_data(data)
+                out: list[bytes] = []
+                try:
+                    while True:
+                        frame = decoder.next_frame()
+                        if frame is NEED_DATA:
+                            break
+                        reply = dispatch(frame)  # type: ignore[arg-type]
+                        if isinstance(reply, bytes):
+                            out.append(reply)
+                        else:
+                            nursery.start_soon(self._finish, *reply)
+                except RemoteProtocolError as exc:
+                    out.append(encode(ErrorReply(None, ErrorCode.BAD_REQUEST, f"protocol error: {exc}")))
+                    await self._send(b"".join(out))
+                    nursery.cancel_scope.cancel()
+                    return
+                if out:
+                    await self._send(out[0] if len(out) == 1 else b"".join(out))
+                # a client that keeps the socket full never parks in recv_some: let others run
+                unbroken += 1
+                if unbroken >= 16:
+                    unbroken = 0
+                    await trio.lowlevel.checkpoint()
+
+    async def _send(self, data: bytes) -> None:
+        lock = self.send_lock
+        if not lock.locked():  # the common case: no stream reply is being written; skip a yield
+            lock.acquire_nowait()
+            try:
+                await send_all(self.conn, data)
+            finally:
+                lock.release()
+            return
+        async with lock:
+            await send_all(self.conn, data)
+
+    def dispatch(
+        self, frame: dict[str, Any]
+    ) -> bytes | tuple[int, Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]]:
+        try:
+            req: Request = request_from_wire(frame)
+        except _ShapeError as exc:
+            return encode(exc.reply)
+        try:
+            handler = HANDLERS.get(req.op)
+            if handler is None:
+                known = "is not supported by this broker" if req.op in OPS else "is not a dc-broker op"
+                raise UnknownOp(f"op {req.op!r} {known}; supported: {', '.join(sorted(HANDLERS))}")
+            result = handler(self.state, self.caller, req)
+            if isinstance(result, dict):
+                return encode(Reply(req.id, result))
+            if self.in_flight >= self.server.limits.max_in_flight:
+                if not isinstance(result, AsyncIterator):
+                    result.close()  # type: ignore[attr-defined]
+                raise Overloaded(
+                    f"more than {self.server.limits.max_in_flight} requests waiting on this connection",
+                    retry_after=1.0,
+                )
+            self.in_flight += 1
+            if not isinstance(result, AsyncIterator):
+                self.server.pending += 1
+            return (req.id, result)
+        except BrokerError as exc:
+            return _error_frame(req.id, exc)
+        except Exception:
+            log.exception("op %s failed", req.op)
+            return _error_frame(req.id, InternalError(f"op {req.op!r} failed inside the broker; see its log"))
+
+    async def _finish(self, rid: int, pending: Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            try:
+                if isinstance(pending, AsyncIterator):
+                    async for result in pending:  # a stream: every message but a final error has more=true
+                        await self._send(encode(Reply(rid, result, more=True)))
+                    frame = encode(Reply(rid, {"end": True}))
+                else:
+                    frame = encode(Reply(rid, await pending))
+            except BrokerError as exc:
+                frame = _error_frame(rid, exc)
+            except Exception:
+                log.exception("request %d failed", rid)
+                frame = _error_frame(rid, InternalError("the request failed inside the broker; see its log"))
+            await self._send(frame)
+        except PeerGone:
+            pass
+        finally:
+            self.in_flight -= 1
+            if not isinstance(pending, AsyncIterator):
+                self.server._request_done()

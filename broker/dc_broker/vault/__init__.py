@@ -1,0 +1,72 @@
+"""The encrypted credential vault: one SQLite file holding every profile's secrets and latest tokens.
+
+    core.py     ``Vault``: open/create/close, lock/unlock, SecretStore + management methods
+    records.py  pure: record identity (AAD), plaintext layout and codecs, the unlock delay policy
+    files.py    the file-system edge: paths, modes, the one-writer flock, SQLite pragmas and schema
+    (broker/dc_broker/keysource.py: the key-encryption key from a passphrase, key file or systemd credential)
+
+Owns: the vault file and its format, envelope encryption, lock/unlock, and the one-writer rule.
+Implements ``dc_broker.store.SecretStore`` for sessions, plus the management API the CLI uses
+(``create``, ``open``, ``set_credentials``, ``remove``, ``profiles``, ``change_passphrase``).
+
+Envelope encryption. A random 256-bit *data key* encrypts each record with AES-256-GCM (random 96-bit
+nonce per write). The record's identity (vault id, profile, field, format version) is the associated
+data, so a record copied onto another profile or field, or into another vault, fails authentication.
+The data key is stored only wrapped (AES-256-GCM again) by a *key-encryption key* from the vault's
+key source (``dc_broker.keysource``): Argon2id over a passphrase, a key file or a systemd credential.
+Changing the passphrase rewraps the data key: one row changes, records are untouched.
+
+File format (SQLite, WAL, synchronous=FULL; file 0600 in a 0700 directory)::
+
+    meta      (id=1, format, vault_id BLOB[16], created_at)
+    data_key  (id=1, kind, reference, kdf JSON, salt, nonce, wrapped)   kind: passphrase | keyfile |
+                                                                        systemd-credential
+    profiles  (name PRIMARY KEY, created_at)                            names are not secret
+    records   (profile, field, version, nonce, ciphertext)              PRIMARY KEY (profile, field)
+              field: password | client_secret | refresh_token | tokens
+              plaintext: JSON, space-padded to a multiple of 64 bytes (hides exact secret lengths)
+
+Locked means no data key in memory: a vault opened from disk starts locked; ``unlock`` derives or
+reads the KEK, unwraps the data key and keeps only an ``AESGCM`` object; ``lock`` drops it. Nothing
+decrypted is cached: every read decrypts its row (tens of microseconds), so ``lock`` leaves no
+plaintext behind in this object. (Python cannot wipe memory; strings already handed out live on.)
+
+Durability. ``save_tokens`` commits in a worker thread and returns only after SQLite's fsync of the
+WAL (synchronous=FULL): a rotated refresh token is on disk before the session forgets the old one.
+Writes go through one connection under a lock; reads use a second connection, so a read never waits
+on another profile's fsync (WAL readers do not block on the writer).
+
+One writer. An exclusive ``flock`` on ``<vault>.lock`` is held from open to close; a second opener
+gets ``VaultBusy`` naming the path.
+
+Must never: write a secret, token or key in plaintext to the file, a log line, an exception message
+or a repr; cache decrypted values; let one profile's corrupt record affect another profile.
+"""
+
+from dc_broker.keysource import (
+    PRODUCTION_KDF,
+    KdfParams,
+    KeyFile,
+    KeySource,
+    KeySourceKind,
+    Passphrase,
+    SystemdCredential,
+    create_key_file,
+)
+from dc_broker.vault.core import Vault
+from dc_broker.vault.files import default_vault_path
+from dc_broker.vault.records import unlock_delay
+
+__all__ = [
+    "PRODUCTION_KDF",
+    "KdfParams",
+    "KeyFile",
+    "KeySource",
+    "KeySourceKind",
+    "Passphrase",
+    "SystemdCredential",
+    "Vault",
+    "create_key_file",
+    "default_vault_path",
+    "unlock_delay",
+]

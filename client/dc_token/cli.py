@@ -1,0 +1,381 @@
+"""``dc-token``: hand a valid bearer token from the running dc-broker to a program, in the form it wants.
+
+    curl -H "Authorization: Bearer $(dc-token acme)" https://dc.example.com/dp/api/v1/...
+    curl -H "$(dc-token acme --header)" ...          kubectl: --exec-credential     git: git-credential
+    dc-token exec acme -- ./script.sh                the token in $DC_TOKEN, the command exec'd
+
+Every failure is one line on stderr ("dc-token: <what is wrong>; <what to do>") and a distinct exit
+status (``dc_token.errors.EXIT_CODES``). Start-up time is most of what this command costs, so the
+command line is parsed by hand (no argparse: it pulls in re, gettext and shutil) and nothing beyond the
+standard library's cheapest, msgpack and ``dc_token.protocol`` is imported; json only when printed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from dc_token.errors import EXIT_CODES, BrokerUnavailable, DcBrokerError
+
+PROG = "dc-token"
+USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--min-ttl SECONDS] [--socket PATH]
+       {PROG} exec PROFILE [--env NAME] [--min-ttl SECONDS] [--socket PATH] -- COMMAND [ARG...]
+       {PROG} git-credential [--profile NAME] [--username NAME] [--min-ttl SECONDS] [--socket PATH] get|store|erase"""
+
+#: kubectl's ExecCredential expires this long before the token does, so kubectl asks again in time
+EXEC_CREDENTIAL_MARGIN = 60.0
+#: env var `dc-token exec` puts the token in, unless --env says otherwise
+DEFAULT_ENV = "DC_TOKEN"
+#: default --min-ttl per form: kubectl caches until expirationTimestamp, git may run a long push
+DEFAULT_MIN_TTL = {"token": 0.0, "exec-credential": 2 * EXEC_CREDENTIAL_MARGIN, "git": 60.0, "exec": 0.0}
+#: shell conventions for a command that cannot be run (`dc-token exec`)
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+#: `git-credential get` with no profile for the URL: nothing to say, so exit like "unknown profile"
+EXIT_NO_PROFILE = 4
+
+
+def _help() -> str:
+    codes = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+    exec_ttl = DEFAULT_MIN_TTL["exec-credential"]
+    return f"""{USAGE}
+
+Print a valid bearer token for PROFILE from the running dc-broker (nothing else on stdout).
+
+output forms (one of):
+  (default)          the token and a newline
+  --header           Authorization: Bearer <token>
+  --json             {{"token", "type", "expires_at" (unix seconds), "expires_in", "scope", "profile"}}
+  --exec-credential  a kubectl client.authentication.k8s.io/v1 ExecCredential; its expirationTimestamp
+                     is {EXEC_CREDENTIAL_MARGIN:g} s before the token's real expiry (min-ttl default {exec_ttl:g})
+
+options:
+  --min-ttl SECONDS  the token must stay valid at least this long (default 0; git-credential 60)
+  --socket PATH      broker socket (default: $DC_BROKER_SOCKET, else $XDG_RUNTIME_DIR/dc-broker/broker.sock)
+  -h, --help         this text
+  -V, --version      print dc-token's version
+
+{PROG} exec PROFILE [--env NAME] -- COMMAND [ARG...]
+  replaces itself with COMMAND, the token in $NAME (default ${DEFAULT_ENV}); signals and the exit
+  status are COMMAND's own. Exit 127 if COMMAND is not found, 126 if it cannot be executed.
+
+{PROG} git-credential [--profile NAME] [--username NAME] get|store|erase
+  git's credential-helper protocol. The profile is --profile, else the git config value
+  dc-token.<url>.profile that best matches the remote URL (git config --get-urlmatch), e.g.
+      git config --global credential.https://dc.example.com.helper "!dc-token git-credential --profile acme"
+  or  git config --global credential.https://dc.example.com.helper "!dc-token git-credential"
+      git config --global dc-token.https://dc.example.com.profile acme
+  `get` answers username (--username, else the URL's, else "oauth2"), password=<token> and
+  password_expiry_utc; with no broker or no profile it prints nothing and exits non-zero, so git
+  falls through to its next helper or prompt. `erase` (git saw a 401) invalidates that token;
+  `store` does nothing (the broker keeps the tokens).
+
+exit status:
+{codes}
+"""
+
+
+class _Usage(Exception):
+    """A command-line mistake: exit 2 with this one line."""
+
+
+def _fail(exc: DcBrokerError, profile: str) -> int:
+    """One line: what is wrong, then what to do (unless the broker's message already says it)."""
+    message = str(exc)
+    hint = exc.hint.replace("PROFILE", profile)
+    line = f"{PROG}: {message}" if not hint or "`" in message else f"{PROG}: {message}; {hint}"
+    sys.stderr.write(line + "\n")
+    return exc.exit_code
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise _Usage("--min-ttl must be a number of seconds >= 0")
+    return seconds
+
+
+class _Args:
+    """The parsed command line: which form, its options, its operands."""
+
+    def __init__(self, form: str) -> None:
+        self.form = form
+        self.profile = ""
+        self.output = "token"
+        self.min_ttl: float | None = None
+        self.socket: str | None = None
+        self.env = DEFAULT_ENV
+        self.username: str | None = None
+        self.command: list[str] = []
+        self.operands: list[str] = []
+
+
+#: per form: option -> (takes a value, how to apply it)
+_Apply = Callable[[_Args, str], None]
+_COMMON: dict[str, tuple[bool, _Apply]] = {
+    "--min-ttl": (True, lambda a, v: setattr(a, "min_ttl", _seconds(v))),
+    "--socket": (True, lambda a, v: setattr(a, "socket", v)),
+}
+_OPTIONS: dict[str, dict[str, tuple[bool, _Apply]]] = {
+    "token": {
+        **_COMMON,
+        "--header": (False, lambda a, v: setattr(a, "output", "header")),
+        "--json": (False, lambda a, v: setattr(a, "output", "json")),
+        "--exec-credential": (False, lambda a, v: setattr(a, "output", "exec-credential")),
+    },
+    "exec": {**_COMMON, "--env": (True, lambda a, v: setattr(a, "env", v))},
+    "git": {
+        **_COMMON,
+        "--profile": (True, lambda a, v: setattr(a, "profile", v)),
+        "--username": (True, lambda a, v: setattr(a, "username", v)),
+    },
+}
+
+
+def parse(argv: Sequence[str]) -> _Args:
+    """Parse by hand. Raises _Usage for mistakes; --help is the caller's business."""
+    argv = list(argv)
+    form = {"exec": "exec", "git-credential": "git"}.get(argv[0] if argv else "", "token")
+    if form != "token":
+        argv = argv[1:]
+    args = _Args(form)
+    options = _OPTIONS[form]
+    outputs = 0
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            if form != "exec":
+                args.operands += argv[i:]
+            else:
+                args.command = argv[i:]
+            break
+        if arg.startswith("-") and arg != "-":
+            name, eq, value = arg.partition("=")
+            spec = options.get(name)
+            if spec is None:
+                raise _Usage(f"unknown option {name} (see {PROG} --help)")
+            takes_value, apply = spec
+            if takes_value and not eq:
+                if i >= len(argv):
+                    raise _Usage(f"{name} needs a value")
+                value = argv[i]
+                i += 1
+            elif eq and not takes_value:
+                raise _Usage(f"{name} takes no value")
+            if name in ("--header", "--json", "--exec-credential"):
+                outputs += 1
+            apply(args, value)
+            continue
+        if form == "exec" and args.operands:  # PROFILE taken: the command starts here
+            args.command = argv[i - 1 :]
+            break
+        args.operands.append(arg)
+    if outputs > 1:
+        raise _Usage("--header, --json and --exec-credential are alternatives: give one")
+    if form == "git":
+        if len(args.operands) != 1:
+            raise _Usage("git-credential needs one operation: get, store or erase")
+        return args
+    if len(args.operands) != 1:
+        raise _Usage("give one PROFILE" if args.operands else "missing PROFILE (see dc-token --help)")
+    args.profile = args.operands[0]
+    if form == "exec" and not args.command:
+        raise _Usage("exec needs a COMMAND after the profile (dc-token exec PROFILE -- COMMAND...)")
+    if form == "exec" and (not args.env or "=" in args.env):
+        raise _Usage("--env needs a variable name")
+    return args
+
+
+def _rfc3339(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
+def _print_token(args: _Args) -> int:
+    from dc_token.sync import TokenClient
+
+    min_ttl = args.min_ttl if args.min_ttl is not None else DEFAULT_MIN_TTL.get(args.output, 0.0)
+    with TokenClient(args.socket, cache=False) as broker:
+        tok = broker.token_info(args.profile, min_ttl=min_ttl)
+    if args.output == "token":
+        out = tok.token
+    elif args.output == "header":
+        out = f"Authorization: Bearer {tok.token}"
+    else:
+        if args.output == "json":
+            doc: dict[str, object] = {
+                "token": tok.token,
+                "type": tok.type,
+                "expires_at": int(tok.expires_at),
+                "expires_in": int(tok.expires_in),
+                "scope": tok.scope,
+                "profile": tok.profile,
+            }
+        else:
+            doc = exec_credential(tok.token, tok.expires_at)
+        out = dumps(doc)
+    sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _json_str(value: str) -> str:
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    import json
+
+    return json.dumps(value)
+
+
+def dumps(doc: dict[str, object]) -> str:
+    """``json.dumps`` for our flat documents (str, int, nested dicts) without importing json (and re)
+    for the usual all-printable-ASCII values; the same text json.dumps gives."""
+    parts = []
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            text = dumps(value)
+        elif isinstance(value, str):
+            text = _json_str(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = str(value)
+        else:
+            import json
+
+            text = json.dumps(value)
+        parts.append(f"{_json_str(key)}: {text}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def exec_credential(token: str, expires_at: float) -> dict[str, object]:
+    """kubectl's ExecCredential (client.authentication.k8s.io/v1), expiring a margin before the token."""
+    return {
+        "apiVersion": "client.authentication.k8s.io/v1",
+        "kind": "ExecCredential",
+        "spec": {},
+        "status": {"token": token, "expirationTimestamp": _rfc3339(expires_at - EXEC_CREDENTIAL_MARGIN)},
+    }
+
+
+def _exec(args: _Args) -> int:
+    from dc_token.sync import TokenClient
+
+    with TokenClient(args.socket, cache=False) as broker:
+        token = broker.token(args.profile, min_ttl=args.min_ttl or 0.0)
+    env = dict(os.environ)
+    env[args.env] = token
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(args.command[0], args.command, env)  # noqa: S606 - the user's own command, by design
+    except FileNotFoundError:
+        sys.stderr.write(f"{PROG}: {args.command[0]}: command not found\n")
+        return EXIT_NOT_FOUND
+    except OSError as exc:
+        sys.stderr.write(f"{PROG}: {args.command[0]}: {exc.strerror or exc}\n")
+        return EXIT_CANNOT_EXECUTE
+
+
+def read_credential(stream: Iterable[str]) -> dict[str, str]:
+    """git's credential attributes: key=value lines up to a blank line (array keys keep the last)."""
+    attrs: dict[str, str] = {}
+    for line in stream:
+        line = line.rstrip("\n")
+        if not line:
+            break
+        key, eq, value = line.partition("=")
+        if eq:
+            attrs[key] = value
+    return attrs
+
+
+def _credential_url(attrs: dict[str, str]) -> str:
+    url = f"{attrs.get('protocol', 'https')}://{attrs.get('host', '')}"
+    return f"{url}/{attrs['path']}" if attrs.get("path") else url
+
+
+def _profile_from_git_config(attrs: dict[str, str]) -> str:
+    """`git config --get-urlmatch dc-token.profile URL`: the dc-token.<url>.profile that best matches."""
+    import subprocess
+
+    if not attrs.get("host"):
+        return ""
+    try:
+        found = subprocess.run(
+            ["git", "config", "--get-urlmatch", "dc-token.profile", _credential_url(attrs)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return found.stdout.strip() if found.returncode == 0 else ""
+
+
+def _git_credential(args: _Args) -> int:
+    operation = args.operands[0]
+    if operation not in ("get", "store", "erase"):
+        return 0  # git's rule: ignore operations we do not know
+    attrs = read_credential(sys.stdin)
+    profile = args.profile or _profile_from_git_config(attrs)
+    if operation == "store" or not profile:
+        return 0 if operation != "get" else EXIT_NO_PROFILE
+    from dc_token.sync import TokenClient
+
+    broker = TokenClient(args.socket, cache=False)
+    try:
+        if operation == "erase":
+            if attrs.get("password"):
+                broker.invalidate(profile, attrs["password"])
+            return 0
+        min_ttl = args.min_ttl if args.min_ttl is not None else DEFAULT_MIN_TTL["git"]
+        tok = broker.token_info(profile, min_ttl=min_ttl)
+    except BrokerUnavailable as exc:
+        return exc.exit_code  # quietly: git falls through to its next helper or the prompt
+    except DcBrokerError as exc:
+        return 0 if operation == "erase" else _fail(exc, profile)
+    finally:
+        broker.close()
+    username = args.username or attrs.get("username") or "oauth2"
+    sys.stdout.write(f"username={username}\npassword={tok.token}\npassword_expiry_utc={int(tok.expires_at)}\n")
+    sys.stdout.flush()
+    return 0
+
+
+_RUN: dict[str, Callable[[_Args], int]] = {"token": _print_token, "exec": _exec, "git": _git_credential}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        head = argv[: argv.index("--")] if "--" in argv else argv
+        if "-h" in head or "--help" in head:
+            sys.stdout.write(_help())
+            return 0
+    if argv[:1] in (["--version"], ["-V"]):
+        from dc_token.version import version
+
+        sys.stdout.write(f"{PROG} {version()}\n")
+        return 0
+    try:
+        args = parse(argv)
+    except _Usage as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
+        return 2
+    try:
+        return _RUN[args.form](args)
+    except DcBrokerError as exc:
+        return _fail(exc, args.profile)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the reader went away (`dc-token acme | head -c0`)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

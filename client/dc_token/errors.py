@@ -1,0 +1,290 @@
+"""The one error tree of dc-broker, drawn once.
+
+Every failure a caller can see is one of these classes. Wire error codes (``dc_token.protocol.ErrorCode``)
+map 1:1 onto the ``BrokerError`` subclasses, and each of those carries the ``dc-token`` exit code and a
+one-line hint saying what to do. The broker raises these same classes; the server turns them into error
+replies at a single place, and the client turns error replies back into them at a single place.
+
+    DcBrokerError                       root: catch this to catch everything we raise
+    ├── ProtocolError                   the framing or message shape rules were broken
+    │   ├── LocalProtocolError          ...by us (a bug in the caller of this library)
+    │   └── RemoteProtocolError         ...by the peer (garbage, oversized frame, wrong shape)
+    ├── BrokerUnavailable               client side only: no broker answers on the socket
+    ├── ConfigError                     broker side only: a config file or option is wrong
+    │   └── VaultError                  the vault file or its key source cannot be used (broker/dc_broker/vault.py)
+    │       └── VaultBusy               another process holds the vault open (its ``.lock`` is taken)
+    ├── UpstreamFault                   broker side only, never on the wire: the IdP said or did
+    │   │                               something (broker/dc_broker/oidc.py); sessions translate it into
+    │   ├── OAuthError                  a BrokerError below. {"error", "error_description"} from the IdP
+    │   ├── UpstreamTransient           5xx, 429, timeout, refused connection: retry later
+    │   └── UpstreamGarbage             a reply that is not a token response (HTML, truncated JSON...)
+    └── BrokerError                     an error reply; ``code`` is its wire code
+        ├── BadRequest                  bad_request: a well-formed frame with wrong fields
+        ├── UnsupportedVersion          unsupported_version
+        ├── UnknownOp                   unknown_op
+        ├── UnknownProfile              unknown_profile
+        ├── Forbidden                   forbidden
+        ├── Locked                      locked: the vault is locked
+        │   └── WrongPassphrase         ...and stays locked: the passphrase did not open it
+        ├── LoginRequired               login_required: no usable credential, a person must log in
+        │   └── RecordCorrupt           ...because this profile's vault record fails authentication
+        ├── CredentialsRejected         credentials_rejected: the IdP refuses the stored secret/config
+        ├── UpstreamUnavailable         upstream_unavailable: IdP down/slow; has retry_after
+        ├── UpstreamError               upstream_error: the IdP answered nonsense
+        ├── Overloaded                  overloaded: a limit was hit; has retry_after
+        └── InternalError               internal: a bug in the broker
+
+``VaultError``, ``VaultBusy``, ``WrongPassphrase`` and ``RecordCorrupt`` are raised by the broker only;
+the last two inherit their parent's wire code, so a client sees them as ``Locked`` / ``LoginRequired``.
+
+This module is pure: no I/O, no imports beyond the standard library's cheapest.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_CODES",
+    "BadRequest",
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfigError",
+    "CredentialsRejected",
+    "DcBrokerError",
+    "Forbidden",
+    "InternalError",
+    "LocalProtocolError",
+    "Locked",
+    "LoginRequired",
+    "OAuthError",
+    "Overloaded",
+    "ProtocolError",
+    "RecordCorrupt",
+    "RemoteProtocolError",
+    "UnknownOp",
+    "UnknownProfile",
+    "UnsupportedVersion",
+    "UpstreamError",
+    "UpstreamFault",
+    "UpstreamGarbage",
+    "UpstreamTransient",
+    "UpstreamUnavailable",
+    "VaultBusy",
+    "VaultError",
+    "WrongPassphrase",
+    "error_for_code",
+]
+
+
+class DcBrokerError(Exception):
+    """Root of everything dc-broker raises on purpose."""
+
+    #: dc-token's exit status when this error ends it
+    exit_code: int = 1
+    #: what the person should do about it, one short sentence
+    hint: str = ""
+
+
+class ProtocolError(DcBrokerError):
+    """The wire rules were broken; the connection cannot be trusted any more."""
+
+    exit_code = 12
+    hint = "make sure dc-token and dc-broker are the same version"
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to send something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+class BrokerUnavailable(DcBrokerError):
+    """No broker is listening on the socket (client side)."""
+
+    exit_code = 3
+    hint = "start it with `systemctl --user start dc-broker` or `dc-broker run`"
+
+
+class ConfigError(DcBrokerError):
+    """A configuration file, option or profile definition is wrong (broker side)."""
+
+    exit_code = 2
+
+
+class VaultError(ConfigError):
+    """The vault file or its key source cannot be used: missing, not a vault, too open, wrong key file."""
+
+
+class VaultBusy(VaultError):
+    """Another process (usually a running dc-broker) has the vault open for writing."""
+
+    hint = "stop the other dc-broker, or send the change to it instead"
+
+
+class UpstreamFault(DcBrokerError):
+    """Something the identity provider said or did. Broker-internal: never crosses the wire."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OAuthError(UpstreamFault):
+    """The IdP answered with an OAuth error body: ``{"error", "error_description"}``."""
+
+    def __init__(self, error: str, description: str, status: int) -> None:
+        super().__init__(f"{error}: {description}" if description else error)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+class UpstreamTransient(UpstreamFault):
+    """The IdP could not be reached or answered 5xx/429: try again later."""
+
+
+class UpstreamGarbage(UpstreamFault):
+    """The IdP answered something that is not a token response."""
+
+
+class BrokerError(DcBrokerError):
+    """An error reply from the broker. ``code`` is the wire code; subclasses are one per code."""
+
+    code: str = "internal"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, retry_after={self.retry_after!r})"
+
+
+class BadRequest(BrokerError):
+    code = "bad_request"
+    exit_code = 12
+    hint = "make sure dc-token and dc-broker are the same version"
+
+
+class UnsupportedVersion(BrokerError):
+    code = "unsupported_version"
+    exit_code = 12
+    hint = "upgrade dc-token and dc-broker together"
+
+
+class UnknownOp(BrokerError):
+    code = "unknown_op"
+    exit_code = 12
+    hint = "upgrade dc-token and dc-broker together"
+
+
+class UnknownProfile(BrokerError):
+    code = "unknown_profile"
+    exit_code = 4
+    hint = "see the profiles with `dc-broker status`, add one with `dc-broker add`"
+
+
+class Forbidden(BrokerError):
+    code = "forbidden"
+    exit_code = 9
+    hint = "ask the broker's administrator to allow your user or unit for this profile"
+
+
+class Locked(BrokerError):
+    code = "locked"
+    exit_code = 6
+    hint = "run `dc-broker unlock`"
+
+
+class WrongPassphrase(Locked):
+    """The passphrase did not unwrap the vault's data key; the vault is unharmed and still locked.
+    ``retry_after`` (when set) is how long the daemon makes the next attempt wait."""
+
+    hint = "check the passphrase and run `dc-broker unlock` again"
+
+
+class LoginRequired(BrokerError):
+    code = "login_required"
+    exit_code = 5
+    hint = "run `dc-broker login PROFILE`"
+
+
+class RecordCorrupt(LoginRequired):
+    """A profile's vault record failed authentication (tampered, corrupt, swapped or from a newer
+    format). Only that profile is affected; storing its secret again or logging in replaces it."""
+
+    hint = "store the profile's secret again (`dc-broker add PROFILE`) or run `dc-broker login PROFILE`"
+
+
+class CredentialsRejected(BrokerError):
+    code = "credentials_rejected"
+    exit_code = 8
+    hint = "fix the profile's secret or client settings, then run `dc-broker login PROFILE`"
+
+
+class UpstreamUnavailable(BrokerError):
+    code = "upstream_unavailable"
+    exit_code = 7
+    hint = "the identity provider is unreachable; the broker keeps retrying, try again shortly"
+
+
+class UpstreamError(BrokerError):
+    code = "upstream_error"
+    exit_code = 10
+    hint = "the identity provider answered something unexpected; check `dc-broker status`"
+
+
+class Overloaded(BrokerError):
+    code = "overloaded"
+    exit_code = 11
+    hint = "the broker is at a limit; retry shortly"
+
+
+class InternalError(BrokerError):
+    code = "internal"
+    exit_code = 1
+    hint = "this is a bug in dc-broker; its log has the details"
+
+
+_BY_CODE: dict[str, type[BrokerError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        UnsupportedVersion,
+        UnknownOp,
+        UnknownProfile,
+        Forbidden,
+        Locked,
+        LoginRequired,
+        CredentialsRejected,
+        UpstreamUnavailable,
+        UpstreamError,
+        Overloaded,
+        InternalError,
+    )
+}
+
+
+def error_for_code(code: str) -> type[BrokerError]:
+    """The exception class for a wire error code; unknown codes (a newer broker) become InternalError."""
+    return _BY_CODE.get(code, InternalError)
+
+
+#: every dc-token exit status, for --help and the README
+EXIT_CODES: dict[int, str] = {
+    0: "success: the token is on stdout",
+    1: "internal error in dc-broker or dc-token",
+    2: "usage error (bad arguments)",
+    3: "broker not running (no one listens on the socket)",
+    4: "unknown profile",
+    5: "login required (run `dc-broker login PROFILE`)",
+    6: "broker locked (run `dc-broker unlock`)",
+    7: "identity provider unavailable (retry later)",
+    8: "credentials rejected by the identity provider (fix the profile)",
+    9: "forbidden: this caller may not use the profile",
+    10: "identity provider answered something unexpected",
+    11: "broker overloaded (retry later)",
+    12: "protocol mismatch between dc-token and dc-broker",
+}

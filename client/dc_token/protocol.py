@@ -1,0 +1,329 @@
+"""THE wire contract between dc-broker and its clients: framing, message shapes, error codes.
+
+Pure: bytes in, messages out. No socket, no trio, no clock. Both sides import this module; the broker
+depends on it, never the reverse.
+
+Framing
+    Each message is a 4-byte big-endian unsigned length followed by exactly that many bytes holding
+    one msgpack map. A frame body longer than ``MAX_FRAME`` (64 KiB) is refused as soon as its header
+    is seen, so a peer can never make us buffer more than that. (An HTTP request line read as a header
+    is a ~1 GB length: a browser cannot drive the socket.)
+
+Requests (client -> broker)
+    ``{"v": 1, "id": <int>, "op": <str>, ...op arguments}``. ``id`` is chosen by the client and echoed
+    in the reply; several requests may be in flight on one connection (pipelining) and replies may
+    come back in any order.
+
+Replies (broker -> client)
+    ``{"id": <int>, "ok": true, "result": {...}}`` or
+    ``{"id": <int|None>, "ok": false, "error": {"code": <ErrorCode>, "message": <str>,
+    "retry_after": <float, optional>}}``. A streaming op (``watch``) sends several replies with the
+    same id; every one but the last carries ``"more": true``.
+
+Invariants
+    * ``FrameDecoder`` never holds more than one partial frame of at most ``MAX_FRAME`` bytes plus
+      whatever whole frames the caller has not yet taken.
+    * Every decoding failure is a ``RemoteProtocolError``; every encoding failure (our bug) is a
+      ``LocalProtocolError``. Nothing here blocks or loops on its own.
+    * Error codes are the closed set ``ErrorCode``; ``dc_token.errors`` maps each to one exception.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import StrEnum
+
+import msgpack
+
+from dc_token.errors import LocalProtocolError, RemoteProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing and collections.abc cost dc-token start-up time; annotations only
+    from collections.abc import Mapping
+    from typing import Any, Final
+
+__all__ = [
+    "MAX_FRAME",
+    "NEED_DATA",
+    "OPS",
+    "PROTOCOL_VERSION",
+    "ErrorCode",
+    "ErrorReply",
+    "FrameDecoder",
+    "Reply",
+    "Request",
+    "encode",
+    "pack_frame",
+    "reply_from_wire",
+    "request_from_wire",
+]
+
+PROTOCOL_VERSION: Final = 1
+MAX_FRAME: Final = 64 * 1024
+HEADER_SIZE: Final = 4
+_HEADER = struct.Struct(">I")
+_MAX_ID: Final = 2**63 - 1
+
+
+class ErrorCode(StrEnum):
+    """The closed set of wire error codes. Each maps 1:1 to a ``dc_token.errors.BrokerError`` subclass."""
+
+    BAD_REQUEST = "bad_request"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_OP = "unknown_op"
+    UNKNOWN_PROFILE = "unknown_profile"
+    FORBIDDEN = "forbidden"
+    LOCKED = "locked"
+    LOGIN_REQUIRED = "login_required"
+    CREDENTIALS_REJECTED = "credentials_rejected"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_ERROR = "upstream_error"
+    OVERLOADED = "overloaded"
+    INTERNAL = "internal"
+
+
+#: the operations this protocol version defines (the broker may implement a subset and answer
+#: ``unknown_op`` for the rest)
+OPS: Final = frozenset(
+    {"hello", "token", "invalidate", "status", "unlock", "lock", "login", "watch", "reload", "set_secrets", "logout"}
+)
+
+_RESERVED_REQUEST_KEYS: Final = frozenset({"v", "id", "op"})
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: returned by ``FrameDecoder.next_frame`` when no whole frame is buffered yet
+NEED_DATA: Final = _NeedData()
+
+
+class _Message:
+    """Frozen, slotted value object (hand-written: ``dataclasses`` costs dc-token ~5 ms to import)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f) for f in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._fields() == other._fields()  # type: ignore[attr-defined,unused-ignore]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, *(repr(f) for f in self._fields())))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__)
+        return f"{type(self).__name__}({inner})"
+
+
+class Request(_Message):
+    """One request. ``args`` are the op's arguments (every key except v/id/op)."""
+
+    __slots__ = ("args", "id", "op", "v")
+    id: int
+    op: str
+    args: Mapping[str, Any]
+    v: int
+
+    def __init__(self, id: int, op: str, args: Mapping[str, Any] | None = None, v: int = PROTOCOL_VERSION) -> None:
+        if type(id) is not int or not 0 <= id <= _MAX_ID:
+            raise LocalProtocolError(f"request id must be an int in 0..2**63-1, not {id!r}")
+        if not isinstance(op, str) or not 0 < len(op) <= 64:
+            raise LocalProtocolError(f"op must be a non-empty string, not {op!r}")
+        args = {} if args is None else args
+        if _RESERVED_REQUEST_KEYS.intersection(args):
+            raise LocalProtocolError("request args may not use the keys v, id or op")
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "op", op)
+        object.__setattr__(self, "args", args)
+        object.__setattr__(self, "v", v)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"v": self.v, "id": self.id, "op": self.op}
+        wire.update(self.args)
+        return wire
+
+
+class Reply(_Message):
+    """A successful reply. ``more`` is true on every message of a stream but the last."""
+
+    __slots__ = ("id", "more", "result")
+    id: int
+    result: Mapping[str, Any]
+    more: bool
+
+    def __init__(self, id: int, result: Mapping[str, Any], more: bool = False) -> None:
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "result", result)
+        object.__setattr__(self, "more", more)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"id": self.id, "ok": True, "result": self.result}
+        if self.more:
+            wire["more"] = True
+        return wire
+
+
+class ErrorReply(_Message):
+    """A failed request. ``id`` is None when the request was too broken to have one."""
+
+    __slots__ = ("code", "id", "message", "retry_after")
+    id: int | None
+    code: ErrorCode
+    message: str
+    retry_after: float | None
+
+    def __init__(self, id: int | None, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+        if not isinstance(code, ErrorCode):
+            raise LocalProtocolError(f"unknown error code {code!r}")
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "message", message)
+        object.__setattr__(self, "retry_after", retry_after)
+
+    def to_wire(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code.value, "message": self.message}
+        if self.retry_after is not None:
+            error["retry_after"] = float(self.retry_after)
+        return {"id": self.id, "ok": False, "error": error}
+
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def pack_frame(obj: Mapping[str, Any]) -> bytes:
+    """Frame one msgpack map. Raises LocalProtocolError if it cannot be encoded or is too big."""
+    try:
+        body: bytes = _packb(obj)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"message cannot be encoded: {exc}") from exc
+    if len(body) > MAX_FRAME:
+        raise LocalProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
+    return _HEADER.pack(len(body)) + body
+
+
+def encode(message: Request | Reply | ErrorReply) -> bytes:
+    """Bytes to send for one message."""
+    return pack_frame(message.to_wire())
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes with ``receive_data``, take maps with ``next_frame``.
+
+    Frames are returned as plain dicts; ``request_from_wire`` / ``reply_from_wire`` give them shape.
+    Raises RemoteProtocolError on an oversized frame, a body that is not exactly one msgpack map, or
+    (via ``check_eof``) a connection closed mid-frame. After an error the decoder is unusable.
+    """
+
+    __slots__ = ("_buf", "_max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max_frame = max_frame
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames (a partial frame, if non-zero)."""
+        return len(self._buf)
+
+    def next_frame(self) -> dict[str, Any] | _NeedData:
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return NEED_DATA
+        (length,) = _HEADER.unpack_from(buf)
+        if length > self._max_frame:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes exceeds the {self._max_frame}-byte limit "
+                "(is something other than a dc-broker client talking to the socket?)"
+            )
+        end = HEADER_SIZE + length
+        if len(buf) < end:
+            return NEED_DATA
+        body = bytes(buf[HEADER_SIZE:end])
+        del buf[:end]
+        try:
+            obj = msgpack.unpackb(body, raw=False, ext_hook=_refuse_ext, strict_map_key=True)
+        except RemoteProtocolError:
+            raise
+        except Exception as exc:  # msgpack raises many types for garbage; all mean the same here
+            raise RemoteProtocolError(f"frame is not valid msgpack: {type(exc).__name__}") from None
+        if not isinstance(obj, dict):
+            raise RemoteProtocolError(f"frame holds a {type(obj).__name__}, not a map")
+        return obj
+
+    def check_eof(self) -> None:
+        """Call when the peer closed: a half-received frame is an error, a clean boundary is not."""
+        if self._buf:
+            raise RemoteProtocolError(f"connection closed in the middle of a frame ({len(self._buf)} bytes)")
+
+
+class RequestShapeError(RemoteProtocolError):
+    """A well-framed map that is not a valid request. The connection survives: answer with ``reply``."""
+
+    def __init__(self, reply: ErrorReply) -> None:
+        super().__init__(reply.message)
+        self.reply = reply
+
+
+def request_from_wire(obj: dict[str, Any]) -> Request:
+    """Shape a decoded map into a Request, or raise RequestShapeError carrying the error to send back."""
+    rid = obj.get("id")
+    if type(rid) is not int or not 0 <= rid <= _MAX_ID:
+        raise RequestShapeError(ErrorReply(None, ErrorCode.BAD_REQUEST, "request needs an integer 'id' in 0..2**63-1"))
+    v = obj.get("v")
+    if v != PROTOCOL_VERSION:
+        raise RequestShapeError(
+            ErrorReply(
+                rid,
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {v!r} is not supported; this broker speaks version {PROTOCOL_VERSION}",
+            )
+        )
+    op = obj.get("op")
+    if not isinstance(op, str) or not 0 < len(op) <= 64:
+        raise RequestShapeError(ErrorReply(rid, ErrorCode.BAD_REQUEST, "request needs a string 'op'"))
+    args = {k: val for k, val in obj.items() if k not in _RESERVED_REQUEST_KEYS}
+    return Request(rid, op, args, v)
+
+
+def reply_from_wire(obj: dict[str, Any]) -> Reply | ErrorReply:
+    """Shape a decoded map into a Reply or ErrorReply; anything else is a RemoteProtocolError."""
+    rid = obj.get("id")
+    ok = obj.get("ok")
+    if ok is True:
+        result = obj.get("result")
+        if type(rid) is not int or not isinstance(result, dict):
+            raise RemoteProtocolError("reply needs an integer 'id' and a 'result' map")
+        return Reply(rid, result, bool(obj.get("more", False)))
+    if ok is False:
+        err = obj.get("error")
+        if not isinstance(err, dict) or (rid is not None and type(rid) is not int):
+            raise RemoteProtocolError("error reply needs an 'error' map")
+        raw_code = err.get("code")
+        try:
+            code = ErrorCode(str(raw_code))
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        message = err.get("message")
+        if not isinstance(message, str):
+            message = f"broker error {raw_code!r}"
+        retry_after = err.get("retry_after")
+        if not isinstance(retry_after, int | float) or isinstance(retry_after, bool):
+            retry_after = None
+        return ErrorReply(rid, code, message, None if retry_after is None else float(retry_after))
+    raise RemoteProtocolError("reply needs 'ok' true or false")
