@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install-test bench fuzz clean
+.PHONY: demo test lint typecheck unit install-test systemd-test bench fuzz clean
 
 # An editable install (hatchling: a static .pth naming broker/ and client/, the import packages
 # dc_broker and dc_token beneath them) with the dev IdP extra and the test tools.
@@ -29,6 +29,11 @@ unit: $(STAMP)
 # the wheel as a user installs it (also part of `make unit`: tests/test_install.py, marker `install`)
 install-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m install
+
+# the units under a real systemd booted in a throwaway container (tests/systemd/, marker `systemd`;
+# also part of `make unit`). Needs root and systemd-nspawn (.ci/run installs systemd-container).
+systemd-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m systemd
 
 test: lint typecheck unit
 

@@ -32,6 +32,7 @@ from dc_broker.secret import Secret
 from dc_broker.sessions import Session
 from dc_broker.store import Credentials, MemoryStore
 from dc_token.errors import BrokerUnavailable, ConfigError, DcBrokerError, UpstreamFault, UpstreamUnavailable
+from dc_token.paths import default_socket_path
 
 
 class Failed(click.ClickException):
@@ -43,11 +44,22 @@ class Failed(click.ClickException):
         self.exit_code = exc.exit_code or 1  # type: ignore[misc]
 
 
+#: how long a command waits for the broker's first answer: a socket-activated cold start takes well
+#: under a second; a socket whose service cannot start would otherwise keep the caller for 60 s
+HELLO_TIMEOUT = 15.0
+
+
 def _daemon(socket_path: str | None) -> bool:
     try:
-        control.request("hello", socket_path)
+        next(control.stream("hello", socket_path, timeout=HELLO_TIMEOUT), None)
     except BrokerUnavailable:
         return False
+    except TimeoutError:
+        path = socket_path or default_socket_path()
+        raise BrokerUnavailable(
+            f"{path} accepted the connection but no broker answered in {HELLO_TIMEOUT:g} s: its service "
+            "did not start? See `systemctl status dc-broker.service` and `journalctl -u dc-broker`"
+        ) from None
     return True
 
 

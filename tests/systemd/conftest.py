@@ -1,0 +1,68 @@
+"""Fixtures of the real-systemd tests (marker ``systemd``; ``make systemd-test`` runs them alone).
+
+One wheelhouse per session, one booted container per test module (``machine``). The terminal summary
+says which systemd the tests ran against and how many of them ran.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.systemd import harness
+
+_outcomes: dict[str, int] = {}
+_marked: set[str] = set()
+
+
+def require_nspawn() -> None:
+    """Skip (or, under CI, fail) where a container cannot be booted at all."""
+    reason = harness.skip_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the systemd tests must run in CI, but: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_nspawn()
+    return harness.build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+
+
+@pytest.fixture(scope="module")
+def machine(
+    request: pytest.FixtureRequest, wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[harness.Machine]:
+    """A booted container with the wheel installed in /opt/dc-broker, for one test module."""
+    name = f"dcb-{os.getpid()}-{request.module.__name__.rsplit('.', 1)[-1].removeprefix('test_')}"[:60]
+    with harness.Machine.boot(name.replace("_", "-"), wheelhouse, tmp_path_factory.mktemp("console")) as m:
+        m.install()
+        yield m
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _marked.update(item.nodeid for item in items if item.get_closest_marker("systemd"))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.nodeid not in _marked:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        key = "xfailed" if hasattr(report, "wasxfail") and report.outcome == "skipped" else report.outcome
+        _outcomes[key] = _outcomes.get(key, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _outcomes:
+        return
+    ran = sum(n for k, n in _outcomes.items() if k != "skipped")
+    versions = ", ".join(sorted(set(harness.booted_versions))) or "none booted"
+    detail = ", ".join(f"{n} {k}" for k, n in sorted(_outcomes.items()))
+    for line in harness.report:
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"systemd tests: {ran} ran against a booted {versions} ({detail})")

@@ -1,0 +1,401 @@
+"""A real systemd for the tests: the host's own OS booted as a throwaway container (systemd-nspawn).
+
+Owns booting one container, running commands in it, installing the project's wheel into it, and
+leaving nothing behind: the nspawn process, its processes, its cgroups. It is a test tool, not a
+security boundary (root inside keeps CAP_SYS_ADMIN). The facts it is built on (no host systemd, so
+``machinectl``/``-M`` do not work and ``nsenter`` does; cgroups made by hand; firstboot and PAM) are
+in ../shared/systemd-nspawn.md and docs/systemd.md.
+
+    wheelhouse = build_wheelhouse(tmp)          # the project's wheel + its dependencies, once
+    with Machine.boot("dcb-user", wheelhouse) as m:
+        m.install()                             # venv in /opt/dc-broker, wheel[dev] from the wheelhouse
+        m.run("systemctl", "is-system-running")
+        m.run("dc-token", "demo", user="alice")
+
+``skip_reason()`` says why nspawn cannot run here at all (not root, no systemd-nspawn, no writable
+cgroup hierarchy); under ``CI=true`` the tests fail instead of skipping, so CI never passes by
+skipping them. Never used for anything but tests and bench/coldstart.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CGROUP_HIERARCHIES = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified")
+#: host files the container needs: PAM for user@.service and runuser, NSS for dynamic users
+HOST_ETC = ("/etc/pam.d", "/etc/security", "/etc/login.defs", "/etc/nsswitch.conf", "/etc/alternatives")
+VENV = "/opt/dc-broker"
+WHEELHOUSE = "/opt/wheelhouse"
+PATH = f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: the interpreter the container's venv is made from: the host's /usr is the container's /usr
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+#: what the booted systemd says about itself (``systemctl --version``, first line); set at boot
+booted_versions: list[str] = []
+#: figures the tests measured, printed in pytest's terminal summary (e.g. the exposure score)
+report: list[str] = []
+#: host units that cannot work in the container: with --private-network there is only lo, which
+#: networkd never calls online, so wait-online would hold network-online.target (and with it the
+#: system unit's first start, After=network-online.target) for its 2 min timeout
+MASKS = ("systemd-networkd-wait-online.service",)
+
+
+class BootError(RuntimeError):
+    """The container did not come up; the message carries its console output."""
+
+
+def skip_reason() -> str | None:
+    """Why a container cannot be booted here at all, or None when it can."""
+    if sys.platform != "linux":
+        return "systemd-nspawn needs Linux"
+    if os.geteuid() != 0:
+        return "systemd-nspawn needs root (run the systemd tests as root, as CI does)"
+    if shutil.which("systemd-nspawn") is None:
+        return "systemd-nspawn is not installed (apt-get install systemd-container; .ci/run does)"
+    if shutil.which("nsenter") is None:
+        return "nsenter is not installed (util-linux)"
+    if os.path.exists("/run/systemd/system"):
+        return "the host runs systemd itself; this harness is for hosts without it (use systemd-run --scope there)"
+    for hierarchy in CGROUP_HIERARCHIES:
+        if not os.access(hierarchy, os.W_OK):
+            return f"{hierarchy} is not a writable cgroup hierarchy; nspawn cannot make its cgroups"
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return f"{SYSTEM_PYTHON} is missing: the container's venv is made from the host's /usr"
+    version = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import sys, venv; print(sys.version_info >= (3, 11))"], capture_output=True, text=True
+    )
+    if version.stdout.strip() != "True":
+        return f"{SYSTEM_PYTHON} is not Python 3.11+ with the venv module (python3-venv)"
+    return None
+
+
+def build_wheelhouse(dest: Path) -> Path:
+    """The project's wheel (``python -m build --wheel``) and every dependency, [dev] included, as
+    wheels in ``dest``: the container has no network, it installs from here with ``--no-index``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--installer", "pip", "--outdir", str(dest), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (wheel,) = dest.glob("dc_broker-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(dest), f"{wheel}[dev]"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return dest
+
+
+def _cgroup_dirs(name: str) -> list[Path]:
+    return [Path(h) / f"nspawn-{name}" for h in CGROUP_HIERARCHIES]
+
+
+def _remove_cgroups(name: str) -> list[str]:
+    """rmdir the container's cgroups depth first; returns what could not be removed."""
+    left = []
+    for top in _cgroup_dirs(name):
+        if not top.exists():
+            continue
+        for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
+            try:
+                os.rmdir(dirpath)
+            except OSError as exc:
+                left.append(f"{dirpath}: {exc.strerror}")
+    return left
+
+
+def _cgroup_pids(name: str) -> set[int]:
+    pids: set[int] = set()
+    for top in _cgroup_dirs(name):
+        for procs in top.rglob("cgroup.procs") if top.exists() else ():
+            with contextlib.suppress(OSError):
+                pids.update(int(p) for p in procs.read_text().split())
+    return pids
+
+
+class Machine:
+    """One booted container. ``run`` executes a command inside it (as root or as a user)."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], leader: int, console: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.leader = leader
+        self.console = console
+        self.version = ""
+
+    # ------------------------------------------------------------ lifetime
+
+    @classmethod
+    @contextlib.contextmanager
+    def boot(
+        cls, name: str, wheelhouse: Path, workdir: Path, *, masks: Sequence[str] = (), timeout: float = 60
+    ) -> Iterator[Machine]:
+        """Boot, wait until ``is-system-running`` says running, yield; power off and clean up after."""
+        for top in _cgroup_dirs(name):
+            top.mkdir(exist_ok=True)
+        console = workdir / f"{name}.console"
+        args = ["systemd-nspawn", "-q", "-D", "/", "--volatile=yes", "-b", "-M", name]
+        args += ["--register=no", "--keep-unit", "--console=read-only", "--private-network"]
+        args += [f"--bind-ro={p}" for p in HOST_ETC if os.path.exists(p)]
+        args += [f"--bind-ro={wheelhouse}:{WHEELHOUSE}", f"--bind-ro={ROOT / 'tests' / 'systemd'}:/opt/dc-tests"]
+        args += ["--", "systemd.firstboot=off", *(f"systemd.mask={m}" for m in (*MASKS, *masks))]
+
+        def enter_cgroups() -> None:  # in the child, before exec: nspawn needs cgroups of its own
+            for top in _cgroup_dirs(name):
+                (top / "cgroup.procs").write_text(str(os.getpid()))
+
+        mounts_before = _mount_count()
+        with console.open("wb") as out:
+            proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=enter_cgroups
+            )
+        machine: Machine | None = None
+        try:
+            leader = _wait_for(lambda: _container_init(proc.pid), timeout, proc, console, "the container's systemd")
+            _wait_for(
+                lambda: os.path.exists(f"/proc/{leader}/root/run/systemd/private") or None,
+                timeout,
+                proc,
+                console,
+                "the container's manager socket",
+            )
+            machine = cls(name, proc, leader, console)
+            state = machine.run("systemctl", "is-system-running", "--wait", check=False, timeout=timeout).stdout.strip()
+            if state != "running":
+                failed = machine.run("systemctl", "--failed", "--no-legend", check=False).stdout
+                raise BootError(f"container {name} is {state!r}, not running; failed units:\n{failed}")
+            machine.version = machine.run("systemctl", "--version").stdout.splitlines()[0]
+            booted_versions.append(machine.version)
+            yield machine
+        finally:
+            _power_off(proc, name)
+            left = _remove_cgroups(name)
+            if left:
+                raise AssertionError(f"container {name} left cgroups behind: {left}")
+            if _mount_count() != mounts_before:
+                raise AssertionError(f"container {name} changed the host's mount table")
+
+    # ------------------------------------------------------------ commands inside
+
+    def command(
+        self, *cmd: str, user: str | None = None, env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> list[str]:
+        """The host argv that runs ``cmd`` inside the container: nsenter into every namespace of its
+        PID 1, a clean environment, and for ``user`` runuser with that user's runtime dir (so
+        ``systemctl --user`` reaches the lingering user manager)."""
+        base = {"PATH": PATH, "LANG": "C.UTF-8"}
+        if user is None:
+            base.update(HOME="/root")
+            prefix: list[str] = []
+        else:
+            uid = self.uid(user)
+            base.update(HOME=f"/home/{user}", USER=user, XDG_RUNTIME_DIR=f"/run/user/{uid}")
+            prefix = ["runuser", "-u", user, "--"]
+        base.update(env or {})
+        wd = ["--wdns=" + (cwd or base["HOME"])] if cwd or user else []
+        return [
+            "nsenter",
+            "-t",
+            str(self.leader),
+            "-a",
+            *wd,
+            *prefix,
+            "env",
+            "-i",
+            *(f"{k}={v}" for k, v in base.items()),
+            *cmd,
+        ]
+
+    def run(
+        self,
+        *cmd: str,
+        user: str | None = None,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            self.command(*cmd, user=user, env=env),
+            input=input if input is not None else "",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and done.returncode != 0:
+            who = f" as {user}" if user else ""
+            raise AssertionError(f"{list(cmd)}{who} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def sh(self, script: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        return self.run("sh", "-ec", script, **kw)  # type: ignore[arg-type]
+
+    def uid(self, user: str) -> int:
+        out = subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-a", "id", "-u", user], capture_output=True, text=True, check=True
+        )
+        return int(out.stdout)
+
+    def write(self, path: str, text: str, *, mode: int = 0o644, owner: str | None = None) -> None:
+        """Write a file inside the container (through its root, as root; then chown)."""
+        host = Path(f"/proc/{self.leader}/root{path}")
+        host.parent.mkdir(parents=True, exist_ok=True)
+        host.write_text(text)
+        host.chmod(mode)
+        if owner:
+            self.run("chown", owner, path)
+
+    def read(self, path: str) -> str:
+        return Path(f"/proc/{self.leader}/root{path}").read_text()
+
+    def wait_until(self, what: str, probe: Callable[[], object], timeout: float = 30, every: float = 0.1) -> object:
+        """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = probe()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(every)
+
+    # ------------------------------------------------------------ the project inside
+
+    def install(self) -> None:
+        """The README's install: a venv in /opt/dc-broker from the system python, the wheel with the
+        dev extra (the dev IdP runs in here too), from the wheelhouse only."""
+        self.run(SYSTEM_PYTHON, "-m", "venv", VENV, timeout=120)
+        self.run(
+            f"{VENV}/bin/python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--find-links",
+            WHEELHOUSE,
+            "dc-broker[dev]",
+            timeout=300,
+        )
+
+    def add_user(self, name: str, *, groups: Sequence[str] = (), linger: bool = True) -> int:
+        """A login user with a home; with ``linger`` its user manager runs (user@UID.service)."""
+        cmd = ["useradd", "-m", "-s", "/bin/sh"]
+        if groups:
+            cmd += ["-G", ",".join(groups)]
+        self.run(*cmd, name)
+        uid = self.uid(name)
+        if linger:
+            self.run("loginctl", "enable-linger", name)
+            self.wait_until(
+                f"{name}'s user manager",
+                lambda: (
+                    self.run("systemctl", "is-active", f"user@{uid}.service", check=False).stdout.strip() == "active"
+                    and os.path.exists(f"/proc/{self.leader}/root/run/user/{uid}/systemd/private")
+                ),
+            )
+        return uid
+
+    def show(self, unit: str, prop: str, *, user: str | None = None) -> str:
+        scope = ["--user"] if user else []
+        return self.run("systemctl", *scope, "show", "-p", prop, "--value", unit, user=user).stdout.strip()
+
+    def start_idp(self, port: int = 18080) -> str:
+        """The dev IdP + demo API, a plain process of the installed venv (a transient unit, so the
+        container's systemd reaps it at poweroff). Returns its base URL."""
+        self.run(
+            "systemd-run",
+            "--unit=dev-idp",
+            "--collect",
+            f"{VENV}/bin/python",
+            "-m",
+            "dc_broker.devserver",
+            "--port",
+            str(port),
+        )
+        base = f"http://127.0.0.1:{port}"
+        probe = f"import urllib.request; urllib.request.urlopen('{base}/realms/demo/.well-known/openid-configuration')"
+        self.wait_until(
+            "the dev IdP", lambda: self.run(f"{VENV}/bin/python", "-c", probe, check=False).returncode == 0, 60, 0.2
+        )
+        return base
+
+
+def _mount_count() -> int:
+    with open("/proc/self/mountinfo") as f:
+        return sum(1 for _ in f)
+
+
+def _container_init(nspawn_pid: int) -> int | None:
+    """The container's PID 1 (as a host pid): the child of nspawn that runs systemd."""
+    try:
+        children = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children").read_text().split()
+    except OSError:
+        return None
+    for child in children:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                return int(child)
+    return None
+
+
+def _wait_for(
+    probe: Callable[[], int | bool | None], timeout: float, proc: subprocess.Popen[bytes], console: Path, what: str
+) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return int(value)
+        if proc.poll() is not None:
+            raise BootError(f"systemd-nspawn exited {proc.returncode} before {what} came up:\n{_tail(console)}")
+        if time.monotonic() > deadline:
+            raise BootError(f"{what} did not come up in {timeout:g} s:\n{_tail(console)}")
+        time.sleep(0.02)
+
+
+def _tail(console: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(console.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no console output)"
+
+
+def _power_off(proc: subprocess.Popen[bytes], name: str) -> None:
+    """SIGTERM to nspawn = an orderly poweroff of the container; SIGKILL what is left after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    deadline = time.monotonic() + 10
+    while pids := _cgroup_pids(name):  # processes of the container still alive (all ours by construction)
+        if time.monotonic() > deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def exposure(text: str) -> float:
+    """The number in ``systemd-analyze security``'s 'Overall exposure level for X: 1.4 OK' line."""
+    m = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", text)
+    if m is None:
+        raise AssertionError(f"no exposure level in:\n{text[-2000:]}")
+    return float(m.group(1))
