@@ -1,9 +1,17 @@
 """Socket-activated cold start: first connect on a socket nobody serves yet -> first token served.
 
-Target (systemd issue): <= 0.5 s. ``systemd-socket-activate`` holds the listening socket, as the
-user's ``dc-broker.socket`` would; the clock starts at the client's first ``connect`` (which is what
-starts the daemon) and stops when the token reply arrives. That span includes Python start-up,
-imports, config load, and the first token request to the dev IdP (a real HTTP round trip).
+Target (systemd issue): <= 0.5 s. Two figures:
+
+* ``systemd-socket-activate`` holds the listening socket, as the user's ``dc-broker.socket`` would;
+  the clock starts at the client's first ``connect`` (which is what starts the daemon) and stops when
+  the token reply arrives. That span includes Python start-up, imports, config load, and the first
+  token request to the dev IdP (a real HTTP round trip; secrets from stdin, nothing stored).
+* under a real systemd (tests/systemd/harness.py boots one in a container, where root can run
+  systemd-nspawn): the installed wheel in /opt/dc-broker, alice's ``dc-broker.socket`` with the
+  service stopped before each run; the clock runs inside the container from the client's connect to
+  the token. The user manager starts the unit, so this adds systemd's fork/exec and the keyfile
+  vault's open; the token itself comes from the vault (a restart restores the stored login) when
+  still fresh, as it does for a person's next cold start.
 """
 
 from __future__ import annotations
@@ -61,10 +69,72 @@ def one_cold_start(tmp: Path, cfg: Path, n: int) -> float:
     return elapsed
 
 
+REAL_RUNS = 10
+#: run inside the container as alice: one cold start, timed from connect to the token reply
+_CLIENT = (
+    "import time; from dc_token.sync import TokenClient; t0 = time.perf_counter(); "
+    "c = TokenClient('/run/user/{uid}/dc-broker/broker.sock', timeout=30); c.token('demo'); "
+    "print(time.perf_counter() - t0); c.close()"
+)
+
+
+def real_systemd() -> dict[str, object]:
+    """Socket-activated cold start to first token under a booted systemd (see the module docstring)."""
+    from tests.systemd import harness
+
+    reason = harness.skip_reason()
+    if reason is not None:
+        print(f"real systemd: skipped ({reason})")
+        return {}
+    with tempfile.TemporaryDirectory(prefix="dc-bench-sd-") as tmp:
+        wheelhouse = harness.build_wheelhouse(Path(tmp) / "wheels")
+        with harness.Machine.boot(f"dcb-bench-{os.getpid()}", wheelhouse, Path(tmp)) as m:
+            m.install()
+            base = m.start_idp()
+            m.add_user("alice")
+            m.run("dc-broker", "init", "--key-source", "keyfile", user="alice")
+            add = ["dc-broker", "add", "demo", "--server", base, "--tenant", "demo", "--client-id", "dc-cli"]
+            m.run(
+                *add,
+                "--username",
+                "demo",
+                "--password-stdin",
+                "--secret-stdin",
+                user="alice",
+                input="demo\ndc-cli-secret\n",
+            )
+            m.run("dc-broker", "systemd", "install", "--user", user="alice")
+            m.run("systemctl", "--user", "daemon-reload", user="alice")
+            m.run("systemctl", "--user", "start", "dc-broker.socket", user="alice")
+            samples = []
+            for n in range(REAL_RUNS + 1):
+                m.run("systemctl", "--user", "stop", "dc-broker.service", user="alice")
+                # eleven starts in a row would hit StartLimitBurst= (5 in 10 s): not what is measured
+                m.run("systemctl", "--user", "reset-failed", "dc-broker.service", user="alice")
+                elapsed = float(
+                    m.run(f"{harness.VENV}/bin/python", "-c", _CLIENT.format(uid=m.uid("alice")), user="alice").stdout
+                )
+                if n:  # the first run warms the page cache, as above
+                    samples.append(elapsed)
+            version = m.version
+    result = {
+        "runs": REAL_RUNS,
+        "median_ms": statistics.median(samples) * 1e3,
+        "max_ms": max(samples) * 1e3,
+        "min_ms": min(samples) * 1e3,
+        "systemd": version,
+    }
+    print(
+        f"socket-activated cold start to first token under {version} (user unit, {REAL_RUNS} runs):\n"
+        f"  median {result['median_ms']:.0f} ms   max {result['max_ms']:.0f} ms   (target <= 500 ms)"
+    )
+    return result
+
+
 def main() -> dict[str, object]:
     if ACTIVATE is None:
         print("systemd-socket-activate is not installed; skipped")
-        return {}
+        return {"real_systemd": real_systemd()}
     idp, base = start_idp()
     try:
         with tempfile.TemporaryDirectory(prefix="dc-bench-") as tmp:
@@ -79,11 +149,18 @@ def main() -> dict[str, object]:
         idp.wait(10)
     median_ms = statistics.median(samples) * 1e3
     worst_ms = max(samples) * 1e3
-    result = {"runs": RUNS, "median_ms": median_ms, "max_ms": worst_ms, "min_ms": min(samples) * 1e3, "target_ms": 500}
+    result: dict[str, object] = {
+        "runs": RUNS,
+        "median_ms": median_ms,
+        "max_ms": worst_ms,
+        "min_ms": min(samples) * 1e3,
+        "target_ms": 500,
+    }
     print(
-        f"socket-activated cold start to first token, {RUNS} runs:\n"
+        f"socket-activated cold start to first token (systemd-socket-activate), {RUNS} runs:\n"
         f"  median {median_ms:.0f} ms   max {worst_ms:.0f} ms   (target <= 500 ms)"
     )
+    result["real_systemd"] = real_systemd()
     print(f"  -> {common.write('coldstart', result)}")
     return result
 

@@ -157,7 +157,8 @@ class Machine:
             for top in _cgroup_dirs(name):
                 (top / "cgroup.procs").write_text(str(os.getpid()))
 
-        mounts_before = _mount_count()
+        ours = (name, str(wheelhouse), str(ROOT / "tests" / "systemd"))
+        mounts_before = _mounts(ours)
         with console.open("wb") as out:
             proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=enter_cgroups
@@ -185,8 +186,8 @@ class Machine:
             left = _remove_cgroups(name)
             if left:
                 raise AssertionError(f"container {name} left cgroups behind: {left}")
-            if _mount_count() != mounts_before:
-                raise AssertionError(f"container {name} changed the host's mount table")
+            if _mounts(ours) != mounts_before:
+                raise AssertionError(f"container {name} left mounts on the host: {_mounts(ours) - mounts_before}")
 
     # ------------------------------------------------------------ commands inside
 
@@ -335,9 +336,11 @@ class Machine:
         return base
 
 
-def _mount_count() -> int:
+def _mounts(words: Sequence[str]) -> set[str]:
+    """The host's mount table lines that name this container or what it binds (other agents on the
+    same machine may mount things of their own meanwhile: those are not ours to judge)."""
     with open("/proc/self/mountinfo") as f:
-        return sum(1 for _ in f)
+        return {line for line in f if any(w in line for w in words)}
 
 
 def _container_init(nspawn_pid: int) -> int | None:
