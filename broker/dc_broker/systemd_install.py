@@ -117,10 +117,12 @@ ConfigurationDirectoryMode=0755
 Environment=DC_BROKER_CONFIG=%E/dc-broker/config.toml
 Environment=DC_BROKER_VAULT=%S/dc-broker/vault.db
 # the vault key: `systemd-creds encrypt --name=vault-key KEYFILE /etc/dc-broker/vault-key.cred`
+# (add --with-key=host where there is no TPM2 and /var/lib/systemd is a tmpfs)
 # (or LoadCredential=vault-key:/path/to/plain-keyfile); the broker reads $CREDENTIALS_DIRECTORY/vault-key
 LoadCredentialEncrypted=vault-key:/etc/dc-broker/vault-key.cred
 
-# hardening (docs/systemd.md explains each; `systemd-analyze security dc-broker.service`)
+# hardening: every setting is in force when tests/systemd/ runs this unit under a booted systemd, and
+# the broker works with all of them; docs/systemd.md says why (`systemd-analyze security`: 1.4)
 NoNewPrivileges=yes
 CapabilityBoundingSet=
 AmbientCapabilities=

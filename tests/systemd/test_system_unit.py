@@ -9,6 +9,7 @@ One container for the module; the tests run in order (the broker of the first is
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -251,5 +252,105 @@ def test_watchdog_restarts_a_stopped_system_daemon(machine: Machine, broker: str
     assert "Watchdog timeout" in journal, journal[-2000:]
     m.run("rm", dropin)
     m.run("systemctl", "daemon-reload")
+    rc, token, err = _token(m, "ana", "ana_api")
+    assert rc == 0 and token, err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="config.py rewrites /etc/dc-broker/config.toml 0600 root-only and op_reload reports the "
+    "unreadable file as an internal error (not this branch's files; see docs/systemd.md)",
+)
+def test_root_adds_a_profile_to_the_system_broker(machine: Machine, broker: str) -> None:
+    m = machine
+    before = m.read(CONFIG)
+    try:
+        done = m.run(
+            "dc-broker",
+            "add",
+            "late_api",
+            "--config",
+            CONFIG,
+            "--socket",
+            SOCK,
+            "--server",
+            broker,
+            "--tenant",
+            "demo",
+            "--client-id",
+            "dc-service",
+            "--grant",
+            "client_credentials",
+            "--secret-stdin",
+            input="dc-service-secret\n",
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "4 profile(s)" in m.show("dc-broker.service", "StatusText")
+    finally:  # leave the broker as the other tests expect it
+        m.write(CONFIG, before)
+        m.run("systemctl", "reload", "dc-broker")
+
+
+def test_plain_load_credential_dropin(machine: Machine, broker: str) -> None:
+    """Without systemd-creds: the drop-in of docs/systemd.md, a root-only plain key file."""
+    m = machine
+    dropin = "/etc/systemd/system/dc-broker.service.d/plain-key.conf"
+    m.sh(f"umask 077 && systemd-creds decrypt --name=vault-key {CRED} /etc/dc-broker/vault-key")
+    m.write(dropin, "[Service]\nLoadCredentialEncrypted=\nLoadCredential=vault-key:/etc/dc-broker/vault-key\n")
+    try:
+        m.run("systemctl", "daemon-reload")
+        m.run("systemctl", "restart", "dc-broker.service")
+        assert "LoadCredential=" in m.run("systemctl", "cat", "dc-broker.service").stdout
+        rc, token, err = _token(m, "etl", "etl_api")
+        assert rc == 0 and token, err
+    finally:
+        m.run("rm", "-f", dropin, "/etc/dc-broker/vault-key")
+        m.run("systemctl", "daemon-reload")
+        m.run("systemctl", "restart", "dc-broker.service")
+
+
+def test_add_through_a_socket_whose_service_cannot_start(machine: Machine, broker: str) -> None:
+    m = machine
+    dropin = "/etc/systemd/system/dc-broker.service.d/broken.conf"
+    m.run("systemctl", "stop", "dc-broker.service")
+    m.write(dropin, "[Service]\nLoadCredentialEncrypted=\nLoadCredential=vault-key:/etc/dc-broker/missing\n")
+    m.run("systemctl", "daemon-reload")
+    try:
+        t0 = time.monotonic()
+        done = m.run(
+            "dc-broker",
+            "add",
+            "late_api",
+            "--config",
+            "/root/unused.toml",
+            "--socket",
+            SOCK,
+            "--server",
+            broker,
+            "--tenant",
+            "demo",
+            "--client-id",
+            "dc-service",
+            "--grant",
+            "client_credentials",
+            "--secret-stdin",
+            "--no-verify",
+            input="dc-service-secret\n",
+            check=False,
+            timeout=90,
+        )
+        elapsed = time.monotonic() - t0
+        # before the fix: 60 s, then a TimeoutError traceback. Now the bounded first wait and what to do:
+        assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+        assert f"{SOCK} accepted the connection but no broker answered in 15 s" in done.stderr, done.stderr
+        assert "systemctl status dc-broker.service" in done.stderr
+        assert elapsed < 25, elapsed
+        assert "243/CREDENTIALS" in m.run("systemctl", "status", "dc-broker.service", check=False).stdout
+    finally:
+        m.run("rm", "-f", dropin)
+        m.run("systemctl", "daemon-reload")
+        m.run("systemctl", "reset-failed", "dc-broker.service", "dc-broker.socket")
+        m.run("systemctl", "start", "dc-broker.socket")
     rc, token, err = _token(m, "ana", "ana_api")
     assert rc == 0 and token, err
