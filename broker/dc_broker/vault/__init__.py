@@ -1,9 +1,9 @@
 """The encrypted credential vault: one SQLite file holding every profile's secrets and latest tokens.
 
-    core.py     ``Vault``: open/create/close, lock/unlock, SecretStore + management methods
-    records.py  pure: record identity (AAD), plaintext layout and codecs, the unlock delay policy
-    files.py    the file-system edge: paths, modes, the one-writer flock, SQLite pragmas and schema
-    (broker/dc_broker/keysource.py: the key-encryption key from a passphrase, key file or systemd credential)
+    core.py       ``Vault``: open/create/close, lock/unlock, SecretStore + management methods
+    records.py    pure: record identity (AAD), plaintext layout and codecs, the unlock delay policy
+    files.py      the file-system edge: paths, modes, the one-writer flock, SQLite pragmas and schema
+    keysource.py  the key-encryption key (KEK) from a passphrase, key file or systemd credential
 
 Owns: the vault file and its format, envelope encryption, lock/unlock, and the one-writer rule.
 Implements ``dc_broker.store.SecretStore`` for sessions, plus the management API the CLI uses
@@ -13,8 +13,8 @@ Envelope encryption. A random 256-bit *data key* encrypts each record with AES-2
 nonce per write). The record's identity (vault id, profile, field, format version) is the associated
 data, so a record copied onto another profile or field, or into another vault, fails authentication.
 The data key is stored only wrapped (AES-256-GCM again) by a *key-encryption key* from the vault's
-key source (``dc_broker.keysource``): Argon2id over a passphrase, a key file or a systemd credential.
-Changing the passphrase rewraps the data key: one row changes, records are untouched.
+key source (``dc_broker.vault.keysource``): Argon2id over a passphrase, a key file or a systemd
+credential. Changing the passphrase rewraps the data key: one row changes, records are untouched.
 
 File format (SQLite, WAL, synchronous=FULL; file 0600 in a 0700 directory)::
 
@@ -43,7 +43,9 @@ Must never: write a secret, token or key in plaintext to the file, a log line, a
 or a repr; cache decrypted values; let one profile's corrupt record affect another profile.
 """
 
-from dc_broker.keysource import (
+from dc_broker.vault.core import Vault
+from dc_broker.vault.files import default_vault_path
+from dc_broker.vault.keysource import (
     PRODUCTION_KDF,
     KdfParams,
     KeyFile,
@@ -53,8 +55,6 @@ from dc_broker.keysource import (
     SystemdCredential,
     create_key_file,
 )
-from dc_broker.vault.core import Vault
-from dc_broker.vault.files import default_vault_path
 from dc_broker.vault.records import unlock_delay
 
 __all__ = [

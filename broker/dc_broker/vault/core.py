@@ -22,7 +22,12 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dc_broker.keysource import (
+from dc_broker.oidc import TokenSet
+from dc_broker.secret import Secret
+from dc_broker.store import Credentials
+from dc_broker.vault import files, records
+from dc_broker.vault.files import FORMAT
+from dc_broker.vault.keysource import (
     KEY_BYTES,
     PRODUCTION_KDF,
     SALT_BYTES,
@@ -33,11 +38,6 @@ from dc_broker.keysource import (
     derive_kek,
     key_source_of,
 )
-from dc_broker.oidc import TokenSet
-from dc_broker.secret import Secret
-from dc_broker.store import Credentials
-from dc_broker.vault import files, records
-from dc_broker.vault.files import FORMAT
 from dc_broker.vault.records import CREDENTIAL_FIELDS, NONCE_BYTES, RECORD_VERSION, TOKENS_FIELD
 from dc_token.errors import Locked, VaultError, WrongPassphrase
 
