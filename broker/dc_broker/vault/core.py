@@ -169,7 +169,7 @@ class Vault:
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None = None, *, auto_unlock: bool = False) -> Vault:
         """Open an existing vault (default: ``default_vault_path()``), locked. With ``auto_unlock`` a
-        key-file or systemd-credential vault is unlocked at once (a passphrase vault stays locked)."""
+        key-file, systemd-credential or keyring vault is unlocked at once (a passphrase vault stays locked)."""
         path = os.path.abspath(os.fspath(path if path is not None else files.default_vault_path()))
         files.check_private_dir(os.path.dirname(path), create=False)
         lock_fd = files.take_lock(path)
