@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
@@ -46,6 +46,9 @@ from dc_token.errors import (
     UpstreamFault,
     UpstreamUnavailable,
 )
+
+if TYPE_CHECKING:
+    from dc_broker.vault import Keyring
 
 
 class Failed(click.ClickException):
@@ -109,10 +112,10 @@ async def _verify(profile: Profile, creds: Credentials) -> None:
 @VAULT
 @click.option(
     "--key-source",
-    type=click.Choice(["passphrase", "keyfile", "systemd-credential"]),
+    type=click.Choice(["passphrase", "keyfile", "systemd-credential", "keyring"]),
     default="passphrase",
     show_default=True,
-    help="what unlocks the vault",
+    help="what unlocks the vault (keyring: the desktop's Secret Service, needs dc-broker[keyring])",
 )
 @click.option(
     "--key-file",
@@ -131,9 +134,11 @@ def init(
     elsewhere (another disk, a file your backups skip) to make a copied vault.db useless alone."""
     from dc_broker.vault import KeyFile, Passphrase, SystemdCredential, Vault, create_key_file, default_vault_path
     from dc_broker.vault.files import check_private_dir
+    from dc_broker.vault.keysource import create_keyring_key
 
     path = os.path.abspath(vault_path or default_vault_path())
     made_key: str | None = None
+    made_item: Keyring | None = None
     try:
         source: Any
         passphrase = None
@@ -149,24 +154,31 @@ def init(
                 create_key_file(key_path)
                 made_key = key_path
             source = KeyFile(key_path)
+        elif key_source == "keyring":
+            source = made_item = create_keyring_key(path)
         else:
             source = SystemdCredential(credential)
         Vault.create(path, source, passphrase=passphrase).close()
     except DcBrokerError as exc:
-        _forget(made_key)
+        _forget(made_key, made_item)
         raise Failed(exc) from None
     except BaseException:
-        _forget(made_key)
+        _forget(made_key, made_item)
         raise
     what = f"keyfile {source.reference}" if key_source == "keyfile" else key_source
     click.echo(f"Created the vault {path} ({what}). Next: `dc-broker add PROFILE ...`")
 
 
-def _forget(key_path: str | None) -> None:
-    """A failed init leaves no key file of its own making behind."""
+def _forget(key_path: str | None, item: Keyring | None = None) -> None:
+    """A failed init leaves no key file or keyring item of its own making behind."""
     if key_path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(key_path)
+    if item is not None:
+        from dc_broker.vault import delete_keyring_key
+
+        with contextlib.suppress(DcBrokerError):
+            delete_keyring_key(item)
 
 
 @click.command()
