@@ -16,7 +16,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# colour only on a terminal, and never with NO_COLOR set (https://no-color.org)
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
+step() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
 http_get() {  # http_get URL [TOKEN] -> prints "STATUS BODY"
     "$BIN/python" - "$@" <<'PY'
 import sys, urllib.request, urllib.error
@@ -70,7 +72,7 @@ kill -INT "$dev_pid"
 wait "$dev_pid"
 dev_pid=""
 if [ "${no_token%% *}" = "401" ] && [ "$code" = "200" ]; then
-    printf '\n\033[1mdemo OK\033[0m: 401 without a token, 200 with $(dc-token demo)\n'
+    printf '\n%sdemo OK%s: 401 without a token, 200 with $(dc-token demo)\n' "$bold" "$plain"
 else
     echo "demo FAILED: expected 401 then 200, got ${no_token%% *} and $code" >&2
     exit 1

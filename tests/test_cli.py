@@ -84,11 +84,12 @@ def test_add_list_remove_without_a_daemon(idp: str, home: dict[str, str], tmp_pa
     duplicate = add_demo(home, idp)
     assert duplicate.returncode == 2
     assert "Error: profile 'acme' already exists in" in duplicate.stderr
-    assert "remove it first with `dc-broker remove acme`" in duplicate.stderr
+    assert "replace it with `dc-broker add --force acme ...`" in duplicate.stderr
+    assert "or remove it with `dc-broker remove acme`" in duplicate.stderr
     removed = cli(home, "remove", "acme")
     assert (removed.returncode, removed.stdout) == (0, "Removed profile acme.\n")
     unknown = cli(home, "remove", "acme")
-    assert unknown.returncode == 2
+    assert unknown.returncode == 4  # the exit status of "unknown profile" in every command (dc-token's too)
     assert "Error: no profile named 'acme' in" in unknown.stderr and "`dc-broker list`" in unknown.stderr
 
 

@@ -20,7 +20,6 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dc_broker.keysource import derive_kek, read_key_file
 from dc_broker.oidc import TokenSet
 from dc_broker.secret import Secret
 from dc_broker.sessions import Session, State
@@ -36,6 +35,7 @@ from dc_broker.vault import (
     default_vault_path,
     unlock_delay,
 )
+from dc_broker.vault.keysource import derive_kek, read_key_file
 from dc_token.errors import Locked, LoginRequired, RecordCorrupt, VaultBusy, VaultError, WrongPassphrase
 from tests.conftest import CREDENTIALS, idp_transport, profile, trio_wall_clock
 

@@ -20,6 +20,7 @@ from typing import Any
 import click
 import trio
 
+from dc_broker.completion import complete_profiles, completion
 from dc_broker.config import Config, Profile, load_config
 from dc_broker.daemon import run_broker, until_signalled
 from dc_broker.hardening import harden
@@ -275,7 +276,7 @@ def _fmt_seconds(value: Any) -> str:
 @cli.command()
 @SOCKET
 @click.option("--json", "as_json", is_flag=True, help="print the broker's status as JSON")
-@click.argument("profile", required=False)
+@click.argument("profile", required=False, shell_complete=complete_profiles)
 def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
     """Show the profiles the running broker holds: state, expiry, last refresh, last error."""
     from dc_token.sync import TokenClient
@@ -305,7 +306,7 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
 @cli.command()
 @SOCKET
 @click.option("--password-stdin", is_flag=True, help="read the password from stdin instead of a hidden prompt")
-@click.argument("profile")
+@click.argument("profile", shell_complete=complete_profiles)
 def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:
     """Log PROFILE in: a password prompt for password profiles, else the device flow (a URL and a code to
     enter in a browser anywhere; this command waits until you have approved)."""
@@ -344,7 +345,22 @@ for _command in COMMANDS:
 from dc_broker.systemd_install import systemd_group  # noqa: E402 - registered beside the other commands
 
 cli.add_command(systemd_group)
+cli.add_command(completion)
 
 
 def main() -> None:
-    cli(prog_name="dc-broker")
+    """click's own error handling, except that Ctrl-C exits 130 (the shell's convention), not 1."""
+    try:
+        cli.main(prog_name="dc-broker", standalone_mode=False)
+    except click.exceptions.Abort as exc:
+        interrupted = isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt)
+        click.echo("\nInterrupted." if interrupted else "Aborted.", err=True)
+        sys.exit(130 if interrupted else 1)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -32,6 +32,15 @@ from urllib.parse import urlsplit
 
 from dc_token.errors import ConfigError
 
+
+class BadValue(ConfigError):
+    """A profile value that is wrong: ``key`` names it, so the config's error points at its line."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 GRANTS: Final = ("password", "client_credentials", "device")
 AUTH_METHODS: Final = ("basic", "post", "none")
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -95,27 +104,34 @@ def check_profile(p: Profile) -> None:
     if not _PROFILE_NAME.match(p.name):
         raise ConfigError(f"profile name {p.name!r} is not valid: use letters, digits, '.', '_' or '-' (at most 64)")
     if p.grant not in GRANTS:
-        raise ConfigError(f"profile {p.name!r}: grant {p.grant!r} is not one of {', '.join(GRANTS)}")
+        raise BadValue("grant", f"profile {p.name!r}: grant {p.grant!r} is not one of {', '.join(GRANTS)}")
     if p.auth_method not in AUTH_METHODS:
-        raise ConfigError(f"profile {p.name!r}: auth_method {p.auth_method!r} is not one of {', '.join(AUTH_METHODS)}")
+        raise BadValue(
+            "auth_method", f"profile {p.name!r}: auth_method {p.auth_method!r} is not one of {', '.join(AUTH_METHODS)}"
+        )
     if not p.client_id:
-        raise ConfigError(f"profile {p.name!r}: client_id is required")
+        raise BadValue("client_id", f"profile {p.name!r}: client_id is required")
     if p.token_url is None and p.issuer is None and (p.server is None or p.tenant is None):
         raise ConfigError(f"profile {p.name!r}: say where the IdP is with server + tenant, issuer, or token_url")
     for what in ("server", "issuer", "token_url"):
         url = getattr(p, what)
         if url is not None:
-            check_url(url, f"profile {p.name!r}: {what}")
+            try:
+                check_url(url, f"profile {p.name!r}: {what}")
+            except ConfigError as exc:
+                raise BadValue(what, str(exc)) from None
     if p.grant == "password" and not p.username:
-        raise ConfigError(f"profile {p.name!r}: grant 'password' needs a username")
+        raise BadValue("grant", f"profile {p.name!r}: grant 'password' needs a username")
     from dc_broker.acl import parse_rules
 
     try:
         parse_rules(p.allow)
     except ConfigError as exc:
-        raise ConfigError(f"profile {p.name!r}: {exc}") from None
+        raise BadValue("allow", f"profile {p.name!r}: {exc}") from None
     if p.grant == "client_credentials" and p.auth_method == "none":
-        raise ConfigError(f"profile {p.name!r}: client_credentials needs a client secret (auth_method basic or post)")
+        raise BadValue(
+            "auth_method", f"profile {p.name!r}: client_credentials needs a client secret (auth_method basic or post)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +290,9 @@ def parse_config(data: dict[str, Any], *, text: str = "", path: str = "<config>"
             kwargs["allow"] = tuple(str(rule) for rule in kwargs["allow"])
         try:
             profiles[name] = Profile(name=name, **kwargs)
+        except BadValue as exc:
+            # the line of the bad value when the file has it, else the table's header
+            raise ConfigError(f"{where(section, exc.key if exc.key in table else None)}: {exc}") from None
         except ConfigError as exc:
             raise ConfigError(f"{where(section)}: {exc}") from None
         except TypeError:
@@ -305,6 +324,16 @@ def profile_toml(p: Profile) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_settings(p: Profile) -> dict[str, Any]:
+    """A profile's settings as plain values (``list --json``): every key, None where unset. No secrets."""
+    doc: dict[str, Any] = {"name": p.name}
+    for key in _PROFILE_KEYS:
+        value = getattr(p, key)
+        doc[key] = list(value) if isinstance(value, tuple) else value
+    doc["endpoint"] = p.describe()  # the token endpoint it will use (or the issuer to discover it from)
+    return doc
+
+
 def add_profile(path: str, p: Profile) -> None:
     """Append a profile to the config file (created 0600 in a 0700 directory if missing); comments and
     other tables are kept as they are. Refuses a name that exists."""
@@ -322,6 +351,100 @@ def add_profile(path: str, p: Profile) -> None:
     if text and not text.endswith("\n"):
         text += "\n"
     _write_atomically(path, text + ("\n" if text else "") + profile_toml(p))
+
+
+#: `dc-broker set`: how a KEY=VALUE typed on the command line becomes a profile value
+def _cli_bool(key: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise BadValue(key, f"{key} must be true or false, not {text!r}")
+
+
+_CLI_VALUES: Final[dict[type, Any]] = {
+    str: lambda key, text: text,
+    bool: _cli_bool,
+    list: lambda key, text: tuple(rule.strip() for rule in text.split(",") if rule.strip()),
+}
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` as typed (``key=`` unsets it) -> (key, typed value or None)."""
+    key, eq, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not eq or not key:
+        raise ConfigError(f"{text!r} is not KEY=VALUE; e.g. `scope=openid email` or `ca_bundle=` to unset")
+    expected = _PROFILE_KEYS.get(key)
+    if expected is None:
+        raise ConfigError(f"unknown profile key {key!r}; keys: {', '.join(sorted(_PROFILE_KEYS))}")
+    if value == "":
+        if key == "client_id":
+            raise ConfigError("client_id cannot be unset")
+        return key, None
+    return key, _CLI_VALUES[expected](key, value)
+
+
+def _table_span(lines: list[str], name: str) -> tuple[int, int]:
+    """[start, end) of ``[profiles.NAME]`` in the file's lines (header included, up to the next table)."""
+    header = re.compile(r"^\s*\[\s*profiles\s*\.\s*" + re.escape(name) + r"\s*\]")
+    start = next((i for i, line in enumerate(lines) if header.match(line)), None)
+    if start is None:
+        raise ConfigError(f"profile {name!r} is not a [profiles.{name}] table; edit the file by hand")
+    end = next((j for j in range(start + 1, len(lines)) if lines[j].lstrip().startswith("[")), len(lines))
+    return start, end
+
+
+def set_profile_values(path: str, name: str, changes: Mapping[str, Any]) -> Profile:
+    """Change (or, with None, unset) keys of one profile in place: other lines, comments and tables
+    stay as they are. The new profile is validated before anything is written."""
+    from dc_token.errors import UnknownProfile
+
+    config = load_config(path, missing_ok=False)
+    old = config.profiles.get(name)
+    if old is None:
+        raise UnknownProfile(f"no profile named {name!r} in {path}; `dc-broker list` shows the profiles")
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Profile)}
+    values: dict[str, Any] = {k: (defaults[k] if v is None else v) for k, v in changes.items()}
+    updated = dataclasses.replace(old, **values)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    start, end = _table_span(lines, name)
+    for key, value in changes.items():
+        pattern = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
+        at = next((i for i in range(start + 1, end) if pattern.match(lines[i])), None)
+        line = None if value is None else f"{key} = {_toml_value(value)}\n"
+        if at is not None and line is None:
+            del lines[at]
+            end -= 1
+        elif at is not None and line is not None:
+            lines[at] = line
+        elif line is not None:
+            last = end
+            while last > start + 1 and (not lines[last - 1].strip() or lines[last - 1].lstrip().startswith("#")):
+                last -= 1  # after the table's last key, before the blank lines and comments that end it
+            if lines[last - 1] and not lines[last - 1].endswith("\n"):
+                lines[last - 1] += "\n"
+            lines.insert(last, line)
+            end += 1
+    _write_atomically(path, "".join(lines))
+    return updated
+
+
+def replace_profile(path: str, p: Profile) -> None:
+    """`dc-broker add --force`: the profile's table written anew (in place of the old one)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    start, end = _table_span(lines, p.name)
+    cut = end
+    while cut > start + 1 and (not lines[cut - 1].strip() or lines[cut - 1].lstrip().startswith("#")):
+        cut -= 1  # blank lines and comments just above the next table belong to that table
+    body = profile_toml(p).splitlines(keepends=True)
+    if cut == end < len(lines):
+        body.append("\n")
+    lines[start:cut] = body
+    _write_atomically(path, "".join(lines))
 
 
 def remove_profile(path: str, name: str) -> None:

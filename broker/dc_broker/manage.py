@@ -9,14 +9,17 @@ themselves. Secrets come from a hidden prompt or stdin, never from argv.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
 
 from dc_broker import control
+from dc_broker.completion import complete_profiles
 from dc_broker.config import (
     AUTH_METHODS,
     GRANTS,
@@ -24,15 +27,29 @@ from dc_broker.config import (
     add_profile,
     default_config_path,
     load_config,
+    parse_assignment,
+    profile_settings,
     remove_profile,
+    replace_profile,
+    set_profile_values,
 )
 from dc_broker.oidc import IdpTransport
 from dc_broker.options import CONFIG, SOCKET, VAULT
 from dc_broker.secret import Secret
 from dc_broker.sessions import Session
 from dc_broker.store import Credentials, MemoryStore
-from dc_token.errors import BrokerUnavailable, ConfigError, DcBrokerError, UpstreamFault, UpstreamUnavailable
+from dc_token.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DcBrokerError,
+    UnknownProfile,
+    UpstreamFault,
+    UpstreamUnavailable,
+)
 from dc_token.paths import default_socket_path
+
+if TYPE_CHECKING:
+    from dc_broker.vault import Keyring
 
 
 class Failed(click.ClickException):
@@ -83,7 +100,10 @@ def _open_vault(vault_path: str | None) -> Any:
         raise ConfigError(f"no vault at {path}; create one with `dc-broker init`")
     vault = Vault.open(path, auto_unlock=True)
     if vault.locked:  # prompted, or (stdin not a terminal) the next line of stdin
-        vault.unlock(_read_secret("Vault passphrase", not sys.stdin.isatty()))
+        from_stdin = not sys.stdin.isatty()
+        if from_stdin:
+            click.echo(f"the vault {path} is locked: reading its passphrase from stdin (the next line)", err=True)
+        vault.unlock(_read_secret("Vault passphrase", from_stdin))
     return vault
 
 
@@ -104,10 +124,10 @@ async def _verify(profile: Profile, creds: Credentials) -> None:
 @VAULT
 @click.option(
     "--key-source",
-    type=click.Choice(["passphrase", "keyfile", "systemd-credential"]),
+    type=click.Choice(["passphrase", "keyfile", "systemd-credential", "keyring"]),
     default="passphrase",
     show_default=True,
-    help="what unlocks the vault",
+    help="what unlocks the vault (keyring: the desktop's Secret Service, needs dc-broker[keyring])",
 )
 @click.option(
     "--key-file",
@@ -126,9 +146,11 @@ def init(
     elsewhere (another disk, a file your backups skip) to make a copied vault.db useless alone."""
     from dc_broker.vault import KeyFile, Passphrase, SystemdCredential, Vault, create_key_file, default_vault_path
     from dc_broker.vault.files import check_private_dir
+    from dc_broker.vault.keysource import create_keyring_key
 
     path = os.path.abspath(vault_path or default_vault_path())
     made_key: str | None = None
+    made_item: Keyring | None = None
     try:
         source: Any
         passphrase = None
@@ -144,24 +166,31 @@ def init(
                 create_key_file(key_path)
                 made_key = key_path
             source = KeyFile(key_path)
+        elif key_source == "keyring":
+            source = made_item = create_keyring_key(path)
         else:
             source = SystemdCredential(credential)
         Vault.create(path, source, passphrase=passphrase).close()
     except DcBrokerError as exc:
-        _forget(made_key)
+        _forget(made_key, made_item)
         raise Failed(exc) from None
     except BaseException:
-        _forget(made_key)
+        _forget(made_key, made_item)
         raise
     what = f"keyfile {source.reference}" if key_source == "keyfile" else key_source
     click.echo(f"Created the vault {path} ({what}). Next: `dc-broker add PROFILE ...`")
 
 
-def _forget(key_path: str | None) -> None:
-    """A failed init leaves no key file of its own making behind."""
+def _forget(key_path: str | None, item: Keyring | None = None) -> None:
+    """A failed init leaves no key file or keyring item of its own making behind."""
     if key_path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(key_path)
+    if item is not None:
+        from dc_broker.vault import delete_keyring_key
+
+        with contextlib.suppress(DcBrokerError):
+            delete_keyring_key(item)
 
 
 @click.command()
@@ -183,8 +212,16 @@ def _forget(key_path: str | None) -> None:
 @click.option("--legacy-paths/--no-legacy-paths", default=True, help="Keycloak <= 16 /auth prefix (default on)")
 @click.option("--password-stdin", is_flag=True, help="read the user's password from stdin (first line)")
 @click.option("--secret-stdin", is_flag=True, help="read the client secret from stdin (next line)")
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="RULE",
+    help="shared broker: who may use it (user:NAME, uid:N, group:NAME, gid:N, unit:NAME.service); repeatable",
+)
 @click.option("--no-verify", is_flag=True, help="store without checking the credentials at the IdP")
-@click.argument("profile")
+@click.option("--force", is_flag=True, help="replace an existing profile of that name (checked before it is replaced)")
+@click.argument("profile", shell_complete=complete_profiles)
 def add(
     config_path: str | None,
     vault_path: str | None,
@@ -193,18 +230,26 @@ def add(
     password_stdin: bool,
     secret_stdin: bool,
     no_verify: bool,
+    force: bool,
+    allow: tuple[str, ...],
     **settings: Any,
 ) -> None:
-    """Add PROFILE: its settings to config.toml, its secrets to the vault (or the running broker)."""
+    """Add PROFILE: its settings to config.toml, its secrets to the vault (or the running broker).
+    Secrets come from hidden prompts, or from stdin with --password-stdin / --secret-stdin (one line
+    each, in that order; a locked vault's passphrase is the line after them)."""
     path = config_path or default_config_path()
     fields = {k: v for k, v in settings.items() if v is not None}
+    if allow:
+        fields["allow"] = allow
     if "auth_method" not in fields:
         fields["auth_method"] = "none" if fields.get("grant") == "device" else "basic"
     try:
         p = Profile(name=profile, **fields)
-        if profile in load_config(path, missing_ok=True).profiles:
+        exists = profile in load_config(path, missing_ok=True).profiles
+        if exists and not force:
             raise ConfigError(
-                f"profile {profile!r} already exists in {path}; remove it first with `dc-broker remove {profile}`"
+                f"profile {profile!r} already exists in {path}; replace it with `dc-broker add --force {profile} ...`, "
+                f"change it with `dc-broker set {profile} KEY=VALUE`, or remove it with `dc-broker remove {profile}`"
             )
         password = _read_secret("Password", password_stdin) if p.grant == "password" else None
         secret = _read_secret("Client secret", secret_stdin) if p.auth_method != "none" else None
@@ -212,8 +257,9 @@ def add(
         if not no_verify and p.grant != "device":
             trio.run(_verify, p, creds)
         running = _daemon(socket_path)
+        write = replace_profile if exists else add_profile
         if running:
-            add_profile(path, p)
+            write(path, p)
             control.request("reload", socket_path)
             secrets = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
             if secrets:
@@ -222,7 +268,7 @@ def add(
             if password or secret:
                 with _open_vault(vault_path) as vault:
                     vault.set_credentials(profile, creds)
-            add_profile(path, p)
+            write(path, p)
     except DcBrokerError as exc:
         raise Failed(exc) from None
     where = "the running broker" if running else "the vault"
@@ -231,20 +277,21 @@ def add(
         nxt += f", then `dc-broker login {profile}`" if p.grant == "device" else f", then `dc-token {profile}`"
     else:
         nxt = f"`dc-broker login {profile}`" if p.grant == "device" else f"`dc-token {profile}`"
-    click.echo(f"Added profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
+    verb = "Replaced" if exists else "Added"
+    click.echo(f"{verb} profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
 
 
 @click.command()
 @CONFIG
 @VAULT
 @SOCKET
-@click.argument("profile")
+@click.argument("profile", shell_complete=complete_profiles)
 def remove(config_path: str | None, vault_path: str | None, socket_path: str | None, profile: str) -> None:
     """Remove PROFILE from config.toml and forget its secrets and tokens."""
     path = config_path or default_config_path()
     try:
         if profile not in load_config(path, missing_ok=False).profiles:
-            raise ConfigError(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
+            raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
         if _daemon(socket_path):
             control.request("logout", socket_path, profile=profile)
             remove_profile(path, profile)
@@ -263,13 +310,23 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
 
 @click.command(name="list")
 @CONFIG
-def list_profiles(config_path: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print the profiles as JSON (their settings; never secrets)")
+@click.option("--names", is_flag=True, help="print only the names, one a line (for scripts and completion)")
+def list_profiles(config_path: str | None, as_json: bool, names: bool) -> None:
     """List the profiles in config.toml (no broker needed)."""
     path = config_path or default_config_path()
     try:
-        config = load_config(path, missing_ok=False)
+        config = load_config(path, missing_ok=as_json or names)
     except DcBrokerError as exc:
         raise Failed(exc) from None
+    if as_json:
+        doc = [profile_settings(p) for _, p in sorted(config.profiles.items())]
+        click.echo(json.dumps({"config": path, "profiles": doc}, indent=2))
+        return
+    if names:
+        for name in sorted(config.profiles):
+            click.echo(name)
+        return
     if not config.profiles:
         click.echo(f"No profiles in {path}; add one with `dc-broker add`.")
         return
@@ -280,7 +337,7 @@ def list_profiles(config_path: str | None) -> None:
 
 @click.command()
 @SOCKET
-@click.argument("profile")
+@click.argument("profile", shell_complete=complete_profiles)
 def logout(socket_path: str | None, profile: str) -> None:
     """Revoke PROFILE's login at the IdP and forget its secrets (the profile stays configured)."""
     try:
@@ -321,7 +378,13 @@ def lock(socket_path: str | None) -> None:
 
 @click.command()
 @VAULT
-@click.option("--stdin", "from_stdin", is_flag=True, help="read the old and the new passphrase from stdin (two lines)")
+@click.option(
+    "--passphrase-stdin",
+    "--stdin",
+    "from_stdin",
+    is_flag=True,
+    help="read the old and the new passphrase from stdin (two lines)",
+)
 def passwd(vault_path: str | None, from_stdin: bool) -> None:
     """Change the vault passphrase (rewraps the data key; stop the broker first)."""
     from dc_broker.vault import Vault, default_vault_path
@@ -339,4 +402,106 @@ def passwd(vault_path: str | None, from_stdin: bool) -> None:
     click.echo("Passphrase changed.")
 
 
-COMMANDS = (init, add, remove, list_profiles, logout, unlock, lock, passwd)
+@click.command(name="set")
+@CONFIG
+@SOCKET
+@click.argument("profile", shell_complete=complete_profiles)
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+def set_(config_path: str | None, socket_path: str | None, profile: str, assignments: tuple[str, ...]) -> None:
+    """Change PROFILE's settings in config.toml, e.g. `dc-broker set acme scope="openid email"`.
+
+    KEY= unsets a key; allow takes a comma-separated list. Keys: server, tenant, issuer, token_url,
+    legacy_paths, client_id, grant, username, auth_method, scope, ca_bundle, allow. Other lines and
+    comments stay as they are; a running broker reloads the profile at once. Secrets are not settings:
+    `dc-broker rotate` replaces a stored password or client secret."""
+    path = config_path or default_config_path()
+    try:
+        changes = dict(parse_assignment(a) for a in assignments)
+        updated = set_profile_values(path, profile, changes)
+        running = _daemon(socket_path)
+        if running:
+            control.request("reload", socket_path)
+    except DcBrokerError as exc:
+        raise Failed(exc) from None
+    shown = ", ".join(
+        f"{k} = {getattr(updated, k)!r}" if changes[k] is not None else f"{k} unset" for k in sorted(changes)
+    )
+    click.echo(f"Updated profile {profile}: {shown}." + (" The running broker has reloaded it." if running else ""))
+
+
+@click.command()
+@CONFIG
+@VAULT
+@SOCKET
+@click.option("--password", "rotate_password", is_flag=True, help="replace the user's password")
+@click.option("--client-secret", "rotate_secret", is_flag=True, help="replace the client secret")
+@click.option("--password-stdin", is_flag=True, help="read the new password from stdin (first line)")
+@click.option("--secret-stdin", is_flag=True, help="read the new client secret from stdin (next line)")
+@click.option("--no-verify", is_flag=True, help="store without checking the new credentials at the IdP")
+@click.argument("profile", shell_complete=complete_profiles)
+def rotate(
+    config_path: str | None,
+    vault_path: str | None,
+    socket_path: str | None,
+    rotate_password: bool,
+    rotate_secret: bool,
+    password_stdin: bool,
+    secret_stdin: bool,
+    no_verify: bool,
+    profile: str,
+) -> None:
+    """Replace PROFILE's stored password and/or client secret without remove + add.
+
+    With neither flag: the password for a password profile, the client secret otherwise. The new
+    credentials are checked at the IdP (with the other, kept one) before the old ones are dropped:
+    a wrong new password changes nothing."""
+    path = config_path or default_config_path()
+    try:
+        p = load_config(path, missing_ok=False).profiles.get(profile)
+        if p is None:
+            raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
+        which = _what_to_rotate(p, rotate_password or password_stdin, rotate_secret or secret_stdin)
+        new: dict[str, Secret] = {}
+        if "password" in which:
+            new["password"] = _read_secret("New password", password_stdin)
+        if "client_secret" in which:
+            new["client_secret"] = _read_secret("New client secret", secret_stdin)
+        running = _daemon(socket_path)
+        if running:
+            control.request(
+                "set_secrets",
+                socket_path,
+                profile=profile,
+                verify=not no_verify,
+                **{k: v.reveal() for k, v in new.items()},
+            )
+        else:
+            with _open_vault(vault_path) as vault:
+                merged = dataclasses.replace(vault.credentials(profile), **new)
+                if not no_verify:
+                    trio.run(_verify, p, merged)
+                vault.set_credentials(profile, merged)
+    except DcBrokerError as exc:
+        raise Failed(exc) from None
+    what = " and ".join(k.replace("_", " ") for k in which)
+    checked = "stored without a check" if no_verify else "checked at the identity provider"
+    where = "the running broker uses it now" if running else "stored in the vault"
+    click.echo(f"Rotated the {what} of profile {profile} ({checked}); {where}.")
+
+
+def _what_to_rotate(p: Profile, password: bool, secret: bool) -> list[str]:
+    if not password and not secret:  # the profile's own primary credential
+        password, secret = p.grant == "password", p.grant != "password"
+    which = []
+    if password:
+        if p.grant != "password":
+            raise ConfigError(f"profile {p.name!r} (grant {p.grant}) has no stored password to rotate")
+        which.append("password")
+    if secret:
+        if p.auth_method == "none":
+            raise ConfigError(f"profile {p.name!r} is a public client (auth_method none): it has no client secret")
+        which.append("client_secret")
+    return which
+
+
+COMMANDS = (init, add, set_, rotate, remove, list_profiles, logout, unlock, lock, passwd)

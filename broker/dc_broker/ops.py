@@ -30,8 +30,16 @@ from dc_broker.identity import identify
 from dc_broker.oidc import TokenSet
 from dc_broker.secret import Secret
 from dc_broker.sessions import Session, Sessions
+from dc_broker.store import MemoryStore
 from dc_broker.vault.records import unlock_delay
-from dc_token.errors import BadRequest, Forbidden, UnknownProfile, WrongPassphrase
+from dc_token.errors import (
+    BadRequest,
+    Forbidden,
+    UnknownProfile,
+    UpstreamFault,
+    UpstreamUnavailable,
+    WrongPassphrase,
+)
 from dc_token.protocol import PROTOCOL_VERSION, Request
 from dc_token.version import version
 
@@ -355,8 +363,10 @@ def op_reload(state: BrokerState, caller: Caller, req: Request) -> Result:
     return {"added": added, "changed": changed, "removed": removed}
 
 
-def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result:
-    """Store a profile's password / client secret (from `dc-broker add` with a running broker)."""
+def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
+    """Store a profile's password / client secret (`dc-broker add`, `dc-broker rotate`). With
+    ``verify: true`` the new values (with the stored ones they do not replace) are first checked by
+    one grant at the IdP: a wrong new password changes nothing."""
     _admin(state, caller)
     session = state.sessions.lookup(_profile_arg(req.args))
     fields: dict[str, Secret] = {}
@@ -366,10 +376,31 @@ def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result:
             if not isinstance(value, str) or not value:
                 raise BadRequest(f"'{key}' must be a non-empty string")
             fields[key] = Secret(value)
+    verify = req.args.get("verify", False)
+    if not isinstance(verify, bool):
+        raise BadRequest("'verify' must be true or false")
+    if verify:
+        return _set_secrets_checked(state, session, fields)
+    return _store_secrets(state, session, fields)
+
+
+def _store_secrets(state: BrokerState, session: Session, fields: dict[str, Secret]) -> Result:
     store = state.sessions.store
     store.set_credentials(session.profile.name, dataclasses.replace(store.credentials(session.profile.name), **fields))
     session.credentials_changed(relogin=True)
-    return {"profile": session.profile.name, "stored": sorted(fields)}
+    return {"profile": session.profile.name, "stored": sorted(fields), "verified": False}
+
+
+async def _set_secrets_checked(state: BrokerState, session: Session, fields: dict[str, Secret]) -> Result:
+    name = session.profile.name
+    candidate = dataclasses.replace(state.sessions.store.credentials(name), **fields)
+    probe = Session(session.profile, MemoryStore({name: candidate}), state.sessions.idp, clock=state.clock)
+    try:
+        await probe.verify()
+    except UpstreamFault as exc:
+        raise UpstreamUnavailable(f"could not check the new credentials of profile {name!r}: {exc}") from None
+    result = _store_secrets(state, session, fields)
+    return {**result, "verified": True}
 
 
 def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:

@@ -347,6 +347,20 @@ def _git_credential(args: _Args) -> int:
     return 0
 
 
+def _complete_profiles(argv: list[str]) -> int:
+    """Shell completion (``dc-broker completion``): the profiles the running broker lets us use."""
+    from dc_token.sync import TokenClient
+
+    socket = argv[1] if argv[:1] == ["--socket"] and len(argv) > 1 else None
+    try:
+        with TokenClient(socket, cache=False) as broker:
+            names = [p["profile"] for p in broker.status()["profiles"]]
+    except DcBrokerError:
+        return 0  # no broker: nothing to complete, and nothing to say
+    sys.stdout.write("".join(f"{name}\n" for name in names))
+    return 0
+
+
 _RUN: dict[str, Callable[[_Args], int]] = {"token": _print_token, "exec": _exec, "git": _git_credential}
 
 
@@ -357,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "-h" in head or "--help" in head:
             sys.stdout.write(_help())
             return 0
+    if argv[:1] == ["--complete-profiles"]:
+        return _complete_profiles(argv[1:])
     if argv[:1] in (["--version"], ["-V"]):
         from dc_token.version import version
 

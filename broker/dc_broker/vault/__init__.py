@@ -1,9 +1,10 @@
 """The encrypted credential vault: one SQLite file holding every profile's secrets and latest tokens.
 
-    core.py     ``Vault``: open/create/close, lock/unlock, SecretStore + management methods
-    records.py  pure: record identity (AAD), plaintext layout and codecs, the unlock delay policy
-    files.py    the file-system edge: paths, modes, the one-writer flock, SQLite pragmas and schema
-    (broker/dc_broker/keysource.py: the key-encryption key from a passphrase, key file or systemd credential)
+    core.py       ``Vault``: open/create/close, lock/unlock, SecretStore + management methods
+    records.py    pure: record identity (AAD), plaintext layout and codecs, the unlock delay policy
+    files.py      the file-system edge: paths, modes, the one-writer flock, SQLite pragmas and schema
+    keysource.py  the key-encryption key (KEK) from a passphrase, key file, systemd credential or keyring
+    secretservice.py  the desktop keyring's edge (Secret Service over D-Bus; optional ``secretstorage``)
 
 Owns: the vault file and its format, envelope encryption, lock/unlock, and the one-writer rule.
 Implements ``dc_broker.store.SecretStore`` for sessions, plus the management API the CLI uses
@@ -13,14 +14,15 @@ Envelope encryption. A random 256-bit *data key* encrypts each record with AES-2
 nonce per write). The record's identity (vault id, profile, field, format version) is the associated
 data, so a record copied onto another profile or field, or into another vault, fails authentication.
 The data key is stored only wrapped (AES-256-GCM again) by a *key-encryption key* from the vault's
-key source (``dc_broker.keysource``): Argon2id over a passphrase, a key file or a systemd credential.
+key source (``dc_broker.vault.keysource``): Argon2id over a passphrase, a key file, a systemd
+credential, or 32 random bytes in the desktop keyring (the vault stores only the item's key id).
 Changing the passphrase rewraps the data key: one row changes, records are untouched.
 
 File format (SQLite, WAL, synchronous=FULL; file 0600 in a 0700 directory)::
 
     meta      (id=1, format, vault_id BLOB[16], created_at)
     data_key  (id=1, kind, reference, kdf JSON, salt, nonce, wrapped)   kind: passphrase | keyfile |
-                                                                        systemd-credential
+                                                                        systemd-credential | keyring
     profiles  (name PRIMARY KEY, created_at)                            names are not secret
     records   (profile, field, version, nonce, ciphertext)              PRIMARY KEY (profile, field)
               field: password | client_secret | refresh_token | tokens
@@ -43,18 +45,21 @@ Must never: write a secret, token or key in plaintext to the file, a log line, a
 or a repr; cache decrypted values; let one profile's corrupt record affect another profile.
 """
 
-from dc_broker.keysource import (
+from dc_broker.vault.core import Vault
+from dc_broker.vault.files import default_vault_path
+from dc_broker.vault.keysource import (
     PRODUCTION_KDF,
     KdfParams,
     KeyFile,
+    Keyring,
     KeySource,
     KeySourceKind,
     Passphrase,
     SystemdCredential,
     create_key_file,
+    create_keyring_key,
+    delete_keyring_key,
 )
-from dc_broker.vault.core import Vault
-from dc_broker.vault.files import default_vault_path
 from dc_broker.vault.records import unlock_delay
 
 __all__ = [
@@ -63,10 +68,13 @@ __all__ = [
     "KeyFile",
     "KeySource",
     "KeySourceKind",
+    "Keyring",
     "Passphrase",
     "SystemdCredential",
     "Vault",
     "create_key_file",
+    "create_keyring_key",
     "default_vault_path",
+    "delete_keyring_key",
     "unlock_delay",
 ]

@@ -22,7 +22,12 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dc_broker.keysource import (
+from dc_broker.oidc import TokenSet
+from dc_broker.secret import Secret
+from dc_broker.store import Credentials
+from dc_broker.vault import files, records
+from dc_broker.vault.files import FORMAT
+from dc_broker.vault.keysource import (
     KEY_BYTES,
     PRODUCTION_KDF,
     SALT_BYTES,
@@ -33,11 +38,6 @@ from dc_broker.keysource import (
     derive_kek,
     key_source_of,
 )
-from dc_broker.oidc import TokenSet
-from dc_broker.secret import Secret
-from dc_broker.store import Credentials
-from dc_broker.vault import files, records
-from dc_broker.vault.files import FORMAT
 from dc_broker.vault.records import CREDENTIAL_FIELDS, NONCE_BYTES, RECORD_VERSION, TOKENS_FIELD
 from dc_token.errors import Locked, VaultError, WrongPassphrase
 
@@ -169,7 +169,7 @@ class Vault:
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None = None, *, auto_unlock: bool = False) -> Vault:
         """Open an existing vault (default: ``default_vault_path()``), locked. With ``auto_unlock`` a
-        key-file or systemd-credential vault is unlocked at once (a passphrase vault stays locked)."""
+        key-file, systemd-credential or keyring vault is unlocked at once (a passphrase vault stays locked)."""
         path = os.path.abspath(os.fspath(path if path is not None else files.default_vault_path()))
         files.check_private_dir(os.path.dirname(path), create=False)
         lock_fd = files.take_lock(path)

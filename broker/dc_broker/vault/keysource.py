@@ -1,6 +1,8 @@
-"""Where the vault's key-encryption key (KEK) comes from: a passphrase, a key file or a systemd credential.
+"""Where the vault's key-encryption key (KEK) comes from: a passphrase, a key file, a systemd credential
+or the desktop keyring.
 
-Owns: the three key sources as small values (``Passphrase``, ``KeyFile``, ``SystemdCredential``), the
+Owns: the four key sources as small values (``Passphrase``, ``KeyFile``, ``SystemdCredential``,
+``Keyring``) and rebuilding one from what the vault stores (``key_source_of``: kind + reference), the
 Argon2id parameters (``KdfParams``; production default 64 MiB, 3 passes, 4 lanes, RFC 9106's second
 recommendation) and the derivation, and reading a key file or credential with its permission checks:
 
@@ -8,10 +10,14 @@ recommendation) and the derivation, and reading a key file or credential with it
   to group or other (it is refused otherwise, naming the path and the fix);
 - a systemd credential is ``$CREDENTIALS_DIRECTORY/<name>`` with the same 32-byte format. systemd
   grants the service user read access through an ACL, which shows up as group bits in the mode, so
-  only world access is refused there; the directory itself is private to the unit.
+  only world access is refused there; the directory itself is private to the unit;
+- a keyring key is 32 random bytes in one Secret Service item (``secretservice.py`` talks D-Bus), found
+  by its attributes ``application=dc-broker`` and ``dc-broker-key=<key id>``; the item also names the
+  vault's path, so several vaults coexist. The vault stores only the key id, never the key.
 
 Must never: keep a KEK or passphrase after returning it (the vault uses a KEK once to wrap or unwrap
-its data key and drops it), print or log key material, or touch the vault file. No SQLite, no trio.
+its data key and drops it), print or log key material, or touch the vault file. No SQLite, no trio;
+D-Bus only through ``secretservice``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Final
@@ -26,17 +33,21 @@ from typing import ClassVar, Final
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from dc_broker.secret import Secret
+from dc_broker.vault import secretservice
 from dc_token.errors import VaultError
 
 KEY_BYTES: Final = 32
 SALT_BYTES: Final = 16
 CREDENTIALS_DIRECTORY_ENV: Final = "CREDENTIALS_DIRECTORY"
+KEYRING_APPLICATION: Final = "dc-broker"
+KEYRING_SCHEMA: Final = "org.dc-broker.VaultKey"  # libsecret's xdg:schema, so keyring tools group them
 
 
 class KeySourceKind(StrEnum):
     PASSPHRASE = "passphrase"
     KEY_FILE = "keyfile"
     SYSTEMD_CREDENTIAL = "systemd-credential"
+    KEYRING = "keyring"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,18 +158,54 @@ class SystemdCredential:
         return read_key_file(self.path(environ), what=f"systemd credential {self.name!r}", forbidden_bits=0o007)
 
 
-KeySource = Passphrase | KeyFile | SystemdCredential
+@dataclass(frozen=True, slots=True)
+class Keyring:
+    """The KEK is 32 random bytes in the desktop's Secret Service (GNOME Keyring, KeePassXC, KWallet), in
+    the item whose attribute ``dc-broker-key`` is ``key_id`` (``dc-broker init --key-source keyring``;
+    see ``create_keyring_key``). The session's keyring unlocks at login, so the vault needs no prompt."""
+
+    key_id: str
+    kind: ClassVar[KeySourceKind] = KeySourceKind.KEYRING
+    needs_passphrase: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if len(self.key_id) != 32 or self.key_id.strip("0123456789abcdef"):
+            raise VaultError(f"{self.key_id!r} is not a dc-broker keyring key id (32 lowercase hex digits)")
+
+    @property
+    def reference(self) -> str:
+        return self.key_id
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        """What finds the item (the vault's path is on the item too, but a vault may move)."""
+        return {"application": KEYRING_APPLICATION, "dc-broker-key": self.key_id}
+
+    def read_key(self) -> bytes:
+        key = secretservice.read(self.attributes, what=f"dc-broker key {self.key_id}")
+        if len(key) != KEY_BYTES:
+            raise VaultError(f"the desktop keyring's dc-broker key {self.key_id} does not hold {KEY_BYTES} bytes")
+        return key
+
+
+KeySource = Passphrase | KeyFile | SystemdCredential | Keyring
+
+#: kind -> the key source from its stored reference (None when the reference is missing but needed)
+_FROM_REFERENCE: Final[dict[str, Callable[[str | None], KeySource | None]]] = {
+    KeySourceKind.PASSPHRASE: lambda _reference: Passphrase(),
+    KeySourceKind.KEY_FILE: lambda reference: KeyFile(reference) if reference else None,
+    KeySourceKind.SYSTEMD_CREDENTIAL: lambda reference: SystemdCredential(reference) if reference else None,
+    KeySourceKind.KEYRING: lambda reference: Keyring(reference) if reference else None,
+}
 
 
 def key_source_of(kind: str, reference: str | None) -> KeySource:
     """Rebuild a key source from what the vault stores about it (its kind and reference)."""
-    if kind == KeySourceKind.PASSPHRASE:
-        return Passphrase()
-    if kind == KeySourceKind.KEY_FILE and reference:
-        return KeyFile(reference)
-    if kind == KeySourceKind.SYSTEMD_CREDENTIAL and reference:
-        return SystemdCredential(reference)
-    raise VaultError(f"the vault names an unknown key source {kind!r}; was it written by a newer dc-broker?")
+    rebuild = _FROM_REFERENCE.get(kind)
+    source = rebuild(reference) if rebuild is not None else None
+    if source is None:
+        raise VaultError(f"the vault names an unknown key source {kind!r}; was it written by a newer dc-broker?")
+    return source
 
 
 def read_key_file(path: str, *, what: str = "key file", forbidden_bits: int = 0o077) -> bytes:
@@ -198,3 +245,22 @@ def create_key_file(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def create_keyring_key(vault_path: str) -> Keyring:
+    """32 fresh random bytes in a new item of the desktop keyring's default collection, labelled and
+    attributed with the vault's path; the returned source names it by a fresh random key id."""
+    source = Keyring(os.urandom(16).hex())
+    vault_path = os.path.abspath(vault_path)
+    secretservice.store(
+        {**source.attributes, "xdg:schema": KEYRING_SCHEMA, "dc-broker-vault": vault_path},
+        f"dc-broker vault key ({vault_path})",
+        os.urandom(KEY_BYTES),
+        unique=source.attributes,
+    )
+    return source
+
+
+def delete_keyring_key(source: Keyring) -> int:
+    """Remove the source's item from the desktop keyring (a failed ``init``); returns how many went."""
+    return secretservice.delete(source.attributes)

@@ -1,0 +1,143 @@
+"""The sans-IO client connection, stepped by hand: bytes in, events out, no socket."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dc_token.connection import NEED_DATA, ClientConnection, Closed, End, Failed, Result, may_retry
+from dc_token.errors import LoginRequired, RemoteProtocolError, UnknownProfile
+from dc_token.protocol import ErrorCode, ErrorReply, FrameDecoder, Reply, encode, request_from_wire
+
+
+def sent(frame: bytes) -> tuple[int, str, dict[str, object]]:
+    decoder = FrameDecoder()
+    decoder.receive_data(frame)
+    obj = decoder.next_frame()
+    assert isinstance(obj, dict)
+    req = request_from_wire(obj)
+    return req.id, req.op, dict(req.args)
+
+
+def events(conn: ClientConnection) -> list[object]:
+    out = []
+    while (ev := conn.next_event()) is not NEED_DATA:
+        out.append(ev)
+        if isinstance(ev, Closed):
+            break
+    return out
+
+
+def test_ids_are_allocated_and_none_args_dropped() -> None:
+    conn = ClientConnection()
+    a, fa = conn.send_request("token", {"profile": "acme", "scope": None, "min_ttl": 5.0})
+    b, _ = conn.send_request("status")
+    assert (a, b) == (1, 2) and conn.pending == (1, 2)
+    assert sent(fa) == (1, "token", {"profile": "acme", "min_ttl": 5.0})
+
+
+def test_replies_match_their_requests_in_any_order() -> None:
+    conn = ClientConnection()
+    a, _ = conn.send_request("token", {"profile": "a"})
+    b, _ = conn.send_request("token", {"profile": "b"})
+    conn.receive_data(encode(Reply(b, {"token": "tb"})) + encode(Reply(a, {"token": "ta"})))
+    got = events(conn)
+    assert [(e.id, e.result["token"]) for e in got if isinstance(e, Result)] == [(b, "tb"), (a, "ta")]
+    assert conn.pending == () and conn.served
+
+
+def test_error_replies_become_their_exception_class() -> None:
+    conn = ClientConnection()
+    rid, _ = conn.send_request("token", {"profile": "x"})
+    conn.receive_data(encode(ErrorReply(rid, ErrorCode.UNKNOWN_PROFILE, "no profile 'x'")))
+    (ev,) = events(conn)
+    assert isinstance(ev, Failed) and ev.id == rid
+    assert isinstance(ev.error, UnknownProfile) and str(ev.error) == "no profile 'x'"
+
+
+def test_late_replies_are_dropped_and_unknown_ids_are_the_peers_fault() -> None:
+    conn = ClientConnection()
+    rid, _ = conn.send_request("token", {"profile": "a"})
+    conn.forget(rid)  # e.g. the caller timed out
+    conn.receive_data(encode(Reply(rid, {"token": "late"})))
+    assert events(conn) == []
+    conn.receive_data(encode(Reply(99, {})))
+    with pytest.raises(RemoteProtocolError, match="request 99, which was never sent"):
+        conn.next_event()
+
+
+def test_streams_yield_items_then_end() -> None:
+    conn = ClientConnection()
+    rid, _ = conn.send_request("watch", {"profile": "a"})
+    conn.receive_data(encode(Reply(rid, {"token": "t1"}, more=True)) + encode(Reply(rid, {"token": "t2"}, more=True)))
+    assert [e.result["token"] for e in events(conn) if isinstance(e, Result)] == ["t1", "t2"]
+    assert conn.pending == (rid,)
+    conn.receive_data(encode(Reply(rid, {"end": True})))
+    (end,) = events(conn)
+    assert isinstance(end, End) and end.id == rid and conn.pending == ()
+
+
+def test_an_idless_error_fails_every_pending_request_and_closes() -> None:
+    conn = ClientConnection()
+    a, _ = conn.send_request("token", {"profile": "a"})
+    b, _ = conn.send_request("watch", {"profile": "b"})
+    conn.receive_data(encode(ErrorReply(None, ErrorCode.BAD_REQUEST, "frame is not valid msgpack")))
+    *failed, closed = events(conn)
+    assert [(type(e).__name__, e.id) for e in failed] == [("Failed", a), ("Failed", b)]
+    assert isinstance(closed, Closed) and closed.pending == () and conn.closed
+    with pytest.raises(RemoteProtocolError, match="closed"):
+        conn.send_request("hello")
+
+
+def test_eof_at_a_boundary_is_closed_mid_frame_is_an_error() -> None:
+    conn = ClientConnection()
+    rid, _ = conn.send_request("token", {"profile": "a"})
+    conn.receive_data(b"")
+    (ev,) = events(conn)
+    assert isinstance(ev, Closed) and ev.pending == (rid,)
+    torn = ClientConnection()
+    torn.send_request("hello")
+    torn.receive_data(encode(Reply(1, {"server": "dc-broker"}))[:5])
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        torn.receive_data(b"")
+
+
+def test_retry_only_on_a_connection_that_had_served() -> None:
+    fresh = ClientConnection()
+    fresh.send_request("hello")
+    fresh.receive_data(b"")
+    assert not may_retry(fresh)  # a new connection that dies is the broker's answer
+    used = ClientConnection()
+    rid, _ = used.send_request("hello")
+    used.receive_data(encode(Reply(rid, {})))
+    events(used)
+    used.send_request("token", {"profile": "a"})
+    used.receive_data(b"")
+    assert may_retry(used)  # the broker restarted since: one more try on a new connection
+
+
+@given(st.lists(st.sampled_from(["ok", "more", "error"]), min_size=1, max_size=8), st.data())
+def test_any_byte_split_gives_the_same_events(kinds: list[str], data: st.DataObject) -> None:
+    conn = ClientConnection()
+    wire = b""
+    ids = [conn.send_request("watch" if k == "more" else "token", {"profile": "p"})[0] for k in kinds]
+    for rid, kind in zip(ids, kinds, strict=True):
+        if kind == "error":
+            wire += encode(ErrorReply(rid, ErrorCode.LOGIN_REQUIRED, "log in"))
+        else:
+            wire += encode(Reply(rid, {"n": rid}, more=kind == "more"))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    got = []
+    start = 0
+    for cut in [*cuts, len(wire)]:
+        conn.receive_data(wire[start:cut]) if cut > start else None
+        start = max(start, cut)
+        got += events(conn)
+    assert [e.id for e in got] == ids
+    for e, kind in zip(got, kinds, strict=True):
+        assert isinstance(e, Failed if kind == "error" else Result)
+        if isinstance(e, Failed):
+            assert isinstance(e.error, LoginRequired)
+        else:
+            assert e.more == (kind == "more")
