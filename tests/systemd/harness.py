@@ -315,18 +315,19 @@ class Machine:
         scope = ["--user"] if user else []
         return self.run("systemctl", *scope, "show", "-p", prop, "--value", unit, user=user).stdout.strip()
 
-    def start_idp(self, port: int = 18080) -> str:
+    def start_idp(self, port: int = 18080, *options: str) -> str:
         """The dev IdP + demo API, a plain process of the installed venv (a transient unit, so the
-        container's systemd reaps it at poweroff). Returns its base URL."""
+        container's systemd reaps it at poweroff), with devserver ``options``. Returns its base URL."""
         self.run(
             "systemd-run",
-            "--unit=dev-idp",
+            f"--unit=dev-idp-{port}",
             "--collect",
             f"{VENV}/bin/python",
             "-m",
             "dc_broker.devserver",
             "--port",
             str(port),
+            *options,
         )
         base = f"http://127.0.0.1:{port}"
         probe = f"import urllib.request; urllib.request.urlopen('{base}/realms/demo/.well-known/openid-configuration')"

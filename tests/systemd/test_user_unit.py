@@ -8,6 +8,7 @@ first started by the socket, then reloaded, killed, stopped and started again as
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 
@@ -122,6 +123,33 @@ def test_stop_exits_0_and_start_serves_as_a_service(machine: Machine, alice: str
     m.run("systemctl", "--user", "start", "dc-broker", user=alice)
     assert m.show("dc-broker.socket", "ActiveState", user=alice) == "active"
     assert _curl_status(m, alice, "demo", idp) == "200"
+
+
+def _refreshes(m: Machine, user: str, profile: str) -> int:
+    out = json.loads(m.run("dc-broker", "status", "--json", user=user).stdout)
+    return int(next(p["refreshes"] for p in out["profiles"] if p["profile"] == profile))
+
+
+def test_stop_loses_no_rotated_refresh_token(machine: Machine, alice: str) -> None:
+    """An IdP that rotates refresh tokens (reuse ends the session) and 6 s access tokens: after a
+    stop and a start, the next refresh uses the refresh token stored before the stop; a lost one
+    would be refused and the broker would fall back to the password (and say so)."""
+    m = machine
+    rotating = m.start_idp(18081, "--rotate", "--access-lifespan", "6")
+    add = ["dc-broker", "add", "rot", "--server", rotating, *ADD[3:]]
+    m.run(*add, user=alice, input=SECRETS)
+    m.wait_until("two rotations", lambda: _refreshes(m, alice, "rot") >= 3, 40, 0.5)
+    m.run("systemctl", "--user", "stop", "dc-broker.service", user=alice)
+    assert m.show("dc-broker.service", "ExecMainStatus", user=alice) == "0"
+    m.run("systemctl", "--user", "start", "dc-broker.service", user=alice)
+    pid = _main_pid(m, alice)
+    m.wait_until("a refresh after the restart", lambda: _refreshes(m, alice, "rot") >= 1, 40, 0.5)
+    journal = m.run(
+        "journalctl", "_SYSTEMD_USER_UNIT=dc-broker.service", f"_PID={pid}", "-o", "cat", "--no-pager"
+    ).stdout
+    refused = [line for line in journal.splitlines() if "profile rot" in line and "refresh token refused" in line]
+    assert not refused, journal
+    assert m.run("dc-token", "rot", user=alice).stdout.count(".") == 2
 
 
 def test_passphrase_vault_and_unlock(machine: Machine, idp: str) -> None:
