@@ -159,11 +159,14 @@ class Machine:
 
         ours = (name, str(wheelhouse), str(ROOT / "tests" / "systemd"))
         mounts_before = _mounts(ours)
-        with console.open("wb") as out:
-            proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=enter_cgroups
-            )
-        machine: Machine | None = None
+        try:
+            with console.open("wb") as out:
+                proc = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=enter_cgroups
+                )
+        except BaseException:
+            _remove_cgroups(name)
+            raise
         try:
             leader = _wait_for(lambda: _container_init(proc.pid), timeout, proc, console, "the container's systemd")
             _wait_for(
@@ -390,6 +393,8 @@ def _power_off(proc: subprocess.Popen[bytes], name: str) -> None:
             proc.wait(10)
     deadline = time.monotonic() + 10
     while pids := _cgroup_pids(name):  # processes of the container still alive (all ours by construction)
+        if time.monotonic() > deadline + 10:
+            return  # unkillable (D state): _remove_cgroups then names what is left
         if time.monotonic() > deadline:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
