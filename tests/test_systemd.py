@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -229,8 +230,10 @@ def test_shipped_units_are_the_rendered_templates() -> None:
 
 
 def install(tmp: Path, *args: str) -> tuple[Path, str]:
+    """Units for this checkout's venv (a developer's install: --allow-checkout), in tmp."""
     dest = tmp / "units"
-    result = CliRunner().invoke(cli, ["systemd", "install", *args, "--dest", str(dest)])
+    extra = ["--sysusers-dir", str(dest)] if "--system" in args else []
+    result = CliRunner().invoke(cli, ["systemd", "install", *args, "--dest", str(dest), "--allow-checkout", *extra])
     assert result.exit_code == 0, result.output
     return dest, result.output
 
@@ -244,6 +247,59 @@ def test_install_writes_units_with_the_real_path_and_says_what_next(tmp_path: Pa
     assert f"ExecStart={DC_BROKER} run --system\n" in (sysdest / "dc-broker.service").read_text()
     assert (sysdest / "dc-broker.conf").read_text() == SYSUSERS
     assert "next: systemd-sysusers && systemctl daemon-reload && systemctl enable --now dc-broker.socket" in out
+
+
+def test_install_refuses_a_checkouts_venv_and_says_how_to_install(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["systemd", "install", "--user", "--dest", str(tmp_path / "u")])
+    assert result.exit_code == 1
+    assert f"{DC_BROKER} lives in the git checkout {REPO}" in result.output
+    assert "pipx install ." in result.output and not (tmp_path / "u").exists()
+    system = CliRunner().invoke(cli, ["systemd", "install", "--system", "--dest", str(tmp_path / "s")])
+    assert system.exit_code == 1 and "sudo python3 -m venv /opt/dc-broker" in system.output
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A directory every user can enter (pytest's tmp_path sits under a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="dc-broker-units-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_install_system_puts_sysusers_where_systemd_sysusers_looks(open_tmp: Path) -> None:
+    tmp_path = open_tmp
+    root = tmp_path / "root"
+    units = root / "usr" / "lib" / "systemd" / "system"
+    exe = tmp_path / "opt" / "bin" / "dc-broker"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/usr/bin/python3\n")
+    exe.chmod(0o755)
+    tmp_path.chmod(0o755)
+    args = ["systemd", "install", "--system", "--dest", str(units), "--exec", str(exe)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert (root / "usr" / "lib" / "sysusers.d" / "dc-broker.conf").read_text() == SYSUSERS
+    assert f"ExecStart={exe} run --system\n" in (units / "dc-broker.service").read_text()
+    odd = CliRunner().invoke(cli, ["systemd", "install", "--system", "--dest", str(tmp_path / "x"), "--exec", str(exe)])
+    assert odd.exit_code == 1 and "pass --sysusers-dir DIR" in odd.output
+
+
+def test_install_system_refuses_what_the_service_user_cannot_read(open_tmp: Path) -> None:
+    tmp_path = open_tmp
+    private = tmp_path / "private"
+    exe = private / "bin" / "dc-broker"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/usr/bin/python3\n")
+    exe.chmod(0o755)
+    tmp_path.chmod(0o755)
+    private.chmod(0o700)
+    args = ["systemd", "install", "--system", "--dest", str(tmp_path / "etc/systemd/system"), "--exec", str(exe)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert f"the system unit's user (dc-broker) cannot reach {private}" in result.output
+    home = CliRunner().invoke(cli, [*args[:-1], "/home/alice/.local/bin/dc-broker"])
+    assert home.exit_code == 1 and "under a home directory, which the system unit hides" in home.output
 
 
 @needs_analyze

@@ -209,6 +209,87 @@ def systemd_group() -> None:
     """Install the systemd units (socket-activated, Type=notify, hardened)."""
 
 
+def _checkout_of(exe: str) -> Path | None:
+    """The git work tree that holds ``exe``'s virtualenv (``/src/dc-broker/.venv/bin/dc-broker``), if any."""
+    venv = Path(exe).parent.parent
+    for parent in (venv, *venv.parents):
+        if (parent / ".git").exists():
+            return parent
+    return None
+
+
+def _interpreter(exe: str) -> str | None:
+    """The interpreter a console script runs with (its ``#!`` line), symlinks resolved."""
+    try:
+        with open(exe, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode("utf-8", "replace").split()
+    return os.path.realpath(words[0]) if words else None
+
+
+def _hidden_from_others(path: str) -> str | None:
+    """The first directory on ``path`` that another user cannot enter, or the file itself if it
+    cannot be read and run: what the system unit's own user (not root, not you) would meet."""
+    real = Path(os.path.realpath(path))
+    for parent in reversed(real.parents):
+        try:
+            if not os.stat(parent).st_mode & 0o001:
+                return str(parent)
+        except OSError:
+            return str(parent)
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        return str(real)
+    return None if mode & 0o005 == 0o005 else str(real)
+
+
+def check_exec(exe: str, mode: str) -> None:
+    """Refuse an ExecStart= that would break: a checkout's venv, or (system) files the unit's user cannot read."""
+    checkout = _checkout_of(exe)
+    if checkout is not None:
+        how = (
+            "pipx install . (or pip install --user .)"
+            if mode == "user"
+            else "sudo python3 -m venv /opt/dc-broker && sudo /opt/dc-broker/bin/pip install ."
+        )
+        raise click.ClickException(
+            f"{exe} lives in the git checkout {checkout}: the unit would run whatever that checkout holds "
+            f"and break when it moves. Install dc-broker for real first ({how}) and run that installation's "
+            "`dc-broker systemd install`, or pass --exec PATH (--allow-checkout to use this one anyway)"
+        )
+    if mode != "system":
+        return
+    for what, path in (("dc-broker", exe), ("its Python interpreter", _interpreter(exe))):
+        if path is None:
+            continue
+        if path.startswith(("/home/", "/root/")):
+            raise click.ClickException(
+                f"{what} is {path}, under a home directory, which the system unit hides (ProtectHome=yes). "
+                "Install dc-broker outside any home: sudo python3 -m venv /opt/dc-broker && "
+                "sudo /opt/dc-broker/bin/pip install dc-broker (use /usr/bin/python3 for the venv)"
+            )
+        hidden = _hidden_from_others(path)
+        if hidden is not None:
+            raise click.ClickException(
+                f"{what} is {path}, but the system unit's user ({SYSTEM_USER}) cannot reach {hidden}. "
+                f"Install dc-broker where every user can read it (e.g. /opt/dc-broker, root-owned, mode 755), "
+                f"or make {hidden} readable (chmod o+rx)"
+            )
+
+
+def sysusers_dir_for(dest: Path) -> Path | None:
+    """Where systemd-sysusers looks, beside a unit directory: ``/etc/systemd/system`` -> ``/etc/sysusers.d``,
+    ``DESTDIR/usr/lib/systemd/system`` -> ``DESTDIR/usr/lib/sysusers.d``. None for any other directory."""
+    if dest.name == "system" and dest.parent.name == "systemd":
+        return dest.parent.parent / "sysusers.d"
+    return None
+
+
 @systemd_group.command("install")
 @click.option("--user", "mode", flag_value="user", default=True, help="per-user units (default)")
 @click.option("--system", "mode", flag_value="system", help="the shared broker, run as the dc-broker user")
@@ -217,25 +298,36 @@ def systemd_group() -> None:
     type=click.Path(file_okay=False),
     help="directory to write to (default: ~/.config/systemd/user, or /etc/systemd/system with --system)",
 )
+@click.option(
+    "--sysusers-dir",
+    type=click.Path(file_okay=False),
+    help="--system: where the sysusers.d file goes (default: /etc/sysusers.d, or the sysusers.d beside --dest)",
+)
 @click.option("--exec", "exec_start", help="path of dc-broker for ExecStart= (default: this installation's)")
-def install(mode: str, dest: str | None, exec_start: str | None) -> None:
-    """Write dc-broker.socket and dc-broker.service, and print the command that starts them."""
+@click.option("--allow-checkout", is_flag=True, help="allow an ExecStart= inside a git checkout (development only)")
+def install(
+    mode: str, dest: str | None, sysusers_dir: str | None, exec_start: str | None, allow_checkout: bool
+) -> None:
+    """Write dc-broker.socket and dc-broker.service (ExecStart= this installation's dc-broker), and
+    print the command that starts them. Refuses a dc-broker the unit could not run: one in a git
+    checkout's venv, or (--system) one under a home directory or unreadable to other users."""
     exe = exec_start or find_executable()
     if not os.path.isabs(exe):
         raise click.ClickException(f"--exec must be an absolute path, not {exe!r}")
+    if not allow_checkout:
+        check_exec(exe, mode)
     if mode == "system":
         target = Path(dest or "/etc/systemd/system")
+        users_dir = Path(sysusers_dir) if sysusers_dir else sysusers_dir_for(target)
+        if users_dir is None:
+            raise click.ClickException(
+                f"--dest {target} is not a systemd/system directory, so the sysusers.d file has no obvious "
+                "place; pass --sysusers-dir DIR (systemd-sysusers reads /etc/sysusers.d and /usr/lib/sysusers.d)"
+            )
         written = write_units(target, render(SYSTEM_UNITS, exe))
-        sysusers_dir = target.parent.parent / "sysusers.d" if dest is None else target
-        written += write_units(sysusers_dir, {"dc-broker.conf": SYSUSERS})
+        written += write_units(users_dir, {"dc-broker.conf": SYSUSERS})
         for path in written:
             click.echo(f"wrote {path}")
-        if exe.startswith(("/home/", "/root/")):
-            click.echo(
-                f"warning: {exe} is under a home directory, which ProtectHome=yes hides from the service; "
-                "install dc-broker under /opt or /usr/local, or override ProtectHome=read-only",
-                err=True,
-            )
         click.echo(
             "next: systemd-sysusers && systemctl daemon-reload && systemctl enable --now dc-broker.socket\n"
             "(put profiles in /etc/dc-broker/config.toml and the vault key credential in "
