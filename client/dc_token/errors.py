@@ -141,11 +141,19 @@ class UpstreamFault(DcBrokerError):
 class OAuthError(UpstreamFault):
     """The IdP answered with an OAuth error body: ``{"error", "error_description"}``."""
 
+    #: an IdP's text is cut to this many characters: it goes into logs, status and error replies
+    MAX_TEXT = 1024
+
     def __init__(self, error: str, description: str, status: int) -> None:
+        error, description = _cut(error, 128), _cut(description, self.MAX_TEXT)
         super().__init__(f"{error}: {description}" if description else error)
         self.error = error
         self.description = description
         self.status = status
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class UpstreamTransient(UpstreamFault):
