@@ -360,6 +360,24 @@ def remove_profile(path: str, name: str) -> None:
         raise ConfigError(f"could not remove profile {name!r} from {path}; edit the file by hand")
 
 
+def read_text(path: str) -> str | None:
+    """The config file's text as it is now (None if there is none), for ``restore``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def restore(path: str, text: str | None) -> None:
+    """Put the config file back as ``read_text`` found it (undo a failed ``dc-broker add``)."""
+    if text is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        _write_atomically(path, text)
+
+
 def _write_atomically(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` (fsynced, then renamed). An existing file keeps its mode, owner
     and group (a shared broker's config is often 0640 root:dc-broker); a new one is 0600."""

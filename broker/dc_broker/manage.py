@@ -26,6 +26,8 @@ from dc_broker.config import (
     load_config,
     remove_profile,
 )
+from dc_broker.config import read_text as read_config_text
+from dc_broker.config import restore as restore_config
 from dc_broker.oidc import IdpTransport
 from dc_broker.options import CONFIG, SOCKET, VAULT
 from dc_broker.secret import Secret
@@ -201,15 +203,16 @@ def add(
             trio.run(_verify, p, creds)
         running = _daemon(socket_path)
         if running:
-            add_profile(path, p)
-            control.request("reload", socket_path)
-            secrets = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
-            if secrets:
-                control.request("set_secrets", socket_path, profile=profile, **secrets)
+            _add_to_running(path, p, socket_path, password, secret)
+        elif password or secret:
+            with _open_vault(vault_path) as vault:
+                vault.set_credentials(profile, creds)
+                try:
+                    add_profile(path, p)
+                except BaseException:
+                    vault.remove(profile)  # all or nothing: no secrets for a profile that is not configured
+                    raise
         else:
-            if password or secret:
-                with _open_vault(vault_path) as vault:
-                    vault.set_credentials(profile, creds)
             add_profile(path, p)
     except DcBrokerError as exc:
         raise Failed(exc) from None
@@ -220,6 +223,26 @@ def add(
     else:
         nxt = f"`dc-broker login {profile}`" if p.grant == "device" else f"`dc-token {profile}`"
     click.echo(f"Added profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
+
+
+def _add_to_running(
+    path: str, p: Profile, socket_path: str | None, password: Secret | None, secret: Secret | None
+) -> None:
+    """Config first, then the broker reloads it and stores the secrets in its vault. If either step
+    fails the profile leaves the config and the broker again: config and vault change together."""
+    before = read_config_text(path)
+    add_profile(path, p)
+    try:
+        control.request("reload", socket_path)
+        secrets = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
+        if secrets:
+            control.request("set_secrets", socket_path, profile=p.name, **secrets)
+    except BaseException:
+        with contextlib.suppress(DcBrokerError):
+            restore_config(path, before)
+        with contextlib.suppress(DcBrokerError):
+            control.request("reload", socket_path)
+        raise
 
 
 @click.command()

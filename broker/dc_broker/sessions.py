@@ -734,6 +734,7 @@ class Sessions:
             for session in self._by_name.values():
                 nursery.start_soon(self._run_one, session, policy.startup_delay(self.policy, self.rng.random()))
             task_status.started()
+            await trio.sleep_forever()  # profiles added later (reload) start here, even after none at first
 
     async def _run_one(self, session: Session, delay: float) -> None:
         with session.cancel_scope:
