@@ -30,6 +30,10 @@ pytestmark = [
 ]
 
 
+_ADD_ARGS = ("--token-url", "http://127.0.0.1:9/token", "--client-id", "c", "--grant", "client_credentials")
+_ADD_ARGS += ("--secret-stdin", "--no-verify")
+
+
 class Place:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -43,9 +47,7 @@ class Place:
 
     def add(self, name: str, secret: str = "s3cret") -> subprocess.CompletedProcess[str]:
         return run(
-            [DC_BROKER, "add", name, "--config", str(self.config), "--socket", self.sock]
-            + ["--token-url", "http://127.0.0.1:9/token", "--client-id", "c", "--grant", "client_credentials"]
-            + ["--secret-stdin", "--no-verify"],
+            [DC_BROKER, "add", name, "--config", str(self.config), "--socket", self.sock, *_ADD_ARGS],
             input=secret + "\n",
             env=self.env,
         )
