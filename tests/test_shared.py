@@ -306,9 +306,13 @@ def test_exe_rules_admit_exactly_the_pinned_program(shared: str, programs: dict[
 
 HOLDER = r"""
 import socket, sys
-held = []
-for _ in range(int(sys.argv[2])):
-    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); held.append(s)
+held, hello = [], bytes.fromhex(sys.argv[4])
+for _ in range(int(sys.argv[2])):  # each answers a hello first: accepted and counted, then idle
+    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(hello); s.settimeout(10)
+    ok = s.recv(65536)[4:]
+    held.append(s)
+    if b"server" not in ok:
+        print("refused", ok.hex(), flush=True)
 print("held", flush=True)
 sys.stdin.readline()
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(bytes.fromhex(sys.argv[3]))
@@ -340,7 +344,7 @@ def _frame(hexed: str) -> dict:
 
 def test_one_uid_at_its_connection_quota_does_not_lock_out_another(shared: str) -> None:
     holder = subprocess.Popen(
-        _as("dcb-etl", HOLDER, shared, str(QUOTA), encode(token("p_user")).hex()),
+        _as("dcb-etl", HOLDER, shared, str(QUOTA), encode(token("p_user")).hex(), encode(Request(1, "hello")).hex()),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -139,6 +139,7 @@ def administered(state: BrokerState, caller: Caller, name: str) -> Session:
     except UnknownProfile:
         if is_owner(caller):
             raise
+        caller.identity()  # as for a known profile's admin rules: timing tells nothing
         raise _not_admin(name, caller) from None
     if is_owner(caller):
         return session
@@ -164,6 +165,7 @@ def authorized(state: BrokerState, caller: Caller, name: str) -> Session:
         session = state.sessions.lookup(name)
     except UnknownProfile:
         if state.system:
+            caller.identity()  # the work a refused known profile costs, so timing tells nothing either
             raise _denied(name, caller) from None
         raise
     if not permits(state, caller, session.profile):

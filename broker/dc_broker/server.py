@@ -70,6 +70,8 @@ RECEIVE_SIZE = 65536
 MAX_ERROR_MESSAGE = 2048
 #: how long a refused connection may take to send its first request before it is told why
 REFUSE_READ_TIMEOUT = 1.0
+#: refusals that wait for the first request at once; beyond this a refusal is sent without waiting
+MAX_PATIENT_REFUSALS = 64
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
@@ -171,6 +173,8 @@ class Server:
         self.pending = 0
         self._idle = trio.Event()
         self._accepting = trio.CancelScope()
+        #: refusals now waiting for the caller's first request (at most MAX_PATIENT_REFUSALS)
+        self.refusing = 0
 
     async def serve(
         self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -242,19 +246,27 @@ class Server:
             trio.lowlevel.notify_closing(conn)
             conn.close()
 
+    async def _refuse(self, conn: socket.socket, exc: BrokerError) -> None:
+        patient = self.refusing < MAX_PATIENT_REFUSALS
+        self.refusing += patient
+        try:
+            await refuse(conn, exc, patient=patient)
+        finally:
+            self.refusing -= patient
+
     async def _handle(self, conn: socket.socket, caller: Caller) -> None:
         limits = self.limits
         if self.allowed_uids is not None and caller.uid not in self.allowed_uids:
             log.warning("refused connection from uid %d (pid %d)", caller.uid, caller.pid)
             why = f"this broker serves only its own user (uid {os.getuid()}), not uid {caller.uid}"
-            await refuse(conn, Forbidden(why))
+            await self._refuse(conn, Forbidden(why))
             return
         if self.connections > limits.max_connections:
-            await refuse(conn, Overloaded("too many connections", retry_after=1.0))
+            await self._refuse(conn, Overloaded("too many connections", retry_after=1.0))
             return
         if self.quota_applies(caller.uid) and self.connections_by_uid[caller.uid] > limits.max_connections_per_uid:
             log.warning("uid %d is at its quota of %d connections", caller.uid, limits.max_connections_per_uid)
-            await refuse(
+            await self._refuse(
                 conn,
                 Overloaded(
                     f"uid {caller.uid} already has {limits.max_connections_per_uid} connections open to this broker "
@@ -266,9 +278,17 @@ class Server:
         await _Connection(self, conn, caller).run()
 
 
-async def refuse(conn: socket.socket, exc: BrokerError) -> None:
+async def refuse(conn: socket.socket, exc: BrokerError, *, patient: bool = True) -> None:
     """Tell a connection why it is refused and close it, so that the client reads the error instead of
-    a reset: its first request is read first (briefly), answered by id, and then our side is shut."""
+    a reset: its first request is read first (briefly), answered by id, and then our side is shut.
+    Not ``patient``: the error is sent at once (a flood of refused connections is not waited on)."""
+    if patient:
+        await _refuse_patiently(conn, exc)
+    else:
+        await send_all(conn, _error_frame(None, exc))
+
+
+async def _refuse_patiently(conn: socket.socket, exc: BrokerError) -> None:
     rid: int | None = None
     decoder = FrameDecoder()
     with trio.move_on_after(REFUSE_READ_TIMEOUT), contextlib.suppress(RemoteProtocolError, OSError):
