@@ -392,3 +392,34 @@ def test_a_forbidden_uid_reads_forbidden_not_a_reset(users: dict[str, int]) -> N
     finally:
         stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_system_mode_without_permission_to_chown_the_socket_fails_cleanly(users: dict[str, int]) -> None:
+    """Root without CAP_CHOWN (the bounding set dropped) may not give the socket to a group it is not
+    in: one clear error naming the group, and no socket left behind."""
+    tmp = Path(tempfile.mkdtemp(prefix="dcb-chown-", dir="/tmp"))
+    try:
+        cfg = tmp / "config.toml"
+        cfg.write_text('[daemon]\ngroup = "dcb-clients"\n')
+        sock = tmp / "run" / "b.sock"
+        result = subprocess.run(
+            [
+                "setpriv",
+                "--bounding-set=-chown",
+                DC_BROKER,
+                "run",
+                "--system",
+                "--config",
+                str(cfg),
+                "--socket",
+                str(sock),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode != 0
+        assert "dcb-clients" in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not sock.exists()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

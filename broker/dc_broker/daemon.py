@@ -309,8 +309,8 @@ def _give_socket_to_group(path: str, group: str) -> None:
         os.chown(path, -1, gid)
     except PermissionError:
         raise ConfigError(
-            f"cannot give the socket {path} to group {group!r}: uid {os.getuid()} is not a member of it "
-            "(run the broker as root or as a member of the group, or unset daemon.group)"
+            f"cannot give the socket {path} to group {group!r}: uid {os.getuid()} is not in that group and "
+            "lacks CAP_CHOWN (run the broker as a member of the group or with CAP_CHOWN, or unset daemon.group)"
         ) from None
 
 

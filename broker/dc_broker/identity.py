@@ -14,7 +14,8 @@ process can create itself (a user manager's tree, a delegated unit's sub-cgroups
 unit.
 
 Must never: trust a path from a process's own cgroup names beyond that rule, or block the event loop
-on an unbounded read (the program's hash reads at most ``MAX_EXE_BYTES``, and is cached by inode).
+on an unbounded read (the program's hash reads at most ``MAX_EXE_BYTES``, once per inode: it is
+cached by device, inode, size and times, so only a caller's first connection from a new program pays).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _UNIT = re.compile(r"^[^/]+\.(?:service|scope|socket|mount|swap|device|target|timer|path)$")
 _USER_MANAGER = re.compile(r"^user@(\d+)\.service$")
 #: programs larger than this are never hashed (an exe-sha256 rule does not match them)
-MAX_EXE_BYTES = 256 * 1024 * 1024
+MAX_EXE_BYTES = 128 * 1024 * 1024
 _HASHES: OrderedDict[tuple[int, int, int, int, int], str] = OrderedDict()
 _HASH_CACHE_SIZE = 256
 
