@@ -5,18 +5,21 @@ ask for."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from dc_broker.config import DaemonSettings
 from dc_broker.daemon import apply_daemon_settings, limits_of
 from dc_broker.keysource import MAX_STORED_MEMORY_KIB, KdfParams
+from dc_broker.listen import bind_unix_socket
 from dc_broker.oidc import IdpTransport
 from dc_broker.ops import BrokerState
 from dc_broker.server import Server
 from dc_broker.sessions import Sessions
 from dc_broker.store import MemoryStore
-from dc_token.errors import VaultError
+from dc_token.errors import ConfigError, VaultError
 
 
 def test_sighup_applies_limits_and_names_what_needs_a_restart() -> None:
@@ -44,3 +47,15 @@ def test_a_vault_file_cannot_ask_for_an_unbounded_kdf(memory_kib: int, iteration
 def test_the_production_kdf_reads_back() -> None:
     params = KdfParams()
     assert KdfParams.from_json(params.to_json()) == params
+
+
+def test_the_socket_lock_is_never_opened_through_a_symlink(tmp_path: Path) -> None:
+    """A symlink planted at ``<socket>.lock`` (finding 10) is refused, and its target is untouched."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    target = tmp_path / "someone-elses-file"
+    target.write_text("precious\n")
+    os.symlink(target, run / "b.sock.lock")
+    with pytest.raises(ConfigError, match="symbolic link"):
+        bind_unix_socket(str(run / "b.sock"))
+    assert target.read_text() == "precious\n" and not (run / "b.sock").exists()
