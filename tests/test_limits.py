@@ -65,9 +65,32 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield sock
     finally:
-        proc.send_signal(signal.SIGTERM)  # and stop() sends a second: no waiting for refreshes
-        stop(proc)
+        quick_stop(proc)
         idp.shutdown()
+
+
+def quick_stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, then (once the first is taken) a second one: stop without waiting for refreshes."""
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 2
+    while proc.poll() is None and time.monotonic() < deadline:  # signals do not queue: let it see the first
+        time.sleep(0.05)
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A broker with one profile and the same short deadlines, for the tests that time the broker."""
+    tmp = tmp_path_factory.mktemp("small")
+    text = "[daemon]\npartial_frame_timeout = 0.5\nidle_timeout = 1.0\n"
+    text += '[profiles.p]\ntoken_url = "http://127.0.0.1:9/token"\nclient_id = "c"\ngrant = "client_credentials"\n'
+    (tmp / "config.toml").write_text(text)
+    sock = str(tmp / "run" / "b.sock")
+    proc = start_run(tmp / "config.toml", sock, '[p]\nclient_secret = "s"\n', stderr=subprocess.DEVNULL)
+    try:
+        yield sock
+    finally:
+        quick_stop(proc)
 
 
 def roundtrip(sock: str, *requests: Request) -> list[tuple[int, dict[str, Any]]]:
@@ -147,10 +170,10 @@ def test_a_reply_that_would_not_fit_becomes_an_error_reply() -> None:
     assert reply["id"] == 9 and reply["error"]["code"] == "internal" and "frame limit" in reply["error"]["message"]
 
 
-def test_a_dripped_frame_gets_one_deadline_for_the_whole_frame(broker: str) -> None:
+def test_a_dripped_frame_gets_one_deadline_for_the_whole_frame(small: str) -> None:
     frame = encode(Request(1, "hello"))
     s = socket.socket(socket.AF_UNIX)
-    s.connect(broker)
+    s.connect(small)
     t0 = time.monotonic()
     try:
         for byte in frame[:-1]:  # one byte every 0.1 s: each recv is quick, the frame is not
@@ -167,11 +190,11 @@ def test_a_dripped_frame_gets_one_deadline_for_the_whole_frame(broker: str) -> N
     s.close()
 
 
-def test_a_connection_that_sends_nothing_is_closed_and_one_that_talks_is_not(broker: str) -> None:
+def test_a_connection_that_sends_nothing_is_closed_and_one_that_talks_is_not(small: str) -> None:
     idle = socket.socket(socket.AF_UNIX)
-    idle.connect(broker)
+    idle.connect(small)
     talking = socket.socket(socket.AF_UNIX)
-    talking.connect(broker)
+    talking.connect(small)
     talking.settimeout(5)
     idle.settimeout(5)
     t0 = time.monotonic()

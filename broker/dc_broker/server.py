@@ -341,14 +341,13 @@ class _Connection:
                         log.info("closed a connection that left a frame unfinished for %.0f s", partial_timeout)
                         nursery.cancel_scope.cancel()
                         return
-                elif self.in_flight:  # a refresh wait or a stream: the client waits on us
-                    frame_deadline = math.inf
-                    data = await recv_some(self.conn)
                 else:
                     frame_deadline = math.inf
                     with trio.move_on_after(limits.idle_timeout):
                         data = await recv_some(self.conn)
                     if data is None:
+                        if self.in_flight:  # a refresh wait or a stream: the client waits on us
+                            continue
                         log.debug("closed a connection idle for %.0f s", limits.idle_timeout)
                         nursery.cancel_scope.cancel()
                         return
