@@ -4,15 +4,23 @@ Runs as root (as CI does): creates users and groups, starts `dc-broker run --sys
 those users with setpriv. The client in the child is stdlib-only python (frames are built here), so
 no test user needs to read the project's venv. The caller's identity must come from the kernel: the
 frames carry nothing about who sends them.
+
+Issue 13 (the shared broker under attack) is reproduced here with real users: a consumer's login,
+set_secrets and logout are forbidden, a user manager's ``report.service`` is not the system unit,
+``exe:`` rules admit exactly the pinned program, one uid at its connection or in-flight quota does not
+stop another, a refused uid reads ``forbidden``, and a failed chown leaves no socket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import os
 import pwd
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -40,8 +48,10 @@ USERS = {
 }
 CGROUPS = Path("/sys/fs/cgroup/systemd")
 UNIT_CGROUP = CGROUPS / "system.slice/report.service"
-#: dcb-etl's connection quota in this broker (daemon.max_connections_per_uid)
+#: dcb-etl's connection quota in this broker (daemon.max_connections_per_uid), and the requests one
+#: uid may have waiting on a refresh (daemon.max_in_flight_per_uid)
 QUOTA = 20
+IN_FLIGHT_QUOTA = 5
 CLIENT = r"""
 import socket, sys
 s = socket.socket(socket.AF_UNIX)
@@ -106,7 +116,19 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def shared(users: dict[str, int], programs: dict[str, str]) -> Iterator[str]:
+def hanging_idp() -> Iterator[str]:
+    """A token URL that accepts connections (the kernel's backlog) and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/token"
+    finally:
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def shared(users: dict[str, int], programs: dict[str, str], hanging_idp: str) -> Iterator[str]:
     idp = subprocess.Popen(
         [os.path.join(os.path.dirname(DC_BROKER), "python"), "-m", "dc_broker.devserver"],
         stdout=subprocess.PIPE,
@@ -131,9 +153,13 @@ def shared(users: dict[str, int], programs: dict[str, str]) -> Iterator[str]:
     }
     cfg = Path(tmp) / "config.toml"
     text = f'[daemon]\ngroup = "dcb-clients"\nmax_connections_per_uid = {QUOTA}\n'
+    text += f"max_in_flight_per_uid = {IN_FLIGHT_QUOTA}\n"
     for name, allow in rules.items():
         text += f'[profiles.{name}]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-service"\n'
         text += 'grant = "client_credentials"\n' + (f"allow = {allow}\n" if allow else "")
+    text += f'[profiles.p_hang]\ntoken_url = "{hanging_idp}"\nclient_id = "c"\ngrant = "client_credentials"\n'
+    text += 'allow = ["user:dcb-other"]\n'
+    rules["p_hang"] = None
     cfg.write_text(text)
     secrets = "".join(f'[{n}]\nclient_secret = "dc-service-secret"\n' for n in rules)
     proc = start_run(cfg, sock, secrets, "--system", stderr=subprocess.DEVNULL, wait=False)
@@ -141,6 +167,10 @@ def shared(users: dict[str, int], programs: dict[str, str]) -> Iterator[str]:
         wait_for_socket(sock, proc)
         yield sock
     finally:
+        # p_hang's refresh never ends: a second SIGTERM (once the first is taken) stops at once
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(1)
         stop(proc)
         idp.terminate()
         idp.wait(10)
@@ -154,6 +184,7 @@ def ask(
     unit: bool = False,
     cgroup: Path | None = None,
     program: str = "/usr/bin/python3",
+    replies: int | None = None,
 ) -> list[dict]:
     """Send requests as ``user`` (optionally from inside report.service, or another cgroup of the
     name=systemd hierarchy, and from ``program``) and return the replies."""
@@ -171,7 +202,7 @@ def ask(
             CLIENT,
             sock,
             data.hex(),
-            str(len(requests)),
+            str(len(requests) if replies is None else replies),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -222,7 +253,7 @@ def test_a_denied_caller_learns_nothing_about_other_profiles(shared: str) -> Non
     [status] = ask(shared, "dcb-etl", Request(3, "status"))
     assert sorted(p["profile"] for p in status["result"]["profiles"]) == ["p_admin", "p_group", "p_user"]
     [status] = ask(shared, "dcb-other", Request(3, "status"))
-    assert [p["profile"] for p in status["result"]["profiles"]] == ["p_uid"]
+    assert sorted(p["profile"] for p in status["result"]["profiles"]) == ["p_hang", "p_uid"]
 
 
 def test_a_user_outside_the_socket_group_cannot_connect(shared: str) -> None:
@@ -423,3 +454,14 @@ def test_system_mode_without_permission_to_chown_the_socket_fails_cleanly(users:
         assert not sock.exists()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_one_uid_cannot_hold_more_than_its_in_flight_quota(shared: str) -> None:
+    """Requests waiting on a refresh (an IdP that never answers) count per uid: the one past the
+    quota is told so at once, the others keep waiting."""
+    waiting = [Request(i, "token", {"profile": "p_hang"}) for i in range(1, IN_FLIGHT_QUOTA + 2)]
+    [first] = ask(shared, "dcb-other", *waiting, replies=1)  # the first answer to come back
+    assert first["id"] == IN_FLIGHT_QUOTA + 1 and first["error"]["code"] == "overloaded", first
+    assert "max_in_flight_per_uid" in first["error"]["message"]
+    [other] = ask(shared, "dcb-etl", token("p_user"))  # another uid is not affected
+    assert outcome(other) == "ok"
