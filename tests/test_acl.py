@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dc_broker.acl import Identity, allowed, parse_rule, parse_rules
+from dc_broker.acl import Identity, allowed, needs_details, needs_exe_hash, parse_rule, parse_rules
 from dc_broker.config import Profile
 from dc_broker.identity import Units, boottime, identify, peer_credentials, unit_from_cgroup, units_from_cgroup
 from dc_broker.ops import Caller, permits
@@ -277,3 +277,20 @@ def test_admin_rules_parse_like_allow_rules() -> None:
     assert _profile(admin=("user:ops", "group:wheel")).admin == ("user:ops", "group:wheel")
     with pytest.raises(ConfigError, match="admin: allow rule"):
         _profile(admin=("ops",))
+
+
+def test_conditions_joined_by_and_must_all_hold() -> None:
+    rule = parse_rule("user:etl & exe:/usr/bin/report-runner")
+    assert str(rule) == "user:etl & exe:/usr/bin/report-runner"
+    runner = Identity(uid=1001, gid=1001, pid=1, user="etl", exe="/usr/bin/report-runner")
+    assert allowed((rule,), runner, default_allow=False)
+    assert not allowed(
+        (rule,), Identity(uid=1001, gid=1001, pid=1, user="etl", exe="/usr/bin/python3"), default_allow=False
+    )
+    assert not allowed(
+        (rule,), Identity(uid=1002, gid=1002, pid=1, user="x", exe="/usr/bin/report-runner"), default_allow=False
+    )
+    assert needs_details((parse_rule("uid:1 & exe:/x"),)) and not needs_details((parse_rule("uid:1 & uid:2"),))
+    assert needs_exe_hash((parse_rule("uid:1 & exe-sha256:" + "ab" * 32),))
+    with pytest.raises(ConfigError, match="allow rule"):
+        parse_rule("user:etl & nonsense")

@@ -150,6 +150,7 @@ def shared(users: dict[str, int], programs: dict[str, str], hanging_idp: str) ->
         "p_uunit": '["user-unit:dcb-other/report.service"]',
         "p_exe": f'["exe:{programs["runner"]}"]',
         "p_hash": f'["exe-sha256:{hashlib.sha256(Path(programs["runner"]).read_bytes()).hexdigest()}"]',
+        "p_both": f'["user:dcb-other & exe:{programs["runner"]}"]',
     }
     cfg = Path(tmp) / "config.toml"
     text = f'[daemon]\ngroup = "dcb-clients"\nmax_connections_per_uid = {QUOTA}\n'
@@ -333,6 +334,14 @@ def test_exe_rules_admit_exactly_the_pinned_program(shared: str, programs: dict[
     assert outcomes(programs["runner"]) == ["ok", "ok"]
     assert outcomes(programs["python"]) == ["forbidden", "forbidden"]
     assert outcomes(programs["twin"]) == ["forbidden", "ok"]  # same content at another path: the hash form only
+
+    def both(user: str, program: str) -> str:
+        return outcome(ask(shared, user, token("p_both"), program=program)[0])
+
+    # "user:dcb-other & exe:RUNNER": that user's runner only
+    assert both("dcb-other", programs["runner"]) == "ok"
+    assert both("dcb-etl", programs["runner"]) == "forbidden"
+    assert both("dcb-other", programs["python"]) == "forbidden"
 
 
 HOLDER = r"""

@@ -21,6 +21,10 @@ unit, or runs that program:
   on disk after start does not count). An interpreter names every script it runs: ``exe:/usr/bin/python3``
   admits every Python program, so pin compiled programs (or a dedicated interpreter copy) only.
 
+Rules are alternatives: a caller matching any one is allowed. Conditions joined by `` & `` in one rule
+must all hold: ``"user:etl & exe:/usr/bin/report-runner"`` is etl's report-runner only, neither other
+programs of etl nor report-runner run by anyone else.
+
 A profile with no rules is open to every caller that may connect at all in user mode (only our own
 uid can) and closed to everyone in system mode (default deny).
 """
@@ -43,11 +47,18 @@ EXE_KINDS: Final = frozenset({"exe", "exe-sha256"})
 
 @dataclass(frozen=True, slots=True)
 class Rule:
+    """One condition (``kind:value``), or with kind ``all`` the conditions in ``parts``, all required."""
+
     kind: str
     value: str
+    parts: tuple[Rule, ...] = ()
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.value}"
+        return " & ".join(str(p) for p in self.parts) if self.kind == ALL else f"{self.kind}:{self.value}"
+
+
+ALL: Final = "all"
+_AND: Final = " & "
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +83,13 @@ class Identity:
 
 
 def parse_rule(text: str) -> Rule:
+    if _AND in text:
+        parts = tuple(_parse_one(part.strip()) for part in text.split(_AND))
+        return Rule(ALL, text, parts)
+    return _parse_one(text)
+
+
+def _parse_one(text: str) -> Rule:
     kind, sep, value = text.partition(":")
     if not sep or kind not in KINDS or not value:
         raise ConfigError(
@@ -111,6 +129,8 @@ def _user_unit_matches(value: str, who: Identity) -> bool:
 
 def matches(rule: Rule, who: Identity) -> bool:
     kind, value = rule.kind, rule.value
+    if kind == ALL:
+        return all(matches(part, who) for part in rule.parts)
     if kind == "uid":
         return who.uid == int(value)
     if kind == "user":
@@ -136,9 +156,9 @@ def allowed(rules: tuple[Rule, ...], who: Identity, *, default_allow: bool) -> b
 
 def needs_details(rules: tuple[Rule, ...]) -> bool:
     """Whether these rules need more than uid/gid (names, supplementary groups, unit) to decide."""
-    return any(rule.kind not in ("uid",) for rule in rules)
+    return any(rule.kind != "uid" if rule.kind != ALL else needs_details(rule.parts) for rule in rules)
 
 
 def needs_exe_hash(rules: tuple[Rule, ...]) -> bool:
     """Whether these rules need the content hash of the caller's program (costly: read once)."""
-    return any(rule.kind == "exe-sha256" for rule in rules)
+    return any(rule.kind == "exe-sha256" or needs_exe_hash(rule.parts) for rule in rules)
