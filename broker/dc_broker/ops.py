@@ -56,7 +56,7 @@ class Caller:
     """Who is on the other end, as the kernel says (SO_PEERCRED, /proc), never as the client claims.
     The full identity (names, supplementary groups, systemd unit) is read once, when a rule needs it."""
 
-    __slots__ = ("_described", "_identity", "_limits", "accepted_at", "gid", "pid", "uid")
+    __slots__ = ("_described", "_identity", "accepted_at", "gid", "pid", "uid")
 
     def __init__(self, uid: int, gid: int, pid: int, accepted_at: float = 0.0) -> None:
         self.uid = uid
@@ -147,7 +147,7 @@ def administered(state: BrokerState, caller: Caller, name: str) -> Session:
     if not rules or not _matches(rules, caller):
         raise _not_admin(name, caller)
     caller.identity()  # names and unit for the audit trail
-    log.info("profile %s: login changed by %s (an admin rule)", name, caller.describe())
+    log.info("profile %s: login or secrets changed by %s (an admin rule)", name, caller.describe())
     return session
 
 
