@@ -303,7 +303,22 @@ def test_a_profile_admin_may_change_the_secret_and_nothing_else(shared: str) -> 
     assert outcome(unknown) == "forbidden"  # told apart from nothing
 
 
+@pytest.fixture
+def user_slices(users: dict[str, int]) -> Iterator[None]:
+    """The fake user-manager cgroups a test makes are removed again (empty cgroups rmdir cleanly)."""
+    yield
+    for name in ("dcb-etl", "dcb-other"):
+        top = CGROUPS / f"user.slice/user-{users[name]}.slice"
+        for path in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True) if top.is_dir() else []:
+            if path.is_dir():
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+
+
 @pytest.mark.skipif(not CGROUPS.is_dir(), reason="no name=systemd cgroup hierarchy")
+@pytest.mark.usefixtures("user_slices")
 def test_a_user_managers_report_service_is_not_the_system_unit(shared: str, users: dict[str, int]) -> None:
     uid = users["dcb-other"]
     manager = CGROUPS / f"user.slice/user-{uid}.slice/user@{uid}.service"
