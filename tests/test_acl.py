@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dc_broker.acl import Identity, allowed, parse_rule, parse_rules
-from dc_broker.identity import boottime, identify, peer_credentials, unit_from_cgroup
+from dc_broker.acl import Identity, allowed, needs_details, needs_exe_hash, parse_rule, parse_rules
+from dc_broker.config import Profile
+from dc_broker.identity import Units, boottime, identify, peer_credentials, unit_from_cgroup, units_from_cgroup
+from dc_broker.ops import Caller, permits
 from dc_token.errors import ConfigError
 
 WHO = Identity(
@@ -53,19 +58,174 @@ def test_bad_rules_are_config_errors(bad: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "unit"),
+    ("text", "units"),
     [
-        ("0::/system.slice/report.service\n", "report.service"),
-        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/sync.service\n", "sync.service"),
-        ("0::/user.slice/user-1000.slice/session-3.scope\n", "session-3.scope"),
-        ("0::/user.slice/user-1000.slice/user@1000.service/init.scope\n", "init.scope"),
-        ("9:name=systemd:/system.slice/etl.service\n1:cpu:/\n0::/\n", "etl.service"),
-        ("0::/\n", None),
-        ("", None),
+        ("0::/system.slice/report.service\n", Units("report.service")),
+        # a user manager's unit is not the system unit of that name: the system unit is the manager
+        (
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/report.service\n",
+            Units("user@1000.service", "report.service", 1000),
+        ),
+        (
+            "0::/user.slice/user-1000.slice/user@1000.service/init.scope\n",
+            Units("user@1000.service", "init.scope", 1000),
+        ),
+        # a user can name cgroups in its delegated tree after system slices and units: still its manager
+        (
+            "0::/user.slice/user-1000.slice/user@1000.service/system.slice/report.service\n",
+            Units("user@1000.service", "report.service", 1000),
+        ),
+        # a delegated system unit's own sub-cgroups do not change its unit
+        ("0::/system.slice/runner.service/report.service\n", Units("runner.service")),
+        ("0::/user.slice/user-1000.slice/session-3.scope\n", Units("session-3.scope")),
+        ("0::/etl.slice/report.service\n", Units("report.service")),
+        ("9:name=systemd:/system.slice/etl.service\n1:cpu:/\n0::/\n", Units("etl.service")),
+        ("0::/user.slice/user-1000.slice/user@1000.service\n", Units("user@1000.service")),
+        ("0::/system.slice\n", Units(None)),
+        ("0::/\n", Units(None)),
+        ("", Units(None)),
     ],
 )
-def test_unit_from_cgroup(text: str, unit: str | None) -> None:
-    assert unit_from_cgroup(text) == unit
+def test_units_from_cgroup(text: str, units: Units) -> None:
+    assert units_from_cgroup(text) == units
+    assert unit_from_cgroup(text) == units.system
+
+
+def _in_cgroup(path: str, uid: int = 1001, user: str = "etl") -> Identity:
+    units = units_from_cgroup(f"0::{path}\n")
+    return Identity(
+        uid=uid, gid=uid, pid=42, user=user, unit=units.system, user_unit=units.user, user_unit_uid=units.user_uid
+    )
+
+
+def test_a_user_managers_unit_does_not_meet_a_unit_rule() -> None:
+    fake = _in_cgroup("/user.slice/user-1001.slice/user@1001.service/app.slice/report.service")
+    assert not allowed(parse_rules(("unit:report.service",)), fake, default_allow=False)
+    real = _in_cgroup("/system.slice/report.service")
+    assert allowed(parse_rules(("unit:report.service",)), real, default_allow=False)
+
+
+@pytest.mark.parametrize(
+    ("rule", "path", "uid", "expected"),
+    [
+        (
+            "user-unit:etl/report.service",
+            "/user.slice/user-1001.slice/user@1001.service/app.slice/report.service",
+            1001,
+            True,
+        ),
+        (
+            "user-unit:1001/report.service",
+            "/user.slice/user-1001.slice/user@1001.service/app.slice/report.service",
+            1001,
+            True,
+        ),
+        # another user's manager, or another uid inside ours, or a system unit of that name: no
+        (
+            "user-unit:etl/report.service",
+            "/user.slice/user-1002.slice/user@1002.service/app.slice/report.service",
+            1001,
+            False,
+        ),
+        (
+            "user-unit:etl/report.service",
+            "/user.slice/user-1001.slice/user@1001.service/app.slice/report.service",
+            1002,
+            False,
+        ),
+        ("user-unit:etl/report.service", "/system.slice/report.service", 1001, False),
+        (
+            "user-unit:alice/report.service",
+            "/user.slice/user-1001.slice/user@1001.service/app.slice/report.service",
+            1001,
+            False,
+        ),
+        (
+            "user-unit:etl/other.service",
+            "/user.slice/user-1001.slice/user@1001.service/app.slice/report.service",
+            1001,
+            False,
+        ),
+    ],
+)
+def test_user_unit_rules_pin_the_uid(rule: str, path: str, uid: int, expected: bool) -> None:
+    who = _in_cgroup(path, uid=uid, user="etl" if uid == 1001 else "x")
+    assert allowed((parse_rule(rule),), who, default_allow=False) is expected
+
+
+def test_exe_rules() -> None:
+    digest = "ab" * 32
+    who = Identity(uid=1, gid=1, pid=2, exe="/usr/bin/report-runner", exe_sha256=digest)
+    assert allowed((parse_rule("exe:/usr/bin/report-runner"),), who, default_allow=False)
+    assert not allowed((parse_rule("exe:/usr/bin/other"),), who, default_allow=False)
+    assert allowed((parse_rule(f"exe-sha256:{digest}"),), who, default_allow=False)
+    assert not allowed((parse_rule("exe-sha256:" + "cd" * 32),), who, default_allow=False)
+    unknown = Identity(uid=1, gid=1, pid=2)  # /proc/PID/exe unreadable: exe rules deny
+    assert not allowed(
+        parse_rules(("exe:/usr/bin/report-runner", f"exe-sha256:{digest}")), unknown, default_allow=False
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "user-unit:report.service",
+        "user-unit:/report.service",
+        "user-unit:a b/x.service",
+        "exe:relative/path",
+        "exe-sha256:abc",
+        "exe-sha256:" + "AB" * 32,
+    ],
+)
+def test_bad_new_rules_are_config_errors(bad: str) -> None:
+    with pytest.raises(ConfigError, match="allow rule"):
+        parse_rule(bad)
+
+
+def _fake_proc(tmp_path: Path, *, cgroup: str, uid: int, exe: str, start_ticks: int = 0) -> str:
+    pid_dir = tmp_path / "proc" / "42"
+    pid_dir.mkdir(parents=True)
+    fields = ["S"] + ["0"] * 18 + [str(start_ticks)] + ["0"] * 30
+    (pid_dir / "stat").write_text("42 (a prog) " + " ".join(fields) + "\n")
+    (pid_dir / "status").write_text(f"Name:\ta\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGroups:\t{uid} 4242\n")
+    (pid_dir / "cgroup").write_text(cgroup)
+    os.symlink(exe, pid_dir / "exe")
+    return str(tmp_path / "proc")
+
+
+def test_identify_reads_units_and_program_from_proc(tmp_path: Path) -> None:
+    prog = tmp_path / "report-runner"
+    prog.write_bytes(b"\x7fELF pretend program")
+    proc = _fake_proc(
+        tmp_path,
+        cgroup="0::/user.slice/user-1001.slice/user@1001.service/app.slice/report.service\n",
+        uid=1001,
+        exe=str(prog),
+    )
+    who = identify(42, 1001, 1001, accepted_at=boottime(), proc=proc, exe_hash=True)
+    assert (who.unit, who.user_unit, who.user_unit_uid) == ("user@1001.service", "report.service", 1001)
+    assert who.exe == str(prog) and 4242 in who.groups
+    assert who.exe_sha256 == hashlib.sha256(prog.read_bytes()).hexdigest()
+    assert identify(42, 1001, 1001, accepted_at=boottime(), proc=proc).exe_sha256 is None  # only when asked
+
+
+def test_a_reused_pid_lends_no_units_or_program(tmp_path: Path) -> None:
+    # the process behind the pid started after the connection was accepted (at boot time 1 s)
+    proc = _fake_proc(
+        tmp_path,
+        cgroup="0::/system.slice/report.service\n",
+        uid=1001,
+        exe="/bin/true",
+        start_ticks=int(boottime() * os.sysconf("SC_CLK_TCK")),
+    )
+    who = identify(42, 1001, 1001, accepted_at=1.0, proc=proc, exe_hash=True)
+    assert who.unit is None and who.exe is None and who.exe_sha256 is None and who.groups == frozenset({1001})
+
+
+def test_a_process_of_another_uid_behind_the_pid_lends_nothing(tmp_path: Path) -> None:
+    proc = _fake_proc(tmp_path, cgroup="0::/system.slice/report.service\n", uid=0, exe="/bin/true")
+    who = identify(42, 1001, 1001, accepted_at=boottime(), proc=proc)
+    assert who.unit is None and who.exe is None
 
 
 def test_identity_of_a_real_peer() -> None:
@@ -82,3 +242,55 @@ def test_a_process_younger_than_the_connection_lends_no_groups_or_unit() -> None
     # as if our pid had been reused after the connection was accepted long ago
     who = identify(os.getpid(), os.getuid(), os.getgid(), accepted_at=0.0)
     assert who.unit is None and who.groups == frozenset({os.getgid()})
+
+
+def _state(system: bool) -> Any:
+    from dc_broker.oidc import IdpTransport
+    from dc_broker.ops import BrokerState
+    from dc_broker.sessions import Sessions
+    from dc_broker.store import MemoryStore
+
+    return BrokerState(sessions=Sessions({}, MemoryStore(), IdpTransport()), socket_path="/x", system=system)
+
+
+def _profile(**rules: tuple[str, ...]) -> Profile:
+    return Profile(name="p", client_id="c", grant="client_credentials", token_url="https://idp.example/t", **rules)
+
+
+def test_allow_rules_narrow_the_per_user_broker_to_one_program() -> None:
+    """In the per-user broker a profile without rules is open to all the user's processes; with an
+    exe rule only to that program (here: this test's own interpreter, read from /proc/self/exe)."""
+    me = Caller(os.getuid(), os.getgid(), os.getpid(), accepted_at=boottime())
+    ours = os.path.realpath("/proc/self/exe")
+    user_mode = _state(system=False)
+    assert permits(user_mode, me, _profile())
+    assert permits(user_mode, me, _profile(allow=(f"exe:{ours}",)))
+    assert not permits(user_mode, me, _profile(allow=("exe:/usr/bin/report-runner",)))
+    digest = hashlib.sha256(Path(ours).read_bytes()).hexdigest()
+    assert permits(
+        user_mode, Caller(os.getuid(), os.getgid(), os.getpid(), boottime()), _profile(allow=(f"exe-sha256:{digest}",))
+    )
+    assert not permits(_state(system=True), me, _profile())  # system mode: no rules, nobody
+
+
+def test_admin_rules_parse_like_allow_rules() -> None:
+    assert _profile(admin=("user:ops", "group:wheel")).admin == ("user:ops", "group:wheel")
+    with pytest.raises(ConfigError, match="admin: allow rule"):
+        _profile(admin=("ops",))
+
+
+def test_conditions_joined_by_and_must_all_hold() -> None:
+    rule = parse_rule("user:etl & exe:/usr/bin/report-runner")
+    assert str(rule) == "user:etl & exe:/usr/bin/report-runner"
+    runner = Identity(uid=1001, gid=1001, pid=1, user="etl", exe="/usr/bin/report-runner")
+    assert allowed((rule,), runner, default_allow=False)
+    assert not allowed(
+        (rule,), Identity(uid=1001, gid=1001, pid=1, user="etl", exe="/usr/bin/python3"), default_allow=False
+    )
+    assert not allowed(
+        (rule,), Identity(uid=1002, gid=1002, pid=1, user="x", exe="/usr/bin/report-runner"), default_allow=False
+    )
+    assert needs_details((parse_rule("uid:1 & exe:/x"),)) and not needs_details((parse_rule("uid:1 & uid:2"),))
+    assert needs_exe_hash((parse_rule("uid:1 & exe-sha256:" + "ab" * 32),))
+    with pytest.raises(ConfigError, match="allow rule"):
+        parse_rule("user:etl & nonsense")

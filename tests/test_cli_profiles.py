@@ -88,7 +88,7 @@ def test_set_changes_keys_in_place(idp: str, home: dict[str, str], tmp_path: Pat
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["acme", "colour=blue"], 2, "Error: unknown profile key 'colour'; keys: allow, auth_method,"),
+        (["acme", "colour=blue"], 2, "Error: unknown profile key 'colour'; keys: admin, allow, auth_method,"),
         (["acme", "grant=magic"], 2, "Error: profile 'acme': grant 'magic' is not one of password,"),
         (["acme", "scope"], 2, "Error: 'scope' is not KEY=VALUE; e.g. `scope=openid email`"),
         (["acme", "legacy_paths=maybe"], 2, "Error: legacy_paths must be true or false, not 'maybe'"),

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ class Profile:
     scope: str | None = None
     ca_bundle: str | None = None
     allow: tuple[str, ...] = ()
+    #: who besides the broker's own uid and root may change this profile's login (same rule syntax)
+    admin: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_profile(self)
@@ -124,10 +127,11 @@ def check_profile(p: Profile) -> None:
         raise BadValue("grant", f"profile {p.name!r}: grant 'password' needs a username")
     from dc_broker.acl import parse_rules
 
-    try:
-        parse_rules(p.allow)
-    except ConfigError as exc:
-        raise BadValue("allow", f"profile {p.name!r}: {exc}") from None
+    for key in ("allow", "admin"):
+        try:
+            parse_rules(getattr(p, key))
+        except ConfigError as exc:
+            raise BadValue(key, f"profile {p.name!r}: {key}: {exc}") from None
     if p.grant == "client_credentials" and p.auth_method == "none":
         raise BadValue(
             "auth_method", f"profile {p.name!r}: client_credentials needs a client secret (auth_method basic or post)"
@@ -148,6 +152,11 @@ class DaemonSettings:
     audit_interval: float = 60.0
     #: lock the vault after this many seconds without a token request (0: never)
     auto_lock_after: float = 0.0
+    #: system mode: connections and refresh-waiting requests one uid may hold (root and ours exempt)
+    max_connections_per_uid: int = 256
+    max_in_flight_per_uid: int = 1024
+    #: a connection with nothing in flight that sends nothing for this long is closed
+    idle_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -157,6 +166,9 @@ class DaemonSettings:
             ("partial_frame_timeout", 0.1, 3600),
             ("audit_interval", 1, 86400),
             ("auto_lock_after", 0, 30 * 86400),
+            ("max_connections_per_uid", 1, 1_000_000),
+            ("max_in_flight_per_uid", 1, 1_000_000),
+            ("idle_timeout", 1, 86400),
         ):
             value = getattr(self, name)
             if not low <= value <= high:
@@ -199,6 +211,7 @@ _PROFILE_KEYS: Final[dict[str, type]] = {
     "scope": str,
     "ca_bundle": str,
     "allow": list,
+    "admin": list,
 }
 _DAEMON_KEYS: Final[dict[str, type | tuple[type, ...]]] = {
     "socket": str,
@@ -209,6 +222,9 @@ _DAEMON_KEYS: Final[dict[str, type | tuple[type, ...]]] = {
     "partial_frame_timeout": (int, float),
     "audit_interval": (int, float),
     "auto_lock_after": (int, float),
+    "max_connections_per_uid": int,
+    "max_in_flight_per_uid": int,
+    "idle_timeout": (int, float),
 }
 
 
@@ -286,8 +302,9 @@ def parse_config(data: dict[str, Any], *, text: str = "", path: str = "<config>"
             if not isinstance(value, expected) or (expected is str and not value):
                 raise ConfigError(f"{where(section, key)}: {section}.{key} must be a non-empty {expected.__name__}")
         kwargs = dict(table)
-        if "allow" in kwargs:
-            kwargs["allow"] = tuple(str(rule) for rule in kwargs["allow"])
+        for rules in ("allow", "admin"):
+            if rules in kwargs:
+                kwargs[rules] = tuple(str(rule) for rule in kwargs[rules])
         try:
             profiles[name] = Profile(name=name, **kwargs)
         except BadValue as exc:
@@ -466,17 +483,60 @@ def remove_profile(path: str, name: str) -> None:
         raise ConfigError(f"could not remove profile {name!r} from {path}; edit the file by hand")
 
 
+def read_text(path: str) -> str | None:
+    """The config file's text as it is now (None if there is none), for ``restore``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def restore(path: str, text: str | None) -> None:
+    """Put the config file back as ``read_text`` found it (undo a failed ``dc-broker add``)."""
+    if text is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        _write_atomically(path, text)
+
+
 def _write_atomically(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` (fsynced, then renamed). An existing file keeps its mode, owner
+    and group (a shared broker's config is often 0640 root:dc-broker); a new one is 0600."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        old: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        old = None
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if old is not None:
+                _keep_owner_and_mode(f.fileno(), old, path)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         parse_config(tomllib.loads(text), text=text, path=path)  # never write a config that will not load
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise ConfigError(f"cannot write the config file {path}: {exc.strerror}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _keep_owner_and_mode(fd: int, old: os.stat_result, path: str) -> None:
+    """Give the new file the old one's owner, group and mode (owner first: chown clears set-id bits)."""
+    if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)
+        except PermissionError:
+            raise ConfigError(
+                f"cannot keep the owner of {path} (uid {old.st_uid}, gid {old.st_gid}) on rewrite; "
+                "run this as root or as the file's owner"
+            ) from None
+    os.fchmod(fd, stat.S_IMODE(old.st_mode))

@@ -131,6 +131,8 @@ class _Supervisor:
         self.config_path = config_path
         self.drain_timeout = drain_timeout
         self._last_status = ""
+        #: the [daemon] settings in force (SIGHUP applies changed limits)
+        self.settings = DaemonSettings()
 
     def send_status(self, **extra: str | int) -> None:
         line = status_line(self.sessions, self.store)
@@ -200,6 +202,13 @@ class _Supervisor:
             )
         else:
             added, changed, removed = self.sessions.reload(config.profiles)
+            restart = apply_daemon_settings(self.server, self.settings, config.daemon)
+            self.settings = config.daemon
+            if restart:
+                log.warning(
+                    "SIGHUP: daemon.%s changed; that takes effect only after a restart",
+                    ", daemon.".join(restart),
+                )
             log.info(
                 "SIGHUP: reloaded %s: %d profile(s); added %s, changed %s, removed %s",
                 self.config_path,
@@ -249,7 +258,11 @@ async def run_broker(
     sessions = Sessions(profiles, store, transport, refresh_policy=refresh_policy)
     settings = settings or DaemonSettings()
     if system and settings.group and not listener.activated:
-        _give_socket_to_group(listener.path, settings.group)
+        try:
+            _give_socket_to_group(listener.path, settings.group)
+        except BaseException:
+            listener.close()  # no stale socket left behind
+            raise
     state = BrokerState(
         sessions=sessions,
         socket_path=listener.path,
@@ -257,16 +270,9 @@ async def run_broker(
         audit=Audit(settings.audit_interval),
         config_path=config_path,
     )
-    server = Server(
-        state,
-        limits=Limits(
-            max_in_flight=settings.max_in_flight,
-            max_connections=settings.max_connections,
-            max_frame=settings.max_frame,
-            partial_frame_timeout=settings.partial_frame_timeout,
-        ),
-    )
+    server = Server(state, limits=limits_of(settings))
     supervisor = _Supervisor(server, sessions, store, notifier, config_path=config_path, drain_timeout=drain_timeout)
+    supervisor.settings = settings
     try:
         async with trio.open_nursery() as nursery:
             if handle_signals:
@@ -299,7 +305,37 @@ def _give_socket_to_group(path: str, group: str) -> None:
         gid = grp.getgrnam(group).gr_gid
     except KeyError:
         raise ConfigError(f"daemon.group {group!r} does not exist; create it or change the config") from None
-    os.chown(path, -1, gid)
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        raise ConfigError(
+            f"cannot give the socket {path} to group {group!r}: uid {os.getuid()} is not in that group and "
+            "lacks CAP_CHOWN (run the broker as a member of the group or with CAP_CHOWN, or unset daemon.group)"
+        ) from None
+
+
+def limits_of(settings: DaemonSettings) -> Limits:
+    """The server's limits from ``[daemon]`` (applied again on SIGHUP)."""
+    return Limits(
+        max_in_flight=settings.max_in_flight,
+        max_connections=settings.max_connections,
+        max_frame=settings.max_frame,
+        partial_frame_timeout=settings.partial_frame_timeout,
+        max_connections_per_uid=settings.max_connections_per_uid,
+        max_in_flight_per_uid=settings.max_in_flight_per_uid,
+        idle_timeout=settings.idle_timeout,
+    )
+
+
+#: [daemon] settings a running broker cannot change: SIGHUP says they need a restart
+RESTART_SETTINGS = ("socket", "group", "auto_lock_after")
+
+
+def apply_daemon_settings(server: Server, old: DaemonSettings, new: DaemonSettings) -> list[str]:
+    """SIGHUP: apply the new [daemon] limits at once; return the changed settings that need a restart."""
+    server.limits = limits_of(new)
+    server.state.audit.interval = new.audit_interval
+    return [name for name in RESTART_SETTINGS if getattr(old, name) != getattr(new, name)]
 
 
 async def until_signalled(scope: trio.CancelScope) -> None:

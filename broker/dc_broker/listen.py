@@ -5,7 +5,8 @@
 process owns the path. The lock (``flock`` on ``<socket>.lock`` next to the socket) is taken *before*
 any stale socket is removed, so two daemons starting at once cannot unlink each other's socket: the
 loser gets ``AlreadyRunning`` naming the path. A socket file left by a crashed daemon (lock free,
-connect refused) is removed and re-created.
+connect refused) is removed and re-created. The lock file is opened with O_NOFOLLOW (a symlink planted
+there is refused, never followed).
 
 A directory the broker creates is 0700. An existing directory is used as is when it is ours, unless it
 is the default per-user directory and its mode lets others in, which is refused.
@@ -59,11 +60,15 @@ def bind_unix_socket(
         raise ConfigError(f"socket path {path} is longer than the 107 bytes a Unix socket allows; choose a shorter one")
     _ensure_private_dir(os.path.dirname(path), strict=strict_dir)
     lock_path = path + ".lock"
-    old_umask = os.umask(0o077)
-    try:
-        lock = open(lock_path, "ab")  # noqa: SIM115 - held for the daemon's lifetime
-    finally:
-        os.umask(old_umask)
+    try:  # never through a symlink (someone else's file), like the vault's lock
+        fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(
+                f"{lock_path} is a symbolic link; remove it (the broker's lock must be its own file)"
+            ) from None
+        raise ConfigError(f"cannot create the lock file {lock_path}: {exc.strerror}") from None
+    lock = os.fdopen(fd, "ab")
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

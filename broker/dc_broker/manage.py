@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -33,6 +34,8 @@ from dc_broker.config import (
     replace_profile,
     set_profile_values,
 )
+from dc_broker.config import read_text as read_config_text
+from dc_broker.config import restore as restore_config
 from dc_broker.oidc import IdpTransport
 from dc_broker.options import CONFIG, SOCKET, VAULT
 from dc_broker.secret import Secret
@@ -259,15 +262,20 @@ def add(
         running = _daemon(socket_path)
         write = replace_profile if exists else add_profile
         if running:
-            write(path, p)
-            control.request("reload", socket_path)
-            secrets = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
-            if secrets:
-                control.request("set_secrets", socket_path, profile=profile, **secrets)
+            _add_to_running(path, p, socket_path, password, secret, write)
+        elif password or secret:
+            with _open_vault(vault_path) as vault:
+                old = vault.credentials(profile) if exists else None
+                vault.set_credentials(profile, creds)
+                try:
+                    write(path, p)
+                except BaseException:  # all or nothing: the vault as it was
+                    if old is None:
+                        vault.remove(profile)
+                    else:
+                        vault.set_credentials(profile, old)
+                    raise
         else:
-            if password or secret:
-                with _open_vault(vault_path) as vault:
-                    vault.set_credentials(profile, creds)
             write(path, p)
     except DcBrokerError as exc:
         raise Failed(exc) from None
@@ -279,6 +287,31 @@ def add(
         nxt = f"`dc-broker login {profile}`" if p.grant == "device" else f"`dc-token {profile}`"
     verb = "Replaced" if exists else "Added"
     click.echo(f"{verb} profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
+
+
+def _add_to_running(
+    path: str,
+    p: Profile,
+    socket_path: str | None,
+    password: Secret | None,
+    secret: Secret | None,
+    write: Callable[[str, Profile], None] = add_profile,
+) -> None:
+    """Config first, then the broker reloads it and stores the secrets in its vault. If either step
+    fails the config is as it was and the broker reloads that: config and vault change together."""
+    before = read_config_text(path)
+    write(path, p)
+    try:
+        control.request("reload", socket_path)
+        secrets = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
+        if secrets:
+            control.request("set_secrets", socket_path, profile=p.name, **secrets)
+    except BaseException:
+        with contextlib.suppress(DcBrokerError):
+            restore_config(path, before)
+        with contextlib.suppress(DcBrokerError):
+            control.request("reload", socket_path)
+        raise
 
 
 @click.command()

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import trio
 
 from dc_broker import acl
@@ -47,8 +48,14 @@ log = logging.getLogger("dc_broker")
 
 VERSION = version()  # the installed package metadata: one version string
 MAX_MIN_TTL = 86400.0
-#: profiles listed in one status reply (each ~250 bytes; a frame holds 64 KiB); the rest are counted
+#: profiles listed in one status reply at most; the rest are counted (and reached with ``after``)
 STATUS_LIMIT = 200
+#: bytes of profile entries in one status reply: the frame is 64 KiB, the rest is headroom
+STATUS_BUDGET = 56 * 1024
+#: a status string (an IdP's error message, a URL) is cut to this many characters
+STATUS_FIELD_MAX = 240
+#: what a profile name on the wire may be (config.py's rule for names, with room for old configs)
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 Result = dict[str, Any]
 
@@ -70,10 +77,14 @@ class Caller:
     def __repr__(self) -> str:
         return f"Caller(uid={self.uid}, gid={self.gid}, pid={self.pid})"
 
-    def identity(self) -> Identity:
-        if self._identity is None:
-            self._identity = identify(self.pid, self.uid, self.gid, accepted_at=self.accepted_at)
-        return self._identity
+    def identity(self, *, exe_hash: bool = False) -> Identity:
+        """Read once; again (with the hash) the first time an ``exe-sha256`` rule needs the program's hash."""
+        who = self._identity
+        if who is None or (exe_hash and who.exe_sha256 is None and who.exe is not None):
+            who = self._identity = identify(
+                self.pid, self.uid, self.gid, accepted_at=self.accepted_at, exe_hash=exe_hash
+            )
+        return who
 
     def describe(self) -> str:
         """For the audit trail; built once per connection (it is on every token request's path).
@@ -109,13 +120,50 @@ def _rules(allow: tuple[str, ...]) -> tuple[acl.Rule, ...]:
     return acl.parse_rules(allow)
 
 
+def _matches(rules: tuple[acl.Rule, ...], caller: Caller) -> bool:
+    if acl.needs_details(rules):
+        return acl.allowed(rules, caller.identity(exe_hash=acl.needs_exe_hash(rules)), default_allow=False)
+    return acl.allowed(rules, acl.Identity(caller.uid, caller.gid, caller.pid), default_allow=False)
+
+
 def permits(state: BrokerState, caller: Caller, profile: Profile) -> bool:
     rules = _rules(profile.allow)
     if not rules:
         return not state.system
-    if acl.needs_details(rules):
-        return acl.allowed(rules, caller.identity(), default_allow=False)
-    return acl.allowed(rules, acl.Identity(caller.uid, caller.gid, caller.pid), default_allow=False)
+    return _matches(rules, caller)
+
+
+def is_owner(caller: Caller) -> bool:
+    """The broker's own uid and root: they may change everything."""
+    return caller.uid in (0, os.getuid())
+
+
+def administered(state: BrokerState, caller: Caller, name: str) -> Session:
+    """The profile's session if this caller may change its stored credentials or its login: the
+    broker's own uid, root, or a caller matching the profile's ``admin`` rules. Using a profile
+    (``allow``) is not enough. Unknown and refused profiles get the same answer."""
+    try:
+        session = state.sessions.lookup(name)
+    except UnknownProfile:
+        if is_owner(caller):
+            raise
+        caller.identity()  # as for a known profile's admin rules: timing tells nothing
+        raise _not_admin(name, caller) from None
+    if is_owner(caller):
+        return session
+    rules = _rules(session.profile.admin)
+    if not rules or not _matches(rules, caller):
+        raise _not_admin(name, caller)
+    caller.identity()  # names and unit for the audit trail
+    log.info("profile %s: login or secrets changed by %s (an admin rule)", name, caller.describe())
+    return session
+
+
+def _not_admin(name: str, caller: Caller) -> Forbidden:
+    return Forbidden(
+        f"uid {caller.uid} may not change the login or secrets of profile {name!r}: that is for the broker's "
+        "own user, root, or a caller the profile's `admin` rules name"
+    )
 
 
 def authorized(state: BrokerState, caller: Caller, name: str) -> Session:
@@ -125,6 +173,7 @@ def authorized(state: BrokerState, caller: Caller, name: str) -> Session:
         session = state.sessions.lookup(name)
     except UnknownProfile:
         if state.system:
+            caller.identity()  # the work a refused known profile costs, so timing tells nothing either
             raise _denied(name, caller) from None
         raise
     if not permits(state, caller, session.profile):
@@ -145,6 +194,9 @@ def _profile_arg(args: Mapping[str, Any]) -> str:
     name = args.get("profile")
     if not isinstance(name, str) or not name:
         raise BadRequest("'profile' must be a non-empty string")
+    if not _PROFILE_NAME.match(name):
+        shown = name[:32] + "..." if len(name) > 32 else name
+        raise BadRequest(f"'profile' {shown!r} is not a profile name (letters, digits, '.', '_' or '-'; at most 128)")
     return name
 
 
@@ -229,8 +281,9 @@ async def _watch(state: BrokerState, session: Session, min_ttl: float) -> AsyncI
 
 
 def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
-    """Stream: a password login (one message), or the device flow (the code to show, then the outcome)."""
-    session = authorized(state, caller, _profile_arg(req.args))
+    """Stream: a password login (one message), or the device flow (the code to show, then the outcome).
+    Both replace the profile's login: for the broker's own uid, root and the profile's admins only."""
+    session = administered(state, caller, _profile_arg(req.args))
     password = req.args.get("password")
     if password is not None and (not isinstance(password, str) or not password):
         raise BadRequest("'password' must be a non-empty string")
@@ -266,7 +319,14 @@ def op_invalidate(state: BrokerState, caller: Caller, req: Request) -> Result:
 
 
 def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
+    """The broker and the profiles this caller may use, in name order. One reply always fits a frame:
+    strings are cut to ``STATUS_FIELD_MAX`` characters and at most ``STATUS_BUDGET`` bytes of profiles
+    are listed; ``next`` (when set) is the ``after`` to send for the rest, ``truncated`` how many
+    there are. The state summary counts them all."""
     name = req.args.get("profile")
+    after = req.args.get("after")
+    if after is not None and not isinstance(after, str):
+        raise BadRequest("'after' must be the profile name a previous status reply gave as 'next'")
     if name is not None:
         sessions = [authorized(state, caller, _profile_arg(req.args)).status(state.clock())]
     else:  # only the profiles this caller may use
@@ -276,20 +336,42 @@ def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
     summary: dict[str, int] = {}
     for st in sessions:
         summary[st["state"]] = summary.get(st["state"], 0) + 1
-    shown = sessions[:STATUS_LIMIT]  # one reply must fit a frame; the summary counts them all
+    pending = [st for st in sessions if after is None or st["profile"] > after]
+    shown: list[Result] = []
+    used = 0
+    for st in pending[:STATUS_LIMIT]:
+        entry = _bounded(st)
+        size = len(_packb(entry))
+        if shown and used + size > STATUS_BUDGET:
+            break
+        shown.append(entry)
+        used += size
+    rest = len(pending) - len(shown)
     return {
         "broker": {
             "version": VERSION,
             "pid": os.getpid(),
-            "socket": state.socket_path,
+            "socket": _cut(state.socket_path),
             "uptime": round(time.time() - state.started_at, 3),
             "profiles": len(sessions),
             "mode": "system" if state.system else "user",
             "states": summary,
-            "truncated": len(sessions) - len(shown),
+            "truncated": rest,
+            "next": shown[-1]["profile"] if rest and shown else None,
         },
         "profiles": shown,
     }
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= STATUS_FIELD_MAX else text[: STATUS_FIELD_MAX - 3] + "..."
+
+
+def _bounded(entry: Result) -> Result:
+    return {k: _cut(v) if isinstance(v, str) else v for k, v in entry.items()}
+
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 # ---------------------------------------------------------------- administration (vault, config)
@@ -297,7 +379,7 @@ def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
 
 def _admin(state: BrokerState, caller: Caller) -> None:
     """Changing the broker (unlock, lock, secrets, config) is for its own user and root only."""
-    if caller.uid not in (0, os.getuid()):
+    if not is_owner(caller):
         raise Forbidden("only the broker's own user (or root) may change it")
 
 
@@ -367,8 +449,7 @@ def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result |
     """Store a profile's password / client secret (`dc-broker add`, `dc-broker rotate`). With
     ``verify: true`` the new values (with the stored ones they do not replace) are first checked by
     one grant at the IdP: a wrong new password changes nothing."""
-    _admin(state, caller)
-    session = state.sessions.lookup(_profile_arg(req.args))
+    session = administered(state, caller, _profile_arg(req.args))
     fields: dict[str, Secret] = {}
     for key in ("password", "client_secret"):
         value = req.args.get(key)
@@ -404,8 +485,7 @@ async def _set_secrets_checked(state: BrokerState, session: Session, fields: dic
 
 
 def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
-    _admin(state, caller)
-    session = state.sessions.lookup(_profile_arg(req.args))
+    session = administered(state, caller, _profile_arg(req.args))
     return _logout(session)
 
 

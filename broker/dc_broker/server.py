@@ -9,9 +9,18 @@ Bad input closes only the connection it came on: a frame that is not msgpack, ov
 is answered with one ``bad_request`` error (id None) and the connection is closed; a well-framed
 request of the wrong shape gets an error reply and the connection lives on. Nothing a client sends can
 stop the accept loop. Only EMFILE/ENFILE/ENOBUFS/ENOMEM on accept are waited out (trio's own rule).
+Every request gets a reply: one that would not fit a frame becomes an error reply, and an error raised
+by the vault or the config becomes its own wire error (``dc_token.errors.wire_error``), not ``internal``.
+
+Resources are bounded per uid, so one caller cannot lock the others out: at most
+``max_connections_per_uid`` connections and ``max_in_flight_per_uid`` requests waiting on a refresh
+per uid (system mode; root and the broker's own uid are counted against the global limits only), a
+frame begun must be complete within ``partial_frame_timeout`` of its first byte, and a connection
+with nothing in flight that sends nothing for ``idle_timeout`` seconds is closed (clients reconnect).
 
 The caller is whoever the kernel says (SO_PEERCRED): in user mode only our own uid (and root) may
-talk to the broker; anyone else is closed at once with ``forbidden``.
+talk to the broker; anyone else gets ``forbidden`` (after its first request has been read, so that the
+error reaches it instead of a reset) and is closed.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable
@@ -28,7 +38,17 @@ import trio
 
 from dc_broker.identity import boottime, peer_credentials
 from dc_broker.ops import HANDLERS, BrokerState, Caller
-from dc_token.errors import BrokerError, Forbidden, InternalError, Overloaded, RemoteProtocolError, UnknownOp
+from dc_token.errors import (
+    BrokerError,
+    DcBrokerError,
+    Forbidden,
+    InternalError,
+    LocalProtocolError,
+    Overloaded,
+    RemoteProtocolError,
+    UnknownOp,
+    wire_error,
+)
 from dc_token.protocol import (
     MAX_FRAME,
     NEED_DATA,
@@ -46,6 +66,12 @@ from dc_token.protocol import RequestShapeError as _ShapeError
 log = logging.getLogger("dc_broker.server")
 
 RECEIVE_SIZE = 65536
+#: an error message longer than this is cut (it must fit a frame, whatever it quotes)
+MAX_ERROR_MESSAGE = 2048
+#: how long a refused connection may take to send its first request before it is told why
+REFUSE_READ_TIMEOUT = 1.0
+#: refusals that wait for the first request at once; beyond this a refusal is sent without waiting
+MAX_PATIENT_REFUSALS = 64
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
@@ -59,16 +85,38 @@ class Limits:
         max_connections: int = 4096,
         max_frame: int = MAX_FRAME,
         partial_frame_timeout: float = 10.0,
+        max_connections_per_uid: int = 256,
+        max_in_flight_per_uid: int = 1024,
+        idle_timeout: float = 300.0,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.max_connections = max_connections
         self.max_frame = max_frame
-        #: a frame begun but not finished within this many seconds closes the connection (slowloris)
+        #: a frame begun but not finished within this many seconds of its first byte closes the
+        #: connection (slowloris: one byte every few seconds does not extend it)
         self.partial_frame_timeout = partial_frame_timeout
+        self.max_connections_per_uid = max_connections_per_uid
+        self.max_in_flight_per_uid = max_in_flight_per_uid
+        #: a connection with nothing in flight that sends nothing for this long is closed
+        self.idle_timeout = idle_timeout
 
 
-def _error_frame(rid: int | None, exc: BrokerError) -> bytes:
-    return encode(ErrorReply(rid, ErrorCode(exc.code), exc.message, exc.retry_after))
+def _error_frame(rid: int | None, exc: DcBrokerError) -> bytes:
+    """The error reply for ``exc``; always fits a frame (a long message is cut)."""
+    err = wire_error(exc)
+    message = err.message
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 3] + "..."
+    return encode(ErrorReply(rid, ErrorCode(err.code), message, err.retry_after))
+
+
+def _reply_frame(rid: int, result: dict[str, Any], *, more: bool = False) -> bytes:
+    """A reply, or (when it cannot be encoded or would not fit a frame) an error reply saying so."""
+    try:
+        return encode(Reply(rid, result, more=more))
+    except LocalProtocolError as exc:
+        log.error("reply to request %d not sent: %s", rid, exc)
+        return _error_frame(rid, InternalError(f"the reply could not be sent ({exc}); see the broker's log"))
 
 
 class PeerGone(Exception):
@@ -118,10 +166,15 @@ class Server:
         # group decide who connects, and per-profile allow rules decide what each caller gets
         self.allowed_uids: frozenset[int] | None = None if state.system else frozenset({os.getuid(), 0})
         self.connections = 0
+        #: open connections and requests waiting on a refresh, per uid (for the per-uid quotas)
+        self.connections_by_uid: dict[int, int] = {}
+        self.in_flight_by_uid: dict[int, int] = {}
         #: requests answered by a task of their own (a refresh wait) whose reply is not yet sent
         self.pending = 0
         self._idle = trio.Event()
         self._accepting = trio.CancelScope()
+        #: refusals now waiting for the caller's first request (at most MAX_PATIENT_REFUSALS)
+        self.refusing = 0
 
     async def serve(
         self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -166,31 +219,95 @@ class Server:
         if not self.pending:
             self._idle.set()
 
+    def quota_applies(self, uid: int) -> bool:
+        """Per-uid quotas hold in system mode, for every uid but root and the broker's own."""
+        return self.state.system and uid not in (0, os.getuid())
+
     async def handle(self, conn: socket.socket) -> None:
         """Serve one connection. Nothing that happens on it may reach the accept loop."""
         self.connections += 1
+        uid: int | None = None
         try:
-            await self._handle(conn)
+            pid, uid, gid = peer_credentials(conn)
+            self.connections_by_uid[uid] = self.connections_by_uid.get(uid, 0) + 1
+            await self._handle(conn, Caller(uid, gid, pid, accepted_at=boottime()))
         except* PeerGone:
             pass  # the peer went away; its in-flight replies have nobody to go to
         except* Exception as group:
             log.error("connection handler failed; connection closed", exc_info=group)
         finally:
             self.connections -= 1
+            if uid is not None:
+                left = self.connections_by_uid[uid] - 1
+                if left:
+                    self.connections_by_uid[uid] = left
+                else:
+                    del self.connections_by_uid[uid]
             trio.lowlevel.notify_closing(conn)
             conn.close()
 
-    async def _handle(self, conn: socket.socket) -> None:
-        pid, uid, gid = peer_credentials(conn)
-        caller = Caller(uid, gid, pid, accepted_at=boottime())
+    async def _refuse(self, conn: socket.socket, exc: BrokerError) -> None:
+        patient = self.refusing < MAX_PATIENT_REFUSALS
+        self.refusing += patient
+        try:
+            await refuse(conn, exc, patient=patient)
+        finally:
+            self.refusing -= patient
+
+    async def _handle(self, conn: socket.socket, caller: Caller) -> None:
+        limits = self.limits
         if self.allowed_uids is not None and caller.uid not in self.allowed_uids:
             log.warning("refused connection from uid %d (pid %d)", caller.uid, caller.pid)
-            await send_all(conn, _error_frame(None, Forbidden("this broker serves only its own user")))
+            why = f"this broker serves only its own user (uid {os.getuid()}), not uid {caller.uid}"
+            await self._refuse(conn, Forbidden(why))
             return
-        if self.connections > self.limits.max_connections:
-            await send_all(conn, _error_frame(None, Overloaded("too many connections", retry_after=1.0)))
+        if self.connections > limits.max_connections:
+            await self._refuse(conn, Overloaded("too many connections", retry_after=1.0))
+            return
+        if self.quota_applies(caller.uid) and self.connections_by_uid[caller.uid] > limits.max_connections_per_uid:
+            log.warning("uid %d is at its quota of %d connections", caller.uid, limits.max_connections_per_uid)
+            await self._refuse(
+                conn,
+                Overloaded(
+                    f"uid {caller.uid} already has {limits.max_connections_per_uid} connections open to this broker "
+                    "(daemon.max_connections_per_uid); close some",
+                    retry_after=1.0,
+                ),
+            )
             return
         await _Connection(self, conn, caller).run()
+
+
+async def refuse(conn: socket.socket, exc: BrokerError, *, patient: bool = True) -> None:
+    """Tell a connection why it is refused and close it, so that the client reads the error instead of
+    a reset: its first request is read first (briefly), answered by id, and then our side is shut.
+    Not ``patient``: the error is sent at once (a flood of refused connections is not waited on)."""
+    if patient:
+        await _refuse_patiently(conn, exc)
+    else:
+        await send_all(conn, _error_frame(None, exc))
+
+
+async def _refuse_patiently(conn: socket.socket, exc: BrokerError) -> None:
+    rid: int | None = None
+    decoder = FrameDecoder()
+    with trio.move_on_after(REFUSE_READ_TIMEOUT), contextlib.suppress(RemoteProtocolError, OSError):
+        while True:
+            data = await recv_some(conn)
+            if not data:
+                break
+            decoder.receive_data(data)
+            frame = decoder.next_frame()
+            if frame is not NEED_DATA:
+                candidate = frame.get("id")  # type: ignore[union-attr]
+                rid = candidate if type(candidate) is int and 0 <= candidate < 2**63 else None
+                break
+    await send_all(conn, _error_frame(rid, exc))
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+    with trio.move_on_after(REFUSE_READ_TIMEOUT), contextlib.suppress(OSError):
+        while await recv_some(conn):  # unread input at close would reset the error we just sent
+            pass
 
 
 class _Connection:
@@ -210,18 +327,30 @@ class _Connection:
         dispatch = self.dispatch
         async with trio.open_nursery() as nursery:
             unbroken = 0
-            partial_timeout = self.server.limits.partial_frame_timeout
+            limits = self.server.limits
+            partial_timeout = limits.partial_frame_timeout
+            frame_deadline = math.inf
             while True:
                 data: bytes | None = None
                 if decoder.buffered:  # in the middle of a frame: it must finish in time
-                    with trio.move_on_after(partial_timeout):
+                    if frame_deadline == math.inf:
+                        frame_deadline = trio.current_time() + partial_timeout
+                    with trio.move_on_at(frame_deadline):
                         data = await recv_some(self.conn)
                     if data is None:
                         log.info("closed a connection that left a frame unfinished for %.0f s", partial_timeout)
                         nursery.cancel_scope.cancel()
                         return
                 else:
-                    data = await recv_some(self.conn)
+                    frame_deadline = math.inf
+                    with trio.move_on_after(limits.idle_timeout):
+                        data = await recv_some(self.conn)
+                    if data is None:
+                        if self.in_flight:  # a refresh wait or a stream: the client waits on us
+                            continue
+                        log.debug("closed a connection idle for %.0f s", limits.idle_timeout)
+                        nursery.cancel_scope.cancel()
+                        return
                 if not data:
                     # a peer that went away mid-frame has nobody left to tell
                     with contextlib.suppress(RemoteProtocolError):
@@ -235,6 +364,7 @@ class _Connection:
                         frame = decoder.next_frame()
                         if frame is NEED_DATA:
                             break
+                        frame_deadline = math.inf  # the next frame has its own deadline
                         reply = dispatch(frame)  # type: ignore[arg-type]
                         if isinstance(reply, bytes):
                             out.append(reply)
@@ -279,19 +409,28 @@ class _Connection:
                 raise UnknownOp(f"op {req.op!r} {known}; supported: {', '.join(sorted(HANDLERS))}")
             result = handler(self.state, self.caller, req)
             if isinstance(result, dict):
-                return encode(Reply(req.id, result))
-            if self.in_flight >= self.server.limits.max_in_flight:
-                if not isinstance(result, AsyncIterator):
-                    result.close()  # type: ignore[attr-defined]
+                return _reply_frame(req.id, result)
+            server = self.server
+            limits = server.limits
+            uid = self.caller.uid
+            if self.in_flight >= limits.max_in_flight:
+                _discard(result)
                 raise Overloaded(
-                    f"more than {self.server.limits.max_in_flight} requests waiting on this connection",
+                    f"more than {limits.max_in_flight} requests waiting on this connection", retry_after=1.0
+                )
+            if server.quota_applies(uid) and server.in_flight_by_uid.get(uid, 0) >= limits.max_in_flight_per_uid:
+                _discard(result)
+                raise Overloaded(
+                    f"uid {uid} already has {limits.max_in_flight_per_uid} requests waiting on this broker "
+                    "(daemon.max_in_flight_per_uid)",
                     retry_after=1.0,
                 )
             self.in_flight += 1
+            server.in_flight_by_uid[uid] = server.in_flight_by_uid.get(uid, 0) + 1
             if not isinstance(result, AsyncIterator):
-                self.server.pending += 1
+                server.pending += 1
             return (req.id, result)
-        except BrokerError as exc:
+        except DcBrokerError as exc:  # ours: a BrokerError, or a vault/config error that becomes one
             return _error_frame(req.id, exc)
         except Exception:
             log.exception("op %s failed", req.op)
@@ -302,11 +441,11 @@ class _Connection:
             try:
                 if isinstance(pending, AsyncIterator):
                     async for result in pending:  # a stream: every message but a final error has more=true
-                        await self._send(encode(Reply(rid, result, more=True)))
+                        await self._send(_reply_frame(rid, result, more=True))
                     frame = encode(Reply(rid, {"end": True}))
                 else:
-                    frame = encode(Reply(rid, await pending))
-            except BrokerError as exc:
+                    frame = _reply_frame(rid, await pending)
+            except DcBrokerError as exc:
                 frame = _error_frame(rid, exc)
             except Exception:
                 log.exception("request %d failed", rid)
@@ -316,5 +455,17 @@ class _Connection:
             pass
         finally:
             self.in_flight -= 1
+            by_uid = self.server.in_flight_by_uid
+            left = by_uid[self.caller.uid] - 1
+            if left:
+                by_uid[self.caller.uid] = left
+            else:
+                del by_uid[self.caller.uid]
             if not isinstance(pending, AsyncIterator):
                 self.server._request_done()
+
+
+def _discard(result: Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]) -> None:
+    """A handler's coroutine that will not run: close it (no 'never awaited' warning)."""
+    if not isinstance(result, AsyncIterator):
+        result.close()  # type: ignore[attr-defined]

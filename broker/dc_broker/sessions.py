@@ -49,7 +49,6 @@ from dc_token.errors import (
     Locked,
     LoginRequired,
     OAuthError,
-    Overloaded,
     UnknownProfile,
     UpstreamError,
     UpstreamFault,
@@ -734,7 +733,7 @@ class Sessions:
             for session in self._by_name.values():
                 nursery.start_soon(self._run_one, session, policy.startup_delay(self.policy, self.rng.random()))
             task_status.started()
-            await trio.sleep_forever()  # keep the nursery open with no profiles, for ``add`` at run time
+            await trio.sleep_forever()  # profiles added later (reload) start here, even after none at first
 
     async def _run_one(self, session: Session, delay: float) -> None:
         with session.cancel_scope:
@@ -760,12 +759,15 @@ class Sessions:
         name = base.profile.name
         if not scope or scope == base.profile.scope:
             return base
-        child = self._scoped.get((name, scope))
-        if child is None:
-            if sum(1 for n, _ in self._scoped if n == name) >= MAX_SCOPES_PER_PROFILE:
-                raise Overloaded(
-                    f"profile {name!r} already serves {MAX_SCOPES_PER_PROFILE} different scopes", retry_after=60.0
-                )
+        child = self._scoped.pop((name, scope), None)
+        if child is not None:
+            self._scoped[(name, scope)] = child  # most recently used last
+        else:
+            mine = [key for key in self._scoped if key[0] == name]
+            if len(mine) >= MAX_SCOPES_PER_PROFILE:  # full: the least recently used scope makes room
+                old = self._scoped.pop(mine[0])
+                old.token = None
+                old.cancel_scope.cancel()
             child = Session(
                 replace(base.profile, scope=scope),
                 self.store,

@@ -32,10 +32,15 @@ replies at a single place, and the client turns error replies back into them at 
         ├── UpstreamUnavailable         upstream_unavailable: IdP down/slow; has retry_after
         ├── UpstreamError               upstream_error: the IdP answered nonsense
         ├── Overloaded                  overloaded: a limit was hit; has retry_after
+        ├── ConfigInvalid               config_error: the broker's config file does not load (reload)
+        ├── VaultUnusable               vault_error: the broker cannot read or write its vault
+        │                               (disk full, read-only file system, permissions)
         └── InternalError               internal: a bug in the broker
 
 ``VaultError``, ``VaultBusy``, ``WrongPassphrase`` and ``RecordCorrupt`` are raised by the broker only;
 the last two inherit their parent's wire code, so a client sees them as ``Locked`` / ``LoginRequired``.
+A ``ConfigError`` raised while serving a request crosses the wire as ``ConfigInvalid``, a
+``VaultError`` as ``VaultUnusable`` (``wire_error`` does that, at the server's one place).
 
 This module is pure: no I/O, no imports beyond the standard library's cheapest.
 """
@@ -48,6 +53,7 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailable",
     "ConfigError",
+    "ConfigInvalid",
     "CredentialsRejected",
     "DcBrokerError",
     "Forbidden",
@@ -70,8 +76,10 @@ __all__ = [
     "UpstreamUnavailable",
     "VaultBusy",
     "VaultError",
+    "VaultUnusable",
     "WrongPassphrase",
     "error_for_code",
+    "wire_error",
 ]
 
 
@@ -133,11 +141,19 @@ class UpstreamFault(DcBrokerError):
 class OAuthError(UpstreamFault):
     """The IdP answered with an OAuth error body: ``{"error", "error_description"}``."""
 
+    #: an IdP's text is cut to this many characters: it goes into logs, status and error replies
+    MAX_TEXT = 1024
+
     def __init__(self, error: str, description: str, status: int) -> None:
+        error, description = _cut(error, 128), _cut(description, self.MAX_TEXT)
         super().__init__(f"{error}: {description}" if description else error)
         self.error = error
         self.description = description
         self.status = status
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class UpstreamTransient(UpstreamFault):
@@ -242,6 +258,22 @@ class Overloaded(BrokerError):
     hint = "the broker is at a limit; retry shortly"
 
 
+class ConfigInvalid(BrokerError):
+    """The broker's config file does not load (e.g. on ``reload``); the running profiles are kept."""
+
+    code = "config_error"
+    exit_code = 13
+    hint = "fix the broker's config file (the message names the file, line and key), then reload"
+
+
+class VaultUnusable(BrokerError):
+    """The broker cannot read or write its vault: disk full, read-only file system, permissions."""
+
+    code = "vault_error"
+    exit_code = 13
+    hint = "fix the vault's disk or file (free space, a writable mount, its owner) and retry"
+
+
 class InternalError(BrokerError):
     code = "internal"
     exit_code = 1
@@ -262,6 +294,8 @@ _BY_CODE: dict[str, type[BrokerError]] = {
         UpstreamUnavailable,
         UpstreamError,
         Overloaded,
+        ConfigInvalid,
+        VaultUnusable,
         InternalError,
     )
 }
@@ -270,6 +304,18 @@ _BY_CODE: dict[str, type[BrokerError]] = {
 def error_for_code(code: str) -> type[BrokerError]:
     """The exception class for a wire error code; unknown codes (a newer broker) become InternalError."""
     return _BY_CODE.get(code, InternalError)
+
+
+def wire_error(exc: DcBrokerError) -> BrokerError:
+    """The error reply for an error raised while serving: a BrokerError as is, a vault or config
+    error as its wire class (same message), anything else of ours as InternalError."""
+    if isinstance(exc, BrokerError):
+        return exc
+    if isinstance(exc, VaultError):
+        return VaultUnusable(str(exc))
+    if isinstance(exc, ConfigError):
+        return ConfigInvalid(str(exc))
+    return InternalError(f"{type(exc).__name__}: {exc}")
 
 
 #: every dc-token exit status, for --help and the README
@@ -287,4 +333,5 @@ EXIT_CODES: dict[int, str] = {
     10: "identity provider answered something unexpected",
     11: "broker overloaded (retry later)",
     12: "protocol mismatch between dc-token and dc-broker",
+    13: "the broker's config or vault cannot be used (disk full, read-only, a broken config file)",
 }

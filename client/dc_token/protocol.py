@@ -79,6 +79,8 @@ class ErrorCode(StrEnum):
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_ERROR = "upstream_error"
     OVERLOADED = "overloaded"
+    CONFIG_ERROR = "config_error"
+    VAULT_ERROR = "vault_error"
     INTERNAL = "internal"
 
 

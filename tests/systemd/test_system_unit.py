@@ -157,7 +157,6 @@ def test_unit_rule_is_met_by_a_system_unit(machine: Machine, broker: str) -> Non
     assert rc != 0 and "profile 'report_api' is not available to uid" in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 fix: a user manager's unit must not meet a system unit: rule")
 def test_unit_rule_is_not_met_by_a_users_transient_unit_of_that_name(machine: Machine, broker: str) -> None:
     done = machine.run(
         "systemd-run",
@@ -256,11 +255,6 @@ def test_watchdog_restarts_a_stopped_system_daemon(machine: Machine, broker: str
     assert rc == 0 and token, err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py rewrites /etc/dc-broker/config.toml 0600 root-only and op_reload reports the "
-    "unreadable file as an internal error (not this branch's files; see docs/systemd.md)",
-)
 def test_root_adds_a_profile_to_the_system_broker(machine: Machine, broker: str) -> None:
     m = machine
     before = m.read(CONFIG)

@@ -379,10 +379,14 @@ class Vault:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced before this returns
             except BaseException:
-                conn.execute("ROLLBACK")
+                # a failed COMMIT (disk full) leaves the transaction open; SQLite may have rolled back
+                # already. Either way the cause, not the rollback's own complaint, is what is raised.
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced before this returns
 
     def _put_records(
         self, aead: AESGCM, profile: str, puts: Mapping[str, bytes], drops: tuple[str, ...] | list[str]

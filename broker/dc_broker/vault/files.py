@@ -97,9 +97,28 @@ def check_private_file(path: str) -> None:
         )
 
 
+def file_error(path: str, exc: OSError, what: str = "the vault") -> VaultError:
+    """An OSError on the vault's files as a VaultError that names the file and the cause."""
+    code = exc.errno
+    if code == errno.EROFS:
+        why = "is on a read-only file system; remount it read-write or move the vault (DC_BROKER_VAULT)"
+    elif code in (errno.ENOSPC, errno.EDQUOT):
+        why = "cannot be written: the disk (or quota) is full; free some space and retry"
+    elif code in (errno.EACCES, errno.EPERM):
+        why = f"cannot be opened by uid {os.geteuid()}: permission denied; check its owner and mode"
+    elif code == errno.ELOOP:
+        why = "is a symbolic link; the vault's files must be its own"
+    else:
+        why = f"cannot be used: {exc.strerror or exc}"
+    return VaultError(f"{what} {path} {why}")
+
+
 def take_lock(path: str) -> int:
     lock_path = path + ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise file_error(lock_path, exc, "the vault's lock file") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -148,4 +167,27 @@ def sqlite_errors(path: str) -> Iterator[None]:
     try:
         yield
     except sqlite3.DatabaseError as exc:
+        text = str(exc)
+        if "disk is full" in text or ("disk I/O error" in text and _disk_full(path)):
+            raise file_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
+        if "readonly" in text or "read-only" in text:
+            raise file_error(path, OSError(_why_read_only(path), "read-only")) from None
         raise VaultError(f"the vault {path} cannot be used: {exc}") from None
+    except OSError as exc:
+        raise file_error(path, exc) from None
+
+
+def _disk_full(path: str) -> bool:
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+def _why_read_only(path: str) -> int:
+    """EROFS when the vault's file system is mounted read-only, else EACCES (a file we may not write)."""
+    try:
+        return errno.EROFS if os.statvfs(os.path.dirname(path) or ".").f_flag & os.ST_RDONLY else errno.EACCES
+    except OSError:
+        return errno.EACCES

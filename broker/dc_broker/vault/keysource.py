@@ -78,9 +78,27 @@ class KdfParams:
             data = json.loads(text)
             if data.get("alg") != "argon2id":
                 raise ValueError(data.get("alg"))
-            return cls(int(data["memory_kib"]), int(data["iterations"]), int(data["lanes"]))
+            params = cls(int(data["memory_kib"]), int(data["iterations"]), int(data["lanes"]))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise VaultError(f"the vault's key-derivation parameters are unreadable ({type(exc).__name__})") from None
+        if (
+            params.memory_kib > MAX_STORED_MEMORY_KIB
+            or params.iterations > MAX_STORED_ITERATIONS
+            or params.lanes > MAX_STORED_LANES
+        ):
+            # a vault file is data: its parameters must not make an unlock take gigabytes or minutes
+            raise VaultError(
+                f"the vault's key-derivation parameters ({params.memory_kib} KiB, {params.iterations} iterations, "
+                f"{params.lanes} lanes) exceed what dc-broker accepts from a file "
+                f"({MAX_STORED_MEMORY_KIB} KiB, {MAX_STORED_ITERATIONS}, {MAX_STORED_LANES}); is it tampered?"
+            )
+        return params
+
+
+#: the most expensive Argon2id a vault file may ask for (``from_json``); creation uses far less
+MAX_STORED_MEMORY_KIB: Final = 1024 * 1024
+MAX_STORED_ITERATIONS: Final = 16
+MAX_STORED_LANES: Final = 16
 
 
 #: what ``Vault.create`` uses unless told otherwise; never below 64 MiB
