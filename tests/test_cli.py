@@ -96,7 +96,10 @@ def test_wrong_password_at_add_is_refused_and_nothing_is_stored(idp: str, home: 
     init_keyfile(home, tmp_path)
     result = add_demo(home, idp, password="wrong")
     assert result.returncode == 8
-    assert "the identity provider refused the credentials (invalid_grant: Invalid user credentials)" in result.stderr
+    assert (
+        "the identity provider refused the password of user 'demo' (HTTP 401: invalid_grant: Invalid user credentials)"
+        in result.stderr
+    )
     assert "wrong" not in result.stderr.replace("wrong password", "")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "config" / "dc-broker" / "config.toml").exists()  # nothing was written
