@@ -86,7 +86,10 @@ def test_add_list_remove_without_a_daemon(idp: str, home: dict[str, str], tmp_pa
     assert "Error: profile 'acme' already exists in" in duplicate.stderr
     assert "remove it first with `dc-broker remove acme`" in duplicate.stderr
     removed = cli(home, "remove", "acme")
-    assert (removed.returncode, removed.stdout) == (0, "Removed profile acme.\n")
+    assert (removed.returncode, removed.stdout) == (
+        0,
+        "Removed profile acme (no broker running: its login was not revoked at the identity provider).\n",
+    )
     unknown = cli(home, "remove", "acme")
     assert unknown.returncode == 2
     assert "Error: no profile named 'acme' in" in unknown.stderr and "`dc-broker list`" in unknown.stderr
@@ -215,3 +218,20 @@ def test_passphrase_vault_locked_daemon_unlock_lock_restart(idp: str, home: dict
     err = daemon.stderr.read() if daemon.stderr else ""
     for secret in ("correct horse", "dc-cli-secret", first.stdout.strip()):
         assert secret not in err
+
+
+def test_add_with_issuer_to_a_running_broker_works_at_once(idp: str, home: dict[str, str], tmp_path: Path) -> None:
+    init_keyfile(home, tmp_path)
+    sock = home["DC_BROKER_SOCKET"]
+    daemon = subprocess.Popen([DC_BROKER, "run"], env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(sock, daemon)
+        args = ["add", "iss", "--issuer", f"{idp}/realms/demo", "--client-id", "dc-cli", "--username", "demo"]
+        added = cli(home, *args, "--password-stdin", "--secret-stdin", stdin="demo\ndc-cli-secret\n")
+        assert added.returncode == 0, added.stderr
+        got = dc_token(sock, "iss")
+        assert got.returncode == 0, got.stderr
+        removed = cli(home, "remove", "iss")
+        assert removed.returncode == 0 and "revoked at the identity provider" in removed.stdout, removed.stdout
+    finally:
+        assert stop(daemon) == 0

@@ -313,6 +313,12 @@ def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:
 
     try:
         grant = control.request("status", socket_path, profile=profile)["profiles"][0]["grant"]
+        if grant == "client_credentials":
+            click.echo(
+                f"Profile {profile} uses client credentials: the broker signs in with its stored client secret, "
+                "so there is nothing to log in."
+            )
+            return
         if grant == "password":
             if password_stdin:
                 password = sys.stdin.readline().rstrip("\n")

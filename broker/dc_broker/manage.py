@@ -233,8 +233,9 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
     try:
         if profile not in load_config(path, missing_ok=False).profiles:
             raise ConfigError(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
+        revoked: bool | None = None
         if _daemon(socket_path):
-            control.request("logout", socket_path, profile=profile)
+            revoked = bool(control.request("logout", socket_path, profile=profile).get("revoked"))
             remove_profile(path, profile)
             control.request("reload", socket_path)
         else:
@@ -246,7 +247,13 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
             remove_profile(path, profile)
     except DcBrokerError as exc:
         raise Failed(exc) from None
-    click.echo(f"Removed profile {profile}.")
+    if revoked is None:
+        how = " (no broker running: its login was not revoked at the identity provider)"
+    else:
+        how = (
+            "; its login was revoked at the identity provider" if revoked else " (the IdP did not confirm a revocation)"
+        )
+    click.echo(f"Removed profile {profile}{how}.")
 
 
 @click.command(name="list")
@@ -280,7 +287,10 @@ def logout(socket_path: str | None, profile: str) -> None:
         if result.get("revoked")
         else "forgotten (the IdP did not confirm a revocation)"
     )
-    click.echo(f"Logged out of profile {profile}: login {how}, secrets forgotten.")
+    rest = f"its {result.get('forgotten') or 'secrets'} forgotten"
+    if result.get("kept_client_secret"):
+        rest += " (the client secret stays: `dc-broker login` uses it)"
+    click.echo(f"Logged out of profile {profile}: login {how}, {rest}.")
 
 
 @click.command()

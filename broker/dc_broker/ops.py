@@ -383,7 +383,10 @@ def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Res
 
 async def _logout(session: Session) -> Result:
     revoked = await session.logout()
-    return {"profile": session.profile.name, "revoked": revoked}
+    grant = session.profile.grant
+    forgot = {"password": "password", "client_credentials": "client secret"}.get(grant, "refresh token")
+    kept = grant != "client_credentials" and session.store.credentials(session.profile.name).client_secret is not None
+    return {"profile": session.profile.name, "revoked": revoked, "forgotten": forgot, "kept_client_secret": kept}
 
 
 HANDLERS: dict[str, Handler] = {

@@ -128,6 +128,8 @@ class Session:
         self.token_changed = trio.Event()
         #: a caller is waiting for a token the current one cannot give
         self._demanded = False
+        #: config or secrets changed while an attempt was in flight
+        self._changed_meanwhile = False
         #: held while this login's refresh token is in use at the IdP: one use at a time (rotation)
         self._login_lock = trio.Lock()
         self.wall_clock = wall_clock
@@ -250,6 +252,9 @@ class Session:
         self.next_attempt_at = self.clock()
         if self.state in WAITING_FOR_PERSON:
             self.last_error = None
+        # an attempt in flight may have read the old credentials: if it ends waiting for a person,
+        # it is tried again with the new ones
+        self._changed_meanwhile = self.state is State.REFRESHING
         self._event(Event.RETRY)
         self._wake.set()
 
@@ -315,6 +320,7 @@ class Session:
 
     async def _attempt(self) -> None:
         self._last_attempt_at = self.clock()
+        self._changed_meanwhile = False
         self._event(Event.START)
         try:
             if self.parent is not None:
@@ -327,6 +333,8 @@ class Session:
         finally:
             if self.state is State.REFRESHING:  # cancelled mid-attempt: the outcome is unknown
                 self._event(Event.FAILED_STALE if self._token_valid() else Event.FAILED)
+            if self._changed_meanwhile and self.state in (State.LOGIN_REQUIRED, State.REJECTED):
+                self.credentials_changed()
             self._finish_round()
 
     def _token_valid(self) -> bool:
@@ -444,8 +452,8 @@ class Session:
         return self.store.credentials(self.profile.name)
 
     async def _login(self, creds: Credentials | None = None) -> Login:
+        endpoints = await self._resolve_endpoints()  # first: credentials may change meanwhile
         creds = self._credentials() if creds is None else creds
-        endpoints = await self._resolve_endpoints()
         now = self.clock()
         tok = self.token
         refresh_token = tok.refresh_token if tok is not None and tok.refresh_usable(now) else None

@@ -85,6 +85,7 @@ class Sessions:
             for session in self._by_name.values():
                 nursery.start_soon(self._run_one, session, policy.startup_delay(self.policy, self.rng.random()))
             task_status.started()
+            await trio.sleep_forever()  # open for profiles added later, even when it starts with none
 
     async def _run_one(self, session: Session, delay: float) -> None:
         with session.cancel_scope:
