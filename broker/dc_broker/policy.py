@@ -17,7 +17,7 @@ Rules (docs/architecture.md repeats them for users):
 * **Floor.** No profile starts two attempts at the IdP less than ``refresh_floor`` (1 s) apart,
   whatever its tokens' lifetimes or its callers ask.
 * **Demand probes.** During backoff, a caller that needs a token may start one attempt (a probe)
-  once ``demand_probe_interval`` (5 s) has passed since the last attempt; the background task itself
+  once ``demand_probe_interval`` (5 s) has passed since the last failure; the background task itself
   keeps the exponential backoff. An IdP's Retry-After holds for probes too. So callers see the IdP's
   recovery within seconds, and a crowd of callers still makes at most one request per profile per
   probe interval.
@@ -110,19 +110,25 @@ def startup_delay(policy: RefreshPolicy, rand: float) -> float:
     return policy.startup_spread * rand
 
 
-def probe_at(policy: RefreshPolicy, *, last_attempt_at: float, backoff_until: float, told_until: float) -> float:
+def probe_at(policy: RefreshPolicy, *, failed_at: float, backoff_until: float, told_until: float) -> float:
     """When a waiting caller may start an attempt during backoff: ``demand_probe_interval`` after
-    the last one, but never before the IdP's own Retry-After (``told_until``) has passed."""
-    return min(backoff_until, max(last_attempt_at + policy.demand_probe_interval, told_until))
+    the last failure, but never before the IdP's own Retry-After (``told_until``) has passed."""
+    return min(backoff_until, max(failed_at + policy.demand_probe_interval, told_until))
 
 
 def attempt_allowed_at(
-    policy: RefreshPolicy, *, last_attempt_at: float, backoff_until: float, told_until: float, demanded: bool
+    policy: RefreshPolicy,
+    *,
+    last_attempt_at: float,
+    failed_at: float,
+    backoff_until: float,
+    told_until: float,
+    demanded: bool,
 ) -> float:
     """The earliest moment the next attempt may start: never within ``refresh_floor`` of the last
     one; during backoff not before it ends, unless a caller is waiting (then ``probe_at``)."""
     floor = last_attempt_at + policy.refresh_floor
     if demanded:
-        probe = probe_at(policy, last_attempt_at=last_attempt_at, backoff_until=backoff_until, told_until=told_until)
+        probe = probe_at(policy, failed_at=failed_at, backoff_until=backoff_until, told_until=told_until)
         return max(floor, probe)
     return max(floor, backoff_until)

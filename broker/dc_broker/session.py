@@ -111,6 +111,7 @@ class Session:
         self.next_attempt_at = math.inf
         self._backoff_until = -math.inf
         self._last_attempt_at = -math.inf
+        self._failed_at = -math.inf
         #: the IdP's Retry-After: not even a caller's probe goes before it
         self._told_until = -math.inf
         self._last_forced_at: float | None = None
@@ -215,7 +216,7 @@ class Session:
             raise self.last_error
         probe_at = policy.probe_at(
             self.policy,
-            last_attempt_at=self._last_attempt_at,
+            failed_at=self._failed_at,
             backoff_until=self._backoff_until,
             told_until=self._told_until,
         )
@@ -276,6 +277,7 @@ class Session:
         allowed = policy.attempt_allowed_at(
             self.policy,
             last_attempt_at=self._last_attempt_at,
+            failed_at=self._failed_at,
             backoff_until=self._backoff_until,
             told_until=self._told_until,
             demanded=self._demanded,
@@ -403,6 +405,7 @@ class Session:
         self.failures += 1
         delay = policy.backoff_delay(self.policy, self.failures, self.rng.random(), exc.retry_after)
         self._backoff_until = now + delay
+        self._failed_at = now
         self._told_until = now + min(exc.retry_after, self.policy.backoff_cap) if exc.retry_after else -math.inf
         self.next_attempt_at = self._backoff_until
         wrapped: BrokerError

@@ -33,6 +33,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from dc_broker.devidp import grants
+from dc_broker.devidp.faults import Faults, refusal_response, token_response
 from dc_broker.devidp.grants import OAuthProblem, TokenRequest
 from dc_broker.devidp.realm import DevRealm
 from dc_broker.devidp.state import IdPState
@@ -49,7 +50,9 @@ CONNECTION_TYPES: Final = [
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _problem(problem: OAuthProblem) -> JSONResponse:
+def _problem(problem: OAuthProblem, faults: Faults | None = None, request_body: bytes = b"") -> Response:
+    if faults is not None:
+        return refusal_response(problem.status, problem.body(), request_body, faults)
     return JSONResponse(problem.body(), problem.status, headers=NO_STORE)
 
 
@@ -195,9 +198,9 @@ class Endpoints:
             if duplicated:
                 raise OAuthProblem(400, "invalid_request", "duplicated parameter")
             treq = TokenRequest(realm, issuer_for(request, realm.name), form, authorization)
-            return JSONResponse(grants.token(state, treq), headers=NO_STORE)
+            return token_response(grants.token(state, treq), state.faults)
         except OAuthProblem as problem:
-            return _problem(problem)
+            return _problem(problem, state.faults, await request.body())
 
     # -- other form endpoints ----------------------------------------------------------------------
     def _introspect(self, treq: TokenRequest) -> Response:
