@@ -67,7 +67,7 @@ def test_socket_and_directory_are_private(dev) -> None:
     ("args", "code", "message"),
     [
         (["nope"], 4, "dc-token: no profile named 'nope'; `dc-broker status` lists the profiles"),
-        (["demo", "--min-ttl", "-1"], 2, "dc-token: --min-ttl must be a number of seconds >= 0"),
+        (["demo", "--min-ttl", "-1"], 2, "dc-token: --min-ttl must be a number of seconds between 0 and 86400"),
     ],
 )
 def test_dc_token_failures_are_one_line_with_exit_codes(dev, args: list[str], code: int, message: str) -> None:

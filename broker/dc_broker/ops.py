@@ -144,7 +144,7 @@ def _min_ttl_arg(args: Mapping[str, Any]) -> float:
         return 0.0
     problem = min_ttl_problem(value)
     if problem is not None:
-        raise BadRequest(f"'min_ttl': {problem}")
+        raise BadRequest(f"'min_ttl' {problem}")
     return float(value)
 
 

@@ -217,7 +217,7 @@ def min_ttl_problem(value: object) -> str | None:
         or value != value  # NaN
         or not 0 <= value <= MAX_MIN_TTL
     ):
-        return f"min_ttl must be a number of seconds between 0 and {MAX_MIN_TTL:g}"
+        return f"must be a number of seconds between 0 and {MAX_MIN_TTL:g}"
     return None
 
 
