@@ -26,7 +26,7 @@ from dc_broker.hardening import harden
 from dc_broker.options import CONFIG, SOCKET, VAULT
 from dc_broker.secret import Secret
 from dc_broker.store import Credentials, MemoryStore, SecretStore
-from dc_token.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError
+from dc_token.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError, hint_for
 from dc_token.paths import default_socket_path
 from dc_token.version import version
 
@@ -57,8 +57,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 class _Fail(click.ClickException):
-    def __init__(self, exc: DcBrokerError) -> None:
-        hint = f"\n  {exc.hint}" if exc.hint and exc.hint not in str(exc) else ""
+    def __init__(self, exc: DcBrokerError, profile: str | None = None) -> None:
+        hint = f"\n  {text}" if (text := hint_for(exc, profile)) else ""
         super().__init__(f"{exc}{hint}")
         self.exit_code = exc.exit_code or 1  # type: ignore[misc]
 
@@ -284,7 +284,7 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
         with TokenClient(socket_path) as broker:
             result = broker.status(profile)
     except (BrokerError, BrokerUnavailable) as exc:
-        raise _Fail(exc) from None
+        raise _Fail(exc, profile) from None
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
@@ -339,7 +339,7 @@ def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:
                 f"(valid {_fmt_seconds(result.get('expires_in'))}). Waiting...",
             )
     except DcBrokerError as exc:
-        raise _Fail(exc) from None
+        raise _Fail(exc, profile) from None
 
 
 from dc_broker.manage import COMMANDS  # noqa: E402 - registered beside the other commands

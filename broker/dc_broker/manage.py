@@ -31,14 +31,21 @@ from dc_broker.options import CONFIG, SOCKET, VAULT
 from dc_broker.secret import Secret
 from dc_broker.sessions import Session
 from dc_broker.store import Credentials, MemoryStore
-from dc_token.errors import BrokerUnavailable, ConfigError, DcBrokerError, UpstreamFault, UpstreamUnavailable
+from dc_token.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DcBrokerError,
+    UpstreamFault,
+    UpstreamUnavailable,
+    hint_for,
+)
 
 
 class Failed(click.ClickException):
     """An expected failure: one `Error:` line (plus what to do), the error's own exit status."""
 
-    def __init__(self, exc: DcBrokerError) -> None:
-        hint = f"\n  {exc.hint}" if exc.hint and "`" not in str(exc) else ""
+    def __init__(self, exc: DcBrokerError, profile: str | None = None) -> None:
+        hint = f"\n  {text}" if (text := hint_for(exc, profile)) else ""
         super().__init__(f"{exc}{hint}")
         self.exit_code = exc.exit_code or 1  # type: ignore[misc]
 
@@ -212,7 +219,7 @@ def add(
                     vault.set_credentials(profile, creds)
             add_profile(path, p)
     except DcBrokerError as exc:
-        raise Failed(exc) from None
+        raise Failed(exc, profile) from None
     where = "the running broker" if running else "the vault"
     if not running:
         nxt = "`dc-broker run` (or `systemctl --user start dc-broker`)"
@@ -246,7 +253,7 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
                     vault.remove(profile)
             remove_profile(path, profile)
     except DcBrokerError as exc:
-        raise Failed(exc) from None
+        raise Failed(exc, profile) from None
     if revoked is None:
         how = " (no broker running: its login was not revoked at the identity provider)"
     else:
@@ -281,7 +288,7 @@ def logout(socket_path: str | None, profile: str) -> None:
     try:
         result = control.request("logout", socket_path, profile=profile)
     except DcBrokerError as exc:
-        raise Failed(exc) from None
+        raise Failed(exc, profile) from None
     how = (
         "revoked at the identity provider"
         if result.get("revoked")

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from dc_token.errors import EXIT_CODES, BrokerUnavailable, DcBrokerError
+from dc_token.errors import EXIT_CODES, BrokerUnavailable, DcBrokerError, hint_for
 from dc_token.protocol import MAX_MIN_TTL, min_ttl_problem
 
 PROG = "dc-token"
@@ -92,8 +92,8 @@ class _Usage(Exception):
 def _fail(exc: DcBrokerError, profile: str) -> int:
     """One line: what is wrong, then what to do (unless the broker's message already says it)."""
     message = str(exc)
-    hint = exc.hint.replace("PROFILE", profile)
-    line = f"{PROG}: {message}" if not hint or "`" in message else f"{PROG}: {message}; {hint}"
+    hint = hint_for(exc, profile)
+    line = f"{PROG}: {message}; {hint}" if hint else f"{PROG}: {message}"
     sys.stderr.write(line + "\n")
     return exc.exit_code
 
