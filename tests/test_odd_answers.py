@@ -19,7 +19,7 @@ from dc_broker.session import Session
 from dc_broker.states import Event, LifecycleError, State, next_state
 from dc_broker.store import Credentials, MemoryStore
 from dc_token.errors import CredentialsRejected, Locked, LoginRequired, RecordCorrupt, UpstreamUnavailable
-from tests.conftest import CREDENTIALS, make_session, profile
+from tests.conftest import CREDENTIALS, idp_transport, make_session, profile
 
 T = 300.0
 
@@ -368,3 +368,33 @@ def test_every_state_can_be_locked_adopted_and_left_by_logout() -> None:
         assert next_state(state, Event.LOCK) is State.LOCKED
         assert next_state(state, Event.ADOPTED) is State.FRESH
         assert next_state(state, Event.LOGOUT) in (State.LOGIN_REQUIRED, State.REFRESHING)
+
+
+async def test_the_systemd_status_line_counts_unavailable_profiles_and_a_failed_reload() -> None:
+    from dc_broker.daemon import status_line
+    from dc_broker.sessions import Sessions
+
+    sessions = Sessions({n: profile(n) for n in ("demo", "service", "device")}, MemoryStore(), IdpTransport())
+    sessions.lookup("demo").state = State.UNAVAILABLE
+    sessions.lookup("device").state = State.LOGIN_REQUIRED
+    line = status_line(sessions, MemoryStore(), "config.toml: line 3: bad value")
+    assert line.startswith("3 profile(s), 0 fresh, 1 unavailable")
+    assert "1 need a login" in line and line.endswith("; last reload failed: config.toml: line 3: bad value")
+    assert "last reload failed" not in status_line(sessions, MemoryStore())
+
+
+async def test_sessions_settled_waits_for_every_attempt(make_idp, autojump_clock) -> None:
+    from dc_broker.sessions import Sessions
+
+    idp = make_idp()
+    idp.faults.latency = 2.0
+    store = MemoryStore(dict(CREDENTIALS))
+    sessions = Sessions({n: profile(n) for n in ("demo", "service")}, store, idp_transport(idp))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sessions.run)
+        nursery.start_soon(sessions.lookup("demo").get)
+        nursery.start_soon(sessions.lookup("service").get)
+        await trio.sleep(0.5)
+        await sessions.settled()
+        assert all(sessions.lookup(n).state is State.FRESH for n in ("demo", "service"))
+        nursery.cancel_scope.cancel()
