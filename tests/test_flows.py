@@ -282,3 +282,71 @@ def test_a_password_login_is_one_grant_and_a_refusal_changes_nothing() -> None:
     assert form(s.step)["password"] == "new"
     with pytest.raises(CredentialsRejected, match="HTTP 401"):
         s.answer(raw(401))
+
+
+# -- browser login (authorization code + PKCE) ----------------------------------------------------------
+
+BROWSER = replace(DEVICE, name="web", grant="browser")
+EP_AUTH = replace(EP, authorization="https://sso.example.com/auth")
+REDIRECT = "http://127.0.0.1:5000/callback"
+
+
+def start_browser() -> tuple[Stepper, dict[str, list[str]]]:
+    from urllib.parse import parse_qs, urlsplit
+
+    s = Stepper(
+        flows.browser_login(BROWSER, Credentials(), EP_AUTH, redirect_uri=REDIRECT, state="S", verifier="V" * 50)
+    )
+    assert isinstance(s.step, flows.OpenBrowser)
+    query = parse_qs(urlsplit(s.step.url).query)
+    assert isinstance(s.send(None), flows.AwaitRedirect)
+    return s, query
+
+
+def test_browser_login_asks_with_pkce_s256_and_exchanges_the_code() -> None:
+    s, query = start_browser()
+    assert query["code_challenge_method"] == ["S256"] and query["state"] == ["S"] and query["scope"] == ["openid"]
+    assert query["code_challenge"] == [flows.pkce_challenge("V" * 50)] and query["redirect_uri"] == [REDIRECT]
+    exchange = s.send({"code": "C", "state": "S"})
+    assert form(exchange) == {
+        "grant_type": "authorization_code",
+        "code": "C",
+        "redirect_uri": REDIRECT,
+        "code_verifier": "V" * 50,
+        "client_id": "pub",
+    }
+    s.answer(GRANTED)
+    assert s.done
+
+
+def test_pkce_challenge_is_rfc7636s_example() -> None:
+    assert (
+        flows.pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk")
+        == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "error", "match"),
+    [
+        ({"code": "C", "state": "other"}, LoginRequired, "wrong state"),
+        ({"code": "C"}, LoginRequired, "wrong state"),
+        ({"state": "S"}, LoginRequired, "without a code"),
+        ({"state": "S", "error": "access_denied"}, CredentialsRejected, "denied"),
+        ({"state": "S", "error": "server_error", "error_description": "\x00boom"}, CredentialsRejected, "refused"),
+    ],
+)
+def test_browser_login_refuses_what_did_not_come_from_this_login(
+    params: dict[str, str], error: type, match: str
+) -> None:
+    s, _ = start_browser()
+    with pytest.raises(error, match=match) as info:
+        s.send(params)
+    assert "\x00" not in str(info.value)
+
+
+def test_a_refused_code_exchange_is_rejected() -> None:
+    s, _ = start_browser()
+    s.send({"code": "C", "state": "S"})
+    with pytest.raises(CredentialsRejected, match="HTTP 400"):
+        s.answer(js({"error": "invalid_grant", "error_description": "Code not valid"}, 400))

@@ -305,10 +305,12 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
 @cli.command()
 @SOCKET
 @click.option("--password-stdin", is_flag=True, help="read the password from stdin instead of a hidden prompt")
+@click.option("--no-browser", is_flag=True, help="browser login: print the URL instead of opening a browser")
 @click.argument("profile")
-def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:
-    """Log PROFILE in: a password prompt for password profiles, else the device flow (a URL and a code to
-    enter in a browser anywhere; this command waits until you have approved)."""
+def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profile: str) -> None:
+    """Log PROFILE in: a password prompt for password profiles, a browser for browser profiles (the
+    authorization code flow; with --no-browser, e.g. over ssh, the URL is printed), else the device flow
+    (a URL and a code to enter in a browser anywhere). This command waits until you have logged in."""
     from dc_broker import control
 
     try:
@@ -333,6 +335,9 @@ def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:
             if result.get("logged_in"):
                 click.echo(f"Logged in: profile {profile} has a token for {_fmt_seconds(result.get('expires_in'))}.")
                 return
+            if "authorization_url" in result:
+                _show_authorization_url(profile, result, open_browser=not no_browser)
+                continue
             uri = result.get("verification_uri_complete") or result["verification_uri"]
             click.echo(
                 f"To log in profile {profile}, open\n\n    {uri}\n\nand enter the code {result['user_code']} "
@@ -340,6 +345,27 @@ def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:
             )
     except DcBrokerError as exc:
         raise _Fail(exc, profile) from None
+
+
+def _show_authorization_url(profile: str, result: dict[str, Any], *, open_browser: bool) -> None:
+    url = str(result["authorization_url"])
+    opened = False
+    if open_browser:
+        import webbrowser
+
+        try:
+            opened = webbrowser.open(url)
+        except webbrowser.Error:
+            opened = False
+    lead = (
+        f"A browser was opened to log in profile {profile}; if none appeared, open"
+        if opened
+        else f"To log in profile {profile}, open"
+    )
+    click.echo(
+        f"{lead}\n\n    {url}\n\nin a browser on this machine (valid {_fmt_seconds(result.get('expires_in'))}). "
+        "Waiting..."
+    )
 
 
 from dc_broker.manage import COMMANDS  # noqa: E402 - registered beside the other commands

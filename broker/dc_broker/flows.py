@@ -9,6 +9,8 @@ generator that *yields* a step and is *sent* the step's answer, and finally retu
     ``LoginLost``           forgets the login's dead refresh token     ``None``
     ``ShowCode``            shows the device code to the person        ``None``
     ``Sleep(seconds)``      waits                                      the time after waiting (float)
+    ``OpenBrowser(url)``    shows the URL (opens a browser)            ``None``
+    ``AwaitRedirect``       takes the browser's one loopback redirect  its query parameters (a dict)
 
 The flows (all pure: no I/O, no trio, no clock of their own; ``now`` arrives inside answers):
 
@@ -21,15 +23,22 @@ The flows (all pure: no I/O, no trio, no clock of their own; ``now`` arrives ins
                 unusable document are config problems (``CredentialsRejected``), not outages.
 * ``device_login`` RFC 8628: start, show the code, poll (``authorization_pending``, ``slow_down``
                 +5 s, ``access_denied``, ``expired_token``, the code's own deadline).
+* ``browser_login`` RFC 6749 4.1 + PKCE S256 (RFC 7636) with a loopback redirect (RFC 8252): the URL
+                to open, the one redirect back (``state`` checked in constant time), the code
+                exchange. The driver owns the listener; ``state`` and the verifier come in as values.
 
 ``dc_broker.session`` is the one driver. Tests step every flow by hand (tests/test_flows.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import base64
+import hashlib
+import hmac
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
+from urllib.parse import urlencode
 
 from dc_broker import oidc
 from dc_broker.config import Profile
@@ -74,7 +83,19 @@ class Sleep:
     seconds: float
 
 
-Step = HttpRequest | LoginLost | ShowCode | Sleep
+@dataclass(frozen=True, slots=True)
+class OpenBrowser:
+    """Step: the person opens ``url`` in a browser (answer: None)."""
+
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitRedirect:
+    """Step: wait for the browser's redirect to the loopback listener (answer: its query, a dict)."""
+
+
+Step = HttpRequest | LoginLost | ShowCode | Sleep | OpenBrowser | AwaitRedirect
 T = TypeVar("T")
 Flow = Generator[Step, object, T]
 
@@ -246,6 +267,55 @@ def device_login(profile: Profile, credentials: Credentials, endpoints: Endpoint
             raise rejected(profile, exc) from None
 
 
+def pkce_challenge(verifier: str) -> str:
+    """RFC 7636 S256: BASE64URL(SHA256(verifier)) without padding."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+def browser_login(
+    profile: Profile, credentials: Credentials, endpoints: Endpoints, *, redirect_uri: str, state: str, verifier: str
+) -> Flow[TokenSet]:
+    """Authorization code + PKCE with a loopback redirect, start to finish."""
+    name = profile.name
+    again = f"run `dc-broker login {name}` again"
+    if endpoints.authorization is None:
+        raise CredentialsRejected(
+            f"profile {name!r} has no authorization endpoint; configure it with server + tenant or issuer"
+        )
+    query = {
+        "response_type": "code",
+        "client_id": profile.client_id,
+        "redirect_uri": redirect_uri,
+        "scope": login_scope(profile),
+        "state": state,
+        "code_challenge": pkce_challenge(verifier),
+        "code_challenge_method": "S256",
+    }
+    sep = "&" if "?" in endpoints.authorization else "?"
+    yield OpenBrowser(f"{endpoints.authorization}{sep}{urlencode(query)}")
+    params = yield AwaitRedirect()
+    if not isinstance(params, Mapping):
+        raise TypeError(f"an AwaitRedirect step is answered with the query parameters, not {type(params).__name__}")
+    came_back = params.get("state")
+    if not isinstance(came_back, str) or not hmac.compare_digest(came_back.encode(), state.encode()):
+        raise LoginRequired(f"profile {name!r}: the browser came back with a wrong state (not this login); {again}")
+    error = params.get("error")
+    if isinstance(error, str):
+        said_text = oidc.clean_text(f"{error}: {params.get('error_description', '')}")
+        if error == "access_denied":
+            raise CredentialsRejected(f"profile {name!r}: the login was denied at the identity provider ({said_text})")
+        raise CredentialsRejected(f"profile {name!r}: the identity provider refused the login ({said_text}); {again}")
+    code = params.get("code")
+    if not isinstance(code, str) or not code:
+        raise LoginRequired(f"profile {name!r}: the browser came back without a code; {again}")
+    req = oidc.build_authorization_code(endpoints.token, client_of(profile, credentials), code, redirect_uri, verifier)
+    try:
+        return (yield from grant(req))
+    except OAuthError as exc:
+        raise rejected(profile, exc) from None
+
+
 # ---------------------------------------------------------------- what to tell the person
 
 
@@ -258,7 +328,7 @@ def said(exc: OAuthError) -> str:
 
 def login_message(p: Profile) -> str:
     name = p.name
-    if p.grant == "device":
+    if p.grant in ("device", "browser"):
         return f"profile {name!r}: no valid login; run `dc-broker login {name}`"
     if p.grant == "password":
         return f"profile {name!r}: no password stored and no valid login; run `dc-broker login {name}`"

@@ -170,7 +170,9 @@ def _forget(key_path: str | None) -> None:
 @click.option("--username", help="password grant: the user")
 @click.option("--scope", help="scope to ask for")
 @click.option(
-    "--auth-method", type=click.Choice(AUTH_METHODS), help="client authentication (default basic, none for device)"
+    "--auth-method",
+    type=click.Choice(AUTH_METHODS),
+    help="client authentication (default basic; none for device, browser)",
 )
 @click.option("--issuer", help="issuer URL: endpoints from its discovery document")
 @click.option("--token-url", help="the token endpoint, outright")
@@ -194,7 +196,7 @@ def add(
     path = config_path or default_config_path()
     fields = {k: v for k, v in settings.items() if v is not None}
     if "auth_method" not in fields:
-        fields["auth_method"] = "none" if fields.get("grant") == "device" else "basic"
+        fields["auth_method"] = "none" if fields.get("grant") in ("device", "browser") else "basic"
     try:
         p = Profile(name=profile, **fields)
         if profile in load_config(path, missing_ok=True).profiles:
@@ -204,7 +206,7 @@ def add(
         password = _read_secret("Password", password_stdin) if p.grant == "password" else None
         secret = _read_secret("Client secret", secret_stdin) if p.auth_method != "none" else None
         creds = Credentials(password=password, client_secret=secret)
-        if not no_verify and p.grant != "device":
+        if not no_verify and p.grant not in ("device", "browser"):
             trio.run(_verify, p, creds)
         running = _daemon(socket_path)
         if running:
@@ -223,9 +225,10 @@ def add(
     where = "the running broker" if running else "the vault"
     if not running:
         nxt = "`dc-broker run` (or `systemctl --user start dc-broker`)"
-        nxt += f", then `dc-broker login {profile}`" if p.grant == "device" else f", then `dc-token {profile}`"
+        interactive = p.grant in ("device", "browser")
+        nxt += f", then `dc-broker login {profile}`" if interactive else f", then `dc-token {profile}`"
     else:
-        nxt = f"`dc-broker login {profile}`" if p.grant == "device" else f"`dc-token {profile}`"
+        nxt = f"`dc-broker login {profile}`" if p.grant in ("device", "browser") else f"`dc-token {profile}`"
     click.echo(f"Added profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
 
 

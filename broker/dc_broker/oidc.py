@@ -183,6 +183,18 @@ def build_refresh(url: str, client: ClientCredentials, refresh_token: Secret, sc
     return _token_request(url, client, form, scope)
 
 
+def build_authorization_code(
+    url: str, client: ClientCredentials, code: str, redirect_uri: str, code_verifier: str
+) -> HttpRequest:
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "code_verifier": code_verifier,
+    }
+    return _token_request(url, client, form, None)
+
+
 def build_device_start(url: str, client: ClientCredentials, scope: str | None = None) -> HttpRequest:
     return _token_request(url, client, {}, scope)
 

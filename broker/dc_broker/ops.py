@@ -227,7 +227,8 @@ async def _watch(state: BrokerState, session: Session, min_ttl: float) -> AsyncI
 
 
 def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
-    """Stream: a password login (one message), or the device flow (the code to show, then the outcome)."""
+    """Stream: a password login (one message), the device flow (the code to show, then the outcome) or
+    a browser login (the URL to open, then the outcome)."""
     session = authorized(state, caller, _profile_arg(req.args))
     password = req.args.get("password")
     if password is not None and (not isinstance(password, str) or not password):
@@ -238,6 +239,8 @@ def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[
                 f"profile {session.profile.name!r} does not use a password (grant {session.profile.grant})"
             )
         return _password_login(session, Secret(password))
+    if session.profile.grant == "browser":
+        return session.browser_login()
     return session.device_login()
 
 

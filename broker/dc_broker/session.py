@@ -24,6 +24,7 @@ import hmac
 import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -31,9 +32,9 @@ from typing import Any, Final, TypeVar
 
 import trio
 
-from dc_broker import flows, oidc, policy
+from dc_broker import flows, loopback, oidc, policy
 from dc_broker.config import Profile
-from dc_broker.flows import Answer, Flow, Login, LoginLost, ShowCode, Sleep
+from dc_broker.flows import Answer, AwaitRedirect, Flow, Login, LoginLost, OpenBrowser, ShowCode, Sleep
 from dc_broker.oidc import Endpoints, HttpRequest, IdpTransport, TokenSet
 from dc_broker.policy import RefreshPolicy
 from dc_broker.secret import Secret
@@ -57,6 +58,8 @@ T = TypeVar("T")
 
 #: longest a caller waits for a refresh round before getting upstream_unavailable
 DEFAULT_WAIT_LIMIT: Final = 30.0
+#: how long a browser login waits for the browser to come back
+BROWSER_LOGIN_TIMEOUT: Final = 300.0
 
 
 def shift_times(tokens: TokenSet, delta: float) -> TokenSet:
@@ -541,6 +544,51 @@ class Session:
                     answer = await self._do(step, None)
         finally:
             flow.close()
+        await self.adopt_login(tokens)
+        yield {"profile": name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
+
+    async def browser_login(self) -> AsyncIterator[dict[str, Any]]:
+        """Authorization code + PKCE (``flows.browser_login``) with a one-shot listener on a random
+        127.0.0.1 port: yields the URL to open, then the outcome once the browser came back."""
+        name = self.profile.name
+        creds = self._credentials_or_none()
+        endpoints = await self._resolve_endpoints()
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        redirect_uri = f"http://127.0.0.1:{port}/callback"
+        flow = flows.browser_login(
+            self.profile,
+            creds,
+            endpoints,
+            redirect_uri=redirect_uri,
+            state=secrets.token_urlsafe(24),
+            verifier=secrets.token_urlsafe(64),
+        )
+        answer: object = None
+        try:
+            while True:
+                try:
+                    step = flow.send(answer)
+                except StopIteration as stop:
+                    tokens: TokenSet = stop.value
+                    break
+                if isinstance(step, OpenBrowser):
+                    yield {"profile": name, "authorization_url": step.url, "expires_in": BROWSER_LOGIN_TIMEOUT}
+                    answer = None
+                elif isinstance(step, AwaitRedirect):
+                    with trio.move_on_after(BROWSER_LOGIN_TIMEOUT):
+                        answer = await loopback.one_redirect(listener)
+                        await listener.aclose()  # one-shot: nothing more is accepted
+                        continue
+                    raise LoginRequired(
+                        f"profile {name!r}: no browser came back within {BROWSER_LOGIN_TIMEOUT:g} s; "
+                        f"run `dc-broker login {name}` again"
+                    )
+                else:
+                    answer = await self._do(step, None)
+        finally:
+            flow.close()
+            await listener.aclose()
         await self.adopt_login(tokens)
         yield {"profile": name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
 
