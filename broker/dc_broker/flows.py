@@ -352,7 +352,7 @@ def rejected(p: Profile, exc: OAuthError, *, narrowing_to: str | None = None) ->
         )
     if exc.error == "not_found":
         return CredentialsRejected(
-            f"profile {name!r}: {p.describe()} answers 404 Not Found ({exc.description}); "
+            f"profile {name!r}: {p.describe()} answers HTTP 404 Not Found ({exc.description}); "
             "check server, tenant, legacy_paths (Keycloak 17+ has no /auth) or issuer"
         )
     readd = f"`dc-broker remove {name}` and `dc-broker add {name} ...` with the right settings"

@@ -283,14 +283,17 @@ def dumps(doc: dict[str, object]) -> str:
 def exec_credential(token: str, expires_at: float, now: float | None = None) -> dict[str, object]:
     """kubectl's ExecCredential (client.authentication.k8s.io/v1), expiring a margin before the token:
     ``EXEC_CREDENTIAL_MARGIN``, or half the time left for a short token, so that the expiry it
-    reports is never already past (rounded up to the second RFC 3339 shows)."""
+    reports is never already past."""
     now = time.time() if now is None else now
-    stamp = max(expires_at - EXEC_CREDENTIAL_MARGIN, now + max(0.0, expires_at - now) / 2)
+    early = expires_at - EXEC_CREDENTIAL_MARGIN
+    half = now + max(0.0, expires_at - now) / 2
+    # RFC 3339 here has whole seconds: round the margin down, a short token's half-life up
+    stamp = math.floor(early) if early >= half else math.ceil(half)
     return {
         "apiVersion": "client.authentication.k8s.io/v1",
         "kind": "ExecCredential",
         "spec": {},
-        "status": {"token": token, "expirationTimestamp": _rfc3339(math.ceil(stamp))},
+        "status": {"token": token, "expirationTimestamp": _rfc3339(stamp)},
     }
 
 
