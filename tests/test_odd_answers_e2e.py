@@ -154,3 +154,22 @@ def test_every_lifetime_works_in_status_and_every_dc_token_form(tmp_path: Path, 
                 assert st[name]["expires_in"] is None or st[name]["expires_in"] <= 366 * 86400
         finally:
             assert stop(broker) == 0
+
+
+def test_login_and_logout_of_a_client_credentials_profile(tmp_path: Path) -> None:
+    sock = str(tmp_path / "run" / "b.sock")
+    with devserver() as base:
+        broker = start_run(write_config(tmp_path, base), sock, SECRETS)
+        try:
+            assert dc_token(sock, "svc").returncode == 0
+            login = run([DC_BROKER, "login", "--socket", sock, "svc"])
+            assert login.returncode == 0 and "nothing to log in" in login.stdout, login.stderr
+            out = run([DC_BROKER, "logout", "--socket", sock, "svc"])
+            assert out.returncode == 0 and "login revoked at the identity provider" in out.stdout, out.stdout
+            assert "client secret forgotten" in out.stdout
+            gone = dc_token(sock, "svc")
+            assert gone.returncode == 5 and "no client secret stored" in gone.stderr
+            acme = run([DC_BROKER, "logout", "--socket", sock, "acme"])
+            assert acme.returncode == 0 and "the client secret stays" in acme.stdout, acme.stdout
+        finally:
+            assert stop(broker) == 0

@@ -345,6 +345,9 @@ def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profi
             )
     except DcBrokerError as exc:
         raise _Fail(exc, profile) from None
+    except KeyboardInterrupt:  # Ctrl-C while waiting: the broker drops the login when the stream closes
+        click.echo(f"Login of profile {profile} cancelled.", err=True)
+        sys.exit(130)
 
 
 def _show_authorization_url(profile: str, result: dict[str, Any], *, open_browser: bool) -> None:
