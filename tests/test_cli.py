@@ -87,7 +87,10 @@ def test_add_list_remove_without_a_daemon(idp: str, home: dict[str, str], tmp_pa
     assert "replace it with `dc-broker add --force acme ...`" in duplicate.stderr
     assert "or remove it with `dc-broker remove acme`" in duplicate.stderr
     removed = cli(home, "remove", "acme")
-    assert (removed.returncode, removed.stdout) == (0, "Removed profile acme.\n")
+    assert (removed.returncode, removed.stdout) == (
+        0,
+        "Removed profile acme (no broker running: its login was not revoked at the identity provider).\n",
+    )
     unknown = cli(home, "remove", "acme")
     assert unknown.returncode == 4  # the exit status of "unknown profile" in every command (dc-token's too)
     assert "Error: no profile named 'acme' in" in unknown.stderr and "`dc-broker list`" in unknown.stderr
@@ -97,7 +100,10 @@ def test_wrong_password_at_add_is_refused_and_nothing_is_stored(idp: str, home: 
     init_keyfile(home, tmp_path)
     result = add_demo(home, idp, password="wrong")
     assert result.returncode == 8
-    assert "the identity provider refused the credentials (invalid_grant: Invalid user credentials)" in result.stderr
+    assert (
+        "the identity provider refused the password of user 'demo' (HTTP 401: invalid_grant: Invalid user credentials)"
+        in result.stderr
+    )
     assert "wrong" not in result.stderr.replace("wrong password", "")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "config" / "dc-broker" / "config.toml").exists()  # nothing was written
@@ -213,3 +219,20 @@ def test_passphrase_vault_locked_daemon_unlock_lock_restart(idp: str, home: dict
     err = daemon.stderr.read() if daemon.stderr else ""
     for secret in ("correct horse", "dc-cli-secret", first.stdout.strip()):
         assert secret not in err
+
+
+def test_add_with_issuer_to_a_running_broker_works_at_once(idp: str, home: dict[str, str], tmp_path: Path) -> None:
+    init_keyfile(home, tmp_path)
+    sock = home["DC_BROKER_SOCKET"]
+    daemon = subprocess.Popen([DC_BROKER, "run"], env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(sock, daemon)
+        args = ["add", "iss", "--issuer", f"{idp}/realms/demo", "--client-id", "dc-cli", "--username", "demo"]
+        added = cli(home, *args, "--password-stdin", "--secret-stdin", stdin="demo\ndc-cli-secret\n")
+        assert added.returncode == 0, added.stderr
+        got = dc_token(sock, "iss")
+        assert got.returncode == 0, got.stderr
+        removed = cli(home, "remove", "iss")
+        assert removed.returncode == 0 and "revoked at the identity provider" in removed.stdout, removed.stdout
+    finally:
+        assert stop(daemon) == 0

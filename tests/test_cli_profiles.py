@@ -159,7 +159,7 @@ def test_rotate_through_a_running_broker(idp: str, home: dict[str, str], tmp_pat
         first = dc_token(sock, "acme")
         assert first.returncode == 0, first.stderr
         wrong = cli(home, "rotate", "acme", "--password-stdin", stdin="not-the-password\n")
-        assert wrong.returncode == 8 and "refused the credentials" in wrong.stderr, wrong.stderr
+        assert wrong.returncode == 8 and "refused the password of user 'demo' (HTTP 401" in wrong.stderr, wrong.stderr
         assert dc_token(sock, "acme").stdout == first.stdout  # the working login was not touched
         ok = cli(home, "rotate", "acme", "--password-stdin", stdin="demo\n")
         assert ok.stdout == (
@@ -196,7 +196,7 @@ def test_config_error_names_the_line_of_the_bad_value(home: dict[str, str], tmp_
     out = cli(home, "list")
     assert out.returncode == 2
     assert out.stderr == (
-        f"Error: {cfg}:5: profile 'x': grant 'pasword' is not one of password, client_credentials, device\n"
+        f"Error: {cfg}:5: profile 'x': grant 'pasword' is not one of password, client_credentials, device, browser\n"
     )
 
 

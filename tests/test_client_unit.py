@@ -100,7 +100,7 @@ def test_parse(argv: list[str], expected: tuple[object, ...]) -> None:
         (["a", "b"], "give one PROFILE"),
         (["acme", "--json", "--header"], "--header, --json and --exec-credential are alternatives: give one"),
         (["acme", "--min-ttl"], "--min-ttl needs a value"),
-        (["acme", "--min-ttl", "nan"], "--min-ttl must be a number of seconds >= 0"),
+        (["acme", "--min-ttl", "nan"], "--min-ttl must be a number of seconds between 0 and 86400"),
         (["acme", "--json=1"], "--json takes no value"),
         (["acme", "--env", "X"], "unknown option --env (see dc-token --help)"),
         (["exec", "acme"], "exec needs a COMMAND after the profile (dc-token exec PROFILE -- COMMAND...)"),

@@ -270,9 +270,15 @@ ERROR_ROWS: list[tuple[str, dict[str, str], tuple[str, str] | None, tuple[int, s
     ),
     (
         "unsupported grant",
-        {"grant_type": "authorization_code", "code": "x"},
+        {"grant_type": "urn:ietf:params:oauth:grant-type:saml2-bearer", "assertion": "x"},
         CLI,
         (400, "unsupported_grant_type", "Unsupported grant_type"),
+    ),
+    (
+        "unknown authorization code",
+        {"grant_type": "authorization_code", "code": "x"},
+        CLI,
+        (400, "invalid_grant", "Code not valid"),
     ),
     ("missing grant_type", {}, CLI, (400, "invalid_request", "Missing form parameter: grant_type")),
     (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -66,7 +67,7 @@ def test_socket_and_directory_are_private(dev) -> None:
     ("args", "code", "message"),
     [
         (["nope"], 4, "dc-token: no profile named 'nope'; `dc-broker status` lists the profiles"),
-        (["demo", "--min-ttl", "-1"], 2, "dc-token: --min-ttl must be a number of seconds >= 0"),
+        (["demo", "--min-ttl", "-1"], 2, "dc-token: --min-ttl must be a number of seconds between 0 and 86400"),
     ],
 )
 def test_dc_token_failures_are_one_line_with_exit_codes(dev, args: list[str], code: int, message: str) -> None:
@@ -219,7 +220,7 @@ def test_run_with_config_and_secrets_on_stdin(dev, tmp_path: Path) -> None:
         assert dc_token(sock, "svc").returncode == 0
         result = dc_token(sock, "nosecret")
         assert result.returncode == 5
-        assert "run `dc-broker login nosecret`" in result.stderr
+        assert "no client secret stored" in result.stderr and "`dc-broker add nosecret" in result.stderr
         status = run([DC_BROKER, "status", "--socket", sock])
         assert status.returncode == 0 and "acme" in status.stdout and "fresh" in status.stdout
     finally:
@@ -318,7 +319,11 @@ def test_login_with_password(dev) -> None:
     bad = run([DC_BROKER, "login", "--socket", sock, "--password-stdin", "demo"], input="wrong\n")
     assert bad.returncode == 8
     assert "Invalid user credentials" in bad.stderr and "wrong" not in bad.stderr
-    assert dc_token(sock, "demo").returncode == 8  # the broker now holds the wrong password: rejected
+    assert "HTTP 401" in bad.stderr
+    # a wrong password is checked before anything is replaced: the working login stays
+    assert dc_token(sock, "demo").returncode == 0
+    st = json.loads(run([DC_BROKER, "status", "--socket", sock, "--json"]).stdout)
+    assert {p["profile"]: p["state"] for p in st["profiles"]}["demo"] == "fresh"
     fixed = run([DC_BROKER, "login", "--socket", sock, "--password-stdin", "demo"], input="demo\n")
     assert fixed.returncode == 0 and dc_token(sock, "demo").returncode == 0
 

@@ -12,7 +12,7 @@ from dc_broker import oidc
 from dc_broker.config import Profile
 from dc_broker.oidc import ClientCredentials, HttpResponse
 from dc_broker.secret import Secret
-from dc_token.errors import OAuthError, UpstreamGarbage, UpstreamTransient
+from dc_token.errors import ConfigError, OAuthError, UpstreamGarbage, UpstreamTransient
 
 URL = "https://sso.example.com/auth/realms/acme/protocol/openid-connect/token"
 
@@ -124,11 +124,10 @@ def test_server_trouble_is_transient_with_retry_after(status: int) -> None:
         (HttpResponse(200, {"content-type": "application/json"}, b'{"access_token": "A", "expi'), "not a JSON"),
         (HttpResponse(200, {}, b""), "empty"),
         (ok({"token_type": "Bearer", "expires_in": 5}), "without an access_token"),
-        (ok({"access_token": "A"}), "expires_in"),
-        (ok({"access_token": "A", "expires_in": "soon"}), "expires_in"),
         (ok({"access_token": "A", "expires_in": 60, "token_type": "mac"}), "not a Bearer"),
         (ok(["not", "an", "object"]), "not a JSON object"),
-        (HttpResponse(400, {"content-type": "text/plain"}, b"Bad Request"), "HTTP 400"),
+        (HttpResponse(302, {"content-type": "text/plain"}, b"Found"), "HTTP 302"),
+        (HttpResponse(418, {"content-type": "text/html"}, b"<p>teapot</p>"), "HTTP 418"),
     ],
 )
 def test_garbage_is_a_clear_error(resp: HttpResponse, match: str) -> None:
@@ -180,3 +179,92 @@ def test_device_authorization_parsing() -> None:
     )
     assert dev.user_code == "ABCD-EFGH" and dev.expires_at == 610 and dev.interval == 5
     assert "DC" not in repr(dev)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403])
+@pytest.mark.parametrize(
+    ("ctype", "body", "said"),
+    [
+        ("application/json", b"", "an empty body"),
+        ("text/html", b"<html><body><h1>401 Authorization Required</h1></body></html>", "text/html"),
+        ("text/plain", b"Bad Request", "text/plain"),
+        ("application/json", b'{"message": "no"}', "application/json"),
+    ],
+)
+def test_a_refusal_without_an_oauth_body_is_still_a_refusal(status: int, ctype: str, body: bytes, said: str) -> None:
+    resp = HttpResponse(status, {"content-type": ctype}, body)
+    with pytest.raises(OAuthError) as info:
+        oidc.parse_token_response(resp, 0)
+    assert info.value.error == "refused" and info.value.status == status and said in info.value.description
+    assert oidc.refuses_grant(info.value)
+
+
+@pytest.mark.parametrize(
+    ("error", "refuses"),
+    [
+        ("invalid_grant", True),
+        ("refused", True),
+        ("invalid_request", True),
+        ("invalid_client", False),
+        ("unauthorized_client", False),
+        ("invalid_scope", False),
+    ],
+)
+def test_which_refusals_are_of_the_grant(error: str, refuses: bool) -> None:
+    assert oidc.refuses_grant(OAuthError(error, "", 400)) is refuses
+
+
+@pytest.mark.parametrize(
+    ("raw", "lifetime"),
+    [
+        ("300", 300.0),
+        ("NaN", oidc.DEFAULT_LIFETIME),
+        ("Infinity", oidc.MAX_LIFETIME),
+        ("1e999", oidc.MAX_LIFETIME),
+        ("1e18", oidc.MAX_LIFETIME),
+        ("-Infinity", oidc.MIN_LIFETIME),
+        ("0", oidc.MIN_LIFETIME),
+        ("-5", oidc.MIN_LIFETIME),
+        ("0.2", oidc.MIN_LIFETIME),
+        ('"soon"', oidc.DEFAULT_LIFETIME),
+        ('"300"', oidc.DEFAULT_LIFETIME),
+        ("null", oidc.DEFAULT_LIFETIME),
+        ("true", oidc.DEFAULT_LIFETIME),
+        (None, oidc.DEFAULT_LIFETIME),
+    ],
+)
+def test_expires_in_rule(raw: str | None, lifetime: float) -> None:
+    field = "" if raw is None else f', "expires_in": {raw}, "refresh_token": "R", "refresh_expires_in": {raw}'
+    body = ('{"access_token": "A"' + field + "}").encode()
+    tok = oidc.parse_token_response(HttpResponse(200, {"content-type": "application/json"}, body), now=1000.0)
+    assert tok.lifetime == lifetime and tok.expires_at == 1000.0 + lifetime
+    assert tok.refresh_expires_at is None or tok.refresh_expires_at - 1000.0 <= oidc.MAX_LIFETIME
+
+
+def test_idp_text_is_bounded_stripped_and_redacted() -> None:
+    client = ClientCredentials("cli", "basic", Secret("cl!ent-secret"))
+    req = oidc.build_password(URL, client, "alice", Secret("p@ss word&1"))
+    echo = "you sent " + req.body().decode() + " with \x00\x1b[31m NUL and colour " + "x" * 70000
+    body = json.dumps({"error": "invalid_grant\n\x00", "error_description": echo}).encode()
+    with pytest.raises(OAuthError) as info:
+        oidc.parse_token_response(HttpResponse(401, {"content-type": "application/json"}, body), 0, req.secrets())
+    text = str(info.value)
+    assert info.value.error == "invalid_grant"
+    assert len(info.value.description) <= oidc.MAX_IDP_TEXT
+    assert "p@ss word&1" not in text and "p%40ss+word%261" not in text and "[redacted]" in text
+    assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in text)
+
+
+def test_redaction_covers_the_basic_client_secret_and_refresh_token() -> None:
+    client = ClientCredentials("cli", "basic", Secret("cl!ent-secret"))
+    req = oidc.build_refresh(URL, client, Secret("RT-123456"))
+    text = oidc.clean_text(f"client cl!ent-secret token RT-123456 header {req.headers['Authorization']}", req.secrets())
+    assert "cl!ent-secret" not in text and "RT-123456" not in text
+    assert req.headers["Authorization"].removeprefix("Basic ") not in text
+
+
+@pytest.mark.parametrize("key", ["token_endpoint", "device_authorization_endpoint", "revocation_endpoint"])
+def test_discovery_with_a_plain_http_endpoint_is_a_config_error(key: str) -> None:
+    doc = {"issuer": "https://sso.example.com/realms/a", "token_endpoint": URL, key: "http://sso.example.com/x"}
+    with pytest.raises(ConfigError, match=key):
+        oidc.parse_discovery(ok(doc), "https://sso.example.com/realms/a")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -68,3 +70,33 @@ def test_forced_refresh_is_rate_limited() -> None:
 def test_policy_rejects_impossible_fractions() -> None:
     with pytest.raises(ValueError):
         policy.RefreshPolicy(refresh_fraction=0.98, jitter_fraction=0.05)
+
+
+def test_no_attempt_within_the_floor_of_the_last_one() -> None:
+    p = P
+    for demanded in (False, True):
+        at = policy.attempt_allowed_at(
+            p,
+            last_attempt_at=100.0,
+            failed_at=-math.inf,
+            backoff_until=-math.inf,
+            told_until=-math.inf,
+            demanded=demanded,
+        )
+        assert at == 100.0 + p.refresh_floor
+
+
+def test_backoff_holds_the_background_task_but_a_caller_may_probe() -> None:
+    p = P
+    common = dict(last_attempt_at=90.0, failed_at=100.0, backoff_until=400.0, told_until=-math.inf)
+    assert policy.attempt_allowed_at(p, **common, demanded=False) == 400.0
+    assert policy.attempt_allowed_at(p, **common, demanded=True) == 100.0 + p.demand_probe_interval
+    # a short backoff ends before the probe interval: the backoff's end is the earlier moment
+    short = dict(common, backoff_until=101.0)
+    assert policy.attempt_allowed_at(p, **short, demanded=True) == 101.0
+
+
+def test_the_idps_retry_after_holds_for_probes_too() -> None:
+    p = P
+    at = policy.probe_at(p, failed_at=100.0, backoff_until=400.0, told_until=220.0)
+    assert at == 220.0

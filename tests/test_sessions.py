@@ -515,7 +515,7 @@ async def test_wrong_url_and_refused_scope_say_what_to_fix(make_idp, autojump_cl
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wrong_tenant.run)
         with pytest.raises(
-            CredentialsRejected, match=r"answers 404 Not Found \(Realm does not exist\); check server, tenant"
+            CredentialsRejected, match=r"answers HTTP 404 Not Found \(Realm does not exist\); check server, tenant"
         ):
             await wrong_tenant.get()
         nursery.cancel_scope.cancel()

@@ -27,7 +27,7 @@ from dc_broker.hardening import harden
 from dc_broker.options import CONFIG, SOCKET, VAULT
 from dc_broker.secret import Secret
 from dc_broker.store import Credentials, MemoryStore, SecretStore
-from dc_token.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError
+from dc_token.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError, hint_for
 from dc_token.paths import default_socket_path
 from dc_token.version import version
 
@@ -58,8 +58,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 class _Fail(click.ClickException):
-    def __init__(self, exc: DcBrokerError) -> None:
-        hint = f"\n  {exc.hint}" if exc.hint and exc.hint not in str(exc) else ""
+    def __init__(self, exc: DcBrokerError, profile: str | None = None) -> None:
+        hint = f"\n  {text}" if (text := hint_for(exc, profile)) else ""
         super().__init__(f"{exc}{hint}")
         self.exit_code = exc.exit_code or 1  # type: ignore[misc]
 
@@ -285,7 +285,7 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
         with TokenClient(socket_path) as broker:
             result = broker.status(profile)
     except (BrokerError, BrokerUnavailable) as exc:
-        raise _Fail(exc) from None
+        raise _Fail(exc, profile) from None
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
@@ -306,14 +306,22 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
 @cli.command()
 @SOCKET
 @click.option("--password-stdin", is_flag=True, help="read the password from stdin instead of a hidden prompt")
+@click.option("--no-browser", is_flag=True, help="browser login: print the URL instead of opening a browser")
 @click.argument("profile", shell_complete=complete_profiles)
-def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:
-    """Log PROFILE in: a password prompt for password profiles, else the device flow (a URL and a code to
-    enter in a browser anywhere; this command waits until you have approved)."""
+def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profile: str) -> None:
+    """Log PROFILE in: a password prompt for password profiles, a browser for browser profiles (the
+    authorization code flow; with --no-browser, e.g. over ssh, the URL is printed), else the device flow
+    (a URL and a code to enter in a browser anywhere). This command waits until you have logged in."""
     from dc_broker import control
 
     try:
         grant = control.request("status", socket_path, profile=profile)["profiles"][0]["grant"]
+        if grant == "client_credentials":
+            click.echo(
+                f"Profile {profile} uses client credentials: the broker signs in with its stored client secret, "
+                "so there is nothing to log in."
+            )
+            return
         if grant == "password":
             if password_stdin:
                 password = sys.stdin.readline().rstrip("\n")
@@ -328,13 +336,40 @@ def login(socket_path: str | None, password_stdin: bool, profile: str) -> None:
             if result.get("logged_in"):
                 click.echo(f"Logged in: profile {profile} has a token for {_fmt_seconds(result.get('expires_in'))}.")
                 return
+            if "authorization_url" in result:
+                _show_authorization_url(profile, result, open_browser=not no_browser)
+                continue
             uri = result.get("verification_uri_complete") or result["verification_uri"]
             click.echo(
                 f"To log in profile {profile}, open\n\n    {uri}\n\nand enter the code {result['user_code']} "
                 f"(valid {_fmt_seconds(result.get('expires_in'))}). Waiting...",
             )
     except DcBrokerError as exc:
-        raise _Fail(exc) from None
+        raise _Fail(exc, profile) from None
+    except KeyboardInterrupt:  # Ctrl-C while waiting: the broker drops the login when the stream closes
+        click.echo(f"Login of profile {profile} cancelled.", err=True)
+        sys.exit(130)
+
+
+def _show_authorization_url(profile: str, result: dict[str, Any], *, open_browser: bool) -> None:
+    url = str(result["authorization_url"])
+    opened = False
+    if open_browser:
+        import webbrowser
+
+        try:
+            opened = webbrowser.open(url)
+        except webbrowser.Error:
+            opened = False
+    lead = (
+        f"A browser was opened to log in profile {profile}; if none appeared, open"
+        if opened
+        else f"To log in profile {profile}, open"
+    )
+    click.echo(
+        f"{lead}\n\n    {url}\n\nin a browser on this machine (valid {_fmt_seconds(result.get('expires_in'))}). "
+        "Waiting..."
+    )
 
 
 from dc_broker.manage import COMMANDS  # noqa: E402 - registered beside the other commands

@@ -11,7 +11,7 @@ to write instead. Pure apart from reading the one file it is given.
     server = "https://dc.example.com"    # or issuer = ".../realms/acme", or token_url = "..."
     tenant = "acme"
     client_id = "dc-cli"
-    grant = "password"                   # password | client_credentials | device
+    grant = "password"                   # password | client_credentials | device | browser
     username = "alice"
     auth_method = "basic"                # basic | post | none
     scope = "openid"
@@ -42,7 +42,7 @@ class BadValue(ConfigError):
         self.key = key
 
 
-GRANTS: Final = ("password", "client_credentials", "device")
+GRANTS: Final = ("password", "client_credentials", "device", "browser")
 AUTH_METHODS: Final = ("basic", "post", "none")
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})

@@ -63,16 +63,27 @@ def vault_state(store: SecretStore) -> str:
     return "in memory"
 
 
-def status_line(sessions: Sessions, store: SecretStore) -> str:
-    """One line for ``systemctl status``: counts and states only, never a token or a name's secret."""
+def status_line(sessions: Sessions, store: SecretStore, reload_error: str | None = None) -> str:
+    """One line for ``systemctl status``: counts and states only, never a token or a name's secret.
+    Profiles without a usable token are counted (unavailable, waiting for a person); a failed reload
+    is said until the next one succeeds."""
     now = sessions.clock()
     states = [sessions.lookup(name).effective_state(now) for name in sessions.names()]
     fresh = sum(1 for s in states if s is State.FRESH)
     waiting = sum(1 for s in states if s in (State.LOGIN_REQUIRED, State.REJECTED))
+    unavailable = sum(1 for s in states if s is State.UNAVAILABLE)
+    stale = sum(1 for s in states if s is State.STALE)
     text = f"{len(states)} profile(s), {fresh} fresh"
+    if stale:
+        text += f", {stale} stale (refresh failing)"
+    if unavailable:
+        text += f", {unavailable} unavailable (identity provider failing)"
     if waiting:
         text += f", {waiting} need a login or new credentials"
-    return f"{text}; vault {vault_state(store)}"
+    text = f"{text}; vault {vault_state(store)}"
+    if reload_error is not None:
+        text += f"; last reload failed: {reload_error}"
+    return text
 
 
 class _Listener:
@@ -133,9 +144,11 @@ class _Supervisor:
         self._last_status = ""
         #: the [daemon] settings in force (SIGHUP applies changed limits)
         self.settings = DaemonSettings()
+        #: why the last SIGHUP reload failed (shown in STATUS= until one succeeds)
+        self.reload_error: str | None = None
 
     def send_status(self, **extra: str | int) -> None:
-        line = status_line(self.sessions, self.store)
+        line = status_line(self.sessions, self.store, self.reload_error)
         if extra or line != self._last_status:
             self._last_status = line
             self.notifier.send(**extra, STATUS=line)
@@ -180,9 +193,7 @@ class _Supervisor:
                 "stopping with %d request(s) still unanswered after %.0f s", self.server.pending, self.drain_timeout
             )
         with trio.move_on_at(deadline) as settle:
-            # a refresh in progress stores its (maybe rotated) tokens first; polled: Session has no public event
-            while any(self.sessions.lookup(n).state is State.REFRESHING for n in self.sessions.names()):  # noqa: ASYNC110
-                await trio.sleep(0.02)
+            await self.sessions.settled()  # a refresh in progress stores its (maybe rotated) tokens first
         if settle.cancelled_caught:
             log.warning("stopping during a refresh; its result is lost")
         scope.cancel()
@@ -200,7 +211,9 @@ class _Supervisor:
                 len(self.sessions),
                 exc,
             )
+            self.reload_error = str(exc)[:200].replace("\n", " ")
         else:
+            self.reload_error = None
             added, changed, removed = self.sessions.reload(config.profiles)
             restart = apply_daemon_settings(self.server, self.settings, config.daemon)
             self.settings = config.daemon

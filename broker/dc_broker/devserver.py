@@ -11,7 +11,9 @@ The public entry point for ``dc-broker dev``, ``make demo`` and the test suite:
 or in-process without sockets: ``httpx.AsyncClient(transport=httpx.ASGITransport(app=idp.app))``.
 
 ``python -m dc_broker.devserver [--host H] [--port P] [--access-lifespan S] [--sso-idle S] [--sso-max S]
-[--rotate]`` runs the demo realm, prints the base URL as the first stdout line and serves until
+[--rotate] [--refusal-body json|empty|html] [--echo-description] [--expires-in RAW] [--drip S]`` runs the
+demo realm (the last four are the standing fault modes of ``dc_broker.devidp.faults``), prints the base
+URL as the first stdout line and serves until
 SIGINT/SIGTERM (exit 0).
 
 The logic lives in the ``dc_broker.devidp`` package (see its docstring for the module map). This module
@@ -85,7 +87,26 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="with --rotate: times a refresh token may be reused (Keycloak's default 0)",
     )
+    parser.add_argument(
+        "--refusal-body",
+        choices=["json", "empty", "html"],
+        default="json",
+        help="how 400/401/403 token errors are rendered (default json, as Keycloak)",
+    )
+    parser.add_argument(
+        "--echo-description", action="store_true", help="error_description echoes the request body (and pads it)"
+    )
+    parser.add_argument("--expires-in", default=None, help='raw JSON for expires_in ("NaN", "1e999", ...) or "absent"')
+    parser.add_argument("--drip", type=float, default=0.0, help="send token responses one byte per DRIP seconds")
     return parser
+
+
+def faults_from_args(idp: DevIdP, args: argparse.Namespace) -> None:
+    faults = idp.faults
+    faults.refusal_body = args.refusal_body
+    faults.echo_description = args.echo_description
+    faults.expires_in = args.expires_in
+    faults.drip = args.drip
 
 
 def realm_from_args(args: argparse.Namespace) -> DevRealm:
@@ -124,6 +145,7 @@ async def _run(idp: DevIdP, host: str, port: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     idp = DevIdP([realm_from_args(args)])
+    faults_from_args(idp, args)
     trio.run(_run, idp, args.host, args.port)
     return 0
 

@@ -48,6 +48,7 @@ from dc_token.errors import (
     UnknownProfile,
     UpstreamFault,
     UpstreamUnavailable,
+    hint_for,
 )
 from dc_token.paths import default_socket_path
 
@@ -58,8 +59,8 @@ if TYPE_CHECKING:
 class Failed(click.ClickException):
     """An expected failure: one `Error:` line (plus what to do), the error's own exit status."""
 
-    def __init__(self, exc: DcBrokerError) -> None:
-        hint = f"\n  {exc.hint}" if exc.hint and "`" not in str(exc) else ""
+    def __init__(self, exc: DcBrokerError, profile: str | None = None) -> None:
+        hint = f"\n  {text}" if (text := hint_for(exc, profile)) else ""
         super().__init__(f"{exc}{hint}")
         self.exit_code = exc.exit_code or 1  # type: ignore[misc]
 
@@ -207,7 +208,9 @@ def _forget(key_path: str | None, item: Keyring | None = None) -> None:
 @click.option("--username", help="password grant: the user")
 @click.option("--scope", help="scope to ask for")
 @click.option(
-    "--auth-method", type=click.Choice(AUTH_METHODS), help="client authentication (default basic, none for device)"
+    "--auth-method",
+    type=click.Choice(AUTH_METHODS),
+    help="client authentication (default basic; none for device, browser)",
 )
 @click.option("--issuer", help="issuer URL: endpoints from its discovery document")
 @click.option("--token-url", help="the token endpoint, outright")
@@ -245,7 +248,7 @@ def add(
     if allow:
         fields["allow"] = allow
     if "auth_method" not in fields:
-        fields["auth_method"] = "none" if fields.get("grant") == "device" else "basic"
+        fields["auth_method"] = "none" if fields.get("grant") in ("device", "browser") else "basic"
     try:
         p = Profile(name=profile, **fields)
         exists = profile in load_config(path, missing_ok=True).profiles
@@ -257,7 +260,7 @@ def add(
         password = _read_secret("Password", password_stdin) if p.grant == "password" else None
         secret = _read_secret("Client secret", secret_stdin) if p.auth_method != "none" else None
         creds = Credentials(password=password, client_secret=secret)
-        if not no_verify and p.grant != "device":
+        if not no_verify and p.grant not in ("device", "browser"):
             trio.run(_verify, p, creds)
         running = _daemon(socket_path)
         write = replace_profile if exists else add_profile
@@ -278,13 +281,14 @@ def add(
         else:
             write(path, p)
     except DcBrokerError as exc:
-        raise Failed(exc) from None
+        raise Failed(exc, profile) from None
     where = "the running broker" if running else "the vault"
     if not running:
         nxt = "`dc-broker run` (or `systemctl --user start dc-broker`)"
-        nxt += f", then `dc-broker login {profile}`" if p.grant == "device" else f", then `dc-token {profile}`"
+        interactive = p.grant in ("device", "browser")
+        nxt += f", then `dc-broker login {profile}`" if interactive else f", then `dc-token {profile}`"
     else:
-        nxt = f"`dc-broker login {profile}`" if p.grant == "device" else f"`dc-token {profile}`"
+        nxt = f"`dc-broker login {profile}`" if p.grant in ("device", "browser") else f"`dc-token {profile}`"
     verb = "Replaced" if exists else "Added"
     click.echo(f"{verb} profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
 
@@ -325,8 +329,9 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
     try:
         if profile not in load_config(path, missing_ok=False).profiles:
             raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
+        revoked: bool | None = None
         if _daemon(socket_path):
-            control.request("logout", socket_path, profile=profile)
+            revoked = bool(control.request("logout", socket_path, profile=profile).get("revoked"))
             remove_profile(path, profile)
             control.request("reload", socket_path)
         else:
@@ -337,8 +342,14 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
                     vault.remove(profile)
             remove_profile(path, profile)
     except DcBrokerError as exc:
-        raise Failed(exc) from None
-    click.echo(f"Removed profile {profile}.")
+        raise Failed(exc, profile) from None
+    if revoked is None:
+        how = " (no broker running: its login was not revoked at the identity provider)"
+    else:
+        how = (
+            "; its login was revoked at the identity provider" if revoked else " (the IdP did not confirm a revocation)"
+        )
+    click.echo(f"Removed profile {profile}{how}.")
 
 
 @click.command(name="list")
@@ -376,13 +387,16 @@ def logout(socket_path: str | None, profile: str) -> None:
     try:
         result = control.request("logout", socket_path, profile=profile)
     except DcBrokerError as exc:
-        raise Failed(exc) from None
+        raise Failed(exc, profile) from None
     how = (
         "revoked at the identity provider"
         if result.get("revoked")
         else "forgotten (the IdP did not confirm a revocation)"
     )
-    click.echo(f"Logged out of profile {profile}: login {how}, secrets forgotten.")
+    rest = f"its {result.get('forgotten') or 'secrets'} forgotten"
+    if result.get("kept_client_secret"):
+        rest += " (the client secret stays: `dc-broker login` uses it)"
+    click.echo(f"Logged out of profile {profile}: login {how}, {rest}.")
 
 
 @click.command()

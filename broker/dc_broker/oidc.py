@@ -7,20 +7,33 @@ is the only code here that does I/O: it sends an ``HttpRequest`` with httpx unde
 TLS verification on (optionally a per-profile CA bundle), and translates every httpx failure into
 ``UpstreamTransient`` in one place.
 
-Secrets enter as ``Secret`` and leave only inside the request body or Authorization header.
+Secrets enter as ``Secret`` and leave only inside the request body or Authorization header. Text
+the IdP writes (``error``, ``error_description``) is bounded, stripped of control characters and has
+every secret the request carried redacted (``clean_text``) before it can reach a log line or a reply.
+
+Odd answers have one rule each, applied here where the response is parsed:
+
+* a 400/401/403 without an OAuth error body (empty, HTML, a proxy's page) is a refusal of that grant,
+  ``OAuthError("refused", ..., status)``, not an outage;
+* ``expires_in`` absent or not a number -> ``DEFAULT_LIFETIME`` (300 s); below ``MIN_LIFETIME`` (1 s;
+  zero and negative included) -> ``MIN_LIFETIME``; above ``MAX_LIFETIME`` (one year; 1e18, 1e999) ->
+  ``MAX_LIFETIME``. ``refresh_expires_in`` gets the same cap.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, quote_plus, unquote, urlencode
 
 import httpx
+import trio
 
 from dc_broker.config import Profile, check_url
 from dc_broker.secret import Secret
@@ -28,6 +41,16 @@ from dc_token.errors import OAuthError, UpstreamGarbage, UpstreamTransient
 
 DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
 _MAX_BODY: Final = 1024 * 1024
+#: an ``expires_in`` that is absent or not a number counts as this many seconds
+DEFAULT_LIFETIME: Final = 300.0
+#: token lifetimes are clamped into [MIN_LIFETIME, MAX_LIFETIME]
+MIN_LIFETIME: Final = 1.0
+MAX_LIFETIME: Final = 365 * 86400.0
+#: the longest IdP text (error, error_description) that reaches a log line or a reply
+MAX_IDP_TEXT: Final = 300
+#: form fields that carry a secret; their values never come back in IdP text
+_SECRET_FIELDS: Final = ("password", "client_secret", "refresh_token", "device_code", "token", "code", "code_verifier")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +84,30 @@ class HttpRequest:
     def body(self) -> bytes:
         return urlencode(dict(self.form)).encode("ascii")
 
+    def secrets(self) -> list[str]:
+        """The secret values this request carries (form fields, the Basic client secret)."""
+        found = [self.form[k] for k in _SECRET_FIELDS if self.form.get(k)]
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Basic "):
+            try:
+                _, _, secret = base64.b64decode(auth[6:]).decode().partition(":")
+            except ValueError:
+                secret = ""
+            if secret:
+                found.append(unquote(secret))  # _client_auth form-quotes id and secret
+                found.append(auth[6:])
+        return found
+
+
+def clean_text(text: str, secrets: Iterable[str] = (), limit: int = MAX_IDP_TEXT) -> str:
+    """IdP text made fit for a log line or a reply: every secret value (raw and form-encoded)
+    replaced by ``[redacted]``, control characters turned into one space, at most ``limit`` chars."""
+    for secret in sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True):
+        for form in {secret, quote_plus(secret), quote(secret, safe="")}:
+            text = text.replace(form, "[redacted]")
+    text = _CONTROL.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
 
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
@@ -84,6 +131,7 @@ class Endpoints:
     device: str | None = None
     revocation: str | None = None
     issuer: str | None = None
+    authorization: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +183,18 @@ def build_refresh(url: str, client: ClientCredentials, refresh_token: Secret, sc
     return _token_request(url, client, form, scope)
 
 
+def build_authorization_code(
+    url: str, client: ClientCredentials, code: str, redirect_uri: str, code_verifier: str
+) -> HttpRequest:
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "code_verifier": code_verifier,
+    }
+    return _token_request(url, client, form, None)
+
+
 def build_device_start(url: str, client: ClientCredentials, scope: str | None = None) -> HttpRequest:
     return _token_request(url, client, {}, scope)
 
@@ -181,8 +241,13 @@ def _describe_garbage(resp: HttpResponse) -> str:
     return f"HTTP {resp.status} with {ctype} that is not a JSON object ({len(resp.body)} bytes)"
 
 
-def check_error(resp: HttpResponse) -> None:
-    """Raise the fault a non-2xx response stands for. Returns only for 2xx."""
+#: statuses with which a token endpoint refuses the grant it was sent, whatever the body says
+REFUSALS: Final = frozenset({400, 401, 403})
+
+
+def check_error(resp: HttpResponse, secrets: Iterable[str] = ()) -> None:
+    """Raise the fault a non-2xx response stands for. Returns only for 2xx. ``secrets`` (the
+    request's, ``HttpRequest.secrets``) are redacted from whatever text the IdP sends back."""
     status = resp.status
     if 200 <= status < 300:
         return
@@ -191,16 +256,38 @@ def check_error(resp: HttpResponse) -> None:
     data = _json_object(resp, "error")
     if status == 404:  # a wrong URL, whatever the body says (Keycloak: {"error": "Realm does not exist"})
         said = data.get("error") if data is not None else None
-        raise OAuthError("not_found", said if isinstance(said, str) else "no such endpoint", 404)
-    if data is not None and isinstance(data.get("error"), str):
+        raise OAuthError("not_found", clean_text(said, secrets) if isinstance(said, str) else "no such endpoint", 404)
+    if data is not None and isinstance(data.get("error"), str) and data["error"].strip():
         description = data.get("error_description")
-        raise OAuthError(data["error"], description if isinstance(description, str) else "", status)
+        raise OAuthError(
+            clean_text(data["error"], secrets, 64),
+            clean_text(description, secrets) if isinstance(description, str) else "",
+            status,
+        )
+    if status in REFUSALS:  # glewlwyd, or a proxy that replaced the error page: still a refusal
+        ctype = resp.headers.get("content-type", "no content type").split(";")[0]
+        raise OAuthError("refused", "an empty body" if not resp.body else f"a {ctype} body, not an OAuth error", status)
     raise UpstreamGarbage(f"identity provider answered {_describe_garbage(resp)}")
 
 
-def parse_token_response(resp: HttpResponse, now: float) -> TokenSet:
+def refuses_grant(exc: OAuthError) -> bool:
+    """The IdP refused the grant it was sent (the refresh token is dead, the password wrong...),
+    as opposed to refusing the client or its configuration."""
+    return exc.error in ("invalid_grant", "refused") or (
+        exc.status in REFUSALS and exc.error not in ("invalid_client", "unauthorized_client", "invalid_scope")
+    )
+
+
+def lifetime(value: object, default: float = DEFAULT_LIFETIME) -> float:
+    """An ``expires_in`` as the IdP sent it -> seconds, by the rule in the module docstring."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
+        return default
+    return min(MAX_LIFETIME, max(MIN_LIFETIME, float(value)))
+
+
+def parse_token_response(resp: HttpResponse, now: float, secrets: Iterable[str] = ()) -> TokenSet:
     """A token endpoint response -> TokenSet, or the UpstreamFault it stands for."""
-    check_error(resp)
+    check_error(resp, secrets)
     data = _json_object(resp, "token")
     if data is None:
         raise UpstreamGarbage(f"identity provider answered {_describe_garbage(resp)} instead of a token")
@@ -210,21 +297,19 @@ def parse_token_response(resp: HttpResponse, now: float) -> TokenSet:
     token_type = data.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise UpstreamGarbage(f"identity provider granted a {token_type!r} token, not a Bearer token")
-    expires_in = data.get("expires_in")
-    if not isinstance(expires_in, int | float) or isinstance(expires_in, bool) or expires_in <= 0:
-        raise UpstreamGarbage("identity provider answered without a positive expires_in")
+    expires_in = lifetime(data.get("expires_in"))
     refresh = data.get("refresh_token")
     refresh_token = Secret(refresh) if isinstance(refresh, str) and refresh else None
     refresh_expires_at: float | None = None
     rexp = data.get("refresh_expires_in")
     if refresh_token is not None and isinstance(rexp, int | float) and not isinstance(rexp, bool) and rexp > 0:
-        refresh_expires_at = now + float(rexp)
+        refresh_expires_at = now + lifetime(rexp)  # NaN: the access token's own lifetime
     scope = data.get("scope")
     id_token = data.get("id_token")
     return TokenSet(
         access_token=Secret(access),
         obtained_at=now,
-        expires_at=now + float(expires_in),
+        expires_at=now + expires_in,
         token_type="Bearer",
         refresh_token=refresh_token,
         refresh_expires_at=refresh_expires_at,
@@ -233,8 +318,8 @@ def parse_token_response(resp: HttpResponse, now: float) -> TokenSet:
     )
 
 
-def parse_device_start(resp: HttpResponse, now: float) -> DeviceAuthorization:
-    check_error(resp)
+def parse_device_start(resp: HttpResponse, now: float, secrets: Iterable[str] = ()) -> DeviceAuthorization:
+    check_error(resp, secrets)
     data = _json_object(resp, "device")
     if data is None:
         raise UpstreamGarbage(f"device authorization answered {_describe_garbage(resp)}")
@@ -242,8 +327,10 @@ def parse_device_start(resp: HttpResponse, now: float) -> DeviceAuthorization:
         device_code = str(data["device_code"])
         user_code = str(data["user_code"])
         uri = str(data["verification_uri"])
-        expires_in = float(data.get("expires_in", 600))
+        expires_in = min(lifetime(data.get("expires_in"), 600.0), 3600.0)
         interval = float(data.get("interval", 5))
+        if not math.isfinite(interval):
+            raise ValueError(interval)
     except (KeyError, TypeError, ValueError):
         raise UpstreamGarbage("device authorization response lacks device_code/user_code/verification_uri") from None
     complete = data.get("verification_uri_complete")
@@ -253,24 +340,33 @@ def parse_device_start(resp: HttpResponse, now: float) -> DeviceAuthorization:
         verification_uri=uri,
         verification_uri_complete=complete if isinstance(complete, str) else None,
         expires_at=now + expires_in,
-        interval=max(1.0, interval),
+        interval=min(60.0, max(1.0, interval)),
     )
 
 
 def parse_discovery(resp: HttpResponse, issuer: str) -> Endpoints:
+    """A discovery document -> Endpoints. Raises ``OAuthError`` (404 and other refusals: the issuer
+    is wrong), ``UpstreamGarbage`` (no token_endpoint) or ``ConfigError`` (an endpoint that is not
+    https, or plain http off loopback)."""
     check_error(resp)
     data = _json_object(resp, "discovery")
     if data is None or not isinstance(data.get("token_endpoint"), str):
         raise UpstreamGarbage(f"discovery document at {issuer} has no token_endpoint")
     token = data["token_endpoint"]
     check_url(token, "token_endpoint from discovery")
-    device = data.get("device_authorization_endpoint")
-    revocation = data.get("revocation_endpoint")
+    found: dict[str, str | None] = {}
+    for key in ("device_authorization_endpoint", "revocation_endpoint", "authorization_endpoint"):
+        value = data.get(key)
+        if isinstance(value, str):
+            check_url(value, f"{key} from discovery")
+        found[key] = value if isinstance(value, str) else None
+    said = data.get("issuer")
     return Endpoints(
         token=token,
-        device=device if isinstance(device, str) else None,
-        revocation=revocation if isinstance(revocation, str) else None,
-        issuer=data.get("issuer") if isinstance(data.get("issuer"), str) else issuer,
+        device=found["device_authorization_endpoint"],
+        revocation=found["revocation_endpoint"],
+        issuer=said if isinstance(said, str) else issuer,
+        authorization=found["authorization_endpoint"],
     )
 
 
@@ -283,7 +379,13 @@ def static_endpoints(profile: Profile) -> Endpoints | None:
         return Endpoints(token=profile.token_url, device=device, revocation=revoke)
     if base:
         oc = f"{base}/protocol/openid-connect"
-        return Endpoints(token=f"{oc}/token", device=f"{oc}/auth/device", revocation=f"{oc}/revoke", issuer=base)
+        return Endpoints(
+            token=f"{oc}/token",
+            device=f"{oc}/auth/device",
+            revocation=f"{oc}/revoke",
+            issuer=base,
+            authorization=f"{oc}/auth",
+        )
     return None
 
 
@@ -300,6 +402,9 @@ class Timeouts:
     read: float = 10.0
     write: float = 5.0
     pool: float = 5.0
+    #: the whole request, connect to last byte: a server that drips its answer cannot hold a
+    #: refresh for ever (httpx's read timeout applies per chunk)
+    total: float = 20.0
 
 
 class IdpTransport:
@@ -307,6 +412,7 @@ class IdpTransport:
 
     def __init__(self, timeouts: Timeouts = Timeouts(), *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._timeout = httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool)
+        self._total = timeouts.total
         self._transport = transport
         self._clients: dict[str | None, httpx.AsyncClient] = {}
 
@@ -333,6 +439,13 @@ class IdpTransport:
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamTransient(f"CA bundle {ca_bundle} cannot be loaded: {exc}") from None
         content = req.body() if req.form else None
+        with trio.move_on_after(self._total):
+            return await self._send(client, req, content)
+        raise UpstreamTransient(
+            f"identity provider did not finish answering within {self._total:g} s at {_origin(req.url)}"
+        )
+
+    async def _send(self, client: httpx.AsyncClient, req: HttpRequest, content: bytes | None) -> HttpResponse:
         try:
             async with client.stream(req.method, req.url, headers=dict(req.headers), content=content) as resp:
                 body = b""

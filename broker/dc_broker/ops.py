@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
 import re
 import time
@@ -41,13 +40,12 @@ from dc_token.errors import (
     UpstreamUnavailable,
     WrongPassphrase,
 )
-from dc_token.protocol import PROTOCOL_VERSION, Request
+from dc_token.protocol import PROTOCOL_VERSION, Request, min_ttl_problem
 from dc_token.version import version
 
 log = logging.getLogger("dc_broker")
 
 VERSION = version()  # the installed package metadata: one version string
-MAX_MIN_TTL = 86400.0
 #: profiles listed in one status reply at most; the rest are counted (and reached with ``after``)
 STATUS_LIMIT = 200
 #: bytes of profile entries in one status reply: the frame is 64 KiB, the rest is headroom
@@ -200,17 +198,25 @@ def _profile_arg(args: Mapping[str, Any]) -> str:
     return name
 
 
-def _seconds_arg(args: Mapping[str, Any], key: str, default: float, maximum: float) -> float:
-    value = args.get(key, default)
+def _min_ttl_arg(args: Mapping[str, Any]) -> float:
+    value = args.get("min_ttl", 0.0)
     if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= maximum or math.isnan(value):
-        raise BadRequest(f"'{key}' must be a number of seconds between 0 and {maximum:g}")
+        return 0.0
+    problem = min_ttl_problem(value)
+    if problem is not None:
+        raise BadRequest(f"'min_ttl' {problem}")
     return float(value)
 
 
-def token_result(session: Session, tok: TokenSet, now: float) -> Result:
+def token_result(session: Session, tok: TokenSet, now: float, min_ttl: float = 0.0) -> Result:
     remaining = tok.expires_at - now
+    result = _token_fields(session, tok, now, remaining)
+    if min_ttl > remaining:  # capped at half the lifetime the IdP grants: said, never silent
+        result["min_ttl_shortfall"] = round(min_ttl - remaining, 3)
+    return result
+
+
+def _token_fields(session: Session, tok: TokenSet, now: float, remaining: float) -> Result:
     return {
         "profile": session.profile.name,
         "token": tok.access_token.reveal(),
@@ -251,12 +257,12 @@ def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Await
     args = req.args
     name = _profile_arg(args)
     session = state.sessions.lookup_scoped(authorized(state, caller, name), _scope_arg(args))
-    min_ttl = _seconds_arg(args, "min_ttl", 0.0, MAX_MIN_TTL)
+    min_ttl = _min_ttl_arg(args)
     state.audit.record(name, caller)
     now = state.last_use = state.clock()
     tok = session.peek(min_ttl, now)
     if tok is not None:
-        return token_result(session, tok, now)
+        return token_result(session, tok, now, min_ttl)
     return _token_slow(state, session, min_ttl)
 
 
@@ -264,7 +270,7 @@ def op_watch(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[
     """Stream: the current token at once, then every new one, until the client closes or an error."""
     name = _profile_arg(req.args)
     session = state.sessions.lookup_scoped(authorized(state, caller, name), _scope_arg(req.args))
-    min_ttl = _seconds_arg(req.args, "min_ttl", 0.0, MAX_MIN_TTL)
+    min_ttl = _min_ttl_arg(req.args)
     state.audit.record(name, caller)
     return _watch(state, session, min_ttl)
 
@@ -276,13 +282,14 @@ async def _watch(state: BrokerState, session: Session, min_ttl: float) -> AsyncI
         tok = await session.get(min_ttl)
         if tok is not last:
             last = tok
-            yield token_result(session, tok, state.clock())
+            yield token_result(session, tok, state.clock(), min_ttl)
         await changed.wait()
 
 
 def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
-    """Stream: a password login (one message), or the device flow (the code to show, then the outcome).
-    Both replace the profile's login: for the broker's own uid, root and the profile's admins only."""
+    """Stream: a password login (one message), the device flow (the code to show, then the outcome) or
+    a browser login (the URL to open, then the outcome). Each replaces the profile's login: for the
+    broker's own uid, root and the profile's admins only."""
     session = administered(state, caller, _profile_arg(req.args))
     password = req.args.get("password")
     if password is not None and (not isinstance(password, str) or not password):
@@ -293,21 +300,20 @@ def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[
                 f"profile {session.profile.name!r} does not use a password (grant {session.profile.grant})"
             )
         return _password_login(session, Secret(password))
+    if session.profile.grant == "browser":
+        return session.browser_login()
     return session.device_login()
 
 
 async def _password_login(session: Session, password: Secret) -> AsyncIterator[Result]:
-    store = session.store
-    name = session.profile.name
-    store.set_credentials(name, dataclasses.replace(store.credentials(name), password=password))
-    session.credentials_changed(relogin=True)
-    tok = await session.get()
-    yield {"profile": name, "logged_in": True, "expires_in": tok.expires_at - session.clock()}
+    # checked at the IdP before it replaces anything: a wrong password keeps the working login
+    tok = await session.password_login(password)
+    yield {"profile": session.profile.name, "logged_in": True, "expires_in": tok.expires_at - session.clock()}
 
 
 async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> Result:
     tok = await session.get(min_ttl)
-    return token_result(session, tok, state.clock())
+    return token_result(session, tok, state.clock(), min_ttl)
 
 
 def op_invalidate(state: BrokerState, caller: Caller, req: Request) -> Result:
@@ -491,7 +497,10 @@ def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Res
 
 async def _logout(session: Session) -> Result:
     revoked = await session.logout()
-    return {"profile": session.profile.name, "revoked": revoked}
+    grant = session.profile.grant
+    forgot = {"password": "password", "client_credentials": "client secret"}.get(grant, "refresh token")
+    kept = grant != "client_credentials" and session.store.credentials(session.profile.name).client_secret is not None
+    return {"profile": session.profile.name, "revoked": revoked, "forgotten": forgot, "kept_client_secret": kept}
 
 
 HANDLERS: dict[str, Handler] = {

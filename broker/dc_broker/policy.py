@@ -14,6 +14,13 @@ Rules (docs/architecture.md repeats them for users):
   refresh per call for a request the IdP can never satisfy.
 * **Backoff.** After the n-th consecutive failure wait ``uniform(0, min(cap, base * 2**n))``
   ("full jitter"), never less than ``floor``, and never less than the IdP's Retry-After.
+* **Floor.** No profile starts two attempts at the IdP less than ``refresh_floor`` (1 s) apart,
+  whatever its tokens' lifetimes or its callers ask.
+* **Demand probes.** During backoff, a caller that needs a token may start one attempt (a probe)
+  once ``demand_probe_interval`` (5 s) has passed since the last failure; the background task itself
+  keeps the exponential backoff. An IdP's Retry-After holds for probes too. So callers see the IdP's
+  recovery within seconds, and a crowd of callers still makes at most one request per profile per
+  probe interval.
 * **Forced refresh** (``invalidate``: the API said 401 to a token) happens at most once per
   ``invalidate_interval`` per profile, and only if the rejected token is still the current one.
 """
@@ -34,6 +41,8 @@ class RefreshPolicy:
     backoff_floor: float = 0.05
     invalidate_interval: float = 10.0
     startup_spread: float = 5.0
+    refresh_floor: float = 1.0
+    demand_probe_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 < self.refresh_fraction - self.jitter_fraction < self.refresh_fraction + self.jitter_fraction < 1:
@@ -99,3 +108,27 @@ def may_force_refresh(policy: RefreshPolicy, *, last_forced_at: float | None, no
 def startup_delay(policy: RefreshPolicy, rand: float) -> float:
     """Stagger for a profile's first background refresh after start-up, so N profiles spread out."""
     return policy.startup_spread * rand
+
+
+def probe_at(policy: RefreshPolicy, *, failed_at: float, backoff_until: float, told_until: float) -> float:
+    """When a waiting caller may start an attempt during backoff: ``demand_probe_interval`` after
+    the last failure, but never before the IdP's own Retry-After (``told_until``) has passed."""
+    return min(backoff_until, max(failed_at + policy.demand_probe_interval, told_until))
+
+
+def attempt_allowed_at(
+    policy: RefreshPolicy,
+    *,
+    last_attempt_at: float,
+    failed_at: float,
+    backoff_until: float,
+    told_until: float,
+    demanded: bool,
+) -> float:
+    """The earliest moment the next attempt may start: never within ``refresh_floor`` of the last
+    one; during backoff not before it ends, unless a caller is waiting (then ``probe_at``)."""
+    floor = last_attempt_at + policy.refresh_floor
+    if demanded:
+        probe = probe_at(policy, failed_at=failed_at, backoff_until=backoff_until, told_until=told_until)
+        return max(floor, probe)
+    return max(floor, backoff_until)

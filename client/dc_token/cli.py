@@ -12,12 +12,14 @@ standard library's cheapest, msgpack and ``dc_token.protocol`` is imported; json
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from dc_token.errors import EXIT_CODES, BrokerUnavailable, DcBrokerError
+from dc_token.errors import EXIT_CODES, BrokerUnavailable, DcBrokerError, hint_for
+from dc_token.protocol import MAX_MIN_TTL, min_ttl_problem
 
 PROG = "dc-token"
 USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--min-ttl SECONDS] [--socket PATH]
@@ -30,6 +32,8 @@ EXEC_CREDENTIAL_MARGIN = 60.0
 DEFAULT_ENV = "DC_TOKEN"
 #: default --min-ttl per form: kubectl caches until expirationTimestamp, git may run a long push
 DEFAULT_MIN_TTL = {"token": 0.0, "exec-credential": 2 * EXEC_CREDENTIAL_MARGIN, "git": 60.0, "exec": 0.0}
+#: expiry times printed are at most this far ahead (a broker or IdP promising more is not believed)
+MAX_PRINTED_LIFETIME = 10 * 365 * 86400.0
 #: shell conventions for a command that cannot be run (`dc-token exec`)
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
@@ -52,7 +56,11 @@ output forms (one of):
                      is {EXEC_CREDENTIAL_MARGIN:g} s before the token's real expiry (min-ttl default {exec_ttl:g})
 
 options:
-  --min-ttl SECONDS  the token must stay valid at least this long (default 0; git-credential 60)
+  --min-ttl SECONDS  the token must stay valid at least this long (default 0; git-credential 60;
+                     at most {MAX_MIN_TTL:g}). The broker honours up to half the token lifetime the
+                     identity provider grants; asked for more, it serves a token with that much left
+                     and says so: the reply carries min_ttl_shortfall, and dc-token warns on stderr
+                     (exit status 0, the token on stdout as usual)
   --socket PATH      broker socket (default: $DC_BROKER_SOCKET, else $XDG_RUNTIME_DIR/dc-broker/broker.sock)
   -h, --help         this text
   -V, --version      print dc-token's version
@@ -84,8 +92,8 @@ class _Usage(Exception):
 def _fail(exc: DcBrokerError, profile: str) -> int:
     """One line: what is wrong, then what to do (unless the broker's message already says it)."""
     message = str(exc)
-    hint = exc.hint.replace("PROFILE", profile)
-    line = f"{PROG}: {message}" if not hint or "`" in message else f"{PROG}: {message}; {hint}"
+    hint = hint_for(exc, profile)
+    line = f"{PROG}: {message}; {hint}" if hint else f"{PROG}: {message}"
     sys.stderr.write(line + "\n")
     return exc.exit_code
 
@@ -95,9 +103,26 @@ def _seconds(value: str) -> float:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise _Usage("--min-ttl must be a number of seconds >= 0")
+    problem = min_ttl_problem(seconds)
+    if problem is not None:
+        raise _Usage(f"--min-ttl {problem}")
     return seconds
+
+
+def _warn_short(remaining: float, min_ttl: float) -> None:
+    """Never a silent shortfall: a token with less than --min-ttl left is said to be one."""
+    if remaining < min_ttl:
+        sys.stderr.write(
+            f"{PROG}: warning: the token has {max(0.0, remaining):.0f} s left, less than --min-ttl {min_ttl:g}: "
+            "the identity provider grants shorter tokens (the broker honours up to half their lifetime)\n"
+        )
+
+
+def _bounded(expires_at: float, now: float) -> float:
+    """An expiry time fit for printing: finite, not past ``now + MAX_PRINTED_LIFETIME``."""
+    if expires_at != expires_at:  # NaN
+        return now
+    return min(expires_at, now + MAX_PRINTED_LIFETIME)
 
 
 class _Args:
@@ -203,6 +228,9 @@ def _print_token(args: _Args) -> int:
     min_ttl = args.min_ttl if args.min_ttl is not None else DEFAULT_MIN_TTL.get(args.output, 0.0)
     with TokenClient(args.socket, cache=False) as broker:
         tok = broker.token_info(args.profile, min_ttl=min_ttl)
+    now = time.time()
+    expires_at = _bounded(tok.expires_at, now)
+    _warn_short(expires_at - now, min_ttl)
     if args.output == "token":
         out = tok.token
     elif args.output == "header":
@@ -212,13 +240,13 @@ def _print_token(args: _Args) -> int:
             doc: dict[str, object] = {
                 "token": tok.token,
                 "type": tok.type,
-                "expires_at": int(tok.expires_at),
-                "expires_in": int(tok.expires_in),
+                "expires_at": int(expires_at),
+                "expires_in": max(0, int(expires_at - now)),
                 "scope": tok.scope,
                 "profile": tok.profile,
             }
         else:
-            doc = exec_credential(tok.token, tok.expires_at)
+            doc = exec_credential(tok.token, expires_at, now)
         out = dumps(doc)
     sys.stdout.write(out + "\n")
     sys.stdout.flush()
@@ -252,13 +280,20 @@ def dumps(doc: dict[str, object]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def exec_credential(token: str, expires_at: float) -> dict[str, object]:
-    """kubectl's ExecCredential (client.authentication.k8s.io/v1), expiring a margin before the token."""
+def exec_credential(token: str, expires_at: float, now: float | None = None) -> dict[str, object]:
+    """kubectl's ExecCredential (client.authentication.k8s.io/v1), expiring a margin before the token:
+    ``EXEC_CREDENTIAL_MARGIN``, or half the time left for a short token, so that the expiry it
+    reports is never already past."""
+    now = time.time() if now is None else now
+    early = expires_at - EXEC_CREDENTIAL_MARGIN
+    half = now + max(0.0, expires_at - now) / 2
+    # RFC 3339 here has whole seconds: round the margin down, a short token's half-life up
+    stamp = math.floor(early) if early >= half else math.ceil(half)
     return {
         "apiVersion": "client.authentication.k8s.io/v1",
         "kind": "ExecCredential",
         "spec": {},
-        "status": {"token": token, "expirationTimestamp": _rfc3339(expires_at - EXEC_CREDENTIAL_MARGIN)},
+        "status": {"token": token, "expirationTimestamp": _rfc3339(stamp)},
     }
 
 
@@ -342,7 +377,8 @@ def _git_credential(args: _Args) -> int:
     finally:
         broker.close()
     username = args.username or attrs.get("username") or "oauth2"
-    sys.stdout.write(f"username={username}\npassword={tok.token}\npassword_expiry_utc={int(tok.expires_at)}\n")
+    expiry = int(_bounded(tok.expires_at, time.time()))
+    sys.stdout.write(f"username={username}\npassword={tok.token}\npassword_expiry_utc={expiry}\n")
     sys.stdout.flush()
     return 0
 

@@ -79,6 +79,7 @@ __all__ = [
     "VaultUnusable",
     "WrongPassphrase",
     "error_for_code",
+    "hint_for",
     "wire_error",
 ]
 
@@ -237,13 +238,13 @@ class RecordCorrupt(LoginRequired):
 class CredentialsRejected(BrokerError):
     code = "credentials_rejected"
     exit_code = 8
-    hint = "fix the profile's secret or client settings, then run `dc-broker login PROFILE`"
+    hint = "fix what the identity provider refused (the message says which), see `dc-broker status PROFILE`"
 
 
 class UpstreamUnavailable(BrokerError):
     code = "upstream_unavailable"
     exit_code = 7
-    hint = "the identity provider is unreachable; the broker keeps retrying, try again shortly"
+    hint = "the identity provider did not answer in time; try again shortly"
 
 
 class UpstreamError(BrokerError):
@@ -299,6 +300,21 @@ _BY_CODE: dict[str, type[BrokerError]] = {
         InternalError,
     )
 }
+
+
+def hint_for(exc: DcBrokerError, profile: str | None = None) -> str:
+    """The hint to print after ``exc``'s message: ``PROFILE`` filled in, or no hint at all when the
+    profile is not known, when the message already says what to do (a `command`), or when the
+    message already contains the hint's words."""
+    hint = exc.hint
+    message = str(exc)
+    if not hint or "`" in message or hint in message:
+        return ""
+    if "PROFILE" in hint:
+        if not profile:
+            return ""
+        hint = hint.replace("PROFILE", profile)
+    return hint
 
 
 def error_for_code(code: str) -> type[BrokerError]:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # typing and collections.abc cost dc-token start-up time; ann
 
 __all__ = [
     "MAX_FRAME",
+    "MAX_MIN_TTL",
     "NEED_DATA",
     "OPS",
     "PROTOCOL_VERSION",
@@ -53,6 +54,7 @@ __all__ = [
     "Reply",
     "Request",
     "encode",
+    "min_ttl_problem",
     "pack_frame",
     "reply_from_wire",
     "request_from_wire",
@@ -199,6 +201,26 @@ class ErrorReply(_Message):
 
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+#: the largest ``min_ttl`` (seconds) a ``token`` / ``watch`` request may ask for
+MAX_MIN_TTL: Final = 86400.0
+
+
+def min_ttl_problem(value: object) -> str | None:
+    """The one check of a ``min_ttl`` (broker and dc-token both use it): what is wrong, or None.
+
+    A valid min_ttl larger than the broker can honour is not an error: the broker caps it at half
+    the token lifetime the IdP grants, and the ``token`` reply then carries ``min_ttl_shortfall``
+    (seconds the token falls short of the request), so the shortfall is never silent."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value != value  # NaN
+        or not 0 <= value <= MAX_MIN_TTL
+    ):
+        return f"must be a number of seconds between 0 and {MAX_MIN_TTL:g}"
+    return None
 
 
 def pack_frame(obj: Mapping[str, Any]) -> bytes:

@@ -17,6 +17,7 @@ Routes (``{base}`` = ``[/auth]/realms/{realm}``):
     POST {base}/protocol/openid-connect/token         POST {base}/protocol/openid-connect/token/introspect
     POST {base}/protocol/openid-connect/auth/device   GET/POST {base}/device  (verification page)
     POST {base}/protocol/openid-connect/logout        POST {base}/protocol/openid-connect/revoke
+    GET/POST {base}/protocol/openid-connect/auth       (authorization code + PKCE: the login page)
     GET  {base}                                        GET  /dp/api/v1/aiconnections/types  (demo API)
 """
 
@@ -25,14 +26,15 @@ from __future__ import annotations
 import html
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from dc_broker.devidp import grants
+from dc_broker.devidp import authcode, grants
+from dc_broker.devidp.faults import Faults, refusal_response, token_response
 from dc_broker.devidp.grants import OAuthProblem, TokenRequest
 from dc_broker.devidp.realm import DevRealm
 from dc_broker.devidp.state import IdPState
@@ -49,7 +51,9 @@ CONNECTION_TYPES: Final = [
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _problem(problem: OAuthProblem) -> JSONResponse:
+def _problem(problem: OAuthProblem, faults: Faults | None = None, request_body: bytes = b"") -> Response:
+    if faults is not None:
+        return refusal_response(problem.status, problem.body(), request_body, faults)
     return JSONResponse(problem.body(), problem.status, headers=NO_STORE)
 
 
@@ -87,6 +91,7 @@ class Endpoints:
             (f"/{OIDC}/logout", self.form_endpoint("logout", self._logout), ["POST"]),
             (f"/{OIDC}/revoke", self.form_endpoint("revoke", self._revoke), ["POST"]),
             ("/device", self.verification_page, ["GET", "POST"]),
+            (f"/{OIDC}/auth", self.authorization_page, ["GET", "POST"]),
         ]
         routes = [
             Route(f"{prefix}/realms/{{realm}}{path}", handler, methods=methods)
@@ -195,9 +200,9 @@ class Endpoints:
             if duplicated:
                 raise OAuthProblem(400, "invalid_request", "duplicated parameter")
             treq = TokenRequest(realm, issuer_for(request, realm.name), form, authorization)
-            return JSONResponse(grants.token(state, treq), headers=NO_STORE)
+            return token_response(grants.token(state, treq), state.faults)
         except OAuthProblem as problem:
-            return _problem(problem)
+            return _problem(problem, state.faults, await request.body())
 
     # -- other form endpoints ----------------------------------------------------------------------
     def _introspect(self, treq: TokenRequest) -> Response:
@@ -238,6 +243,44 @@ class Endpoints:
         grants.approve_device(self.state, user_code, form.get("username", ""))
         return _page(realm.name, "<p>Device Login Successful. You can close this window.</p>")
 
+    # -- authorization endpoint (code + PKCE): a login page that redirects back with a code ------------
+    async def authorization_page(self, request: Request) -> Response:
+        faulted = await self._guard("authorization")
+        if faulted is not None:
+            return faulted
+        realm = self._realm(request)
+        if realm is None:
+            return _no_realm()
+        params = dict(request.query_params) if request.method == "GET" else (await _read_form(request))[0]
+        client = realm.client(params.get("client_id", ""))
+        redirect_uri = params.get("redirect_uri", "")
+        if client is None or not authcode.loopback_redirect(redirect_uri):
+            return _auth_page(realm.name, "<p class=error>Invalid parameter: client_id or redirect_uri</p>", 400)
+        if (
+            params.get("response_type") != "code"
+            or params.get("code_challenge_method") != "S256"
+            or not params.get("code_challenge")
+        ):
+            return _auth_page(realm.name, "<p class=error>Missing parameter: code_challenge (PKCE S256)</p>", 400)
+        if request.method == "GET":
+            return _auth_page(realm.name, _login_form(params))
+        failure = grants.check_user_login(realm, params.get("username", ""), params.get("password", ""))
+        if failure is not None:
+            return _auth_page(realm.name, _login_form(params, failure), 400)
+        code = self.state.codes.issue(
+            authcode.AuthCode(
+                realm=realm.name,
+                client_id=client.client_id,
+                redirect_uri=redirect_uri,
+                code_challenge=params["code_challenge"],
+                scope=params.get("scope"),
+                username=params.get("username", ""),
+                issued_at=self.state.now(),
+            )
+        )
+        query = urlencode({"code": code, "state": params.get("state", "")})
+        return RedirectResponse(f"{redirect_uri}{'&' if '?' in redirect_uri else '?'}{query}", status_code=302)
+
     # -- demo API ---------------------------------------------------------------------------------
     async def demo_api(self, request: Request) -> Response:
         faulted = await self._guard("api")
@@ -272,6 +315,40 @@ def _form_html(user_code: str, error: str | None = None) -> str:
         "<label>Password <input name=password type=password autocomplete=current-password></label><br>"
         "<button name=action value=approve>Yes, sign in</button> "
         "<button name=action value=deny>No</button></form>"
+    )
+
+
+_AUTH_FIELDS: Final = (
+    "client_id",
+    "redirect_uri",
+    "response_type",
+    "scope",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+)
+
+
+def _login_form(params: dict[str, str], error: str | None = None) -> str:
+    message = f'<p class="error">{html.escape(error)}</p>' if error else ""
+    hidden = "".join(
+        f'<input type=hidden name={k} value="{html.escape(params.get(k, ""))}">' for k in _AUTH_FIELDS if k in params
+    )
+    return (
+        f"{message}<form method=post>{hidden}"
+        "<label>Username <input name=username autocomplete=username autofocus></label><br>"
+        "<label>Password <input name=password type=password autocomplete=current-password></label><br>"
+        "<button>Sign in</button></form>"
+    )
+
+
+def _auth_page(realm: str, body: str, status: int = 200) -> HTMLResponse:
+    title = f"Sign in to {html.escape(realm)}"
+    return HTMLResponse(
+        f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title></head>"
+        f"<body><h1>{title}</h1>{body}</body></html>",
+        status,
+        headers={"Cache-Control": "no-store"},
     )
 
 

@@ -10,6 +10,16 @@ each request, in this order:
    ``html`` (an nginx-style HTML error page), ``truncated`` (JSON cut mid-way), ``no_access_token``
    (JSON without ``access_token``), ``empty`` (empty body); all status 200 unless ``status=`` (e.g. 502).
 
+Standing modes (they stay until ``clear()``), for how other OAuth servers answer:
+
+* ``refusal_body``: how a 400/401/403 OAuth error is rendered: ``json`` (Keycloak's
+  ``{"error", "error_description"}``, the default), ``empty`` (glewlwyd) or ``html`` (a proxy's page);
+* ``echo_description``: an OAuth error's ``error_description`` echoes the request body (password
+  included), with control characters and 70 KB of padding, as a careless server might;
+* ``expires_in``: the raw JSON text sent as ``expires_in`` in every token response (``"NaN"``,
+  ``"1e999"``, ``"1e18"``, ``"0"``, ``"-5"``), or ``"absent"`` to leave it out;
+* ``drip``: token responses are sent one byte every ``drip`` seconds (a server that never times out).
+
 "Connection refused" is not a fault here: stop the server (cancel ``serve()``) instead.
 
 Requests are counted in ``DevIdP.stats`` before faults apply, so a failed attempt still counts.
@@ -19,15 +29,20 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final, Literal
 
 import trio
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 MalformedKind = Literal["html", "truncated", "no_access_token", "empty"]
 MALFORMED_KINDS: Final = ("html", "truncated", "no_access_token", "empty")
+RefusalBody = Literal["json", "empty", "html"]
+REFUSAL_BODIES: Final = ("json", "empty", "html")
+#: how much an echoing error_description pads itself with
+ECHO_PADDING: Final = 70_000
 
 _HTML_PAGE: Final = (
     "<html><head><title>502 Bad Gateway</title></head>"
@@ -74,6 +89,10 @@ class Faults:
         self._failures: deque[_Failure] = deque()
         self._malformed: deque[_Malformed] = deque()
         self._release: trio.Event | None = None
+        self.refusal_body: RefusalBody = "json"
+        self.echo_description = False
+        self.expires_in: str | None = None
+        self.drip: float = 0.0
 
     # -- hang ---------------------------------------------------------------------------------
     @property
@@ -113,6 +132,10 @@ class Faults:
         self.latency = 0.0
         self.all_endpoints = False
         self.hang = False
+        self.refusal_body = "json"
+        self.echo_description = False
+        self.expires_in = None
+        self.drip = 0.0
         self._failures.clear()
         self._malformed.clear()
 
@@ -152,3 +175,39 @@ def _malformed_response(fault: _Malformed) -> Response:
     }
     body, media_type = bodies[fault.kind]
     return Response(body, fault.status, {"Cache-Control": "no-store"}, media_type=media_type)
+
+
+def refusal_response(status: int, body: dict[str, str], request_body: bytes, faults: Faults) -> Response:
+    """An OAuth error as the standing modes say it is rendered."""
+    if faults.echo_description:
+        echoed = request_body.decode("utf-8", "replace")
+        body = {**body, "error_description": f"{body.get('error_description', '')}\x00\x1b[31m for {echoed} "}
+        body["error_description"] += "x" * ECHO_PADDING
+    headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+    if status in (400, 401, 403) and faults.refusal_body == "empty":
+        return Response(b"", status, headers, media_type="application/json")
+    if status in (400, 401, 403) and faults.refusal_body == "html":
+        reason = _reason(status)
+        page = f"<html><head><title>{status} {reason}</title></head><body><h1>{reason}</h1></body></html>"
+        return Response(page, status, headers, media_type="text/html")
+    return Response(json.dumps(body), status, headers, media_type="application/json")
+
+
+def token_response(data: dict[str, object], faults: Faults) -> Response:
+    """A successful token response, with the ``expires_in`` and ``drip`` modes applied."""
+    raw = faults.expires_in
+    if raw is None:
+        text = json.dumps(data)
+    else:
+        rest = json.dumps({k: v for k, v in data.items() if k != "expires_in"})
+        text = rest if raw == "absent" else rest[:-1] + f', "expires_in": {raw}}}'
+    headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+    if faults.drip <= 0:
+        return Response(text, 200, headers, media_type="application/json")
+    return StreamingResponse(_dripped(text.encode(), faults.drip), 200, headers, media_type="application/json")
+
+
+async def _dripped(body: bytes, every: float) -> AsyncIterator[bytes]:
+    for i in range(len(body)):
+        yield body[i : i + 1]
+        await trio.sleep(every)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote, unquote_plus
 
-from dc_broker.devidp import device
+from dc_broker.devidp import authcode, device
 from dc_broker.devidp.device import DeviceState
 from dc_broker.devidp.realm import DevClient, DevRealm, DevUser
 from dc_broker.devidp.sessions import UserSession
@@ -338,12 +338,37 @@ def device_code_grant(state: IdPState, request: TokenRequest, client: DevClient)
     return issue_tokens(state, request, session, scope=scope)
 
 
+def authorization_code_grant(state: IdPState, request: TokenRequest, client: DevClient) -> dict[str, Any]:
+    code, redirect_uri, verifier = (request.param(k) for k in ("code", "redirect_uri", "code_verifier"))
+    if code is None:
+        raise _missing("code")
+    record = state.codes.redeem(code, state.now())
+    if record is None or record.realm != request.realm.name:
+        raise _invalid_grant("Code not valid")
+    if record.client_id != client.client_id:
+        raise _invalid_grant("Auth error")
+    if redirect_uri != record.redirect_uri:
+        raise _invalid_grant("Incorrect redirect_uri")
+    if verifier is None or not authcode.verifier_matches(verifier, record.code_challenge):
+        raise _invalid_grant("PKCE verification failed: Code mismatch")
+    scope = resolve_scope(record.scope)
+    session = state.sessions.start(
+        request.realm.name,
+        record.username,
+        client.client_id,
+        now=state.now(),
+        offline="offline_access" in scope.split(),
+    )
+    return issue_tokens(state, request, session, scope=scope)
+
+
 GrantHandler = Callable[[IdPState, TokenRequest, DevClient], dict[str, Any]]
 GRANTS: Final[dict[str, GrantHandler]] = {
     "password": password_grant,
     "client_credentials": client_credentials_grant,
     "refresh_token": refresh_token_grant,
     DEVICE_GRANT: device_code_grant,
+    "authorization_code": authorization_code_grant,
 }
 
 

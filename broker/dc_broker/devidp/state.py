@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dc_broker.devidp.authcode import AuthCodeStore
 from dc_broker.devidp.device import DeviceStore
 from dc_broker.devidp.faults import Faults
 from dc_broker.devidp.keys import SigningKey
@@ -47,6 +48,7 @@ class IdPState:
     key: SigningKey = field(default_factory=SigningKey)
     sessions: SessionStore = field(default_factory=SessionStore)
     devices: DeviceStore = field(default_factory=DeviceStore)
+    codes: AuthCodeStore = field(default_factory=AuthCodeStore)
     faults: Faults = field(default_factory=Faults)
     stats: Stats = field(default_factory=Stats)
 

@@ -1,0 +1,377 @@
+"""The grant flows as pure steps: what to send to the IdP, in which order, and what each answer means.
+
+Written the way httpx's ``Auth.auth_flow`` and dc-token's ``BrokerAuth.steps`` are: each flow is a
+generator that *yields* a step and is *sent* the step's answer, and finally returns its result
+(``StopIteration.value``) or raises the ``BrokerError`` / ``UpstreamFault`` the outcome stands for.
+
+    step                    the driver does                           and sends back
+    ``HttpRequest``         sends it to the IdP (one overall deadline) ``Answer(response, now)``
+    ``LoginLost``           forgets the login's dead refresh token     ``None``
+    ``ShowCode``            shows the device code to the person        ``None``
+    ``Sleep(seconds)``      waits                                      the time after waiting (float)
+    ``OpenBrowser(url)``    shows the URL (opens a browser)            ``None``
+    ``AwaitRedirect``       takes the browser's one loopback redirect  its query parameters (a dict)
+
+The flows (all pure: no I/O, no trio, no clock of their own; ``now`` arrives inside answers):
+
+* ``obtain``    the credential order: the login's refresh token -> on refusal (``invalid_grant``, or
+                any body-less 400/401/403) the stored password or client secret -> with neither,
+                ``LoginRequired``. A refused primary credential is ``CredentialsRejected`` naming the
+                HTTP status.
+* ``narrow``    a token for a narrower scope from the same login (refresh grant with ``scope``).
+* ``discover``  the issuer's discovery document -> ``Endpoints``; a 404 (or any refusal) and an
+                unusable document are config problems (``CredentialsRejected``), not outages.
+* ``device_login`` RFC 8628: start, show the code, poll (``authorization_pending``, ``slow_down``
+                +5 s, ``access_denied``, ``expired_token``, the code's own deadline).
+* ``browser_login`` RFC 6749 4.1 + PKCE S256 (RFC 7636) with a loopback redirect (RFC 8252): the URL
+                to open, the one redirect back (``state`` checked in constant time), the code
+                exchange. The driver owns the listener; ``state`` and the verifier come in as values.
+
+``dc_broker.session`` is the one driver. Tests step every flow by hand (tests/test_flows.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from typing import Final, TypeVar
+from urllib.parse import urlencode
+
+from dc_broker import oidc
+from dc_broker.config import Profile
+from dc_broker.oidc import DeviceAuthorization, Endpoints, HttpRequest, HttpResponse, TokenSet
+from dc_broker.secret import Secret
+from dc_broker.store import Credentials
+from dc_token.errors import ConfigError, CredentialsRejected, LoginRequired, OAuthError, UpstreamGarbage
+
+#: the scope a person's own login (device, browser) asks for when the profile sets none:
+#: standard servers refuse a login without ``openid`` (Keycloak adds it anyway)
+USER_LOGIN_SCOPE: Final = "openid"
+#: RFC 8628 3.5: each ``slow_down`` adds this to the polling interval
+SLOW_DOWN_STEP: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The answer to an ``HttpRequest`` step: the response, and the driver's clock when it arrived."""
+
+    response: HttpResponse
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoginLost:
+    """Step: the IdP refused this login's refresh token; the driver forgets it (answer: None)."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShowCode:
+    """Step: show the person the device code (answer: None)."""
+
+    authorization: DeviceAuthorization
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Step: wait ``seconds`` (answer: the driver's clock afterwards, a float)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class OpenBrowser:
+    """Step: the person opens ``url`` in a browser (answer: None)."""
+
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitRedirect:
+    """Step: wait for the browser's redirect to the loopback listener (answer: its query, a dict)."""
+
+
+Step = HttpRequest | LoginLost | ShowCode | Sleep | OpenBrowser | AwaitRedirect
+T = TypeVar("T")
+Flow = Generator[Step, object, T]
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """What ``obtain`` knows about one profile's login: plain values the session reads for it."""
+
+    profile: Profile
+    credentials: Credentials
+    endpoints: Endpoints
+    #: the current login's refresh token, if still usable
+    refresh_token: Secret | None = None
+    #: the IdP session is at its SSO Session Max: a fresh login beats refreshing it
+    prefer_primary: bool = False
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def exchange(req: HttpRequest) -> Flow[Answer]:
+    """Send one request; the answer."""
+    answer = yield req
+    if not isinstance(answer, Answer):
+        raise TypeError(f"an HttpRequest step is answered with an Answer, not {type(answer).__name__}")
+    return answer
+
+
+def grant(req: HttpRequest) -> Flow[TokenSet]:
+    """One token request -> its TokenSet (or the fault the answer stands for)."""
+    answer = yield from exchange(req)
+    return oidc.parse_token_response(answer.response, answer.now, req.secrets())
+
+
+def client_of(profile: Profile, credentials: Credentials) -> oidc.ClientCredentials:
+    return oidc.client_of(profile, credentials.client_secret)
+
+
+def primary_request(login: Login) -> HttpRequest | None:
+    """The grant with the stored long-lived credential (password, client secret), if there is one."""
+    p, creds = login.profile, login.credentials
+    client = client_of(p, creds)
+    if p.grant == "password" and creds.password is not None and p.username:
+        return oidc.build_password(login.endpoints.token, client, p.username, creds.password, p.scope)
+    if p.grant == "client_credentials" and creds.client_secret is not None:
+        return oidc.build_client_credentials(login.endpoints.token, client, p.scope)
+    return None
+
+
+def login_scope(profile: Profile) -> str:
+    """The scope a person's interactive login asks for."""
+    return profile.scope or USER_LOGIN_SCOPE
+
+
+# ---------------------------------------------------------------- the flows
+
+
+def obtain(login: Login) -> Flow[TokenSet]:
+    """The credential order for one refresh (see the module docstring)."""
+    p = login.profile
+    primary = primary_request(login)
+    refresh_token = login.refresh_token
+    if login.prefer_primary and primary is not None:
+        refresh_token = None
+    if refresh_token is not None:
+        client = client_of(p, login.credentials)
+        try:
+            return (yield from grant(oidc.build_refresh(login.endpoints.token, client, refresh_token)))
+        except OAuthError as exc:
+            if not oidc.refuses_grant(exc):
+                raise rejected(p, exc) from None
+            yield LoginLost(said(exc))
+    if primary is None:
+        raise LoginRequired(login_message(p))
+    try:
+        return (yield from grant(primary))
+    except OAuthError as exc:
+        raise rejected(p, exc) from None
+
+
+def password_login(login: Login, password: Secret) -> Flow[TokenSet]:
+    """`dc-broker login` with a password: one password grant, whatever the current login is."""
+    p = login.profile
+    if p.grant != "password" or not p.username:
+        raise ConfigError(f"profile {p.name!r} does not use a password (grant {p.grant})")
+    client = client_of(p, login.credentials)
+    req = oidc.build_password(login.endpoints.token, client, p.username, password, p.scope)
+    try:
+        return (yield from grant(req))
+    except OAuthError as exc:
+        raise rejected(p, exc) from None
+
+
+def narrow(login: Login, scope: str) -> Flow[TokenSet]:
+    """A token for ``scope`` from this login: a refresh grant with that scope (client credentials:
+    a grant with that scope). A refused refresh token yields ``LoginLost`` and is retried by the
+    login's own refresh, so this raises ``UpstreamGarbage`` (a retryable fault) for the caller."""
+    p = login.profile
+    client = client_of(p, login.credentials)
+    if p.grant == "client_credentials":
+        if login.credentials.client_secret is None:
+            raise LoginRequired(login_message(p))
+        try:
+            return (yield from grant(oidc.build_client_credentials(login.endpoints.token, client, scope)))
+        except OAuthError as exc:
+            raise rejected(p, exc, narrowing_to=scope) from None
+    if login.refresh_token is None:
+        raise LoginRequired(login_message(p))
+    try:
+        return (yield from grant(oidc.build_refresh(login.endpoints.token, client, login.refresh_token, scope)))
+    except OAuthError as exc:
+        if oidc.refuses_grant(exc):
+            yield LoginLost(said(exc))
+            raise UpstreamGarbage(f"the login behind scope {scope!r} must be renewed first") from None
+        raise rejected(p, exc, narrowing_to=scope) from None
+
+
+def discover(profile: Profile, issuer: str) -> Flow[Endpoints]:
+    """The issuer's discovery document -> the endpoints."""
+    answer = yield from exchange(oidc.build_discovery(issuer))
+    name = profile.name
+    try:
+        return oidc.parse_discovery(answer.response, issuer)
+    except OAuthError as exc:
+        raise CredentialsRejected(
+            f"profile {name!r}: issuer {issuer} answers HTTP {exc.status} to discovery ({exc.description}); "
+            "check the issuer URL (Keycloak: https://HOST/realms/REALM, with /auth before /realms up to "
+            "Keycloak 16)"
+        ) from None
+    except ConfigError as exc:
+        raise CredentialsRejected(f"profile {name!r}: the discovery document of {issuer} is unusable: {exc}") from None
+    except UpstreamGarbage as exc:
+        raise UpstreamGarbage(f"discovery at {issuer} failed: {exc}") from None
+
+
+def device_login(profile: Profile, credentials: Credentials, endpoints: Endpoints) -> Flow[TokenSet]:
+    """RFC 8628 device authorization grant, start to finish."""
+    name = profile.name
+    if endpoints.device is None:
+        raise CredentialsRejected(
+            f"profile {name!r} has no device authorization endpoint; configure it with server + tenant or issuer"
+        )
+    client = client_of(profile, credentials)
+    start = oidc.build_device_start(endpoints.device, client, login_scope(profile))
+    answer = yield from exchange(start)
+    try:
+        auth = oidc.parse_device_start(answer.response, answer.now, start.secrets())
+    except OAuthError as exc:
+        raise rejected(profile, exc) from None
+    yield ShowCode(auth)
+    expired = f"profile {name!r}: the login code expired; run `dc-broker login {name}` again"
+    interval = auth.interval
+    while True:
+        now = yield Sleep(interval)
+        if not isinstance(now, float | int) or now >= auth.expires_at:
+            raise LoginRequired(expired)
+        try:
+            return (yield from grant(oidc.build_device_poll(endpoints.token, client, auth.device_code)))
+        except OAuthError as exc:
+            if exc.error == "authorization_pending":
+                continue
+            if exc.error == "slow_down":
+                interval += SLOW_DOWN_STEP
+                continue
+            if exc.error == "expired_token":
+                raise LoginRequired(expired) from None
+            if exc.error == "access_denied":
+                raise CredentialsRejected(f"profile {name!r}: the login was denied at the identity provider") from None
+            raise rejected(profile, exc) from None
+
+
+def pkce_challenge(verifier: str) -> str:
+    """RFC 7636 S256: BASE64URL(SHA256(verifier)) without padding."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+def browser_login(
+    profile: Profile, credentials: Credentials, endpoints: Endpoints, *, redirect_uri: str, state: str, verifier: str
+) -> Flow[TokenSet]:
+    """Authorization code + PKCE with a loopback redirect, start to finish."""
+    name = profile.name
+    again = f"run `dc-broker login {name}` again"
+    if endpoints.authorization is None:
+        raise CredentialsRejected(
+            f"profile {name!r} has no authorization endpoint; configure it with server + tenant or issuer"
+        )
+    query = {
+        "response_type": "code",
+        "client_id": profile.client_id,
+        "redirect_uri": redirect_uri,
+        "scope": login_scope(profile),
+        "state": state,
+        "code_challenge": pkce_challenge(verifier),
+        "code_challenge_method": "S256",
+    }
+    sep = "&" if "?" in endpoints.authorization else "?"
+    yield OpenBrowser(f"{endpoints.authorization}{sep}{urlencode(query)}")
+    params = yield AwaitRedirect()
+    if not isinstance(params, Mapping):
+        raise TypeError(f"an AwaitRedirect step is answered with the query parameters, not {type(params).__name__}")
+    came_back = params.get("state")
+    if not isinstance(came_back, str) or not hmac.compare_digest(came_back.encode(), state.encode()):
+        raise LoginRequired(f"profile {name!r}: the browser came back with a wrong state (not this login); {again}")
+    error = params.get("error")
+    if isinstance(error, str):
+        said_text = oidc.clean_text(f"{error}: {params.get('error_description', '')}")
+        if error == "access_denied":
+            raise CredentialsRejected(f"profile {name!r}: the login was denied at the identity provider ({said_text})")
+        raise CredentialsRejected(f"profile {name!r}: the identity provider refused the login ({said_text}); {again}")
+    code = params.get("code")
+    if not isinstance(code, str) or not code:
+        raise LoginRequired(f"profile {name!r}: the browser came back without a code; {again}")
+    req = oidc.build_authorization_code(endpoints.token, client_of(profile, credentials), code, redirect_uri, verifier)
+    try:
+        return (yield from grant(req))
+    except OAuthError as exc:
+        raise rejected(profile, exc) from None
+
+
+# ---------------------------------------------------------------- what to tell the person
+
+
+def said(exc: OAuthError) -> str:
+    """What the IdP said, with its HTTP status: ``HTTP 401: invalid_grant: Invalid user credentials``."""
+    if exc.error == "refused":
+        return f"HTTP {exc.status} with {exc.description}"
+    return f"HTTP {exc.status}: {exc}"
+
+
+def login_message(p: Profile) -> str:
+    name = p.name
+    if p.grant in ("device", "browser"):
+        return f"profile {name!r}: no valid login; run `dc-broker login {name}`"
+    if p.grant == "password":
+        return f"profile {name!r}: no password stored and no valid login; run `dc-broker login {name}`"
+    return (
+        f"profile {name!r}: no client secret stored; store it with `dc-broker remove {name}` and "
+        f"`dc-broker add {name} ...`"
+    )
+
+
+def rejected(p: Profile, exc: OAuthError, *, narrowing_to: str | None = None) -> CredentialsRejected:
+    """The one message for an IdP refusal: what it refused, its words and status, what to fix."""
+    name = p.name
+    if exc.error == "invalid_scope":
+        scope, why = (
+            (narrowing_to, "a per-request scope can only narrow the profile's own scope")
+            if narrowing_to is not None
+            else (p.scope, "fix the profile's scope")
+        )
+        return CredentialsRejected(
+            f"profile {name!r}: the identity provider refuses scope {scope!r} ({said(exc)}); {why}"
+        )
+    if exc.error == "not_found":
+        return CredentialsRejected(
+            f"profile {name!r}: {p.describe()} answers HTTP 404 Not Found ({exc.description}); "
+            "check server, tenant, legacy_paths (Keycloak 17+ has no /auth) or issuer"
+        )
+    readd = f"`dc-broker remove {name}` and `dc-broker add {name} ...` with the right settings"
+    if exc.error in ("invalid_client", "unauthorized_client"):
+        what = "client id or secret" if p.auth_method != "none" else "client id (a public client, no secret)"
+        return CredentialsRejected(
+            f"profile {name!r}: the identity provider refuses client {p.client_id!r} ({said(exc)}); "
+            f"check the {what}, then {readd}"
+        )
+    if p.grant == "password":
+        return CredentialsRejected(
+            f"profile {name!r}: the identity provider refused the password of user {p.username!r} ({said(exc)}); "
+            f"store the right one with `dc-broker login {name}`"
+        )
+    if p.grant == "client_credentials":
+        return CredentialsRejected(
+            f"profile {name!r}: the identity provider refused the client secret ({said(exc)}); store the right one "
+            f"with {readd}"
+        )
+    return CredentialsRejected(
+        f"profile {name!r}: the identity provider refused the login ({said(exc)}); run `dc-broker login {name}`"
+    )
