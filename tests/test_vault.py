@@ -611,3 +611,28 @@ async def test_sessions_store_and_restore_through_the_vault(vault: Vault, make_i
     restored = session()  # a restart: serves at once from the vault
     assert restored.state is State.FRESH
     assert restored.token is not None and restored.token.access_token == token.access_token
+
+
+async def test_tokens_are_not_restored_for_a_profile_edited_since(vault: Vault, make_idp) -> None:  # type: ignore[no-untyped-def]
+    """`dc-broker set acme username=viewer` (or add --force) must not serve the old user's token."""
+    idp = make_idp()
+    vault.set_credentials("demo", CREDENTIALS["demo"])
+    first = Session(profile("demo"), vault, idp_transport(idp), rng=random.Random(1), wall_clock=trio_wall_clock)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first.run)
+        token = await first.get(min_ttl=60)
+        nursery.cancel_scope.cancel()
+    saved = vault.saved_tokens("demo")
+    assert saved is not None and saved.issued_for == profile("demo").login_fingerprint()
+    edited = profile("demo", username="viewer")
+    assert edited.login_fingerprint() != profile("demo").login_fingerprint()
+    again = Session(edited, vault, idp_transport(idp), rng=random.Random(1), wall_clock=trio_wall_clock)
+    assert again.token is None and again.state is not State.FRESH
+    same = Session(
+        profile("demo", allow=("user:etl",)),
+        vault,
+        idp_transport(idp),
+        rng=random.Random(1),
+        wall_clock=trio_wall_clock,
+    )  # who may use it is not whom the token is for: still restored
+    assert same.token is not None and same.token.access_token == token.access_token

@@ -87,6 +87,15 @@ class Profile:
         base = self.endpoint_base()
         return f"{base}/protocol/openid-connect/token" if base else None
 
+    def login_fingerprint(self) -> str:
+        """Who a stored token is for: the IdP, client, grant, user and scope. Tokens saved under another
+        fingerprint (the profile was edited since, e.g. ``set acme username=bob``) are never restored."""
+        import hashlib
+        import json
+
+        keys = (self.static_token_url() or self.issuer, self.client_id, self.grant, self.username, self.scope)
+        return hashlib.sha256(json.dumps(keys).encode("utf-8")).hexdigest()[:16]
+
     def describe(self) -> str:
         return self.static_token_url() or f"{self.issuer} (discovery)"
 

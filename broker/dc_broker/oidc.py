@@ -65,6 +65,8 @@ class TokenSet:
     refresh_expires_at: float | None = None
     scope: str | None = None
     id_token: Secret | None = None
+    #: the profile's ``login_fingerprint`` when these tokens were stored (None: not recorded)
+    issued_for: str | None = None
 
     @property
     def lifetime(self) -> float:

@@ -98,6 +98,7 @@ class Session:
         #: for a per-request scope: the profile's main session, whose login this one narrows
         self.parent = parent
         self.profile = profile
+        self._fingerprint = profile.login_fingerprint()  # whom stored tokens are for (never restore others)
         self.store = store
         self.idp = idp
         self.policy = refresh_policy
@@ -159,6 +160,9 @@ class Session:
             log.warning("profile %s: stored tokens not usable: %s", self.profile.name, exc.message)
             return
         if saved is None:
+            return
+        if saved.issued_for is not None and saved.issued_for != self._fingerprint:
+            log.info("profile %s: settings changed since its tokens were stored; logging in anew", self.profile.name)
             return
         tokens = _capped(shift_times(saved, self.clock() - self.wall_clock()))
         if tokens.expires_at > self.clock() or tokens.refresh_usable(self.clock()):
@@ -471,7 +475,8 @@ class Session:
         return await self._drive(flows.obtain(await self._login()), self._forget_login)
 
     async def _save(self, tokens: TokenSet) -> None:
-        await self.store.save_tokens(self.profile.name, shift_times(tokens, self.wall_clock() - self.clock()))
+        stored = replace(shift_times(tokens, self.wall_clock() - self.clock()), issued_for=self._fingerprint)
+        await self.store.save_tokens(self.profile.name, stored)
 
     async def _resolve_endpoints(self) -> Endpoints:
         if self._endpoints is None:

@@ -258,6 +258,7 @@ def test_watchdog_restarts_a_stopped_system_daemon(machine: Machine, broker: str
 def test_root_adds_a_profile_to_the_system_broker(machine: Machine, broker: str) -> None:
     m = machine
     before = m.read(CONFIG)
+    before_mode = m.run("stat", "-c", "%a %U:%G", CONFIG).stdout.strip()
     try:
         done = m.run(
             "dc-broker",
@@ -280,7 +281,10 @@ def test_root_adds_a_profile_to_the_system_broker(machine: Machine, broker: str)
             check=False,
         )
         assert done.returncode == 0, done.stderr
-        assert "4 profile(s)" in m.show("dc-broker.service", "StatusText")
+        mode = m.run("stat", "-c", "%a %U:%G", CONFIG).stdout.strip()
+        assert mode == before_mode, (mode, before_mode)  # root's add keeps the file the service reads
+        # STATUS= is recomputed on a timer: poll for it
+        m.wait_until("4 profiles in STATUS=", lambda: "4 profile(s)" in m.show("dc-broker.service", "StatusText"))
     finally:  # leave the broker as the other tests expect it
         m.write(CONFIG, before)
         m.run("systemctl", "reload", "dc-broker")

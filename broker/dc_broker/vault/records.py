@@ -65,6 +65,7 @@ def tokens_doc(tokens: TokenSet) -> dict[str, Any]:
         "refresh_expires_at": tokens.refresh_expires_at,
         "scope": tokens.scope,
         "id_token": None if tokens.id_token is None else tokens.id_token.reveal(),
+        "issued_for": tokens.issued_for,
     }
 
 
@@ -82,6 +83,7 @@ def tokens_of(doc: dict[str, Any]) -> TokenSet:
         refresh_expires_at=None if doc["refresh_expires_at"] is None else float(doc["refresh_expires_at"]),
         scope=doc["scope"],
         id_token=_opt_secret(doc["id_token"]),
+        issued_for=doc.get("issued_for") if isinstance(doc.get("issued_for"), str) else None,
     )
 
 
