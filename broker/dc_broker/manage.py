@@ -20,11 +20,14 @@ from dc_broker import control
 from dc_broker.config import (
     AUTH_METHODS,
     GRANTS,
+    SINK_FORMATS,
     Profile,
+    Sink,
     add_profile,
     default_config_path,
     load_config,
     remove_profile,
+    sink_path,
 )
 from dc_broker.oidc import IdpTransport
 from dc_broker.options import CONFIG, SOCKET, VAULT
@@ -172,6 +175,13 @@ def _forget(key_path: str | None) -> None:
 @click.option("--password-stdin", is_flag=True, help="read the user's password from stdin (first line)")
 @click.option("--secret-stdin", is_flag=True, help="read the client secret from stdin (next line)")
 @click.option("--no-verify", is_flag=True, help="store without checking the credentials at the IdP")
+@click.option(
+    "--sink",
+    "sinks",
+    multiple=True,
+    metavar="PATH[:FORMAT]",
+    help="a token file the broker keeps current (format token, header, json or env; repeatable)",
+)
 @click.argument("profile")
 def add(
     config_path: str | None,
@@ -185,7 +195,9 @@ def add(
 ) -> None:
     """Add PROFILE: its settings to config.toml, its secrets to the vault (or the running broker)."""
     path = config_path or default_config_path()
-    fields = {k: v for k, v in settings.items() if v is not None}
+    fields: dict[str, Any] = {k: v for k, v in settings.items() if v is not None and k != "sinks"}
+    if settings.get("sinks"):
+        fields["sinks"] = sink_options(settings["sinks"])
     if "auth_method" not in fields:
         fields["auth_method"] = "none" if fields.get("grant") == "device" else "basic"
     try:
@@ -220,6 +232,21 @@ def add(
     else:
         nxt = f"`dc-broker login {profile}`" if p.grant == "device" else f"`dc-token {profile}`"
     click.echo(f"Added profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
+
+
+def sink_options(values: tuple[str, ...]) -> tuple[Sink, ...]:
+    """``--sink PATH[:FORMAT]`` values as sinks (mode 0600); the config check of the file refuses a
+    directory others may write, as for a hand-written one."""
+    out = []
+    for value in values:
+        path, colon, fmt = value.rpartition(":")
+        if not colon or fmt not in SINK_FORMATS:
+            path, fmt = value, "token"
+        try:
+            out.append(Sink(path=sink_path(path), format=fmt))
+        except ConfigError as exc:
+            raise ConfigError(f"--sink {value}: {exc}") from None
+    return tuple(out)
 
 
 @click.command()
