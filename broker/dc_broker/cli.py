@@ -345,6 +345,10 @@ from dc_broker.systemd_install import systemd_group  # noqa: E402 - registered b
 
 cli.add_command(systemd_group)
 
+from dc_broker.proxy import proxy_command  # noqa: E402 - registered beside the other commands
+
+cli.add_command(proxy_command)
+
 
 def main() -> None:
     cli(prog_name="dc-broker")
