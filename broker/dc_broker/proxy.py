@@ -62,6 +62,7 @@ HEAD_TIMEOUT: Final = 10.0
 IDLE_TIMEOUT: Final = 60.0
 MAX_CONNECTIONS: Final = 512
 MAX_HEAD: Final = 64 * 1024
+_TIMEOUTS: Final = {"connect": 10.0, "read": 60.0, "write": 60.0, "pool": 60.0}
 #: RFC 9110 7.6.1 hop-by-hop headers, plus what the proxy sets itself
 _HOP: Final = frozenset(
     {
@@ -254,6 +255,7 @@ class _Conn:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._out = bytearray()
 
     async def next_event(self) -> Any:
         while True:
@@ -266,9 +268,14 @@ class _Conn:
             return event
 
     async def send(self, event: Any) -> None:
+        """Queue an event's bytes; they leave at the end of a message or once a chunk's worth is
+        queued (a small response goes out in one write: one segment, no Nagle/delayed-ACK stall)."""
         data = self.h11.send(event)
         if data:
-            await self.stream.send_all(data)
+            self._out += data
+        if len(self._out) >= CHUNK or isinstance(event, h11.EndOfMessage | h11.InformationalResponse):
+            out, self._out = self._out, bytearray()
+            await self.stream.send_all(out)
 
     async def body(self) -> AsyncIterator[bytes]:
         while True:
@@ -299,7 +306,7 @@ class Proxy:
         upstream: str,
         *,
         broker: AsyncTokenClient,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncBaseTransport,
         rules: Rules,
     ) -> None:
         self.profile = profile
@@ -414,8 +421,11 @@ class Proxy:
         token: str,
     ) -> httpx.Response:
         # a streamed body keeps the caller's Content-Length, or goes chunked without one
-        req = self.http.build_request(method, url, headers=upstream_headers(headers, token), content=body)
-        return await self.http.send(req, stream=True)
+        req = httpx.Request(
+            method, url, headers=upstream_headers(headers, token), content=body, extensions={"timeout": _TIMEOUTS}
+        )
+        # the transport itself: no cookies, redirects, auth or event hooks to run on every request
+        return await self.http.handle_async_request(req)
 
 
 # ---------------------------------------------------------------- running it
@@ -439,18 +449,15 @@ def check_upstream(url: str) -> str:
     return url.rstrip("/")
 
 
-def upstream_client(ca_bundle: str | None) -> httpx.AsyncClient:
-    """httpx for the upstream: verified TLS, no proxy or netrc from the environment, and none of
-    httpx's default headers (a caller that sent no Accept-Encoding must not get gzip back)."""
-    http = httpx.AsyncClient(
+def upstream_client(ca_bundle: str | None) -> httpx.AsyncHTTPTransport:
+    """httpx's transport for the upstream, used directly (no client layer: the request is forwarded
+    as it came, with none of httpx's default headers, cookies or redirects): verified TLS, no proxy
+    or netrc from the environment, keep-alive connections."""
+    return httpx.AsyncHTTPTransport(
         verify=tls_context(ca_bundle),
-        timeout=httpx.Timeout(60.0, connect=10.0),
         trust_env=False,
         limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=64),
     )
-    for name in list(http.headers):
-        del http.headers[name]
-    return http
 
 
 async def run_proxy(
