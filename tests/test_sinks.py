@@ -328,3 +328,18 @@ def test_reader_process_across_refreshes_of_a_real_broker(tmp_path: Path) -> Non
     assert not token_file.exists()
     err = broker.stderr.read() if broker.stderr else ""
     assert "eyJ" not in err  # no token in the logs
+
+
+def test_dc_broker_add_with_sinks(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    base = [DC_BROKER, "add", "dev1", "--config", str(cfg), "--socket", str(tmp_path / "none.sock")]
+    base += ["--server", "http://127.0.0.1:1", "--tenant", "t", "--client-id", "c", "--grant", "device", "--no-verify"]
+    added = run([*base, "--sink", f"{tmp_path}/dev1.token", "--sink", f"{tmp_path}/dev1.json:json"])
+    assert added.returncode == 0, added.stderr
+    assert load_config(str(cfg)).profiles["dev1"].sinks == (
+        Sink(path=f"{tmp_path}/dev1.token"),
+        Sink(path=f"{tmp_path}/dev1.json", format="json"),
+    )
+    refused = run([*base[:2], "dev2", *base[3:], "--sink", "/tmp/dev2.token"])
+    assert refused.returncode != 0 and "/tmp, which other users may write" in refused.stderr
+    assert "dev2" not in cfg.read_text()  # nothing written
