@@ -1,6 +1,7 @@
 """A test upstream API for the proxy and client tests: streamed upload and download, header echo.
 
-    python -m tests.upstream [--idp BASE_URL] [--port P]    prints its base URL, serves until SIGTERM
+    python -m tests.upstream [--idp BASE_URL] [--port P] [--certfile PEM --keyfile PEM]
+                                        prints its base URL, serves until SIGTERM
 
 With ``--idp`` every request's ``Authorization`` header is checked against the dev IdP's demo API
 (so a revoked token gets 401 here as there); without it any bearer token passes (the bench).
@@ -108,29 +109,33 @@ def build_app(idp: str | None) -> Starlette:
 
 
 @contextmanager
-def running_upstream(idp: str | None = None) -> Iterator[str]:
-    """This module as a process; yields its base URL."""
+def running_upstream(idp: str | None = None, *tls: str) -> Iterator[str]:
+    """This module as a process; yields its base URL. ``tls``: certfile, keyfile (https)."""
     cmd = [sys.executable, "-m", "tests.upstream", *(["--idp", idp] if idp else [])]
+    if tls:
+        cmd += ["--certfile", tls[0], "--keyfile", tls[1]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
-        assert line.startswith("http://"), f"the test upstream did not start: {line!r}"
+        assert line.startswith("http"), f"the test upstream did not start: {line!r}"
         yield line
     finally:
         proc.terminate()
         proc.wait(10)
 
 
-async def _main(idp: str | None, port: int) -> None:
+async def _main(idp: str | None, port: int, certfile: str | None = None, keyfile: str | None = None) -> None:
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
+    if certfile:
+        config.certfile, config.keyfile = certfile, keyfile
     config.loglevel = "WARNING"
     config.accesslog = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(partial(serve, build_app(idp), config, mode="asgi"))  # type: ignore[arg-type]
-            print(binds[0], flush=True)
+            print(binds[0].replace("http://", "https://") if certfile else binds[0], flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
@@ -140,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.upstream")
     parser.add_argument("--idp", default=None)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--certfile", default=None, help="serve https with this certificate (PEM)")
+    parser.add_argument("--keyfile", default=None)
     args = parser.parse_args(argv)
-    trio.run(_main, args.idp, args.port)
+    trio.run(_main, args.idp, args.port, args.certfile, args.keyfile)
     return 0
 
 
