@@ -1,12 +1,12 @@
 """`dc-broker proxy` overhead: the same small GET against the same local upstream, direct and through
 the proxy; latency (p50, p99) and requests/s at 1 and 16 keep-alive connections.
 
-Target (issue 15): p50 overhead per request <= 1 ms. Latency on a shared machine follows its load,
-so the CPU time each process spends per request (utime + stime from /proc/PID/stat over the run)
-is printed too: the proxy's against the upstream's own. The upstream is tests/upstream.py (hypercorn +
-Starlette, no token check), the proxy a real `dc-broker proxy` process in front of a `dc-broker dev`
-broker. The load generator is a separate process: a selectors loop over raw sockets with a
-pre-encoded request (closed loop, one request in flight per connection), timing each response.
+Target (issue 15): p50 overhead per request <= 1 ms. The upstream is a minimal h11-on-trio server
+in this file (the lightest honest upstream, so the overhead is the proxy's); the proxy a real
+`dc-broker proxy` process in front of a `dc-broker dev` broker; the load generator a separate
+process: a selectors loop over raw sockets with a pre-encoded request (closed loop, one request in
+flight per connection), timing each response. Latency on a shared machine follows its load, so the
+CPU time each process spends per request (utime + stime from /proc/PID/stat) is printed too.
 
     python bench/proxy.py [--seconds S]
 """
@@ -30,16 +30,55 @@ from urllib.parse import urlsplit
 
 import common
 
+from dc_token.sync import TokenClient
 from tests.e2e import DC_BROKER
 
 PATH = "/echo"
 
 
+async def _serve_upstream() -> None:
+    """The bench's upstream: h11 on trio, keep-alive, answers every request with its headers as JSON
+    (hypercorn, under this closed-loop load, drops connections after a client vanishes mid-request)."""
+    import json
+
+    import h11
+    import trio
+
+    async def connection(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
+                    continue
+                if isinstance(event, h11.Request):
+                    headers = {k.decode(): v.decode() for k, v in event.headers}
+                    body = json.dumps({"method": event.method.decode(), "headers": headers}).encode()
+                elif isinstance(event, h11.EndOfMessage):
+                    out = conn.send(
+                        h11.Response(
+                            status_code=200,
+                            headers=[("content-type", "application/json"), ("content-length", str(len(body)))],
+                        )
+                    )
+                    await stream.send_all(out + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+                    conn.start_next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+        except (trio.BrokenResourceError, h11.ProtocolError):
+            return
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", flush=True)
+    await trio.serve_listeners(connection, listeners)
+
+
 @contextmanager
 def upstream_process() -> Iterator[tuple[str, int]]:
-    """tests/upstream.py (no token check) as a process: its URL and pid."""
+    """The bench's upstream as a process: its URL and pid."""
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([sys.executable, "-m", "tests.upstream"], stdout=subprocess.PIPE, text=True, cwd=root)
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-upstream"], stdout=subprocess.PIPE, text=True, cwd=root)
     try:
         assert proc.stdout is not None
         yield proc.stdout.readline().strip(), proc.pid
@@ -48,8 +87,9 @@ def upstream_process() -> Iterator[tuple[str, int]]:
         proc.wait(10)
 
 
-def _request(host: str) -> bytes:
-    return f"GET {PATH} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: bench\r\n\r\n".encode()
+def _request(host: str, token: str | None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return f"GET {PATH} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: bench\r\n{auth}\r\n".encode()
 
 
 def _complete(buf: bytes) -> int:
@@ -63,9 +103,9 @@ def _complete(buf: bytes) -> int:
     return total if len(buf) >= total else 0
 
 
-def load(address: str, connections: int, seconds: float, q: mp.Queue) -> None:  # type: ignore[type-arg]
+def load(address: str, connections: int, seconds: float, token: str | None, q: mp.Queue) -> None:  # type: ignore[type-arg]
     host, port = address.rsplit(":", 1)
-    frame = _request(address)
+    frame = _request(address, token)
     sel = selectors.DefaultSelector()
     state: dict[socket.socket, list[object]] = {}
     for _ in range(connections):
@@ -84,7 +124,10 @@ def load(address: str, connections: int, seconds: float, q: mp.Queue) -> None:  
         for key, _ in sel.select(timeout=0.5):
             s = key.fileobj  # type: ignore[assignment]
             st = state[s]
-            buf = st[0] + s.recv(65536)  # type: ignore[operator]
+            data = s.recv(65536)
+            if not data:  # the server closed this connection: a benchmark that measures nothing
+                raise SystemExit(f"{address} closed a keep-alive connection after {done} responses")
+            buf = st[0] + data  # type: ignore[operator]
             n = _complete(buf)
             while n:
                 now = time.perf_counter()
@@ -108,9 +151,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(address: str, connections: int, seconds: float, pids: dict[str, int]) -> dict[str, float]:
+def measure(
+    address: str, connections: int, seconds: float, pids: dict[str, int], token: str | None = None
+) -> dict[str, float]:
+    """``token``: sent by the direct calls, so both paths carry (and the upstream echoes) the same bytes."""
     q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-    p = mp.Process(target=load, args=(address, connections, seconds, q))
+    p = mp.Process(target=load, args=(address, connections, seconds, token, q))
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     p.start()
     latencies, rps = q.get(timeout=seconds + 60)
@@ -147,8 +193,12 @@ def main() -> dict[str, object]:
             direct = urlsplit(upstream).netloc
             figures: dict[str, dict[str, float]] = {}
             pids = {"upstream": upstream_pid, "proxy": proxy.pid}
+            with TokenClient(sock) as broker:
+                token = broker.token("demo")
+            measure(direct, 4, 2.0, pids, token)  # warm both processes up (imports, first connections)
+            measure(via, 4, 2.0, pids)
             for connections in (1, 16):
-                figures[f"direct_{connections}"] = measure(direct, connections, args.seconds, pids)
+                figures[f"direct_{connections}"] = measure(direct, connections, args.seconds, pids, token)
                 figures[f"proxy_{connections}"] = measure(via, connections, args.seconds, pids)
         finally:
             proxy.terminate()
@@ -176,4 +226,8 @@ def main() -> dict[str, object]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve-upstream"]:
+        import trio
+
+        trio.run(_serve_upstream)
     sys.exit(0 if main()["p50_overhead_ms_1"] <= 1.0 else 1)  # type: ignore[operator]
