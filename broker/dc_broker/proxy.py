@@ -306,7 +306,7 @@ class Proxy:
         upstream: str,
         *,
         broker: AsyncTokenClient,
-        http: httpx.AsyncBaseTransport,
+        http: Upstreams,
         rules: Rules,
     ) -> None:
         self.profile = profile
@@ -331,6 +331,13 @@ class Proxy:
     async def _connection(self, stream: trio.SocketStream) -> None:
         uid = peer_uid(stream.socket)
         conn = _Conn(stream)
+        upstream = self.http.take()  # this connection's own: its requests come one after another
+        try:
+            await self._requests(conn, uid, upstream)
+        finally:
+            await self.http.give(upstream)
+
+    async def _requests(self, conn: _Conn, uid: int | None, upstream: httpx.AsyncHTTPTransport) -> None:
         first = True
         while True:
             with trio.fail_after(HEAD_TIMEOUT if first else IDLE_TIMEOUT):
@@ -345,12 +352,13 @@ class Proxy:
                 log.warning("refused %s %s: %s", event.method.decode(), event.target.decode("latin-1")[:200], refused)
                 await conn.simple(403, f"dc-broker proxy: {refused}", close=True)
                 return
-            await self._forward(conn, event)
+            await self._forward(conn, event, upstream)
             if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is not h11.DONE:
                 return
             conn.h11.start_next_cycle()
 
-    async def _forward(self, conn: _Conn, request: h11.Request) -> None:
+    async def _forward(self, conn: _Conn, request: h11.Request, upstream: httpx.AsyncBaseTransport) -> None:
+        """One request: its body (kept when small), a token, upstream, and the response streamed back."""
         self.requests += 1
         try:
             url = upstream_url(self.upstream, request.target)
@@ -365,7 +373,7 @@ class Proxy:
             return
         method = request.method.decode("ascii")
         try:
-            response = await self._send(method, url, request.headers, body, token)
+            response = await self._send(upstream, method, url, request.headers, body, token)
             if response.status_code == 401 and replayable:
                 await self.broker.invalidate(self.profile, token)
                 fresh = await self.broker.token(self.profile, min_ttl=RETRY_MIN_TTL)
@@ -373,7 +381,7 @@ class Proxy:
                     await response.aclose()
                     self.retries += 1
                     log.info("%s %s: upstream said 401; token invalidated, sending once more", method, url)
-                    response = await self._send(method, url, request.headers, body, fresh)
+                    response = await self._send(upstream, method, url, request.headers, body, fresh)
         except DcBrokerError as exc:
             await conn.simple(503, f"dc-broker proxy: {exc}", close=True)
             return
@@ -414,6 +422,7 @@ class Proxy:
 
     async def _send(
         self,
+        upstream: httpx.AsyncBaseTransport,
         method: str,
         url: str,
         headers: Iterable[tuple[bytes, bytes]],
@@ -425,7 +434,7 @@ class Proxy:
             method, url, headers=upstream_headers(headers, token), content=body, extensions={"timeout": _TIMEOUTS}
         )
         # the transport itself: no cookies, redirects, auth or event hooks to run on every request
-        return await self.http.handle_async_request(req)
+        return await upstream.handle_async_request(req)
 
 
 def _why(exc: BaseException) -> str:
@@ -460,15 +469,40 @@ def check_upstream(url: str) -> str:
     return url.rstrip("/")
 
 
-def upstream_client(ca_bundle: str | None) -> httpx.AsyncHTTPTransport:
-    """httpx's transport for the upstream, used directly (no client layer: the request is forwarded
-    as it came, with none of httpx's default headers, cookies or redirects): verified TLS, no proxy
-    or netrc from the environment, keep-alive connections."""
-    return httpx.AsyncHTTPTransport(
-        verify=tls_context(ca_bundle),
-        trust_env=False,
-        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=64),
-    )
+class Upstreams:
+    """httpx transports to the upstream, one per client connection at a time, each holding at most
+    one keep-alive connection, kept on a free list between client connections (so a client that
+    connects per request still reuses an upstream connection, TLS handshake done).
+
+    The transport is used directly (no client layer: the request is forwarded as it came, with none
+    of httpx's default headers, cookies or redirects); verified TLS, no proxy or netrc from the
+    environment. One small pool per client connection rather than one shared pool: httpcore's pool
+    checks every connection it holds on each request, which at 16 busy connections costs more than
+    the rest of the proxy."""
+
+    def __init__(self, ca_bundle: str | None, keep: int = 32) -> None:
+        self._tls = tls_context(ca_bundle)
+        self._free: list[httpx.AsyncHTTPTransport] = []
+        self._keep = keep
+
+    def take(self) -> httpx.AsyncHTTPTransport:
+        if self._free:
+            return self._free.pop()
+        return httpx.AsyncHTTPTransport(
+            verify=self._tls, trust_env=False, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        )
+
+    async def give(self, transport: httpx.AsyncHTTPTransport) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(transport)
+        else:
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+
+    async def aclose(self) -> None:
+        free, self._free = self._free, []
+        for transport in free:
+            await transport.aclose()
 
 
 async def run_proxy(
@@ -491,7 +525,7 @@ async def run_proxy(
         await broker.hello()
     except BrokerUnavailable as exc:
         raise BrokerUnavailable(f"{exc}; start it first (`dc-broker run`)") from None
-    http = upstream_client(ca_bundle)
+    http = Upstreams(ca_bundle)
     lock = None
     if listen.path is not None:
         raw, lock = bind_unix_socket(listen.path, mode=0o600, strict_dir=False)
