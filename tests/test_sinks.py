@@ -343,3 +343,29 @@ def test_dc_broker_add_with_sinks(tmp_path: Path) -> None:
     refused = run([*base[:2], "dev2", *base[3:], "--sink", "/tmp/dev2.token"])
     assert refused.returncode != 0 and "/tmp, which other users may write" in refused.stderr
     assert "dev2" not in cfg.read_text()  # nothing written
+
+
+async def test_an_idp_outage_past_expiry_takes_the_file_away_and_recovery_brings_it_back(
+    tmp_path: Path, make_idp, autojump_clock
+) -> None:
+    idp = make_idp(access_lifespan=T, sso_idle=100 * T, sso_max=1000 * T)
+    sessions, path = sink_sessions(tmp_path, idp)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sessions.run)
+        await nursery.start(sinks.run, sessions)
+        with trio.fail_after(T):
+            while not path.exists():
+                await trio.sleep(0.05)
+        first = path.read_text()[:-1]
+        idp.faults.fail_next(10_000, status=503)  # the IdP is down from here on
+        while path.exists():  # kept while the token is valid, removed before it expires
+            assert jwt_exp(path.read_text()[:-1]) > trio_wall_clock() + 1
+            await trio.sleep(0.25)
+        # kept through the outage until shortly before the token's expiry (exp: whole seconds)
+        assert trio_wall_clock() >= jwt_exp(first) - sinks.REMOVE_BEFORE - 1
+        idp.faults.clear()
+        with trio.fail_after(10 * T):  # the broker's backoff retries; the file comes back with a new token
+            while not path.exists():
+                await trio.sleep(0.25)
+        assert path.read_text()[:-1] != first
+        nursery.cancel_scope.cancel()

@@ -9,7 +9,8 @@ setting). Per profile with ``[[profiles.NAME.sinks]]`` (``dc_broker.config.Sink`
   file or the new complete file, never a partial or empty one. The new token is written as soon as
   the broker has it, which is before the old one expires (the broker refreshes ahead of expiry);
 - removed when the broker can no longer vouch for the token: the vault is locked, the profile is
-  logged out or removed, or the written token expired with no new one, and when the broker stops.
+  logged out or removed, or the written token is about to expire with no new one (``REMOVE_BEFORE``
+  its expiry: the IdP is down), and when the broker stops.
 
 The task only reads a session through ``token_changed``, ``peek``, ``status`` and ``profile``; it
 re-checks every ``CHECK_EVERY`` seconds (lock and logout fire no event), and ``run`` looks for
@@ -40,6 +41,10 @@ log = logging.getLogger("dc_broker.sinks")
 
 #: seconds between checks of a profile's state (lock/logout/expiry) besides token_changed
 CHECK_EVERY: Final = 0.5
+#: a file whose token was not replaced goes this long before the token expires (at most this share
+#: of the token's lifetime): a reader must not pick up a token that dies while it uses it
+REMOVE_BEFORE: Final = 5.0
+REMOVE_BEFORE_SHARE: Final = 0.1
 #: seconds between scans for profiles that gained sinks
 SCAN_EVERY: Final = 2.0
 #: session states in which nobody may use the token any more: the files go
@@ -130,8 +135,8 @@ def _fsync_dir(directory: str) -> None:
 
 
 class _ProfileSinks:
-    """What one profile's files hold: sink -> (token, its expiry on the session clock) written there,
-    or None (checked: no file)."""
+    """What one profile's files hold: sink -> (token, when the file must go unless replaced, on the
+    session clock) written there, or None (checked: no file)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -147,7 +152,7 @@ class _ProfileSinks:
         except (OSError, ValueError) as exc:
             self._failed(sink, "write", exc)
             return
-        self.written[sink] = (token, tok.expires_at)
+        self.written[sink] = (token, remove_at(tok))
         if self._errors.pop(sink, None) is not None:
             log.info("profile %s: token file %s written again", self.name, sink.path)
 
@@ -165,7 +170,7 @@ class _ProfileSinks:
     async def update(self, sink: Sink, tok: TokenSet | None, vouched: bool, now: float) -> None:
         """Bring one file in line: the current token, or no file when there is none to vouch for."""
         have = self.written.get(sink, _UNSEEN)
-        if tok is not None:
+        if tok is not None and remove_at(tok) > now:
             if have is _UNSEEN or have is None or have[0] != tok.access_token.reveal():
                 await self.write(sink, tok, now)
         elif have is _UNSEEN:
@@ -175,7 +180,7 @@ class _ProfileSinks:
         elif not vouched:
             await self.remove(sink, "locked or logged out")
         elif have[1] <= now:
-            await self.remove(sink, "its token expired and no new one came")
+            await self.remove(sink, "its token is about to expire and no new one came")
 
     def _failed(self, sink: Sink, action: str, exc: Exception) -> None:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -186,6 +191,11 @@ class _ProfileSinks:
 
 
 _UNSEEN: Final = ("", 0.0)
+
+
+def remove_at(tok: TokenSet) -> float:
+    """When a file holding ``tok`` must go unless a new token replaced it (session clock)."""
+    return tok.expires_at - min(REMOVE_BEFORE, REMOVE_BEFORE_SHARE * tok.lifetime)
 
 
 def _current(sessions: Sessions, name: str, session: Session) -> bool:
@@ -216,7 +226,9 @@ async def keep_profile(sessions: Sessions, name: str) -> None:
             tok = session.peek(0.0, now) if vouched else None
             for sink in sorted(sinks, key=lambda s: s.path):
                 await files.update(sink, tok, vouched, now)
-            with trio.move_on_after(CHECK_EVERY):
+            # wake for the next file to remove; a past one (its removal failed) waits for the next check
+            deadlines = [have[1] for have in files.written.values() if have is not None and have[1] > now]
+            with trio.move_on_at(min([now + CHECK_EVERY, *deadlines])):
                 await changed.wait()
     finally:
         with trio.CancelScope(shield=True):
