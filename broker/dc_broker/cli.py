@@ -382,6 +382,10 @@ from dc_broker.systemd_install import systemd_group  # noqa: E402 - registered b
 cli.add_command(systemd_group)
 cli.add_command(completion)
 
+from dc_broker.proxy import proxy_command  # noqa: E402 - registered beside the other commands
+
+cli.add_command(proxy_command)
+
 
 def main() -> None:
     """click's own error handling, except that Ctrl-C exits 130 (the shell's convention), not 1."""

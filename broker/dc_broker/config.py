@@ -16,6 +16,11 @@ to write instead. Pure apart from reading the one file it is given.
     auth_method = "basic"                # basic | post | none
     scope = "openid"
     ca_bundle = "/etc/ssl/certs/acme.pem"
+
+    [[profiles.acme.sinks]]              # token files the broker keeps current (dc_broker.sinks)
+    path = "~/.local/state/dc-broker/acme.token"
+    format = "token"                     # token | header | json | env
+    mode = "0600"                        # at most 0660; group = "analytics" for a shared file
 """
 
 from __future__ import annotations
@@ -46,6 +51,34 @@ GRANTS: Final = ("password", "client_credentials", "device", "browser")
 AUTH_METHODS: Final = ("basic", "post", "none")
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+SINK_FORMATS: Final = ("token", "header", "json", "env")
+_SINK_KEYS: Final = ("path", "format", "mode", "group")
+_GROUP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Sink:
+    """A token file the broker keeps current for one profile (written by ``dc_broker.sinks``)."""
+
+    #: absolute: ``~`` expanded; a relative path is under $RUNTIME_DIRECTORY (the system unit), else
+    #: under $XDG_STATE_HOME/dc-broker
+    path: str
+    format: str = "token"
+    #: permission bits: owner read/write plus at most group read/write (never other users)
+    mode: int = 0o600
+    #: the file's group (a shared broker's readers), by name
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in SINK_FORMATS:
+            raise ConfigError(f"format {self.format!r} is not one of {', '.join(SINK_FORMATS)}")
+        if self.mode & ~0o660 or not self.mode & 0o400:
+            raise ConfigError(
+                f"mode {self.mode:04o} is not allowed: a token file is readable by its owner and at most its "
+                'group, never by other users and never executable (write e.g. "0600" or "0640")'
+            )
+        if self.group is not None and not _GROUP_NAME.match(self.group):
+            raise ConfigError(f"group {self.group!r} is not a group name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +100,7 @@ class Profile:
     allow: tuple[str, ...] = ()
     #: who besides the broker's own uid and root may change this profile's login (same rule syntax)
     admin: tuple[str, ...] = ()
+    sinks: tuple[Sink, ...] = ()
 
     def __post_init__(self) -> None:
         check_profile(self)
@@ -221,6 +255,7 @@ _PROFILE_KEYS: Final[dict[str, type]] = {
     "ca_bundle": str,
     "allow": list,
     "admin": list,
+    "sinks": list,
 }
 _DAEMON_KEYS: Final[dict[str, type | tuple[type, ...]]] = {
     "socket": str,
@@ -314,6 +349,8 @@ def parse_config(data: dict[str, Any], *, text: str = "", path: str = "<config>"
         for rules in ("allow", "admin"):
             if rules in kwargs:
                 kwargs[rules] = tuple(str(rule) for rule in kwargs[rules])
+        if "sinks" in kwargs:
+            kwargs["sinks"] = parse_sinks(name, kwargs["sinks"], text=text, path=path)
         try:
             profiles[name] = Profile(name=name, **kwargs)
         except BadValue as exc:
@@ -328,6 +365,105 @@ def parse_config(data: dict[str, Any], *, text: str = "", path: str = "<config>"
     except ConfigError as exc:
         raise ConfigError(f"{where('daemon')}: {exc}") from None
     return Config(profiles=profiles, daemon=settings, path=path)
+
+
+def sink_path(raw: str, environ: Mapping[str, str] | None = None) -> str:
+    """Where a configured sink path points: ``~`` expanded; relative paths under $RUNTIME_DIRECTORY
+    (set by systemd for the system unit), else under $XDG_STATE_HOME/dc-broker."""
+    env = os.environ if environ is None else environ
+    path = os.path.expanduser(raw)
+    if not os.path.isabs(path):
+        base = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        if not base:
+            state = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+            base = os.path.join(state, "dc-broker")
+        path = os.path.join(base, path)
+    return os.path.normpath(path)
+
+
+def writable_by_others(directory: str) -> str | None:
+    """The directory (or, while it does not exist yet, its nearest existing parent) if users other than
+    its owner may create or rename files in it, else None."""
+    current = directory
+    while True:
+        try:
+            st = os.stat(current)
+        except FileNotFoundError:
+            parent = os.path.dirname(current)
+            if parent == current:
+                return None
+            current = parent
+            continue
+        except OSError:
+            return None
+        return current if st.st_mode & 0o002 else None
+
+
+def _sink_line(text: str, profile: str, index: int, key: str) -> int | None:
+    """Line of ``key`` in the ``index``-th ``[[profiles.PROFILE.sinks]]`` table (else of its header)."""
+    header = re.compile(r"^\s*\[\[\s*profiles\s*\.\s*" + re.escape(profile) + r"\s*\.\s*sinks\s*\]\]")
+    lines = text.splitlines()
+    seen = -1
+    for i, line in enumerate(lines):
+        if header.match(line):
+            seen += 1
+            if seen != index:
+                continue
+            for j in range(i + 1, len(lines)):
+                if lines[j].lstrip().startswith("["):
+                    break
+                if re.match(r"^\s*" + re.escape(key) + r"\s*=", lines[j]):
+                    return j + 1
+            return i + 1
+    return None
+
+
+def parse_sinks(profile: str, raw: object, *, text: str = "", path: str = "<config>") -> tuple[Sink, ...]:
+    """``[[profiles.NAME.sinks]]`` tables -> Sinks. A path in a directory other users may write is
+    refused (they could swap the file): the error names the line of its ``path`` key."""
+
+    def where(index: int, key: str) -> str:
+        line = _sink_line(text, profile, index, key)
+        return f"{path}:{line}" if line else path
+
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: profiles.{profile}.sinks must be tables: write [[profiles.{profile}.sinks]]")
+    sinks: list[Sink] = []
+    for index, table in enumerate(raw):
+        what = f"profiles.{profile}.sinks[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {what} must be a table: write [[profiles.{profile}.sinks]]")
+        for key, value in table.items():
+            if key not in _SINK_KEYS:
+                raise ConfigError(f"{where(index, key)}: unknown key {what}.{key} (known: {', '.join(_SINK_KEYS)})")
+            if key != "mode" and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{where(index, key)}: {what}.{key} must be a non-empty string")
+        if "path" not in table:
+            raise ConfigError(f"{where(index, 'path')}: {what} needs a path")
+        mode = table.get("mode", "0600")
+        try:
+            bits = int(mode, 8) if isinstance(mode, str) else mode
+        except ValueError:
+            bits = None
+        if not isinstance(bits, int) or isinstance(bits, bool):
+            raise ConfigError(f'{where(index, "mode")}: {what}.mode must be octal text like "0600"')
+        full = sink_path(table["path"])
+        try:
+            sink = Sink(path=full, format=table.get("format", "token"), mode=bits, group=table.get("group"))
+        except ConfigError as exc:
+            key = str(exc).split()[0]  # each Sink check names its key first
+            raise ConfigError(f"{where(index, key)}: {what}: {exc}") from None
+        open_dir = writable_by_others(os.path.dirname(full))
+        if open_dir is not None:
+            raise ConfigError(
+                f"{where(index, 'path')}: {what}.path {full!r} is in {open_dir}, which other users may write "
+                "to (they could replace the token file); use a private directory such as "
+                "~/.local/state/dc-broker or $RUNTIME_DIRECTORY"
+            )
+        if any(s.path == full for s in sinks):
+            raise ConfigError(f"{where(index, 'path')}: {what}.path {full!r} is given twice")
+        sinks.append(sink)
+    return tuple(sinks)
 
 
 def _toml_value(value: object) -> str:
@@ -345,8 +481,16 @@ def profile_toml(p: Profile) -> str:
     lines = [f"[profiles.{p.name}]"]
     for key in _PROFILE_KEYS:
         value = getattr(p, key)
+        if key == "sinks":
+            continue  # array-of-tables, after the table itself
         if value is not None and value != () and (key == "client_id" or value != defaults.get(key)):
             lines.append(f"{key} = {_toml_value(value)}")
+    for sink in p.sinks:
+        lines += ["", f"[[profiles.{p.name}.sinks]]", f"path = {_toml_value(sink.path)}"]
+        lines.append(f"format = {_toml_value(sink.format)}")
+        lines.append(f'mode = "{sink.mode:04o}"')
+        if sink.group:
+            lines.append(f"group = {_toml_value(sink.group)}")
     return "\n".join(lines) + "\n"
 
 
@@ -355,6 +499,8 @@ def profile_settings(p: Profile) -> dict[str, Any]:
     doc: dict[str, Any] = {"name": p.name}
     for key in _PROFILE_KEYS:
         value = getattr(p, key)
+        if key == "sinks":
+            value = [{"path": s.path, "format": s.format, "mode": f"{s.mode:04o}", "group": s.group} for s in value]
         doc[key] = list(value) if isinstance(value, tuple) else value
     doc["endpoint"] = p.describe()  # the token endpoint it will use (or the issuer to discover it from)
     return doc
@@ -405,6 +551,11 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     expected = _PROFILE_KEYS.get(key)
     if expected is None:
         raise ConfigError(f"unknown profile key {key!r}; keys: {', '.join(sorted(_PROFILE_KEYS))}")
+    if key == "sinks":
+        raise ConfigError(
+            "sinks are [[profiles.NAME.sinks]] tables, not one value: give them with "
+            "`dc-broker add --force NAME ... --sink PATH[:FORMAT]`, or edit config.toml"
+        )
     if value == "":
         if key == "client_id":
             raise ConfigError("client_id cannot be unset")
@@ -463,6 +614,9 @@ def replace_profile(path: str, p: Profile) -> None:
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines(keepends=True)
     start, end = _table_span(lines, p.name)
+    sub = re.compile(r"^\s*\[\[?\s*profiles\s*\.\s*" + re.escape(p.name) + r"\s*\.")
+    while end < len(lines) and sub.match(lines[end]):  # its [[profiles.NAME.sinks]] go too
+        end = next((j for j in range(end + 1, len(lines)) if lines[j].lstrip().startswith("[")), len(lines))
     cut = end
     while cut > start + 1 and (not lines[cut - 1].strip() or lines[cut - 1].lstrip().startswith("#")):
         cut -= 1  # blank lines and comments just above the next table belong to that table
@@ -480,7 +634,8 @@ def remove_profile(path: str, name: str) -> None:
         raise ConfigError(f"no profile named {name!r} in {path}; `dc-broker list` shows the profiles")
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines(keepends=True)
-    header = re.compile(r"^\s*\[\s*profiles\s*\.\s*" + re.escape(name) + r"\s*\]")
+    # the table and its sub-tables ([[profiles.NAME.sinks]])
+    header = re.compile(r"^\s*\[\[?\s*profiles\s*\.\s*" + re.escape(name) + r"\s*[].]")
     out, skipping = [], False
     for line in lines:
         if line.lstrip().startswith("["):

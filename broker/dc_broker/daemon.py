@@ -32,7 +32,7 @@ from typing import IO
 
 import trio
 
-from dc_broker import systemd
+from dc_broker import sinks, systemd
 from dc_broker.audit import Audit
 from dc_broker.config import DaemonSettings, Profile, load_config
 from dc_broker.listen import bind_unix_socket, release
@@ -291,6 +291,7 @@ async def run_broker(
             if handle_signals:
                 await nursery.start(supervisor.signals, nursery.cancel_scope)
             await nursery.start(sessions.run)
+            await nursery.start(sinks.run, sessions)  # token files ([[profiles.NAME.sinks]])
             await nursery.start(server.serve, listener.sock)
             nursery.start_soon(state.audit.run)
             nursery.start_soon(auto_lock, state, settings.auto_lock_after)

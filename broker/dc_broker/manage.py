@@ -24,7 +24,9 @@ from dc_broker.completion import complete_profiles
 from dc_broker.config import (
     AUTH_METHODS,
     GRANTS,
+    SINK_FORMATS,
     Profile,
+    Sink,
     add_profile,
     default_config_path,
     load_config,
@@ -33,6 +35,7 @@ from dc_broker.config import (
     remove_profile,
     replace_profile,
     set_profile_values,
+    sink_path,
 )
 from dc_broker.config import read_text as read_config_text
 from dc_broker.config import restore as restore_config
@@ -226,6 +229,13 @@ def _forget(key_path: str | None, item: Keyring | None = None) -> None:
     help="shared broker: who may use it (user:NAME, uid:N, group:NAME, gid:N, unit:NAME.service); repeatable",
 )
 @click.option("--no-verify", is_flag=True, help="store without checking the credentials at the IdP")
+@click.option(
+    "--sink",
+    "sinks",
+    multiple=True,
+    metavar="PATH[:FORMAT]",
+    help="a token file the broker keeps current (format token, header, json or env; repeatable)",
+)
 @click.option("--force", is_flag=True, help="replace an existing profile of that name (checked before it is replaced)")
 @click.argument("profile", shell_complete=complete_profiles)
 def add(
@@ -244,7 +254,9 @@ def add(
     Secrets come from hidden prompts, or from stdin with --password-stdin / --secret-stdin (one line
     each, in that order; a locked vault's passphrase is the line after them)."""
     path = config_path or default_config_path()
-    fields = {k: v for k, v in settings.items() if v is not None}
+    fields: dict[str, Any] = {k: v for k, v in settings.items() if v is not None and k != "sinks"}
+    if settings.get("sinks"):
+        fields["sinks"] = sink_options(settings["sinks"])
     if allow:
         fields["allow"] = allow
     if "auth_method" not in fields:
@@ -316,6 +328,21 @@ def _add_to_running(
         with contextlib.suppress(DcBrokerError):
             control.request("reload", socket_path)
         raise
+
+
+def sink_options(values: tuple[str, ...]) -> tuple[Sink, ...]:
+    """``--sink PATH[:FORMAT]`` values as sinks (mode 0600); the config check of the file refuses a
+    directory others may write, as for a hand-written one."""
+    out = []
+    for value in values:
+        path, colon, fmt = value.rpartition(":")
+        if not colon or fmt not in SINK_FORMATS:
+            path, fmt = value, "token"
+        try:
+            out.append(Sink(path=sink_path(path), format=fmt))
+        except ConfigError as exc:
+            raise ConfigError(f"--sink {value}: {exc}") from None
+    return tuple(out)
 
 
 @click.command()

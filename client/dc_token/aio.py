@@ -2,8 +2,9 @@
 
 Same contract as ``dc_token.sync.TokenClient``: one reused connection (reconnected after a broker
 restart), the same in-process ``TokenCache`` (a hit never awaits), the same errors, ``watch`` on a
-dedicated connection. Requests on the shared connection are serialized by an ``anyio.Lock``; a request
-cancelled half-way drops the connection, so the next one starts on a clean frame boundary.
+dedicated connection (reconnected by itself after a broker restart, as the sync one). Requests on
+the shared connection are serialized by an ``anyio.Lock``; a request cancelled half-way drops the
+connection, so the next one starts on a clean frame boundary.
 
 One client belongs to one event loop (its connection and lock do); the cache may be shared by passing
 another client's ``cache``. Importing this module imports anyio (not trio, not httpx).
@@ -22,7 +23,17 @@ import anyio.abc
 from dc_token.errors import BrokerUnavailable, error_for_code
 from dc_token.paths import default_socket_path
 from dc_token.protocol import NEED_DATA, ErrorReply, FrameDecoder, Reply, Request, encode, reply_from_wire
-from dc_token.sync import Token, TokenCache, _deadline, _monotonic, _watch_reply
+from dc_token.sync import (
+    Token,
+    TokenCache,
+    _deadline,
+    _monotonic,
+    _rand,
+    _watch_reply,
+    cache_key,
+    reconnect_delay,
+    token_args,
+)
 
 __all__ = ["AsyncTokenClient"]
 
@@ -140,23 +151,24 @@ class AsyncTokenClient:
     async def hello(self) -> dict[str, Any]:
         return await self.request("hello")
 
-    async def token_info(self, profile: str, *, min_ttl: float = 0.0) -> Token:
-        """The token and its metadata, with at least ``min_ttl`` seconds left."""
+    async def token_info(self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None) -> Token:
+        """The token and its metadata, with at least ``min_ttl`` seconds left (for ``scope``, if given)."""
         cache = self.cache
+        key = cache_key(profile, scope)
         if cache is not None:
-            hit = cache.get(profile, min_ttl)
+            hit = cache.get(key, min_ttl)
             if hit is not None:
                 return hit
         sent_at = _monotonic()
-        result = await self.request("token", profile=profile, min_ttl=min_ttl)
+        result = await self.request("token", **token_args(profile, min_ttl, scope))
         tok = Token.from_result(result, profile)
         if cache is not None:
-            cache.put(tok, *_deadline(result, sent_at))
+            cache.put(tok, *_deadline(result, sent_at), key=key)
         return tok
 
-    async def token(self, profile: str, *, min_ttl: float = 0.0) -> str:
-        """A bearer token for ``profile`` with at least ``min_ttl`` seconds left."""
-        return (await self.token_info(profile, min_ttl=min_ttl)).token
+    async def token(self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None) -> str:
+        """A bearer token for ``profile`` (and ``scope``, if given) with at least ``min_ttl`` seconds left."""
+        return (await self.token_info(profile, min_ttl=min_ttl, scope=scope)).token
 
     async def invalidate(self, profile: str, token: str) -> bool:
         """The API answered 401 to ``token``: forget it here, and have the broker refresh if it is the
@@ -169,7 +181,9 @@ class AsyncTokenClient:
         return await (self.request("status", profile=profile) if profile else self.request("status"))
 
     @asynccontextmanager
-    async def watch(self, profile: str, *, min_ttl: float = 0.0) -> AsyncIterator[AsyncIterator[Token]]:
+    async def watch(
+        self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None, reconnect: bool = True
+    ) -> AsyncIterator[AsyncIterator[Token]]:
         """Stream the profile's current token, then each new one, on a dedicated connection.
 
         >>> async with broker.watch("acme") as tokens:
@@ -177,21 +191,56 @@ class AsyncTokenClient:
         ...         service.set_token(tok.token)
 
         Leaving the block closes the stream. An error reply ends it by raising its ``BrokerError``; a
-        broker that goes away raises ``BrokerUnavailable``. Every token also refreshes the cache.
+        broker that goes away is waited for and reconnected to (``reconnect=False``: raises
+        ``BrokerUnavailable``). Every token also refreshes the cache.
         """
+        frame = encode(Request(1, "watch", token_args(profile, min_ttl, scope)))
+        conn = [await self._open_watch(frame, profile)]
+        try:
+            yield self._watch_tokens(conn, frame, profile, scope, reconnect)
+        finally:
+            await anyio.aclose_forcefully(conn[0])
+
+    async def _open_watch(self, frame: bytes, profile: str) -> anyio.abc.SocketStream:
         stream = await self._connect()
         try:
-            try:
-                await stream.send(encode(Request(1, "watch", {"profile": profile, "min_ttl": min_ttl})))
-            except _CLOSED:
-                raise BrokerUnavailable(f"the broker on {self.socket_path} closed the watch on {profile!r}") from None
-            yield self._watch_stream(stream, profile)
-        finally:
+            await stream.send(frame)
+        except _CLOSED:
             await anyio.aclose_forcefully(stream)
+            raise BrokerUnavailable(f"the broker on {self.socket_path} closed the watch on {profile!r}") from None
+        return stream
 
-    async def _watch_stream(self, stream: anyio.abc.SocketStream, profile: str) -> AsyncIterator[Token]:
+    async def _watch_tokens(
+        self, conn: list[anyio.abc.SocketStream], frame: bytes, profile: str, scope: str | None, reconnect: bool
+    ) -> AsyncIterator[Token]:
+        last: str | None = None
+        while True:
+            try:
+                async for tok in self._watch_stream(conn[0], profile, scope):
+                    if tok.token != last:  # after a reconnect the unchanged token comes again: skip it
+                        last = tok.token
+                        yield tok
+                return
+            except BrokerUnavailable:
+                if not reconnect:
+                    raise
+            await anyio.aclose_forcefully(conn[0])
+            attempt = 0
+            while True:
+                await anyio.sleep(reconnect_delay(attempt, _rand()))
+                attempt += 1
+                try:
+                    conn[0] = await self._open_watch(frame, profile)
+                    break
+                except BrokerUnavailable:
+                    continue
+
+    async def _watch_stream(
+        self, stream: anyio.abc.SocketStream, profile: str, scope: str | None = None
+    ) -> AsyncIterator[Token]:
         decoder = FrameDecoder()
         received_at = _monotonic()
+        key = cache_key(profile, scope)
         while True:
             obj = decoder.next_frame()
             if obj is NEED_DATA:
@@ -205,7 +254,7 @@ class AsyncTokenClient:
                 continue
             assert isinstance(obj, dict)
             reply = reply_from_wire(obj)
-            for tok in _watch_reply(reply, profile, self.cache, received_at):
+            for tok in _watch_reply(reply, profile, self.cache, received_at, key):
                 yield tok
             if isinstance(reply, Reply) and not reply.more:
                 return

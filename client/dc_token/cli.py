@@ -3,6 +3,7 @@
     curl -H "Authorization: Bearer $(dc-token acme)" https://dc.example.com/dp/api/v1/...
     curl -H "$(dc-token acme --header)" ...          kubectl: --exec-credential     git: git-credential
     dc-token exec acme -- ./script.sh                the token in $DC_TOKEN, the command exec'd
+    dc-token exec acme --token-file --signal HUP -- ./daemon    kept current beside a long-lived command
 
 Every failure is one line on stderr ("dc-token: <what is wrong>; <what to do>") and a distinct exit
 status (``dc_token.errors.EXIT_CODES``). Start-up time is most of what this command costs, so the
@@ -22,8 +23,10 @@ from dc_token.errors import EXIT_CODES, BrokerUnavailable, DcBrokerError, hint_f
 from dc_token.protocol import MAX_MIN_TTL, min_ttl_problem
 
 PROG = "dc-token"
-USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--min-ttl SECONDS] [--socket PATH]
-       {PROG} exec PROFILE [--env NAME] [--min-ttl SECONDS] [--socket PATH] -- COMMAND [ARG...]
+USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--scope SCOPE] [--min-ttl SECONDS]
+                [--socket PATH]
+       {PROG} exec PROFILE [--env NAME] [--token-file] [--signal SIG | --restart] [--scope SCOPE] [--min-ttl SECONDS]
+                    [--socket PATH] -- COMMAND [ARG...]
        {PROG} git-credential [--profile NAME] [--username NAME] [--min-ttl SECONDS] [--socket PATH] get|store|erase"""
 
 #: kubectl's ExecCredential expires this long before the token does, so kubectl asks again in time
@@ -61,6 +64,7 @@ options:
                      identity provider grants; asked for more, it serves a token with that much left
                      and says so: the reply carries min_ttl_shortfall, and dc-token warns on stderr
                      (exit status 0, the token on stdout as usual)
+  --scope SCOPE      a narrower scope than the profile's, e.g. "openid email" (the broker narrows its login)
   --socket PATH      broker socket (default: $DC_BROKER_SOCKET, else $XDG_RUNTIME_DIR/dc-broker/broker.sock)
   -h, --help         this text
   -V, --version      print dc-token's version
@@ -68,6 +72,13 @@ options:
 {PROG} exec PROFILE [--env NAME] -- COMMAND [ARG...]
   replaces itself with COMMAND, the token in $NAME (default ${DEFAULT_ENV}); signals and the exit
   status are COMMAND's own. Exit 127 if COMMAND is not found, 126 if it cannot be executed.
+  For a command that outlives a token, dc-token stays beside it instead:
+  --token-file       COMMAND gets $DC_TOKEN_FILE, a private file kept holding the current token
+                     (replaced atomically; removed when COMMAND exits); no ${DEFAULT_ENV} then
+  --signal SIG       with --token-file: send COMMAND SIG (e.g. HUP) after each new token
+  --restart          stop COMMAND (SIGTERM) after each new token and start it again with the new ${DEFAULT_ENV}
+  SIGINT/SIGTERM/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 sent to dc-token go to COMMAND; stdin and the exit
+  status (or the signal that killed it) are COMMAND's.
 
 {PROG} git-credential [--profile NAME] [--username NAME] get|store|erase
   git's credential-helper protocol. The profile is --profile, else the git config value
@@ -125,6 +136,22 @@ def _bounded(expires_at: float, now: float) -> float:
     return min(expires_at, now + MAX_PRINTED_LIFETIME)
 
 
+def _scope(value: str) -> str:
+    scope = " ".join(value.split())
+    if not scope:
+        raise _Usage('--scope needs space-separated scope names, e.g. --scope "openid email"')
+    return scope
+
+
+def _signal(value: str) -> int:
+    from dc_token.supervise import signal_number
+
+    try:
+        return signal_number(value)
+    except (ValueError, KeyError):
+        raise _Usage(f"--signal {value}: not a signal name (e.g. HUP, USR1) or number") from None
+
+
 class _Args:
     """The parsed command line: which form, its options, its operands."""
 
@@ -135,6 +162,10 @@ class _Args:
         self.min_ttl: float | None = None
         self.socket: str | None = None
         self.env = DEFAULT_ENV
+        self.scope: str | None = None
+        self.token_file = False
+        self.notify: int | None = None
+        self.restart = False
         self.username: str | None = None
         self.command: list[str] = []
         self.operands: list[str] = []
@@ -145,6 +176,7 @@ _Apply = Callable[[_Args, str], None]
 _COMMON: dict[str, tuple[bool, _Apply]] = {
     "--min-ttl": (True, lambda a, v: setattr(a, "min_ttl", _seconds(v))),
     "--socket": (True, lambda a, v: setattr(a, "socket", v)),
+    "--scope": (True, lambda a, v: setattr(a, "scope", _scope(v))),
 }
 _OPTIONS: dict[str, dict[str, tuple[bool, _Apply]]] = {
     "token": {
@@ -153,7 +185,13 @@ _OPTIONS: dict[str, dict[str, tuple[bool, _Apply]]] = {
         "--json": (False, lambda a, v: setattr(a, "output", "json")),
         "--exec-credential": (False, lambda a, v: setattr(a, "output", "exec-credential")),
     },
-    "exec": {**_COMMON, "--env": (True, lambda a, v: setattr(a, "env", v))},
+    "exec": {
+        **_COMMON,
+        "--env": (True, lambda a, v: setattr(a, "env", v)),
+        "--token-file": (False, lambda a, v: setattr(a, "token_file", True)),
+        "--signal": (True, lambda a, v: setattr(a, "notify", _signal(v))),
+        "--restart": (False, lambda a, v: setattr(a, "restart", True)),
+    },
     "git": {
         **_COMMON,
         "--profile": (True, lambda a, v: setattr(a, "profile", v)),
@@ -215,6 +253,10 @@ def parse(argv: Sequence[str]) -> _Args:
         raise _Usage("exec needs a COMMAND after the profile (dc-token exec PROFILE -- COMMAND...)")
     if form == "exec" and (not args.env or "=" in args.env):
         raise _Usage("--env needs a variable name")
+    if args.notify is not None and args.restart:
+        raise _Usage("--signal and --restart are alternatives: give one")
+    if args.notify is not None and not args.token_file:
+        raise _Usage("--signal needs --token-file (the command re-reads the file when signalled)")
     return args
 
 
@@ -227,7 +269,7 @@ def _print_token(args: _Args) -> int:
 
     min_ttl = args.min_ttl if args.min_ttl is not None else DEFAULT_MIN_TTL.get(args.output, 0.0)
     with TokenClient(args.socket, cache=False) as broker:
-        tok = broker.token_info(args.profile, min_ttl=min_ttl)
+        tok = broker.token_info(args.profile, min_ttl=min_ttl, scope=args.scope)
     now = time.time()
     expires_at = _bounded(tok.expires_at, now)
     _warn_short(expires_at - now, min_ttl)
@@ -300,8 +342,23 @@ def exec_credential(token: str, expires_at: float, now: float | None = None) -> 
 def _exec(args: _Args) -> int:
     from dc_token.sync import TokenClient
 
+    if args.token_file or args.restart:
+        from dc_token.supervise import Supervisor
+
+        with TokenClient(args.socket, cache=False) as client:
+            return Supervisor(
+                client,
+                args.profile,
+                args.command,
+                env_name=args.env,
+                min_ttl=args.min_ttl or 0.0,
+                scope=args.scope,
+                token_file=args.token_file,
+                notify=args.notify,
+                restart=args.restart,
+            ).run()
     with TokenClient(args.socket, cache=False) as broker:
-        token = broker.token(args.profile, min_ttl=args.min_ttl or 0.0)
+        token = broker.token(args.profile, min_ttl=args.min_ttl or 0.0, scope=args.scope)
     env = dict(os.environ)
     env[args.env] = token
     sys.stdout.flush()
@@ -369,7 +426,7 @@ def _git_credential(args: _Args) -> int:
                 broker.invalidate(profile, attrs["password"])
             return 0
         min_ttl = args.min_ttl if args.min_ttl is not None else DEFAULT_MIN_TTL["git"]
-        tok = broker.token_info(profile, min_ttl=min_ttl)
+        tok = broker.token_info(profile, min_ttl=min_ttl, scope=args.scope)
     except BrokerUnavailable as exc:
         return exc.exit_code  # quietly: git falls through to its next helper or the prompt
     except DcBrokerError as exc:

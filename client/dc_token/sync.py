@@ -15,6 +15,15 @@ The cache
     from memory while ``deadline - now > t + CACHE_MARGIN``; otherwise it asks the broker. The broker
     refreshes ahead of expiry, so a miss costs one round trip, never a wait on the identity provider.
     ``invalidate(p, token)`` drops that token from the cache before telling the broker.
+    A token asked for with ``scope=`` is cached apart from the profile's own (key ``cache_key``).
+
+Watch
+    ``watch`` streams the current token and then each new one on a dedicated connection. When the
+    broker goes away (a restart, an upgrade), the stream reconnects by itself: it waits
+    ``reconnect_delay`` (0.1 s doubling to 5 s, jittered), connects again and goes on; the token the
+    restarted broker serves is yielded only if it differs from the last one. ``reconnect=False``
+    raises ``BrokerUnavailable`` instead. A broker that is not there when the watch starts is an
+    error at once, not a wait.
 """
 
 from __future__ import annotations
@@ -34,12 +43,39 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
     from typing import Any, Final
 
-__all__ = ["CACHE_MARGIN", "Token", "TokenCache", "TokenClient"]
+__all__ = ["CACHE_MARGIN", "Token", "TokenCache", "TokenClient", "cache_key", "reconnect_delay"]
 
 _RECV: Final = 65536
 #: seconds of validity a cached token must have beyond the caller's min_ttl to be served from memory
 CACHE_MARGIN: Final = 5.0
 _monotonic = time.monotonic
+#: watch reconnects: the n-th consecutive failed attempt waits up to min(CAP, BASE * 2**n) seconds
+RECONNECT_BASE: Final = 0.1
+RECONNECT_CAP: Final = 5.0
+
+
+def reconnect_delay(attempt: int, rand: float) -> float:
+    """Seconds before watch reconnect attempt ``attempt`` (0 = the first); ``rand`` uniform in [0, 1).
+    Jittered to half..all of the ceiling, so the clients of a restarted broker do not arrive at once."""
+    return min(RECONNECT_CAP, RECONNECT_BASE * 2.0 ** min(attempt, 16)) * (0.5 + rand / 2)
+
+
+def _rand() -> float:
+    return (time.monotonic_ns() % 1_000_003) / 1_000_003  # jitter only; no random module at start-up
+
+
+def cache_key(profile: str, scope: str | None) -> str:
+    """The cache entry of (profile, scope): the profile name for its own scope, else name + scope
+    (a space never occurs in a profile name)."""
+    return f"{profile} {scope}" if scope else profile
+
+
+def token_args(profile: str, min_ttl: float, scope: str | None) -> dict[str, Any]:
+    """The ``token`` / ``watch`` request arguments (no ``scope`` key unless one is asked for)."""
+    args: dict[str, Any] = {"profile": profile, "min_ttl": min_ttl}
+    if scope:
+        args["scope"] = scope
+    return args
 
 
 class Token:
@@ -133,18 +169,19 @@ class TokenCache:
                 return entry[2]
         return None
 
-    def put(self, token: Token, deadline: float, fresh_until: float | None = None) -> None:
+    def put(self, token: Token, deadline: float, fresh_until: float | None = None, *, key: str | None = None) -> None:
         """Cache ``token`` until ``deadline`` (its expiry) but never past ``fresh_until`` (when the
-        broker replaces it)."""
-        old = self._entries.get(token.profile)
+        broker replaces it), under ``key`` (default: its profile; see ``cache_key``)."""
+        key = token.profile if key is None else key
+        old = self._entries.get(key)
         if old is None or deadline >= old[0]:  # never replace a newer token with an older one
-            self._entries[token.profile] = (deadline, deadline if fresh_until is None else fresh_until, token)
+            self._entries[key] = (deadline, deadline if fresh_until is None else fresh_until, token)
 
     def forget(self, profile: str, token: str | None = None) -> None:
-        """Drop the profile's entry (only if it holds ``token``, when given)."""
-        entry = self._entries.get(profile)
-        if entry is not None and (token is None or entry[2].token == token):
-            self._entries.pop(profile, None)
+        """Drop the profile's entries, every scope's (only those holding ``token``, when given)."""
+        for key, entry in list(self._entries.items()):
+            if (key == profile or key.startswith(profile + " ")) and (token is None or entry[2].token == token):
+                self._entries.pop(key, None)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -271,28 +308,30 @@ class TokenClient:
     def hello(self) -> dict[str, Any]:
         return self.request("hello")
 
-    def token_info(self, profile: str, *, min_ttl: float = 0.0) -> Token:
-        """The token and its metadata, with at least ``min_ttl`` seconds left."""
+    def token_info(self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None) -> Token:
+        """The token and its metadata, with at least ``min_ttl`` seconds left. ``scope``: a narrower
+        scope than the profile's (space-separated; the broker narrows the profile's login to it)."""
         cache = self.cache
+        key = cache_key(profile, scope)
         if cache is not None:
-            hit = cache.get(profile, min_ttl)
+            hit = cache.get(key, min_ttl)
             if hit is not None:
                 return hit
         sent_at = _monotonic()
-        result = self.request("token", profile=profile, min_ttl=min_ttl)
+        result = self.request("token", **token_args(profile, min_ttl, scope))
         tok = Token.from_result(result, profile)
         if cache is not None:
-            cache.put(tok, *_deadline(result, sent_at))
+            cache.put(tok, *_deadline(result, sent_at), key=key)
         return tok
 
-    def token(self, profile: str, *, min_ttl: float = 0.0) -> str:
-        """A bearer token for ``profile`` with at least ``min_ttl`` seconds left."""
+    def token(self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None) -> str:
+        """A bearer token for ``profile`` (and ``scope``, if given) with at least ``min_ttl`` seconds left."""
         cache = self.cache
         if cache is not None:  # the hot path, inlined: no lock, no socket
-            hit = cache.get(profile, min_ttl)
+            hit = cache.get(cache_key(profile, scope) if scope else profile, min_ttl)
             if hit is not None:
                 return hit.token
-        return self.token_info(profile, min_ttl=min_ttl).token
+        return self.token_info(profile, min_ttl=min_ttl, scope=scope).token
 
     def invalidate(self, profile: str, token: str) -> bool:
         """The API answered 401 to ``token``: forget it here, and have the broker refresh if it is the
@@ -305,7 +344,9 @@ class TokenClient:
         return self.request("status", profile=profile) if profile else self.request("status")
 
     @contextmanager
-    def watch(self, profile: str, *, min_ttl: float = 0.0) -> Iterator[Iterator[Token]]:
+    def watch(
+        self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None, reconnect: bool = True
+    ) -> Iterator[Iterator[Token]]:
         """Stream the profile's current token, then each new one, on a dedicated connection.
 
         >>> with broker.watch("acme") as tokens:
@@ -313,22 +354,55 @@ class TokenClient:
         ...         service.set_token(tok.token)
 
         Leaving the ``with`` block closes the stream. An error reply ends it by raising its
-        ``BrokerError``; a broker that goes away raises ``BrokerUnavailable`` (watch again to resume).
-        Every token also refreshes this client's cache.
+        ``BrokerError``. A broker that goes away is waited for and reconnected to (see the module
+        docstring); with ``reconnect=False`` that raises ``BrokerUnavailable`` instead. Every token
+        also refreshes this client's cache.
         """
+        frame = encode(Request(1, "watch", token_args(profile, min_ttl, scope)))
+        conn = [self._open_watch(frame, profile)]  # the current connection, replaced on reconnect
+        try:
+            yield self._watch_tokens(conn, frame, profile, scope, reconnect)
+        finally:
+            conn[0].close()
+
+    def _open_watch(self, frame: bytes, profile: str) -> socket.socket:
         sock = self._connect(None)
         try:
-            try:
-                sock.sendall(encode(Request(1, "watch", {"profile": profile, "min_ttl": min_ttl})))
-            except OSError as exc:
-                raise BrokerUnavailable(f"the watch on {self.socket_path} failed: {exc.strerror or exc}") from None
-            yield self._stream(sock, profile)
-        finally:
+            sock.sendall(frame)
+        except OSError as exc:
             sock.close()
+            raise BrokerUnavailable(f"the watch on {self.socket_path} failed: {exc.strerror or exc}") from None
+        return sock
 
-    def _stream(self, sock: socket.socket, profile: str) -> Iterator[Token]:
+    def _watch_tokens(
+        self, conn: list[socket.socket], frame: bytes, profile: str, scope: str | None, reconnect: bool
+    ) -> Iterator[Token]:
+        last: str | None = None
+        while True:
+            try:
+                for tok in self._stream(conn[0], profile, scope):
+                    if tok.token != last:  # after a reconnect the unchanged token comes again: skip it
+                        last = tok.token
+                        yield tok
+                return
+            except BrokerUnavailable:
+                if not reconnect:
+                    raise
+            conn[0].close()
+            attempt = 0
+            while True:
+                time.sleep(reconnect_delay(attempt, _rand()))
+                attempt += 1
+                try:
+                    conn[0] = self._open_watch(frame, profile)
+                    break
+                except BrokerUnavailable:
+                    continue
+
+    def _stream(self, sock: socket.socket, profile: str, scope: str | None = None) -> Iterator[Token]:
         decoder = FrameDecoder()
         received_at = _monotonic()
+        key = cache_key(profile, scope)
         while True:
             obj = decoder.next_frame()
             if obj is NEED_DATA:
@@ -343,16 +417,18 @@ class TokenClient:
                 continue
             assert isinstance(obj, dict)
             reply = reply_from_wire(obj)
-            yield from _watch_reply(reply, profile, self.cache, received_at)
+            yield from _watch_reply(reply, profile, self.cache, received_at, key)
             if isinstance(reply, Reply) and not reply.more:
                 return
 
 
-def _watch_reply(reply: Reply | ErrorReply, profile: str, cache: TokenCache | None, sent_at: float) -> Iterator[Token]:
+def _watch_reply(
+    reply: Reply | ErrorReply, profile: str, cache: TokenCache | None, sent_at: float, key: str | None = None
+) -> Iterator[Token]:
     """What one watch message means: a token to yield (and cache), or the error that ends the stream."""
     if isinstance(reply, ErrorReply):
         raise error_for_code(reply.code.value)(reply.message, retry_after=reply.retry_after)
     tok = Token.from_result(reply.result, profile)
     if cache is not None:
-        cache.put(tok, *_deadline(reply.result, sent_at))
+        cache.put(tok, *_deadline(reply.result, sent_at), key=key)
     yield tok

@@ -1,0 +1,265 @@
+"""Token files ("sinks"): the files the broker keeps holding each profile's current token.
+
+For programs that can only read a file (``EnvironmentFile=``, a cron job, a BI tool's "token file"
+setting). Per profile with ``[[profiles.NAME.sinks]]`` (``dc_broker.config.Sink``), one trio task
+(``keep_profile``) waits on the session's ``token_changed`` and rewrites every file of the profile:
+
+- atomically: a new file (O_EXCL, the sink's mode and group) in the same directory, written,
+  fsync'ed, renamed over the old one, then the directory fsync'ed. A reader sees the old complete
+  file or the new complete file, never a partial or empty one. The new token is written as soon as
+  the broker has it, which is before the old one expires (the broker refreshes ahead of expiry);
+- removed when the broker can no longer vouch for the token: the vault is locked, the profile is
+  logged out or removed, or the written token is about to expire with no new one (``REMOVE_BEFORE``
+  its expiry: the IdP is down), and when the broker stops.
+
+The task only reads a session through ``token_changed``, ``peek``, ``status`` and ``profile``; it
+re-checks every ``CHECK_EVERY`` seconds (lock and logout fire no event), and ``run`` looks for
+profiles that gained sinks (a reload) every ``SCAN_EVERY`` seconds. A file that cannot be written
+is logged, once per distinct error, and retried at the next check: a sink never stops the daemon.
+Never logs a token; never writes outside the configured paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import secrets
+import time
+from typing import Final
+
+import trio
+
+from dc_broker.config import Sink
+from dc_broker.oidc import TokenSet
+from dc_broker.sessions import Session, Sessions
+from dc_token.errors import UnknownProfile
+
+log = logging.getLogger("dc_broker.sinks")
+
+#: seconds between checks of a profile's state (lock/logout/expiry) besides token_changed
+CHECK_EVERY: Final = 0.5
+#: a file whose token was not replaced goes this long before the token expires (at most this share
+#: of the token's lifetime): a reader must not pick up a token that dies while it uses it
+REMOVE_BEFORE: Final = 5.0
+REMOVE_BEFORE_SHARE: Final = 0.1
+#: seconds between scans for profiles that gained sinks
+SCAN_EVERY: Final = 2.0
+#: session states in which nobody may use the token any more: the files go
+_NOT_VOUCHED: Final = frozenset({"locked", "login_required"})
+#: how file I/O (fsync) leaves the event loop: a worker thread (tests on a fake clock run it inline)
+_blocking = trio.to_thread.run_sync
+_B64TOKEN_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
+
+
+def render(fmt: str, token: str, token_type: str, expires_at: float, scope: str, profile: str) -> bytes:
+    """The file's bytes for one token (pure). ``expires_at``: unix seconds.
+
+    token  -> ``<token>\\n``                       header -> ``Authorization: Bearer <token>\\n``
+    json   -> ``{"token", "type", "expires_at", "scope", "profile"}``
+    env    -> ``DC_TOKEN=<token>`` and ``DC_TOKEN_EXPIRES_AT=<unix>`` lines (systemd EnvironmentFile=,
+              or ``set -a; . FILE``)
+    """
+    if not token or not set(token) <= _B64TOKEN_CHARS:  # RFC 6750 b64token: safe unquoted everywhere
+        raise ValueError("the token has characters outside RFC 6750's b64token set; not written")
+    if fmt == "token":
+        text = f"{token}\n"
+    elif fmt == "header":
+        text = f"Authorization: Bearer {token}\n"
+    elif fmt == "env":
+        text = f"DC_TOKEN={token}\nDC_TOKEN_EXPIRES_AT={int(expires_at)}\n"
+    elif fmt == "json":
+        import json
+
+        doc = {"token": token, "type": token_type, "expires_at": int(expires_at), "scope": scope, "profile": profile}
+        text = json.dumps(doc) + "\n"
+    else:
+        raise ValueError(f"unknown sink format {fmt!r}")
+    return text.encode()
+
+
+def _gid(group: str | None) -> int:
+    if group is None:
+        return -1
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise OSError(errno.EINVAL, f"group {group!r} does not exist") from None
+
+
+def write_atomically(path: str, data: bytes, mode: int = 0o600, group: str | None = None) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees either file whole (blocking: run it in a
+    thread). The directory is created 0700 if missing."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    gid = _gid(group)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            if gid != -1:
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)  # exactly the configured bits, whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def remove_file(path: str) -> bool:
+    """Remove a sink file (blocking). Returns whether there was one."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    _fsync_dir(os.path.dirname(path) or ".")
+    return True
+
+
+def _fsync_dir(directory: str) -> None:
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class _ProfileSinks:
+    """What one profile's files hold: sink -> (token, when the file must go unless replaced, on the
+    session clock) written there, or None (checked: no file)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.written: dict[Sink, tuple[str, float] | None] = {}
+        self._errors: dict[Sink, str] = {}
+
+    async def write(self, sink: Sink, tok: TokenSet, now: float) -> None:
+        token = tok.access_token.reveal()
+        expires_at = time.time() + (tok.expires_at - now)
+        try:
+            data = render(sink.format, token, tok.token_type, expires_at, tok.scope or "", self.name)
+            await _blocking(write_atomically, sink.path, data, sink.mode, sink.group)
+        except (OSError, ValueError) as exc:
+            self._failed(sink, "write", exc)
+            return
+        self.written[sink] = (token, remove_at(tok))
+        if self._errors.pop(sink, None) is not None:
+            log.info("profile %s: token file %s written again", self.name, sink.path)
+
+    async def remove(self, sink: Sink, why: str) -> None:
+        had = self.written.get(sink) is not None
+        try:
+            removed = await _blocking(remove_file, sink.path)
+        except OSError as exc:
+            self._failed(sink, "remove", exc)
+            return
+        self.written[sink] = None
+        if removed and had:
+            log.info("profile %s: token file %s removed (%s)", self.name, sink.path, why)
+
+    async def update(self, sink: Sink, tok: TokenSet | None, vouched: bool, now: float) -> None:
+        """Bring one file in line: the current token, or no file when there is none to vouch for."""
+        have = self.written.get(sink, _UNSEEN)
+        if tok is not None and remove_at(tok) > now:
+            if have is _UNSEEN or have is None or have[0] != tok.access_token.reveal():
+                await self.write(sink, tok, now)
+        elif have is _UNSEEN:
+            await self.remove(sink, "left by an earlier run")
+        elif have is None:
+            return
+        elif not vouched:
+            await self.remove(sink, "locked or logged out")
+        elif have[1] <= now:
+            await self.remove(sink, "its token is about to expire and no new one came")
+
+    def _failed(self, sink: Sink, action: str, exc: Exception) -> None:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        message = f"cannot {action} the token file {sink.path}: {text}"
+        if self._errors.get(sink) != message:  # once per distinct error, not every check
+            self._errors[sink] = message
+            log.error("profile %s: %s; retrying", self.name, message)
+
+
+_UNSEEN: Final = ("", 0.0)
+
+
+def remove_at(tok: TokenSet) -> float:
+    """When a file holding ``tok`` must go unless a new token replaced it (session clock)."""
+    return tok.expires_at - min(REMOVE_BEFORE, REMOVE_BEFORE_SHARE * tok.lifetime)
+
+
+def _current(sessions: Sessions, name: str, session: Session) -> bool:
+    """Whether ``session`` is still the one serving ``name`` (not removed, not replaced)."""
+    try:
+        return sessions.lookup(name) is session
+    except UnknownProfile:
+        return False
+
+
+async def keep_profile(sessions: Sessions, name: str) -> None:
+    """Keep the profile's sink files current until it has none (removed, or its sinks were
+    dropped by a reload) or the task is cancelled; its files are removed on the way out."""
+    session = sessions.lookup(name)
+    files = _ProfileSinks(name)
+    try:
+        while True:
+            changed = session.token_changed  # taken first: a token arriving from here on wakes us
+            live = _current(sessions, name, session)
+            sinks = set(session.profile.sinks) if live else set()
+            for gone in [s for s in files.written if s not in sinks]:
+                await files.remove(gone, "no longer configured")
+                del files.written[gone]
+            if not sinks:
+                return
+            now = sessions.clock()
+            vouched = session.status(now)["state"] not in _NOT_VOUCHED
+            tok = session.peek(0.0, now) if vouched else None
+            for sink in sorted(sinks, key=lambda s: s.path):
+                await files.update(sink, tok, vouched, now)
+            # wake for the next file to remove; a past one (its removal failed) waits for the next check
+            deadlines = [have[1] for have in files.written.values() if have is not None and have[1] > now]
+            with trio.move_on_at(min([now + CHECK_EVERY, *deadlines])):
+                await changed.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            for sink, have in list(files.written.items()):
+                if have is not None:
+                    await files.remove(sink, "the broker stops serving the profile")
+
+
+async def run(sessions: Sessions, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """One ``keep_profile`` task per profile with sinks, for as long as the broker runs."""
+    running: set[str] = set()
+
+    async def keep(name: str) -> None:
+        try:
+            await keep_profile(sessions, name)
+        except UnknownProfile:
+            pass  # removed before the task started
+        finally:
+            running.discard(name)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            for name in sessions.names():
+                if name in running:
+                    continue
+                try:
+                    has_sinks = bool(sessions.lookup(name).profile.sinks)
+                except UnknownProfile:
+                    continue
+                if has_sinks:
+                    running.add(name)
+                    nursery.start_soon(keep, name)
+            await trio.sleep(SCAN_EVERY)

@@ -1,0 +1,249 @@
+"""``dc-token exec PROFILE --token-file | --signal SIG | --restart -- COMMAND``: stay beside COMMAND.
+
+Plain ``dc-token exec`` replaces itself with the command (``dc_token.cli``). With one of these flags
+dc-token stays as the command's parent for the command's whole life (Vault Agent's ``exec``):
+
+- ``--token-file``: the command gets ``DC_TOKEN_FILE``, a 0600 file in a private 0700 directory
+  ($XDG_RUNTIME_DIR when set) holding the current token and a newline. Every new token replaces it
+  atomically (a new file renamed over the old), so a reader never sees a partial file. The file and
+  its directory are removed when dc-token exits. The environment has no ``DC_TOKEN`` (it would go
+  stale), unless ``--restart`` is given too.
+- ``--signal SIG`` (with ``--token-file``): after each update the command is sent SIG (e.g. HUP), so
+  it can re-read the file.
+- ``--restart``: after each new token the command is stopped (SIGTERM, SIGKILL after
+  ``RESTART_GRACE`` s) and started again with the fresh token in ``$DC_TOKEN``.
+
+New tokens come from ``TokenClient.watch`` in a thread (it reconnects by itself across broker
+restarts). The main thread blocks the signals it handles and takes them with ``sigtimedwait``:
+SIGCHLD reaps the command; SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to dc-token
+(``kill``, systemd) are forwarded to the command, while the same signals from the terminal (Ctrl-C:
+the kernel sends them to the whole foreground process group, the command included) are not sent a
+second time. stdin, stdout and stderr are the command's own. dc-token exits with the command's
+status; a command killed by a signal makes dc-token die of the same signal. Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+from dc_token.errors import DcBrokerError
+from dc_token.sync import Token, TokenClient, _rand, reconnect_delay
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+#: forwarded to the command when sent to dc-token by a process (not by the terminal)
+FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+#: seconds a restarted command has to exit after SIGTERM before it gets SIGKILL
+RESTART_GRACE = 10.0
+#: si_code above 0: sent by the kernel (the terminal's Ctrl-C, Ctrl-\\), below or at 0 by a process
+_SI_KERNEL_MIN = 1
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+
+
+def signal_number(name: str) -> int:
+    """``HUP``, ``SIGHUP`` or ``1`` -> 1; ValueError for anything else."""
+    text = name.strip().upper()
+    if text.isdigit():
+        number = int(text)
+        signal.Signals(number)  # ValueError if no such signal
+        return number
+    return int(signal.Signals[text if text.startswith("SIG") else f"SIG{text}"])
+
+
+class Supervisor:
+    """One command and the token it is kept supplied with."""
+
+    def __init__(
+        self,
+        client: TokenClient,
+        profile: str,
+        command: Sequence[str],
+        *,
+        env_name: str = "DC_TOKEN",
+        min_ttl: float = 0.0,
+        scope: str | None = None,
+        token_file: bool = False,
+        notify: int | None = None,
+        restart: bool = False,
+    ) -> None:
+        self.client = client
+        self.profile = profile
+        self.command = list(command)
+        self.env_name = env_name
+        self.min_ttl = min_ttl
+        self.scope = scope
+        self.token_file = token_file
+        self.notify = notify
+        self.restart = restart
+        self.path: str | None = None
+        self._dir: str | None = None
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._current = ""
+        self._restart_with: str | None = None
+        self._stopping = False
+        self._told: str | None = None
+
+    # -- the token ---------------------------------------------------------------------------
+
+    def _write(self, token: str) -> None:
+        assert self.path is not None and self._dir is not None
+        tmp = os.path.join(self._dir, f".token.{os.getpid()}.{time.monotonic_ns()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{token}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+
+    def _update(self, tok: Token) -> None:
+        """A new token: into the file, then signal or restart the command."""
+        with self._lock:
+            if tok.token == self._current or self._stopping:
+                return
+            self._current = tok.token
+            if self.token_file:
+                self._write(tok.token)
+            pid = self._pid
+            if self.restart:
+                self._restart_with = tok.token
+                if pid:
+                    _kill(pid, signal.SIGTERM)
+                    timer = threading.Timer(RESTART_GRACE, self._kill_if_still, (pid,))
+                    timer.daemon = True
+                    timer.start()
+            elif self.notify is not None and pid:
+                _kill(pid, self.notify)
+
+    def _kill_if_still(self, pid: int) -> None:
+        with self._lock:
+            if self._pid == pid and self._restart_with is not None:
+                _kill(pid, signal.SIGKILL)
+
+    def _watch(self) -> None:
+        """The watch thread: every new token, until the process ends (a daemon thread)."""
+        failures = 0
+        while True:
+            try:
+                with self.client.watch(self.profile, min_ttl=self.min_ttl, scope=self.scope) as tokens:
+                    for tok in tokens:
+                        failures = 0
+                        self._told = None
+                        self._update(tok)
+            except DcBrokerError as exc:
+                message = f"dc-token: {exc}; the command keeps its last token"
+                if message != self._told:  # say it once, not at every retry
+                    self._told = message
+                    sys.stderr.write(message + "\n")
+                    sys.stderr.flush()
+            except OSError as exc:  # the token file could not be written
+                sys.stderr.write(f"dc-token: cannot update {self.path}: {exc.strerror or exc}\n")
+            time.sleep(reconnect_delay(failures, _rand()))
+            failures += 1
+
+    # -- the command -------------------------------------------------------------------------
+
+    def _spawn(self, token: str) -> int:
+        env = dict(os.environ)
+        env.pop(self.env_name, None)
+        if self.path is not None:
+            env["DC_TOKEN_FILE"] = self.path
+        if not self.token_file or self.restart:
+            env[self.env_name] = token
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return os.posix_spawnp(
+            self.command[0],
+            self.command,
+            env,
+            setsigmask=(),  # the command starts with no signal blocked, whatever we block
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores these; the command must not
+        )
+
+    def run(self) -> int:
+        """Start the command and keep it supplied; its exit status. Broker errors before the first
+        start raise (dc-token prints them); later ones are reported and retried."""
+        first = self.client.token_info(self.profile, min_ttl=self.min_ttl, scope=self.scope)
+        self._current = first.token
+        handled = {*FORWARD, signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # before any thread starts: they inherit it
+        try:
+            if self.token_file:
+                runtime = os.environ.get("XDG_RUNTIME_DIR")
+                where = runtime if runtime and os.path.isdir(runtime) else None
+                self._dir = tempfile.mkdtemp(prefix="dc-token-", dir=where)
+                self.path = os.path.join(self._dir, "token")
+                self._write(first.token)
+            try:
+                self._pid = self._spawn(first.token)
+            except FileNotFoundError:
+                sys.stderr.write(f"dc-token: {self.command[0]}: command not found\n")
+                return EXIT_NOT_FOUND
+            except OSError as exc:
+                sys.stderr.write(f"dc-token: {self.command[0]}: {exc.strerror or exc}\n")
+                return EXIT_CANNOT_EXECUTE
+            threading.Thread(target=self._watch, name="dc-token-watch", daemon=True).start()
+            status = self._wait(handled)
+        finally:
+            with self._lock:
+                self._stopping = True
+                if self._dir is not None:
+                    shutil.rmtree(self._dir, ignore_errors=True)
+        return _pass_on(status)
+
+    def _wait(self, handled: set[signal.Signals]) -> int:
+        """Forward signals and restart on demand until the command exits; its wait status."""
+        while True:
+            info = signal.sigtimedwait(handled, 1.0)
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                if info.si_code < _SI_KERNEL_MIN:  # from a process: forward; from the terminal: it has it
+                    with self._lock:
+                        _kill(self._pid, info.si_signo)
+                if info.si_signo in (signal.SIGINT, signal.SIGTERM):
+                    with self._lock:
+                        self._restart_with = None
+                        self._stopping = True  # no more restarts: the command is being stopped
+            pid, status = os.waitpid(self._pid, os.WNOHANG)
+            if pid == 0:
+                continue
+            with self._lock:
+                again, self._restart_with = self._restart_with, None
+                if again is None or self._stopping:
+                    self._pid = 0
+                    return status
+                try:
+                    self._pid = self._spawn(again)
+                except OSError as exc:
+                    sys.stderr.write(f"dc-token: cannot restart {self.command[0]}: {exc.strerror or exc}\n")
+                    self._pid = 0
+                    return 256 * (EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE)
+
+
+def _kill(pid: int, signum: int) -> None:
+    if pid:
+        with contextlib.suppress(ProcessLookupError):  # already gone; the next waitpid reaps it
+            os.kill(pid, signum)
+
+
+def _pass_on(status: int) -> int:
+    """The command's wait status as ours: its exit code, or death by the same signal."""
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return code
+    signum = -code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
+    return 128 + signum  # a signal that does not kill (e.g. SIGCHLD-like): the shell's convention

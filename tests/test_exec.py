@@ -1,0 +1,198 @@
+"""`dc-token exec` beside a long-lived command (``dc_token.supervise``), against `dc-broker dev` with
+5-second tokens: a token file kept current and signalled, restarts, exit status, signals and stdin.
+
+(5 s, not less: the dev IdP, like Keycloak, writes ``exp`` in whole seconds while announcing the full
+lifespan in ``expires_in``, so a token may die up to 1 s before the announced expiry; refreshing at
+75 % of 5 s stays clear of that.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dc_token.cli import parse
+from dc_token.supervise import signal_number
+from tests.e2e import DC_TOKEN, dev_broker
+
+API = "/dp/api/v1/aiconnections/types"
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory):
+    with dev_broker(tmp_path_factory.mktemp("exec"), "--access-lifespan", "5") as env:
+        yield env
+
+
+def exec_env(sock: str) -> dict[str, str]:
+    return {**os.environ, "DC_BROKER_SOCKET": sock}
+
+
+# a command that holds the token from its file, re-reads it on SIGHUP, and checks against the demo API
+# (and the token's own exp) every 50 ms that what it holds is valid; exits 0 after N updates
+HUP_CHILD = r"""
+import base64, json, os, signal, sys, time, urllib.request, urllib.error
+api, want = sys.argv[1], int(sys.argv[2])
+path = os.environ["DC_TOKEN_FILE"]
+assert "DC_TOKEN" not in os.environ, "a token in the environment would go stale"
+held = open(path).read().strip()
+updates = []
+def hup(*_):
+    global held
+    held = open(path).read().strip()
+    updates.append(held)
+signal.signal(signal.SIGHUP, hup)
+def exp(token):
+    p = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))["exp"]
+checks = calls = 0
+deadline = time.time() + 60
+while len(set(updates)) < want:
+    if time.time() > deadline:
+        sys.exit(f"only {len(updates)} updates")
+    if not (held.count(".") == 2 and exp(held) > time.time()):
+        sys.exit(f"holding an expired or broken token after {len(updates)} updates")
+    checks += 1
+    if checks % 10 == 0:
+        req = urllib.request.Request(api, headers={"Authorization": "Bearer " + held})
+        try:
+            urllib.request.urlopen(req, timeout=5).read()
+            calls += 1
+        except urllib.error.HTTPError as exc:
+            sys.exit(f"the API said {exc.code} to the held token after {len(updates)} updates")
+    time.sleep(0.05)
+print(f"{len(set(updates))} updates, {checks} checks, {calls} API calls, path {path}")
+"""
+
+
+def test_token_file_and_signal_keep_a_child_valid_across_refreshes(dev) -> None:
+    sock, base, _ = dev
+    argv = [DC_TOKEN, "exec", "demo", "--token-file", "--signal", "HUP", "--", sys.executable, "-c", HUP_CHILD]
+    result = subprocess.run(
+        [*argv, base + API, "3"],
+        capture_output=True,
+        text=True,
+        env=exec_env(sock),
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 updates" in result.stdout
+    path = result.stdout.rsplit("path ", 1)[1].strip()
+    assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))  # removed at exit
+
+
+RESTART_CHILD = r"""
+import os, signal, sys, time
+with open(sys.argv[1], "a") as log:
+    log.write(os.environ["DC_TOKEN"] + "\n")
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(int(sys.argv[2])))
+time.sleep(60)
+"""
+
+
+def test_restart_starts_the_command_again_with_each_new_token(dev, tmp_path: Path) -> None:
+    sock, _, _ = dev
+    log = tmp_path / "starts"
+    proc = subprocess.Popen(
+        [DC_TOKEN, "exec", "demo", "--restart", "--", sys.executable, "-c", RESTART_CHILD, str(log), "42"],
+        env=exec_env(sock),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 40
+        while not log.exists() or len(log.read_text().split()) < 3:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "fewer than 3 starts in 30 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # forwarded: the command exits 42, and so does dc-token
+        assert proc.wait(15) == 42
+    tokens = log.read_text().split()
+    assert len(set(tokens)) == len(tokens) >= 3  # each start had a new token
+
+
+@pytest.mark.parametrize(
+    ("command", "status"),
+    [
+        (["sh", "-c", "exit 7"], 7),
+        (["sh", "-c", "kill -USR1 $$"], -signal.SIGUSR1),  # death by a signal is passed on as such
+        (["no-such-command-here"], 127),
+        ([os.devnull], 126),
+    ],
+)
+def test_exit_status_passes_through(dev, command: list[str], status: int) -> None:
+    sock, _, _ = dev
+    for flags in (["--token-file"], ["--restart"]):
+        result = subprocess.run(
+            [DC_TOKEN, "exec", "demo", *flags, "--", *command],
+            capture_output=True,
+            text=True,
+            env=exec_env(sock),
+            timeout=30,
+        )
+        assert result.returncode == status, (flags, result.stderr)
+
+
+def test_stdin_and_stdout_are_the_commands(dev) -> None:
+    sock, _, _ = dev
+    script = 'cat; test -s "$DC_TOKEN_FILE" && stat -c %a "$DC_TOKEN_FILE" "$(dirname "$DC_TOKEN_FILE")"'
+    result = subprocess.run(
+        [DC_TOKEN, "exec", "demo", "--token-file", "--", "sh", "-c", script],
+        input="line one\nline two\n",
+        capture_output=True,
+        text=True,
+        env=exec_env(sock),
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "line one\nline two\n600\n700\n"
+
+
+def test_sigint_from_a_process_is_forwarded_once(dev, tmp_path: Path) -> None:
+    sock, _, _ = dev
+    log = tmp_path / "ints"
+    child = (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGINT, lambda *_: (open({str(log)!r}, 'a').write('int\\n'), sys.exit(130)))\n"
+        f"open({str(log)!r}, 'a').write('ready\\n')\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [DC_TOKEN, "exec", "demo", "--token-file", "--", sys.executable, "-c", child], env=exec_env(sock)
+    )
+    deadline = time.monotonic() + 20
+    while not log.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(15) == 130
+    assert log.read_text() == "ready\nint\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["exec", "demo", "--signal", "HUP", "--", "x"], "--signal needs --token-file"),
+        (["exec", "demo", "--token-file", "--signal", "HUP", "--restart", "--", "x"], "alternatives"),
+        (["exec", "demo", "--token-file", "--signal", "NOPE", "--", "x"], "not a signal name"),
+        (["demo", "--scope", "  "], "--scope needs"),
+    ],
+)
+def test_usage_mistakes(argv: list[str], message: str) -> None:
+    from dc_token.cli import _Usage
+
+    with pytest.raises(_Usage, match=message):
+        parse(argv)
+
+
+def test_parse_exec_flags_and_signal_names() -> None:
+    args = parse(["exec", "demo", "--token-file", "--signal", "usr1", "--scope", "openid  email", "--", "cmd", "-x"])
+    assert (args.token_file, args.notify, args.restart, args.scope) == (True, signal.SIGUSR1, False, "openid email")
+    assert args.command == ["cmd", "-x"]
+    assert signal_number("SIGHUP") == signal_number("HUP") == signal_number("1") == signal.SIGHUP

@@ -1,0 +1,373 @@
+"""Token files (``dc_broker.sinks``): config checks, the atomic writer, lock/logout/remove on trio's
+autojump clock, and a reader loop across refreshes, in-process and against real processes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import trio
+
+from dc_broker import sinks
+from dc_broker.config import Sink, load_config, parse_config, profile_toml, remove_profile
+from dc_broker.manage import sink_options
+from dc_broker.sessions import Sessions
+from dc_broker.store import MemoryStore
+from dc_token.errors import ConfigError
+from tests.conftest import CREDENTIALS, idp_transport, profile, trio_wall_clock
+from tests.e2e import DC_BROKER, run, start_run, stop
+
+PROFILE_HEAD = """[profiles.acme]
+token_url = "https://sso.example.com/token"
+client_id = "dc-service"
+grant = "client_credentials"
+"""
+
+
+def jwt_exp(token: str) -> float:
+    payload = token.split(".")[1]
+    return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_sink_config_parses_with_defaults_and_relative_paths(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "rt"))
+    text = PROFILE_HEAD + (
+        f'\n[[profiles.acme.sinks]]\npath = "{tmp_path}/a.token"\n'
+        '\n[[profiles.acme.sinks]]\npath = "acme.env"\nformat = "env"\nmode = "0640"\n'
+    )
+    config = parse_config(tomllib.loads(text), text=text)
+    first, second = config.profiles["acme"].sinks
+    assert first == Sink(path=f"{tmp_path}/a.token", format="token", mode=0o600)
+    assert second == Sink(path=str(tmp_path / "rt" / "acme.env"), format="env", mode=0o640)
+    # what `dc-broker add` writes reads back the same
+    again = parse_config(tomllib.loads(profile_toml(config.profiles["acme"])))
+    assert again.profiles["acme"] == config.profiles["acme"]
+
+
+def test_world_writable_directory_is_refused_with_the_line_of_path(tmp_path: Path) -> None:
+    open_dir = tmp_path / "shared"
+    open_dir.mkdir()
+    open_dir.chmod(0o1777)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        PROFILE_HEAD
+        + f'\n[[profiles.acme.sinks]]\npath = "{tmp_path}/ok.token"\n'
+        + f'\n[[profiles.acme.sinks]]\nformat = "json"\npath = "{open_dir}/acme.token"\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(str(cfg))
+    lines = cfg.read_text().splitlines()
+    assert str(err.value).startswith(f"{cfg}:{lines.index(f'path = {chr(34)}{open_dir}/acme.token{chr(34)}') + 1}: ")
+    assert "other users may write" in str(err.value)
+    # a directory not made yet counts as its nearest existing parent
+    cfg.write_text(PROFILE_HEAD + f'\n[[profiles.acme.sinks]]\npath = "{open_dir}/sub/dir/acme.token"\n')
+    with pytest.raises(ConfigError, match=f"{cfg}:7: .*is in {open_dir}, which other users may write"):
+        load_config(str(cfg))
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "message"),
+    [
+        ('path = "X/a"\nmode = "0644"\n', 8, "mode 0644 is not allowed"),
+        ('path = "X/a"\nmode = "0700"\n', 8, "mode 0700 is not allowed"),
+        ('path = "X/a"\nmode = "rw"\n', 8, "mode must be octal"),
+        ('path = "X/a"\nformat = "yaml"\n', 8, "format 'yaml' is not one of token, header, json, env"),
+        ('format = "json"\n', 6, "needs a path"),
+        ('path = "X/a"\ncolour = "red"\n', 8, "unknown key profiles.acme.sinks\\[0\\].colour"),
+    ],
+)
+def test_bad_sink_settings_name_their_line(tmp_path: Path, body: str, line: int, message: str) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(PROFILE_HEAD + "\n[[profiles.acme.sinks]]\n" + body.replace("X", str(tmp_path)))
+    with pytest.raises(ConfigError, match=f"^{cfg}:{line}: .*{message}"):
+        load_config(str(cfg))
+
+
+def test_add_sink_option_and_remove_profile_takes_its_sinks(tmp_path: Path) -> None:
+    assert sink_options((f"{tmp_path}/a.token", f"{tmp_path}/b:env", f"{tmp_path}/c:weird")) == (
+        Sink(path=f"{tmp_path}/a.token"),
+        Sink(path=f"{tmp_path}/b", format="env"),
+        Sink(path=f"{tmp_path}/c:weird"),
+    )
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        PROFILE_HEAD
+        + f'\n[[profiles.acme.sinks]]\npath = "{tmp_path}/a.token"\n'
+        + '\n[profiles.other]\ntoken_url = "https://sso.example.com/token"\nclient_id = "x"\n'
+        + 'grant = "client_credentials"\n'
+    )
+    remove_profile(str(cfg), "acme")
+    assert set(load_config(str(cfg)).profiles) == {"other"}
+    assert "sinks" not in cfg.read_text()
+
+
+# ---------------------------------------------------------------- the writer
+
+
+def test_render_formats() -> None:
+    args = ("abc.def-ghi", "Bearer", 1750000000.9, "openid email", "acme")
+    assert sinks.render("token", *args) == b"abc.def-ghi\n"
+    assert sinks.render("header", *args) == b"Authorization: Bearer abc.def-ghi\n"
+    assert sinks.render("env", *args) == b"DC_TOKEN=abc.def-ghi\nDC_TOKEN_EXPIRES_AT=1750000000\n"
+    assert json.loads(sinks.render("json", *args)) == {
+        "token": "abc.def-ghi",
+        "type": "Bearer",
+        "expires_at": 1750000000,
+        "scope": "openid email",
+        "profile": "acme",
+    }
+    with pytest.raises(ValueError, match="b64token"):
+        sinks.render("env", "a b\n", "Bearer", 0, "", "acme")  # would break an env file: refused
+
+
+def test_write_atomically_mode_group_and_no_leftovers(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "acme.token"
+    old_umask = os.umask(0o077)
+    try:
+        sinks.write_atomically(str(target), b"one\n", 0o640, None)
+    finally:
+        os.umask(old_umask)
+    assert target.read_bytes() == b"one\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # exactly as configured, whatever the umask
+    assert stat.S_IMODE(target.parent.stat().st_mode) == 0o700
+    first_inode = target.stat().st_ino
+    sinks.write_atomically(str(target), b"two\n", 0o600, None)
+    assert target.read_bytes() == b"two\n" and target.stat().st_ino != first_inode  # renamed over, not rewritten
+    assert os.listdir(target.parent) == ["acme.token"]
+    with pytest.raises(OSError, match="does not exist"):
+        sinks.write_atomically(str(target), b"x\n", 0o640, "no-such-group-here")
+    assert os.listdir(target.parent) == ["acme.token"] and target.read_bytes() == b"two\n"
+    assert sinks.remove_file(str(target)) and not sinks.remove_file(str(target))
+
+
+# ---------------------------------------------------------------- the task, on the autojump clock
+
+T = 60.0
+
+
+@pytest.fixture(autouse=True)
+def inline_file_io(request, monkeypatch) -> None:
+    """On the autojump clock a worker thread's real milliseconds let fake minutes pass; write inline."""
+    if "autojump_clock" in request.fixturenames:
+
+        async def inline(fn, *args):
+            return fn(*args)
+
+        monkeypatch.setattr(sinks, "_blocking", inline)
+
+
+def sink_sessions(tmp_path: Path, idp, fmt: str = "token") -> tuple[Sessions, Path]:
+    path = tmp_path / "sinks" / "demo.token"
+    p = profile("demo", sinks=(Sink(path=str(path), format=fmt),))
+    sessions = Sessions({"demo": p}, MemoryStore({"demo": CREDENTIALS["demo"]}), idp_transport(idp))
+    return sessions, path
+
+
+async def test_reader_never_sees_a_partial_empty_or_expired_token_across_100_refreshes(
+    tmp_path: Path, make_idp, autojump_clock
+) -> None:
+    idp = make_idp(access_lifespan=T, sso_idle=10 * T, sso_max=1000 * T)
+    sessions, path = sink_sessions(tmp_path, idp)
+    seen: list[str] = []
+    (tmp_path / "sinks").mkdir()
+    path.write_text("stale-from-an-earlier-run\n")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sessions.run)
+        await nursery.start(sinks.run, sessions)
+        with trio.fail_after(10 * T):
+            while not path.exists() or path.read_text() == "stale-from-an-earlier-run\n":
+                await trio.sleep(0.05)
+        while len(seen) < 101:
+            text = path.read_text()  # the file must exist throughout
+            assert text.endswith("\n") and text.count("\n") == 1, text
+            token = text[:-1]
+            assert token.count(".") == 2
+            assert jwt_exp(token) > trio_wall_clock(), "an expired token in the file"
+            if not seen or seen[-1] != token:
+                seen.append(token)
+            await trio.sleep(0.25)
+        nursery.cancel_scope.cancel()
+    assert len(set(seen)) == 101  # 100 refreshes, each written once and read
+    assert not path.exists()  # the broker stopped: nobody vouches for the file any more
+
+
+async def test_lock_logout_and_remove_take_the_file_away(tmp_path: Path, make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=T)
+    sessions, path = sink_sessions(tmp_path, idp, fmt="json")
+
+    async def appears() -> str:
+        with trio.fail_after(2 * T):
+            while not path.exists():
+                await trio.sleep(0.05)
+        return str(json.loads(path.read_text())["token"])
+
+    async def disappears() -> None:
+        with trio.fail_after(5):
+            while path.exists():
+                await trio.sleep(0.05)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sessions.run)
+        await nursery.start(sinks.run, sessions)
+        first = await appears()
+        sessions.locked()
+        await disappears()
+        sessions.unlocked()  # the stored token is served (and written) again
+        assert await appears() == first
+        await sessions.lookup("demo").logout()
+        await disappears()
+        sessions.lookup("demo").credentials_changed()  # logged out: nothing comes back
+        await trio.sleep(T)
+        assert not path.exists()
+        sessions.lookup("demo").store.set_credentials("demo", CREDENTIALS["demo"])
+        sessions.lookup("demo").credentials_changed()
+        await appears()
+        sessions.reload({})  # `dc-broker remove`
+        await disappears()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_that_drops_a_sink_removes_its_file(tmp_path: Path, make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=T)
+    sessions, path = sink_sessions(tmp_path, idp)
+    other = tmp_path / "sinks" / "other.token"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sessions.run)
+        await nursery.start(sinks.run, sessions)
+        with trio.fail_after(T):
+            while not path.exists():
+                await trio.sleep(0.05)
+        sessions.reload({"demo": profile("demo", sinks=(Sink(path=str(other)),))})
+        with trio.fail_after(T):
+            while path.exists() or not other.exists():
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- real processes
+
+READER = r"""
+import base64, json, os, sys, time
+path, want, deadline = sys.argv[1], int(sys.argv[2]), time.time() + float(sys.argv[3])
+seen, reads = [], 0
+def exp(token):
+    p = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))["exp"]
+while len(seen) < want + 1:
+    if time.time() > deadline:
+        sys.exit(f"only {len(seen) - 1} refreshes seen in time")
+    with open(path) as f:  # FileNotFoundError fails the run: the file must exist throughout
+        text = f.read()
+    reads += 1
+    if not text.endswith("\n") or text.count("\n") != 1 or text.count(".") != 2:
+        sys.exit(f"partial or empty file after {reads} reads: {text[:20]!r}")
+    token = text[:-1]
+    # the dev IdP writes exp in whole seconds (truncated), up to 1 s before the expiry it announces
+    if exp(token) + 1 <= time.time():
+        sys.exit(f"expired token read: exp {exp(token)} at {time.time():.3f}")
+    if not seen or seen[-1] != token:
+        seen.append(token)
+    time.sleep(0.002)
+print(f"{len(seen) - 1} refreshes, {reads} reads, all complete and unexpired")
+"""
+
+
+@pytest.mark.e2e
+def test_reader_process_across_refreshes_of_a_real_broker(tmp_path: Path) -> None:
+    # 2-second tokens, refreshed every ~1.5 s: 24 by default (about 36 s); DC_SINK_REFRESHES=100 for the
+    # full run (the in-process test above does 100 on the fake clock). 1-second tokens leave margins of
+    # 0.1 s, less than a loaded 2-core machine's scheduling delays.
+    refreshes = int(os.environ.get("DC_SINK_REFRESHES", "24"))
+    idp = subprocess.Popen(
+        [sys.executable, "-m", "dc_broker.devserver", "--access-lifespan", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert idp.stdout is not None
+    base = idp.stdout.readline().strip()
+    token_file = tmp_path / "state" / "demo.token"
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[profiles.demo]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-cli"\nusername = "demo"\n'
+        f'\n[[profiles.demo.sinks]]\npath = "{token_file}"\n'
+    )
+    sock = str(tmp_path / "run" / "b.sock")
+    broker = start_run(cfg, sock, '[demo]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n')
+    try:
+        deadline = time.monotonic() + 20
+        while not token_file.exists():
+            assert time.monotonic() < deadline, "the token file never appeared"
+            time.sleep(0.02)
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        limit = 2 * refreshes + 20
+        result = subprocess.run(
+            [sys.executable, "-c", READER, str(token_file), str(refreshes), str(limit)],
+            capture_output=True,
+            text=True,
+            timeout=limit + 10,
+        )
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert f"{refreshes} refreshes" in result.stdout
+        status = run([DC_BROKER, "status", "--socket", sock, "--json"])
+        assert json.loads(status.stdout)["profiles"][0]["refreshes"] >= refreshes
+    finally:
+        assert stop(broker, signal.SIGTERM) == 0
+        idp.terminate()
+        idp.wait(10)
+    assert not token_file.exists()
+    err = broker.stderr.read() if broker.stderr else ""
+    assert "eyJ" not in err  # no token in the logs
+
+
+def test_dc_broker_add_with_sinks(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    base = [DC_BROKER, "add", "dev1", "--config", str(cfg), "--socket", str(tmp_path / "none.sock")]
+    base += ["--server", "http://127.0.0.1:1", "--tenant", "t", "--client-id", "c", "--grant", "device", "--no-verify"]
+    added = run([*base, "--sink", f"{tmp_path}/dev1.token", "--sink", f"{tmp_path}/dev1.json:json"])
+    assert added.returncode == 0, added.stderr
+    assert load_config(str(cfg)).profiles["dev1"].sinks == (
+        Sink(path=f"{tmp_path}/dev1.token"),
+        Sink(path=f"{tmp_path}/dev1.json", format="json"),
+    )
+    refused = run([*base[:2], "dev2", *base[3:], "--sink", "/tmp/dev2.token"])
+    assert refused.returncode != 0 and "/tmp, which other users may write" in refused.stderr
+    assert "dev2" not in cfg.read_text()  # nothing written
+
+
+async def test_an_idp_outage_past_expiry_takes_the_file_away_and_recovery_brings_it_back(
+    tmp_path: Path, make_idp, autojump_clock
+) -> None:
+    idp = make_idp(access_lifespan=T, sso_idle=100 * T, sso_max=1000 * T)
+    sessions, path = sink_sessions(tmp_path, idp)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sessions.run)
+        await nursery.start(sinks.run, sessions)
+        with trio.fail_after(T):
+            while not path.exists():
+                await trio.sleep(0.05)
+        first = path.read_text()[:-1]
+        idp.faults.fail_next(10_000, status=503)  # the IdP is down from here on
+        while path.exists():  # kept while the token is valid, removed before it expires
+            assert jwt_exp(path.read_text()[:-1]) > trio_wall_clock() + 1
+            await trio.sleep(0.25)
+        # kept through the outage until shortly before the token's expiry (exp: whole seconds)
+        assert trio_wall_clock() >= jwt_exp(first) - sinks.REMOVE_BEFORE - 1
+        idp.faults.clear()
+        with trio.fail_after(10 * T):  # the broker's backoff retries; the file comes back with a new token
+            while not path.exists():
+                await trio.sleep(0.25)
+        assert path.read_text()[:-1] != first
+        nursery.cancel_scope.cancel()
