@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common
 
-from dc_broker import control
+from dc_broker.manage import ask
 from dc_broker.oidc import TokenSet
 from dc_broker.secret import Secret
 from dc_broker.store import Credentials
@@ -89,9 +89,9 @@ def main() -> None:
             wait_for_socket(sock, proc, timeout=120)
             startup = time.perf_counter() - t0
             t1 = time.perf_counter()
-            control.request("unlock", sock, passphrase=PASSPHRASE)
+            ask(sock, "unlock", passphrase=PASSPHRASE)
             unlock = time.perf_counter() - t1
-            while control.request("status", sock)["broker"]["states"].get("fresh", 0) < n:
+            while ask(sock, "status")["broker"]["states"].get("fresh", 0) < n:
                 time.sleep(0.01)
             ready = time.perf_counter() - t1
             last = subprocess.run([DC_TOKEN, f"p{n - 1:05d}"], env=env, capture_output=True, text=True)

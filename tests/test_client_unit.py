@@ -28,7 +28,7 @@ def tok(value: str = "t1", profile: str = "acme", expires_at: float = 2e9) -> To
 
 def test_cache_serves_while_min_ttl_plus_margin_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("dc_token.sync._monotonic", lambda: now[0])
+    monkeypatch.setattr("dc_token.cache._monotonic", lambda: now[0])
     cache = TokenCache()
     cache.put(tok(), deadline=100.0 + 300)
     assert cache.get("acme", 0) == tok()
@@ -51,19 +51,19 @@ def test_cache_keeps_the_newer_token_and_forgets_only_the_named_one() -> None:
 
 
 def test_cache_never_outlives_the_brokers_next_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dc_token.sync as sync
+    import dc_token.cache as client_cache
 
     now = [1000.0]
-    monkeypatch.setattr(sync, "_monotonic", lambda: now[0])
+    monkeypatch.setattr(client_cache, "_monotonic", lambda: now[0])
     cache = TokenCache()
     # valid for 300 s, but the broker replaces it in 225 s (and DOT-like IdPs revoke it then)
-    cache.put(tok("t"), *sync._deadline({"expires_in": 300.0, "refresh_in": 225.0}, now[0]))
+    cache.put(tok("t"), *client_cache.token_deadlines({"expires_in": 300.0, "refresh_in": 225.0}, now[0]))
     now[0] += 224
     assert cache.get("acme", 0) == tok("t")
     now[0] += 2
     assert cache.get("acme", 0) is None
     # an older broker that does not say: the expiry alone decides
-    cache.put(tok("u"), *sync._deadline({"expires_in": 300.0}, now[0]))
+    cache.put(tok("u"), *client_cache.token_deadlines({"expires_in": 300.0}, now[0]))
     now[0] += 290
     assert cache.get("acme", 0) == tok("u")
 

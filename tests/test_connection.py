@@ -141,3 +141,27 @@ def test_any_byte_split_gives_the_same_events(kinds: list[str], data: st.DataObj
             assert isinstance(e.error, LoginRequired)
         else:
             assert e.more == (kind == "more")
+
+
+def test_a_refused_connect_names_the_group_of_a_shared_broker(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import grp
+    import os
+    import socket
+
+    from dc_token.paths import unreachable
+
+    shared = str(tmp_path / "shared.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(shared)
+        os.chmod(shared, 0o660)
+        group = grp.getgrgid(os.stat(shared).st_gid).gr_name
+        msg = str(unreachable(shared, PermissionError(13, "Permission denied")))
+    assert msg.startswith(f"no permission to use the broker socket {shared}: the shared broker there admits")
+    assert f"members of group {group!r}" in msg and f"`usermod -aG {group} $USER`" in msg
+    private = str(tmp_path / "private.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(private)
+        os.chmod(private, 0o600)
+        msg = str(unreachable(private, PermissionError(13, "Permission denied")))
+    assert msg.endswith(f"(it is private to uid {os.getuid()}; run your own broker: `dc-broker run`)")
+    assert str(unreachable(private, FileNotFoundError())) == f"no dc-broker is running on {private}"

@@ -312,10 +312,10 @@ def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profi
     """Log PROFILE in: a password prompt for password profiles, a browser for browser profiles (the
     authorization code flow; with --no-browser, e.g. over ssh, the URL is printed), else the device flow
     (a URL and a code to enter in a browser anywhere). This command waits until you have logged in."""
-    from dc_broker import control
+    from dc_broker.manage import ask, ask_stream
 
     try:
-        grant = control.request("status", socket_path, profile=profile)["profiles"][0]["grant"]
+        grant = ask(socket_path, "status", profile=profile)["profiles"][0]["grant"]
         if grant == "client_credentials":
             click.echo(
                 f"Profile {profile} uses client credentials: the broker signs in with its stored client secret, "
@@ -329,9 +329,9 @@ def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profi
                 password = click.prompt(f"Password for profile {profile}", hide_input=True)
             if not password:
                 raise click.UsageError("the password is empty")
-            results = control.stream("login", socket_path, profile=profile, password=password)
+            results = ask_stream(socket_path, "login", profile=profile, password=password)
         else:
-            results = control.stream("login", socket_path, profile=profile)
+            results = ask_stream(socket_path, "login", profile=profile)
         for result in results:
             if result.get("logged_in"):
                 click.echo(f"Logged in: profile {profile} has a token for {_fmt_seconds(result.get('expires_in'))}.")

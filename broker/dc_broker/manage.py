@@ -2,7 +2,7 @@
 
 Non-secret settings go to config.toml (``dc_broker.config``), secrets to the vault (``dc_broker.vault``).
 With a daemon running, it holds the vault (one writer), so secrets and changes go to it over the
-socket (``dc_broker.control``) and take effect at once; with none, these commands open the vault
+socket (``ask``: a ``TokenClient`` request) and take effect at once; with none, these commands open the vault
 themselves. Secrets come from a hidden prompt or stdin, never from argv.
 """
 
@@ -13,13 +13,12 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
 import trio
 
-from dc_broker import control
 from dc_broker.completion import complete_profiles
 from dc_broker.config import (
     AUTH_METHODS,
@@ -45,6 +44,7 @@ from dc_broker.secret import Secret
 from dc_broker.sessions import Session
 from dc_broker.store import Credentials, MemoryStore
 from dc_token.errors import (
+    BrokerTimeout,
     BrokerUnavailable,
     ConfigError,
     DcBrokerError,
@@ -54,6 +54,7 @@ from dc_token.errors import (
     hint_for,
 )
 from dc_token.paths import default_socket_path
+from dc_token.sync import TokenClient
 
 if TYPE_CHECKING:
     from dc_broker.vault import Keyring
@@ -73,17 +74,28 @@ class Failed(click.ClickException):
 HELLO_TIMEOUT = 15.0
 
 
+def ask(socket_path: str | None, op: str, *, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
+    """One request to the running broker (the management side of ``TokenClient``)."""
+    with TokenClient(socket_path, timeout=timeout, cache=False) as broker:
+        return broker.request(op, **args)
+
+
+def ask_stream(socket_path: str | None, op: str, **args: Any) -> Iterator[dict[str, Any]]:
+    """A streamed request (``login``): each result until the last, with no deadline (a person acts)."""
+    return TokenClient(socket_path, timeout=None, cache=False).stream(op, **args)
+
+
 def _daemon(socket_path: str | None) -> bool:
     try:
-        next(control.stream("hello", socket_path, timeout=HELLO_TIMEOUT), None)
-    except BrokerUnavailable:
-        return False
-    except TimeoutError:
+        ask(socket_path, "hello", timeout=HELLO_TIMEOUT)
+    except BrokerTimeout:
         path = socket_path or default_socket_path()
         raise BrokerUnavailable(
             f"{path} accepted the connection but no broker answered in {HELLO_TIMEOUT:g} s: its service "
             "did not start? See `systemctl status dc-broker.service` and `journalctl -u dc-broker`"
         ) from None
+    except BrokerUnavailable:
+        return False
     return True
 
 
@@ -318,15 +330,15 @@ def _add_to_running(
     before = read_config_text(path)
     write(path, p)
     try:
-        control.request("reload", socket_path)
-        secrets = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
+        ask(socket_path, "reload")
+        secrets: dict[str, Any] = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
         if secrets:
-            control.request("set_secrets", socket_path, profile=p.name, **secrets)
+            ask(socket_path, "set_secrets", profile=p.name, **secrets)
     except BaseException:
         with contextlib.suppress(DcBrokerError):
             restore_config(path, before)
         with contextlib.suppress(DcBrokerError):
-            control.request("reload", socket_path)
+            ask(socket_path, "reload")
         raise
 
 
@@ -358,9 +370,9 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
             raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
         revoked: bool | None = None
         if _daemon(socket_path):
-            revoked = bool(control.request("logout", socket_path, profile=profile).get("revoked"))
+            revoked = bool(ask(socket_path, "logout", profile=profile).get("revoked"))
             remove_profile(path, profile)
-            control.request("reload", socket_path)
+            ask(socket_path, "reload")
         else:
             from dc_broker.vault import default_vault_path
 
@@ -412,7 +424,7 @@ def list_profiles(config_path: str | None, as_json: bool, names: bool) -> None:
 def logout(socket_path: str | None, profile: str) -> None:
     """Revoke PROFILE's login at the IdP and forget its secrets (the profile stays configured)."""
     try:
-        result = control.request("logout", socket_path, profile=profile)
+        result = ask(socket_path, "logout", profile=profile)
     except DcBrokerError as exc:
         raise Failed(exc, profile) from None
     how = (
@@ -433,7 +445,7 @@ def unlock(socket_path: str | None, passphrase_stdin: bool) -> None:
     """Unlock the running broker's vault, so it can serve tokens."""
     try:
         passphrase = _read_secret("Vault passphrase", passphrase_stdin)
-        result = control.request("unlock", socket_path, passphrase=passphrase.reveal())
+        result = ask(socket_path, "unlock", passphrase=passphrase.reveal())
     except DcBrokerError as exc:
         raise Failed(exc) from None
     click.echo(f"Unlocked: serving {result.get('profiles', 0)} profile(s).")
@@ -444,7 +456,7 @@ def unlock(socket_path: str | None, passphrase_stdin: bool) -> None:
 def lock(socket_path: str | None) -> None:
     """Lock the running broker's vault: keys and tokens leave its memory until `dc-broker unlock`."""
     try:
-        control.request("lock", socket_path)
+        ask(socket_path, "lock")
     except DcBrokerError as exc:
         raise Failed(exc) from None
     click.echo("Locked.")
@@ -494,7 +506,7 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
         updated = set_profile_values(path, profile, changes)
         running = _daemon(socket_path)
         if running:
-            control.request("reload", socket_path)
+            ask(socket_path, "reload")
     except DcBrokerError as exc:
         raise Failed(exc) from None
     shown = ", ".join(
@@ -542,13 +554,8 @@ def rotate(
             new["client_secret"] = _read_secret("New client secret", secret_stdin)
         running = _daemon(socket_path)
         if running:
-            control.request(
-                "set_secrets",
-                socket_path,
-                profile=profile,
-                verify=not no_verify,
-                **{k: v.reveal() for k, v in new.items()},
-            )
+            revealed: dict[str, Any] = {k: v.reveal() for k, v in new.items()}
+            ask(socket_path, "set_secrets", profile=profile, verify=not no_verify, **revealed)
         else:
             with _open_vault(vault_path) as vault:
                 merged = dataclasses.replace(vault.credentials(profile), **new)

@@ -14,12 +14,13 @@ from __future__ import annotations
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy treats the name the same)
 if TYPE_CHECKING:
     from dc_token.aio import AsyncTokenClient
+    from dc_token.cache import Token
     from dc_token.errors import *  # noqa: F403
-    from dc_token.sync import Token, TokenClient
+    from dc_token.sync import TokenClient
 
 __all__ = ["AsyncTokenClient", "Token", "TokenClient"]
 
-_LAZY = {"TokenClient": "dc_token.sync", "Token": "dc_token.sync", "AsyncTokenClient": "dc_token.aio"}
+_LAZY = {"TokenClient": "dc_token.sync", "Token": "dc_token.cache", "AsyncTokenClient": "dc_token.aio"}
 
 
 def __getattr__(name: str) -> object:

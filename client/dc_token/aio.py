@@ -1,10 +1,11 @@
 """``AsyncTokenClient``: the async client, for trio and asyncio alike (through anyio).
 
-Same contract as ``dc_token.sync.TokenClient``: one reused connection (reconnected after a broker
-restart), the same in-process ``TokenCache`` (a hit never awaits), the same errors, ``watch`` on a
-dedicated connection (reconnected by itself after a broker restart, as the sync one). Requests on
-the shared connection are serialized by an ``anyio.Lock``; a request cancelled half-way drops the
-connection, so the next one starts on a clean frame boundary.
+A thin I/O driver over ``dc_token.connection``, with the same contract as ``dc_token.sync.TokenClient``:
+one reused connection (reconnected after a broker restart), the same in-process ``TokenCache`` (a
+hit never awaits), the same errors, ``watch`` on a dedicated connection (reconnected by itself after
+a broker restart, as the sync one). Requests on the shared connection are serialized by an
+``anyio.Lock``; a request cancelled half-way drops the connection, so the next one starts on a clean
+frame boundary.
 
 One client belongs to one event loop (its connection and lock do); the cache may be shared by passing
 another client's ``cache``. Importing this module imports anyio (not trio, not httpx).
@@ -20,25 +21,42 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from dc_token.errors import BrokerUnavailable, error_for_code
-from dc_token.paths import default_socket_path
-from dc_token.protocol import NEED_DATA, ErrorReply, FrameDecoder, Reply, Request, encode, reply_from_wire
-from dc_token.sync import (
+from dc_token.cache import (
     Token,
     TokenCache,
-    _deadline,
+    WatchDedup,
     _monotonic,
-    _rand,
-    _watch_reply,
     cache_key,
+    jitter,
     reconnect_delay,
     token_args,
+    token_deadlines,
 )
+from dc_token.connection import ClientConnection, Closed, End, Failed, Result, may_retry
+from dc_token.errors import BrokerTimeout, BrokerUnavailable
+from dc_token.paths import default_socket_path, unreachable
 
 __all__ = ["AsyncTokenClient"]
 
 _RECV = 65536
 _CLOSED = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+
+class _Gone(Exception):
+    """The connection died under a request."""
+
+
+async def _next(stream: anyio.abc.SocketStream, conn: ClientConnection) -> Result | Failed | End | Closed:
+    """The connection's next event, reading from ``stream`` as long as it needs data."""
+    while True:
+        event = conn.next_event()
+        if isinstance(event, Result | Failed | End | Closed):
+            return event
+        try:
+            data = await stream.receive(_RECV)
+        except _CLOSED:
+            data = b""
+        conn.receive_data(data)
 
 
 class AsyncTokenClient:
@@ -59,8 +77,7 @@ class AsyncTokenClient:
         self.timeout = timeout
         self.cache: TokenCache | None = cache if isinstance(cache, TokenCache) else TokenCache() if cache else None
         self._stream: anyio.abc.SocketStream | None = None
-        self._decoder = FrameDecoder()
-        self._next_id = 1
+        self._conn = ClientConnection()
         self._lock: anyio.Lock | None = None
 
     def __repr__(self) -> str:
@@ -78,72 +95,59 @@ class AsyncTokenClient:
 
     async def _drop(self) -> None:
         stream, self._stream = self._stream, None
-        self._decoder = FrameDecoder()
+        self._conn = ClientConnection()
         if stream is not None:
             await anyio.aclose_forcefully(stream)
 
     async def _connect(self) -> anyio.abc.SocketStream:
         try:
             return await anyio.connect_unix(self.socket_path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise BrokerUnavailable(f"no dc-broker is running on {self.socket_path}") from None
-        except PermissionError:
-            raise BrokerUnavailable(f"no permission to use the broker socket {self.socket_path}") from None
         except OSError as exc:
-            raise BrokerUnavailable(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from None
+            raise unreachable(self.socket_path, exc) from None
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request and return its result map, or raise the error it came back with."""
         if self._lock is None:
             self._lock = anyio.Lock()
         async with self._lock:
-            rid = self._next_id
-            self._next_id += 1
-            frame = encode(Request(rid, op, args))
-            fresh = self._stream is None
-            try:
-                return await self._roundtrip(rid, frame)
-            except _CLOSED:
-                await self._drop()
-                if fresh:
-                    raise BrokerUnavailable(f"the broker on {self.socket_path} closed the connection") from None
-            # the broker restarted since our last request: one fresh attempt on a new connection
-            try:
-                return await self._roundtrip(rid, frame)
-            except _CLOSED:
-                await self._drop()
-                raise BrokerUnavailable(f"the broker on {self.socket_path} closed the connection") from None
+            while True:
+                try:
+                    return await self._roundtrip(op, args)
+                except _Gone:
+                    retry = may_retry(self._conn)  # the broker restarted since our last request
+                    await self._drop()
+                    if not retry:
+                        raise BrokerUnavailable(f"the broker on {self.socket_path} closed the connection") from None
 
-    async def _roundtrip(self, rid: int, frame: bytes) -> dict[str, Any]:
+    async def _roundtrip(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         done = False
         try:
             with anyio.fail_after(math.inf if self.timeout is None else self.timeout):
                 if self._stream is None:
                     self._stream = await self._connect()
-                stream = self._stream
-                await stream.send(frame)
+                stream, conn = self._stream, self._conn
+                rid, frame = conn.send_request(op, args)
+                try:
+                    await stream.send(frame)
+                except _CLOSED:
+                    done = True  # request() drops it, and decides on the retry first
+                    raise _Gone from None
                 while True:
-                    obj = self._decoder.next_frame()
-                    if obj is NEED_DATA:
-                        self._decoder.receive_data(await stream.receive(_RECV))
-                        continue
-                    assert isinstance(obj, dict)
-                    reply = reply_from_wire(obj)
-                    if isinstance(reply, ErrorReply):
-                        if reply.id not in (rid, None):
+                    event = await _next(stream, conn)
+                    if isinstance(event, Closed):
+                        done = True
+                        raise _Gone
+                    if isinstance(event, Failed):
+                        if event.id != rid:
                             continue
-                        done = reply.id is not None  # an id-less error means the broker is closing on us
-                        raise error_for_code(reply.code.value)(reply.message, retry_after=reply.retry_after)
-                    if reply.id != rid:
-                        continue  # a late reply to a request we gave up on
+                        done = not conn.closed  # an id-less error: the broker is closing on us
+                        raise event.error
                     done = True
-                    return dict(reply.result)
+                    return {} if isinstance(event, End) else event.result
         except TimeoutError:
-            raise BrokerUnavailable(
-                f"the broker on {self.socket_path} did not answer within {self.timeout} s"
-            ) from None
+            raise BrokerTimeout(f"the broker on {self.socket_path} did not answer within {self.timeout} s") from None
         finally:
-            if not done:  # timed out, cancelled, closed or garbled mid-request: start clean next time
+            if not done:  # timed out, cancelled or garbled mid-request: start clean next time
                 await self._drop()
 
     # the ops -------------------------------------------------------------------------------
@@ -163,7 +167,7 @@ class AsyncTokenClient:
         result = await self.request("token", **token_args(profile, min_ttl, scope))
         tok = Token.from_result(result, profile)
         if cache is not None:
-            cache.put(tok, *_deadline(result, sent_at), key=key)
+            cache.put(tok, *token_deadlines(result, sent_at), key=key)
         return tok
 
     async def token(self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None) -> str:
@@ -178,7 +182,7 @@ class AsyncTokenClient:
         return bool((await self.request("invalidate", profile=profile, token=token)).get("refreshing"))
 
     async def status(self, profile: str | None = None) -> dict[str, Any]:
-        return await (self.request("status", profile=profile) if profile else self.request("status"))
+        return await self.request("status", profile=profile)
 
     @asynccontextmanager
     async def watch(
@@ -194,67 +198,51 @@ class AsyncTokenClient:
         broker that goes away is waited for and reconnected to (``reconnect=False``: raises
         ``BrokerUnavailable``). Every token also refreshes the cache.
         """
-        frame = encode(Request(1, "watch", token_args(profile, min_ttl, scope)))
-        conn = [await self._open_watch(frame, profile)]
+        args = token_args(profile, min_ttl, scope)
+        watch = [await self._open_watch(args, profile)]
         try:
-            yield self._watch_tokens(conn, frame, profile, scope, reconnect)
+            yield self._watch_tokens(watch, args, WatchDedup(profile, scope, self.cache), reconnect)
         finally:
-            await anyio.aclose_forcefully(conn[0])
+            await anyio.aclose_forcefully(watch[0][0])
 
-    async def _open_watch(self, frame: bytes, profile: str) -> anyio.abc.SocketStream:
+    async def _open_watch(self, args: dict[str, Any], profile: str) -> tuple[anyio.abc.SocketStream, ClientConnection]:
         stream = await self._connect()
+        conn = ClientConnection()
+        _, frame = conn.send_request("watch", args)
         try:
             await stream.send(frame)
         except _CLOSED:
             await anyio.aclose_forcefully(stream)
             raise BrokerUnavailable(f"the broker on {self.socket_path} closed the watch on {profile!r}") from None
-        return stream
+        return stream, conn
 
     async def _watch_tokens(
-        self, conn: list[anyio.abc.SocketStream], frame: bytes, profile: str, scope: str | None, reconnect: bool
+        self,
+        watch: list[tuple[anyio.abc.SocketStream, ClientConnection]],
+        args: dict[str, Any],
+        dedup: WatchDedup,
+        reconnect: bool,
     ) -> AsyncIterator[Token]:
-        last: str | None = None
         while True:
-            try:
-                async for tok in self._watch_stream(conn[0], profile, scope):
-                    if tok.token != last:  # after a reconnect the unchanged token comes again: skip it
-                        last = tok.token
-                        yield tok
-                return
-            except BrokerUnavailable:
-                if not reconnect:
-                    raise
-            await anyio.aclose_forcefully(conn[0])
+            stream, conn = watch[0]
+            while True:
+                event = await _next(stream, conn)
+                tok, more = dedup.step(event, _monotonic())  # a push's expires_in was measured just before it was sent
+                if tok is not None:
+                    yield tok
+                if isinstance(event, Closed):
+                    break
+                if not more:
+                    return
+            if not reconnect:
+                raise BrokerUnavailable(f"the broker on {self.socket_path} closed the watch on {dedup.profile!r}")
+            await anyio.aclose_forcefully(stream)
             attempt = 0
             while True:
-                await anyio.sleep(reconnect_delay(attempt, _rand()))
+                await anyio.sleep(reconnect_delay(attempt, jitter()))
                 attempt += 1
                 try:
-                    conn[0] = await self._open_watch(frame, profile)
+                    watch[0] = await self._open_watch(args, dedup.profile)
                     break
                 except BrokerUnavailable:
                     continue
-
-    async def _watch_stream(
-        self, stream: anyio.abc.SocketStream, profile: str, scope: str | None = None
-    ) -> AsyncIterator[Token]:
-        decoder = FrameDecoder()
-        received_at = _monotonic()
-        key = cache_key(profile, scope)
-        while True:
-            obj = decoder.next_frame()
-            if obj is NEED_DATA:
-                try:
-                    decoder.receive_data(await stream.receive(_RECV))
-                except _CLOSED:
-                    raise BrokerUnavailable(
-                        f"the broker on {self.socket_path} closed the watch on {profile!r}"
-                    ) from None
-                received_at = _monotonic()
-                continue
-            assert isinstance(obj, dict)
-            reply = reply_from_wire(obj)
-            for tok in _watch_reply(reply, profile, self.cache, received_at, key):
-                yield tok
-            if isinstance(reply, Reply) and not reply.more:
-                return

@@ -51,6 +51,7 @@ __all__ = [
     "EXIT_CODES",
     "BadRequest",
     "BrokerError",
+    "BrokerTimeout",
     "BrokerUnavailable",
     "ConfigError",
     "ConfigInvalid",
@@ -113,6 +114,11 @@ class BrokerUnavailable(DcBrokerError):
 
     exit_code = 3
     hint = "start it with `systemctl --user start dc-broker` or `dc-broker run`"
+
+
+class BrokerTimeout(BrokerUnavailable):
+    """Something accepted the connection but no answer came in time (client side): a broker stuck,
+    or a socket unit whose service cannot start."""
 
 
 class ConfigError(DcBrokerError):

@@ -33,8 +33,9 @@ import tempfile
 import threading
 import time
 
+from dc_token.cache import Token, jitter, reconnect_delay
 from dc_token.errors import DcBrokerError
-from dc_token.sync import Token, TokenClient, _rand, reconnect_delay
+from dc_token.sync import TokenClient
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class Supervisor:
                     sys.stderr.flush()
             except OSError as exc:  # the token file could not be written
                 sys.stderr.write(f"dc-token: cannot update {self.path}: {exc.strerror or exc}\n")
-            time.sleep(reconnect_delay(failures, _rand()))
+            time.sleep(reconnect_delay(failures, jitter()))
             failures += 1
 
     # -- the command -------------------------------------------------------------------------

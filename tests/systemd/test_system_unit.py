@@ -93,8 +93,8 @@ def broker(machine: Machine) -> str:
         m.run(
             f"{VENV}/bin/python",
             "-c",
-            "import sys; from dc_broker import control; "
-            f"control.request('set_secrets', {SOCK!r}, profile={name!r}, client_secret=sys.stdin.readline().strip())",
+            "import sys; from dc_broker.manage import ask; "
+            f"ask({SOCK!r}, 'set_secrets', profile={name!r}, client_secret=sys.stdin.readline().strip())",
             input="dc-service-secret\n",
         )
     for user in ("etl", "ana"):
