@@ -165,3 +165,39 @@ def test_a_refused_connect_names_the_group_of_a_shared_broker(tmp_path) -> None:
         msg = str(unreachable(private, PermissionError(13, "Permission denied")))
     assert msg.endswith(f"(it is private to uid {os.getuid()}; run your own broker: `dc-broker run`)")
     assert str(unreachable(private, FileNotFoundError())) == f"no dc-broker is running on {private}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"profile": ""}, "'profile' must be a non-empty string"),
+        ({"profile": "x" * 20000}, "is not a profile name"),
+        ({"profile": "-x"}, "is not a profile name"),
+        ({"profile": "a b"}, "is not a profile name"),
+        ({"profile": "acme", "min_ttl": -1}, "'min_ttl' must be a number of seconds between 0 and 86400"),
+        ({"profile": "acme", "min_ttl": 100000}, "'min_ttl' must be a number of seconds between 0 and 86400"),
+        ({"profile": "acme", "min_ttl": float("nan")}, "'min_ttl' must be a number"),
+        ({"profile": "acme", "min_ttl": True}, "'min_ttl' must be a number"),
+        ({"profile": "acme", "scope": "openid  email"}, "'scope' must be space-separated OAuth scope tokens"),
+        ({"profile": "acme", "scope": 'a"b'}, "'scope' must be space-separated OAuth scope tokens"),
+        ({"profile": "acme", "scope": 7}, "'scope' must be space-separated OAuth scope tokens"),
+    ],
+)
+def test_token_args_are_checked_the_same_on_both_sides(args: dict[str, object], message: str) -> None:
+    from dc_token.cache import token_args
+    from dc_token.errors import BadRequest
+    from dc_token.protocol import TokenArgs
+
+    with pytest.raises(BadRequest, match=message.replace("(", r"\(")):
+        TokenArgs.from_wire(args)  # the broker's side
+    with pytest.raises(BadRequest, match=message.replace("(", r"\(")):
+        token_args(args["profile"], args.get("min_ttl", 0.0), args.get("scope"))  # type: ignore[arg-type]
+
+
+def test_token_args_round_trip() -> None:
+    from dc_token.protocol import TokenArgs
+
+    args = TokenArgs("acme.prod_1", 60, "openid email")
+    assert args.to_wire() == {"profile": "acme.prod_1", "min_ttl": 60.0, "scope": "openid email"}
+    assert TokenArgs.from_wire(args.to_wire()) == args
+    assert TokenArgs.from_wire({"profile": "acme", "scope": ""}).to_wire() == {"profile": "acme", "min_ttl": 0.0}

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from dc_token.errors import (
     UpstreamUnavailable,
     WrongPassphrase,
 )
-from dc_token.protocol import PROTOCOL_VERSION, Request, min_ttl_problem
+from dc_token.protocol import OPS, PROTOCOL_VERSION, Request, TokenArgs, profile_problem
 from dc_token.version import version
 
 log = logging.getLogger("dc_broker")
@@ -53,7 +52,6 @@ STATUS_BUDGET = 56 * 1024
 #: a status string (an IdP's error message, a URL) is cut to this many characters
 STATUS_FIELD_MAX = 240
 #: what a profile name on the wire may be (config.py's rule for names, with room for old configs)
-_PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 Result = dict[str, Any]
 
@@ -190,22 +188,11 @@ Handler = Callable[[BrokerState, Caller, Request], "Result | Awaitable[Result] |
 
 def _profile_arg(args: Mapping[str, Any]) -> str:
     name = args.get("profile")
-    if not isinstance(name, str) or not name:
-        raise BadRequest("'profile' must be a non-empty string")
-    if not _PROFILE_NAME.match(name):
-        shown = name[:32] + "..." if len(name) > 32 else name
-        raise BadRequest(f"'profile' {shown!r} is not a profile name (letters, digits, '.', '_' or '-'; at most 128)")
-    return name
-
-
-def _min_ttl_arg(args: Mapping[str, Any]) -> float:
-    value = args.get("min_ttl", 0.0)
-    if value is None:
-        return 0.0
-    problem = min_ttl_problem(value)
+    problem = profile_problem(name)
     if problem is not None:
-        raise BadRequest(f"'min_ttl' {problem}")
-    return float(value)
+        raise BadRequest(f"'profile' {problem}")
+    assert isinstance(name, str)
+    return name
 
 
 def token_result(session: Session, tok: TokenSet, now: float, min_ttl: float = 0.0) -> Result:
@@ -241,23 +228,10 @@ def op_hello(state: BrokerState, caller: Caller, req: Request) -> Result:
     }
 
 
-_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+( [\x21\x23-\x5b\x5d-\x7e]+)*$")  # RFC 6749 3.3
-
-
-def _scope_arg(args: Mapping[str, Any]) -> str | None:
-    scope = args.get("scope")
-    if scope is None or scope == "":
-        return None
-    if not isinstance(scope, str) or len(scope) > 1024 or not _SCOPE.match(scope):
-        raise BadRequest("'scope' must be space-separated OAuth scope tokens")
-    return scope
-
-
 def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
-    args = req.args
-    name = _profile_arg(args)
-    session = state.sessions.lookup_scoped(authorized(state, caller, name), _scope_arg(args))
-    min_ttl = _min_ttl_arg(args)
+    args = TokenArgs.from_wire(req.args)  # the wire contract's own checks, the same as the client's
+    name, min_ttl = args.profile, args.min_ttl
+    session = state.sessions.lookup_scoped(authorized(state, caller, name), args.scope)
     state.audit.record(name, caller)
     now = state.last_use = state.clock()
     tok = session.peek(min_ttl, now)
@@ -268,9 +242,9 @@ def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Await
 
 def op_watch(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
     """Stream: the current token at once, then every new one, until the client closes or an error."""
-    name = _profile_arg(req.args)
-    session = state.sessions.lookup_scoped(authorized(state, caller, name), _scope_arg(req.args))
-    min_ttl = _min_ttl_arg(req.args)
+    args = TokenArgs.from_wire(req.args)
+    name, min_ttl = args.profile, args.min_ttl
+    session = state.sessions.lookup_scoped(authorized(state, caller, name), args.scope)
     state.audit.record(name, caller)
     return _watch(state, session, min_ttl)
 
@@ -516,3 +490,7 @@ HANDLERS: dict[str, Handler] = {
     "set_secrets": op_set_secrets,
     "logout": op_logout,
 }
+
+# the contract (dc_token.protocol.OPS) names the ops; this table implements each of them, no more
+if set(HANDLERS) != OPS:
+    raise ImportError(f"ops.HANDLERS and protocol.OPS disagree: {sorted(set(HANDLERS) ^ OPS)}")

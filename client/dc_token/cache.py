@@ -18,6 +18,7 @@ import time
 
 from dc_token.connection import Closed, End, Failed, Result
 from dc_token.errors import RemoteProtocolError
+from dc_token.protocol import TokenArgs
 
 TYPE_CHECKING = False  # typing costs dc-token start-up time; annotations only
 if TYPE_CHECKING:
@@ -62,11 +63,8 @@ def cache_key(profile: str, scope: str | None) -> str:
 
 
 def token_args(profile: str, min_ttl: float, scope: str | None) -> dict[str, Any]:
-    """The ``token`` / ``watch`` request arguments (no ``scope`` key unless one is asked for)."""
-    args: dict[str, Any] = {"profile": profile, "min_ttl": min_ttl}
-    if scope:
-        args["scope"] = scope
-    return args
+    """The ``token`` / ``watch`` request arguments, checked as the broker checks them (``TokenArgs``)."""
+    return TokenArgs(profile, min_ttl, scope).to_wire()
 
 
 class Token:

@@ -53,6 +53,7 @@ __all__ = [
     "FrameDecoder",
     "Reply",
     "Request",
+    "TokenArgs",
     "encode",
     "min_ttl_problem",
     "pack_frame",
@@ -221,6 +222,74 @@ def min_ttl_problem(value: object) -> str | None:
     ):
         return f"must be a number of seconds between 0 and {MAX_MIN_TTL:g}"
     return None
+
+
+#: a profile name on the wire: a letter or digit, then letters, digits, '.', '_' or '-' (config.toml
+#: allows 64; the wire leaves room and refuses anything longer than this outright)
+MAX_PROFILE_NAME: Final = 128
+_NAME_FIRST: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_NAME_CHARS: Final = _NAME_FIRST | frozenset("._-")
+#: RFC 6749 3.3 scope-token characters: %x21 / %x23-5B / %x5D-7E (tokens separated by one space)
+_SCOPE_CHARS: Final = frozenset(chr(c) for c in (0x21, *range(0x23, 0x5C), *range(0x5D, 0x7F)))
+MAX_SCOPE: Final = 1024
+
+
+def profile_problem(value: object) -> str | None:
+    """What is wrong with a ``profile`` argument, or None."""
+    if not isinstance(value, str) or not value:
+        return "must be a non-empty string"
+    if len(value) > MAX_PROFILE_NAME or value[0] not in _NAME_FIRST or not _NAME_CHARS.issuperset(value):
+        shown = value[:32] + "..." if len(value) > 32 else value
+        return f"{shown!r} is not a profile name (letters, digits, '.', '_' or '-'; at most {MAX_PROFILE_NAME})"
+    return None
+
+
+def scope_problem(value: object) -> str | None:
+    """What is wrong with a ``scope`` argument (space-separated RFC 6749 scope tokens), or None."""
+    if not isinstance(value, str) or len(value) > MAX_SCOPE:
+        return "must be space-separated OAuth scope tokens"
+    if any(not word or not _SCOPE_CHARS.issuperset(word) for word in value.split(" ")):
+        return "must be space-separated OAuth scope tokens"
+    return None
+
+
+class TokenArgs(_Message):
+    """The arguments of ``token`` and ``watch``, checked when built: the client builds them to send,
+    the broker from what it received (``from_wire``), so both sides apply the same bounds. A bad
+    value is ``BadRequest`` on either side."""
+
+    __slots__ = ("min_ttl", "profile", "scope")
+    profile: str
+    min_ttl: float
+    scope: str | None
+
+    def __init__(self, profile: str, min_ttl: float = 0.0, scope: str | None = None) -> None:
+        from dc_token.errors import BadRequest
+
+        for key, problem in (
+            ("profile", profile_problem(profile)),
+            ("min_ttl", min_ttl_problem(min_ttl)),
+            ("scope", None if scope is None else scope_problem(scope)),
+        ):
+            if problem is not None:
+                raise BadRequest(f"'{key}' {problem}")
+        object.__setattr__(self, "profile", profile)
+        object.__setattr__(self, "min_ttl", float(min_ttl))
+        object.__setattr__(self, "scope", scope or None)
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> TokenArgs:
+        profile: Any = args.get("profile")
+        min_ttl: Any = args.get("min_ttl")
+        scope: Any = args.get("scope")
+        return cls(profile, 0.0 if min_ttl is None else min_ttl, scope if scope != "" else None)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The request arguments (no ``scope`` key unless one is asked for)."""
+        wire: dict[str, Any] = {"profile": self.profile, "min_ttl": self.min_ttl}
+        if self.scope:
+            wire["scope"] = self.scope
+        return wire
 
 
 def pack_frame(obj: Mapping[str, Any]) -> bytes:
