@@ -20,14 +20,14 @@ from typing import Any
 import click
 import trio
 
-from dc_broker.completion import complete_profiles, completion
+from dc_broker.completion import completion
 from dc_broker.config import Config, Profile, load_config
 from dc_broker.daemon import run_broker, until_signalled
 from dc_broker.hardening import harden
-from dc_broker.options import CONFIG, SOCKET, VAULT
+from dc_broker.options import CONFIG, PROFILE, SOCKET, VAULT, ErrorBoundary, Failed, profile_argument
 from dc_broker.secret import Secret
 from dc_broker.store import Credentials, MemoryStore, SecretStore
-from dc_token.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError, hint_for
+from dc_token.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError
 from dc_token.paths import default_socket_path
 from dc_token.version import version
 
@@ -57,19 +57,12 @@ def _setup_logging(verbose: bool) -> None:
     setup_logging(verbose)  # journal priority prefixes under systemd, plain lines elsewhere
 
 
-class _Fail(click.ClickException):
-    def __init__(self, exc: DcBrokerError, profile: str | None = None) -> None:
-        hint = f"\n  {text}" if (text := hint_for(exc, profile)) else ""
-        super().__init__(f"{exc}{hint}")
-        self.exit_code = exc.exit_code or 1  # type: ignore[misc]
-
-
 def _trio_run(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
     """trio.run, with our expected errors (possibly inside nursery exception groups) as one clean line."""
     try:
         trio.run(fn, *args)
     except DcBrokerError as exc:
-        raise _Fail(exc) from None
+        raise Failed(exc) from None
     except BaseExceptionGroup as group:
         expected = group.subgroup(DcBrokerError)
         if expected is None:
@@ -78,10 +71,10 @@ def _trio_run(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         while isinstance(leaf, BaseExceptionGroup):
             leaf = leaf.exceptions[0]
         assert isinstance(leaf, DcBrokerError)
-        raise _Fail(leaf) from None
+        raise Failed(leaf) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorBoundary, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version(), prog_name="dc-broker", message="%(prog)s %(version)s")
 def cli() -> None:
     """dc-broker: keeps bearer tokens for Keycloak-protected APIs fresh and serves them to local programs."""
@@ -140,12 +133,9 @@ def run(
     from dc_token.paths import SYSTEM_SOCKET
 
     _setup_logging(verbose)
-    try:
-        config = load_config(config_path, missing_ok=config_path is None)
-        store = _read_secrets_stdin(config.profiles) if secrets_stdin else _open_store(vault_path)
-        path = socket_path or config.socket or (SYSTEM_SOCKET if system else default_socket_path())
-    except DcBrokerError as exc:
-        raise _Fail(exc) from None
+    config = load_config(config_path, missing_ok=config_path is None)
+    store = _read_secrets_stdin(config.profiles) if secrets_stdin else _open_store(vault_path)
+    path = socket_path or config.socket or (SYSTEM_SOCKET if system else default_socket_path())
     hardened = harden()
     log.debug("hardening: %s", hardened)
     _trio_run(_run_until_signal, config, store, path, system)
@@ -276,7 +266,7 @@ def _fmt_seconds(value: Any) -> str:
 @cli.command()
 @SOCKET
 @click.option("--json", "as_json", is_flag=True, help="print the broker's status as JSON")
-@click.argument("profile", required=False, shell_complete=complete_profiles)
+@profile_argument(required=False)
 def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
     """Show the profiles the running broker holds: state, expiry, last refresh, last error."""
     from dc_token.sync import TokenClient
@@ -285,7 +275,7 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
         with TokenClient(socket_path) as broker:
             result = broker.status(profile)
     except (BrokerError, BrokerUnavailable) as exc:
-        raise _Fail(exc, profile) from None
+        raise Failed(exc, profile) from None
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
@@ -307,7 +297,7 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
 @SOCKET
 @click.option("--password-stdin", is_flag=True, help="read the password from stdin instead of a hidden prompt")
 @click.option("--no-browser", is_flag=True, help="browser login: print the URL instead of opening a browser")
-@click.argument("profile", shell_complete=complete_profiles)
+@PROFILE
 def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profile: str) -> None:
     """Log PROFILE in: a password prompt for password profiles, a browser for browser profiles (the
     authorization code flow; with --no-browser, e.g. over ssh, the URL is printed), else the device flow
@@ -345,7 +335,7 @@ def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profi
                 f"(valid {_fmt_seconds(result.get('expires_in'))}). Waiting...",
             )
     except DcBrokerError as exc:
-        raise _Fail(exc, profile) from None
+        raise Failed(exc, profile) from None
     except KeyboardInterrupt:  # Ctrl-C while waiting: the broker drops the login when the stream closes
         click.echo(f"Login of profile {profile} cancelled.", err=True)
         sys.exit(130)

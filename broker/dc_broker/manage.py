@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import click
 import trio
 
-from dc_broker.completion import complete_profiles
 from dc_broker.config import (
     AUTH_METHODS,
     GRANTS,
@@ -39,7 +38,7 @@ from dc_broker.config import (
 from dc_broker.config import read_text as read_config_text
 from dc_broker.config import restore as restore_config
 from dc_broker.oidc import IdpTransport
-from dc_broker.options import CONFIG, SOCKET, VAULT
+from dc_broker.options import CONFIG, PROFILE, SOCKET, VAULT, Failed
 from dc_broker.secret import Secret
 from dc_broker.sessions import Session
 from dc_broker.store import Credentials, MemoryStore
@@ -51,22 +50,12 @@ from dc_token.errors import (
     UnknownProfile,
     UpstreamFault,
     UpstreamUnavailable,
-    hint_for,
 )
 from dc_token.paths import default_socket_path
 from dc_token.sync import TokenClient
 
 if TYPE_CHECKING:
     from dc_broker.vault import Keyring
-
-
-class Failed(click.ClickException):
-    """An expected failure: one `Error:` line (plus what to do), the error's own exit status."""
-
-    def __init__(self, exc: DcBrokerError, profile: str | None = None) -> None:
-        hint = f"\n  {text}" if (text := hint_for(exc, profile)) else ""
-        super().__init__(f"{exc}{hint}")
-        self.exit_code = exc.exit_code or 1  # type: ignore[misc]
 
 
 #: how long a command waits for the broker's first answer: a socket-activated cold start takes well
@@ -249,7 +238,7 @@ def _forget(key_path: str | None, item: Keyring | None = None) -> None:
     help="a token file the broker keeps current (format token, header, json or env; repeatable)",
 )
 @click.option("--force", is_flag=True, help="replace an existing profile of that name (checked before it is replaced)")
-@click.argument("profile", shell_complete=complete_profiles)
+@PROFILE
 def add(
     config_path: str | None,
     vault_path: str | None,
@@ -273,39 +262,36 @@ def add(
         fields["allow"] = allow
     if "auth_method" not in fields:
         fields["auth_method"] = "none" if fields.get("grant") in ("device", "browser") else "basic"
-    try:
-        p = Profile(name=profile, **fields)
-        exists = profile in load_config(path, missing_ok=True).profiles
-        if exists and not force:
-            raise ConfigError(
-                f"profile {profile!r} already exists in {path}; replace it with `dc-broker add --force {profile} ...`, "
-                f"change it with `dc-broker set {profile} KEY=VALUE`, or remove it with `dc-broker remove {profile}`"
-            )
-        password = _read_secret("Password", password_stdin) if p.grant == "password" else None
-        secret = _read_secret("Client secret", secret_stdin) if p.auth_method != "none" else None
-        creds = Credentials(password=password, client_secret=secret)
-        if not no_verify and p.grant not in ("device", "browser"):
-            trio.run(_verify, p, creds)
-        running = _daemon(socket_path)
-        write = replace_profile if exists else add_profile
-        if running:
-            _add_to_running(path, p, socket_path, password, secret, write)
-        elif password or secret:
-            with _open_vault(vault_path) as vault:
-                old = vault.credentials(profile) if exists else None
-                vault.set_credentials(profile, creds)
-                try:
-                    write(path, p)
-                except BaseException:  # all or nothing: the vault as it was
-                    if old is None:
-                        vault.remove(profile)
-                    else:
-                        vault.set_credentials(profile, old)
-                    raise
-        else:
-            write(path, p)
-    except DcBrokerError as exc:
-        raise Failed(exc, profile) from None
+    p = Profile(name=profile, **fields)
+    exists = profile in load_config(path, missing_ok=True).profiles
+    if exists and not force:
+        raise ConfigError(
+            f"profile {profile!r} already exists in {path}; replace it with `dc-broker add --force {profile} ...`, "
+            f"change it with `dc-broker set {profile} KEY=VALUE`, or remove it with `dc-broker remove {profile}`"
+        )
+    password = _read_secret("Password", password_stdin) if p.grant == "password" else None
+    secret = _read_secret("Client secret", secret_stdin) if p.auth_method != "none" else None
+    creds = Credentials(password=password, client_secret=secret)
+    if not no_verify and p.grant not in ("device", "browser"):
+        trio.run(_verify, p, creds)
+    running = _daemon(socket_path)
+    write = replace_profile if exists else add_profile
+    if running:
+        _add_to_running(path, p, socket_path, password, secret, write)
+    elif password or secret:
+        with _open_vault(vault_path) as vault:
+            old = vault.credentials(profile) if exists else None
+            vault.set_credentials(profile, creds)
+            try:
+                write(path, p)
+            except BaseException:  # all or nothing: the vault as it was
+                if old is None:
+                    vault.remove(profile)
+                else:
+                    vault.set_credentials(profile, old)
+                raise
+    else:
+        write(path, p)
     where = "the running broker" if running else "the vault"
     if not running:
         nxt = "`dc-broker run` (or `systemctl --user start dc-broker`)"
@@ -361,27 +347,24 @@ def sink_options(values: tuple[str, ...]) -> tuple[Sink, ...]:
 @CONFIG
 @VAULT
 @SOCKET
-@click.argument("profile", shell_complete=complete_profiles)
+@PROFILE
 def remove(config_path: str | None, vault_path: str | None, socket_path: str | None, profile: str) -> None:
     """Remove PROFILE from config.toml and forget its secrets and tokens."""
     path = config_path or default_config_path()
-    try:
-        if profile not in load_config(path, missing_ok=False).profiles:
-            raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
-        revoked: bool | None = None
-        if _daemon(socket_path):
-            revoked = bool(ask(socket_path, "logout", profile=profile).get("revoked"))
-            remove_profile(path, profile)
-            ask(socket_path, "reload")
-        else:
-            from dc_broker.vault import default_vault_path
+    if profile not in load_config(path, missing_ok=False).profiles:
+        raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
+    revoked: bool | None = None
+    if _daemon(socket_path):
+        revoked = bool(ask(socket_path, "logout", profile=profile).get("revoked"))
+        remove_profile(path, profile)
+        ask(socket_path, "reload")
+    else:
+        from dc_broker.vault import default_vault_path
 
-            if os.path.exists(vault_path or default_vault_path()):
-                with _open_vault(vault_path) as vault:
-                    vault.remove(profile)
-            remove_profile(path, profile)
-    except DcBrokerError as exc:
-        raise Failed(exc, profile) from None
+        if os.path.exists(vault_path or default_vault_path()):
+            with _open_vault(vault_path) as vault:
+                vault.remove(profile)
+        remove_profile(path, profile)
     if revoked is None:
         how = " (no broker running: its login was not revoked at the identity provider)"
     else:
@@ -398,10 +381,7 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
 def list_profiles(config_path: str | None, as_json: bool, names: bool) -> None:
     """List the profiles in config.toml (no broker needed)."""
     path = config_path or default_config_path()
-    try:
-        config = load_config(path, missing_ok=as_json or names)
-    except DcBrokerError as exc:
-        raise Failed(exc) from None
+    config = load_config(path, missing_ok=as_json or names)
     if as_json:
         doc = [profile_settings(p) for _, p in sorted(config.profiles.items())]
         click.echo(json.dumps({"config": path, "profiles": doc}, indent=2))
@@ -420,13 +400,10 @@ def list_profiles(config_path: str | None, as_json: bool, names: bool) -> None:
 
 @click.command()
 @SOCKET
-@click.argument("profile", shell_complete=complete_profiles)
+@PROFILE
 def logout(socket_path: str | None, profile: str) -> None:
     """Revoke PROFILE's login at the IdP and forget its secrets (the profile stays configured)."""
-    try:
-        result = ask(socket_path, "logout", profile=profile)
-    except DcBrokerError as exc:
-        raise Failed(exc, profile) from None
+    result = ask(socket_path, "logout", profile=profile)
     how = (
         "revoked at the identity provider"
         if result.get("revoked")
@@ -443,11 +420,8 @@ def logout(socket_path: str | None, profile: str) -> None:
 @click.option("--passphrase-stdin", is_flag=True, help="read the passphrase from stdin instead of a prompt")
 def unlock(socket_path: str | None, passphrase_stdin: bool) -> None:
     """Unlock the running broker's vault, so it can serve tokens."""
-    try:
-        passphrase = _read_secret("Vault passphrase", passphrase_stdin)
-        result = ask(socket_path, "unlock", passphrase=passphrase.reveal())
-    except DcBrokerError as exc:
-        raise Failed(exc) from None
+    passphrase = _read_secret("Vault passphrase", passphrase_stdin)
+    result = ask(socket_path, "unlock", passphrase=passphrase.reveal())
     click.echo(f"Unlocked: serving {result.get('profiles', 0)} profile(s).")
 
 
@@ -455,10 +429,7 @@ def unlock(socket_path: str | None, passphrase_stdin: bool) -> None:
 @SOCKET
 def lock(socket_path: str | None) -> None:
     """Lock the running broker's vault: keys and tokens leave its memory until `dc-broker unlock`."""
-    try:
-        ask(socket_path, "lock")
-    except DcBrokerError as exc:
-        raise Failed(exc) from None
+    ask(socket_path, "lock")
     click.echo("Locked.")
 
 
@@ -476,22 +447,19 @@ def passwd(vault_path: str | None, from_stdin: bool) -> None:
     from dc_broker.vault import Vault, default_vault_path
 
     path = vault_path or default_vault_path()
-    try:
-        if not os.path.exists(path):
-            raise ConfigError(f"no vault at {path}; create one with `dc-broker init`")
-        old = _read_secret("Current passphrase", from_stdin)
-        new = _read_secret("New passphrase", from_stdin)
-        with Vault.open(path) as vault:
-            vault.change_passphrase(old, new)
-    except DcBrokerError as exc:
-        raise Failed(exc) from None
+    if not os.path.exists(path):
+        raise ConfigError(f"no vault at {path}; create one with `dc-broker init`")
+    old = _read_secret("Current passphrase", from_stdin)
+    new = _read_secret("New passphrase", from_stdin)
+    with Vault.open(path) as vault:
+        vault.change_passphrase(old, new)
     click.echo("Passphrase changed.")
 
 
 @click.command(name="set")
 @CONFIG
 @SOCKET
-@click.argument("profile", shell_complete=complete_profiles)
+@PROFILE
 @click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
 def set_(config_path: str | None, socket_path: str | None, profile: str, assignments: tuple[str, ...]) -> None:
     """Change PROFILE's settings in config.toml, e.g. `dc-broker set acme scope="openid email"`.
@@ -501,14 +469,11 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
     comments stay as they are; a running broker reloads the profile at once. Secrets are not settings:
     `dc-broker rotate` replaces a stored password or client secret."""
     path = config_path or default_config_path()
-    try:
-        changes = dict(parse_assignment(a) for a in assignments)
-        updated = set_profile_values(path, profile, changes)
-        running = _daemon(socket_path)
-        if running:
-            ask(socket_path, "reload")
-    except DcBrokerError as exc:
-        raise Failed(exc) from None
+    changes = dict(parse_assignment(a) for a in assignments)
+    updated = set_profile_values(path, profile, changes)
+    running = _daemon(socket_path)
+    if running:
+        ask(socket_path, "reload")
     shown = ", ".join(
         f"{k} = {getattr(updated, k)!r}" if changes[k] is not None else f"{k} unset" for k in sorted(changes)
     )
@@ -524,7 +489,7 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
 @click.option("--password-stdin", is_flag=True, help="read the new password from stdin (first line)")
 @click.option("--secret-stdin", is_flag=True, help="read the new client secret from stdin (next line)")
 @click.option("--no-verify", is_flag=True, help="store without checking the new credentials at the IdP")
-@click.argument("profile", shell_complete=complete_profiles)
+@PROFILE
 def rotate(
     config_path: str | None,
     vault_path: str | None,
@@ -542,28 +507,25 @@ def rotate(
     credentials are checked at the IdP (with the other, kept one) before the old ones are dropped:
     a wrong new password changes nothing."""
     path = config_path or default_config_path()
-    try:
-        p = load_config(path, missing_ok=False).profiles.get(profile)
-        if p is None:
-            raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
-        which = _what_to_rotate(p, rotate_password or password_stdin, rotate_secret or secret_stdin)
-        new: dict[str, Secret] = {}
-        if "password" in which:
-            new["password"] = _read_secret("New password", password_stdin)
-        if "client_secret" in which:
-            new["client_secret"] = _read_secret("New client secret", secret_stdin)
-        running = _daemon(socket_path)
-        if running:
-            revealed: dict[str, Any] = {k: v.reveal() for k, v in new.items()}
-            ask(socket_path, "set_secrets", profile=profile, verify=not no_verify, **revealed)
-        else:
-            with _open_vault(vault_path) as vault:
-                merged = dataclasses.replace(vault.credentials(profile), **new)
-                if not no_verify:
-                    trio.run(_verify, p, merged)
-                vault.set_credentials(profile, merged)
-    except DcBrokerError as exc:
-        raise Failed(exc) from None
+    p = load_config(path, missing_ok=False).profiles.get(profile)
+    if p is None:
+        raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
+    which = _what_to_rotate(p, rotate_password or password_stdin, rotate_secret or secret_stdin)
+    new: dict[str, Secret] = {}
+    if "password" in which:
+        new["password"] = _read_secret("New password", password_stdin)
+    if "client_secret" in which:
+        new["client_secret"] = _read_secret("New client secret", secret_stdin)
+    running = _daemon(socket_path)
+    if running:
+        revealed: dict[str, Any] = {k: v.reveal() for k, v in new.items()}
+        ask(socket_path, "set_secrets", profile=profile, verify=not no_verify, **revealed)
+    else:
+        with _open_vault(vault_path) as vault:
+            merged = dataclasses.replace(vault.credentials(profile), **new)
+            if not no_verify:
+                trio.run(_verify, p, merged)
+            vault.set_credentials(profile, merged)
     what = " and ".join(k.replace("_", " ") for k in which)
     checked = "stored without a check" if no_verify else "checked at the identity provider"
     where = "the running broker uses it now" if running else "stored in the vault"

@@ -596,9 +596,10 @@ def _command() -> Any:
     ) -> None:
         """Serve PROFILE's API on a local address with the token added: point any HTTP client at
         http://127.0.0.1:8765/... . Only your own user may use it; browsers are refused."""
-        from dc_broker.cli import _Fail, _setup_logging, _trio_run
+        from dc_broker.cli import _setup_logging, _trio_run
         from dc_broker.config import load_config
         from dc_broker.daemon import until_signalled
+        from dc_broker.options import Failed
 
         _setup_logging(verbose)
         try:
@@ -609,7 +610,7 @@ def _command() -> Any:
                 ca_bundle = configured.ca_bundle if configured is not None else None
             tls_context(ca_bundle)
         except DcBrokerError as exc:
-            raise _Fail(exc) from None
+            raise Failed(exc) from None
 
         async def main() -> None:
             async with trio.open_nursery() as nursery:
