@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -74,3 +76,15 @@ def make_session(
         rng=random.Random(seed),
         wall_clock=trio_wall_clock,
     )
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[str]:
+    """The dev IdP as a real process (``python -m dc_broker.devserver`` from this venv): its base URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dc_broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert proc.stdout is not None
+    yield proc.stdout.readline().strip()
+    proc.terminate()
+    proc.wait(10)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +12,6 @@ import pytest
 from tests.e2e import DC_BROKER, dc_token, stop, wait_for_socket
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dc_broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert proc.stdout is not None
-    yield proc.stdout.readline().strip()
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-# ruff: noqa: F811 - the fixtures idp and home come from tests.test_cli
+# ruff: noqa: F811 - the home fixture comes from tests.test_cli
 """Editing profiles as a person does: init with no flags, set, add --force, rotate, list --json,
 completion, Ctrl-C, config errors at the right line. Real processes, the real dev IdP, exact output."""
 
@@ -15,7 +15,7 @@ import pytest
 
 from dc_broker.vault import Vault
 from tests.e2e import DC_BROKER, DC_TOKEN, dc_token, dev_broker, stop, wait_for_socket
-from tests.test_cli import add_demo, cli, home, idp  # noqa: F401 - fixtures
+from tests.test_cli import add_demo, cli, home  # noqa: F401 - the home fixture
 
 pytestmark = pytest.mark.e2e
 

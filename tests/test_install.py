@@ -109,18 +109,6 @@ def user(tmp_path_factory: pytest.TempPathFactory, dist: Dist) -> Iterator[tuple
     yield venv, env
 
 
-@pytest.fixture(scope="module")
-def idp() -> Iterator[str]:
-    """The dev IdP, from the checkout's own venv (the user's venv has no dev extra)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dc_broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert proc.stdout is not None
-    yield proc.stdout.readline().strip()
-    proc.terminate()
-    proc.wait(10)
-
-
 def test_wheel_holds_every_package_and_no_generic_top_level_name(dist: Dist) -> None:
     names = zipfile.ZipFile(dist.wheel).namelist()
     top = {n.split("/")[0] for n in names}

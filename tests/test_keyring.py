@@ -277,17 +277,6 @@ def test_init_keyring_vault_opens_with_no_passphrase(desktop: Desktop) -> None:
         assert creds.client_secret is not None and creds.client_secret.reveal() == "dc-cli-secret"
 
 
-@pytest.fixture(scope="module")
-def idp() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dc_broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert proc.stdout is not None
-    yield proc.stdout.readline().strip()
-    proc.terminate()
-    proc.wait(10)
-
-
 def test_daemon_serves_tokens_at_start_with_no_unlock(desktop: Desktop, idp: str) -> None:
     """The desktop user's day: the broker starts (at login), the keyring opens the vault, tokens flow."""
     assert desktop.cli("init", "--key-source", "keyring").returncode == 0
