@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -245,5 +246,29 @@ def test_ctrl_c_during_a_device_login_exits_130(tmp_path: Path) -> None:
             pass
         login.send_signal(signal.SIGINT)
         assert login.wait(20) == 130
-        assert login.stderr is not None and "Traceback" not in login.stderr.read()
+        assert login.stderr is not None
+        err = login.stderr.read()
+        assert "Traceback" not in err and "left to log in" not in err  # no countdown into a pipe
     assert stop(login) == 130
+
+
+def test_a_waiting_device_login_shows_the_time_left_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    with dev_broker(tmp_path) as (sock, _, _):
+        env = {**os.environ, "DC_BROKER_SOCKET": sock}
+        master, slave = pty.openpty()
+        login = subprocess.Popen(
+            [DC_BROKER, "login", "demo-device"], env=env, stdout=subprocess.PIPE, stderr=slave, text=True
+        )
+        os.close(slave)
+        seen = b""
+        deadline = time.monotonic() + 20
+        try:
+            while b"left to log in" not in seen and time.monotonic() < deadline:
+                seen += os.read(master, 4096)
+        finally:
+            login.send_signal(signal.SIGINT)
+            assert login.wait(20) == 130
+            os.close(master)
+    assert re.search(rb"\r  \d+m\d\ds left to log in \(Ctrl-C cancels\)", seen), seen

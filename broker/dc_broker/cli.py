@@ -322,23 +322,67 @@ def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profi
             results = ask_stream(socket_path, "login", profile=profile, password=password)
         else:
             results = ask_stream(socket_path, "login", profile=profile)
-        for result in results:
-            if result.get("logged_in"):
-                click.echo(f"Logged in: profile {profile} has a token for {_fmt_seconds(result.get('expires_in'))}.")
-                return
-            if "authorization_url" in result:
-                _show_authorization_url(profile, result, open_browser=not no_browser)
-                continue
-            uri = result.get("verification_uri_complete") or result["verification_uri"]
-            click.echo(
-                f"To log in profile {profile}, open\n\n    {uri}\n\nand enter the code {result['user_code']} "
-                f"(valid {_fmt_seconds(result.get('expires_in'))}). Waiting...",
-            )
+        countdown = Countdown()
+        try:
+            for result in results:
+                countdown.stop()
+                if result.get("logged_in"):
+                    expires = _fmt_seconds(result.get("expires_in"))
+                    click.echo(f"Logged in: profile {profile} has a token for {expires}.")
+                    return
+                if "authorization_url" in result:
+                    _show_authorization_url(profile, result, open_browser=not no_browser)
+                else:
+                    uri = result.get("verification_uri_complete") or result["verification_uri"]
+                    click.echo(
+                        f"To log in profile {profile}, open\n\n    {uri}\n\nand enter the code "
+                        f"{result['user_code']} (valid {_fmt_seconds(result.get('expires_in'))}). Waiting...",
+                    )
+                countdown.start(result.get("expires_in"))
+        finally:
+            countdown.stop()
     except DcBrokerError as exc:
         raise Failed(exc, profile) from None
     except KeyboardInterrupt:  # Ctrl-C while waiting: the broker drops the login when the stream closes
         click.echo(f"Login of profile {profile} cancelled.", err=True)
         sys.exit(130)
+
+
+class Countdown:
+    """While a device or browser login waits, the time left on one self-rewriting stderr line (only
+    on a terminal: a log or a pipe gets nothing). Ctrl-C and the login's end stop it."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self._stop: Any = None
+        self._thread: Any = None
+
+    def start(self, seconds: object) -> None:
+        if not isinstance(seconds, int | float) or not seconds > 0 or not self.stream.isatty():
+            return
+        import threading
+
+        self._stop = threading.Event()
+        end = time.monotonic() + float(seconds)
+        self._thread = threading.Thread(target=self._run, args=(end, self._stop), daemon=True)
+        self._thread.start()
+
+    def _run(self, end: float, stop: Any) -> None:
+        while not stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            self.stream.write(f"\r  {_fmt_seconds(left)} left to log in (Ctrl-C cancels)   ")
+            self.stream.flush()
+            stop.wait(1.0)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.stream.write("\r" + " " * 50 + "\r")
+            self.stream.flush()
+            self._thread = None
 
 
 def _show_authorization_url(profile: str, result: dict[str, Any], *, open_browser: bool) -> None:
