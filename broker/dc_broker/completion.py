@@ -13,9 +13,6 @@ Owns no state and never talks to an IdP; a broken config completes nothing rathe
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from typing import Final
 
 import click
@@ -70,17 +67,21 @@ def complete_profiles(ctx: click.Context, param: click.Parameter, incomplete: st
     return [CompletionItem(name) for name in sorted(names) if name.startswith(incomplete)]
 
 
-def script(shell: str) -> str:
-    """The completion script for both commands in ``shell``."""
-    env = {**os.environ, "_DC_BROKER_COMPLETE": f"{shell}_source"}
-    prog = os.path.join(os.path.dirname(sys.argv[0]), "dc-broker") if os.sep in sys.argv[0] else "dc-broker"
-    found = subprocess.run([prog], env=env, capture_output=True, text=True, timeout=30, check=False)
-    return f"# dc-broker and dc-token completion for {shell}\n{found.stdout}{_DC_TOKEN[shell]}"
+def script(cli: click.Command, shell: str) -> str:
+    """The completion script for both commands in ``shell``: click's own for ``cli`` (what
+    ``_DC_BROKER_COMPLETE=SHELL_source dc-broker`` prints), then dc-token's."""
+    from click.shell_completion import get_completion_class
+
+    completer = get_completion_class(shell)
+    assert completer is not None  # SHELLS are the shells click supports
+    source = completer(cli, {}, "dc-broker", "_DC_BROKER_COMPLETE").source()
+    return f"# dc-broker and dc-token completion for {shell}\n{source}\n{_DC_TOKEN[shell]}"
 
 
 @click.command()
 @click.argument("shell", type=click.Choice(SHELLS))
-def completion(shell: str) -> None:
+@click.pass_context
+def completion(ctx: click.Context, shell: str) -> None:
     """Print the shell completion script for dc-broker and dc-token (profile names included).
 
     \b
@@ -88,4 +89,4 @@ def completion(shell: str) -> None:
       zsh:  echo 'eval "$(dc-broker completion zsh)"' >> ~/.zshrc      (after compinit)
       fish: dc-broker completion fish > ~/.config/fish/completions/dc-broker.fish
     """
-    click.echo(script(shell), nl=False)
+    click.echo(script(ctx.find_root().command, shell), nl=False)
