@@ -109,6 +109,15 @@ class Endpoints:
     def _realm(self, request: Request) -> DevRealm | None:
         return self.state.realms.get(request.path_params["realm"])
 
+    async def _guarded_realm(self, name: str, request: Request) -> DevRealm | Response:
+        """Count the request, apply any configured fault, find the realm: the realm, or the answer
+        (the fault, or Keycloak's 404 for an unknown realm) to send instead."""
+        faulted = await self._guard(name)
+        if faulted is not None:
+            return faulted
+        realm = self._realm(request)
+        return _no_realm() if realm is None else realm
+
     async def _token_request(self, request: Request, realm: DevRealm) -> TokenRequest:
         form, duplicated = await _read_form(request)
         if duplicated:
@@ -119,12 +128,9 @@ class Endpoints:
         """A client-authenticated, form-encoded POST endpoint: faults, realm, form, problem mapping."""
 
         async def endpoint(request: Request) -> Response:
-            faulted = await self._guard(name)
-            if faulted is not None:
-                return faulted
-            realm = self._realm(request)
-            if realm is None:
-                return _no_realm()
+            realm = await self._guarded_realm(name, request)
+            if isinstance(realm, Response):
+                return realm
             try:
                 return logic(await self._token_request(request, realm))
             except OAuthProblem as problem:
@@ -134,12 +140,9 @@ class Endpoints:
 
     # -- discovery -------------------------------------------------------------------------------
     async def realm_info(self, request: Request) -> Response:
-        faulted = await self._guard("realm")
-        if faulted is not None:
-            return faulted
-        realm = self._realm(request)
-        if realm is None:
-            return _no_realm()
+        realm = await self._guarded_realm("realm", request)
+        if isinstance(realm, Response):
+            return realm
         iss = issuer_for(request, realm.name)
         return JSONResponse(
             {"realm": realm.name, "token-service": f"{iss}/{OIDC}", "account-service": f"{iss}/account"}
@@ -147,12 +150,9 @@ class Endpoints:
         )
 
     async def discovery(self, request: Request) -> Response:
-        faulted = await self._guard("discovery")
-        if faulted is not None:
-            return faulted
-        realm = self._realm(request)
-        if realm is None:
-            return _no_realm()
+        realm = await self._guarded_realm("discovery", request)
+        if isinstance(realm, Response):
+            return realm
         iss = issuer_for(request, realm.name)
         doc: dict[str, Any] = {
             "issuer": iss,
@@ -174,11 +174,9 @@ class Endpoints:
         return JSONResponse(doc)
 
     async def certs(self, request: Request) -> Response:
-        faulted = await self._guard("certs")
-        if faulted is not None:
-            return faulted
-        if self._realm(request) is None:
-            return _no_realm()
+        realm = await self._guarded_realm("certs", request)
+        if isinstance(realm, Response):
+            return realm
         return JSONResponse(self.state.key.jwks())
 
     # -- token endpoint ----------------------------------------------------------------------------
@@ -221,12 +219,9 @@ class Endpoints:
 
     # -- device verification page --------------------------------------------------------------------
     async def verification_page(self, request: Request) -> Response:
-        faulted = await self._guard("verification")
-        if faulted is not None:
-            return faulted
-        realm = self._realm(request)
-        if realm is None:
-            return _no_realm()
+        realm = await self._guarded_realm("verification", request)
+        if isinstance(realm, Response):
+            return realm
         if request.method == "GET":
             return _page(realm.name, _form_html(request.query_params.get("user_code", "")))
         form, _ = await _read_form(request)
@@ -245,12 +240,9 @@ class Endpoints:
 
     # -- authorization endpoint (code + PKCE): a login page that redirects back with a code ------------
     async def authorization_page(self, request: Request) -> Response:
-        faulted = await self._guard("authorization")
-        if faulted is not None:
-            return faulted
-        realm = self._realm(request)
-        if realm is None:
-            return _no_realm()
+        realm = await self._guarded_realm("authorization", request)
+        if isinstance(realm, Response):
+            return realm
         params = dict(request.query_params) if request.method == "GET" else (await _read_form(request))[0]
         client = realm.client(params.get("client_id", ""))
         redirect_uri = params.get("redirect_uri", "")
