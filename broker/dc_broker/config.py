@@ -563,13 +563,28 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key, _CLI_VALUES[expected](key, value)
 
 
-def _table_span(lines: list[str], name: str) -> tuple[int, int]:
-    """[start, end) of ``[profiles.NAME]`` in the file's lines (header included, up to the next table)."""
-    header = re.compile(r"^\s*\[\s*profiles\s*\.\s*" + re.escape(name) + r"\s*\]")
+def _profile_header(name: str, *, subtables: bool) -> re.Pattern[str]:
+    """The header line ``[profiles.NAME]``, or (``subtables``) any of its sub-tables'
+    (``[[profiles.NAME.sinks]]``)."""
+    tail = r"\s*\." if subtables else r"\s*\]"
+    return re.compile(r"^\s*\[\[?\s*profiles\s*\.\s*" + re.escape(name) + tail)
+
+
+def _next_table(lines: list[str], after: int) -> int:
+    return next((j for j in range(after + 1, len(lines)) if lines[j].lstrip().startswith("[")), len(lines))
+
+
+def _table_span(lines: list[str], name: str, *, with_subtables: bool = False) -> tuple[int, int]:
+    """[start, end) of ``[profiles.NAME]`` in the file's lines (header included, up to the next table;
+    ``with_subtables``: also the sub-tables that follow it)."""
+    header = _profile_header(name, subtables=False)
     start = next((i for i, line in enumerate(lines) if header.match(line)), None)
     if start is None:
         raise ConfigError(f"profile {name!r} is not a [profiles.{name}] table; edit the file by hand")
-    end = next((j for j in range(start + 1, len(lines)) if lines[j].lstrip().startswith("[")), len(lines))
+    end = _next_table(lines, start)
+    sub = _profile_header(name, subtables=True)
+    while with_subtables and end < len(lines) and sub.match(lines[end]):
+        end = _next_table(lines, end)
     return start, end
 
 
@@ -613,10 +628,7 @@ def replace_profile(path: str, p: Profile) -> None:
     """`dc-broker add --force`: the profile's table written anew (in place of the old one)."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines(keepends=True)
-    start, end = _table_span(lines, p.name)
-    sub = re.compile(r"^\s*\[\[?\s*profiles\s*\.\s*" + re.escape(p.name) + r"\s*\.")
-    while end < len(lines) and sub.match(lines[end]):  # its [[profiles.NAME.sinks]] go too
-        end = next((j for j in range(end + 1, len(lines)) if lines[j].lstrip().startswith("[")), len(lines))
+    start, end = _table_span(lines, p.name, with_subtables=True)  # its [[profiles.NAME.sinks]] go too
     cut = end
     while cut > start + 1 and (not lines[cut - 1].strip() or lines[cut - 1].lstrip().startswith("#")):
         cut -= 1  # blank lines and comments just above the next table belong to that table
@@ -634,12 +646,12 @@ def remove_profile(path: str, name: str) -> None:
         raise ConfigError(f"no profile named {name!r} in {path}; `dc-broker list` shows the profiles")
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines(keepends=True)
-    # the table and its sub-tables ([[profiles.NAME.sinks]])
-    header = re.compile(r"^\s*\[\[?\s*profiles\s*\.\s*" + re.escape(name) + r"\s*[].]")
+    # the table and its sub-tables ([[profiles.NAME.sinks]]), wherever they stand
+    table, sub = _profile_header(name, subtables=False), _profile_header(name, subtables=True)
     out, skipping = [], False
     for line in lines:
         if line.lstrip().startswith("["):
-            skipping = bool(header.match(line))
+            skipping = bool(table.match(line) or sub.match(line))
         if not skipping:
             out.append(line)
     _write_atomically(path, "".join(out))
