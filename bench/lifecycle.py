@@ -33,10 +33,11 @@ import trio.testing
 
 from dc_broker.config import Profile
 from dc_broker.devserver import DevIdP, demo_realm, serve
-from dc_broker.oidc import IdpTransport
+from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
-from dc_broker.sessions import Session
-from dc_broker.store import Credentials, MemoryStore
+from dc_broker.sessions.session import Session
+from dc_broker.store import MemoryStore
+from dc_broker.tokens import Credentials
 from dc_token.errors import BrokerError
 from dc_token.sync import TokenClient
 from tests.e2e import start_run, stop, wait_for_socket

@@ -28,9 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common
 
 from dc_broker.manage import ask
-from dc_broker.oidc import TokenSet
 from dc_broker.secret import Secret
-from dc_broker.store import Credentials
+from dc_broker.tokens import Credentials, TokenSet
 from dc_broker.vault import Passphrase, Vault
 from tests.e2e import DC_BROKER, DC_TOKEN, wait_for_socket
 

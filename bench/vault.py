@@ -25,9 +25,8 @@ from typing import Any
 import common
 import trio
 
-from dc_broker.oidc import TokenSet
 from dc_broker.secret import Secret
-from dc_broker.store import Credentials
+from dc_broker.tokens import Credentials, TokenSet
 from dc_broker.vault import PRODUCTION_KDF, KeyFile, Passphrase, Vault, create_key_file
 from tests.vault_writer import kill_loop, new_vault
 

@@ -14,11 +14,12 @@ import trio
 
 from dc_broker.config import Profile
 from dc_broker.devserver import DevIdP, demo_realm
-from dc_broker.oidc import IdpTransport
-from dc_broker.policy import DEFAULT_POLICY, RefreshPolicy
+from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
-from dc_broker.sessions import Session
-from dc_broker.store import Credentials, MemoryStore
+from dc_broker.sessions.policy import DEFAULT_POLICY, RefreshPolicy
+from dc_broker.sessions.session import Session
+from dc_broker.store import MemoryStore
+from dc_broker.tokens import Credentials
 
 WALL0 = 1_750_000_000.0
 IDP_URL = "http://127.0.0.1:1"  # never dialled: requests go straight into the ASGI app

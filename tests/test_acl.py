@@ -6,15 +6,15 @@ import hashlib
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from dc_broker.acl import Identity, allowed, needs_details, needs_exe_hash, parse_rule, parse_rules
+from dc_broker.access.authorize import permits
+from dc_broker.access.caller import Caller
+from dc_broker.access.identity import Units, boottime, identify, peer_credentials, unit_from_cgroup, units_from_cgroup
+from dc_broker.access.rules import Identity, allowed, needs_details, needs_exe_hash, parse_rule, parse_rules
 from dc_broker.config import Profile
-from dc_broker.identity import Units, boottime, identify, peer_credentials, unit_from_cgroup, units_from_cgroup
-from dc_broker.ops import Caller, permits
-from dc_token.errors import ConfigError
+from dc_broker.errors import ConfigError
 
 WHO = Identity(
     uid=1001,
@@ -244,15 +244,6 @@ def test_a_process_younger_than_the_connection_lends_no_groups_or_unit() -> None
     assert who.unit is None and who.groups == frozenset({os.getgid()})
 
 
-def _state(system: bool) -> Any:
-    from dc_broker.oidc import IdpTransport
-    from dc_broker.ops import BrokerState
-    from dc_broker.sessions import Sessions
-    from dc_broker.store import MemoryStore
-
-    return BrokerState(sessions=Sessions({}, MemoryStore(), IdpTransport()), socket_path="/x", system=system)
-
-
 def _profile(**rules: tuple[str, ...]) -> Profile:
     return Profile(name="p", client_id="c", grant="client_credentials", token_url="https://idp.example/t", **rules)
 
@@ -262,15 +253,13 @@ def test_allow_rules_narrow_the_per_user_broker_to_one_program() -> None:
     exe rule only to that program (here: this test's own interpreter, read from /proc/self/exe)."""
     me = Caller(os.getuid(), os.getgid(), os.getpid(), accepted_at=boottime())
     ours = os.path.realpath("/proc/self/exe")
-    user_mode = _state(system=False)
-    assert permits(user_mode, me, _profile())
-    assert permits(user_mode, me, _profile(allow=(f"exe:{ours}",)))
-    assert not permits(user_mode, me, _profile(allow=("exe:/usr/bin/report-runner",)))
+    assert permits(me, _profile(), system=False)
+    assert permits(me, _profile(allow=(f"exe:{ours}",)), system=False)
+    assert not permits(me, _profile(allow=("exe:/usr/bin/report-runner",)), system=False)
     digest = hashlib.sha256(Path(ours).read_bytes()).hexdigest()
-    assert permits(
-        user_mode, Caller(os.getuid(), os.getgid(), os.getpid(), boottime()), _profile(allow=(f"exe-sha256:{digest}",))
-    )
-    assert not permits(_state(system=True), me, _profile())  # system mode: no rules, nobody
+    fresh = Caller(os.getuid(), os.getgid(), os.getpid(), boottime())
+    assert permits(fresh, _profile(allow=(f"exe-sha256:{digest}",)), system=False)
+    assert not permits(me, _profile(), system=True)  # system mode: no rules, nobody
 
 
 def test_admin_rules_parse_like_allow_rules() -> None:

@@ -12,14 +12,14 @@ import pytest
 
 from dc_broker.config import DaemonSettings
 from dc_broker.daemon import apply_daemon_settings, limits_of
-from dc_broker.listen import bind_unix_socket
-from dc_broker.oidc import IdpTransport
-from dc_broker.ops import BrokerState
-from dc_broker.server import Server
-from dc_broker.sessions import Sessions
+from dc_broker.errors import ConfigError, VaultError
+from dc_broker.idp.transport import IdpTransport
+from dc_broker.serve.listen import bind_unix_socket
+from dc_broker.serve.ops import BrokerState
+from dc_broker.serve.server import Server
+from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
 from dc_broker.vault.keysource import MAX_STORED_MEMORY_KIB, KdfParams
-from dc_token.errors import ConfigError, VaultError
 
 
 def test_sighup_applies_limits_and_names_what_needs_a_restart() -> None:

@@ -11,13 +11,14 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from dc_broker import flows
 from dc_broker.config import Profile
-from dc_broker.flows import Answer, Login, LoginLost, ShowCode, Sleep
-from dc_broker.oidc import Endpoints, HttpRequest, HttpResponse, TokenSet
+from dc_broker.errors import UpstreamGarbage, UpstreamTransient
+from dc_broker.idp.oidc import Endpoints, HttpRequest, HttpResponse
 from dc_broker.secret import Secret
-from dc_broker.store import Credentials
-from dc_token.errors import CredentialsRejected, LoginRequired, UpstreamGarbage, UpstreamTransient
+from dc_broker.sessions import flows
+from dc_broker.sessions.flows import Answer, Login, LoginLost, ShowCode, Sleep
+from dc_broker.tokens import Credentials, TokenSet
+from dc_token.errors import CredentialsRejected, LoginRequired
 
 EP = Endpoints(
     token="https://sso.example.com/t", device="https://sso.example.com/d", revocation="https://sso.example.com/r"

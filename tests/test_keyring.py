@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from dc_broker.errors import VaultError
 from dc_broker.secret import Secret
-from dc_broker.store import Credentials
+from dc_broker.tokens import Credentials
 from dc_broker.vault import Keyring, KeySourceKind, Vault, create_keyring_key
-from dc_token.errors import VaultError
 from tests.e2e import DC_BROKER, dc_token, stop, wait_for_socket
 
 secretstorage = pytest.importorskip("secretstorage", reason="the `keyring` extra (secretstorage) is not installed")

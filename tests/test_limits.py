@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from dc_broker.server import _reply_frame
+from dc_broker.serve.server import _reply_frame
 from dc_token.protocol import MAX_FRAME, Request, encode
 from tests.e2e import start_run, stop
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pytest
 
+from dc_broker import errors as broker_errors
 from dc_token import errors
 from dc_token.errors import BrokerError, DcBrokerError, hint_for
 
-CLASSES = [
+CLASSES = [  # the whole tree: the part both sides see and the broker's own
     cls
-    for cls in vars(errors).values()
-    if isinstance(cls, type) and issubclass(cls, DcBrokerError) and cls is not errors.OAuthError
+    for module in (errors, broker_errors)
+    for cls in vars(module).values()
+    if isinstance(cls, type) and issubclass(cls, DcBrokerError) and cls is not broker_errors.OAuthError
 ]
 
 

@@ -12,13 +12,15 @@ import httpx
 import pytest
 import trio
 
-from dc_broker import oidc
-from dc_broker.oidc import IdpTransport, Timeouts, TokenSet
+from dc_broker.errors import RecordCorrupt
+from dc_broker.idp import oidc
+from dc_broker.idp.transport import IdpTransport, Timeouts
 from dc_broker.secret import Secret
-from dc_broker.session import Session
-from dc_broker.states import Event, LifecycleError, State, next_state
-from dc_broker.store import Credentials, MemoryStore
-from dc_token.errors import CredentialsRejected, Locked, LoginRequired, RecordCorrupt, UpstreamUnavailable
+from dc_broker.sessions.session import Session
+from dc_broker.sessions.states import Event, LifecycleError, State, next_state
+from dc_broker.store import MemoryStore
+from dc_broker.tokens import Credentials, TokenSet
+from dc_token.errors import CredentialsRejected, Locked, LoginRequired, UpstreamUnavailable
 from tests.conftest import CREDENTIALS, idp_transport, make_session, profile
 
 T = 300.0
@@ -372,7 +374,7 @@ def test_every_state_can_be_locked_adopted_and_left_by_logout() -> None:
 
 async def test_the_systemd_status_line_counts_unavailable_profiles_and_a_failed_reload() -> None:
     from dc_broker.daemon import status_line
-    from dc_broker.sessions import Sessions
+    from dc_broker.sessions.registry import Sessions
 
     sessions = Sessions({n: profile(n) for n in ("demo", "service", "device")}, MemoryStore(), IdpTransport())
     sessions.lookup("demo").state = State.UNAVAILABLE
@@ -384,7 +386,7 @@ async def test_the_systemd_status_line_counts_unavailable_profiles_and_a_failed_
 
 
 async def test_sessions_settled_waits_for_every_attempt(make_idp, autojump_clock) -> None:
-    from dc_broker.sessions import Sessions
+    from dc_broker.sessions.registry import Sessions
 
     idp = make_idp()
     idp.faults.latency = 2.0

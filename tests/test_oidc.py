@@ -8,11 +8,11 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from dc_broker import oidc
 from dc_broker.config import Profile
-from dc_broker.oidc import ClientCredentials, HttpResponse
+from dc_broker.errors import ConfigError, OAuthError, UpstreamGarbage, UpstreamTransient
+from dc_broker.idp import oidc
+from dc_broker.idp.oidc import ClientCredentials, HttpResponse
 from dc_broker.secret import Secret
-from dc_token.errors import ConfigError, OAuthError, UpstreamGarbage, UpstreamTransient
 
 URL = "https://sso.example.com/auth/realms/acme/protocol/openid-connect/token"
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dc_broker import policy
-from dc_broker.policy import DEFAULT_POLICY as P
+from dc_broker.sessions import policy
+from dc_broker.sessions.policy import DEFAULT_POLICY as P
 
 T = 1800.0
 

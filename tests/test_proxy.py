@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from dc_broker.errors import ConfigError
 from dc_broker.proxy import Listen, Rules, admit, tcp_owner, upstream_headers, upstream_url
-from dc_token.errors import ConfigError
 from tests.e2e import DC_BROKER, dev_broker
 from tests.test_client_e2e import revoke
 from tests.upstream import pattern_digest, running_upstream

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dc_broker.devserver import DevIdP
-from dc_broker.sessions import MAX_SCOPES_PER_PROFILE, Sessions
+from dc_broker.sessions.registry import MAX_SCOPES_PER_PROFILE, Sessions
 from dc_broker.store import MemoryStore
 from tests.conftest import CREDENTIALS, idp_transport, profile
 

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import trio
 
-from dc_broker import policy
-from dc_broker.oidc import TokenSet
 from dc_broker.secret import Secret
-from dc_broker.sessions import Session, State, shift_times
-from dc_broker.store import Credentials
+from dc_broker.sessions import policy
+from dc_broker.sessions.session import Session, shift_times
+from dc_broker.sessions.states import State
+from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import CredentialsRejected, LoginRequired, UpstreamError, UpstreamUnavailable
 from tests.conftest import make_session, trio_wall_clock
 
@@ -135,7 +135,7 @@ async def test_session_max_leads_to_relogin_with_stored_password(make_idp, autoj
 async def test_device_login_expires_to_login_required(make_idp, autojump_clock) -> None:
     idp = make_idp(access_lifespan=300, sso_idle=300, sso_max=900)
     # a device login that already happened: the store holds the refresh token it produced
-    from dc_broker import oidc
+    from dc_broker.idp import oidc
     from tests.conftest import idp_transport
 
     t = idp_transport(idp)
@@ -313,7 +313,7 @@ async def test_min_ttl_beyond_lifetime_does_not_refresh_every_call(make_idp, aut
 
 
 async def test_reload_adds_changes_and_removes_without_dropping_tokens(make_idp, autojump_clock) -> None:
-    from dc_broker.sessions import Sessions
+    from dc_broker.sessions.registry import Sessions
     from dc_broker.store import MemoryStore
     from tests.conftest import CREDENTIALS, idp_transport, profile
 
@@ -354,7 +354,7 @@ async def test_restart_serves_stored_tokens_at_once(make_idp, autojump_clock) ->
 
 
 async def test_scope_narrows_via_refresh_and_is_cached_per_scope(make_idp, autojump_clock) -> None:
-    from dc_broker.sessions import Sessions
+    from dc_broker.sessions.registry import Sessions
     from dc_broker.store import MemoryStore
     from tests.conftest import CREDENTIALS, idp_transport, profile
 
@@ -387,7 +387,7 @@ async def test_scope_narrows_via_refresh_and_is_cached_per_scope(make_idp, autoj
 
 
 async def test_client_credentials_scope_asks_with_the_secret(make_idp, autojump_clock) -> None:
-    from dc_broker.sessions import Sessions
+    from dc_broker.sessions.registry import Sessions
     from dc_broker.store import MemoryStore
     from tests.conftest import CREDENTIALS, idp_transport, profile
 
@@ -480,16 +480,24 @@ async def test_a_caller_joining_a_round_leaves_no_stale_demand(make_idp, autojum
 
 
 async def test_auto_lock_after_idle(make_idp, autojump_clock) -> None:
-    from dc_broker.ops import BrokerState, auto_lock
-    from dc_broker.sessions import Sessions
+    from dc_broker.serve.ops import BrokerState, auto_lock
+    from dc_broker.sessions.registry import Sessions
     from dc_broker.store import MemoryStore
     from tests.conftest import CREDENTIALS, idp_transport, profile
 
     class FakeVault(MemoryStore):  # the vault's lock surface, in memory
-        locked = False
+        is_locked = False
+
+        @property
+        def lockable(self) -> bool:
+            return True
+
+        @property
+        def locked(self) -> bool:
+            return self.is_locked
 
         def lock(self) -> None:
-            self.locked = True
+            self.is_locked = True
 
     store = FakeVault(dict(CREDENTIALS))
     idp = make_idp()

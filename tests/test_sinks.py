@@ -19,10 +19,10 @@ import trio
 
 from dc_broker import sinks
 from dc_broker.config import Sink, load_config, parse_config, profile_toml, remove_profile
+from dc_broker.errors import ConfigError
 from dc_broker.manage import sink_options
-from dc_broker.sessions import Sessions
+from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
-from dc_token.errors import ConfigError
 from tests.conftest import CREDENTIALS, idp_transport, profile, trio_wall_clock
 from tests.e2e import DC_BROKER, run, start_run, stop
 

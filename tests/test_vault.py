@@ -20,10 +20,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dc_broker.oidc import TokenSet
+from dc_broker.errors import RecordCorrupt, VaultBusy, VaultError, WrongPassphrase
 from dc_broker.secret import Secret
-from dc_broker.sessions import Session, State
-from dc_broker.store import Credentials
+from dc_broker.sessions.session import Session
+from dc_broker.sessions.states import State
+from dc_broker.tokens import Credentials, TokenSet
 from dc_broker.vault import (
     PRODUCTION_KDF,
     KdfParams,
@@ -36,7 +37,7 @@ from dc_broker.vault import (
     unlock_delay,
 )
 from dc_broker.vault.keysource import derive_kek, read_key_file
-from dc_token.errors import Locked, LoginRequired, RecordCorrupt, VaultBusy, VaultError, WrongPassphrase
+from dc_token.errors import Locked, LoginRequired
 from tests.conftest import CREDENTIALS, idp_transport, profile, trio_wall_clock
 
 FAST = KdfParams(memory_kib=64, iterations=1, lanes=1)  # tests only: production is 64 MiB

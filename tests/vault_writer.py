@@ -22,8 +22,8 @@ from pathlib import Path
 
 import trio
 
-from dc_broker.oidc import TokenSet
 from dc_broker.secret import Secret
+from dc_broker.tokens import TokenSet
 from dc_broker.vault import KeyFile, Vault, create_key_file
 
 PROFILE = "rotating"

@@ -23,11 +23,13 @@ import trio
 from dc_broker.completion import completion
 from dc_broker.config import Config, Profile, load_config
 from dc_broker.daemon import run_broker, until_signalled
+from dc_broker.errors import ConfigError
 from dc_broker.hardening import harden
 from dc_broker.options import CONFIG, PROFILE, SOCKET, VAULT, ErrorBoundary, Failed, profile_argument
 from dc_broker.secret import Secret
-from dc_broker.store import Credentials, MemoryStore, SecretStore
-from dc_token.errors import BrokerError, BrokerUnavailable, ConfigError, DcBrokerError
+from dc_broker.store import MemoryStore, SecretStore
+from dc_broker.tokens import Credentials
+from dc_token.errors import BrokerError, BrokerUnavailable, DcBrokerError
 from dc_token.paths import default_socket_path
 from dc_token.version import version
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from dc_token.errors import ConfigError
+from dc_broker.errors import ConfigError
 
 
 class BadValue(ConfigError):
@@ -168,7 +168,7 @@ def check_profile(p: Profile) -> None:
                 raise BadValue(what, str(exc)) from None
     if p.grant == "password" and not p.username:
         raise BadValue("grant", f"profile {p.name!r}: grant 'password' needs a username")
-    from dc_broker.acl import parse_rules
+    from dc_broker.access.rules import parse_rules
 
     for key in ("allow", "admin"):
         try:

@@ -21,7 +21,6 @@ With ``systemd=True`` (``dc-broker run``) the broker speaks the service-manager 
 from __future__ import annotations
 
 import grp
-import inspect
 import logging
 import os
 import signal
@@ -33,16 +32,17 @@ from typing import IO
 import trio
 
 from dc_broker import sinks, systemd
-from dc_broker.audit import Audit
 from dc_broker.config import DaemonSettings, Profile, load_config
-from dc_broker.listen import bind_unix_socket, release
-from dc_broker.oidc import IdpTransport
-from dc_broker.ops import BrokerState, auto_lock
-from dc_broker.policy import DEFAULT_POLICY, RefreshPolicy
-from dc_broker.server import Limits, Server
-from dc_broker.sessions import Sessions, State
+from dc_broker.errors import ConfigError
+from dc_broker.idp.transport import IdpTransport
+from dc_broker.serve.audit import Audit
+from dc_broker.serve.listen import bind_unix_socket, release
+from dc_broker.serve.ops import BrokerState, auto_lock
+from dc_broker.serve.server import Limits, Server
+from dc_broker.sessions.policy import DEFAULT_POLICY, RefreshPolicy
+from dc_broker.sessions.registry import Sessions
+from dc_broker.sessions.states import State
 from dc_broker.store import SecretStore
-from dc_token.errors import ConfigError
 
 log = logging.getLogger("dc_broker")
 
@@ -54,13 +54,10 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def vault_state(store: SecretStore) -> str:
-    """``locked`` / ``unlocked`` for a store with a ``locked`` attribute (the vault), else ``in memory``."""
-    locked = getattr(store, "locked", None)
-    if callable(locked):
-        locked = locked()
-    if isinstance(locked, bool):
-        return "locked" if locked else "unlocked"
-    return "in memory"
+    """``locked`` / ``unlocked`` for the vault, ``in memory`` for a store that never locks."""
+    if not store.lockable:
+        return "in memory"
+    return "locked" if store.locked else "unlocked"
 
 
 def status_line(sessions: Sessions, store: SecretStore, reload_error: str | None = None) -> str:
@@ -233,15 +230,6 @@ class _Supervisor:
         self.send_status(READY=1)
 
 
-async def _close_store(store: SecretStore) -> None:
-    """Stores that hold a file (the vault) flush and close; the memory store has nothing to close."""
-    close = getattr(store, "aclose", None) or getattr(store, "close", None)
-    if callable(close):
-        result = close()
-        if inspect.isawaitable(result):
-            await result
-
-
 async def run_broker(
     profiles: dict[str, Profile],
     store: SecretStore,
@@ -309,7 +297,7 @@ async def run_broker(
         listener.close()
         with trio.CancelScope(shield=True):
             await transport.aclose()
-            await _close_store(store)
+            store.close()  # the vault checkpoints its WAL and releases its lock; memory: nothing
         notifier.close()
 
 

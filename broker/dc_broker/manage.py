@@ -37,20 +37,14 @@ from dc_broker.config import (
 )
 from dc_broker.config import read_text as read_config_text
 from dc_broker.config import restore as restore_config
-from dc_broker.oidc import IdpTransport
+from dc_broker.errors import ConfigError, UpstreamFault
+from dc_broker.idp.transport import IdpTransport
 from dc_broker.options import CONFIG, PROFILE, SOCKET, VAULT, Failed
 from dc_broker.secret import Secret
-from dc_broker.sessions import Session
-from dc_broker.store import Credentials, MemoryStore
-from dc_token.errors import (
-    BrokerTimeout,
-    BrokerUnavailable,
-    ConfigError,
-    DcBrokerError,
-    UnknownProfile,
-    UpstreamFault,
-    UpstreamUnavailable,
-)
+from dc_broker.sessions.session import Session
+from dc_broker.store import MemoryStore
+from dc_broker.tokens import Credentials
+from dc_token.errors import BrokerTimeout, BrokerUnavailable, DcBrokerError, UnknownProfile, UpstreamUnavailable
 from dc_token.paths import default_socket_path
 from dc_token.sync import TokenClient
 

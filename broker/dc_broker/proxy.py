@@ -46,8 +46,9 @@ import h11
 import httpx
 import trio
 
+from dc_broker.errors import ConfigError
 from dc_token.aio import AsyncTokenClient
-from dc_token.errors import BrokerUnavailable, ConfigError, DcBrokerError
+from dc_token.errors import BrokerUnavailable, DcBrokerError
 
 log = logging.getLogger("dc_broker.proxy")
 
@@ -517,7 +518,7 @@ async def run_proxy(
 ) -> None:
     """Serve until cancelled. ``task_status.started(address)`` once listening (``host:port`` with the
     real port, or ``unix:PATH``)."""
-    from dc_broker.listen import bind_unix_socket, release
+    from dc_broker.serve.listen import bind_unix_socket, release
 
     upstream = check_upstream(upstream)
     broker = AsyncTokenClient(socket_path)

@@ -33,8 +33,9 @@ from typing import Final
 import trio
 
 from dc_broker.config import Sink
-from dc_broker.oidc import TokenSet
-from dc_broker.sessions import Session, Sessions
+from dc_broker.sessions.registry import Sessions
+from dc_broker.sessions.session import Session
+from dc_broker.tokens import TokenSet
 from dc_token.errors import UnknownProfile
 
 log = logging.getLogger("dc_broker.sinks")

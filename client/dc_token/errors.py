@@ -1,23 +1,18 @@
-"""The one error tree of dc-broker, drawn once.
+"""The one error tree of dc-broker: the part both sides see, drawn once.
 
 Every failure a caller can see is one of these classes. Wire error codes (``dc_token.protocol.ErrorCode``)
 map 1:1 onto the ``BrokerError`` subclasses, and each of those carries the ``dc-token`` exit code and a
-one-line hint saying what to do. The broker raises these same classes; the server turns them into error
-replies at a single place, and the client turns error replies back into them at a single place.
+one-line hint saying what to do. The broker raises these same classes (and its own subclasses, in
+``dc_broker.errors``); the server turns them into error replies at a single place, and the client
+turns error replies back into them at a single place (``dc_token.connection``).
 
     DcBrokerError                       root: catch this to catch everything we raise
     ├── ProtocolError                   the framing or message shape rules were broken
     │   ├── LocalProtocolError          ...by us (a bug in the caller of this library)
     │   └── RemoteProtocolError         ...by the peer (garbage, oversized frame, wrong shape)
     ├── BrokerUnavailable               client side only: no broker answers on the socket
-    ├── ConfigError                     broker side only: a config file or option is wrong
-    │   └── VaultError                  the vault file or its key source cannot be used (broker/dc_broker/vault.py)
-    │       └── VaultBusy               another process holds the vault open (its ``.lock`` is taken)
-    ├── UpstreamFault                   broker side only, never on the wire: the IdP said or did
-    │   │                               something (broker/dc_broker/oidc.py); sessions translate it into
-    │   ├── OAuthError                  a BrokerError below. {"error", "error_description"} from the IdP
-    │   ├── UpstreamTransient           5xx, 429, timeout, refused connection: retry later
-    │   └── UpstreamGarbage             a reply that is not a token response (HTML, truncated JSON...)
+    │   └── BrokerTimeout               ...or something accepted but never answered
+    ├── (broker side only, never on the wire: ConfigError, VaultError, UpstreamFault: dc_broker.errors)
     └── BrokerError                     an error reply; ``code`` is its wire code
         ├── BadRequest                  bad_request: a well-formed frame with wrong fields
         ├── UnsupportedVersion          unsupported_version
@@ -25,9 +20,7 @@ replies at a single place, and the client turns error replies back into them at 
         ├── UnknownProfile              unknown_profile
         ├── Forbidden                   forbidden
         ├── Locked                      locked: the vault is locked
-        │   └── WrongPassphrase         ...and stays locked: the passphrase did not open it
         ├── LoginRequired               login_required: no usable credential, a person must log in
-        │   └── RecordCorrupt           ...because this profile's vault record fails authentication
         ├── CredentialsRejected         credentials_rejected: the IdP refuses the stored secret/config
         ├── UpstreamUnavailable         upstream_unavailable: IdP down/slow; has retry_after
         ├── UpstreamError               upstream_error: the IdP answered nonsense
@@ -36,11 +29,6 @@ replies at a single place, and the client turns error replies back into them at 
         ├── VaultUnusable               vault_error: the broker cannot read or write its vault
         │                               (disk full, read-only file system, permissions)
         └── InternalError               internal: a bug in the broker
-
-``VaultError``, ``VaultBusy``, ``WrongPassphrase`` and ``RecordCorrupt`` are raised by the broker only;
-the last two inherit their parent's wire code, so a client sees them as ``Locked`` / ``LoginRequired``.
-A ``ConfigError`` raised while serving a request crosses the wire as ``ConfigInvalid``, a
-``VaultError`` as ``VaultUnusable`` (``wire_error`` does that, at the server's one place).
 
 This module is pure: no I/O, no imports beyond the standard library's cheapest.
 """
@@ -53,7 +41,6 @@ __all__ = [
     "BrokerError",
     "BrokerTimeout",
     "BrokerUnavailable",
-    "ConfigError",
     "ConfigInvalid",
     "CredentialsRejected",
     "DcBrokerError",
@@ -62,26 +49,17 @@ __all__ = [
     "LocalProtocolError",
     "Locked",
     "LoginRequired",
-    "OAuthError",
     "Overloaded",
     "ProtocolError",
-    "RecordCorrupt",
     "RemoteProtocolError",
     "UnknownOp",
     "UnknownProfile",
     "UnsupportedVersion",
     "UpstreamError",
-    "UpstreamFault",
-    "UpstreamGarbage",
-    "UpstreamTransient",
     "UpstreamUnavailable",
-    "VaultBusy",
-    "VaultError",
     "VaultUnusable",
-    "WrongPassphrase",
     "error_for_code",
     "hint_for",
-    "wire_error",
 ]
 
 
@@ -119,56 +97,6 @@ class BrokerUnavailable(DcBrokerError):
 class BrokerTimeout(BrokerUnavailable):
     """Something accepted the connection but no answer came in time (client side): a broker stuck,
     or a socket unit whose service cannot start."""
-
-
-class ConfigError(DcBrokerError):
-    """A configuration file, option or profile definition is wrong (broker side)."""
-
-    exit_code = 2
-
-
-class VaultError(ConfigError):
-    """The vault file or its key source cannot be used: missing, not a vault, too open, wrong key file."""
-
-
-class VaultBusy(VaultError):
-    """Another process (usually a running dc-broker) has the vault open for writing."""
-
-    hint = "stop the other dc-broker, or send the change to it instead"
-
-
-class UpstreamFault(DcBrokerError):
-    """Something the identity provider said or did. Broker-internal: never crosses the wire."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class OAuthError(UpstreamFault):
-    """The IdP answered with an OAuth error body: ``{"error", "error_description"}``."""
-
-    #: an IdP's text is cut to this many characters: it goes into logs, status and error replies
-    MAX_TEXT = 1024
-
-    def __init__(self, error: str, description: str, status: int) -> None:
-        error, description = _cut(error, 128), _cut(description, self.MAX_TEXT)
-        super().__init__(f"{error}: {description}" if description else error)
-        self.error = error
-        self.description = description
-        self.status = status
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class UpstreamTransient(UpstreamFault):
-    """The IdP could not be reached or answered 5xx/429: try again later."""
-
-
-class UpstreamGarbage(UpstreamFault):
-    """The IdP answered something that is not a token response."""
 
 
 class BrokerError(DcBrokerError):
@@ -221,24 +149,10 @@ class Locked(BrokerError):
     hint = "run `dc-broker unlock`"
 
 
-class WrongPassphrase(Locked):
-    """The passphrase did not unwrap the vault's data key; the vault is unharmed and still locked.
-    ``retry_after`` (when set) is how long the daemon makes the next attempt wait."""
-
-    hint = "check the passphrase and run `dc-broker unlock` again"
-
-
 class LoginRequired(BrokerError):
     code = "login_required"
     exit_code = 5
     hint = "run `dc-broker login PROFILE`"
-
-
-class RecordCorrupt(LoginRequired):
-    """A profile's vault record failed authentication (tampered, corrupt, swapped or from a newer
-    format). Only that profile is affected; storing its secret again or logging in replaces it."""
-
-    hint = "store the profile's secret again (`dc-broker add PROFILE`) or run `dc-broker login PROFILE`"
 
 
 class CredentialsRejected(BrokerError):
@@ -326,18 +240,6 @@ def hint_for(exc: DcBrokerError, profile: str | None = None) -> str:
 def error_for_code(code: str) -> type[BrokerError]:
     """The exception class for a wire error code; unknown codes (a newer broker) become InternalError."""
     return _BY_CODE.get(code, InternalError)
-
-
-def wire_error(exc: DcBrokerError) -> BrokerError:
-    """The error reply for an error raised while serving: a BrokerError as is, a vault or config
-    error as its wire class (same message), anything else of ours as InternalError."""
-    if isinstance(exc, BrokerError):
-        return exc
-    if isinstance(exc, VaultError):
-        return VaultUnusable(str(exc))
-    if isinstance(exc, ConfigError):
-        return ConfigInvalid(str(exc))
-    return InternalError(f"{type(exc).__name__}: {exc}")
 
 
 #: every dc-token exit status, for --help and the README

@@ -17,10 +17,12 @@ import pytest
 import trio
 
 from dc_broker.config import Profile
-from dc_broker.oidc import IdpTransport, TokenSet
+from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
-from dc_broker.sessions import Session, State
-from dc_broker.store import Credentials, MemoryStore
+from dc_broker.sessions.session import Session
+from dc_broker.sessions.states import State
+from dc_broker.store import MemoryStore
+from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import CredentialsRejected
 from tests.integration.conftest import DotServer
 from tests.integration.dot_idp import (

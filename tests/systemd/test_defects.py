@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from dc_broker import manage
 from dc_broker.cli import cli
-from dc_broker.sessions import Sessions, State
+from dc_broker.sessions.registry import Sessions
+from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from tests.conftest import CREDENTIALS, idp_transport, profile
 

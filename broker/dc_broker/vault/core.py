@@ -22,9 +22,9 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dc_broker.oidc import TokenSet
+from dc_broker.errors import VaultError, WrongPassphrase
 from dc_broker.secret import Secret
-from dc_broker.store import Credentials
+from dc_broker.tokens import Credentials, TokenSet
 from dc_broker.vault import files, records
 from dc_broker.vault.files import FORMAT
 from dc_broker.vault.keysource import (
@@ -39,7 +39,7 @@ from dc_broker.vault.keysource import (
     key_source_of,
 )
 from dc_broker.vault.records import CREDENTIAL_FIELDS, NONCE_BYTES, RECORD_VERSION, TOKENS_FIELD
-from dc_token.errors import Locked, VaultError, WrongPassphrase
+from dc_token.errors import Locked
 
 _LOCKED_MESSAGE: Final = "the vault is locked; run `dc-broker unlock`"
 
@@ -215,6 +215,10 @@ class Vault:
     @property
     def key_source(self) -> KeySource:
         return self._key_source
+
+    @property
+    def lockable(self) -> bool:
+        return True
 
     @property
     def locked(self) -> bool:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from dc_token.errors import VaultBusy, VaultError
+from dc_broker.errors import VaultBusy, VaultError
 
 FORMAT: Final = 1  # the file layout (tables); bumped only with a migration
 VAULT_ENV: Final = "DC_BROKER_VAULT"

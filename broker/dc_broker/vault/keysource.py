@@ -32,9 +32,9 @@ from typing import ClassVar, Final
 
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from dc_broker.errors import VaultError
 from dc_broker.secret import Secret
 from dc_broker.vault import secretservice
-from dc_token.errors import VaultError
 
 KEY_BYTES: Final = 32
 SALT_BYTES: Final = 16

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-from dc_broker.oidc import TokenSet
+from dc_broker.errors import RecordCorrupt
 from dc_broker.secret import Secret
-from dc_token.errors import RecordCorrupt
+from dc_broker.tokens import TokenSet
 
 RECORD_VERSION: Final = 1  # the plaintext layout of one record; part of its associated data
 NONCE_BYTES: Final = 12  # AES-GCM's 96-bit nonce, random per write

@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
-from dc_token.errors import VaultError
+from dc_broker.errors import VaultError
 
 if TYPE_CHECKING:
     from jeepney.io.blocking import DBusConnection

@@ -22,7 +22,7 @@ import socket
 import stat
 from typing import IO
 
-from dc_token.errors import ConfigError
+from dc_broker.errors import ConfigError
 
 
 class AlreadyRunning(ConfigError):

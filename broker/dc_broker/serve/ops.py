@@ -10,7 +10,6 @@ Handlers raise ``dc_token.errors.BrokerError`` subclasses; the server turns them
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -21,24 +20,18 @@ from typing import Any
 import msgpack
 import trio
 
-from dc_broker import acl
-from dc_broker.acl import Identity
-from dc_broker.audit import Audit
-from dc_broker.config import Profile, load_config
-from dc_broker.identity import identify
-from dc_broker.oidc import TokenSet
+from dc_broker.access.authorize import administered, authorized, is_owner, permits
+from dc_broker.access.caller import Caller
+from dc_broker.config import load_config
+from dc_broker.errors import UpstreamFault, WrongPassphrase
 from dc_broker.secret import Secret
-from dc_broker.sessions import Session, Sessions
-from dc_broker.store import MemoryStore
+from dc_broker.serve.audit import Audit
+from dc_broker.sessions.registry import Sessions
+from dc_broker.sessions.session import Session
+from dc_broker.store import MemoryStore, SecretStore
+from dc_broker.tokens import TokenSet
 from dc_broker.vault.records import unlock_delay
-from dc_token.errors import (
-    BadRequest,
-    Forbidden,
-    UnknownProfile,
-    UpstreamFault,
-    UpstreamUnavailable,
-    WrongPassphrase,
-)
+from dc_token.errors import BadRequest, Forbidden, UpstreamUnavailable
 from dc_token.protocol import OPS, PROTOCOL_VERSION, Request, TokenArgs, profile_problem
 from dc_token.version import version
 
@@ -56,46 +49,6 @@ STATUS_FIELD_MAX = 240
 Result = dict[str, Any]
 
 
-class Caller:
-    """Who is on the other end, as the kernel says (SO_PEERCRED, /proc), never as the client claims.
-    The full identity (names, supplementary groups, systemd unit) is read once, when a rule needs it."""
-
-    __slots__ = ("_described", "_identity", "accepted_at", "gid", "pid", "uid")
-
-    def __init__(self, uid: int, gid: int, pid: int, accepted_at: float = 0.0) -> None:
-        self.uid = uid
-        self.gid = gid
-        self.pid = pid
-        self.accepted_at = accepted_at
-        self._identity: Identity | None = None
-        self._described: str | None = None
-
-    def __repr__(self) -> str:
-        return f"Caller(uid={self.uid}, gid={self.gid}, pid={self.pid})"
-
-    def identity(self, *, exe_hash: bool = False) -> Identity:
-        """Read once; again (with the hash) the first time an ``exe-sha256`` rule needs the program's hash."""
-        who = self._identity
-        if who is None or (exe_hash and who.exe_sha256 is None and who.exe is not None):
-            who = self._identity = identify(
-                self.pid, self.uid, self.gid, accepted_at=self.accepted_at, exe_hash=exe_hash
-            )
-        return who
-
-    def describe(self) -> str:
-        """For the audit trail; built once per connection (it is on every token request's path).
-        In system mode the identity is read before the first request is served, so it is included."""
-        if self._described is None:
-            who = self._identity
-            if who is None:
-                self._described = f"uid {self.uid}"
-            else:
-                name = f" ({who.user})" if who.user else ""
-                unit = f" unit {who.unit}" if who.unit else ""
-                self._described = f"uid {self.uid}{name}{unit}"
-        return self._described
-
-
 @dataclass
 class BrokerState:
     sessions: Sessions
@@ -109,78 +62,6 @@ class BrokerState:
     unlock_lock: trio.Lock = field(default_factory=trio.Lock)
     #: clock time of the last token request (for auto-lock)
     last_use: float = 0.0
-
-
-@functools.lru_cache(maxsize=1024)
-def _rules(allow: tuple[str, ...]) -> tuple[acl.Rule, ...]:
-    return acl.parse_rules(allow)
-
-
-def _matches(rules: tuple[acl.Rule, ...], caller: Caller) -> bool:
-    if acl.needs_details(rules):
-        return acl.allowed(rules, caller.identity(exe_hash=acl.needs_exe_hash(rules)), default_allow=False)
-    return acl.allowed(rules, acl.Identity(caller.uid, caller.gid, caller.pid), default_allow=False)
-
-
-def permits(state: BrokerState, caller: Caller, profile: Profile) -> bool:
-    rules = _rules(profile.allow)
-    if not rules:
-        return not state.system
-    return _matches(rules, caller)
-
-
-def is_owner(caller: Caller) -> bool:
-    """The broker's own uid and root: they may change everything."""
-    return caller.uid in (0, os.getuid())
-
-
-def administered(state: BrokerState, caller: Caller, name: str) -> Session:
-    """The profile's session if this caller may change its stored credentials or its login: the
-    broker's own uid, root, or a caller matching the profile's ``admin`` rules. Using a profile
-    (``allow``) is not enough. Unknown and refused profiles get the same answer."""
-    try:
-        session = state.sessions.lookup(name)
-    except UnknownProfile:
-        if is_owner(caller):
-            raise
-        caller.identity()  # as for a known profile's admin rules: timing tells nothing
-        raise _not_admin(name, caller) from None
-    if is_owner(caller):
-        return session
-    rules = _rules(session.profile.admin)
-    if not rules or not _matches(rules, caller):
-        raise _not_admin(name, caller)
-    caller.identity()  # names and unit for the audit trail
-    log.info("profile %s: login or secrets changed by %s (an admin rule)", name, caller.describe())
-    return session
-
-
-def _not_admin(name: str, caller: Caller) -> Forbidden:
-    return Forbidden(
-        f"uid {caller.uid} may not change the login or secrets of profile {name!r}: that is for the broker's "
-        "own user, root, or a caller the profile's `admin` rules name"
-    )
-
-
-def authorized(state: BrokerState, caller: Caller, name: str) -> Session:
-    """The profile's session if this caller may use it. In system mode an unknown profile and a
-    forbidden one get the same answer, so a caller learns nothing about profiles not meant for it."""
-    try:
-        session = state.sessions.lookup(name)
-    except UnknownProfile:
-        if state.system:
-            caller.identity()  # the work a refused known profile costs, so timing tells nothing either
-            raise _denied(name, caller) from None
-        raise
-    if not permits(state, caller, session.profile):
-        raise _denied(name, caller)
-    if state.system:
-        caller.identity()  # names and unit for the audit trail; read once per connection
-    return session
-
-
-def _denied(name: str, caller: Caller) -> Forbidden:
-    return Forbidden(f"profile {name!r} is not available to uid {caller.uid}")
 
 
 Handler = Callable[[BrokerState, Caller, Request], "Result | Awaitable[Result] | AsyncIterator[Result]"]
@@ -231,7 +112,7 @@ def op_hello(state: BrokerState, caller: Caller, req: Request) -> Result:
 def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
     args = TokenArgs.from_wire(req.args)  # the wire contract's own checks, the same as the client's
     name, min_ttl = args.profile, args.min_ttl
-    session = state.sessions.lookup_scoped(authorized(state, caller, name), args.scope)
+    session = state.sessions.lookup_scoped(authorized(state.sessions, caller, name, system=state.system), args.scope)
     state.audit.record(name, caller)
     now = state.last_use = state.clock()
     tok = session.peek(min_ttl, now)
@@ -244,7 +125,7 @@ def op_watch(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[
     """Stream: the current token at once, then every new one, until the client closes or an error."""
     args = TokenArgs.from_wire(req.args)
     name, min_ttl = args.profile, args.min_ttl
-    session = state.sessions.lookup_scoped(authorized(state, caller, name), args.scope)
+    session = state.sessions.lookup_scoped(authorized(state.sessions, caller, name, system=state.system), args.scope)
     state.audit.record(name, caller)
     return _watch(state, session, min_ttl)
 
@@ -264,7 +145,7 @@ def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[
     """Stream: a password login (one message), the device flow (the code to show, then the outcome) or
     a browser login (the URL to open, then the outcome). Each replaces the profile's login: for the
     broker's own uid, root and the profile's admins only."""
-    session = administered(state, caller, _profile_arg(req.args))
+    session = administered(state.sessions, caller, _profile_arg(req.args))
     password = req.args.get("password")
     if password is not None and (not isinstance(password, str) or not password):
         raise BadRequest("'password' must be a non-empty string")
@@ -291,7 +172,7 @@ async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> R
 
 
 def op_invalidate(state: BrokerState, caller: Caller, req: Request) -> Result:
-    session = authorized(state, caller, _profile_arg(req.args))
+    session = authorized(state.sessions, caller, _profile_arg(req.args), system=state.system)
     token = req.args.get("token")
     if not isinstance(token, str) or not token:
         raise BadRequest("'token' must be the access token the API rejected")
@@ -308,10 +189,14 @@ def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
     if after is not None and not isinstance(after, str):
         raise BadRequest("'after' must be the profile name a previous status reply gave as 'next'")
     if name is not None:
-        sessions = [authorized(state, caller, _profile_arg(req.args)).status(state.clock())]
+        sessions = [
+            authorized(state.sessions, caller, _profile_arg(req.args), system=state.system).status(state.clock())
+        ]
     else:  # only the profiles this caller may use
         sessions = [
-            st for st in state.sessions.status() if permits(state, caller, state.sessions.lookup(st["profile"]).profile)
+            st
+            for st in state.sessions.status()
+            if permits(caller, state.sessions.lookup(st["profile"]).profile, system=state.system)
         ]
     summary: dict[str, int] = {}
     for st in sessions:
@@ -363,9 +248,9 @@ def _admin(state: BrokerState, caller: Caller) -> None:
         raise Forbidden("only the broker's own user (or root) may change it")
 
 
-def _vault(state: BrokerState) -> Any:
+def _vault(state: BrokerState) -> SecretStore:
     store = state.sessions.store
-    if not hasattr(store, "unlock"):
+    if not store.lockable:
         raise BadRequest("this broker keeps its secrets in memory only (no vault); there is nothing to lock")
     return store
 
@@ -379,7 +264,7 @@ def op_unlock(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Res
     return _unlock(state, vault, Secret(passphrase) if passphrase else None)
 
 
-async def _unlock(state: BrokerState, vault: Any, passphrase: Secret | None) -> Result:
+async def _unlock(state: BrokerState, vault: SecretStore, passphrase: Secret | None) -> Result:
     async with state.unlock_lock:  # one attempt at a time, so the delay cannot be sidestepped
         try:
             await trio.to_thread.run_sync(vault.unlock, passphrase)  # Argon2id: ~0.1 s, off the loop
@@ -402,8 +287,8 @@ def op_lock(state: BrokerState, caller: Caller, req: Request) -> Result:
 async def auto_lock(state: BrokerState, after: float) -> None:
     """Lock the vault once no token has been asked for in ``after`` seconds (``[daemon]
     auto_lock_after``); `dc-broker unlock` opens it again."""
-    store: Any = state.sessions.store  # a Vault; a MemoryStore has no lock
-    if after <= 0 or not hasattr(store, "lock"):
+    store = state.sessions.store
+    if after <= 0 or not store.lockable:
         return
     state.last_use = state.clock()
     while True:
@@ -429,7 +314,7 @@ def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result |
     """Store a profile's password / client secret (`dc-broker add`, `dc-broker rotate`). With
     ``verify: true`` the new values (with the stored ones they do not replace) are first checked by
     one grant at the IdP: a wrong new password changes nothing."""
-    session = administered(state, caller, _profile_arg(req.args))
+    session = administered(state.sessions, caller, _profile_arg(req.args))
     fields: dict[str, Secret] = {}
     for key in ("password", "client_secret"):
         value = req.args.get(key)
@@ -465,7 +350,7 @@ async def _set_secrets_checked(state: BrokerState, session: Session, fields: dic
 
 
 def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
-    session = administered(state, caller, _profile_arg(req.args))
+    session = administered(state.sessions, caller, _profile_arg(req.args))
     return _logout(session)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
-    from dc_broker.ops import Caller
+    from dc_broker.access.caller import Caller
 
 log = logging.getLogger("dc_broker.audit")
 

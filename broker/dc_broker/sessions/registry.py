@@ -18,12 +18,12 @@ from typing import Any, Final
 
 import trio
 
-from dc_broker import policy
 from dc_broker.config import Profile
-from dc_broker.oidc import IdpTransport
-from dc_broker.policy import RefreshPolicy
-from dc_broker.session import DEFAULT_WAIT_LIMIT, Session, shift_times
-from dc_broker.states import WAITING_FOR_PERSON, State
+from dc_broker.idp.transport import IdpTransport
+from dc_broker.sessions import policy
+from dc_broker.sessions.policy import RefreshPolicy
+from dc_broker.sessions.session import DEFAULT_WAIT_LIMIT, Session, shift_times
+from dc_broker.sessions.states import WAITING_FOR_PERSON, State
 from dc_broker.store import SecretStore
 from dc_token.errors import UnknownProfile
 

@@ -1,11 +1,11 @@
-"""OIDC token-endpoint flows: build the request, parse the response, map errors. httpx only at the edge.
+"""OIDC token-endpoint messages: build the request, parse the response, map errors. Pure.
 
-The pure half (``build_*``, ``parse_*``) turns a grant into an ``HttpRequest`` and an ``HttpResponse``
-into a ``TokenSet`` or an ``UpstreamFault`` (``OAuthError`` / ``UpstreamTransient`` /
-``UpstreamGarbage``); it never touches the network and is tested with plain values. ``IdpTransport``
-is the only code here that does I/O: it sends an ``HttpRequest`` with httpx under bounded timeouts,
-TLS verification on (optionally a per-profile CA bundle), and translates every httpx failure into
-``UpstreamTransient`` in one place.
+``build_*`` turn a grant into an ``HttpRequest``; ``parse_*`` turn an ``HttpResponse`` into a
+``TokenSet`` (``dc_broker.tokens``), a ``DeviceAuthorization`` or ``Endpoints``, or raise an
+``UpstreamFault`` (``OAuthError`` / ``UpstreamTransient`` / ``UpstreamGarbage``). Tested with plain
+values; the network is ``dc_broker.idp.transport``'s job.
+
+Must never: import httpx or trio, do I/O, read a clock (``now`` is a parameter).
 
 Secrets enter as ``Secret`` and leave only inside the request body or Authorization header. Text
 the IdP writes (``error``, ``error_description``) is bounded, stripped of control characters and has
@@ -26,21 +26,17 @@ import base64
 import json
 import math
 import re
-import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote, quote_plus, unquote, urlencode
 
-import httpx
-import trio
-
 from dc_broker.config import Profile, check_url
+from dc_broker.errors import OAuthError, UpstreamGarbage, UpstreamTransient
 from dc_broker.secret import Secret
-from dc_token.errors import OAuthError, UpstreamGarbage, UpstreamTransient
+from dc_broker.tokens import TokenSet
 
 DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
-_MAX_BODY: Final = 1024 * 1024
 #: an ``expires_in`` that is absent or not a number counts as this many seconds
 DEFAULT_LIFETIME: Final = 300.0
 #: token lifetimes are clamped into [MIN_LIFETIME, MAX_LIFETIME]
@@ -51,29 +47,6 @@ MAX_IDP_TEXT: Final = 300
 #: form fields that carry a secret; their values never come back in IdP text
 _SECRET_FIELDS: Final = ("password", "client_secret", "refresh_token", "device_code", "token", "code", "code_verifier")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
-
-
-@dataclass(frozen=True, slots=True)
-class TokenSet:
-    """What a token endpoint granted. Times are on the caller's clock (the one ``now`` came from)."""
-
-    access_token: Secret
-    obtained_at: float
-    expires_at: float
-    token_type: str = "Bearer"
-    refresh_token: Secret | None = None
-    refresh_expires_at: float | None = None
-    scope: str | None = None
-    id_token: Secret | None = None
-    #: the profile's ``login_fingerprint`` when these tokens were stored (None: not recorded)
-    issued_for: str | None = None
-
-    @property
-    def lifetime(self) -> float:
-        return self.expires_at - self.obtained_at
-
-    def refresh_usable(self, now: float) -> bool:
-        return self.refresh_token is not None and (self.refresh_expires_at is None or self.refresh_expires_at > now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,90 +366,3 @@ def static_endpoints(profile: Profile) -> Endpoints | None:
 
 def client_of(profile: Profile, secret: Secret | None) -> ClientCredentials:
     return ClientCredentials(profile.client_id, profile.auth_method if secret is not None else "none", secret)
-
-
-# ---------------------------------------------------------------- the edge: httpx
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect: float = 5.0
-    read: float = 10.0
-    write: float = 5.0
-    pool: float = 5.0
-    #: the whole request, connect to last byte: a server that drips its answer cannot hold a
-    #: refresh for ever (httpx's read timeout applies per chunk)
-    total: float = 20.0
-
-
-class IdpTransport:
-    """Sends HttpRequests with httpx. One AsyncClient per CA bundle, kept for connection reuse."""
-
-    def __init__(self, timeouts: Timeouts = Timeouts(), *, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._timeout = httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool)
-        self._total = timeouts.total
-        self._transport = transport
-        self._clients: dict[str | None, httpx.AsyncClient] = {}
-
-    def _client(self, ca_bundle: str | None) -> httpx.AsyncClient:
-        client = self._clients.get(ca_bundle)
-        if client is None:
-            verify: ssl.SSLContext | bool = True
-            if ca_bundle is not None:
-                verify = ssl.create_default_context(cafile=ca_bundle)
-            client = httpx.AsyncClient(
-                timeout=self._timeout,
-                verify=verify,
-                transport=self._transport,
-                follow_redirects=False,
-                trust_env=False,
-                headers={"User-Agent": "dc-broker"},
-            )
-            self._clients[ca_bundle] = client
-        return client
-
-    async def send(self, req: HttpRequest, *, ca_bundle: str | None = None) -> HttpResponse:
-        try:
-            client = self._client(ca_bundle)
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamTransient(f"CA bundle {ca_bundle} cannot be loaded: {exc}") from None
-        content = req.body() if req.form else None
-        with trio.move_on_after(self._total):
-            return await self._send(client, req, content)
-        raise UpstreamTransient(
-            f"identity provider did not finish answering within {self._total:g} s at {_origin(req.url)}"
-        )
-
-    async def _send(self, client: httpx.AsyncClient, req: HttpRequest, content: bytes | None) -> HttpResponse:
-        try:
-            async with client.stream(req.method, req.url, headers=dict(req.headers), content=content) as resp:
-                body = b""
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                    if len(body) > _MAX_BODY:
-                        raise UpstreamGarbage(f"identity provider answer exceeds {_MAX_BODY} bytes")
-                headers = {k.lower(): v for k, v in resp.headers.items()}
-                return HttpResponse(resp.status_code, headers, body)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTransient(
-                f"identity provider timed out ({type(exc).__name__}) at {_origin(req.url)}"
-            ) from None
-        except httpx.TransportError as exc:
-            raise UpstreamTransient(
-                f"identity provider unreachable at {_origin(req.url)}: {type(exc).__name__}: {_safe(exc)}"
-            ) from None
-
-    async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
-        self._clients.clear()
-
-
-def _origin(url: str) -> str:
-    parts = httpx.URL(url)
-    return f"{parts.scheme}://{parts.host}{':' + str(parts.port) if parts.port else ''}"
-
-
-def _safe(exc: BaseException) -> str:
-    # httpx transport errors carry OS-level messages, never the request body; keep them short anyway
-    return str(exc)[:200]

@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from dc_token.errors import ConfigError
+from dc_broker.errors import ConfigError
 
 KINDS: Final = ("user", "uid", "group", "gid", "unit", "user-unit", "exe", "exe-sha256")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@:-]{0,255}$")

@@ -32,26 +32,19 @@ from typing import Any, Final, TypeVar
 
 import trio
 
-from dc_broker import flows, loopback, oidc, policy
 from dc_broker.config import Profile
-from dc_broker.flows import Answer, AwaitRedirect, Flow, Login, LoginLost, OpenBrowser, ShowCode, Sleep
-from dc_broker.oidc import Endpoints, HttpRequest, IdpTransport, TokenSet
-from dc_broker.policy import RefreshPolicy
+from dc_broker.errors import RecordCorrupt, UpstreamFault, UpstreamGarbage, UpstreamTransient
+from dc_broker.idp import oidc
+from dc_broker.idp.oidc import Endpoints, HttpRequest
+from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
-from dc_broker.states import WAITING_FOR_PERSON, Event, State, next_state
-from dc_broker.store import Credentials, SecretStore
-from dc_token.errors import (
-    BrokerError,
-    CredentialsRejected,
-    Locked,
-    LoginRequired,
-    RecordCorrupt,
-    UpstreamError,
-    UpstreamFault,
-    UpstreamGarbage,
-    UpstreamTransient,
-    UpstreamUnavailable,
-)
+from dc_broker.sessions import flows, loopback, policy
+from dc_broker.sessions.flows import Answer, AwaitRedirect, Flow, Login, LoginLost, OpenBrowser, ShowCode, Sleep
+from dc_broker.sessions.policy import RefreshPolicy
+from dc_broker.sessions.states import WAITING_FOR_PERSON, Event, State, next_state
+from dc_broker.store import SecretStore
+from dc_broker.tokens import Credentials, TokenSet
+from dc_token.errors import BrokerError, CredentialsRejected, Locked, LoginRequired, UpstreamError, UpstreamUnavailable
 
 log = logging.getLogger("dc_broker.sessions")
 T = TypeVar("T")

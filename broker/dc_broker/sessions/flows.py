@@ -40,12 +40,13 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 from urllib.parse import urlencode
 
-from dc_broker import oidc
 from dc_broker.config import Profile
-from dc_broker.oidc import DeviceAuthorization, Endpoints, HttpRequest, HttpResponse, TokenSet
+from dc_broker.errors import ConfigError, OAuthError, UpstreamGarbage
+from dc_broker.idp import oidc
+from dc_broker.idp.oidc import DeviceAuthorization, Endpoints, HttpRequest, HttpResponse
 from dc_broker.secret import Secret
-from dc_broker.store import Credentials
-from dc_token.errors import ConfigError, CredentialsRejected, LoginRequired, OAuthError, UpstreamGarbage
+from dc_broker.tokens import Credentials, TokenSet
+from dc_token.errors import CredentialsRejected, LoginRequired
 
 #: the scope a person's own login (device, browser) asks for when the profile sets none:
 #: standard servers refuse a login without ``openid`` (Keycloak adds it anyway)

@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict
 from typing import NamedTuple
 
-from dc_broker.acl import Identity
+from dc_broker.access.rules import Identity
 
 log = logging.getLogger("dc_broker.identity")
 

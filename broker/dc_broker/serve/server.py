@@ -10,7 +10,7 @@ is answered with one ``bad_request`` error (id None) and the connection is close
 request of the wrong shape gets an error reply and the connection lives on. Nothing a client sends can
 stop the accept loop. Only EMFILE/ENFILE/ENOBUFS/ENOMEM on accept are waited out (trio's own rule).
 Every request gets a reply: one that would not fit a frame becomes an error reply, and an error raised
-by the vault or the config becomes its own wire error (``dc_token.errors.wire_error``), not ``internal``.
+by the vault or the config becomes its own wire error (``dc_broker.errors.wire_error``), not ``internal``.
 
 Resources are bounded per uid, so one caller cannot lock the others out: at most
 ``max_connections_per_uid`` connections and ``max_in_flight_per_uid`` requests waiting on a refresh
@@ -35,8 +35,10 @@ from typing import Any
 
 import trio
 
-from dc_broker.identity import boottime, peer_credentials
-from dc_broker.ops import HANDLERS, BrokerState, Caller
+from dc_broker.access.caller import Caller
+from dc_broker.access.identity import boottime, peer_credentials
+from dc_broker.errors import wire_error
+from dc_broker.serve.ops import HANDLERS, BrokerState
 from dc_token.errors import (
     BrokerError,
     DcBrokerError,
@@ -46,7 +48,6 @@ from dc_token.errors import (
     Overloaded,
     RemoteProtocolError,
     UnknownOp,
-    wire_error,
 )
 from dc_token.protocol import (
     MAX_FRAME,

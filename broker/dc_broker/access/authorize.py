@@ -1,0 +1,97 @@
+"""Who may do what: the one place that decides. A caller may *use* a profile (``authorized``: its
+``allow`` rules; in user mode no rules means open, in system mode closed) or *change* its login and
+secrets (``administered``: the broker's own uid, root, or the profile's ``admin`` rules).
+
+Unknown and refused profiles get the same answer where the caller is not the owner, and cost the same
+work (the identity is read either way), so neither the reply nor its timing tells a neighbour which
+profiles exist.
+
+Must never: trust anything the request says about the caller; grant by default in system mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+from dc_broker.access.caller import Caller
+from dc_broker.access.rules import Identity, Rule, allowed, needs_details, needs_exe_hash, parse_rules
+from dc_broker.config import Profile
+from dc_broker.sessions.registry import Sessions
+from dc_broker.sessions.session import Session
+from dc_token.errors import Forbidden, UnknownProfile
+
+log = logging.getLogger("dc_broker")
+
+
+@functools.lru_cache(maxsize=1024)
+def _rules(allow: tuple[str, ...]) -> tuple[Rule, ...]:
+    return parse_rules(allow)
+
+
+def _matches(rules: tuple[Rule, ...], caller: Caller) -> bool:
+    if needs_details(rules):
+        return allowed(rules, caller.identity(exe_hash=needs_exe_hash(rules)), default_allow=False)
+    return allowed(rules, Identity(caller.uid, caller.gid, caller.pid), default_allow=False)
+
+
+def permits(caller: Caller, profile: Profile, *, system: bool) -> bool:
+    rules = _rules(profile.allow)
+    if not rules:
+        return not system
+    return _matches(rules, caller)
+
+
+def is_owner(caller: Caller) -> bool:
+    """The broker's own uid and root: they may change everything."""
+    return caller.uid in (0, os.getuid())
+
+
+def administered(sessions: Sessions, caller: Caller, name: str) -> Session:
+    """The profile's session if this caller may change its stored credentials or its login: the
+    broker's own uid, root, or a caller matching the profile's ``admin`` rules. Using a profile
+    (``allow``) is not enough. Unknown and refused profiles get the same answer."""
+    try:
+        session = sessions.lookup(name)
+    except UnknownProfile:
+        if is_owner(caller):
+            raise
+        caller.identity()  # as for a known profile's admin rules: timing tells nothing
+        raise _not_admin(name, caller) from None
+    if is_owner(caller):
+        return session
+    rules = _rules(session.profile.admin)
+    if not rules or not _matches(rules, caller):
+        raise _not_admin(name, caller)
+    caller.identity()  # names and unit for the audit trail
+    log.info("profile %s: login or secrets changed by %s (an admin rule)", name, caller.describe())
+    return session
+
+
+def _not_admin(name: str, caller: Caller) -> Forbidden:
+    return Forbidden(
+        f"uid {caller.uid} may not change the login or secrets of profile {name!r}: that is for the broker's "
+        "own user, root, or a caller the profile's `admin` rules name"
+    )
+
+
+def authorized(sessions: Sessions, caller: Caller, name: str, *, system: bool) -> Session:
+    """The profile's session if this caller may use it. In system mode an unknown profile and a
+    forbidden one get the same answer, so a caller learns nothing about profiles not meant for it."""
+    try:
+        session = sessions.lookup(name)
+    except UnknownProfile:
+        if system:
+            caller.identity()  # the work a refused known profile costs, so timing tells nothing either
+            raise _denied(name, caller) from None
+        raise
+    if not permits(caller, session.profile, system=system):
+        raise _denied(name, caller)
+    if system:
+        caller.identity()  # names and unit for the audit trail; read once per connection
+    return session
+
+
+def _denied(name: str, caller: Caller) -> Forbidden:
+    return Forbidden(f"profile {name!r} is not available to uid {caller.uid}")

@@ -1,0 +1,128 @@
+"""The broker's own errors: the ones that never cross the wire as themselves.
+
+They join the one tree in ``dc_token.errors`` (the part both sides see) below its root, so the CLI's
+error boundary and the server's treat them the same way as every other error:
+
+    DcBrokerError (dc_token.errors)
+    ├── ConfigError                     a config file, option or profile definition is wrong
+    │   └── VaultError                  the vault file or its key source cannot be used
+    │       └── VaultBusy               another process holds the vault open (its ``.lock`` is taken)
+    ├── UpstreamFault                   the IdP said or did something (dc_broker.idp); sessions
+    │   │                               translate it into a BrokerError below
+    │   ├── OAuthError                  {"error", "error_description"} from the IdP
+    │   ├── UpstreamTransient           5xx, 429, timeout, refused connection: retry later
+    │   └── UpstreamGarbage             a reply that is not a token response (HTML, truncated JSON...)
+    ├── Locked (dc_token.errors)
+    │   └── WrongPassphrase             ...and stays locked: the passphrase did not open it
+    └── LoginRequired (dc_token.errors)
+        └── RecordCorrupt               ...because this profile's vault record fails authentication
+
+``WrongPassphrase`` and ``RecordCorrupt`` inherit their parent's wire code, so a client sees them as
+``Locked`` / ``LoginRequired``. A ``ConfigError`` raised while serving a request crosses the wire as
+``ConfigInvalid``, a ``VaultError`` as ``VaultUnusable``, anything else as ``InternalError``
+(``wire_error``, called at the server's one place).
+
+Must never: import anything but ``dc_token.errors``; carry a secret in a message (an IdP's text is
+cut and redacted before it gets here: ``dc_broker.idp.oidc.clean_text``).
+"""
+
+from __future__ import annotations
+
+from dc_token.errors import (
+    BrokerError,
+    ConfigInvalid,
+    DcBrokerError,
+    InternalError,
+    Locked,
+    LoginRequired,
+    VaultUnusable,
+)
+
+__all__ = [
+    "ConfigError",
+    "OAuthError",
+    "RecordCorrupt",
+    "UpstreamFault",
+    "UpstreamGarbage",
+    "UpstreamTransient",
+    "VaultBusy",
+    "VaultError",
+    "WrongPassphrase",
+    "wire_error",
+]
+
+
+class ConfigError(DcBrokerError):
+    """A configuration file, option or profile definition is wrong (broker side)."""
+
+    exit_code = 2
+
+
+class VaultError(ConfigError):
+    """The vault file or its key source cannot be used: missing, not a vault, too open, wrong key file."""
+
+
+class VaultBusy(VaultError):
+    """Another process (usually a running dc-broker) has the vault open for writing."""
+
+    hint = "stop the other dc-broker, or send the change to it instead"
+
+
+class UpstreamFault(DcBrokerError):
+    """Something the identity provider said or did. Broker-internal: never crosses the wire."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OAuthError(UpstreamFault):
+    """The IdP answered with an OAuth error body: ``{"error", "error_description"}``."""
+
+    #: an IdP's text is cut to this many characters: it goes into logs, status and error replies
+    MAX_TEXT = 1024
+
+    def __init__(self, error: str, description: str, status: int) -> None:
+        error, description = _cut(error, 128), _cut(description, self.MAX_TEXT)
+        super().__init__(f"{error}: {description}" if description else error)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class UpstreamTransient(UpstreamFault):
+    """The IdP could not be reached or answered 5xx/429: try again later."""
+
+
+class UpstreamGarbage(UpstreamFault):
+    """The IdP answered something that is not a token response."""
+
+
+class WrongPassphrase(Locked):
+    """The passphrase did not unwrap the vault's data key; the vault is unharmed and still locked.
+    ``retry_after`` (when set) is how long the daemon makes the next attempt wait."""
+
+    hint = "check the passphrase and run `dc-broker unlock` again"
+
+
+class RecordCorrupt(LoginRequired):
+    """A profile's vault record failed authentication (tampered, corrupt, swapped or from a newer
+    format). Only that profile is affected; storing its secret again or logging in replaces it."""
+
+    hint = "store the profile's secret again (`dc-broker add PROFILE`) or run `dc-broker login PROFILE`"
+
+
+def wire_error(exc: DcBrokerError) -> BrokerError:
+    """The error reply for an error raised while serving: a BrokerError as is, a vault or config
+    error as its wire class (same message), anything else of ours as InternalError."""
+    if isinstance(exc, BrokerError):
+        return exc
+    if isinstance(exc, VaultError):
+        return VaultUnusable(str(exc))
+    if isinstance(exc, ConfigError):
+        return ConfigInvalid(str(exc))
+    return InternalError(f"{type(exc).__name__}: {exc}")

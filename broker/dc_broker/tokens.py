@@ -1,0 +1,44 @@
+"""What a profile holds: the tokens an IdP granted (``TokenSet``) and its long-lived secrets
+(``Credentials``). Pure values: the vault stores them, sessions make and use them, the server reads
+them; this module imports neither httpx nor trio nor anything of the broker but ``Secret``.
+
+Must never: do I/O, know about the wire, or show a secret (every secret field is a ``Secret``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dc_broker.secret import Secret
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """What a token endpoint granted. Times are on the caller's clock (the one ``now`` came from)."""
+
+    access_token: Secret
+    obtained_at: float
+    expires_at: float
+    token_type: str = "Bearer"
+    refresh_token: Secret | None = None
+    refresh_expires_at: float | None = None
+    scope: str | None = None
+    id_token: Secret | None = None
+    #: the profile's ``login_fingerprint`` when these tokens were stored (None: not recorded)
+    issued_for: str | None = None
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.obtained_at
+
+    def refresh_usable(self, now: float) -> bool:
+        return self.refresh_token is not None and (self.refresh_expires_at is None or self.refresh_expires_at > now)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A profile's long-lived secrets. Any may be absent."""
+
+    password: Secret | None = None
+    client_secret: Secret | None = None
+    refresh_token: Secret | None = None  # from an interactive (device) login
