@@ -22,7 +22,7 @@ import trio
 
 from dc_broker.completion import completion
 from dc_broker.config import Config, Profile, load_config
-from dc_broker.daemon import run_broker, until_signalled
+from dc_broker.daemon import BrokerSettings, run_broker, until_signalled
 from dc_broker.errors import ConfigError
 from dc_broker.hardening import harden
 from dc_broker.options import CONFIG, PROFILE, SOCKET, VAULT, ErrorBoundary, Failed, profile_argument
@@ -158,18 +158,8 @@ def _open_store(vault_path: str | None) -> SecretStore:
 
 
 async def _run_until_signal(config: Config, store: SecretStore, path: str, system: bool) -> None:
-    await run_broker(
-        config.profiles,
-        store,
-        path,
-        system=system,
-        settings=config.daemon,
-        socket_mode=0o660 if system else 0o600,
-        strict_dir=not system,  # the system unit's RuntimeDirectory is 0755, the socket 0660
-        systemd_integration=True,
-        handle_signals=True,
-        config_path=config.path,
-    )
+    settings = BrokerSettings(path, system=system, service=True, config_path=config.path, daemon=config.daemon)
+    await run_broker(config.profiles, store, settings)
 
 
 def demo_profiles(base_url: str) -> tuple[dict[str, Profile], MemoryStore]:
@@ -235,9 +225,8 @@ async def _dev(socket_path: str, port: int, access_lifespan: float, rotate: bool
         nursery.start_soon(until_signalled, nursery.cancel_scope)
         base_url = await nursery.start(lambda task_status: devserver.serve(idp, port=port, task_status=task_status))
         profiles, store = demo_profiles(base_url)
-        await nursery.start(
-            lambda task_status: run_broker(profiles, store, socket_path, strict_dir=False, task_status=task_status)
-        )
+        settings = BrokerSettings(socket_path, private_dir=False)  # --socket may name a shared directory
+        await nursery.start(lambda task_status: run_broker(profiles, store, settings, task_status=task_status))
         api = f"{base_url}/dp/api/v1/aiconnections/types"
         print(
             f"dc-broker dev is running.\n"

@@ -4,14 +4,14 @@ This is the composition root: it owns the process-level concerns (the socket's l
 telling systemd how we are, closing the HTTP client and the store) and nothing else. ``dc-broker
 run`` and ``dc-broker dev`` both call ``run_broker``; tests can call it in-process too.
 
-With ``systemd=True`` (``dc-broker run``) the broker speaks the service-manager contract through
+As a ``service`` (``BrokerSettings.service``: ``dc-broker run``) the broker speaks the service-manager contract through
 ``dc_broker.systemd``, all of it a no-op outside systemd:
 
 - socket activation: a listening socket passed in ``LISTEN_FDS`` is served instead of binding our
   own, and is neither unlinked nor locked (systemd owns it);
 - ``READY=1`` once the socket accepts; ``STATUS=`` with the profile count and vault lock state;
   ``WATCHDOG=1`` every half ``WatchdogSec=`` from a task of the event loop;
-- with ``handle_signals=True``: SIGTERM/SIGINT send ``STOPPING=1``, stop accepting, let requests
+- SIGTERM/SIGINT send ``STOPPING=1``, stop accepting, let requests
   already waiting on a refresh get their answers, let refreshes in progress store their tokens,
   close the store and return (exit status 0); a second signal stops at once. SIGHUP re-reads the
   config file and applies it with ``Sessions.reload`` (unchanged profiles keep their tokens); a
@@ -27,6 +27,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import IO
 
 import trio
@@ -230,59 +231,86 @@ class _Supervisor:
         self.send_status(READY=1)
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """How one broker runs, apart from its profiles and store: where it listens and what kind of
+    process it is. ``dc-broker run`` and ``dc-broker dev`` each build one; tests build their own.
+
+    ``system`` is the shared broker: its socket is 0660 for the ``[daemon] group`` (and its directory,
+    systemd's RuntimeDirectory, 0755), and profiles without allow rules are closed to everyone.
+    ``service`` is a broker under a service manager (``dc-broker run``): the systemd contract
+    (socket activation, notify, watchdog) and the stop/reload signals, all no-ops outside systemd.
+    """
+
+    socket_path: str
+    system: bool = False
+    service: bool = False
+    #: the file SIGHUP and the ``reload`` op re-read (None: not started from a file)
+    config_path: str | None = None
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    refresh_policy: RefreshPolicy = DEFAULT_POLICY
+    drain_timeout: float = DRAIN_TIMEOUT
+    #: refuse a socket directory others can write to (off for the system broker's 0755 RuntimeDirectory)
+    private_dir: bool = True
+
+    @property
+    def socket_mode(self) -> int:
+        return 0o660 if self.system else 0o600
+
+    @property
+    def strict_dir(self) -> bool:
+        return self.private_dir and not self.system
+
+
 async def run_broker(
     profiles: dict[str, Profile],
     store: SecretStore,
-    socket_path: str,
+    settings: BrokerSettings,
     *,
     idp: IdpTransport | None = None,
-    refresh_policy: RefreshPolicy = DEFAULT_POLICY,
-    strict_dir: bool = True,
-    socket_mode: int = 0o600,
-    systemd_integration: bool = False,
-    handle_signals: bool = False,
-    config_path: str | None = None,
-    drain_timeout: float = DRAIN_TIMEOUT,
-    system: bool = False,
-    settings: DaemonSettings | None = None,
     on_ready: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[Sessions] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled (or, with ``handle_signals``, until SIGTERM/SIGINT has drained us).
+    """Serve until cancelled (or, as a ``service``, until SIGTERM/SIGINT has drained us).
 
-    ``task_status.started(sessions)`` once the socket accepts. See the module docstring for
-    ``systemd_integration`` and ``handle_signals``; ``config_path`` is what SIGHUP re-reads."""
-    notifier = systemd.Notifier.from_environ() if systemd_integration else systemd.Notifier(None)
-    dog = systemd.watchdog() if systemd_integration else None
-    listener = _Listener.open(socket_path, activation=systemd_integration, strict_dir=strict_dir, mode=socket_mode)
+    ``task_status.started(sessions)`` once the socket accepts. See the module docstring for what
+    ``settings.service`` turns on; ``settings.config_path`` is what SIGHUP re-reads."""
+    service = settings.service
+    notifier = systemd.Notifier.from_environ() if service else systemd.Notifier(None)
+    dog = systemd.watchdog() if service else None
+    listener = _Listener.open(
+        settings.socket_path, activation=service, strict_dir=settings.strict_dir, mode=settings.socket_mode
+    )
     transport = idp or IdpTransport()
-    sessions = Sessions(profiles, store, transport, refresh_policy=refresh_policy)
-    settings = settings or DaemonSettings()
-    if system and settings.group and not listener.activated:
+    sessions = Sessions(profiles, store, transport, refresh_policy=settings.refresh_policy)
+    daemon = settings.daemon
+    if settings.system and daemon.group and not listener.activated:
         try:
-            _give_socket_to_group(listener.path, settings.group)
+            _give_socket_to_group(listener.path, daemon.group)
         except BaseException:
             listener.close()  # no stale socket left behind
             raise
     state = BrokerState(
         sessions=sessions,
         socket_path=listener.path,
-        system=system,
-        audit=Audit(settings.audit_interval),
-        config_path=config_path,
+        system=settings.system,
+        audit=Audit(daemon.audit_interval),
+        config_path=settings.config_path,
     )
-    server = Server(state, limits=limits_of(settings))
-    supervisor = _Supervisor(server, sessions, store, notifier, config_path=config_path, drain_timeout=drain_timeout)
-    supervisor.settings = settings
+    server = Server(state, limits=limits_of(daemon))
+    supervisor = _Supervisor(
+        server, sessions, store, notifier, config_path=settings.config_path, drain_timeout=settings.drain_timeout
+    )
+    supervisor.settings = daemon
     try:
         async with trio.open_nursery() as nursery:
-            if handle_signals:
+            if service:
                 await nursery.start(supervisor.signals, nursery.cancel_scope)
             await nursery.start(sessions.run)
             await nursery.start(sinks.run, sessions)  # token files ([[profiles.NAME.sinks]])
             await nursery.start(server.serve, listener.sock)
             nursery.start_soon(state.audit.run)
-            nursery.start_soon(auto_lock, state, settings.auto_lock_after)
+            nursery.start_soon(auto_lock, state, daemon.auto_lock_after)
             how = " (socket from systemd)" if listener.activated else ""
             log.info("dc-broker ready on %s%s with %d profile(s)", listener.path, how, len(sessions))
             if notifier.enabled:
