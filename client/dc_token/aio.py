@@ -14,6 +14,7 @@ another client's ``cache``. Importing this module imports anyio (not trio, not h
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,7 +26,6 @@ from dc_token.cache import (
     Token,
     TokenCache,
     WatchDedup,
-    _monotonic,
     cache_key,
     jitter,
     reconnect_delay,
@@ -35,6 +35,8 @@ from dc_token.cache import (
 from dc_token.connection import ClientConnection, Closed, End, Failed, Result, may_retry
 from dc_token.errors import BrokerTimeout, BrokerUnavailable
 from dc_token.paths import default_socket_path, unreachable
+
+_monotonic = time.monotonic  # this module's clock (the cache's is its own: tests patch each)
 
 __all__ = ["AsyncTokenClient"]
 

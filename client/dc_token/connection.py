@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
-    from dc_token.protocol import _NeedData
+    from dc_token.protocol import NeedData
 
 __all__ = ["NEED_DATA", "ClientConnection", "Closed", "End", "Failed", "Result", "may_retry"]
 
@@ -134,7 +134,7 @@ class ClientConnection:
             self._decoder.check_eof()  # mid-frame EOF: RemoteProtocolError
             self._closed = True
 
-    def next_event(self) -> Result | Failed | End | Closed | _NeedData:
+    def next_event(self) -> Result | Failed | End | Closed | NeedData:
         """The next thing that happened, or ``NEED_DATA`` (read more and ``receive_data`` it)."""
         if self._failed_all:
             return self._failed_all.pop(0)

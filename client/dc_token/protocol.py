@@ -96,7 +96,9 @@ OPS: Final = frozenset(
 _RESERVED_REQUEST_KEYS: Final = frozenset({"v", "id", "op"})
 
 
-class _NeedData:
+class NeedData:
+    """The type of ``NEED_DATA`` (h11's sentinel pattern): a decoder's "no whole frame yet"."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -104,7 +106,7 @@ class _NeedData:
 
 
 #: returned by ``FrameDecoder.next_frame`` when no whole frame is buffered yet
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData()
 
 
 class _Message:
@@ -334,7 +336,7 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames (a partial frame, if non-zero)."""
         return len(self._buf)
 
-    def next_frame(self) -> dict[str, Any] | _NeedData:
+    def next_frame(self) -> dict[str, Any] | NeedData:
         buf = self._buf
         if len(buf) < HEADER_SIZE:
             return NEED_DATA
