@@ -16,7 +16,8 @@ import trio
 from dc_token.aio import AsyncTokenClient
 from dc_token.errors import BrokerUnavailable
 from dc_token.requests import BrokerAuth
-from dc_token.sync import Token, TokenCache, TokenClient, cache_key, reconnect_delay
+from dc_token.sync import Token, TokenCache, TokenClient, cache_key
+from dc_token.watch import reconnect_delay
 from tests.e2e import dc_token, dev_broker
 from tests.test_client_e2e import API, api_status, revoke
 from tests.upstream import running_upstream

@@ -25,16 +25,16 @@ import anyio.abc
 from dc_token.cache import (
     Token,
     TokenCache,
-    WatchDedup,
     cache_key,
-    jitter,
-    reconnect_delay,
     token_args,
     token_deadlines,
 )
 from dc_token.connection import ClientConnection, Closed, End, Failed, Result, may_retry
 from dc_token.errors import BrokerTimeout, BrokerUnavailable
 from dc_token.paths import default_socket_path, unreachable
+from dc_token.watch import Reopen, WatchDedup, WatchFlow
+
+_Watch = tuple[anyio.abc.SocketStream, ClientConnection]  # a watch's stream and its connection
 
 _monotonic = time.monotonic  # this module's clock (the cache's is its own: tests patch each)
 
@@ -201,50 +201,39 @@ class AsyncTokenClient:
         ``BrokerUnavailable``). Every token also refreshes the cache.
         """
         args = token_args(profile, min_ttl, scope)
-        watch = [await self._open_watch(args, profile)]
+        flow = WatchFlow(args, WatchDedup(profile, scope, self.cache), reconnect=reconnect, where=self.socket_path)
+        watch = [await self._open_watch(flow)]
         try:
-            yield self._watch_tokens(watch, args, WatchDedup(profile, scope, self.cache), reconnect)
+            yield self._watch_tokens(watch, flow)
         finally:
             await anyio.aclose_forcefully(watch[0][0])
 
-    async def _open_watch(self, args: dict[str, Any], profile: str) -> tuple[anyio.abc.SocketStream, ClientConnection]:
+    async def _open_watch(self, flow: WatchFlow) -> tuple[anyio.abc.SocketStream, ClientConnection]:
         stream = await self._connect()
         conn = ClientConnection()
-        _, frame = conn.send_request("watch", args)
+        _, frame = conn.send_request("watch", flow.request)
         try:
             await stream.send(frame)
         except _CLOSED:
             await anyio.aclose_forcefully(stream)
-            raise BrokerUnavailable(f"the broker on {self.socket_path} closed the watch on {profile!r}") from None
+            raise BrokerUnavailable(f"the broker on {self.socket_path} closed the watch on {flow.profile!r}") from None
         return stream, conn
 
-    async def _watch_tokens(
-        self,
-        watch: list[tuple[anyio.abc.SocketStream, ClientConnection]],
-        args: dict[str, Any],
-        dedup: WatchDedup,
-        reconnect: bool,
-    ) -> AsyncIterator[Token]:
-        while True:
-            stream, conn = watch[0]
-            while True:
-                event = await _next(stream, conn)
-                tok, more = dedup.step(event, _monotonic())  # a push's expires_in was measured just before it was sent
-                if tok is not None:
-                    yield tok
-                if isinstance(event, Closed):
-                    break
-                if not more:
-                    return
-            if not reconnect:
-                raise BrokerUnavailable(f"the broker on {self.socket_path} closed the watch on {dedup.profile!r}")
-            await anyio.aclose_forcefully(stream)
-            attempt = 0
-            while True:
-                await anyio.sleep(reconnect_delay(attempt, jitter()))
-                attempt += 1
+    async def _watch_tokens(self, watch: list[_Watch], flow: WatchFlow) -> AsyncIterator[Token]:
+        """The I/O of a watch; ``WatchFlow`` has its rules (dedup, reconnect, end)."""
+        step = flow.send(None)
+        while step is not None:
+            if isinstance(step, Reopen):  # the broker went away: close, wait, open again
+                await anyio.aclose_forcefully(watch[0][0])
+                await anyio.sleep(step.delay)
                 try:
-                    watch[0] = await self._open_watch(args, dedup.profile)
-                    break
+                    watch[0] = await self._open_watch(flow)
                 except BrokerUnavailable:
-                    continue
+                    step = flow.send(False)
+                else:
+                    step = flow.send(True)
+            elif isinstance(step, Token):
+                yield step
+                step = flow.send(None)
+            else:  # READ (expires_in was measured just before the push)
+                step = flow.send((await _next(*watch[0]), _monotonic()))

@@ -1,6 +1,6 @@
 """What a client keeps between requests, and the pure rules around it: ``Token``, the in-process
-``TokenCache``, the cache key of a (profile, scope), the ``token``/``watch`` arguments, when a
-cached token expires, and the watch's reconnect delay. No socket, no lock, no clock of its own
+``TokenCache``, the cache key of a (profile, scope), the ``token``/``watch`` arguments and when a
+cached token expires (the watch stream's rules are ``dc_token.watch``'s). No socket, no lock, no clock of its own
 beyond ``time.monotonic`` (patchable as ``_monotonic``). Both clients import it; dc-token too.
 
 The cache
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 
-from dc_token.connection import Closed, End, Failed, Result
 from dc_token.errors import RemoteProtocolError
 from dc_token.protocol import TokenArgs
 
@@ -29,10 +28,7 @@ __all__ = [
     "CACHE_MARGIN",
     "Token",
     "TokenCache",
-    "WatchDedup",
     "cache_key",
-    "jitter",
-    "reconnect_delay",
     "token_args",
     "token_deadlines",
 ]
@@ -40,20 +36,6 @@ __all__ = [
 #: seconds of validity a cached token must have beyond the caller's min_ttl to be served from memory
 CACHE_MARGIN: Final = 5.0
 _monotonic = time.monotonic
-#: watch reconnects: the n-th consecutive failed attempt waits up to min(CAP, BASE * 2**n) seconds
-RECONNECT_BASE: Final = 0.1
-RECONNECT_CAP: Final = 5.0
-
-
-def reconnect_delay(attempt: int, rand: float) -> float:
-    """Seconds before watch reconnect attempt ``attempt`` (0 = the first); ``rand`` uniform in [0, 1).
-    Jittered to half..all of the ceiling, so the clients of a restarted broker do not arrive at once."""
-    return min(RECONNECT_CAP, RECONNECT_BASE * 2.0 ** min(attempt, 16)) * (0.5 + rand / 2)
-
-
-def jitter() -> float:
-    """A number in [0, 1) for ``reconnect_delay`` (jitter only; no random module at start-up)."""
-    return (time.monotonic_ns() % 1_000_003) / 1_000_003
 
 
 def cache_key(profile: str, scope: str | None) -> str:
@@ -174,34 +156,3 @@ class TokenCache:
 
     def clear(self) -> None:
         self._entries.clear()
-
-
-class WatchDedup:
-    """One watch's memory across reconnects: a restarted broker serves the unchanged token again,
-    which is not news. ``accept`` caches every pushed token and says whether to yield it."""
-
-    __slots__ = ("_last", "cache", "key", "profile")
-
-    def __init__(self, profile: str, scope: str | None, cache: TokenCache | None) -> None:
-        self.profile, self.key, self.cache = profile, cache_key(profile, scope), cache
-        self._last: str | None = None
-
-    def step(self, event: Result | Failed | End | Closed, received_at: float) -> tuple[Token | None, bool]:
-        """What one watch event means: (a token to yield or None, whether the stream goes on). A
-        ``Closed`` goes on with no token (the driver reconnects); an error reply is raised."""
-        if isinstance(event, Failed):
-            raise event.error
-        if isinstance(event, End):
-            return None, False
-        if isinstance(event, Closed):
-            return None, True
-        return self.accept(event.result, received_at), event.more
-
-    def accept(self, result: Mapping[str, Any], received_at: float) -> Token | None:
-        tok = Token.from_result(result, self.profile)
-        if self.cache is not None:
-            self.cache.put(tok, *token_deadlines(result, received_at), key=self.key)
-        if tok.token == self._last:
-            return None
-        self._last = tok.token
-        return tok

@@ -33,9 +33,10 @@ import tempfile
 import threading
 import time
 
-from dc_token.cache import Token, jitter, reconnect_delay
+from dc_token.cache import Token
 from dc_token.errors import DcBrokerError
 from dc_token.sync import TokenClient
+from dc_token.watch import jitter, reconnect_delay
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -32,10 +32,7 @@ from dc_token.cache import (
     CACHE_MARGIN,
     Token,
     TokenCache,
-    WatchDedup,
     cache_key,
-    jitter,
-    reconnect_delay,
     token_args,
     token_deadlines,
 )
@@ -48,7 +45,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any, Final
 
-__all__ = ["CACHE_MARGIN", "Token", "TokenCache", "TokenClient", "cache_key", "reconnect_delay"]
+    from dc_token.watch import WatchFlow
+
+__all__ = ["CACHE_MARGIN", "Token", "TokenCache", "TokenClient", "cache_key"]
 
 _RECV: Final = 65536
 _monotonic = time.monotonic
@@ -245,17 +244,20 @@ class TokenClient:
         docstring); with ``reconnect=False`` that raises ``BrokerUnavailable`` instead. Every token
         also refreshes this client's cache.
         """
+        from dc_token.watch import WatchDedup, WatchFlow  # not on dc-token's path: imported when used
+
         args = token_args(profile, min_ttl, scope)
-        watch = [self._open_watch(args, profile)]  # the current (socket, connection), replaced on reconnect
+        flow = WatchFlow(args, WatchDedup(profile, scope, self.cache), reconnect=reconnect, where=self.socket_path)
+        watch = [self._open_watch(flow)]  # the current (socket, connection), replaced on reconnect
         try:
-            yield self._watch_tokens(watch, args, WatchDedup(profile, scope, self.cache), reconnect)
+            yield self._watch_tokens(watch, flow)
         finally:
             watch[0][0].close()
 
-    def _open_watch(self, args: dict[str, Any], profile: str) -> tuple[socket.socket, ClientConnection]:
+    def _open_watch(self, flow: WatchFlow) -> tuple[socket.socket, ClientConnection]:
         sock = connect(self.socket_path, None)
         conn = ClientConnection()
-        _, frame = conn.send_request("watch", args)
+        _, frame = conn.send_request("watch", flow.request)
         try:
             sock.sendall(frame)
         except OSError as exc:
@@ -263,33 +265,25 @@ class TokenClient:
             raise BrokerUnavailable(f"the watch on {self.socket_path} failed: {exc.strerror or exc}") from None
         return sock, conn
 
-    def _watch_tokens(
-        self,
-        watch: list[tuple[socket.socket, ClientConnection]],
-        args: dict[str, Any],
-        dedup: WatchDedup,
-        reconnect: bool,
-    ) -> Iterator[Token]:
-        while True:
-            sock, conn = watch[0]
-            while True:
-                event = _next(sock, conn)
-                tok, more = dedup.step(event, _monotonic())  # a push's expires_in was measured just before it was sent
-                if tok is not None:
-                    yield tok
-                if isinstance(event, Closed):
-                    break
-                if not more:
-                    return
-            if not reconnect:
-                raise BrokerUnavailable(f"the broker on {self.socket_path} closed the watch on {dedup.profile!r}")
-            sock.close()
-            attempt = 0
-            while True:
-                time.sleep(reconnect_delay(attempt, jitter()))
-                attempt += 1
-                try:
-                    watch[0] = self._open_watch(args, dedup.profile)
-                    break
-                except BrokerUnavailable:
-                    continue
+    def _reopen_watch(self, watch: list[tuple[socket.socket, ClientConnection]], flow: WatchFlow, delay: float) -> bool:
+        watch[0][0].close()
+        time.sleep(delay)
+        try:
+            watch[0] = self._open_watch(flow)
+        except BrokerUnavailable:
+            return False
+        return True
+
+    def _watch_tokens(self, watch: list[tuple[socket.socket, ClientConnection]], flow: WatchFlow) -> Iterator[Token]:
+        """The I/O of a watch; ``WatchFlow`` has its rules (dedup, reconnect, end)."""
+        from dc_token.watch import Reopen
+
+        step = flow.send(None)
+        while step is not None:
+            if isinstance(step, Token):
+                yield step
+                step = flow.send(None)
+            elif isinstance(step, Reopen):  # the broker went away: close, wait, open again
+                step = flow.send(self._reopen_watch(watch, flow, step.delay))
+            else:  # READ (expires_in was measured just before the push)
+                step = flow.send((_next(*watch[0]), _monotonic()))
