@@ -44,8 +44,9 @@ def _make(cls: type[DcBrokerError], message: str) -> DcBrokerError:
 ERROR_CLASSES = sorted(set(_all_error_classes()), key=lambda c: f"{c.__module__}.{c.__name__}")
 
 
-def raising(exc: BaseException) -> click.Group:
-    """A group under the boundary with one command, `fail PROFILE`, that raises ``exc``."""
+def raising(exc: BaseException, *, in_nursery: bool = False) -> click.Group:
+    """A group under the boundary with one command, `fail PROFILE`, that raises ``exc`` (or runs
+    trio with a nursery whose child raises it, as `dc-broker run`, `dev` and `proxy` do)."""
 
     @click.group(cls=boundary.ErrorBoundary)
     def group() -> None:
@@ -54,7 +55,17 @@ def raising(exc: BaseException) -> click.Group:
     @group.command()
     @boundary.PROFILE
     def fail(profile: str) -> None:
-        raise exc
+        if not in_nursery:
+            raise exc
+
+        async def child() -> None:
+            raise exc
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(child)
+
+        trio.run(main)
 
     return group
 
@@ -88,44 +99,13 @@ def test_a_message_that_says_what_to_do_gets_no_second_hint() -> None:
     assert (result.exit_code, result.output) == (5, f"Error: {exc}\n")
 
 
-def _in_a_nursery(exc: BaseException) -> None:
-    async def child() -> None:
-        raise exc
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(child)
-
-    trio.run(main)
-
-
 def test_an_error_from_inside_a_nursery_is_one_line_with_its_hint() -> None:
-    @click.group(cls=boundary.ErrorBoundary)
-    def group() -> None:
-        pass
-
-    @group.command()
-    @boundary.PROFILE
-    def serve(profile: str) -> None:
-        _in_a_nursery(LoginRequired(f"profile {profile} has no usable credential"))
-
-    result = CliRunner().invoke(group, ["serve", "acme"])
-    assert (result.exit_code, result.output) == (
-        5,
-        "Error: profile acme has no usable credential\n  run `dc-broker login acme`\n",
-    )
+    result = CliRunner().invoke(raising(LoginRequired("no usable credential"), in_nursery=True), ["fail", "acme"])
+    assert (result.exit_code, result.output) == (5, "Error: no usable credential\n  run `dc-broker login acme`\n")
 
 
 def test_a_bug_from_inside_a_nursery_stays_a_traceback() -> None:
-    @click.group(cls=boundary.ErrorBoundary)
-    def group() -> None:
-        pass
-
-    @group.command()
-    def serve() -> None:
-        _in_a_nursery(ValueError("a bug"))
-
-    result = CliRunner().invoke(group, ["serve"])
+    result = CliRunner().invoke(raising(ValueError("a bug"), in_nursery=True), ["fail", "acme"])
     assert result.exit_code == 1 and "Error:" not in result.output
     assert isinstance(result.exception, BaseExceptionGroup)
     assert result.exception.subgroup(ValueError) is not None

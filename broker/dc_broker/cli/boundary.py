@@ -110,27 +110,22 @@ def profile_argument(*, required: bool = True) -> Callable[[_F], _F]:
     return click.argument("profile", required=required, shell_complete=complete_profiles, callback=_remember_profile)
 
 
+def _path_option(flag: str, dest: str, envvar: str, help: str) -> Callable[[_F], _F]:
+    return click.option(flag, dest, type=click.Path(dir_okay=False), envvar=envvar, help=help)
+
+
 def socket_option(help: str = "broker socket (default: $XDG_RUNTIME_DIR/dc-broker/broker.sock)") -> Callable[[_F], _F]:
     """``--socket`` (``$DC_BROKER_SOCKET``); ``help`` for a command that listens rather than connects."""
-    path = click.Path(dir_okay=False)
-    return click.option("--socket", "socket_path", type=path, envvar="DC_BROKER_SOCKET", help=help)
+    return _path_option("--socket", "socket_path", "DC_BROKER_SOCKET", help)
 
 
 PROFILE = profile_argument()
 SOCKET = socket_option()
-CONFIG = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    envvar="DC_BROKER_CONFIG",
-    help="config file (default: $XDG_CONFIG_HOME/dc-broker/config.toml)",
+CONFIG = _path_option(
+    "--config", "config_path", "DC_BROKER_CONFIG", "config file (default: $XDG_CONFIG_HOME/dc-broker/config.toml)"
 )
-VAULT = click.option(
-    "--vault",
-    "vault_path",
-    type=click.Path(dir_okay=False),
-    envvar="DC_BROKER_VAULT",
-    help="vault file (default: $XDG_DATA_HOME/dc-broker/vault.db)",
+VAULT = _path_option(
+    "--vault", "vault_path", "DC_BROKER_VAULT", "vault file (default: $XDG_DATA_HOME/dc-broker/vault.db)"
 )
 VERBOSE = click.option("-v", "--verbose", is_flag=True, help="debug logging")
 
