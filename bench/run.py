@@ -7,7 +7,19 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["roundtrip", "startup", "client", "lifecycle", "coldstart", "vault", "scale", "crash", "fuzz", "proxy"]
+BENCHES = [
+    "roundtrip",
+    "startup",
+    "broker_cli",
+    "client",
+    "lifecycle",
+    "coldstart",
+    "vault",
+    "scale",
+    "crash",
+    "fuzz",
+    "proxy",
+]
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))

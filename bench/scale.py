@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common
 
-from dc_broker.manage import ask
+from dc_broker.cli.talk import ask
 from dc_broker.secret import Secret
 from dc_broker.tokens import Credentials, TokenSet
 from dc_broker.vault import Passphrase, Vault

@@ -18,9 +18,9 @@ import pytest
 import trio
 
 from dc_broker import sinks
+from dc_broker.cli.files import sink_options
 from dc_broker.config import Sink, load_config, parse_config, profile_toml, remove_profile
 from dc_broker.errors import ConfigError
-from dc_broker.manage import sink_options
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
 from tests.conftest import CREDENTIALS, idp_transport, profile, trio_wall_clock

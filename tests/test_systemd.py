@@ -31,8 +31,8 @@ from click.testing import CliRunner
 
 from dc_broker import systemd
 from dc_broker.cli import cli
+from dc_broker.cli.units import DEFAULT_EXEC, SYSTEM_UNITS, SYSUSERS, USER_UNITS, render
 from dc_broker.logs import JournalFormatter, setup_logging, stderr_is_journal, syslog_priority
-from dc_broker.systemd_install import DEFAULT_EXEC, SYSTEM_UNITS, SYSUSERS, USER_UNITS, render
 from dc_token.sync import TokenClient
 from tests import e2e
 from tests.e2e import DC_BROKER, stop, wait_for_socket

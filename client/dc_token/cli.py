@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from dc_token.errors import EXIT_CODES, BrokerUnavailable, DcBrokerError, hint_for
+from dc_token.errors import EXIT_CODES, BrokerUnavailable, DcBrokerError, UnknownProfile, hint_for
 from dc_token.protocol import MAX_MIN_TTL, min_ttl_problem
 
 PROG = "dc-token"
@@ -41,7 +41,7 @@ MAX_PRINTED_LIFETIME = 10 * 365 * 86400.0
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
 #: `git-credential get` with no profile for the URL: nothing to say, so exit like "unknown profile"
-EXIT_NO_PROFILE = 4
+EXIT_NO_PROFILE = UnknownProfile.exit_code
 
 
 def _help() -> str:

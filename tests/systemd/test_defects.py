@@ -15,8 +15,7 @@ from pathlib import Path
 import trio
 from click.testing import CliRunner
 
-from dc_broker import manage
-from dc_broker.cli import cli
+from dc_broker.cli import cli, talk
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
@@ -47,7 +46,7 @@ def test_add_through_a_socket_nobody_answers_fails_fast_and_clearly(tmp_path: Pa
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(8)  # connections queue, as on a .socket unit whose service fails to start
-    monkeypatch.setattr(manage, "HELLO_TIMEOUT", 0.5)
+    monkeypatch.setattr(talk, "HELLO_TIMEOUT", 0.5)
     args = ["add", "demo", "--server", "http://127.0.0.1:1", "--tenant", "demo", "--client-id", "dc-cli"]
     args += ["--username", "demo", "--password-stdin", "--secret-stdin", "--no-verify"]
     args += ["--socket", path, "--config", str(tmp_path / "config.toml"), "--vault", str(tmp_path / "vault.db")]
@@ -73,7 +72,7 @@ def test_remove_through_a_socket_nobody_answers_fails_fast(tmp_path: Path, monke
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(8)
-    monkeypatch.setattr(manage, "HELLO_TIMEOUT", 0.5)
+    monkeypatch.setattr(talk, "HELLO_TIMEOUT", 0.5)
     try:
         result = CliRunner().invoke(cli, ["remove", "demo", "--socket", path, "--config", str(config)])
     finally:

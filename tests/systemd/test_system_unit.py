@@ -93,7 +93,7 @@ def broker(machine: Machine) -> str:
         m.run(
             f"{VENV}/bin/python",
             "-c",
-            "import sys; from dc_broker.manage import ask; "
+            "import sys; from dc_broker.cli.talk import ask; "
             f"ask({SOCK!r}, 'set_secrets', profile={name!r}, client_secret=sys.stdin.readline().strip())",
             input="dc-service-secret\n",
         )

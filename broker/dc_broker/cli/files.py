@@ -1,9 +1,15 @@
-"""The management commands: ``dc-broker init/add/remove/list/logout/unlock/lock/passwd``.
+"""The commands that work on files: ``dc-broker init``, ``add``, ``set``, ``rotate``, ``remove``,
+``list``, ``passwd``.
 
-Non-secret settings go to config.toml (``dc_broker.config``), secrets to the vault (``dc_broker.vault``).
-With a daemon running, it holds the vault (one writer), so secrets and changes go to it over the
-socket (``ask``: a ``TokenClient`` request) and take effect at once; with none, these commands open the vault
-themselves. Secrets come from a hidden prompt or stdin, never from argv.
+Non-secret settings go to config.toml (``dc_broker.config`` edits it), secrets to the vault
+(``dc_broker.vault``). With a daemon running, it holds the vault (one writer), so secrets and changes
+go to it over the socket (``dc_broker.cli.talk.ask``) and take effect at once; with none, these
+commands open the vault themselves. Config and vault change together or not at all.
+
+Never reads a secret from argv (``read_secret``: a hidden prompt or stdin), never prints one, and
+never prints an error itself: it raises the error tree for the boundary (``dc_broker.cli.boundary``).
+trio, httpx and the vault are imported inside the commands that use them: every start of
+``dc-broker`` (``--help``, each TAB) imports this module.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
-import trio
 
+from dc_broker.cli.boundary import CONFIG, PROFILE, SOCKET, VAULT, read_secret
+from dc_broker.cli.talk import ask, broker_running
 from dc_broker.config import (
     AUTH_METHODS,
     GRANTS,
@@ -38,63 +45,15 @@ from dc_broker.config import (
 from dc_broker.config import read_text as read_config_text
 from dc_broker.config import restore as restore_config
 from dc_broker.errors import ConfigError, UpstreamFault
-from dc_broker.idp.transport import IdpTransport
-from dc_broker.options import CONFIG, PROFILE, SOCKET, VAULT, Failed
 from dc_broker.secret import Secret
-from dc_broker.sessions.session import Session
-from dc_broker.store import MemoryStore
-from dc_broker.tokens import Credentials
-from dc_token.errors import BrokerTimeout, BrokerUnavailable, DcBrokerError, UnknownProfile, UpstreamUnavailable
-from dc_token.paths import default_socket_path
-from dc_token.sync import TokenClient
+from dc_token.errors import DcBrokerError, UnknownProfile, UpstreamUnavailable
 
 if TYPE_CHECKING:
-    from dc_broker.vault import Keyring
+    from dc_broker.tokens import Credentials
+    from dc_broker.vault import Keyring, Vault
 
 
-#: how long a command waits for the broker's first answer: a socket-activated cold start takes well
-#: under a second; a socket whose service cannot start would otherwise keep the caller for 60 s
-HELLO_TIMEOUT = 15.0
-
-
-def ask(socket_path: str | None, op: str, *, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
-    """One request to the running broker (the management side of ``TokenClient``)."""
-    with TokenClient(socket_path, timeout=timeout, cache=False) as broker:
-        return broker.request(op, **args)
-
-
-def ask_stream(socket_path: str | None, op: str, **args: Any) -> Iterator[dict[str, Any]]:
-    """A streamed request (``login``): each result until the last, with no deadline (a person acts)."""
-    return TokenClient(socket_path, timeout=None, cache=False).stream(op, **args)
-
-
-def _daemon(socket_path: str | None) -> bool:
-    try:
-        ask(socket_path, "hello", timeout=HELLO_TIMEOUT)
-    except BrokerTimeout:
-        path = socket_path or default_socket_path()
-        raise BrokerUnavailable(
-            f"{path} accepted the connection but no broker answered in {HELLO_TIMEOUT:g} s: its service "
-            "did not start? See `systemctl status dc-broker.service` and `journalctl -u dc-broker`"
-        ) from None
-    except BrokerUnavailable:
-        return False
-    return True
-
-
-def _read_secret(prompt: str, from_stdin: bool) -> Secret:
-    if from_stdin:
-        line = sys.stdin.readline().rstrip("\n")
-    elif sys.stdin.isatty():
-        line = click.prompt(prompt, hide_input=True)
-    else:
-        raise click.UsageError(f"{prompt.lower()} needed: pass it on stdin with the matching --...-stdin flag")
-    if not line:
-        raise click.UsageError(f"{prompt.lower()} is empty")
-    return Secret(line)
-
-
-def _open_vault(vault_path: str | None) -> Any:
+def _open_vault(vault_path: str | None) -> Vault:
     from dc_broker.vault import Vault, default_vault_path
 
     path = vault_path or default_vault_path()
@@ -105,21 +64,31 @@ def _open_vault(vault_path: str | None) -> Any:
         from_stdin = not sys.stdin.isatty()
         if from_stdin:
             click.echo(f"the vault {path} is locked: reading its passphrase from stdin (the next line)", err=True)
-        vault.unlock(_read_secret("Vault passphrase", from_stdin))
+        vault.unlock(read_secret("Vault passphrase", from_stdin))
     return vault
 
 
-async def _verify(profile: Profile, creds: Credentials) -> None:
-    transport = IdpTransport()
-    try:
-        await Session(profile, MemoryStore({profile.name: creds}), transport).verify()
-    except UpstreamFault as exc:
-        raise UpstreamUnavailable(
-            f"could not verify profile {profile.name!r} at {profile.describe()}: {exc}; "
-            "check the URL, or store it anyway with --no-verify"
-        ) from None
-    finally:
-        await transport.aclose()
+def _verify(profile: Profile, creds: Credentials) -> None:
+    """Sign in once at the IdP with ``creds`` (nothing is stored): a wrong secret or URL stops here."""
+    import trio
+
+    from dc_broker.idp.transport import IdpTransport
+    from dc_broker.sessions.session import Session
+    from dc_broker.store import MemoryStore
+
+    async def verify() -> None:
+        transport = IdpTransport()
+        try:
+            await Session(profile, MemoryStore({profile.name: creds}), transport).verify()
+        except UpstreamFault as exc:
+            raise UpstreamUnavailable(
+                f"could not verify profile {profile.name!r} at {profile.describe()}: {exc}; "
+                "check the URL, or store it anyway with --no-verify"
+            ) from None
+        finally:
+            await transport.aclose()
+
+    trio.run(verify)
 
 
 @click.command()
@@ -158,7 +127,7 @@ def init(
         passphrase = None
         if key_source == "passphrase":
             source = Passphrase()
-            passphrase = _read_secret("New vault passphrase", passphrase_stdin)
+            passphrase = read_secret("New vault passphrase", passphrase_stdin)
             if not passphrase_stdin and click.prompt("Repeat it", hide_input=True) != passphrase.reveal():
                 raise click.UsageError("the passphrases differ")
         elif key_source == "keyfile":
@@ -173,9 +142,6 @@ def init(
         else:
             source = SystemdCredential(credential)
         Vault.create(path, source, passphrase=passphrase).close()
-    except DcBrokerError as exc:
-        _forget(made_key, made_item)
-        raise Failed(exc) from None
     except BaseException:
         _forget(made_key, made_item)
         raise
@@ -263,12 +229,14 @@ def add(
             f"profile {profile!r} already exists in {path}; replace it with `dc-broker add --force {profile} ...`, "
             f"change it with `dc-broker set {profile} KEY=VALUE`, or remove it with `dc-broker remove {profile}`"
         )
-    password = _read_secret("Password", password_stdin) if p.grant == "password" else None
-    secret = _read_secret("Client secret", secret_stdin) if p.auth_method != "none" else None
+    from dc_broker.tokens import Credentials
+
+    password = read_secret("Password", password_stdin) if p.grant == "password" else None
+    secret = read_secret("Client secret", secret_stdin) if p.auth_method != "none" else None
     creds = Credentials(password=password, client_secret=secret)
     if not no_verify and p.grant not in ("device", "browser"):
-        trio.run(_verify, p, creds)
-    running = _daemon(socket_path)
+        _verify(p, creds)
+    running = broker_running(socket_path)
     write = replace_profile if exists else add_profile
     if running:
         _add_to_running(path, p, socket_path, password, secret, write)
@@ -348,7 +316,7 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
     if profile not in load_config(path, missing_ok=False).profiles:
         raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
     revoked: bool | None = None
-    if _daemon(socket_path):
+    if broker_running(socket_path):
         revoked = bool(ask(socket_path, "logout", profile=profile).get("revoked"))
         remove_profile(path, profile)
         ask(socket_path, "reload")
@@ -393,41 +361,6 @@ def list_profiles(config_path: str | None, as_json: bool, names: bool) -> None:
 
 
 @click.command()
-@SOCKET
-@PROFILE
-def logout(socket_path: str | None, profile: str) -> None:
-    """Revoke PROFILE's login at the IdP and forget its secrets (the profile stays configured)."""
-    result = ask(socket_path, "logout", profile=profile)
-    how = (
-        "revoked at the identity provider"
-        if result.get("revoked")
-        else "forgotten (the IdP did not confirm a revocation)"
-    )
-    rest = f"its {result.get('forgotten') or 'secrets'} forgotten"
-    if result.get("kept_client_secret"):
-        rest += " (the client secret stays: `dc-broker login` uses it)"
-    click.echo(f"Logged out of profile {profile}: login {how}, {rest}.")
-
-
-@click.command()
-@SOCKET
-@click.option("--passphrase-stdin", is_flag=True, help="read the passphrase from stdin instead of a prompt")
-def unlock(socket_path: str | None, passphrase_stdin: bool) -> None:
-    """Unlock the running broker's vault, so it can serve tokens."""
-    passphrase = _read_secret("Vault passphrase", passphrase_stdin)
-    result = ask(socket_path, "unlock", passphrase=passphrase.reveal())
-    click.echo(f"Unlocked: serving {result.get('profiles', 0)} profile(s).")
-
-
-@click.command()
-@SOCKET
-def lock(socket_path: str | None) -> None:
-    """Lock the running broker's vault: keys and tokens leave its memory until `dc-broker unlock`."""
-    ask(socket_path, "lock")
-    click.echo("Locked.")
-
-
-@click.command()
 @VAULT
 @click.option(
     "--passphrase-stdin",
@@ -443,8 +376,8 @@ def passwd(vault_path: str | None, from_stdin: bool) -> None:
     path = vault_path or default_vault_path()
     if not os.path.exists(path):
         raise ConfigError(f"no vault at {path}; create one with `dc-broker init`")
-    old = _read_secret("Current passphrase", from_stdin)
-    new = _read_secret("New passphrase", from_stdin)
+    old = read_secret("Current passphrase", from_stdin)
+    new = read_secret("New passphrase", from_stdin)
     with Vault.open(path) as vault:
         vault.change_passphrase(old, new)
     click.echo("Passphrase changed.")
@@ -465,7 +398,7 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
     path = config_path or default_config_path()
     changes = dict(parse_assignment(a) for a in assignments)
     updated = set_profile_values(path, profile, changes)
-    running = _daemon(socket_path)
+    running = broker_running(socket_path)
     if running:
         ask(socket_path, "reload")
     shown = ", ".join(
@@ -507,10 +440,10 @@ def rotate(
     which = _what_to_rotate(p, rotate_password or password_stdin, rotate_secret or secret_stdin)
     new: dict[str, Secret] = {}
     if "password" in which:
-        new["password"] = _read_secret("New password", password_stdin)
+        new["password"] = read_secret("New password", password_stdin)
     if "client_secret" in which:
-        new["client_secret"] = _read_secret("New client secret", secret_stdin)
-    running = _daemon(socket_path)
+        new["client_secret"] = read_secret("New client secret", secret_stdin)
+    running = broker_running(socket_path)
     if running:
         revealed: dict[str, Any] = {k: v.reveal() for k, v in new.items()}
         ask(socket_path, "set_secrets", profile=profile, verify=not no_verify, **revealed)
@@ -518,7 +451,7 @@ def rotate(
         with _open_vault(vault_path) as vault:
             merged = dataclasses.replace(vault.credentials(profile), **new)
             if not no_verify:
-                trio.run(_verify, p, merged)
+                _verify(p, merged)
             vault.set_credentials(profile, merged)
     what = " and ".join(k.replace("_", " ") for k in which)
     checked = "stored without a check" if no_verify else "checked at the identity provider"
@@ -541,4 +474,5 @@ def _what_to_rotate(p: Profile, password: bool, secret: bool) -> list[str]:
     return which
 
 
-COMMANDS = (init, add, set_, rotate, remove, list_profiles, logout, unlock, lock, passwd)
+#: what this module adds to the `dc-broker` group
+COMMANDS = (init, add, set_, rotate, remove, list_profiles, passwd)

@@ -1,4 +1,5 @@
-"""``dc-broker systemd install``: the unit files, and writing them where systemd looks.
+"""``dc-broker systemd install``: the unit files, and writing them where systemd looks (a command
+that works on files, like ``dc_broker.cli.files``, but on systemd's, not dc-broker's own).
 
 Owns the text of the four units (user socket + service, system socket + service) and the sysusers.d
 line for the system broker's dedicated user. The files in the repository's ``systemd/`` directory
@@ -338,3 +339,7 @@ def install(
     for path in write_units(target, render(USER_UNITS, exe)):
         click.echo(f"wrote {path}")
     click.echo("next: systemctl --user daemon-reload && systemctl --user enable --now dc-broker.socket")
+
+
+#: what this module adds to the `dc-broker` group
+COMMANDS = (systemd_group,)

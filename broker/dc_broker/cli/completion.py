@@ -9,6 +9,7 @@
   so it also works for a consumer of a shared broker that cannot read the config.
 
 Owns no state and never talks to an IdP; a broken config completes nothing rather than erroring.
+Every TAB starts ``dc-broker`` and imports this module: it imports click and the config only.
 """
 
 from __future__ import annotations
@@ -90,3 +91,7 @@ def completion(ctx: click.Context, shell: str) -> None:
       fish: dc-broker completion fish > ~/.config/fish/completions/dc-broker.fish
     """
     click.echo(script(ctx.find_root().command, shell), nl=False)
+
+
+#: what this module adds to the `dc-broker` group
+COMMANDS = (completion,)

@@ -1,0 +1,239 @@
+"""The commands that talk to the running daemon: ``dc-broker status``, ``login``, ``logout``, ``unlock``,
+``lock``; and the one way any command does so (``ask``, ``ask_stream``, ``broker_running``: thin
+calls over ``dc_token.sync.TokenClient``, which owns the socket conversation).
+
+Owns what these commands print (the status table, a login's URL, code and countdown). Never opens the
+config or the vault itself: with a daemon running, the daemon holds both (one writer); the commands
+that work on files (``dc_broker.cli.files``) decide when to use ``ask`` instead of opening them.
+Reads no secret from argv (``read_secret``: a hidden prompt or stdin); raises the error tree and
+leaves its printing to the boundary (``dc_broker.cli.boundary``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from dc_broker.cli.boundary import EXIT_INTERRUPTED, PROFILE, SOCKET, profile_argument, read_secret
+from dc_token.errors import BrokerTimeout, BrokerUnavailable
+from dc_token.paths import default_socket_path
+from dc_token.sync import TokenClient
+
+#: how long a command waits for the broker's first answer: a socket-activated cold start takes well
+#: under a second; a socket whose service cannot start would otherwise keep the caller for 60 s
+HELLO_TIMEOUT = 15.0
+
+
+def ask(socket_path: str | None, op: str, *, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
+    """One request to the running broker (the management side of ``TokenClient``)."""
+    with TokenClient(socket_path, timeout=timeout, cache=False) as broker:
+        return broker.request(op, **args)
+
+
+def ask_stream(socket_path: str | None, op: str, **args: Any) -> Iterator[dict[str, Any]]:
+    """A streamed request (``login``): each result until the last, with no deadline (a person acts)."""
+    return TokenClient(socket_path, timeout=None, cache=False).stream(op, **args)
+
+
+def broker_running(socket_path: str | None) -> bool:
+    """Whether a broker answers on the socket; an error when something accepts but never answers."""
+    try:
+        ask(socket_path, "hello", timeout=HELLO_TIMEOUT)
+    except BrokerTimeout:
+        path = socket_path or default_socket_path()
+        raise BrokerUnavailable(
+            f"{path} accepted the connection but no broker answered in {HELLO_TIMEOUT:g} s: its service "
+            "did not start? See `systemctl status dc-broker.service` and `journalctl -u dc-broker`"
+        ) from None
+    except BrokerUnavailable:
+        return False
+    return True
+
+
+def fmt_seconds(value: Any) -> str:
+    """A duration as people read it: ``4m05s``, ``12s``, ``expired``, ``-`` (unknown)."""
+    if value is None:
+        return "-"
+    value = float(value)
+    if value < 0:
+        return "expired"
+    minutes, seconds = divmod(int(value), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+@click.command()
+@SOCKET
+@click.option("--json", "as_json", is_flag=True, help="print the broker's status as JSON")
+@profile_argument(required=False)
+def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
+    """Show the profiles the running broker holds: state, expiry, last refresh, last error."""
+    with TokenClient(socket_path) as broker:
+        result = broker.status(profile)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    info = result["broker"]
+    click.echo(f"broker {info['version']} pid {info['pid']} on {info['socket']}, up {fmt_seconds(info['uptime'])}")
+    rows = [("PROFILE", "STATE", "EXPIRES IN", "LAST REFRESH", "LAST ERROR")]
+    for p in result["profiles"]:
+        last = time.strftime("%H:%M:%S", time.localtime(p["last_refresh"])) if p.get("last_refresh") else "-"
+        rows.append((p["profile"], p["state"], fmt_seconds(p.get("expires_in")), last, p.get("last_error") or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
+    if info.get("truncated"):
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(info.get("states", {}).items()))
+        click.echo(f"... and {info['truncated']} more ({counts} in all); `dc-broker status PROFILE` shows one")
+
+
+@click.command()
+@SOCKET
+@click.option("--password-stdin", is_flag=True, help="read the password from stdin instead of a hidden prompt")
+@click.option("--no-browser", is_flag=True, help="browser login: print the URL instead of opening a browser")
+@PROFILE
+def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profile: str) -> None:
+    """Log PROFILE in: a password prompt for password profiles, a browser for browser profiles (the
+    authorization code flow; with --no-browser, e.g. over ssh, the URL is printed), else the device flow
+    (a URL and a code to enter in a browser anywhere). This command waits until you have logged in."""
+    try:
+        grant = ask(socket_path, "status", profile=profile)["profiles"][0]["grant"]
+        if grant == "client_credentials":
+            click.echo(
+                f"Profile {profile} uses client credentials: the broker signs in with its stored client secret, "
+                "so there is nothing to log in."
+            )
+            return
+        if grant == "password":
+            if password_stdin:
+                password = sys.stdin.readline().rstrip("\n")
+            else:
+                password = click.prompt(f"Password for profile {profile}", hide_input=True)
+            if not password:
+                raise click.UsageError("the password is empty")
+            results = ask_stream(socket_path, "login", profile=profile, password=password)
+        else:
+            results = ask_stream(socket_path, "login", profile=profile)
+        countdown = Countdown()
+        try:
+            for result in results:
+                countdown.stop()
+                if result.get("logged_in"):
+                    expires = fmt_seconds(result.get("expires_in"))
+                    click.echo(f"Logged in: profile {profile} has a token for {expires}.")
+                    return
+                if "authorization_url" in result:
+                    _show_authorization_url(profile, result, open_browser=not no_browser)
+                else:
+                    uri = result.get("verification_uri_complete") or result["verification_uri"]
+                    click.echo(
+                        f"To log in profile {profile}, open\n\n    {uri}\n\nand enter the code "
+                        f"{result['user_code']} (valid {fmt_seconds(result.get('expires_in'))}). Waiting...",
+                    )
+                countdown.start(result.get("expires_in"))
+        finally:
+            countdown.stop()
+    except KeyboardInterrupt:  # Ctrl-C while waiting: the broker drops the login when the stream closes
+        click.echo(f"Login of profile {profile} cancelled.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+class Countdown:
+    """While a device or browser login waits, the time left on one self-rewriting stderr line (only
+    on a terminal: a log or a pipe gets nothing). Ctrl-C and the login's end stop it."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self._stop: Any = None
+        self._thread: Any = None
+
+    def start(self, seconds: object) -> None:
+        if not isinstance(seconds, int | float) or not seconds > 0 or not self.stream.isatty():
+            return
+        import threading
+
+        self._stop = threading.Event()
+        end = time.monotonic() + float(seconds)
+        self._thread = threading.Thread(target=self._run, args=(end, self._stop), daemon=True)
+        self._thread.start()
+
+    def _run(self, end: float, stop: Any) -> None:
+        while not stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            self.stream.write(f"\r  {fmt_seconds(left)} left to log in (Ctrl-C cancels)   ")
+            self.stream.flush()
+            stop.wait(1.0)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.stream.write("\r" + " " * 50 + "\r")
+            self.stream.flush()
+            self._thread = None
+
+
+def _show_authorization_url(profile: str, result: dict[str, Any], *, open_browser: bool) -> None:
+    url = str(result["authorization_url"])
+    opened = False
+    if open_browser:
+        import webbrowser
+
+        try:
+            opened = webbrowser.open(url)
+        except webbrowser.Error:
+            opened = False
+    lead = (
+        f"A browser was opened to log in profile {profile}; if none appeared, open"
+        if opened
+        else f"To log in profile {profile}, open"
+    )
+    click.echo(
+        f"{lead}\n\n    {url}\n\nin a browser on this machine (valid {fmt_seconds(result.get('expires_in'))}). "
+        "Waiting..."
+    )
+
+
+@click.command()
+@SOCKET
+@PROFILE
+def logout(socket_path: str | None, profile: str) -> None:
+    """Revoke PROFILE's login at the IdP and forget its secrets (the profile stays configured)."""
+    result = ask(socket_path, "logout", profile=profile)
+    how = (
+        "revoked at the identity provider"
+        if result.get("revoked")
+        else "forgotten (the IdP did not confirm a revocation)"
+    )
+    rest = f"its {result.get('forgotten') or 'secrets'} forgotten"
+    if result.get("kept_client_secret"):
+        rest += " (the client secret stays: `dc-broker login` uses it)"
+    click.echo(f"Logged out of profile {profile}: login {how}, {rest}.")
+
+
+@click.command()
+@SOCKET
+@click.option("--passphrase-stdin", is_flag=True, help="read the passphrase from stdin instead of a prompt")
+def unlock(socket_path: str | None, passphrase_stdin: bool) -> None:
+    """Unlock the running broker's vault, so it can serve tokens."""
+    passphrase = read_secret("Vault passphrase", passphrase_stdin)
+    result = ask(socket_path, "unlock", passphrase=passphrase.reveal())
+    click.echo(f"Unlocked: serving {result.get('profiles', 0)} profile(s).")
+
+
+@click.command()
+@SOCKET
+def lock(socket_path: str | None) -> None:
+    """Lock the running broker's vault: keys and tokens leave its memory until `dc-broker unlock`."""
+    ask(socket_path, "lock")
+    click.echo("Locked.")
+
+
+#: what this module adds to the `dc-broker` group
+COMMANDS = (status, login, logout, unlock, lock)
