@@ -2,11 +2,11 @@
 
     allow = ["user:etl", "uid:1001", "group:analytics", "gid:2000", "unit:report.service",
              "user-unit:alice/sync.service", "exe:/usr/bin/report-runner", "exe-sha256:9f86d0..."]
-    admin = ["user:ops"]        # same syntax: who may change the profile's login (``dc_broker.ops``)
+    admin = ["user:ops"]        # same syntax: who may change the profile's login (``dc_broker.access.authorize``)
 
-A caller matches a rule when the kernel-reported identity (``dc_broker.identity.Identity``) has that
-user name or uid, has that group among its primary and supplementary groups, runs in that systemd
-unit, or runs that program:
+A caller matches a rule when the kernel-reported identity (``Identity`` below, read by
+``dc_broker.access.identity``) has that user name or uid, has that group among its primary and
+supplementary groups, runs in that systemd unit, or runs that program:
 
 - ``unit:NAME`` is a *system* unit: the first unit in the caller's cgroup path below the slices, as
   systemd itself assigns it (``/system.slice/report.service/...``). A process in a user manager's tree

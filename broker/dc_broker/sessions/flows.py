@@ -27,7 +27,7 @@ The flows (all pure: no I/O, no trio, no clock of their own; ``now`` arrives ins
                 to open, the one redirect back (``state`` checked in constant time), the code
                 exchange. The driver owns the listener; ``state`` and the verifier come in as values.
 
-``dc_broker.session`` is the one driver. Tests step every flow by hand (tests/test_flows.py).
+``dc_broker.sessions.session`` is the one driver. Tests step every flow by hand (tests/test_flows.py).
 """
 
 from __future__ import annotations

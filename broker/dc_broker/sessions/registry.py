@@ -1,10 +1,9 @@
-"""The registry of sessions: one ``Session`` per profile (``dc_broker.session``), the per-request
+"""The registry of sessions: one ``Session`` per profile (``dc_broker.sessions.session``), the per-request
 scope children, and the nursery their refresh tasks run in.
 
 ``Sessions`` adds, changes and removes profiles at run time (``reload``), locks and unlocks them all,
-and reports their status. What one login does lives in ``dc_broker.session``; its states in
-``dc_broker.states``; the grant flows in ``dc_broker.flows``. ``Session``, ``State`` and
-``shift_times`` are re-exported here for the callers that import them from this module.
+and reports their status. What one login does lives in ``session``; its states in ``states``; the
+grant flows in ``flows``.
 """
 
 from __future__ import annotations
@@ -22,20 +21,12 @@ from dc_broker.config import Profile
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.sessions import policy
 from dc_broker.sessions.policy import RefreshPolicy
-from dc_broker.sessions.session import DEFAULT_WAIT_LIMIT, Session, shift_times
-from dc_broker.sessions.states import WAITING_FOR_PERSON, State
+from dc_broker.sessions.session import Session
+from dc_broker.sessions.states import State
 from dc_broker.store import SecretStore
 from dc_token.errors import UnknownProfile
 
-__all__ = [
-    "DEFAULT_WAIT_LIMIT",
-    "MAX_SCOPES_PER_PROFILE",
-    "WAITING_FOR_PERSON",
-    "Session",
-    "Sessions",
-    "State",
-    "shift_times",
-]
+__all__ = ["MAX_SCOPES_PER_PROFILE", "Sessions"]
 
 #: distinct per-request scopes one profile may serve at once
 MAX_SCOPES_PER_PROFILE: Final = 16

@@ -2,14 +2,14 @@
 the grant flows.
 
 A session owns exactly one login. Its background task (``run``) refreshes ahead of expiry as
-``dc_broker.policy`` says, retries with backoff when the IdP fails, and is the only code that talks to
+``policy`` says, retries with backoff when the IdP fails, and is the only code that talks to
 the IdP for this profile, so there is never more than one refresh in flight per login: callers that
 need a token the current one cannot satisfy wake the task and wait for the *round* in progress,
 sharing its result (single-flight). Reads that the current token satisfies never wait (``peek``).
 
-What to send and what an answer means is decided by the pure flows in ``dc_broker.flows`` (credential
+What to send and what an answer means is decided by the pure flows in ``flows`` (credential
 order, narrowing, discovery, device login); this module only drives them (``_drive``: send, clock,
-sleep). The state moves only through ``dc_broker.states.next_state`` (``_event``). One place accepts
+sleep). The state moves only through ``states.next_state`` (``_event``). One place accepts
 new tokens (``_accept``: stored before the old refresh token is dropped, then current), one place
 schedules the next attempt (``_due_at``, from ``policy``: refresh ahead, floor, backoff, demand
 probes). ``settled()`` waits until no attempt is in flight (the daemon's stop path).
@@ -26,7 +26,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Final, TypeVar
 
@@ -520,30 +520,19 @@ class Session:
             )
         creds = self._credentials_or_none()
         flow = flows.device_login(self.profile, creds, await self._resolve_endpoints())
-        answer: object = None
-        try:
-            while True:
-                try:
-                    step = flow.send(answer)
-                except StopIteration as stop:
-                    tokens: TokenSet = stop.value
-                    break
-                if isinstance(step, ShowCode):
-                    auth = step.authorization
-                    yield {
-                        "profile": name,
-                        "verification_uri": auth.verification_uri,
-                        "verification_uri_complete": auth.verification_uri_complete,
-                        "user_code": auth.user_code,
-                        "expires_in": auth.expires_at - self.clock(),
-                    }
-                    answer = None
-                else:
-                    answer = await self._do(step, None)
-        finally:
-            flow.close()
-        await self.adopt_login(tokens)
-        yield {"profile": name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
+
+        def show(step: ShowCode) -> dict[str, Any]:
+            auth = step.authorization
+            return {
+                "profile": name,
+                "verification_uri": auth.verification_uri,
+                "verification_uri_complete": auth.verification_uri_complete,
+                "user_code": auth.user_code,
+                "expires_in": auth.expires_at - self.clock(),
+            }
+
+        async for message in self._login_with_person(flow, {ShowCode: show}):
+            yield message
 
     async def browser_login(self) -> AsyncIterator[dict[str, Any]]:
         """Authorization code + PKCE (``flows.browser_login``) with a one-shot listener on a random
@@ -562,6 +551,35 @@ class Session:
             state=secrets.token_urlsafe(24),
             verifier=secrets.token_urlsafe(64),
         )
+
+        def show(step: OpenBrowser) -> dict[str, Any]:
+            return {"profile": name, "authorization_url": step.url, "expires_in": BROWSER_LOGIN_TIMEOUT}
+
+        async def redirect(step: AwaitRedirect) -> object:
+            with trio.move_on_after(BROWSER_LOGIN_TIMEOUT):
+                answer = await loopback.one_redirect(listener)
+                await listener.aclose()  # one-shot: nothing more is accepted
+                return answer
+            raise LoginRequired(
+                f"profile {name!r}: no browser came back within {BROWSER_LOGIN_TIMEOUT:g} s; "
+                f"run `dc-broker login {name}` again"
+            )
+
+        try:
+            async for message in self._login_with_person(flow, {OpenBrowser: show}, {AwaitRedirect: redirect}):
+                yield message
+        finally:
+            await listener.aclose()
+
+    async def _login_with_person(
+        self,
+        flow: Flow[TokenSet],
+        shown: dict[type, Callable[[Any], dict[str, Any]]],
+        waits: dict[type, Callable[[Any], Awaitable[object]]] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Drive an interactive login flow: a step for the person (``shown``: its message) is yielded,
+        a step with its own wait (``waits``) awaited, every other step done as for any grant; the
+        flow's tokens replace this session's login only once it has succeeded."""
         answer: object = None
         try:
             while True:
@@ -570,25 +588,17 @@ class Session:
                 except StopIteration as stop:
                     tokens: TokenSet = stop.value
                     break
-                if isinstance(step, OpenBrowser):
-                    yield {"profile": name, "authorization_url": step.url, "expires_in": BROWSER_LOGIN_TIMEOUT}
+                if type(step) in shown:
+                    yield shown[type(step)](step)
                     answer = None
-                elif isinstance(step, AwaitRedirect):
-                    with trio.move_on_after(BROWSER_LOGIN_TIMEOUT):
-                        answer = await loopback.one_redirect(listener)
-                        await listener.aclose()  # one-shot: nothing more is accepted
-                        continue
-                    raise LoginRequired(
-                        f"profile {name!r}: no browser came back within {BROWSER_LOGIN_TIMEOUT:g} s; "
-                        f"run `dc-broker login {name}` again"
-                    )
+                elif waits and type(step) in waits:
+                    answer = await waits[type(step)](step)
                 else:
                     answer = await self._do(step, None)
         finally:
             flow.close()
-            await listener.aclose()
         await self.adopt_login(tokens)
-        yield {"profile": name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
+        yield {"profile": self.profile.name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
 
     def _credentials_or_none(self) -> Credentials:
         """The stored credentials; none if the record is corrupt (a login replaces it)."""
