@@ -25,9 +25,9 @@ import anyio.abc
 from dc_token.cache import (
     Token,
     TokenCache,
-    cache_key,
+    cached_token,
+    remember,
     token_args,
-    token_deadlines,
 )
 from dc_token.connection import ClientConnection, Closed, End, Failed, Result, may_retry
 from dc_token.errors import BrokerTimeout, BrokerUnavailable
@@ -159,18 +159,13 @@ class AsyncTokenClient:
 
     async def token_info(self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None) -> Token:
         """The token and its metadata, with at least ``min_ttl`` seconds left (for ``scope``, if given)."""
-        cache = self.cache
-        key = cache_key(profile, scope)
-        if cache is not None:
-            hit = cache.get(key, min_ttl)
-            if hit is not None:
-                return hit
+        hit = cached_token(self.cache, profile, scope, min_ttl)
+        if hit is not None:
+            return hit
         sent_at = _monotonic()
-        result = await self.request("token", **token_args(profile, min_ttl, scope))
-        tok = Token.from_result(result, profile)
-        if cache is not None:
-            cache.put(tok, *token_deadlines(result, sent_at), key=key)
-        return tok
+        return remember(
+            self.cache, await self.request("token", **token_args(profile, min_ttl, scope)), profile, scope, sent_at
+        )
 
     async def token(self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None) -> str:
         """A bearer token for ``profile`` (and ``scope``, if given) with at least ``min_ttl`` seconds left."""

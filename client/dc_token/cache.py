@@ -29,6 +29,8 @@ __all__ = [
     "Token",
     "TokenCache",
     "cache_key",
+    "cached_token",
+    "remember",
     "token_args",
     "token_deadlines",
 ]
@@ -156,3 +158,19 @@ class TokenCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def cached_token(cache: TokenCache | None, profile: str, scope: str | None, min_ttl: float) -> Token | None:
+    """The cached token of (profile, scope) with more than ``min_ttl`` left, or None (also: no cache)."""
+    return None if cache is None else cache.get(cache_key(profile, scope), min_ttl)
+
+
+def remember(
+    cache: TokenCache | None, result: Mapping[str, Any], profile: str, scope: str | None, sent_at: float
+) -> Token:
+    """The ``Token`` of a token result, cached (when there is a cache) until its deadlines, which are
+    measured from ``sent_at``, when the request left (so they err early)."""
+    tok = Token.from_result(result, profile)
+    if cache is not None:
+        cache.put(tok, *token_deadlines(result, sent_at), key=cache_key(profile, scope))
+    return tok

@@ -33,8 +33,9 @@ from dc_token.cache import (
     Token,
     TokenCache,
     cache_key,
+    cached_token,
+    remember,
     token_args,
-    token_deadlines,
 )
 from dc_token.connection import ClientConnection, Closed, End, Failed, Result, may_retry
 from dc_token.errors import BrokerTimeout, BrokerUnavailable, RemoteProtocolError
@@ -197,18 +198,13 @@ class TokenClient:
     def token_info(self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None) -> Token:
         """The token and its metadata, with at least ``min_ttl`` seconds left. ``scope``: a narrower
         scope than the profile's (space-separated; the broker narrows the profile's login to it)."""
-        cache = self.cache
-        key = cache_key(profile, scope)
-        if cache is not None:
-            hit = cache.get(key, min_ttl)
-            if hit is not None:
-                return hit
+        hit = cached_token(self.cache, profile, scope, min_ttl)
+        if hit is not None:
+            return hit
         sent_at = _monotonic()
-        result = self.request("token", **token_args(profile, min_ttl, scope))
-        tok = Token.from_result(result, profile)
-        if cache is not None:
-            cache.put(tok, *token_deadlines(result, sent_at), key=key)
-        return tok
+        return remember(
+            self.cache, self.request("token", **token_args(profile, min_ttl, scope)), profile, scope, sent_at
+        )
 
     def token(self, profile: str, *, min_ttl: float = 0.0, scope: str | None = None) -> str:
         """A bearer token for ``profile`` (and ``scope``, if given) with at least ``min_ttl`` seconds left."""
