@@ -201,3 +201,52 @@ def test_token_args_round_trip() -> None:
     assert args.to_wire() == {"profile": "acme.prod_1", "min_ttl": 60.0, "scope": "openid email"}
     assert TokenArgs.from_wire(args.to_wire()) == args
     assert TokenArgs.from_wire({"profile": "acme", "scope": ""}).to_wire() == {"profile": "acme", "min_ttl": 0.0}
+
+
+# a bad argument of every op that has arguments: (op, args, the message both sides give)
+BAD_OP_ARGS = [
+    ("invalidate", {"profile": "demo"}, "'token' must be the access token the API rejected"),
+    ("invalidate", {"profile": "demo", "token": ""}, "'token' must be the access token the API rejected"),
+    ("status", {"after": 3}, "'after' must be the profile name a previous status reply gave as 'next'"),
+    ("status", {"profile": "a b"}, "is not a profile name"),
+    ("login", {}, "'profile' must be a non-empty string"),
+    ("login", {"profile": "demo", "password": ""}, "'password' must be a non-empty string"),
+    ("login", {"profile": "demo", "password": 5}, "'password' must be a non-empty string"),
+    ("unlock", {"passphrase": ""}, "'passphrase' must be a non-empty string"),
+    ("set_secrets", {"profile": "demo", "client_secret": ["x"]}, "'client_secret' must be a non-empty string"),
+    ("set_secrets", {"profile": "demo", "verify": "yes"}, "'verify' must be true or false"),
+    ("logout", {"profile": 7}, "'profile' must be a non-empty string"),
+    ("watch", {"profile": "demo", "min_ttl": -1}, "'min_ttl' must be a number of seconds between 0 and 86400"),
+]
+
+
+@pytest.mark.parametrize(("op", "args", "message"), BAD_OP_ARGS)
+def test_op_args_are_checked_from_the_one_table(op: str, args: dict[str, object], message: str) -> None:
+    from dc_token.errors import BadRequest
+    from dc_token.protocol import OpArgs
+
+    with pytest.raises(BadRequest, match=message.replace("(", r"\(")):
+        OpArgs(op, **args)  # the client's side
+    with pytest.raises(BadRequest, match=message.replace("(", r"\(")):
+        OpArgs.from_wire(op, args)  # the broker's side
+
+
+def test_the_table_is_the_contract() -> None:
+    from dc_token.protocol import ARGS, OPS, OpArgs, TokenArgs
+
+    assert frozenset(ARGS) == OPS
+    for op, fields in ARGS.items():  # every required argument is named when it is missing
+        for key in [k for k, (required, _) in fields.items() if required]:
+            with pytest.raises(Exception, match=f"'{key}'"):
+                OpArgs(op, **{k: "demo" for k in fields if k != key and fields[k][0]})
+    # TokenArgs and the table agree on token/watch
+    assert OpArgs("token", profile="a", min_ttl=5, scope="openid").to_wire() == TokenArgs("a", 5, "openid").to_wire()
+
+
+def test_op_args_keep_only_what_the_table_names_and_never_show_values() -> None:
+    from dc_token.protocol import OpArgs
+
+    args = OpArgs("login", profile="demo", password="hunter2-secret", colour="blue", extra=None)
+    assert args.to_wire() == {"profile": "demo", "password": "hunter2-secret"}  # a newer peer's extras dropped
+    assert "hunter2" not in repr(args) and "hunter2" not in str(args)
+    assert OpArgs("status").to_wire() == {} and OpArgs("status", profile=None).get("profile") is None

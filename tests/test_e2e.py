@@ -16,7 +16,7 @@ import httpx
 import msgpack
 import pytest
 
-from dc_token.errors import BrokerUnavailable, UnknownProfile
+from dc_token.errors import BadRequest, BrokerUnavailable, UnknownProfile
 from dc_token.protocol import Request, encode
 from dc_token.sync import TokenClient
 from tests.e2e import DC_BROKER, dc_token, dev_broker, run, start_run, stop
@@ -133,6 +133,25 @@ def test_garbage_closes_that_connection_only(dev, garbage: bytes) -> None:
     assert bad.recv(10) == b""  # closed
     bad.close()
     assert TokenClient(sock).token("demo")
+
+
+def test_the_broker_refuses_bad_op_arguments_as_the_client_does(dev) -> None:
+    """Every op's arguments are checked by the one table (dc_token.protocol.ARGS) on both sides: the
+    broker's error reply carries the very message the client raises before sending."""
+    from dc_token.protocol import OpArgs
+    from tests.test_connection import BAD_OP_ARGS
+
+    sock, _, _ = dev
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    s.sendall(b"".join(encode(Request(i, op, args)) for i, (op, args, _) in enumerate(BAD_OP_ARGS, 1)))
+    replies = {r["id"]: r for r in read_frames(s, len(BAD_OP_ARGS))}
+    s.close()
+    for i, (op, args, message) in enumerate(BAD_OP_ARGS, 1):
+        with pytest.raises(BadRequest) as raised:
+            OpArgs(op, **args)
+        assert replies[i]["error"] == {"code": "bad_request", "message": str(raised.value)}, (op, args)
+        assert message in replies[i]["error"]["message"]
 
 
 def test_misshapen_request_keeps_the_connection(dev) -> None:

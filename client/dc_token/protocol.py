@@ -39,10 +39,11 @@ from dc_token.errors import LocalProtocolError, RemoteProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing and collections.abc cost dc-token start-up time; annotations only
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from typing import Any, Final
 
 __all__ = [
+    "ARGS",
     "MAX_FRAME",
     "MAX_MIN_TTL",
     "NEED_DATA",
@@ -51,9 +52,11 @@ __all__ = [
     "ErrorCode",
     "ErrorReply",
     "FrameDecoder",
+    "OpArgs",
     "Reply",
     "Request",
     "TokenArgs",
+    "args_problem",
     "encode",
     "min_ttl_problem",
     "pack_frame",
@@ -86,12 +89,6 @@ class ErrorCode(StrEnum):
     VAULT_ERROR = "vault_error"
     INTERNAL = "internal"
 
-
-#: the operations this protocol version defines (the broker may implement a subset and answer
-#: ``unknown_op`` for the rest)
-OPS: Final = frozenset(
-    {"hello", "token", "invalidate", "status", "unlock", "lock", "login", "watch", "reload", "set_secrets", "logout"}
-)
 
 _RESERVED_REQUEST_KEYS: Final = frozenset({"v", "id", "op"})
 
@@ -292,6 +289,114 @@ class TokenArgs(_Message):
         if self.scope:
             wire["scope"] = self.scope
         return wire
+
+
+def _text_problem(value: object) -> str | None:
+    return None if isinstance(value, str) and value else "must be a non-empty string"
+
+
+def _flag_problem(value: object) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def _rejected_token_problem(value: object) -> str | None:
+    return None if isinstance(value, str) and value else "must be the access token the API rejected"
+
+
+def _after_problem(value: object) -> str | None:
+    ok = isinstance(value, str)
+    return None if ok else "must be the profile name a previous status reply gave as 'next'"
+
+
+#: (required, what is wrong with a value) of one op argument
+_Arg = tuple[bool, "Callable[[object], str | None]"]
+_PROFILE: Final[_Arg] = (True, profile_problem)
+_TOKEN_ARGS: Final[dict[str, _Arg]] = {
+    "profile": _PROFILE,
+    "min_ttl": (False, min_ttl_problem),
+    "scope": (False, scope_problem),
+}
+
+#: every op of this protocol version and its arguments: the one table both sides check against.
+#: An absent (or null) optional argument is its default; a key not named here is ignored (a newer
+#: peer's extra), so adding an optional argument never breaks an older broker.
+ARGS: Final[dict[str, dict[str, _Arg]]] = {
+    "hello": {},
+    "token": _TOKEN_ARGS,
+    "watch": _TOKEN_ARGS,
+    "invalidate": {"profile": _PROFILE, "token": (True, _rejected_token_problem)},
+    "status": {"profile": (False, profile_problem), "after": (False, _after_problem)},
+    "login": {"profile": _PROFILE, "password": (False, _text_problem)},
+    "unlock": {"passphrase": (False, _text_problem)},
+    "lock": {},
+    "reload": {},
+    "set_secrets": {
+        "profile": _PROFILE,
+        "password": (False, _text_problem),
+        "client_secret": (False, _text_problem),
+        "verify": (False, _flag_problem),
+    },
+    "logout": {"profile": _PROFILE},
+}
+#: the operations this protocol version defines (the broker may implement a subset and answer
+#: ``unknown_op`` for the rest)
+OPS: Final = frozenset(ARGS)
+
+
+def args_problem(op: str, args: Mapping[str, Any]) -> str | None:
+    """What is wrong with ``op``'s arguments (the first bad or missing one, named), or None."""
+    for key, (required, problem) in ARGS[op].items():
+        value = args.get(key)
+        if value is None and not required:
+            continue
+        found = problem(value)
+        if found is not None:
+            return f"'{key}' {found}"
+    return None
+
+
+class OpArgs(_Message):
+    """One op's arguments, checked against ``ARGS`` when built: the client builds them to send
+    (``OpArgs("login", profile=..., password=...)``), the broker from what it received
+    (``from_wire``), so both sides apply the same rules. A bad value is ``BadRequest`` either side.
+    Only the keys the table names are kept; values may be secrets, so the repr shows keys only."""
+
+    __slots__ = ("op", "values")
+    op: str
+    values: dict[str, Any]
+
+    def __init__(self, op: str, /, **values: Any) -> None:
+        self._check(op, values)
+
+    @classmethod
+    def from_wire(cls, op: str, args: Mapping[str, Any]) -> OpArgs:
+        built = cls.__new__(cls)
+        built._check(op, args)
+        return built
+
+    def _check(self, op: str, values: Mapping[str, Any]) -> None:
+        from dc_token.errors import BadRequest
+
+        if op not in ARGS:
+            raise BadRequest(f"op {op!r} is not a dc-broker op")
+        problem = args_problem(op, values)
+        if problem is not None:
+            raise BadRequest(problem)
+        known = ARGS[op]
+        object.__setattr__(self, "op", op)
+        object.__setattr__(self, "values", {k: v for k, v in values.items() if k in known and v is not None})
+
+    def to_wire(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def __repr__(self) -> str:
+        return f"OpArgs({self.op!r}, keys={sorted(self.values)!r})"
 
 
 def pack_frame(obj: Mapping[str, Any]) -> bytes:

@@ -22,6 +22,7 @@ import click
 from dc_broker.cli.boundary import EXIT_INTERRUPTED, PROFILE, SOCKET, profile_argument, read_secret
 from dc_token.errors import BrokerTimeout, BrokerUnavailable
 from dc_token.paths import default_socket_path
+from dc_token.protocol import OpArgs
 from dc_token.sync import TokenClient
 
 #: how long a command waits for the broker's first answer: a socket-activated cold start takes well
@@ -30,14 +31,17 @@ HELLO_TIMEOUT = 15.0
 
 
 def ask(socket_path: str | None, op: str, *, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
-    """One request to the running broker (the management side of ``TokenClient``)."""
+    """One request to the running broker (the management side of ``TokenClient``); its arguments are
+    checked against the wire contract (``OpArgs``) before anything is sent."""
+    wire = OpArgs(op, **args).to_wire()
     with TokenClient(socket_path, timeout=timeout, cache=False) as broker:
-        return broker.request(op, **args)
+        return broker.request(op, **wire)
 
 
 def ask_stream(socket_path: str | None, op: str, **args: Any) -> Iterator[dict[str, Any]]:
     """A streamed request (``login``): each result until the last, with no deadline (a person acts)."""
-    return TokenClient(socket_path, timeout=None, cache=False).stream(op, **args)
+    wire = OpArgs(op, **args).to_wire()
+    return TokenClient(socket_path, timeout=None, cache=False).stream(op, **wire)
 
 
 def broker_running(socket_path: str | None) -> bool:

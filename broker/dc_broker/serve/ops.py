@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from dc_broker.store import MemoryStore, SecretStore
 from dc_broker.tokens import TokenSet
 from dc_broker.vault.records import unlock_delay
 from dc_token.errors import BadRequest, Forbidden, UpstreamUnavailable
-from dc_token.protocol import OPS, PROTOCOL_VERSION, Request, TokenArgs, profile_problem
+from dc_token.protocol import OPS, PROTOCOL_VERSION, OpArgs, Request, TokenArgs
 from dc_token.version import version
 
 log = logging.getLogger("dc_broker")
@@ -65,15 +65,6 @@ class BrokerState:
 
 
 Handler = Callable[[BrokerState, Caller, Request], "Result | Awaitable[Result] | AsyncIterator[Result]"]
-
-
-def _profile_arg(args: Mapping[str, Any]) -> str:
-    name = args.get("profile")
-    problem = profile_problem(name)
-    if problem is not None:
-        raise BadRequest(f"'profile' {problem}")
-    assert isinstance(name, str)
-    return name
 
 
 def token_result(session: Session, tok: TokenSet, now: float, min_ttl: float = 0.0) -> Result:
@@ -145,10 +136,9 @@ def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[
     """Stream: a password login (one message), the device flow (the code to show, then the outcome) or
     a browser login (the URL to open, then the outcome). Each replaces the profile's login: for the
     broker's own uid, root and the profile's admins only."""
-    session = administered(state.sessions, caller, _profile_arg(req.args))
-    password = req.args.get("password")
-    if password is not None and (not isinstance(password, str) or not password):
-        raise BadRequest("'password' must be a non-empty string")
+    args = OpArgs.from_wire("login", req.args)
+    session = administered(state.sessions, caller, args["profile"])
+    password = args.get("password")
     if password is not None:
         if session.profile.grant != "password":
             raise BadRequest(
@@ -172,11 +162,9 @@ async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> R
 
 
 def op_invalidate(state: BrokerState, caller: Caller, req: Request) -> Result:
-    session = authorized(state.sessions, caller, _profile_arg(req.args), system=state.system)
-    token = req.args.get("token")
-    if not isinstance(token, str) or not token:
-        raise BadRequest("'token' must be the access token the API rejected")
-    return {"profile": session.profile.name, "refreshing": session.invalidate(token)}
+    args = OpArgs.from_wire("invalidate", req.args)
+    session = authorized(state.sessions, caller, args["profile"], system=state.system)
+    return {"profile": session.profile.name, "refreshing": session.invalidate(args["token"])}
 
 
 def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
@@ -184,14 +172,11 @@ def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
     strings are cut to ``STATUS_FIELD_MAX`` characters and at most ``STATUS_BUDGET`` bytes of profiles
     are listed; ``next`` (when set) is the ``after`` to send for the rest, ``truncated`` how many
     there are. The state summary counts them all."""
-    name = req.args.get("profile")
-    after = req.args.get("after")
-    if after is not None and not isinstance(after, str):
-        raise BadRequest("'after' must be the profile name a previous status reply gave as 'next'")
+    args = OpArgs.from_wire("status", req.args)
+    name = args.get("profile")
+    after = args.get("after")
     if name is not None:
-        sessions = [
-            authorized(state.sessions, caller, _profile_arg(req.args), system=state.system).status(state.clock())
-        ]
+        sessions = [authorized(state.sessions, caller, name, system=state.system).status(state.clock())]
     else:  # only the profiles this caller may use
         sessions = [
             st
@@ -257,10 +242,8 @@ def _vault(state: BrokerState) -> SecretStore:
 
 def op_unlock(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
     _admin(state, caller)
+    passphrase = OpArgs.from_wire("unlock", req.args).get("passphrase")  # a bad request is that, first
     vault = _vault(state)
-    passphrase = req.args.get("passphrase")
-    if passphrase is not None and (not isinstance(passphrase, str) or not passphrase):
-        raise BadRequest("'passphrase' must be a non-empty string")
     return _unlock(state, vault, Secret(passphrase) if passphrase else None)
 
 
@@ -314,18 +297,10 @@ def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result |
     """Store a profile's password / client secret (`dc-broker add`, `dc-broker rotate`). With
     ``verify: true`` the new values (with the stored ones they do not replace) are first checked by
     one grant at the IdP: a wrong new password changes nothing."""
-    session = administered(state.sessions, caller, _profile_arg(req.args))
-    fields: dict[str, Secret] = {}
-    for key in ("password", "client_secret"):
-        value = req.args.get(key)
-        if value is not None:
-            if not isinstance(value, str) or not value:
-                raise BadRequest(f"'{key}' must be a non-empty string")
-            fields[key] = Secret(value)
-    verify = req.args.get("verify", False)
-    if not isinstance(verify, bool):
-        raise BadRequest("'verify' must be true or false")
-    if verify:
+    args = OpArgs.from_wire("set_secrets", req.args)
+    session = administered(state.sessions, caller, args["profile"])
+    fields: dict[str, Secret] = {key: Secret(args[key]) for key in ("password", "client_secret") if key in args.values}
+    if args.get("verify", False):
         return _set_secrets_checked(state, session, fields)
     return _store_secrets(state, session, fields)
 
@@ -350,7 +325,7 @@ async def _set_secrets_checked(state: BrokerState, session: Session, fields: dic
 
 
 def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
-    session = administered(state.sessions, caller, _profile_arg(req.args))
+    session = administered(state.sessions, caller, OpArgs.from_wire("logout", req.args)["profile"])
     return _logout(session)
 
 
