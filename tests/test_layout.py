@@ -168,3 +168,9 @@ def test_pure_modules_reach_no_io_library(name: str) -> None:
         if module.split(".")[0] in IMPURE
     }
     assert reached == set(), f"{name} reaches {sorted(reached)} through {sorted(seen - {name})}"
+
+
+def test_every_module_says_what_it_owns() -> None:
+    """A module docstring on every module and package (docs/architecture.md points at them)."""
+    missing = [name for name, path in MODULES.items() if not ast.get_docstring(ast.parse(path.read_text()))]
+    assert missing == []
