@@ -1,11 +1,14 @@
-"""Shared fixtures: the dev IdP in-process (ASGI transport, trio clock) and session factories."""
+"""Shared fixtures: the dev IdP in-process (ASGI transport, trio clock), session factories, and
+``running``: a session's (or a server's) background task for the length of an ``async with``."""
 
 from __future__ import annotations
 
+import inspect
 import random
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -76,6 +79,28 @@ def make_session(
         rng=random.Random(seed),
         wall_clock=trio_wall_clock,
     )
+
+
+@asynccontextmanager
+async def running(*tasks: Callable[..., Awaitable[object]]) -> AsyncIterator[trio.Nursery]:
+    """Run ``tasks`` in the background while the body of the ``async with`` runs; cancel them at its end.
+
+    ``async with running(session.run): ...`` is "open a nursery, start the session's refresh task, do
+    the test, cancel". A task that takes ``task_status`` (``Sessions.run``, ``sinks.run``) is started
+    with ``nursery.start``, so the body begins once it is ready; any other (``Session.run``) with
+    ``start_soon``, so it first runs at the body's first checkpoint. Tasks start in the order given;
+    give arguments with ``functools.partial``. Yields the nursery, for the callers a test adds.
+    """
+    async with trio.open_nursery() as nursery:
+        for task in tasks:
+            if "task_status" in inspect.signature(task).parameters:
+                await nursery.start(task)
+            else:
+                nursery.start_soon(task)
+        try:
+            yield nursery
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from dc_broker.devserver import DevClient, DevIdP, DevRealm, DevUser, demo_realm, serve
+from tests.conftest import running
 
 BASE = "http://idp.test"
 OIDC = "/realms/demo/protocol/openid-connect"
@@ -721,7 +722,7 @@ async def test_serve_over_real_http_then_refuses_after_cancel() -> None:
     idp = DevIdP(
         [demo_realm(), DevRealm("other", users=[DevUser("u", "p", ["dc-api"])], clients=[DevClient("c", "s")])]
     )
-    async with trio.open_nursery() as nursery:
+    async with running() as nursery:
         base_url = await nursery.start(serve, idp)
         assert base_url.startswith("http://127.0.0.1:")
         async with httpx.AsyncClient(base_url=base_url) as http:
@@ -735,7 +736,6 @@ async def test_serve_over_real_http_then_refuses_after_cancel() -> None:
             assert resp.status_code == 200 and resp.headers["cache-control"] == "no-store"
             api = await http.get(API, headers={"Authorization": f"Bearer {resp.json()['access_token']}"})
             assert api.status_code == 200
-        nursery.cancel_scope.cancel()
     async with httpx.AsyncClient(base_url=base_url) as http:
         with pytest.raises(httpx.ConnectError):
             await http.get("/realms/demo/.well-known/openid-configuration")
