@@ -9,7 +9,6 @@ import socket
 import stat
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 from dc_token.errors import BrokerUnavailable, UnknownProfile
 from dc_token.protocol import Request, encode
 from dc_token.sync import TokenClient
-from tests.e2e import DC_BROKER, dc_token, dev_broker, run, start_run, stop
+from tests.e2e import DC_BROKER, connections_on, dc_token, dev_broker, run, start_run, stop, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -268,12 +267,13 @@ def test_dev_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
 
 def test_broker_survives_clients_vanishing_mid_request(dev) -> None:
     sock, _, _ = dev
+    before = connections_on(sock)  # earlier tests' connections may still be open
     for _ in range(20):
         s = socket.socket(socket.AF_UNIX)
         s.connect(sock)
         s.sendall(encode(Request(1, "token", {"profile": "demo", "min_ttl": 86400})))
         s.close()
-    time.sleep(0.1)
+    wait_for(lambda: connections_on(sock) <= before, 20, "the broker to be done with the 20 vanished clients")
     assert TokenClient(sock).token("demo")
 
 

@@ -9,14 +9,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e import DC_BROKER, dc_token, run, start_run, stop
+from tests.e2e import DC_BROKER, dc_token, run, start_run, stop, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -73,15 +73,6 @@ def status(sock: str) -> dict[str, dict[str, Any]]:
     return {p["profile"]: p for p in json.loads(out.stdout)["profiles"]}
 
 
-def wait_for(condition: Callable[[], bool], timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s")
-
-
 @pytest.mark.parametrize("body", ["empty", "html", "json"])
 def test_a_wrong_password_at_add_exits_8_naming_the_http_status(tmp_path: Path, body: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DC_BROKER_")}
@@ -110,14 +101,20 @@ def test_an_idp_restart_that_forgets_every_session_is_recovered_within_one_refre
     sock = str(tmp_path / "run" / "b.sock")
     with devserver(*flags, port=port) as base:
         broker = start_run(write_config(tmp_path, base), sock, SECRETS)
-        wait_for(lambda: status(sock)["acme"]["state"] == "fresh", 10)
+        wait_for(lambda: status(sock)["acme"]["state"] == "fresh", 10, "a fresh acme token", every=0.1)
     try:
-        # the IdP is down: the broker's refreshes fail while it is gone
+        # the IdP is down: the broker's refreshes fail while it is gone (the sleep is the outage itself,
+        # not a wait for anything)
         time.sleep(1.0)
         with devserver(*flags, port=port):  # back, with no memory of any session
             restarted = time.monotonic()
             before = status(sock)["acme"]["refreshes"]
-            wait_for(lambda: status(sock)["acme"]["refreshes"] > before, lifespan + 2)
+            wait_for(
+                lambda: status(sock)["acme"]["refreshes"] > before,
+                lifespan + 2,
+                "a refresh after the restart",
+                every=0.1,
+            )
             assert time.monotonic() - restarted <= lifespan + 2
             st = status(sock)["acme"]
             assert st["state"] == "fresh" and st["last_error"] is None
@@ -145,7 +142,7 @@ def test_every_lifetime_works_in_status_and_every_dc_token_form(tmp_path: Path, 
             cred = json.loads(outs[("--exec-credential",)].stdout)
             stamp = time.mktime(time.strptime(cred["status"]["expirationTimestamp"], "%Y-%m-%dT%H:%M:%SZ"))
             assert stamp - time.timezone >= time.time() - 1  # never in the past
-            time.sleep(2.0)
+            time.sleep(2.0)  # the window under test: no more IdP requests in it than the floor allows
             st = status(sock)
             elapsed = time.monotonic() - started
             for name in ("acme", "svc"):

@@ -10,7 +10,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import tomllib
 from functools import partial
 from pathlib import Path
@@ -25,7 +24,7 @@ from dc_broker.sessions import Sessions
 from dc_broker.store import MemoryStore
 from dc_token.errors import ConfigError
 from tests.conftest import CREDENTIALS, idp_transport, profile, running, trio_wall_clock
-from tests.e2e import DC_BROKER, run, start_run, stop
+from tests.e2e import DC_BROKER, run, start_run, stop, wait_for
 
 PROFILE_HEAD = """[profiles.acme]
 token_url = "https://sso.example.com/token"
@@ -271,7 +270,7 @@ while len(seen) < want + 1:
         sys.exit(f"expired token read: exp {exp(token)} at {time.time():.3f}")
     if not seen or seen[-1] != token:
         seen.append(token)
-    time.sleep(0.002)
+    time.sleep(0.002)  # the reader's pace: it reads as often as a busy program would
 print(f"{len(seen) - 1} refreshes, {reads} reads, all complete and unexpired")
 """
 
@@ -299,10 +298,7 @@ def test_reader_process_across_refreshes_of_a_real_broker(tmp_path: Path) -> Non
     sock = str(tmp_path / "run" / "b.sock")
     broker = start_run(cfg, sock, '[demo]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n')
     try:
-        deadline = time.monotonic() + 20
-        while not token_file.exists():
-            assert time.monotonic() < deadline, "the token file never appeared"
-            time.sleep(0.02)
+        wait_for(token_file.exists, 20, "the token file", process=broker, every=0.02)
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         limit = 2 * refreshes + 20
         result = subprocess.run(
