@@ -63,6 +63,8 @@ def run_crash_loop(kills: int, *, max_reuse: int = 1, access_lifespan: int = 1, 
                 str(max_reuse),
                 "--access-lifespan",
                 str(access_lifespan),
+                "--device-interval",  # each device login ends a second after its approval, not five
+                "1",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

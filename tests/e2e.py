@@ -95,6 +95,25 @@ def stop(proc: subprocess.Popen[str], sig: int = 15, timeout: float = 10.0) -> i
 
 
 @contextmanager
+def dev_idp(*flags: str, port: int = 0) -> Iterator[str]:
+    """``python -m dc_broker.devserver [flags]`` (the dev IdP and demo API alone); yields its base URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dc_broker.devserver", "--port", str(port), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        base = proc.stdout.readline().strip()
+        assert base.startswith("http://"), base
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
 def dev_broker(tmp: Path, *args: str) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
     """`dc-broker dev` on a socket in tmp; yields (socket path, IdP base URL, process)."""
     sock = str(tmp / "run" / "broker.sock")

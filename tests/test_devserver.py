@@ -19,7 +19,7 @@ import jwt
 import pytest
 import trio
 
-from dc_broker.devserver import DevClient, DevIdP, DevRealm, DevUser, demo_realm, serve
+from dc_broker.devserver import DevClient, DevIdP, DevRealm, DevUser, demo_realm, main, serve
 from tests.conftest import running
 
 BASE = "http://idp.test"
@@ -538,6 +538,34 @@ async def test_device_flow_pending_slow_down_approved(client: httpx.AsyncClient,
     assert error_of(await poll(client, code)) == (400, "invalid_grant", "Device code not valid")
 
 
+@pytest.mark.parametrize("realm_overrides", [{"device_interval": 1}])
+async def test_a_realms_device_interval_is_told_and_enforced(
+    client: httpx.AsyncClient, idp: DevIdP, clock: FakeClock
+) -> None:
+    start = await start_device(client)
+    assert start["interval"] == 1
+    code = start["device_code"]
+    assert error_of(await poll(client, code))[1] == "authorization_pending"
+    clock.advance(0.5)
+    assert error_of(await poll(client, code)) == (400, "slow_down", "Slow down")
+    clock.advance(1)
+    assert error_of(await poll(client, code))[1] == "authorization_pending"
+    idp.approve_device(start["user_code"], "demo")
+    clock.advance(1)
+    assert "access_token" in (await poll(client, code)).json()
+    idp.realm("demo").device_interval = 3  # a new setting holds for the authorizations made after it
+    assert (await start_device(client))["interval"] == 3
+
+
+def test_a_bad_device_interval_on_the_command_line_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("0", "-1", "0.5", "soon"):
+        with pytest.raises(SystemExit) as info:
+            main(["--device-interval", bad])  # refused while parsing: nothing is served
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --device-interval: {bad!r} is not a whole number of seconds, 1 or more" in err
+
+
 async def test_device_flow_denied_and_expired(client: httpx.AsyncClient, idp: DevIdP, clock: FakeClock) -> None:
     denied, expired = await start_device(client), await start_device(client)
     idp.deny_device(denied["user_code"])
@@ -743,7 +771,7 @@ async def test_serve_over_real_http_then_refuses_after_cancel() -> None:
 
 async def test_command_line_prints_url_first_and_exits_0_on_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dc_broker.devserver", "--access-lifespan", "60", "--rotate"],
+        [sys.executable, "-m", "dc_broker.devserver", "--access-lifespan", "60", "--rotate", "--device-interval", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -761,6 +789,8 @@ async def test_command_line_prints_url_first_and_exits_0_on_sigterm() -> None:
                 headers=basic(*CLI),
             )
             assert resp.json()["expires_in"] == 60
+            device = await http.post(f"{OIDC}/auth/device", data={"client_id": "dc-public"})
+            assert device.json()["interval"] == 2
         proc.send_signal(signal.SIGTERM)
         assert await trio.to_thread.run_sync(proc.wait, 10) == 0
     finally:
