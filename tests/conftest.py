@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import inspect
 import random
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +20,7 @@ from dc_broker.policy import DEFAULT_POLICY, RefreshPolicy
 from dc_broker.secret import Secret
 from dc_broker.sessions import Session
 from dc_broker.store import Credentials, MemoryStore
+from tests.e2e import dev_idp
 
 WALL0 = 1_750_000_000.0
 IDP_URL = "http://127.0.0.1:1"  # never dialled: requests go straight into the ASGI app
@@ -106,10 +105,5 @@ async def running(*tasks: Callable[..., Awaitable[object]]) -> AsyncIterator[tri
 @pytest.fixture(scope="module")
 def idp() -> Iterator[str]:
     """The dev IdP as a real process (``python -m dc_broker.devserver`` from this venv): its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dc_broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert proc.stdout is not None
-    yield proc.stdout.readline().strip()
-    proc.terminate()
-    proc.wait(10)
+    with dev_idp() as base:
+        yield base

@@ -72,13 +72,9 @@ async def serve(
 
 
 def _whole_seconds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.isdecimal() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds, 1 or more")
-    return value
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
