@@ -1,11 +1,12 @@
-"""Shared fixtures: the dev IdP in-process (ASGI transport, trio clock) and session factories."""
+"""Shared fixtures: the dev IdP in-process (ASGI transport, trio clock), session factories, and
+``running``: a session's (or a server's) background task for the length of an ``async with``."""
 
 from __future__ import annotations
 
+import inspect
 import random
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from dc_broker.sessions.policy import DEFAULT_POLICY, RefreshPolicy
 from dc_broker.sessions.session import Session
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials
+from tests.e2e import dev_idp
 
 WALL0 = 1_750_000_000.0
 IDP_URL = "http://127.0.0.1:1"  # never dialled: requests go straight into the ASGI app
@@ -79,13 +81,30 @@ def make_session(
     )
 
 
+@asynccontextmanager
+async def running(*tasks: Callable[..., Awaitable[object]]) -> AsyncIterator[trio.Nursery]:
+    """Run ``tasks`` in the background while the body of the ``async with`` runs; cancel them at its end.
+
+    ``async with running(session.run): ...`` is "open a nursery, start the session's refresh task, do
+    the test, cancel". A task that takes ``task_status`` (``Sessions.run``, ``sinks.run``) is started
+    with ``nursery.start``, so the body begins once it is ready; any other (``Session.run``) with
+    ``start_soon``, so it first runs at the body's first checkpoint. Tasks start in the order given;
+    give arguments with ``functools.partial``. Yields the nursery, for the callers a test adds.
+    """
+    async with trio.open_nursery() as nursery:
+        for task in tasks:
+            if "task_status" in inspect.signature(task).parameters:
+                await nursery.start(task)
+            else:
+                nursery.start_soon(task)
+        try:
+            yield nursery
+        finally:
+            nursery.cancel_scope.cancel()
+
+
 @pytest.fixture(scope="module")
 def idp() -> Iterator[str]:
     """The dev IdP as a real process (``python -m dc_broker.devserver`` from this venv): its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dc_broker.devserver"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert proc.stdout is not None
-    yield proc.stdout.readline().strip()
-    proc.terminate()
-    proc.wait(10)
+    with dev_idp() as base:
+        yield base

@@ -63,6 +63,8 @@ def run_crash_loop(kills: int, *, max_reuse: int = 1, access_lifespan: int = 1, 
                 str(max_reuse),
                 "--access-lifespan",
                 str(access_lifespan),
+                "--device-interval",  # each device login ends a second after its approval, not five
+                "1",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -101,7 +103,8 @@ def run_crash_loop(kills: int, *, max_reuse: int = 1, access_lifespan: int = 1, 
             assert login.wait(30) == 0
             lost = 0
             for _ in range(kills):
-                time.sleep(rng.uniform(0.0, 1.5 * access_lifespan))  # refreshes happen every ~0.75 lifetimes
+                # a random moment to kill at (no event to wait for); refreshes come every ~0.75 lifetimes
+                time.sleep(rng.uniform(0.0, 1.5 * access_lifespan))
                 daemon.send_signal(signal.SIGKILL)
                 daemon.wait()
                 daemon = start()

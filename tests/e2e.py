@@ -1,4 +1,5 @@
-"""Helpers for end-to-end tests: real broker processes on real sockets."""
+"""Helpers for end-to-end tests: real broker processes on real sockets, and ``wait_for``, the one way a
+test waits for something a real process does (poll a condition; never sleep and hope)."""
 
 from __future__ import annotations
 
@@ -8,37 +9,78 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from dc_token.protocol import Request, encode
 
 BIN = Path(sys.executable).parent
 DC_BROKER = str(BIN / "dc-broker")
 DC_TOKEN = str(BIN / "dc-token")
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T],
+    timeout: float,
+    what: str,
+    *,
+    process: subprocess.Popen[Any] | None = None,
+    every: float = 0.05,
+) -> T:
+    """Poll ``condition`` every ``every`` s until it returns something truthy; return that value.
+
+    ``what`` names what is awaited ("a broker answering on PATH"). Fails with "timed out after N s
+    waiting for {what}", or, as soon as ``process`` (the program that should bring it about) has
+    exited, with its exit status, what it left in its pipes, and ``what``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            left = "".join(f"\n{pipe.read()!s}" for pipe in (process.stdout, process.stderr) if pipe is not None)
+            raise AssertionError(f"{process.args!r} exited with {process.returncode} while waiting for {what}{left}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
 
 
 def wait_for_socket(path: str, proc: subprocess.Popen[str] | None = None, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            err = proc.stderr.read() if proc.stderr else ""
-            raise AssertionError(f"broker exited with {proc.returncode}:\n{out}\n{err}")
+
+    def answers_hello() -> bool:
         s = socket.socket(socket.AF_UNIX)
         s.settimeout(max(0.1, deadline - time.monotonic()))
         try:
             # a connect succeeds from listen(); an answered hello means the broker is serving
             s.connect(path)
             s.sendall(encode(Request(1, "hello")))
-            if s.recv(65536):
-                return
+            return bool(s.recv(65536))
         except OSError:
-            time.sleep(0.02)
+            return False
         finally:
             s.close()
-    raise AssertionError(f"no broker on {path} after {timeout} s")
+
+    wait_for(answers_hello, timeout, f"a broker answering on {path}", process=proc, every=0.02)
+
+
+def connections_on(path: str, *, accepted_only: bool = False) -> int:
+    """How many connections to the Unix socket bound at ``path`` are open on its server's side:
+    accepted, or (unless ``accepted_only``) still waiting in the listen backlog. From the kernel's
+    table, /proc/net/unix: a server-side socket carries the listener's path; the listener has the
+    __SO_ACCEPTCON flag; one not yet accepted has no inode (no file) yet."""
+    with open("/proc/net/unix") as table:
+        next(table)  # the header: Num RefCount Protocol Flags Type St Inode Path
+        rows = [line.split() for line in table]
+    return sum(
+        1
+        for row in rows
+        if len(row) > 7 and row[7] == path and row[3] != "00010000" and not (accepted_only and row[6] == "0")
+    )
 
 
 def stop(proc: subprocess.Popen[str], sig: int = 15, timeout: float = 10.0) -> int:
@@ -50,6 +92,25 @@ def stop(proc: subprocess.Popen[str], sig: int = 15, timeout: float = 10.0) -> i
         proc.kill()
         proc.wait()
         raise AssertionError("broker did not stop on signal") from None
+
+
+@contextmanager
+def dev_idp(*flags: str, port: int = 0) -> Iterator[str]:
+    """``python -m dc_broker.devserver [flags]`` (the dev IdP and demo API alone); yields its base URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dc_broker.devserver", "--port", str(port), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        base = proc.stdout.readline().strip()
+        assert base.startswith("http://"), base
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @contextmanager

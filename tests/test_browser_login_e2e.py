@@ -14,8 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.e2e import DC_BROKER, dc_token, start_run, stop
-from tests.test_odd_answers_e2e import devserver
+from tests.e2e import DC_BROKER, dc_token, dev_idp, start_run, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +32,7 @@ class FormFields(HTMLParser):
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    with devserver() as base:
+    with dev_idp() as base:
         cfg = tmp_path / "config.toml"
         cfg.write_text(
             f'[profiles.web]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\n'

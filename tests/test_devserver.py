@@ -19,7 +19,8 @@ import jwt
 import pytest
 import trio
 
-from dc_broker.devserver import DevClient, DevIdP, DevRealm, DevUser, demo_realm, serve
+from dc_broker.devserver import DevClient, DevIdP, DevRealm, DevUser, demo_realm, main, serve
+from tests.conftest import running
 
 BASE = "http://idp.test"
 OIDC = "/realms/demo/protocol/openid-connect"
@@ -517,24 +518,38 @@ async def poll(client: httpx.AsyncClient, device_code: str) -> httpx.Response:
     return await post(client, form, auth=None)
 
 
-async def test_device_flow_pending_slow_down_approved(client: httpx.AsyncClient, idp: DevIdP, clock: FakeClock) -> None:
+@pytest.mark.parametrize(("realm_overrides", "interval"), [({}, 5), ({"device_interval": 1}, 1)])
+async def test_device_flow_pending_slow_down_approved(
+    client: httpx.AsyncClient, idp: DevIdP, clock: FakeClock, interval: int
+) -> None:
     start = await start_device(client, scope="openid")
-    assert (start["expires_in"], start["interval"]) == (600, 5)
+    assert (start["expires_in"], start["interval"]) == (600, interval)  # 5: Keycloak's default
     assert start["verification_uri"] == f"{BASE}/realms/demo/device"
     assert start["verification_uri_complete"] == f"{BASE}/realms/demo/device?user_code={start['user_code']}"
     code = start["device_code"]
     assert error_of(await poll(client, code))[1] == "authorization_pending"
-    clock.advance(2)
+    clock.advance(0.4 * interval)
     assert error_of(await poll(client, code)) == (400, "slow_down", "Slow down")
-    clock.advance(5)
+    clock.advance(interval)
     assert error_of(await poll(client, code))[1] == "authorization_pending"
     idp.approve_device(start["user_code"].lower().replace("-", ""), "demo")  # codes match loosely
-    clock.advance(5)
+    clock.advance(interval)
     body = (await poll(client, code)).json()
     assert body["scope"] == "openid profile email" and "id_token" in body and body["refresh_expires_in"] == 1800
     assert claims_of(body["access_token"])["preferred_username"] == "demo"
-    clock.advance(5)
+    clock.advance(interval)
     assert error_of(await poll(client, code)) == (400, "invalid_grant", "Device code not valid")
+    idp.realm("demo").device_interval = 3  # a changed setting holds for the authorizations made after it
+    assert (await start_device(client))["interval"] == 3
+
+
+def test_a_bad_device_interval_on_the_command_line_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("0", "-1", "0.5", "soon"):
+        with pytest.raises(SystemExit) as info:
+            main(["--device-interval", bad])  # refused while parsing: nothing is served
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --device-interval: {bad!r} is not a whole number of seconds, 1 or more" in err
 
 
 async def test_device_flow_denied_and_expired(client: httpx.AsyncClient, idp: DevIdP, clock: FakeClock) -> None:
@@ -721,7 +736,7 @@ async def test_serve_over_real_http_then_refuses_after_cancel() -> None:
     idp = DevIdP(
         [demo_realm(), DevRealm("other", users=[DevUser("u", "p", ["dc-api"])], clients=[DevClient("c", "s")])]
     )
-    async with trio.open_nursery() as nursery:
+    async with running() as nursery:
         base_url = await nursery.start(serve, idp)
         assert base_url.startswith("http://127.0.0.1:")
         async with httpx.AsyncClient(base_url=base_url) as http:
@@ -735,7 +750,6 @@ async def test_serve_over_real_http_then_refuses_after_cancel() -> None:
             assert resp.status_code == 200 and resp.headers["cache-control"] == "no-store"
             api = await http.get(API, headers={"Authorization": f"Bearer {resp.json()['access_token']}"})
             assert api.status_code == 200
-        nursery.cancel_scope.cancel()
     async with httpx.AsyncClient(base_url=base_url) as http:
         with pytest.raises(httpx.ConnectError):
             await http.get("/realms/demo/.well-known/openid-configuration")
@@ -743,7 +757,7 @@ async def test_serve_over_real_http_then_refuses_after_cancel() -> None:
 
 async def test_command_line_prints_url_first_and_exits_0_on_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dc_broker.devserver", "--access-lifespan", "60", "--rotate"],
+        [sys.executable, "-m", "dc_broker.devserver", "--access-lifespan", "60", "--rotate", "--device-interval", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -761,6 +775,8 @@ async def test_command_line_prints_url_first_and_exits_0_on_sigterm() -> None:
                 headers=basic(*CLI),
             )
             assert resp.json()["expires_in"] == 60
+            device = await http.post(f"{OIDC}/auth/device", data={"client_id": "dc-public"})
+            assert device.json()["interval"] == 2
         proc.send_signal(signal.SIGTERM)
         assert await trio.to_thread.run_sync(proc.wait, 10) == 0
     finally:

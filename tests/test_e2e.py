@@ -9,7 +9,6 @@ import socket
 import stat
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 from dc_token.errors import BadRequest, BrokerUnavailable, UnknownProfile
 from dc_token.protocol import Request, encode
 from dc_token.sync import TokenClient
-from tests.e2e import DC_BROKER, dc_token, dev_broker, run, start_run, stop
+from tests.e2e import DC_BROKER, connections_on, dc_token, dev_broker, dev_idp, run, start_run, stop, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -287,12 +286,13 @@ def test_dev_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
 
 def test_broker_survives_clients_vanishing_mid_request(dev) -> None:
     sock, _, _ = dev
+    before = connections_on(sock)  # earlier tests' connections may still be open
     for _ in range(20):
         s = socket.socket(socket.AF_UNIX)
         s.connect(sock)
         s.sendall(encode(Request(1, "token", {"profile": "demo", "min_ttl": 86400})))
         s.close()
-    time.sleep(0.1)
+    wait_for(lambda: connections_on(sock) <= before, 20, "the broker to be done with the 20 vanished clients")
     assert TokenClient(sock).token("demo")
 
 
@@ -347,24 +347,46 @@ def test_login_with_password(dev) -> None:
     assert fixed.returncode == 0 and dc_token(sock, "demo").returncode == 0
 
 
-def test_device_login_through_the_verification_page(dev) -> None:
-    sock, base, _ = dev
-    assert dc_token(sock, "demo-device").returncode == 5  # login required
-    proc = subprocess.Popen(
-        [DC_BROKER, "login", "--socket", sock, "demo-device"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None
-    shown = ""
-    while "enter the code" not in shown:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else ""
-        shown += line
-    code = shown.split("enter the code ")[1].split()[0]
-    page = httpx.post(f"{base}/realms/demo/device", data={"user_code": code, "username": "demo", "password": "demo"})
-    assert page.status_code == 200
-    out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
-    assert "Logged in: profile demo-device" in out
-    token = dc_token(sock, "demo-device")
-    assert token.returncode == 0
-    assert httpx.get(base + API, headers={"Authorization": f"Bearer {token.stdout.strip()}"}).status_code == 200
+DEVICE_PROFILE = """[profiles.demo-device]
+server = "{base}"
+tenant = "demo"
+client_id = "dc-public"
+grant = "device"
+auth_method = "none"
+"""
+
+
+def test_device_login_through_the_verification_page(tmp_path: Path) -> None:
+    # the demo-device profile of `dc-broker dev`, on a broker of its own against a realm that asks for
+    # a poll every second (the least the broker accepts) instead of Keycloak's 5 s
+    with dev_idp("--device-interval", "1") as base:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(DEVICE_PROFILE.format(base=base))
+        sock = str(tmp_path / "run" / "b.sock")
+        broker = start_run(cfg, sock, "")
+        try:
+            assert dc_token(sock, "demo-device").returncode == 5  # login required
+            proc = subprocess.Popen(
+                [DC_BROKER, "login", "--socket", sock, "demo-device"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdout is not None
+            shown = ""
+            while "enter the code" not in shown:
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read() if proc.stderr else ""
+                shown += line
+            code = shown.split("enter the code ")[1].split()[0]
+            form = {"user_code": code, "username": "demo", "password": "demo"}
+            page = httpx.post(f"{base}/realms/demo/device", data=form)
+            assert page.status_code == 200
+            out, err = proc.communicate(timeout=20)
+            assert proc.returncode == 0, err
+            assert "Logged in: profile demo-device" in out
+            token = dc_token(sock, "demo-device")
+            assert token.returncode == 0
+            assert httpx.get(base + API, headers={"Authorization": f"Bearer {token.stdout.strip()}"}).status_code == 200
+        finally:
+            assert stop(broker) == 0

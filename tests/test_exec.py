@@ -11,14 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from dc_token.cli import parse
 from dc_token.supervise import signal_number
-from tests.e2e import DC_TOKEN, dev_broker
+from tests.e2e import DC_TOKEN, dev_broker, wait_for
 
 API = "/dp/api/v1/aiconnections/types"
 
@@ -65,7 +64,7 @@ while len(set(updates)) < want:
             calls += 1
         except urllib.error.HTTPError as exc:
             sys.exit(f"the API said {exc.code} to the held token after {len(updates)} updates")
-    time.sleep(0.05)
+    time.sleep(0.05)  # the child's check interval: it holds the token and checks it, as a real program would
 print(f"{len(set(updates))} updates, {checks} checks, {calls} API calls, path {path}")
 """
 
@@ -91,7 +90,7 @@ import os, signal, sys, time
 with open(sys.argv[1], "a") as log:
     log.write(os.environ["DC_TOKEN"] + "\n")
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(int(sys.argv[2])))
-time.sleep(60)
+time.sleep(60)  # a long-running command: it only ends when dc-token restarts or stops it
 """
 
 
@@ -105,11 +104,7 @@ def test_restart_starts_the_command_again_with_each_new_token(dev, tmp_path: Pat
         text=True,
     )
     try:
-        deadline = time.monotonic() + 40
-        while not log.exists() or len(log.read_text().split()) < 3:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "fewer than 3 starts in 30 s"
-            time.sleep(0.05)
+        wait_for(lambda: log.exists() and len(log.read_text().split()) >= 3, 40, "the third start", process=proc)
     finally:
         proc.send_signal(signal.SIGTERM)  # forwarded: the command exits 42, and so does dc-token
         assert proc.wait(15) == 42
@@ -161,15 +156,12 @@ def test_sigint_from_a_process_is_forwarded_once(dev, tmp_path: Path) -> None:
         "import signal, sys, time\n"
         f"signal.signal(signal.SIGINT, lambda *_: (open({str(log)!r}, 'a').write('int\\n'), sys.exit(130)))\n"
         f"open({str(log)!r}, 'a').write('ready\\n')\n"
-        "time.sleep(60)\n"
+        "time.sleep(60)\n"  # a long-running command: only the forwarded SIGINT ends it
     )
     proc = subprocess.Popen(
         [DC_TOKEN, "exec", "demo", "--token-file", "--", sys.executable, "-c", child], env=exec_env(sock)
     )
-    deadline = time.monotonic() + 20
-    while not log.exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(log.exists, 20, "the command to be ready for the SIGINT", process=proc, every=0.02)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(15) == 130
     assert log.read_text() == "ready\nint\n"

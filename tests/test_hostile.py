@@ -78,7 +78,7 @@ def test_half_sent_frame_is_cut_off_after_the_deadline(dev, tmp_path: Path) -> N
         assert time.monotonic() - t0 < 3
         idle = socket.socket(socket.AF_UNIX)
         idle.connect(sock)  # an idle connection with no partial frame is left alone
-        time.sleep(0.6)
+        time.sleep(0.6)  # the window under test: longer than partial_frame_timeout, and nothing must happen
         idle.sendall(encode(Request(2, "hello")))
         idle.settimeout(5)
         assert idle.recv(65536)
@@ -96,7 +96,7 @@ def test_no_secret_or_token_reaches_the_logs(tmp_path: Path) -> None:
                 out = dc_token(sock, profile)
                 assert out.returncode == 0
                 seen.add(out.stdout.strip())
-            time.sleep(0.4)
+            time.sleep(0.4)  # a client's pace over 2-second tokens: the broker rotates and refreshes meanwhile
         with TokenClient(sock, cache=False) as c:
             tok = c.token("demo")
             seen.add(tok)

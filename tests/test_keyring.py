@@ -15,8 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from dc_broker.errors import VaultError
 from dc_broker.secret import Secret
 from dc_broker.tokens import Credentials
 from dc_broker.vault import Keyring, KeySourceKind, Vault, create_keyring_key
-from tests.e2e import DC_BROKER, dc_token, stop, wait_for_socket
+from tests.e2e import DC_BROKER, dc_token, stop, wait_for, wait_for_socket
 
 secretstorage = pytest.importorskip("secretstorage", reason="the `keyring` extra (secretstorage) is not installed")
 from jeepney.bus_messages import message_bus  # noqa: E402  (jeepney comes with secretstorage)
@@ -77,16 +76,6 @@ def _ensure_programs() -> None:
         _unavailable(f"apt-get installed gnome-keyring, dbus and dbus-x11, but {still} are still not on PATH")
 
 
-def _poll(condition: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not ready after {timeout} s")
-        time.sleep(0.02)
-
-
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -111,7 +100,7 @@ def session_bus() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _poll(lambda: os.path.exists(socket), "dbus-daemon", proc)
+        wait_for(lambda: os.path.exists(socket), 20, "dbus-daemon's socket", process=proc, every=0.02)
         yield f"unix:path={socket}"
     finally:
         _stop(proc)
@@ -196,11 +185,18 @@ def _gnome_keyring(
                 return False
 
     try:
-        _poll(ready, "gnome-keyring-daemon" + ("'s unlocked login keyring" if unlock else ""), proc)
+        what = "gnome-keyring-daemon" + (" with an unlocked login keyring" if unlock else "") + " on the bus"
+        wait_for(ready, 20, what, process=proc, every=0.02)
         yield Desktop(env, tmp_path)
     finally:
         _stop(proc)
-        _poll(lambda: not _on_bus(session_bus, "org.freedesktop.secrets"), "gnome-keyring-daemon gone", proc)
+        # stopped on purpose: its name leaves the bus with it
+        wait_for(
+            lambda: not _on_bus(session_bus, "org.freedesktop.secrets"),
+            20,
+            "gnome-keyring-daemon's name to leave the bus",
+            every=0.02,
+        )
         shutil.rmtree(runtime, ignore_errors=True)
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from dc_broker.serve.server import _reply_frame
 from dc_token.protocol import MAX_FRAME, Request, encode
-from tests.e2e import start_run, stop
+from tests.e2e import start_run, stop, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -132,14 +132,11 @@ def every_profile(sock: str) -> list[dict[str, Any]]:
 
 
 def test_status_of_a_thousand_profiles_in_an_outage_fits_one_frame(broker: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
+    def all_failed() -> list[dict[str, Any]] | None:
         entries = every_profile(broker)
-        waiting = [e["state"] for e in entries if not e["last_error"]]
-        if not waiting:
-            break
-        assert time.monotonic() < deadline, waiting
-        time.sleep(0.5)
+        return entries if all(e["last_error"] for e in entries) else None
+
+    entries = wait_for(all_failed, 120, "a last_error on every profile", every=0.5)
     assert [e["profile"] for e in entries] == [f"p{i:04d}" for i in range(PROFILES)]  # each once, in order
     cut = [e for e in entries if "down for maintenance" in e["last_error"]]
     assert cut, "no profile recorded the IdP's own message"
@@ -178,7 +175,7 @@ def test_a_dripped_frame_gets_one_deadline_for_the_whole_frame(small: str) -> No
     try:
         for byte in frame[:-1]:  # one byte every 0.1 s: each recv is quick, the frame is not
             s.sendall(bytes([byte]))
-            time.sleep(0.1)
+            time.sleep(0.1)  # the drip under test
             if time.monotonic() - t0 > 3:
                 break
     except (BrokenPipeError, ConnectionResetError):
@@ -201,7 +198,7 @@ def test_a_connection_that_sends_nothing_is_closed_and_one_that_talks_is_not(sma
     for i in range(5):  # 2 s of a request every 0.4 s: longer than idle_timeout, never idle that long
         talking.sendall(encode(Request(i, "hello")))
         assert talking.recv(65536)
-        time.sleep(0.4)
+        time.sleep(0.4)  # the pace under test: never idle for idle_timeout
     assert idle.recv(100) == b""  # closed by the broker after idle_timeout (1 s)
     assert 0.9 < time.monotonic() - t0 < 5
     idle.close()

@@ -21,18 +21,9 @@ from dc_broker.sessions.states import Event, LifecycleError, State, next_state
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import CredentialsRejected, Locked, LoginRequired, UpstreamUnavailable
-from tests.conftest import CREDENTIALS, idp_transport, make_session, profile
+from tests.conftest import CREDENTIALS, idp_transport, make_session, profile, running
 
 T = 300.0
-
-
-async def _run(session: Session, body: Any) -> Any:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
-        try:
-            return await body()
-        finally:
-            nursery.cancel_scope.cancel()
 
 
 def _token_requests(idp: Any, grant: str) -> int:
@@ -48,15 +39,13 @@ async def test_a_forgotten_session_is_recovered_with_the_stored_password(make_id
     idp.faults.refusal_body = body
     session = make_session(idp)
 
-    async def scenario() -> None:
+    async with running(session.run):
         first = await session.get()
         idp.kill_sessions("demo")  # the IdP restarted and forgot every session
         await trio.sleep(T)  # one refresh interval (refreshes at 75 % +- 5 %)
         assert session.state is State.FRESH and session.token is not first
         assert _token_requests(idp, "refresh_token") == 1  # the dead refresh token was tried once
         assert _token_requests(idp, "password") == 2  # ... then the stored password
-
-    await _run(session, scenario)
 
 
 @pytest.mark.parametrize("body", ["empty", "html", "json"])
@@ -67,15 +56,13 @@ async def test_a_refused_password_is_rejected_with_its_http_status(make_idp, aut
         idp, credentials=Credentials(password=Secret("wrong"), client_secret=Secret("dc-cli-secret"))
     )
 
-    async def scenario() -> None:
+    async with running(session.run):
         with pytest.raises(CredentialsRejected, match="HTTP 401") as info:
             await session.get()
         assert "password of user 'demo'" in info.value.message
         before = idp.stats.total
         await trio.sleep(3600)
         assert session.state is State.REJECTED and idp.stats.total == before  # no retries
-
-    await _run(session, scenario)
 
 
 async def test_a_public_client_is_not_told_to_fix_its_secret(make_idp, autojump_clock) -> None:
@@ -94,14 +81,12 @@ async def test_a_404_issuer_is_a_config_error_counted_and_not_retried(make_idp, 
     idp = make_idp()
     session = make_session(idp, server=None, tenant=None, issuer="http://127.0.0.1:1/realms/nope")
 
-    async def scenario() -> None:
+    async with running(session.run):
         with pytest.raises(CredentialsRejected, match=r"HTTP 404.*check the issuer URL"):
             await session.get()
         await trio.sleep(3600)
         assert session.state is State.REJECTED and session.idp_requests == 1
         assert idp.stats.requests["discovery"] == 1
-
-    await _run(session, scenario)
 
 
 async def test_a_non_https_endpoint_in_discovery_is_a_clean_config_error(make_idp, autojump_clock) -> None:
@@ -134,8 +119,7 @@ async def test_every_lifetime_keeps_the_floor_rate_and_a_sane_status(make_idp, a
     session = make_session(idp, "service")
     callers = 0
 
-    async def scenario() -> None:
-        nonlocal callers
+    async with running(session.run):
         start = trio.current_time()
         for _ in range(200):  # a busy caller for 100 s that always wants 30 s left
             with contextlib.suppress(UpstreamUnavailable):
@@ -147,8 +131,6 @@ async def test_every_lifetime_keeps_the_floor_rate_and_a_sane_status(make_idp, a
         st = session.status(trio.current_time())
         json.dumps(st, allow_nan=False)  # no inf/NaN reaches `dc-broker status`
         assert st["expires_in"] is not None and st["expires_in"] <= oidc.MAX_LIFETIME
-
-    await _run(session, scenario)
     assert callers == 200
 
 
@@ -164,7 +146,7 @@ async def test_an_echoed_password_never_reaches_logs_status_or_errors(make_idp, 
         idp, credentials=Credentials(password=Secret(password), client_secret=Secret("dc-cli-secret"))
     )
 
-    async def scenario() -> None:
+    async with running(session.run):
         with pytest.raises(CredentialsRejected) as info:
             await session.get()
         texts = [info.value.message, json.dumps(session.status(trio.current_time())), caplog.text]
@@ -172,8 +154,6 @@ async def test_an_echoed_password_never_reaches_logs_status_or_errors(make_idp, 
             assert password not in text and "s3cret-Passw0rd%21" not in text and "dc-cli-secret" not in text
             assert "\x00" not in text and "\x1b" not in text
         assert len(info.value.message) < 1000
-
-    await _run(session, scenario)
 
 
 # -- 1e: one deadline per request --------------------------------------------------------------------
@@ -186,12 +166,10 @@ async def test_a_drip_feeding_idp_cannot_keep_a_profile_refreshing(make_idp, aut
     transport = IdpTransport(Timeouts(total=20.0), transport=httpx.ASGITransport(app=idp.app))
     session = Session(profile("demo"), store, transport)
 
-    async def scenario() -> None:
+    async with running(session.run):
         with pytest.raises(UpstreamUnavailable, match="within 20 s"):
             await session.get()
         assert session.state is State.UNAVAILABLE
-
-    await _run(session, scenario)
 
 
 # -- 1f: demand probes ---------------------------------------------------------------------------------
@@ -201,7 +179,7 @@ async def test_callers_see_the_recovery_within_the_probe_interval(make_idp, auto
     idp = make_idp(access_lifespan=T)
     session = make_session(idp, "service")
 
-    async def scenario() -> None:
+    async with running(session.run):
         idp.faults.fail_next(12, status=503)
         with pytest.raises(UpstreamUnavailable):
             await session.get()
@@ -217,8 +195,6 @@ async def test_callers_see_the_recovery_within_the_probe_interval(make_idp, auto
                 await trio.sleep(exc.retry_after)
         assert trio.current_time() - back_at <= session.policy.demand_probe_interval + 0.01
 
-    await _run(session, scenario)
-
 
 # -- 1g: logins are non-destructive --------------------------------------------------------------------
 
@@ -227,7 +203,7 @@ async def test_a_wrong_password_at_login_keeps_the_working_login(make_idp, autoj
     idp = make_idp(access_lifespan=T)
     session = make_session(idp)
 
-    async def scenario() -> None:
+    async with running(session.run):
         working = await session.get()
         with pytest.raises(CredentialsRejected, match="HTTP 401"):
             await session.password_login(Secret("wrong"))
@@ -236,35 +212,29 @@ async def test_a_wrong_password_at_login_keeps_the_working_login(make_idp, autoj
         new = await session.password_login(Secret("demo"))
         assert session.token is new
 
-    await _run(session, scenario)
-
 
 async def test_logout_keeps_a_confidential_clients_secret(make_idp, autojump_clock) -> None:
     idp = make_idp()
     session = make_session(idp)
 
-    async def scenario() -> None:
+    async with running(session.run):
         await session.get()
         assert await session.logout()
         assert session.store.credentials("demo") == Credentials(client_secret=Secret("dc-cli-secret"))
         await session.password_login(Secret("demo"))  # works: the client secret was kept
         assert session.state is State.FRESH
 
-    await _run(session, scenario)
-
 
 async def test_logout_of_client_credentials_revokes_the_access_token(make_idp, autojump_clock) -> None:
     idp = make_idp()
     session = make_session(idp, "service")
 
-    async def scenario() -> None:
+    async with running(session.run):
         tok = await session.get()
         assert await session.logout()
         assert oidc_claims_revoked(idp, tok.access_token.reveal())
         with pytest.raises(LoginRequired, match="no client secret stored"):
             await session.get()
-
-    await _run(session, scenario)
 
 
 def oidc_claims_revoked(idp: Any, token: str) -> bool:
@@ -285,7 +255,7 @@ async def test_a_corrupt_password_record_keeps_a_valid_token(make_idp, autojump_
     idp = make_idp(access_lifespan=T)
     session = make_session(idp)
 
-    async def scenario() -> None:
+    async with running(session.run):
         working = await session.get()
 
         def corrupt(profile: str) -> Credentials:
@@ -298,8 +268,6 @@ async def test_a_corrupt_password_record_keeps_a_valid_token(make_idp, autojump_
         await trio.sleep(0.2 * T)
         with pytest.raises(LoginRequired):
             await session.get()
-
-    await _run(session, scenario)
 
 
 async def test_device_login_asks_for_openid_by_default(make_idp, autojump_clock) -> None:
@@ -346,15 +314,12 @@ async def test_settled_returns_when_the_attempt_ends(make_idp, autojump_clock) -
     idp.faults.latency = 3.0
     session = make_session(idp)
 
-    async def scenario() -> None:
-        async with trio.open_nursery() as inner:
-            inner.start_soon(session.get)
-            await trio.sleep(1)
-            assert session.state is State.REFRESHING
-            await session.settled()
-            assert session.state is State.FRESH and trio.current_time() == pytest.approx(3.0, abs=0.01)
-
-    await _run(session, scenario)
+    async with running(session.run), trio.open_nursery() as inner:
+        inner.start_soon(session.get)
+        await trio.sleep(1)
+        assert session.state is State.REFRESHING
+        await session.settled()
+        assert session.state is State.FRESH and trio.current_time() == pytest.approx(3.0, abs=0.01)
 
 
 # -- the state table -------------------------------------------------------------------------------------
@@ -392,11 +357,9 @@ async def test_sessions_settled_waits_for_every_attempt(make_idp, autojump_clock
     idp.faults.latency = 2.0
     store = MemoryStore(dict(CREDENTIALS))
     sessions = Sessions({n: profile(n) for n in ("demo", "service")}, store, idp_transport(idp))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sessions.run)
+    async with running(sessions.run) as nursery:
         nursery.start_soon(sessions.lookup("demo").get)
         nursery.start_soon(sessions.lookup("service").get)
         await trio.sleep(0.5)
         await sessions.settled()
         assert all(sessions.lookup(n).state is State.FRESH for n in ("demo", "service"))
-        nursery.cancel_scope.cancel()

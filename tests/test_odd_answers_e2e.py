@@ -7,16 +7,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e import DC_BROKER, dc_token, run, start_run, stop
+from tests.e2e import DC_BROKER, dc_token, dev_idp, run, start_run, stop, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -27,24 +24,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@contextmanager
-def devserver(*flags: str, port: int = 0) -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dc_broker.devserver", "--port", str(port), *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        base = proc.stdout.readline().strip()
-        assert base.startswith("http://"), base
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def write_config(tmp: Path, base: str) -> Path:
@@ -73,21 +52,12 @@ def status(sock: str) -> dict[str, dict[str, Any]]:
     return {p["profile"]: p for p in json.loads(out.stdout)["profiles"]}
 
 
-def wait_for(condition: Callable[[], bool], timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s")
-
-
 @pytest.mark.parametrize("body", ["empty", "html", "json"])
 def test_a_wrong_password_at_add_exits_8_naming_the_http_status(tmp_path: Path, body: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DC_BROKER_")}
     env.update(XDG_CONFIG_HOME=str(tmp_path / "c"), XDG_DATA_HOME=str(tmp_path / "d"))
     env["DC_BROKER_SOCKET"] = str(tmp_path / "none.sock")
-    with devserver("--refusal-body", body, "--echo-description") as base:
+    with dev_idp("--refusal-body", body, "--echo-description") as base:
         args = ["add", "acme", "--server", base, "--tenant", "demo", "--client-id", "dc-cli", "--username", "demo"]
         result = subprocess.run(
             [DC_BROKER, *args, "--password-stdin", "--secret-stdin"],
@@ -108,16 +78,22 @@ def test_an_idp_restart_that_forgets_every_session_is_recovered_within_one_refre
     port = free_port()
     flags = ("--refusal-body", "empty", "--access-lifespan", str(lifespan), "--sso-idle", str(lifespan))
     sock = str(tmp_path / "run" / "b.sock")
-    with devserver(*flags, port=port) as base:
+    with dev_idp(*flags, port=port) as base:
         broker = start_run(write_config(tmp_path, base), sock, SECRETS)
-        wait_for(lambda: status(sock)["acme"]["state"] == "fresh", 10)
+        wait_for(lambda: status(sock)["acme"]["state"] == "fresh", 10, "a fresh acme token", every=0.1)
     try:
-        # the IdP is down: the broker's refreshes fail while it is gone
+        # the IdP is down: the broker's refreshes fail while it is gone (the sleep is the outage itself,
+        # not a wait for anything)
         time.sleep(1.0)
-        with devserver(*flags, port=port):  # back, with no memory of any session
+        with dev_idp(*flags, port=port):  # back, with no memory of any session
             restarted = time.monotonic()
             before = status(sock)["acme"]["refreshes"]
-            wait_for(lambda: status(sock)["acme"]["refreshes"] > before, lifespan + 2)
+            wait_for(
+                lambda: status(sock)["acme"]["refreshes"] > before,
+                lifespan + 2,
+                "a refresh after the restart",
+                every=0.1,
+            )
             assert time.monotonic() - restarted <= lifespan + 2
             st = status(sock)["acme"]
             assert st["state"] == "fresh" and st["last_error"] is None
@@ -130,7 +106,7 @@ def test_an_idp_restart_that_forgets_every_session_is_recovered_within_one_refre
 @pytest.mark.parametrize("raw", ["NaN", "1e999", "1e18", "absent", "0", "-5"])
 def test_every_lifetime_works_in_status_and_every_dc_token_form(tmp_path: Path, raw: str) -> None:
     sock = str(tmp_path / "run" / "b.sock")
-    with devserver("--expires-in", raw) as base:
+    with dev_idp("--expires-in", raw) as base:
         broker = start_run(write_config(tmp_path, base), sock, SECRETS)
         started = time.monotonic()
         try:
@@ -145,7 +121,7 @@ def test_every_lifetime_works_in_status_and_every_dc_token_form(tmp_path: Path, 
             cred = json.loads(outs[("--exec-credential",)].stdout)
             stamp = time.mktime(time.strptime(cred["status"]["expirationTimestamp"], "%Y-%m-%dT%H:%M:%SZ"))
             assert stamp - time.timezone >= time.time() - 1  # never in the past
-            time.sleep(2.0)
+            time.sleep(2.0)  # the window under test: no more IdP requests in it than the floor allows
             st = status(sock)
             elapsed = time.monotonic() - started
             for name in ("acme", "svc"):
@@ -158,7 +134,7 @@ def test_every_lifetime_works_in_status_and_every_dc_token_form(tmp_path: Path, 
 
 def test_login_and_logout_of_a_client_credentials_profile(tmp_path: Path) -> None:
     sock = str(tmp_path / "run" / "b.sock")
-    with devserver() as base:
+    with dev_idp() as base:
         broker = start_run(write_config(tmp_path, base), sock, SECRETS)
         try:
             assert dc_token(sock, "svc").returncode == 0

@@ -15,7 +15,7 @@ from dc_broker.sessions.session import Session, shift_times
 from dc_broker.sessions.states import State
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import CredentialsRejected, LoginRequired, UpstreamError, UpstreamUnavailable
-from tests.conftest import make_session, trio_wall_clock
+from tests.conftest import make_session, running, trio_wall_clock
 
 T = 1800.0
 
@@ -44,15 +44,13 @@ async def test_refreshes_land_in_their_window_and_min_ttl_always_holds(make_idp,
     session = make_session(idp)
     rec = Recorder(session)
     served: list[float] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         for _ in range(int(9 * 3600 / 7)):  # a reader every 7 s for 9 simulated hours
             tok = await session.get(min_ttl=60)
             remaining = tok.expires_at - trio.current_time()
             assert remaining >= 60
             served.append(remaining)
             await trio.sleep(7)
-        nursery.cancel_scope.cancel()
     assert len(rec.saved) >= 9 * 3600 / (0.8 * T) - 1
     for prev, nxt in zip(rec.saved, rec.saved[1:], strict=False):
         lo, hi = policy.refresh_window(policy.DEFAULT_POLICY, obtained_at=prev.obtained_at, expires_at=prev.expires_at)
@@ -65,10 +63,8 @@ async def test_steady_state_request_rate(make_idp, autojump_clock) -> None:
     # 24 simulated hours across two SSO Session Max boundaries (10 h): re-logins included
     idp = make_idp(access_lifespan=T, sso_idle=T, sso_max=10 * 3600)
     session = make_session(idp)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         await trio.sleep(24 * 3600)
-        nursery.cancel_scope.cancel()
     per_hour = token_requests(idp) / 24
     assert per_hour <= 1.1 * 3600 / (0.75 * T)
 
@@ -83,13 +79,11 @@ async def test_thousand_callers_on_an_expired_token_make_one_idp_request(make_id
         tok = await session.get(min_ttl=10)
         results.append(tok.access_token.reveal())
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(session.run, first_attempt_delay=math.inf))
+    async with running(partial(session.run, first_attempt_delay=math.inf)) as nursery:
         await trio.sleep(0)
         for _ in range(1000):
             nursery.start_soon(caller)
         await trio.sleep(5)
-        nursery.cancel_scope.cancel()
     assert len(results) == 1000 and len(set(results)) == 1
     assert token_requests(idp) == 1
 
@@ -107,10 +101,8 @@ async def test_rotation_never_reuses_a_refresh_token(make_idp, autojump_clock) -
                     n.start_soon(session.get, 200)
             await trio.sleep(53)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         await storm()
-        nursery.cancel_scope.cancel()
     refresh_tokens = [t.refresh_token.reveal() for t in rec.saved if t.refresh_token]
     assert len(refresh_tokens) == len(set(refresh_tokens)) > 20
     assert idp.stats.refresh_reuse == 0
@@ -120,13 +112,11 @@ async def test_rotation_never_reuses_a_refresh_token(make_idp, autojump_clock) -
 async def test_session_max_leads_to_relogin_with_stored_password(make_idp, autojump_clock) -> None:
     idp = make_idp(access_lifespan=T, sso_idle=T, sso_max=3600)
     session = make_session(idp)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         for _ in range(5 * 60):
             tok = await session.get(min_ttl=30)
             assert tok.expires_at - trio.current_time() >= 30
             await trio.sleep(60)
-        nursery.cancel_scope.cancel()
     grants = idp.stats.token_requests
     assert grants[("demo", "dc-cli", "password")] >= 2  # the first login and at least one re-login
     assert session.state is State.FRESH
@@ -150,22 +140,19 @@ async def test_device_login_expires_to_login_required(make_idp, autojump_clock) 
     )
     first = oidc.parse_token_response(login, trio.current_time())
     session = make_session(idp, "device", credentials=Credentials(refresh_token=first.refresh_token))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         tok = await session.get()
         assert tok.access_token != first.access_token
         await trio.sleep(1200)  # past SSO Session Max
         with pytest.raises(LoginRequired, match="dc-broker login device"):
             await session.get(min_ttl=10)
         assert session.state is State.LOGIN_REQUIRED
-        nursery.cancel_scope.cancel()
 
 
 async def test_outage_serves_valid_token_backs_off_and_recovers(make_idp, autojump_clock) -> None:
     idp = make_idp(access_lifespan=T)
     session = make_session(idp)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         first = await session.get()
         idp.faults.fail_next(10_000, status=503)
         before = token_requests(idp)
@@ -185,15 +172,13 @@ async def test_outage_serves_valid_token_backs_off_and_recovers(make_idp, autoju
         await trio.sleep(policy.DEFAULT_POLICY.backoff_cap + 1)
         tok = await session.get(min_ttl=60)
         assert tok.access_token != first.access_token and session.state is State.FRESH
-        nursery.cancel_scope.cancel()
 
 
 async def test_retry_after_is_honoured(make_idp, autojump_clock) -> None:
     idp = make_idp(access_lifespan=T)
     session = make_session(idp)
     idp.faults.fail_next(1, status=503, retry_after=120)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         with pytest.raises(UpstreamUnavailable) as info:
             await session.get()
         assert info.value.retry_after == pytest.approx(120, abs=1)
@@ -201,7 +186,6 @@ async def test_retry_after_is_honoured(make_idp, autojump_clock) -> None:
         assert token_requests(idp) == 1
         await trio.sleep(2)
         assert token_requests(idp) == 2 and session.state is State.FRESH
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize(
@@ -211,28 +195,24 @@ async def test_garbage_from_the_idp_is_upstream_error(make_idp, autojump_clock, 
     idp = make_idp()
     session = make_session(idp)
     idp.faults.malformed(kind, count=1)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         with pytest.raises(UpstreamError, match=match) as info:
             await session.get()
         assert info.value.retry_after is not None
         await trio.sleep(10)
         assert (await session.get()).access_token  # recovers by itself
         assert session.state is State.FRESH
-        nursery.cancel_scope.cancel()
 
 
 async def test_hung_idp_gives_callers_an_answer_not_a_hang(make_idp, autojump_clock) -> None:
     idp = make_idp()
     session = make_session(idp)
     idp.faults.hang = True
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         start = trio.current_time()
         with pytest.raises(UpstreamUnavailable):
             await session.get()
         assert trio.current_time() - start <= 31
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize(
@@ -252,8 +232,7 @@ async def test_rejected_credentials_stop_retries_until_changed(
 ) -> None:
     idp = make_idp()
     session = make_session(idp, name, credentials=credentials)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         with pytest.raises(CredentialsRejected, match=match):
             await session.get()
         assert session.state is State.REJECTED
@@ -267,25 +246,21 @@ async def test_rejected_credentials_stop_retries_until_changed(
         session.store.set_credentials(name, CREDENTIALS[name])  # type: ignore[attr-defined]
         session.credentials_changed()
         assert (await session.get()).access_token
-        nursery.cancel_scope.cancel()
 
 
 async def test_no_credentials_means_login_required(make_idp, autojump_clock) -> None:
     idp = make_idp()
     session = make_session(idp, credentials=Credentials())
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         with pytest.raises(LoginRequired, match="dc-broker login demo"):
             await session.get()
-        nursery.cancel_scope.cancel()
     assert token_requests(idp) == 0
 
 
 async def test_invalidate_forces_one_refresh_rate_limited(make_idp, autojump_clock) -> None:
     idp = make_idp()
     session = make_session(idp)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         first = (await session.get()).access_token.reveal()
         assert not session.invalidate("some-other-token")
         assert session.invalidate(first)
@@ -295,19 +270,16 @@ async def test_invalidate_forces_one_refresh_rate_limited(make_idp, autojump_clo
         await trio.sleep(11)
         assert session.invalidate(second)
         assert (await session.get()).access_token.reveal() != second
-        nursery.cancel_scope.cancel()
     assert token_requests(idp) == 3
 
 
 async def test_min_ttl_beyond_lifetime_does_not_refresh_every_call(make_idp, autojump_clock) -> None:
     idp = make_idp(access_lifespan=300)
     session = make_session(idp)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         for _ in range(600):
             await session.get(min_ttl=3600)
             await trio.sleep(1)
-        nursery.cancel_scope.cancel()
     # 10 minutes of calls at 1/s: bounded by one refresh per half lifetime, not 600
     assert token_requests(idp) <= 600 / 150 + 2
 
@@ -320,8 +292,7 @@ async def test_reload_adds_changes_and_removes_without_dropping_tokens(make_idp,
     idp = make_idp()
     store = MemoryStore(dict(CREDENTIALS))
     sessions = Sessions({"demo": profile("demo"), "service": profile("service")}, store, idp_transport(idp))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sessions.run)
+    async with running(sessions.run):
         demo_token = (await sessions.lookup("demo").get()).access_token
         added, changed, removed = sessions.reload({"demo": profile("demo"), "device": profile("device")})
         assert (added, changed, removed) == (["device"], [], ["service"])
@@ -330,16 +301,13 @@ async def test_reload_adds_changes_and_removes_without_dropping_tokens(make_idp,
         _, changed, _ = sessions.reload({"demo": profile("demo", scope="email"), "device": profile("device")})
         assert changed == ["demo"]
         assert sessions.lookup("demo").peek(0, trio.current_time()) is not None  # still served while it refreshes
-        nursery.cancel_scope.cancel()
 
 
 async def test_restart_serves_stored_tokens_at_once(make_idp, autojump_clock) -> None:
     idp = make_idp()
     first = make_session(idp)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(first.run)
+    async with running(first.run):
         tok = await first.get()
-        nursery.cancel_scope.cancel()
     await trio.sleep(100)
     # a new process: same store, a different monotonic clock origin
     second = Session(
@@ -362,8 +330,7 @@ async def test_scope_narrows_via_refresh_and_is_cached_per_scope(make_idp, autoj
     sessions = Sessions(
         {"demo": profile("demo", scope="openid phone")}, MemoryStore(dict(CREDENTIALS)), idp_transport(idp)
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sessions.run)
+    async with running(sessions.run):
         demo = sessions.lookup("demo")
         base = await demo.get()
         narrowed = await sessions.lookup_scoped(demo, "openid").get()
@@ -383,7 +350,6 @@ async def test_scope_narrows_via_refresh_and_is_cached_per_scope(make_idp, autoj
         assert idp.stats.refresh_reuse == 0
         assert sessions.lookup("demo").state is State.FRESH
         assert grants[("demo", "dc-cli", "password")] == 1
-        nursery.cancel_scope.cancel()
 
 
 async def test_client_credentials_scope_asks_with_the_secret(make_idp, autojump_clock) -> None:
@@ -393,11 +359,9 @@ async def test_client_credentials_scope_asks_with_the_secret(make_idp, autojump_
 
     idp = make_idp()
     sessions = Sessions({"service": profile("service")}, MemoryStore(dict(CREDENTIALS)), idp_transport(idp))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sessions.run)
+    async with running(sessions.run):
         tok = await sessions.lookup_scoped(sessions.lookup("service"), "openid").get()
         assert "openid" in (tok.scope or "")
-        nursery.cancel_scope.cancel()
 
 
 async def device_code(session: Session):
@@ -409,8 +373,7 @@ async def device_code(session: Session):
 async def test_device_login_approved(make_idp, autojump_clock) -> None:
     idp = make_idp()
     session = make_session(idp, "device")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run) as nursery:
         with pytest.raises(LoginRequired, match="dc-broker login device"):
             await session.get()
         flow, shown = await device_code(session)
@@ -435,7 +398,6 @@ async def test_device_login_approved(make_idp, autojump_clock) -> None:
         assert token_requests(idp) == requests  # served from the adopted login
         await trio.sleep(3 * T)
         assert session.state is State.FRESH  # kept alive by refresh since
-        nursery.cancel_scope.cancel()
 
 
 async def test_device_login_denied_and_expired(make_idp, autojump_clock) -> None:
@@ -468,15 +430,13 @@ async def test_a_caller_joining_a_round_leaves_no_stale_demand(make_idp, autojum
     idp = make_idp()
     session = make_session(idp)
     idp.faults.latency = 1.0
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
+    async with running(session.run):
         await trio.sleep(0.5)  # the first login is in flight
         await session.get()  # joins that round
         assert token_requests(idp) == 1
         session.resume()  # anything that merely re-arms the timer must not cause a refresh
         await trio.sleep(60)
         assert token_requests(idp) == 1
-        nursery.cancel_scope.cancel()
 
 
 async def test_auto_lock_after_idle(make_idp, autojump_clock) -> None:
@@ -503,9 +463,7 @@ async def test_auto_lock_after_idle(make_idp, autojump_clock) -> None:
     idp = make_idp()
     sessions = Sessions({"demo": profile("demo")}, store, idp_transport(idp))
     state = BrokerState(sessions=sessions, socket_path="-")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sessions.run)
-        nursery.start_soon(auto_lock, state, 600.0)
+    async with running(sessions.run, partial(auto_lock, state, 600.0)):
         for _ in range(10):  # in use: a token every 5 minutes keeps it open
             state.last_use = trio.current_time()
             await sessions.lookup("demo").get()
@@ -514,22 +472,17 @@ async def test_auto_lock_after_idle(make_idp, autojump_clock) -> None:
         await trio.sleep(601)
         assert store.locked and sessions.lookup("demo").state is State.LOCKED
         assert sessions.lookup("demo").token is None  # no token left in memory
-        nursery.cancel_scope.cancel()
 
 
 async def test_wrong_url_and_refused_scope_say_what_to_fix(make_idp, autojump_clock) -> None:
     idp = make_idp()
     wrong_tenant = make_session(idp, tenant="nope")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(wrong_tenant.run)
+    async with running(wrong_tenant.run):
         with pytest.raises(
             CredentialsRejected, match=r"answers HTTP 404 Not Found \(Realm does not exist\); check server, tenant"
         ):
             await wrong_tenant.get()
-        nursery.cancel_scope.cancel()
     bad_scope = make_session(idp, scope="no-such-scope")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(bad_scope.run)
+    async with running(bad_scope.run):
         with pytest.raises(CredentialsRejected, match=r"refuses scope 'no-such-scope'.*fix the profile's scope"):
             await bad_scope.get()
-        nursery.cancel_scope.cancel()

@@ -10,8 +10,8 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import tomllib
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,8 +23,8 @@ from dc_broker.config import Sink, load_config, parse_config, profile_toml, remo
 from dc_broker.errors import ConfigError
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
-from tests.conftest import CREDENTIALS, idp_transport, profile, trio_wall_clock
-from tests.e2e import DC_BROKER, run, start_run, stop
+from tests.conftest import CREDENTIALS, idp_transport, profile, running, trio_wall_clock
+from tests.e2e import DC_BROKER, run, start_run, stop, wait_for
 
 PROFILE_HEAD = """[profiles.acme]
 token_url = "https://sso.example.com/token"
@@ -183,9 +183,7 @@ async def test_reader_never_sees_a_partial_empty_or_expired_token_across_100_ref
     seen: list[str] = []
     (tmp_path / "sinks").mkdir()
     path.write_text("stale-from-an-earlier-run\n")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sessions.run)
-        await nursery.start(sinks.run, sessions)
+    async with running(sessions.run, partial(sinks.run, sessions)):
         with trio.fail_after(10 * T):
             while not path.exists() or path.read_text() == "stale-from-an-earlier-run\n":
                 await trio.sleep(0.05)
@@ -198,7 +196,6 @@ async def test_reader_never_sees_a_partial_empty_or_expired_token_across_100_ref
             if not seen or seen[-1] != token:
                 seen.append(token)
             await trio.sleep(0.25)
-        nursery.cancel_scope.cancel()
     assert len(set(seen)) == 101  # 100 refreshes, each written once and read
     assert not path.exists()  # the broker stopped: nobody vouches for the file any more
 
@@ -218,9 +215,7 @@ async def test_lock_logout_and_remove_take_the_file_away(tmp_path: Path, make_id
             while path.exists():
                 await trio.sleep(0.05)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sessions.run)
-        await nursery.start(sinks.run, sessions)
+    async with running(sessions.run, partial(sinks.run, sessions)):
         first = await appears()
         sessions.locked()
         await disappears()
@@ -236,16 +231,13 @@ async def test_lock_logout_and_remove_take_the_file_away(tmp_path: Path, make_id
         await appears()
         sessions.reload({})  # `dc-broker remove`
         await disappears()
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_reload_that_drops_a_sink_removes_its_file(tmp_path: Path, make_idp, autojump_clock) -> None:
     idp = make_idp(access_lifespan=T)
     sessions, path = sink_sessions(tmp_path, idp)
     other = tmp_path / "sinks" / "other.token"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sessions.run)
-        await nursery.start(sinks.run, sessions)
+    async with running(sessions.run, partial(sinks.run, sessions)):
         with trio.fail_after(T):
             while not path.exists():
                 await trio.sleep(0.05)
@@ -253,7 +245,6 @@ async def test_a_reload_that_drops_a_sink_removes_its_file(tmp_path: Path, make_
         with trio.fail_after(T):
             while path.exists() or not other.exists():
                 await trio.sleep(0.05)
-        nursery.cancel_scope.cancel()
 
 
 # ---------------------------------------------------------------- real processes
@@ -279,7 +270,7 @@ while len(seen) < want + 1:
         sys.exit(f"expired token read: exp {exp(token)} at {time.time():.3f}")
     if not seen or seen[-1] != token:
         seen.append(token)
-    time.sleep(0.002)
+    time.sleep(0.002)  # the reader's pace: it reads as often as a busy program would
 print(f"{len(seen) - 1} refreshes, {reads} reads, all complete and unexpired")
 """
 
@@ -307,10 +298,7 @@ def test_reader_process_across_refreshes_of_a_real_broker(tmp_path: Path) -> Non
     sock = str(tmp_path / "run" / "b.sock")
     broker = start_run(cfg, sock, '[demo]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n')
     try:
-        deadline = time.monotonic() + 20
-        while not token_file.exists():
-            assert time.monotonic() < deadline, "the token file never appeared"
-            time.sleep(0.02)
+        wait_for(token_file.exists, 20, "the token file", process=broker, every=0.02)
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         limit = 2 * refreshes + 20
         result = subprocess.run(
@@ -352,9 +340,7 @@ async def test_an_idp_outage_past_expiry_takes_the_file_away_and_recovery_brings
 ) -> None:
     idp = make_idp(access_lifespan=T, sso_idle=100 * T, sso_max=1000 * T)
     sessions, path = sink_sessions(tmp_path, idp)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sessions.run)
-        await nursery.start(sinks.run, sessions)
+    async with running(sessions.run, partial(sinks.run, sessions)):
         with trio.fail_after(T):
             while not path.exists():
                 await trio.sleep(0.05)
@@ -370,4 +356,3 @@ async def test_an_idp_outage_past_expiry_takes_the_file_away_and_recovery_brings
             while not path.exists():
                 await trio.sleep(0.25)
         assert path.read_text()[:-1] != first
-        nursery.cancel_scope.cancel()

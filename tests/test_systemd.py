@@ -35,7 +35,7 @@ from dc_broker.cli.units import DEFAULT_EXEC, SYSTEM_UNITS, SYSUSERS, USER_UNITS
 from dc_broker.logs import JournalFormatter, setup_logging, stderr_is_journal, syslog_priority
 from dc_token.sync import TokenClient
 from tests import e2e
-from tests.e2e import DC_BROKER, stop, wait_for_socket
+from tests.e2e import DC_BROKER, stop, wait_for, wait_for_socket
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ class StubIdP:
                 self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 stub.requests += 1
                 n = stub.requests
-                time.sleep(stub.delay)
+                time.sleep(stub.delay)  # the slow IdP a test asks for (keeps requests in flight)
                 body = json.dumps({"access_token": f"token-{n}", "expires_in": 1800, "token_type": "Bearer"}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -384,6 +384,19 @@ def recv_notifications(receiver: socket.socket, until: str, timeout: float = 15.
     raise AssertionError(f"no {until} in {lines}")
 
 
+def received(receiver: socket.socket) -> list[str]:
+    """The notification lines that have arrived on ``receiver`` since the last call (no waiting)."""
+    lines: list[str] = []
+    receiver.setblocking(False)
+    try:
+        while True:
+            lines.extend(receiver.recv(4096).decode().split("\n"))
+    except BlockingIOError:
+        return lines
+    finally:
+        receiver.setblocking(True)
+
+
 def test_notify_ready_status_watchdog_reload_stopping(tmp_path: Path, idp: StubIdP) -> None:
     cfg = write_config(tmp_path, idp.url, "svc")
     notify = str(tmp_path / "notify.sock")
@@ -428,7 +441,11 @@ def test_sigterm_answers_requests_in_flight_and_exits_0(tmp_path: Path, idp: Stu
     threads = [threading.Thread(target=ask) for _ in range(5)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # all five are connected and waiting on the refresh
+    wait_for(
+        lambda: idp.requests == before + 1 and e2e.connections_on(sock, accepted_only=True) == 5,
+        10,
+        "5 clients connected and waiting on the refresh",
+    )
     assert idp.requests == before + 1 and not results
     signalled_at = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -445,25 +462,32 @@ def test_sigterm_answers_requests_in_flight_and_exits_0(tmp_path: Path, idp: Stu
 def test_sighup_adds_a_profile_keeps_tokens_and_survives_a_broken_config(tmp_path: Path, idp: StubIdP) -> None:
     cfg = write_config(tmp_path, idp.url, "svc")
     sock = str(tmp_path / "run" / "b.sock")
-    proc = start_run(tmp_path, cfg, sock, secrets("svc"))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    proc = start_run(tmp_path, cfg, sock, secrets("svc"), env=clean_env(NOTIFY_SOCKET=str(tmp_path / "notify.sock")))
     try:
         wait_for_socket(sock, proc)
         with TokenClient(sock) as client:
             token = client.token("svc")
             cfg.write_text(cfg.read_text() + "\n" + profile_toml("added", idp.url))
             proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while "added" not in [p["profile"] for p in client.status()["profiles"]]:
-                assert time.monotonic() < deadline, "SIGHUP did not add the profile"
-                time.sleep(0.05)
+            wait_for(
+                lambda: "added" in [p["profile"] for p in client.status()["profiles"]], 10, "SIGHUP to add the profile"
+            )
             assert client.token("svc") == token  # unchanged profile kept its token
             cfg.write_text("[profiles.broken\n")
             proc.send_signal(signal.SIGHUP)
-            time.sleep(0.3)
+            # the reload is done when READY=1 comes back, its STATUS= telling of the failure
+            wait_for(
+                lambda: any("last reload failed" in line for line in received(notify)),
+                10,
+                "READY=1 with the failed reload in STATUS=",
+            )
             assert sorted(p["profile"] for p in client.status()["profiles"]) == ["added", "svc"]
             assert client.token("svc") == token
     finally:
         assert stop(proc, signal.SIGTERM) == 0
+        notify.close()
     err = proc.stderr.read() if proc.stderr else ""
     assert "SIGHUP: reloaded" in err and "added added" in err
     assert "SIGHUP: config not reloaded, still serving the 2 profile(s) loaded before" in err

@@ -38,7 +38,7 @@ from dc_broker.vault import (
 )
 from dc_broker.vault.keysource import derive_kek, read_key_file
 from dc_token.errors import Locked, LoginRequired
-from tests.conftest import CREDENTIALS, idp_transport, profile, trio_wall_clock
+from tests.conftest import CREDENTIALS, idp_transport, profile, running, trio_wall_clock
 
 FAST = KdfParams(memory_kib=64, iterations=1, lanes=1)  # tests only: production is 64 MiB
 REPO = Path(__file__).resolve().parent.parent
@@ -603,10 +603,8 @@ async def test_sessions_store_and_restore_through_the_vault(vault: Vault, make_i
         return Session(profile("demo"), vault, idp_transport(idp), rng=random.Random(1), wall_clock=trio_wall_clock)
 
     first = session()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(first.run)
+    async with running(first.run):
         token = await first.get(min_ttl=60)
-        nursery.cancel_scope.cancel()
     saved = vault.saved_tokens("demo")
     assert saved is not None and saved.access_token == token.access_token
     restored = session()  # a restart: serves at once from the vault
@@ -619,10 +617,8 @@ async def test_tokens_are_not_restored_for_a_profile_edited_since(vault: Vault, 
     idp = make_idp()
     vault.set_credentials("demo", CREDENTIALS["demo"])
     first = Session(profile("demo"), vault, idp_transport(idp), rng=random.Random(1), wall_clock=trio_wall_clock)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(first.run)
+    async with running(first.run):
         token = await first.get(min_ttl=60)
-        nursery.cancel_scope.cancel()
     saved = vault.saved_tokens("demo")
     assert saved is not None and saved.issued_for == profile("demo").login_fingerprint()
     edited = profile("demo", username="viewer")

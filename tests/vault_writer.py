@@ -104,11 +104,11 @@ def kill_loop(path: Path, kills: int, rng: random.Random, *, max_delay: float = 
         )
         assert proc.stdout is not None
         if rng.random() < 0.1:  # sometimes kill during start-up (open, WAL recovery)
-            time.sleep(rng.uniform(0, 0.15))
+            time.sleep(rng.uniform(0, 0.15))  # the harness's random moment to kill: no event to wait for
             report.killed_before_ready += 1
         else:
             proc.stdout.readline()  # "ready N"
-            time.sleep(rng.uniform(0, max_delay))
+            time.sleep(rng.uniform(0, max_delay))  # a random moment in the writes to kill at
         proc.send_signal(signal.SIGKILL)
         out = proc.stdout.read()
         proc.wait()

@@ -11,10 +11,11 @@ The public entry point for ``dc-broker dev``, ``make demo`` and the test suite:
 or in-process without sockets: ``httpx.AsyncClient(transport=httpx.ASGITransport(app=idp.app))``.
 
 ``python -m dc_broker.devserver [--host H] [--port P] [--access-lifespan S] [--sso-idle S] [--sso-max S]
-[--rotate] [--refusal-body json|empty|html] [--echo-description] [--expires-in RAW] [--drip S]`` runs the
-demo realm (the last four are the standing fault modes of ``dc_broker.devidp.faults``), prints the base
-URL as the first stdout line and serves until
-SIGINT/SIGTERM (exit 0).
+[--rotate] [--max-reuse N] [--device-interval S] [--refusal-body json|empty|html] [--echo-description]
+[--expires-in RAW] [--drip S]`` runs the demo realm (the last four are the standing fault modes of
+``dc_broker.devidp.faults``; ``--device-interval`` is the device flow's polling interval, Keycloak's
+default 5 s, which end-to-end tests shorten), prints the base URL as the first stdout line and serves
+until SIGINT/SIGTERM (exit 0).
 
 The logic lives in the ``dc_broker.devidp`` package (see its docstring for the module map). This module
 owns only the public names, ``serve()`` and the command line. It never logs secrets: hypercorn's
@@ -70,6 +71,12 @@ async def serve(
         task_status.started(binds[0])
 
 
+def _whole_seconds(text: str) -> int:
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds, 1 or more")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dc_broker.devserver",
@@ -86,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="with --rotate: times a refresh token may be reused (Keycloak's default 0)",
+    )
+    parser.add_argument(
+        "--device-interval",
+        type=_whole_seconds,
+        default=None,
+        help="device flow: seconds a client must wait between polls (default 5, as Keycloak)",
     )
     parser.add_argument(
         "--refusal-body",
@@ -116,6 +129,7 @@ def realm_from_args(args: argparse.Namespace) -> DevRealm:
             ("access_lifespan", args.access_lifespan),
             ("sso_idle", args.sso_idle),
             ("sso_max", args.sso_max),
+            ("device_interval", args.device_interval),
         )
         if value is not None
     }

@@ -24,6 +24,7 @@ from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import CredentialsRejected
+from tests.conftest import running as background
 from tests.integration.conftest import DotServer
 from tests.integration.dot_idp import (
     ACCESS_LIFETIME,
@@ -73,10 +74,8 @@ async def running(profile: Profile, credentials: Credentials) -> AsyncIterator[S
     idp = IdpTransport()
     session = Session(profile, MemoryStore({profile.name: credentials}), idp, rng=random.Random(7))
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
+        async with background(session.run):
             yield session
-            nursery.cancel_scope.cancel()
     finally:
         await idp.aclose()
 

@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from tests.e2e import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 CGROUP_HIERARCHIES = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified")
 #: host files the container needs: PAM for user@.service and runuser, NSS for dynamic users
@@ -267,14 +269,7 @@ class Machine:
 
     def wait_until(self, what: str, probe: Callable[[], object], timeout: float = 30, every: float = 0.1) -> object:
         """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-            time.sleep(every)
+        return wait_for(probe, timeout, what, every=every)
 
     # ------------------------------------------------------------ the project inside
 

@@ -19,14 +19,13 @@ from dc_broker.cli import cli, talk
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
-from tests.conftest import CREDENTIALS, idp_transport, profile
+from tests.conftest import CREDENTIALS, idp_transport, profile, running
 
 
 async def test_sessions_started_empty_accept_profiles_later(make_idp, autojump_clock) -> None:
     idp = make_idp()
     sessions = Sessions({}, MemoryStore(dict(CREDENTIALS)), idp_transport(idp))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sessions.run)
+    async with running(sessions.run):
         await trio.sleep(60)  # long after start: the empty set must still take profiles
         added, _, _ = sessions.reload({"demo": profile("demo")})
         assert added == ["demo"]
@@ -38,7 +37,6 @@ async def test_sessions_started_empty_accept_profiles_later(make_idp, autojump_c
         sessions.reload({"service": profile("service")})
         await sessions.lookup("service").get()
         assert sessions.lookup("service").state is State.FRESH
-        nursery.cancel_scope.cancel()
 
 
 def test_add_through_a_socket_nobody_answers_fails_fast_and_clearly(tmp_path: Path, monkeypatch) -> None:

@@ -166,6 +166,11 @@ class Countdown:
         self._thread.start()
 
     def _run(self, end: float, stop: Any) -> None:
+        # Ctrl-C and SIGTERM must reach the main thread: there they interrupt the read of the login
+        # stream. Taken by this thread instead, they waited until the broker next said something.
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         while not stop.is_set():
             left = end - time.monotonic()
             if left <= 0:

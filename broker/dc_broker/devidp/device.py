@@ -2,8 +2,9 @@
 
 A device authorization is created by ``POST .../auth/device``, approved or denied by a person (the
 verification page or ``DevIdP.approve_device``), polled by the client, and consumed by the one poll
-that returns tokens. ``slow_down`` answers a poll that comes less than ``interval`` seconds after the
-previous one; Keycloak does not grow the interval afterwards, and neither do we.
+that returns tokens. Each authorization keeps the ``interval`` its client was told (the realm's
+``device_interval``); ``slow_down`` answers a poll that comes less than ``interval`` seconds after the
+previous one. Keycloak does not grow the interval afterwards, and neither do we.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 EXPIRES_IN: Final = 600
-INTERVAL: Final = 5
 _USER_CODE_ALPHABET: Final = "BCDFGHJKLMNPQRSTVWXZ"  # no vowels, as Keycloak: no accidental words
 
 
@@ -32,6 +32,7 @@ class DeviceAuthorization:
     client_id: str
     scope: str | None
     created: float
+    interval: int
     state: DeviceState = DeviceState.PENDING
     username: str | None = None
     last_poll: float | None = None
@@ -48,7 +49,9 @@ def normalize_user_code(user_code: str) -> str:
 class DeviceStore:
     by_device_code: dict[str, DeviceAuthorization] = field(default_factory=dict, repr=False)
 
-    def create(self, realm: str, client_id: str, scope: str | None, *, now: float) -> DeviceAuthorization:
+    def create(
+        self, realm: str, client_id: str, scope: str | None, *, interval: int, now: float
+    ) -> DeviceAuthorization:
         raw = "".join(secrets.choice(_USER_CODE_ALPHABET) for _ in range(8))
         auth = DeviceAuthorization(
             device_code=secrets.token_urlsafe(32),
@@ -57,6 +60,7 @@ class DeviceStore:
             client_id=client_id,
             scope=scope,
             created=now,
+            interval=interval,
         )
         self.by_device_code[auth.device_code] = auth
         return auth

@@ -322,7 +322,7 @@ def device_code_grant(state: IdPState, request: TokenRequest, client: DevClient)
         raise _invalid_grant("Device code not valid")
     if auth.expired(now):
         raise OAuthProblem(400, "expired_token", "Device code is expired")
-    polled_too_fast = auth.last_poll is not None and now - auth.last_poll < device.INTERVAL
+    polled_too_fast = auth.last_poll is not None and now - auth.last_poll < auth.interval
     auth.last_poll = now
     if polled_too_fast:
         raise OAuthProblem(400, "slow_down", "Slow down")
@@ -392,7 +392,8 @@ def start_device_authorization(state: IdPState, request: TokenRequest) -> dict[s
         raise OAuthProblem(400, "unauthorized_client", DEVICE_FLOW_DISABLED)
     scope = request.param("scope")
     resolve_scope(scope)  # validate now, as Keycloak does
-    auth = state.devices.create(request.realm.name, client.client_id, scope, now=state.now())
+    realm = request.realm
+    auth = state.devices.create(realm.name, client.client_id, scope, interval=realm.device_interval, now=state.now())
     verification_uri = f"{request.issuer}/device"
     return {
         "device_code": auth.device_code,
@@ -400,7 +401,7 @@ def start_device_authorization(state: IdPState, request: TokenRequest) -> dict[s
         "verification_uri": verification_uri,
         "verification_uri_complete": f"{verification_uri}?user_code={quote(auth.user_code)}",
         "expires_in": device.EXPIRES_IN,
-        "interval": device.INTERVAL,
+        "interval": auth.interval,
     }
 
 

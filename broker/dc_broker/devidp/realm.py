@@ -51,7 +51,12 @@ class DevClient:
 
 @dataclass
 class DevRealm:
-    """A realm. Lifetimes are seconds, as in the Keycloak admin console (Realm settings -> Sessions/Tokens)."""
+    """A realm. Lifetimes are seconds, as in the Keycloak admin console (Realm settings -> Sessions/Tokens).
+
+    ``device_interval`` is Realm settings -> Tokens -> "OAuth 2.0 Device Polling Interval": the
+    ``interval`` a device authorization tells its client, and the least time between two of its polls
+    before the answer is ``slow_down``.
+    """
 
     name: str
     users: list[DevUser]
@@ -62,6 +67,7 @@ class DevRealm:
     offline_idle: float = 30 * 86400
     rotate_refresh_tokens: bool = False
     refresh_token_max_reuse: int = 0
+    device_interval: int = 5
 
     def user(self, username: str) -> DevUser | None:
         # Keycloak usernames are case-insensitive.
