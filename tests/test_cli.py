@@ -56,6 +56,14 @@ def init_keyfile(env: dict[str, str], tmp: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("where", ["/proc/nope/key", "/proc/self/key"], ids=["missing", "not-creatable"])
+def test_init_with_a_key_file_where_none_can_be_is_one_clear_error(home: dict[str, str], where: str) -> None:
+    result = cli(home, "init", "--key-source", "keyfile", "--key-file", where)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"Error: the key file's directory {os.path.dirname(where)} ")
+
+
 def test_add_list_remove_without_a_daemon(idp: str, home: dict[str, str], tmp_path: Path) -> None:
     init_keyfile(home, tmp_path)
     result = add_demo(home, idp)

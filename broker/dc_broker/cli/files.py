@@ -133,7 +133,7 @@ def init(
         elif key_source == "keyfile":
             key_path = os.path.abspath(key_file or os.path.join(os.path.dirname(path), "vault.key"))
             if not os.path.exists(key_path):
-                check_private_dir(os.path.dirname(key_path), create=True)
+                check_private_dir(os.path.dirname(key_path), create=True, what="the key file's directory")
                 create_key_file(key_path)
                 made_key = key_path
             source = KeyFile(key_path)

@@ -68,19 +68,24 @@ def default_vault_path(environ: Mapping[str, str] | None = None) -> str:
     return os.path.join(data_home, "dc-broker", VAULT_NAME)
 
 
-def check_private_dir(directory: str, *, create: bool) -> None:
+def check_private_dir(directory: str, *, create: bool, what: str = "the vault directory") -> None:
+    """``directory`` exists (``create``: is made, 0700), is ours and is private; else a VaultError
+    that names it (as ``what``) and says what to fix."""
     if create and not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)  # makedirs' mode is filtered by the umask
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)  # makedirs' mode is filtered by the umask
+        except OSError as exc:
+            raise file_error(directory, exc, what) from None
     try:
         st = os.stat(directory)
     except FileNotFoundError:
-        raise VaultError(f"the vault directory {directory} does not exist") from None
+        raise VaultError(f"{what} {directory} does not exist") from None
     if st.st_uid != os.geteuid():
-        raise VaultError(f"the vault directory {directory} belongs to uid {st.st_uid}, not to us")
+        raise VaultError(f"{what} {directory} belongs to uid {st.st_uid}, not to us")
     if st.st_mode & 0o077:
         raise VaultError(
-            f"the vault directory {directory} has mode {stat.S_IMODE(st.st_mode):04o}; "
+            f"{what} {directory} has mode {stat.S_IMODE(st.st_mode):04o}; "
             f"it must be private (fix: chmod 700 {directory})"
         )
 
