@@ -19,7 +19,16 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from dc_token.errors import EXIT_CODES, BrokerUnavailable, DcBrokerError, UnknownProfile, hint_for
+from dc_token.errors import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_CODES,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    BrokerUnavailable,
+    DcBrokerError,
+    UnknownProfile,
+    hint_for,
+)
 from dc_token.protocol import MAX_MIN_TTL, min_ttl_problem
 
 PROG = "dc-token"
@@ -38,8 +47,6 @@ DEFAULT_MIN_TTL = {"token": 0.0, "exec-credential": 2 * EXEC_CREDENTIAL_MARGIN, 
 #: expiry times printed are at most this far ahead (a broker or IdP promising more is not believed)
 MAX_PRINTED_LIFETIME = 10 * 365 * 86400.0
 #: shell conventions for a command that cannot be run (`dc-token exec`)
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
 #: `git-credential get` with no profile for the URL: nothing to say, so exit like "unknown profile"
 EXIT_NO_PROFILE = UnknownProfile.exit_code
 
@@ -481,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DcBrokerError as exc:
         return _fail(exc, args.profile)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (`dc-token acme | head -c0`)
         return 1
 

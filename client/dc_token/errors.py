@@ -36,7 +36,10 @@ This module is pure: no I/O, no imports beyond the standard library's cheapest.
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_CANNOT_EXECUTE",
     "EXIT_CODES",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
     "BadRequest",
     "BrokerError",
     "BrokerTimeout",
@@ -242,7 +245,13 @@ def error_for_code(code: str) -> type[BrokerError]:
     return _BY_CODE.get(code, InternalError)
 
 
-#: every dc-token exit status, for --help and the README
+#: the exit statuses that are not an error class's: a command dc-token exec could not run or
+#: find (the shell's 126 / 127), and Ctrl-C (128 + SIGINT, as the shell reports it)
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+EXIT_INTERRUPTED = 130
+
+#: every exit status of dc-token (and dc-broker's commands), for --help and the README
 EXIT_CODES: dict[int, str] = {
     0: "success: the token is on stdout",
     1: "internal error in dc-broker or dc-token",
@@ -258,4 +267,7 @@ EXIT_CODES: dict[int, str] = {
     11: "broker overloaded (retry later)",
     12: "protocol mismatch between dc-token and dc-broker",
     13: "the broker's config or vault cannot be used (disk full, read-only, a broken config file)",
+    EXIT_CANNOT_EXECUTE: "dc-token exec: the command could not be executed",
+    EXIT_NOT_FOUND: "dc-token exec: the command was not found",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }

@@ -34,7 +34,7 @@ import threading
 import time
 
 from dc_token.cache import Token
-from dc_token.errors import DcBrokerError
+from dc_token.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, DcBrokerError
 from dc_token.sync import TokenClient
 from dc_token.watch import jitter, reconnect_delay
 
@@ -48,8 +48,6 @@ FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.
 RESTART_GRACE = 10.0
 #: si_code above 0: sent by the kernel (the terminal's Ctrl-C, Ctrl-\\), below or at 0 by a process
 _SI_KERNEL_MIN = 1
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
 
 
 def signal_number(name: str) -> int:

@@ -30,10 +30,9 @@ import click
 
 from dc_broker.cli.completion import complete_profiles
 from dc_broker.secret import Secret
-from dc_token.errors import DcBrokerError, hint_for
+from dc_token.errors import EXIT_INTERRUPTED, DcBrokerError, hint_for
 
 #: exit status after Ctrl-C (128 + SIGINT), as a shell reports it
-EXIT_INTERRUPTED = 130
 
 
 class Failed(click.ClickException):

@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
-from dc_broker.cli.boundary import EXIT_INTERRUPTED, PROFILE, SOCKET, profile_argument, read_secret
-from dc_token.errors import BrokerTimeout, BrokerUnavailable
+from dc_broker.cli.boundary import PROFILE, SOCKET, profile_argument, read_secret
+from dc_token.errors import EXIT_INTERRUPTED, BrokerTimeout, BrokerUnavailable
 from dc_token.paths import default_socket_path
 from dc_token.protocol import OpArgs
 from dc_token.sync import TokenClient
