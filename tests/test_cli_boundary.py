@@ -116,7 +116,7 @@ def test_ctrl_c_exits_130(capsys: pytest.CaptureFixture[str], monkeypatch: pytes
     with pytest.raises(SystemExit) as exited:
         boundary.main(raising(KeyboardInterrupt()), "dc-broker")
     assert exited.value.code == boundary.EXIT_INTERRUPTED == 130
-    assert capsys.readouterr().err == "\n\nInterrupted.\n"  # click's newline after a ^C, then ours
+    assert capsys.readouterr().err == "\nInterrupted.\n"  # click ends the ^C line; one line of ours, no blank one
 
 
 def test_an_expected_error_through_main_exits_with_its_status(

@@ -78,7 +78,7 @@ def main(group: click.Group, prog_name: str) -> None:
         group.main(prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort as exc:
         interrupted = isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt)
-        click.echo("\nInterrupted." if interrupted else "Aborted.", err=True)
+        click.echo("Interrupted." if interrupted else "Aborted.", err=True)  # click has ended the line
         sys.exit(EXIT_INTERRUPTED if interrupted else 1)
     except KeyboardInterrupt:
         click.echo("\nInterrupted.", err=True)
