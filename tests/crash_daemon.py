@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -24,9 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from tests.e2e import DC_BROKER, DC_TOKEN, wait_for_socket
+from tests.e2e import DC_BROKER, DC_TOKEN, approve_device, device_code, wait_for_socket
 
 
 @dataclass
@@ -94,12 +91,7 @@ def run_crash_loop(kills: int, *, max_reuse: int = 1, access_lifespan: int = 1, 
             assert added.returncode == 0, added.stderr
             daemon = start()
             login = subprocess.Popen([DC_BROKER, "login", "dev"], env=env, stdout=subprocess.PIPE, text=True)
-            assert login.stdout is not None
-            shown = ""
-            while "enter the code" not in shown:
-                shown += login.stdout.readline()
-            code = re.search(r"enter the code (\S+)", shown).group(1)  # type: ignore[union-attr]
-            httpx.post(f"{base}/realms/demo/device", data={"user_code": code, "username": "demo", "password": "demo"})
+            approve_device(base, device_code(login))
             assert login.wait(30) == 0
             lost = 0
             for _ in range(kills):
@@ -114,14 +106,7 @@ def run_crash_loop(kills: int, *, max_reuse: int = 1, access_lifespan: int = 1, 
                     assert check.returncode == 5, check.stderr  # anything but login_required is another bug
                     # log in again so the loop can go on counting
                     relog = subprocess.Popen([DC_BROKER, "login", "dev"], env=env, stdout=subprocess.PIPE, text=True)
-                    assert relog.stdout is not None
-                    text = ""
-                    while "enter the code" not in text:
-                        text += relog.stdout.readline()
-                    code = re.search(r"enter the code (\S+)", text).group(1)  # type: ignore[union-attr]
-                    httpx.post(
-                        f"{base}/realms/demo/device", data={"user_code": code, "username": "demo", "password": "demo"}
-                    )
+                    approve_device(base, device_code(relog))
                     relog.wait(30)
         finally:
             if daemon is not None:

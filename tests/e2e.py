@@ -174,3 +174,26 @@ def dc_token(sock: str, *args: str, env: dict[str, str] | None = None) -> subpro
 
 def run(cmd: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, **kw)  # type: ignore[call-overload]
+
+
+def device_code(login: subprocess.Popen[str]) -> str:
+    """The user code a running `dc-broker login` (stdout a pipe) shows for a device login; fails
+    with what it wrote to stderr if it ends before showing one."""
+    assert login.stdout is not None
+    shown = ""
+    while (found := re.search(r"enter the code (\S+)", shown)) is None:
+        line = login.stdout.readline()
+        if not line:
+            err = login.stderr.read() if login.stderr else ""
+            raise AssertionError(f"dc-broker login ended without showing a code: {shown!r} {err!r}")
+        shown += line
+    return found.group(1)
+
+
+def approve_device(base: str, code: str, username: str = "demo", password: str = "demo") -> None:
+    """What the person does on the dev IdP's verification page: sign in and approve ``code``."""
+    import httpx
+
+    form = {"user_code": code, "username": username, "password": password}
+    page = httpx.post(f"{base}/realms/demo/device", data=form)
+    assert page.status_code == 200, page.text

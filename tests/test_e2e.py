@@ -18,7 +18,19 @@ import pytest
 from dc_token.errors import BadRequest, BrokerUnavailable, UnknownProfile
 from dc_token.protocol import Request, encode
 from dc_token.sync import TokenClient
-from tests.e2e import DC_BROKER, connections_on, dc_token, dev_broker, dev_idp, run, start_run, stop, wait_for
+from tests.e2e import (
+    DC_BROKER,
+    approve_device,
+    connections_on,
+    dc_token,
+    dev_broker,
+    dev_idp,
+    device_code,
+    run,
+    start_run,
+    stop,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -372,16 +384,7 @@ def test_device_login_through_the_verification_page(tmp_path: Path) -> None:
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            assert proc.stdout is not None
-            shown = ""
-            while "enter the code" not in shown:
-                line = proc.stdout.readline()
-                assert line, proc.stderr.read() if proc.stderr else ""
-                shown += line
-            code = shown.split("enter the code ")[1].split()[0]
-            form = {"user_code": code, "username": "demo", "password": "demo"}
-            page = httpx.post(f"{base}/realms/demo/device", data=form)
-            assert page.status_code == 200
+            approve_device(base, device_code(proc))
             out, err = proc.communicate(timeout=20)
             assert proc.returncode == 0, err
             assert "Logged in: profile demo-device" in out
