@@ -51,6 +51,31 @@ def add_demo(
     )
 
 
+def on_a_terminal(env: dict[str, str], *args: str, answer: str) -> tuple[int, bytes]:
+    """Run dc-broker on a pseudo-terminal, type ``answer`` at its first prompt; (exit status, all it showed)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([DC_BROKER, *args], env=env, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    shown = b""
+    try:
+        while b": " not in shown:
+            shown += os.read(master, 4096)
+        os.write(master, answer.encode() + b"\n")
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the program closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+        return proc.wait(20), shown
+    finally:
+        os.close(master)
+
+
 def init_keyfile(env: dict[str, str], tmp: Path) -> None:
     result = cli(env, "init", "--key-source", "keyfile", "--key-file", str(tmp / "key"))
     assert result.returncode == 0, result.stderr
@@ -193,7 +218,10 @@ def test_passphrase_vault_locked_daemon_unlock_lock_restart(idp: str, home: dict
         assert first.returncode == 0, first.stderr
         assert cli(home, "lock").returncode == 0
         assert dc_token(sock, "acme").returncode == 6
-        assert cli(home, "unlock", "--passphrase-stdin", stdin="correct horse\n").returncode == 0
+        no_terminal = cli(home, "unlock")  # a passphrase vault, no flag and no terminal to ask on
+        assert no_terminal.returncode == 2 and "pass it on stdin" in no_terminal.stderr
+        code, shown = on_a_terminal(home, "unlock", answer="correct horse")  # the prompt a person sees
+        assert code == 0 and b"Vault passphrase:" in shown and b"Unlocked" in shown and b"correct" not in shown
         assert dc_token(sock, "acme").stdout == first.stdout  # restored from the vault, no new login
         # a profile added while the daemon runs works at once, no restart
         second = add_demo(home, idp, name="beta")

@@ -301,6 +301,48 @@ def test_daemon_serves_tokens_at_start_with_no_unlock(desktop: Desktop, idp: str
         assert secret not in err
 
 
+def test_a_keyring_still_locked_at_start_leaves_the_broker_up_and_locked(desktop: Desktop, idp: str) -> None:
+    """A user service can start before the desktop session has unlocked the keyring: the broker then
+    serves, locked (tokens are `locked`, exit 6), says why once, and `dc-broker unlock` opens the
+    vault as soon as the keyring is open; nothing stored is lost on the way."""
+    assert desktop.cli("init", "--key-source", "keyring").returncode == 0
+    added = desktop.cli(
+        "add", "acme", "--server", idp, "--tenant", "demo", "--client-id", "dc-cli", "--username", "demo",
+        "--password-stdin", "--secret-stdin", stdin="demo\ndc-cli-secret\n",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    desktop.lock()
+    sock = desktop.env["DC_BROKER_SOCKET"]
+    daemon = subprocess.Popen(
+        [DC_BROKER, "run"], env=desktop.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    replacement: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for_socket(sock, daemon)
+        locked = dc_token(sock, "acme")
+        assert locked.returncode == 6, locked.stderr
+        early = desktop.cli("unlock")  # the keyring is still locked: said, and the broker stays up
+        assert early.returncode == 13, early.stderr
+        assert "the desktop keyring is locked" in early.stderr and "Traceback" not in early.stderr
+        # the person logs in to the desktop: a keyring daemon unlocked with the login password
+        replacement = subprocess.Popen(
+            ["gnome-keyring-daemon", "--replace", "--foreground", "--unlock", "--components=secrets"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=desktop.env,
+        )  # fmt: skip
+        assert replacement.stdin is not None
+        replacement.stdin.write(KEYRING_PASSWORD.encode())
+        replacement.stdin.close()
+        wait_for(lambda: desktop.cli("unlock").returncode == 0, 20, "`dc-broker unlock` to open the vault")
+        got = dc_token(sock, "acme")
+        assert got.returncode == 0, got.stderr
+    finally:
+        assert stop(daemon) == 0
+        if replacement is not None:
+            _stop(replacement)
+    err = daemon.stderr.read() if daemon.stderr else ""
+    assert "stays locked for now: the desktop keyring is locked" in err and "Traceback" not in err
+
+
 def test_vault_api_round_trip_and_several_vaults_coexist(desktop: Desktop) -> None:
     paths = [desktop.tmp / name / "vault.db" for name in ("one", "two")]
     for n, path in enumerate(paths):

@@ -6,7 +6,9 @@ error boundary and the server's treat them the same way as every other error:
     DcBrokerError (dc_token.errors)
     ├── ConfigError                     a config file, option or profile definition is wrong
     │   └── VaultError                  the vault file or its key source cannot be used
-    │       └── VaultBusy               another process holds the vault open (its ``.lock`` is taken)
+    │       ├── VaultBusy               another process holds the vault open (its ``.lock`` is taken)
+    │       └── KeyUnavailable          the key source cannot give the key *now* (a locked or absent
+    │                                   desktop keyring): the broker starts locked and waits for unlock
     ├── UpstreamFault                   the IdP said or did something (dc_broker.idp); sessions
     │   │                               translate it into a BrokerError below
     │   ├── OAuthError                  {"error", "error_description"} from the IdP
@@ -40,6 +42,7 @@ from dc_token.errors import (
 
 __all__ = [
     "ConfigError",
+    "KeyUnavailable",
     "OAuthError",
     "RecordCorrupt",
     "UpstreamFault",
@@ -66,6 +69,14 @@ class VaultBusy(VaultError):
     """Another process (usually a running dc-broker) has the vault open for writing."""
 
     hint = "stop the other dc-broker, or send the change to it instead"
+
+
+class KeyUnavailable(VaultError):
+    """The vault's key source cannot give the key right now, though it may later: the desktop
+    keyring is locked, or no Secret Service is on the session bus yet. ``dc-broker run`` starts with
+    the vault locked instead of failing; ``dc-broker unlock`` reads the key again."""
+
+    hint = "unlock the desktop keyring (log in to the desktop session), then run `dc-broker unlock`"
 
 
 class UpstreamFault(DcBrokerError):

@@ -118,7 +118,9 @@ def run(
 
 
 def _open_store(vault_path: str | None) -> SecretStore:
-    """The vault (locked when its key is a passphrase), or memory only when there is no vault yet."""
+    """The vault (locked when its key is a passphrase, or a keyring that cannot give the key yet), or
+    memory only when there is no vault yet."""
+    from dc_broker.errors import KeyUnavailable
     from dc_broker.store import MemoryStore
     from dc_broker.vault import Vault, default_vault_path
 
@@ -126,7 +128,11 @@ def _open_store(vault_path: str | None) -> SecretStore:
     if not os.path.exists(path):
         log.warning("no vault at %s: secrets live in memory only; create one with `dc-broker init`", path)
         return MemoryStore()
-    vault = Vault.open(path, auto_unlock=True)
+    try:
+        vault = Vault.open(path, auto_unlock=True)
+    except KeyUnavailable as exc:  # a keyring not unlocked yet: serve, locked, until it is
+        log.warning("vault %s stays locked for now: %s; then run `dc-broker unlock`", path, exc)
+        return Vault.open(path)
     if vault.locked:
         log.info("vault %s is locked; `dc-broker unlock` opens it", path)
     return vault

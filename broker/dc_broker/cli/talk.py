@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from dc_broker.cli.boundary import PROFILE, SOCKET, profile_argument, read_secret
-from dc_token.errors import EXIT_INTERRUPTED, BrokerTimeout, BrokerUnavailable
+from dc_token.errors import EXIT_INTERRUPTED, BrokerTimeout, BrokerUnavailable, Locked
 from dc_token.paths import default_socket_path
 from dc_token.protocol import OpArgs
 from dc_token.sync import TokenClient
@@ -230,9 +230,17 @@ def logout(socket_path: str | None, profile: str) -> None:
 @SOCKET
 @click.option("--passphrase-stdin", is_flag=True, help="read the passphrase from stdin instead of a prompt")
 def unlock(socket_path: str | None, passphrase_stdin: bool) -> None:
-    """Unlock the running broker's vault, so it can serve tokens."""
-    passphrase = read_secret("Vault passphrase", passphrase_stdin)
-    result = ask(socket_path, "unlock", passphrase=passphrase.reveal())
+    """Unlock the running broker's vault, so it can serve tokens. A vault whose key is in the desktop
+    keyring, a key file or a systemd credential needs no passphrase: it is read again; a passphrase
+    vault asks for its passphrase (or reads it from stdin)."""
+    if passphrase_stdin:
+        result = ask(socket_path, "unlock", passphrase=read_secret("Vault passphrase", True).reveal())
+    else:
+        try:
+            result = ask(socket_path, "unlock")  # a key source that needs no passphrase: read it again
+        except Locked:  # a passphrase vault (no attempt was counted): ask the person
+            passphrase = read_secret("Vault passphrase", False)
+            result = ask(socket_path, "unlock", passphrase=passphrase.reveal())
     click.echo(f"Unlocked: serving {result.get('profiles', 0)} profile(s).")
 
 

@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
-from dc_broker.errors import VaultError
+from dc_broker.errors import KeyUnavailable, VaultError
 
 if TYPE_CHECKING:
     from jeepney.io.blocking import DBusConnection
@@ -50,23 +50,27 @@ def require_package() -> None:
 
 def _failure(exc: BaseException) -> VaultError:
     """One VaultError for a ``secretstorage``/``jeepney``/socket failure: the most specific class wins
-    (a table walked along the exception's MRO; the messages name the fix, never a secret)."""
+    (a table walked along the exception's MRO; the messages name the fix, never a secret). A locked
+    or absent keyring is ``KeyUnavailable``: it may well open later."""
     import secretstorage
     from jeepney.wrappers import DBusErrorResponse
 
     detail = str(exc) or type(exc).__name__
-    messages: dict[type[BaseException], str] = {
-        secretstorage.LockedException: _LOCKED,
-        secretstorage.PromptDismissedException: _LOCKED,
-        secretstorage.SecretServiceNotAvailableException: _NOT_REACHABLE,
-        secretstorage.ItemNotFoundException: "the desktop keyring's item went away while dc-broker used it "
-        "({detail}); try again",
-        DBusErrorResponse: "the Secret Service refused the request ({detail})",
-        OSError: _NOT_REACHABLE,
+    messages: dict[type[BaseException], tuple[type[VaultError], str]] = {
+        secretstorage.LockedException: (KeyUnavailable, _LOCKED),
+        secretstorage.PromptDismissedException: (KeyUnavailable, _LOCKED),
+        secretstorage.SecretServiceNotAvailableException: (KeyUnavailable, _NOT_REACHABLE),
+        secretstorage.ItemNotFoundException: (
+            VaultError,
+            "the desktop keyring's item went away while dc-broker used it ({detail}); try again",
+        ),
+        DBusErrorResponse: (VaultError, "the Secret Service refused the request ({detail})"),
+        OSError: (KeyUnavailable, _NOT_REACHABLE),
     }
     for cls in type(exc).__mro__:
         if cls in messages:
-            return VaultError(messages[cls].format(detail=detail))
+            error, message = messages[cls]
+            return error(message.format(detail=detail))
     return VaultError(f"the Secret Service failed ({type(exc).__name__}: {detail})")
 
 
