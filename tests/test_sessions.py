@@ -303,6 +303,37 @@ async def test_reload_adds_changes_and_removes_without_dropping_tokens(make_idp,
         assert sessions.lookup("demo").peek(0, trio.current_time()) is not None  # still served while it refreshes
 
 
+async def test_reload_of_access_rules_or_token_files_keeps_the_login(make_idp, autojump_clock, tmp_path) -> None:
+    """Changing only `allow`, `admin` or a profile's sinks applies at once and costs no IdP request:
+    the token, its schedule and the per-scope children stay; the IdP, user or scope changing does not."""
+    from dc_broker.config import Sink
+    from dc_broker.sessions.registry import Sessions
+    from dc_broker.store import MemoryStore
+    from tests.conftest import CREDENTIALS, idp_transport, profile
+
+    idp = make_idp()
+    sessions = Sessions({"demo": profile("demo")}, MemoryStore(dict(CREDENTIALS)), idp_transport(idp))
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        narrowed = await sessions.lookup_scoped(demo, "email").get()
+        tok, due, before = demo.token, demo.next_attempt_at, token_requests(idp)
+        woken = demo.token_changed
+        sink = Sink(path=str(tmp_path / "demo.token"))
+        edited = profile("demo", allow=("user:etl",), admin=("user:ops",), sinks=(sink,))
+        assert sessions.reload({"demo": edited}) == ([], ["demo"], [])
+        assert demo.profile == edited and demo.profile.allow == ("user:etl",)
+        assert woken.is_set()  # the token files' task looks at the new sinks now
+        await trio.sleep(1)
+        assert token_requests(idp) == before and demo.token is tok and demo.next_attempt_at == due
+        assert demo.state is State.FRESH
+        assert sessions.lookup_scoped(demo, "email").token is narrowed  # the narrowed login stays too
+        sessions.reload({"demo": profile("demo", allow=("user:etl",), sinks=(sink,), username="viewer")})
+        await trio.sleep(1)
+        assert token_requests(idp) > before  # another user: a new login at once
+        assert sessions.lookup_scoped(demo, "email").token is not narrowed
+
+
 async def test_restart_serves_stored_tokens_at_once(make_idp, autojump_clock) -> None:
     idp = make_idp()
     first = make_session(idp)

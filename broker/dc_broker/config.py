@@ -121,6 +121,12 @@ class Profile:
         base = self.endpoint_base()
         return f"{base}/protocol/openid-connect/token" if base else None
 
+    def same_login(self, other: Profile) -> bool:
+        """Whether ``other`` differs from this profile at most in who may use it (``allow``), who may
+        change it (``admin``) and where its tokens are written (``sinks``): the same login, which a
+        reload keeps as it is."""
+        return dataclasses.replace(other, allow=self.allow, admin=self.admin, sinks=self.sinks) == self
+
     def login_fingerprint(self) -> str:
         """Who a stored token is for: the IdP, client, grant, user and scope. Tokens saved under another
         fingerprint (the profile was edited since, e.g. ``set acme username=bob``) are never restored."""

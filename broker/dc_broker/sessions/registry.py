@@ -151,15 +151,17 @@ class Sessions:
             session.cancel_scope.cancel()
 
     def reload(self, profiles: dict[str, Profile]) -> tuple[list[str], list[str], list[str]]:
-        """Make the running set match ``profiles`` without dropping tokens of unchanged profiles.
-        Returns (added, changed, removed) names."""
+        """Make the running set match ``profiles`` without dropping tokens of unchanged profiles, nor
+        of profiles whose access rules or token files alone changed. Returns (added, changed,
+        removed) names."""
         added = [n for n in profiles if n not in self._by_name]
         changed = [n for n in profiles if n in self._by_name and self._by_name[n].profile != profiles[n]]
         removed = [n for n in self._by_name if n not in profiles]
         for name in removed:
             self.remove(name)
         for name in changed:
-            self._drop_scoped(name)
+            if not self._by_name[name].profile.same_login(profiles[name]):
+                self._drop_scoped(name)  # narrowed tokens of the old login
         for name in added + changed:
             self.add(profiles[name])
         return added, changed, removed

@@ -260,7 +260,14 @@ class Session:
         self._wake.set()
 
     def reconfigure(self, profile: Profile) -> None:
-        """The profile's settings changed (same name): new endpoints, and try again now."""
+        """The profile's settings changed (same name). A change of who may use or change it, or of
+        its token files, applies at once and keeps the login (``Profile.same_login``); the sink task
+        is woken to look again. Any other change means new endpoints and a new attempt now."""
+        if self.profile.same_login(profile):
+            self.profile = profile
+            self.token_changed.set()  # the token files' task rereads profile.sinks; watchers see no new token
+            self.token_changed = trio.Event()
+            return
         self.profile = profile
         self._endpoints = oidc.static_endpoints(profile)
         self.credentials_changed()
