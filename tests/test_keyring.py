@@ -273,14 +273,19 @@ def test_init_keyring_vault_opens_with_no_passphrase(desktop: Desktop) -> None:
         assert creds.client_secret is not None and creds.client_secret.reveal() == "dc-cli-secret"
 
 
-def test_daemon_serves_tokens_at_start_with_no_unlock(desktop: Desktop, idp: str) -> None:
-    """The desktop user's day: the broker starts (at login), the keyring opens the vault, tokens flow."""
+def keyring_vault_with_acme(desktop: Desktop, idp: str) -> None:
+    """A keyring vault holding profile acme's secrets (added with no broker running)."""
     assert desktop.cli("init", "--key-source", "keyring").returncode == 0
     added = desktop.cli(
         "add", "acme", "--server", idp, "--tenant", "demo", "--client-id", "dc-cli", "--username", "demo",
         "--password-stdin", "--secret-stdin", stdin="demo\ndc-cli-secret\n",
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
+
+
+def test_daemon_serves_tokens_at_start_with_no_unlock(desktop: Desktop, idp: str) -> None:
+    """The desktop user's day: the broker starts (at login), the keyring opens the vault, tokens flow."""
+    keyring_vault_with_acme(desktop, idp)
     sock = desktop.env["DC_BROKER_SOCKET"]
     tokens = []
     for _start in range(2):
@@ -305,12 +310,7 @@ def test_a_keyring_still_locked_at_start_leaves_the_broker_up_and_locked(desktop
     """A user service can start before the desktop session has unlocked the keyring: the broker then
     serves, locked (tokens are `locked`, exit 6), says why once, and `dc-broker unlock` opens the
     vault as soon as the keyring is open; nothing stored is lost on the way."""
-    assert desktop.cli("init", "--key-source", "keyring").returncode == 0
-    added = desktop.cli(
-        "add", "acme", "--server", idp, "--tenant", "demo", "--client-id", "dc-cli", "--username", "demo",
-        "--password-stdin", "--secret-stdin", stdin="demo\ndc-cli-secret\n",
-    )  # fmt: skip
-    assert added.returncode == 0, added.stderr
+    keyring_vault_with_acme(desktop, idp)
     desktop.lock()
     sock = desktop.env["DC_BROKER_SOCKET"]
     daemon = subprocess.Popen(
