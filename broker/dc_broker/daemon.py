@@ -4,18 +4,18 @@ This is the composition root: it owns the process-level concerns (the socket's l
 telling systemd how we are, closing the HTTP client and the store) and nothing else. ``dc-broker
 run`` and ``dc-broker dev`` both call ``run_broker``; tests can call it in-process too.
 
-As a ``service`` (``BrokerSettings.service``: ``dc-broker run``) the broker speaks the service-manager contract through
-``dc_broker.systemd``, all of it a no-op outside systemd:
+As a ``service`` (``BrokerSettings.service``: ``dc-broker run``) the broker speaks the
+service-manager contract through ``dc_broker.systemd``, all of it a no-op outside systemd:
 
 - socket activation: a listening socket passed in ``LISTEN_FDS`` is served instead of binding our
   own, and is neither unlinked nor locked (systemd owns it);
 - ``READY=1`` once the socket accepts; ``STATUS=`` with the profile count and vault lock state;
   ``WATCHDOG=1`` every half ``WatchdogSec=`` from a task of the event loop;
-- SIGTERM/SIGINT send ``STOPPING=1``, stop accepting, let requests
-  already waiting on a refresh get their answers, let refreshes in progress store their tokens,
-  close the store and return (exit status 0); a second signal stops at once. SIGHUP re-reads the
-  config file and applies it with ``Sessions.reload`` (unchanged profiles keep their tokens); a
-  config that does not load is logged and the running profiles are kept.
+- SIGTERM/SIGINT send ``STOPPING=1``, stop accepting, let requests already waiting on a refresh
+  get their answers, let refreshes in progress store their tokens, close the store and return
+  (exit status 0); a second signal stops at once. SIGHUP re-reads the config file and applies it
+  with ``Sessions.reload`` (unchanged profiles keep their tokens); a config that does not load is
+  logged and the running profiles are kept.
 """
 
 from __future__ import annotations
@@ -129,19 +129,17 @@ class _Supervisor:
         sessions: Sessions,
         store: SecretStore,
         notifier: systemd.Notifier,
-        *,
-        config_path: str | None,
-        drain_timeout: float,
+        settings: BrokerSettings,
     ) -> None:
         self.server = server
         self.sessions = sessions
         self.store = store
         self.notifier = notifier
-        self.config_path = config_path
-        self.drain_timeout = drain_timeout
+        self.config_path = settings.config_path
+        self.drain_timeout = settings.drain_timeout
         self._last_status = ""
         #: the [daemon] settings in force (SIGHUP applies changed limits)
-        self.settings = DaemonSettings()
+        self.settings = settings.daemon
         #: why the last SIGHUP reload failed (shown in STATUS= until one succeeds)
         self.reload_error: str | None = None
 
@@ -298,10 +296,7 @@ async def run_broker(
         config_path=settings.config_path,
     )
     server = Server(state, limits=limits_of(daemon))
-    supervisor = _Supervisor(
-        server, sessions, store, notifier, config_path=settings.config_path, drain_timeout=settings.drain_timeout
-    )
-    supervisor.settings = daemon
+    supervisor = _Supervisor(server, sessions, store, notifier, settings)
     try:
         async with trio.open_nursery() as nursery:
             if service:

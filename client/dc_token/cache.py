@@ -1,7 +1,8 @@
 """What a client keeps between requests, and the pure rules around it: ``Token``, the in-process
 ``TokenCache``, the cache key of a (profile, scope), the ``token``/``watch`` arguments and when a
-cached token expires (the watch stream's rules are ``dc_token.watch``'s). No socket, no lock, no clock of its own
-beyond ``time.monotonic`` (patchable as ``_monotonic``). Both clients import it; dc-token too.
+cached token expires (a watch stream's rules are ``dc_token.watch``'s). No socket, no lock, no
+clock of its own beyond ``time.monotonic`` (patchable as ``_monotonic``). Both clients import it;
+dc-token too.
 
 The cache
     Per profile, the last token the broker gave us and the monotonic deadline at which it expires

@@ -304,8 +304,7 @@ def _rejected_token_problem(value: object) -> str | None:
 
 
 def _after_problem(value: object) -> str | None:
-    ok = isinstance(value, str)
-    return None if ok else "must be the profile name a previous status reply gave as 'next'"
+    return None if isinstance(value, str) else "must be the profile name a previous status reply gave as 'next'"
 
 
 #: (required, what is wrong with a value) of one op argument

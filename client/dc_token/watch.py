@@ -1,10 +1,10 @@
 """The watch stream's rules, sans-IO: what a driver does next on a watch, whatever its I/O.
 
-``WatchFlow`` wraps a generator (httpx's auth flows are the model): each ``send`` returns what to do,
-``READ`` (send back the next connection event and when it arrived), a ``Token`` (hand it to the
+``WatchFlow`` wraps a generator (httpx's auth flows are the model): each ``send`` returns what to
+do, ``READ`` (send back the next connection event and when it arrived), a ``Token`` (hand it to the
 caller; send back None) or a ``Reopen`` (close the connection, wait ``delay`` seconds, open a new
-watch; send back whether that worked), and None once the stream has ended. The blocking and the async client are thin
-drivers of it; the rules live here once:
+watch; send back whether that worked), and None once the stream has ended. The blocking and the
+async client are thin drivers of it; the rules live here once:
 
 - every pushed token refreshes the cache; a token equal to the last one (a restarted broker serves
   the unchanged token again) is not news and is not handed out;
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 
-from dc_token.cache import Token, TokenCache, cache_key, token_deadlines
+from dc_token.cache import Token, TokenCache, remember
 from dc_token.connection import Closed, End, Failed, Result
 from dc_token.errors import BrokerUnavailable
 
@@ -62,7 +62,7 @@ READ: Final = _Read()
 
 
 class Reopen:
-    """a ``WatchFlow`` wants a new watch: close the connection, wait ``delay`` s, open one again and
+    """A ``WatchFlow`` wants a new watch: close the connection, wait ``delay`` s, open one again and
     send back whether that worked (``BrokerUnavailable``: False)."""
 
     __slots__ = ("delay",)
@@ -78,13 +78,13 @@ class WatchDedup:
     """One watch's memory across reconnects: a restarted broker serves the unchanged token again,
     which is not news. ``accept`` caches every pushed token and says whether to yield it."""
 
-    __slots__ = ("_last", "cache", "key", "profile")
+    __slots__ = ("_last", "cache", "profile", "scope")
 
     def __init__(self, profile: str, scope: str | None, cache: TokenCache | None) -> None:
-        self.profile, self.key, self.cache = profile, cache_key(profile, scope), cache
+        self.profile, self.scope, self.cache = profile, scope, cache
         self._last: str | None = None
 
-    def step(self, event: Result | Failed | End | Closed, received_at: float) -> tuple[Token | None, bool]:
+    def step(self, event: Event, received_at: float) -> tuple[Token | None, bool]:
         """What one watch event means: (a token to yield or None, whether the stream goes on). A
         ``Closed`` goes on with no token (the driver reconnects); an error reply is raised."""
         if isinstance(event, Failed):
@@ -96,9 +96,7 @@ class WatchDedup:
         return self.accept(event.result, received_at), event.more
 
     def accept(self, result: Mapping[str, Any], received_at: float) -> Token | None:
-        tok = Token.from_result(result, self.profile)
-        if self.cache is not None:
-            self.cache.put(tok, *token_deadlines(result, received_at), key=self.key)
+        tok = remember(self.cache, result, self.profile, self.scope, received_at)
         if tok.token == self._last:
             return None
         self._last = tok.token

@@ -128,13 +128,17 @@ def _open_store(vault_path: str | None) -> SecretStore:
     if not os.path.exists(path):
         log.warning("no vault at %s: secrets live in memory only; create one with `dc-broker init`", path)
         return MemoryStore()
+    vault = Vault.open(path)
+    if vault.key_source.needs_passphrase:
+        log.info("vault %s is locked; `dc-broker unlock` opens it", path)
+        return vault
     try:
-        vault = Vault.open(path, auto_unlock=True)
+        vault.unlock()
     except KeyUnavailable as exc:  # a keyring not unlocked yet: serve, locked, until it is
         log.warning("vault %s stays locked for now: %s; then run `dc-broker unlock`", path, exc)
-        return Vault.open(path)
-    if vault.locked:
-        log.info("vault %s is locked; `dc-broker unlock` opens it", path)
+    except BaseException:
+        vault.close()
+        raise
     return vault
 
 

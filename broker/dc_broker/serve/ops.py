@@ -44,7 +44,6 @@ STATUS_LIMIT = 200
 STATUS_BUDGET = 56 * 1024
 #: a status string (an IdP's error message, a URL) is cut to this many characters
 STATUS_FIELD_MAX = 240
-#: what a profile name on the wire may be (config.py's rule for names, with room for old configs)
 
 Result = dict[str, Any]
 
@@ -153,7 +152,7 @@ def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[
 async def _password_login(session: Session, password: Secret) -> AsyncIterator[Result]:
     # checked at the IdP before it replaces anything: a wrong password keeps the working login
     tok = await session.password_login(password)
-    yield {"profile": session.profile.name, "logged_in": True, "expires_in": tok.expires_at - session.clock()}
+    yield session.logged_in(tok)
 
 
 async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> Result:
@@ -254,7 +253,7 @@ async def _unlock(state: BrokerState, vault: SecretStore, passphrase: Secret | N
         except WrongPassphrase as exc:
             delay = unlock_delay(vault.failed_unlocks)
             await trio.sleep(delay)  # wrong passphrases are slowed down, increasingly
-            raise WrongPassphrase(f"{exc.message}", retry_after=delay or None) from None
+            raise WrongPassphrase(exc.message, retry_after=delay or None) from None
     state.sessions.unlocked()
     return {"unlocked": True, "profiles": len(state.sessions)}
 
@@ -299,7 +298,7 @@ def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result |
     one grant at the IdP: a wrong new password changes nothing."""
     args = OpArgs.from_wire("set_secrets", req.args)
     session = administered(state.sessions, caller, args["profile"])
-    fields: dict[str, Secret] = {key: Secret(args[key]) for key in ("password", "client_secret") if key in args.values}
+    fields = {key: Secret(value) for key in ("password", "client_secret") if (value := args.get(key)) is not None}
     if args.get("verify", False):
         return _set_secrets_checked(state, session, fields)
     return _store_secrets(state, session, fields)

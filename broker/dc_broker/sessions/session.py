@@ -122,7 +122,8 @@ class Session:
         self._round = trio.Event()
         #: cancelled when the profile is removed at run time
         self.cancel_scope = trio.CancelScope()
-        #: set (and replaced) whenever a new token arrives; ``watch`` waits on it
+        #: set (and replaced) whenever a new token arrives or the settings readers use change
+        #: (``_announce``); ``watch`` and the token files wait on it
         self.token_changed = trio.Event()
         #: a caller is waiting for a token the current one cannot give
         self._demanded = False
@@ -265,8 +266,7 @@ class Session:
         is woken to look again. Any other change means new endpoints and a new attempt now."""
         if self.profile.same_login(profile):
             self.profile = profile
-            self.token_changed.set()  # the token files' task rereads profile.sinks; watchers see no new token
-            self.token_changed = trio.Event()
+            self._announce()  # the token files' task rereads profile.sinks; watchers see no new token
             return
         self.profile = profile
         self._endpoints = oidc.static_endpoints(profile)
@@ -404,6 +404,10 @@ class Session:
         self.refreshes += 1
         self.next_attempt_at = self._refresh_time(tokens, capped=self._session_capped)
         self._event(event)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Wake everyone waiting on ``token_changed`` (a new token, or new settings to look at)."""
         self.token_changed.set()
         self.token_changed = trio.Event()
 
@@ -605,7 +609,11 @@ class Session:
         finally:
             flow.close()
         await self.adopt_login(tokens)
-        yield {"profile": self.profile.name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
+        yield self.logged_in(tokens)
+
+    def logged_in(self, tokens: TokenSet) -> dict[str, Any]:
+        """The last message of a login stream: the profile is logged in, for this long."""
+        return {"profile": self.profile.name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
 
     def _credentials_or_none(self) -> Credentials:
         """The stored credentials; none if the record is corrupt (a login replaces it)."""
