@@ -324,6 +324,7 @@ def test_a_keyring_still_locked_at_start_leaves_the_broker_up_and_locked(desktop
         early = desktop.cli("unlock")  # the keyring is still locked: said, and the broker stays up
         assert early.returncode == 13, early.stderr
         assert "the desktop keyring is locked" in early.stderr and "Traceback" not in early.stderr
+        assert "free space" not in early.stderr  # no disk-full hint for a locked keyring
         # the person logs in to the desktop: a keyring daemon unlocked with the login password
         replacement = subprocess.Popen(
             ["gnome-keyring-daemon", "--replace", "--foreground", "--unlock", "--components=secrets"],

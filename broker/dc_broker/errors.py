@@ -74,9 +74,8 @@ class VaultBusy(VaultError):
 class KeyUnavailable(VaultError):
     """The vault's key source cannot give the key right now, though it may later: the desktop
     keyring is locked, or no Secret Service is on the session bus yet. ``dc-broker run`` starts with
-    the vault locked instead of failing; ``dc-broker unlock`` reads the key again."""
-
-    hint = "unlock the desktop keyring (log in to the desktop session), then run `dc-broker unlock`"
+    the vault locked instead of failing; ``dc-broker unlock`` reads the key again. Its messages say
+    what to do, so no hint is added to them (neither here nor as ``VaultUnusable`` on the wire)."""
 
 
 class UpstreamFault(DcBrokerError):

@@ -33,7 +33,8 @@ _NOT_REACHABLE: Final = (
 )
 _LOCKED: Final = (
     "the desktop keyring is locked; unlock it (log in to the desktop session, or open it in "
-    "Passwords and Keys / seahorse) and try again: dc-broker never shows a keyring prompt"
+    "Passwords and Keys / seahorse) and try again (a running broker: `dc-broker unlock`): dc-broker "
+    "never shows a keyring prompt"
 )
 
 
