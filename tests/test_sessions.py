@@ -88,6 +88,20 @@ async def test_thousand_callers_on_an_expired_token_make_one_idp_request(make_id
     assert token_requests(idp) == 1
 
 
+async def test_a_slow_answer_s_lifetime_counts_from_the_request(make_idp, autojump_clock) -> None:
+    """An IdP that takes 15 s to answer a 60 s token issued it somewhere in those 15 s: the broker
+    counts the 60 s from when it asked, so it never serves a token past its real expiry."""
+    idp = make_idp(access_lifespan=60)
+    session = make_session(idp)
+    idp.faults.latency = 15.0
+    async with running(partial(session.run, first_attempt_delay=math.inf)):
+        asked = trio.current_time()
+        tok = await session.get()
+        assert trio.current_time() == pytest.approx(asked + 15.0, abs=0.01)
+    assert tok.obtained_at == pytest.approx(asked, abs=0.01)
+    assert tok.expires_at == pytest.approx(asked + 60.0, abs=0.01)
+
+
 async def test_rotation_never_reuses_a_refresh_token(make_idp, autojump_clock) -> None:
     idp = make_idp(access_lifespan=300, sso_idle=300, sso_max=36000, rotate_refresh_tokens=True)
     session = make_session(idp)

@@ -5,7 +5,7 @@ generator that *yields* a step and is *sent* the step's answer, and finally retu
 (``StopIteration.value``) or raises the ``BrokerError`` / ``UpstreamFault`` the outcome stands for.
 
     step                    the driver does                           and sends back
-    ``HttpRequest``         sends it to the IdP (one overall deadline) ``Answer(response, now)``
+    ``HttpRequest``         sends it to the IdP (one overall deadline) ``Answer(response, sent_at)``
     ``LoginLost``           forgets the login's dead refresh token     ``None``
     ``ShowCode``            shows the device code to the person        ``None``
     ``Sleep(seconds)``      waits                                      the time after waiting (float)
@@ -57,7 +57,11 @@ SLOW_DOWN_STEP: Final = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """The answer to an ``HttpRequest`` step: the response, and the driver's clock when it arrived."""
+    """The answer to an ``HttpRequest`` step: the response, and the driver's clock when it was *sent*.
+
+    The IdP issued what it answers somewhere between the send and the arrival, so a lifetime
+    (``expires_in``) counted from the send never outlasts the real one, however slowly the answer
+    dripped in; counted from the arrival it would, by the whole round trip."""
 
     response: HttpResponse
     now: float

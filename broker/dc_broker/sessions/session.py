@@ -447,8 +447,9 @@ class Session:
     async def _do(self, step: object, on_lost: Callable[[LoginLost], None] | None) -> object:
         if isinstance(step, HttpRequest):
             self.idp_requests += 1
+            sent_at = self.clock()  # the IdP issued its answer after this: lifetimes count from here
             response = await self.idp.send(step, ca_bundle=self.profile.ca_bundle)
-            return Answer(response, self.clock())
+            return Answer(response, sent_at)
         if isinstance(step, Sleep):
             await trio.sleep(step.seconds)
             return self.clock()
