@@ -24,7 +24,9 @@ API = "/dp/api/v1/aiconnections/types"
 
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory: pytest.TempPathFactory):
-    with dev_broker(tmp_path_factory.mktemp("exec"), "--access-lifespan", "5") as env:
+    # 8-second tokens, refreshed at 5.6-6.4 s: the dev IdP (like Keycloak) puts exp in whole seconds,
+    # up to 1 s before the expiry it announces, so a child checking exp keeps 0.6 s or more in hand
+    with dev_broker(tmp_path_factory.mktemp("exec"), "--access-lifespan", "8") as env:
         yield env
 
 

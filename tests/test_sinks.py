@@ -277,12 +277,12 @@ print(f"{len(seen) - 1} refreshes, {reads} reads, all complete and unexpired")
 
 @pytest.mark.e2e
 def test_reader_process_across_refreshes_of_a_real_broker(tmp_path: Path) -> None:
-    # 2-second tokens, refreshed every ~1.5 s: 24 by default (about 36 s); DC_SINK_REFRESHES=100 for the
-    # full run (the in-process test above does 100 on the fake clock). 1-second tokens leave margins of
-    # 0.1 s, less than a loaded 2-core machine's scheduling delays.
-    refreshes = int(os.environ.get("DC_SINK_REFRESHES", "24"))
+    # 4-second tokens, refreshed every ~3 s: 12 by default (about 36 s); DC_SINK_REFRESHES=100 for the
+    # full run (the in-process test above does 100 on the fake clock). Shorter tokens leave margins
+    # (0.4 s for 2-second ones) within reach of a loaded 2-core machine's scheduling delays.
+    refreshes = int(os.environ.get("DC_SINK_REFRESHES", "12"))
     idp = subprocess.Popen(
-        [sys.executable, "-m", "dc_broker.devserver", "--access-lifespan", "2"],
+        [sys.executable, "-m", "dc_broker.devserver", "--access-lifespan", "4"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -300,7 +300,7 @@ def test_reader_process_across_refreshes_of_a_real_broker(tmp_path: Path) -> Non
     try:
         wait_for(token_file.exists, 20, "the token file", process=broker, every=0.02)
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-        limit = 2 * refreshes + 20
+        limit = 4 * refreshes + 20
         result = subprocess.run(
             [sys.executable, "-c", READER, str(token_file), str(refreshes), str(limit)],
             capture_output=True,

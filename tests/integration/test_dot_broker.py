@@ -1,7 +1,7 @@
 """The broker's Session against real DOT over real HTTP, in real time (no mock clock: this is network I/O).
 
-DOT grants 4 s access tokens, so the broker's refresh-ahead (75 % +- 5 %) fires every ~3 s and a few
-seconds show several rotations.
+DOT grants 6 s access tokens, so the broker's refresh-ahead (75 % +- 5 %) fires every ~4.5 s and half a
+minute shows several rotations.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def seed() -> None:
 
 
 def fast_sqlite() -> None:
-    """No fsync per token: a throwaway DB on a loaded CI disk must not add seconds to a 4 s token's
+    """No fsync per token: a throwaway DB on a loaded CI disk must not add seconds to a 6 s token's
     round trip (the tests time refresh-ahead against DOT's answers in real time)."""
     from django.db.backends.signals import connection_created
 
