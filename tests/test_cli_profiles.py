@@ -4,6 +4,7 @@ completion, Ctrl-C, config errors at the right line. Real processes, the real de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from dc_broker.cli.files import set_
+from dc_broker.config import Profile, parse_assignment
+from dc_broker.errors import ConfigError
 from dc_broker.vault import Vault
 from tests.e2e import DC_BROKER, DC_TOKEN, dc_token, dev_broker, stop, wait_for_socket
 from tests.test_cli import add_demo, cli, home  # noqa: F401 - the home fixture
@@ -84,6 +88,16 @@ def test_set_changes_keys_in_place(idp: str, home: dict[str, str], tmp_path: Pat
     listed = json.loads(cli(home, "list", "--json").stdout)
     assert listed["profiles"][0]["legacy_paths"] is False
     assert listed["profiles"][0]["allow"] == ["user:etl", "group:analytics"]
+
+
+def test_set_help_names_every_key_it_takes() -> None:
+    """`dc-broker set --help` lists exactly the profile's settings a KEY=VALUE can change."""
+    keys = set(re.split(r"[\s,.]+", (set_.help or "").split("Keys:", 1)[1].split("Other lines", 1)[0])) - {""}
+    for key in keys:
+        parse_assignment(f"{key}=x" if key != "legacy_paths" else "legacy_paths=true")
+    with pytest.raises(ConfigError, match="tables"):
+        parse_assignment("sinks=x")
+    assert keys == {f.name for f in dataclasses.fields(Profile)} - {"name", "sinks"}
 
 
 @pytest.mark.parametrize(

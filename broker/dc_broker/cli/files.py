@@ -391,10 +391,11 @@ def passwd(vault_path: str | None, from_stdin: bool) -> None:
 def set_(config_path: str | None, socket_path: str | None, profile: str, assignments: tuple[str, ...]) -> None:
     """Change PROFILE's settings in config.toml, e.g. `dc-broker set acme scope="openid email"`.
 
-    KEY= unsets a key; allow takes a comma-separated list. Keys: server, tenant, issuer, token_url,
-    legacy_paths, client_id, grant, username, auth_method, scope, ca_bundle, allow. Other lines and
-    comments stay as they are; a running broker reloads the profile at once. Secrets are not settings:
-    `dc-broker rotate` replaces a stored password or client secret."""
+    KEY= unsets a key; allow and admin take comma-separated lists. Keys: server, tenant, issuer,
+    token_url, legacy_paths, client_id, grant, username, auth_method, scope, ca_bundle, allow, admin.
+    Other lines and comments stay as they are; a running broker reloads the profile at once. Secrets
+    are not settings: `dc-broker rotate` replaces a stored password or client secret; token files
+    ([[profiles.NAME.sinks]]) are tables: `dc-broker add --force NAME ... --sink PATH`."""
     path = config_path or default_config_path()
     changes = dict(parse_assignment(a) for a in assignments)
     updated = set_profile_values(path, profile, changes)
