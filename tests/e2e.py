@@ -106,7 +106,7 @@ def dev_idp(*flags: str, port: int = 0) -> Iterator[str]:
     try:
         assert proc.stdout is not None
         base = proc.stdout.readline().strip()
-        assert base.startswith("http://"), base
+        assert base.startswith(("http://", "https://")), base
         yield base
     finally:
         proc.terminate()

@@ -20,6 +20,7 @@ PURE = [
     "dc_broker.errors",
     "dc_broker.tokens",
     "dc_broker.idp.oidc",
+    "dc_broker.idp.proxies",
     "dc_broker.sessions.flows",
     "dc_broker.sessions.states",
     "dc_broker.sessions.policy",

@@ -91,8 +91,10 @@ async def test_a_404_issuer_is_a_config_error_counted_and_not_retried(make_idp, 
 
 async def test_a_non_https_endpoint_in_discovery_is_a_clean_config_error(make_idp, autojump_clock) -> None:
     class Rewriting(IdpTransport):
-        async def send(self, req: oidc.HttpRequest, *, ca_bundle: str | None = None) -> oidc.HttpResponse:
-            resp = await super().send(req, ca_bundle=ca_bundle)
+        async def send(
+            self, req: oidc.HttpRequest, *, ca_bundle: str | None = None, proxy: str | None = None
+        ) -> oidc.HttpResponse:
+            resp = await super().send(req, ca_bundle=ca_bundle, proxy=proxy)
             if req.url.endswith("openid-configuration"):
                 doc = json.loads(resp.body)
                 doc["token_endpoint"] = "http://sso.example.com/token"
@@ -276,9 +278,9 @@ async def test_device_login_asks_for_openid_by_default(make_idp, autojump_clock)
     sent: list[dict[str, str]] = []
     inner = session.idp.send
 
-    async def spy(req: oidc.HttpRequest, *, ca_bundle: str | None = None) -> oidc.HttpResponse:
+    async def spy(req: oidc.HttpRequest, **route: str | None) -> oidc.HttpResponse:
         sent.append(dict(req.form))
-        return await inner(req, ca_bundle=ca_bundle)
+        return await inner(req, **route)
 
     session.idp.send = spy  # type: ignore[method-assign]
     flow = session.device_login()

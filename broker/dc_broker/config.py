@@ -16,6 +16,7 @@ to write instead. Pure apart from reading the one file it is given.
     auth_method = "basic"                # basic | post | none
     scope = "openid"
     ca_bundle = "/etc/ssl/certs/acme.pem"
+    proxy = "http://proxy.corp:3128"     # or "direct"; unset: https_proxy / no_proxy (dc_broker.idp.proxies)
 
     [[profiles.acme.sinks]]              # token files the broker keeps current (dc_broker.sinks)
     path = "~/.local/state/dc-broker/acme.token"
@@ -97,6 +98,8 @@ class Profile:
     auth_method: str = "basic"
     scope: str | None = None
     ca_bundle: str | None = None
+    #: the HTTP proxy to the IdP: a URL or "direct"; None: the environment's (dc_broker.idp.proxies)
+    proxy: str | None = None
     allow: tuple[str, ...] = ()
     #: who besides the broker's own uid and root may change this profile's login (same rule syntax)
     admin: tuple[str, ...] = ()
@@ -172,6 +175,12 @@ def check_profile(p: Profile) -> None:
                 check_url(url, f"profile {p.name!r}: {what}")
             except ConfigError as exc:
                 raise BadValue(what, str(exc)) from None
+    if p.proxy is not None:
+        from dc_broker.idp.proxies import redacted, setting_problem
+
+        problem = setting_problem(p.proxy)
+        if problem is not None:
+            raise BadValue("proxy", f"profile {p.name!r}: proxy {redacted(p.proxy)!r} {problem}")
     if p.grant == "password" and not p.username:
         raise BadValue("grant", f"profile {p.name!r}: grant 'password' needs a username")
     from dc_broker.access.rules import parse_rules
@@ -259,6 +268,7 @@ _PROFILE_KEYS: Final[dict[str, type]] = {
     "auth_method": str,
     "scope": str,
     "ca_bundle": str,
+    "proxy": str,
     "allow": list,
     "admin": list,
     "sinks": list,

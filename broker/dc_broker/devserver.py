@@ -11,8 +11,9 @@ The public entry point for ``dc-broker dev``, ``make demo`` and the test suite:
 or in-process without sockets: ``httpx.AsyncClient(transport=httpx.ASGITransport(app=idp.app))``.
 
 ``python -m dc_broker.devserver [--host H] [--port P] [--access-lifespan S] [--sso-idle S] [--sso-max S]
-[--rotate] [--max-reuse N] [--device-interval S] [--refusal-body json|empty|html] [--echo-description]
-[--expires-in RAW] [--drip S]`` runs the demo realm (the last four are the standing fault modes of
+[--rotate] [--max-reuse N] [--device-interval S] [--certfile PEM --keyfile PEM] [--refusal-body
+json|empty|html] [--echo-description] [--expires-in RAW] [--drip S]`` runs the demo realm (over https
+with ``--certfile``) (the last four are the standing fault modes of
 ``dc_broker.devidp.faults``; ``--device-interval`` is the device flow's polling interval, Keycloak's
 default 5 s, which end-to-end tests shorten), prints the base URL as the first stdout line and serves
 until SIGINT/SIGTERM (exit 0).
@@ -53,22 +54,26 @@ async def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    certfile: str | None = None,
+    keyfile: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``idp.app`` on ``host:port`` (0 = a free port) until cancelled.
+    """Serve ``idp.app`` on ``host:port`` (0 = a free port) until cancelled; https with ``certfile``.
 
     Calls ``task_status.started(base_url)`` (e.g. ``"http://127.0.0.1:43117"``) once the socket is
     listening. Cancelling the surrounding scope closes the listener and in-flight requests.
     """
     config = Config()
     config.bind = [_bind(host, port)]
+    if certfile is not None:
+        config.certfile, config.keyfile = certfile, keyfile
     config.loglevel = "WARNING"
     config.accesslog = None
     config.graceful_timeout = 1.0
     app = cast(ASGIFramework, idp.app)  # Starlette is ASGI; the two libraries spell the types apart
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(partial(hypercorn_serve, app, config, mode="asgi"))
-        task_status.started(binds[0])
+        task_status.started(binds[0].replace("http://", "https://", 1) if certfile else binds[0])
 
 
 def _whole_seconds(text: str) -> int:
@@ -111,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--expires-in", default=None, help='raw JSON for expires_in ("NaN", "1e999", ...) or "absent"')
     parser.add_argument("--drip", type=float, default=0.0, help="send token responses one byte per DRIP seconds")
+    parser.add_argument("--certfile", default=None, help="serve https with this certificate (PEM)")
+    parser.add_argument("--keyfile", default=None, help="the certificate's private key (PEM)")
     return parser
 
 
@@ -140,10 +147,11 @@ def realm_from_args(args: argparse.Namespace) -> DevRealm:
     return demo_realm(**overrides)
 
 
-async def _run(idp: DevIdP, host: str, port: int) -> None:
+async def _run(idp: DevIdP, args: argparse.Namespace) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            base_url = await nursery.start(partial(serve, idp, host=host, port=port))
+            where = {"host": args.host, "port": args.port, "certfile": args.certfile, "keyfile": args.keyfile}
+            base_url = await nursery.start(partial(serve, idp, **where))
             print(base_url, flush=True)
             print(
                 f"realm demo: {base_url}/realms/demo (legacy: {base_url}/auth/realms/demo); "
@@ -160,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     idp = DevIdP([realm_from_args(args)])
     faults_from_args(idp, args)
-    trio.run(_run, idp, args.host, args.port)
+    if (args.certfile is None) != (args.keyfile is None):
+        _parser().error("--certfile and --keyfile go together")
+    trio.run(_run, idp, args)
     return 0
 
 

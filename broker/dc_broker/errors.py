@@ -136,3 +136,24 @@ def wire_error(exc: DcBrokerError) -> BrokerError:
     if isinstance(exc, ConfigError):
         return ConfigInvalid(str(exc))
     return InternalError(f"{type(exc).__name__}: {exc}")
+
+
+def causes(exc: BaseException, limit: int = 16) -> list[BaseException]:
+    """``exc`` and the exceptions down its chain of causes, outermost first (at most ``limit``)."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < limit and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def telling(exc: BaseException, *, named: bool = True) -> str:
+    """``ConnectError: [SSL: CERTIFICATE_VERIFY_FAILED] ...``: the exception's name (unless not
+    ``named``) and the first non-empty message down its chain of causes (httpx wraps the telling one
+    in exceptions without a message: a TLS failure is ``ConnectError('') <- BrokenResourceError() <-
+    SSLCertVerificationError``)."""
+    message = next((str(e) for e in causes(exc) if str(e)), "")
+    if not named:
+        return message or type(exc).__name__
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

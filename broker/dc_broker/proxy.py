@@ -46,7 +46,7 @@ import h11
 import httpx
 import trio
 
-from dc_broker.errors import ConfigError
+from dc_broker.errors import ConfigError, telling
 from dc_token.aio import AsyncTokenClient
 from dc_token.errors import BrokerUnavailable, DcBrokerError
 
@@ -387,7 +387,7 @@ class Proxy:
             await conn.simple(503, f"dc-broker proxy: {exc}", close=True)
             return
         except httpx.HTTPError as exc:
-            why = _why(exc)
+            why = telling(exc)
             await conn.simple(502, f"dc-broker proxy: upstream {self.upstream} failed: {why}", close=True)
             return
         try:
@@ -436,17 +436,6 @@ class Proxy:
         )
         # the transport itself: no cookies, redirects, auth or event hooks to run on every request
         return await upstream.handle_async_request(req)
-
-
-def _why(exc: BaseException) -> str:
-    """``ConnectError: [SSL: CERTIFICATE_VERIFY_FAILED] ...``: the exception's name and the first
-    non-empty message down its chain of causes (httpx often wraps the telling one)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if str(seen):
-            return f"{type(exc).__name__}: {seen}"
-        seen = seen.__cause__ or seen.__context__
-    return type(exc).__name__
 
 
 # ---------------------------------------------------------------- running it

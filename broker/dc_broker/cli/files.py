@@ -179,6 +179,11 @@ def _forget(key_path: str | None, item: Keyring | None = None) -> None:
 @click.option("--issuer", help="issuer URL: endpoints from its discovery document")
 @click.option("--token-url", help="the token endpoint, outright")
 @click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), help="CA bundle for this IdP's TLS")
+@click.option(
+    "--proxy",
+    metavar="URL|direct",
+    help="HTTP proxy to the IdP, e.g. http://proxy.corp:3128 (default: the broker's https_proxy, no_proxy)",
+)
 @click.option("--legacy-paths/--no-legacy-paths", default=True, help="Keycloak <= 16 /auth prefix (default on)")
 @click.option("--password-stdin", is_flag=True, help="read the user's password from stdin (first line)")
 @click.option("--secret-stdin", is_flag=True, help="read the client secret from stdin (next line)")
@@ -392,7 +397,8 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
     """Change PROFILE's settings in config.toml, e.g. `dc-broker set acme scope="openid email"`.
 
     KEY= unsets a key; allow and admin take comma-separated lists. Keys: server, tenant, issuer,
-    token_url, legacy_paths, client_id, grant, username, auth_method, scope, ca_bundle, allow, admin.
+    token_url, legacy_paths, client_id, grant, username, auth_method, scope, ca_bundle, proxy, allow,
+    admin.
     Other lines and comments stay as they are; a running broker reloads the profile at once. Secrets
     are not settings: `dc-broker rotate` replaces a stored password or client secret; token files
     ([[profiles.NAME.sinks]]) are tables: `dc-broker add --force NAME ... --sink PATH`."""

@@ -1,23 +1,29 @@
 """The IdP transport: the one place that sends an ``HttpRequest`` (``dc_broker.idp.oidc``) over the
 network and returns an ``HttpResponse``. httpx under bounded timeouts (a total deadline too, so a
 server that drips its answer cannot hold a refresh for ever), TLS verification on (optionally a
-per-profile CA bundle), no redirects, no proxy from the environment; every httpx failure becomes
-``UpstreamTransient`` here, so nothing above it sees an httpx exception.
+per-profile CA bundle), no redirects; the HTTP proxy that ``dc_broker.idp.proxies`` picks from the
+profile's ``proxy`` setting or the standard variables (read once, when the transport is made: nothing
+else of httpx's ``trust_env`` applies, no ``.netrc``, no ``SSL_CERT_FILE``). Every httpx failure
+becomes ``UpstreamTransient`` here, naming the proxy it went through, so nothing above it sees an
+httpx exception.
 
-Must never: parse a token response (``oidc.parse_*`` does), log a request body, or put more of an
-OS error than ``_safe`` allows into a message.
+Must never: parse a token response (``oidc.parse_*`` does), log a request body, put more of an OS
+error than ``_safe`` allows into a message, or a proxy's credentials (``proxies.shown`` only).
 """
 
 from __future__ import annotations
 
+import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 import httpx
 import trio
 
-from dc_broker.errors import UpstreamGarbage, UpstreamTransient
+from dc_broker.errors import UpstreamGarbage, UpstreamTransient, causes, telling
+from dc_broker.idp import proxies
 from dc_broker.idp.oidc import HttpRequest, HttpResponse
 
 #: the largest IdP answer read (a token response is a few KiB)
@@ -36,16 +42,26 @@ class Timeouts:
 
 
 class IdpTransport:
-    """Sends HttpRequests with httpx. One AsyncClient per CA bundle, kept for connection reuse."""
+    """Sends HttpRequests with httpx. One AsyncClient per (CA bundle, proxy), kept for connection reuse.
 
-    def __init__(self, timeouts: Timeouts = Timeouts(), *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    ``environ`` (default ``os.environ``) is read once, here: a proxy variable that is no usable
+    proxy URL is a ``ConfigError`` at start-up, not a failure of every refresh."""
+
+    def __init__(
+        self,
+        timeouts: Timeouts = Timeouts(),
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self._timeout = httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool)
         self._total = timeouts.total
         self._transport = transport
-        self._clients: dict[str | None, httpx.AsyncClient] = {}
+        self._env = proxies.EnvProxies.from_environ(os.environ if environ is None else environ)
+        self._clients: dict[tuple[str | None, str | None], httpx.AsyncClient] = {}
 
-    def _client(self, ca_bundle: str | None) -> httpx.AsyncClient:
-        client = self._clients.get(ca_bundle)
+    def _client(self, ca_bundle: str | None, via: str | None) -> httpx.AsyncClient:
+        client = self._clients.get((ca_bundle, via))
         if client is None:
             verify: ssl.SSLContext | bool = True
             if ca_bundle is not None:
@@ -54,26 +70,33 @@ class IdpTransport:
                 timeout=self._timeout,
                 verify=verify,
                 transport=self._transport,
+                proxy=via,
                 follow_redirects=False,
                 trust_env=False,
                 headers={"User-Agent": "dc-broker"},
             )
-            self._clients[ca_bundle] = client
+            self._clients[(ca_bundle, via)] = client
         return client
 
-    async def send(self, req: HttpRequest, *, ca_bundle: str | None = None) -> HttpResponse:
+    async def send(self, req: HttpRequest, *, ca_bundle: str | None = None, proxy: str | None = None) -> HttpResponse:
+        """``proxy``: the profile's setting (a URL, ``direct``, or None for the environment's)."""
+        via = proxies.route(req.url, proxy, self._env)
         try:
-            client = self._client(ca_bundle)
+            client = self._client(ca_bundle, via)
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamTransient(f"CA bundle {ca_bundle} cannot be loaded: {exc}") from None
         content = req.body() if req.form else None
+        where = _origin(req.url) + ("" if via is None else f" via proxy {proxies.shown(via)}")
         with trio.move_on_after(self._total):
-            return await self._send(client, req, content)
-        raise UpstreamTransient(
-            f"identity provider did not finish answering within {self._total:g} s at {_origin(req.url)}"
-        )
+            resp = await self._send(client, req, content, where, via)
+            if via is not None and resp.status == 407:  # a plain-http IdP: the proxy answers in its stead
+                raise _proxy_refused(via, req.url, "407 Proxy Authentication Required")
+            return resp
+        raise UpstreamTransient(f"identity provider did not finish answering within {self._total:g} s at {where}")
 
-    async def _send(self, client: httpx.AsyncClient, req: HttpRequest, content: bytes | None) -> HttpResponse:
+    async def _send(
+        self, client: httpx.AsyncClient, req: HttpRequest, content: bytes | None, where: str, via: str | None
+    ) -> HttpResponse:
         try:
             async with client.stream(req.method, req.url, headers=dict(req.headers), content=content) as resp:
                 body = b""
@@ -84,13 +107,14 @@ class IdpTransport:
                 headers = {k.lower(): v for k, v in resp.headers.items()}
                 return HttpResponse(resp.status_code, headers, body)
         except httpx.TimeoutException as exc:
-            raise UpstreamTransient(
-                f"identity provider timed out ({type(exc).__name__}) at {_origin(req.url)}"
-            ) from None
+            raise UpstreamTransient(f"identity provider timed out ({type(exc).__name__}) at {where}") from None
+        except httpx.ProxyError as exc:  # the proxy's answer to CONNECT, e.g. "502 Bad Gateway"
+            raise _proxy_refused(via or "", req.url, _safe(exc, via, named=False)) from None
         except httpx.TransportError as exc:
-            raise UpstreamTransient(
-                f"identity provider unreachable at {_origin(req.url)}: {type(exc).__name__}: {_safe(exc)}"
-            ) from None
+            hint = ""
+            if any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(exc)):
+                hint = "; if the IdP's certificate comes from a private CA, give the profile its CA (ca_bundle = PATH)"
+            raise UpstreamTransient(f"identity provider unreachable at {where}: {_safe(exc, via)}{hint}") from None
 
     async def aclose(self) -> None:
         for client in self._clients.values():
@@ -98,11 +122,31 @@ class IdpTransport:
         self._clients.clear()
 
 
+def _proxy_refused(via: str, url: str, answer: str) -> UpstreamTransient:
+    proxy, target = proxies.shown(via), _origin(url)
+    if answer.startswith("407"):
+        return UpstreamTransient(
+            f"the proxy {proxy} refused to reach {target} without valid credentials ({answer}): give the "
+            "broker https_proxy=http://USER:PASSWORD@HOST:PORT in its environment"
+        )
+    return UpstreamTransient(
+        f"the proxy {proxy} could not reach {target} ({answer}): check the IdP's host name, or let it "
+        'bypass the proxy (no_proxy, or the profile\'s proxy = "direct")'
+    )
+
+
 def _origin(url: str) -> str:
     parts = httpx.URL(url)
     return f"{parts.scheme}://{parts.host}{':' + str(parts.port) if parts.port else ''}"
 
 
-def _safe(exc: BaseException) -> str:
-    # httpx transport errors carry OS-level messages, never the request body; keep them short anyway
-    return str(exc)[:200]
+def _safe(exc: BaseException, via: str | None = None, *, named: bool = True) -> str:
+    """The exception's telling message (httpx transport errors carry OS-level ones, never the request
+    body), short, and should one ever quote the proxy URL, without its credentials."""
+    text = telling(exc, named=named)
+    if via is not None:
+        parts = httpx.URL(via)
+        for secret in (parts.password, parts.username):
+            if secret:
+                text = text.replace(secret, "***")
+    return text[:200]

@@ -448,8 +448,7 @@ class Session:
         if isinstance(step, HttpRequest):
             self.idp_requests += 1
             sent_at = self.clock()  # the IdP issued its answer after this: lifetimes count from here
-            response = await self.idp.send(step, ca_bundle=self.profile.ca_bundle)
-            return Answer(response, sent_at)
+            return Answer(await self._send(step), sent_at)
         if isinstance(step, Sleep):
             await trio.sleep(step.seconds)
             return self.clock()
@@ -459,6 +458,10 @@ class Session:
                 on_lost(step)
             return None
         raise TypeError(f"this driver cannot perform {step!r}")
+
+    async def _send(self, req: HttpRequest) -> oidc.HttpResponse:
+        """One request to this profile's IdP, with its CA bundle and through its proxy."""
+        return await self.idp.send(req, ca_bundle=self.profile.ca_bundle, proxy=self.profile.proxy)
 
     def _forget_login(self, _: LoginLost) -> None:
         self.token = None
@@ -680,10 +683,7 @@ class Session:
                             else (tok.access_token, "access_token")
                         )
                         self.idp_requests += 1
-                        resp = await self.idp.send(
-                            oidc.build_revoke(endpoints.revocation, client, target, hint),
-                            ca_bundle=self.profile.ca_bundle,
-                        )
+                        resp = await self._send(oidc.build_revoke(endpoints.revocation, client, target, hint))
                         revoked = 200 <= resp.status < 300
                 except (UpstreamFault, BrokerError) as exc:
                     log.warning("profile %s: could not revoke at the identity provider: %s", name, exc)

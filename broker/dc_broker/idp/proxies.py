@@ -1,0 +1,187 @@
+"""Which HTTP proxy, if any, carries a request to the IdP. Pure: the environment is a parameter.
+
+A profile's ``proxy`` setting decides when it is set: a proxy URL (``http://proxy.corp:3128``, or
+``https://`` for TLS to the proxy itself) or ``direct``. Without it the standard variables decide,
+read the way curl reads them:
+
+* ``https_proxy`` / ``HTTPS_PROXY``, else ``all_proxy`` / ``ALL_PROXY``; the lower-case spelling
+  wins where both are set; a value without a scheme is ``http://``. (``http_proxy`` never applies:
+  plain http goes only to loopback, ``dc_broker.config.check_url``, and loopback goes direct);
+* ``no_proxy`` / ``NO_PROXY``: comma-separated hosts and domains; ``corp.example`` and
+  ``.corp.example`` match it and every host below it, ``*`` matches every host, an entry may end in
+  ``:port``, and IP addresses and CIDR ranges (``10.0.0.0/8``) match as addresses;
+* loopback (``localhost``, 127.0.0.0/8, ``::1``) never goes through a proxy from the environment (as
+  in Go's net/http): a local IdP or an SSH tunnel stays local. A profile's own ``proxy`` applies to
+  every host, loopback included.
+
+Only ``http://`` and ``https://`` proxies: a ``socks5://`` value is refused with a message naming the
+variable. A proxy URL from the environment may carry ``user:password@`` (config.toml holds no
+secrets, so a profile's may not); ``shown`` is the form for every message, log line and status:
+scheme, host and port, never the credentials.
+
+Must never: read ``os.environ`` (the transport passes it in) or put a proxy's credentials into text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import urlsplit
+
+from dc_broker.errors import ConfigError
+
+#: a profile's ``proxy = "direct"``: no proxy for this profile, whatever the environment says
+DIRECT: Final = "direct"
+_SCHEMES: Final = ("http", "https")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class EnvProxies:
+    """The proxy variables of one environment, checked once (``from_environ``)."""
+
+    https: str | None = None
+    all: str | None = None
+    no_proxy: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:  # the URLs may carry credentials
+        return f"EnvProxies(https={_shown_or_none(self.https)}, all={_shown_or_none(self.all)}, ...)"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> EnvProxies:
+        """The variables as set; a value that is no usable proxy URL is a ``ConfigError`` naming it."""
+
+        def first(*names: str) -> str | None:
+            for name in names:
+                value = environ.get(name, "").strip()
+                if value:
+                    return _env_url(name, value)
+            return None
+
+        no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+        return cls(
+            https=first("https_proxy", "HTTPS_PROXY"),
+            all=first("all_proxy", "ALL_PROXY"),
+            no_proxy=tuple(e.strip().lower() for e in no_proxy.split(",") if e.strip()),
+        )
+
+
+def setting_problem(value: str) -> str | None:
+    """What is wrong with a profile's ``proxy`` value (None: nothing)."""
+    if value == DIRECT:
+        return None
+    problem = _url_problem(value)
+    if problem is not None:
+        return f"{problem}; write it like http://proxy.example:3128, or {DIRECT!r} for no proxy"
+    if urlsplit(value).username is not None:
+        return (
+            "carries credentials, and config.toml holds no secrets: leave proxy unset and give the "
+            "broker https_proxy=http://USER:PASSWORD@HOST:PORT in its environment instead"
+        )
+    return None
+
+
+def route(url: str, setting: str | None, env: EnvProxies) -> str | None:
+    """The proxy URL for a request to ``url`` (None: straight to the IdP)."""
+    if setting is not None:
+        return None if setting == DIRECT else setting
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if _is_loopback(host):
+        return None
+    chosen = env.https or env.all
+    if chosen is None:
+        return None
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    if any(_bypasses(entry, host, port) for entry in env.no_proxy):
+        return None
+    return chosen
+
+
+def shown(proxy: str) -> str:
+    """A proxy URL as messages show it: scheme, host and port, no credentials."""
+    parts = urlsplit(proxy)
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def _shown_or_none(proxy: str | None) -> str | None:
+    return None if proxy is None else shown(proxy)
+
+
+def _url_problem(value: str) -> str | None:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return "is not a URL with a valid port"
+    if parts.scheme not in _SCHEMES:
+        if parts.scheme.startswith("socks"):
+            return f"is a {parts.scheme} proxy; only http:// and https:// proxies are supported"
+        return "is not an http:// or https:// proxy URL"
+    if not parts.hostname:
+        return "names no host"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "has a path; a proxy URL is scheme, host and port"
+    return None
+
+
+def _env_url(name: str, value: str) -> str:
+    if "://" not in value:
+        value = "http://" + value  # curl's reading of "proxy.corp:3128"
+    problem = _url_problem(value)
+    if problem is not None:
+        raise ConfigError(
+            f"the environment's {name} {problem} (seen: {redacted(value)}); fix or unset it, or set the "
+            "profile's proxy (a URL, or 'direct')"
+        )
+    return value
+
+
+def redacted(value: str) -> str:
+    """``value`` with any ``user:password@`` replaced: a refused value as its error message shows it."""
+    scheme, sep, rest = value.partition("://")
+    at = rest.rfind("@")
+    return f"{scheme}{sep}***@{rest[at + 1 :]}" if sep and at >= 0 else value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bypasses(entry: str, host: str, port: int | None) -> bool:
+    """Whether one ``no_proxy`` entry matches ``host`` (and ``port``)."""
+    if entry == "*":
+        return True
+    want_port: int | None = None
+    if entry.startswith("["):  # [::1]:8080 or [::1]
+        inner, _, tail = entry[1:].partition("]")
+        entry = inner
+        if tail.startswith(":") and tail[1:].isdecimal():
+            want_port = int(tail[1:])
+    elif entry.count(":") == 1:  # host:port (a bare IPv6 address has more colons)
+        name, _, digits = entry.partition(":")
+        if digits.isdecimal():
+            entry, want_port = name, int(digits)
+    if want_port is not None and want_port != port:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if "/" in entry or address is not None:
+        try:
+            return address is not None and address in ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            return False
+    domain = entry.removeprefix("*").removeprefix(".")
+    return bool(domain) and (host == domain or host.endswith("." + domain))

@@ -1,0 +1,227 @@
+"""The IdP behind a real HTTP proxy (proxy.py: CONNECT tunnels and plain forwarding, basic auth), the
+way a broker on a corporate network reaches it: TLS end to end through the tunnel, the environment's
+https_proxy with credentials, what a refusing proxy's answer turns into, and a real broker process
+whose profile names its proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from dc_broker.errors import UpstreamTransient
+from dc_broker.idp.oidc import HttpRequest
+from dc_broker.idp.transport import IdpTransport
+from dc_broker.sessions.session import Session
+from dc_broker.store import MemoryStore
+from dc_token.errors import UpstreamUnavailable
+from dc_token.sync import TokenClient
+from tests.conftest import CREDENTIALS, profile, running
+from tests.e2e import DC_BROKER, dc_token, dev_idp, run, start_run, stop, wait_for
+from tests.tls import make_tls
+
+pytestmark = pytest.mark.e2e
+
+PROXY_PASSWORD = "pr0xy-Pa55"
+
+
+@contextmanager
+def forward_proxy(tmp: Path, *flags: str) -> Iterator[tuple[str, Path]]:
+    """``python -m proxy`` on a free loopback port; yields (its URL, its access log)."""
+    port_file, log = tmp / "proxy.port", tmp / "proxy.log"
+    port_file.unlink(missing_ok=True)
+    log.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]
+    cmd += ["--num-workers", "1", "--num-acceptors", "1", "--log-file", str(log), *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_file.exists() and port_file.read_text().strip().isdecimal(), 30, "the proxy's port")
+        port = int(port_file.read_text().strip())
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, 30, "the proxy to listen")
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def tls_session(base: str, ca: str | None, proxy: str | None, environ: dict[str, str]) -> Session:
+    prof = profile("demo", server=base, ca_bundle=ca, proxy=proxy)
+    return Session(prof, MemoryStore({"demo": CREDENTIALS["demo"]}), IdpTransport(environ=environ))
+
+
+async def test_a_profile_s_proxy_tunnels_tls_to_the_idp(tmp_path: Path) -> None:
+    """CONNECT through the proxy, TLS verified against the profile's CA bundle inside the tunnel: the
+    proxy sees only the IdP's host and port, and a broker without the CA refuses the IdP's certificate."""
+    ca, cert, key = make_tls(tmp_path)
+    with dev_idp("--certfile", cert, "--keyfile", key) as base, forward_proxy(tmp_path) as (proxy, log):
+        assert base.startswith("https://127.0.0.1:")
+        session = tls_session(base, ca, proxy, {"no_proxy": "*"})  # the profile's proxy wins over no_proxy
+        async with running(session.run):
+            with trio.fail_after(20):
+                token = await session.get()
+        assert token.access_token.reveal().count(".") == 2
+        await session.idp.aclose()  # proxy.py logs a tunnel once it is closed
+        tunnel = f"CONNECT {base.removeprefix('https://')}"
+        wait_for(lambda: tunnel in log.read_text(), 10, "the tunnel in the proxy's log")
+        seen = log.read_text()
+        assert token.access_token.reveal() not in seen and "dc-cli-secret" not in seen  # TLS: the proxy saw none
+
+        untrusted = tls_session(base, None, proxy, {})
+        async with running(untrusted.run):
+            with trio.fail_after(20), pytest.raises(UpstreamUnavailable) as caught:
+                await untrusted.get()
+        await untrusted.idp.aclose()
+        text = str(caught.value)  # the telling cause, from under httpx's empty ConnectError, and what to do
+        assert "via proxy " + proxy in text and "CERTIFICATE_VERIFY_FAILED" in text, text
+        assert text.endswith("give the profile its CA (ca_bundle = PATH)"), text
+
+
+@pytest.mark.parametrize(
+    ("password", "answer"),
+    [
+        (PROXY_PASSWORD, "could not reach https://sso.invalid (502 Bad Gateway): check the IdP's host name"),
+        ("wrong-pw-x", "refused to reach https://sso.invalid without valid credentials (407"),
+    ],
+)
+async def test_the_environment_s_proxy_with_credentials_and_its_refusals(
+    tmp_path: Path, password: str, answer: str
+) -> None:
+    """https_proxy with user:password from the environment: the proxy authenticates the broker (or
+    says 407), then cannot resolve the IdP (502). Each answer is a message naming the proxy and what to
+    do, and the proxy password appears in none of them."""
+    with forward_proxy(tmp_path, "--basic-auth", f"alice:{PROXY_PASSWORD}") as (proxy, log):
+        port = proxy.rsplit(":", 1)[1]
+        transport = IdpTransport(environ={"https_proxy": f"http://alice:{password}@127.0.0.1:{port}"})
+        assert password not in repr(transport.__dict__)
+        try:
+            with trio.fail_after(20), pytest.raises(UpstreamTransient) as caught:
+                await transport.send(
+                    HttpRequest("POST", "https://sso.invalid/realms/acme/protocol/openid-connect/token")
+                )
+        finally:
+            await transport.aclose()
+        wait_for(lambda: "CONNECT" in log.read_text(), 10, "the CONNECT in the proxy's log")  # it went through it
+    text = str(caught.value)
+    assert text.startswith(f"the proxy {proxy} {answer}"), text
+    assert password not in text and "alice" not in text
+
+
+def broker_config(tmp: Path, base: str, proxy: str) -> Path:
+    cfg = tmp / "config.toml"
+    cfg.write_text(
+        f'[profiles.acme]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-cli"\nusername = "demo"\n'
+        f'proxy = "{proxy}"\n\n'
+        f'[profiles.local]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-service"\n'
+        'grant = "client_credentials"\n'
+    )
+    return cfg
+
+
+def test_a_broker_process_reaches_its_idp_through_the_profile_s_proxy(tmp_path: Path) -> None:
+    """`dc-broker run`: profile acme names the proxy (plain-http forwarding to the local dev IdP);
+    profile local names none and its IdP is loopback, so the environment's https_proxy and ALL_PROXY
+    (a dead port) are not used for it. Once the proxy is gone, acme's forced refresh
+    fails naming it, and `dc-broker set acme proxy=direct` moves acme around it: the running broker's
+    new login succeeds at once."""
+    secrets = (
+        '[acme]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n[local]\nclient_secret = "dc-service-secret"\n'
+    )
+    sock = str(tmp_path / "run" / "b.sock")
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "https_proxy": dead, "ALL_PROXY": dead}
+
+    def acme() -> dict[str, Any]:
+        out = json.loads(run([DC_BROKER, "status", "--socket", sock, "--json"]).stdout)
+        return dict(next(p for p in out["profiles"] if p["profile"] == "acme"))
+
+    with dev_idp() as base:
+        with forward_proxy(tmp_path) as (proxy, _):
+            cfg = broker_config(tmp_path, base, proxy)
+            broker = start_run(cfg, sock, secrets, env=env)
+            tokens = {name: dc_token(sock, name) for name in ("acme", "local")}
+            assert [t.returncode for t in tokens.values()] == [0, 0], [t.stderr for t in tokens.values()]
+        try:
+            with TokenClient(sock, cache=False) as client:  # the API said 401: a refresh now, to the dead proxy
+                assert client.invalidate("acme", tokens["acme"].stdout.strip())
+            wait_for(lambda: acme()["last_error"] is not None, 20, "acme's refresh to fail", every=0.1)
+            assert f"via proxy {proxy}" in acme()["last_error"], acme()["last_error"]
+
+            changed = run([DC_BROKER, "set", "acme", "proxy=direct", "--config", str(cfg), "--socket", sock])
+            assert changed.returncode == 0, changed.stderr
+            assert "proxy = 'direct'" in changed.stdout and "reloaded" in changed.stdout
+            assert 'proxy = "direct"' in cfg.read_text()
+            wait_for(lambda: acme()["last_error"] is None, 20, "acme's login around the proxy", every=0.1)
+            assert acme()["state"] == "fresh"
+            again = dc_token(sock, "acme")
+            assert again.returncode == 0 and again.stdout != tokens["acme"].stdout, again.stderr
+        finally:
+            assert stop(broker, signal.SIGTERM) == 0
+    err = broker.stderr.read() if broker.stderr else ""
+    assert "Traceback" not in err
+
+
+def test_add_checks_the_login_through_the_proxy_it_is_given(tmp_path: Path) -> None:
+    """`dc-broker add --proxy`: the sign-in check goes the profile's way (a dead proxy fails it and
+    nothing is written; a live one passes it), and a proxy URL with credentials is refused unechoed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DC_BROKER_") and "proxy" not in k.lower()}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_DATA_HOME=str(tmp_path / "data"))
+    env["DC_BROKER_SOCKET"] = str(tmp_path / "run" / "none.sock")
+    config = tmp_path / "config" / "dc-broker" / "config.toml"
+
+    def add(proxy: str) -> subprocess.CompletedProcess[str]:
+        args = ["add", "svc", "--server", base, "--tenant", "demo", "--client-id", "dc-service"]
+        args += ["--grant", "client_credentials", "--proxy", proxy, "--secret-stdin"]
+        return subprocess.run([DC_BROKER, *args], input="dc-service-secret\n", capture_output=True, text=True, env=env)
+
+    init = subprocess.run([DC_BROKER, "init", "--key-source", "keyfile"], capture_output=True, text=True, env=env)
+    assert init.returncode == 0, init.stderr
+    with dev_idp() as base:
+        dead = add("http://127.0.0.1:9")
+        assert dead.returncode == 7, dead.stderr
+        assert "could not verify profile 'svc'" in dead.stderr and "via proxy http://127.0.0.1:9" in dead.stderr
+        assert not config.exists() or "svc" not in config.read_text()
+
+        secret = add("http://ops:pr0xy-pw@127.0.0.1:3128")
+        assert secret.returncode == 2 and "proxy 'http://***@127.0.0.1:3128' carries credentials" in secret.stderr
+        assert "pr0xy-pw" not in secret.stderr
+
+        with forward_proxy(tmp_path) as (proxy, _):
+            added = add(proxy)
+        assert added.returncode == 0, added.stderr
+        assert f'proxy = "{proxy}"' in config.read_text()
+
+
+def test_an_unusable_proxy_variable_stops_the_broker_at_start_with_its_name(tmp_path: Path) -> None:
+    with dev_idp() as base:
+        cfg = broker_config(tmp_path, base, "direct")
+        env = {**os.environ, "https_proxy": "socks5://alice:s0cks-pw@127.0.0.1:1080"}
+        result = subprocess.run(
+            [DC_BROKER, "run", "--config", str(cfg), "--socket", str(tmp_path / "b.sock"), "--secrets-stdin"],
+            input="",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+    assert result.returncode == 2, result.stderr
+    assert "the environment's https_proxy is a socks5 proxy; only http:// and https:// proxies" in result.stderr
+    assert "s0cks-pw" not in result.stderr and "Traceback" not in result.stderr
