@@ -1,7 +1,7 @@
 """The IdP behind a real HTTP proxy (proxy.py: CONNECT tunnels and plain forwarding, basic auth), the
 way a broker on a corporate network reaches it: TLS end to end through the tunnel, the environment's
-https_proxy with credentials, what a refusing proxy's answer turns into, and a real broker process
-whose profile names its proxy."""
+https_proxy with credentials, what a refusing proxy's answer turns into, a real broker process whose
+profile names its proxy, `dc-broker add --proxy`, and `dc-broker proxy`'s upstream the same way."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ from dc_broker.store import MemoryStore
 from dc_token.errors import UpstreamUnavailable
 from dc_token.sync import TokenClient
 from tests.conftest import CREDENTIALS, profile, running
-from tests.e2e import DC_BROKER, dc_token, dev_idp, run, start_run, stop, wait_for
+from tests.e2e import DC_BROKER, dc_token, dev_broker, dev_idp, run, start_run, stop, wait_for
+from tests.test_proxy import curl, proxy_process
 from tests.tls import make_tls
+from tests.upstream import running_upstream
 
 pytestmark = pytest.mark.e2e
 
@@ -208,6 +210,32 @@ def test_add_checks_the_login_through_the_proxy_it_is_given(tmp_path: Path) -> N
             added = add(proxy)
         assert added.returncode == 0, added.stderr
         assert f'proxy = "{proxy}"' in config.read_text()
+
+
+def test_dc_broker_proxy_reaches_its_upstream_the_profile_s_way(tmp_path: Path) -> None:
+    """`dc-broker proxy` sends the API requests where the profile's IdP requests go: through the
+    profile's proxy (a CONNECT tunnel, TLS verified inside it against the profile's CA bundle), and a
+    proxy that is gone is a 502 naming it."""
+    ca, cert, key = make_tls(tmp_path)
+
+    def config(proxy: str) -> str:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            f'[profiles.demo]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-cli"\nusername = "demo"\n'
+            f'ca_bundle = "{ca}"\nproxy = "{proxy}"\n'
+        )
+        return str(cfg)
+
+    with dev_broker(tmp_path) as (sock, base, _), running_upstream(None, cert, key) as upstream:
+        with forward_proxy(tmp_path) as (proxy, log):
+            with proxy_process(sock, upstream, "--config", config(proxy)) as (addr, _):
+                code, body = curl(f"http://{addr}/echo")
+                assert code == 200 and json.loads(body)["headers"]["authorization"].startswith("Bearer "), body
+            tunnel = "CONNECT " + upstream.removeprefix("https://")  # logged once dc-broker proxy has closed it
+            wait_for(lambda: tunnel in log.read_text(), 10, "the tunnel in the proxy's log")
+        with proxy_process(sock, upstream, "--config", config("http://127.0.0.1:9")) as (addr, _):
+            code, body = curl(f"http://{addr}/echo")
+        assert code == 502 and f"upstream {upstream} via proxy http://127.0.0.1:9 failed: ConnectError" in body
 
 
 def test_an_unusable_proxy_variable_stops_the_broker_at_start_with_its_name(tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ on the listening side, httpx upstream), never held whole. On a 401 from upstream
 reported (``invalidate``) and the request sent again once with a fresh token, if its body was small
 enough to keep (``REPLAY_LIMIT``); otherwise, or if the broker has nothing newer (it refreshes at most
 once per 10 s per profile), the 401 goes back to the caller. Upstream TLS is always verified, against
-the profile's ``ca_bundle`` (or ``--ca-bundle``) when given, else the system's CAs.
+the profile's ``ca_bundle`` (or ``--ca-bundle``) when given, else the system's CAs. Upstream
+requests take the route the profile's IdP requests take (``dc_broker.idp.proxies``: its ``proxy``,
+else ``https_proxy`` / ``no_proxy``, loopback direct), decided once at start.
 
 Who may use it (``admit``): the user running the proxy, nobody else, and no web page:
 
@@ -47,6 +49,7 @@ import httpx
 import trio
 
 from dc_broker.errors import ConfigError, telling
+from dc_broker.idp import proxies
 from dc_token.aio import AsyncTokenClient
 from dc_token.errors import BrokerUnavailable, DcBrokerError
 
@@ -387,8 +390,10 @@ class Proxy:
             await conn.simple(503, f"dc-broker proxy: {exc}", close=True)
             return
         except httpx.HTTPError as exc:
-            why = telling(exc)
-            await conn.simple(502, f"dc-broker proxy: upstream {self.upstream} failed: {why}", close=True)
+            via = self.http.via
+            why = proxies.scrub(telling(exc), via)
+            route = "" if via is None else f" via proxy {proxies.shown(via)}"
+            await conn.simple(502, f"dc-broker proxy: upstream {self.upstream}{route} failed: {why}", close=True)
             return
         try:
             await conn.send(
@@ -466,12 +471,14 @@ class Upstreams:
 
     The transport is used directly (no client layer: the request is forwarded as it came, with none
     of httpx's default headers, cookies or redirects); verified TLS, no proxy or netrc from the
-    environment. One small pool per client connection rather than one shared pool: httpcore's pool
+    environment (``via``: the HTTP proxy to the upstream, or None). One small pool per client
+    connection rather than one shared pool: httpcore's pool
     checks every connection it holds on each request, which at 16 busy connections costs more than
     the rest of the proxy."""
 
-    def __init__(self, ca_bundle: str | None, keep: int = 32) -> None:
+    def __init__(self, ca_bundle: str | None, keep: int = 32, *, via: str | None = None) -> None:
         self._tls = tls_context(ca_bundle)
+        self.via = via
         self._free: list[httpx.AsyncHTTPTransport] = []
         self._keep = keep
 
@@ -479,7 +486,10 @@ class Upstreams:
         if self._free:
             return self._free.pop()
         return httpx.AsyncHTTPTransport(
-            verify=self._tls, trust_env=False, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            verify=self._tls,
+            trust_env=False,
+            proxy=self.via,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         )
 
     async def give(self, transport: httpx.AsyncHTTPTransport) -> None:
@@ -502,11 +512,12 @@ async def run_proxy(
     *,
     socket_path: str | None = None,
     ca_bundle: str | None = None,
+    via: str | None = None,
     allowed_origins: Iterable[str] = (),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled. ``task_status.started(address)`` once listening (``host:port`` with the
-    real port, or ``unix:PATH``)."""
+    real port, or ``unix:PATH``). ``via``: the HTTP proxy to the upstream (``proxies.route``)."""
     from dc_broker.serve.listen import bind_unix_socket, release
 
     upstream = check_upstream(upstream)
@@ -515,7 +526,7 @@ async def run_proxy(
         await broker.hello()
     except BrokerUnavailable as exc:
         raise BrokerUnavailable(f"{exc}; start it first (`dc-broker run`)") from None
-    http = Upstreams(ca_bundle)
+    http = Upstreams(ca_bundle, via=via)
     lock = None
     if listen.path is not None:
         raw, lock = bind_unix_socket(listen.path, mode=0o600, strict_dir=False)

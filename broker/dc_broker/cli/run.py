@@ -270,19 +270,24 @@ def proxy(
     profile: str,
 ) -> None:
     """Serve PROFILE's API on a local address with the token added: point any HTTP client at
-    http://127.0.0.1:8765/... . Only your own user may use it; browsers are refused."""
+    http://127.0.0.1:8765/... . Only your own user may use it; browsers are refused. The upstream is
+    reached the way the profile's IdP is: through its proxy, else https_proxy (no_proxy)."""
     import trio
 
     from dc_broker.daemon import until_signalled
+    from dc_broker.idp import proxies
     from dc_broker.proxy import Listen, check_upstream, run_proxy, tls_context
 
     _setup_logging(verbose)
     where = Listen.parse(listen)
     check_upstream(upstream)
+    configured = load_config(config_path, missing_ok=True).profiles.get(profile)
     if ca_bundle is None:
-        configured = load_config(config_path, missing_ok=True).profiles.get(profile)
         ca_bundle = configured.ca_bundle if configured is not None else None
     tls_context(ca_bundle)
+    setting = configured.proxy if configured is not None else None
+    via = proxies.route(upstream, setting, proxies.EnvProxies.from_environ(os.environ))
+    route = "" if via is None else f" via proxy {proxies.shown(via)}"
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -294,11 +299,12 @@ def proxy(
                     where,
                     socket_path=socket_path,
                     ca_bundle=ca_bundle,
+                    via=via,
                     allowed_origins=origins,
                     task_status=task_status,
                 )
             )
-            print(f"dc-broker proxy: http://{address} -> {upstream} (profile {profile})", flush=True)
+            print(f"dc-broker proxy: http://{address} -> {upstream}{route} (profile {profile})", flush=True)
 
     trio.run(main)
 

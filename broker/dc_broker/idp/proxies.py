@@ -109,6 +109,16 @@ def shown(proxy: str) -> str:
     return f"{parts.scheme}://{host}:{port}"
 
 
+def scrub(text: str, proxy: str | None) -> str:
+    """``text`` (an error message from below) without the proxy URL's credentials, should it quote them."""
+    if proxy is not None:
+        parts = urlsplit(proxy)
+        for secret in (parts.password, parts.username):
+            if secret:
+                text = text.replace(secret, "***")
+    return text
+
+
 def _shown_or_none(proxy: str | None) -> str | None:
     return None if proxy is None else shown(proxy)
 

@@ -143,10 +143,4 @@ def _origin(url: str) -> str:
 def _safe(exc: BaseException, via: str | None = None, *, named: bool = True) -> str:
     """The exception's telling message (httpx transport errors carry OS-level ones, never the request
     body), short, and should one ever quote the proxy URL, without its credentials."""
-    text = telling(exc, named=named)
-    if via is not None:
-        parts = httpx.URL(via)
-        for secret in (parts.password, parts.username):
-            if secret:
-                text = text.replace(secret, "***")
-    return text[:200]
+    return proxies.scrub(telling(exc, named=named), via)[:200]
