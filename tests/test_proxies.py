@@ -7,7 +7,7 @@ import pytest
 
 from dc_broker.config import Profile
 from dc_broker.errors import ConfigError
-from dc_broker.idp.proxies import DIRECT, EnvProxies, redacted, route, setting_problem, shown
+from dc_broker.idp.proxies import DIRECT, EnvProxies, redacted, route, scrub, setting_problem, shown
 
 IDP = "https://sso.corp.example/realms/acme/protocol/openid-connect/token"
 CORP = "http://proxy.corp.example:3128"
@@ -123,6 +123,12 @@ def test_credentials_in_a_variable_are_used_and_never_shown() -> None:
 )
 def test_shown_names_scheme_host_and_port(proxy: str, text: str) -> None:
     assert shown(proxy) == text
+
+
+def test_scrub_takes_a_proxy_s_credentials_out_of_a_message_raw_or_decoded() -> None:
+    proxy = "http://alice:s3cr%40t@proxy.corp.example:3128"
+    assert scrub("refused alice with s3cr@t and s3cr%40t", proxy) == "refused *** with *** and ***"
+    assert scrub("nothing to hide", None) == "nothing to hide"
 
 
 def test_redacted_keeps_a_value_without_credentials() -> None:

@@ -28,7 +28,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dc_broker.errors import ConfigError
 
@@ -114,8 +114,8 @@ def scrub(text: str, proxy: str | None) -> str:
     if proxy is not None:
         parts = urlsplit(proxy)
         for secret in (parts.password, parts.username):
-            if secret:
-                text = text.replace(secret, "***")
+            for form in {secret, unquote(secret)} if secret else ():
+                text = text.replace(form, "***")
     return text
 
 

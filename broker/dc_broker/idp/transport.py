@@ -126,8 +126,9 @@ def _proxy_refused(via: str, url: str, answer: str) -> UpstreamTransient:
     proxy, target = proxies.shown(via), _origin(url)
     if answer.startswith("407"):
         return UpstreamTransient(
-            f"the proxy {proxy} refused to reach {target} without valid credentials ({answer}): give the "
-            "broker https_proxy=http://USER:PASSWORD@HOST:PORT in its environment"
+            f"the proxy {proxy} refused to reach {target} without valid credentials ({answer}): proxy "
+            "credentials come from the broker's environment, https_proxy=http://USER:PASSWORD@HOST:PORT "
+            "(with the profile's proxy unset)"
         )
     return UpstreamTransient(
         f"the proxy {proxy} could not reach {target} ({answer}): check the IdP's host name, or let it "
