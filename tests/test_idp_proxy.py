@@ -164,6 +164,9 @@ def test_a_broker_process_reaches_its_idp_through_the_profile_s_proxy(tmp_path: 
         try:
             with TokenClient(sock, cache=False) as client:  # the API said 401: a refresh now, to the dead proxy
                 assert client.invalidate("acme", tokens["acme"].stdout.strip())
+            assert acme()["via"] == proxy  # status says which way each profile goes
+            out = json.loads(run([DC_BROKER, "status", "--socket", sock, "--json"]).stdout)
+            assert [p["via"] for p in out["profiles"] if p["profile"] == "local"] == [None]
             wait_for(lambda: acme()["last_error"] is not None, 20, "acme's refresh to fail", every=0.1)
             assert f"via proxy {proxy}" in acme()["last_error"], acme()["last_error"]
 
@@ -172,7 +175,7 @@ def test_a_broker_process_reaches_its_idp_through_the_profile_s_proxy(tmp_path: 
             assert "proxy = 'direct'" in changed.stdout and "reloaded" in changed.stdout
             assert 'proxy = "direct"' in cfg.read_text()
             wait_for(lambda: acme()["last_error"] is None, 20, "acme's login around the proxy", every=0.1)
-            assert acme()["state"] == "fresh"
+            assert acme()["state"] == "fresh" and acme()["via"] is None
             again = dc_token(sock, "acme")
             assert again.returncode == 0 and again.stdout != tokens["acme"].stdout, again.stderr
         finally:

@@ -78,6 +78,11 @@ class IdpTransport:
             self._clients[(ca_bundle, via)] = client
         return client
 
+    def via(self, url: str, proxy: str | None) -> str | None:
+        """The proxy a request to ``url`` goes through, as messages show it (None: direct)."""
+        route = proxies.route(url, proxy, self._env)
+        return None if route is None else proxies.shown(route)
+
     async def send(self, req: HttpRequest, *, ca_bundle: str | None = None, proxy: str | None = None) -> HttpResponse:
         """``proxy``: the profile's setting (a URL, ``direct``, or None for the environment's)."""
         via = proxies.route(req.url, proxy, self._env)

@@ -713,6 +713,7 @@ class Session:
             "state": self.effective_state(now).value,
             "grant": self.profile.grant,
             "idp": self.profile.describe(),
+            "via": self.idp.via(self.profile.static_token_url() or self.profile.issuer or "", self.profile.proxy),
             "expires_in": round(tok.expires_at - now, 3) if tok else None,
             "refreshes": self.refreshes,
             "idp_requests": self.idp_requests,
