@@ -118,6 +118,8 @@ class Session:
         #: the refresh-token life the IdP granted below SSO Session Max (its idle timeout)
         self._refresh_life: float | None = None
         self._endpoints: Endpoints | None = oidc.static_endpoints(profile)
+        #: (the profile it was worked out for, the proxy its IdP requests go through as shown)
+        self._via: tuple[Profile, str | None] | None = None
         self._wake = trio.Event()
         self._round = trio.Event()
         #: cancelled when the profile is removed at run time
@@ -459,6 +461,14 @@ class Session:
             return None
         raise TypeError(f"this driver cannot perform {step!r}")
 
+    def _shown_route(self) -> str | None:
+        """The proxy this profile's IdP requests go through, as shown (None: direct); worked out once
+        per profile settings, since ``status`` asks for every profile each time."""
+        if self._via is None or self._via[0] is not self.profile:
+            url = self.profile.static_token_url() or self.profile.issuer or ""
+            self._via = (self.profile, self.idp.via(url, self.profile.proxy))
+        return self._via[1]
+
     async def _send(self, req: HttpRequest) -> oidc.HttpResponse:
         """One request to this profile's IdP, with its CA bundle and through its proxy."""
         return await self.idp.send(req, ca_bundle=self.profile.ca_bundle, proxy=self.profile.proxy)
@@ -713,7 +723,7 @@ class Session:
             "state": self.effective_state(now).value,
             "grant": self.profile.grant,
             "idp": self.profile.describe(),
-            "via": self.idp.via(self.profile.static_token_url() or self.profile.issuer or "", self.profile.proxy),
+            "via": self._shown_route(),
             "expires_in": round(tok.expires_at - now, 3) if tok else None,
             "refreshes": self.refreshes,
             "idp_requests": self.idp_requests,
