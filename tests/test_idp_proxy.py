@@ -186,7 +186,8 @@ def test_a_broker_process_reaches_its_idp_through_the_profile_s_proxy(tmp_path: 
 
 def test_add_checks_the_login_through_the_proxy_it_is_given(tmp_path: Path) -> None:
     """`dc-broker add --proxy`: the sign-in check goes the profile's way (a dead proxy fails it and
-    nothing is written; a live one passes it), and a proxy URL with credentials is refused unechoed."""
+    nothing is written; a live one passes it), a proxy URL with credentials is refused unechoed, and
+    a profile that relies on this shell's https_proxy gets a note that systemd will not pass it on."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DC_BROKER_") and "proxy" not in k.lower()}
     env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_DATA_HOME=str(tmp_path / "data"))
     env["DC_BROKER_SOCKET"] = str(tmp_path / "run" / "none.sock")
@@ -213,6 +214,18 @@ def test_add_checks_the_login_through_the_proxy_it_is_given(tmp_path: Path) -> N
             added = add(proxy)
         assert added.returncode == 0, added.stderr
         assert f'proxy = "{proxy}"' in config.read_text()
+        assert "Note:" not in added.stderr  # the profile names its proxy: nothing to say
+
+    # a profile without proxy, whose IdP this shell reaches through its https_proxy: the user is told
+    # that a systemd-started broker will not see it (not checked at the IdP: it is not on this host)
+    env["https_proxy"] = "http://ops:pr0xy-pw@proxy.corp.example:3128"
+    args = ["add", "corp", "--server", "https://sso.corp.example", "--tenant", "t", "--client-id", "c"]
+    args += ["--grant", "client_credentials", "--secret-stdin", "--no-verify"]
+    noted = subprocess.run([DC_BROKER, *args], input="s3\n", capture_output=True, text=True, env=env)
+    assert noted.returncode == 0, noted.stderr
+    assert "through this shell's proxy http://proxy.corp.example:3128 (https_proxy)" in noted.stderr
+    assert "`dc-broker set corp proxy=http://proxy.corp.example:3128`" in noted.stderr
+    assert "pr0xy-pw" not in noted.stderr + noted.stdout
 
 
 def test_dc_broker_proxy_reaches_its_upstream_the_profile_s_way(tmp_path: Path) -> None:

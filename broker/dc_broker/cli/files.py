@@ -268,6 +268,25 @@ def add(
         nxt = f"`dc-broker login {profile}`" if p.grant in ("device", "browser") else f"`dc-token {profile}`"
     verb = "Replaced" if exists else "Added"
     click.echo(f"{verb} profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
+    _note_environment_proxy(p)
+
+
+def _note_environment_proxy(p: Profile) -> None:
+    """A profile without ``proxy`` whose IdP this shell reaches through its https_proxy: a broker
+    that systemd starts does not have this shell's environment, so say how to make it the same."""
+    from dc_broker.idp import proxies
+
+    if p.proxy is not None:
+        return
+    via = proxies.route(p.static_token_url() or p.issuer or "", None, proxies.EnvProxies.from_environ(os.environ))
+    if via is not None:
+        click.echo(
+            f"Note: profile {p.name}'s IdP is reached through this shell's proxy {proxies.shown(via)} "
+            "(https_proxy); a broker started by systemd does not see this shell's variables: "
+            f"`dc-broker set {p.name} proxy={proxies.shown(via)}`, or give the unit the variables "
+            '(docs/systemd.md, "Behind an HTTP proxy")',
+            err=True,
+        )
 
 
 def _add_to_running(
