@@ -472,9 +472,8 @@ class Upstreams:
     The transport is used directly (no client layer: the request is forwarded as it came, with none
     of httpx's default headers, cookies or redirects); verified TLS, no proxy or netrc from the
     environment (``via``: the HTTP proxy to the upstream, or None). One small pool per client
-    connection rather than one shared pool: httpcore's pool
-    checks every connection it holds on each request, which at 16 busy connections costs more than
-    the rest of the proxy."""
+    connection rather than one shared pool: httpcore's pool checks every connection it holds on each
+    request, which at 16 busy connections costs more than the rest of the proxy."""
 
     def __init__(self, ca_bundle: str | None, keep: int = 32, *, via: str | None = None) -> None:
         self._tls = tls_context(ca_bundle)
