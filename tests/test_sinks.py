@@ -277,10 +277,10 @@ print(f"{len(seen) - 1} refreshes, {reads} reads, all complete and unexpired")
 
 @pytest.mark.e2e
 def test_reader_process_across_refreshes_of_a_real_broker(tmp_path: Path) -> None:
-    # 4-second tokens, refreshed every ~3 s: 12 by default (about 36 s); DC_SINK_REFRESHES=100 for the
+    # 4-second tokens, refreshed every ~3 s: 8 by default (about 25 s); DC_SINK_REFRESHES=100 for the
     # full run (the in-process test above does 100 on the fake clock). Shorter tokens leave margins
     # (0.4 s for 2-second ones) within reach of a loaded 2-core machine's scheduling delays.
-    refreshes = int(os.environ.get("DC_SINK_REFRESHES", "12"))
+    refreshes = int(os.environ.get("DC_SINK_REFRESHES", "8"))
     idp = subprocess.Popen(
         [sys.executable, "-m", "dc_broker.devserver", "--access-lifespan", "4"],
         stdout=subprocess.PIPE,
