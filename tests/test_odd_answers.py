@@ -319,24 +319,37 @@ async def test_settled_returns_when_the_attempt_ends(make_idp, autojump_clock) -
     async with running(session.run), trio.open_nursery() as inner:
         inner.start_soon(session.get)
         await trio.sleep(1)
-        assert session.state is State.REFRESHING
+        assert session.attempt is not None and session.state is State.EMPTY and session.status(1.0)["refreshing"]
         await session.settled()
-        assert session.state is State.FRESH and trio.current_time() == pytest.approx(3.0, abs=0.01)
+        assert session.attempt is None and session.state is State.FRESH
+        assert trio.current_time() == pytest.approx(3.0, abs=0.01)
 
 
 # -- the state table -------------------------------------------------------------------------------------
 
 
 def test_an_impossible_pair_names_both() -> None:
-    with pytest.raises(LifecycleError, match=r"'granted'.*'fresh'"):
-        next_state(State.FRESH, Event.GRANTED)
+    """An attempt's outcome lands only in the states attempts run in: anywhere else it is a bug."""
+    with pytest.raises(LifecycleError, match=r"'granted'.*'login_required'"):
+        next_state(State.LOGIN_REQUIRED, Event.GRANTED)
 
 
-def test_every_state_can_be_locked_adopted_and_left_by_logout() -> None:
+def test_every_state_can_be_locked_adopted_restored_and_left_by_logout() -> None:
     for state in State:
         assert next_state(state, Event.LOCK) is State.LOCKED
         assert next_state(state, Event.ADOPTED) is State.FRESH
-        assert next_state(state, Event.LOGOUT) in (State.LOGIN_REQUIRED, State.REFRESHING)
+        assert next_state(state, Event.RESTORED) is State.FRESH
+        assert next_state(state, Event.LOGOUT) is State.LOGIN_REQUIRED
+        assert next_state(state, Event.CRASHED) is (State.LOCKED if state is State.LOCKED else State.ERROR)
+
+
+def test_every_outcome_lands_in_every_state_an_attempt_runs_in() -> None:
+    from dc_broker.sessions.states import ACTIVE, OUTCOMES
+
+    assert State.ERROR in ACTIVE and State.LOCKED not in ACTIVE
+    for state in ACTIVE:
+        for event, to in OUTCOMES.items():
+            assert next_state(state, event) is to
 
 
 async def test_the_systemd_status_line_counts_unavailable_profiles_and_a_failed_reload() -> None:

@@ -218,14 +218,16 @@ def test_which_refusals_are_of_the_grant(error: str, refuses: bool) -> None:
     ("raw", "lifetime"),
     [
         ("300", 300.0),
+        ("1", 1.0),
+        ("31536000", oidc.MAX_LIFETIME),
         ("NaN", oidc.DEFAULT_LIFETIME),
-        ("Infinity", oidc.MAX_LIFETIME),
-        ("1e999", oidc.MAX_LIFETIME),
-        ("1e18", oidc.MAX_LIFETIME),
-        ("-Infinity", oidc.MIN_LIFETIME),
-        ("0", oidc.MIN_LIFETIME),
-        ("-5", oidc.MIN_LIFETIME),
-        ("0.2", oidc.MIN_LIFETIME),
+        ("Infinity", oidc.DEFAULT_LIFETIME),
+        ("1e999", oidc.DEFAULT_LIFETIME),
+        ("1e18", oidc.DEFAULT_LIFETIME),
+        ("-Infinity", oidc.DEFAULT_LIFETIME),
+        ("0", oidc.DEFAULT_LIFETIME),
+        ("-5", oidc.DEFAULT_LIFETIME),
+        ("0.2", oidc.DEFAULT_LIFETIME),
         ('"soon"', oidc.DEFAULT_LIFETIME),
         ('"300"', oidc.DEFAULT_LIFETIME),
         ("null", oidc.DEFAULT_LIFETIME),
@@ -233,12 +235,101 @@ def test_which_refusals_are_of_the_grant(error: str, refuses: bool) -> None:
         (None, oidc.DEFAULT_LIFETIME),
     ],
 )
-def test_expires_in_rule(raw: str | None, lifetime: float) -> None:
+def test_expires_in_rule_for_an_opaque_token(raw: str | None, lifetime: float) -> None:
+    """A sane expires_in is used as it is; anything else (absent, zero, negative, absurd, not a number)
+    means the documented default for a token that carries no exp of its own, and a note says so."""
     field = "" if raw is None else f', "expires_in": {raw}, "refresh_token": "R", "refresh_expires_in": {raw}'
     body = ('{"access_token": "A"' + field + "}").encode()
     tok = oidc.parse_token_response(HttpResponse(200, {"content-type": "application/json"}, body), now=1000.0)
     assert tok.lifetime == lifetime and tok.expires_at == 1000.0 + lifetime
     assert tok.refresh_expires_at is None or tok.refresh_expires_at - 1000.0 <= oidc.MAX_LIFETIME
+    assert bool(tok.notes) is (raw != "300" and lifetime == oidc.DEFAULT_LIFETIME)
+
+
+def jwt(**claims: object) -> str:
+    """An unsigned JWT with these claims (the broker never checks an access token's signature)."""
+
+    def part(data: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'none'})}.{part(claims)}.sig"
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "null", "1e18", '"600"'])
+def test_an_odd_expires_in_gives_way_to_the_jwts_own_lifetime(raw: str) -> None:
+    body = json.dumps({"access_token": jwt(iat=5000.5, exp=5600.5)})[:-1] + f', "expires_in": {raw}}}'
+    tok = oidc.parse_token_response(HttpResponse(200, {}, body.encode()), now=1000.0, wall=5000.0)
+    assert tok.lifetime == 600.0  # exp - iat, whatever the clocks say
+    assert tok.notes and "exp gives 600 s" in tok.notes[0]
+
+
+def test_without_iat_the_jwts_exp_is_read_against_the_wall_clock_at_the_send() -> None:
+    body = json.dumps({"access_token": jwt(exp=5900)}).encode()
+    tok = oidc.parse_token_response(HttpResponse(200, {}, body), now=1000.0, wall=5000.0)
+    assert tok.expires_at == 1900.0 and tok.notes
+
+
+def test_keycloaks_whole_second_iat_makes_the_expiry_up_to_a_second_earlier() -> None:
+    """Keycloak: iat = floor(now), exp = iat + lifespan, expires_in = exp - iat. Sent at wall 5000.9,
+    the token is issued at 5000 and dies at 5060: counted as send + expires_in (5060.9) it would be
+    served 0.9 s past its exp. The broker counts exp - iat from the send, less the second iat lost."""
+    body = json.dumps({"access_token": jwt(iat=5000, exp=5060), "expires_in": 60}).encode()
+    tok = oidc.parse_token_response(HttpResponse(200, {}, body), now=1000.0, wall=5000.9)
+    assert tok.expires_at == 1059.0 and not tok.notes
+    # the JWT only ever shortens: an exp beyond expires_in changes nothing
+    body = json.dumps({"access_token": jwt(iat=5000, exp=9000), "expires_in": 60}).encode()
+    assert oidc.parse_token_response(HttpResponse(200, {}, body), now=1000.0, wall=5000.9).expires_at == 1060.0
+
+
+@pytest.mark.parametrize("skew", [-3600.0, -30.0, 0.0, 30.0, 3600.0])
+def test_a_skewed_idp_clock_never_makes_a_keycloak_token_look_expired(skew: float) -> None:
+    """With iat in the token, its exp is read relative to iat: an IdP an hour behind or ahead of the
+    broker still gives a 300 s token 299 s."""
+    iat = 5000 + skew
+    body = json.dumps({"access_token": jwt(iat=iat, exp=iat + 300), "expires_in": 300}).encode()
+    tok = oidc.parse_token_response(HttpResponse(200, {}, body), now=1000.0, wall=5000.0)
+    assert tok.expires_at == 1299.0
+
+
+def test_an_exp_without_iat_far_before_expires_in_caps_it_and_says_the_clocks_differ() -> None:
+    body = json.dumps({"access_token": jwt(exp=5100), "expires_in": 3600}).encode()
+    tok = oidc.parse_token_response(HttpResponse(200, {}, body), now=1000.0, wall=5000.0)
+    assert tok.expires_at == 1100.0 and "clocks differ" in tok.notes[0]
+
+
+@pytest.mark.parametrize("body", [{}, {"refresh_expires_in": 900}])
+def test_a_refresh_answer_without_a_refresh_token_keeps_the_presented_one(body: dict) -> None:
+    """RFC 6749 section 6: the server MAY issue a new refresh token; without one, the client keeps
+    the one it has, and its deadline."""
+    presented = oidc.Presented(Secret("RT-old"), 4000.0)
+    tok = oidc.parse_token_response(ok({"access_token": "A", "expires_in": 300, **body}), 1000.0, presented=presented)
+    assert tok.refresh_token == Secret("RT-old") and tok.refresh_expires_at == 4000.0
+
+
+def test_the_same_refresh_token_back_keeps_its_deadline_unless_a_new_one_is_said() -> None:
+    presented = oidc.Presented(Secret("RT"), 4000.0)
+    same = oidc.parse_token_response(ok({"access_token": "A", "refresh_token": "RT"}), 1000.0, presented=presented)
+    assert same.refresh_expires_at == 4000.0
+    said = {"access_token": "A", "refresh_token": "RT", "refresh_expires_in": 600}
+    assert oidc.parse_token_response(ok(said), 1000.0, presented=presented).refresh_expires_at == 1600.0
+    rotated = {"access_token": "A", "refresh_token": "RT2"}
+    tok = oidc.parse_token_response(ok(rotated), 1000.0, presented=presented)
+    assert tok.refresh_token == Secret("RT2") and tok.refresh_expires_at is None
+
+
+def test_a_refresh_spends_its_token_and_a_password_grant_spends_nothing() -> None:
+    client = ClientCredentials("cli", "none")
+    assert oidc.build_refresh(URL, client, Secret("RT")).spends == Secret("RT")
+    assert oidc.build_password(URL, client, "alice", Secret("pw")).spends is None
+    assert oidc.build_device_poll(URL, client, Secret("DC")).precious
+    assert "RT" not in repr(oidc.build_refresh(URL, client, Secret("RT")))
+
+
+def test_the_probe_costs_the_idp_nothing() -> None:
+    with_issuer = oidc.Endpoints(token=URL, issuer="https://sso.example.com/realms/acme")
+    assert oidc.build_probe(with_issuer).url.endswith("/.well-known/openid-configuration")
+    probe = oidc.build_probe(oidc.Endpoints(token=URL))
+    assert (probe.method, probe.url, dict(probe.form)) == ("GET", URL, {})
 
 
 def test_idp_text_is_bounded_stripped_and_redacted() -> None:

@@ -11,12 +11,14 @@ The public entry point for ``dc-broker dev``, ``make demo`` and the test suite:
 or in-process without sockets: ``httpx.AsyncClient(transport=httpx.ASGITransport(app=idp.app))``.
 
 ``python -m dc_broker.devserver [--host H] [--port P] [--access-lifespan S] [--sso-idle S] [--sso-max S]
-[--rotate] [--max-reuse N] [--device-interval S] [--certfile PEM --keyfile PEM] [--refusal-body
-json|empty|html] [--echo-description] [--expires-in RAW] [--drip S]`` runs the demo realm (over https
-with ``--certfile``) (the last four are the standing fault modes of
-``dc_broker.devidp.faults``; ``--device-interval`` is the device flow's polling interval, Keycloak's
-default 5 s, which end-to-end tests shorten), prints the base URL as the first stdout line and serves
-until SIGINT/SIGTERM (exit 0).
+[--rotate] [--max-reuse N] [--device-interval S] [--refresh-token-answer new|same|none]
+[--dead-refresh-error invalid_grant|invalid_request] [--no-refresh-expires-in] [--no-expires-in]
+[--refresh-scope narrow|ignore] [--certfile PEM --keyfile PEM] [--refusal-body json|empty|html]
+[--echo-description] [--expires-in RAW] [--drip S]`` runs the demo realm (over https with
+``--certfile``). The last four are the standing fault modes of ``dc_broker.devidp.faults``; the
+five before the certificate are other OPs' personalities (``DevRealm``'s docstring);
+``--device-interval`` is the device flow's polling interval, Keycloak's default 5 s, which end-to-end
+tests shorten. It prints the base URL as the first stdout line and serves until SIGINT/SIGTERM (exit 0).
 
 The logic lives in the ``dc_broker.devidp`` package (see its docstring for the module map). This module
 owns only the public names, ``serve()`` and the command line. It never logs secrets: hypercorn's
@@ -106,6 +108,30 @@ def _parser() -> argparse.ArgumentParser:
         help="device flow: seconds a client must wait between polls (default 5, as Keycloak)",
     )
     parser.add_argument(
+        "--refresh-token-answer",
+        choices=["new", "same", "none"],
+        default=None,
+        help="a refresh answer's refresh_token: new (Keycloak), same (the presented one), none (LemonLDAP::NG)",
+    )
+    parser.add_argument(
+        "--dead-refresh-error",
+        choices=["invalid_grant", "invalid_request"],
+        default=None,
+        help="the error a dead refresh token gets (default invalid_grant, as Keycloak)",
+    )
+    parser.add_argument(
+        "--no-refresh-expires-in", action="store_true", help="answers carry no refresh_expires_in (most OPs)"
+    )
+    parser.add_argument(
+        "--no-expires-in", action="store_true", help="answers carry no expires_in (the JWT's exp tells)"
+    )
+    parser.add_argument(
+        "--refresh-scope",
+        choices=["narrow", "ignore"],
+        default=None,
+        help="a scope asked on refresh: narrow (Keycloak 23+) or ignore (RH-SSO 7.6: the full original scope)",
+    )
+    parser.add_argument(
         "--refusal-body",
         choices=["json", "empty", "html"],
         default="json",
@@ -137,6 +163,9 @@ def realm_from_args(args: argparse.Namespace) -> DevRealm:
             ("sso_idle", args.sso_idle),
             ("sso_max", args.sso_max),
             ("device_interval", args.device_interval),
+            ("refresh_token_answer", args.refresh_token_answer),
+            ("dead_refresh_error", args.dead_refresh_error),
+            ("refresh_scope", args.refresh_scope),
         )
         if value is not None
     }
@@ -144,6 +173,10 @@ def realm_from_args(args: argparse.Namespace) -> DevRealm:
         overrides["rotate_refresh_tokens"] = True
     if args.max_reuse is not None:
         overrides["refresh_token_max_reuse"] = args.max_reuse
+    if args.no_refresh_expires_in:
+        overrides["send_refresh_expires_in"] = False
+    if args.no_expires_in:
+        overrides["send_expires_in"] = False
     return demo_realm(**overrides)
 
 

@@ -13,6 +13,8 @@ error boundary and the server's treat them the same way as every other error:
     │   │                               translate it into a BrokerError below
     │   ├── OAuthError                  {"error", "error_description"} from the IdP
     │   ├── UpstreamTransient           5xx, 429, timeout, refused connection: retry later
+    │   │   └── AnswerLost              a request that spends a single-use credential was sent, and
+    │   │                               its answer never came: the IdP may have acted on it
     │   └── UpstreamGarbage             a reply that is not a token response (HTML, truncated JSON...)
     ├── Locked (dc_token.errors)
     │   └── WrongPassphrase             ...and stays locked: the passphrase did not open it
@@ -41,6 +43,7 @@ from dc_token.errors import (
 )
 
 __all__ = [
+    "AnswerLost",
     "ConfigError",
     "KeyUnavailable",
     "OAuthError",
@@ -106,6 +109,12 @@ def _cut(text: str, limit: int) -> str:
 
 class UpstreamTransient(UpstreamFault):
     """The IdP could not be reached or answered 5xx/429: try again later."""
+
+
+class AnswerLost(UpstreamTransient):
+    """A request that spends a single-use credential (``HttpRequest.spends``: a refresh token) went
+    out and its answer was lost (a timeout or a reset after sending). The IdP may have acted on it
+    and rotated the credential: the session presents it again only once the IdP answers at all."""
 
 
 class UpstreamGarbage(UpstreamFault):

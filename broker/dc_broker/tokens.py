@@ -26,6 +26,9 @@ class TokenSet:
     id_token: Secret | None = None
     #: the profile's ``login_fingerprint`` when these tokens were stored (None: not recorded)
     issued_for: str | None = None
+    #: what was odd about the answer that granted them (a missing ``expires_in``...), for the log;
+    #: never stored, never a secret
+    notes: tuple[str, ...] = ()
 
     @property
     def lifetime(self) -> float:

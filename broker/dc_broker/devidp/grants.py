@@ -27,7 +27,7 @@ from urllib.parse import quote, unquote_plus
 from dc_broker.devidp import authcode, device
 from dc_broker.devidp.device import DeviceState
 from dc_broker.devidp.realm import DevClient, DevRealm, DevUser
-from dc_broker.devidp.sessions import UserSession
+from dc_broker.devidp.sessions import RefreshToken, UserSession
 from dc_broker.devidp.state import IdPState
 
 DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
@@ -169,8 +169,11 @@ def issue_tokens(
     scope: str,
     refresh_scope: str | None = None,
     with_refresh: bool = True,
+    presented: RefreshToken | None = None,
 ) -> dict[str, Any]:
-    """The success body: an RS256 access token, optionally a refresh token and an ID token."""
+    """The success body: an RS256 access token, optionally a refresh token and an ID token.
+    ``presented``: the refresh token a refresh grant used; the realm's ``refresh_token_answer``
+    says whether a new one, the same one or none comes back."""
     realm, now = request.realm, state.now()
     iat = int(now)
     exp = int(now + session.access_lifetime(realm, now))
@@ -195,12 +198,22 @@ def issue_tokens(
         "expires_in": exp - iat,
         "refresh_expires_in": 0,
     }
-    if with_refresh:
+    if presented is not None and realm.refresh_token_answer != "new":
+        lifetime = session.refresh_lifetime(realm, now)
+        presented.expires_at = None if lifetime is None else now + lifetime  # lives as long as its session
+        if realm.refresh_token_answer == "same":
+            body["refresh_token"] = presented.value
+            body["refresh_expires_in"] = 0 if lifetime is None else int(lifetime)
+    elif with_refresh:
         record, lifetime = state.sessions.mint_refresh(
             session, realm, issuer=request.issuer, scope=refresh_scope or scope, now=now
         )
         body["refresh_token"] = record.value
         body["refresh_expires_in"] = 0 if lifetime is None else int(lifetime)
+    if not realm.send_refresh_expires_in or (presented is not None and "refresh_token" not in body):
+        del body["refresh_expires_in"]
+    if not realm.send_expires_in:
+        del body["expires_in"]
     body["token_type"] = "Bearer"
     if "openid" in scope.split():
         id_claims = common | {"jti": str(uuid.uuid4()), "typ": "ID", "aud": session.client_id}
@@ -267,31 +280,36 @@ def refresh_token_grant(state: IdPState, request: TokenRequest, client: DevClien
     if value is None:
         raise OAuthProblem(400, "invalid_request", "No refresh token")
     realm, now = request.realm, state.now()
+
+    def dead(description: str) -> OAuthProblem:  # Keycloak's invalid_grant, or another OP's code
+        return OAuthProblem(400, realm.dead_refresh_error, description)
+
     record = state.sessions.refresh_token(value)
     if record is None or record.realm != realm.name or record.issuer != request.issuer:
-        raise _invalid_grant("Invalid refresh token")
+        raise dead("Invalid refresh token")
     if record.client_id != client.client_id:
-        raise _invalid_grant("Unmatching clients")
+        raise dead("Unmatching clients")
     if record.expired(now):
-        raise _invalid_grant("Token is not active")
+        raise dead("Token is not active")
     session = state.sessions.session(record.sid)
     if session is None or not session.active(realm, now):
-        raise _invalid_grant("Offline session not active" if session and session.offline else "Session not active")
+        raise dead("Offline session not active" if session and session.offline else "Session not active")
     user = realm.user(session.username)
     if user is None:
-        raise _invalid_grant("Unknown user")
+        raise dead("Unknown user")
     if not user.enabled:
-        raise _invalid_grant("User disabled")
+        raise dead("User disabled")
     if realm.rotate_refresh_tokens:
         if record.uses > 0:
             state.stats.refresh_reuse += 1
         if record.uses > realm.refresh_token_max_reuse:
             state.sessions.kill(session.sid)
-            raise _invalid_grant("Maximum allowed refresh token reuse exceeded")
+            raise dead("Maximum allowed refresh token reuse exceeded")
         record.uses += 1
-    scope = _narrow_scope(record.scope, request.param("scope"))
+    asked = request.param("scope")
+    scope = record.scope if realm.refresh_scope == "ignore" else _narrow_scope(record.scope, asked)
     session.last_refresh = now
-    return issue_tokens(state, request, session, scope=scope, refresh_scope=record.scope)
+    return issue_tokens(state, request, session, scope=scope, refresh_scope=record.scope, presented=record)
 
 
 def _device_pending(auth: device.DeviceAuthorization) -> OAuthProblem:

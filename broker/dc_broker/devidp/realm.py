@@ -56,6 +56,20 @@ class DevRealm:
     ``device_interval`` is Realm settings -> Tokens -> "OAuth 2.0 Device Polling Interval": the
     ``interval`` a device authorization tells its client, and the least time between two of its polls
     before the answer is ``slow_down``.
+
+    **Other OPs' personalities** (the defaults are Keycloak's own answers):
+
+    * ``refresh_token_answer``: what an answer to a refresh carries as ``refresh_token``: ``"new"``
+      (Keycloak: a new one every time), ``"same"`` (the presented one again) or ``"none"`` (none at
+      all: LemonLDAP::NG, Google, Okta without rotation; RFC 6749 section 6 lets a server do so, and
+      the client keeps the one it has). With ``same`` and ``none`` the refresh token lives as long as
+      its session: each use pushes its deadline, as those OPs' long-lived refresh tokens do.
+    * ``dead_refresh_error``: the ``error`` a dead refresh token gets: ``"invalid_grant"`` (Keycloak,
+      RFC 6749) or ``"invalid_request"`` (some OPs).
+    * ``send_refresh_expires_in`` / ``send_expires_in``: whether answers carry them (Keycloak sends
+      both; most OPs omit the first, and ``expires_in`` is only RECOMMENDED: the JWT's ``exp`` tells).
+    * ``refresh_scope``: a ``scope`` on a refresh: ``"narrow"`` (current Keycloak narrows to it) or
+      ``"ignore"`` (Keycloak up to about 22 / RH-SSO 7.6: the full original scope comes back).
     """
 
     name: str
@@ -68,6 +82,21 @@ class DevRealm:
     rotate_refresh_tokens: bool = False
     refresh_token_max_reuse: int = 0
     device_interval: int = 5
+    refresh_token_answer: str = "new"
+    dead_refresh_error: str = "invalid_grant"
+    send_refresh_expires_in: bool = True
+    send_expires_in: bool = True
+    refresh_scope: str = "narrow"
+
+    def __post_init__(self) -> None:
+        choices = {
+            "refresh_token_answer": ("new", "same", "none"),
+            "dead_refresh_error": ("invalid_grant", "invalid_request"),
+            "refresh_scope": ("narrow", "ignore"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
 
     def user(self, username: str) -> DevUser | None:
         # Keycloak usernames are case-insensitive.

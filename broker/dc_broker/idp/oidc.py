@@ -15,9 +15,18 @@ Odd answers have one rule each, applied here where the response is parsed:
 
 * a 400/401/403 without an OAuth error body (empty, HTML, a proxy's page) is a refusal of that grant,
   ``OAuthError("refused", ..., status)``, not an outage;
-* ``expires_in`` absent or not a number -> ``DEFAULT_LIFETIME`` (300 s); below ``MIN_LIFETIME`` (1 s;
-  zero and negative included) -> ``MIN_LIFETIME``; above ``MAX_LIFETIME`` (one year; 1e18, 1e999) ->
-  ``MAX_LIFETIME``. ``refresh_expires_in`` gets the same cap.
+* **lifetimes** (``expiry``): ``expires_in`` is used when it is a number in [``MIN_LIFETIME`` (1 s),
+  ``MAX_LIFETIME`` (one year)]. When it is absent, not a number, zero, negative or absurd, the access
+  token's own lifetime is used if it is a JWT (``exp - iat``, else ``exp`` against the wall clock
+  when the request was sent), else ``DEFAULT_LIFETIME`` (300 s); each such oddity comes back as a
+  note (``TokenSet.notes``) the session logs once per profile. When the token is a JWT, its ``exp``
+  also caps the expiry: counted from the send time, ``exp - iat`` (less 1 s when ``iat`` is whole
+  seconds: Keycloak floors it, so its ``exp`` can come up to 1 s before send time + ``expires_in``),
+  so the broker never serves a token past its ``exp`` whatever the two clocks say;
+* ``refresh_expires_in``: a positive number (capped at one year) is the refresh token's deadline, 0
+  none (offline tokens). **RFC 6749 section 6**: an answer to a refresh that brings no
+  ``refresh_token`` keeps the presented one (``Presented``) and its deadline; one that brings the
+  same token back without ``refresh_expires_in`` keeps its deadline too.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ DEFAULT_LIFETIME: Final = 300.0
 #: token lifetimes are clamped into [MIN_LIFETIME, MAX_LIFETIME]
 MIN_LIFETIME: Final = 1.0
 MAX_LIFETIME: Final = 365 * 86400.0
+#: a JWT's exp (without iat) that lies this much before expires_in's deadline hints at clock skew
+CLOCK_TOLERANCE: Final = 5.0
 #: the longest IdP text (error, error_description) that reaches a log line or a reply
 MAX_IDP_TEXT: Final = 300
 #: form fields that carry a secret; their values never come back in IdP text
@@ -55,6 +66,14 @@ class HttpRequest:
     url: str
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     form: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: the single-use credential this request presents (a refresh token, a device or authorization
+    #: code): once sent, the IdP may act on it, and its answer carries the only copy of what replaces
+    #: it. The transport reads such an answer patiently and reports it lost (``AnswerLost``).
+    spends: Secret | None = field(default=None, repr=False)
+
+    @property
+    def precious(self) -> bool:
+        return self.spends is not None
 
     def body(self) -> bytes:
         return urlencode(dict(self.form)).encode("ascii")
@@ -135,11 +154,13 @@ def _client_auth(client: ClientCredentials, form: dict[str, str]) -> dict[str, s
     return headers
 
 
-def _token_request(url: str, client: ClientCredentials, form: dict[str, str], scope: str | None) -> HttpRequest:
+def _token_request(
+    url: str, client: ClientCredentials, form: dict[str, str], scope: str | None, spends: Secret | None = None
+) -> HttpRequest:
     if scope:
         form["scope"] = scope
     headers = _client_auth(client, form)
-    return HttpRequest("POST", url, headers, form)
+    return HttpRequest("POST", url, headers, form, spends)
 
 
 def build_password(
@@ -155,7 +176,7 @@ def build_client_credentials(url: str, client: ClientCredentials, scope: str | N
 
 def build_refresh(url: str, client: ClientCredentials, refresh_token: Secret, scope: str | None = None) -> HttpRequest:
     form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
-    return _token_request(url, client, form, scope)
+    return _token_request(url, client, form, scope, refresh_token)
 
 
 def build_authorization_code(
@@ -167,7 +188,7 @@ def build_authorization_code(
         "redirect_uri": redirect_uri,
         "code_verifier": code_verifier,
     }
-    return _token_request(url, client, form, None)
+    return _token_request(url, client, form, None, Secret(code))
 
 
 def build_device_start(url: str, client: ClientCredentials, scope: str | None = None) -> HttpRequest:
@@ -176,7 +197,7 @@ def build_device_start(url: str, client: ClientCredentials, scope: str | None = 
 
 def build_device_poll(url: str, client: ClientCredentials, device_code: Secret) -> HttpRequest:
     form = {"grant_type": DEVICE_GRANT, "device_code": device_code.reveal()}
-    return _token_request(url, client, form, None)
+    return _token_request(url, client, form, None, device_code)
 
 
 def build_revoke(url: str, client: ClientCredentials, token: Secret, hint: str = "refresh_token") -> HttpRequest:
@@ -186,6 +207,15 @@ def build_revoke(url: str, client: ClientCredentials, token: Secret, hint: str =
 
 def build_discovery(issuer: str) -> HttpRequest:
     return HttpRequest("GET", issuer.rstrip("/") + "/.well-known/openid-configuration", {"Accept": "application/json"})
+
+
+def build_probe(endpoints: Endpoints) -> HttpRequest:
+    """A request that costs the IdP nothing and changes nothing, to learn whether it answers at all:
+    its discovery document where it has an issuer, else a GET of the token endpoint (405 or 400 is
+    an answer as good as any)."""
+    if endpoints.issuer:
+        return build_discovery(endpoints.issuer)
+    return HttpRequest("GET", endpoints.token, {"Accept": "application/json"})
 
 
 # ---------------------------------------------------------------- parsing responses (pure)
@@ -254,14 +284,102 @@ def refuses_grant(exc: OAuthError) -> bool:
 
 
 def lifetime(value: object, default: float = DEFAULT_LIFETIME) -> float:
-    """An ``expires_in`` as the IdP sent it -> seconds, by the rule in the module docstring."""
+    """A number of seconds as an IdP sent it, clamped into [MIN_LIFETIME, MAX_LIFETIME]; ``default``
+    when it is absent or not a number."""
     if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
         return default
     return min(MAX_LIFETIME, max(MIN_LIFETIME, float(value)))
 
 
-def parse_token_response(resp: HttpResponse, now: float, secrets: Iterable[str] = ()) -> TokenSet:
-    """A token endpoint response -> TokenSet, or the UpstreamFault it stands for."""
+def _sane_lifetime(value: object) -> float | None:
+    """``value`` as seconds if it is a usable lifetime, else None."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    return float(value) if MIN_LIFETIME <= value <= MAX_LIFETIME else None
+
+
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    """The claims of a JWT, unverified (only ever used to *shorten* a lifetime), or None when
+    ``token`` is not a JWT (opaque tokens are normal)."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[1] or len(parts[1]) > 65536:
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _number(value: object) -> float | None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _shown(value: object) -> str:
+    """An IdP's value as a note shows it: numbers and short words only, never a token's text."""
+    if value is None:
+        return "absent"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"a {type(value).__name__}"
+    return f"{value:g}"
+
+
+def expiry(expires_in: object, access_token: str, now: float, wall: float | None) -> tuple[float, tuple[str, ...]]:
+    """When an access token expires on the caller's clock (``now`` = when the request was sent;
+    ``wall`` = the wall clock then, if known), and notes on anything odd, by the rules in the module
+    docstring."""
+    claims = jwt_claims(access_token)
+    exp = _number(claims.get("exp")) if claims else None
+    iat = _number(claims.get("iat")) if claims else None
+    notes: list[str] = []
+    life = _sane_lifetime(expires_in)
+    if life is None:
+        own = None
+        if exp is not None and iat is not None:
+            own = _sane_lifetime(exp - iat)
+        elif exp is not None and wall is not None:
+            own = _sane_lifetime(exp - wall)
+        if own is not None:
+            life = own
+            notes.append(f"expires_in {_shown(expires_in)}: the access token's own exp gives {own:g} s")
+        else:
+            life = DEFAULT_LIFETIME
+            notes.append(f"expires_in {_shown(expires_in)} and no usable exp: {DEFAULT_LIFETIME:g} s assumed")
+    at = now + life
+    if exp is not None and iat is not None and exp > iat:
+        # counted from the send: the IdP issued the token after it, at iat (floored when whole)
+        by_jwt = now + (exp - iat) - (1.0 if iat == int(iat) else 0.0)
+        at = min(at, max(now + MIN_LIFETIME, by_jwt))
+    elif exp is not None and wall is not None:
+        by_jwt = now + (exp - wall)
+        if by_jwt < at - CLOCK_TOLERANCE:
+            notes.append(f"the access token's exp lies {at - by_jwt:.0f} s before expires_in says: clocks differ?")
+        at = min(at, max(now + MIN_LIFETIME, by_jwt))
+    return at, tuple(notes)
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """The refresh token a refresh grant presented, and its deadline: what an answer keeps when it
+    brings no new one (RFC 6749 section 6)."""
+
+    refresh_token: Secret
+    refresh_expires_at: float | None
+
+
+def parse_token_response(
+    resp: HttpResponse,
+    now: float,
+    secrets: Iterable[str] = (),
+    *,
+    wall: float | None = None,
+    presented: Presented | None = None,
+) -> TokenSet:
+    """A token endpoint response -> TokenSet, or the UpstreamFault it stands for. ``now`` and
+    ``wall``: the caller's clock and the wall clock when the request was sent; ``presented``: the
+    refresh token a refresh grant sent."""
     check_error(resp, secrets)
     data = _json_object(resp, "token")
     if data is None:
@@ -272,24 +390,30 @@ def parse_token_response(resp: HttpResponse, now: float, secrets: Iterable[str] 
     token_type = data.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise UpstreamGarbage(f"identity provider granted a {token_type!r} token, not a Bearer token")
-    expires_in = lifetime(data.get("expires_in"))
+    expires_at, notes = expiry(data.get("expires_in"), access, now, wall)
     refresh = data.get("refresh_token")
     refresh_token = Secret(refresh) if isinstance(refresh, str) and refresh else None
+    rexp = _number(data.get("refresh_expires_in"))
+    said_deadline = rexp is not None
     refresh_expires_at: float | None = None
-    rexp = data.get("refresh_expires_in")
-    if refresh_token is not None and isinstance(rexp, int | float) and not isinstance(rexp, bool) and rexp > 0:
-        refresh_expires_at = now + lifetime(rexp)  # NaN: the access token's own lifetime
+    if refresh_token is not None and rexp is not None and rexp > 0:
+        refresh_expires_at = now + lifetime(rexp)
+    if presented is not None and (
+        refresh_token is None or (refresh_token == presented.refresh_token and not said_deadline)
+    ):
+        refresh_token, refresh_expires_at = presented.refresh_token, presented.refresh_expires_at
     scope = data.get("scope")
     id_token = data.get("id_token")
     return TokenSet(
         access_token=Secret(access),
         obtained_at=now,
-        expires_at=now + expires_in,
+        expires_at=expires_at,
         token_type="Bearer",
         refresh_token=refresh_token,
         refresh_expires_at=refresh_expires_at,
         scope=scope if isinstance(scope, str) else None,
         id_token=Secret(id_token) if isinstance(id_token, str) and id_token else None,
+        notes=notes,
     )
 
 

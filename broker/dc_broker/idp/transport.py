@@ -7,6 +7,11 @@ else of httpx's ``trust_env`` applies, no ``.netrc``, no ``SSL_CERT_FILE``). Eve
 becomes ``UpstreamTransient`` here, naming the proxy it went through, so nothing above it sees an
 httpx exception.
 
+A request that spends a single-use credential (``HttpRequest.precious``: a refresh token Keycloak
+may rotate) is read patiently (``Timeouts.precious_read`` / ``precious_total``): once it is sent, its
+answer carries the only copy of the next refresh token, and a 30 s stall of the IdP must not make the
+broker walk away from it. If it is lost anyway after it went out, the failure is ``AnswerLost``.
+
 Must never: parse a token response (``oidc.parse_*`` does), log a request body, put more of an OS
 error than ``_safe`` allows into a message, or a proxy's credentials (``proxies.shown`` only).
 """
@@ -22,7 +27,7 @@ from typing import Final
 import httpx
 import trio
 
-from dc_broker.errors import UpstreamGarbage, UpstreamTransient, causes, telling
+from dc_broker.errors import AnswerLost, UpstreamGarbage, UpstreamTransient, causes, telling
 from dc_broker.idp import proxies
 from dc_broker.idp.oidc import HttpRequest, HttpResponse
 
@@ -39,6 +44,9 @@ class Timeouts:
     #: the whole request, connect to last byte: a server that drips its answer cannot hold a
     #: refresh for ever (httpx's read timeout applies per chunk)
     total: float = 20.0
+    #: a precious request (one that spends a refresh token): per chunk, and connect to last byte
+    precious_read: float = 120.0
+    precious_total: float = 180.0
 
 
 class IdpTransport:
@@ -55,7 +63,11 @@ class IdpTransport:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self._timeout = httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool)
+        self._precious_timeout = httpx.Timeout(
+            timeouts.precious_read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool
+        )
         self._total = timeouts.total
+        self._precious_total = timeouts.precious_total
         self._transport = transport
         self._env = proxies.EnvProxies.from_environ(os.environ if environ is None else environ)
         self._clients: dict[tuple[str | None, str | None], httpx.AsyncClient] = {}
@@ -92,18 +104,23 @@ class IdpTransport:
             raise UpstreamTransient(f"CA bundle {ca_bundle} cannot be loaded: {exc}") from None
         content = req.body() if req.form else None
         where = _origin(req.url) + ("" if via is None else f" via proxy {proxies.shown(via)}")
-        with trio.move_on_after(self._total):
+        total = self._precious_total if req.precious else self._total
+        with trio.move_on_after(total):
             resp = await self._send(client, req, content, where, via)
             if via is not None and resp.status == 407:  # a plain-http IdP: the proxy answers in its stead
                 raise _proxy_refused(via, req.url, "407 Proxy Authentication Required")
             return resp
-        raise UpstreamTransient(f"identity provider did not finish answering within {self._total:g} s at {where}")
+        lost = AnswerLost if req.precious else UpstreamTransient
+        raise lost(f"identity provider did not finish answering within {total:g} s at {where}")
 
     async def _send(
         self, client: httpx.AsyncClient, req: HttpRequest, content: bytes | None, where: str, via: str | None
     ) -> HttpResponse:
+        timeout = self._precious_timeout if req.precious else self._timeout
         try:
-            async with client.stream(req.method, req.url, headers=dict(req.headers), content=content) as resp:
+            async with client.stream(
+                req.method, req.url, headers=dict(req.headers), content=content, timeout=timeout
+            ) as resp:
                 body = b""
                 async for chunk in resp.aiter_bytes():
                     body += chunk
@@ -112,19 +129,27 @@ class IdpTransport:
                 headers = {k.lower(): v for k, v in resp.headers.items()}
                 return HttpResponse(resp.status_code, headers, body)
         except httpx.TimeoutException as exc:
-            raise UpstreamTransient(f"identity provider timed out ({type(exc).__name__}) at {where}") from None
+            lost = AnswerLost if req.precious and _maybe_sent(exc) else UpstreamTransient
+            raise lost(f"identity provider timed out ({type(exc).__name__}) at {where}") from None
         except httpx.ProxyError as exc:  # the proxy's answer to CONNECT, e.g. "502 Bad Gateway"
             raise _proxy_refused(via or "", req.url, _safe(exc, via, named=False)) from None
         except httpx.TransportError as exc:
             hint = ""
             if any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(exc)):
                 hint = "; if the IdP's certificate comes from a private CA, give the profile its CA (ca_bundle = PATH)"
-            raise UpstreamTransient(f"identity provider unreachable at {where}: {_safe(exc, via)}{hint}") from None
+            lost = AnswerLost if req.precious and _maybe_sent(exc) else UpstreamTransient
+            raise lost(f"identity provider unreachable at {where}: {_safe(exc, via)}{hint}") from None
 
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+def _maybe_sent(exc: httpx.TransportError) -> bool:
+    """Whether the request may have reached the IdP: anything but a failure to connect (or to get
+    a connection from the pool) may have come after the request went out."""
+    return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
 def _proxy_refused(via: str, url: str, answer: str) -> UpstreamTransient:

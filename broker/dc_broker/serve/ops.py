@@ -254,15 +254,21 @@ async def _unlock(state: BrokerState, vault: SecretStore, passphrase: Secret | N
             delay = unlock_delay(vault.failed_unlocks)
             await trio.sleep(delay)  # wrong passphrases are slowed down, increasingly
             raise WrongPassphrase(exc.message, retry_after=delay or None) from None
-    state.sessions.unlocked()
+        state.sessions.unlocked()
     return {"unlocked": True, "profiles": len(state.sessions)}
 
 
-def op_lock(state: BrokerState, caller: Caller, req: Request) -> Result:
+def op_lock(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
     _admin(state, caller)
-    vault = _vault(state)
-    vault.lock()
-    state.sessions.locked()
+    _vault(state)
+    return _lock(state)
+
+
+async def _lock(state: BrokerState) -> Result:
+    """Tokens leave memory at once; the vault locks once refreshes at the IdP have stored their
+    answers (``Sessions.lock``). One lock or unlock at a time, so an unlock cannot slip in between."""
+    async with state.unlock_lock:
+        await state.sessions.lock()
     return {"locked": True}
 
 
@@ -276,8 +282,7 @@ async def auto_lock(state: BrokerState, after: float) -> None:
     while True:
         await trio.sleep_until(state.last_use + after)
         if state.clock() >= state.last_use + after and not store.locked:
-            store.lock()
-            state.sessions.locked()
+            await _lock(state)
             log.info("vault locked after %.0f s without a token request", after)
             state.last_use = state.clock()  # wait a full period again after the next unlock
 

@@ -5,7 +5,7 @@ generator that *yields* a step and is *sent* the step's answer, and finally retu
 (``StopIteration.value``) or raises the ``BrokerError`` / ``UpstreamFault`` the outcome stands for.
 
     step                    the driver does                           and sends back
-    ``HttpRequest``         sends it to the IdP (one overall deadline) ``Answer(response, sent_at)``
+    ``HttpRequest``         sends it to the IdP (one overall deadline) ``Answer(response, sent_at, wall)``
     ``LoginLost``           forgets the login's dead refresh token     ``None``
     ``ShowCode``            shows the device code to the person        ``None``
     ``Sleep(seconds)``      waits                                      the time after waiting (float)
@@ -17,8 +17,12 @@ The flows (all pure: no I/O, no trio, no clock of their own; ``now`` arrives ins
 * ``obtain``    the credential order: the login's refresh token -> on refusal (``invalid_grant``, or
                 any body-less 400/401/403) the stored password or client secret -> with neither,
                 ``LoginRequired``. A refused primary credential is ``CredentialsRejected`` naming the
-                HTTP status.
+                HTTP status. An answer without a new refresh token keeps the presented one (RFC 6749
+                section 6). A refresh token whose last use got no answer (``refresh_in_doubt``) is
+                presented again only after the IdP answered a harmless request (``oidc.build_probe``):
+                while the IdP stalls, one queued use of it is all there ever is.
 * ``narrow``    a token for a narrower scope from the same login (refresh grant with ``scope``).
+* ``revoke``    end this login at the IdP: its refresh token, else its access token.
 * ``discover``  the issuer's discovery document -> ``Endpoints``; a 404 (or any refusal) and an
                 unusable document are config problems (``CredentialsRejected``), not outages.
 * ``device_login`` RFC 8628: start, show the code, poll (``authorization_pending``, ``slow_down``
@@ -41,7 +45,7 @@ from typing import Final, TypeVar
 from urllib.parse import urlencode
 
 from dc_broker.config import Profile
-from dc_broker.errors import ConfigError, OAuthError, UpstreamGarbage
+from dc_broker.errors import ConfigError, OAuthError, UpstreamGarbage, UpstreamTransient
 from dc_broker.idp import oidc
 from dc_broker.idp.oidc import DeviceAuthorization, Endpoints, HttpRequest, HttpResponse
 from dc_broker.secret import Secret
@@ -57,14 +61,17 @@ SLOW_DOWN_STEP: Final = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """The answer to an ``HttpRequest`` step: the response, and the driver's clock when it was *sent*.
+    """The answer to an ``HttpRequest`` step: the response, and the driver's clock (and the wall
+    clock, when known) when it was *sent*.
 
     The IdP issued what it answers somewhere between the send and the arrival, so a lifetime
     (``expires_in``) counted from the send never outlasts the real one, however slowly the answer
-    dripped in; counted from the arrival it would, by the whole round trip."""
+    dripped in; counted from the arrival it would, by the whole round trip. The wall clock lets a
+    JWT's ``exp`` be read on the same scale (``oidc.expiry``)."""
 
     response: HttpResponse
     now: float
+    wall: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +119,19 @@ class Login:
     profile: Profile
     credentials: Credentials
     endpoints: Endpoints
-    #: the current login's refresh token, if still usable
+    #: the current login's refresh token, if still usable, and its deadline
     refresh_token: Secret | None = None
+    refresh_expires_at: float | None = None
     #: the IdP session is at its SSO Session Max: a fresh login beats refreshing it
     prefer_primary: bool = False
+    #: the last use of ``refresh_token`` got no answer: the IdP must answer something first
+    refresh_in_doubt: bool = False
+
+    def presented(self) -> oidc.Presented | None:
+        """What a refresh grant of this login presents (and keeps, if the answer brings no new one)."""
+        if self.refresh_token is None:
+            return None
+        return oidc.Presented(self.refresh_token, self.refresh_expires_at)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -129,10 +145,27 @@ def exchange(req: HttpRequest) -> Flow[Answer]:
     return answer
 
 
-def grant(req: HttpRequest) -> Flow[TokenSet]:
-    """One token request -> its TokenSet (or the fault the answer stands for)."""
+def grant(req: HttpRequest, presented: oidc.Presented | None = None) -> Flow[TokenSet]:
+    """One token request -> its TokenSet (or the fault the answer stands for). ``presented``: the
+    refresh token a refresh grant sends, kept when the answer brings no new one."""
     answer = yield from exchange(req)
-    return oidc.parse_token_response(answer.response, answer.now, req.secrets())
+    return oidc.parse_token_response(answer.response, answer.now, req.secrets(), wall=answer.wall, presented=presented)
+
+
+def refresh(login: Login, scope: str | None = None) -> Flow[TokenSet]:
+    """One refresh grant with this login's refresh token, after a probe if its last use got no answer."""
+    assert login.refresh_token is not None
+    if login.refresh_in_doubt:
+        probe = yield from exchange(oidc.build_probe(login.endpoints))
+        if probe.response.status >= 500:
+            raise UpstreamTransient(
+                f"identity provider answers HTTP {probe.response.status}; the refresh token whose last use "
+                "got no answer is presented again once it answers"
+            )
+    req = oidc.build_refresh(
+        login.endpoints.token, client_of(login.profile, login.credentials), login.refresh_token, scope
+    )
+    return (yield from grant(req, login.presented()))
 
 
 def client_of(profile: Profile, credentials: Credentials) -> oidc.ClientCredentials:
@@ -166,9 +199,8 @@ def obtain(login: Login) -> Flow[TokenSet]:
     if login.prefer_primary and primary is not None:
         refresh_token = None
     if refresh_token is not None:
-        client = client_of(p, login.credentials)
         try:
-            return (yield from grant(oidc.build_refresh(login.endpoints.token, client, refresh_token)))
+            return (yield from refresh(login))
         except OAuthError as exc:
             if not oidc.refuses_grant(exc):
                 raise rejected(p, exc) from None
@@ -210,12 +242,27 @@ def narrow(login: Login, scope: str) -> Flow[TokenSet]:
     if login.refresh_token is None:
         raise LoginRequired(login_message(p))
     try:
-        return (yield from grant(oidc.build_refresh(login.endpoints.token, client, login.refresh_token, scope)))
+        return (yield from refresh(login, scope))
     except OAuthError as exc:
         if oidc.refuses_grant(exc):
             yield LoginLost(said(exc))
             raise UpstreamGarbage(f"the login behind scope {scope!r} must be renewed first") from None
         raise rejected(p, exc, narrowing_to=scope) from None
+
+
+def revoke(login: Login, tokens: TokenSet) -> Flow[bool]:
+    """End this login at the IdP (RFC 7009): its refresh token, or its access token where there is
+    none. Returns whether the IdP confirmed; an IdP without a revocation endpoint confirms nothing."""
+    url = login.endpoints.revocation
+    if url is None:
+        return False
+    target, hint = (
+        (tokens.refresh_token, "refresh_token")
+        if tokens.refresh_token is not None
+        else (tokens.access_token, "access_token")
+    )
+    answer = yield from exchange(oidc.build_revoke(url, client_of(login.profile, login.credentials), target, hint))
+    return 200 <= answer.response.status < 300
 
 
 def discover(profile: Profile, issuer: str) -> Flow[Endpoints]:

@@ -21,6 +21,9 @@ Rules (docs/architecture.md repeats them for users):
   keeps the exponential backoff. An IdP's Retry-After holds for probes too. So callers see the IdP's
   recovery within seconds, and a crowd of callers still makes at most one request per profile per
   probe interval.
+* **Start-up.** First refreshes are staggered over ``startup_spread`` (5 s) so N profiles do not hit
+  the IdP at once; a refresh that is already due is delayed by at most ``startup_cap_fraction``
+  (10%) of its token's remaining life, so the stagger never makes a token expire unrefreshed.
 * **Forced refresh** (``invalidate``: the API said 401 to a token) happens at most once per
   ``invalidate_interval`` per profile, and only if the rejected token is still the current one.
 """
@@ -41,6 +44,8 @@ class RefreshPolicy:
     backoff_floor: float = 0.05
     invalidate_interval: float = 10.0
     startup_spread: float = 5.0
+    #: the start-up stagger never delays a due refresh by more than this share of the token's life left
+    startup_cap_fraction: float = 0.1
     refresh_floor: float = 1.0
     demand_probe_interval: float = 5.0
 
@@ -108,6 +113,17 @@ def may_force_refresh(policy: RefreshPolicy, *, last_forced_at: float | None, no
 def startup_delay(policy: RefreshPolicy, rand: float) -> float:
     """Stagger for a profile's first background refresh after start-up, so N profiles spread out."""
     return policy.startup_spread * rand
+
+
+def first_attempt_at(policy: RefreshPolicy, *, now: float, planned_at: float, expires_at: float, delay: float) -> float:
+    """A profile's first attempt after start-up. Its token's own plan holds; the start-up stagger
+    (``delay``) only delays attempts that are due, and by at most ``startup_cap_fraction`` of the
+    token's remaining life, so a refresh that was already due at a restart (kill -9, reboot) is
+    never pushed past the token's expiry by the spread."""
+    remaining = expires_at - now
+    if remaining > 0:
+        delay = min(delay, remaining * policy.startup_cap_fraction)
+    return max(planned_at, now + delay)
 
 
 def probe_at(policy: RefreshPolicy, *, failed_at: float, backoff_until: float, told_until: float) -> float:

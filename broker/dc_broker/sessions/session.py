@@ -1,21 +1,30 @@
-"""One ``Session`` per profile: the current token, its refresh task, single-flight, and the driver of
-the grant flows.
+"""One ``Session`` per profile: the current token, its refresh task, single-flight, and what a person
+does to its login (lock, unlock, login, logout, new credentials, new settings).
 
-A session owns exactly one login. Its background task (``run``) refreshes ahead of expiry as
-``policy`` says, retries with backoff when the IdP fails, and is the only code that talks to
-the IdP for this profile, so there is never more than one refresh in flight per login: callers that
-need a token the current one cannot satisfy wake the task and wait for the *round* in progress,
-sharing its result (single-flight). Reads that the current token satisfies never wait (``peek``).
+A session owns exactly one login. Its background task (``run``) refreshes ahead of expiry as its
+``Schedule`` says (``sessions.schedule``, the rules in ``policy``), retries with backoff when the IdP
+fails, and is the only code that refreshes this login, so there is never more than one request in
+flight per login: callers that need a token the current one cannot satisfy wake the task and wait
+for the *round* in progress, sharing its result (single-flight). Reads that the current token
+satisfies never wait (``peek``). Every use of this login's refresh token (the refresh task, a
+per-scope narrowing, logout, a password login) holds ``_login_lock``.
 
-What to send and what an answer means is decided by the pure flows in ``flows`` (credential
-order, narrowing, discovery, device login); this module only drives them (``_drive``: send, clock,
-sleep). The state moves only through ``states.next_state`` (``_event``). One place accepts
-new tokens (``_accept``: stored before the old refresh token is dropped, then current), one place
-schedules the next attempt (``_due_at``, from ``policy``: refresh ahead, floor, backoff, demand
-probes). ``settled()`` waits until no attempt is in flight (the daemon's stop path).
+**Attempts and generations.** The state (``sessions.states``) says what the login and token are; an
+attempt at the IdP is tracked apart from it (``attempt``), with the ``generation`` it started in.
+Lock, unlock, an adopted login, logout, a credentials or settings change all bump the generation; an
+attempt whose generation has moved on has its outcome dropped, except that a refresh token the IdP
+rotated on the way is kept first (``_keep_rotated``): the IdP has already killed its predecessor.
 
-Time comes from ``clock`` (``trio.current_time`` by default, so trio's MockClock drives it in tests).
-This module never builds an HTTP request nor parses an answer itself.
+**A sent refresh is precious.** A refresh request's answer holds the only copy of the next refresh
+token: the transport reads it patiently, and if it is lost anyway, the refresh token is presented
+again only after the IdP has answered something harmless (``Login.refresh_in_doubt``).
+
+What to send and what an answer means is decided by the pure flows (``flows``), stepped by the one
+driver (``driver``); this module only performs their steps (``_perform``: send, clock, sleep). One
+place accepts new tokens (``_accept``: stored before the old refresh token is dropped, then
+current); the schedule is one value (``schedule``). Time comes from ``clock`` (``trio.current_time``
+by default, so trio's MockClock drives it in tests). This module never builds an HTTP request nor
+parses an answer itself.
 """
 
 from __future__ import annotations
@@ -27,24 +36,34 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 import trio
 
 from dc_broker.config import Profile
-from dc_broker.errors import RecordCorrupt, UpstreamFault, UpstreamGarbage, UpstreamTransient
+from dc_broker.errors import AnswerLost, ConfigError, RecordCorrupt, UpstreamFault, UpstreamGarbage
 from dc_broker.idp import oidc
 from dc_broker.idp.oidc import Endpoints, HttpRequest
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
-from dc_broker.sessions import flows, loopback, policy
-from dc_broker.sessions.flows import Answer, AwaitRedirect, Flow, Login, LoginLost, OpenBrowser, ShowCode, Sleep
+from dc_broker.sessions import driver, flows, loopback, policy
+from dc_broker.sessions.driver import Done
+from dc_broker.sessions.flows import Answer, AwaitRedirect, Flow, Login, LoginLost, Sleep, Step
 from dc_broker.sessions.policy import RefreshPolicy
-from dc_broker.sessions.states import WAITING_FOR_PERSON, Event, State, next_state
+from dc_broker.sessions.schedule import Schedule
+from dc_broker.sessions.states import ACTIVE, WAITING_FOR_PERSON, Event, State, next_state
 from dc_broker.store import SecretStore
 from dc_broker.tokens import Credentials, TokenSet
-from dc_token.errors import BrokerError, CredentialsRejected, Locked, LoginRequired, UpstreamError, UpstreamUnavailable
+from dc_token.errors import (
+    BrokerError,
+    CredentialsRejected,
+    InternalError,
+    Locked,
+    LoginRequired,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 
 log = logging.getLogger("dc_broker.sessions")
 T = TypeVar("T")
@@ -53,6 +72,8 @@ T = TypeVar("T")
 DEFAULT_WAIT_LIMIT: Final = 30.0
 #: how long a browser login waits for the browser to come back
 BROWSER_LOGIN_TIMEOUT: Final = 300.0
+#: distinct oddities of an IdP's answers logged per profile (each once)
+MAX_NOTES: Final = 8
 
 
 def shift_times(tokens: TokenSet, delta: float) -> TokenSet:
@@ -70,6 +91,26 @@ def _capped(tokens: TokenSet) -> TokenSet:
     if tokens.lifetime <= oidc.MAX_LIFETIME:
         return tokens
     return replace(tokens, expires_at=tokens.obtained_at + oidc.MAX_LIFETIME)
+
+
+def broker_error(name: str, exc: UpstreamFault, retry_after: float | None = None) -> BrokerError:
+    """What a caller (or `dc-broker login`) is told when the IdP failed: the one translation of an
+    ``UpstreamFault`` into the wire's error tree."""
+    if isinstance(exc, UpstreamGarbage):
+        return UpstreamError(f"profile {name!r}: {exc}", retry_after=retry_after)
+    return UpstreamUnavailable(f"profile {name!r}: {exc}", retry_after=retry_after)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """An attempt at the IdP in flight: the generation it started in, and when."""
+
+    generation: int
+    started_at: float
+
+
+#: what an attempt ends with: new tokens, or the error that stands for its failure
+Outcome = TokenSet | BrokerError | UpstreamFault | ConfigError
 
 
 class Session:
@@ -98,19 +139,20 @@ class Session:
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.wait_limit = wait_limit
+        self.wall_clock = wall_clock
         self.state = State.EMPTY
         self.token: TokenSet | None = None
         self.last_error: BrokerError | None = None
         self.last_refresh_at: float | None = None
         self.refreshes = 0
         self.idp_requests = 0
-        self.failures = 0
-        self.next_attempt_at = math.inf
-        self._backoff_until = -math.inf
-        self._last_attempt_at = -math.inf
-        self._failed_at = -math.inf
-        #: the IdP's Retry-After: not even a caller's probe goes before it
-        self._told_until = -math.inf
+        self.schedule = Schedule()
+        #: bumped by everything that changes what this session is (see the module docstring)
+        self.generation = 0
+        #: the attempt at the IdP in flight, if any
+        self.attempt: Attempt | None = None
+        #: the refresh token whose last use got no answer: presented again only after the IdP answers
+        self._in_doubt: Secret | None = None
         self._last_forced_at: float | None = None
         # the last refresh did not push the refresh token's deadline out: the IdP session is at its
         # SSO Session Max, so refreshing again buys nothing; re-login with the primary credential
@@ -129,18 +171,30 @@ class Session:
         self.token_changed = trio.Event()
         #: a caller is waiting for a token the current one cannot give
         self._demanded = False
-        #: config or secrets changed while an attempt was in flight
-        self._changed_meanwhile = False
         #: held while this login's refresh token is in use at the IdP: one use at a time (rotation)
         self._login_lock = trio.Lock()
-        self.wall_clock = wall_clock
+        #: per-request scope sessions narrowing this login; they forget their tokens when it changes
+        self.children: set[Session] = set()
+        if parent is not None:
+            parent.children.add(self)
+        #: oddities of the IdP's answers already logged
+        self._noted: set[str] = set()
         self._restore()
 
     def __repr__(self) -> str:
-        return f"Session({self.profile.name!r}, state={self.state.value})"
+        return f"Session({self.profile.name!r}, state={self.state.value}, generation={self.generation})"
 
     def _event(self, event: Event) -> None:
         self.state = next_state(self.state, event)
+
+    @property
+    def next_attempt_at(self) -> float:
+        """When the background task will next go to the IdP on its own (inf: not until a person acts)."""
+        return self.schedule.due_at(self.policy, demanded=False)
+
+    @property
+    def failures(self) -> int:
+        return self.schedule.failures
 
     def _restore(self) -> None:
         """Pick up tokens a previous run stored, so a restart serves at once and logs nobody in."""
@@ -150,6 +204,7 @@ class Session:
             saved = self.store.saved_tokens(self.profile.name)
         except Locked as exc:  # said once for all profiles by the daemon; unlock restores
             self.last_error = Locked(exc.message)
+            self.schedule = self.schedule.stopped()
             self._event(Event.LOCK)
             return
         except BrokerError as exc:  # e.g. this record is corrupt
@@ -160,11 +215,12 @@ class Session:
         if saved.issued_for is not None and saved.issued_for != self._fingerprint:
             log.info("profile %s: settings changed since its tokens were stored; logging in anew", self.profile.name)
             return
-        tokens = _capped(shift_times(saved, self.clock() - self.wall_clock()))
-        if tokens.expires_at > self.clock() or tokens.refresh_usable(self.clock()):
+        now = self.clock()
+        tokens = _capped(shift_times(saved, now - self.wall_clock()))
+        if tokens.expires_at > now or tokens.refresh_usable(now):
             self.token = tokens
             self.last_refresh_at = tokens.obtained_at
-            if tokens.expires_at > self.clock():
+            if tokens.expires_at > now:
                 self._event(Event.RESTORED)
 
     # ------------------------------------------------------------ reads
@@ -215,14 +271,9 @@ class Session:
         )
 
     def _raise_if_blocked(self, now: float) -> None:
-        if self.state in WAITING_FOR_PERSON and self.last_error is not None:
+        if (self.state in WAITING_FOR_PERSON or self.state is State.ERROR) and self.last_error is not None:
             raise self.last_error
-        probe_at = policy.probe_at(
-            self.policy,
-            failed_at=self._failed_at,
-            backoff_until=self._backoff_until,
-            told_until=self._told_until,
-        )
+        probe_at = self.schedule.probe_at(self.policy)
         if now < probe_at:
             retry_after = probe_at - now
             err = self.last_error
@@ -242,64 +293,122 @@ class Session:
             return False
         self._last_forced_at = now
         self.token = replace(tok, expires_at=min(tok.expires_at, now))
-        self.next_attempt_at = now
+        self.schedule = self.schedule.forced(now)
         self._wake.set()
         return True
+
+    # ------------------------------------------------------------ what a person (or the config) changes
+
+    def _changed(self) -> int:
+        """Something changed what this session is: a new generation (attempts in flight are dropped)."""
+        self.generation += 1
+        return self.generation
+
+    def _forget_children(self) -> None:
+        """This login was replaced or dropped: tokens narrowed from it go too."""
+        for child in list(self.children):
+            child._changed()
+            child.token = None
+            child._announce()
 
     def credentials_changed(self, *, relogin: bool = False) -> None:
         """Config or secrets changed: leave rejected/login_required and try again now. With ``relogin``
         the current login is dropped, so the next grant proves the new credentials."""
+        self._changed()
         if relogin:
             self.token = None
-        self.failures = 0
-        self._backoff_until = self._told_until = -math.inf
-        self.next_attempt_at = self.clock()
-        if self.state in WAITING_FOR_PERSON:
+            self._forget_children()
+        self.schedule = self.schedule.retry(self.clock())
+        if self.state in WAITING_FOR_PERSON or self.state is State.ERROR:
             self.last_error = None
-        # an attempt in flight may have read the old credentials: if it ends waiting for a person,
-        # it is tried again with the new ones
-        self._changed_meanwhile = self.state is State.REFRESHING
         self._event(Event.RETRY)
         self._wake.set()
 
     def reconfigure(self, profile: Profile) -> None:
         """The profile's settings changed (same name). A change of who may use or change it, or of
         its token files, applies at once and keeps the login (``Profile.same_login``); the sink task
-        is woken to look again. Any other change means new endpoints and a new attempt now."""
+        is woken to look again. A change of whom its tokens are for (IdP, client, grant, user,
+        scope: ``login_fingerprint``) drops the login; any other means new endpoints and a new
+        attempt now."""
         if self.profile.same_login(profile):
             self.profile = profile
             self._announce()  # the token files' task rereads profile.sinks; watchers see no new token
             return
-        self.profile = profile
+        fingerprint = profile.login_fingerprint()
+        relogin = fingerprint != self._fingerprint
+        self.profile, self._fingerprint = profile, fingerprint
         self._endpoints = oidc.static_endpoints(profile)
-        self.credentials_changed()
+        self.credentials_changed(relogin=relogin)
+
+    def lock_out(self) -> None:
+        """The vault was locked: drop the token from memory and wait for `dc-broker unlock`."""
+        self._changed()
+        self.token = None
+        self.last_error = Locked("the vault is locked; run `dc-broker unlock`")
+        self.schedule = self.schedule.stopped()
+        self._event(Event.LOCK)
+        self._announce()
+
+    def resume(self) -> None:
+        """After unlock: a stored, still-valid token is served at once and refreshed on its own schedule;
+        without one, try now."""
+        self._changed()
+        self.last_error = None
+        if self.token is None:
+            self._restore()
+        tok = self.token
+        now = self.clock()
+        if tok is None or tok.expires_at <= now:
+            self.credentials_changed()
+            return
+        self.schedule = self.schedule.planned(self._refresh_time(tok, capped=False))
+        self._event(Event.RESTORED)
+        self._wake.set()  # re-arm the refresh timer
+
+    def crashed(self, exc: BaseException, restart_in: float) -> None:
+        """The refresh task failed with a bug; its supervisor restarts it in ``restart_in`` seconds.
+        The message names only the exception's type: its text could quote anything."""
+        self._changed()
+        self.attempt = None
+        self.last_error = InternalError(
+            f"profile {self.profile.name!r}: the broker's refresh task failed ({type(exc).__name__}); "
+            f"it restarts in {restart_in:.0f} s"
+        )
+        self._event(Event.CRASHED)
+        self._finish_round()  # callers waiting for a round are told, not left hanging
+
+    @property
+    def busy(self) -> bool:
+        """An attempt is in flight, or something uses this login at the IdP (``settled`` waits)."""
+        return self.attempt is not None or self._login_lock.locked()
 
     async def settled(self) -> None:
-        """Return once no attempt is in flight (at once if none is)."""
-        while self.state is State.REFRESHING:
+        """Return once no attempt is in flight and nothing uses this login at the IdP."""
+        while self.attempt is not None:
             await self._round.wait()
+        async with self._login_lock:
+            pass
 
     # ------------------------------------------------------------ the background task
 
     def _due_at(self) -> float:
-        """The one place that says when the next attempt starts."""
-        allowed = policy.attempt_allowed_at(
-            self.policy,
-            last_attempt_at=self._last_attempt_at,
-            failed_at=self._failed_at,
-            backoff_until=self._backoff_until,
-            told_until=self._told_until,
-            demanded=self._demanded,
-        )
-        return allowed if self._demanded else max(self.next_attempt_at, allowed)
+        return self.schedule.due_at(self.policy, demanded=self._demanded)
 
     async def run(self, *, first_attempt_delay: float = 0.0) -> None:
         """Keep this profile's token fresh until cancelled."""
         now = self.clock()
         tok = self.token
-        self.next_attempt_at = now + first_attempt_delay
-        if tok is not None and tok.expires_at > now:  # restored: keep its schedule unless already due
-            self.next_attempt_at = max(self._refresh_time(tok, capped=False), self.next_attempt_at)
+        if self.state not in WAITING_FOR_PERSON:
+            plan = now + first_attempt_delay
+            if tok is not None and tok.expires_at > now:  # restored: keep its schedule unless already due
+                plan = policy.first_attempt_at(
+                    self.policy,
+                    now=now,
+                    planned_at=self._refresh_time(tok, capped=False),
+                    expires_at=tok.expires_at,
+                    delay=first_attempt_delay,
+                )
+            self.schedule = self.schedule.planned(plan)
         while True:
             with trio.move_on_at(self._due_at()):
                 await self._wake.wait()
@@ -307,7 +416,6 @@ class Session:
             if self.state in WAITING_FOR_PERSON:
                 self._demanded = False
                 self._finish_round()
-                self.next_attempt_at = math.inf
                 continue
             if self.clock() < self._due_at():
                 continue  # woken to re-arm the timer (a login was adopted), or too early for a probe
@@ -330,64 +438,121 @@ class Session:
         )
 
     async def _attempt(self) -> None:
-        self._last_attempt_at = self.clock()
-        self._changed_meanwhile = False
-        self._event(Event.START)
+        """One attempt at the IdP for this login (a narrowing of the parent's, for a child)."""
+        gen = self.generation
+        now = self.clock()
+        self.schedule = self.schedule.started(now)
+        self.attempt = Attempt(gen, now)
         try:
             if self.parent is not None:
-                await self._attempt_once()
-            else:
-                # held until the new refresh token is stored *and* current: a narrowing call must
-                # never pick up the one this refresh just used (with rotation, that kills the session)
-                async with self._login_lock:
-                    await self._attempt_once()
+                scope = self.profile.scope or ""
+                await self._conclude(gen, await _outcome(self.parent.narrow(scope)), None)
+                return
+            # held until the new refresh token is stored *and* current: a narrowing call must never
+            # pick up the one this refresh just used (with rotation, that kills the session)
+            async with self._login_lock:
+                if gen != self.generation:
+                    return  # changed while waiting for the lock: the next round is the new generation's
+                presented: Secret | None = None
+
+                async def obtain() -> TokenSet:
+                    nonlocal presented
+                    login = await self._login()
+                    presented = login.refresh_token
+                    return await self._drive(flows.obtain(login), self._lost(login.refresh_token))
+
+                outcome = await _outcome(obtain())
+                await self._conclude(gen, outcome, presented)
         finally:
-            if self.state is State.REFRESHING:  # cancelled mid-attempt: the outcome is unknown
-                self._event(Event.FAILED_STALE if self._token_valid() else Event.FAILED)
-            if self._changed_meanwhile and self.state in (State.LOGIN_REQUIRED, State.REJECTED):
-                self.credentials_changed()
+            if self.attempt is not None and self.attempt.generation == gen:
+                self.attempt = None
             self._finish_round()
+
+    async def _conclude(self, gen: int, outcome: Outcome, presented: Secret | None) -> None:
+        """The one place an attempt's outcome moves the session, if its generation is still current."""
+        name = self.profile.name
+        if gen != self.generation:
+            if isinstance(outcome, TokenSet):
+                await self._keep_rotated(outcome, presented)
+            log.debug("profile %s: an attempt of generation %d ended after a change; its outcome is dropped", name, gen)
+            return
+        if isinstance(outcome, TokenSet):
+            await self._accept(outcome, Event.GRANTED, gen)
+        elif isinstance(outcome, Locked):
+            self.last_error = outcome
+            self.schedule = self.schedule.stopped()
+            self._event(Event.LOCK)
+            log.debug("profile %s: waiting for `dc-broker unlock`", name)
+        elif isinstance(outcome, LoginRequired | CredentialsRejected | ConfigError):
+            err = outcome if isinstance(outcome, BrokerError) else CredentialsRejected(f"profile {name!r}: {outcome}")
+            self.last_error = err
+            if isinstance(err, LoginRequired) and not self._token_valid():
+                self.token = None  # a corrupt record must not drop a still-valid token
+            self.schedule = self.schedule.stopped()
+            self._event(Event.NEED_LOGIN if isinstance(err, LoginRequired) else Event.REFUSED)
+            log.warning("profile %s: %s", name, err.message)
+        elif isinstance(outcome, UpstreamFault):
+            self._failed(outcome, broker_error(name, outcome), str(outcome))
+        else:  # the parent login behind a scope could not give a token: the parent's error, as it said it
+            kind = UpstreamError if isinstance(outcome, UpstreamError) else UpstreamUnavailable
+            self._failed(outcome, kind(outcome.message), outcome.message)
+
+    def _failed(self, exc: UpstreamFault | BrokerError, told: BrokerError, said: str) -> None:
+        now = self.clock()
+        self.schedule = self.schedule.failed(self.policy, now=now, rand=self.rng.random(), retry_after=exc.retry_after)
+        told.retry_after = delay = self.schedule.backoff_until - now
+        self.last_error = told
+        self._event(Event.FAILED_STALE if self._token_valid() else Event.FAILED)
+        log.warning(
+            "profile %s: refresh failed (%s); retry %d in %.1f s",
+            self.profile.name,
+            said,
+            self.schedule.failures,
+            delay,
+        )
 
     def _token_valid(self) -> bool:
         return self.token is not None and self.token.expires_at > self.clock()
 
-    async def _attempt_once(self) -> None:
+    async def _keep_rotated(self, tokens: TokenSet, presented: Secret | None) -> None:
+        """An attempt of an older generation brought new tokens. If the IdP rotated the refresh token
+        it presented, that one is dead now: the new one replaces it wherever it still stands (in
+        memory, else in the store). If the login was replaced meanwhile, the old login's new token
+        has nowhere to go."""
+        name = self.profile.name
+        if presented is None or tokens.refresh_token is None or tokens.refresh_token == presented:
+            return
+        current = self.token
+        if current is not None and current.refresh_token == presented and self.state in ACTIVE:
+            await self._accept(tokens, Event.GRANTED, self.generation, keep_schedule=True)
+            return
         try:
-            if self.parent is not None:
-                tokens = await self.parent.narrow(self.profile.scope or "")
-            else:
-                tokens = await self._obtain()
-        except Locked as exc:
-            self.last_error = exc
-            self.next_attempt_at = math.inf
-            self._event(Event.LOCK)
-            log.debug("profile %s: waiting for `dc-broker unlock`", self.profile.name)
-        except (LoginRequired, CredentialsRejected) as exc:
-            self.last_error = exc
-            if isinstance(exc, LoginRequired) and not self._token_valid():
-                self.token = None  # a corrupt record must not drop a still-valid token
-            self.next_attempt_at = math.inf
-            self._event(Event.NEED_LOGIN if isinstance(exc, LoginRequired) else Event.REFUSED)
-            log.warning("profile %s: %s", self.profile.name, exc.message)
-        except UpstreamFault as exc:
-            self._on_transient(exc)
-        except Exception as exc:  # a bug must not end this profile's refresh task, nor the broker
-            log.exception("profile %s: refresh failed inside the broker", self.profile.name)
-            self._on_transient(UpstreamTransient(f"internal error during refresh ({type(exc).__name__})"))
-        else:
-            if self.state is State.LOCKED:
-                return  # locked meanwhile: no token stays in memory
-            await self._accept(tokens, Event.GRANTED)
+            saved = self.store.saved_tokens(name)
+            if saved is not None and saved.refresh_token == presented:
+                await self._save(tokens)
+                log.info("profile %s: stored the refresh token the IdP rotated during a change", name)
+                return
+        except BrokerError as exc:
+            log.warning("profile %s: could not keep the rotated refresh token: %s", name, exc.message)
+            return
+        log.info("profile %s: a refresh that ended after the login was replaced is dropped", name)
 
-    async def _accept(self, tokens: TokenSet, event: Event) -> None:
+    async def _accept(self, tokens: TokenSet, event: Event, gen: int, *, keep_schedule: bool = False) -> bool:
         """The one place new tokens become current: stored first (durable before the old refresh
-        token is dropped; stores keep wall-clock times), then served, then scheduled."""
+        token is dropped; stores keep wall-clock times), then served, then scheduled. Returns whether
+        they became current (not if the session changed while they were being stored)."""
+        for note in tokens.notes:
+            if note not in self._noted and len(self._noted) < MAX_NOTES:
+                self._noted.add(note)
+                log.warning("profile %s: the identity provider's answer is odd: %s", self.profile.name, note)
         try:
             if self.parent is None:
                 await self._save(tokens)
         except Exception:
             # keep serving from memory: with rotation the old refresh token is already dead
             log.exception("profile %s: could not store the new tokens", self.profile.name)
+        if gen != self.generation:
+            return False  # locked, logged out or replaced while storing: they are stored, not current
         if event is Event.ADOPTED:
             self._session_capped = False
             self._refresh_life = None
@@ -400,66 +565,71 @@ class Session:
             self._refresh_life = life
         self.token = tokens
         self.last_error = None
-        self.failures = 0
-        self._backoff_until = self._told_until = -math.inf
         self.last_refresh_at = self.clock()
         self.refreshes += 1
-        self.next_attempt_at = self._refresh_time(tokens, capped=self._session_capped)
+        if not keep_schedule:
+            self.schedule = self.schedule.granted(self._refresh_time(tokens, capped=self._session_capped))
         self._event(event)
         self._announce()
+        return True
 
     def _announce(self) -> None:
         """Wake everyone waiting on ``token_changed`` (a new token, or new settings to look at)."""
         self.token_changed.set()
         self.token_changed = trio.Event()
 
-    def _on_transient(self, exc: UpstreamFault) -> None:
-        now = self.clock()
-        self.failures += 1
-        delay = policy.backoff_delay(self.policy, self.failures, self.rng.random(), exc.retry_after)
-        self._backoff_until = now + delay
-        self._failed_at = now
-        self._told_until = now + min(exc.retry_after, self.policy.backoff_cap) if exc.retry_after else -math.inf
-        self.next_attempt_at = self._backoff_until
-        wrapped: BrokerError
-        if isinstance(exc, UpstreamGarbage):
-            wrapped = UpstreamError(f"profile {self.profile.name!r}: {exc}", retry_after=delay)
-        else:
-            wrapped = UpstreamUnavailable(f"profile {self.profile.name!r}: {exc}", retry_after=delay)
-        self.last_error = wrapped
-        self._event(Event.FAILED_STALE if self._token_valid() else Event.FAILED)
-        log.warning("profile %s: refresh failed (%s); retry %d in %.1f s", self.profile.name, exc, self.failures, delay)
-
-    # ------------------------------------------------------------ driving the flows
+    # ------------------------------------------------------------ performing the flows' steps
 
     async def _drive(self, flow: Flow[T], on_lost: Callable[[LoginLost], None] | None = None) -> T:
-        """Run a pure flow to its end: send its requests, answer its sleeps, report a lost login."""
-        answer: object = None
-        try:
-            while True:
-                try:
-                    step = flow.send(answer)
-                except StopIteration as stop:
-                    result: T = stop.value
-                    return result
-                answer = await self._do(step, on_lost)
-        finally:
-            flow.close()
+        return await driver.drive(flow, self._performer(on_lost))
 
-    async def _do(self, step: object, on_lost: Callable[[LoginLost], None] | None) -> object:
-        if isinstance(step, HttpRequest):
-            self.idp_requests += 1
-            sent_at = self.clock()  # the IdP issued its answer after this: lifetimes count from here
-            return Answer(await self._send(step), sent_at)
-        if isinstance(step, Sleep):
-            await trio.sleep(step.seconds)
-            return self.clock()
-        if isinstance(step, LoginLost):
-            log.info("profile %s: refresh token refused (%s); falling back", self.profile.name, step.why)
-            if on_lost is not None:
-                on_lost(step)
-            return None
-        raise TypeError(f"this driver cannot perform {step!r}")
+    def _performer(
+        self,
+        on_lost: Callable[[LoginLost], None] | None,
+        waits: Callable[[AwaitRedirect], Awaitable[object]] | None = None,
+    ) -> Callable[[Step], Awaitable[object]]:
+        async def perform(step: Step) -> object:
+            if isinstance(step, HttpRequest):
+                return await self._request(step)
+            if isinstance(step, Sleep):
+                await trio.sleep(step.seconds)
+                return self.clock()
+            if isinstance(step, LoginLost):
+                log.info("profile %s: refresh token refused (%s); falling back", self.profile.name, step.why)
+                if on_lost is not None:
+                    on_lost(step)
+                return None
+            if isinstance(step, AwaitRedirect) and waits is not None:
+                return await waits(step)
+            raise TypeError(f"this driver cannot perform {step!r}")
+
+        return perform
+
+    async def _request(self, req: HttpRequest) -> Answer:
+        """One request to this profile's IdP. The IdP issues what it answers after it was sent, so
+        lifetimes count from the send (``Answer``). A lost answer to a request that spent a refresh
+        token puts that token in doubt; any answer to it clears the doubt."""
+        self.idp_requests += 1
+        sent_at, wall = self.clock(), self.wall_clock()
+        try:
+            resp = await self.idp.send(req, ca_bundle=self.profile.ca_bundle, proxy=self.profile.proxy)
+        except AnswerLost:
+            self._in_doubt = req.spends
+            raise
+        if req.spends is not None and req.spends == self._in_doubt:
+            self._in_doubt = None
+        return Answer(resp, sent_at, wall)
+
+    def _lost(self, refused: Secret | None) -> Callable[[LoginLost], None]:
+        """On ``LoginLost``: the IdP refused ``refused``; the login forgets it (not its access token,
+        which stays valid until it expires), unless it was replaced meanwhile."""
+
+        def forget(_: LoginLost) -> None:
+            tok = self.token
+            if tok is not None and refused is not None and tok.refresh_token == refused:
+                self.token = replace(tok, refresh_token=None, refresh_expires_at=None)
+
+        return forget
 
     def _shown_route(self) -> str | None:
         """The proxy this profile's IdP requests go through, as shown (None: direct); worked out once
@@ -469,31 +639,38 @@ class Session:
             self._via = (self.profile, self.idp.via(url, self.profile.proxy))
         return self._via[1]
 
-    async def _send(self, req: HttpRequest) -> oidc.HttpResponse:
-        """One request to this profile's IdP, with its CA bundle and through its proxy."""
-        return await self.idp.send(req, ca_bundle=self.profile.ca_bundle, proxy=self.profile.proxy)
-
-    def _forget_login(self, _: LoginLost) -> None:
-        self.token = None
-
     def _credentials(self) -> Credentials:
         return self.store.credentials(self.profile.name)
+
+    def _credentials_or_none(self) -> Credentials:
+        """The stored credentials; none if the record is corrupt (a login replaces it)."""
+        try:
+            return self._credentials()
+        except RecordCorrupt:
+            return Credentials()
 
     async def _login(self, creds: Credentials | None = None) -> Login:
         endpoints = await self._resolve_endpoints()  # first: credentials may change meanwhile
         creds = self._credentials() if creds is None else creds
-        now = self.clock()
         tok = self.token
-        refresh_token = tok.refresh_token if tok is not None and tok.refresh_usable(now) else None
-        if refresh_token is None and tok is None:
+        refresh_token: Secret | None = None
+        deadline: float | None = None
+        if tok is not None and tok.refresh_usable(self.clock()):
+            refresh_token, deadline = tok.refresh_token, tok.refresh_expires_at
+        elif tok is None:
             refresh_token = creds.refresh_token
-        return Login(self.profile, creds, endpoints, refresh_token, prefer_primary=self._session_capped)
-
-    async def _obtain(self) -> TokenSet:
-        return await self._drive(flows.obtain(await self._login()), self._forget_login)
+        return Login(
+            self.profile,
+            creds,
+            endpoints,
+            refresh_token,
+            deadline,
+            prefer_primary=self._session_capped,
+            refresh_in_doubt=refresh_token is not None and refresh_token == self._in_doubt,
+        )
 
     async def _save(self, tokens: TokenSet) -> None:
-        stored = replace(shift_times(tokens, self.wall_clock() - self.clock()), issued_for=self._fingerprint)
+        stored = replace(shift_times(tokens, self.wall_clock() - self.clock()), issued_for=self._fingerprint, notes=())
         await self.store.save_tokens(self.profile.name, stored)
 
     async def _resolve_endpoints(self) -> Endpoints:
@@ -513,24 +690,51 @@ class Session:
         await self.get(0.0)  # this login must exist first
         async with self._login_lock:
             login = await self._login()
-            if login.refresh_token is None or self.token is None:
-                raise LoginRequired(flows.login_message(self.profile))
             tok = self.token
+            if login.refresh_token is None or tok is None:
+                raise LoginRequired(flows.login_message(self.profile))
 
-            def renew(_: LoginLost) -> None:  # this login's refresh token is dead: let it recover
-                self.next_attempt_at = self.clock()
+            def renew(lost: LoginLost) -> None:  # this login's refresh token is dead: let it recover
+                self._lost(login.refresh_token)(lost)
+                self.schedule = self.schedule.forced(self.clock())
                 self._wake.set()
 
             new = await self._drive(flows.narrow(login, scope), renew)
-            if new.refresh_token is not None and new.refresh_token != tok.refresh_token:
+            if new.refresh_token is not None and new.refresh_token != login.refresh_token:
                 adopted = replace(tok, refresh_token=new.refresh_token, refresh_expires_at=new.refresh_expires_at)
                 await self._save(adopted)
                 current = self.token  # may have been replaced meanwhile (invalidate): keep its other fields
-                if current is not None and current.refresh_token == tok.refresh_token:
+                if current is not None and current.refresh_token == login.refresh_token:
                     self.token = replace(
                         current, refresh_token=new.refresh_token, refresh_expires_at=new.refresh_expires_at
                     )
         return replace(new, refresh_token=None, refresh_expires_at=None)
+
+    async def _interactive(
+        self, flow: Flow[TokenSet], show: Callable[[Any], dict[str, Any]], waits: Any = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Drive an interactive login flow: each step for the person is yielded as ``show`` words it;
+        the flow's tokens replace this session's login only once it has succeeded. An IdP that fails
+        on the way is told as the wire's error (unavailable, retry), never as a bug."""
+        tokens: TokenSet | None = None
+        try:
+            async with driver.steps(flow, self._performer(None, waits)) as each:
+                async for item in each:
+                    if isinstance(item, Done):
+                        tokens = item.value
+                    else:
+                        yield show(item)
+        except UpstreamFault as exc:
+            raise broker_error(self.profile.name, exc) from None
+        assert tokens is not None
+        await self.adopt_login(tokens)
+        yield self.logged_in(tokens)
+
+    async def _endpoints_for_login(self) -> Endpoints:
+        try:
+            return await self._resolve_endpoints()
+        except UpstreamFault as exc:
+            raise broker_error(self.profile.name, exc) from None
 
     async def device_login(self) -> AsyncIterator[dict[str, Any]]:
         """The OAuth device authorization grant (``flows.device_login``), for a person at another
@@ -540,13 +744,13 @@ class Session:
         if self.profile.grant == "client_credentials":
             raise CredentialsRejected(
                 f"profile {name!r} uses client credentials: the broker signs in with the stored client "
-                f"secret, so there is nothing to log in; to replace the secret, `dc-broker remove {name}` "
-                f"and `dc-broker add {name} ...` again"
+                f"secret, so there is nothing to log in; to store a new secret, `dc-broker rotate {name} "
+                "--client-secret`"
             )
         creds = self._credentials_or_none()
-        flow = flows.device_login(self.profile, creds, await self._resolve_endpoints())
+        flow = flows.device_login(self.profile, creds, await self._endpoints_for_login())
 
-        def show(step: ShowCode) -> dict[str, Any]:
+        def show(step: flows.ShowCode) -> dict[str, Any]:
             auth = step.authorization
             return {
                 "profile": name,
@@ -556,7 +760,7 @@ class Session:
                 "expires_in": auth.expires_at - self.clock(),
             }
 
-        async for message in self._login_with_person(flow, {ShowCode: show}):
+        async for message in self._interactive(flow, show):
             yield message
 
     async def browser_login(self) -> AsyncIterator[dict[str, Any]]:
@@ -564,7 +768,7 @@ class Session:
         127.0.0.1 port: yields the URL to open, then the outcome once the browser came back."""
         name = self.profile.name
         creds = self._credentials_or_none()
-        endpoints = await self._resolve_endpoints()
+        endpoints = await self._endpoints_for_login()
         listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
         port = listener.socket.getsockname()[1]
         redirect_uri = f"http://127.0.0.1:{port}/callback"
@@ -577,7 +781,7 @@ class Session:
             verifier=secrets.token_urlsafe(64),
         )
 
-        def show(step: OpenBrowser) -> dict[str, Any]:
+        def show(step: flows.OpenBrowser) -> dict[str, Any]:
             return {"profile": name, "authorization_url": step.url, "expires_in": BROWSER_LOGIN_TIMEOUT}
 
         async def redirect(step: AwaitRedirect) -> object:
@@ -591,133 +795,76 @@ class Session:
             )
 
         try:
-            async for message in self._login_with_person(flow, {OpenBrowser: show}, {AwaitRedirect: redirect}):
+            async for message in self._interactive(flow, show, redirect):
                 yield message
         finally:
             await listener.aclose()
-
-    async def _login_with_person(
-        self,
-        flow: Flow[TokenSet],
-        shown: dict[type, Callable[[Any], dict[str, Any]]],
-        waits: dict[type, Callable[[Any], Awaitable[object]]] | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Drive an interactive login flow: a step for the person (``shown``: its message) is yielded,
-        a step with its own wait (``waits``) awaited, every other step done as for any grant; the
-        flow's tokens replace this session's login only once it has succeeded."""
-        answer: object = None
-        try:
-            while True:
-                try:
-                    step = flow.send(answer)
-                except StopIteration as stop:
-                    tokens: TokenSet = stop.value
-                    break
-                if type(step) in shown:
-                    yield shown[type(step)](step)
-                    answer = None
-                elif waits and type(step) in waits:
-                    answer = await waits[type(step)](step)
-                else:
-                    answer = await self._do(step, None)
-        finally:
-            flow.close()
-        await self.adopt_login(tokens)
-        yield self.logged_in(tokens)
 
     def logged_in(self, tokens: TokenSet) -> dict[str, Any]:
         """The last message of a login stream: the profile is logged in, for this long."""
         return {"profile": self.profile.name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
 
-    def _credentials_or_none(self) -> Credentials:
-        """The stored credentials; none if the record is corrupt (a login replaces it)."""
-        try:
-            return self._credentials()
-        except RecordCorrupt:
-            return Credentials()
-
     async def password_login(self, password: Secret) -> TokenSet:
         """`dc-broker login` with a password: checked at the IdP first; only once it is accepted does
         it replace the stored password and the current login (a wrong one changes nothing)."""
         creds = self._credentials_or_none()
-        async with self._login_lock:
-            login = await self._login(creds)
-            tokens = await self._drive(flows.password_login(login, password))
+        try:
+            async with self._login_lock:
+                login = await self._login(creds)
+                tokens = await self._drive(flows.password_login(login, password))
+        except UpstreamFault as exc:
+            raise broker_error(self.profile.name, exc) from None
         self.store.set_credentials(self.profile.name, replace(creds, password=password))
         await self.adopt_login(tokens)
         return tokens
 
     async def verify(self) -> TokenSet:
-        """One grant with the stored credentials, outside the refresh task (`dc-broker add`)."""
-        return await self._obtain()
+        """One grant with the stored credentials, outside the refresh task (`dc-broker add`, `rotate`):
+        its caller words an IdP failure (``UpstreamFault``) for what it was checking."""
+        return await self._drive(flows.obtain(await self._login()))
 
-    def resume(self) -> None:
-        """After unlock: a stored, still-valid token is served at once and refreshed on its own schedule;
-        without one, try now."""
-        self.last_error = None
-        if self.token is None:
-            self._restore()
-        tok = self.token
-        now = self.clock()
-        if tok is None or tok.expires_at <= now:
-            self.credentials_changed()
-            return
-        self.next_attempt_at = self._refresh_time(tok, capped=False)
-        self._event(Event.RESTORED)
-        self._wake.set()  # re-arm the refresh timer
-
-    def lock_out(self) -> None:
-        """The vault was locked: drop the token from memory and wait for `dc-broker unlock`."""
-        self.token = None
-        self.last_error = Locked("the vault is locked; run `dc-broker unlock`")
-        self.next_attempt_at = math.inf
-        self._event(Event.LOCK)
+    async def adopt_login(self, tokens: TokenSet) -> None:
+        """A login made outside the refresh task (device flow, password login) becomes this session's."""
+        async with self._login_lock:
+            gen = self._changed()
+            self._forget_children()
+            await self._accept(tokens, Event.ADOPTED, gen)
+            self._wake.set()  # the refresh task picks up the new schedule
 
     async def logout(self) -> bool:
-        """Revoke the login at the IdP (best effort: its refresh token, or the access token where
-        there is none) and forget it. The client secret stays (it is not the login), except for
-        client credentials, where it is. Returns whether the IdP confirmed the revocation."""
+        """End the login at the IdP (best effort: ``flows.revoke``) and forget it. The client secret
+        stays (it is not the login), except for client credentials, where it is. Returns whether
+        the IdP confirmed the revocation."""
         name = self.profile.name
         revoked = False
         async with self._login_lock:
+            self._changed()
             tok = self.token
             creds = self._credentials_or_none()
             if tok is not None:
                 try:
-                    endpoints = await self._resolve_endpoints()
-                    if endpoints.revocation:
-                        client = oidc.client_of(self.profile, creds.client_secret)
-                        target, hint = (
-                            (tok.refresh_token, "refresh_token")
-                            if tok.refresh_token is not None
-                            else (tok.access_token, "access_token")
-                        )
-                        self.idp_requests += 1
-                        resp = await self._send(oidc.build_revoke(endpoints.revocation, client, target, hint))
-                        revoked = 200 <= resp.status < 300
+                    revoked = await self._drive(flows.revoke(await self._login(creds), tok))
                 except (UpstreamFault, BrokerError) as exc:
                     log.warning("profile %s: could not revoke at the identity provider: %s", name, exc)
             await self.store.forget_tokens(name)
             keep = None if self.profile.grant == "client_credentials" else creds.client_secret
             self.store.set_credentials(name, Credentials(client_secret=keep))
             self.token = None
+            self._in_doubt = None
+            self._forget_children()
             self.last_error = LoginRequired(flows.login_message(self.profile))
-            self.next_attempt_at = math.inf
+            self.schedule = self.schedule.stopped()
             self._event(Event.LOGOUT)
+            self._announce()
         log.info("profile %s: logged out (revoked at the IdP: %s)", name, revoked)
         return revoked
-
-    async def adopt_login(self, tokens: TokenSet) -> None:
-        """A login made outside the refresh task (device flow, password login) becomes this session's."""
-        async with self._login_lock:
-            await self._accept(tokens, Event.ADOPTED)
-            self._wake.set()  # the refresh task picks up the new schedule
 
     # ------------------------------------------------------------ reporting
 
     def status(self, now: float, wall_now: float | None = None) -> dict[str, Any]:
         wall = time.time() if wall_now is None else wall_now
         tok = self.token
+        due = self.next_attempt_at
         out: dict[str, Any] = {
             "profile": self.profile.name,
             "state": self.effective_state(now).value,
@@ -725,10 +872,22 @@ class Session:
             "idp": self.profile.describe(),
             "via": self._shown_route(),
             "expires_in": round(tok.expires_at - now, 3) if tok else None,
+            "scope": tok.scope if tok else None,
+            "refreshing": self.attempt is not None,
+            "generation": self.generation,
             "refreshes": self.refreshes,
             "idp_requests": self.idp_requests,
             "last_refresh": round(wall - (now - self.last_refresh_at), 3) if self.last_refresh_at is not None else None,
-            "next_refresh_in": round(self.next_attempt_at - now, 3) if math.isfinite(self.next_attempt_at) else None,
+            "next_refresh_in": round(max(0.0, due - now), 3) if math.isfinite(due) else None,
             "last_error": self.last_error.message if self.last_error else None,
         }
         return out
+
+
+async def _outcome(work: Awaitable[TokenSet]) -> Outcome:
+    """What an attempt ends with: its tokens, or the error that stands for its failure. Anything
+    else is a bug and propagates (the registry's supervisor restarts the session's task)."""
+    try:
+        return await work
+    except (BrokerError, UpstreamFault, ConfigError) as exc:
+        return exc

@@ -4,15 +4,31 @@ Written the way h11's ``_state.py`` is: states and events are small values, the 
 and ``next_state`` is the only way to move. A pair that is not in the table is a bug in the caller
 and raises ``LifecycleError`` naming both.
 
-    empty ──► refreshing ──► fresh ──► refreshing ──► fresh ...
-                  │  ▲          ▲          │
-                  │  └── stale ◄┼──────────┤  (refresh failed, current token still valid)
-                  │  ┌─ unavailable ◄──────┘  (refresh failed, no valid token)
-                  ▼  ▼
-          login_required / rejected / locked   (a person must act; no retries until they do)
+A state says what the session's login and token *are*, never whether a request is at the IdP: an
+attempt in flight is tracked apart from the state (``Session.attempt``, with the generation it
+started in), so anything a person does while a refresh is at a slow IdP (lock, unlock, logout, a
+finished login, a new secret, a reload) moves the state at once, and the attempt's outcome, if its
+generation has moved on, is dropped instead of landing on a state it was not meant for.
 
-From any state: a person's interactive login (``ADOPTED``) makes a session fresh, `dc-broker lock`
-(``LOCK``) locked and `dc-broker logout` (``LOGOUT``) login_required. This module is pure data.
+    empty ─────────► fresh ◄──────────────┐   an attempt's outcome moves the state
+      │                │                  │   (granted / failed_stale / failed / need_login / refused)
+      │                ▼                  │
+      │              stale ──► unavailable┘   refresh failed; with / without a still-valid token
+      ▼
+    login_required / rejected / locked        a person must act; no retries until they do
+    error                                     the session's task crashed (a bug); it restarts itself
+
+Invariants:
+
+* Background attempts run only in the ``ACTIVE`` states, so an attempt's outcome event (``OUTCOMES``)
+  happens only there: every other state is entered by something that bumps the generation (or is
+  the outcome itself), which drops the outcome. An outcome event in another state is a bug.
+* From any state: an interactive login (``ADOPTED``) makes a session fresh, `dc-broker lock`
+  (``LOCK``) locked, `dc-broker logout` (``LOGOUT``) login_required, a still-valid stored token
+  (``RESTORED``) fresh, a change of credentials or settings (``RETRY``) takes a waiting session back
+  to empty, and a crash of its task (``CRASHED``) shows ``error`` (a locked session stays locked).
+
+This module is pure data.
 """
 
 from __future__ import annotations
@@ -23,18 +39,17 @@ from typing import Final
 
 class State(StrEnum):
     EMPTY = "empty"
-    REFRESHING = "refreshing"
     FRESH = "fresh"
     STALE = "stale"
     UNAVAILABLE = "unavailable"
     LOGIN_REQUIRED = "login_required"
     REJECTED = "rejected"
     LOCKED = "locked"
+    ERROR = "error"
 
 
 class Event(StrEnum):
-    START = "start"  # the background task begins an attempt at the IdP
-    GRANTED = "granted"  # the attempt brought a new token
+    GRANTED = "granted"  # an attempt brought a new token
     FAILED_STALE = "failed_stale"  # it failed for now; the current token is still valid
     FAILED = "failed"  # it failed for now; no valid token
     NEED_LOGIN = "need_login"  # no usable credential: a person must log in
@@ -44,6 +59,7 @@ class Event(StrEnum):
     ADOPTED = "adopted"  # an interactive login (device flow, password login) succeeded
     LOCK = "lock"  # the vault was locked
     LOGOUT = "logout"  # `dc-broker logout`
+    CRASHED = "crashed"  # the session's task failed with a bug; its supervisor restarts it
 
 
 class LifecycleError(AssertionError):
@@ -53,37 +69,29 @@ class LifecycleError(AssertionError):
 S, E = State, Event
 #: states in which no background retry happens until a person changes something
 WAITING_FOR_PERSON: Final = frozenset({S.LOGIN_REQUIRED, S.REJECTED, S.LOCKED})
-
-_OUTCOMES: Final = {
+#: states in which the background task makes attempts (and so the only ones an outcome lands in)
+ACTIVE: Final = frozenset(State) - WAITING_FOR_PERSON
+#: what an attempt's outcome makes of an active session
+OUTCOMES: Final = {
     E.GRANTED: S.FRESH,
     E.FAILED_STALE: S.STALE,
     E.FAILED: S.UNAVAILABLE,
     E.NEED_LOGIN: S.LOGIN_REQUIRED,
     E.REFUSED: S.REJECTED,
-    E.LOCK: S.LOCKED,
 }
 
 TABLE: Final[dict[tuple[State, Event], State]] = {
-    # an attempt starts from any state a background task runs in
-    **{(s, E.START): S.REFRESHING for s in (S.EMPTY, S.FRESH, S.STALE, S.UNAVAILABLE)},
-    # ... and ends in one of its outcomes
-    **{(S.REFRESHING, e): s for e, s in _OUTCOMES.items()},
-    # the vault was locked while an attempt was at the IdP: it stays locked, the outcome is dropped
-    **{(S.LOCKED, e): S.LOCKED for e in _OUTCOMES},
-    # a stale token can expire into unavailability only through another failed attempt
-    (S.STALE, E.FAILED): S.UNAVAILABLE,
-    # nothing was stored, or the stored token is still valid
-    (S.EMPTY, E.NEED_LOGIN): S.LOGIN_REQUIRED,
-    **{(s, E.RESTORED): S.FRESH for s in State if s is not S.REFRESHING},
-    # a person changed something: waiting states try again, the others carry on as they are
-    **{(s, E.RETRY): S.EMPTY for s in WAITING_FOR_PERSON},
-    **{(s, E.RETRY): s for s in (S.EMPTY, S.REFRESHING, S.FRESH, S.STALE, S.UNAVAILABLE)},
-    # from any state
+    # an attempt's outcome, in the states attempts run in
+    **{(s, e): to for s in ACTIVE for e, to in OUTCOMES.items()},
+    # a person (or the store) changed something: these apply in every state
     **{(s, E.ADOPTED): S.FRESH for s in State},
+    **{(s, E.RESTORED): S.FRESH for s in State},
     **{(s, E.LOCK): S.LOCKED for s in State},
-    **{(s, E.LOGOUT): S.LOGIN_REQUIRED for s in State if s is not S.REFRESHING},
-    # an attempt waiting for the login lock ends there itself
-    (S.REFRESHING, E.LOGOUT): S.REFRESHING,
+    **{(s, E.LOGOUT): S.LOGIN_REQUIRED for s in State},
+    # waiting states try again; the others carry on as they are
+    **{(s, E.RETRY): S.EMPTY if s in WAITING_FOR_PERSON else s for s in State},
+    # a crash shows as error, except that a locked session stays locked (nothing is served either way)
+    **{(s, E.CRASHED): S.LOCKED if s is S.LOCKED else S.ERROR for s in State},
 }
 
 

@@ -1,0 +1,420 @@
+"""Events that land while an attempt is at the IdP, OPs that answer as the RFC allows rather than as
+Keycloak does, and the sent refresh that must not be walked away from. In-process dev IdP, trio's
+autojump clock: a 3 s IdP is a 3 s IdP, in milliseconds."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from dc_broker.devserver import DevIdP
+from dc_broker.secret import Secret
+from dc_broker.sessions.registry import Sessions
+from dc_broker.sessions.session import Session, shift_times
+from dc_broker.sessions.states import State
+from dc_broker.store import MemoryStore
+from dc_broker.tokens import Credentials, TokenSet
+from dc_token.errors import InternalError, Locked, LoginRequired, UpstreamUnavailable
+from tests.conftest import CREDENTIALS, idp_transport, make_session, profile, running, trio_wall_clock
+
+
+def grants(idp: DevIdP, grant: str) -> int:
+    return sum(n for (_, _, g), n in idp.stats.token_requests.items() if g == grant)
+
+
+class LockableStore(MemoryStore):
+    """A memory store that locks as the vault does: while locked, nothing can be read or stored."""
+
+    def __init__(self, credentials: dict[str, Credentials]) -> None:
+        super().__init__(credentials)
+        self._locked = False
+
+    @property
+    def lockable(self) -> bool:
+        return True
+
+    @property
+    def locked(self) -> bool:
+        return self._locked
+
+    def lock(self) -> None:
+        self._locked = True
+
+    def unlock(self, passphrase: Secret | None = None) -> None:
+        self._locked = False
+
+    def _check(self) -> None:
+        if self._locked:
+            raise Locked("the vault is locked; run `dc-broker unlock`")
+
+    def credentials(self, profile: str) -> Credentials:
+        self._check()
+        return super().credentials(profile)
+
+    def saved_tokens(self, profile: str) -> TokenSet | None:
+        self._check()
+        return super().saved_tokens(profile)
+
+    async def save_tokens(self, profile: str, tokens: TokenSet) -> None:
+        self._check()
+        await super().save_tokens(profile, tokens)
+
+
+def registry(idp: DevIdP, *names: str, store: MemoryStore | None = None, **overrides: Any) -> Sessions:
+    store = store if store is not None else MemoryStore({n: CREDENTIALS[n] for n in names})
+    profiles = {n: profile(n, **overrides) for n in names}
+    return Sessions(profiles, store, idp_transport(idp), rng=random.Random(3), wall_clock=trio_wall_clock)
+
+
+async def in_flight(session: Session) -> None:
+    """Force a refresh now and return once it is at the IdP (or, from a fast IdP, back already)."""
+    tok = session.token
+    assert tok is not None
+    sent = session.idp_requests
+    assert session.invalidate(tok.access_token.reveal())
+    while session.attempt is None and session.idp_requests == sent:
+        await trio.sleep(0.01)
+
+
+# -- events while a refresh is at a slow IdP ---------------------------------------------------------------
+
+
+async def test_lock_then_unlock_while_a_rotating_refresh_is_at_a_slow_idp(make_idp, autojump_clock) -> None:
+    """The first finding of the issue: this ended the daemon with LifecycleError('granted' in
+    'empty'). Now the outcome of the older generation is dropped, its rotated refresh token kept."""
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    store = LockableStore({"demo": CREDENTIALS["demo"]})
+    sessions = registry(idp, "demo", store=store)
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        idp.faults.latency = 3.0
+        await in_flight(demo)
+        with trio.move_on_after(1.0):
+            await sessions.lock()  # waits for the refresh at the IdP before the store locks
+        assert demo.state is State.LOCKED and demo.token is None and not store.locked
+        sessions.unlocked()  # an unlock arriving while lock still waits: the store never locked
+        assert demo.state is State.FRESH
+        await trio.sleep(10)
+        assert demo.peek(0, trio.current_time()) is not None and demo.state is State.FRESH
+        idp.faults.latency = 0.0
+        for _ in range(5):  # the chain of refresh tokens is intact: every later refresh works
+            await in_flight(demo)
+            await demo.settled()
+            await trio.sleep(11)
+    assert idp.stats.refresh_reuse == 0 and grants(idp, "password") == 1
+
+
+async def test_a_lock_stores_a_rotation_that_lands_after_it_and_unlock_picks_it_up(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    store = LockableStore({"demo": CREDENTIALS["demo"]})
+    sessions = registry(idp, "demo", store=store)
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        idp.faults.latency = 3.0
+        await in_flight(demo)
+        await sessions.lock()  # the refresh started at the floor (1 s) and took 3 s
+        assert store.locked and demo.token is None and trio.current_time() == pytest.approx(4.0, abs=0.1)
+        store.unlock()
+        saved = store.saved_tokens("demo")
+        assert saved is not None and demo.refreshes == 1  # the rotated tokens are stored, not served
+        sessions.unlocked()
+        assert demo.token is not None and demo.token.refresh_token == saved.refresh_token
+        idp.faults.latency = 0.0
+        await trio.sleep(10)  # invalidate forces at most one refresh per 10 s
+        await in_flight(demo)
+        await demo.settled()
+        assert demo.state is State.FRESH and demo.refreshes == 2
+    assert idp.stats.refresh_reuse == 0 and grants(idp, "password") == 1
+
+
+@pytest.mark.parametrize("change", ["logout", "set_secrets", "reload", "adopt"])
+async def test_a_change_during_a_slow_refresh_leaves_the_broker_running(make_idp, autojump_clock, change: str) -> None:
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    sessions = registry(idp, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        idp.faults.latency = 3.0
+        await in_flight(demo)
+        gen = demo.generation
+        if change == "logout":
+            await demo.logout()  # waits for the login lock: the refresh ends first, then is revoked
+            assert demo.state is State.LOGIN_REQUIRED
+            await demo.password_login(Secret("demo"))
+        elif change == "set_secrets":
+            demo.credentials_changed(relogin=True)
+        elif change == "reload":
+            sessions.reload({"demo": profile("demo", scope="openid")})
+        else:
+            fresh = await demo.password_login(Secret("demo"))  # waits for the refresh, then replaces it
+            assert demo.token is fresh
+        assert demo.generation > gen
+        with trio.fail_after(2 * 60):  # serving again within two token lifetimes
+            while demo.peek(0, trio.current_time()) is None:
+                await trio.sleep(0.5)
+        await trio.sleep(200)  # and it keeps refreshing
+        assert demo.state is State.FRESH
+    assert idp.stats.refresh_reuse == 0
+
+
+async def test_a_device_login_landing_while_a_narrowing_holds_the_login(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    sessions = registry(idp, "demo")
+    async with running(sessions.run) as nursery:
+        demo = sessions.lookup("demo")
+        await demo.get()
+        child = sessions.lookup_scoped(demo, "email")
+        idp.faults.latency = 3.0
+        nursery.start_soon(child.get)
+        while not demo.busy:
+            await trio.sleep(0.01)
+        login = await demo.password_login(Secret("demo"))  # a new login while the narrowing is at the IdP
+        assert demo.token is login and demo.state is State.FRESH
+        assert child.token is None  # narrowed from the login that was replaced
+        await trio.sleep(10)
+        assert (await child.get()).scope is not None
+    assert idp.stats.refresh_reuse == 0
+
+
+async def test_an_outcome_of_an_old_generation_is_dropped_not_applied(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=60)
+    session = make_session(idp)
+    async with running(session.run):
+        await session.get()
+        idp.realm("demo").user("demo").password = "changed"
+        idp.faults.latency = 3.0
+        session.credentials_changed(relogin=True)  # the attempt starts at the floor: t = 1
+        await trio.sleep(1.5)
+        assert session.attempt is not None
+        session.credentials_changed()  # e.g. `dc-broker set` again: the refused attempt is not the answer
+        await trio.sleep(3.0)  # t = 4.5: the first attempt was refused at 4 and dropped; the next is out
+        assert session.effective_state(trio.current_time()) is State.EMPTY and session.attempt is not None
+        await trio.sleep(5)
+        assert session.state is State.REJECTED  # the new generation's own attempt decides
+
+
+# -- RFC 6749 section 6 and other OPs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer", ["none", "same"])
+async def test_an_op_that_never_rotates_keeps_a_device_login_for_twenty_refreshes(
+    make_idp, autojump_clock, answer: str
+) -> None:
+    idp = make_idp(access_lifespan=60, sso_idle=90, refresh_token_answer=answer, send_refresh_expires_in=False)
+    session = make_session(idp, "device")
+    async with running(session.run):
+        gen = session.device_login()
+        shown = await gen.__anext__()
+        idp.approve_device(shown["user_code"], "demo")
+        async for _ in gen:
+            pass
+        first = session.token
+        assert first is not None and first.refresh_token is not None
+        await trio.sleep(20 * 60 * 0.8 + 5)
+        assert session.refreshes >= 21 and session.state is State.FRESH
+        assert session.token is not None and session.token.refresh_token == first.refresh_token
+    assert grants(idp, "password") == 0 and grants(idp, "refresh_token") >= 20
+
+
+async def test_a_password_profile_never_sends_the_password_while_its_refresh_token_lives(
+    make_idp, autojump_clock
+) -> None:
+    idp = make_idp(access_lifespan=60, sso_idle=90, refresh_token_answer="none", send_refresh_expires_in=False)
+    session = make_session(idp)
+    async with running(session.run):
+        await trio.sleep(30 * 60)
+    assert grants(idp, "password") == 1 and grants(idp, "refresh_token") >= 35
+    assert session.store.saved_tokens("demo").refresh_token is not None  # in the store too, for a restart
+
+
+async def test_a_dead_refresh_token_said_with_invalid_request_falls_back_to_the_password(
+    make_idp, autojump_clock
+) -> None:
+    idp = make_idp(access_lifespan=60, dead_refresh_error="invalid_request")
+    session = make_session(idp)
+    async with running(session.run):
+        await session.get()
+        idp._state.sessions.kill_matching("demo")  # an admin's "log out all sessions"
+        await trio.sleep(120)
+        assert session.state is State.FRESH
+    assert grants(idp, "password") == 2
+
+
+async def test_expires_in_absent_uses_the_jwts_exp_and_is_logged_once(make_idp, autojump_clock, caplog) -> None:
+    idp = make_idp(access_lifespan=120, send_expires_in=False)
+    session = make_session(idp)
+    with caplog.at_level(logging.WARNING, logger="dc_broker.sessions"):
+        async with running(session.run):
+            tok = await session.get()
+            assert tok.lifetime == pytest.approx(119.0)  # exp - iat, less the whole second
+            await trio.sleep(20 * 60)
+    odd = [r for r in caplog.records if "answer is odd" in r.getMessage()]
+    assert len(odd) == 1 and "own exp gives 120 s" in odd[0].getMessage()
+    assert session.refreshes <= 20 * 60 / (0.7 * 119) + 2
+
+
+async def test_a_zero_expires_in_does_not_refresh_every_second(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=600)
+    idp.faults.expires_in = "0"
+    session = make_session(idp)
+    async with running(session.run):
+        await trio.sleep(3600)
+    assert session.refreshes <= 3600 / (0.7 * 599) + 2 and session.state is State.FRESH
+
+
+async def test_a_scope_granted_wider_than_asked_is_kept_and_shown(make_idp, autojump_clock) -> None:
+    idp = make_idp(refresh_scope="ignore")
+    sessions = registry(idp, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        child = sessions.lookup_scoped(demo, "email")
+        tok = await child.get()
+        assert tok.scope == demo.token.scope  # RH-SSO answered the full scope: kept as it said
+        assert child.status(trio.current_time())["scope"] == tok.scope
+
+
+# -- a sent refresh is precious ---------------------------------------------------------------------------------
+
+
+async def test_a_refresh_at_a_stalled_idp_is_read_past_the_ordinary_timeout(make_idp, autojump_clock) -> None:
+    """30 s is past the 20 s an ordinary request gets: the answer to a refresh is still read, so the
+    rotated refresh token is not lost and never presented twice."""
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    session = make_session(idp)
+    async with running(session.run):
+        await session.get()
+        idp.faults.latency = 30.0
+        await in_flight(session)
+        await session.settled()
+        assert session.state is State.FRESH and session.refreshes == 2
+    assert idp.stats.refresh_reuse == 0
+
+
+async def test_after_a_lost_answer_the_refresh_token_waits_for_the_idp_to_answer_something(
+    make_idp, autojump_clock
+) -> None:
+    idp = make_idp(access_lifespan=600, rotate_refresh_tokens=True)
+    session = make_session(idp)
+    async with running(session.run):
+        await session.get()
+        idp.faults.all_endpoints = True
+        idp.faults.hang = True
+        await in_flight(session)
+        await trio.sleep(200)  # past the patient read: the answer is lost
+        assert session.state is State.UNAVAILABLE  # (the token was invalidated: the API said 401)
+        refreshes_sent = grants(idp, "refresh_token")
+        await trio.sleep(600)
+        assert grants(idp, "refresh_token") == refreshes_sent == 1  # nothing but probes while it hangs
+        idp.faults.hang = False
+        await trio.sleep(400)
+        assert session.state is State.FRESH and grants(idp, "refresh_token") == 2
+        assert idp.stats.requests["discovery"] >= 1
+    assert idp.stats.refresh_reuse == 0  # the hung request was never processed: presenting it again was safe
+
+
+# -- restarts, children, crashes, interactive errors -----------------------------------------------------------
+
+
+async def test_a_due_refresh_after_a_restart_is_not_delayed_past_the_tokens_life(make_idp, autojump_clock) -> None:
+    idp = make_idp(access_lifespan=60)
+    first = make_session(idp)
+    async with running(first.run):
+        await first.get()
+    await trio.sleep(55)  # the broker was down; the token has 5 s left and its refresh is due
+    second = Session(first.profile, first.store, first.idp, rng=random.Random(5), wall_clock=trio_wall_clock)
+    assert second.state is State.FRESH
+    started = trio.current_time()
+    async with running(partial(second.run, first_attempt_delay=4.9)):  # the 5 s start-up stagger
+        while second.refreshes == 0:
+            await trio.sleep(0.01)
+    assert trio.current_time() - started <= 0.1 * 5 + 0.01
+
+
+async def test_a_scoped_childs_failure_during_an_outage_is_the_parents_error(make_idp, autojump_clock, caplog) -> None:
+    idp = make_idp(access_lifespan=60)
+    sessions = registry(idp, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        child = sessions.lookup_scoped(demo, "email")
+        await child.get()
+        idp.faults.fail_next(1000)
+        with caplog.at_level(logging.WARNING):
+            await trio.sleep(120)
+            with pytest.raises(UpstreamUnavailable):
+                await child.get()
+    assert child.state in (State.UNAVAILABLE, State.STALE)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "inside the broker" not in caplog.text
+
+
+async def test_a_crashing_session_shows_error_restarts_and_never_ends_the_broker(
+    make_idp, autojump_clock, caplog, monkeypatch
+) -> None:
+    idp = make_idp(access_lifespan=60)
+    sessions = registry(idp, "demo", "service")
+    crash = {"on": True}
+    real = Session._attempt
+
+    async def buggy(self: Session) -> None:
+        if crash["on"] and self.profile.name == "demo":
+            raise KeyError("a bug")
+        await real(self)
+
+    monkeypatch.setattr(Session, "_attempt", buggy)
+    with caplog.at_level(logging.ERROR):
+        async with running(sessions.run):
+            await trio.sleep(10)
+            demo = sessions.lookup("demo")
+            status = demo.status(trio.current_time())
+            assert status["state"] == "error" and "KeyError" in status["last_error"]
+            with pytest.raises(InternalError):
+                await demo.get()
+            assert (await sessions.lookup("service").get()).access_token  # the others are unaffected
+            crash["on"] = False
+            await trio.sleep(300)
+            assert demo.state is State.FRESH
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1  # once with its traceback; repeats are one line
+
+
+async def test_a_device_login_while_the_idp_is_down_is_unavailable_not_a_bug(autojump_clock) -> None:
+    from dc_broker.idp.transport import IdpTransport
+
+    session = Session(profile("device", server="http://127.0.0.1:9"), MemoryStore(), IdpTransport())
+    with pytest.raises(UpstreamUnavailable, match="unreachable"):
+        async for _ in session.device_login():
+            pass
+    with pytest.raises(UpstreamUnavailable):
+        await Session(profile("demo", server="http://127.0.0.1:9"), MemoryStore(), IdpTransport()).password_login(
+            Secret("pw")
+        )
+
+
+async def test_logout_forgets_the_narrowed_tokens_too(make_idp, autojump_clock) -> None:
+    idp = make_idp()
+    sessions = registry(idp, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        child = sessions.lookup_scoped(demo, "email")
+        await child.get()
+        await demo.logout()
+        assert child.peek(0, trio.current_time()) is None
+        with pytest.raises(LoginRequired):
+            await child.get()
+
+
+def test_restored_token_times_round_trip() -> None:
+    tok = TokenSet(Secret("A"), 10.0, 70.0, refresh_token=Secret("R"), refresh_expires_at=100.0)
+    assert shift_times(shift_times(tok, 5.0), -5.0) == tok
+    assert math.isclose(shift_times(tok, 5.0).expires_at, 75.0)
