@@ -78,6 +78,46 @@ def test_the_refresh_token_goes_first_and_its_success_ends_the_flow() -> None:
     assert s.done and isinstance(s.result, TokenSet) and s.result.expires_at == 400.0
 
 
+def test_a_refresh_answer_without_a_refresh_token_keeps_the_presented_one_and_its_deadline() -> None:
+    """RFC 6749 section 6, as LemonLDAP::NG, Google and Okta without rotation answer."""
+    login = Login(PASSWORD, CREDS, EP, refresh_token=Secret("RT"), refresh_expires_at=5000.0)
+    s = Stepper(flows.obtain(login))
+    s.answer(js({"access_token": "AT2", "expires_in": 300}))
+    assert s.done and s.result.refresh_token == Secret("RT") and s.result.refresh_expires_at == 5000.0
+
+
+def test_a_refresh_token_in_doubt_is_presented_only_after_the_idp_answers_a_probe() -> None:
+    login = Login(PASSWORD, CREDS, EP, refresh_token=Secret("RT"), refresh_in_doubt=True)
+    s = Stepper(flows.obtain(login))
+    assert s.step.method == "GET" and not s.step.form  # the probe: nothing spent
+    refresh = s.answer(raw(405, b"Method Not Allowed", "text/plain"))  # an answer is an answer
+    assert form(refresh)["refresh_token"] == "RT" and refresh.spends == Secret("RT")
+    s.answer(GRANTED)
+    assert s.done and s.result.refresh_token == Secret("RT2")
+
+
+def test_a_probe_a_proxy_answers_with_5xx_keeps_the_refresh_token_back() -> None:
+    s = Stepper(flows.obtain(Login(PASSWORD, CREDS, EP, refresh_token=Secret("RT"), refresh_in_doubt=True)))
+    with pytest.raises(UpstreamTransient, match="presented again once it answers"):
+        s.answer(raw(502))
+
+
+def test_revoke_ends_the_refresh_token_else_the_access_token() -> None:
+    tokens = TokenSet(Secret("AT"), 0.0, 300.0, refresh_token=Secret("RT"))
+    s = Stepper(flows.revoke(Login(PASSWORD, CREDS, EP), tokens))
+    assert form(s.step) == {"token": "RT", "token_type_hint": "refresh_token"}
+    s.answer(raw(200))
+    assert s.done and s.result is True
+    s = Stepper(flows.revoke(Login(SERVICE, CREDS, EP), replace(tokens, refresh_token=None)))
+    assert form(s.step) == {"token": "AT", "token_type_hint": "access_token"}
+    s.answer(raw(503))
+    assert s.done and s.result is False
+    no_endpoint = flows.revoke(Login(PASSWORD, CREDS, replace(EP, revocation=None)), tokens)
+    with pytest.raises(StopIteration) as stop:
+        next(no_endpoint)
+    assert stop.value.value is False
+
+
 @pytest.mark.parametrize(
     "refusal",
     [

@@ -418,3 +418,31 @@ def test_restored_token_times_round_trip() -> None:
     tok = TokenSet(Secret("A"), 10.0, 70.0, refresh_token=Secret("R"), refresh_expires_at=100.0)
     assert shift_times(shift_times(tok, 5.0), -5.0) == tok
     assert math.isclose(shift_times(tok, 5.0).expires_at, 75.0)
+
+
+@pytest.mark.parametrize(
+    ("failure", "lost"),
+    [("ReadTimeout", True), ("RemoteProtocolError", True), ("ConnectError", False), ("ConnectTimeout", False)],
+)
+async def test_a_lost_answer_to_a_sent_refresh_is_answer_lost_and_a_failed_connect_is_not(
+    failure: str, lost: bool
+) -> None:
+    import httpx
+
+    from dc_broker.errors import AnswerLost, UpstreamTransient
+    from dc_broker.idp import oidc
+    from dc_broker.idp.transport import IdpTransport
+
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise getattr(httpx, failure)("no answer", request=request)
+
+    transport = IdpTransport(transport=httpx.MockTransport(fail))
+    client = oidc.ClientCredentials("cli", "none")
+    refresh = oidc.build_refresh("http://127.0.0.1:1/t", client, Secret("RT"))
+    with pytest.raises(UpstreamTransient) as info:
+        await transport.send(refresh)
+    assert isinstance(info.value, AnswerLost) is lost
+    password = oidc.build_password("http://127.0.0.1:1/t", client, "alice", Secret("pw"))
+    with pytest.raises(UpstreamTransient) as info:
+        await transport.send(password)  # nothing single-use was spent: an ordinary failure
+    assert not isinstance(info.value, AnswerLost)

@@ -200,7 +200,10 @@ def issue_tokens(
     }
     if presented is not None and realm.refresh_token_answer != "new":
         lifetime = session.refresh_lifetime(realm, now)
-        presented.expires_at = None if lifetime is None else now + lifetime  # lives as long as its session
+        if realm.refresh_token_answer == "same" or not realm.send_refresh_expires_in:
+            # lives as long as its session; an OP that said when it dies (and cannot say it again
+            # without a refresh token in its answer) keeps its word
+            presented.expires_at = None if lifetime is None else now + lifetime
         if realm.refresh_token_answer == "same":
             body["refresh_token"] = presented.value
             body["refresh_expires_in"] = 0 if lifetime is None else int(lifetime)
@@ -299,6 +302,9 @@ def refresh_token_grant(state: IdPState, request: TokenRequest, client: DevClien
         raise dead("Unknown user")
     if not user.enabled:
         raise dead("User disabled")
+    # the scope is checked before the token is spent: a refused scope leaves the token unused
+    asked = request.param("scope")
+    scope = record.scope if realm.refresh_scope == "ignore" else _narrow_scope(record.scope, asked)
     if realm.rotate_refresh_tokens:
         if record.uses > 0:
             state.stats.refresh_reuse += 1
@@ -306,8 +312,6 @@ def refresh_token_grant(state: IdPState, request: TokenRequest, client: DevClien
             state.sessions.kill(session.sid)
             raise dead("Maximum allowed refresh token reuse exceeded")
         record.uses += 1
-    asked = request.param("scope")
-    scope = record.scope if realm.refresh_scope == "ignore" else _narrow_scope(record.scope, asked)
     session.last_refresh = now
     return issue_tokens(state, request, session, scope=scope, refresh_scope=record.scope, presented=record)
 

@@ -97,6 +97,8 @@ class DevRealm:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.rotate_refresh_tokens and self.refresh_token_answer != "new":
+            raise ValueError("an OP that rotates refresh tokens answers each refresh with a new one")
 
     def user(self, username: str) -> DevUser | None:
         # Keycloak usernames are case-insensitive.

@@ -186,6 +186,7 @@ class Sessions:
         self.locked()
         with trio.move_on_after(LOCK_SETTLE_LIMIT):
             await self.settled()
+        self.locked()  # again: a login that finished while we waited is not kept in memory either
         self.store.lock()
 
     def unlocked(self) -> None:

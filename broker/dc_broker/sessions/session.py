@@ -179,6 +179,8 @@ class Session:
             parent.children.add(self)
         #: oddities of the IdP's answers already logged
         self._noted: set[str] = set()
+        #: how often this session's task failed with a bug (``crashed``)
+        self.crashes = 0
         self._restore()
 
     def __repr__(self) -> str:
@@ -352,8 +354,9 @@ class Session:
     def resume(self) -> None:
         """After unlock: a stored, still-valid token is served at once and refreshed on its own schedule;
         without one, try now."""
-        self._changed()
-        self.last_error = None
+        if self.state is State.LOCKED:
+            self.last_error = None
+            self._event(Event.UNLOCKED)
         if self.token is None:
             self._restore()
         tok = self.token
@@ -361,6 +364,7 @@ class Session:
         if tok is None or tok.expires_at <= now:
             self.credentials_changed()
             return
+        self._changed()
         self.schedule = self.schedule.planned(self._refresh_time(tok, capped=False))
         self._event(Event.RESTORED)
         self._wake.set()  # re-arm the refresh timer
@@ -369,6 +373,7 @@ class Session:
         """The refresh task failed with a bug; its supervisor restarts it in ``restart_in`` seconds.
         The message names only the exception's type: its text could quote anything."""
         self._changed()
+        self.crashes += 1
         self.attempt = None
         self.last_error = InternalError(
             f"profile {self.profile.name!r}: the broker's refresh task failed ({type(exc).__name__}); "
@@ -410,7 +415,8 @@ class Session:
                 )
             self.schedule = self.schedule.planned(plan)
         while True:
-            with trio.move_on_at(self._due_at()):
+            waiting = self.state in WAITING_FOR_PERSON  # nothing is due until a person acts
+            with trio.move_on_at(math.inf if waiting else self._due_at()):
                 await self._wake.wait()
             self._wake = trio.Event()
             if self.state in WAITING_FOR_PERSON:
@@ -551,7 +557,7 @@ class Session:
         except Exception:
             # keep serving from memory: with rotation the old refresh token is already dead
             log.exception("profile %s: could not store the new tokens", self.profile.name)
-        if gen != self.generation:
+        if gen != self.generation or self.store.locked:
             return False  # locked, logged out or replaced while storing: they are stored, not current
         if event is Event.ADOPTED:
             self._session_capped = False
@@ -826,6 +832,11 @@ class Session:
     async def adopt_login(self, tokens: TokenSet) -> None:
         """A login made outside the refresh task (device flow, password login) becomes this session's."""
         async with self._login_lock:
+            if self.store.locked:
+                raise Locked(
+                    f"profile {self.profile.name!r}: the vault was locked during the login; run "
+                    f"`dc-broker unlock`, then `dc-broker login {self.profile.name}` again"
+                )
             gen = self._changed()
             self._forget_children()
             await self._accept(tokens, Event.ADOPTED, gen)

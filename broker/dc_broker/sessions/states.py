@@ -25,8 +25,9 @@ Invariants:
   the outcome itself), which drops the outcome. An outcome event in another state is a bug.
 * From any state: an interactive login (``ADOPTED``) makes a session fresh, `dc-broker lock`
   (``LOCK``) locked, `dc-broker logout` (``LOGOUT``) login_required, a still-valid stored token
-  (``RESTORED``) fresh, a change of credentials or settings (``RETRY``) takes a waiting session back
-  to empty, and a crash of its task (``CRASHED``) shows ``error`` (a locked session stays locked).
+  (``RESTORED``) fresh, a change of credentials or settings (``RETRY``) takes a session that waits
+  for a person back to empty (only ``UNLOCKED`` leaves locked), and a crash of its task
+  (``CRASHED``) shows ``error`` (a locked session stays locked).
 
 This module is pure data.
 """
@@ -55,7 +56,8 @@ class Event(StrEnum):
     NEED_LOGIN = "need_login"  # no usable credential: a person must log in
     REFUSED = "refused"  # the IdP refuses the credential or the configuration
     RESTORED = "restored"  # a still-valid token came back from the store (start, unlock)
-    RETRY = "retry"  # config or secrets changed, or the vault opened: try again
+    RETRY = "retry"  # config or secrets changed: try again
+    UNLOCKED = "unlocked"  # the vault opened: try again (a stored, still-valid token is RESTORED)
     ADOPTED = "adopted"  # an interactive login (device flow, password login) succeeded
     LOCK = "lock"  # the vault was locked
     LOGOUT = "logout"  # `dc-broker logout`
@@ -88,8 +90,9 @@ TABLE: Final[dict[tuple[State, Event], State]] = {
     **{(s, E.RESTORED): S.FRESH for s in State},
     **{(s, E.LOCK): S.LOCKED for s in State},
     **{(s, E.LOGOUT): S.LOGIN_REQUIRED for s in State},
-    # waiting states try again; the others carry on as they are
-    **{(s, E.RETRY): S.EMPTY if s in WAITING_FOR_PERSON else s for s in State},
+    # waiting states try again, except that only an unlock leaves locked; the others carry on
+    **{(s, E.RETRY): S.EMPTY if s in (S.LOGIN_REQUIRED, S.REJECTED) else s for s in State},
+    **{(s, E.UNLOCKED): S.EMPTY if s is S.LOCKED else s for s in State},
     # a crash shows as error, except that a locked session stays locked (nothing is served either way)
     **{(s, E.CRASHED): S.LOCKED if s is S.LOCKED else S.ERROR for s in State},
 }
