@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import click
 
 from dc_broker.cli.boundary import CONFIG, PROFILE, SOCKET, VAULT, VERBOSE, socket_option
-from dc_broker.config import Config, Profile, load_config
+from dc_broker.config import Config, Profile
+from dc_broker.config.load import load_config
 from dc_broker.errors import ConfigError
 from dc_broker.secret import Secret
 from dc_token.paths import default_socket_path
