@@ -326,8 +326,11 @@ def _add_to_running(
     holds the config lock. If either step fails, this change alone is undone (``_undo``: the profile
     removed again, or its old settings put back) and the broker reloads that."""
     from dc_broker.config.edit import add_profile, replace_profile
+    from dc_broker.config.load import read_config_text
 
+    before = read_config_text(path)
     (replace_profile if old is not None else add_profile)(path, p)
+    written = read_config_text(path)
     try:
         ask(socket_path, "reload")
         secrets: dict[str, Any] = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
@@ -335,18 +338,26 @@ def _add_to_running(
             ask(socket_path, "set_secrets", profile=p.name, **secrets)
     except BaseException:
         with contextlib.suppress(DcBrokerError):
-            _undo(path, p.name, old)
+            _undo(path, p.name, old, before=before, written=written)
         with contextlib.suppress(DcBrokerError):
             ask(socket_path, "reload")
         raise
 
 
-def _undo(path: str, name: str, old: Profile | None) -> None:
-    """Take back one ``add``: its profile removed, or (``add --force``) its old settings put back;
-    whatever else the file says now stays."""
-    from dc_broker.config.edit import remove_profile, replace_profile
+def _undo(path: str, name: str, old: Profile | None, *, before: str | None = None, written: str | None = None) -> None:
+    """Take back one ``add`` (the caller holds the config lock): if the file is still what it wrote,
+    the file as it was before, byte for byte; if someone changed it since (by hand: an editor takes
+    no lock), its profile alone is removed, or (``add --force``) its old settings put back."""
+    from dc_broker.config.edit import remove_profile, replace_profile, write_text
+    from dc_broker.config.load import read_config_text
 
-    if old is None:
+    if written is not None and read_config_text(path) == written:
+        if before is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            write_text(path, before)
+    elif old is None:
         remove_profile(path, name)
     else:
         replace_profile(path, old)
