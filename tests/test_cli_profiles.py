@@ -185,8 +185,8 @@ def test_rotate_through_a_running_broker(idp: str, home: dict[str, str], tmp_pat
         # set through the running broker: reloaded at once
         out = cli(home, "set", "acme", "scope=openid")
         assert out.stdout == (
-            "Updated profile acme: scope = 'openid'. The running broker has reloaded it; tokens of the current "
-            "login keep the old settings until `dc-broker login acme`.\n"
+            "Updated profile acme: scope = 'openid'. The running broker has reloaded it: its next token is got "
+            "with these settings.\n"
         )
         unknown = dc_token(sock, "nope")
         assert unknown.returncode == 4  # dc-token's "unknown profile" status is dc-broker's

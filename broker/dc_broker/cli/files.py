@@ -497,18 +497,17 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
 
 def _when_it_applies(old: Profile | None, new: Profile) -> str:
     """When a running broker's tokens follow the change. Who may use the profile and its token files
-    apply at once. A login setting (scope, user, client, IdP...) applies at the next sign-in: for
-    client credentials that is the next token (there is no refresh token to keep the old one alive);
-    any other login goes on with its refresh token, and so with the old settings, until the next
-    `dc-broker login`."""
+    apply at once. A login setting (scope, user, client, IdP...) makes the broker sign in again with
+    the stored password or client secret (``Session.reconfigure``): its next token has them. A device
+    or browser login has nothing stored to sign in with: a person logs in again."""
     if old is None or new.same_login(old):
         return " The running broker has reloaded it: it applies now."
-    if new.grant == "client_credentials":
-        return " The running broker has reloaded it: its next token is a new sign-in with these settings."
-    return (
-        " The running broker has reloaded it; tokens of the current login keep the old settings until "
-        f"`dc-broker login {new.name}`."
-    )
+    if new.grant in ("device", "browser"):
+        return (
+            " The running broker has reloaded it; a login setting applies once you log in again: "
+            f"`dc-broker login {new.name}`."
+        )
+    return " The running broker has reloaded it: its next token is got with these settings."
 
 
 @click.command()

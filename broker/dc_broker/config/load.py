@@ -167,7 +167,7 @@ def parse_config(data: dict[str, Any], *, text: str = "", path: str = "<config>"
 
 
 def _a(what: str) -> str:
-    return what if what.startswith(("true", "a ", "an ")) else f"a {what}"
+    return what if what.startswith(("true", "text", "a ", "an ")) else f"a {what}"
 
 
 def _sink_line(text: str, profile: str, index: int, key: str) -> int | None:
@@ -207,7 +207,7 @@ def parse_sinks(profile: str, raw: object, *, text: str = "", path: str = "<conf
             if key not in SINK_KEYS:
                 raise ConfigError(f"{where(index, key)}: unknown key {what}.{key} (known: {', '.join(SINK_KEYS)})")
             if key != "mode" and (not isinstance(value, str) or not value):
-                raise ConfigError(f"{where(index, key)}: {what}.{key} must be a text value, not empty")
+                raise ConfigError(f"{where(index, key)}: {what}.{key} must be text in quotes, not empty")
         if "path" not in table:
             raise ConfigError(f"{where(index, 'path')}: {what} needs a path")
         mode = table.get("mode", "0600")

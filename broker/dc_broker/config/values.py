@@ -353,7 +353,7 @@ def type_name(expected: type | tuple[type, ...]) -> str:
     """How a message names a TOML type: "text", "true or false", "number", "list"."""
     if isinstance(expected, tuple):
         return "number"
-    return {str: "text", bool: "true or false", int: "whole number", list: "list"}[expected]
+    return {str: "text in quotes, not empty", bool: "true or false", int: "whole number", list: "list"}[expected]
 
 
 def profile_settings(p: Profile) -> dict[str, Any]:
