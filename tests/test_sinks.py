@@ -468,3 +468,43 @@ def test_a_directory_swapped_after_the_check_does_not_get_the_file(tmp_path: Pat
     with pytest.raises(atomic.UnsafeDirectory, match=f"{evil} has mode 0777"):
         sinks.write_atomically(str(real / "acme.token"), b"x\n")
     assert os.listdir(evil) == []
+
+
+def test_a_reader_racing_writes_removals_and_comebacks_sees_whole_files_only(tmp_path: Path) -> None:
+    """The writer (``sinks.write_atomically`` / ``remove_file``) and a reader in two real threads,
+    interleaving as the scheduler likes: the reader sees a whole token, or no file at all (removed,
+    not yet back), never a partial, empty or mixed one; no temporary file is left behind."""
+    import threading
+
+    target = tmp_path / "sinks" / "acme.token"
+    tokens = [f"t{i:04d}." + "x" * (1000 + 37 * (i % 50)) for i in range(400)]
+    whole = {t + "\n" for t in tokens}
+    stop_reading = threading.Event()
+    seen: dict[str, int] = {"whole": 0, "missing": 0}
+    bad: list[str] = []
+
+    def reader() -> None:
+        while not stop_reading.is_set():
+            try:
+                text = target.read_text()
+            except FileNotFoundError:
+                seen["missing"] += 1
+                continue
+            if text in whole:
+                seen["whole"] += 1
+            else:
+                bad.append(text[:40])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i, token in enumerate(tokens):
+            sinks.write_atomically(str(target), f"{token}\n".encode())
+            if i % 7 == 3:  # removed (lock, logout, expiry), then back with the next token
+                sinks.remove_file(str(target))
+    finally:
+        stop_reading.set()
+        thread.join(30)
+    assert bad == []
+    assert seen["whole"] > 0 and seen["missing"] > 0, seen  # both kinds of interleaving happened
+    assert os.listdir(target.parent) == ["acme.token"]
