@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install-test systemd-test bench fuzz clean
+.PHONY: demo test lint typecheck unit install-test systemd-test test-packages bench fuzz clean
 
 # An editable install (hatchling: a static .pth naming broker/ and client/, the import packages
 # dc_broker and dc_token beneath them) with the dev IdP extra and the test tools.
@@ -23,7 +23,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# the Debian packages the tests need (systemd-nspawn, dbus, gnome-keyring), before pytest, never
+# inside a test; waits for another process's dpkg/apt lock instead of failing (.ci/packages)
+test-packages:
+	bash .ci/packages
+
+unit: $(STAMP) test-packages
 	$(BIN)/python -m pytest -q
 
 # the wheel as a user installs it (also part of `make unit`: tests/test_install.py, marker `install`)
@@ -31,8 +36,8 @@ install-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m install
 
 # the units under a real systemd booted in a throwaway container (tests/systemd/, marker `systemd`;
-# also part of `make unit`). Needs root and systemd-nspawn (.ci/run installs systemd-container).
-systemd-test: $(STAMP)
+# also part of `make unit`). Needs root and systemd-nspawn (test-packages installs systemd-container).
+systemd-test: $(STAMP) test-packages
 	$(BIN)/python -m pytest -q -m systemd
 
 test: lint typecheck unit

@@ -1,9 +1,14 @@
 """Shared fixtures: the dev IdP in-process (ASGI transport, trio clock), session factories, and
-``running``: a session's (or a server's) background task for the length of an ``async with``."""
+``running``: a session's (or a server's) background task for the length of an ``async with``.
+
+Under ``CI=true`` a skipped test is a failed one (``pytest_runtest_makereport``): a test that cannot
+run here (not root, a program missing) says why when skipped on a developer's machine, and CI,
+which has root and installs every program first (.ci/packages), never passes by skipping it."""
 
 from __future__ import annotations
 
 import inspect
+import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -24,6 +29,18 @@ from dc_broker.tokens import Credentials
 from tests.e2e import dev_idp
 
 WALL0 = 1_750_000_000.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: this test must run in CI, but it skipped: {reason}"
+
+
 IDP_URL = "http://127.0.0.1:1"  # never dialled: requests go straight into the ASGI app
 
 

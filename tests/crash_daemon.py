@@ -31,6 +31,9 @@ class CrashResult:
     kills: int
     lost_logins: int
     seconds: float
+    #: restarts after which the broker served a token it could only have got with the stored refresh
+    #: token (the access token it had stored had expired by then): each one a rotation that survived
+    refreshed_after_restart: int = 0
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -93,13 +96,20 @@ def run_crash_loop(kills: int, *, max_reuse: int = 1, access_lifespan: int = 1, 
             login = subprocess.Popen([DC_BROKER, "login", "dev"], env=env, stdout=subprocess.PIPE, text=True)
             approve_device(base, device_code(login))
             assert login.wait(30) == 0
-            lost = 0
+            lost = refreshed = 0
+            seen: set[str] = set()
             for _ in range(kills):
                 # a random moment to kill at (no event to wait for); refreshes come every ~0.75 lifetimes
                 time.sleep(rng.uniform(0.0, 1.5 * access_lifespan))
                 daemon.send_signal(signal.SIGKILL)
                 daemon.wait()
+                killed_at = time.monotonic()
                 daemon = start()
+                # every access token the broker stored before the kill has expired by now (the broker
+                # counts a lifetime from when it sent the request, before the kill): a token served
+                # from here on was got after the restart, and a device login has no credential but
+                # its refresh token to get one with
+                time.sleep(max(0.0, killed_at + access_lifespan + 0.1 - time.monotonic()))
                 check = subprocess.run([DC_TOKEN, "dev"], capture_output=True, text=True, env=env, timeout=30)
                 if check.returncode != 0:
                     lost += 1
@@ -107,11 +117,16 @@ def run_crash_loop(kills: int, *, max_reuse: int = 1, access_lifespan: int = 1, 
                     # log in again so the loop can go on counting
                     relog = subprocess.Popen([DC_BROKER, "login", "dev"], env=env, stdout=subprocess.PIPE, text=True)
                     approve_device(base, device_code(relog))
-                    relog.wait(30)
+                    assert relog.wait(30) == 0, "the login after a lost one failed: the count would stop meaning"
+                else:
+                    token = check.stdout.strip()
+                    assert token not in seen, "a token served twice across a restart and its expiry"
+                    seen.add(token)
+                    refreshed += 1
         finally:
             if daemon is not None:
                 daemon.kill()
                 daemon.wait()
             idp.terminate()
             idp.wait(10)
-    return CrashResult(kills=kills, lost_logins=lost, seconds=time.monotonic() - t0)
+    return CrashResult(kills=kills, lost_logins=lost, seconds=time.monotonic() - t0, refreshed_after_restart=refreshed)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from dc_broker.cli.files import set_
-from dc_broker.config import Profile, parse_assignment
+from dc_broker.config import Profile
+from dc_broker.config.edit import parse_assignment
 from dc_broker.errors import ConfigError
 from dc_broker.vault import Vault
 from tests.e2e import DC_BROKER, DC_TOKEN, dc_token, dev_broker, stop, wait_for_socket
@@ -183,7 +184,10 @@ def test_rotate_through_a_running_broker(idp: str, home: dict[str, str], tmp_pat
         assert dc_token(sock, "acme").returncode == 0
         # set through the running broker: reloaded at once
         out = cli(home, "set", "acme", "scope=openid")
-        assert out.stdout == "Updated profile acme: scope = 'openid'. The running broker has reloaded it.\n"
+        assert out.stdout == (
+            "Updated profile acme: scope = 'openid'. The running broker has reloaded it: its next token is got "
+            "with these settings.\n"
+        )
         unknown = dc_token(sock, "nope")
         assert unknown.returncode == 4  # dc-token's "unknown profile" status is dc-broker's
     finally:

@@ -3,17 +3,24 @@ half-sent frames, and what reaches the logs. (The long fuzz run is bench/fuzz.py
 
 from __future__ import annotations
 
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
+from dc_broker import devserver
+from dc_broker.devserver import DevIdP, demo_realm
 from dc_token.protocol import Request, encode
 from dc_token.sync import TokenClient
 from tests.e2e import DC_BROKER, dc_token, dev_broker, run, start_run, stop
@@ -86,15 +93,48 @@ def test_half_sent_frame_is_cut_off_after_the_deadline(dev, tmp_path: Path) -> N
         assert stop(proc) == 0
 
 
+@contextmanager
+def idp_in_this_process(**realm: object) -> Iterator[tuple[DevIdP, str]]:
+    """The dev IdP served from a thread of the test process, so the test can read every refresh token
+    it ever minted (its session store), opaque ones included."""
+    idp = DevIdP([demo_realm(**realm)])  # type: ignore[arg-type]
+    started: queue.Queue[str] = queue.Queue()
+    done = threading.Event()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            started.put(await nursery.start(lambda task_status: devserver.serve(idp, task_status=task_status)))
+            await trio.to_thread.run_sync(done.wait)
+            nursery.cancel_scope.cancel()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    try:
+        yield idp, started.get(timeout=30)
+    finally:
+        done.set()
+        thread.join(30)
+
+
 def test_no_secret_or_token_reaches_the_logs(tmp_path: Path) -> None:
     """A busy broker at debug level: logins, rotations, refreshes, invalidations, a wrong password,
-    a device login, lock attempts. Its whole log must hold no token, secret or password."""
+    lock attempts. Its whole log must hold no token, secret or password: every access token a client
+    saw, and every refresh token the IdP minted (opaque, so no pattern would find them)."""
     seen: set[str] = set()
-    with dev_broker(tmp_path, "--access-lifespan", "2", "--rotate", "-v") as (sock, base, proc):
+    with idp_in_this_process(access_lifespan=2, rotate_refresh_tokens=True) as (idp, base):
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            f'[profiles.demo]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-cli"\nusername = "demo"\n'
+            f'[profiles.demo-service]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-service"\n'
+            'grant = "client_credentials"\n'
+        )
+        sock = str(tmp_path / "r" / "b.sock")
+        secrets = '[demo]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n[demo-service]\nclient_secret = "dc-service-secret"\n'
+        proc = start_run(cfg, sock, secrets, "-v")
         for _ in range(8):
             for profile in ("demo", "demo-service"):
                 out = dc_token(sock, profile)
-                assert out.returncode == 0
+                assert out.returncode == 0, out.stderr
                 seen.add(out.stdout.strip())
             time.sleep(0.4)  # a client's pace over 2-second tokens: the broker rotates and refreshes meanwhile
         with TokenClient(sock, cache=False) as c:
@@ -111,10 +151,15 @@ def test_no_secret_or_token_reaches_the_logs(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         proc.wait(10)
         log = proc.stderr.read() if proc.stderr else ""
+        refresh_tokens = set(idp._state.sessions.refresh_tokens)  # every one it minted, rotated ones too
     assert "dc-broker ready" in log and "dc_broker.audit" in log  # the log did record the activity
+    assert len(refresh_tokens) >= 5, "the broker was meant to rotate refresh tokens several times"
+    assert not any(t.startswith("ey") for t in refresh_tokens)  # opaque: only their values can find them
     for token in seen:
         for piece in (token, token.split(".")[-1]):  # the whole JWT, and its signature alone
             assert piece not in log
+    for token in refresh_tokens:
+        assert token not in log and token[-16:] not in log
     for secret in ("dc-cli-secret", "dc-service-secret", "Wr0ng-pa55-xyzzy", "password=demo"):
         assert secret not in log
     assert not re.search(r"Bearer\s+ey", log)

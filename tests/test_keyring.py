@@ -3,8 +3,9 @@ with its own config: no service activation, so "no Secret Service" is real too) 
 ``gnome-keyring-daemon --unlock --components=secrets`` given its password on stdin, per test in a
 fresh HOME. No mocks: the vault's KEK goes into the keyring and comes back over D-Bus.
 
-When the two programs are missing, the fixture installs them with apt-get (as root, which is how CI
-runs on Debian); it skips only where they cannot be installed, and under CI=true it fails instead."""
+The two programs are installed before pytest starts (`make test-packages`, .ci/packages), never by
+a test; where they are missing the tests skip saying so, and under CI=true they fail instead
+(tests/conftest.py). secretstorage and jeepney come with the test extra (dc-broker[keyring])."""
 
 from __future__ import annotations
 
@@ -20,16 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import secretstorage
+from jeepney.bus_messages import message_bus
+from jeepney.io.blocking import Proxy, open_dbus_connection
 
 from dc_broker.errors import VaultError
 from dc_broker.secret import Secret
 from dc_broker.tokens import Credentials
 from dc_broker.vault import Keyring, KeySourceKind, Vault, create_keyring_key
 from tests.e2e import DC_BROKER, dc_token, stop, wait_for, wait_for_socket
-
-secretstorage = pytest.importorskip("secretstorage", reason="the `keyring` extra (secretstorage) is not installed")
-from jeepney.bus_messages import message_bus  # noqa: E402  (jeepney comes with secretstorage)
-from jeepney.io.blocking import Proxy, open_dbus_connection  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -50,30 +50,14 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 """
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI must run the keyring tests: {reason}")
-    pytest.skip(reason)
-
-
 def _ensure_programs() -> None:
-    """dbus-daemon and gnome-keyring-daemon on PATH, installed from Debian's archive if need be."""
+    """dbus-daemon and gnome-keyring-daemon on PATH (installed by `make test-packages`, not here)."""
     missing = [name for name in PROGRAMS if shutil.which(name) is None]
-    if not missing:
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        _unavailable(f"{' and '.join(missing)} missing and not installable here (needs root and apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "gnome-keyring", "dbus", "dbus-x11"],
-    ):
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-        if done.returncode != 0:
-            _unavailable(f"`{' '.join(command)}` failed: {done.stderr.strip()[-300:]}")
-    still = [name for name in PROGRAMS if shutil.which(name) is None]
-    if still:
-        _unavailable(f"apt-get installed gnome-keyring, dbus and dbus-x11, but {still} are still not on PATH")
+    if missing:
+        pytest.skip(
+            f"{' and '.join(missing)} not installed: run `make test-packages` as root "
+            "(apt-get install gnome-keyring dbus dbus-x11)"
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -25,6 +25,8 @@ PURE = [
     "dc_broker.sessions.states",
     "dc_broker.sessions.policy",
     "dc_broker.access.rules",
+    "dc_broker.config",
+    "dc_broker.config.values",
 ]
 IMPURE = {"trio", "httpx", "anyio", "click", "socket", "sqlite3", "msgpack_numpy"}
 
@@ -169,6 +171,51 @@ def test_pure_modules_reach_no_io_library(name: str) -> None:
         if module.split(".")[0] in IMPURE
     }
     assert reached == set(), f"{name} reaches {sorted(reached)} through {sorted(seen - {name})}"
+
+
+#: docs/architecture.md's import order, top to bottom: a module may import its own layer and those below
+ORDER = ["cli", "daemon", "serve", "access.authorize", "sessions", "idp", "config", "access.rules", "errors"]
+BOTTOM = ["store", "vault", "tokens", "secret"]
+
+
+def _layer(module: str, order: list[str]) -> int | None:
+    rest = module.removeprefix("dc_broker.")
+    found = [i for i, layer in enumerate(order) if rest == layer or rest.startswith(layer + ".")]
+    return max(found, key=lambda i: len(order[i])) if found else None
+
+
+@pytest.mark.parametrize("order", [ORDER, BOTTOM], ids=["layers", "bottom"])
+def test_imports_follow_the_stated_order(order: list[str]) -> None:
+    """No module imports one above its own layer, anywhere (a function's import counts too): e.g.
+    config (below idp) must not reach dc_broker.idp.proxies for the proxy setting's check."""
+    graph = _graph(top_level_only=False)
+    upward = [
+        f"{m} -> {d}"
+        for m, deps in sorted(graph.items())
+        if (low := _layer(m, order)) is not None
+        for d in sorted(deps)
+        if (high := _layer(d, order)) is not None and high < low
+    ]
+    assert upward == []
+
+
+def test_the_config_values_touch_no_file_and_only_the_editing_commands_load_tomlkit() -> None:
+    """``dc_broker.config`` (what the pure modules import) is values only: no os, no TOML reader;
+    tomlkit is imported by ``config.edit`` alone, and that only inside the commands that edit."""
+    for name in ("dc_broker.config", "dc_broker.config.values"):
+        reached = {m.split(".")[0] for m, _ in _imports(MODULES[name], top_level_only=False)}
+        assert not reached & {"os", "tomllib", "tomlkit", "pathlib", "io", "shutil"}, (name, reached)
+    importers = {
+        name
+        for name, path in MODULES.items()
+        for m, _ in _imports(path, top_level_only=False)
+        if m == "tomlkit" or m.startswith("tomlkit.")
+    }
+    assert importers == {"dc_broker.config.edit"}
+    at_import = {name for name, deps in _graph(top_level_only=True).items() if "dc_broker.config.edit" in deps}
+    assert at_import == set()  # only inside a command's body
+    inside = {name for name, deps in _graph(top_level_only=False).items() if "dc_broker.config.edit" in deps}
+    assert inside == {"dc_broker.cli.files"}
 
 
 def test_every_module_says_what_it_owns() -> None:

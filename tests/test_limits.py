@@ -132,17 +132,24 @@ def every_profile(sock: str) -> list[dict[str, Any]]:
 
 
 def test_status_of_a_thousand_profiles_in_an_outage_fits_one_frame(broker: str) -> None:
+    """Every profile the IdP refused (state rejected: its 400 carried the 70 KB message) holds that
+    message cut to 240 characters, every one of them. A profile whose first attempt met a reset or a
+    timeout instead (1,000 attempts at once on a loaded machine) is unavailable, and its error is the
+    transport's, short and not the IdP's text: it is held to the length bound only. (An earlier
+    version checked that at least one profile was cut, which let all but one go unchecked.)"""
+
     def all_failed() -> list[dict[str, Any]] | None:
         entries = every_profile(broker)
         return entries if all(e["last_error"] for e in entries) else None
 
     entries = wait_for(all_failed, 120, "a last_error on every profile", every=0.5)
     assert [e["profile"] for e in entries] == [f"p{i:04d}" for i in range(PROFILES)]  # each once, in order
-    cut = [e for e in entries if "down for maintenance" in e["last_error"]]
-    assert cut, "no profile recorded the IdP's own message"
+    rejected = [e for e in entries if e["state"] == "rejected"]
+    assert rejected, "no profile got the IdP's answer"
     for entry in entries:
-        assert len(entry["last_error"]) <= 240
-    assert all(e["last_error"].endswith("...") for e in cut)
+        assert len(entry["last_error"]) <= 240, entry
+    for entry in rejected:
+        assert "down for maintenance" in entry["last_error"] and entry["last_error"].endswith("..."), entry
     [(size, one)] = roundtrip(broker, Request(2, "status", {"profile": "p0500"}))
     assert one["ok"] and size < 4096
 

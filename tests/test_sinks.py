@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import signal
 import stat
@@ -17,9 +18,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from dc_broker import sinks
+from dc_broker import atomic, sinks
 from dc_broker.cli.files import sink_options
-from dc_broker.config import Sink, load_config, parse_config, profile_toml, remove_profile
+from dc_broker.config import Sink
+from dc_broker.config.edit import profile_table, remove_profile
+from dc_broker.config.load import load_config, parse_config, parse_text
 from dc_broker.errors import ConfigError
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
@@ -52,11 +55,17 @@ def test_sink_config_parses_with_defaults_and_relative_paths(tmp_path: Path, mon
     assert first == Sink(path=f"{tmp_path}/a.token", format="token", mode=0o600)
     assert second == Sink(path=str(tmp_path / "rt" / "acme.env"), format="env", mode=0o640)
     # what `dc-broker add` writes reads back the same
-    again = parse_config(tomllib.loads(profile_toml(config.profiles["acme"])))
-    assert again.profiles["acme"] == config.profiles["acme"]
+    import tomlkit
+
+    doc = tomlkit.document()
+    doc["profiles"] = tomlkit.table(is_super_table=True)
+    doc["profiles"]["acme"] = profile_table(config.profiles["acme"])
+    assert parse_text(doc.as_string()).profiles["acme"] == config.profiles["acme"]
 
 
-def test_world_writable_directory_is_refused_with_the_line_of_path(tmp_path: Path) -> None:
+def test_parsing_never_looks_at_the_disk_and_each_sink_knows_its_line(tmp_path: Path) -> None:
+    """The same text loads the same everywhere: whether a directory is safe is decided where the
+    file is written (below), not while parsing."""
     open_dir = tmp_path / "shared"
     open_dir.mkdir()
     open_dir.chmod(0o1777)
@@ -64,17 +73,12 @@ def test_world_writable_directory_is_refused_with_the_line_of_path(tmp_path: Pat
     cfg.write_text(
         PROFILE_HEAD
         + f'\n[[profiles.acme.sinks]]\npath = "{tmp_path}/ok.token"\n'
-        + f'\n[[profiles.acme.sinks]]\nformat = "json"\npath = "{open_dir}/acme.token"\n'
+        + f'\n[[profiles.acme.sinks]]\nformat = "json"\npath = "{tmp_path}/gone/sub/acme.token"\n'
     )
-    with pytest.raises(ConfigError) as err:
-        load_config(str(cfg))
-    lines = cfg.read_text().splitlines()
-    assert str(err.value).startswith(f"{cfg}:{lines.index(f'path = {chr(34)}{open_dir}/acme.token{chr(34)}') + 1}: ")
-    assert "other users may write" in str(err.value)
-    # a directory not made yet counts as its nearest existing parent
-    cfg.write_text(PROFILE_HEAD + f'\n[[profiles.acme.sinks]]\npath = "{open_dir}/sub/dir/acme.token"\n')
-    with pytest.raises(ConfigError, match=f"{cfg}:7: .*is in {open_dir}, which other users may write"):
-        load_config(str(cfg))
+    first, second = load_config(str(cfg)).profiles["acme"].sinks
+    assert (first.origin, second.origin) == (f"{cfg}:7", f"{cfg}:11")
+    assert second.where == f"{tmp_path}/gone/sub/acme.token ({cfg}:11)"
+    assert not (tmp_path / "gone").exists()
 
 
 @pytest.mark.parametrize(
@@ -330,8 +334,15 @@ def test_dc_broker_add_with_sinks(tmp_path: Path) -> None:
         Sink(path=f"{tmp_path}/dev1.token"),
         Sink(path=f"{tmp_path}/dev1.json", format="json"),
     )
-    refused = run([*base[:2], "dev2", *base[3:], "--sink", "/tmp/dev2.token"])
-    assert refused.returncode != 0 and "/tmp, which other users may write" in refused.stderr
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2770)  # setgid, group-writable: the group could swap the file
+    refused = run([*base[:2], "dev2", *base[3:], "--sink", f"{shared}/dev2.token"])
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == (
+        f"Error: --sink {shared}/dev2.token: {shared} has mode 2770: group root may write in it and could "
+        f"replace what is in it; token files are refused there, since {atomic.RULE}\n"
+    )
     assert "dev2" not in cfg.read_text()  # nothing written
 
 
@@ -356,3 +367,144 @@ async def test_an_idp_outage_past_expiry_takes_the_file_away_and_recovery_brings
             while not path.exists():
                 await trio.sleep(0.25)
         assert path.read_text()[:-1] != first
+
+
+# ---------------------------------------------------------------- the directory rule (OpenSSH StrictModes)
+
+
+async def test_a_sink_in_a_2770_directory_is_refused_with_its_config_line_until_it_is_private(
+    tmp_path: Path, make_idp, autojump_clock, caplog
+) -> None:
+    caplog.set_level(logging.INFO, "dc_broker.sinks")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2770)  # setgid and group-writable: any member could swap the file
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        '[profiles.demo]\nserver = "http://127.0.0.1:1"\ntenant = "demo"\nclient_id = "dc-cli"\n'
+        'username = "demo"\n\n[[profiles.demo.sinks]]\nformat = "json"\n'
+        f'path = "{shared}/demo.token"\n'
+    )
+    p = load_config(str(cfg)).profiles["demo"]  # parsing says nothing about the disk
+    idp = make_idp(access_lifespan=T)
+    sessions = Sessions({"demo": p}, MemoryStore({"demo": CREDENTIALS["demo"]}), idp_transport(idp))
+    target = shared / "demo.token"
+    async with running(sessions.run, partial(sinks.run, sessions)):
+        with trio.fail_after(T):
+            while "cannot write the token file" not in caplog.text:
+                await trio.sleep(0.05)
+        assert (
+            f"profile demo: cannot write the token file {target} ({cfg}:9): {shared} has mode 2770: group "
+            f"root may write in it and could replace what is in it; refused, since {atomic.RULE}; retrying"
+        ) in caplog.messages
+        await trio.sleep(5 * sinks.CHECK_EVERY)
+        assert os.listdir(shared) == []  # not one byte, not even a temporary file
+        assert caplog.text.count("cannot write the token file") == 1  # said once, not every check
+        shared.chmod(0o700)  # checked again at every write: now it is written
+        with trio.fail_after(T):
+            while not target.exists():
+                await trio.sleep(0.05)
+        assert f"profile demo: token file {target} written again" in caplog.messages
+
+
+def test_every_directory_up_to_the_root_is_checked(tmp_path: Path) -> None:
+    """OpenSSH's rule, walked up to /: a private directory below an open one is refused too; a sticky
+    one (like /tmp) is not; a directory of another user is."""
+    open_dir = tmp_path / "open"
+    (open_dir / "private").mkdir(parents=True)
+    (open_dir / "private").chmod(0o700)
+    open_dir.chmod(0o777)
+    with pytest.raises(atomic.UnsafeDirectory) as err:
+        sinks.write_atomically(str(open_dir / "private" / "a.token"), b"x\n")
+    assert err.value.directory == str(open_dir) and "0777: group root and every user may write" in str(err.value)
+    open_dir.chmod(0o1777)  # sticky: others may add files but not replace ours
+    sinks.write_atomically(str(open_dir / "private" / "a.token"), b"x\n")
+    open_dir.chmod(0o755)
+    os.chown(open_dir / "private", 65534, -1)  # nobody's
+    with pytest.raises(atomic.UnsafeDirectory, match=r"private belongs to nobody \(uid 65534\)"):
+        sinks.write_atomically(str(open_dir / "private" / "b.token"), b"x\n")
+
+
+def test_a_directory_swapped_after_the_check_does_not_get_the_file(tmp_path: Path, monkeypatch) -> None:
+    """The race: the directory passes the check, then (before the file is made) an attacker swaps an
+    open directory, or a link to one, in at its path. The write happens in the directory that was
+    checked (an open descriptor), so the swapped-in one never sees a byte."""
+    real = tmp_path / "sinks"
+    real.mkdir(mode=0o700)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    evil.chmod(0o777)
+    aside = tmp_path / "sinks.checked"
+    checked = atomic.directory_problem
+
+    for swap in ("rename", "symlink"):
+
+        def check_then_swap(st: os.stat_result, uid: int | None = None, swap: str = swap) -> str | None:
+            problem = checked(st, uid)
+            if st.st_ino == real.stat().st_ino and not aside.exists():  # the last directory passed: swap now
+                real.rename(aside)
+                if swap == "rename":
+                    evil.rename(real)
+                else:
+                    real.symlink_to(evil)
+            return problem
+
+        monkeypatch.setattr(atomic, "directory_problem", check_then_swap)
+        sinks.write_atomically(str(real / "acme.token"), f"{swap}\n".encode())
+        monkeypatch.setattr(atomic, "directory_problem", checked)
+        assert (aside / "acme.token").read_text() == f"{swap}\n"  # where the checked directory went
+        evil_now = real if swap == "rename" else evil
+        assert os.listdir(evil_now) == []
+        # put things back for the next round
+        if swap == "rename":
+            real.rename(evil)
+        else:
+            real.unlink()
+        (aside / "acme.token").unlink()
+        aside.rename(real)
+    # and a link swapped in before the walk is not followed: the write fails, the open directory stays empty
+    real.rename(aside)
+    real.symlink_to(evil)
+    with pytest.raises(atomic.UnsafeDirectory, match=f"{evil} has mode 0777"):
+        sinks.write_atomically(str(real / "acme.token"), b"x\n")
+    assert os.listdir(evil) == []
+
+
+def test_a_reader_racing_writes_removals_and_comebacks_sees_whole_files_only(tmp_path: Path) -> None:
+    """The writer (``sinks.write_atomically`` / ``remove_file``) and a reader in two real threads,
+    interleaving as the scheduler likes: the reader sees a whole token, or no file at all (removed,
+    not yet back), never a partial, empty or mixed one; no temporary file is left behind."""
+    import threading
+
+    target = tmp_path / "sinks" / "acme.token"
+    tokens = [f"t{i:04d}." + "x" * (1000 + 37 * (i % 50)) for i in range(400)]
+    whole = {t + "\n" for t in tokens}
+    stop_reading = threading.Event()
+    seen: dict[str, int] = {"whole": 0, "missing": 0}
+    bad: list[str] = []
+
+    def reader() -> None:
+        while not stop_reading.is_set():
+            try:
+                text = target.read_text()
+            except FileNotFoundError:
+                seen["missing"] += 1
+                continue
+            if text in whole:
+                seen["whole"] += 1
+            else:
+                bad.append(text[:40])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i, token in enumerate(tokens):
+            sinks.write_atomically(str(target), f"{token}\n".encode())
+            if i % 7 == 3:  # removed (lock, logout, expiry), then back with the next token
+                sinks.remove_file(str(target))
+    finally:
+        stop_reading.set()
+        thread.join(30)
+    assert bad == []
+    assert seen["whole"] > 0 and seen["missing"] > 0, seen  # both kinds of interleaving happened
+    assert os.listdir(target.parent) == ["acme.token"]

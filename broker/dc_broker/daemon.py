@@ -33,7 +33,8 @@ from typing import IO
 import trio
 
 from dc_broker import sinks, systemd
-from dc_broker.config import DaemonSettings, Profile, load_config
+from dc_broker.config import DaemonSettings, Profile
+from dc_broker.config.load import load_config
 from dc_broker.errors import ConfigError
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.serve.audit import Audit

@@ -4,10 +4,15 @@ For programs that can only read a file (``EnvironmentFile=``, a cron job, a BI t
 setting). Per profile with ``[[profiles.NAME.sinks]]`` (``dc_broker.config.Sink``), one trio task
 (``keep_profile``) waits on the session's ``token_changed`` and rewrites every file of the profile:
 
-- atomically: a new file (O_EXCL, the sink's mode and group) in the same directory, written,
-  fsync'ed, renamed over the old one, then the directory fsync'ed. A reader sees the old complete
-  file or the new complete file, never a partial or empty one. The new token is written as soon as
-  the broker has it, which is before the old one expires (the broker refreshes ahead of expiry);
+- atomically (``dc_broker.atomic.write``): a new file (O_EXCL, the sink's mode and group) in the
+  same directory, written, fsync'ed, renamed over the old one, then the directory fsync'ed. A reader
+  sees the old complete file or the new complete file, never a partial or empty one. The new token
+  is written as soon as the broker has it, which is before the old one expires (the broker
+  refreshes ahead of expiry);
+- only in a safe directory, checked at every write on the opened directory: every directory up to
+  ``/`` owned by the broker's user or root and writable by no one else unless sticky (OpenSSH's
+  StrictModes, ``dc_broker.atomic.RULE``). A refused file is logged with the config line of its
+  ``path`` (``Sink.origin``) and tried again at the next check;
 - removed when the broker can no longer vouch for the token: the vault is locked, the profile is
   logged out or removed, or the written token is about to expire with no new one (``REMOVE_BEFORE``
   its expiry: the IdP is down), and when the broker stops.
@@ -21,18 +26,17 @@ Never logs a token; never writes outside the configured paths.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import grp
 import logging
-import os
-import secrets
 import time
 from typing import Final
 
 import trio
 
+from dc_broker import atomic
 from dc_broker.config import Sink
+from dc_broker.errors import ConfigError
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
 from dc_broker.tokens import TokenSet
@@ -92,47 +96,14 @@ def _gid(group: str | None) -> int:
 
 def write_atomically(path: str, data: bytes, mode: int = 0o600, group: str | None = None) -> None:
     """Replace ``path`` with ``data`` so that a reader sees either file whole (blocking: run it in a
-    thread). The directory is created 0700 if missing."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    gid = _gid(group)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        try:
-            if gid != -1:
-                os.fchown(fd, -1, gid)
-            os.fchmod(fd, mode)  # exactly the configured bits, whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    thread): ``dc_broker.atomic.write`` under the directory rule, checked again at this write. The
+    directory is created 0700 if missing."""
+    atomic.write(path, data, mode=mode, gid=_gid(group), safe=True, create_dirs=True)
 
 
 def remove_file(path: str) -> bool:
     """Remove a sink file (blocking). Returns whether there was one."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    _fsync_dir(os.path.dirname(path) or ".")
-    return True
-
-
-def _fsync_dir(directory: str) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    return atomic.remove(path)
 
 
 class _ProfileSinks:
@@ -150,7 +121,7 @@ class _ProfileSinks:
         try:
             data = render(sink.format, token, tok.token_type, expires_at, tok.scope or "", self.name)
             await _blocking(write_atomically, sink.path, data, sink.mode, sink.group)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ConfigError) as exc:
             self._failed(sink, "write", exc)
             return
         self.written[sink] = (token, remove_at(tok))
@@ -185,7 +156,9 @@ class _ProfileSinks:
 
     def _failed(self, sink: Sink, action: str, exc: Exception) -> None:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        message = f"cannot {action} the token file {sink.path}: {text}"
+        if isinstance(exc, atomic.UnsafeDirectory):
+            text += f"; refused, since {atomic.RULE}"
+        message = f"cannot {action} the token file {sink.where}: {text}"
         if self._errors.get(sink) != message:  # once per distinct error, not every check
             self._errors[sink] = message
             log.error("profile %s: %s; retrying", self.name, message)

@@ -167,7 +167,7 @@ class CredentialsRejected(BrokerError):
 class UpstreamUnavailable(BrokerError):
     code = "upstream_unavailable"
     exit_code = 7
-    hint = "the identity provider did not answer in time; try again shortly"
+    hint = "the identity provider could not be reached or did not answer in time; try again shortly"
 
 
 class UpstreamError(BrokerError):

@@ -38,11 +38,29 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def machine(
     request: pytest.FixtureRequest, wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[harness.Machine]:
-    """A booted container with the wheel installed in /opt/dc-broker, for one test module."""
+    """A booted container with the wheel installed in /opt/dc-broker, for one test module. In every
+    one a unit that is not dc-broker's has failed at boot (``harness.UNRELATED``, inside the
+    container): the tests must pass on a host whose own units are broken."""
     name = f"dcb-{os.getpid()}-{request.module.__name__.rsplit('.', 1)[-1].removeprefix('test_')}"[:60]
-    with harness.Machine.boot(name.replace("_", "-"), wheelhouse, tmp_path_factory.mktemp("console")) as m:
+    workdir = tmp_path_factory.mktemp("console")
+    with harness.Machine.boot(name.replace("_", "-"), wheelhouse, workdir, unrelated_failure=True) as m:
+        assert harness.UNRELATED in m.failed_units(), "the unrelated unit was meant to fail at boot"
+        assert m.run("systemctl", "is-system-running", check=False).stdout.strip() == "degraded"
         m.install()
         yield m
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test in a container says which of the container's units failed, and how."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    machine = getattr(item, "funcargs", {}).get("machine")
+    if report.failed and isinstance(machine, harness.Machine) and machine.proc.poll() is None:
+        try:
+            report.sections.append(("failed units in the container", machine.describe_failures()))
+        except Exception as exc:
+            report.sections.append(("failed units in the container", f"could not ask: {exc}"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

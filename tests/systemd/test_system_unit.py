@@ -352,3 +352,29 @@ def test_add_through_a_socket_whose_service_cannot_start(machine: Machine, broke
         m.run("systemctl", "start", "dc-broker.socket")
     rc, token, err = _token(m, "ana", "ana_api")
     assert rc == 0 and token, err
+
+
+def test_only_our_failed_units_are_ours_to_judge_and_they_are_named(machine: Machine) -> None:
+    """The container booted with a unit that is not ours failed (the ``machine`` fixture), and every
+    test here passed regardless; a failed unit of ours is named, with its status, by the harness."""
+    assert harness.UNRELATED in machine.failed_units()
+    machine.run("systemd-run", "--unit=dc-broker-doomed", "/bin/sh", "-c", "echo doomed-on-purpose; exit 3")
+    machine.wait_until("the doomed unit to fail", lambda: "dc-broker-doomed.service" in machine.failed_units())
+    with pytest.raises(AssertionError) as err:
+        machine.run("false")
+    message = str(err.value)
+    assert "failed units: dc-broker-doomed.service" in message and "status=3" in message
+    assert harness.UNRELATED not in message  # not ours: never blamed
+    machine.run("systemctl", "reset-failed", "dc-broker-doomed.service")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="perf's follow-up (serve/ops.op_status): root, who administers every profile of the shared broker, "
+    "is shown only the profiles whose allow rules name it, so `dc-broker status` as root lists none; it must "
+    "list every profile root (or the broker's own uid) may administer",
+)
+def test_root_running_status_on_the_shared_broker_sees_every_profile(machine: Machine, broker: str) -> None:
+    out = machine.run("dc-broker", "status", env={"DC_BROKER_SOCKET": SOCK}).stdout
+    for name in PROFILES:
+        assert name in out, out

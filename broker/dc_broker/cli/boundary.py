@@ -129,15 +129,17 @@ VAULT = _path_option(
 VERBOSE = click.option("-v", "--verbose", is_flag=True, help="debug logging")
 
 
-def read_secret(prompt: str, from_stdin: bool) -> Secret:
+def read_secret(prompt: str, from_stdin: bool, *, empty: str = "") -> Secret:
     """A secret from the next line of stdin (``from_stdin``) or a hidden prompt, never from argv; a
-    usage error when there is neither a terminal to prompt on nor the flag, or the line is empty."""
+    usage error when there is neither a terminal to prompt on nor the flag, or the line is empty
+    (``empty``: what to do instead, e.g. for a client that has no secret). Enter at the prompt is an
+    empty answer, not a repeated prompt."""
     if from_stdin:
         line = sys.stdin.readline().rstrip("\n")
     elif sys.stdin.isatty():
-        line = click.prompt(prompt, hide_input=True)
+        line = click.prompt(prompt, hide_input=True, default="", show_default=False)
     else:
-        raise click.UsageError(f"{prompt.lower()} needed: pass it on stdin with the matching --...-stdin flag")
+        raise click.UsageError(f"{prompt} needed: pass it on stdin with the matching --...-stdin flag")
     if not line:
-        raise click.UsageError(f"{prompt.lower()} is empty")
+        raise click.UsageError(f"{prompt} is empty" + (f"; {empty}" if empty else ""))
     return Secret(line)

@@ -19,7 +19,8 @@ from typing import Final
 import click
 from click.shell_completion import CompletionItem
 
-from dc_broker.config import default_config_path, load_config
+from dc_broker.config import SETTABLE_KEYS
+from dc_broker.config.load import default_config_path, load_config
 from dc_token.errors import DcBrokerError
 
 SHELLS: Final = ("bash", "zsh", "fish")
@@ -31,8 +32,10 @@ _dc_token_complete() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}}
     if [[ $cur == -* ]]; then
         COMPREPLY=($(compgen -W "{_DC_TOKEN_OPTIONS}" -- "$cur"))
-    elif [[ $COMP_CWORD -eq 1 || ( $COMP_CWORD -eq 2 && ${{COMP_WORDS[1]}} == exec ) ]]; then
+    elif [[ $COMP_CWORD -eq 1 ]]; then
         COMPREPLY=($(compgen -W "exec git-credential $(dc-token --complete-profiles 2>/dev/null)" -- "$cur"))
+    elif [[ $COMP_CWORD -eq 2 && ${{COMP_WORDS[1]}} == exec ]]; then
+        COMPREPLY=($(compgen -W "$(dc-token --complete-profiles 2>/dev/null)" -- "$cur"))
     fi
 }}
 complete -o default -F _dc_token_complete dc-token
@@ -41,8 +44,10 @@ complete -o default -F _dc_token_complete dc-token
 _dc_token_complete() {{
     if [[ $PREFIX == -* ]]; then
         compadd -- {_DC_TOKEN_OPTIONS}
-    elif (( CURRENT == 2 )) || [[ $CURRENT -eq 3 && ${{words[2]}} == exec ]]; then
+    elif (( CURRENT == 2 )); then
         compadd -- exec git-credential ${{(f)"$(dc-token --complete-profiles 2>/dev/null)"}}
+    elif [[ $CURRENT -eq 3 && ${{words[2]}} == exec ]]; then
+        compadd -- ${{(f)"$(dc-token --complete-profiles 2>/dev/null)"}}
     else
         _files
     fi
@@ -66,6 +71,16 @@ def complete_profiles(ctx: click.Context, param: click.Parameter, incomplete: st
     except DcBrokerError:
         return []
     return [CompletionItem(name) for name in sorted(names) if name.startswith(incomplete)]
+
+
+def complete_settings(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """``dc-broker set acme <TAB>``: the keys a profile takes, as ``KEY=`` (each once per command line)."""
+    typed = {a.partition("=")[0] for a in ctx.params.get(param.name or "", ()) or ()}
+    return [
+        CompletionItem(f"{key}=")
+        for key in SETTABLE_KEYS
+        if key not in typed and f"{key}=".startswith(incomplete.replace("-", "_"))
+    ]
 
 
 def script(cli: click.Command, shell: str) -> str:

@@ -15,38 +15,30 @@ trio, httpx and the vault are imported inside the commands that use them: every 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from dc_broker.cli.boundary import CONFIG, PROFILE, SOCKET, VAULT, read_secret
+from dc_broker.cli.completion import complete_settings
 from dc_broker.cli.talk import ask, broker_running
-from dc_broker.config import (
-    AUTH_METHODS,
-    GRANTS,
-    SINK_FORMATS,
-    Profile,
-    Sink,
-    add_profile,
-    default_config_path,
-    load_config,
-    parse_assignment,
-    profile_settings,
-    remove_profile,
-    replace_profile,
-    set_profile_values,
-    sink_path,
-)
-from dc_broker.config import read_text as read_config_text
-from dc_broker.config import restore as restore_config
+from dc_broker.config import AUTH_METHODS, GRANTS, SINK_FORMATS, Profile, Sink, profile_settings
+from dc_broker.config.load import default_config_path, load_config, sink_path
 from dc_broker.errors import ConfigError, UpstreamFault
 from dc_broker.secret import Secret
-from dc_token.errors import DcBrokerError, UnknownProfile, UpstreamUnavailable
+from dc_token.errors import (
+    BrokerError,
+    CredentialsRejected,
+    DcBrokerError,
+    LoginRequired,
+    UnknownProfile,
+    UpstreamUnavailable,
+)
 
 if TYPE_CHECKING:
     from dc_broker.tokens import Credentials
@@ -68,8 +60,9 @@ def _open_vault(vault_path: str | None) -> Vault:
     return vault
 
 
-def _verify(profile: Profile, creds: Credentials) -> None:
-    """Sign in once at the IdP with ``creds`` (nothing is stored): a wrong secret or URL stops here."""
+def _verify(profile: Profile, creds: Credentials, again: str) -> None:
+    """Sign in once at the IdP with ``creds`` (nothing is stored): a wrong secret or URL stops here,
+    with ``again`` (the command to run once it is fixed) as the advice."""
     import trio
 
     from dc_broker.idp.transport import IdpTransport
@@ -88,7 +81,25 @@ def _verify(profile: Profile, creds: Credentials) -> None:
         finally:
             await transport.aclose()
 
-    trio.run(verify)
+    try:
+        trio.run(verify)
+    except DcBrokerError as exc:
+        raise advised(exc, again) from None
+
+
+def advised(exc: DcBrokerError, advice: str) -> DcBrokerError:
+    """``exc`` (same class and exit status) with the advice at the end of its message replaced by
+    ``advice``. The broker's messages end in the advice for a running profile (`; run `dc-broker
+    login acme``); a command that changed nothing knows better what works: itself, again."""
+    message = str(exc)
+    cut = message.rfind("; ")
+    if cut >= 0 and "`" in message[cut:]:
+        message = message[:cut]
+    new = copy.copy(exc)
+    new.args = (f"{message}; {advice}",)
+    if isinstance(new, BrokerError):
+        new.message = new.args[0]
+    return new
 
 
 @click.command()
@@ -116,7 +127,6 @@ def init(
     the vault then opens with no prompt, and the pair is as safe as that directory. Keep the key
     elsewhere (another disk, a file your backups skip) to make a copied vault.db useless alone."""
     from dc_broker.vault import KeyFile, Passphrase, SystemdCredential, Vault, create_key_file, default_vault_path
-    from dc_broker.vault.files import check_private_dir
     from dc_broker.vault.keysource import create_keyring_key
 
     path = os.path.abspath(vault_path or default_vault_path())
@@ -133,7 +143,6 @@ def init(
         elif key_source == "keyfile":
             key_path = os.path.abspath(key_file or os.path.join(os.path.dirname(path), "vault.key"))
             if not os.path.exists(key_path):
-                check_private_dir(os.path.dirname(key_path), create=True, what="the key file's directory")
                 create_key_file(key_path)
                 made_key = key_path
             source = KeyFile(key_path)
@@ -192,7 +201,8 @@ def _forget(key_path: str | None, item: Keyring | None = None) -> None:
     "allow",
     multiple=True,
     metavar="RULE",
-    help="shared broker: who may use it (user:NAME, uid:N, group:NAME, gid:N, unit:NAME.service); repeatable",
+    help="shared broker: who may use it (user:NAME, uid:N, group:NAME, gid:N, unit:NAME.service, "
+    'user-unit:USER/NAME.service, exe:/PATH, exe-sha256:HEX; "A & B" for both); repeatable',
 )
 @click.option("--no-verify", is_flag=True, help="store without checking the credentials at the IdP")
 @click.option(
@@ -219,6 +229,8 @@ def add(
     """Add PROFILE: its settings to config.toml, its secrets to the vault (or the running broker).
     Secrets come from hidden prompts, or from stdin with --password-stdin / --secret-stdin (one line
     each, in that order; a locked vault's passphrase is the line after them)."""
+    from dc_broker.config.edit import add_profile, config_lock, replace_profile
+
     path = config_path or default_config_path()
     fields: dict[str, Any] = {k: v for k, v in settings.items() if v is not None and k != "sinks"}
     if settings.get("sinks"):
@@ -228,37 +240,44 @@ def add(
     if "auth_method" not in fields:
         fields["auth_method"] = "none" if fields.get("grant") in ("device", "browser") else "basic"
     p = Profile(name=profile, **fields)
-    exists = profile in load_config(path, missing_ok=True).profiles
-    if exists and not force:
-        raise ConfigError(
-            f"profile {profile!r} already exists in {path}; replace it with `dc-broker add --force {profile} ...`, "
-            f"change it with `dc-broker set {profile} KEY=VALUE`, or remove it with `dc-broker remove {profile}`"
-        )
+    if profile in load_config(path, missing_ok=True).profiles and not force:
+        raise _exists(profile, path)
     from dc_broker.tokens import Credentials
 
-    password = read_secret("Password", password_stdin) if p.grant == "password" else None
-    secret = read_secret("Client secret", secret_stdin) if p.auth_method != "none" else None
+    user = f" of user {p.username}" if p.username else ""
+    password = read_secret(f"Password{user} (profile {profile})", password_stdin) if p.grant == "password" else None
+    secret = None
+    if p.auth_method != "none":
+        secret = read_secret(
+            f"Client secret of {p.client_id} (profile {profile})",
+            secret_stdin,
+            empty="a public client has none: add it with --auth-method none",
+        )
     creds = Credentials(password=password, client_secret=secret)
+    again = f"nothing was added: run `dc-broker add {profile} ...` again once it is fixed"
     if not no_verify and p.grant not in ("device", "browser"):
-        _verify(p, creds)
+        _verify(p, creds, again)
     running = broker_running(socket_path)
-    write = replace_profile if exists else add_profile
-    if running:
-        _add_to_running(path, p, socket_path, password, secret, write)
-    elif password or secret:
-        with _open_vault(vault_path) as vault:
-            old = vault.credentials(profile) if exists else None
-            vault.set_credentials(profile, creds)
-            try:
-                write(path, p)
-            except BaseException:  # all or nothing: the vault as it was
-                if old is None:
-                    vault.remove(profile)
-                else:
-                    vault.set_credentials(profile, old)
-                raise
-    else:
-        write(path, p)
+    with config_lock(path):  # one writer: the config and the vault change together, or not at all
+        old = load_config(path, missing_ok=True).profiles.get(profile)
+        if old is not None and not force:
+            raise _exists(profile, path)
+        if running:
+            _add_to_running(path, p, old, socket_path, password, secret)
+        elif password or secret:
+            with _open_vault(vault_path) as vault:
+                stored = vault.credentials(profile) if old is not None else None
+                vault.set_credentials(profile, creds)
+                try:
+                    (replace_profile if old is not None else add_profile)(path, p)
+                except BaseException:  # all or nothing: the vault as it was
+                    if stored is None:
+                        vault.remove(profile)
+                    else:
+                        vault.set_credentials(profile, stored)
+                    raise
+        else:
+            (replace_profile if old is not None else add_profile)(path, p)
     where = "the running broker" if running else "the vault"
     if not running:
         nxt = "`dc-broker run` (or `systemctl --user start dc-broker`)"
@@ -266,9 +285,16 @@ def add(
         nxt += f", then `dc-broker login {profile}`" if interactive else f", then `dc-token {profile}`"
     else:
         nxt = f"`dc-broker login {profile}`" if p.grant in ("device", "browser") else f"`dc-token {profile}`"
-    verb = "Replaced" if exists else "Added"
+    verb = "Replaced" if old is not None else "Added"
     click.echo(f"{verb} profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
     _note_environment_proxy(p)
+
+
+def _exists(profile: str, path: str) -> ConfigError:
+    return ConfigError(
+        f"profile {profile!r} already exists in {path}; replace it with `dc-broker add --force {profile} ...`, "
+        f"change it with `dc-broker set {profile} KEY=VALUE`, or remove it with `dc-broker remove {profile}`"
+    )
 
 
 def _note_environment_proxy(p: Profile) -> None:
@@ -292,15 +318,20 @@ def _note_environment_proxy(p: Profile) -> None:
 def _add_to_running(
     path: str,
     p: Profile,
+    old: Profile | None,
     socket_path: str | None,
     password: Secret | None,
     secret: Secret | None,
-    write: Callable[[str, Profile], None] = add_profile,
 ) -> None:
-    """Config first, then the broker reloads it and stores the secrets in its vault. If either step
-    fails the config is as it was and the broker reloads that: config and vault change together."""
+    """Config first, then the broker reloads it and stores the secrets in its vault. The caller
+    holds the config lock. If either step fails, this change alone is undone (``_undo``: the profile
+    removed again, or its old settings put back) and the broker reloads that."""
+    from dc_broker.config.edit import add_profile, replace_profile
+    from dc_broker.config.load import read_config_text
+
     before = read_config_text(path)
-    write(path, p)
+    (replace_profile if old is not None else add_profile)(path, p)
+    written = read_config_text(path)
     try:
         ask(socket_path, "reload")
         secrets: dict[str, Any] = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
@@ -308,24 +339,49 @@ def _add_to_running(
             ask(socket_path, "set_secrets", profile=p.name, **secrets)
     except BaseException:
         with contextlib.suppress(DcBrokerError):
-            restore_config(path, before)
+            _undo(path, p.name, old, before=before, written=written)
         with contextlib.suppress(DcBrokerError):
             ask(socket_path, "reload")
         raise
 
 
+def _undo(path: str, name: str, old: Profile | None, *, before: str | None = None, written: str | None = None) -> None:
+    """Take back one ``add`` (the caller holds the config lock): if the file is still what it wrote,
+    the file as it was before, byte for byte; if someone changed it since (by hand: an editor takes
+    no lock), its profile alone is removed, or (``add --force``) its old settings put back."""
+    from dc_broker.config.edit import remove_profile, replace_profile, write_text
+    from dc_broker.config.load import read_config_text
+
+    if written is not None and read_config_text(path) == written:
+        if before is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            write_text(path, before)
+    elif old is None:
+        remove_profile(path, name)
+    else:
+        replace_profile(path, old)
+
+
 def sink_options(values: tuple[str, ...]) -> tuple[Sink, ...]:
-    """``--sink PATH[:FORMAT]`` values as sinks (mode 0600); the config check of the file refuses a
-    directory others may write, as for a hand-written one."""
+    """``--sink PATH[:FORMAT]`` values as sinks (mode 0600). A directory that fails the token-file
+    rule (``dc_broker.atomic``) is refused now, as the broker would refuse it at every write."""
+    from dc_broker import atomic
+
     out = []
     for value in values:
         path, colon, fmt = value.rpartition(":")
         if not colon or fmt not in SINK_FORMATS:
             path, fmt = value, "token"
         try:
-            out.append(Sink(path=sink_path(path), format=fmt))
+            sink = Sink(path=sink_path(path), format=fmt)
+            atomic.check_directory(os.path.dirname(sink.path))
+        except atomic.UnsafeDirectory as exc:
+            raise ConfigError(f"--sink {value}: {exc}; token files are refused there, since {atomic.RULE}") from None
         except ConfigError as exc:
             raise ConfigError(f"--sink {value}: {exc}") from None
+        out.append(sink)
     return tuple(out)
 
 
@@ -336,21 +392,24 @@ def sink_options(values: tuple[str, ...]) -> tuple[Sink, ...]:
 @PROFILE
 def remove(config_path: str | None, vault_path: str | None, socket_path: str | None, profile: str) -> None:
     """Remove PROFILE from config.toml and forget its secrets and tokens."""
+    from dc_broker.config.edit import config_lock, remove_profile
+
     path = config_path or default_config_path()
     if profile not in load_config(path, missing_ok=False).profiles:
         raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
     revoked: bool | None = None
-    if broker_running(socket_path):
-        revoked = bool(ask(socket_path, "logout", profile=profile).get("revoked"))
-        remove_profile(path, profile)
-        ask(socket_path, "reload")
-    else:
-        from dc_broker.vault import default_vault_path
+    with config_lock(path):
+        if broker_running(socket_path):
+            revoked = bool(ask(socket_path, "logout", profile=profile).get("revoked"))
+            remove_profile(path, profile)
+            ask(socket_path, "reload")
+        else:
+            from dc_broker.vault import default_vault_path
 
-        if os.path.exists(vault_path or default_vault_path()):
-            with _open_vault(vault_path) as vault:
-                vault.remove(profile)
-        remove_profile(path, profile)
+            if os.path.exists(vault_path or default_vault_path()):
+                with _open_vault(vault_path) as vault:
+                    vault.remove(profile)
+            remove_profile(path, profile)
     if revoked is None:
         how = " (no broker running: its login was not revoked at the identity provider)"
     else:
@@ -411,7 +470,7 @@ def passwd(vault_path: str | None, from_stdin: bool) -> None:
 @CONFIG
 @SOCKET
 @PROFILE
-@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...", shell_complete=complete_settings)
 def set_(config_path: str | None, socket_path: str | None, profile: str, assignments: tuple[str, ...]) -> None:
     """Change PROFILE's settings in config.toml, e.g. `dc-broker set acme scope="openid email"`.
 
@@ -421,16 +480,35 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
     Other lines and comments stay as they are; a running broker reloads the profile at once. Secrets
     are not settings: `dc-broker rotate` replaces a stored password or client secret; token files
     ([[profiles.NAME.sinks]]) are tables: `dc-broker add --force NAME ... --sink PATH`."""
+    from dc_broker.config.edit import config_lock, parse_assignment, set_profile_values
+
     path = config_path or default_config_path()
     changes = dict(parse_assignment(a) for a in assignments)
-    updated = set_profile_values(path, profile, changes)
-    running = broker_running(socket_path)
-    if running:
-        ask(socket_path, "reload")
+    with config_lock(path):
+        old = load_config(path, missing_ok=False).profiles.get(profile)
+        updated = set_profile_values(path, profile, changes)
+        running = broker_running(socket_path)
+        if running:
+            ask(socket_path, "reload")
     shown = ", ".join(
         f"{k} = {getattr(updated, k)!r}" if changes[k] is not None else f"{k} unset" for k in sorted(changes)
     )
-    click.echo(f"Updated profile {profile}: {shown}." + (" The running broker has reloaded it." if running else ""))
+    click.echo(f"Updated profile {profile}: {shown}." + (_when_it_applies(old, updated) if running else ""))
+
+
+def _when_it_applies(old: Profile | None, new: Profile) -> str:
+    """When a running broker's tokens follow the change. Who may use the profile and its token files
+    apply at once. A login setting (scope, user, client, IdP...) makes the broker sign in again with
+    the stored password or client secret (``Session.reconfigure``): its next token has them. A device
+    or browser login has nothing stored to sign in with: a person logs in again."""
+    if old is None or new.same_login(old):
+        return " The running broker has reloaded it: it applies now."
+    if new.grant in ("device", "browser"):
+        return (
+            " The running broker has reloaded it; a login setting applies once you log in again: "
+            f"`dc-broker login {new.name}`."
+        )
+    return " The running broker has reloaded it: its next token is got with these settings."
 
 
 @click.command()
@@ -466,18 +544,23 @@ def rotate(
     which = _what_to_rotate(p, rotate_password or password_stdin, rotate_secret or secret_stdin)
     new: dict[str, Secret] = {}
     if "password" in which:
-        new["password"] = read_secret("New password", password_stdin)
+        new["password"] = read_secret(f"New password of user {p.username} (profile {profile})", password_stdin)
     if "client_secret" in which:
-        new["client_secret"] = read_secret("New client secret", secret_stdin)
+        new["client_secret"] = read_secret(f"New client secret of {p.client_id} (profile {profile})", secret_stdin)
+    flags = " ".join(f"--{k.replace('_', '-')}" for k in which)
+    again = f"nothing changed: run `dc-broker rotate {profile} {flags}` again with the right one"
     running = broker_running(socket_path)
     if running:
         revealed: dict[str, Any] = {k: v.reveal() for k, v in new.items()}
-        ask(socket_path, "set_secrets", profile=profile, verify=not no_verify, **revealed)
+        try:
+            ask(socket_path, "set_secrets", profile=profile, verify=not no_verify, **revealed)
+        except (CredentialsRejected, LoginRequired, UpstreamUnavailable) as exc:
+            raise advised(exc, again) from None
     else:
         with _open_vault(vault_path) as vault:
             merged = dataclasses.replace(vault.credentials(profile), **new)
             if not no_verify:
-                _verify(p, merged)
+                _verify(p, merged, again)
             vault.set_credentials(profile, merged)
     what = " and ".join(k.replace("_", " ") for k in which)
     checked = "stored without a check" if no_verify else "checked at the identity provider"

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import click
 
 from dc_broker.cli.boundary import CONFIG, PROFILE, SOCKET, VAULT, VERBOSE, socket_option
-from dc_broker.config import Config, Profile, load_config
+from dc_broker.config import Config, Profile
+from dc_broker.config.load import load_config
 from dc_broker.errors import ConfigError
 from dc_broker.secret import Secret
 from dc_token.paths import default_socket_path
@@ -38,16 +39,36 @@ DEV_EXTRA = {"hypercorn": "hypercorn", "starlette": "starlette", "jwt": "PyJWT"}
 
 
 def require_dev_extra(command: str) -> None:
-    """Say which command installs the dev IdP's packages when this install lacks them."""
-    from importlib.util import find_spec
+    """Say which command installs the dev IdP's packages when this install lacks them (exit 2), in
+    the form that fits how dc-broker was installed: pipx keeps its own venv (``pipx inject``; a
+    ``pipx install --force 'dc-broker[dev]'`` would fetch dc-broker from the index, not the wheel the
+    user installed from), anything else gets pip of this very interpreter."""
+    import importlib
 
-    missing = [dist for module, dist in DEV_EXTRA.items() if find_spec(module) is None]
-    if missing:
-        raise click.ClickException(
-            f"`{command}` runs the dev IdP, which needs {', '.join(missing)}: not installed here. Install the "
-            f"dev extra with `{sys.executable} -m pip install 'dc-broker[dev]'` "
-            "(pipx: `pipx install --force 'dc-broker[dev]'`)"
-        )
+    missing = []
+    for module, dist in DEV_EXTRA.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(dist)
+    if not missing:
+        return
+    if _pipx_venv() is not None:
+        how = f"`pipx inject dc-broker {' '.join(missing)}`"
+    else:
+        how = f"`{sys.executable} -m pip install {' '.join(missing)}` (what `pip install 'dc-broker[dev]'` adds)"
+    error = click.ClickException(
+        f"`{command}` runs the dev IdP, which needs {', '.join(missing)}: not installed with this dc-broker. "
+        f"Add them with {how}"
+    )
+    error.exit_code = 2  # type: ignore[misc]  # a usage problem of this install, as click exits for one
+    raise error
+
+
+def _pipx_venv() -> str | None:
+    """This interpreter's venv when pipx made it (``.../pipx/venvs/NAME``), else None."""
+    parts = os.path.normpath(sys.prefix).split(os.sep)
+    return sys.prefix if len(parts) >= 3 and parts[-3:-1] == ["pipx", "venvs"] else None
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -110,11 +131,28 @@ def run(
 
     _setup_logging(verbose)
     config = load_config(config_path, missing_ok=config_path is None)
-    store = _read_secrets_stdin(config.profiles) if secrets_stdin else _open_store(vault_path)
     path = socket_path or config.socket or (SYSTEM_SOCKET if system else default_socket_path())
+    _refuse_a_second_broker(path)
+    store = _read_secrets_stdin(config.profiles) if secrets_stdin else _open_store(vault_path)
     hardened = harden()
     log.debug("hardening: %s", hardened)
     trio.run(_run_until_signal, config, store, path, system)
+
+
+def _refuse_a_second_broker(path: str) -> None:
+    """A broker already answers on ``path``: say so, where, and what to do, before the vault's lock
+    says only that the vault is open elsewhere."""
+    from dc_broker.cli.talk import ask
+    from dc_token.errors import DcBrokerError
+
+    try:
+        hello = ask(path, "hello", timeout=5.0)
+    except DcBrokerError:
+        return  # nobody answers: ours to serve (the socket's own lock settles a race)
+    raise ConfigError(
+        f"a dc-broker already runs on {path} (pid {hello.get('pid', '?')}, version {hello.get('version', '?')}): "
+        "use it (`dc-broker status`), or stop it first (`systemctl --user stop dc-broker`, or end that pid)"
+    )
 
 
 def _open_store(vault_path: str | None) -> SecretStore:

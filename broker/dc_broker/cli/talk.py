@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from dc_broker.cli.boundary import PROFILE, SOCKET, profile_argument, read_secret
-from dc_token.errors import EXIT_INTERRUPTED, BrokerTimeout, BrokerUnavailable, Locked
+from dc_token.errors import EXIT_INTERRUPTED, BrokerTimeout, BrokerUnavailable, Locked, LoginRequired
 from dc_token.paths import default_socket_path
 from dc_token.protocol import OpArgs
 from dc_token.sync import TokenClient
@@ -105,8 +105,14 @@ def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profi
     authorization code flow; with --no-browser, e.g. over ssh, the URL is printed), else the device flow
     (a URL and a code to enter in a browser anywhere). This command waits until you have logged in."""
     try:
-        grant = ask(socket_path, "status", profile=profile)["profiles"][0]["grant"]
+        row = ask(socket_path, "status", profile=profile)["profiles"][0]
+        grant = row["grant"]
         if grant == "client_credentials":
+            if row.get("state") == "login_required":  # its client secret is gone (logout forgets it)
+                raise LoginRequired(
+                    f"profile {profile!r} uses client credentials and has no client secret stored (`dc-broker "
+                    f"logout` forgets it): store it again with `dc-broker rotate {profile} --client-secret`"
+                )
             click.echo(
                 f"Profile {profile} uses client credentials: the broker signs in with its stored client secret, "
                 "so there is nothing to log in."
@@ -223,6 +229,8 @@ def logout(socket_path: str | None, profile: str) -> None:
     rest = f"its {result.get('forgotten') or 'secrets'} forgotten"
     if result.get("kept_client_secret"):
         rest += " (the client secret stays: `dc-broker login` uses it)"
+    elif result.get("forgotten") == "client secret":
+        rest += f" (`dc-broker rotate {profile} --client-secret` stores one again)"
     click.echo(f"Logged out of profile {profile}: login {how}, {rest}.")
 
 

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
+from dc_broker.config.values import DIRECT, proxy_url_problem, redacted
+from dc_broker.config.values import proxy_setting_problem as setting_problem
 from dc_broker.errors import ConfigError
 
-#: a profile's ``proxy = "direct"``: no proxy for this profile, whatever the environment says
-DIRECT: Final = "direct"
-_SCHEMES: Final = ("http", "https")
+__all__ = ["DIRECT", "EnvProxies", "redacted", "route", "scrub", "setting_problem", "shown"]
+
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
@@ -66,21 +67,6 @@ class EnvProxies:
             all=first("all_proxy", "ALL_PROXY"),
             no_proxy=tuple(e.strip().lower() for e in no_proxy.split(",") if e.strip()),
         )
-
-
-def setting_problem(value: str) -> str | None:
-    """What is wrong with a profile's ``proxy`` value (None: nothing)."""
-    if value == DIRECT:
-        return None
-    problem = _url_problem(value)
-    if problem is not None:
-        return f"{problem}; write it like http://proxy.example:3128, or {DIRECT!r} for no proxy"
-    if urlsplit(value).username is not None:
-        return (
-            "carries credentials, and config.toml holds no secrets: leave proxy unset and give the "
-            "broker https_proxy=http://USER:PASSWORD@HOST:PORT in its environment instead"
-        )
-    return None
 
 
 def route(url: str, setting: str | None, env: EnvProxies) -> str | None:
@@ -123,40 +109,16 @@ def _shown_or_none(proxy: str | None) -> str | None:
     return None if proxy is None else shown(proxy)
 
 
-def _url_problem(value: str) -> str | None:
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-    except ValueError:
-        return "is not a URL with a valid port"
-    if parts.scheme not in _SCHEMES:
-        if parts.scheme.startswith("socks"):
-            return f"is a {parts.scheme} proxy; only http:// and https:// proxies are supported"
-        return "is not an http:// or https:// proxy URL"
-    if not parts.hostname:
-        return "names no host"
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        return "has a path; a proxy URL is scheme, host and port"
-    return None
-
-
 def _env_url(name: str, value: str) -> str:
     if "://" not in value:
         value = "http://" + value  # curl's reading of "proxy.corp:3128"
-    problem = _url_problem(value)
+    problem = proxy_url_problem(value)
     if problem is not None:
         raise ConfigError(
             f"the environment's {name} {problem} (seen: {redacted(value)}); fix or unset it, or set the "
             "profile's proxy (a URL, or 'direct')"
         )
     return value
-
-
-def redacted(value: str) -> str:
-    """``value`` with any ``user:password@`` replaced: a refused value as its error message shows it."""
-    scheme, sep, rest = value.partition("://")
-    at = rest.rfind("@")
-    return f"{scheme}{sep}***@{rest[at + 1 :]}" if sep and at >= 0 else value
 
 
 def _is_loopback(host: str) -> bool:

@@ -22,7 +22,7 @@ import trio
 
 from dc_broker.access.authorize import administered, authorized, is_owner, permits
 from dc_broker.access.caller import Caller
-from dc_broker.config import load_config
+from dc_broker.config.load import load_config
 from dc_broker.errors import UpstreamFault, WrongPassphrase
 from dc_broker.secret import Secret
 from dc_broker.serve.audit import Audit

@@ -32,9 +32,11 @@ from typing import ClassVar, Final
 
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from dc_broker import atomic
 from dc_broker.errors import VaultError
 from dc_broker.secret import Secret
 from dc_broker.vault import secretservice
+from dc_broker.vault.files import file_error
 
 KEY_BYTES: Final = 32
 SALT_BYTES: Final = 16
@@ -143,7 +145,7 @@ class KeyFile:
         return self.path
 
     def read_key(self) -> bytes:
-        return read_key_file(self.path, what="key file", forbidden_bits=0o077)
+        return read_key_file(self.path, what="key file", forbidden_bits=0o077, safe_directories=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,10 +228,25 @@ def key_source_of(kind: str, reference: str | None) -> KeySource:
     return source
 
 
-def read_key_file(path: str, *, what: str = "key file", forbidden_bits: int = 0o077) -> bytes:
-    """The 32 bytes in ``path``, after checking it is a private regular file (checked on the open fd)."""
+def read_key_file(
+    path: str, *, what: str = "key file", forbidden_bits: int = 0o077, safe_directories: bool = False
+) -> bytes:
+    """The 32 bytes in ``path``, after checking it is a private regular file (checked on the open fd);
+    with ``safe_directories``, every directory above it must pass the rule of ``dc_broker.atomic``
+    (OpenSSH's StrictModes: owned by us or root, writable by no one else), and the file is opened
+    in the directory so checked, never through a link."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        if safe_directories:
+            directory, name = os.path.split(os.path.abspath(path))
+            dfd = atomic.open_directory(directory)
+            try:
+                fd = os.open(name, _READ_FLAGS | os.O_NOFOLLOW, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        else:
+            fd = os.open(path, _READ_FLAGS)
+    except atomic.UnsafeDirectory as exc:
+        raise VaultError(f"refusing the {what} {path}: {exc}; {atomic.RULE}") from None
     except OSError as exc:
         raise VaultError(f"cannot open the {what} {path}: {exc.strerror}") from None
     try:
@@ -251,18 +268,28 @@ def read_key_file(path: str, *, what: str = "key file", forbidden_bits: int = 0o
     return data
 
 
+_READ_FLAGS: Final = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
 def create_key_file(path: str) -> None:
-    """Write 32 fresh random bytes to a new file, mode 0600. Refuses to overwrite."""
+    """Write 32 fresh random bytes to a new file, mode 0600, in a directory that passes the rule of
+    ``dc_broker.atomic`` (missing directories are made 0700). Refuses to overwrite; a crash leaves
+    either no file or the whole key (``atomic.write``, ``new_only``)."""
+    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.close(atomic.open_directory(directory, create=True))
+    except atomic.UnsafeDirectory as exc:
+        raise VaultError(f"refusing to put the key file {path} there: {exc}; {atomic.RULE}") from None
+    except OSError as exc:
+        raise file_error(directory, exc, "the key file's directory") from None
+    try:
+        atomic.write(path, os.urandom(KEY_BYTES), mode=0o600, safe=True, new_only=True)
     except FileExistsError:
         raise VaultError(f"{path} already exists; refusing to overwrite a key file") from None
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, os.urandom(KEY_BYTES))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    except atomic.UnsafeDirectory as exc:  # made unsafe since the check above
+        raise VaultError(f"refusing to put the key file {path} there: {exc}; {atomic.RULE}") from None
+    except OSError as exc:
+        raise file_error(directory, exc, "the key file's directory") from None
 
 
 def create_keyring_key(vault_path: str) -> Keyring:
