@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -97,6 +98,21 @@ def stop(proc: subprocess.Popen[str], sig: int = 15, timeout: float = 10.0) -> i
 @contextmanager
 def dev_idp(*flags: str, port: int = 0) -> Iterator[str]:
     """``python -m dc_broker.devserver [flags]`` (the dev IdP and demo API alone); yields its base URL."""
+    with dev_idp_process(*flags, port=port) as (base, _):
+        yield base
+
+
+def idp_stats(base: str) -> dict[str, Any]:
+    """The dev IdP's counters (``/_dev/stats``): token requests by grant type, refresh-token reuse."""
+    import httpx
+
+    stats: dict[str, Any] = httpx.get(f"{base}/_dev/stats", timeout=30).json()
+    return stats
+
+
+@contextmanager
+def dev_idp_process(*flags: str, port: int = 0) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``dev_idp``, yielding the process too (to stop and continue it)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "dc_broker.devserver", "--port", str(port), *flags],
         stdout=subprocess.PIPE,
@@ -107,8 +123,9 @@ def dev_idp(*flags: str, port: int = 0) -> Iterator[str]:
         assert proc.stdout is not None
         base = proc.stdout.readline().strip()
         assert base.startswith(("http://", "https://")), base
-        yield base
+        yield base, proc
     finally:
+        proc.send_signal(signal.SIGCONT)  # a test may have stopped it
         proc.terminate()
         proc.wait(10)
 

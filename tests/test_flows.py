@@ -157,15 +157,18 @@ def test_a_refused_password_is_rejected_naming_the_status(status: int, body: byt
 
 def test_a_client_refusal_on_refresh_is_rejected_not_a_fallback() -> None:
     s = Stepper(flows.obtain(Login(PASSWORD, CREDS, EP, refresh_token=Secret("RT"))))
-    with pytest.raises(CredentialsRejected, match=r"refuses client 'cli'.*check the client id or secret"):
+    with pytest.raises(CredentialsRejected) as info:
         s.answer(js({"error": "invalid_client", "error_description": "Invalid client credentials"}, 401))
+    said = info.value.message
+    assert "refuses client 'cli'" in said and "check the client id and secret" in said
+    assert "`dc-broker set acme client_id=ID`" in said and "`dc-broker rotate acme --client-secret`" in said
 
 
 def test_a_public_client_is_never_told_about_a_secret() -> None:
     s = Stepper(flows.obtain(Login(DEVICE, Credentials(), EP, refresh_token=Secret("RT"))))
     with pytest.raises(CredentialsRejected) as info:
         s.answer(js({"error": "unauthorized_client", "error_description": "no"}, 401))
-    assert "a public client, no secret" in info.value.message
+    assert "a public client, no secret" in info.value.message and "rotate" not in info.value.message
 
 
 def test_no_credentials_at_all_is_login_required_without_a_request() -> None:
@@ -174,7 +177,7 @@ def test_no_credentials_at_all_is_login_required_without_a_request() -> None:
 
 
 def test_client_credentials_without_a_secret_says_how_to_store_one() -> None:
-    with pytest.raises(LoginRequired, match=r"no client secret stored.*dc-broker add svc"):
+    with pytest.raises(LoginRequired, match=r"no client secret stored.*`dc-broker rotate svc --client-secret`"):
         Stepper(flows.obtain(Login(SERVICE, Credentials(), EP)))
 
 

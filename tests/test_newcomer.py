@@ -154,11 +154,6 @@ def test_login_after_logout_of_a_client_credentials_profile_names_rotate(
         assert stop(daemon) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead's follow-up: sessions/flows.login_message (client_credentials) and Session.device_login still "
-    "say `dc-broker remove` + `dc-broker add`; they must name `dc-broker rotate PROFILE --client-secret`",
-)
 def test_dc_token_after_logout_of_a_client_credentials_profile_names_rotate(
     idp: str, home: dict[str, str], tmp_path: Path
 ) -> None:
@@ -331,12 +326,6 @@ def test_dev_without_the_dev_extra_exits_2_with_the_install_command_that_fits(pr
 # ---------------------------------------------------------------- an interactive add while a broker runs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead's follow-up: a profile added at run time (Sessions.add after reload) makes its first attempt "
-    "before `dc-broker add`'s set_secrets arrives and logs 'no password stored'; a new profile with no "
-    "credential yet must wait for them (or for its first token request) without a warning",
-)
 def test_an_add_while_a_broker_runs_logs_no_spurious_warning(idp: str, home: dict[str, str], tmp_path: Path) -> None:
     init_keyfile(home, tmp_path)
     daemon = subprocess.Popen([DC_BROKER, "run"], env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

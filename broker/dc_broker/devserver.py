@@ -14,8 +14,8 @@ or in-process without sockets: ``httpx.AsyncClient(transport=httpx.ASGITransport
 [--rotate] [--max-reuse N] [--device-interval S] [--refresh-token-answer new|same|none]
 [--dead-refresh-error invalid_grant|invalid_request] [--no-refresh-expires-in] [--no-expires-in]
 [--refresh-scope narrow|ignore] [--certfile PEM --keyfile PEM] [--refusal-body json|empty|html]
-[--echo-description] [--expires-in RAW] [--drip S]`` runs the demo realm (over https with
-``--certfile``). The last four are the standing fault modes of ``dc_broker.devidp.faults``; the
+[--echo-description] [--expires-in RAW] [--drip S] [--latency S]`` runs the demo realm (over https
+with ``--certfile``). The last five are the standing fault modes of ``dc_broker.devidp.faults``; the
 five before the certificate are other OPs' personalities (``DevRealm``'s docstring);
 ``--device-interval`` is the device flow's polling interval, Keycloak's default 5 s, which end-to-end
 tests shorten. It prints the base URL as the first stdout line and serves until SIGINT/SIGTERM (exit 0).
@@ -142,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--expires-in", default=None, help='raw JSON for expires_in ("NaN", "1e999", ...) or "absent"')
     parser.add_argument("--drip", type=float, default=0.0, help="send token responses one byte per DRIP seconds")
+    parser.add_argument("--latency", type=float, default=0.0, help="every token request waits LATENCY seconds first")
     parser.add_argument("--certfile", default=None, help="serve https with this certificate (PEM)")
     parser.add_argument("--keyfile", default=None, help="the certificate's private key (PEM)")
     return parser
@@ -153,6 +154,7 @@ def faults_from_args(idp: DevIdP, args: argparse.Namespace) -> None:
     faults.echo_description = args.echo_description
     faults.expires_in = args.expires_in
     faults.drip = args.drip
+    faults.latency = args.latency
 
 
 def realm_from_args(args: argparse.Namespace) -> DevRealm:

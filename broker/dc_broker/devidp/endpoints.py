@@ -19,6 +19,7 @@ Routes (``{base}`` = ``[/auth]/realms/{realm}``):
     POST {base}/protocol/openid-connect/logout        POST {base}/protocol/openid-connect/revoke
     GET/POST {base}/protocol/openid-connect/auth       (authorization code + PKCE: the login page)
     GET  {base}                                        GET  /dp/api/v1/aiconnections/types  (demo API)
+    GET  /_dev/stats                                   (counters for tests: token requests by grant, reuse)
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Endpoints:
             for path, handler, methods in per_realm
         ]
         routes.append(Route("/dp/api/v1/aiconnections/types", self.demo_api, methods=["GET"]))
+        routes.append(Route("/_dev/stats", self.dev_stats, methods=["GET"]))
         return routes
 
     # -- shared plumbing -----------------------------------------------------------------------
@@ -274,6 +276,14 @@ class Endpoints:
         return RedirectResponse(f"{redirect_uri}{'&' if '?' in redirect_uri else '?'}{query}", status_code=302)
 
     # -- demo API ---------------------------------------------------------------------------------
+    async def dev_stats(self, request: Request) -> Response:
+        """The dev IdP's counters, for end-to-end tests that run it as a process: token requests by
+        grant type, refresh-token reuse. Never a token or secret; no fault applies, nothing is counted."""
+        by_grant: dict[str, int] = {}
+        for (_, _, grant), count in self.state.stats.token_requests.items():
+            by_grant[grant] = by_grant.get(grant, 0) + count
+        return JSONResponse({"token_requests": by_grant, "refresh_reuse": self.state.stats.refresh_reuse})
+
     async def demo_api(self, request: Request) -> Response:
         faulted = await self._guard("api")
         if faulted is not None:

@@ -384,10 +384,7 @@ def login_message(p: Profile) -> str:
         return f"profile {name!r}: no valid login; run `dc-broker login {name}`"
     if p.grant == "password":
         return f"profile {name!r}: no password stored and no valid login; run `dc-broker login {name}`"
-    return (
-        f"profile {name!r}: no client secret stored; store it with `dc-broker remove {name}` and "
-        f"`dc-broker add {name} ...`"
-    )
+    return f"profile {name!r}: no client secret stored; store it with `dc-broker rotate {name} --client-secret`"
 
 
 def rejected(p: Profile, exc: OAuthError, *, narrowing_to: str | None = None) -> CredentialsRejected:
@@ -407,12 +404,15 @@ def rejected(p: Profile, exc: OAuthError, *, narrowing_to: str | None = None) ->
             f"profile {name!r}: {p.describe()} answers HTTP 404 Not Found ({exc.description}); "
             "check server, tenant, legacy_paths (Keycloak 17+ has no /auth) or issuer"
         )
-    readd = f"`dc-broker remove {name}` and `dc-broker add {name} ...` with the right settings"
+    rotate = f"`dc-broker rotate {name} --client-secret`"
     if exc.error in ("invalid_client", "unauthorized_client"):
-        what = "client id or secret" if p.auth_method != "none" else "client id (a public client, no secret)"
+        fix = f"a wrong client id is fixed with `dc-broker set {name} client_id=ID`"
+        if p.auth_method != "none":
+            fix = f"check the client id and secret: {fix}, a wrong secret with {rotate}"
+        else:
+            fix = f"check the client id (a public client, no secret): {fix}"
         return CredentialsRejected(
-            f"profile {name!r}: the identity provider refuses client {p.client_id!r} ({said(exc)}); "
-            f"check the {what}, then {readd}"
+            f"profile {name!r}: the identity provider refuses client {p.client_id!r} ({said(exc)}); {fix}"
         )
     if p.grant == "password":
         return CredentialsRejected(
@@ -422,7 +422,7 @@ def rejected(p: Profile, exc: OAuthError, *, narrowing_to: str | None = None) ->
     if p.grant == "client_credentials":
         return CredentialsRejected(
             f"profile {name!r}: the identity provider refused the client secret ({said(exc)}); store the right one "
-            f"with {readd}"
+            f"with {rotate}"
         )
     return CredentialsRejected(
         f"profile {name!r}: the identity provider refused the login ({said(exc)}); run `dc-broker login {name}`"

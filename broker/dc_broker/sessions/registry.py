@@ -34,8 +34,9 @@ from dc_broker.idp.transport import IdpTransport
 from dc_broker.sessions import policy
 from dc_broker.sessions.policy import RefreshPolicy
 from dc_broker.sessions.session import Session
+from dc_broker.sessions.states import State
 from dc_broker.store import SecretStore
-from dc_token.errors import UnknownProfile
+from dc_token.errors import DcBrokerError, UnknownProfile
 
 __all__ = ["LOCK_SETTLE_LIMIT", "MAX_SCOPES_PER_PROFILE", "Sessions"]
 
@@ -138,8 +139,21 @@ class Sessions:
         session = self._session(profile)
         self._by_name[profile.name] = session
         if self._nursery is not None:
-            self._nursery.start_soon(self._run_one, session, 0.0)
+            # a profile `dc-broker add` is adding has no secret yet: it waits for them (set_secrets),
+            # a person's login or a caller, instead of failing (and saying so) before they arrive
+            delay = 0.0 if self._has_login(session) else math.inf
+            self._nursery.start_soon(self._run_one, session, delay)
         return session
+
+    def _has_login(self, session: Session) -> bool:
+        """Whether a profile has anything to log in with yet (a stored secret, tokens, a locked vault)."""
+        if session.token is not None or session.state is not State.EMPTY:
+            return True
+        try:
+            creds = self.store.credentials(session.profile.name)
+        except DcBrokerError:
+            return True  # locked or unreadable: the attempt says so
+        return any(v is not None for v in (creds.password, creds.client_secret, creds.refresh_token))
 
     def lookup_scoped(self, base: Session, scope: str | None) -> Session:
         """The session for ``(base's profile, scope)``: ``base`` itself for no scope or its configured
