@@ -25,6 +25,7 @@ PURE = [
     "dc_broker.sessions.states",
     "dc_broker.sessions.policy",
     "dc_broker.access.rules",
+    "dc_broker.proxy.rules",
 ]
 IMPURE = {"trio", "httpx", "anyio", "click", "socket", "sqlite3", "msgpack_numpy"}
 
