@@ -176,7 +176,7 @@ async def h11_upstream(stream: trio.SocketStream) -> None:
 
 
 @asynccontextmanager
-async def in_process_proxy(tmp_path: Path) -> AsyncIterator[str]:
+async def in_process_proxy(tmp_path: Path, limits: Limits | None = None) -> AsyncIterator[str]:
     """An upstream and a proxy in this trio run; yields the proxy's Unix socket path."""
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, h11_upstream, 0, host="127.0.0.1"))
@@ -186,7 +186,12 @@ async def in_process_proxy(tmp_path: Path) -> AsyncIterator[str]:
         await raw.bind(path)
         raw.listen()
         proxy = Proxy(
-            "demo", f"http://127.0.0.1:{port}", tokens=FixedToken(), http=Upstreams(None), rules=Rules(os.geteuid())
+            "demo",
+            f"http://127.0.0.1:{port}",
+            tokens=FixedToken(),
+            http=Upstreams(None),
+            rules=Rules(os.geteuid()),
+            limits=limits or Limits(),
         )
         await nursery.start(proxy.serve, [trio.SocketListener(raw)])
         yield path
@@ -271,3 +276,44 @@ async def test_a_slow_upload_is_not_cut_by_the_answer_deadline(
     async with in_process_proxy(tmp_path) as path:
         status, body, complete = await fetch(path, "/upload", pieces, pace)
         assert (status, body, complete) == (200, b"4194304", True)
+
+
+async def read_all(stream: trio.SocketStream) -> bytes:
+    got = b""
+    while data := await stream.receive_some(65536):
+        got += data
+    return got
+
+
+async def test_a_head_that_stops_half_way_gets_408_and_an_idle_connection_is_closed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    limits = Limits()
+    async with in_process_proxy(tmp_path) as path:
+        started = trio.current_time()
+        async with await trio.open_unix_socket(path) as stream:
+            await stream.send_all(b"GET /pause/0 HTTP/1.1\r\nHost: loc")
+            answer = await read_all(stream)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"the request head did not arrive in time" in answer
+        assert trio.current_time() - started == pytest.approx(limits.request_head, abs=limits.linger + 0.1)
+        async with await trio.open_unix_socket(path) as stream:
+            await stream.send_all(b"GET /pause/0 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            started = trio.current_time()
+            answer = await read_all(stream)  # the answer, then nothing until the keep-alive limit closes it
+        assert answer.startswith(b"HTTP/1.1 200 ") and len(answer.split(b"\r\n\r\n", 1)[1]) == 131072
+        assert limits.keep_alive <= trio.current_time() - started < limits.keep_alive + limits.linger + 0.1
+
+
+async def test_the_owners_connections_beyond_its_slots_get_503(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with in_process_proxy(tmp_path, Limits(connections=2)) as path:
+        held = [await trio.open_unix_socket(path) for _ in range(2)]
+        await trio.sleep(1)  # both accepted and waiting for their heads
+        async with await trio.open_unix_socket(path) as third:
+            answer = await read_all(third)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"2 connections are open already" in answer
+        for stream in held:
+            await stream.aclose()
+        await trio.sleep(Limits().linger + 1)  # the slots are free again once the proxy has closed them
+        assert (await fetch(path, "/pause/0"))[:1] == (200,)

@@ -141,9 +141,8 @@ class Listen:
         return f"{host}:{self.port if port is None else port}"
 
     def in_use(self) -> str:
-        """The one-line start-up error for an address another process holds, with the fix."""
-        if self.path is not None:
-            return f"{self.describe()} is in use by another process; stop it, or choose another path with --listen"
+        """The one-line start-up error for a TCP address another process holds, with the fix (a Unix
+        path in use is ``dc_broker.serve.listen``'s to say)."""
         return (
             f"{self.describe()} is in use (another dc-broker proxy?); choose another port with "
             f"--listen {self.describe(0).rsplit(':', 1)[0]}:PORT, or --listen unix:PATH"

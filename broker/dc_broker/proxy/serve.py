@@ -352,6 +352,7 @@ class Proxy:
                 first = False
                 if not isinstance(event, h11.Request):
                     return  # ConnectionClosed
+                healthy = False  # until the exchange says otherwise (it may end in an exception)
                 healthy = await self._exchange(http, event, upstream)
                 if not healthy:
                     await self.http.give(upstream, healthy=False)
@@ -379,7 +380,12 @@ class Proxy:
             body, replayable = await self._request_body(http)
             response = await self._send(http, upstream, method, url, request.headers, body, token)
             if response.status_code == 401 and replayable:
-                fresh = await self._fresh(token)
+                try:
+                    fresh = await self._fresh(token)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await response.aclose()
+                    raise
                 if retry_after_401(response.status_code, replayable, token, fresh):
                     await response.aclose()
                     log.info("%s %s: upstream said 401; token invalidated, sending once more", method, url)
@@ -391,6 +397,8 @@ class Proxy:
             if fault.refused is not None:
                 await http.answer(fault.refused)
             raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _Cut):
+            raise  # the client went away (while told 100 Continue): nothing to answer
         except Exception as exc:  # unforeseen: this request only
             log.exception("%s %s failed", method, request.target.decode("latin-1")[:200])
             await http.answer(Refused(500, f"dc-broker proxy: internal error ({type(exc).__name__}); see its log"))
