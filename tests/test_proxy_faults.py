@@ -182,8 +182,8 @@ async def in_process_proxy(tmp_path: Path, limits: Limits | None = None) -> Asyn
         listeners = await nursery.start(partial(trio.serve_tcp, h11_upstream, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         path = str(tmp_path / "proxy.sock")
-        raw = trio.socket.socket(socket.AF_UNIX)
-        await raw.bind(path)
+        raw = socket.socket(socket.AF_UNIX)
+        raw.bind(path)
         raw.listen()
         proxy = Proxy(
             "demo",
@@ -193,7 +193,7 @@ async def in_process_proxy(tmp_path: Path, limits: Limits | None = None) -> Asyn
             rules=Rules(os.geteuid()),
             limits=limits or Limits(),
         )
-        await nursery.start(proxy.serve, [trio.SocketListener(raw)])
+        await nursery.start(proxy.serve, [raw])
         yield path
         nursery.cancel_scope.cancel()
 

@@ -38,7 +38,6 @@ loop on a walk of ``/proc``.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import itertools
 import os
 import socket
@@ -118,14 +117,16 @@ def diag_request(family: int, client: tuple[str, int], server: tuple[str, int], 
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body
 
 
-def _plain(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None else ip
+def _mapped(family: int, raw: bytes) -> bytes:
+    """An address as 16 bytes, IPv4 as its v4-mapped IPv6 form, so both families compare."""
+    return b"\0" * 10 + b"\xff\xff" + raw[:4] if family == socket.AF_INET else raw[:16]
 
 
 def _same_end(family: int, raw: bytes, port: int, want: tuple[str, int]) -> bool:
     """An answer's address and port are the asked ones (a v4-mapped address equals its IPv4 form)."""
-    got = ipaddress.ip_address(raw[: 4 if family == socket.AF_INET else 16])
-    return port == want[1] and _plain(got) == _plain(ipaddress.ip_address(want[0].split("%")[0]))
+    host = want[0].split("%")[0]
+    asked = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return port == want[1] and _mapped(family, raw) == _mapped(asked, socket.inet_pton(asked, host))
 
 
 def diag_answer(data: bytes, seq: int, client: tuple[str, int], server: tuple[str, int]) -> Peer | None:
