@@ -48,6 +48,7 @@ class _Link:
                 await trio.lowlevel.wait_writable(self.sock)
             except OSError:
                 raise _Gone from None
+        await trio.lowlevel.wait_readable(self.sock)  # the broker is another process: it has not answered yet
         while True:
             event = self.conn.next_event()
             if isinstance(event, Result):
@@ -80,7 +81,9 @@ class BrokerTokens:
         self.profile = profile
         self.timeout = timeout
         self._idle: list[_Link] = []
-        self._slots = trio.Semaphore(connections)
+        self._open = 0  # links in use or idle
+        self._limit = connections
+        self._freed = trio.lowlevel.ParkingLot()
 
     async def token(self, min_ttl: float) -> str:
         result = await self.request("token", profile=self.profile, min_ttl=min_ttl)
@@ -92,41 +95,55 @@ class BrokerTokens:
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         """One request on a free connection; its result, or the error it came back with."""
-        async with self._slots:
-            try:
-                with trio.fail_after(math.inf if self.timeout is None else self.timeout):
-                    return await self._request(op, args)
-            except trio.TooSlowError:
-                raise BrokerTimeout(
-                    f"the broker on {self.socket_path} did not answer within {self.timeout:g} s"
-                ) from None
+        try:
+            with trio.fail_after(math.inf if self.timeout is None else self.timeout):
+                return await self._request(op, args)
+        except trio.TooSlowError:
+            waited = f"{self.timeout:g} s"
+            raise BrokerTimeout(f"the broker on {self.socket_path} did not answer within {waited}") from None
 
     async def _request(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        link = self._idle.pop() if self._idle else await self._connect()
-        fresh = not link.conn.served
-        while True:
-            try:
-                result = await link.ask(op, args)
-            except _Gone:
-                link.sock.close()
-                if fresh or not may_retry(link.conn):
-                    raise BrokerUnavailable(f"the broker on {self.socket_path} closed the connection") from None
-                link, fresh = await self._connect(), True  # the broker restarted since it served: once more
-                continue
-            except BrokerError:
-                if link.conn.closed:
+        while not self._idle and self._open >= self._limit:
+            await self._freed.park()  # all connections busy: the next one given back
+        if self._idle:
+            link: _Link | None = self._idle.pop()
+        else:
+            self._open += 1
+            link = None
+        try:
+            if link is None:
+                link = await self._connect()
+            retried = False
+            while True:
+                try:
+                    result = await link.ask(op, args)
+                except _Gone:
                     link.sock.close()
-                else:
-                    self._idle.append(link)  # an error reply: the conversation is intact
-                raise
-            except RemoteProtocolError as exc:
-                link.sock.close()
-                raise BrokerUnavailable(f"the broker on {self.socket_path} sent garbage: {exc}") from None
-            except BaseException:  # timed out or cancelled mid-request: its reply would confuse the next
-                link.sock.close()
-                raise
-            self._idle.append(link)
-            return result
+                    served, link = may_retry(link.conn), None
+                    if retried or not served:
+                        raise BrokerUnavailable(f"the broker on {self.socket_path} closed the connection") from None
+                    link, retried = await self._connect(), True  # the broker restarted since it served: once more
+                    continue
+                except BrokerError:
+                    if link.conn.closed:
+                        link.sock.close()
+                        link = None
+                    raise  # else an error reply: the conversation is intact
+                return result
+        except RemoteProtocolError as exc:
+            raise BrokerUnavailable(f"the broker on {self.socket_path} sent garbage: {exc}") from None
+        except BaseException as exc:
+            if link is not None and not isinstance(exc, BrokerError):
+                link.sock.close()  # timed out, cancelled or garbled mid-request: its reply would confuse the next
+                link = None
+            raise
+        finally:
+            # back to the idle list, or its place freed; an ask waiting for a connection goes on
+            if link is None:
+                self._open -= 1
+            else:
+                self._idle.append(link)
+            self._freed.unpark()
 
     async def _connect(self) -> _Link:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
