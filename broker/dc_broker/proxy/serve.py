@@ -191,13 +191,10 @@ class _Http:
         await self.send(h11.Data(data=body), flush=False)
         await self.send(h11.EndOfMessage())
 
-    async def close(self) -> None:
-        """Stop sending, and read (and drop) what the client still sends for up to ``linger``, so a
-        client still writing its request reads our answer instead of a reset; then close."""
-        await linger(self.stream, self.limits.linger)
-
 
 async def linger(stream: trio.SocketStream, seconds: float) -> None:
+    """Stop sending, and read (and drop) what the client still sends for up to ``seconds``, so a
+    client still writing its request reads our answer instead of a reset; then close."""
     try:
         with trio.move_on_after(seconds):
             await stream.send_eof()
