@@ -1,14 +1,23 @@
 """`dc-broker proxy` overhead: the same small GET against the same local upstream, direct and through
-the proxy; latency (p50, p99) and requests/s at 1 and 16 keep-alive connections.
+the proxy; latency (p50, p99) and requests/s at 1 and 16 keep-alive connections, and at one new
+connection per request (what the caller check costs: sock_diag and the holder check).
 
-Target (issue 15): p50 overhead per request <= 1 ms. The upstream is a minimal h11-on-trio server
-in this file (the lightest honest upstream, so the overhead is the proxy's); the proxy a real
+Target (issues 15, 21): p50 overhead per request <= 1 ms. The upstream is a minimal h11-on-trio
+server in this file (the lightest honest upstream, so the overhead is the proxy's); the proxy a real
 `dc-broker proxy` process in front of a `dc-broker dev` broker; the load generator a separate
 process: a selectors loop over raw sockets with a pre-encoded request (closed loop, one request in
 flight per connection), timing each response. Latency on a shared machine follows its load, so the
 CPU time each process spends per request (utime + stime from /proc/PID/stat) is printed too.
 
-    python bench/proxy.py [--seconds S]
+The proxy asks the broker for every request's token (issue 21: the broker's word is final); that
+ask alone is measured too (``dc_broker.proxy.broker.BrokerTokens``, in a trio loop), beside the
+blocking client's round trip (``TokenClient(cache=False)``) as the baseline of the same run.
+
+``--before DIR``: also run the proxy from another source tree (a checkout of an earlier commit,
+``git archive COMMIT | tar -x -C DIR``), interleaved with this one, so before and after are
+measured in the same run on the same load.
+
+    python bench/proxy.py [--seconds S] [--before DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -103,7 +112,31 @@ def _complete(buf: bytes) -> int:
     return total if len(buf) >= total else 0
 
 
+def load_fresh(address: str, seconds: float, token: str | None, q: mp.Queue) -> None:  # type: ignore[type-arg]
+    """One request per new connection, one at a time: connect, send, read the answer, close."""
+    host, port = address.rsplit(":", 1)
+    frame = _request(address, token)
+    latencies: list[float] = []
+    start = time.perf_counter()
+    end, warm = start + seconds, start + min(1.0, seconds / 4)
+    while (now := time.perf_counter()) < end:
+        with socket.create_connection((host, int(port))) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(frame)
+            buf = b""
+            while not _complete(buf):
+                data = s.recv(65536)
+                if not data:
+                    raise SystemExit(f"{address} closed a connection before answering: {buf[:200]!r}")
+                buf += data
+        if now >= warm:
+            latencies.append(time.perf_counter() - now)
+    q.put((latencies, len(latencies) / (time.perf_counter() - warm)))
+
+
 def load(address: str, connections: int, seconds: float, token: str | None, q: mp.Queue) -> None:  # type: ignore[type-arg]
+    if connections == 0:
+        return load_fresh(address, seconds, token, q)
     host, port = address.rsplit(":", 1)
     frame = _request(address, token)
     sel = selectors.DefaultSelector()
@@ -174,52 +207,114 @@ def measure(
     return out
 
 
+def broker_asks(sock: str, n: int) -> dict[str, dict[str, float]]:
+    """Seconds per token ask: the proxy's (``BrokerTokens``, trio) and the blocking client's."""
+    import trio
+
+    from dc_broker.proxy.broker import BrokerTokens
+
+    async def proxy_asks() -> list[float]:
+        tokens = BrokerTokens(sock, "demo")
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await tokens.token(30.0)
+            times.append(time.perf_counter() - t)
+        tokens.close()
+        return times
+
+    with TokenClient(sock, cache=False) as client:
+        blocking = []
+        for _ in range(n):
+            t = time.perf_counter()
+            client.token("demo", min_ttl=30)
+            blocking.append(time.perf_counter() - t)
+    return {"proxy_ask": common.summary_us(trio.run(proxy_asks)), "blocking_client": common.summary_us(blocking)}
+
+
+@contextmanager
+def proxy_process(sock: str, upstream: str, source: str | None) -> Iterator[tuple[str, int]]:
+    """A `dc-broker proxy` (from ``source``, another tree's broker/ and client/, if given): its
+    address and pid."""
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(source) / part) for part in ("broker", "client"))
+    proc = subprocess.Popen(
+        [DC_BROKER, "proxy", "demo", "--socket", sock, "--upstream", upstream, "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        m = re.search(r"http://(\S+) ->", proc.stdout.readline())
+        assert m, "the proxy did not start"
+        yield m.group(1), proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+CONNECTIONS = {"1": 1, "16": 16, "fresh": 0}  # fresh: a new connection for every request
+
+
 def main() -> dict[str, object]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--before", default=None, help="another source tree whose proxy is measured too")
     args = parser.parse_args()
-    with common.dev() as (sock, _), upstream_process() as (upstream, upstream_pid):
-        proxy = subprocess.Popen(
-            [DC_BROKER, "proxy", "demo", "--socket", sock, "--upstream", upstream, "--listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            assert proxy.stdout is not None
-            m = re.search(r"http://(\S+) ->", proxy.stdout.readline())
-            assert m, "the proxy did not start"
-            via = m.group(1)
-            direct = urlsplit(upstream).netloc
-            figures: dict[str, dict[str, float]] = {}
-            pids = {"upstream": upstream_pid, "proxy": proxy.pid}
-            with TokenClient(sock) as broker:
-                token = broker.token("demo")
-            measure(direct, 4, 2.0, pids, token)  # warm both processes up (imports, first connections)
-            measure(via, 4, 2.0, pids)
-            for connections in (1, 16):
-                figures[f"direct_{connections}"] = measure(direct, connections, args.seconds, pids, token)
-                figures[f"proxy_{connections}"] = measure(via, connections, args.seconds, pids)
-        finally:
-            proxy.terminate()
-            proxy.wait(10)
-    overhead = {c: figures[f"proxy_{c}"]["p50_ms"] - figures[f"direct_{c}"]["p50_ms"] for c in (1, 16)}
+    hows = ["proxy"] + (["before"] if args.before else [])
+    figures: dict[str, dict[str, float]] = {}
+    with common.dev() as (sock, _), upstream_process() as (upstream, upstream_pid), ExitStack() as stack:
+        direct = urlsplit(upstream).netloc
+        proxies = {
+            how: stack.enter_context(proxy_process(sock, upstream, args.before if how == "before" else None))
+            for how in hows
+        }
+        with TokenClient(sock) as broker:
+            token = broker.token("demo")
+        pids = {"upstream": upstream_pid, **{how: pid for how, (_, pid) in proxies.items()}}
+        measure(direct, 4, 2.0, pids, token)  # warm every process up (imports, first connections)
+        for addr, _ in proxies.values():
+            measure(addr, 4, 2.0, pids)
+        for name, connections in CONNECTIONS.items():
+            figures[f"direct_{name}"] = measure(direct, connections, args.seconds, pids, token)
+            for how, (addr, _) in proxies.items():
+                figures[f"{how}_{name}"] = measure(addr, connections, args.seconds, pids)
+        asks = broker_asks(sock, 3000)
+    overhead = {
+        f"{how}_{name}": figures[f"{how}_{name}"]["p50_ms"] - figures[f"direct_{name}"]["p50_ms"]
+        for how in hows
+        for name in CONNECTIONS
+    }
     result = {
         **figures,
-        "p50_overhead_ms_1": overhead[1],
-        "p50_overhead_ms_16": overhead[16],
+        **{f"p50_overhead_ms_{key}": value for key, value in overhead.items()},
+        "broker_ask": asks,
+        "p50_overhead_ms_1": overhead["proxy_1"],
         "target": {"p50_overhead_ms_1": 1.0},
     }
     lines = [f"GET {PATH} against a local upstream, direct vs through `dc-broker proxy` (closed loop):"]
-    for c in (1, 16):
-        for how in ("direct", "proxy"):
-            f = figures[f"{how}_{c}"]
+    for name in CONNECTIONS:
+        label = "new conn/req" if name == "fresh" else f"{name:>2} conn"
+        for how in ("direct", *hows):
+            f = figures[f"{how}_{name}"]
+            cpu = "".join(f", {p} {f[f'{p}_cpu_us_per_request']:.0f} us" for p in hows if how in ("direct", p))
             lines.append(
-                f"  {c:>2} conn {how:<6}  p50 {f['p50_ms']:.3f} ms  p99 {f['p99_ms']:.3f} ms  "
+                f"  {label} {how:<6}  p50 {f['p50_ms']:.3f} ms  p99 {f['p99_ms']:.3f} ms  "
                 f"{f['rps']:,.0f} req/s  ({f['n']} requests)  CPU/request: upstream "
-                f"{f['upstream_cpu_us_per_request']:.0f} us, proxy {f['proxy_cpu_us_per_request']:.0f} us"
+                f"{f['upstream_cpu_us_per_request']:.0f} us{cpu}"
             )
-        lines.append(f"  {c:>2} conn p50 overhead {overhead[c]:.3f} ms" + ("  (target <= 1 ms)" if c == 1 else ""))
+        for how in hows:
+            lines.append(f"  {label} p50 overhead ({how}) {overhead[f'{how}_{name}']:.3f} ms")
+    p, b = asks["proxy_ask"], asks["blocking_client"]
+    lines.append(
+        f"  broker ask per request: median {p['median_us']:.0f} us, p99 {p['p99_us']:.0f} us "
+        f"(blocking TokenClient round trip: median {b['median_us']:.0f} us; "
+        f"ratio {p['median_us'] / b['median_us']:.2f})"
+    )
+    lines.append("  target: p50 overhead at 1 connection <= 1 ms")
     print("\n".join(lines))
     print(f"  -> {common.write('proxy', result)}")
     return result

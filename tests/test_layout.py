@@ -27,6 +27,8 @@ PURE = [
     "dc_broker.access.rules",
     "dc_broker.config",
     "dc_broker.config.values",
+    "dc_broker.proxy.rules",
+    "dc_broker.sessions.schedule",
 ]
 IMPURE = {"trio", "httpx", "anyio", "click", "socket", "sqlite3", "msgpack_numpy"}
 

@@ -1,5 +1,7 @@
-"""`dc-broker proxy`: the pure rules (socket table, admission, headers), then the real proxy process
-in front of the dev IdP's demo API and a streaming test upstream, driven by curl."""
+"""`dc-broker proxy`: the pure rules (admission, targets, headers, what a 401 means, its own answers),
+then the real proxy process in front of the dev IdP's demo API and a streaming test upstream,
+driven by curl. The caller check with real users is tests/test_proxy_users.py, the upstream's
+faults tests/test_proxy_faults.py, the kernel lookups tests/test_proxy_peer.py."""
 
 from __future__ import annotations
 
@@ -8,16 +10,28 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from dc_broker.errors import ConfigError
-from dc_broker.proxy import Listen, Rules, admit, tcp_owner, upstream_headers, upstream_url
-from tests.e2e import DC_BROKER, dev_broker
+from dc_broker.proxy.rules import (
+    MAX_URL,
+    Listen,
+    Refused,
+    Rules,
+    admit,
+    broker_refused,
+    raw_answer,
+    response_headers,
+    retry_after_401,
+    upstream_headers,
+    upstream_url,
+)
+from tests.e2e import DC_BROKER, dev_broker, stop, wait_for_socket
 from tests.test_client_e2e import revoke
 from tests.tls import make_tls
 from tests.upstream import pattern_digest, running_upstream
@@ -25,40 +39,26 @@ from tests.upstream import pattern_digest, running_upstream
 API = "/dp/api/v1/aiconnections/types"
 ROOT = os.getuid() == 0
 
-# /proc/net/tcp as the kernel writes it: both ends of a loopback connection 127.0.0.1:40000 -> :8765
-TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:223D 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 111 1
-   1: 0100007F:9C40 0100007F:223D 01 00000000:00000000 00:00000000 00000000  1001        0 222 1
-   2: 0100007F:223D 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 333 1
-"""
-TCP6 = """  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 00000000000000000000000001000000:9C41 00000000000000000000000001000000:223D 01 00000000:00000000 00:00000000 00000000  1002        0 444 1
-   1: 0000000000000000FFFF00000100007F:9C42 0000000000000000FFFF00000100007F:223D 01 00000000:00000000 00:00000000 00000000  1003        0 555 1
-"""
 
-
-def test_socket_table_gives_the_client_ends_uid() -> None:
-    assert tcp_owner([TCP], ("127.0.0.1", 40000), ("127.0.0.1", 8765)) == 1001  # not the server end's 1000
-    assert tcp_owner([TCP], ("127.0.0.1", 40001), ("127.0.0.1", 8765)) is None
-    assert tcp_owner([TCP, TCP6], ("::1", 40001), ("::1", 8765)) == 1002
-    assert tcp_owner([TCP6], ("127.0.0.1", 40002), ("127.0.0.1", 8765)) == 1003  # v4-mapped on a v6 socket
+def refusal(found: Refused | None) -> str:
+    assert found is not None
+    return f"{found.status} {found.message}"
 
 
 def test_admission_rules() -> None:
     rules = Rules(uid=1000, hosts=Listen().hosts(8765), allowed_origins=frozenset({"https://app.example.com"}))
     ok = [(b"Host", b"127.0.0.1:8765")]
-    assert admit(rules, 1000, ok) is None
-    assert admit(rules, 1000, [(b"host", b"LOCALHOST:8765")]) is None
-    assert "uid 1001 may not use" in str(admit(rules, 1001, ok))
-    assert "cannot tell" in str(admit(rules, None, ok))
-    assert "Origin https://evil.example" in str(admit(rules, 1000, [*ok, (b"Origin", b"https://evil.example")]))
-    assert "Sec-Fetch-Site" in str(admit(rules, 1000, [*ok, (b"Sec-Fetch-Site", b"same-origin")]))
-    assert (
-        admit(rules, 1000, [*ok, (b"Origin", b"https://app.example.com"), (b"Sec-Fetch-Site", b"cross-site")]) is None
+    assert admit(rules, ok) is None
+    assert admit(rules, [(b"host", b"LOCALHOST:8765")]) is None
+    assert refusal(admit(rules, [*ok, (b"Origin", b"https://evil.example")])) == (
+        "403 dc-broker proxy: requests from web pages are refused (Origin https://evil.example); allow an origin "
+        "with --allow-origin if a page of yours needs the proxy"
     )
-    assert "DNS rebinding" in str(admit(rules, 1000, [(b"Host", b"evil.example:8765")]))
-    assert "DNS rebinding" in str(admit(rules, 1000, []))
-    assert admit(Rules(uid=1000), 1000, [(b"Host", b"anything")]) is None  # a Unix listener: no Host check
+    assert "Sec-Fetch-Site" in refusal(admit(rules, [*ok, (b"Sec-Fetch-Site", b"same-origin")]))
+    assert admit(rules, [*ok, (b"Origin", b"https://app.example.com"), (b"Sec-Fetch-Site", b"cross-site")]) is None
+    assert "DNS rebinding" in refusal(admit(rules, [(b"Host", b"evil.example:8765")]))
+    assert "DNS rebinding" in refusal(admit(rules, []))
+    assert admit(Rules(uid=1000), [(b"Host", b"anything")]) is None  # a Unix listener: no Host check
 
 
 def test_listen_addresses() -> None:
@@ -66,16 +66,21 @@ def test_listen_addresses() -> None:
     assert Listen.parse("[::1]:9000") == Listen("::1", 9000)
     assert Listen.parse("localhost:0") == Listen("127.0.0.1", 0)
     assert Listen.parse("unix:/run/x.sock").path == "/run/x.sock"
-    for bad in ("0.0.0.0:8765", "192.168.1.5:80", "example.com:80", "unix:"):
+    for bad in ("0.0.0.0:8765", "192.168.1.5:80", "example.com:80", "unix:", "127.0.0.1:65536"):
         with pytest.raises(ConfigError):
             Listen.parse(bad)
+    assert Listen.parse("[::1]:9000").in_use() == (
+        "[::1]:9000 is in use (another dc-broker proxy?); choose another port with --listen [::1]:PORT, "
+        "or --listen unix:PATH"
+    )
 
 
 def test_headers_to_upstream() -> None:
     sent = [
         (b"Host", b"127.0.0.1:8765"),
         (b"Authorization", b"Basic bm8="),
-        (b"Connection", b"keep-alive"),
+        (b"Connection", b"keep-alive, X-Hop"),
+        (b"X-Hop", b"dropped: the Connection header names it"),
         (b"Transfer-Encoding", b"chunked"),
         (b"Accept", b"application/json"),
         (b"X-Custom", b"1"),
@@ -85,18 +90,52 @@ def test_headers_to_upstream() -> None:
         (b"X-Custom", b"1"),
         (b"authorization", b"Bearer tok"),
     ]
+    answer = [(b"Content-Type", b"text/plain"), (b"Connection", b"close, x-trace"), (b"X-Trace", b"1"), (b"TE", b"x")]
+    assert response_headers(answer) == [(b"Content-Type", b"text/plain")]
+
+
+def test_targets_that_go_upstream() -> None:
     assert upstream_url("https://dc.example.com/", b"/dp/api?x=1") == "https://dc.example.com/dp/api?x=1"
-    with pytest.raises(ValueError, match="origin-form"):
-        upstream_url("https://dc.example.com", b"http://elsewhere/")
+    for target in (b"http://elsewhere/", b"elsewhere:443", b"*"):  # absolute-, authority-, asterisk-form
+        with pytest.raises(Refused, match="only origin-form") as refused:
+            upstream_url("https://dc.example.com", target)
+        assert refused.value.status == 400
+    base = "https://dc.example.com"
+    assert len(upstream_url(base, b"/" + b"a" * (MAX_URL - len(base) - 1))) == MAX_URL
+    with pytest.raises(Refused) as refused:
+        upstream_url(base, b"/" + b"a" * (MAX_URL - len(base)))
+    assert (refused.value.status, refused.value.message) == (
+        414,
+        f"dc-broker proxy: the URL is {MAX_URL + 1} characters long; at most {MAX_URL} go upstream",
+    )
+
+
+def test_what_a_401_means() -> None:
+    assert retry_after_401(401, True, "old", "new")
+    assert not retry_after_401(401, True, "old", "old")  # the broker has nothing newer: the 401 goes back
+    assert not retry_after_401(401, False, "old", "new")  # the body was streamed, not kept
+    assert not retry_after_401(403, True, "old", "new")  # a token without the permission stays so
+
+
+def test_the_proxys_own_answers() -> None:
+    assert raw_answer(Refused(403, "dc-broker proxy: no")) == (
+        b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 20\r\n"
+        b"server: dc-broker-proxy\r\nconnection: close\r\n\r\ndc-broker proxy: no\n"
+    )
+    locked = broker_refused("the broker is locked", "run `dc-broker unlock`")
+    assert (locked.status, locked.message) == (503, "dc-broker proxy: the broker is locked; run `dc-broker unlock`")
+    assert broker_refused("gone", "").message == "dc-broker proxy: gone"
 
 
 # ---------------------------------------------------------------- the real proxy
 
 
 @contextmanager
-def proxy_process(sock: str, upstream: str, *args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def proxy_process(
+    sock: str, upstream: str, *args: str, profile: str = "demo"
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     proc = subprocess.Popen(
-        [DC_BROKER, "proxy", "demo", "--socket", sock, "--upstream", upstream, "--listen", "127.0.0.1:0", *args],
+        [DC_BROKER, "proxy", profile, "--socket", sock, "--upstream", upstream, "--listen", "127.0.0.1:0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -231,30 +270,49 @@ def test_another_uid_gets_403_over_tcp_and_unix(dev, tmp_path: Path) -> None:
         shutil.rmtree(run_dir)
 
 
+def start_proxy(*args: str) -> subprocess.CompletedProcess[str]:
+    """`dc-broker proxy ...` that is expected to stop at start."""
+    return subprocess.run([DC_BROKER, "proxy", *args], capture_output=True, text=True, timeout=30)
+
+
 @pytest.mark.e2e
-def test_no_broker_and_no_upstream_are_clear_answers(dev, tmp_path: Path) -> None:
+def test_start_up_errors_are_one_line_with_the_fix(dev, tmp_path: Path) -> None:
+    sock, base, _ = dev
+    none = str(tmp_path / "none.sock")
+    result = start_proxy("demo", "--socket", none, "--upstream", base)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        3,
+        "",
+        f"Error: no dc-broker is running on {none}; start it first (`dc-broker run`), then the proxy\n",
+    )
+    result = start_proxy("nosuch", "--socket", sock, "--upstream", base, "--listen", "127.0.0.1:0")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        4,
+        "",
+        f"Error: the broker on {sock} has no profile named 'nosuch'; `dc-broker status --socket {sock}` lists "
+        "its profiles, `dc-broker add` adds one\n",
+    )
+    with proxy_process(sock, base) as (addr, _):
+        result = start_proxy("demo", "--socket", sock, "--upstream", base, "--listen", addr)
+        assert (result.returncode, result.stdout, result.stderr) == (
+            2,
+            "",
+            f"Error: {addr} is in use (another dc-broker proxy?); choose another port with --listen "
+            "127.0.0.1:PORT, or --listen unix:PATH\n",
+        )
+    result = start_proxy("demo", "--socket", sock, "--upstream", "http://dc.example.com")
+    assert result.returncode == 2 and "plain http to a non-loopback host" in result.stderr
+
+
+@pytest.mark.e2e
+def test_no_upstream_is_a_502_for_that_request(dev) -> None:
     sock, _, _ = dev
-    result = subprocess.run(
-        [DC_BROKER, "proxy", "demo", "--socket", str(tmp_path / "none.sock"), "--upstream", "http://127.0.0.1:9"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode != 0 and "no dc-broker is running" in result.stderr
-    result = subprocess.run(
-        [DC_BROKER, "proxy", "demo", "--socket", sock, "--upstream", "http://dc.example.com"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode != 0 and "plain http to a non-loopback host" in result.stderr
-    with proxy_process(sock, "http://127.0.0.1:9") as (addr, _):
+    with proxy_process(sock, "http://127.0.0.1:9") as (addr, proc):
         code, body = curl(f"http://{addr}{API}")
         assert code == 502 and "upstream http://127.0.0.1:9 failed: ConnectError" in body
-    with proxy_process(sock, "http://127.0.0.1:9") as (addr, _):
         code, body = curl(f"http://{addr}/x", "-H", "Host: 127.0.0.1:1")
         assert code == 403
-    assert sys.executable  # the processes above ran under this interpreter's venv
+        assert proc.poll() is None
 
 
 @pytest.mark.e2e
@@ -276,3 +334,45 @@ def test_upstream_tls_is_verified_against_the_profiles_ca_bundle(dev, tmp_path: 
         )
         with proxy_process(sock, upstream, "--config", str(cfg)) as (addr, _):  # the profile's own bundle
             assert curl(f"http://{addr}/echo")[0] == 200
+
+
+@pytest.mark.e2e
+def test_the_brokers_word_is_final_lock_logout_remove(idp: str, tmp_path: Path) -> None:
+    """Finding 3: the proxy asks the broker for every request's token, so `dc-broker lock`, `logout`
+    and `remove` hold from the very next request: 503, and nothing (no token) goes upstream."""
+    from tests.test_cli import add_demo, cli, init_keyfile
+
+    home = {k: v for k, v in os.environ.items() if not k.startswith("DC_BROKER_")}
+    home.update(
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        DC_BROKER_SOCKET=str(tmp_path / "run" / "broker.sock"),
+    )
+    sock = home["DC_BROKER_SOCKET"]
+    init_keyfile(home, tmp_path)
+    assert add_demo(home, idp).returncode == 0
+    daemon = subprocess.Popen([DC_BROKER, "run"], env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(sock, daemon)
+        with running_upstream(idp=idp) as upstream, proxy_process(sock, upstream, profile="acme") as (addr, _):
+
+            def through() -> tuple[int, str, list[str]]:
+                before = len(httpx.get(f"{upstream}/seen").json())
+                code, body = curl(f"http://{addr}/echo")
+                return code, body, httpx.get(f"{upstream}/seen").json()[before:]
+
+            code, body, reached = through()
+            assert code == 200 and json.loads(body)["headers"]["authorization"].startswith("Bearer ")
+            assert reached == ["GET /echo authorized"]
+            assert cli(home, "lock").returncode == 0
+            assert through() == (503, "dc-broker proxy: the vault is locked; run `dc-broker unlock`\n", [])
+            assert cli(home, "unlock").returncode == 0
+            assert through()[0] == 200
+            assert cli(home, "logout", "acme").returncode == 0
+            code, body, reached = through()
+            assert (code, reached) == (503, []) and "`dc-broker login acme`" in body, body
+            assert cli(home, "remove", "acme").returncode == 0
+            code, body, reached = through()
+            assert (code, reached) == (503, []) and "no profile named 'acme'" in body, body
+    finally:
+        stop(daemon)

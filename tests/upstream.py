@@ -9,6 +9,8 @@ With ``--idp`` every request's ``Authorization`` header is checked against the d
     GET  /echo                   200 {"headers": {...}, "method": ..., "path": ...}
     POST|PUT /upload             streams the body: 200 {"bytes": N, "sha256": HEX}
     GET  /download?size=N        N bytes of a fixed pattern, streamed (sha256 in X-Sha256)
+    GET  /seen                   200 ["METHOD /path?query authorized|anonymous", ...]: every request
+                                 to the routes above so far, in order (what reached the upstream)
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ def pattern_digest(size: int) -> str:
 
 def build_app(idp: str | None) -> Starlette:
     client = httpx.AsyncClient(timeout=10) if idp else None
+    seen: list[str] = []
 
     async def denied(request: Request) -> Response | None:
         header = request.headers.get("authorization", "")
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        seen.append(f"{request.method} {target} {'authorized' if header else 'anonymous'}")
         if not header.startswith("Bearer "):
             return JSONResponse({"error": "unauthorized"}, 401, headers={"WWW-Authenticate": "Bearer"})
         if client is not None:
@@ -99,8 +104,12 @@ def build_app(idp: str | None) -> Starlette:
         headers = {"X-Sha256": pattern_digest(size), "Content-Length": str(size)}
         return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
 
+    async def seen_so_far(request: Request) -> Response:
+        return JSONResponse(seen)
+
     return Starlette(
         routes=[
+            Route("/seen", seen_so_far, methods=["GET"]),
             Route("/echo", echo, methods=["GET", "POST"]),
             Route("/upload", upload, methods=["POST", "PUT"]),
             Route("/download", download, methods=["GET"]),

@@ -5,7 +5,7 @@
 Owns how each is started from the command line: logging, process hardening, where secrets come from
 (``--secrets-stdin``, the vault, or memory only), the dev IdP's demo profiles, and the proxy's
 checks before it binds. What runs is not here: the daemon is ``dc_broker.daemon.run_broker``, the
-proxy ``dc_broker.proxy.run_proxy``, the dev IdP ``dc_broker.devserver``. Errors are raised, also
+proxy ``dc_broker.proxy.serve.run_proxy``, the dev IdP ``dc_broker.devserver``. Errors are raised, also
 from inside ``trio.run`` and its nurseries, and printed by the boundary (``dc_broker.cli.boundary``).
 trio, the daemon and the vault are imported inside the commands: every start of ``dc-broker``
 (``--help``, each TAB) imports this module.
@@ -314,7 +314,9 @@ def proxy(
 
     from dc_broker.daemon import until_signalled
     from dc_broker.idp import proxies
-    from dc_broker.proxy import Listen, check_upstream, run_proxy, tls_context
+    from dc_broker.proxy.rules import Listen
+    from dc_broker.proxy.serve import run_proxy
+    from dc_broker.proxy.upstream import check_upstream, tls_context
 
     _setup_logging(verbose)
     where = Listen.parse(listen)
