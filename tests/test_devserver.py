@@ -366,8 +366,19 @@ async def test_refresh_resets_idle_and_narrows_scope(client: httpx.AsyncClient, 
     assert body["refresh_expires_in"] == 1800 and body["scope"] == "openid profile email"
     clock.advance(1700)  # 2700 s after login: only alive because the refresh reset the idle timer
     assert (await refresh(client, body["refresh_token"])).status_code == 200
+    # Keycloak 23+: a client scope the login never had is dropped silently (200, the token lacks it)
     widened = await refresh(client, body["refresh_token"], scope="openid offline_access")
-    assert error_of(widened) == (400, "invalid_scope", "Invalid scopes: openid offline_access")
+    assert widened.status_code == 200 and widened.json()["scope"] == "openid profile email"
+    # what is no client scope at all is refused (openid is exempt)
+    bogus = await refresh(client, body["refresh_token"], scope="openid bogus")
+    assert error_of(bogus) == (400, "invalid_scope", "Invalid scopes: openid bogus")
+
+
+@pytest.mark.parametrize("realm_overrides", [{"refresh_scope": "ignore"}])
+async def test_rh_sso_ignores_scope_on_refresh(client: httpx.AsyncClient) -> None:
+    first = await login(client, scope="openid phone")
+    body = (await refresh(client, first["refresh_token"], scope="openid")).json()
+    assert body["scope"] == first["scope"] == "openid phone profile email"
 
 
 async def test_idle_expiry_kills_refresh_token(client: httpx.AsyncClient, clock: FakeClock) -> None:
@@ -442,15 +453,28 @@ async def test_offline_tokens_have_no_expiry_but_offline_idle(client: httpx.Asyn
 
 
 @pytest.mark.parametrize("realm_overrides", [{"rotate_refresh_tokens": True}])
-async def test_rotation_reuse_kills_the_session(client: httpx.AsyncClient, idp: DevIdP) -> None:
+async def test_rotation_reuse_detaches_the_client(client: httpx.AsyncClient, idp: DevIdP) -> None:
     first = await login(client)
     second = (await refresh(client, first["refresh_token"])).json()
     assert second["refresh_token"] != first["refresh_token"]
     reused = await refresh(client, first["refresh_token"])
     assert error_of(reused) == (400, "invalid_grant", "Maximum allowed refresh token reuse exceeded")
     assert idp.stats.refresh_reuse == 1
+    # only this client's part of the session ends: its newest token says so, the user session lives on
     newest = await refresh(client, second["refresh_token"])
-    assert error_of(newest) == (400, "invalid_grant", "Session not active")
+    assert error_of(newest) == (400, "invalid_grant", "Session doesn't have required client")
+    sid = first["session_state"]
+    assert idp._state.sessions.session(sid).alive
+
+
+@pytest.mark.parametrize("realm_overrides", [{"rotate_refresh_tokens": True}])
+async def test_an_older_refresh_token_is_stale(client: httpx.AsyncClient, idp: DevIdP, clock: FakeClock) -> None:
+    first = await login(client)
+    clock.advance(10)
+    second = (await refresh(client, first["refresh_token"])).json()
+    clock.advance(10)
+    assert (await refresh(client, second["refresh_token"])).status_code == 200
+    assert error_of(await refresh(client, first["refresh_token"])) == (400, "invalid_grant", "Stale token")
 
 
 @pytest.mark.parametrize("realm_overrides", [{"rotate_refresh_tokens": True, "refresh_token_max_reuse": 1}])
@@ -480,14 +504,27 @@ async def test_logout_ends_the_session(client: httpx.AsyncClient) -> None:
     assert error_of(garbage) == (400, "invalid_grant", "Invalid refresh token")
 
 
-async def test_revoke_refresh_and_access_tokens(client: httpx.AsyncClient) -> None:
+async def test_revoke_refresh_and_access_tokens(client: httpx.AsyncClient, idp: DevIdP) -> None:
     one, two = await login(client), await login(client)
-    assert (await post(client, {"token": one["refresh_token"]}, path=f"{OIDC}/revoke")).status_code == 200
-    assert error_of(await refresh(client, one["refresh_token"]))[2] == "Session not active"
+    revoked = await post(client, {"token": one["refresh_token"]}, path=f"{OIDC}/revoke")
+    assert revoked.status_code == 200 and revoked.content == b""
+    # Keycloak 23+: revoking detaches this client; the user session (and its browser SSO) lives on
+    assert error_of(await refresh(client, one["refresh_token"]))[2] == "Session doesn't have required client"
+    assert idp._state.sessions.session(one["session_state"]).alive
     assert (await post(client, {"token": two["access_token"]}, path=f"{OIDC}/revoke")).status_code == 200
     assert (await call_api(client, two["access_token"])).status_code == 401
     assert (await refresh(client, two["refresh_token"])).status_code == 200
-    assert (await post(client, {"token": "unknown"}, path=f"{OIDC}/revoke")).status_code == 200
+    # an unknown or dead token: 200 all the same, with Keycloak's invalid_token body
+    for token in ("unknown", one["refresh_token"]):
+        again = await post(client, {"token": token}, path=f"{OIDC}/revoke")
+        assert again.status_code == 200 and again.json()["error"] == "invalid_token"
+
+
+@pytest.mark.parametrize("realm_overrides", [{"revoke_scope": "user"}])
+async def test_keycloak_22_revoke_detaches_the_client_from_every_session_of_the_user(client: httpx.AsyncClient) -> None:
+    one, two = await login(client), await login(client)
+    assert (await post(client, {"token": one["refresh_token"]}, path=f"{OIDC}/revoke")).status_code == 200
+    assert error_of(await refresh(client, two["refresh_token"]))[2] == "Session doesn't have required client"
 
 
 async def test_introspection(client: httpx.AsyncClient, clock: FakeClock) -> None:

@@ -251,7 +251,10 @@ def test_run_with_config_and_secrets_on_stdin(dev, tmp_path: Path) -> None:
         assert dc_token(sock, "svc").returncode == 0
         result = dc_token(sock, "nosecret")
         assert result.returncode == 5
-        assert "no client secret stored" in result.stderr and "`dc-broker add nosecret" in result.stderr
+        assert (
+            "no client secret stored" in result.stderr
+            and "`dc-broker rotate nosecret --client-secret`" in result.stderr
+        )
         status = run([DC_BROKER, "status", "--socket", sock])
         assert status.returncode == 0 and "acme" in status.stdout and "fresh" in status.stdout
     finally:

@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 import pytest
 
 from dc_broker.config import Profile
-from dc_broker.errors import UpstreamGarbage, UpstreamTransient
+from dc_broker.errors import ScopeWidened, UpstreamGarbage, UpstreamTransient
 from dc_broker.idp.oidc import Endpoints, HttpRequest, HttpResponse
 from dc_broker.secret import Secret
 from dc_broker.sessions import flows
@@ -107,15 +107,32 @@ def test_revoke_ends_the_refresh_token_else_the_access_token() -> None:
     s = Stepper(flows.revoke(Login(PASSWORD, CREDS, EP), tokens))
     assert form(s.step) == {"token": "RT", "token_type_hint": "refresh_token"}
     s.answer(raw(200))
-    assert s.done and s.result is True
+    assert s.done and s.result is flows.Ended.REVOKED
     s = Stepper(flows.revoke(Login(SERVICE, CREDS, EP), replace(tokens, refresh_token=None)))
     assert form(s.step) == {"token": "AT", "token_type_hint": "access_token"}
     s.answer(raw(503))
-    assert s.done and s.result is False
+    assert s.done and s.result is flows.Ended.UNCONFIRMED
+    s = Stepper(flows.revoke(Login(PASSWORD, CREDS, EP), tokens))
+    s.answer(js({"error": "invalid_token", "error_description": "Invalid token"}))  # Keycloak: 200 all the same
+    assert s.done and s.result is flows.Ended.NOTHING
     no_endpoint = flows.revoke(Login(PASSWORD, CREDS, replace(EP, revocation=None)), tokens)
     with pytest.raises(StopIteration) as stop:
         next(no_endpoint)
-    assert stop.value.value is False
+    assert stop.value.value is flows.Ended.UNCONFIRMED
+
+
+def test_logout_ends_the_idp_session_first_and_revokes_only_where_it_cannot() -> None:
+    tokens = TokenSet(Secret("AT"), 0.0, 300.0, refresh_token=Secret("RT"))
+    ep = replace(EP, end_session="https://sso.example.com/logout")
+    s = Stepper(flows.end_login(Login(PASSWORD, CREDS, ep), tokens))
+    assert s.step.url == "https://sso.example.com/logout" and form(s.step) == {"refresh_token": "RT"}
+    s.answer(raw(204))
+    assert s.done and s.result is flows.Ended.SESSION
+    s = Stepper(flows.end_login(Login(PASSWORD, CREDS, ep), tokens))
+    revoke = s.answer(raw(404, b"Not Found"))  # an IdP without Keycloak's logout endpoint
+    assert revoke.url == EP.revocation
+    s.answer(raw(200))
+    assert s.done and s.result is flows.Ended.REVOKED
 
 
 @pytest.mark.parametrize(
@@ -124,7 +141,6 @@ def test_revoke_ends_the_refresh_token_else_the_access_token() -> None:
         js({"error": "invalid_grant", "error_description": "Session not active"}, 400),
         raw(400),
         raw(401, b"<html>401</html>"),
-        raw(403, b"Forbidden", "text/plain"),
         js({"error": "invalid_request", "error_description": "Invalid refresh token"}, 400),
     ],
 )
@@ -201,11 +217,57 @@ def test_an_answer_of_the_wrong_kind_is_a_type_error() -> None:
 # -- narrowing ------------------------------------------------------------------------------------------
 
 
-def test_narrowing_refreshes_with_the_scope() -> None:
+def test_narrowing_refreshes_with_the_scope_and_hands_a_rotated_token_to_the_login() -> None:
     s = Stepper(flows.narrow(Login(PASSWORD, CREDS, EP, refresh_token=Secret("RT")), "read"))
     assert form(s.step)["scope"] == "read" and form(s.step)["grant_type"] == "refresh_token"
-    s.answer(GRANTED)
-    assert s.done
+    rotated = s.answer(GRANTED)
+    assert isinstance(rotated, flows.Rotated) and rotated.refresh_token == Secret("RT2")
+    s.send(None)
+    assert s.done and s.result.refresh_token is None  # the narrowed token never carries the login's chain
+
+
+def narrowed(scope: str, rotated: bool = False) -> HttpResponse:
+    body = {"access_token": "AT-n", "expires_in": 300, "scope": scope}
+    return js({**body, "refresh_token": "RT2"} if rotated else body)
+
+
+def test_a_narrowing_granted_less_than_asked_is_served_with_what_was_granted() -> None:
+    """Keycloak 23+ drops a scope the login never had, silently: the caller sees the granted scope
+    (dc-token --scope then fails naming what is missing)."""
+    s = Stepper(flows.narrow(Login(PASSWORD, CREDS, EP, refresh_token=Secret("RT")), "openid phone"))
+    s.answer(narrowed("openid"))
+    assert s.done and s.result.scope == "openid"
+
+
+def test_an_idp_that_ignores_scope_on_refresh_makes_a_password_profile_ask_directly() -> None:
+    """RH-SSO 7.6 answers a refresh with the login's whole scope: never served; a password profile asks
+    the token endpoint for exactly the scope with its password instead."""
+    login = Login(PASSWORD, CREDS, EP, refresh_token=Secret("RT"), granted_scope="openid profile email phone")
+    s = Stepper(flows.narrow(login, "openid"))
+    direct = s.answer(narrowed("openid profile email phone"))
+    assert form(direct) == {"grant_type": "password", "username": "alice", "password": "pw", "scope": "openid"}
+    s.answer(narrowed("openid", rotated=True))
+    assert s.done and s.result.scope == "openid" and s.result.refresh_token is None
+
+
+def test_a_device_login_cannot_be_narrowed_by_an_idp_that_ignores_scope() -> None:
+    login = Login(DEVICE, Credentials(), EP, refresh_token=Secret("RT"), granted_scope="openid profile email")
+    s = Stepper(flows.narrow(login, "openid"))
+    with pytest.raises(ScopeWidened, match=r"ignores scope on a refresh \(Keycloak up to 22 and RH-SSO 7.6"):
+        s.answer(narrowed("openid profile email"))
+
+
+def test_default_scopes_a_request_cannot_remove_are_named_for_the_caller() -> None:
+    login = Login(DEVICE, Credentials(), EP, refresh_token=Secret("RT"), granted_scope="openid profile email phone")
+    s = Stepper(flows.narrow(login, "openid"))
+    with pytest.raises(ScopeWidened, match=r'default client scopes .*--scope "openid email profile"'):
+        s.answer(narrowed("openid profile email"))
+
+
+def test_a_client_credentials_narrowing_wider_than_asked_is_refused() -> None:
+    s = Stepper(flows.narrow(Login(SERVICE, CREDS, EP), "openid"))
+    with pytest.raises(ScopeWidened, match="more than asked"):
+        s.answer(narrowed("openid profile email"))
 
 
 def test_narrowing_a_dead_login_asks_for_its_renewal() -> None:

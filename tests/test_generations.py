@@ -20,7 +20,7 @@ from dc_broker.sessions.session import Session, shift_times
 from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
-from dc_token.errors import InternalError, Locked, LoginRequired, UpstreamUnavailable
+from dc_token.errors import CredentialsRejected, InternalError, Locked, LoginRequired, UpstreamUnavailable
 from tests.conftest import CREDENTIALS, idp_transport, make_session, profile, running, trio_wall_clock
 
 
@@ -171,7 +171,7 @@ async def test_a_device_login_landing_while_a_narrowing_holds_the_login(make_idp
     async with running(sessions.run) as nursery:
         demo = sessions.lookup("demo")
         await demo.get()
-        child = sessions.lookup_scoped(demo, "email")
+        child = sessions.lookup_scoped(demo, "email profile")
         idp.faults.latency = 3.0
         nursery.start_soon(child.get)
         while not demo.busy:
@@ -201,6 +201,15 @@ async def test_an_outcome_of_an_old_generation_is_dropped_not_applied(make_idp, 
         assert session.state is State.REJECTED  # the new generation's own attempt decides
 
 
+async def approved_device_login(idp: DevIdP, session: Session) -> None:
+    """A person's device login, approved at the dev IdP as user demo."""
+    login = session.device_login()
+    shown = await login.__anext__()
+    idp.approve_device(shown["user_code"], "demo")
+    async for _ in login:
+        pass
+
+
 # -- RFC 6749 section 6 and other OPs ---------------------------------------------------------------------------
 
 
@@ -211,11 +220,7 @@ async def test_an_op_that_never_rotates_keeps_a_device_login_for_twenty_refreshe
     idp = make_idp(access_lifespan=60, sso_idle=90, refresh_token_answer=answer, send_refresh_expires_in=False)
     session = make_session(idp, "device")
     async with running(session.run):
-        gen = session.device_login()
-        shown = await gen.__anext__()
-        idp.approve_device(shown["user_code"], "demo")
-        async for _ in gen:
-            pass
+        await approved_device_login(idp, session)
         first = session.token
         assert first is not None and first.refresh_token is not None
         await trio.sleep(20 * 60 * 0.8 + 5)
@@ -270,16 +275,22 @@ async def test_a_zero_expires_in_does_not_refresh_every_second(make_idp, autojum
     assert session.refreshes <= 3600 / (0.7 * 599) + 2 and session.state is State.FRESH
 
 
-async def test_a_scope_granted_wider_than_asked_is_kept_and_shown(make_idp, autojump_clock) -> None:
+async def test_an_idp_ignoring_scope_on_refresh_never_makes_a_wider_token_served(make_idp, autojump_clock) -> None:
+    """RH-SSO 7.6 answers a narrowing refresh with the login's whole scope: a password profile gets the
+    narrower token from a password grant with that scope; a device login's narrowing is refused."""
     idp = make_idp(refresh_scope="ignore")
-    sessions = registry(idp, "demo")
+    sessions = registry(idp, "demo", "device", scope="openid phone")
     async with running(sessions.run):
         demo = sessions.lookup("demo")
-        await demo.get()
-        child = sessions.lookup_scoped(demo, "email")
+        assert "phone" in (await demo.get()).scope.split()
+        child = sessions.lookup_scoped(demo, "openid profile email")
         tok = await child.get()
-        assert tok.scope == demo.token.scope  # RH-SSO answered the full scope: kept as it said
+        assert tok.scope == "openid profile email"
         assert child.status(trio.current_time())["scope"] == tok.scope
+        device = sessions.lookup("device")
+        await approved_device_login(idp, device)
+        with pytest.raises(CredentialsRejected, match="ignores scope on a refresh"):
+            await sessions.lookup_scoped(device, "openid profile email").get()
 
 
 # -- a sent refresh is precious ---------------------------------------------------------------------------------
@@ -345,7 +356,7 @@ async def test_a_scoped_childs_failure_during_an_outage_is_the_parents_error(mak
     async with running(sessions.run):
         demo = sessions.lookup("demo")
         await demo.get()
-        child = sessions.lookup_scoped(demo, "email")
+        child = sessions.lookup_scoped(demo, "email profile")
         await child.get()
         idp.faults.fail_next(1000)
         with caplog.at_level(logging.WARNING):
@@ -406,7 +417,7 @@ async def test_logout_forgets_the_narrowed_tokens_too(make_idp, autojump_clock) 
     async with running(sessions.run):
         demo = sessions.lookup("demo")
         await demo.get()
-        child = sessions.lookup_scoped(demo, "email")
+        child = sessions.lookup_scoped(demo, "email profile")
         await child.get()
         await demo.logout()
         assert child.peek(0, trio.current_time()) is None

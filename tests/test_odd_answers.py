@@ -165,11 +165,11 @@ async def test_a_drip_feeding_idp_cannot_keep_a_profile_refreshing(make_idp, aut
     idp = make_idp()
     idp.faults.drip = 1.0  # one byte a second: every chunk is in time, the whole never is
     store = MemoryStore({"demo": CREDENTIALS["demo"]})
-    transport = IdpTransport(Timeouts(total=20.0), transport=httpx.ASGITransport(app=idp.app))
+    transport = IdpTransport(Timeouts(total=20.0, patient_total=25.0), transport=httpx.ASGITransport(app=idp.app))
     session = Session(profile("demo"), store, transport)
 
     async with running(session.run):
-        with pytest.raises(UpstreamUnavailable, match="within 20 s"):
+        with pytest.raises(UpstreamUnavailable, match="within 25 s"):  # a grant: the patient deadline
             await session.get()
         assert session.state is State.UNAVAILABLE
 

@@ -196,22 +196,6 @@ def test_a_refusal_without_an_oauth_body_is_still_a_refusal(status: int, ctype: 
     with pytest.raises(OAuthError) as info:
         oidc.parse_token_response(resp, 0)
     assert info.value.error == "refused" and info.value.status == status and said in info.value.description
-    assert oidc.refuses_grant(info.value)
-
-
-@pytest.mark.parametrize(
-    ("error", "refuses"),
-    [
-        ("invalid_grant", True),
-        ("refused", True),
-        ("invalid_request", True),
-        ("invalid_client", False),
-        ("unauthorized_client", False),
-        ("invalid_scope", False),
-    ],
-)
-def test_which_refusals_are_of_the_grant(error: str, refuses: bool) -> None:
-    assert oidc.refuses_grant(OAuthError(error, "", 400)) is refuses
 
 
 @pytest.mark.parametrize(

@@ -339,7 +339,7 @@ async def test_reload_of_access_rules_or_token_files_keeps_the_login(make_idp, a
     async with running(sessions.run):
         demo = sessions.lookup("demo")
         await demo.get()
-        narrowed = await sessions.lookup_scoped(demo, "email").get()
+        narrowed = await sessions.lookup_scoped(demo, "email profile").get()
         tok, due, before = demo.token, demo.next_attempt_at, token_requests(idp)
         woken = demo.token_changed
         sink = Sink(path=str(tmp_path / "demo.token"))
@@ -350,11 +350,11 @@ async def test_reload_of_access_rules_or_token_files_keeps_the_login(make_idp, a
         await trio.sleep(1)
         assert token_requests(idp) == before and demo.token is tok and demo.next_attempt_at == due
         assert demo.state is State.FRESH
-        assert sessions.lookup_scoped(demo, "email").token is narrowed  # the narrowed login stays too
+        assert sessions.lookup_scoped(demo, "email profile").token is narrowed  # the narrowed login stays too
         sessions.reload({"demo": profile("demo", allow=("user:etl",), sinks=(sink,), username="viewer")})
         await trio.sleep(1)
         assert token_requests(idp) > before  # another user: a new login at once
-        assert sessions.lookup_scoped(demo, "email").token is not narrowed
+        assert sessions.lookup_scoped(demo, "email profile").token is not narrowed
 
 
 async def test_restart_serves_stored_tokens_at_once(make_idp, autojump_clock) -> None:
@@ -387,19 +387,22 @@ async def test_scope_narrows_via_refresh_and_is_cached_per_scope(make_idp, autoj
     async with running(sessions.run):
         demo = sessions.lookup("demo")
         base = await demo.get()
-        narrowed = await sessions.lookup_scoped(demo, "openid").get()
+        # Keycloak keeps its default scopes (profile email) in every token: a narrower scope names them
+        narrowed = await sessions.lookup_scoped(demo, "openid profile email").get()
         assert "phone" not in (narrowed.scope or "").split() and "phone" in (base.scope or "").split()
-        assert sessions.lookup_scoped(demo, "openid") is sessions.lookup_scoped(sessions.lookup("demo"), "openid")
+        assert sessions.lookup_scoped(demo, "openid profile email") is sessions.lookup_scoped(
+            sessions.lookup("demo"), "openid profile email"
+        )
         assert sessions.lookup_scoped(demo, "openid phone") is sessions.lookup("demo")
         requests = token_requests(idp)
-        assert (await sessions.lookup_scoped(demo, "openid").get()).access_token == narrowed.access_token
+        assert (await sessions.lookup_scoped(demo, "openid profile email").get()).access_token == narrowed.access_token
         assert token_requests(idp) == requests  # cached
         grants = idp.stats.token_requests
         assert grants[("demo", "dc-cli", "password")] == 1  # narrowing rode on the one login
         # hours of both refreshing with rotation on: the single refresh-token chain never forks
         for _ in range(60):
             await sessions.lookup("demo").get(min_ttl=100)
-            await sessions.lookup_scoped(demo, "openid").get(min_ttl=100)
+            await sessions.lookup_scoped(demo, "openid profile email").get(min_ttl=100)
             await trio.sleep(120)
         assert idp.stats.refresh_reuse == 0
         assert sessions.lookup("demo").state is State.FRESH
@@ -414,8 +417,10 @@ async def test_client_credentials_scope_asks_with_the_secret(make_idp, autojump_
     idp = make_idp()
     sessions = Sessions({"service": profile("service")}, MemoryStore(dict(CREDENTIALS)), idp_transport(idp))
     async with running(sessions.run):
-        tok = await sessions.lookup_scoped(sessions.lookup("service"), "openid").get()
+        tok = await sessions.lookup_scoped(sessions.lookup("service"), "openid profile email").get()
         assert "openid" in (tok.scope or "")
+        with pytest.raises(CredentialsRejected, match=r"more than asked \(email profile\)"):
+            await sessions.lookup_scoped(sessions.lookup("service"), "openid").get()  # never wider than asked
 
 
 async def device_code(session: Session):

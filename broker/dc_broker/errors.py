@@ -18,11 +18,17 @@ error boundary and the server's treat them the same way as every other error:
     │   └── UpstreamGarbage             a reply that is not a token response (HTML, truncated JSON...)
     ├── Locked (dc_token.errors)
     │   └── WrongPassphrase             ...and stays locked: the passphrase did not open it
-    └── LoginRequired (dc_token.errors)
-        └── RecordCorrupt               ...because this profile's vault record fails authentication
+    ├── LoginRequired (dc_token.errors)
+    │   └── RecordCorrupt               ...because this profile's vault record fails authentication
+    ├── CredentialsRejected (dc_token.errors)
+    │   ├── MaybeLocked                 "Invalid user credentials": a wrong password or a brute-force lock
+    │   └── ScopeWidened                the IdP grants more scope than a per-request scope asked for
+    └── UpstreamError (dc_token.errors)
+        └── IdpMisconfigured            the client's or realm's settings refuse: tokens kept, slow retry
 
-``WrongPassphrase`` and ``RecordCorrupt`` inherit their parent's wire code, so a client sees them as
-``Locked`` / ``LoginRequired``. A ``ConfigError`` raised while serving a request crosses the wire as
+``WrongPassphrase``, ``RecordCorrupt``, ``MaybeLocked``, ``ScopeWidened`` and ``IdpMisconfigured``
+inherit their parent's wire code, so a client sees them as ``Locked`` / ``LoginRequired`` /
+``CredentialsRejected`` / ``UpstreamError``. A ``ConfigError`` raised while serving a request crosses the wire as
 ``ConfigInvalid``, a ``VaultError`` as ``VaultUnusable``, anything else as ``InternalError``
 (``wire_error``, called at the server's one place).
 
@@ -35,19 +41,24 @@ from __future__ import annotations
 from dc_token.errors import (
     BrokerError,
     ConfigInvalid,
+    CredentialsRejected,
     DcBrokerError,
     InternalError,
     Locked,
     LoginRequired,
+    UpstreamError,
     VaultUnusable,
 )
 
 __all__ = [
     "AnswerLost",
     "ConfigError",
+    "IdpMisconfigured",
     "KeyUnavailable",
+    "MaybeLocked",
     "OAuthError",
     "RecordCorrupt",
+    "ScopeWidened",
     "UpstreamFault",
     "UpstreamGarbage",
     "UpstreamTransient",
@@ -133,6 +144,23 @@ class RecordCorrupt(LoginRequired):
     format). Only that profile is affected; storing its secret again or logging in replaces it."""
 
     hint = "store the profile's secret again (`dc-broker add PROFILE`) or run `dc-broker login PROFILE`"
+
+
+class MaybeLocked(CredentialsRejected):
+    """The IdP refused the stored password with "Invalid user credentials": a wrong password, or a
+    right one while Keycloak's brute-force detection locks the account (it says the same). A password
+    the IdP accepted before is tried again a few times over the lock-out window."""
+
+
+class ScopeWidened(CredentialsRejected):
+    """The IdP grants more than a per-request scope asked for (it ignores scope on refresh, or adds
+    scopes a request cannot remove): the broker never serves a wider token than asked."""
+
+
+class IdpMisconfigured(UpstreamError):
+    """The client's or the realm's settings at the IdP refuse the request ("HTTPS required", "Realm
+    not enabled", DPoP, offline tokens, a grant switched off): every token is kept, the broker tries
+    again only every few minutes, and the message says what to fix."""
 
 
 def wire_error(exc: DcBrokerError) -> BrokerError:

@@ -34,9 +34,6 @@ class TokenSet:
     def lifetime(self) -> float:
         return self.expires_at - self.obtained_at
 
-    def refresh_usable(self, now: float) -> bool:
-        return self.refresh_token is not None and (self.refresh_expires_at is None or self.refresh_expires_at > now)
-
 
 @dataclass(frozen=True, slots=True)
 class Credentials:

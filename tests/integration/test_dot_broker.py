@@ -207,19 +207,19 @@ async def test_revoked_refresh_token_falls_back_to_the_password(dot_server: DotS
     [
         pytest.param(
             password_profile,
-            Credentials(password=Secret("wrong"), client_secret=Secret(PASSWORD_CLIENT_SECRET)),
+            Credentials(password=Secret("not-the-password-4c1e"), client_secret=Secret(PASSWORD_CLIENT_SECRET)),
             "invalid_grant: Invalid credentials given.",
             id="wrong-password",
         ),
         pytest.param(
             password_profile,
-            Credentials(password=Secret(PASSWORD), client_secret=Secret("wrong")),
+            Credentials(password=Secret(PASSWORD), client_secret=Secret("not-the-secret-9f2c")),
             "invalid_client",
             id="wrong-secret-password-grant",
         ),
         pytest.param(
             service_profile,
-            Credentials(client_secret=Secret("wrong")),
+            Credentials(client_secret=Secret("not-the-secret-9f2c")),
             "invalid_client",
             id="wrong-secret-client-credentials",
         ),

@@ -221,11 +221,11 @@ def _show_authorization_url(profile: str, result: dict[str, Any], *, open_browse
 def logout(socket_path: str | None, profile: str) -> None:
     """Revoke PROFILE's login at the IdP and forget its secrets (the profile stays configured)."""
     result = ask(socket_path, "logout", profile=profile)
-    how = (
-        "revoked at the identity provider"
-        if result.get("revoked")
-        else "forgotten (the IdP did not confirm a revocation)"
-    )
+    how = {
+        "session": "its session ended at the identity provider",
+        "revoked": "revoked at the identity provider",
+        "nothing": "already over at the identity provider (it had nothing to revoke)",
+    }.get(str(result.get("ended")), "forgotten (the identity provider did not confirm an end)")
     rest = f"its {result.get('forgotten') or 'secrets'} forgotten"
     if result.get("kept_client_secret"):
         rest += " (the client secret stays: `dc-broker login` uses it)"

@@ -29,6 +29,8 @@ class AuthCode:
     username: str
     issued_at: float
     used: bool = False
+    #: the SSO (user) session the login page made or found; the code exchange attaches to it
+    sid: str | None = None
 
 
 @dataclass

@@ -41,6 +41,9 @@ from dc_broker.devidp.realm import DevRealm
 from dc_broker.devidp.state import IdPState
 
 NO_STORE: Final = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+#: the browser's SSO session (Keycloak's KEYCLOAK_SESSION): the login page is skipped while it lives
+SSO_COOKIE: Final = "KEYCLOAK_SESSION"
+_LOCAL: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 OIDC: Final = "protocol/openid-connect"
 CONNECTION_TYPES: Final = [
     {"id": "openai", "name": "OpenAI", "auth": "api_key"},
@@ -60,6 +63,16 @@ def _problem(problem: OAuthProblem, faults: Faults | None = None, request_body: 
 
 def _no_realm() -> JSONResponse:
     return JSONResponse({"error": "Realm does not exist"}, 404)
+
+
+def _check_realm(request: Request, realm: DevRealm) -> None:
+    """Keycloak's checks before any grant: the realm is enabled; https where "Require SSL" wants it."""
+    if not realm.enabled:
+        raise OAuthProblem(403, "access_denied", "Realm not enabled")
+    if request.url.scheme != "https":
+        host = request.client.host if request.client else ""
+        if realm.ssl_required == "all" or host not in _LOCAL:
+            raise OAuthProblem(403, "invalid_request", "HTTPS required")
 
 
 def issuer_for(request: Request, realm: str) -> str:
@@ -122,9 +135,16 @@ class Endpoints:
 
     async def _token_request(self, request: Request, realm: DevRealm) -> TokenRequest:
         form, duplicated = await _read_form(request)
+        _check_realm(request, realm)
         if duplicated:
             raise OAuthProblem(400, "invalid_request", "duplicated parameter")
-        return TokenRequest(realm, issuer_for(request, realm.name), form, request.headers.get("authorization"))
+        return TokenRequest(
+            realm,
+            issuer_for(request, realm.name),
+            form,
+            request.headers.get("authorization"),
+            request.headers.get("dpop"),
+        )
 
     def form_endpoint(self, name: str, logic: Callable[[TokenRequest], Response]) -> Handler:
         """A client-authenticated, form-encoded POST endpoint: faults, realm, form, problem mapping."""
@@ -197,9 +217,12 @@ class Endpoints:
         if realm is None:
             return _no_realm()
         try:
+            _check_realm(request, realm)
             if duplicated:
                 raise OAuthProblem(400, "invalid_request", "duplicated parameter")
-            treq = TokenRequest(realm, issuer_for(request, realm.name), form, authorization)
+            treq = TokenRequest(
+                realm, issuer_for(request, realm.name), form, authorization, request.headers.get("dpop")
+            )
             return token_response(grants.token(state, treq), state.faults)
         except OAuthProblem as problem:
             return _problem(problem, state.faults, await request.body())
@@ -216,8 +239,8 @@ class Endpoints:
         return Response(status_code=204)
 
     def _revoke(self, treq: TokenRequest) -> Response:
-        grants.revoke(self.state, treq)
-        return Response(status_code=200)
+        said = grants.revoke(self.state, treq)
+        return Response(status_code=200) if said is None else JSONResponse(said, 200, headers=NO_STORE)
 
     # -- device verification page --------------------------------------------------------------------
     async def verification_page(self, request: Request) -> Response:
@@ -234,7 +257,7 @@ class Endpoints:
         if form.get("action") == "deny":
             grants.deny_device(self.state, user_code)
             return _page(realm.name, "<p>Access denied. You can close this window.</p>")
-        failure = grants.check_user_login(realm, form.get("username", ""), form.get("password", ""))
+        failure = grants.check_user_login(self.state, realm, form.get("username", ""), form.get("password", ""))
         if failure is not None:
             return _page(realm.name, _form_html(user_code, failure), 400)
         grants.approve_device(self.state, user_code, form.get("username", ""))
@@ -256,11 +279,21 @@ class Endpoints:
             or not params.get("code_challenge")
         ):
             return _auth_page(realm.name, "<p class=error>Missing parameter: code_challenge (PKCE S256)</p>", 400)
-        if request.method == "GET":
+        now = self.state.now()
+        sso = self.state.sessions.session(request.cookies.get(SSO_COOKIE, ""))
+        if sso is not None and (sso.realm != realm.name or not sso.active(realm, now)):
+            sso = None
+        if request.method == "GET" and sso is None:
             return _auth_page(realm.name, _login_form(params))
-        failure = grants.check_user_login(realm, params.get("username", ""), params.get("password", ""))
-        if failure is not None:
-            return _auth_page(realm.name, _login_form(params, failure), 400)
+        if sso is None:  # the login form was sent
+            username = params.get("username", "")
+            failure = grants.check_user_login(self.state, realm, username, params.get("password", ""))
+            if failure is not None:
+                return _auth_page(realm.name, _login_form(params, failure), 400)
+            user = realm.user(username)
+            assert user is not None  # check_user_login found them
+            sso = self.state.sessions.start(realm.name, user.username, client.client_id, now=now, offline=False)
+            sso.clients.clear()  # the browser's session; a client attaches at its code exchange
         code = self.state.codes.issue(
             authcode.AuthCode(
                 realm=realm.name,
@@ -268,12 +301,16 @@ class Endpoints:
                 redirect_uri=redirect_uri,
                 code_challenge=params["code_challenge"],
                 scope=params.get("scope"),
-                username=params.get("username", ""),
-                issued_at=self.state.now(),
+                username=sso.username,
+                issued_at=now,
+                sid=sso.sid,
             )
         )
         query = urlencode({"code": code, "state": params.get("state", "")})
-        return RedirectResponse(f"{redirect_uri}{'&' if '?' in redirect_uri else '?'}{query}", status_code=302)
+        response = RedirectResponse(f"{redirect_uri}{'&' if '?' in redirect_uri else '?'}{query}", status_code=302)
+        # Keycloak's SSO cookie: the next authorization request of this browser skips the login form
+        response.set_cookie(SSO_COOKIE, sso.sid, httponly=True, samesite="lax", path="/")
+        return response
 
     # -- demo API ---------------------------------------------------------------------------------
     async def dev_stats(self, request: Request) -> Response:

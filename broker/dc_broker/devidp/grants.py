@@ -72,6 +72,8 @@ class TokenRequest:
     issuer: str
     form: Mapping[str, str]
     authorization: str | None
+    #: the request's DPoP proof header, if any (its content is not checked: only its presence)
+    dpop: str | None = None
 
     def param(self, name: str) -> str | None:
         value = self.form.get(name)
@@ -134,12 +136,19 @@ def resolve_scope(requested: str | None) -> str:
 
 
 def _narrow_scope(original: str, requested: str | None) -> str:
+    """Keycloak 23+ on a refresh: words that are not client scopes are refused (openid exempt); a
+    client scope the original grant did not have is dropped *silently*; default scopes stay."""
     if not requested:
         return original
-    granted = resolve_scope(requested)
-    if not set(granted.split()) <= set(original.split()):
-        raise OAuthProblem(400, "invalid_scope", f"Invalid scopes: {requested}")
-    return granted
+    granted = resolve_scope(requested).split()  # refuses what is no client scope at all
+    had = set(original.split())
+    return " ".join(w for w in granted if w in had or w in DEFAULT_SCOPES)
+
+
+def _offline_allowed(client: DevClient, scope: str) -> str:
+    if "offline_access" in scope.split() and not client.offline_allowed:
+        raise OAuthProblem(400, "not_allowed", "Offline tokens not allowed for the user or client")
+    return scope
 
 
 # -- token minting ---------------------------------------------------------------------------------
@@ -228,15 +237,21 @@ def issue_tokens(
 
 
 # -- grants ----------------------------------------------------------------------------------------
-def _check_user_password(realm: DevRealm, username: str, password: str) -> DevUser:
-    """Keycloak's direct-grant checks, in Keycloak's order."""
+def _check_user_password(state: IdPState, realm: DevRealm, username: str, password: str) -> DevUser:
+    """Keycloak's direct-grant checks, in Keycloak's order; brute-force detection first: a locked
+    user gets "Invalid user credentials" whatever the password (400, as Keycloak 24+)."""
+    now = state.now()
     user = realm.user(username)
     if user is None:
+        raise _invalid_grant(BAD_USER)
+    if state.brute_force.locked(realm, user.username, now):
         raise _invalid_grant(BAD_USER)
     if not user.enabled:
         raise _invalid_grant("Account disabled")
     if not _same_secret(password, user.password):
+        state.brute_force.failed(realm, user.username, now)
         raise _invalid_grant(BAD_USER, status=401)
+    state.brute_force.succeeded(realm, user.username)
     if user.required_actions:
         raise _invalid_grant("Account is not fully set up")
     return user
@@ -250,8 +265,8 @@ def password_grant(state: IdPState, request: TokenRequest, client: DevClient) ->
         raise _missing("username")
     if password is None:
         raise _missing("password")
-    user = _check_user_password(request.realm, username, password)
-    scope = resolve_scope(request.param("scope"))
+    user = _check_user_password(state, request.realm, username, password)
+    scope = _offline_allowed(client, resolve_scope(request.param("scope")))
     session = state.sessions.start(
         request.realm.name,
         user.username,
@@ -267,6 +282,8 @@ def client_credentials_grant(state: IdPState, request: TokenRequest, client: Dev
         raise OAuthProblem(401, "unauthorized_client", "Public client not allowed to retrieve service account")
     if not client.has_service_account:
         raise OAuthProblem(401, "unauthorized_client", "Client not enabled to retrieve service account")
+    if not client.service_account_enabled:
+        raise OAuthProblem(401, "invalid_request", f"User 'service-account-{client.client_id}' disabled")
     scope = " ".join(w for w in resolve_scope(request.param("scope")).split() if w != "offline_access")
     session = state.sessions.start(
         request.realm.name,
@@ -305,15 +322,44 @@ def refresh_token_grant(state: IdPState, request: TokenRequest, client: DevClien
     # the scope is checked before the token is spent: a refused scope leaves the token unused
     asked = request.param("scope")
     scope = record.scope if realm.refresh_scope == "ignore" else _narrow_scope(record.scope, asked)
+    if client.client_id not in session.clients:
+        raise dead("Session doesn't have required client")
     if realm.rotate_refresh_tokens:
-        if record.uses > 0:
-            state.stats.refresh_reuse += 1
-        if record.uses > realm.refresh_token_max_reuse:
-            state.sessions.kill(session.sid)
-            raise dead("Maximum allowed refresh token reuse exceeded")
-        record.uses += 1
+        _check_reuse(state, realm, session, record, client.client_id, now, dead)
     session.last_refresh = now
     return issue_tokens(state, request, session, scope=scope, refresh_scope=record.scope, presented=record)
+
+
+def _check_reuse(
+    state: IdPState,
+    realm: DevRealm,
+    session: UserSession,
+    record: RefreshToken,
+    client_id: str,
+    now: float,
+    dead: Callable[[str], OAuthProblem],
+) -> None:
+    """Keycloak's refresh-token reuse check (Revoke Refresh Token on); either refusal detaches the
+    client from the session, whose SSO lives on."""
+    current = session.current_refresh.get(client_id)
+    if current is not None and current != record.value:
+        if record.issued_at < session.refreshed_at.get(client_id, -1.0):
+            state.stats.refresh_reuse += 1
+            state.sessions.detach(session.sid, client_id)
+            raise dead("Stale token")
+        current = None
+    if current is None:  # a token the client presents for the first time becomes its current one
+        session.current_refresh[client_id] = record.value
+        session.refresh_uses[client_id] = 0
+    uses = session.refresh_uses.get(client_id, 0)
+    if uses > 0:
+        state.stats.refresh_reuse += 1
+    if uses > realm.refresh_token_max_reuse:
+        state.sessions.detach(session.sid, client_id)
+        raise dead("Maximum allowed refresh token reuse exceeded")
+    session.refresh_uses[client_id] = uses + 1
+    session.refreshed_at[client_id] = now
+    record.uses += 1
 
 
 def _device_pending(auth: device.DeviceAuthorization) -> OAuthProblem:
@@ -338,7 +384,7 @@ def device_code_grant(state: IdPState, request: TokenRequest, client: DevClient)
     if code is None:
         raise _missing("device_code")
     if not client.device_grant:
-        raise OAuthProblem(400, "unauthorized_client", DEVICE_FLOW_DISABLED)
+        raise _invalid_grant("Client not allowed for OAuth 2.0 Device Authorization Grant")
     auth, now = state.devices.get(code), state.now()
     if auth is None or auth.realm != request.realm.name or auth.client_id != client.client_id:
         raise _invalid_grant("Device code not valid")
@@ -353,7 +399,7 @@ def device_code_grant(state: IdPState, request: TokenRequest, client: DevClient)
         raise not_yet(auth)
     assert auth.username is not None  # APPROVED always records who approved
     state.devices.consume(code)
-    scope = resolve_scope(auth.scope)
+    scope = _offline_allowed(client, resolve_scope(auth.scope))
     session = state.sessions.start(
         request.realm.name, auth.username, client.client_id, now=now, offline="offline_access" in scope.split()
     )
@@ -373,13 +419,14 @@ def authorization_code_grant(state: IdPState, request: TokenRequest, client: Dev
         raise _invalid_grant("Incorrect redirect_uri")
     if verifier is None or not authcode.verifier_matches(verifier, record.code_challenge):
         raise _invalid_grant("PKCE verification failed: Code mismatch")
-    scope = resolve_scope(record.scope)
+    scope = _offline_allowed(client, resolve_scope(record.scope))
+    offline = "offline_access" in scope.split()
+    sso = state.sessions.session(record.sid) if record.sid else None
+    if sso is not None and sso.alive and not offline and sso.active(request.realm, state.now()):
+        sso.clients.add(client.client_id)  # the client attaches to the browser's SSO session
+        return issue_tokens(state, request, sso, scope=scope)
     session = state.sessions.start(
-        request.realm.name,
-        record.username,
-        client.client_id,
-        now=state.now(),
-        offline="offline_access" in scope.split(),
+        request.realm.name, record.username, client.client_id, now=state.now(), offline=offline
     )
     return issue_tokens(state, request, session, scope=scope)
 
@@ -403,7 +450,12 @@ def token(state: IdPState, request: TokenRequest) -> dict[str, Any]:
     if handler is None:
         raise OAuthProblem(400, "unsupported_grant_type", "Unsupported grant_type")
     client = authenticate_client(request)
-    return handler(state, request, client)
+    if client.dpop == "required" and not request.dpop:
+        raise OAuthProblem(400, "invalid_dpop_proof", "DPoP proof is missing")
+    body = handler(state, request, client)
+    if client.dpop != "off":
+        body["token_type"] = "DPoP"
+    return body
 
 
 # -- the other client-authenticated endpoints --------------------------------------------------------
@@ -449,10 +501,10 @@ def _pending_device(state: IdPState, user_code: str) -> device.DeviceAuthorizati
     return auth
 
 
-def check_user_login(realm: DevRealm, username: str, password: str) -> str | None:
-    """For the verification page: None if the login is good, else Keycloak's message for why not."""
+def check_user_login(state: IdPState, realm: DevRealm, username: str, password: str) -> str | None:
+    """For the login pages: None if the login is good, else Keycloak's message for why not."""
     try:
-        _check_user_password(realm, username, password)
+        _check_user_password(state, realm, username, password)
     except OAuthProblem as problem:
         return problem.description
     return None
@@ -472,22 +524,41 @@ def logout(state: IdPState, request: TokenRequest) -> None:
     state.sessions.kill(record.sid)
 
 
-def revoke(state: IdPState, request: TokenRequest) -> None:
-    """POST .../protocol/openid-connect/revoke: a refresh token ends its session, an access token is
-    put on the revoked list. Unknown tokens are fine (RFC 7009)."""
+def revoke(state: IdPState, request: TokenRequest) -> dict[str, str] | None:
+    """POST .../protocol/openid-connect/revoke: 200 always (RFC 7009), with Keycloak's
+    ``{"error": "invalid_token"}`` body for a token it does not know or that is dead. A refresh token
+    detaches its client from the session (``revoke_scope`` "client", Keycloak 23+; the user session
+    and its browser SSO live on), or from every session of that user and their offline tokens
+    ("user", Keycloak up to about 22). An access token goes on the revoked list."""
     client = authenticate_client(request)
     value = request.param("token")
     if value is None:
         raise OAuthProblem(400, "invalid_request", "Token not provided")
+    realm, now = request.realm, state.now()
+    invalid = {"error": "invalid_token", "error_description": "Invalid token"}
     record = state.sessions.refresh_token(value)
-    if record is not None and record.realm == request.realm.name:
+    if record is not None and record.realm == realm.name:
         if record.client_id != client.client_id:
             raise OAuthProblem(400, "unauthorized_client", "Unmatching clients")
-        state.sessions.kill(record.sid)
-        return
+        session = state.sessions.session(record.sid)
+        if record.expired(now) or session is None or not session.active(realm, now):
+            return invalid
+        if client.client_id not in session.clients:
+            return invalid
+        if realm.revoke_scope == "user":
+            for other in state.sessions.sessions.values():
+                if other.realm == realm.name and other.username.lower() == session.username.lower():
+                    state.sessions.detach(other.sid, client.client_id)
+                    if other.offline:
+                        state.sessions.kill(other.sid)
+        else:
+            state.sessions.detach(session.sid, client.client_id)
+        return None
     claims = state.key.verify(value)
     if claims is not None and claims.get("azp") == client.client_id and isinstance(claims.get("jti"), str):
         state.sessions.revoked_access.add(claims["jti"])
+        return None
+    return invalid
 
 
 def access_token_claims(state: IdPState, token: str) -> dict[str, Any] | None:

@@ -26,7 +26,9 @@ class DevClient:
     """An OIDC client. ``secret=None`` is a public client (client_id only).
 
     ``service_account``: ``None`` (default) means "enabled iff ``service_account_roles`` is non-empty";
-    set it to force the service account on or off.
+    set it to force the service account on or off. ``device_grant``, ``direct_grants``,
+    ``service_account_enabled``, ``offline_allowed`` and ``dpop`` produce Keycloak's answers for a
+    client whose settings forbid what is asked (../shared/keycloak.md).
     """
 
     client_id: str
@@ -35,6 +37,12 @@ class DevClient:
     service_account_roles: list[str] = field(default_factory=list)
     device_grant: bool = True
     service_account: bool | None = None
+    #: the service account's user is enabled (Keycloak: Users -> service-account-CLIENT -> Enabled)
+    service_account_enabled: bool = True
+    #: offline tokens (scope offline_access) allowed for this client (its Offline Access client scope)
+    offline_allowed: bool = True
+    #: DPoP: "off", "bound" (answers carry token_type DPoP) or "required" (no proof: an error)
+    dpop: str = "off"
 
     @property
     def public(self) -> bool:
@@ -68,8 +76,9 @@ class DevRealm:
       RFC 6749) or ``"invalid_request"`` (some OPs).
     * ``send_refresh_expires_in`` / ``send_expires_in``: whether answers carry them (Keycloak sends
       both; most OPs omit the first, and ``expires_in`` is only RECOMMENDED: the JWT's ``exp`` tells).
-    * ``refresh_scope``: a ``scope`` on a refresh: ``"narrow"`` (current Keycloak narrows to it) or
-      ``"ignore"`` (Keycloak up to about 22 / RH-SSO 7.6: the full original scope comes back).
+    * ``refresh_scope``: a ``scope`` on a refresh: ``"narrow"`` (current Keycloak: a word not in the
+      original grant is dropped silently, a default scope stays) or ``"ignore"`` (Keycloak up to about
+      22 / RH-SSO 7.6: the full original scope comes back).
     """
 
     name: str
@@ -87,12 +96,29 @@ class DevRealm:
     send_refresh_expires_in: bool = True
     send_expires_in: bool = True
     refresh_scope: str = "narrow"
+    #: brute-force detection (Realm settings -> Security defenses): after ``failure_factor`` wrong
+    #: passwords the user is locked ``wait_increment`` s (more each time, up to ``max_failure_wait``),
+    #: and even the right password gets "Invalid user credentials" until the lock lifts
+    brute_force: bool = False
+    failure_factor: int = 30
+    wait_increment: float = 60.0
+    max_failure_wait: float = 900.0
+    #: "Require SSL": "external" (Keycloak's default: plain http from loopback is fine), "all"
+    ssl_required: str = "external"
+    #: a disabled realm answers every token request 403 "Realm not enabled"
+    enabled: bool = True
+    #: what revoking a refresh token ends: "client" (Keycloak 23+: this client's part of the
+    #: session; the user session and its browser SSO live on) or "user" (up to about 22: the
+    #: client's part of every session of the user, and their offline tokens for the client)
+    revoke_scope: str = "client"
 
     def __post_init__(self) -> None:
         choices = {
             "refresh_token_answer": ("new", "same", "none"),
             "dead_refresh_error": ("invalid_grant", "invalid_request"),
             "refresh_scope": ("narrow", "ignore"),
+            "ssl_required": ("external", "all"),
+            "revoke_scope": ("client", "user"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -10,8 +10,16 @@ Invariants (Keycloak's, see /work/shared/keycloak.md):
 * Access tokens of an online session never outlive ``started + sso_max``.
 * "Expired" means ``now > deadline`` (Keycloak: ``currentTime > exp``), so a token is still good at
   its exact deadline.
-* A killed session (logout, revoke, admin "log out all sessions", refresh-token reuse) stays in the
-  store so its refresh tokens answer "Session not active" rather than "Invalid refresh token".
+* A killed session (logout, admin "log out all sessions") stays in the store so its refresh tokens
+  answer "Session not active" rather than "Invalid refresh token".
+* A user session is the browser's SSO session too; clients *attach* to it (a grant, a code exchange)
+  and *detach* from it (a revoked refresh token, a reused one): a detached client's refresh tokens
+  answer "Session doesn't have required client", while the user session, and its SSO, live on.
+  Only the logout endpoint (or an admin) ends the user session itself.
+* With rotation (Keycloak's ``validateTokenReuse``): the refresh token a client last presented is its
+  current one, with a use count; presenting another one issued before the client's last refresh is
+  "Stale token", using the current one more than the realm's max reuse allows is "Maximum allowed
+  refresh token reuse exceeded"; either detaches the client.
 
 Refresh tokens are random opaque strings; the store maps them to ``RefreshToken`` records.
 """
@@ -35,6 +43,13 @@ class UserSession:
     last_refresh: float
     offline: bool
     alive: bool = True
+    #: the clients attached to this session (its SSO outlives a client that detaches)
+    clients: set[str] = field(default_factory=set)
+    #: rotation: each client's current refresh token (the one it last presented), its uses, and when
+    #: the client last refreshed (a token issued before that is stale)
+    current_refresh: dict[str, str] = field(default_factory=dict, repr=False)
+    refresh_uses: dict[str, int] = field(default_factory=dict)
+    refreshed_at: dict[str, float] = field(default_factory=dict)
 
     def idle_deadline(self, realm: DevRealm) -> float:
         return self.last_refresh + (realm.offline_idle if self.offline else realm.sso_idle)
@@ -92,6 +107,7 @@ class SessionStore:
             started=now,
             last_refresh=now,
             offline=offline,
+            clients={client_id} if client_id else set(),
         )
         self.sessions[session.sid] = session
         return session
@@ -124,6 +140,14 @@ class SessionStore:
         session = self.sessions.get(sid)
         if session is not None:
             session.alive = False
+
+    def detach(self, sid: str, client_id: str) -> None:
+        """``client_id``'s part of the session ends; the session (and its SSO) lives on."""
+        session = self.sessions.get(sid)
+        if session is not None:
+            session.clients.discard(client_id)
+            for per_client in (session.current_refresh, session.refresh_uses, session.refreshed_at):
+                per_client.pop(client_id, None)
 
     def kill_matching(self, realm: str, username: str | None = None) -> int:
         killed = 0

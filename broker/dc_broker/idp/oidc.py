@@ -73,7 +73,13 @@ class HttpRequest:
 
     @property
     def precious(self) -> bool:
+        """It spends a single-use credential: a lost answer puts that credential in doubt."""
         return self.spends is not None
+
+    @property
+    def patient(self) -> bool:
+        """A grant at the token endpoint: the IdP acts on it once it has it, so its answer is waited for."""
+        return self.spends is not None or "grant_type" in self.form
 
     def body(self) -> bytes:
         return urlencode(dict(self.form)).encode("ascii")
@@ -126,6 +132,8 @@ class Endpoints:
     revocation: str | None = None
     issuer: str | None = None
     authorization: str | None = None
+    #: RP-initiated logout with the refresh token (Keycloak's ``.../logout``): ends the IdP session
+    end_session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +213,19 @@ def build_revoke(url: str, client: ClientCredentials, token: Secret, hint: str =
     return _token_request(url, client, form, None)
 
 
+def build_end_session(url: str, client: ClientCredentials, refresh_token: Secret) -> HttpRequest:
+    """Keycloak's logout endpoint: client authentication and the refresh token; 204 ends exactly the
+    IdP session that refresh token belongs to (and its browser SSO)."""
+    return _token_request(url, client, {"refresh_token": refresh_token.reveal()}, None)
+
+
+def said_invalid_token(resp: HttpResponse) -> bool:
+    """A revocation answered 200 with Keycloak's ``{"error": "invalid_token"}``: the IdP did not know
+    the token (unknown, or already dead), so there was nothing to revoke."""
+    data = _json_object(resp, "revocation")
+    return data is not None and data.get("error") == "invalid_token"
+
+
 def build_discovery(issuer: str) -> HttpRequest:
     return HttpRequest("GET", issuer.rstrip("/") + "/.well-known/openid-configuration", {"Accept": "application/json"})
 
@@ -273,14 +294,6 @@ def check_error(resp: HttpResponse, secrets: Iterable[str] = ()) -> None:
         ctype = resp.headers.get("content-type", "no content type").split(";")[0]
         raise OAuthError("refused", "an empty body" if not resp.body else f"a {ctype} body, not an OAuth error", status)
     raise UpstreamGarbage(f"identity provider answered {_describe_garbage(resp)}")
-
-
-def refuses_grant(exc: OAuthError) -> bool:
-    """The IdP refused the grant it was sent (the refresh token is dead, the password wrong...),
-    as opposed to refusing the client or its configuration."""
-    return exc.error in ("invalid_grant", "refused") or (
-        exc.status in REFUSALS and exc.error not in ("invalid_client", "unauthorized_client", "invalid_scope")
-    )
 
 
 def lifetime(value: object, default: float = DEFAULT_LIFETIME) -> float:
@@ -388,8 +401,14 @@ def parse_token_response(
     if not isinstance(access, str) or not access:
         raise UpstreamGarbage("identity provider answered 200 without an access_token")
     token_type = data.get("token_type", "Bearer")
+    if isinstance(token_type, str) and token_type.lower() == "dpop":  # a client setting, not garbage
+        raise OAuthError(
+            "dpop_bound", "the identity provider granted a DPoP-bound token (token_type DPoP)", resp.status
+        )
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise UpstreamGarbage(f"identity provider granted a {token_type!r} token, not a Bearer token")
+        raise UpstreamGarbage(
+            f"identity provider granted a {clean_text(str(token_type), (), 40)!r} token, not a Bearer token"
+        )
     expires_at, notes = expiry(data.get("expires_in"), access, now, wall)
     refresh = data.get("refresh_token")
     refresh_token = Secret(refresh) if isinstance(refresh, str) and refresh else None
@@ -454,7 +473,12 @@ def parse_discovery(resp: HttpResponse, issuer: str) -> Endpoints:
     token = data["token_endpoint"]
     check_url(token, "token_endpoint from discovery")
     found: dict[str, str | None] = {}
-    for key in ("device_authorization_endpoint", "revocation_endpoint", "authorization_endpoint"):
+    for key in (
+        "device_authorization_endpoint",
+        "revocation_endpoint",
+        "authorization_endpoint",
+        "end_session_endpoint",
+    ):
         value = data.get(key)
         if isinstance(value, str):
             check_url(value, f"{key} from discovery")
@@ -466,6 +490,7 @@ def parse_discovery(resp: HttpResponse, issuer: str) -> Endpoints:
         revocation=found["revocation_endpoint"],
         issuer=said if isinstance(said, str) else issuer,
         authorization=found["authorization_endpoint"],
+        end_session=found["end_session_endpoint"],
     )
 
 
@@ -473,9 +498,13 @@ def static_endpoints(profile: Profile) -> Endpoints | None:
     """Endpoints known from the profile alone (Keycloak's fixed layout), or None when discovery is needed."""
     base = profile.endpoint_base()
     if profile.token_url:
-        device = f"{base}/protocol/openid-connect/auth/device" if base else None
-        revoke = f"{base}/protocol/openid-connect/revoke" if base else None
-        return Endpoints(token=profile.token_url, device=device, revocation=revoke)
+        oc = f"{base}/protocol/openid-connect" if base else None
+        return Endpoints(
+            token=profile.token_url,
+            device=f"{oc}/auth/device" if oc else None,
+            revocation=f"{oc}/revoke" if oc else None,
+            end_session=f"{oc}/logout" if oc else None,
+        )
     if base:
         oc = f"{base}/protocol/openid-connect"
         return Endpoints(
@@ -484,6 +513,7 @@ def static_endpoints(profile: Profile) -> Endpoints | None:
             revocation=f"{oc}/revoke",
             issuer=base,
             authorization=f"{oc}/auth",
+            end_session=f"{oc}/logout",
         )
     return None
 

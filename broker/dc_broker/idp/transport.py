@@ -7,10 +7,12 @@ else of httpx's ``trust_env`` applies, no ``.netrc``, no ``SSL_CERT_FILE``). Eve
 becomes ``UpstreamTransient`` here, naming the proxy it went through, so nothing above it sees an
 httpx exception.
 
-A request that spends a single-use credential (``HttpRequest.precious``: a refresh token Keycloak
-may rotate) is read patiently (``Timeouts.precious_read`` / ``precious_total``): once it is sent, its
-answer carries the only copy of the next refresh token, and a 30 s stall of the IdP must not make the
-broker walk away from it. If it is lost anyway after it went out, the failure is ``AnswerLost``.
+A token grant (``HttpRequest.patient``) is read patiently (``Timeouts.patient_read`` /
+``patient_total``): once it is sent, the IdP acts on it (a new login, a rotated refresh token), and a
+30 s stall of the IdP must not make the broker walk away from an answer that holds the only copy of
+the next refresh token, nor send a password grant again and again to an IdP that takes 30 s to log
+anyone in. If the answer to a request that spends a single-use credential (``HttpRequest.spends``:
+a refresh token Keycloak may rotate) is lost anyway after it went out, the failure is ``AnswerLost``.
 
 Must never: parse a token response (``oidc.parse_*`` does), log a request body, put more of an OS
 error than ``_safe`` allows into a message, or a proxy's credentials (``proxies.shown`` only).
@@ -44,9 +46,9 @@ class Timeouts:
     #: the whole request, connect to last byte: a server that drips its answer cannot hold a
     #: refresh for ever (httpx's read timeout applies per chunk)
     total: float = 20.0
-    #: a precious request (one that spends a refresh token): per chunk, and connect to last byte
-    precious_read: float = 120.0
-    precious_total: float = 180.0
+    #: a token grant (``HttpRequest.patient``): per chunk, and connect to last byte
+    patient_read: float = 120.0
+    patient_total: float = 180.0
 
 
 class IdpTransport:
@@ -63,11 +65,11 @@ class IdpTransport:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self._timeout = httpx.Timeout(timeouts.read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool)
-        self._precious_timeout = httpx.Timeout(
-            timeouts.precious_read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool
+        self._patient_timeout = httpx.Timeout(
+            timeouts.patient_read, connect=timeouts.connect, write=timeouts.write, pool=timeouts.pool
         )
         self._total = timeouts.total
-        self._precious_total = timeouts.precious_total
+        self._patient_total = timeouts.patient_total
         self._transport = transport
         self._env = proxies.EnvProxies.from_environ(os.environ if environ is None else environ)
         self._clients: dict[tuple[str | None, str | None], httpx.AsyncClient] = {}
@@ -104,7 +106,7 @@ class IdpTransport:
             raise UpstreamTransient(f"CA bundle {ca_bundle} cannot be loaded: {exc}") from None
         content = req.body() if req.form else None
         where = _origin(req.url) + ("" if via is None else f" via proxy {proxies.shown(via)}")
-        total = self._precious_total if req.precious else self._total
+        total = self._patient_total if req.patient else self._total
         with trio.move_on_after(total):
             resp = await self._send(client, req, content, where, via)
             if via is not None and resp.status == 407:  # a plain-http IdP: the proxy answers in its stead
@@ -116,7 +118,7 @@ class IdpTransport:
     async def _send(
         self, client: httpx.AsyncClient, req: HttpRequest, content: bytes | None, where: str, via: str | None
     ) -> HttpResponse:
-        timeout = self._precious_timeout if req.precious else self._timeout
+        timeout = self._patient_timeout if req.patient else self._timeout
         try:
             async with client.stream(
                 req.method, req.url, headers=dict(req.headers), content=content, timeout=timeout

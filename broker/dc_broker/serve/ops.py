@@ -26,6 +26,7 @@ from dc_broker.config.load import load_config
 from dc_broker.errors import UpstreamFault, WrongPassphrase
 from dc_broker.secret import Secret
 from dc_broker.serve.audit import Audit
+from dc_broker.sessions.flows import Ended
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
 from dc_broker.store import MemoryStore, SecretStore
@@ -334,11 +335,17 @@ def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Res
 
 
 async def _logout(session: Session) -> Result:
-    revoked = await session.logout()
+    ended = await session.logout()
     grant = session.profile.grant
     forgot = {"password": "password", "client_credentials": "client secret"}.get(grant, "refresh token")
     kept = grant != "client_credentials" and session.store.credentials(session.profile.name).client_secret is not None
-    return {"profile": session.profile.name, "revoked": revoked, "forgotten": forgot, "kept_client_secret": kept}
+    return {
+        "profile": session.profile.name,
+        "revoked": ended in (Ended.SESSION, Ended.REVOKED),
+        "ended": ended.value,
+        "forgotten": forgot,
+        "kept_client_secret": kept,
+    }
 
 
 HANDLERS: dict[str, Handler] = {

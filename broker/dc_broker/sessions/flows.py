@@ -7,6 +7,7 @@ generator that *yields* a step and is *sent* the step's answer, and finally retu
     step                    the driver does                           and sends back
     ``HttpRequest``         sends it to the IdP (one overall deadline) ``Answer(response, sent_at, wall)``
     ``LoginLost``           forgets the login's dead refresh token     ``None``
+    ``Rotated``             makes a new refresh token the login's      ``None``
     ``ShowCode``            shows the device code to the person        ``None``
     ``Sleep(seconds)``      waits                                      the time after waiting (float)
     ``OpenBrowser(url)``    shows the URL (opens a browser)            ``None``
@@ -21,8 +22,13 @@ The flows (all pure: no I/O, no trio, no clock of their own; ``now`` arrives ins
                 section 6). A refresh token whose last use got no answer (``refresh_in_doubt``) is
                 presented again only after the IdP answered a harmless request (``oidc.build_probe``):
                 while the IdP stalls, one queued use of it is all there ever is.
-* ``narrow``    a token for a narrower scope from the same login (refresh grant with ``scope``).
-* ``revoke``    end this login at the IdP: its refresh token, else its access token.
+* ``narrow``    a token for a narrower scope from the same login (refresh grant with ``scope``),
+                never wider than asked (``wider``; a password profile asks directly when the IdP
+                ignores scope on a refresh; else ``ScopeWidened``).
+* ``end_login`` end this login at the IdP: the end-session endpoint, else ``revoke`` (RFC 7009).
+
+What a refusal means is read from ``idp.refusals``' table (``refused``): only a refusal that says the
+refresh token is dead costs it; a client or realm setting keeps every token.
 * ``discover``  the issuer's discovery document -> ``Endpoints``; a 404 (or any refusal) and an
                 unusable document are config problems (``CredentialsRejected``), not outages.
 * ``device_login`` RFC 8628: start, show the code, poll (``authorization_pending``, ``slow_down``
@@ -40,23 +46,35 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Final, TypeVar
 from urllib.parse import urlencode
 
 from dc_broker.config import Profile
-from dc_broker.errors import ConfigError, OAuthError, UpstreamGarbage, UpstreamTransient
-from dc_broker.idp import oidc
+from dc_broker.errors import (
+    ConfigError,
+    IdpMisconfigured,
+    MaybeLocked,
+    OAuthError,
+    ScopeWidened,
+    UpstreamGarbage,
+    UpstreamTransient,
+)
+from dc_broker.idp import oidc, refusals
 from dc_broker.idp.oidc import DeviceAuthorization, Endpoints, HttpRequest, HttpResponse
+from dc_broker.idp.refusals import Meaning
 from dc_broker.secret import Secret
 from dc_broker.tokens import Credentials, TokenSet
-from dc_token.errors import CredentialsRejected, LoginRequired
+from dc_token.errors import BrokerError, CredentialsRejected, LoginRequired
 
 #: the scope a person's own login (device, browser) asks for when the profile sets none:
 #: standard servers refuse a login without ``openid`` (Keycloak adds it anyway)
 USER_LOGIN_SCOPE: Final = "openid"
 #: RFC 8628 3.5: each ``slow_down`` adds this to the polling interval
 SLOW_DOWN_STEP: Final = 5.0
+#: a client or realm setting refuses: the broker asks again this often (an administrator may fix it)
+MISCONFIGURED_RETRY: Final = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +97,15 @@ class LoginLost:
     """Step: the IdP refused this login's refresh token; the driver forgets it (answer: None)."""
 
     why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rotated:
+    """Step: a narrowing refresh brought the login a new refresh token: the driver makes it the login's
+    (stored first), whatever the flow does next (answer: None)."""
+
+    refresh_token: Secret
+    refresh_expires_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +134,7 @@ class AwaitRedirect:
     """Step: wait for the browser's redirect to the loopback listener (answer: its query, a dict)."""
 
 
-Step = HttpRequest | LoginLost | ShowCode | Sleep | OpenBrowser | AwaitRedirect
+Step = HttpRequest | LoginLost | Rotated | ShowCode | Sleep | OpenBrowser | AwaitRedirect
 T = TypeVar("T")
 Flow = Generator[Step, object, T]
 
@@ -126,6 +153,8 @@ class Login:
     prefer_primary: bool = False
     #: the last use of ``refresh_token`` got no answer: the IdP must answer something first
     refresh_in_doubt: bool = False
+    #: the scope the IdP granted this login (None: not said)
+    granted_scope: str | None = None
 
     def presented(self) -> oidc.Presented | None:
         """What a refresh grant of this login presents (and keeps, if the answer brings no new one)."""
@@ -202,15 +231,15 @@ def obtain(login: Login) -> Flow[TokenSet]:
         try:
             return (yield from refresh(login))
         except OAuthError as exc:
-            if not oidc.refuses_grant(exc):
-                raise rejected(p, exc) from None
+            if classify(p, exc, refusals.REFRESH).meaning is not Meaning.TOKEN_DEAD:
+                raise refused(p, exc, refusals.REFRESH) from None  # the token stays: nothing said it is dead
             yield LoginLost(said(exc))
     if primary is None:
         raise LoginRequired(login_message(p))
     try:
         return (yield from grant(primary))
     except OAuthError as exc:
-        raise rejected(p, exc) from None
+        raise refused(p, exc, p.grant) from None
 
 
 def password_login(login: Login, password: Secret) -> Flow[TokenSet]:
@@ -223,46 +252,124 @@ def password_login(login: Login, password: Secret) -> Flow[TokenSet]:
     try:
         return (yield from grant(req))
     except OAuthError as exc:
-        raise rejected(p, exc) from None
+        raise refused(p, exc, refusals.PASSWORD) from None
+
+
+def wider(asked: str, granted: str | None) -> list[str]:
+    """The scopes an answer granted beyond those asked (none when it did not say: RFC 6749 section 5.1,
+    then the scope is as asked)."""
+    return [] if granted is None else sorted(set(granted.split()) - set(asked.split()))
 
 
 def narrow(login: Login, scope: str) -> Flow[TokenSet]:
-    """A token for ``scope`` from this login: a refresh grant with that scope (client credentials:
-    a grant with that scope). A refused refresh token yields ``LoginLost`` and is retried by the
-    login's own refresh, so this raises ``UpstreamGarbage`` (a retryable fault) for the caller."""
+    """A token for ``scope`` from this login, never wider than ``scope``: a refresh grant with that
+    scope (client credentials: a grant with it). A refresh token the IdP rotates on the way is the
+    login's (``Rotated``), whatever follows. When the IdP grants more than asked (it ignores scope on
+    a refresh, as Keycloak up to 22 / RH-SSO 7.6 do), a password profile asks the token endpoint with
+    the scope directly; otherwise the scope is refused (``ScopeWidened``) naming what the IdP did. A
+    refused refresh token yields ``LoginLost`` and is renewed by the login's own refresh, so this
+    raises ``UpstreamGarbage`` (a retryable fault) for the caller. The token returned carries no
+    refresh token: the login's chain stays single."""
     p = login.profile
     client = client_of(p, login.credentials)
     if p.grant == "client_credentials":
         if login.credentials.client_secret is None:
             raise LoginRequired(login_message(p))
         try:
-            return (yield from grant(oidc.build_client_credentials(login.endpoints.token, client, scope)))
+            direct = yield from grant(oidc.build_client_credentials(login.endpoints.token, client, scope))
         except OAuthError as exc:
-            raise rejected(p, exc, narrowing_to=scope) from None
+            raise refused(p, exc, refusals.CLIENT_CREDENTIALS, narrowing_to=scope) from None
+        return _not_wider(p, scope, direct, "adds")
     if login.refresh_token is None:
         raise LoginRequired(login_message(p))
     try:
-        return (yield from refresh(login, scope))
+        new = yield from refresh(login, scope)
     except OAuthError as exc:
-        if oidc.refuses_grant(exc):
+        if classify(p, exc, refusals.REFRESH).meaning is Meaning.TOKEN_DEAD:
             yield LoginLost(said(exc))
             raise UpstreamGarbage(f"the login behind scope {scope!r} must be renewed first") from None
-        raise rejected(p, exc, narrowing_to=scope) from None
+        raise refused(p, exc, refusals.REFRESH, narrowing_to=scope) from None
+    if new.refresh_token is not None and new.refresh_token != login.refresh_token:
+        yield Rotated(new.refresh_token, new.refresh_expires_at)
+    if not wider(scope, new.scope):
+        return _without_refresh(new)
+    ignored = login.granted_scope is not None and set((new.scope or "").split()) >= set(login.granted_scope.split())
+    primary = primary_request(replace(login, profile=replace(p, scope=scope)))
+    if ignored and p.grant == "password" and primary is not None:  # (default scopes a grant adds as well)
+        try:
+            direct = yield from grant(primary)
+        except OAuthError as exc:
+            raise refused(p, exc, refusals.PASSWORD, narrowing_to=scope) from None
+        return _not_wider(p, scope, direct, "adds")
+    raise _widened(p, scope, new, "ignores" if ignored else "adds")
 
 
-def revoke(login: Login, tokens: TokenSet) -> Flow[bool]:
-    """End this login at the IdP (RFC 7009): its refresh token, or its access token where there is
-    none. Returns whether the IdP confirmed; an IdP without a revocation endpoint confirms nothing."""
+def _without_refresh(tokens: TokenSet) -> TokenSet:
+    return replace(tokens, refresh_token=None, refresh_expires_at=None)
+
+
+def _not_wider(p: Profile, scope: str, tokens: TokenSet, how: str) -> TokenSet:
+    if wider(scope, tokens.scope):
+        raise _widened(p, scope, tokens, how)
+    return _without_refresh(tokens)
+
+
+def _widened(p: Profile, scope: str, tokens: TokenSet, how: str) -> ScopeWidened:
+    extra = " ".join(wider(scope, tokens.scope))
+    if how == "ignores":
+        why = (
+            "it ignores scope on a refresh (Keycloak up to 22 and RH-SSO 7.6 do), and a "
+            f"{p.grant} login cannot be narrowed another way: ask without --scope, or use a password or "
+            "client-credentials profile with this scope"
+        )
+    else:
+        why = f'it adds them to every token (default client scopes a request cannot remove): --scope "{scope} {extra}"'
+    return ScopeWidened(
+        f"profile {p.name!r}: the identity provider grants {tokens.scope!r} for scope {scope!r}, more than asked "
+        f"({extra}); a token wider than asked is never served: {why}"
+    )
+
+
+class Ended(StrEnum):
+    """How a logout ended the login at the IdP."""
+
+    SESSION = "session"  # the end-session endpoint ended the IdP session (and its browser SSO)
+    REVOKED = "revoked"  # the revocation endpoint revoked the token
+    NOTHING = "nothing"  # the IdP knew nothing to revoke (the login had already ended)
+    UNCONFIRMED = "unconfirmed"  # no endpoint, or the IdP did not confirm
+
+
+def end_login(login: Login, tokens: TokenSet) -> Flow[Ended]:
+    """End this login at the IdP: its session through the end-session endpoint with the refresh token
+    (Keycloak's ``.../logout``: exactly this login's IdP session, its browser SSO included), else by
+    revoking it (RFC 7009: the refresh token, or the access token where there is none). Revoking a
+    refresh token in Keycloak ends only this client's part of the session (up to Keycloak 22: of
+    every session of the user), so the end-session endpoint comes first."""
+    client = client_of(login.profile, login.credentials)
+    url = login.endpoints.end_session
+    if url is not None and tokens.refresh_token is not None:
+        answer = yield from exchange(oidc.build_end_session(url, client, tokens.refresh_token))
+        if 200 <= answer.response.status < 300:
+            return Ended.SESSION
+        # no such endpoint here, or it refused: the revocation endpoint is the next best
+    return (yield from revoke(login, tokens))
+
+
+def revoke(login: Login, tokens: TokenSet) -> Flow[Ended]:
+    """Revoke this login's refresh token, or its access token where there is none (RFC 7009). A 200
+    with Keycloak's ``invalid_token`` body means there was nothing to revoke."""
     url = login.endpoints.revocation
     if url is None:
-        return False
+        return Ended.UNCONFIRMED
     target, hint = (
         (tokens.refresh_token, "refresh_token")
         if tokens.refresh_token is not None
         else (tokens.access_token, "access_token")
     )
     answer = yield from exchange(oidc.build_revoke(url, client_of(login.profile, login.credentials), target, hint))
-    return 200 <= answer.response.status < 300
+    if not 200 <= answer.response.status < 300:
+        return Ended.UNCONFIRMED
+    return Ended.NOTHING if oidc.said_invalid_token(answer.response) else Ended.REVOKED
 
 
 def discover(profile: Profile, issuer: str) -> Flow[Endpoints]:
@@ -296,7 +403,7 @@ def device_login(profile: Profile, credentials: Credentials, endpoints: Endpoint
     try:
         auth = oidc.parse_device_start(answer.response, answer.now, start.secrets())
     except OAuthError as exc:
-        raise rejected(profile, exc) from None
+        raise refused(profile, exc, refusals.DEVICE) from None
     yield ShowCode(auth)
     expired = f"profile {name!r}: the login code expired; run `dc-broker login {name}` again"
     interval = auth.interval
@@ -316,7 +423,7 @@ def device_login(profile: Profile, credentials: Credentials, endpoints: Endpoint
                 raise LoginRequired(expired) from None
             if exc.error == "access_denied":
                 raise CredentialsRejected(f"profile {name!r}: the login was denied at the identity provider") from None
-            raise rejected(profile, exc) from None
+            raise refused(profile, exc, refusals.DEVICE) from None
 
 
 def pkce_challenge(verifier: str) -> str:
@@ -365,7 +472,7 @@ def browser_login(
     try:
         return (yield from grant(req))
     except OAuthError as exc:
-        raise rejected(profile, exc) from None
+        raise refused(profile, exc, refusals.CODE) from None
 
 
 # ---------------------------------------------------------------- what to tell the person
@@ -385,6 +492,28 @@ def login_message(p: Profile) -> str:
     if p.grant == "password":
         return f"profile {name!r}: no password stored and no valid login; run `dc-broker login {name}`"
     return f"profile {name!r}: no client secret stored; store it with `dc-broker rotate {name} --client-secret`"
+
+
+def classify(p: Profile, exc: OAuthError, grant: str) -> refusals.Refusal:
+    return refusals.classify(exc, grant, client=p.client_id, profile=p.name, user=p.username or "")
+
+
+def refused(p: Profile, exc: OAuthError, grant: str, *, narrowing_to: str | None = None) -> BrokerError:
+    """The error a refusal of ``grant`` stands for, by what it means (``idp.refusals``): a client or
+    realm setting (``IdpMisconfigured``: tokens kept, asked again every few minutes), a password that
+    may be locked (``MaybeLocked``), or a credential to fix (``CredentialsRejected``)."""
+    refusal = classify(p, exc, grant)
+    if refusal.meaning is Meaning.MISCONFIGURED:
+        return IdpMisconfigured(
+            f"profile {p.name!r}: the identity provider refuses ({said(exc)}): {refusal.fix}",
+            retry_after=MISCONFIGURED_RETRY,
+        )
+    if refusal.fix:
+        return CredentialsRejected(f"profile {p.name!r}: the identity provider refuses ({said(exc)}): {refusal.fix}")
+    base = rejected(p, exc, narrowing_to=narrowing_to)
+    if refusal.meaning is Meaning.MAYBE_LOCKED:
+        return MaybeLocked(base.message)
+    return base
 
 
 def rejected(p: Profile, exc: OAuthError, *, narrowing_to: str | None = None) -> CredentialsRejected:

@@ -24,6 +24,10 @@ Rules (docs/architecture.md repeats them for users):
 * **Start-up.** First refreshes are staggered over ``startup_spread`` (5 s) so N profiles do not hit
   the IdP at once; a refresh that is already due is delayed by at most ``startup_cap_fraction``
   (10%) of its token's remaining life, so the stagger never makes a token expire unrefreshed.
+* **Lock-outs.** Keycloak's brute-force detection answers the right password "Invalid user
+  credentials" while it locks an account. A stored password the IdP accepted before and now refuses
+  so is asked again after ``lockout_waits`` (60 s, 5 min, 15 min: never faster than the lock can
+  lift), then taken for a wrong one.
 * **Forced refresh** (``invalidate``: the API said 401 to a token) happens at most once per
   ``invalidate_interval`` per profile, and only if the rejected token is still the current one.
 """
@@ -46,6 +50,9 @@ class RefreshPolicy:
     startup_spread: float = 5.0
     #: the start-up stagger never delays a due refresh by more than this share of the token's life left
     startup_cap_fraction: float = 0.1
+    #: a password the IdP accepted before, now refused as a brute-force lock would be: asked again after
+    #: these waits (Keycloak locks 60 s at first, up to 15 min), then taken for a wrong one
+    lockout_waits: tuple[float, ...] = (60.0, 300.0, 900.0)
     refresh_floor: float = 1.0
     demand_probe_interval: float = 5.0
 

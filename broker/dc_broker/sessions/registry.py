@@ -45,7 +45,7 @@ log = logging.getLogger("dc_broker.sessions")
 #: distinct per-request scopes one profile may serve at once
 MAX_SCOPES_PER_PROFILE: Final = 16
 #: longest `lock` waits for refreshes at the IdP to store their answers before it locks the store
-#: (the transport's patience with a sent refresh, ``Timeouts.precious_total``)
+#: (the transport's patience with a sent refresh, ``Timeouts.patient_total``)
 LOCK_SETTLE_LIMIT: Final = 180.0
 
 

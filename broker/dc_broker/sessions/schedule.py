@@ -77,10 +77,13 @@ class Schedule:
         """A new token was accepted; its refresh is planned at ``plan``."""
         return Schedule(planned_at=plan, last_attempt_at=self.last_attempt_at)
 
-    def failed(self, p: RefreshPolicy, *, now: float, rand: float, retry_after: float | None) -> Schedule:
-        """An attempt failed for now: back off (full jitter), never less than the IdP's Retry-After."""
+    def failed(
+        self, p: RefreshPolicy, *, now: float, rand: float, retry_after: float | None, wait: float = 0.0
+    ) -> Schedule:
+        """An attempt failed for now: back off (full jitter), never less than the IdP's Retry-After
+        (capped, as any backoff), nor than ``wait`` (uncapped: a lock-out's own window)."""
         failures = self.failures + 1
-        delay = policy.backoff_delay(p, failures, rand, retry_after)
+        delay = max(wait, policy.backoff_delay(p, failures, rand, retry_after))
         told = now + min(retry_after, p.backoff_cap) if retry_after else -math.inf
         return replace(
             self,

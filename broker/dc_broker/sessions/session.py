@@ -42,14 +42,14 @@ from typing import Any, Final, TypeVar
 import trio
 
 from dc_broker.config import Profile
-from dc_broker.errors import AnswerLost, ConfigError, RecordCorrupt, UpstreamFault, UpstreamGarbage
+from dc_broker.errors import AnswerLost, ConfigError, MaybeLocked, RecordCorrupt, UpstreamFault, UpstreamGarbage
 from dc_broker.idp import oidc
 from dc_broker.idp.oidc import Endpoints, HttpRequest
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
 from dc_broker.sessions import driver, flows, loopback, policy
 from dc_broker.sessions.driver import Done
-from dc_broker.sessions.flows import Answer, AwaitRedirect, Flow, Login, LoginLost, Sleep, Step
+from dc_broker.sessions.flows import Answer, AwaitRedirect, Ended, Flow, Login, LoginLost, Rotated, Sleep, Step
 from dc_broker.sessions.policy import RefreshPolicy
 from dc_broker.sessions.schedule import Schedule
 from dc_broker.sessions.states import ACTIVE, WAITING_FOR_PERSON, Event, State, next_state
@@ -181,6 +181,11 @@ class Session:
         self._noted: set[str] = set()
         #: how often this session's task failed with a bug (``crashed``)
         self.crashes = 0
+        #: the stored credentials got a token from the IdP (since they last changed): a refusal of them
+        #: that reads like a brute-force lock is waited out (``policy.lockout_waits``), not believed
+        self._proven = False
+        #: lock-out waits spent since the last token
+        self._lockouts = 0
         self._restore()
 
     def __repr__(self) -> str:
@@ -219,9 +224,10 @@ class Session:
             return
         now = self.clock()
         tokens = _capped(shift_times(saved, now - self.wall_clock()))
-        if tokens.expires_at > now or tokens.refresh_usable(now):
+        if tokens.expires_at > now or tokens.refresh_token is not None:
             self.token = tokens
             self.last_refresh_at = tokens.obtained_at
+            self._proven = True  # these credentials got these tokens
             if tokens.expires_at > now:
                 self._event(Event.RESTORED)
 
@@ -319,6 +325,7 @@ class Session:
         self._changed()
         if relogin:
             self.token = None
+            self._proven = False  # new credentials: nothing they got yet
             self._forget_children()
         self.schedule = self.schedule.retry(self.clock())
         if self.state in WAITING_FOR_PERSON or self.state is State.ERROR:
@@ -444,21 +451,25 @@ class Session:
         )
 
     async def _attempt(self) -> None:
-        """One attempt at the IdP for this login (a narrowing of the parent's, for a child)."""
-        gen = self.generation
+        """One attempt at the IdP for this login (a narrowing of the parent's, for a child). Its
+        generation is the one it holds the login in: whatever changed the session while it waited
+        for the lock (a logout, a login) is what it works from, or, if that left a person to act,
+        it does not go at all."""
         now = self.clock()
         self.schedule = self.schedule.started(now)
-        self.attempt = Attempt(gen, now)
+        self.attempt = Attempt(self.generation, now)
         try:
             if self.parent is not None:
-                scope = self.profile.scope or ""
-                await self._conclude(gen, await _outcome(self.parent.narrow(scope)), None)
+                gen = self.generation
+                await self._conclude(gen, await _outcome(self.parent.narrow(self.profile.scope or "")), None)
                 return
             # held until the new refresh token is stored *and* current: a narrowing call must never
             # pick up the one this refresh just used (with rotation, that kills the session)
             async with self._login_lock:
-                if gen != self.generation:
-                    return  # changed while waiting for the lock: the next round is the new generation's
+                if self.state in WAITING_FOR_PERSON:
+                    return  # logged out or locked while it waited for the lock
+                gen = self.generation
+                self.attempt = Attempt(gen, now)
                 presented: Secret | None = None
 
                 async def obtain() -> TokenSet:
@@ -470,8 +481,7 @@ class Session:
                 outcome = await _outcome(obtain())
                 await self._conclude(gen, outcome, presented)
         finally:
-            if self.attempt is not None and self.attempt.generation == gen:
-                self.attempt = None
+            self.attempt = None
             self._finish_round()
 
     async def _conclude(self, gen: int, outcome: Outcome, presented: Secret | None) -> None:
@@ -489,6 +499,16 @@ class Session:
             self.schedule = self.schedule.stopped()
             self._event(Event.LOCK)
             log.debug("profile %s: waiting for `dc-broker unlock`", name)
+        elif isinstance(outcome, MaybeLocked) and self._proven and self._lockouts < len(self.policy.lockout_waits):
+            wait = self.policy.lockout_waits[self._lockouts]
+            self._lockouts += 1
+            told = UpstreamUnavailable(
+                f"profile {name!r}: the identity provider refuses the password of user {self.profile.username!r}, "
+                "which it accepted before: Keycloak's brute-force detection answers so while it locks an account, "
+                f"and the lock lifts by itself; asking again in {wait:.0f} s ({self._lockouts} of "
+                f"{len(self.policy.lockout_waits)})"
+            )
+            self._failed(outcome, told, outcome.message, wait)
         elif isinstance(outcome, LoginRequired | CredentialsRejected | ConfigError):
             err = outcome if isinstance(outcome, BrokerError) else CredentialsRejected(f"profile {name!r}: {outcome}")
             self.last_error = err
@@ -503,9 +523,11 @@ class Session:
             kind = UpstreamError if isinstance(outcome, UpstreamError) else UpstreamUnavailable
             self._failed(outcome, kind(outcome.message), outcome.message)
 
-    def _failed(self, exc: UpstreamFault | BrokerError, told: BrokerError, said: str) -> None:
+    def _failed(self, exc: UpstreamFault | BrokerError, told: BrokerError, said: str, wait: float = 0.0) -> None:
         now = self.clock()
-        self.schedule = self.schedule.failed(self.policy, now=now, rand=self.rng.random(), retry_after=exc.retry_after)
+        self.schedule = self.schedule.failed(
+            self.policy, now=now, rand=self.rng.random(), retry_after=exc.retry_after, wait=wait
+        )
         told.retry_after = delay = self.schedule.backoff_until - now
         self.last_error = told
         self._event(Event.FAILED_STALE if self._token_valid() else Event.FAILED)
@@ -573,6 +595,7 @@ class Session:
         self.last_error = None
         self.last_refresh_at = self.clock()
         self.refreshes += 1
+        self._proven, self._lockouts = True, 0
         if not keep_schedule:
             self.schedule = self.schedule.granted(self._refresh_time(tokens, capped=self._session_capped))
         self._event(event)
@@ -593,10 +616,15 @@ class Session:
         self,
         on_lost: Callable[[LoginLost], None] | None,
         waits: Callable[[AwaitRedirect], Awaitable[object]] | None = None,
+        *,
+        rotated: Callable[[Rotated], Awaitable[None]] | None = None,
     ) -> Callable[[Step], Awaitable[object]]:
         async def perform(step: Step) -> object:
             if isinstance(step, HttpRequest):
                 return await self._request(step)
+            if isinstance(step, Rotated) and rotated is not None:
+                await rotated(step)
+                return None
             if isinstance(step, Sleep):
                 await trio.sleep(step.seconds)
                 return self.clock()
@@ -661,7 +689,9 @@ class Session:
         tok = self.token
         refresh_token: Secret | None = None
         deadline: float | None = None
-        if tok is not None and tok.refresh_usable(self.clock()):
+        if tok is not None and tok.refresh_token is not None:
+            # presented even past our idea of its deadline (counted from the send, so early by the
+            # round trip): only the IdP saying it is dead may cost a refresh token
             refresh_token, deadline = tok.refresh_token, tok.refresh_expires_at
         elif tok is None:
             refresh_token = creds.refresh_token
@@ -673,6 +703,7 @@ class Session:
             deadline,
             prefer_primary=self._session_capped,
             refresh_in_doubt=refresh_token is not None and refresh_token == self._in_doubt,
+            granted_scope=tok.scope if tok is not None else None,
         )
 
     async def _save(self, tokens: TokenSet) -> None:
@@ -689,8 +720,9 @@ class Session:
     # ------------------------------------------------------------ logins outside the refresh task
 
     async def narrow(self, scope: str) -> TokenSet:
-        """A token for ``scope`` from this login (``flows.narrow``). A refresh token the IdP rotates on
-        the way is adopted by this login, stored first, so the chain of refresh tokens stays single."""
+        """A token for ``scope`` from this login (``flows.narrow``), never wider than asked. A refresh
+        token the IdP rotates on the way is adopted by this login, stored first, so the chain of
+        refresh tokens stays single."""
         if self.profile.grant == "client_credentials":
             return await self._drive(flows.narrow(await self._login(), scope))
         await self.get(0.0)  # this login must exist first
@@ -705,16 +737,16 @@ class Session:
                 self.schedule = self.schedule.forced(self.clock())
                 self._wake.set()
 
-            new = await self._drive(flows.narrow(login, scope), renew)
-            if new.refresh_token is not None and new.refresh_token != login.refresh_token:
-                adopted = replace(tok, refresh_token=new.refresh_token, refresh_expires_at=new.refresh_expires_at)
-                await self._save(adopted)
+            async def adopt(step: Rotated) -> None:
+                new = replace(tok, refresh_token=step.refresh_token, refresh_expires_at=step.refresh_expires_at)
+                await self._save(new)
                 current = self.token  # may have been replaced meanwhile (invalidate): keep its other fields
                 if current is not None and current.refresh_token == login.refresh_token:
                     self.token = replace(
-                        current, refresh_token=new.refresh_token, refresh_expires_at=new.refresh_expires_at
+                        current, refresh_token=step.refresh_token, refresh_expires_at=step.refresh_expires_at
                     )
-        return replace(new, refresh_token=None, refresh_expires_at=None)
+
+            return await driver.drive(flows.narrow(login, scope), self._performer(renew, rotated=adopt))
 
     async def _interactive(
         self, flow: Flow[TokenSet], show: Callable[[Any], dict[str, Any]], waits: Any = None
@@ -842,33 +874,34 @@ class Session:
             await self._accept(tokens, Event.ADOPTED, gen)
             self._wake.set()  # the refresh task picks up the new schedule
 
-    async def logout(self) -> bool:
-        """End the login at the IdP (best effort: ``flows.revoke``) and forget it. The client secret
-        stays (it is not the login), except for client credentials, where it is. Returns whether
-        the IdP confirmed the revocation."""
+    async def logout(self) -> Ended:
+        """End the login at the IdP (best effort: ``flows.end_login``, its session where the IdP has an
+        end-session endpoint, else a revocation) and forget it. The client secret stays (it is not the
+        login), except for client credentials, where it is. Returns how the IdP ended it."""
         name = self.profile.name
-        revoked = False
+        ended = Ended.UNCONFIRMED
         async with self._login_lock:
             self._changed()
             tok = self.token
             creds = self._credentials_or_none()
             if tok is not None:
                 try:
-                    revoked = await self._drive(flows.revoke(await self._login(creds), tok))
+                    ended = await self._drive(flows.end_login(await self._login(creds), tok))
                 except (UpstreamFault, BrokerError) as exc:
-                    log.warning("profile %s: could not revoke at the identity provider: %s", name, exc)
+                    log.warning("profile %s: could not end the login at the identity provider: %s", name, exc)
             await self.store.forget_tokens(name)
             keep = None if self.profile.grant == "client_credentials" else creds.client_secret
             self.store.set_credentials(name, Credentials(client_secret=keep))
             self.token = None
             self._in_doubt = None
+            self._proven = False
             self._forget_children()
             self.last_error = LoginRequired(flows.login_message(self.profile))
             self.schedule = self.schedule.stopped()
             self._event(Event.LOGOUT)
             self._announce()
-        log.info("profile %s: logged out (revoked at the IdP: %s)", name, revoked)
-        return revoked
+        log.info("profile %s: logged out (at the identity provider: %s)", name, ended.value)
+        return ended
 
     # ------------------------------------------------------------ reporting
 
