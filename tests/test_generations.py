@@ -4,6 +4,7 @@ autojump clock: a 3 s IdP is a 3 s IdP, in milliseconds."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -20,7 +21,14 @@ from dc_broker.sessions.session import Session, shift_times
 from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
-from dc_token.errors import CredentialsRejected, InternalError, Locked, LoginRequired, UpstreamUnavailable
+from dc_token.errors import (
+    CredentialsRejected,
+    InternalError,
+    Locked,
+    LoginRequired,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from tests.conftest import CREDENTIALS, idp_transport, make_session, profile, running, trio_wall_clock
 
 
@@ -457,3 +465,45 @@ async def test_a_lost_answer_to_a_sent_refresh_is_answer_lost_and_a_failed_conne
     with pytest.raises(UpstreamTransient) as info:
         await transport.send(password)  # nothing single-use was spent: an ordinary failure
     assert not isinstance(info.value, AnswerLost)
+
+
+async def test_a_brute_force_lock_is_waited_out_not_taken_for_a_wrong_password(make_idp, autojump_clock) -> None:
+    """Keycloak answers the right password 'Invalid user credentials' while brute-force detection locks
+    the account. A password the IdP accepted before is asked again after 60 s (callers' probes wait
+    too), so the profile is back once the lock lifts, with at most 3 password attempts meanwhile."""
+    idp = make_idp(access_lifespan=300, brute_force=True, failure_factor=1, wait_increment=60)
+    session = make_session(idp)
+    async with running(session.run) as nursery:
+        first = await session.get()
+        realm = idp.realm("demo")
+        idp._state.brute_force.failed(realm, "demo", idp._state.now())  # a wrong password elsewhere: locked 60 s
+        idp._state.sessions.kill_matching("demo")  # and the refresh token is dead: a password grant is next
+        before = grants(idp, "password")
+        session.invalidate(first.access_token.reveal())
+
+        async def caller() -> None:  # a crowd that keeps asking meanwhile
+            while True:
+                with contextlib.suppress(UpstreamUnavailable, UpstreamError):
+                    await session.get()
+                await trio.sleep(0.5)
+
+        nursery.start_soon(caller)
+        await trio.sleep(5)
+        assert session.effective_state(trio.current_time()) is State.UNAVAILABLE
+        assert "brute-force detection" in (session.last_error.message if session.last_error else "")
+        with trio.fail_after(60 + 10):
+            while session.state is not State.FRESH:
+                await trio.sleep(0.5)
+        assert grants(idp, "password") - before <= 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_password_never_accepted_is_wrong_at_once(make_idp, autojump_clock) -> None:
+    idp = make_idp(brute_force=True, failure_factor=1)
+    session = make_session(
+        idp, credentials=Credentials(password=Secret("not-it"), client_secret=Secret("dc-cli-secret"))
+    )
+    async with running(session.run):
+        with pytest.raises(CredentialsRejected, match="refused the password"):
+            await session.get()
+    assert session.state is State.REJECTED and grants(idp, "password") == 1

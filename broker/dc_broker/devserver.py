@@ -13,7 +13,8 @@ or in-process without sockets: ``httpx.AsyncClient(transport=httpx.ASGITransport
 ``python -m dc_broker.devserver [--host H] [--port P] [--access-lifespan S] [--sso-idle S] [--sso-max S]
 [--rotate] [--max-reuse N] [--device-interval S] [--refresh-token-answer new|same|none]
 [--dead-refresh-error invalid_grant|invalid_request] [--no-refresh-expires-in] [--no-expires-in]
-[--refresh-scope narrow|ignore] [--certfile PEM --keyfile PEM] [--refusal-body json|empty|html]
+[--refresh-scope narrow|ignore] [--set KEY=VALUE]... [--client-set CLIENT.KEY=VALUE]...
+[--certfile PEM --keyfile PEM] [--refusal-body json|empty|html]
 [--echo-description] [--expires-in RAW] [--drip S] [--latency S]`` runs the demo realm (over https
 with ``--certfile``). The last five are the standing fault modes of ``dc_broker.devidp.faults``; the
 five before the certificate are other OPs' personalities (``DevRealm``'s docstring);
@@ -28,6 +29,7 @@ access log is off and its error log is limited to warnings.
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 import signal
 import sys
 from collections.abc import Sequence
@@ -143,6 +145,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--expires-in", default=None, help='raw JSON for expires_in ("NaN", "1e999", ...) or "absent"')
     parser.add_argument("--drip", type=float, default=0.0, help="send token responses one byte per DRIP seconds")
     parser.add_argument("--latency", type=float, default=0.0, help="every token request waits LATENCY seconds first")
+    parser.add_argument(
+        "--set",
+        dest="realm_settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any realm setting of DevRealm (brute_force=true, failure_factor=1, ssl_required=all, enabled=false, "
+        "revoke_scope=user ...); repeatable",
+    )
+    parser.add_argument(
+        "--client-set",
+        dest="client_settings",
+        action="append",
+        default=[],
+        metavar="CLIENT.KEY=VALUE",
+        help="a setting of one of the demo realm's clients (dc-cli.device_grant=false, dc-service.dpop=required, "
+        "dc-service.service_account_enabled=false ...); repeatable",
+    )
     parser.add_argument("--certfile", default=None, help="serve https with this certificate (PEM)")
     parser.add_argument("--keyfile", default=None, help="the certificate's private key (PEM)")
     return parser
@@ -179,7 +199,42 @@ def realm_from_args(args: argparse.Namespace) -> DevRealm:
         overrides["send_refresh_expires_in"] = False
     if args.no_expires_in:
         overrides["send_expires_in"] = False
-    return demo_realm(**overrides)
+    for setting in args.realm_settings:
+        key, value = _setting(setting)
+        overrides[key] = _typed(DevRealm, key, value)
+    realm = demo_realm(**overrides)
+    for setting in args.client_settings:
+        name, value = _setting(setting)
+        client_id, _, key = name.rpartition(".")
+        client = realm.client(client_id)
+        if client is None:
+            raise SystemExit(f"--client-set {setting}: no client {client_id!r} in the demo realm")
+        setattr(client, key, _typed(DevClient, key, value))
+    return realm
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"{text!r} is not KEY=VALUE")
+    return key.strip(), value.strip()
+
+
+def _typed(kind: type, key: str, value: str) -> object:
+    """``value`` as the field ``key`` of the dataclass ``kind`` takes it (bool, int, float or str)."""
+    types = {f.name: str(f.type) for f in fields(kind)}
+    if key not in types:
+        raise SystemExit(f"{kind.__name__} has no setting {key!r} (it has: {', '.join(sorted(types))})")
+    shown = types[key]
+    if shown.startswith("bool"):
+        if value.lower() not in ("true", "false", "1", "0", "on", "off"):
+            raise SystemExit(f"{key}={value}: say true or false")
+        return value.lower() in ("true", "1", "on")
+    if shown.startswith("int"):
+        return int(value)
+    if shown.startswith("float"):
+        return float(value)
+    return value
 
 
 async def _run(idp: DevIdP, args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ Routes (``{base}`` = ``[/auth]/realms/{realm}``):
     GET/POST {base}/protocol/openid-connect/auth       (authorization code + PKCE: the login page)
     GET  {base}                                        GET  /dp/api/v1/aiconnections/types  (demo API)
     GET  /_dev/stats                                   (counters for tests: token requests by grant, reuse)
+    POST /_dev/logout-all                              (an administrator's "log out all sessions", for tests)
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ class Endpoints:
         ]
         routes.append(Route("/dp/api/v1/aiconnections/types", self.demo_api, methods=["GET"]))
         routes.append(Route("/_dev/stats", self.dev_stats, methods=["GET"]))
+        routes.append(Route("/_dev/logout-all", self.dev_logout_all, methods=["POST"]))
         return routes
 
     # -- shared plumbing -----------------------------------------------------------------------
@@ -320,6 +322,12 @@ class Endpoints:
         for (_, _, grant), count in self.state.stats.token_requests.items():
             by_grant[grant] = by_grant.get(grant, 0) + count
         return JSONResponse({"token_requests": by_grant, "refresh_reuse": self.state.stats.refresh_reuse})
+
+    async def dev_logout_all(self, request: Request) -> Response:
+        """An administrator's "log out all sessions" of every realm, for end-to-end tests: every refresh
+        token dies ("Session not active"); the next login is a new one."""
+        killed = sum(self.state.sessions.kill_matching(name) for name in self.state.realms)
+        return JSONResponse({"killed": killed})
 
     async def demo_api(self, request: Request) -> Response:
         faulted = await self._guard("api")

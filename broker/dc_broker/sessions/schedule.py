@@ -81,10 +81,13 @@ class Schedule:
         self, p: RefreshPolicy, *, now: float, rand: float, retry_after: float | None, wait: float = 0.0
     ) -> Schedule:
         """An attempt failed for now: back off (full jitter), never less than the IdP's Retry-After
-        (capped, as any backoff), nor than ``wait`` (uncapped: a lock-out's own window)."""
+        (capped, as any backoff), nor than ``wait`` (uncapped: a lock-out's own window, which holds
+        callers' probes off too)."""
         failures = self.failures + 1
         delay = max(wait, policy.backoff_delay(p, failures, rand, retry_after))
         told = now + min(retry_after, p.backoff_cap) if retry_after else -math.inf
+        if wait:  # like a Retry-After: not even a waiting caller's probe goes before it
+            told = max(told, now + wait)
         return replace(
             self,
             planned_at=now + delay,

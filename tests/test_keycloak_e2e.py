@@ -1,0 +1,199 @@
+"""Keycloak's real answers end to end (a real broker, the dev IdP as a process set to answer as Keycloak
+does in each case): a brute-force lock-out that lifts by itself, client and realm settings that refuse
+(each named, every token kept), scopes never wider than asked against RH-SSO 7.6, and a logout that
+ends the browser's SSO session so the next login asks for the password again."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dc_token import TokenClient
+from tests.e2e import DC_BROKER, dc_token, dev_idp, idp_stats, run, start_run, stop, wait_for
+from tests.test_browser_login_e2e import FormFields, start_login
+
+pytestmark = pytest.mark.e2e
+SECRETS = '[acme]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n'
+
+
+def profile(name: str, base: str, **settings: str) -> str:
+    lines = [f"[profiles.{name}]", f'server = "{base}"', 'tenant = "demo"']
+    lines += [f'{k} = "{v}"' for k, v in {"client_id": "dc-cli", "username": "demo", **settings}.items()]
+    return "\n".join(lines) + "\n\n"
+
+
+def status(sock: str) -> dict[str, dict[str, object]]:
+    out = run([DC_BROKER, "status", "--socket", sock, "--json"])
+    assert out.returncode == 0, out.stderr
+    return {p["profile"]: p for p in json.loads(out.stdout)["profiles"]}
+
+
+def scope_of(token: str) -> set[str]:
+    payload = token.split(".")[1]
+    return set(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["scope"].split())
+
+
+def test_a_locked_out_user_recovers_by_itself_once_the_lock_lifts(tmp_path: Path) -> None:
+    """Brute-force detection on: a wrong password elsewhere locks user demo for 60 s, and Keycloak
+    answers even the right password 'Invalid user credentials' meanwhile. The broker, whose stored
+    password the IdP accepted before, waits the lock out (says so in status) instead of taking it for
+    wrong, and is back within the lock-out window plus one retry, with at most 3 password attempts."""
+    lock = ("--set", "brute_force=true", "--set", "failure_factor=1", "--set", "wait_increment=60")
+    with dev_idp(*lock, "--access-lifespan", "300") as base:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(profile("acme", base))
+        sock = str(tmp_path / "broker.sock")
+        broker = start_run(cfg, sock, SECRETS)
+        try:
+            first = dc_token(sock, "acme")
+            assert first.returncode == 0
+            token_url = f"{base}/realms/demo/protocol/openid-connect/token"
+            wrong = {"grant_type": "password", "username": "demo", "password": "not-it", "client_id": "dc-public"}
+            assert httpx.post(token_url, data=wrong, timeout=30).status_code == 401  # someone else, mistyping
+            locked_at = time.monotonic()
+            httpx.post(f"{base}/_dev/logout-all", timeout=30)  # the refresh token dies: a password grant is next
+            with TokenClient(sock) as client:
+                assert client.invalidate("acme", first.stdout.strip())
+            said = wait_for(
+                lambda: "brute-force" in str(status(sock)["acme"]["last_error"]) and status(sock)["acme"],
+                30,
+                "status saying the account may be locked",
+                process=broker,
+            )
+            assert "asking again in 60 s (1 of 3)" in str(said["last_error"])
+            wait_for(lambda: dc_token(sock, "acme").returncode == 0, 60 + 30, "a token once the lock lifted")
+            assert time.monotonic() - locked_at >= 59
+            assert status(sock)["acme"]["state"] == "fresh"
+        finally:
+            assert stop(broker) == 0
+        grants = idp_stats(base)["token_requests"]["password"]
+    assert 3 <= grants <= 2 + 3  # the first login, the wrong one elsewhere, at most 3 of ours meanwhile
+
+
+@pytest.mark.parametrize(
+    ("settings", "profile_settings", "fix"),
+    [
+        (["--set", "ssl_required=all"], {}, "Require SSL"),
+        (["--set", "enabled=false"], {}, "Realm settings -> Enabled"),
+        (["--client-set", "dc-cli.dpop=required"], {}, "DPoP Bound Access Tokens"),
+        (["--client-set", "dc-cli.offline_allowed=false"], {"scope": "openid offline_access"}, "offline_access role"),
+        (["--client-set", "dc-cli.direct_grants=false"], {}, "'Direct access grants'"),
+    ],
+    ids=["https-required", "realm-disabled", "dpop", "offline-not-allowed", "direct-grants-off"],
+)
+def test_a_client_or_realm_setting_that_refuses_is_named_with_its_fix(
+    tmp_path: Path, settings: list[str], profile_settings: dict[str, str], fix: str
+) -> None:
+    with dev_idp(*settings) as base:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(profile("acme", base, **profile_settings))
+        sock = str(tmp_path / "broker.sock")
+        broker = start_run(cfg, sock, SECRETS)
+        try:
+            got = dc_token(sock, "acme")
+            assert got.returncode == 10, got.stderr  # upstream_error: the IdP's answer, not a credential
+            assert fix in got.stderr and "Traceback" not in got.stderr
+            shown = status(sock)["acme"]
+            assert shown["state"] == "unavailable" and fix in str(shown["last_error"])
+            assert shown["next_refresh_in"] is not None and float(str(shown["next_refresh_in"])) > 60  # slowly
+        finally:
+            assert stop(broker) == 0
+
+
+def test_a_disabled_service_account_and_a_disabled_device_grant_name_the_client_setting(tmp_path: Path) -> None:
+    off = ("--client-set", "dc-service.service_account_enabled=false", "--client-set", "dc-public.device_grant=false")
+    with dev_idp(*off) as base:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            profile("svc", base, client_id="dc-service", grant="client_credentials")
+            + f'[profiles.dev]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\ngrant = "device"\n'
+            'auth_method = "none"\n'
+        )
+        sock = str(tmp_path / "broker.sock")
+        broker = start_run(cfg, sock, '[svc]\nclient_secret = "dc-service-secret"\n')
+        try:
+            got = dc_token(sock, "svc")
+            assert got.returncode == 10 and "service-account-dc-service -> Enabled" in got.stderr, got.stderr
+            login = run([DC_BROKER, "login", "dev", "--socket", sock])
+            assert login.returncode == 10, login.stderr
+            assert "OAuth 2.0 Device Authorization Grant" in login.stderr and "Capability config" in login.stderr
+        finally:
+            assert stop(broker) == 0
+
+
+def test_dc_token_scope_against_rh_sso_never_prints_a_token_wider_than_asked(tmp_path: Path) -> None:
+    """RH-SSO 7.6 ignores scope on a refresh: the password profile gets exactly the scope from a
+    password grant; a device login cannot be narrowed there and says why."""
+    with dev_idp("--refresh-scope", "ignore", "--device-interval", "1") as base:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            profile("acme", base, scope="openid phone")
+            + f'[profiles.dev]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\ngrant = "device"\n'
+            'auth_method = "none"\nscope = "openid phone"\n'
+        )
+        sock = str(tmp_path / "broker.sock")
+        broker = start_run(cfg, sock, SECRETS)
+        try:
+            from tests.e2e import approve_device, device_code
+
+            login = subprocess.Popen(
+                [DC_BROKER, "login", "dev", "--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            approve_device(base, device_code(login))
+            assert login.wait(30) == 0
+            for asked in ("openid profile email", "profile email"):
+                got = dc_token(sock, "--scope", asked, "acme")
+                assert got.returncode == 0, got.stderr
+                assert scope_of(got.stdout.strip()) <= set(asked.split())
+                refused = dc_token(sock, "--scope", asked, "dev")
+                assert refused.returncode == 8 and refused.stdout == "", refused.stderr
+                assert "ignores scope on a refresh" in refused.stderr
+            whole = dc_token(sock, "acme")
+            assert "phone" in scope_of(whole.stdout.strip())  # the profile's own token keeps its scope
+        finally:
+            assert stop(broker) == 0
+
+
+def test_after_logout_of_a_browser_login_the_next_login_asks_for_the_password_again(tmp_path: Path) -> None:
+    """Keycloak's end-session endpoint ends the browser's SSO session; revoking the refresh token (what
+    the broker did before) only detached the client, and the next browser login went through without
+    a password. The browser here keeps its cookies, as a person's does."""
+    with dev_idp() as base:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            f'[profiles.web]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\n'
+            'grant = "browser"\nauth_method = "none"\n'
+        )
+        sock = str(tmp_path / "run" / "b.sock")
+        broker = start_run(cfg, sock, "")
+        browser = httpx.Client(follow_redirects=False, timeout=30)
+        try:
+
+            def log_in(*, password_asked: bool) -> None:
+                proc, url = start_login(sock)
+                page = browser.get(url)
+                if password_asked:
+                    assert page.status_code == 200 and "Sign in to demo" in page.text
+                    form = FormFields()
+                    form.feed(page.text)
+                    page = browser.post(url.split("?")[0], data={**form.fields, "username": "demo", "password": "demo"})
+                assert page.status_code == 302, "the login page was shown: the SSO session had ended"
+                assert httpx.get(page.headers["location"], timeout=30).status_code == 200
+                _, err = proc.communicate(timeout=30)
+                assert proc.returncode == 0, err
+
+            log_in(password_asked=True)
+            log_in(password_asked=False)  # the SSO session lives: this is what a skipped page looks like
+            out = run([DC_BROKER, "logout", "web", "--socket", sock])
+            assert out.returncode == 0 and "its session ended at the identity provider" in out.stdout, out.stdout
+            log_in(password_asked=True)  # the login page again
+            assert dc_token(sock, "web").returncode == 0
+        finally:
+            browser.close()
+            assert stop(broker) == 0
