@@ -29,10 +29,10 @@ access log is off and its error log is limited to warnings.
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from functools import partial
 from typing import cast
 
