@@ -21,12 +21,21 @@ class DevUser:
     required_actions: bool = False
 
 
+#: Keycloak's client authenticators (``dc_broker.devidp.clientauth``), by their provider ids
+CLIENT_AUTHENTICATORS = ("client-secret", "client-jwt", "client-secret-jwt", "client-x509", "federated-jwt")
+
+
 @dataclass
 class DevClient:
     """An OIDC client. ``secret=None`` is a public client (client_id only).
 
     ``service_account``: ``None`` (default) means "enabled iff ``service_account_roles`` is non-empty";
     set it to force the service account on or off.
+
+    ``auth``: its Client Authenticator (Keycloak's Credentials tab): ``client-secret`` (the default),
+    ``client-jwt`` (Signed JWT: ``jwks``, the public keys it registered), ``client-secret-jwt``
+    (Signed JWT with Client Secret: ``secret``), ``client-x509`` (X509 Certificate: ``subject_dn``)
+    or ``federated-jwt`` (Signed JWT - Federated: ``federated_issuer`` and ``federated_subject``).
     """
 
     client_id: str
@@ -35,10 +44,19 @@ class DevClient:
     service_account_roles: list[str] = field(default_factory=list)
     device_grant: bool = True
     service_account: bool | None = None
+    auth: str = "client-secret"
+    jwks: dict[str, Any] | None = None
+    subject_dn: str | None = None
+    federated_issuer: str | None = None
+    federated_subject: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.auth not in CLIENT_AUTHENTICATORS:
+            raise ValueError(f"auth must be one of {', '.join(CLIENT_AUTHENTICATORS)}, not {self.auth!r}")
 
     @property
     def public(self) -> bool:
-        return self.secret is None
+        return self.secret is None and self.auth == "client-secret"
 
     @property
     def has_service_account(self) -> bool:
@@ -87,6 +105,9 @@ class DevRealm:
     send_refresh_expires_in: bool = True
     send_expires_in: bool = True
     refresh_scope: str = "narrow"
+    #: issuers whose assertions may authenticate a federated-jwt client: issuer -> its JWKS (Keycloak
+    #: 26.6: an identity provider of the realm, e.g. a Kubernetes cluster or a SPIFFE trust domain)
+    trusted_issuers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         choices = {

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dc_broker.devidp.authcode import AuthCodeStore
+from dc_broker.devidp.clientauth import AssertionLedger
 from dc_broker.devidp.device import DeviceStore
 from dc_broker.devidp.faults import Faults
 from dc_broker.devidp.keys import SigningKey
@@ -51,6 +52,7 @@ class IdPState:
     codes: AuthCodeStore = field(default_factory=AuthCodeStore)
     faults: Faults = field(default_factory=Faults)
     stats: Stats = field(default_factory=Stats)
+    assertions: AssertionLedger = field(default_factory=AssertionLedger)
 
     def now(self) -> float:
         return float(self.clock())
