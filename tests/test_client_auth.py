@@ -51,7 +51,14 @@ def test_a_signed_assertion_verifies_with_the_public_jwks_alone(key_type: str, a
     jwks = json.loads(assertions.public_jwks(keys))
     header, claims = verify(value, jwks)
     assert header == {"alg": alg, "kid": key.kid, "typ": "JWT"}
-    assert claims == {"iss": "svc", "sub": "svc", "aud": TOKEN_URL, "jti": "jti-1", "iat": int(NOW), "exp": int(NOW) + 60}
+    assert claims == {
+        "iss": "svc",
+        "sub": "svc",
+        "aud": TOKEN_URL,
+        "jti": "jti-1",
+        "iat": int(NOW),
+        "exp": int(NOW) + 60,
+    }
     # the kid is the public key's RFC 7638 thumbprint, as joserfc computes it
     (public,) = jwks["keys"]
     assert kty.import_key(public).thumbprint() == key.kid
@@ -79,10 +86,14 @@ def test_each_request_gets_a_fresh_jti_and_the_clock_it_is_given() -> None:
 
 
 def test_client_secret_jwt_is_hs256_over_the_secret() -> None:
-    client = oidc.ClientCredentials("svc", "client_secret_jwt", Secret("s3cret-value-of-at-least-32-bytes"), audience=TOKEN_URL)
+    client = oidc.ClientCredentials(
+        "svc", "client_secret_jwt", Secret("s3cret-value-of-at-least-32-bytes"), audience=TOKEN_URL
+    )
     req = assertions.complete(oidc.build_client_credentials(TOKEN_URL, client), now=NOW, jti="j")
     assert "client_secret" not in req.form and req.headers.get("Authorization") is None
-    header, claims = verify(req.form["client_assertion"], {"keys": [OctKey.import_key(b"s3cret-value-of-at-least-32-bytes").as_dict()]})
+    header, claims = verify(
+        req.form["client_assertion"], {"keys": [OctKey.import_key(b"s3cret-value-of-at-least-32-bytes").as_dict()]}
+    )
     assert header["alg"] == "HS256" and claims["sub"] == "svc"
 
 
@@ -107,7 +118,13 @@ def test_nothing_shows_the_private_key_or_an_assertion() -> None:
     client = oidc.ClientCredentials("svc", "private_key_jwt", keys=keys.to_secret(), audience=TOKEN_URL)
     req = assertions.complete(oidc.build_client_credentials(TOKEN_URL, client), now=NOW, jti="j")
     value = req.form["client_assertion"]
-    for shown in (repr(req), repr(client), repr(keys), repr(keys.active), repr(oidc.AssertionNeeded("m", "c", "a", keys.to_secret()))):
+    for shown in (
+        repr(req),
+        repr(client),
+        repr(keys),
+        repr(keys.active),
+        repr(oidc.AssertionNeeded("m", "c", "a", keys.to_secret())),
+    ):
         assert pem not in shown and value not in shown and "PRIVATE" not in shown
     # an IdP that echoes the assertion has it redacted: it is one of the request's secrets
     echo = HttpResponse(401, {}, json.dumps({"error": "invalid_client", "error_description": f"bad {value}"}).encode())
@@ -121,7 +138,13 @@ def endpoints() -> Endpoints:
 
 
 def test_the_audience_follows_the_profile() -> None:
-    base = {"name": "p", "client_id": "svc", "token_url": TOKEN_URL, "auth_method": "private_key_jwt", "grant": "device"}
+    base = {
+        "name": "p",
+        "client_id": "svc",
+        "token_url": TOKEN_URL,
+        "auth_method": "private_key_jwt",
+        "grant": "device",
+    }
     assert oidc.assertion_audience(Profile(**base), endpoints()) == TOKEN_URL
     assert oidc.assertion_audience(Profile(**base, assertion_audience="issuer"), endpoints()) == ISSUER
     assert oidc.assertion_audience(Profile(**base, assertion_audience="https://op.example/"), endpoints()) == (
@@ -132,9 +155,11 @@ def test_the_audience_follows_the_profile() -> None:
 
 
 def test_each_method_builds_its_request() -> None:
-    def client(method: str, creds: Credentials = Credentials(), **extra: Any) -> oidc.ClientCredentials:
-        p = Profile(name="p", client_id="svc", token_url=TOKEN_URL, grant="client_credentials", auth_method=method, **extra)
-        return oidc.client_of(p, creds, endpoints())
+    def client(method: str, **extra: Any) -> oidc.ClientCredentials:
+        p = Profile(
+            name="p", client_id="svc", token_url=TOKEN_URL, grant="client_credentials", auth_method=method, **extra
+        )
+        return oidc.client_of(p, Credentials(), endpoints())
 
     tls = oidc.build_client_credentials(TOKEN_URL, client("tls_client_auth", client_cert="/c.pem"))
     assert tls.form == {"grant_type": "client_credentials", "client_id": "svc"} and tls.assertion is None
@@ -195,7 +220,11 @@ async def test_the_dev_idp_accepts_a_registered_key_and_refuses_a_replay_and_an_
     used = idp._state.assertions.accepted
     assert len(used) == 2 and len({verify(a, keys.public_jwks())[1]["jti"] for a in used}) == 2
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=idp.app)) as http:
-        form = {"grant_type": "client_credentials", "client_assertion_type": oidc.JWT_BEARER, "client_assertion": used[0]}
+        form = {
+            "grant_type": "client_credentials",
+            "client_assertion_type": oidc.JWT_BEARER,
+            "client_assertion": used[0],
+        }
         replay = await http.post(f"{IDP}/realms/demo/protocol/openid-connect/token", data=form)
     assert replay.status_code == 400
     assert replay.json() == {"error": "invalid_client", "error_description": "Token reuse detected"}
@@ -217,7 +246,9 @@ async def test_the_dev_idp_accepts_a_registered_key_and_refuses_a_replay_and_an_
     ],
     ids=["audience", "expired", "too-long", "no-jti"],
 )
-async def test_the_dev_idp_answers_each_bad_assertion_as_keycloak_does(claims: dict[str, Any], description: str) -> None:
+async def test_the_dev_idp_answers_each_bad_assertion_as_keycloak_does(
+    claims: dict[str, Any], description: str
+) -> None:
     keys = clientkeys.KeySet(clientkeys.generate("ec", now=time.time()))
     idp = jwt_realm_idp(auth="client-jwt", jwks=keys.public_jwks())
     now = time.time()
@@ -239,9 +270,17 @@ async def test_the_dev_idp_answers_each_bad_assertion_as_keycloak_does(claims: d
 async def test_client_secret_jwt_against_the_dev_idp() -> None:
     idp = jwt_realm_idp(auth="client-secret-jwt", secret="svc-secret-of-thirty-two-bytes-or-more")
     transport = IdpTransport(transport=httpx.ASGITransport(app=idp.app))
-    good = Session(svc_profile("client_secret_jwt"), MemoryStore({"svc": Credentials(client_secret=Secret("svc-secret-of-thirty-two-bytes-or-more"))}), transport)
+    good = Session(
+        svc_profile("client_secret_jwt"),
+        MemoryStore({"svc": Credentials(client_secret=Secret("svc-secret-of-thirty-two-bytes-or-more"))}),
+        transport,
+    )
     assert (await good.verify()).access_token
-    bad = Session(svc_profile("client_secret_jwt"), MemoryStore({"svc": Credentials(client_secret=Secret("a-wrong-secret-of-thirty-two-bytes"))}), transport)
+    bad = Session(
+        svc_profile("client_secret_jwt"),
+        MemoryStore({"svc": Credentials(client_secret=Secret("a-wrong-secret-of-thirty-two-bytes"))}),
+        transport,
+    )
     with pytest.raises(CredentialsRejected, match="Signature on JWT token by client secret failed validation"):
         await bad.verify()
     await transport.aclose()

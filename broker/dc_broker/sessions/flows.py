@@ -425,8 +425,8 @@ def client_fix(p: Profile) -> str:
     if p.auth_method == "private_key_jwt":
         return (
             f"check that the identity provider has this profile's public key (`dc-broker keys {name} --jwks` "
-            f"prints it; in Keycloak: the client's Keys tab) and the assertion's audience, then `dc-broker keys "
-            f"{name} --check`; {wrong_id}"
+            "prints it; in Keycloak: the client's Keys tab), the assertion's audience and the client id "
+            f"(`dc-broker set {name} client_id=ID`); then `dc-broker keys {name} --check`"
         )
     if p.auth_method == "tls_client_auth":
         return (
