@@ -26,19 +26,36 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import jwt
 from cryptography import x509
 
-from dc_broker.devidp.realm import DevClient
+from dc_broker.devidp.realm import DevClient, DevRealm
 
 if TYPE_CHECKING:
-    from dc_broker.devidp.grants import TokenRequest
     from dc_broker.devidp.state import IdPState
+
+
+class TokenRequest(Protocol):
+    """What an authenticator reads of a request (``dc_broker.devidp.grants.TokenRequest``)."""
+
+    @property
+    def realm(self) -> DevRealm: ...
+
+    @property
+    def issuer(self) -> str: ...
+
+    @property
+    def form(self) -> Mapping[str, str]: ...
+
+    @property
+    def client_cert(self) -> bytes | None: ...
+
+    def param(self, name: str) -> str | None: ...
+
 
 JWT_BEARER: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 JWT_SPIFFE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
@@ -49,7 +66,6 @@ CLOCK_SKEW: Final = 15
 MAX_EXP: Final = 60
 #: a federated assertion's longest life (Keycloak's Kubernetes provider: an hour, plus the skew)
 FEDERATED_MAX_EXP: Final = 3600 + CLOCK_SKEW
-KEPT_ASSERTIONS: Final = 64
 _ASYMMETRIC: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
 #: the DER certificate the TLS client presented on this connection (None: none, or plain http)
@@ -71,27 +87,6 @@ def _invalid(description: str) -> ClientProblem:
 
 def _not_this_client() -> ClientProblem:
     return ClientProblem(401, "invalid_client", BAD_CLIENT)
-
-
-@dataclass
-class AssertionLedger:
-    """Used ``jti``s (until their ``exp``) and the accepted assertions tests may replay."""
-
-    used: dict[str, float] = field(default_factory=dict)
-    accepted: list[str] = field(default_factory=list)
-
-    def spend(self, key: str, until: float, now: float) -> bool:
-        """Record ``key``; False if it was already used (and has not expired)."""
-        for old in [k for k, t in self.used.items() if t < now]:
-            del self.used[old]
-        if key in self.used:
-            return False
-        self.used[key] = until
-        return True
-
-    def keep(self, assertion: str) -> None:
-        self.accepted.append(assertion)
-        del self.accepted[:-KEPT_ASSERTIONS]
 
 
 def unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]] | None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from dc_broker.devidp.authcode import AuthCodeStore
-from dc_broker.devidp.clientauth import AssertionLedger
 from dc_broker.devidp.device import DeviceStore
 from dc_broker.devidp.faults import Faults
 from dc_broker.devidp.keys import SigningKey
@@ -39,6 +39,31 @@ class Stats:
         self.token_requests.clear()
         self.requests.clear()
         self.refresh_reuse = 0
+
+
+#: accepted client assertions kept for tests to replay
+KEPT_ASSERTIONS: Final = 64
+
+
+@dataclass
+class AssertionLedger:
+    """Used ``jti``s (until their ``exp``) and the accepted assertions tests may replay."""
+
+    used: dict[str, float] = field(default_factory=dict)
+    accepted: list[str] = field(default_factory=list)
+
+    def spend(self, key: str, until: float, now: float) -> bool:
+        """Record ``key``; False if it was already used (and has not expired)."""
+        for old in [k for k, t in self.used.items() if t < now]:
+            del self.used[old]
+        if key in self.used:
+            return False
+        self.used[key] = until
+        return True
+
+    def keep(self, assertion: str) -> None:
+        self.accepted.append(assertion)
+        del self.accepted[:-KEPT_ASSERTIONS]
 
 
 @dataclass
