@@ -104,7 +104,7 @@ def test_set_help_names_every_key_it_takes() -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["acme", "colour=blue"], 2, "Error: unknown profile key 'colour'; keys: admin, allow, auth_method,"),
+        (["acme", "colour=blue"], 2, "Error: unknown profile key 'colour'; keys: admin, allow, assertion_audience,"),
         (["acme", "grant=magic"], 2, "Error: profile 'acme': grant 'magic' is not one of password,"),
         (["acme", "scope"], 2, "Error: 'scope' is not KEY=VALUE; e.g. `scope=openid email`"),
         (["acme", "legacy_paths=maybe"], 2, "Error: legacy_paths must be true or false, not 'maybe'"),

@@ -36,7 +36,13 @@ NEW_VALUES: dict[str, list[str]] = {
     "issuer": ["https://new.example.com/realms/x"],
     "token_url": ["https://new.example.com/token"],
     "username": ["carol"],
-    "auth_method": ["basic", "post", "none"],
+    "auth_method": ["basic", "post", "none", "private_key_jwt", "client_secret_jwt"],
+    "assertion_audience": ["issuer", "token_endpoint", "https://sso.example.com/realms/x"],
+    # refused where auth_method is not theirs: the matrix sees both outcomes
+    "client_cert": ["/etc/dc-broker/client.pem"],
+    "client_key": ["/etc/dc-broker/client.key"],
+    "assertion_file": ["/var/run/secrets/tokens/dc-broker"],
+    "assertion_type": ["jwt-spiffe"],
     "scope": ["openid offline_access"],
     "ca_bundle": ["/etc/ssl/certs/new.pem"],
     "proxy": ["direct", "http://proxy.example:8080"],
@@ -220,7 +226,7 @@ def test_a_file_that_does_not_load_is_never_written(tmp_path: Path) -> None:
     cfg.write_text(
         '[profiles.acme]\nclient_id = "x"\ngrant = "client_credentials"\ntoken_url = "https://x.example/t"\n'
     )
-    with pytest.raises(ConfigError, match="client_credentials needs a client secret"):
+    with pytest.raises(ConfigError, match="client_credentials needs the client to authenticate"):
         set_profile_values(str(cfg), "acme", {"auth_method": "none"})
     with pytest.raises(ConfigError, match=r"grant 'password' needs a username"):
         set_profile_values(str(cfg), "acme", {"grant": "password"})

@@ -123,7 +123,13 @@ async def test_discovery_under_both_prefixes(client: httpx.AsyncClient, prefix: 
     assert doc["introspection_endpoint"] == f"{iss}/protocol/openid-connect/token/introspect"
     assert doc["jwks_uri"] == f"{iss}/protocol/openid-connect/certs"
     assert set(doc["grant_types_supported"]) >= {"password", "client_credentials", "refresh_token", DEVICE_GRANT}
-    assert doc["token_endpoint_auth_methods_supported"] == ["client_secret_basic", "client_secret_post"]
+    assert doc["token_endpoint_auth_methods_supported"] == [
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+        "client_secret_jwt",
+        "tls_client_auth",
+    ]
 
 
 @pytest.mark.parametrize(

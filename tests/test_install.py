@@ -4,7 +4,7 @@ a fresh venv outside the checkout, every command run from a directory that is no
 One build and one venv per module (marker ``install``; ``make install-test`` runs these alone):
 
 * the wheel holds every subpackage and data file, and nothing at a generic top-level name;
-* without the ``dev`` extra: no hypercorn/starlette/PyJWT, ``dc-broker dev`` names the command that
+* without the ``dev`` extra: no hypercorn/starlette, ``dc-broker dev`` names the command that
   installs them, and a real ``init`` / ``add`` / ``run`` / ``dc-token`` works against the dev IdP;
 * with ``[dev]``: ``dc-broker dev`` + ``dc-token demo`` + the demo API accepts the token;
 * ``pipx install`` of the wheel gives working commands.
@@ -32,7 +32,7 @@ from tests.e2e import stop, wait_for_socket
 pytestmark = pytest.mark.install
 
 ROOT = Path(__file__).resolve().parent.parent
-DEV_ONLY = {"hypercorn", "starlette", "pyjwt"}
+DEV_ONLY = {"hypercorn", "starlette"}
 
 
 def _clean_copy(dest: Path) -> Path:
@@ -156,8 +156,8 @@ def test_dev_without_the_extra_names_the_install_command(user: tuple[Path, dict[
     )
     assert done.returncode == 2  # a usage problem of this install, not a failure of dc-broker
     assert done.stderr == (
-        "Error: `dc-broker dev` runs the dev IdP, which needs hypercorn, starlette, PyJWT: not installed with this "
-        f"dc-broker. Add them with `{venv}/bin/python -m pip install hypercorn starlette PyJWT` (what "
+        "Error: `dc-broker dev` runs the dev IdP, which needs hypercorn, starlette: not installed with this "
+        f"dc-broker. Add them with `{venv}/bin/python -m pip install hypercorn starlette` (what "
         "`pip install 'dc-broker[dev]'` adds)\n"
     )
 

@@ -291,7 +291,7 @@ BLOCK_DEV_EXTRA = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("hypercorn", "starlette", "jwt"):
+        if name.split(".")[0] in ("hypercorn", "starlette"):
             raise ImportError(f"No module named {name!r}")
 sys.meta_path.insert(0, Block())
 sys.prefix = PREFIX
@@ -304,10 +304,10 @@ main()
 @pytest.mark.parametrize(
     ("prefix", "advice"),
     [
-        ("/home/u/.local/share/pipx/venvs/dc-broker", "`pipx inject dc-broker hypercorn starlette PyJWT`"),
+        ("/home/u/.local/share/pipx/venvs/dc-broker", "`pipx inject dc-broker hypercorn starlette`"),
         (
             "/opt/dc-broker",
-            f"`{sys.executable} -m pip install hypercorn starlette PyJWT` (what `pip install 'dc-broker[dev]'` adds)",
+            f"`{sys.executable} -m pip install hypercorn starlette` (what `pip install 'dc-broker[dev]'` adds)",
         ),
     ],
     ids=["pipx", "pip"],
@@ -317,7 +317,7 @@ def test_dev_without_the_dev_extra_exits_2_with_the_install_command_that_fits(pr
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2
     assert done.stderr == (
-        "Error: `dc-broker dev` runs the dev IdP, which needs hypercorn, starlette, PyJWT: not installed with this "
+        "Error: `dc-broker dev` runs the dev IdP, which needs hypercorn, starlette: not installed with this "
         f"dc-broker. Add them with {advice}\n"
     )
     assert "--force" not in done.stderr

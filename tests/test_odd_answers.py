@@ -92,9 +92,9 @@ async def test_a_404_issuer_is_a_config_error_counted_and_not_retried(make_idp, 
 async def test_a_non_https_endpoint_in_discovery_is_a_clean_config_error(make_idp, autojump_clock) -> None:
     class Rewriting(IdpTransport):
         async def send(
-            self, req: oidc.HttpRequest, *, ca_bundle: str | None = None, proxy: str | None = None
+            self, req: oidc.HttpRequest, *, ca_bundle: str | None = None, proxy: str | None = None, **more: Any
         ) -> oidc.HttpResponse:
-            resp = await super().send(req, ca_bundle=ca_bundle, proxy=proxy)
+            resp = await super().send(req, ca_bundle=ca_bundle, proxy=proxy, **more)
             if req.url.endswith("openid-configuration"):
                 doc = json.loads(resp.body)
                 doc["token_endpoint"] = "http://sso.example.com/token"

@@ -14,7 +14,7 @@ or in-process without sockets: ``httpx.AsyncClient(transport=httpx.ASGITransport
 [--rotate] [--max-reuse N] [--device-interval S] [--refresh-token-answer new|same|none]
 [--dead-refresh-error invalid_grant|invalid_request] [--no-refresh-expires-in] [--no-expires-in]
 [--refresh-scope narrow|ignore] [--set KEY=VALUE]... [--client-set CLIENT.KEY=VALUE]...
-[--certfile PEM --keyfile PEM] [--refusal-body json|empty|html]
+[--certfile PEM --keyfile PEM [--client-ca PEM]] [--refusal-body json|empty|html]
 [--echo-description] [--expires-in RAW] [--drip S] [--latency S]`` runs the demo realm (over https
 with ``--certfile``). The last five are the standing fault modes of ``dc_broker.devidp.faults``; the
 five before the certificate are other OPs' personalities (``DevRealm``'s docstring);
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -41,6 +42,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
+from dc_broker.devidp.clientauth import PEER_CERTIFICATE
 from dc_broker.devidp.faults import Faults
 from dc_broker.devidp.idp import DevIdP
 from dc_broker.devidp.realm import DevClient, DevRealm, DevUser, demo_realm
@@ -53,6 +55,28 @@ def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+class _PeerCertificateSSLObject(ssl.SSLObject):
+    """The server side of one TLS connection that, once its handshake is done, records the client's
+    certificate (DER) in ``PEER_CERTIFICATE``. hypercorn does the handshake in the connection's own
+    task and starts the app's tasks from it, and trio gives a task a copy of its spawner's context:
+    so the app, and only this connection's requests, see it."""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        PEER_CERTIFICATE.set(self.getpeercert(binary_form=True))
+
+
+class _ClientCertConfig(Config):
+    """hypercorn's config whose TLS asks for a client certificate (verified against ``ca_certs``,
+    optional: a client without one still connects, and the token endpoint refuses it)."""
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        context = super().create_ssl_context()
+        if context is not None:
+            context.sslobject_class = _PeerCertificateSSLObject
+        return context
+
+
 async def serve(
     idp: DevIdP,
     *,
@@ -60,17 +84,23 @@ async def serve(
     port: int = 0,
     certfile: str | None = None,
     keyfile: str | None = None,
+    client_ca: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``idp.app`` on ``host:port`` (0 = a free port) until cancelled; https with ``certfile``.
+    """Serve ``idp.app`` on ``host:port`` (0 = a free port) until cancelled; https with ``certfile``;
+    with ``client_ca`` the TLS handshake asks for a client certificate issued by that CA, which the
+    token endpoint's X509 authenticator reads (RFC 8705 ``tls_client_auth``).
 
     Calls ``task_status.started(base_url)`` (e.g. ``"http://127.0.0.1:43117"``) once the socket is
     listening. Cancelling the surrounding scope closes the listener and in-flight requests.
     """
-    config = Config()
+    config = _ClientCertConfig()
     config.bind = [_bind(host, port)]
     if certfile is not None:
         config.certfile, config.keyfile = certfile, keyfile
+    if client_ca is not None:
+        config.ca_certs = client_ca
+        config.verify_mode = ssl.CERT_OPTIONAL
     config.loglevel = "WARNING"
     config.accesslog = None
     config.graceful_timeout = 1.0
@@ -165,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--certfile", default=None, help="serve https with this certificate (PEM)")
     parser.add_argument("--keyfile", default=None, help="the certificate's private key (PEM)")
+    parser.add_argument(
+        "--client-ca", default=None, help="with --certfile: ask TLS clients for a certificate from this CA (mTLS)"
+    )
     return parser
 
 
@@ -240,7 +273,13 @@ def _typed(kind: type, key: str, value: str) -> object:
 async def _run(idp: DevIdP, args: argparse.Namespace) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            where = {"host": args.host, "port": args.port, "certfile": args.certfile, "keyfile": args.keyfile}
+            where = {
+                "host": args.host,
+                "port": args.port,
+                "certfile": args.certfile,
+                "keyfile": args.keyfile,
+                "client_ca": args.client_ca,
+            }
             base_url = await nursery.start(partial(serve, idp, **where))
             print(base_url, flush=True)
             print(

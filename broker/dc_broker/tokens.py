@@ -42,3 +42,6 @@ class Credentials:
     password: Secret | None = None
     client_secret: Secret | None = None
     refresh_token: Secret | None = None  # from an interactive (device) login
+    #: the client's own private keys (private_key_jwt), a key set as ``dc_broker.idp.clientkeys``
+    #: writes it: the one that signs and, during a rotation, the next one
+    client_keys: Secret | None = None

@@ -303,6 +303,10 @@ def _rejected_token_problem(value: object) -> str | None:
     return None if isinstance(value, str) and value else "must be the access token the API rejected"
 
 
+def _key_type_problem(value: object) -> str | None:
+    return None if value in ("ec", "rsa") else "must be 'ec' or 'rsa'"
+
+
 def _after_problem(value: object) -> str | None:
     return None if isinstance(value, str) else "must be the profile name a previous status reply gave as 'next'"
 
@@ -334,6 +338,10 @@ ARGS: Final[dict[str, dict[str, _Arg]]] = {
         "password": (False, _text_problem),
         "client_secret": (False, _text_problem),
         "verify": (False, _flag_problem),
+        # private_key_jwt: the broker makes a key of this type ("ec" or "rsa"), the next one if it has
+        # one; activate_key: the next key signs from now on (after the IdP accepted it, with verify)
+        "new_key": (False, _key_type_problem),
+        "activate_key": (False, _flag_problem),
     },
     "logout": {"profile": _PROFILE},
 }

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -27,7 +28,7 @@ import click
 from dc_broker.cli.boundary import CONFIG, PROFILE, SOCKET, VAULT, read_secret
 from dc_broker.cli.completion import complete_settings
 from dc_broker.cli.talk import ask, broker_running
-from dc_broker.config import AUTH_METHODS, GRANTS, SINK_FORMATS, Profile, Sink, profile_settings
+from dc_broker.config import AUTH_METHODS, GRANTS, SECRET_METHODS, SINK_FORMATS, Profile, Sink, profile_settings
 from dc_broker.config.load import default_config_path, load_config, sink_path
 from dc_broker.errors import ConfigError, UpstreamFault
 from dc_broker.secret import Secret
@@ -183,7 +184,38 @@ def _forget(key_path: str | None, item: Keyring | None = None) -> None:
 @click.option(
     "--auth-method",
     type=click.Choice(AUTH_METHODS),
-    help="client authentication (default basic; none for device, browser)",
+    help="client authentication (default basic; none for device, browser); private_key_jwt makes a key "
+    "pair in the vault and prints the public JWKS to register (docs/keycloak.md)",
+)
+@click.option(
+    "--key-type",
+    type=click.Choice(["ec", "rsa"]),
+    default="ec",
+    show_default=True,
+    help="private_key_jwt: EC P-256 (ES256) or RSA 2048 (RS256)",
+)
+@click.option(
+    "--assertion-audience",
+    metavar="token_endpoint|issuer|URL",
+    help="private_key_jwt, client_secret_jwt: the assertion's aud (default token_endpoint)",
+)
+@click.option(
+    "--client-cert", type=click.Path(dir_okay=False, resolve_path=True), help="tls_client_auth: certificate (PEM)"
+)
+@click.option(
+    "--client-key",
+    type=click.Path(dir_okay=False, resolve_path=True),
+    help="tls_client_auth: the certificate's key (PEM; default: in the certificate file)",
+)
+@click.option(
+    "--assertion-file",
+    type=click.Path(dir_okay=False, resolve_path=True),
+    help="client_assertion_file: the JWT another issuer keeps current (Kubernetes, SPIFFE, CI)",
+)
+@click.option(
+    "--assertion-type",
+    type=click.Choice(["jwt-bearer", "jwt-spiffe"]),
+    help="client_assertion_file: its client_assertion_type (default jwt-bearer; Keycloak's SPIFFE: jwt-spiffe)",
 )
 @click.option("--issuer", help="issuer URL: endpoints from its discovery document")
 @click.option("--token-url", help="the token endpoint, outright")
@@ -224,6 +256,7 @@ def add(
     no_verify: bool,
     force: bool,
     allow: tuple[str, ...],
+    key_type: str,
     **settings: Any,
 ) -> None:
     """Add PROFILE: its settings to config.toml, its secrets to the vault (or the running broker).
@@ -247,24 +280,31 @@ def add(
     user = f" of user {p.username}" if p.username else ""
     password = read_secret(f"Password{user} (profile {profile})", password_stdin) if p.grant == "password" else None
     secret = None
-    if p.auth_method != "none":
+    if p.auth_method in SECRET_METHODS:
         secret = read_secret(
             f"Client secret of {p.client_id} (profile {profile})",
             secret_stdin,
             empty="a public client has none: add it with --auth-method none",
         )
-    creds = Credentials(password=password, client_secret=secret)
+    keys = None
+    if p.auth_method == "private_key_jwt":
+        from dc_broker.idp import clientkeys
+
+        keys = clientkeys.KeySet(clientkeys.generate(key_type, now=time.time()))
+    creds = Credentials(password=password, client_secret=secret, client_keys=None if keys is None else keys.to_secret())
     again = f"nothing was added: run `dc-broker add {profile} ...` again once it is fixed"
-    if not no_verify and p.grant not in ("device", "browser"):
+    # a new key cannot be checked: the IdP has not seen it yet (register its JWKS first)
+    if not no_verify and p.grant not in ("device", "browser") and keys is None:
         _verify(p, creds, again)
     running = broker_running(socket_path)
+    jwks: Any = None
     with config_lock(path):  # one writer: the config and the vault change together, or not at all
         old = load_config(path, missing_ok=True).profiles.get(profile)
         if old is not None and not force:
             raise _exists(profile, path)
         if running:
-            _add_to_running(path, p, old, socket_path, password, secret)
-        elif password or secret:
+            jwks = _add_to_running(path, p, old, socket_path, password, secret, key_type if keys else None)
+        elif password or secret or keys:
             with _open_vault(vault_path) as vault:
                 stored = vault.credentials(profile) if old is not None else None
                 vault.set_credentials(profile, creds)
@@ -286,8 +326,26 @@ def add(
     else:
         nxt = f"`dc-broker login {profile}`" if p.grant in ("device", "browser") else f"`dc-token {profile}`"
     verb = "Replaced" if old is not None else "Added"
-    click.echo(f"{verb} profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
+    if keys is not None:
+        shown = jwks if running else keys.public_jwks()
+        click.echo(f"{verb} profile {profile} ({p.describe()}); its private key is in {where}, never shown.")
+        click.echo(register_jwks(p, shown))
+        click.echo(
+            f"Then: `dc-broker keys {profile} --check` (does the IdP accept it?)"
+            + ("" if running else f", `dc-broker run`, `dc-token {profile}`")
+        )
+    else:
+        click.echo(f"{verb} profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
     _note_environment_proxy(p)
+
+
+def register_jwks(p: Profile, jwks: Any) -> str:
+    """The public JWKS to register at the IdP, and where it goes in Keycloak."""
+    return (
+        f"Register this public JWKS for client {p.client_id} at the identity provider (Keycloak: Clients -> "
+        f'{p.client_id} -> Credentials: Client Authenticator "Signed JWT"; Keys tab: Use JWKS URL off, '
+        "Import key -> JSON Web Key Set, or paste it as the JWKS value):\n" + json.dumps(jwks, indent=2)
+    )
 
 
 def _exists(profile: str, path: str) -> ConfigError:
@@ -322,10 +380,12 @@ def _add_to_running(
     socket_path: str | None,
     password: Secret | None,
     secret: Secret | None,
-) -> None:
-    """Config first, then the broker reloads it and stores the secrets in its vault. The caller
-    holds the config lock. If either step fails, this change alone is undone (``_undo``: the profile
-    removed again, or its old settings put back) and the broker reloads that."""
+    new_key: str | None = None,
+) -> Any:
+    """Config first, then the broker reloads it and stores the secrets in its vault (a private_key_jwt
+    profile's key is made there, ``new_key``: its public JWKS is returned). The caller holds the
+    config lock. If either step fails, this change alone is undone (``_undo``: the profile removed
+    again, or its old settings put back) and the broker reloads that."""
     from dc_broker.config.edit import add_profile, replace_profile
     from dc_broker.config.load import read_config_text
 
@@ -337,6 +397,9 @@ def _add_to_running(
         secrets: dict[str, Any] = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
         if secrets:
             ask(socket_path, "set_secrets", profile=p.name, **secrets)
+        if new_key is not None:
+            return ask(socket_path, "set_secrets", profile=p.name, new_key=new_key)["jwks"]
+        return None
     except BaseException:
         with contextlib.suppress(DcBrokerError):
             _undo(path, p.name, old, before=before, written=written)
@@ -475,8 +538,8 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
     """Change PROFILE's settings in config.toml, e.g. `dc-broker set acme scope="openid email"`.
 
     KEY= unsets a key; allow and admin take comma-separated lists. Keys: server, tenant, issuer,
-    token_url, legacy_paths, client_id, grant, username, auth_method, scope, ca_bundle, proxy, allow,
-    admin.
+    token_url, legacy_paths, client_id, grant, username, auth_method, assertion_audience, client_cert,
+    client_key, assertion_file, assertion_type, scope, ca_bundle, proxy, allow, admin.
     Other lines and comments stay as they are; a running broker reloads the profile at once. Secrets
     are not settings: `dc-broker rotate` replaces a stored password or client secret; token files
     ([[profiles.NAME.sinks]]) are tables: `dc-broker add --force NAME ... --sink PATH`."""
@@ -520,6 +583,18 @@ def _when_it_applies(old: Profile | None, new: Profile) -> str:
 @click.option("--password-stdin", is_flag=True, help="read the new password from stdin (first line)")
 @click.option("--secret-stdin", is_flag=True, help="read the new client secret from stdin (next line)")
 @click.option("--no-verify", is_flag=True, help="store without checking the new credentials at the IdP")
+@click.option(
+    "--key",
+    "rotate_key",
+    is_flag=True,
+    help="private_key_jwt: make the next key (the current one still signs) and print both public keys",
+)
+@click.option(
+    "--activate",
+    is_flag=True,
+    help="private_key_jwt: sign with the next key from now on, once the IdP accepts it; the old key is dropped",
+)
+@click.option("--key-type", type=click.Choice(["ec", "rsa"]), default="ec", show_default=True, help="with --key")
 @PROFILE
 def rotate(
     config_path: str | None,
@@ -530,17 +605,30 @@ def rotate(
     password_stdin: bool,
     secret_stdin: bool,
     no_verify: bool,
+    rotate_key: bool,
+    activate: bool,
+    key_type: str,
     profile: str,
 ) -> None:
-    """Replace PROFILE's stored password and/or client secret without remove + add.
+    """Replace PROFILE's stored password and/or client secret without remove + add, or rotate its key.
 
-    With neither flag: the password for a password profile, the client secret otherwise. The new
-    credentials are checked at the IdP (with the other, kept one) before the old ones are dropped:
-    a wrong new password changes nothing."""
+    With neither flag: the password for a password profile, the client secret otherwise (the key of
+    a private_key_jwt profile). The new credentials are checked at the IdP (with the other, kept one)
+    before the old ones are dropped: a wrong new password changes nothing.
+
+    A key rotates in two steps with no failed request between them: --key makes the next key and
+    prints the public JWKS with both keys (the current key still signs); register it at the IdP,
+    then --key --activate checks that the IdP accepts an assertion signed with the next key and only
+    then signs with it, dropping the old one."""
     path = config_path or default_config_path()
     p = load_config(path, missing_ok=False).profiles.get(profile)
     if p is None:
         raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
+    if rotate_key or activate or (p.auth_method == "private_key_jwt" and not (rotate_password or password_stdin)):
+        if rotate_password or rotate_secret or password_stdin or secret_stdin:
+            raise click.UsageError("--key rotates the key alone; rotate a password or secret in another command")
+        _rotate_key(p, vault_path, socket_path, None if activate else key_type, activate, not no_verify)
+        return
     which = _what_to_rotate(p, rotate_password or password_stdin, rotate_secret or secret_stdin)
     new: dict[str, Secret] = {}
     if "password" in which:
@@ -568,6 +656,130 @@ def rotate(
     click.echo(f"Rotated the {what} of profile {profile} ({checked}); {where}.")
 
 
+def _rotate_key(
+    p: Profile, vault_path: str | None, socket_path: str | None, new_key: str | None, activate: bool, verify: bool
+) -> None:
+    """`rotate --key` (``new_key``) or `rotate --key --activate`, in the running broker or the vault."""
+    name = p.name
+    if p.auth_method != "private_key_jwt":
+        raise ConfigError(
+            f"profile {name!r} authenticates with {p.auth_method}, not a key of its own (auth_method private_key_jwt)"
+        )
+    again = f"nothing changed: register the JWKS `dc-broker keys {name} --jwks` prints, then run this again"
+    if broker_running(socket_path):
+        try:
+            done = ask(socket_path, "set_secrets", profile=name, new_key=new_key, activate_key=activate, verify=verify)
+        except (CredentialsRejected, UpstreamUnavailable) as exc:
+            raise advised(exc, again) from None
+        jwks = done["jwks"]
+    else:
+        from dc_broker.idp import clientkeys
+
+        with _open_vault(vault_path) as vault:
+            current = vault.credentials(name)
+            if activate and verify:
+                _check_client(p, current, again, next_key=True)
+            creds, keys = clientkeys.changed(current, new_key=new_key, activate=activate, now=time.time())
+            vault.set_credentials(name, creds)
+        jwks = keys.public_jwks()
+    kids = [k["kid"] for k in jwks["keys"]]
+    if activate:
+        checked = "accepted by the identity provider" if verify else "not checked at the identity provider"
+        click.echo(f"Profile {name} now signs with key {kids[0]} ({checked}); the old key is gone.")
+        click.echo("Remove the old key at the identity provider: its JWKS is now just\n" + json.dumps(jwks, indent=2))
+    else:
+        click.echo(f"Made key {kids[-1]} for profile {name}; it still signs with key {kids[0]} until activated.")
+        click.echo(register_jwks(p, jwks))
+        click.echo(f"Then: `dc-broker rotate {name} --key --activate`.")
+
+
+def _check_client(p: Profile, creds: Credentials, again: str, *, next_key: bool = False) -> None:
+    """Does the IdP accept the client as ``creds`` authenticate it (``next_key``: the next key)?"""
+    import trio
+
+    from dc_broker.idp.transport import IdpTransport
+    from dc_broker.sessions.session import Session
+    from dc_broker.store import MemoryStore
+
+    async def check() -> None:
+        transport = IdpTransport()
+        try:
+            await Session(p, MemoryStore({p.name: creds}), transport).check_client(next_key=next_key)
+        except UpstreamFault as exc:
+            raise UpstreamUnavailable(f"could not check profile {p.name!r} at {p.describe()}: {exc}") from None
+        finally:
+            await transport.aclose()
+
+    try:
+        trio.run(check)
+    except DcBrokerError as exc:
+        raise advised(exc, again) from None
+
+
+@click.command()
+@CONFIG
+@VAULT
+@SOCKET
+@click.option("--jwks", "as_jwks", is_flag=True, help="print only the public JWKS (what the IdP registers)")
+@click.option("--check", is_flag=True, help="ask the IdP whether it accepts the client as it authenticates now")
+@PROFILE
+def keys(
+    config_path: str | None, vault_path: str | None, socket_path: str | None, as_jwks: bool, check: bool, profile: str
+) -> None:
+    """Show PROFILE's client keys (private_key_jwt): each kid and algorithm, which one signs and which is
+    next; with --jwks the public JWKS. Public keys only: anyone who may see the profile may see them.
+
+    --check asks the IdP (one request that spends nothing) whether it accepts the client as it
+    authenticates now (a key, a certificate, an assertion file); with a running broker a profile
+    the IdP refused then tries again at once."""
+    path = config_path or default_config_path()
+    p = load_config(path, missing_ok=False).profiles.get(profile)
+    if p is None:
+        raise UnknownProfile(f"no profile named {profile!r} in {path}; `dc-broker list` shows the profiles")
+    running = broker_running(socket_path)
+    if check:
+        again = f"fix it at the identity provider, then run `dc-broker keys {profile} --check` again"
+        if running:
+            try:
+                ask(socket_path, "set_secrets", profile=profile, verify=True)
+            except (CredentialsRejected, LoginRequired, UpstreamUnavailable) as exc:
+                raise advised(exc, again) from None
+        else:
+            with _open_vault(vault_path) as vault:
+                creds = vault.credentials(profile)
+            _check_client(p, creds, again)
+        click.echo(f"The identity provider accepts client {p.client_id} of profile {profile} ({p.auth_method}).")
+        return
+    if p.auth_method != "private_key_jwt":
+        raise ConfigError(f"profile {profile!r} has no keys of its own (auth_method {p.auth_method})")
+    if running:
+        row = ask(socket_path, "status", profile=profile)["profiles"][0]
+        shown = row.get("client_auth") or {}
+        rows, jwks = shown.get("keys"), shown.get("jwks")
+        if rows is None:
+            raise LoginRequired("the vault is locked; run `dc-broker unlock`")
+    else:
+        from dc_broker.idp import clientkeys
+
+        with _open_vault(vault_path) as vault:
+            found = clientkeys.key_set_of(vault.credentials(profile).client_keys)
+        jwks = found.public_jwks() if found is not None else None
+        rows = []
+        if found is not None:
+            for state, k in (("active", found.active), ("next", found.next)):
+                if k is not None:
+                    rows.append({"kid": k.kid, "alg": k.alg, "state": state, "created_at": k.created_at})
+    if not rows or jwks is None:
+        raise LoginRequired(f"profile {profile!r} has no key; make one with `dc-broker rotate {profile} --key`")
+    if as_jwks:
+        click.echo(json.dumps(jwks, indent=2))
+        return
+    for row in rows:
+        made = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created_at"]))
+        what = "signs" if row["state"] == "active" else "next: `rotate --key --activate` makes it sign"
+        click.echo(f"{row['kid']}  {row['alg']}  made {made}  {what}")
+
+
 def _what_to_rotate(p: Profile, password: bool, secret: bool) -> list[str]:
     if not password and not secret:  # the profile's own primary credential
         password, secret = p.grant == "password", p.grant != "password"
@@ -577,11 +789,11 @@ def _what_to_rotate(p: Profile, password: bool, secret: bool) -> list[str]:
             raise ConfigError(f"profile {p.name!r} (grant {p.grant}) has no stored password to rotate")
         which.append("password")
     if secret:
-        if p.auth_method == "none":
-            raise ConfigError(f"profile {p.name!r} is a public client (auth_method none): it has no client secret")
+        if p.auth_method not in SECRET_METHODS:
+            raise ConfigError(f"profile {p.name!r} has no client secret (auth_method {p.auth_method})")
         which.append("client_secret")
     return which
 
 
 #: what this module adds to the `dc-broker` group
-COMMANDS = (init, add, set_, rotate, remove, list_profiles, passwd)
+COMMANDS = (init, add, set_, rotate, keys, remove, list_profiles, passwd)

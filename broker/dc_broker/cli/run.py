@@ -35,7 +35,7 @@ log = logging.getLogger("dc_broker")
 
 
 #: what the dev IdP needs beyond the daemon: the `dev` extra (import name -> distribution)
-DEV_EXTRA = {"hypercorn": "hypercorn", "starlette": "starlette", "jwt": "PyJWT"}
+DEV_EXTRA = {"hypercorn": "hypercorn", "starlette": "starlette"}
 
 
 def require_dev_extra(command: str) -> None:

@@ -90,9 +90,52 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
+    for p in result["profiles"]:
+        note = _client_auth_note(p)
+        if note:
+            click.echo(note)
     if info.get("truncated"):
         counts = ", ".join(f"{n} {state}" for state, n in sorted(info.get("states", {}).items()))
         click.echo(f"... and {info['truncated']} more ({counts} in all); `dc-broker status PROFILE` shows one")
+
+
+#: a client certificate or assertion file that expires within this is flagged (the broker logs it too)
+RENEW_WITHIN = 14 * 86400
+
+
+def _fmt_long(seconds: float) -> str:
+    """A long duration: ``29d 23h``, below a day as ``fmt_seconds`` shows it."""
+    days, rest = divmod(int(seconds), 86400)
+    return f"{days}d {rest // 3600}h" if days else fmt_seconds(seconds)
+
+
+def _client_auth_note(row: dict[str, object]) -> str | None:
+    """One line on how a profile's client authenticates, when there is something to know: the key
+    that signs (and the next one), a certificate's or assertion file's expiry."""
+    auth = row.get("client_auth")
+    if not isinstance(auth, dict):
+        return None
+    name = row["profile"]
+    if auth.get("method") == "private_key_jwt":
+        keys = auth.get("keys")
+        if not keys:
+            return f"{name}: no client key readable (vault locked, or none: `dc-broker rotate {name} --key`)"
+        shown = ", ".join(f"{k['state']} {k['kid']} ({k['alg']})" for k in keys)
+        return f"{name}: client keys {shown}"
+    for what, path_key, left_key in (
+        ("client certificate", "cert", "cert_expires_in"),
+        ("client assertion file", "assertion_file", "assertion_expires_in"),
+    ):
+        if path_key in auth:
+            left = auth.get(left_key)
+            subject = f" ({auth['cert_subject']})" if auth.get("cert_subject") else ""
+            if not isinstance(left, int | float):
+                return f"{name}: {what} {auth[path_key]}{subject} cannot be read"
+            if left <= 0:
+                return f"{name}: {what} {auth[path_key]}{subject} EXPIRED {_fmt_long(-left)} ago: renew it"
+            renew = "; renew it" if left < RENEW_WITHIN else ""
+            return f"{name}: {what} {auth[path_key]}{subject} expires in {_fmt_long(left)}{renew}"
+    return None
 
 
 @click.command()

@@ -24,7 +24,8 @@ A config file looks like this (every key: ``dc_broker.config.values.PROFILE_KEYS
     client_id = "dc-cli"
     grant = "password"                   # password | client_credentials | device | browser
     username = "alice"
-    auth_method = "basic"                # basic | post | none
+    auth_method = "basic"                # basic | post | none | private_key_jwt | client_secret_jwt
+                                         # | tls_client_auth | client_assertion_file (docs/keycloak.md)
     scope = "openid"
     ca_bundle = "/etc/ssl/certs/acme.pem"
     proxy = "http://proxy.corp:3128"     # or "direct"; unset: https_proxy / no_proxy (dc_broker.idp.proxies)
@@ -36,10 +37,12 @@ A config file looks like this (every key: ``dc_broker.config.values.PROFILE_KEYS
 """
 
 from dc_broker.config.values import (
+    ASSERTION_AUDIENCES,
     AUTH_METHODS,
     DAEMON_KEYS,
     GRANTS,
     PROFILE_KEYS,
+    SECRET_METHODS,
     SETTABLE_KEYS,
     SINK_FORMATS,
     SINK_KEYS,
@@ -53,10 +56,12 @@ from dc_broker.config.values import (
 )
 
 __all__ = [
+    "ASSERTION_AUDIENCES",
     "AUTH_METHODS",
     "DAEMON_KEYS",
     "GRANTS",
     "PROFILE_KEYS",
+    "SECRET_METHODS",
     "SETTABLE_KEYS",
     "SINK_FORMATS",
     "SINK_KEYS",

@@ -37,7 +37,22 @@ class BadValue(ConfigError):
 
 
 GRANTS: Final = ("password", "client_credentials", "device", "browser")
-AUTH_METHODS: Final = ("basic", "post", "none")
+AUTH_METHODS: Final = (
+    "basic",
+    "post",
+    "none",
+    "private_key_jwt",
+    "client_secret_jwt",
+    "tls_client_auth",
+    "client_assertion_file",
+)
+#: the methods that send a client secret (basic, post) or sign with it (client_secret_jwt)
+SECRET_METHODS: Final = ("basic", "post", "client_secret_jwt")
+#: what a private_key_jwt or client_secret_jwt assertion's ``aud`` is: the token endpoint's URL
+#: (RFC 7523 section 3's example) or the issuer's; Keycloak accepts both, other OPs insist on one
+ASSERTION_AUDIENCES: Final = ("token_endpoint", "issuer")
+#: client_assertion_file: RFC 7523's jwt-bearer, or Keycloak 26.6's jwt-spiffe (a SPIFFE JWT-SVID)
+ASSERTION_TYPES: Final = ("jwt-bearer", "jwt-spiffe")
 SINK_FORMATS: Final = ("token", "header", "json", "env")
 #: a profile's ``proxy = "direct"``: no proxy for this profile, whatever the environment says
 DIRECT: Final = "direct"
@@ -115,6 +130,17 @@ class Profile:
     legacy_paths: bool = True
     username: str | None = None
     auth_method: str = "basic"
+    #: private_key_jwt / client_secret_jwt: the assertion's ``aud`` (ASSERTION_AUDIENCES, or a URL)
+    assertion_audience: str | None = None
+    #: tls_client_auth: the client certificate (PEM, chain allowed) and its private key (PEM); without
+    #: ``client_key`` the certificate file holds the key too
+    client_cert: str | None = None
+    client_key: str | None = None
+    #: client_assertion_file: the file another issuer keeps a JWT in (a Kubernetes projected service
+    #: account token, a SPIFFE JWT-SVID), read for every request
+    assertion_file: str | None = None
+    #: client_assertion_file: the client_assertion_type it is sent as (ASSERTION_TYPES; default jwt-bearer)
+    assertion_type: str | None = None
     scope: str | None = None
     ca_bundle: str | None = None
     #: the HTTP proxy to the IdP: a URL or "direct"; None: the environment's (dc_broker.idp.proxies)
@@ -253,8 +279,50 @@ def check_profile(p: Profile) -> None:
             raise BadValue(key, f"profile {p.name!r}: {key}: {exc}") from None
     if p.grant == "client_credentials" and p.auth_method == "none":
         raise BadValue(
-            "auth_method", f"profile {p.name!r}: client_credentials needs a client secret (auth_method basic or post)"
+            "auth_method",
+            f"profile {p.name!r}: client_credentials needs the client to authenticate (auth_method basic, post, "
+            "private_key_jwt, client_secret_jwt, tls_client_auth or client_assertion_file)",
         )
+    check_client_auth(p)
+
+
+#: auth_method -> the profile keys it needs, and those that only it may set
+_METHOD_KEYS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "tls_client_auth": (("client_cert",), ("client_cert", "client_key")),
+    "client_assertion_file": (("assertion_file",), ("assertion_file", "assertion_type")),
+    "private_key_jwt": ((), ("assertion_audience",)),
+    "client_secret_jwt": ((), ("assertion_audience",)),
+}
+
+
+def check_client_auth(p: Profile) -> None:
+    """The keys each client authentication method needs are set, and no other method's are."""
+    needed, own = _METHOD_KEYS.get(p.auth_method, ((), ()))
+    for key in needed:
+        if not getattr(p, key):
+            flag = "--" + key.replace("_", "-")
+            raise BadValue(key, f"profile {p.name!r}: auth_method {p.auth_method} needs {key} (add {flag} PATH)")
+    for method, (_, keys) in _METHOD_KEYS.items():
+        for key in keys:
+            if key not in own and getattr(p, key) is not None:
+                raise BadValue(
+                    key, f"profile {p.name!r}: {key} is a setting of auth_method {method}, not {p.auth_method}"
+                )
+    for key in ("client_cert", "client_key", "assertion_file"):
+        value = getattr(p, key)
+        if value is not None and not value.startswith("/"):
+            raise BadValue(key, f"profile {p.name!r}: {key} {value!r} is not an absolute path")
+    if p.assertion_type is not None and p.assertion_type not in ASSERTION_TYPES:
+        raise BadValue(
+            "assertion_type",
+            f"profile {p.name!r}: assertion_type {p.assertion_type!r} is not one of {', '.join(ASSERTION_TYPES)}",
+        )
+    aud = p.assertion_audience
+    if aud is not None and aud not in ASSERTION_AUDIENCES:
+        try:
+            check_url(aud, f"profile {p.name!r}: assertion_audience")
+        except ConfigError as exc:
+            raise BadValue("assertion_audience", f"{exc} (or write one of {', '.join(ASSERTION_AUDIENCES)})") from None
 
 
 #: [daemon] key -> the range its value must lie in

@@ -8,6 +8,8 @@ Modules, in the direction data flows:
     device.py     pending device authorizations (RFC 8628): codes, polling state, slow_down.
     faults.py     fault injection (latency, status codes, hangs, malformed bodies) at the HTTP edge.
     state.py      ``IdPState``: everything one DevIdP knows, plus request counters. No HTTP.
+    clientauth.py Keycloak's client authenticators beyond the secret: Signed JWT, Signed JWT with
+                  client secret, X509 certificate, federated JWT; single-use jti.
     grants.py     the token endpoint's logic: client auth, a table grant_type -> handler, the
                   Keycloak error table, token responses. Pure apart from reading ``state.clock``.
     endpoints.py  the Starlette app: OIDC routes under both path prefixes, the device

@@ -21,6 +21,9 @@ Routes (``{base}`` = ``[/auth]/realms/{realm}``):
     GET  {base}                                        GET  /dp/api/v1/aiconnections/types  (demo API)
     GET  /_dev/stats                                   (counters for tests: token requests by grant, reuse)
     POST /_dev/logout-all                              (an administrator's "log out all sessions", for tests)
+    POST /_dev/realms/{realm}/clients                  (dev admin: create or change a client: its
+                                                        authenticator, JWKS, subject DN, federated subject)
+    POST /_dev/realms/{realm}/trusted-issuers          (dev admin: an issuer federated clients may use)
 """
 
 from __future__ import annotations
@@ -35,16 +38,35 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from dc_broker.devidp import authcode, grants
+from dc_broker.devidp import authcode, clientauth, grants
+from dc_broker.devidp.clientauth import PEER_CERTIFICATE
 from dc_broker.devidp.faults import Faults, refusal_response, token_response
 from dc_broker.devidp.grants import OAuthProblem, TokenRequest
-from dc_broker.devidp.realm import DevRealm
+from dc_broker.devidp.realm import DevClient, DevRealm
 from dc_broker.devidp.state import IdPState
 
 NO_STORE: Final = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 #: the browser's SSO session (Keycloak's KEYCLOAK_SESSION): the login page is skipped while it lives
 SSO_COOKIE: Final = "KEYCLOAK_SESSION"
 _LOCAL: Final = frozenset({"127.0.0.1", "::1", "localhost"})
+AUTH_METHODS_SUPPORTED: Final = [
+    "client_secret_basic",
+    "client_secret_post",
+    "private_key_jwt",
+    "client_secret_jwt",
+    "tls_client_auth",
+]
+#: what the dev admin API may set on a client (POST /_dev/realms/{realm}/clients)
+_CLIENT_FIELDS: Final = (
+    "secret",
+    "auth",
+    "jwks",
+    "subject_dn",
+    "federated_issuer",
+    "federated_subject",
+    "service_account_roles",
+    "direct_grants",
+)
 OIDC: Final = "protocol/openid-connect"
 CONNECTION_TYPES: Final = [
     {"id": "openai", "name": "OpenAI", "auth": "api_key"},
@@ -116,6 +138,8 @@ class Endpoints:
         routes.append(Route("/dp/api/v1/aiconnections/types", self.demo_api, methods=["GET"]))
         routes.append(Route("/_dev/stats", self.dev_stats, methods=["GET"]))
         routes.append(Route("/_dev/logout-all", self.dev_logout_all, methods=["POST"]))
+        routes.append(Route("/_dev/realms/{realm}/clients", self.dev_client, methods=["POST"]))
+        routes.append(Route("/_dev/realms/{realm}/trusted-issuers", self.dev_trusted_issuer, methods=["POST"]))
         return routes
 
     # -- shared plumbing -----------------------------------------------------------------------
@@ -140,12 +164,14 @@ class Endpoints:
         _check_realm(request, realm)
         if duplicated:
             raise OAuthProblem(400, "invalid_request", "duplicated parameter")
+        authorization = request.headers.get("authorization")
         return TokenRequest(
             realm,
             issuer_for(request, realm.name),
             form,
-            request.headers.get("authorization"),
-            request.headers.get("dpop"),
+            authorization,
+            PEER_CERTIFICATE.get(),
+            dpop=request.headers.get("dpop"),
         )
 
     def form_endpoint(self, name: str, logic: Callable[[TokenRequest], Response]) -> Handler:
@@ -191,8 +217,9 @@ class Endpoints:
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["RS256"],
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-            "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "token_endpoint_auth_methods_supported": AUTH_METHODS_SUPPORTED,
+            "revocation_endpoint_auth_methods_supported": AUTH_METHODS_SUPPORTED,
+            "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256", "HS256"],
             "scopes_supported": sorted(grants.OPTIONAL_SCOPES | set(grants.DEFAULT_SCOPES)),
         }
         return JSONResponse(doc)
@@ -223,7 +250,12 @@ class Endpoints:
             if duplicated:
                 raise OAuthProblem(400, "invalid_request", "duplicated parameter")
             treq = TokenRequest(
-                realm, issuer_for(request, realm.name), form, authorization, request.headers.get("dpop")
+                realm,
+                issuer_for(request, realm.name),
+                form,
+                authorization,
+                PEER_CERTIFICATE.get(),
+                dpop=request.headers.get("dpop"),
             )
             return token_response(grants.token(state, treq), state.faults)
         except OAuthProblem as problem:
@@ -328,6 +360,43 @@ class Endpoints:
         token dies ("Session not active"); the next login is a new one."""
         killed = sum(self.state.sessions.kill_matching(name) for name in self.state.realms)
         return JSONResponse({"killed": killed})
+
+    async def dev_client(self, request: Request) -> Response:
+        """The dev admin API (what Keycloak's admin console does to a client): create or change one,
+        e.g. ``{"client_id": "svc", "auth": "client-jwt", "jwks": {...}}`` as a person pastes the
+        JWKS in the Keys tab. For tests and the demo that run the dev IdP as a process."""
+        realm = self._realm(request)
+        if realm is None:
+            return _no_realm()
+        try:
+            doc = await request.json()
+            client_id = doc["client_id"]
+            changes = {k: doc[k] for k in _CLIENT_FIELDS if k in doc}
+            if "jwks" in changes and changes["jwks"] is not None:
+                changes["jwks"] = clientauth.jwks_json(changes["jwks"])
+            client = realm.client(client_id)
+            if client is None:
+                realm.clients.append(DevClient(client_id, **changes))
+            else:
+                for key, value in changes.items():
+                    setattr(client, key, value)
+                client.__post_init__()
+        except (ValueError, KeyError, TypeError) as exc:
+            return JSONResponse({"error": "invalid_request", "error_description": str(exc)[:200]}, 400)
+        return JSONResponse({"client_id": client_id})
+
+    async def dev_trusted_issuer(self, request: Request) -> Response:
+        """The dev admin API: trust an issuer's assertions for federated clients, ``{"issuer", "jwks"}``
+        (Keycloak 26.6: an identity provider of the realm)."""
+        realm = self._realm(request)
+        if realm is None:
+            return _no_realm()
+        try:
+            doc = await request.json()
+            realm.trusted_issuers[str(doc["issuer"])] = clientauth.jwks_json(doc["jwks"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return JSONResponse({"error": "invalid_request", "error_description": str(exc)[:200]}, 400)
+        return JSONResponse({"issuer": doc["issuer"]})
 
     async def demo_api(self, request: Request) -> Response:
         faulted = await self._guard("api")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote, unquote_plus
 
-from dc_broker.devidp import authcode, device
+from dc_broker.devidp import authcode, clientauth, device
 from dc_broker.devidp.device import DeviceState
 from dc_broker.devidp.realm import DevClient, DevRealm, DevUser
 from dc_broker.devidp.sessions import RefreshToken, UserSession
@@ -66,12 +66,14 @@ def _same_secret(given: str, expected: str) -> bool:
 
 @dataclass(frozen=True)
 class TokenRequest:
-    """One form-encoded request to a realm endpoint. ``issuer`` is derived from the URL used."""
+    """One form-encoded request to a realm endpoint. ``issuer`` is derived from the URL used;
+    ``client_cert``: the DER certificate the TLS client presented (None: none)."""
 
     realm: DevRealm
     issuer: str
     form: Mapping[str, str]
     authorization: str | None
+    client_cert: bytes | None = None
     #: the request's DPoP proof header, if any (its content is not checked: only its presence)
     dpop: str | None = None
 
@@ -103,18 +105,41 @@ def claimed_client_id(form: Mapping[str, str], authorization: str | None) -> str
         basic = _basic_credentials(authorization)
     except OAuthProblem:
         basic = None
-    return basic[0] if basic else form.get("client_id", "")
+    if basic:
+        return basic[0]
+    if form.get("client_id"):
+        return form["client_id"]
+    parts = clientauth.unverified(form.get("client_assertion", ""))
+    sub = parts[1].get("sub") if parts else None
+    return sub if isinstance(sub, str) else ""
 
 
-def authenticate_client(request: TokenRequest) -> DevClient:
-    """client_secret_basic, client_secret_post, or a public client by client_id alone."""
-    basic = _basic_credentials(request.authorization)
-    client_id, secret = basic if basic else (request.param("client_id"), request.param("client_secret"))
-    if not client_id:
-        raise OAuthProblem(400, "invalid_client", "Missing client_id parameter")
-    client = request.realm.client(client_id)
-    if client is None:
-        raise OAuthProblem(401, "invalid_client", BAD_CLIENT)
+def authenticate_client(request: TokenRequest, state: IdPState | None = None) -> DevClient:
+    """The client's own authenticator decides (``DevClient.auth``, Keycloak's): client_secret_basic,
+    client_secret_post or a public client by client_id alone here; a signed JWT, a certificate or a
+    federated assertion in ``dc_broker.devidp.clientauth``."""
+    try:
+        if state is not None and (federated := clientauth.federated_client(state, request)) is not None:
+            state.assertions.keep(request.form["client_assertion"])
+            return federated
+        basic = _basic_credentials(request.authorization)
+        client_id, secret = basic if basic else (request.param("client_id"), request.param("client_secret"))
+        if not client_id and request.param("client_assertion"):
+            parts = clientauth.unverified(request.form["client_assertion"])
+            sub = parts[1].get("sub") if parts else None
+            client_id = sub if isinstance(sub, str) else None
+        if not client_id:
+            raise OAuthProblem(400, "invalid_client", "Missing client_id parameter")
+        client = request.realm.client(client_id)
+        if client is None:
+            raise OAuthProblem(401, "invalid_client", BAD_CLIENT)
+        if client.auth != "client-secret":
+            if state is None:
+                raise OAuthProblem(401, "invalid_client", BAD_CLIENT)
+            clientauth.authenticate(state, request, client)
+            return client
+    except clientauth.ClientProblem as problem:
+        raise OAuthProblem(problem.status, problem.error, problem.description) from None
     if client.secret is None:
         return client
     if secret is None or not _same_secret(secret, client.secret):
@@ -449,7 +474,7 @@ def token(state: IdPState, request: TokenRequest) -> dict[str, Any]:
     handler = GRANTS.get(grant_type)
     if handler is None:
         raise OAuthProblem(400, "unsupported_grant_type", "Unsupported grant_type")
-    client = authenticate_client(request)
+    client = authenticate_client(request, state)
     if client.dpop == "required" and not request.dpop:
         raise OAuthProblem(400, "invalid_dpop_proof", "DPoP proof is missing")
     body = handler(state, request, client)
@@ -461,7 +486,7 @@ def token(state: IdPState, request: TokenRequest) -> dict[str, Any]:
 # -- the other client-authenticated endpoints --------------------------------------------------------
 def start_device_authorization(state: IdPState, request: TokenRequest) -> dict[str, Any]:
     """POST .../protocol/openid-connect/auth/device."""
-    client = authenticate_client(request)
+    client = authenticate_client(request, state)
     if not client.device_grant:
         raise OAuthProblem(400, "unauthorized_client", DEVICE_FLOW_DISABLED)
     scope = request.param("scope")
@@ -512,7 +537,7 @@ def check_user_login(state: IdPState, realm: DevRealm, username: str, password: 
 
 def logout(state: IdPState, request: TokenRequest) -> None:
     """POST .../protocol/openid-connect/logout with client auth + refresh_token: ends the session."""
-    client = authenticate_client(request)
+    client = authenticate_client(request, state)
     value = request.param("refresh_token")
     if value is None:
         raise OAuthProblem(400, "invalid_request", "No refresh token")
@@ -530,7 +555,7 @@ def revoke(state: IdPState, request: TokenRequest) -> dict[str, str] | None:
     detaches its client from the session (``revoke_scope`` "client", Keycloak 23+; the user session
     and its browser SSO live on), or from every session of that user and their offline tokens
     ("user", Keycloak up to about 22). An access token goes on the revoked list."""
-    client = authenticate_client(request)
+    client = authenticate_client(request, state)
     value = request.param("token")
     if value is None:
         raise OAuthProblem(400, "invalid_request", "Token not provided")
@@ -580,7 +605,7 @@ def access_token_claims(state: IdPState, token: str) -> dict[str, Any] | None:
 
 def introspect(state: IdPState, request: TokenRequest) -> dict[str, Any]:
     """POST .../protocol/openid-connect/token/introspect (confidential clients only)."""
-    client = authenticate_client(request)
+    client = authenticate_client(request, state)
     if client.public:
         raise OAuthProblem(403, "invalid_request", "Client not allowed.")
     value = request.param("token")

@@ -21,6 +21,10 @@ class DevUser:
     required_actions: bool = False
 
 
+#: Keycloak's client authenticators (``dc_broker.devidp.clientauth``), by their provider ids
+CLIENT_AUTHENTICATORS = ("client-secret", "client-jwt", "client-secret-jwt", "client-x509", "federated-jwt")
+
+
 @dataclass
 class DevClient:
     """An OIDC client. ``secret=None`` is a public client (client_id only).
@@ -29,6 +33,11 @@ class DevClient:
     set it to force the service account on or off. ``device_grant``, ``direct_grants``,
     ``service_account_enabled``, ``offline_allowed`` and ``dpop`` produce Keycloak's answers for a
     client whose settings forbid what is asked (../shared/keycloak.md).
+
+    ``auth``: its Client Authenticator (Keycloak's Credentials tab): ``client-secret`` (the default),
+    ``client-jwt`` (Signed JWT: ``jwks``, the public keys it registered), ``client-secret-jwt``
+    (Signed JWT with Client Secret: ``secret``), ``client-x509`` (X509 Certificate: ``subject_dn``)
+    or ``federated-jwt`` (Signed JWT - Federated: ``federated_issuer`` and ``federated_subject``).
     """
 
     client_id: str
@@ -43,10 +52,19 @@ class DevClient:
     offline_allowed: bool = True
     #: DPoP: "off", "bound" (answers carry token_type DPoP) or "required" (no proof: an error)
     dpop: str = "off"
+    auth: str = "client-secret"
+    jwks: dict[str, Any] | None = None
+    subject_dn: str | None = None
+    federated_issuer: str | None = None
+    federated_subject: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.auth not in CLIENT_AUTHENTICATORS:
+            raise ValueError(f"auth must be one of {', '.join(CLIENT_AUTHENTICATORS)}, not {self.auth!r}")
 
     @property
     def public(self) -> bool:
-        return self.secret is None
+        return self.secret is None and self.auth == "client-secret"
 
     @property
     def has_service_account(self) -> bool:
@@ -111,6 +129,9 @@ class DevRealm:
     #: session; the user session and its browser SSO live on) or "user" (up to about 22: the
     #: client's part of every session of the user, and their offline tokens for the client)
     revoke_scope: str = "client"
+    #: issuers whose assertions may authenticate a federated-jwt client: issuer -> its JWKS (Keycloak
+    #: 26.6: an identity provider of the realm, e.g. a Kubernetes cluster or a SPIFFE trust domain)
+    trusted_issuers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         choices = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from dc_broker.devidp.authcode import AuthCodeStore
 from dc_broker.devidp.bruteforce import BruteForce
@@ -41,6 +42,31 @@ class Stats:
         self.refresh_reuse = 0
 
 
+#: accepted client assertions kept for tests to replay
+KEPT_ASSERTIONS: Final = 64
+
+
+@dataclass
+class AssertionLedger:
+    """Used ``jti``s (until their ``exp``) and the accepted assertions tests may replay."""
+
+    used: dict[str, float] = field(default_factory=dict)
+    accepted: list[str] = field(default_factory=list)
+
+    def spend(self, key: str, until: float, now: float) -> bool:
+        """Record ``key``; False if it was already used (and has not expired)."""
+        for old in [k for k, t in self.used.items() if t < now]:
+            del self.used[old]
+        if key in self.used:
+            return False
+        self.used[key] = until
+        return True
+
+    def keep(self, assertion: str) -> None:
+        self.accepted.append(assertion)
+        del self.accepted[:-KEPT_ASSERTIONS]
+
+
 @dataclass
 class IdPState:
     realms: dict[str, DevRealm]
@@ -53,6 +79,7 @@ class IdPState:
     faults: Faults = field(default_factory=Faults)
     stats: Stats = field(default_factory=Stats)
     brute_force: BruteForce = field(default_factory=BruteForce)
+    assertions: AssertionLedger = field(default_factory=AssertionLedger)
 
     def now(self) -> float:
         return float(self.clock())

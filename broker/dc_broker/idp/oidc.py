@@ -7,6 +7,15 @@ values; the network is ``dc_broker.idp.transport``'s job.
 
 Must never: import httpx or trio, do I/O, read a clock (``now`` is a parameter).
 
+**Client authentication** (``client_of``, ``_client_auth``): client_secret_basic, client_secret_post,
+none, and the methods that present a *client assertion* (RFC 7523: ``private_key_jwt``,
+``client_secret_jwt``; and a federated one another issuer wrote, ``client_assertion_file``) or a
+certificate (RFC 8705 ``tls_client_auth``: nothing in the request, the transport presents it). An
+assertion needs a clock, randomness and a key, so it is not made here: the request carries
+``client_assertion_type`` and an ``AssertionNeeded`` marker, and the edge that sends it
+(``Session._request`` through ``dc_broker.idp.assertions.complete``) signs or reads one just before
+the send. Its value is then one of the request's ``secrets()``: never echoed back by ``clean_text``.
+
 Secrets enter as ``Secret`` and leave only inside the request body or Authorization header. Text
 the IdP writes (``error``, ``error_description``) is bounded, stripped of control characters and has
 every secret the request carried redacted (``clean_text``) before it can reach a log line or a reply.
@@ -36,16 +45,26 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 from urllib.parse import quote, quote_plus, unquote, urlencode
 
 from dc_broker.config import Profile, check_url
-from dc_broker.errors import OAuthError, UpstreamGarbage, UpstreamTransient
+from dc_broker.errors import ConfigError, OAuthError, UpstreamGarbage, UpstreamTransient
+from dc_broker.idp import refusals
 from dc_broker.secret import Secret
-from dc_broker.tokens import TokenSet
+from dc_broker.tokens import Credentials, TokenSet
+from dc_token.errors import LoginRequired
 
 DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
+#: RFC 7523 section 2.2: a JWT that authenticates the client
+JWT_BEARER: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+#: Keycloak 26.6's SPIFFE client authenticator: a JWT-SVID as the client assertion
+JWT_SPIFFE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
+#: a profile's ``assertion_type`` -> the ``client_assertion_type`` it sends
+ASSERTION_TYPES: Final = {"jwt-bearer": JWT_BEARER, "jwt-spiffe": JWT_SPIFFE}
+#: the methods whose requests carry a client assertion made at the edge (``AssertionNeeded``)
+ASSERTION_METHODS: Final = ("private_key_jwt", "client_secret_jwt", "client_assertion_file")
 #: an ``expires_in`` that is absent or not a number counts as this many seconds
 DEFAULT_LIFETIME: Final = 300.0
 #: token lifetimes are clamped into [MIN_LIFETIME, MAX_LIFETIME]
@@ -56,8 +75,36 @@ CLOCK_TOLERANCE: Final = 5.0
 #: the longest IdP text (error, error_description) that reaches a log line or a reply
 MAX_IDP_TEXT: Final = 300
 #: form fields that carry a secret; their values never come back in IdP text
-_SECRET_FIELDS: Final = ("password", "client_secret", "refresh_token", "device_code", "token", "code", "code_verifier")
+_SECRET_FIELDS: Final = (
+    "password",
+    "client_secret",
+    "refresh_token",
+    "device_code",
+    "token",
+    "code",
+    "code_verifier",
+    "client_assertion",
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+@dataclass(frozen=True, slots=True)
+class AssertionNeeded:
+    """The client assertion a request still needs, made by the edge just before the send
+    (``dc_broker.idp.assertions.complete``): signed with the profile's active key
+    (``private_key_jwt``) or its client secret (``client_secret_jwt``), or read from the file
+    another issuer keeps current (``client_assertion_file``)."""
+
+    method: str
+    client_id: str
+    #: the assertion's ``aud``: the token endpoint's URL or the issuer's (a file's JWT has its own)
+    audience: str
+    #: the key set (private_key_jwt) or the client secret (client_secret_jwt)
+    key: Secret | None = field(default=None, repr=False)
+    #: client_assertion_file: the file
+    path: str | None = None
+    #: private_key_jwt: sign with the key set's *next* key (a rotation's check before it is used)
+    use_next: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +117,8 @@ class HttpRequest:
     #: code): once sent, the IdP may act on it, and its answer carries the only copy of what replaces
     #: it. The transport reads such an answer patiently and reports it lost (``AnswerLost``).
     spends: Secret | None = field(default=None, repr=False)
+    #: a client assertion to make before the send (None: the request is complete)
+    assertion: AssertionNeeded | None = field(default=None, repr=False)
 
     @property
     def precious(self) -> bool:
@@ -121,8 +170,25 @@ class ClientCredentials:
     """How the broker authenticates as the OAuth client."""
 
     client_id: str
-    method: str = "basic"  # basic | post | none
+    #: basic | post | none | private_key_jwt | client_secret_jwt | tls_client_auth | client_assertion_file
+    method: str = "basic"
     secret: Secret | None = None
+    #: private_key_jwt: the key set (``dc_broker.idp.clientkeys``)
+    keys: Secret | None = field(default=None, repr=False)
+    #: private_key_jwt / client_secret_jwt: the assertion's ``aud``
+    audience: str | None = None
+    #: client_assertion_file: the file, and the ``client_assertion_type`` to send with it
+    assertion_file: str | None = None
+    assertion_type: str = JWT_BEARER
+
+    def assertion(self) -> AssertionNeeded | None:
+        """What the edge must add before a request of this client is sent."""
+        if self.method == "client_assertion_file":
+            return AssertionNeeded(self.method, self.client_id, "", None, self.assertion_file)
+        if self.method in ("private_key_jwt", "client_secret_jwt"):
+            key = self.keys if self.method == "private_key_jwt" else self.secret
+            return AssertionNeeded(self.method, self.client_id, self.audience or "", key)
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +223,14 @@ def _client_auth(client: ClientCredentials, form: dict[str, str]) -> dict[str, s
     elif client.method == "post" and client.secret is not None:
         form["client_id"] = client.client_id
         form["client_secret"] = client.secret.reveal()
-    else:
+    elif client.method == "client_assertion_file":
+        # no client_id: the federated assertion's sub is the *external* identity, and Keycloak
+        # refuses a client_id that differs from it; the IdP finds the client by iss and sub
+        form["client_assertion_type"] = client.assertion_type
+    elif client.method in ("private_key_jwt", "client_secret_jwt"):
+        form["client_id"] = client.client_id
+        form["client_assertion_type"] = JWT_BEARER
+    else:  # none, tls_client_auth (the certificate is the transport's: RFC 8705 2.1 sends client_id)
         form["client_id"] = client.client_id
     return headers
 
@@ -168,7 +241,7 @@ def _token_request(
     if scope:
         form["scope"] = scope
     headers = _client_auth(client, form)
-    return HttpRequest("POST", url, headers, form, spends)
+    return HttpRequest("POST", url, headers, form, spends, client.assertion())
 
 
 def build_password(
@@ -197,6 +270,34 @@ def build_authorization_code(
         "code_verifier": code_verifier,
     }
     return _token_request(url, client, form, None, Secret(code))
+
+
+#: the refresh token a client check presents: no IdP ever issued it
+CLIENT_CHECK_TOKEN: Final = "dc-broker-client-check"
+
+
+def build_client_check(url: str, client: ClientCredentials, *, next_key: bool = False) -> HttpRequest:
+    """A request only the client's authentication can fail: a refresh grant with a refresh token no
+    IdP issued. The token endpoint authenticates the client first (Keycloak, RFC 6749 section 3.2.1),
+    so ``invalid_grant`` means the client was accepted and ``invalid_client`` that it was not.
+    ``next_key``: signed with the key set's next key. Spends nothing, so it is not precious."""
+    form = {"grant_type": "refresh_token", "refresh_token": CLIENT_CHECK_TOKEN}
+    req = _token_request(url, client, form, None)
+    if next_key and req.assertion is not None:
+        req = replace(req, assertion=replace(req.assertion, use_next=True))
+    return req
+
+
+def client_accepted(resp: HttpResponse, secrets: Iterable[str] = ()) -> bool:
+    """What a client check's answer says: True if the IdP accepted the client (it refused only the
+    made-up refresh token); raises the ``OAuthError`` of a refused client, ``UpstreamFault`` else."""
+    try:
+        check_error(resp, secrets)
+    except OAuthError as exc:
+        if refusals.classify(exc, refusals.REFRESH).meaning is refusals.Meaning.TOKEN_DEAD:
+            return True  # it authenticated the client, then refused only the made-up token
+        raise
+    raise UpstreamGarbage("identity provider granted a token for a refresh token it never issued")
 
 
 def build_device_start(url: str, client: ClientCredentials, scope: str | None = None) -> HttpRequest:
@@ -518,5 +619,41 @@ def static_endpoints(profile: Profile) -> Endpoints | None:
     return None
 
 
-def client_of(profile: Profile, secret: Secret | None) -> ClientCredentials:
-    return ClientCredentials(profile.client_id, profile.auth_method if secret is not None else "none", secret)
+def assertion_audience(profile: Profile, endpoints: Endpoints) -> str:
+    """The ``aud`` of this profile's signed client assertions: the token endpoint (the default), the
+    issuer, or the URL the profile names (``assertion_audience``)."""
+    chosen = profile.assertion_audience or "token_endpoint"
+    if chosen == "token_endpoint":
+        return endpoints.token
+    if chosen == "issuer":
+        if endpoints.issuer is None:
+            raise ConfigError(
+                f'profile {profile.name!r}: assertion_audience = "issuer", but its issuer is not known (it has '
+                "only token_url): set issuer, or assertion_audience to the issuer's URL"
+            )
+        return endpoints.issuer
+    return chosen
+
+
+def client_of(profile: Profile, credentials: Credentials, endpoints: Endpoints) -> ClientCredentials:
+    """How this profile's client authenticates, with what it has stored. A secret method without a
+    stored secret is a public client (the IdP's refusal then says so); private_key_jwt without a
+    stored key cannot be anything: ``LoginRequired`` naming the command that makes one."""
+    method, secret = profile.auth_method, credentials.client_secret
+    if method == "private_key_jwt":
+        if credentials.client_keys is None:
+            raise LoginRequired(
+                f"profile {profile.name!r}: no client key stored (auth_method private_key_jwt); make one with "
+                f"`dc-broker rotate {profile.name} --key` and register its public JWKS at the identity provider"
+            )
+        return ClientCredentials(
+            profile.client_id, method, keys=credentials.client_keys, audience=assertion_audience(profile, endpoints)
+        )
+    if method == "client_secret_jwt" and secret is not None:
+        return ClientCredentials(profile.client_id, method, secret, audience=assertion_audience(profile, endpoints))
+    if method == "client_assertion_file":
+        kind = ASSERTION_TYPES[profile.assertion_type or "jwt-bearer"]
+        return ClientCredentials(profile.client_id, method, assertion_file=profile.assertion_file, assertion_type=kind)
+    if method == "tls_client_auth":
+        return ClientCredentials(profile.client_id, method)
+    return ClientCredentials(profile.client_id, method if secret is not None else "none", secret)

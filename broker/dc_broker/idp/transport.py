@@ -14,12 +14,22 @@ the next refresh token, nor send a password grant again and again to an IdP that
 anyone in. If the answer to a request that spends a single-use credential (``HttpRequest.spends``:
 a refresh token Keycloak may rotate) is lost anyway after it went out, the failure is ``AnswerLost``.
 
+**Client certificates** (RFC 8705 ``tls_client_auth``): a profile's certificate and key files are
+loaded into its own SSL context (one client per CA bundle, proxy and certificate), presented on the
+TLS connection to the IdP. The files are looked at (``os.stat``) for every request: a renewed
+certificate (cert-manager, an ACME client) is picked up at once. An expired certificate is not
+presented (``UpstreamTransient`` naming it: the IdP would refuse it); one that expires within
+``CERT_WARNING`` is logged once per file version, and ``status`` shows each one's expiry
+(``cert_info``).
+
 Must never: parse a token response (``oidc.parse_*`` does), log a request body, put more of an OS
 error than ``_safe`` allows into a message, or a proxy's credentials (``proxies.shown`` only).
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 import ssl
 from collections.abc import Mapping
@@ -28,6 +38,7 @@ from typing import Final
 
 import httpx
 import trio
+from cryptography import x509
 
 from dc_broker.errors import AnswerLost, UpstreamGarbage, UpstreamTransient, causes, telling
 from dc_broker.idp import proxies
@@ -35,6 +46,47 @@ from dc_broker.idp.oidc import HttpRequest, HttpResponse
 
 #: the largest IdP answer read (a token response is a few KiB)
 _MAX_BODY: Final = 1024 * 1024
+#: a client certificate that expires within this many seconds is warned about in the log
+CERT_WARNING: Final = 14 * 86400.0
+log = logging.getLogger("dc_broker.idp")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCert:
+    """A profile's client certificate (PEM, chain allowed) and its key file (None: in the same file)."""
+
+    cert: str
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CertInfo:
+    """What ``status`` shows of a client certificate: its subject and when it expires (unix seconds)."""
+
+    subject: str
+    not_after: float
+
+
+def _version(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+_CERT_CACHE: dict[str, tuple[tuple[int, int, int, int], CertInfo]] = {}
+
+
+def cert_info(path: str) -> CertInfo:
+    """The first certificate in ``path`` (the client's own), read again whenever the file changes.
+    Raises ``OSError`` or ``ValueError`` for a file that is missing or not a PEM certificate."""
+    version = _version(path)
+    cached = _CERT_CACHE.get(path)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    with open(path, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    info = CertInfo(cert.subject.rfc4514_string(), cert.not_valid_after_utc.timestamp())
+    _CERT_CACHE[path] = (version, info)
+    return info
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +124,60 @@ class IdpTransport:
         self._patient_total = timeouts.patient_total
         self._transport = transport
         self._env = proxies.EnvProxies.from_environ(os.environ if environ is None else environ)
-        self._clients: dict[tuple[str | None, str | None], httpx.AsyncClient] = {}
+        self._clients: dict[tuple[str | None, str | None, object], httpx.AsyncClient] = {}
+        #: (certificate path, its version) already warned about as expiring soon
+        self._warned: set[tuple[str, object]] = set()
 
-    def _client(self, ca_bundle: str | None, via: str | None) -> httpx.AsyncClient:
-        client = self._clients.get((ca_bundle, via))
+    def _cert_version(self, cert: ClientCert | None) -> object:
+        """What identifies the certificate's files as they are now (a renewal is a new client)."""
+        if cert is None:
+            return None
+        try:
+            return (cert, _version(cert.cert), None if cert.key is None else _version(cert.key))
+        except OSError as exc:
+            raise UpstreamTransient(
+                f"the client certificate {cert.cert if cert.key is None else cert.cert + ' or its key ' + cert.key} "
+                f"cannot be read: {exc.strerror}"
+            ) from None
+
+    def _check_cert(self, cert: ClientCert, version: object) -> None:
+        """An expired certificate is not presented; one about to expire is logged once per version."""
+        try:
+            info = cert_info(cert.cert)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not a PEM certificate"
+            raise UpstreamTransient(f"the client certificate {cert.cert} cannot be loaded: {why}") from None
+        left = info.not_after - datetime.datetime.now(datetime.UTC).timestamp()
+        when = datetime.datetime.fromtimestamp(info.not_after, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        if left <= 0:
+            raise UpstreamTransient(f"the client certificate {cert.cert} ({info.subject}) expired at {when}; renew it")
+        if left < CERT_WARNING and (cert.cert, version) not in self._warned:
+            self._warned.add((cert.cert, version))
+            log.warning(
+                "the client certificate %s (%s) expires at %s, in %.1f days: renew it",
+                cert.cert,
+                info.subject,
+                when,
+                left / 86400,
+            )
+
+    def _client(self, ca_bundle: str | None, via: str | None, cert: ClientCert | None = None) -> httpx.AsyncClient:
+        version = self._cert_version(cert)
+        client = self._clients.get((ca_bundle, via, version))
         if client is None:
             verify: ssl.SSLContext | bool = True
-            if ca_bundle is not None:
+            if ca_bundle is not None or cert is not None:
                 verify = ssl.create_default_context(cafile=ca_bundle)
+            if cert is not None:
+                assert isinstance(verify, ssl.SSLContext)
+                self._check_cert(cert, version)
+                try:
+                    verify.load_cert_chain(cert.cert, cert.key)
+                except (OSError, ssl.SSLError) as exc:
+                    raise UpstreamTransient(
+                        f"the client certificate {cert.cert} cannot be used with its key "
+                        f"{cert.key or '(in the same file)'}: {getattr(exc, 'reason', None) or exc.strerror}"
+                    ) from None
             client = httpx.AsyncClient(
                 timeout=self._timeout,
                 verify=verify,
@@ -89,7 +187,9 @@ class IdpTransport:
                 trust_env=False,
                 headers={"User-Agent": "dc-broker"},
             )
-            self._clients[(ca_bundle, via)] = client
+            self._clients[(ca_bundle, via, version)] = client
+        elif cert is not None:
+            self._check_cert(cert, version)  # a certificate can expire while its client is kept
         return client
 
     def via(self, url: str, proxy: str | None) -> str | None:
@@ -97,11 +197,21 @@ class IdpTransport:
         route = proxies.route(url, proxy, self._env)
         return None if route is None else proxies.shown(route)
 
-    async def send(self, req: HttpRequest, *, ca_bundle: str | None = None, proxy: str | None = None) -> HttpResponse:
-        """``proxy``: the profile's setting (a URL, ``direct``, or None for the environment's)."""
+    async def send(
+        self,
+        req: HttpRequest,
+        *,
+        ca_bundle: str | None = None,
+        proxy: str | None = None,
+        client_cert: ClientCert | None = None,
+    ) -> HttpResponse:
+        """``proxy``: the profile's setting (a URL, ``direct``, or None for the environment's);
+        ``client_cert``: the certificate to present (tls_client_auth)."""
+        if req.assertion is not None:
+            raise TypeError("a request whose client assertion was not made yet (assertions.complete) cannot be sent")
         via = proxies.route(req.url, proxy, self._env)
         try:
-            client = self._client(ca_bundle, via)
+            client = self._client(ca_bundle, via, client_cert)
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamTransient(f"CA bundle {ca_bundle} cannot be loaded: {exc}") from None
         content = req.body() if req.form else None

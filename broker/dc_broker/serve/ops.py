@@ -24,6 +24,7 @@ from dc_broker.access.authorize import administered, authorized, is_owner, permi
 from dc_broker.access.caller import Caller
 from dc_broker.config.load import load_config
 from dc_broker.errors import UpstreamFault, WrongPassphrase
+from dc_broker.idp import clientkeys
 from dc_broker.secret import Secret
 from dc_broker.serve.audit import Audit
 from dc_broker.sessions.flows import Ended
@@ -305,6 +306,10 @@ def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result |
     args = OpArgs.from_wire("set_secrets", req.args)
     session = administered(state.sessions, caller, args["profile"])
     fields = {key: Secret(value) for key in ("password", "client_secret") if (value := args.get(key)) is not None}
+    if args.get("new_key") is not None or args.get("activate_key"):
+        return _set_keys(state, session, args.get("new_key"), bool(args.get("activate_key")), args.get("verify", False))
+    if not fields and args.get("verify", False):
+        return _check_client(state, session)
     if args.get("verify", False):
         return _set_secrets_checked(state, session, fields)
     return _store_secrets(state, session, fields)
@@ -327,6 +332,39 @@ async def _set_secrets_checked(state: BrokerState, session: Session, fields: dic
         raise UpstreamUnavailable(f"could not check the new credentials of profile {name!r}: {exc}") from None
     result = _store_secrets(state, session, fields)
     return {**result, "verified": True}
+
+
+async def _check_client(state: BrokerState, session: Session) -> Result:
+    """``verify`` with nothing new (`dc-broker keys PROFILE --check`): does the IdP accept the client
+    as it authenticates now? If so the profile tries again at once (out of ``rejected``)."""
+    name = session.profile.name
+    probe = Session(session.profile, MemoryStore({name: state.sessions.store.credentials(name)}), state.sessions.idp)
+    try:
+        await probe.check_client()
+    except UpstreamFault as exc:
+        raise UpstreamUnavailable(f"could not check the client of profile {name!r}: {exc}") from None
+    session.credentials_changed()
+    return {"profile": name, "stored": [], "verified": True}
+
+
+async def _set_keys(state: BrokerState, session: Session, new_key: str | None, activate: bool, verify: bool) -> Result:
+    """A private_key_jwt profile's keys (`dc-broker add`, `rotate --key [--activate]`), made and kept
+    here: a private key never crosses the socket. Activating checks first, with ``verify``, that the
+    IdP accepts a client assertion signed with the next key; a refusal changes nothing."""
+    name = session.profile.name
+    store = state.sessions.store
+    current = store.credentials(name)
+    if activate and verify:
+        probe = Session(session.profile, MemoryStore({name: current}), state.sessions.idp, clock=state.clock)
+        try:
+            await probe.check_client(next_key=True)
+        except UpstreamFault as exc:
+            raise UpstreamUnavailable(f"could not check the next key of profile {name!r}: {exc}") from None
+    creds, keys = clientkeys.changed(current, new_key=new_key, activate=activate, now=time.time())
+    store.set_credentials(name, creds)
+    if activate or current.client_keys is None:  # a next key changes nothing until it is activated
+        session.credentials_changed()
+    return {"profile": name, "stored": ["client_keys"], "verified": activate and verify, "jwks": keys.public_jwks()}
 
 
 def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:

@@ -192,23 +192,34 @@ def refresh(login: Login, scope: str | None = None) -> Flow[TokenSet]:
                 "got no answer is presented again once it answers"
             )
     req = oidc.build_refresh(
-        login.endpoints.token, client_of(login.profile, login.credentials), login.refresh_token, scope
+        login.endpoints.token, client_of(login.profile, login.credentials, login.endpoints), login.refresh_token, scope
     )
     return (yield from grant(req, login.presented()))
 
 
-def client_of(profile: Profile, credentials: Credentials) -> oidc.ClientCredentials:
-    return oidc.client_of(profile, credentials.client_secret)
+def client_of(profile: Profile, credentials: Credentials, endpoints: Endpoints) -> oidc.ClientCredentials:
+    return oidc.client_of(profile, credentials, endpoints)
+
+
+def has_client_credential(profile: Profile, credentials: Credentials) -> bool:
+    """Whether the client can authenticate by itself (what a client_credentials grant needs): a stored
+    secret or key, or the certificate or assertion file its settings name."""
+    method = profile.auth_method
+    if method == "private_key_jwt":
+        return credentials.client_keys is not None
+    if method in ("tls_client_auth", "client_assertion_file"):
+        return True
+    return credentials.client_secret is not None
 
 
 def primary_request(login: Login) -> HttpRequest | None:
     """The grant with the stored long-lived credential (password, client secret), if there is one."""
     p, creds = login.profile, login.credentials
-    client = client_of(p, creds)
     if p.grant == "password" and creds.password is not None and p.username:
+        client = client_of(p, creds, login.endpoints)
         return oidc.build_password(login.endpoints.token, client, p.username, creds.password, p.scope)
-    if p.grant == "client_credentials" and creds.client_secret is not None:
-        return oidc.build_client_credentials(login.endpoints.token, client, p.scope)
+    if p.grant == "client_credentials" and has_client_credential(p, creds):
+        return oidc.build_client_credentials(login.endpoints.token, client_of(p, creds, login.endpoints), p.scope)
     return None
 
 
@@ -247,7 +258,7 @@ def password_login(login: Login, password: Secret) -> Flow[TokenSet]:
     p = login.profile
     if p.grant != "password" or not p.username:
         raise ConfigError(f"profile {p.name!r} does not use a password (grant {p.grant})")
-    client = client_of(p, login.credentials)
+    client = client_of(p, login.credentials, login.endpoints)
     req = oidc.build_password(login.endpoints.token, client, p.username, password, p.scope)
     try:
         return (yield from grant(req))
@@ -271,10 +282,10 @@ def narrow(login: Login, scope: str) -> Flow[TokenSet]:
     raises ``UpstreamGarbage`` (a retryable fault) for the caller. The token returned carries no
     refresh token: the login's chain stays single."""
     p = login.profile
-    client = client_of(p, login.credentials)
     if p.grant == "client_credentials":
-        if login.credentials.client_secret is None:
+        if not has_client_credential(p, login.credentials):
             raise LoginRequired(login_message(p))
+        client = client_of(p, login.credentials, login.endpoints)
         try:
             direct = yield from grant(oidc.build_client_credentials(login.endpoints.token, client, scope))
         except OAuthError as exc:
@@ -345,7 +356,7 @@ def end_login(login: Login, tokens: TokenSet) -> Flow[Ended]:
     revoking it (RFC 7009: the refresh token, or the access token where there is none). Revoking a
     refresh token in Keycloak ends only this client's part of the session (up to Keycloak 22: of
     every session of the user), so the end-session endpoint comes first."""
-    client = client_of(login.profile, login.credentials)
+    client = client_of(login.profile, login.credentials, login.endpoints)
     url = login.endpoints.end_session
     if url is not None and tokens.refresh_token is not None:
         answer = yield from exchange(oidc.build_end_session(url, client, tokens.refresh_token))
@@ -366,10 +377,24 @@ def revoke(login: Login, tokens: TokenSet) -> Flow[Ended]:
         if tokens.refresh_token is not None
         else (tokens.access_token, "access_token")
     )
-    answer = yield from exchange(oidc.build_revoke(url, client_of(login.profile, login.credentials), target, hint))
+    client = client_of(login.profile, login.credentials, login.endpoints)
+    answer = yield from exchange(oidc.build_revoke(url, client, target, hint))
     if not 200 <= answer.response.status < 300:
         return Ended.UNCONFIRMED
     return Ended.NOTHING if oidc.said_invalid_token(answer.response) else Ended.REVOKED
+
+
+def check_client(login: Login, *, next_key: bool = False) -> Flow[bool]:
+    """Does the IdP accept this client as it authenticates now (``next_key``: with the key set's next
+    key)? One request that spends nothing (``oidc.build_client_check``); a refused client is
+    ``CredentialsRejected`` with the fix for its method."""
+    client = client_of(login.profile, login.credentials, login.endpoints)
+    req = oidc.build_client_check(login.endpoints.token, client, next_key=next_key)
+    answer = yield from exchange(req)
+    try:
+        return oidc.client_accepted(answer.response, req.secrets())
+    except OAuthError as exc:
+        raise rejected(login.profile, exc) from None
 
 
 def discover(profile: Profile, issuer: str) -> Flow[Endpoints]:
@@ -397,7 +422,7 @@ def device_login(profile: Profile, credentials: Credentials, endpoints: Endpoint
         raise CredentialsRejected(
             f"profile {name!r} has no device authorization endpoint; configure it with server + tenant or issuer"
         )
-    client = client_of(profile, credentials)
+    client = client_of(profile, credentials, endpoints)
     start = oidc.build_device_start(endpoints.device, client, login_scope(profile))
     answer = yield from exchange(start)
     try:
@@ -468,7 +493,8 @@ def browser_login(
     code = params.get("code")
     if not isinstance(code, str) or not code:
         raise LoginRequired(f"profile {name!r}: the browser came back without a code; {again}")
-    req = oidc.build_authorization_code(endpoints.token, client_of(profile, credentials), code, redirect_uri, verifier)
+    client = client_of(profile, credentials, endpoints)
+    req = oidc.build_authorization_code(endpoints.token, client, code, redirect_uri, verifier)
     try:
         return (yield from grant(req))
     except OAuthError as exc:
@@ -491,6 +517,11 @@ def login_message(p: Profile) -> str:
         return f"profile {name!r}: no valid login; run `dc-broker login {name}`"
     if p.grant == "password":
         return f"profile {name!r}: no password stored and no valid login; run `dc-broker login {name}`"
+    if p.auth_method == "private_key_jwt":
+        return (
+            f"profile {name!r}: no client key stored; make one with `dc-broker rotate {name} --key` and register "
+            "its public JWKS at the identity provider"
+        )
     return f"profile {name!r}: no client secret stored; store it with `dc-broker rotate {name} --client-secret`"
 
 
@@ -516,6 +547,31 @@ def refused(p: Profile, exc: OAuthError, grant: str, *, narrowing_to: str | None
     return base
 
 
+def client_fix(p: Profile) -> str:
+    """What to check when the IdP refuses this profile's client, by how the client authenticates."""
+    name = p.name
+    wrong_id = f"a wrong client id is fixed with `dc-broker set {name} client_id=ID`"
+    if p.auth_method == "private_key_jwt":
+        return (
+            f"check that the identity provider has this profile's public key (`dc-broker keys {name} --jwks` "
+            "prints it; in Keycloak: the client's Keys tab), the assertion's audience and the client id "
+            f"(`dc-broker set {name} client_id=ID`); then `dc-broker keys {name} --check`"
+        )
+    if p.auth_method == "tls_client_auth":
+        return (
+            f"check that the identity provider accepts the certificate {p.client_cert} (its subject DN in the "
+            f"client's Credentials tab, its CA in the server's truststore); {wrong_id}"
+        )
+    if p.auth_method == "client_assertion_file":
+        return (
+            f"check that the identity provider trusts the issuer of {p.assertion_file} and maps its subject to "
+            f"client {p.client_id!r} (Keycloak 26.6: the client's Credentials tab, Signed JWT - Federated)"
+        )
+    if p.auth_method == "none":
+        return f"check the client id (a public client, no secret): {wrong_id}"
+    return f"check the client id and secret: {wrong_id}, a wrong secret with `dc-broker rotate {name} --client-secret`"
+
+
 def rejected(p: Profile, exc: OAuthError, *, narrowing_to: str | None = None) -> CredentialsRejected:
     """The one message for an IdP refusal: what it refused, its words and status, what to fix."""
     name = p.name
@@ -535,23 +591,22 @@ def rejected(p: Profile, exc: OAuthError, *, narrowing_to: str | None = None) ->
         )
     rotate = f"`dc-broker rotate {name} --client-secret`"
     if exc.error in ("invalid_client", "unauthorized_client"):
-        fix = f"a wrong client id is fixed with `dc-broker set {name} client_id=ID`"
-        if p.auth_method != "none":
-            fix = f"check the client id and secret: {fix}, a wrong secret with {rotate}"
-        else:
-            fix = f"check the client id (a public client, no secret): {fix}"
         return CredentialsRejected(
-            f"profile {name!r}: the identity provider refuses client {p.client_id!r} ({said(exc)}); {fix}"
+            f"profile {name!r}: the identity provider refuses client {p.client_id!r} ({said(exc)}); {client_fix(p)}"
         )
     if p.grant == "password":
         return CredentialsRejected(
             f"profile {name!r}: the identity provider refused the password of user {p.username!r} ({said(exc)}); "
             f"store the right one with `dc-broker login {name}`"
         )
-    if p.grant == "client_credentials":
+    if p.grant == "client_credentials" and p.auth_method in ("basic", "post", "client_secret_jwt"):
         return CredentialsRejected(
             f"profile {name!r}: the identity provider refused the client secret ({said(exc)}); store the right one "
             f"with {rotate}"
+        )
+    if p.grant == "client_credentials":
+        return CredentialsRejected(
+            f"profile {name!r}: the identity provider refused the client ({said(exc)}); {client_fix(p)}"
         )
     return CredentialsRejected(
         f"profile {name!r}: the identity provider refused the login ({said(exc)}); run `dc-broker login {name}`"

@@ -43,9 +43,9 @@ import trio
 
 from dc_broker.config import Profile
 from dc_broker.errors import AnswerLost, ConfigError, MaybeLocked, RecordCorrupt, UpstreamFault, UpstreamGarbage
-from dc_broker.idp import oidc
+from dc_broker.idp import assertions, oidc
 from dc_broker.idp.oidc import Endpoints, HttpRequest
-from dc_broker.idp.transport import IdpTransport
+from dc_broker.idp.transport import ClientCert, IdpTransport
 from dc_broker.secret import Secret
 from dc_broker.sessions import driver, flows, loopback, policy
 from dc_broker.sessions.driver import Done
@@ -645,8 +645,12 @@ class Session:
         token puts that token in doubt; any answer to it clears the doubt."""
         self.idp_requests += 1
         sent_at, wall = self.clock(), self.wall_clock()
+        # a client assertion is made here, the edge, with the wall clock and fresh randomness
+        req = assertions.complete(req, now=wall, jti=secrets.token_urlsafe(24))
         try:
-            resp = await self.idp.send(req, ca_bundle=self.profile.ca_bundle, proxy=self.profile.proxy)
+            resp = await self.idp.send(
+                req, ca_bundle=self.profile.ca_bundle, proxy=self.profile.proxy, client_cert=_client_cert(self.profile)
+            )
         except AnswerLost:
             self._in_doubt = req.spends
             raise
@@ -856,6 +860,11 @@ class Session:
         await self.adopt_login(tokens)
         return tokens
 
+    async def check_client(self, *, next_key: bool = False) -> bool:
+        """One request that only the client's authentication can fail (``flows.check_client``): a
+        key rotation's check that the IdP accepts the next key before it signs for real."""
+        return await self._drive(flows.check_client(await self._login(), next_key=next_key))
+
     async def verify(self) -> TokenSet:
         """One grant with the stored credentials, outside the refresh task (`dc-broker add`, `rotate`):
         its caller words an IdP failure (``UpstreamFault``) for what it was checking."""
@@ -891,7 +900,8 @@ class Session:
                     log.warning("profile %s: could not end the login at the identity provider: %s", name, exc)
             await self.store.forget_tokens(name)
             keep = None if self.profile.grant == "client_credentials" else creds.client_secret
-            self.store.set_credentials(name, Credentials(client_secret=keep))
+            # the client's own keys are who the client is, not a login: they stay
+            self.store.set_credentials(name, Credentials(client_secret=keep, client_keys=creds.client_keys))
             self.token = None
             self._in_doubt = None
             self._proven = False
@@ -925,7 +935,25 @@ class Session:
             "next_refresh_in": round(max(0.0, due - now), 3) if math.isfinite(due) else None,
             "last_error": self.last_error.message if self.last_error else None,
         }
+        if self.profile.auth_method in ("private_key_jwt", "tls_client_auth", "client_assertion_file"):
+            out["client_auth"] = assertions.status(self.profile, self._client_keys(), wall)
         return out
+
+    def _client_keys(self) -> Secret | assertions.Unknown | None:
+        """The stored client key set, for ``status``; ``UNKNOWN`` when it cannot be read now."""
+        if self.profile.auth_method != "private_key_jwt":
+            return None
+        try:
+            return self.store.credentials(self.profile.name).client_keys
+        except BrokerError:
+            return assertions.UNKNOWN
+
+
+def _client_cert(profile: Profile) -> ClientCert | None:
+    """The certificate this profile's client presents on the TLS connection (tls_client_auth)."""
+    if profile.auth_method != "tls_client_auth" or profile.client_cert is None:
+        return None
+    return ClientCert(profile.client_cert, profile.client_key)
 
 
 async def _outcome(work: Awaitable[TokenSet]) -> Outcome:

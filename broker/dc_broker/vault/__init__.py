@@ -25,7 +25,7 @@ File format (SQLite, WAL, synchronous=FULL; file 0600 in a 0700 directory)::
                                                                         systemd-credential | keyring
     profiles  (name PRIMARY KEY, created_at)                            names are not secret
     records   (profile, field, version, nonce, ciphertext)              PRIMARY KEY (profile, field)
-              field: password | client_secret | refresh_token | tokens
+              field: password | client_secret | refresh_token | client_keys | tokens
               plaintext: JSON, space-padded to a multiple of 64 bytes (hides exact secret lengths)
 
 Locked means no data key in memory: a vault opened from disk starts locked; ``unlock`` derives or

@@ -19,7 +19,7 @@ NONCE_BYTES: Final = 12  # AES-GCM's 96-bit nonce, random per write
 PAD_TO: Final = 64  # plaintexts are space-padded to a multiple of this: ciphertexts hide exact lengths
 
 #: the credential fields of a profile, named as in ``Credentials``; "tokens" holds the last TokenSet
-CREDENTIAL_FIELDS: Final = ("password", "client_secret", "refresh_token")
+CREDENTIAL_FIELDS: Final = ("password", "client_secret", "refresh_token", "client_keys")
 TOKENS_FIELD: Final = "tokens"
 
 
