@@ -234,7 +234,9 @@ def test_passphrase_vault_locked_daemon_unlock_lock_restart(idp: str, home: dict
         assert cli(home, "unlock", "--passphrase-stdin", stdin="correct horse\n").returncode == 0
         assert dc_token(sock, "acme").stdout == first.stdout  # a restart serves the stored token at once
         out = cli(home, "logout", "acme")
-        assert out.returncode == 0 and out.stdout.startswith("Logged out of profile acme: login revoked")
+        assert out.returncode == 0 and out.stdout.startswith(
+            "Logged out of profile acme: its session at the identity provider ended"
+        )
         gone = dc_token(sock, "acme")
         assert gone.returncode == 5 and "dc-broker login acme" in gone.stderr
     finally:

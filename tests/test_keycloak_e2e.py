@@ -191,7 +191,7 @@ def test_after_logout_of_a_browser_login_the_next_login_asks_for_the_password_ag
             log_in(password_asked=True)
             log_in(password_asked=False)  # the SSO session lives: this is what a skipped page looks like
             out = run([DC_BROKER, "logout", "web", "--socket", sock])
-            assert out.returncode == 0 and "its session ended at the identity provider" in out.stdout, out.stdout
+            assert out.returncode == 0 and "its session at the identity provider ended" in out.stdout, out.stdout
             log_in(password_asked=True)  # the login page again
             assert dc_token(sock, "web").returncode == 0
         finally:

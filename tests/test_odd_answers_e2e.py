@@ -141,7 +141,7 @@ def test_login_and_logout_of_a_client_credentials_profile(tmp_path: Path) -> Non
             login = run([DC_BROKER, "login", "--socket", sock, "svc"])
             assert login.returncode == 0 and "nothing to log in" in login.stdout, login.stderr
             out = run([DC_BROKER, "logout", "--socket", sock, "svc"])
-            assert out.returncode == 0 and "login revoked at the identity provider" in out.stdout, out.stdout
+            assert out.returncode == 0 and "its login revoked at the identity provider" in out.stdout, out.stdout
             assert "client secret forgotten" in out.stdout
             gone = dc_token(sock, "svc")
             assert gone.returncode == 5 and "no client secret stored" in gone.stderr

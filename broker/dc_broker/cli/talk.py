@@ -265,16 +265,16 @@ def logout(socket_path: str | None, profile: str) -> None:
     """Revoke PROFILE's login at the IdP and forget its secrets (the profile stays configured)."""
     result = ask(socket_path, "logout", profile=profile)
     how = {
-        "session": "its session ended at the identity provider",
-        "revoked": "revoked at the identity provider",
-        "nothing": "already over at the identity provider (it had nothing to revoke)",
-    }.get(str(result.get("ended")), "forgotten (the identity provider did not confirm an end)")
+        "session": "its session at the identity provider ended",
+        "revoked": "its login revoked at the identity provider",
+        "nothing": "its login already over at the identity provider (nothing to revoke)",
+    }.get(str(result.get("ended")), "its login forgotten (the identity provider did not confirm an end)")
     rest = f"its {result.get('forgotten') or 'secrets'} forgotten"
     if result.get("kept_client_secret"):
         rest += " (the client secret stays: `dc-broker login` uses it)"
     elif result.get("forgotten") == "client secret":
         rest += f" (`dc-broker rotate {profile} --client-secret` stores one again)"
-    click.echo(f"Logged out of profile {profile}: login {how}, {rest}.")
+    click.echo(f"Logged out of profile {profile}: {how}, {rest}.")
 
 
 @click.command()
