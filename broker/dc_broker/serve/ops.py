@@ -37,7 +37,6 @@ from dc_token.version import version
 
 log = logging.getLogger("dc_broker")
 
-VERSION = version()  # the installed package metadata: one version string
 #: profiles listed in one status reply at most; the rest are counted (and reached with ``after``)
 STATUS_LIMIT = 200
 #: bytes of profile entries in one status reply: the frame is 64 KiB, the rest is headroom
@@ -91,7 +90,7 @@ def _token_fields(session: Session, tok: TokenSet, now: float, remaining: float)
 def op_hello(state: BrokerState, caller: Caller, req: Request) -> Result:
     return {
         "server": "dc-broker",
-        "version": VERSION,
+        "version": version(),  # read from the package metadata on the first hello/status
         "protocol": PROTOCOL_VERSION,
         "ops": sorted(HANDLERS),
         "uid": caller.uid,
@@ -198,7 +197,7 @@ def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
     rest = len(pending) - len(shown)
     return {
         "broker": {
-            "version": VERSION,
+            "version": version(),  # read from the package metadata on the first hello/status
             "pid": os.getpid(),
             "socket": _cut(state.socket_path),
             "uptime": round(time.time() - state.started_at, 3),
