@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
-    from dc_token.protocol import NeedData
+    from dc_token.protocol import Codec, NeedData
 
 __all__ = ["NEED_DATA", "ClientConnection", "Closed", "End", "Failed", "Result", "may_retry"]
 
@@ -91,12 +91,14 @@ def _error(reply: ErrorReply) -> BrokerError:
 
 
 class ClientConnection:
-    """One connection's conversation state. Not thread-safe: a driver serializes its use."""
+    """One connection's conversation state. Not thread-safe: a driver serializes its use. ``codec``:
+    how frames are coded (``dc_token.protocol``'s ``Codec``; default msgpack's C extension)."""
 
-    __slots__ = ("_closed", "_decoder", "_failed_all", "_next_id", "_pending", "served")
+    __slots__ = ("_closed", "_codec", "_decoder", "_failed_all", "_next_id", "_pending", "served")
 
-    def __init__(self) -> None:
-        self._decoder = FrameDecoder()
+    def __init__(self, codec: Codec | None = None) -> None:
+        self._codec = codec
+        self._decoder = FrameDecoder(codec=codec)
         self._next_id = 1
         self._pending: dict[int, str] = {}  # id -> op, for messages
         self._failed_all: list[Failed] = []
@@ -117,7 +119,7 @@ class ClientConnection:
         if self._closed:
             raise RemoteProtocolError("the connection is closed; open a new one")
         rid = self._next_id
-        frame = encode(Request(rid, op, {k: v for k, v in (args or {}).items() if v is not None}))
+        frame = encode(Request(rid, op, {k: v for k, v in (args or {}).items() if v is not None}), self._codec)
         self._next_id += 1
         self._pending[rid] = op
         return rid, frame

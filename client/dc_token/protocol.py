@@ -20,27 +20,33 @@ Replies (broker -> client)
     "retry_after": <float, optional>}}``. A streaming op (``watch``) sends several replies with the
     same id; every one but the last carries ``"more": true``.
 
+Codecs
+    A frame's body is msgpack. Whatever serves or asks more than once (the broker, ``TokenClient``,
+    ``AsyncTokenClient``) codes it with msgpack's C extension (``msgpack_codec()``, the default);
+    dc-token, one request per process, with ``dc_token.minipack`` (``minipack_codec()``): the same
+    bytes, without the cost of importing msgpack. Nothing here imports msgpack until a frame is coded
+    with it, and ``ErrorCode`` (an enum) is imported the first time an error code is needed.
+
 Invariants
     * ``FrameDecoder`` never holds more than one partial frame of at most ``MAX_FRAME`` bytes plus
       whatever whole frames the caller has not yet taken.
     * Every decoding failure is a ``RemoteProtocolError``; every encoding failure (our bug) is a
       ``LocalProtocolError``. Nothing here blocks or loops on its own.
     * Error codes are the closed set ``ErrorCode``; ``dc_token.errors`` maps each to one exception.
+    * The argument checks (``TokenArgs``, ``ARGS``, ``request_parts``) are the only definition of a
+      valid request; the broker's fast path calls them, it never re-states them.
 """
 
 from __future__ import annotations
 
-import struct
-from enum import StrEnum
-
-import msgpack
-
-from dc_token.errors import LocalProtocolError, RemoteProtocolError
+from dc_token.errors import BadRequest, LocalProtocolError, RemoteProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing and collections.abc cost dc-token start-up time; annotations only
     from collections.abc import Callable, Mapping
     from typing import Any, Final
+
+    from dc_token.codes import ErrorCode
 
 __all__ = [
     "ARGS",
@@ -49,6 +55,7 @@ __all__ = [
     "NEED_DATA",
     "OPS",
     "PROTOCOL_VERSION",
+    "Codec",
     "ErrorCode",
     "ErrorReply",
     "FrameDecoder",
@@ -59,35 +66,26 @@ __all__ = [
     "args_problem",
     "encode",
     "min_ttl_problem",
+    "minipack_codec",
+    "msgpack_codec",
     "pack_frame",
     "reply_from_wire",
     "request_from_wire",
+    "request_parts",
 ]
 
 PROTOCOL_VERSION: Final = 1
 MAX_FRAME: Final = 64 * 1024
 HEADER_SIZE: Final = 4
-_HEADER = struct.Struct(">I")
 _MAX_ID: Final = 2**63 - 1
 
 
-class ErrorCode(StrEnum):
-    """The closed set of wire error codes. Each maps 1:1 to a ``dc_token.errors.BrokerError`` subclass."""
+def __getattr__(name: str) -> object:
+    if name == "ErrorCode":  # built on first use: see dc_token.codes
+        from dc_token.codes import ErrorCode
 
-    BAD_REQUEST = "bad_request"
-    UNSUPPORTED_VERSION = "unsupported_version"
-    UNKNOWN_OP = "unknown_op"
-    UNKNOWN_PROFILE = "unknown_profile"
-    FORBIDDEN = "forbidden"
-    LOCKED = "locked"
-    LOGIN_REQUIRED = "login_required"
-    CREDENTIALS_REJECTED = "credentials_rejected"
-    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
-    UPSTREAM_ERROR = "upstream_error"
-    OVERLOADED = "overloaded"
-    CONFIG_ERROR = "config_error"
-    VAULT_ERROR = "vault_error"
-    INTERNAL = "internal"
+        return ErrorCode
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _RESERVED_REQUEST_KEYS: Final = frozenset({"v", "id", "op"})
@@ -186,6 +184,8 @@ class ErrorReply(_Message):
     retry_after: float | None
 
     def __init__(self, id: int | None, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+        from dc_token.codes import ErrorCode
+
         if not isinstance(code, ErrorCode):
             raise LocalProtocolError(f"unknown error code {code!r}")
         object.__setattr__(self, "id", id)
@@ -200,9 +200,6 @@ class ErrorReply(_Message):
         return {"id": self.id, "ok": False, "error": error}
 
 
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-
-
 #: the largest ``min_ttl`` (seconds) a ``token`` / ``watch`` request may ask for
 MAX_MIN_TTL: Final = 86400.0
 
@@ -215,12 +212,15 @@ def min_ttl_problem(value: object) -> str | None:
     (seconds the token falls short of the request), so the shortfall is never silent."""
     if (
         isinstance(value, bool)
-        or not isinstance(value, int | float)
+        or not isinstance(value, _NUMBER)
         or value != value  # NaN
         or not 0 <= value <= MAX_MIN_TTL
     ):
         return f"must be a number of seconds between 0 and {MAX_MIN_TTL:g}"
     return None
+
+
+_NUMBER: Final = (int, float)
 
 
 #: a profile name on the wire: a letter or digit, then letters, digits, '.', '_' or '-' (config.toml
@@ -252,10 +252,12 @@ def scope_problem(value: object) -> str | None:
     return None
 
 
-class TokenArgs(_Message):
+class TokenArgs:
     """The arguments of ``token`` and ``watch``, checked when built: the client builds them to send,
     the broker from what it received (``from_wire``), so both sides apply the same bounds. A bad
-    value is ``BadRequest`` on either side."""
+    value is ``BadRequest`` on either side.
+
+    A plain slotted class (the broker builds one per token request): treat it as a value."""
 
     __slots__ = ("min_ttl", "profile", "scope")
     profile: str
@@ -263,24 +265,25 @@ class TokenArgs(_Message):
     scope: str | None
 
     def __init__(self, profile: str, min_ttl: float = 0.0, scope: str | None = None) -> None:
-        from dc_token.errors import BadRequest
-
-        for key, problem in (
-            ("profile", profile_problem(profile)),
-            ("min_ttl", min_ttl_problem(min_ttl)),
-            ("scope", None if scope is None else scope_problem(scope)),
-        ):
+        problem = profile_problem(profile)
+        if problem is not None:
+            raise BadRequest(f"'profile' {problem}")
+        problem = min_ttl_problem(min_ttl)
+        if problem is not None:
+            raise BadRequest(f"'min_ttl' {problem}")
+        if scope is not None:
+            problem = scope_problem(scope)
             if problem is not None:
-                raise BadRequest(f"'{key}' {problem}")
-        object.__setattr__(self, "profile", profile)
-        object.__setattr__(self, "min_ttl", float(min_ttl))
-        object.__setattr__(self, "scope", scope or None)
+                raise BadRequest(f"'scope' {problem}")
+        self.profile = profile
+        self.min_ttl = float(min_ttl)
+        self.scope = scope or None
 
     @classmethod
     def from_wire(cls, args: Mapping[str, Any]) -> TokenArgs:
-        profile: Any = args.get("profile")
-        min_ttl: Any = args.get("min_ttl")
-        scope: Any = args.get("scope")
+        profile: Any = args.get("profile")  # checked in __init__, whatever it is
+        min_ttl = args.get("min_ttl")
+        scope = args.get("scope")
         return cls(profile, 0.0 if min_ttl is None else min_ttl, scope if scope != "" else None)
 
     def to_wire(self) -> dict[str, Any]:
@@ -289,6 +292,16 @@ class TokenArgs(_Message):
         if self.scope:
             wire["scope"] = self.scope
         return wire
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TokenArgs):
+            return NotImplemented
+        return (self.profile, self.min_ttl, self.scope) == (other.profile, other.min_ttl, other.scope)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TokenArgs(profile={self.profile!r}, min_ttl={self.min_ttl!r}, scope={self.scope!r})"
 
 
 def _text_problem(value: object) -> str | None:
@@ -374,8 +387,6 @@ class OpArgs(_Message):
         return built
 
     def _check(self, op: str, values: Mapping[str, Any]) -> None:
-        from dc_token.errors import BadRequest
-
         if op not in ARGS:
             raise BadRequest(f"op {op!r} is not a dc-broker op")
         problem = args_problem(op, values)
@@ -398,24 +409,67 @@ class OpArgs(_Message):
         return f"OpArgs({self.op!r}, keys={sorted(self.values)!r})"
 
 
-def pack_frame(obj: Mapping[str, Any]) -> bytes:
-    """Frame one msgpack map. Raises LocalProtocolError if it cannot be encoded or is too big."""
-    try:
-        body: bytes = _packb(obj)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise LocalProtocolError(f"message cannot be encoded: {exc}") from exc
-    if len(body) > MAX_FRAME:
-        raise LocalProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
-    return _HEADER.pack(len(body)) + body
+class Codec:
+    """How a frame's body is made and read: ``packb(map) -> bytes`` and ``unpackb(bytes) -> object``
+    (which may raise anything on garbage: ``FrameDecoder`` makes it a ``RemoteProtocolError``)."""
+
+    __slots__ = ("name", "packb", "unpackb")
+
+    def __init__(self, name: str, packb: Callable[[Any], bytes], unpackb: Callable[[Any], Any]) -> None:
+        self.name = name
+        self.packb = packb
+        self.unpackb = unpackb
+
+    def __repr__(self) -> str:
+        return f"Codec({self.name!r})"
 
 
-def encode(message: Request | Reply | ErrorReply) -> bytes:
-    """Bytes to send for one message."""
-    return pack_frame(message.to_wire())
+_CODECS: dict[str, Codec] = {}
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def msgpack_codec() -> Codec:
+    """msgpack's C extension (the default): fast per message; imported on first use."""
+    codec = _CODECS.get("msgpack")
+    if codec is None:
+        import msgpack
+
+        unpack = msgpack.unpackb
+
+        def unpackb(body: Any) -> Any:
+            return unpack(body, raw=False, ext_hook=_refuse_ext, strict_map_key=True)
+
+        codec = _CODECS["msgpack"] = Codec("msgpack", msgpack.Packer(use_bin_type=True, autoreset=True).pack, unpackb)
+    return codec
+
+
+def minipack_codec() -> Codec:
+    """``dc_token.minipack``: the same bytes in plain Python, cheap to import (dc-token's codec)."""
+    codec = _CODECS.get("minipack")
+    if codec is None:
+        from dc_token import minipack
+
+        codec = _CODECS["minipack"] = Codec("minipack", minipack.packb, minipack.unpackb)
+    return codec
+
+
+def pack_frame(obj: Mapping[str, Any], codec: Codec | None = None) -> bytes:
+    """Frame one msgpack map. Raises LocalProtocolError if it cannot be encoded or is too big."""
+    try:
+        body: bytes = (codec or msgpack_codec()).packb(obj)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"message cannot be encoded: {exc}") from exc
+    if len(body) > MAX_FRAME:
+        raise LocalProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
+    return len(body).to_bytes(4, "big") + body
+
+
+def encode(message: Request | Reply | ErrorReply, codec: Codec | None = None) -> bytes:
+    """Bytes to send for one message."""
+    return pack_frame(message.to_wire(), codec)
 
 
 class FrameDecoder:
@@ -426,11 +480,12 @@ class FrameDecoder:
     (via ``check_eof``) a connection closed mid-frame. After an error the decoder is unusable.
     """
 
-    __slots__ = ("_buf", "_max_frame")
+    __slots__ = ("_buf", "_max_frame", "_unpackb")
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME, codec: Codec | None = None) -> None:
         self._buf = bytearray()
         self._max_frame = max_frame
+        self._unpackb = (codec or msgpack_codec()).unpackb
 
     def receive_data(self, data: bytes) -> None:
         self._buf += data
@@ -444,7 +499,7 @@ class FrameDecoder:
         buf = self._buf
         if len(buf) < HEADER_SIZE:
             return NEED_DATA
-        (length,) = _HEADER.unpack_from(buf)
+        length = int.from_bytes(buf[:HEADER_SIZE], "big")
         if length > self._max_frame:
             raise RemoteProtocolError(
                 f"frame of {length} bytes exceeds the {self._max_frame}-byte limit "
@@ -453,10 +508,10 @@ class FrameDecoder:
         end = HEADER_SIZE + length
         if len(buf) < end:
             return NEED_DATA
-        body = bytes(buf[HEADER_SIZE:end])
+        body = buf[HEADER_SIZE:end]
         del buf[:end]
         try:
-            obj = msgpack.unpackb(body, raw=False, ext_hook=_refuse_ext, strict_map_key=True)
+            obj = self._unpackb(body)
         except RemoteProtocolError:
             raise
         except Exception as exc:  # msgpack raises many types for garbage; all mean the same here
@@ -479,25 +534,38 @@ class RequestShapeError(RemoteProtocolError):
         self.reply = reply
 
 
-def request_from_wire(obj: dict[str, Any]) -> Request:
-    """Shape a decoded map into a Request, or raise RequestShapeError carrying the error to send back."""
+def request_parts(obj: dict[str, Any]) -> tuple[int, str, dict[str, Any]]:
+    """A decoded map's request id, op and arguments (a new map: every key but v, id and op), or
+    RequestShapeError carrying the error to send back. The broker's path for every request."""
     rid = obj.get("id")
     if type(rid) is not int or not 0 <= rid <= _MAX_ID:
-        raise RequestShapeError(ErrorReply(None, ErrorCode.BAD_REQUEST, "request needs an integer 'id' in 0..2**63-1"))
+        raise RequestShapeError(_shape_error(None, "bad_request", "request needs an integer 'id' in 0..2**63-1"))
     v = obj.get("v")
     if v != PROTOCOL_VERSION:
         raise RequestShapeError(
-            ErrorReply(
+            _shape_error(
                 rid,
-                ErrorCode.UNSUPPORTED_VERSION,
+                "unsupported_version",
                 f"protocol version {v!r} is not supported; this broker speaks version {PROTOCOL_VERSION}",
             )
         )
     op = obj.get("op")
     if not isinstance(op, str) or not 0 < len(op) <= 64:
-        raise RequestShapeError(ErrorReply(rid, ErrorCode.BAD_REQUEST, "request needs a string 'op'"))
-    args = {k: val for k, val in obj.items() if k not in _RESERVED_REQUEST_KEYS}
-    return Request(rid, op, args, v)
+        raise RequestShapeError(_shape_error(rid, "bad_request", "request needs a string 'op'"))
+    args = obj.copy()  # v, id and op are there (checked above): take them out
+    del args["v"], args["id"], args["op"]
+    return rid, op, args
+
+
+def _shape_error(rid: int | None, code: str, message: str) -> ErrorReply:
+    from dc_token.codes import ErrorCode
+
+    return ErrorReply(rid, ErrorCode(code), message)
+
+
+def request_from_wire(obj: dict[str, Any]) -> Request:
+    """Shape a decoded map into a Request, or raise RequestShapeError carrying the error to send back."""
+    return Request(*request_parts(obj))
 
 
 def reply_from_wire(obj: dict[str, Any]) -> Reply | ErrorReply:
@@ -510,6 +578,8 @@ def reply_from_wire(obj: dict[str, Any]) -> Reply | ErrorReply:
             raise RemoteProtocolError("reply needs an integer 'id' and a 'result' map")
         return Reply(rid, result, bool(obj.get("more", False)))
     if ok is False:
+        from dc_token.codes import ErrorCode
+
         err = obj.get("error")
         if not isinstance(err, dict) or (rid is not None and type(rid) is not int):
             raise RemoteProtocolError("error reply needs an 'error' map")
@@ -522,7 +592,7 @@ def reply_from_wire(obj: dict[str, Any]) -> Reply | ErrorReply:
         if not isinstance(message, str):
             message = f"broker error {raw_code!r}"
         retry_after = err.get("retry_after")
-        if not isinstance(retry_after, int | float) or isinstance(retry_after, bool):
+        if not isinstance(retry_after, _NUMBER) or isinstance(retry_after, bool):
             retry_after = None
         return ErrorReply(rid, code, message, None if retry_after is None else float(retry_after))
     raise RemoteProtocolError("reply needs 'ok' true or false")
