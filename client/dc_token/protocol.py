@@ -69,6 +69,7 @@ __all__ = [
     "minipack_codec",
     "msgpack_codec",
     "pack_frame",
+    "reply_frame",
     "reply_from_wire",
     "request_from_wire",
     "request_parts",
@@ -168,10 +169,14 @@ class Reply(_Message):
         object.__setattr__(self, "more", more)
 
     def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"id": self.id, "ok": True, "result": self.result}
-        if self.more:
-            wire["more"] = True
-        return wire
+        return _reply_map(self.id, self.result, self.more)
+
+
+def _reply_map(rid: int, result: Mapping[str, Any], more: bool) -> dict[str, Any]:
+    wire: dict[str, Any] = {"id": rid, "ok": True, "result": result}
+    if more:
+        wire["more"] = True
+    return wire
 
 
 class ErrorReply(_Message):
@@ -435,13 +440,11 @@ def msgpack_codec() -> Codec:
     """msgpack's C extension (the default): fast per message; imported on first use."""
     codec = _CODECS.get("msgpack")
     if codec is None:
+        from functools import partial
+
         import msgpack
 
-        unpack = msgpack.unpackb
-
-        def unpackb(body: Any) -> Any:
-            return unpack(body, raw=False, ext_hook=_refuse_ext, strict_map_key=True)
-
+        unpackb = partial(msgpack.unpackb, raw=False, ext_hook=_refuse_ext, strict_map_key=True)
         codec = _CODECS["msgpack"] = Codec("msgpack", msgpack.Packer(use_bin_type=True, autoreset=True).pack, unpackb)
     return codec
 
@@ -472,6 +475,15 @@ def encode(message: Request | Reply | ErrorReply, codec: Codec | None = None) ->
     return pack_frame(message.to_wire(), codec)
 
 
+def reply_frame(rid: int, result: Mapping[str, Any], more: bool = False, codec: Codec | None = None) -> bytes:
+    """``encode(Reply(rid, result, more))`` without building the Reply (the broker's path for every
+    reply). Raises LocalProtocolError like ``pack_frame``."""
+    wire: dict[str, Any] = {"id": rid, "ok": True, "result": result}
+    if more:
+        wire["more"] = True
+    return pack_frame(wire, codec)
+
+
 class FrameDecoder:
     """Incremental decoder: feed bytes with ``receive_data``, take maps with ``next_frame``.
 
@@ -495,6 +507,26 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames (a partial frame, if non-zero)."""
         return len(self._buf)
 
+    def receive(self, data: bytes) -> tuple[list[dict[str, Any]], RemoteProtocolError | None]:
+        """``receive_data(data)``, then every whole frame now held, in order, and the error that
+        stopped the reading (None if none; after one the decoder is unusable): the frames before a
+        bad one are still the peer's requests. One call per read, for servers."""
+        if not self._buf and len(data) > HEADER_SIZE:  # nothing held back and one whole frame: no copy
+            length = int.from_bytes(data[:HEADER_SIZE], "big")
+            if length <= self._max_frame and len(data) == HEADER_SIZE + length:
+                try:
+                    return [self._decode(data[HEADER_SIZE:])], None
+                except RemoteProtocolError as exc:
+                    return [], exc
+        self._buf += data
+        frames: list[dict[str, Any]] = []
+        try:
+            while (frame := self.next_frame()) is not NEED_DATA:
+                frames.append(frame)  # type: ignore[arg-type]
+        except RemoteProtocolError as exc:
+            return frames, exc
+        return frames, None
+
     def next_frame(self) -> dict[str, Any] | NeedData:
         buf = self._buf
         if len(buf) < HEADER_SIZE:
@@ -510,13 +542,16 @@ class FrameDecoder:
             return NEED_DATA
         body = buf[HEADER_SIZE:end]
         del buf[:end]
+        return self._decode(body)
+
+    def _decode(self, body: bytes | bytearray) -> dict[str, Any]:
         try:
             obj = self._unpackb(body)
         except RemoteProtocolError:
             raise
         except Exception as exc:  # msgpack raises many types for garbage; all mean the same here
             raise RemoteProtocolError(f"frame is not valid msgpack: {type(exc).__name__}") from None
-        if not isinstance(obj, dict):
+        if obj.__class__ is not dict and not isinstance(obj, dict):
             raise RemoteProtocolError(f"frame holds a {type(obj).__name__}, not a map")
         return obj
 
