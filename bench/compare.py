@@ -3,15 +3,19 @@
 Every figure is measured against a yardstick in the same run, round after round (the order of the
 servers rotates each round), so that a busy machine slows both alike; the ratios are what counts:
 
-  cached token, one persistent connection     median round trip, this tree / the echo floor   (target <= 1.1)
+  cached token, one persistent connection     median round trip, this tree / trio echo        (target <= 1.1)
   cached token, a new connection per request  median connect+request+reply, this tree / oidc-agent  (<= 1.0)
-  64 clients on persistent connections         requests/s, this tree / the echo floor          (>= 0.9)
+  64 clients on persistent connections         requests/s, this tree / trio echo               (>= 0.9)
   64 clients, a new connection per request     connections/s, this tree / oidc-agent
   dc-token PROFILE, the whole process          median wall time / `python -S -c pass`, the same interpreter  (<= 1.5)
+Every server figure is also given as a ratio to the raw echo floor.
 
 The yardsticks:
-  echo floor   bench/echo.py: a bare trio server answering every frame at once with a fixed reply of
-               the token reply's size (no msgpack, no checks, no deadlines, no identity)
+  trio echo    bench/echo.py stream: a bare trio echo server as trio's docs write one (serve_listeners,
+               SocketStream.receive_some / send_all), answering every frame at once with a fixed reply
+               of the token reply's size (no msgpack, no checks, no deadlines, no identity)
+  echo floor   bench/echo.py raw: the same with the broker's own non-blocking socket I/O: the floor a
+               trio server can reach
   oidc-agent   the C peer (Debian's `oidc-agent-cli`), when installed: an account made by a scripted
                `oidc-gen` (password flow) against this tree's dev IdP on loopback, asked over its own
                IPC (one JSON request per connection, the way `oidc-token` asks); `oidc-token` is timed
@@ -66,6 +70,8 @@ TARGETS = {
     "rps_64_vs_echo": 0.9,
     "dc_token_vs_floor": 1.5,
 }
+ECHO = "trio echo"
+FLOOR = "echo floor"
 
 
 class Server:
@@ -233,10 +239,10 @@ def dev_broker(bin_dir: Path, tmp: Path, name: str) -> Iterator[tuple[str, str]]
 
 
 @contextlib.contextmanager
-def echo_server(tmp: Path, reply_bytes: int) -> Iterator[str]:
-    sock = str(tmp / "echo.sock")
+def echo_server(tmp: Path, mode: str, reply_bytes: int) -> Iterator[str]:
+    sock = str(tmp / f"echo-{mode}.sock")
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "echo.py"), sock, str(reply_bytes)], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(HERE / "echo.py"), mode, sock, str(reply_bytes)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -380,7 +386,8 @@ def run(baseline: Path | None, rounds: int) -> dict[str, object]:
         probe.sendall(TOKEN_FRAME)
         reply_bytes = _read_reply(probe, True)
         probe.close()
-        servers.append(Server("echo floor", stack.enter_context(echo_server(tmp, reply_bytes)), TOKEN_FRAME))
+        servers.append(Server(ECHO, stack.enter_context(echo_server(tmp, "stream", reply_bytes)), TOKEN_FRAME))
+        servers.append(Server(FLOOR, stack.enter_context(echo_server(tmp, "raw", reply_bytes)), TOKEN_FRAME))
         oidc: OidcAgent | None = None
         if skipped is None:
             try:
@@ -416,6 +423,8 @@ def _commands(
     return out
 
 
+#: each server figure's yardstick (the raw echo floor is shown beside every one)
+YARDSTICKS = {"persistent": ECHO, "per_connection": "oidc-agent", "rps_64": ECHO, "cps_64": "oidc-agent"}
 PERSISTENT_N = 2000
 PER_CONNECTION_N = 300
 LOAD_SECONDS = 1.5
@@ -442,10 +451,8 @@ def _round(
         rate = throughput(server, 64, LOAD_SECONDS, persistent=False)
         figures.add("cps_64", server.name, [rate])
         per["cps_64"][server.name] = rate
-    figures.add_round("persistent", per["persistent"], "echo floor")
-    figures.add_round("per_connection", per["per_connection"], "oidc-agent")
-    figures.add_round("rps_64", per["rps_64"], "echo floor")
-    figures.add_round("cps_64", per["cps_64"], "oidc-agent")
+    for key, yardstick in YARDSTICKS.items():
+        figures.add_round(key, per[key], yardstick)
     names = list(commands)
     names = names[r % len(names) :] + names[: r % len(names)]
     walls: dict[str, list[float]] = {name: [] for name in names}
@@ -462,40 +469,39 @@ def _spread(xs: list[float]) -> str:
     return f"{min(xs):.2f}-{max(xs):.2f}" if xs else "-"
 
 
+ROWS: list[tuple[str, str, Callable[[float], str]]] = [
+    ("persistent", "cached token, one persistent connection", lambda v: f"{v * 1e6:8.1f} us"),
+    ("per_connection", "cached token, a new connection per request", lambda v: f"{v * 1e6:8.1f} us"),
+    ("rps_64", "64 clients, persistent connections", lambda v: f"{v:8,.0f} /s"),
+    ("cps_64", "64 clients, a new connection per request", lambda v: f"{v:8,.0f} /s"),
+]
+
+
 def _report(
     figures: Figures, names: list[str], skipped: str | None, rounds: int, baseline: Path | None
 ) -> dict[str, object]:
     result: dict[str, object] = {"rounds": rounds, "baseline": str(baseline) if baseline else None}
     if skipped:
         result["oidc_agent_skipped"] = skipped
-    rows: list[tuple[str, str, Callable[[float], str], str | None]] = [
-        (
-            "persistent",
-            "cached token, one persistent connection (median)",
-            lambda v: f"{v * 1e6:8.1f} us",
-            "echo floor",
-        ),
-        ("per_connection", "cached token, a new connection per request", lambda v: f"{v * 1e6:8.1f} us", "oidc-agent"),
-        ("rps_64", "64 clients, persistent connections", lambda v: f"{v:8,.0f} /s", "echo floor"),
-        ("cps_64", "64 clients, a new connection per request", lambda v: f"{v:8,.0f} /s", "oidc-agent"),
-    ]
-    print(f"\nside by side, {rounds} interleaved rounds; ratio = median / the yardstick's (range over rounds)")
-    header = "".join(f"{n:>14}" for n in names)
-    print(f"{'':46}{header}")
-    for key, title, fmt, yardstick in rows:
-        cells = []
-        for n in names:
-            value = figures.median(key, n)
-            cells.append(f"{fmt(value):>14}" if value == value else f"{'-':>14}")
-        print(f"{title:46}{''.join(cells)}")
-        ratios = figures.round_ratios.get(key, {})
-        for n in names:
-            if n in ratios and n != yardstick:
-                pooled = figures.median(key, n) / figures.median(key, yardstick or "")
-                print(f"{'':6}{n} / {yardstick}: {pooled:.2f}x (rounds {_spread(ratios[n])})")
-        result[key] = {n: figures.median(key, n) for n in names if figures.median(key, n) == figures.median(key, n)} | {
-            "ratios": {n: figures.median(key, n) / figures.median(key, yardstick or "") for n in ratios}
-        }
+    print(f"\nside by side, {rounds} interleaved rounds (medians); ratio = median / a yardstick's (range over rounds)")
+    print(f"{'':44}" + "".join(f"{n:>13}" for n in names))
+    for key, title, fmt in ROWS:
+        values = {n: figures.median(key, n) for n in names}
+        print(f"{title:44}" + "".join(f"{fmt(v) if v == v else '-':>13}" for v in values.values()))
+        ratios: dict[str, dict[str, float]] = {}
+        for yardstick in dict.fromkeys((YARDSTICKS[key], FLOOR)):
+            base = values.get(yardstick, float("nan"))
+            if base != base:
+                continue
+            per_round = figures.round_ratios.get(key, {}) if yardstick == YARDSTICKS[key] else {}
+            for n in names:
+                if n == yardstick or values[n] != values[n] or n in (ECHO, FLOOR):
+                    continue
+                ratio = values[n] / base
+                ratios.setdefault(yardstick, {})[n] = ratio
+                spread = f" (rounds {_spread(per_round[n])})" if n in per_round else ""
+                print(f"{'':6}{n} / {yardstick}: {ratio:.2f}x{spread}")
+        result[key] = {"median": {n: v for n, v in values.items() if v == v}, "ratios": ratios}
     print("\nwhole process, median wall time (ratio to `python -S -c pass`, the same interpreter)")
     wall_ratios = figures.round_ratios.get("wall", {})
     floor = figures.median("wall", "python -S -c pass")
@@ -503,12 +509,8 @@ def _report(
     for name, xs in figures.samples.get("wall", {}).items():
         value = _median(xs)
         walls[name] = value
-        ratio = (
-            ""
-            if name == "python -S -c pass"
-            else f"   {value / floor:.2f}x (rounds {_spread(wall_ratios.get(name, []))})"
-        )
-        print(f"  {name:34}{value * 1e3:8.2f} ms{ratio}")
+        spread = f"   {value / floor:.2f}x (rounds {_spread(wall_ratios.get(name, []))})"
+        print(f"  {name:34}{value * 1e3:8.2f} ms{spread if name != 'python -S -c pass' else ''}")
     result["wall"] = walls
     verdicts = _verdicts(figures)
     result["verdicts"] = verdicts
@@ -525,18 +527,17 @@ def _verdicts(figures: Figures) -> dict[str, str]:
         a, b = figures.median(key, me), figures.median(key, yardstick)
         return a / b if a == a and b == b and b else None
 
+    floor = figures.median("wall", "python -S -c pass") if figures.samples.get("wall") else float("nan")
     checks = {
-        "persistent_vs_echo": (ratio("persistent", "echo floor"), "persistent round trip / echo floor", "<="),
+        "persistent_vs_echo": (ratio("persistent", ECHO), f"persistent round trip / {ECHO}", "<="),
         "per_connection_vs_oidc_agent": (
             ratio("per_connection", "oidc-agent"),
             "new connection per request / oidc-agent",
             "<=",
         ),
-        "rps_64_vs_echo": (ratio("rps_64", "echo floor"), "64-client throughput / echo floor", ">="),
+        "rps_64_vs_echo": (ratio("rps_64", ECHO), f"64-client throughput / {ECHO}", ">="),
         "dc_token_vs_floor": (
-            None
-            if not figures.samples.get("wall")
-            else figures.median("wall", f"dc-token ({me})") / figures.median("wall", "python -S -c pass"),
+            figures.median("wall", f"dc-token ({me})") / floor if floor == floor else None,
             "dc-token whole process / python -S -c pass",
             "<=",
         ),
