@@ -11,15 +11,17 @@ raw=False, strict_map_key=True)`` for every msgpack type but ext, which is refus
 ext types), as msgpack would refuse it through the ext hook the wire sets. tests/test_minipack.py
 checks both against msgpack itself, on any value (hypothesis).
 
-Pure: no I/O, no imports but ``dc_token.errors``. Bad input raises ``ValueError`` (trailing bytes,
+Pure: no I/O, no imports but ``dc_token.errorbase``. Bad input raises ``ValueError`` (trailing bytes,
 a truncated body, a reserved byte, a key that is not a string) or ``RemoteProtocolError`` (an ext
 type); ``FrameDecoder`` turns every one of them into a ``RemoteProtocolError``.
 """
 
 import sys
 
-from dc_token.errors import RemoteProtocolError
+from dc_token.errorbase import RemoteProtocolError
 
+# dc-token imports this module on every run: typing, collections.abc and even __future__ cost it
+# start-up time, so the annotations that name them are strings (no `from __future__ import annotations`)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable

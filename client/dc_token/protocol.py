@@ -37,10 +37,10 @@ Invariants
       valid request; the broker's fast path calls them, it never re-states them.
 """
 
-from __future__ import annotations
+from dc_token.errorbase import LocalProtocolError, RemoteProtocolError
 
-from dc_token.errors import BadRequest, LocalProtocolError, RemoteProtocolError
-
+# dc-token imports this module on every run: typing, collections.abc and even __future__ cost it
+# start-up time, so the annotations that name them are strings (no `from __future__ import annotations`)
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing and collections.abc cost dc-token start-up time; annotations only
     from collections.abc import Callable, Mapping
@@ -75,10 +75,10 @@ __all__ = [
     "request_parts",
 ]
 
-PROTOCOL_VERSION: Final = 1
-MAX_FRAME: Final = 64 * 1024
-HEADER_SIZE: Final = 4
-_MAX_ID: Final = 2**63 - 1
+PROTOCOL_VERSION: "Final" = 1
+MAX_FRAME: "Final" = 64 * 1024
+HEADER_SIZE: "Final" = 4
+_MAX_ID: "Final" = 2**63 - 1
 
 
 def __getattr__(name: str) -> object:
@@ -89,7 +89,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_RESERVED_REQUEST_KEYS: Final = frozenset({"v", "id", "op"})
+_RESERVED_REQUEST_KEYS: "Final" = frozenset({"v", "id", "op"})
 
 
 class NeedData:
@@ -102,7 +102,7 @@ class NeedData:
 
 
 #: returned by ``FrameDecoder.next_frame`` when no whole frame is buffered yet
-NEED_DATA: Final = NeedData()
+NEED_DATA: "Final" = NeedData()
 
 
 class _Message:
@@ -133,10 +133,10 @@ class Request(_Message):
     __slots__ = ("args", "id", "op", "v")
     id: int
     op: str
-    args: Mapping[str, Any]
+    args: "Mapping[str, Any]"
     v: int
 
-    def __init__(self, id: int, op: str, args: Mapping[str, Any] | None = None, v: int = PROTOCOL_VERSION) -> None:
+    def __init__(self, id: int, op: str, args: "Mapping[str, Any] | None" = None, v: int = PROTOCOL_VERSION) -> None:
         if type(id) is not int or not 0 <= id <= _MAX_ID:
             raise LocalProtocolError(f"request id must be an int in 0..2**63-1, not {id!r}")
         if not isinstance(op, str) or not 0 < len(op) <= 64:
@@ -149,7 +149,7 @@ class Request(_Message):
         object.__setattr__(self, "args", args)
         object.__setattr__(self, "v", v)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> "dict[str, Any]":
         wire: dict[str, Any] = {"v": self.v, "id": self.id, "op": self.op}
         wire.update(self.args)
         return wire
@@ -160,19 +160,19 @@ class Reply(_Message):
 
     __slots__ = ("id", "more", "result")
     id: int
-    result: Mapping[str, Any]
+    result: "Mapping[str, Any]"
     more: bool
 
-    def __init__(self, id: int, result: Mapping[str, Any], more: bool = False) -> None:
+    def __init__(self, id: int, result: "Mapping[str, Any]", more: bool = False) -> None:
         object.__setattr__(self, "id", id)
         object.__setattr__(self, "result", result)
         object.__setattr__(self, "more", more)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> "dict[str, Any]":
         return _reply_map(self.id, self.result, self.more)
 
 
-def _reply_map(rid: int, result: Mapping[str, Any], more: bool) -> dict[str, Any]:
+def _reply_map(rid: int, result: "Mapping[str, Any]", more: bool) -> "dict[str, Any]":
     wire: dict[str, Any] = {"id": rid, "ok": True, "result": result}
     if more:
         wire["more"] = True
@@ -184,11 +184,11 @@ class ErrorReply(_Message):
 
     __slots__ = ("code", "id", "message", "retry_after")
     id: int | None
-    code: ErrorCode
+    code: "ErrorCode"
     message: str
     retry_after: float | None
 
-    def __init__(self, id: int | None, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, id: int | None, code: "ErrorCode", message: str, retry_after: float | None = None) -> None:
         from dc_token.codes import ErrorCode
 
         if not isinstance(code, ErrorCode):
@@ -198,7 +198,7 @@ class ErrorReply(_Message):
         object.__setattr__(self, "message", message)
         object.__setattr__(self, "retry_after", retry_after)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> "dict[str, Any]":
         error: dict[str, Any] = {"code": self.code.value, "message": self.message}
         if self.retry_after is not None:
             error["retry_after"] = float(self.retry_after)
@@ -206,7 +206,7 @@ class ErrorReply(_Message):
 
 
 #: the largest ``min_ttl`` (seconds) a ``token`` / ``watch`` request may ask for
-MAX_MIN_TTL: Final = 86400.0
+MAX_MIN_TTL: "Final" = 86400.0
 
 
 def min_ttl_problem(value: object) -> str | None:
@@ -225,17 +225,17 @@ def min_ttl_problem(value: object) -> str | None:
     return None
 
 
-_NUMBER: Final = (int, float)
+_NUMBER: "Final" = (int, float)
 
 
 #: a profile name on the wire: a letter or digit, then letters, digits, '.', '_' or '-' (config.toml
 #: allows 64; the wire leaves room and refuses anything longer than this outright)
-MAX_PROFILE_NAME: Final = 128
-_NAME_FIRST: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
-_NAME_CHARS: Final = _NAME_FIRST | frozenset("._-")
+MAX_PROFILE_NAME: "Final" = 128
+_NAME_FIRST: "Final" = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_NAME_CHARS: "Final" = _NAME_FIRST | frozenset("._-")
 #: RFC 6749 3.3 scope-token characters: %x21 / %x23-5B / %x5D-7E (tokens separated by one space)
-_SCOPE_CHARS: Final = frozenset(chr(c) for c in (0x21, *range(0x23, 0x5C), *range(0x5D, 0x7F)))
-MAX_SCOPE: Final = 1024
+_SCOPE_CHARS: "Final" = frozenset(chr(c) for c in (0x21, *range(0x23, 0x5C), *range(0x5D, 0x7F)))
+MAX_SCOPE: "Final" = 1024
 
 
 def profile_problem(value: object) -> str | None:
@@ -257,6 +257,13 @@ def scope_problem(value: object) -> str | None:
     return None
 
 
+def _bad_request(message: str) -> Exception:
+    """``BadRequest(message)``; its class is made the first time one is needed (dc_token.errors)."""
+    from dc_token.errors import BadRequest
+
+    return BadRequest(message)
+
+
 class TokenArgs:
     """The arguments of ``token`` and ``watch``, checked when built: the client builds them to send,
     the broker from what it received (``from_wire``), so both sides apply the same bounds. A bad
@@ -272,26 +279,26 @@ class TokenArgs:
     def __init__(self, profile: str, min_ttl: float = 0.0, scope: str | None = None) -> None:
         problem = profile_problem(profile)
         if problem is not None:
-            raise BadRequest(f"'profile' {problem}")
+            raise _bad_request(f"'profile' {problem}")
         problem = min_ttl_problem(min_ttl)
         if problem is not None:
-            raise BadRequest(f"'min_ttl' {problem}")
+            raise _bad_request(f"'min_ttl' {problem}")
         if scope is not None:
             problem = scope_problem(scope)
             if problem is not None:
-                raise BadRequest(f"'scope' {problem}")
+                raise _bad_request(f"'scope' {problem}")
         self.profile = profile
         self.min_ttl = float(min_ttl)
         self.scope = scope or None
 
     @classmethod
-    def from_wire(cls, args: Mapping[str, Any]) -> TokenArgs:
+    def from_wire(cls, args: "Mapping[str, Any]") -> "TokenArgs":
         profile: Any = args.get("profile")  # checked in __init__, whatever it is
         min_ttl = args.get("min_ttl")
         scope = args.get("scope")
         return cls(profile, 0.0 if min_ttl is None else min_ttl, scope if scope != "" else None)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> "dict[str, Any]":
         """The request arguments (no ``scope`` key unless one is asked for)."""
         wire: dict[str, Any] = {"profile": self.profile, "min_ttl": self.min_ttl}
         if self.scope:
@@ -327,8 +334,8 @@ def _after_problem(value: object) -> str | None:
 
 #: (required, what is wrong with a value) of one op argument
 _Arg = tuple[bool, "Callable[[object], str | None]"]
-_PROFILE: Final[_Arg] = (True, profile_problem)
-_TOKEN_ARGS: Final[dict[str, _Arg]] = {
+_PROFILE: "Final[_Arg]" = (True, profile_problem)
+_TOKEN_ARGS: "Final[dict[str, _Arg]]" = {
     "profile": _PROFILE,
     "min_ttl": (False, min_ttl_problem),
     "scope": (False, scope_problem),
@@ -337,7 +344,7 @@ _TOKEN_ARGS: Final[dict[str, _Arg]] = {
 #: every op of this protocol version and its arguments: the one table both sides check against.
 #: An absent (or null) optional argument is its default; a key not named here is ignored (a newer
 #: peer's extra), so adding an optional argument never breaks an older broker.
-ARGS: Final[dict[str, dict[str, _Arg]]] = {
+ARGS: "Final[dict[str, dict[str, _Arg]]]" = {
     "hello": {},
     "token": _TOKEN_ARGS,
     "watch": _TOKEN_ARGS,
@@ -357,10 +364,10 @@ ARGS: Final[dict[str, dict[str, _Arg]]] = {
 }
 #: the operations this protocol version defines (the broker may implement a subset and answer
 #: ``unknown_op`` for the rest)
-OPS: Final = frozenset(ARGS)
+OPS: "Final" = frozenset(ARGS)
 
 
-def args_problem(op: str, args: Mapping[str, Any]) -> str | None:
+def args_problem(op: str, args: "Mapping[str, Any]") -> str | None:
     """What is wrong with ``op``'s arguments (the first bad or missing one, named), or None."""
     for key, (required, problem) in ARGS[op].items():
         value = args.get(key)
@@ -380,34 +387,34 @@ class OpArgs(_Message):
 
     __slots__ = ("op", "values")
     op: str
-    values: dict[str, Any]
+    values: "dict[str, Any]"
 
-    def __init__(self, op: str, /, **values: Any) -> None:
+    def __init__(self, op: str, /, **values: "Any") -> None:
         self._check(op, values)
 
     @classmethod
-    def from_wire(cls, op: str, args: Mapping[str, Any]) -> OpArgs:
+    def from_wire(cls, op: str, args: "Mapping[str, Any]") -> "OpArgs":
         built = cls.__new__(cls)
         built._check(op, args)
         return built
 
-    def _check(self, op: str, values: Mapping[str, Any]) -> None:
+    def _check(self, op: str, values: "Mapping[str, Any]") -> None:
         if op not in ARGS:
-            raise BadRequest(f"op {op!r} is not a dc-broker op")
+            raise _bad_request(f"op {op!r} is not a dc-broker op")
         problem = args_problem(op, values)
         if problem is not None:
-            raise BadRequest(problem)
+            raise _bad_request(problem)
         known = ARGS[op]
         object.__setattr__(self, "op", op)
         object.__setattr__(self, "values", {k: v for k, v in values.items() if k in known and v is not None})
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> "dict[str, Any]":
         return dict(self.values)
 
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: str, default: "Any" = None) -> "Any":
         return self.values.get(key, default)
 
-    def __getitem__(self, key: str) -> Any:
+    def __getitem__(self, key: str) -> "Any":
         return self.values[key]
 
     def __repr__(self) -> str:
@@ -420,7 +427,7 @@ class Codec:
 
     __slots__ = ("name", "packb", "unpackb")
 
-    def __init__(self, name: str, packb: Callable[[Any], bytes], unpackb: Callable[[Any], Any]) -> None:
+    def __init__(self, name: str, packb: "Callable[[Any], bytes]", unpackb: "Callable[[Any], Any]") -> None:
         self.name = name
         self.packb = packb
         self.unpackb = unpackb
@@ -429,14 +436,14 @@ class Codec:
         return f"Codec({self.name!r})"
 
 
-_CODECS: dict[str, Codec] = {}
+_CODECS: "dict[str, Codec]" = {}
 
 
-def _refuse_ext(code: int, data: bytes) -> Any:
+def _refuse_ext(code: int, data: bytes) -> "Any":
     raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
 
 
-def msgpack_codec() -> Codec:
+def msgpack_codec() -> "Codec":
     """msgpack's C extension (the default): fast per message; imported on first use."""
     codec = _CODECS.get("msgpack")
     if codec is None:
@@ -449,17 +456,17 @@ def msgpack_codec() -> Codec:
     return codec
 
 
-def minipack_codec() -> Codec:
+def minipack_codec() -> "Codec":
     """``dc_token.minipack``: the same bytes in plain Python, cheap to import (dc-token's codec)."""
     codec = _CODECS.get("minipack")
     if codec is None:
-        from dc_token import minipack
+        import dc_token.minipack as minipack
 
         codec = _CODECS["minipack"] = Codec("minipack", minipack.packb, minipack.unpackb)
     return codec
 
 
-def pack_frame(obj: Mapping[str, Any], codec: Codec | None = None) -> bytes:
+def pack_frame(obj: "Mapping[str, Any]", codec: "Codec | None" = None) -> bytes:
     """Frame one msgpack map. Raises LocalProtocolError if it cannot be encoded or is too big."""
     try:
         body: bytes = (codec or msgpack_codec()).packb(obj)
@@ -470,12 +477,12 @@ def pack_frame(obj: Mapping[str, Any], codec: Codec | None = None) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def encode(message: Request | Reply | ErrorReply, codec: Codec | None = None) -> bytes:
+def encode(message: "Request | Reply | ErrorReply", codec: "Codec | None" = None) -> bytes:
     """Bytes to send for one message."""
     return pack_frame(message.to_wire(), codec)
 
 
-def reply_frame(rid: int, result: Mapping[str, Any], more: bool = False, codec: Codec | None = None) -> bytes:
+def reply_frame(rid: int, result: "Mapping[str, Any]", more: bool = False, codec: "Codec | None" = None) -> bytes:
     """``encode(Reply(rid, result, more))`` without building the Reply (the broker's path for every
     reply). Raises LocalProtocolError like ``pack_frame``."""
     wire: dict[str, Any] = {"id": rid, "ok": True, "result": result}
@@ -494,7 +501,7 @@ class FrameDecoder:
 
     __slots__ = ("_buf", "_max_frame", "_unpackb")
 
-    def __init__(self, max_frame: int = MAX_FRAME, codec: Codec | None = None) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME, codec: "Codec | None" = None) -> None:
         self._buf = bytearray()
         self._max_frame = max_frame
         self._unpackb = (codec or msgpack_codec()).unpackb
@@ -507,7 +514,7 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames (a partial frame, if non-zero)."""
         return len(self._buf)
 
-    def receive(self, data: bytes) -> tuple[list[dict[str, Any]], RemoteProtocolError | None]:
+    def receive(self, data: bytes) -> "tuple[list[dict[str, Any]], RemoteProtocolError | None]":
         """``receive_data(data)``, then every whole frame now held, in order, and the error that
         stopped the reading (None if none; after one the decoder is unusable): the frames before a
         bad one are still the peer's requests. One call per read, for servers."""
@@ -527,7 +534,7 @@ class FrameDecoder:
             return frames, exc
         return frames, None
 
-    def next_frame(self) -> dict[str, Any] | NeedData:
+    def next_frame(self) -> "dict[str, Any] | NeedData":
         buf = self._buf
         if len(buf) < HEADER_SIZE:
             return NEED_DATA
@@ -544,7 +551,7 @@ class FrameDecoder:
         del buf[:end]
         return self._decode(body)
 
-    def _decode(self, body: bytes | bytearray) -> dict[str, Any]:
+    def _decode(self, body: bytes | bytearray) -> "dict[str, Any]":
         try:
             obj = self._unpackb(body)
         except RemoteProtocolError:
@@ -564,12 +571,12 @@ class FrameDecoder:
 class RequestShapeError(RemoteProtocolError):
     """A well-framed map that is not a valid request. The connection survives: answer with ``reply``."""
 
-    def __init__(self, reply: ErrorReply) -> None:
+    def __init__(self, reply: "ErrorReply") -> None:
         super().__init__(reply.message)
         self.reply = reply
 
 
-def request_parts(obj: dict[str, Any]) -> tuple[int, str, dict[str, Any]]:
+def request_parts(obj: "dict[str, Any]") -> "tuple[int, str, dict[str, Any]]":
     """A decoded map's request id, op and arguments (a new map: every key but v, id and op), or
     RequestShapeError carrying the error to send back. The broker's path for every request."""
     rid = obj.get("id")
@@ -592,18 +599,18 @@ def request_parts(obj: dict[str, Any]) -> tuple[int, str, dict[str, Any]]:
     return rid, op, args
 
 
-def _shape_error(rid: int | None, code: str, message: str) -> ErrorReply:
+def _shape_error(rid: int | None, code: str, message: str) -> "ErrorReply":
     from dc_token.codes import ErrorCode
 
     return ErrorReply(rid, ErrorCode(code), message)
 
 
-def request_from_wire(obj: dict[str, Any]) -> Request:
+def request_from_wire(obj: "dict[str, Any]") -> "Request":
     """Shape a decoded map into a Request, or raise RequestShapeError carrying the error to send back."""
     return Request(*request_parts(obj))
 
 
-def reply_from_wire(obj: dict[str, Any]) -> Reply | ErrorReply:
+def reply_from_wire(obj: "dict[str, Any]") -> "Reply | ErrorReply":
     """Shape a decoded map into a Reply or ErrorReply; anything else is a RemoteProtocolError."""
     rid = obj.get("id")
     ok = obj.get("ok")
