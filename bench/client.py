@@ -1,9 +1,10 @@
 """The client side: an in-process cached ``TokenClient.token()``, and every dc-token form's whole-process
-wall time beside the Python floor (`python -c 'import socket, msgpack'`).
+wall time beside the interpreter floor (`python -S -c pass`, the same interpreter: issue 23's floor;
+issue 2's, `python -c 'import socket, msgpack'`, is shown beside it).
 
-Targets (issue 1/2): a cache hit <= 5 us; each dc-token form <= 1.5 x the floor. The forms and the floor
-are measured interleaved in one run, so machine noise hits all alike. client/*.py are byte-compiled
-first, as an installed package would be (this matters when PYTHONDONTWRITEBYTECODE is set).
+Targets (issue 1/2/23): a cache hit <= 5 us; each dc-token form <= 1.5 x the floor. The forms and the
+floors are measured interleaved in one run, so machine noise hits all alike. client/*.py are
+byte-compiled first, as an installed package would be (this matters when PYTHONDONTWRITEBYTECODE is set).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def main() -> dict[str, object]:
     py = str(Path(sys.executable))
     dc_token = str(Path(sys.executable).parent / "dc-token")
     forms: dict[str, tuple[list[str], str | None]] = {
-        "floor": ([py, "-c", "import socket, msgpack"], None),
+        "floor": ([py, "-S", "-c", "pass"], None),
+        "issue 2's floor": ([py, "-c", "import socket, msgpack"], None),
         "token": ([dc_token, "demo"], None),
         "header": ([dc_token, "demo", "--header"], None),
         "json": ([dc_token, "demo", "--json"], None),
@@ -91,7 +93,7 @@ def main() -> dict[str, object]:
         f"{hit['miss_median_us']:.0f} us)"
     )
     print(f"whole-process wall time, median of {RUNS}:")
-    print(f"  python -c 'import socket, msgpack':  {floor:6.1f} ms")
+    print(f"  python -S -c pass:                   {floor:6.1f} ms")
     for name, ratio in ratios.items():
         print(f"  dc-token {name:<28} {ms[name]:6.1f} ms   ratio {ratio:.2f} (target <= 1.5)")
     print(f"  -> {common.write('client', result)}")

@@ -110,9 +110,15 @@ def user(tmp_path_factory: pytest.TempPathFactory, dist: Dist) -> Iterator[tuple
 
 
 def test_wheel_holds_every_package_and_no_generic_top_level_name(dist: Dist) -> None:
-    names = zipfile.ZipFile(dist.wheel).namelist()
+    wheel = zipfile.ZipFile(dist.wheel)
+    names = wheel.namelist()
     top = {n.split("/")[0] for n in names}
-    assert top == {"dc_broker", "dc_token", f"dc_broker-{dist.version}.dist-info"}, top
+    data = f"dc_broker-{dist.version}.data"
+    assert top == {"dc_broker", "dc_token", f"dc_broker-{dist.version}.dist-info", data}, top
+    # dc-token is its launcher script (installed as is, executable), not an entry point
+    assert [n for n in names if n.startswith(data)] == [f"{data}/scripts/dc-token"]
+    assert wheel.getinfo(f"{data}/scripts/dc-token").external_attr >> 16 & 0o111
+    assert "dc-token" not in wheel.read(f"dc_broker-{dist.version}.dist-info/entry_points.txt").decode()
     for required in (
         "dc_broker/vault/core.py",
         "dc_broker/devidp/grants.py",
@@ -147,6 +153,25 @@ def test_versions_come_from_the_metadata(user: tuple[Path, dict[str, str]], dist
     assert _run([str(venv / "bin" / "dc-broker"), "--version"], env, home).strip() == f"dc-broker {dist.version}"
     assert _run([str(venv / "bin" / "dc-token"), "--version"], env, home).strip() == f"dc-token {dist.version}"
     assert "Usage" in _run([str(venv / "bin" / "dc-broker"), "--help"], env, home)
+
+
+def test_dc_token_starts_python_without_site_on_its_own_packages(user: tuple[Path, dict[str, str]], dist: Dist) -> None:
+    venv, env = user
+    home = Path(env["HOME"])
+    traced = subprocess.run(
+        ["sh", "-x", str(venv / "bin" / "dc-token"), "--version"], capture_output=True, text=True, env=env, cwd=home
+    )
+    assert traced.stdout.strip() == f"dc-token {dist.version}", traced.stderr
+    [exec_line] = [line for line in traced.stderr.splitlines() if line.startswith("+ exec ")]
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert exec_line.split()[2:4] == [str(venv / "bin" / "python"), "-S"], exec_line
+    assert str(site.relative_to(venv)) in exec_line
+    # linked alone from elsewhere (README: /usr/local/bin/dc-token -> /opt/dc-broker/bin/dc-token)
+    elsewhere = home / "bin"
+    elsewhere.mkdir(exist_ok=True)
+    (elsewhere / "dc-token").unlink(missing_ok=True)
+    (elsewhere / "dc-token").symlink_to(venv / "bin" / "dc-token")
+    assert _run([str(elsewhere / "dc-token"), "--version"], env, home).strip() == f"dc-token {dist.version}"
 
 
 def test_dev_without_the_extra_names_the_install_command(user: tuple[Path, dict[str, str]]) -> None:

@@ -9,8 +9,6 @@ lazily, so ``import dc_token.cli`` pays only for what dc-token uses. The errors 
 ``dc_token.errors`` (``from dc_token import LoginRequired`` works).
 """
 
-from __future__ import annotations
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy treats the name the same)
 if TYPE_CHECKING:
     from dc_token.aio import AsyncTokenClient
@@ -24,9 +22,11 @@ _LAZY = {"TokenClient": "dc_token.sync", "Token": "dc_token.cache", "AsyncTokenC
 
 
 def __getattr__(name: str) -> object:
-    from importlib import import_module
+    import sys
 
-    module = import_module(_LAZY.get(name, "dc_token.errors"))
+    where = _LAZY.get(name, "dc_token.errors")
+    __import__(where)  # importlib.import_module would import importlib (and warnings) first
+    module = sys.modules[where]
     try:
         return getattr(module, name)
     except AttributeError:

@@ -13,14 +13,14 @@ The cache
     (``cache_key``). ``invalidate(p, token)`` drops that token from the cache before telling the broker.
 """
 
-from __future__ import annotations
-
 import time
 
-from dc_token.errors import RemoteProtocolError
+from dc_token.errorbase import RemoteProtocolError
 from dc_token.protocol import TokenArgs
 
-TYPE_CHECKING = False  # typing costs dc-token start-up time; annotations only
+# dc-token imports this module on every run: typing, collections.abc and even __future__ cost it
+# start-up time, so the annotations that name them are strings (no `from __future__ import annotations`)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any, Final
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: seconds of validity a cached token must have beyond the caller's min_ttl to be served from memory
-CACHE_MARGIN: Final = 5.0
+CACHE_MARGIN: "Final" = 5.0
 _monotonic = time.monotonic
 
 
@@ -47,7 +47,7 @@ def cache_key(profile: str, scope: str | None) -> str:
     return f"{profile} {scope}" if scope else profile
 
 
-def token_args(profile: str, min_ttl: float, scope: str | None) -> dict[str, Any]:
+def token_args(profile: str, min_ttl: float, scope: str | None) -> "dict[str, Any]":
     """The ``token`` / ``watch`` request arguments, checked as the broker checks them (``TokenArgs``)."""
     return TokenArgs(profile, min_ttl, scope).to_wire()
 
@@ -97,7 +97,7 @@ class Token:
         return f"Bearer {self.token}"
 
     @classmethod
-    def from_result(cls, result: Mapping[str, Any], profile: str) -> Token:
+    def from_result(cls, result: "Mapping[str, Any]", profile: str) -> "Token":
         """Shape a ``token``/``watch`` result map; a map without a token string is the peer's fault."""
         token = result.get("token")
         expires_at = result.get("expires_at")
@@ -112,7 +112,7 @@ class Token:
         )
 
 
-def token_deadlines(result: Mapping[str, Any], sent_at: float) -> tuple[float, float]:
+def token_deadlines(result: "Mapping[str, Any]", sent_at: float) -> tuple[float, float]:
     """Monotonic (expiry, fresh-until) of a token, counted from when we asked (so both err early).
     Fresh-until is when the broker replaces it (``refresh_in``): the cache must not serve it past
     that, since some IdPs revoke the old access token when they issue the new one."""
@@ -135,7 +135,7 @@ class TokenCache:
         self._entries: dict[str, tuple[float, float, Token]] = {}
         self.margin = margin
 
-    def get(self, profile: str, min_ttl: float) -> Token | None:
+    def get(self, profile: str, min_ttl: float) -> "Token | None":
         entry = self._entries.get(profile)
         if entry is not None:
             now = _monotonic()
@@ -143,7 +143,7 @@ class TokenCache:
                 return entry[2]
         return None
 
-    def put(self, token: Token, deadline: float, fresh_until: float | None = None, *, key: str | None = None) -> None:
+    def put(self, token: "Token", deadline: float, fresh_until: float | None = None, *, key: str | None = None) -> None:
         """Cache ``token`` until ``deadline`` (its expiry) but never past ``fresh_until`` (when the
         broker replaces it), under ``key`` (default: its profile; see ``cache_key``)."""
         key = token.profile if key is None else key
@@ -161,14 +161,14 @@ class TokenCache:
         self._entries.clear()
 
 
-def cached_token(cache: TokenCache | None, profile: str, scope: str | None, min_ttl: float) -> Token | None:
+def cached_token(cache: "TokenCache | None", profile: str, scope: str | None, min_ttl: float) -> "Token | None":
     """The cached token of (profile, scope) with more than ``min_ttl`` left, or None (also: no cache)."""
     return None if cache is None else cache.get(cache_key(profile, scope), min_ttl)
 
 
 def remember(
-    cache: TokenCache | None, result: Mapping[str, Any], profile: str, scope: str | None, sent_at: float
-) -> Token:
+    cache: "TokenCache | None", result: "Mapping[str, Any]", profile: str, scope: str | None, sent_at: float
+) -> "Token":
     """The ``Token`` of a token result, cached (when there is a cache) until its deadlines, which are
     measured from ``sent_at``, when the request left (so they err early)."""
     tok = Token.from_result(result, profile)

@@ -6,30 +6,28 @@
     dc-token exec acme --token-file --signal HUP -- ./daemon    kept current beside a long-lived command
 
 Every failure is one line on stderr ("dc-token: <what is wrong>; <what to do>") and a distinct exit
-status (``dc_token.errors.EXIT_CODES``). Start-up time is most of what this command costs, so the
-command line is parsed by hand (no argparse: it pulls in re, gettext and shutil) and nothing beyond the
-standard library's cheapest, msgpack and ``dc_token.protocol`` is imported; json only when printed.
+status (``dc_token.errors.EXIT_CODES``). Start-up time is most of what this command costs (the
+launcher, client/scripts/dc-token, starts Python without ``site``), so the command line is parsed by
+hand (no argparse: it pulls in re, gettext and shutil), its requests go through its own driver over
+``ClientConnection`` with the ``_socket`` module and ``dc_token.minipack`` (``socket`` builds enums of
+its constants at import, msgpack imports datetime), and nothing else beyond the standard library's
+cheapest is imported on the way to a token: json, math, os and the clients only where they are used.
 """
 
-from __future__ import annotations
-
-import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
 
-from dc_token.errors import (
-    EXIT_CANNOT_EXECUTE,
-    EXIT_CODES,
-    EXIT_INTERRUPTED,
-    EXIT_NOT_FOUND,
-    BrokerUnavailable,
-    DcBrokerError,
-    UnknownProfile,
-    hint_for,
-)
-from dc_token.protocol import MAX_MIN_TTL, min_ttl_problem
+from dc_token.errorbase import BrokerTimeout, BrokerUnavailable, DcBrokerError
+from dc_token.protocol import MAX_MIN_TTL, NEED_DATA, min_ttl_problem
+
+# dc-token imports this module on every run: typing, collections.abc and even __future__ cost it
+# start-up time, so the annotations that name them are strings (no `from __future__ import annotations`)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from typing import Any
+
+    from dc_token.cache import Token
 
 PROG = "dc-token"
 USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--scope SCOPE] [--min-ttl SECONDS]
@@ -38,6 +36,8 @@ USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--sco
                     [--socket PATH] -- COMMAND [ARG...]
        {PROG} git-credential [--profile NAME] [--username NAME] [--min-ttl SECONDS] [--socket PATH] get|store|erase"""
 
+#: how long dc-token waits for the broker's answer
+TIMEOUT = 60.0
 #: kubectl's ExecCredential expires this long before the token does, so kubectl asks again in time
 EXEC_CREDENTIAL_MARGIN = 60.0
 #: env var `dc-token exec` puts the token in, unless --env says otherwise
@@ -48,10 +48,12 @@ DEFAULT_MIN_TTL = {"token": 0.0, "exec-credential": 2 * EXEC_CREDENTIAL_MARGIN, 
 MAX_PRINTED_LIFETIME = 10 * 365 * 86400.0
 #: shell conventions for a command that cannot be run (`dc-token exec`)
 #: `git-credential get` with no profile for the URL: nothing to say, so exit like "unknown profile"
-EXIT_NO_PROFILE = UnknownProfile.exit_code
+EXIT_NO_PROFILE = 4  # UnknownProfile.exit_code (tests/test_startup.py holds them equal)
 
 
 def _help() -> str:
+    from dc_token.errors import EXIT_CODES
+
     codes = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
     exec_ttl = DEFAULT_MIN_TTL["exec-credential"]
     return f"""{USAGE}
@@ -107,8 +109,10 @@ class _Usage(Exception):
     """A command-line mistake: exit 2 with this one line."""
 
 
-def _fail(exc: DcBrokerError, profile: str) -> int:
+def _fail(exc: "DcBrokerError", profile: str) -> int:
     """One line: what is wrong, then what to do (unless the broker's message already says it)."""
+    from dc_token.errors import hint_for
+
     message = str(exc)
     hint = hint_for(exc, profile)
     line = f"{PROG}: {message}; {hint}" if hint else f"{PROG}: {message}"
@@ -179,13 +183,12 @@ class _Args:
 
 
 #: per form: option -> (takes a value, how to apply it)
-_Apply = Callable[[_Args, str], None]
-_COMMON: dict[str, tuple[bool, _Apply]] = {
+_COMMON: "dict[str, tuple[bool, Callable[[_Args, str], None]]]" = {
     "--min-ttl": (True, lambda a, v: setattr(a, "min_ttl", _seconds(v))),
     "--socket": (True, lambda a, v: setattr(a, "socket", v)),
     "--scope": (True, lambda a, v: setattr(a, "scope", _scope(v))),
 }
-_OPTIONS: dict[str, dict[str, tuple[bool, _Apply]]] = {
+_OPTIONS: "dict[str, dict[str, tuple[bool, Callable[[_Args, str], None]]]]" = {
     "token": {
         **_COMMON,
         "--header": (False, lambda a, v: setattr(a, "output", "header")),
@@ -207,7 +210,7 @@ _OPTIONS: dict[str, dict[str, tuple[bool, _Apply]]] = {
 }
 
 
-def parse(argv: Sequence[str]) -> _Args:
+def parse(argv: "Sequence[str]") -> "_Args":
     """Parse by hand. Raises _Usage for mistakes; --help is the caller's business."""
     argv = list(argv)
     form = {"exec": "exec", "git-credential": "git"}.get(argv[0] if argv else "", "token")
@@ -267,16 +270,59 @@ def parse(argv: Sequence[str]) -> _Args:
     return args
 
 
+def ask(socket_path: str | None, op: str, args: "dict[str, Any]") -> "dict[str, Any]":
+    """One request on a connection of its own, and its result: dc-token's driver over
+    ``ClientConnection`` (``TokenClient``'s errors: ``BrokerUnavailable`` naming what to do,
+    ``BrokerTimeout`` after ``TIMEOUT`` s, an error reply as its ``BrokerError``)."""
+    import _socket
+
+    from dc_token.connection import ClientConnection, Closed, End, Failed
+    from dc_token.paths import default_socket_path, unreachable
+    from dc_token.protocol import minipack_codec
+
+    where = socket_path or default_socket_path()
+    conn = ClientConnection(minipack_codec())
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(TIMEOUT)
+        try:
+            sock.connect(where)
+        except OSError as exc:
+            raise unreachable(where, exc) from None
+        sock.sendall(conn.send_request(op, args)[1])
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif isinstance(event, Failed):
+                raise event.error
+            elif isinstance(event, Closed):
+                raise BrokerUnavailable(f"the broker on {where} closed the connection")
+            elif isinstance(event, End):
+                return {}
+            else:
+                return event.result  # type: ignore[union-attr]
+    except (BrokenPipeError, ConnectionResetError):
+        raise BrokerUnavailable(f"the broker on {where} closed the connection") from None
+    except TimeoutError:
+        raise BrokerTimeout(f"the broker on {where} did not answer within {TIMEOUT:g} s") from None
+    finally:
+        sock.close()
+
+
+def _token(args: "_Args", min_ttl: float) -> "Token":
+    from dc_token.cache import Token, token_args
+
+    return Token.from_result(ask(args.socket, "token", token_args(args.profile, min_ttl, args.scope)), args.profile)
+
+
 def _rfc3339(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
-def _print_token(args: _Args) -> int:
-    from dc_token.sync import TokenClient
-
+def _print_token(args: "_Args") -> int:
     min_ttl = args.min_ttl if args.min_ttl is not None else DEFAULT_MIN_TTL.get(args.output, 0.0)
-    with TokenClient(args.socket, cache=False) as broker:
-        tok = broker.token_info(args.profile, min_ttl=min_ttl, scope=args.scope)
+    tok = _token(args, min_ttl)
     now = time.time()
     expires_at = _bounded(tok.expires_at, now)
     _warn_short(expires_at - now, min_ttl)
@@ -333,6 +379,8 @@ def exec_credential(token: str, expires_at: float, now: float | None = None) -> 
     """kubectl's ExecCredential (client.authentication.k8s.io/v1), expiring a margin before the token:
     ``EXEC_CREDENTIAL_MARGIN``, or half the time left for a short token, so that the expiry it
     reports is never already past."""
+    import math
+
     now = time.time() if now is None else now
     early = expires_at - EXEC_CREDENTIAL_MARGIN
     half = now + max(0.0, expires_at - now) / 2
@@ -346,11 +394,14 @@ def exec_credential(token: str, expires_at: float, now: float | None = None) -> 
     }
 
 
-def _exec(args: _Args) -> int:
-    from dc_token.sync import TokenClient
+def _exec(args: "_Args") -> int:
+    import os
+
+    from dc_token.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND
 
     if args.token_file or args.restart:
         from dc_token.supervise import Supervisor
+        from dc_token.sync import TokenClient
 
         with TokenClient(args.socket, cache=False) as client:
             return Supervisor(
@@ -364,8 +415,7 @@ def _exec(args: _Args) -> int:
                 notify=args.notify,
                 restart=args.restart,
             ).run()
-    with TokenClient(args.socket, cache=False) as broker:
-        token = broker.token(args.profile, min_ttl=args.min_ttl or 0.0, scope=args.scope)
+    token = _token(args, args.min_ttl or 0.0).token
     env = dict(os.environ)
     env[args.env] = token
     sys.stdout.flush()
@@ -380,7 +430,7 @@ def _exec(args: _Args) -> int:
         return EXIT_CANNOT_EXECUTE
 
 
-def read_credential(stream: Iterable[str]) -> dict[str, str]:
+def read_credential(stream: "Iterable[str]") -> dict[str, str]:
     """git's credential attributes: key=value lines up to a blank line (array keys keep the last)."""
     attrs: dict[str, str] = {}
     for line in stream:
@@ -416,7 +466,7 @@ def _profile_from_git_config(attrs: dict[str, str]) -> str:
     return found.stdout.strip() if found.returncode == 0 else ""
 
 
-def _git_credential(args: _Args) -> int:
+def _git_credential(args: "_Args") -> int:
     operation = args.operands[0]
     if operation not in ("get", "store", "erase"):
         return 0  # git's rule: ignore operations we do not know
@@ -424,22 +474,17 @@ def _git_credential(args: _Args) -> int:
     profile = args.profile or _profile_from_git_config(attrs)
     if operation == "store" or not profile:
         return 0 if operation != "get" else EXIT_NO_PROFILE
-    from dc_token.sync import TokenClient
-
-    broker = TokenClient(args.socket, cache=False)
+    args.profile = profile
     try:
         if operation == "erase":
             if attrs.get("password"):
-                broker.invalidate(profile, attrs["password"])
+                ask(args.socket, "invalidate", {"profile": profile, "token": attrs["password"]})
             return 0
-        min_ttl = args.min_ttl if args.min_ttl is not None else DEFAULT_MIN_TTL["git"]
-        tok = broker.token_info(profile, min_ttl=min_ttl, scope=args.scope)
+        tok = _token(args, args.min_ttl if args.min_ttl is not None else DEFAULT_MIN_TTL["git"])
     except BrokerUnavailable as exc:
         return exc.exit_code  # quietly: git falls through to its next helper or the prompt
     except DcBrokerError as exc:
         return 0 if operation == "erase" else _fail(exc, profile)
-    finally:
-        broker.close()
     username = args.username or attrs.get("username") or "oauth2"
     expiry = int(_bounded(tok.expires_at, time.time()))
     sys.stdout.write(f"username={username}\npassword={tok.token}\npassword_expiry_utc={expiry}\n")
@@ -449,22 +494,19 @@ def _git_credential(args: _Args) -> int:
 
 def _complete_profiles(argv: list[str]) -> int:
     """Shell completion (``dc-broker completion``): the profiles the running broker lets us use."""
-    from dc_token.sync import TokenClient
-
     socket = argv[1] if argv[:1] == ["--socket"] and len(argv) > 1 else None
     try:
-        with TokenClient(socket, cache=False) as broker:
-            names = [p["profile"] for p in broker.status()["profiles"]]
+        names = [p["profile"] for p in ask(socket, "status", {})["profiles"]]
     except DcBrokerError:
         return 0  # no broker: nothing to complete, and nothing to say
     sys.stdout.write("".join(f"{name}\n" for name in names))
     return 0
 
 
-_RUN: dict[str, Callable[[_Args], int]] = {"token": _print_token, "exec": _exec, "git": _git_credential}
+_RUN: "dict[str, Callable[[_Args], int]]" = {"token": _print_token, "exec": _exec, "git": _git_credential}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: "Sequence[str] | None" = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
         head = argv[: argv.index("--")] if "--" in argv else argv
@@ -488,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DcBrokerError as exc:
         return _fail(exc, args.profile)
     except KeyboardInterrupt:
+        from dc_token.errors import EXIT_INTERRUPTED
+
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (`dc-token acme | head -c0`)
         return 1

@@ -23,17 +23,17 @@ Invariants
     * After ``Closed`` or a ``RemoteProtocolError`` the connection is dead: make a new one.
 """
 
-from __future__ import annotations
-
-from dc_token.errors import BrokerError, RemoteProtocolError, error_for_code
+from dc_token.errorbase import BrokerError, RemoteProtocolError
 from dc_token.protocol import NEED_DATA, ErrorReply, FrameDecoder, Request, encode, reply_from_wire
 
-TYPE_CHECKING = False  # typing costs dc-token start-up time; annotations only
+# dc-token imports this module on every run: typing, collections.abc and even __future__ cost it
+# start-up time, so the annotations that name them are strings (no `from __future__ import annotations`)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
-    from dc_token.protocol import NeedData
+    from dc_token.protocol import Codec, NeedData
 
 __all__ = ["NEED_DATA", "ClientConnection", "Closed", "End", "Failed", "Result", "may_retry"]
 
@@ -43,7 +43,7 @@ class Result:
 
     __slots__ = ("id", "more", "result")
 
-    def __init__(self, id: int, result: dict[str, Any], more: bool) -> None:
+    def __init__(self, id: int, result: "dict[str, Any]", more: bool) -> None:
         self.id, self.result, self.more = id, result, more
 
     def __repr__(self) -> str:
@@ -55,7 +55,7 @@ class Failed:
 
     __slots__ = ("error", "id")
 
-    def __init__(self, id: int, error: BrokerError) -> None:
+    def __init__(self, id: int, error: "BrokerError") -> None:
         self.id, self.error = id, error
 
     def __repr__(self) -> str:
@@ -86,17 +86,21 @@ class Closed:
         return f"Closed(pending={self.pending})"
 
 
-def _error(reply: ErrorReply) -> BrokerError:
+def _error(reply: "ErrorReply") -> "BrokerError":
+    from dc_token.errors import error_for_code  # the classes of the codes: made when one is needed
+
     return error_for_code(reply.code.value)(reply.message, retry_after=reply.retry_after)
 
 
 class ClientConnection:
-    """One connection's conversation state. Not thread-safe: a driver serializes its use."""
+    """One connection's conversation state. Not thread-safe: a driver serializes its use. ``codec``:
+    how frames are coded (``dc_token.protocol``'s ``Codec``; default msgpack's C extension)."""
 
-    __slots__ = ("_closed", "_decoder", "_failed_all", "_next_id", "_pending", "served")
+    __slots__ = ("_closed", "_codec", "_decoder", "_failed_all", "_next_id", "_pending", "served")
 
-    def __init__(self) -> None:
-        self._decoder = FrameDecoder()
+    def __init__(self, codec: "Codec | None" = None) -> None:
+        self._codec = codec
+        self._decoder = FrameDecoder(codec=codec)
         self._next_id = 1
         self._pending: dict[int, str] = {}  # id -> op, for messages
         self._failed_all: list[Failed] = []
@@ -112,12 +116,12 @@ class ClientConnection:
     def closed(self) -> bool:
         return self._closed
 
-    def send_request(self, op: str, args: Mapping[str, Any] | None = None) -> tuple[int, bytes]:
+    def send_request(self, op: str, args: "Mapping[str, Any] | None" = None) -> tuple[int, bytes]:
         """Allocate an id for a request; returns it and the bytes to write."""
         if self._closed:
             raise RemoteProtocolError("the connection is closed; open a new one")
         rid = self._next_id
-        frame = encode(Request(rid, op, {k: v for k, v in (args or {}).items() if v is not None}))
+        frame = encode(Request(rid, op, {k: v for k, v in (args or {}).items() if v is not None}), self._codec)
         self._next_id += 1
         self._pending[rid] = op
         return rid, frame
@@ -134,7 +138,7 @@ class ClientConnection:
             self._decoder.check_eof()  # mid-frame EOF: RemoteProtocolError
             self._closed = True
 
-    def next_event(self) -> Result | Failed | End | Closed | NeedData:
+    def next_event(self) -> "Result | Failed | End | Closed | NeedData":
         """The next thing that happened, or ``NEED_DATA`` (read more and ``receive_data`` it)."""
         if self._failed_all:
             return self._failed_all.pop(0)
@@ -170,7 +174,7 @@ class ClientConnection:
             return Result(reply.id, dict(reply.result), more=reply.more)
 
 
-def may_retry(conn: ClientConnection) -> bool:
+def may_retry(conn: "ClientConnection") -> bool:
     """A request that met a dead connection may be sent once more, on a new connection, only when
     this one had served before (the broker restarted since); a fresh connection that dies is the
     broker's answer."""

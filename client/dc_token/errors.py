@@ -30,10 +30,13 @@ turns error replies back into them at a single place (``dc_token.connection``).
         │                               (disk full, read-only file system, permissions)
         └── InternalError               internal: a bug in the broker
 
+The classes above ``BadRequest`` (the root, the protocol errors, ``BrokerUnavailable``, ``BrokerError``)
+are defined in ``dc_token.errorbase`` and are names of this module all the same: the modules dc-token
+needs on its way to a token import them from there, so that getting a token does not create the
+fourteen classes of the wire codes (a class costs a process about as much as a module).
+
 This module is pure: no I/O, no imports beyond the standard library's cheapest.
 """
-
-from __future__ import annotations
 
 __all__ = [
     "EXIT_CANNOT_EXECUTE",
@@ -66,54 +69,15 @@ __all__ = [
 ]
 
 
-class DcBrokerError(Exception):
-    """Root of everything dc-broker raises on purpose."""
-
-    #: dc-token's exit status when this error ends it
-    exit_code: int = 1
-    #: what the person should do about it, one short sentence
-    hint: str = ""
-
-
-class ProtocolError(DcBrokerError):
-    """The wire rules were broken; the connection cannot be trusted any more."""
-
-    exit_code = 12
-    hint = "make sure dc-token and dc-broker are the same version"
-
-
-class LocalProtocolError(ProtocolError):
-    """We were about to send something the protocol does not allow."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol does not allow."""
-
-
-class BrokerUnavailable(DcBrokerError):
-    """No broker is listening on the socket (client side)."""
-
-    exit_code = 3
-    hint = "start it with `systemctl --user start dc-broker` or `dc-broker run`"
-
-
-class BrokerTimeout(BrokerUnavailable):
-    """Something accepted the connection but no answer came in time (client side): a broker stuck,
-    or a socket unit whose service cannot start."""
-
-
-class BrokerError(DcBrokerError):
-    """An error reply from the broker. ``code`` is the wire code; subclasses are one per code."""
-
-    code: str = "internal"
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r}, retry_after={self.retry_after!r})"
+from dc_token.errorbase import (
+    BrokerError,
+    BrokerTimeout,
+    BrokerUnavailable,
+    DcBrokerError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 
 
 class BadRequest(BrokerError):
@@ -204,7 +168,7 @@ class InternalError(BrokerError):
     hint = "this is a bug in dc-broker; its log has the details"
 
 
-_BY_CODE: dict[str, type[BrokerError]] = {
+_BY_CODE: "dict[str, type[BrokerError]]" = {
     cls.code: cls
     for cls in (
         BadRequest,
@@ -225,7 +189,7 @@ _BY_CODE: dict[str, type[BrokerError]] = {
 }
 
 
-def hint_for(exc: DcBrokerError, profile: str | None = None) -> str:
+def hint_for(exc: "DcBrokerError", profile: str | None = None) -> str:
     """The hint to print after ``exc``'s message: ``PROFILE`` filled in, or no hint at all when the
     profile is not known, when the message already says what to do (a `command`), or when the
     message already contains the hint's words."""
@@ -240,7 +204,7 @@ def hint_for(exc: DcBrokerError, profile: str | None = None) -> str:
     return hint
 
 
-def error_for_code(code: str) -> type[BrokerError]:
+def error_for_code(code: str) -> "type[BrokerError]":
     """The exception class for a wire error code; unknown codes (a newer broker) become InternalError."""
     return _BY_CODE.get(code, InternalError)
 

@@ -20,27 +20,33 @@ Replies (broker -> client)
     "retry_after": <float, optional>}}``. A streaming op (``watch``) sends several replies with the
     same id; every one but the last carries ``"more": true``.
 
+Codecs
+    A frame's body is msgpack. Whatever serves or asks more than once (the broker, ``TokenClient``,
+    ``AsyncTokenClient``) codes it with msgpack's C extension (``msgpack_codec()``, the default);
+    dc-token, one request per process, with ``dc_token.minipack`` (``minipack_codec()``): the same
+    bytes, without the cost of importing msgpack. Nothing here imports msgpack until a frame is coded
+    with it, and ``ErrorCode`` (an enum) is imported the first time an error code is needed.
+
 Invariants
     * ``FrameDecoder`` never holds more than one partial frame of at most ``MAX_FRAME`` bytes plus
       whatever whole frames the caller has not yet taken.
     * Every decoding failure is a ``RemoteProtocolError``; every encoding failure (our bug) is a
       ``LocalProtocolError``. Nothing here blocks or loops on its own.
     * Error codes are the closed set ``ErrorCode``; ``dc_token.errors`` maps each to one exception.
+    * The argument checks (``TokenArgs``, ``ARGS``, ``request_parts``) are the only definition of a
+      valid request; the broker's fast path calls them, it never re-states them.
 """
 
-from __future__ import annotations
+from dc_token.errorbase import LocalProtocolError, RemoteProtocolError
 
-import struct
-from enum import StrEnum
-
-import msgpack
-
-from dc_token.errors import LocalProtocolError, RemoteProtocolError
-
+# dc-token imports this module on every run: typing, collections.abc and even __future__ cost it
+# start-up time, so the annotations that name them are strings (no `from __future__ import annotations`)
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing and collections.abc cost dc-token start-up time; annotations only
     from collections.abc import Callable, Mapping
     from typing import Any, Final
+
+    from dc_token.codes import ErrorCode
 
 __all__ = [
     "ARGS",
@@ -49,6 +55,7 @@ __all__ = [
     "NEED_DATA",
     "OPS",
     "PROTOCOL_VERSION",
+    "Codec",
     "ErrorCode",
     "ErrorReply",
     "FrameDecoder",
@@ -59,38 +66,30 @@ __all__ = [
     "args_problem",
     "encode",
     "min_ttl_problem",
+    "minipack_codec",
+    "msgpack_codec",
     "pack_frame",
+    "reply_frame",
     "reply_from_wire",
     "request_from_wire",
+    "request_parts",
 ]
 
-PROTOCOL_VERSION: Final = 1
-MAX_FRAME: Final = 64 * 1024
-HEADER_SIZE: Final = 4
-_HEADER = struct.Struct(">I")
-_MAX_ID: Final = 2**63 - 1
+PROTOCOL_VERSION: "Final" = 1
+MAX_FRAME: "Final" = 64 * 1024
+HEADER_SIZE: "Final" = 4
+_MAX_ID: "Final" = 2**63 - 1
 
 
-class ErrorCode(StrEnum):
-    """The closed set of wire error codes. Each maps 1:1 to a ``dc_token.errors.BrokerError`` subclass."""
+def __getattr__(name: str) -> object:
+    if name == "ErrorCode":  # built on first use: see dc_token.codes
+        from dc_token.codes import ErrorCode
 
-    BAD_REQUEST = "bad_request"
-    UNSUPPORTED_VERSION = "unsupported_version"
-    UNKNOWN_OP = "unknown_op"
-    UNKNOWN_PROFILE = "unknown_profile"
-    FORBIDDEN = "forbidden"
-    LOCKED = "locked"
-    LOGIN_REQUIRED = "login_required"
-    CREDENTIALS_REJECTED = "credentials_rejected"
-    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
-    UPSTREAM_ERROR = "upstream_error"
-    OVERLOADED = "overloaded"
-    CONFIG_ERROR = "config_error"
-    VAULT_ERROR = "vault_error"
-    INTERNAL = "internal"
+        return ErrorCode
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_RESERVED_REQUEST_KEYS: Final = frozenset({"v", "id", "op"})
+_RESERVED_REQUEST_KEYS: "Final" = frozenset({"v", "id", "op"})
 
 
 class NeedData:
@@ -103,7 +102,7 @@ class NeedData:
 
 
 #: returned by ``FrameDecoder.next_frame`` when no whole frame is buffered yet
-NEED_DATA: Final = NeedData()
+NEED_DATA: "Final" = NeedData()
 
 
 class _Message:
@@ -134,10 +133,10 @@ class Request(_Message):
     __slots__ = ("args", "id", "op", "v")
     id: int
     op: str
-    args: Mapping[str, Any]
+    args: "Mapping[str, Any]"
     v: int
 
-    def __init__(self, id: int, op: str, args: Mapping[str, Any] | None = None, v: int = PROTOCOL_VERSION) -> None:
+    def __init__(self, id: int, op: str, args: "Mapping[str, Any] | None" = None, v: int = PROTOCOL_VERSION) -> None:
         if type(id) is not int or not 0 <= id <= _MAX_ID:
             raise LocalProtocolError(f"request id must be an int in 0..2**63-1, not {id!r}")
         if not isinstance(op, str) or not 0 < len(op) <= 64:
@@ -150,7 +149,7 @@ class Request(_Message):
         object.__setattr__(self, "args", args)
         object.__setattr__(self, "v", v)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> "dict[str, Any]":
         wire: dict[str, Any] = {"v": self.v, "id": self.id, "op": self.op}
         wire.update(self.args)
         return wire
@@ -161,19 +160,23 @@ class Reply(_Message):
 
     __slots__ = ("id", "more", "result")
     id: int
-    result: Mapping[str, Any]
+    result: "Mapping[str, Any]"
     more: bool
 
-    def __init__(self, id: int, result: Mapping[str, Any], more: bool = False) -> None:
+    def __init__(self, id: int, result: "Mapping[str, Any]", more: bool = False) -> None:
         object.__setattr__(self, "id", id)
         object.__setattr__(self, "result", result)
         object.__setattr__(self, "more", more)
 
-    def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"id": self.id, "ok": True, "result": self.result}
-        if self.more:
-            wire["more"] = True
-        return wire
+    def to_wire(self) -> "dict[str, Any]":
+        return _reply_map(self.id, self.result, self.more)
+
+
+def _reply_map(rid: int, result: "Mapping[str, Any]", more: bool) -> "dict[str, Any]":
+    wire: dict[str, Any] = {"id": rid, "ok": True, "result": result}
+    if more:
+        wire["more"] = True
+    return wire
 
 
 class ErrorReply(_Message):
@@ -181,11 +184,13 @@ class ErrorReply(_Message):
 
     __slots__ = ("code", "id", "message", "retry_after")
     id: int | None
-    code: ErrorCode
+    code: "ErrorCode"
     message: str
     retry_after: float | None
 
-    def __init__(self, id: int | None, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, id: int | None, code: "ErrorCode", message: str, retry_after: float | None = None) -> None:
+        from dc_token.codes import ErrorCode
+
         if not isinstance(code, ErrorCode):
             raise LocalProtocolError(f"unknown error code {code!r}")
         object.__setattr__(self, "id", id)
@@ -193,18 +198,15 @@ class ErrorReply(_Message):
         object.__setattr__(self, "message", message)
         object.__setattr__(self, "retry_after", retry_after)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> "dict[str, Any]":
         error: dict[str, Any] = {"code": self.code.value, "message": self.message}
         if self.retry_after is not None:
             error["retry_after"] = float(self.retry_after)
         return {"id": self.id, "ok": False, "error": error}
 
 
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-
-
 #: the largest ``min_ttl`` (seconds) a ``token`` / ``watch`` request may ask for
-MAX_MIN_TTL: Final = 86400.0
+MAX_MIN_TTL: "Final" = 86400.0
 
 
 def min_ttl_problem(value: object) -> str | None:
@@ -215,7 +217,7 @@ def min_ttl_problem(value: object) -> str | None:
     (seconds the token falls short of the request), so the shortfall is never silent."""
     if (
         isinstance(value, bool)
-        or not isinstance(value, int | float)
+        or not isinstance(value, _NUMBER)
         or value != value  # NaN
         or not 0 <= value <= MAX_MIN_TTL
     ):
@@ -223,14 +225,17 @@ def min_ttl_problem(value: object) -> str | None:
     return None
 
 
+_NUMBER: "Final" = (int, float)
+
+
 #: a profile name on the wire: a letter or digit, then letters, digits, '.', '_' or '-' (config.toml
 #: allows 64; the wire leaves room and refuses anything longer than this outright)
-MAX_PROFILE_NAME: Final = 128
-_NAME_FIRST: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
-_NAME_CHARS: Final = _NAME_FIRST | frozenset("._-")
+MAX_PROFILE_NAME: "Final" = 128
+_NAME_FIRST: "Final" = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_NAME_CHARS: "Final" = _NAME_FIRST | frozenset("._-")
 #: RFC 6749 3.3 scope-token characters: %x21 / %x23-5B / %x5D-7E (tokens separated by one space)
-_SCOPE_CHARS: Final = frozenset(chr(c) for c in (0x21, *range(0x23, 0x5C), *range(0x5D, 0x7F)))
-MAX_SCOPE: Final = 1024
+_SCOPE_CHARS: "Final" = frozenset(chr(c) for c in (0x21, *range(0x23, 0x5C), *range(0x5D, 0x7F)))
+MAX_SCOPE: "Final" = 1024
 
 
 def profile_problem(value: object) -> str | None:
@@ -252,10 +257,19 @@ def scope_problem(value: object) -> str | None:
     return None
 
 
-class TokenArgs(_Message):
+def _bad_request(message: str) -> Exception:
+    """``BadRequest(message)``; its class is made the first time one is needed (dc_token.errors)."""
+    from dc_token.errors import BadRequest
+
+    return BadRequest(message)
+
+
+class TokenArgs:
     """The arguments of ``token`` and ``watch``, checked when built: the client builds them to send,
     the broker from what it received (``from_wire``), so both sides apply the same bounds. A bad
-    value is ``BadRequest`` on either side."""
+    value is ``BadRequest`` on either side.
+
+    A plain slotted class (the broker builds one per token request): treat it as a value."""
 
     __slots__ = ("min_ttl", "profile", "scope")
     profile: str
@@ -263,32 +277,43 @@ class TokenArgs(_Message):
     scope: str | None
 
     def __init__(self, profile: str, min_ttl: float = 0.0, scope: str | None = None) -> None:
-        from dc_token.errors import BadRequest
-
-        for key, problem in (
-            ("profile", profile_problem(profile)),
-            ("min_ttl", min_ttl_problem(min_ttl)),
-            ("scope", None if scope is None else scope_problem(scope)),
-        ):
+        problem = profile_problem(profile)
+        if problem is not None:
+            raise _bad_request(f"'profile' {problem}")
+        problem = min_ttl_problem(min_ttl)
+        if problem is not None:
+            raise _bad_request(f"'min_ttl' {problem}")
+        if scope is not None:
+            problem = scope_problem(scope)
             if problem is not None:
-                raise BadRequest(f"'{key}' {problem}")
-        object.__setattr__(self, "profile", profile)
-        object.__setattr__(self, "min_ttl", float(min_ttl))
-        object.__setattr__(self, "scope", scope or None)
+                raise _bad_request(f"'scope' {problem}")
+        self.profile = profile
+        self.min_ttl = float(min_ttl)
+        self.scope = scope or None
 
     @classmethod
-    def from_wire(cls, args: Mapping[str, Any]) -> TokenArgs:
-        profile: Any = args.get("profile")
-        min_ttl: Any = args.get("min_ttl")
-        scope: Any = args.get("scope")
+    def from_wire(cls, args: "Mapping[str, Any]") -> "TokenArgs":
+        profile: Any = args.get("profile")  # checked in __init__, whatever it is
+        min_ttl = args.get("min_ttl")
+        scope = args.get("scope")
         return cls(profile, 0.0 if min_ttl is None else min_ttl, scope if scope != "" else None)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> "dict[str, Any]":
         """The request arguments (no ``scope`` key unless one is asked for)."""
         wire: dict[str, Any] = {"profile": self.profile, "min_ttl": self.min_ttl}
         if self.scope:
             wire["scope"] = self.scope
         return wire
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TokenArgs):
+            return NotImplemented
+        return (self.profile, self.min_ttl, self.scope) == (other.profile, other.min_ttl, other.scope)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TokenArgs(profile={self.profile!r}, min_ttl={self.min_ttl!r}, scope={self.scope!r})"
 
 
 def _text_problem(value: object) -> str | None:
@@ -313,8 +338,8 @@ def _after_problem(value: object) -> str | None:
 
 #: (required, what is wrong with a value) of one op argument
 _Arg = tuple[bool, "Callable[[object], str | None]"]
-_PROFILE: Final[_Arg] = (True, profile_problem)
-_TOKEN_ARGS: Final[dict[str, _Arg]] = {
+_PROFILE: "Final[_Arg]" = (True, profile_problem)
+_TOKEN_ARGS: "Final[dict[str, _Arg]]" = {
     "profile": _PROFILE,
     "min_ttl": (False, min_ttl_problem),
     "scope": (False, scope_problem),
@@ -323,7 +348,7 @@ _TOKEN_ARGS: Final[dict[str, _Arg]] = {
 #: every op of this protocol version and its arguments: the one table both sides check against.
 #: An absent (or null) optional argument is its default; a key not named here is ignored (a newer
 #: peer's extra), so adding an optional argument never breaks an older broker.
-ARGS: Final[dict[str, dict[str, _Arg]]] = {
+ARGS: "Final[dict[str, dict[str, _Arg]]]" = {
     "hello": {},
     "token": _TOKEN_ARGS,
     "watch": _TOKEN_ARGS,
@@ -347,10 +372,10 @@ ARGS: Final[dict[str, dict[str, _Arg]]] = {
 }
 #: the operations this protocol version defines (the broker may implement a subset and answer
 #: ``unknown_op`` for the rest)
-OPS: Final = frozenset(ARGS)
+OPS: "Final" = frozenset(ARGS)
 
 
-def args_problem(op: str, args: Mapping[str, Any]) -> str | None:
+def args_problem(op: str, args: "Mapping[str, Any]") -> str | None:
     """What is wrong with ``op``'s arguments (the first bad or missing one, named), or None."""
     for key, (required, problem) in ARGS[op].items():
         value = args.get(key)
@@ -370,60 +395,108 @@ class OpArgs(_Message):
 
     __slots__ = ("op", "values")
     op: str
-    values: dict[str, Any]
+    values: "dict[str, Any]"
 
-    def __init__(self, op: str, /, **values: Any) -> None:
+    def __init__(self, op: str, /, **values: "Any") -> None:
         self._check(op, values)
 
     @classmethod
-    def from_wire(cls, op: str, args: Mapping[str, Any]) -> OpArgs:
+    def from_wire(cls, op: str, args: "Mapping[str, Any]") -> "OpArgs":
         built = cls.__new__(cls)
         built._check(op, args)
         return built
 
-    def _check(self, op: str, values: Mapping[str, Any]) -> None:
-        from dc_token.errors import BadRequest
-
+    def _check(self, op: str, values: "Mapping[str, Any]") -> None:
         if op not in ARGS:
-            raise BadRequest(f"op {op!r} is not a dc-broker op")
+            raise _bad_request(f"op {op!r} is not a dc-broker op")
         problem = args_problem(op, values)
         if problem is not None:
-            raise BadRequest(problem)
+            raise _bad_request(problem)
         known = ARGS[op]
         object.__setattr__(self, "op", op)
         object.__setattr__(self, "values", {k: v for k, v in values.items() if k in known and v is not None})
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> "dict[str, Any]":
         return dict(self.values)
 
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: str, default: "Any" = None) -> "Any":
         return self.values.get(key, default)
 
-    def __getitem__(self, key: str) -> Any:
+    def __getitem__(self, key: str) -> "Any":
         return self.values[key]
 
     def __repr__(self) -> str:
         return f"OpArgs({self.op!r}, keys={sorted(self.values)!r})"
 
 
-def pack_frame(obj: Mapping[str, Any]) -> bytes:
+class Codec:
+    """How a frame's body is made and read: ``packb(map) -> bytes`` and ``unpackb(bytes) -> object``
+    (which may raise anything on garbage: ``FrameDecoder`` makes it a ``RemoteProtocolError``)."""
+
+    __slots__ = ("name", "packb", "unpackb")
+
+    def __init__(self, name: str, packb: "Callable[[Any], bytes]", unpackb: "Callable[[Any], Any]") -> None:
+        self.name = name
+        self.packb = packb
+        self.unpackb = unpackb
+
+    def __repr__(self) -> str:
+        return f"Codec({self.name!r})"
+
+
+_CODECS: "dict[str, Codec]" = {}
+
+
+def _refuse_ext(code: int, data: bytes) -> "Any":
+    raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def msgpack_codec() -> "Codec":
+    """msgpack's C extension (the default): fast per message; imported on first use."""
+    codec = _CODECS.get("msgpack")
+    if codec is None:
+        from functools import partial
+
+        import msgpack
+
+        unpackb = partial(msgpack.unpackb, raw=False, ext_hook=_refuse_ext, strict_map_key=True)
+        codec = _CODECS["msgpack"] = Codec("msgpack", msgpack.Packer(use_bin_type=True, autoreset=True).pack, unpackb)
+    return codec
+
+
+def minipack_codec() -> "Codec":
+    """``dc_token.minipack``: the same bytes in plain Python, cheap to import (dc-token's codec)."""
+    codec = _CODECS.get("minipack")
+    if codec is None:
+        import dc_token.minipack as minipack
+
+        codec = _CODECS["minipack"] = Codec("minipack", minipack.packb, minipack.unpackb)
+    return codec
+
+
+def pack_frame(obj: "Mapping[str, Any]", codec: "Codec | None" = None) -> bytes:
     """Frame one msgpack map. Raises LocalProtocolError if it cannot be encoded or is too big."""
     try:
-        body: bytes = _packb(obj)
+        body: bytes = (codec or msgpack_codec()).packb(obj)
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"message cannot be encoded: {exc}") from exc
     if len(body) > MAX_FRAME:
         raise LocalProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
-    return _HEADER.pack(len(body)) + body
+    return len(body).to_bytes(4, "big") + body
 
 
-def encode(message: Request | Reply | ErrorReply) -> bytes:
+def encode(message: "Request | Reply | ErrorReply", codec: "Codec | None" = None) -> bytes:
     """Bytes to send for one message."""
-    return pack_frame(message.to_wire())
+    return pack_frame(message.to_wire(), codec)
 
 
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
+def reply_frame(rid: int, result: "Mapping[str, Any]", more: bool = False, codec: "Codec | None" = None) -> bytes:
+    """``encode(Reply(rid, result, more))`` without building the Reply (the broker's path for every
+    reply). Raises LocalProtocolError like ``pack_frame``."""
+    wire: dict[str, Any] = {"id": rid, "ok": True, "result": result}
+    if more:
+        wire["more"] = True
+    return pack_frame(wire, codec)
 
 
 class FrameDecoder:
@@ -434,11 +507,12 @@ class FrameDecoder:
     (via ``check_eof``) a connection closed mid-frame. After an error the decoder is unusable.
     """
 
-    __slots__ = ("_buf", "_max_frame")
+    __slots__ = ("_buf", "_max_frame", "_unpackb")
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME, codec: "Codec | None" = None) -> None:
         self._buf = bytearray()
         self._max_frame = max_frame
+        self._unpackb = (codec or msgpack_codec()).unpackb
 
     def receive_data(self, data: bytes) -> None:
         self._buf += data
@@ -448,11 +522,31 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames (a partial frame, if non-zero)."""
         return len(self._buf)
 
-    def next_frame(self) -> dict[str, Any] | NeedData:
+    def receive(self, data: bytes) -> "tuple[list[dict[str, Any]], RemoteProtocolError | None]":
+        """``receive_data(data)``, then every whole frame now held, in order, and the error that
+        stopped the reading (None if none; after one the decoder is unusable): the frames before a
+        bad one are still the peer's requests. One call per read, for servers."""
+        if not self._buf and len(data) > HEADER_SIZE:  # nothing held back and one whole frame: no copy
+            length = int.from_bytes(data[:HEADER_SIZE], "big")
+            if length <= self._max_frame and len(data) == HEADER_SIZE + length:
+                try:
+                    return [self._decode(data[HEADER_SIZE:])], None
+                except RemoteProtocolError as exc:
+                    return [], exc
+        self._buf += data
+        frames: list[dict[str, Any]] = []
+        try:
+            while (frame := self.next_frame()) is not NEED_DATA:
+                frames.append(frame)  # type: ignore[arg-type]
+        except RemoteProtocolError as exc:
+            return frames, exc
+        return frames, None
+
+    def next_frame(self) -> "dict[str, Any] | NeedData":
         buf = self._buf
         if len(buf) < HEADER_SIZE:
             return NEED_DATA
-        (length,) = _HEADER.unpack_from(buf)
+        length = int.from_bytes(buf[:HEADER_SIZE], "big")
         if length > self._max_frame:
             raise RemoteProtocolError(
                 f"frame of {length} bytes exceeds the {self._max_frame}-byte limit "
@@ -461,15 +555,18 @@ class FrameDecoder:
         end = HEADER_SIZE + length
         if len(buf) < end:
             return NEED_DATA
-        body = bytes(buf[HEADER_SIZE:end])
+        body = buf[HEADER_SIZE:end]
         del buf[:end]
+        return self._decode(body)
+
+    def _decode(self, body: bytes | bytearray) -> "dict[str, Any]":
         try:
-            obj = msgpack.unpackb(body, raw=False, ext_hook=_refuse_ext, strict_map_key=True)
+            obj = self._unpackb(body)
         except RemoteProtocolError:
             raise
         except Exception as exc:  # msgpack raises many types for garbage; all mean the same here
             raise RemoteProtocolError(f"frame is not valid msgpack: {type(exc).__name__}") from None
-        if not isinstance(obj, dict):
+        if obj.__class__ is not dict and not isinstance(obj, dict):
             raise RemoteProtocolError(f"frame holds a {type(obj).__name__}, not a map")
         return obj
 
@@ -482,33 +579,46 @@ class FrameDecoder:
 class RequestShapeError(RemoteProtocolError):
     """A well-framed map that is not a valid request. The connection survives: answer with ``reply``."""
 
-    def __init__(self, reply: ErrorReply) -> None:
+    def __init__(self, reply: "ErrorReply") -> None:
         super().__init__(reply.message)
         self.reply = reply
 
 
-def request_from_wire(obj: dict[str, Any]) -> Request:
-    """Shape a decoded map into a Request, or raise RequestShapeError carrying the error to send back."""
+def request_parts(obj: "dict[str, Any]") -> "tuple[int, str, dict[str, Any]]":
+    """A decoded map's request id, op and arguments (a new map: every key but v, id and op), or
+    RequestShapeError carrying the error to send back. The broker's path for every request."""
     rid = obj.get("id")
     if type(rid) is not int or not 0 <= rid <= _MAX_ID:
-        raise RequestShapeError(ErrorReply(None, ErrorCode.BAD_REQUEST, "request needs an integer 'id' in 0..2**63-1"))
+        raise RequestShapeError(_shape_error(None, "bad_request", "request needs an integer 'id' in 0..2**63-1"))
     v = obj.get("v")
     if v != PROTOCOL_VERSION:
         raise RequestShapeError(
-            ErrorReply(
+            _shape_error(
                 rid,
-                ErrorCode.UNSUPPORTED_VERSION,
+                "unsupported_version",
                 f"protocol version {v!r} is not supported; this broker speaks version {PROTOCOL_VERSION}",
             )
         )
     op = obj.get("op")
     if not isinstance(op, str) or not 0 < len(op) <= 64:
-        raise RequestShapeError(ErrorReply(rid, ErrorCode.BAD_REQUEST, "request needs a string 'op'"))
-    args = {k: val for k, val in obj.items() if k not in _RESERVED_REQUEST_KEYS}
-    return Request(rid, op, args, v)
+        raise RequestShapeError(_shape_error(rid, "bad_request", "request needs a string 'op'"))
+    args = obj.copy()  # v, id and op are there (checked above): take them out
+    del args["v"], args["id"], args["op"]
+    return rid, op, args
 
 
-def reply_from_wire(obj: dict[str, Any]) -> Reply | ErrorReply:
+def _shape_error(rid: int | None, code: str, message: str) -> "ErrorReply":
+    from dc_token.codes import ErrorCode
+
+    return ErrorReply(rid, ErrorCode(code), message)
+
+
+def request_from_wire(obj: "dict[str, Any]") -> "Request":
+    """Shape a decoded map into a Request, or raise RequestShapeError carrying the error to send back."""
+    return Request(*request_parts(obj))
+
+
+def reply_from_wire(obj: "dict[str, Any]") -> "Reply | ErrorReply":
     """Shape a decoded map into a Reply or ErrorReply; anything else is a RemoteProtocolError."""
     rid = obj.get("id")
     ok = obj.get("ok")
@@ -518,6 +628,8 @@ def reply_from_wire(obj: dict[str, Any]) -> Reply | ErrorReply:
             raise RemoteProtocolError("reply needs an integer 'id' and a 'result' map")
         return Reply(rid, result, bool(obj.get("more", False)))
     if ok is False:
+        from dc_token.codes import ErrorCode
+
         err = obj.get("error")
         if not isinstance(err, dict) or (rid is not None and type(rid) is not int):
             raise RemoteProtocolError("error reply needs an 'error' map")
@@ -530,7 +642,7 @@ def reply_from_wire(obj: dict[str, Any]) -> Reply | ErrorReply:
         if not isinstance(message, str):
             message = f"broker error {raw_code!r}"
         retry_after = err.get("retry_after")
-        if not isinstance(retry_after, int | float) or isinstance(retry_after, bool):
+        if not isinstance(retry_after, _NUMBER) or isinstance(retry_after, bool):
             retry_after = None
         return ErrorReply(rid, code, message, None if retry_after is None else float(retry_after))
     raise RemoteProtocolError("reply needs 'ok' true or false")

@@ -27,8 +27,23 @@ from dc_token.version import version
 __all__ = ["cli", "main"]
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``--version``: the package metadata is read here, when asked, not at every start (it costs
+    ``importlib.metadata`` and its zipfile and csv imports)."""
+    if value and not ctx.resilient_parsing:
+        click.echo(f"dc-broker {version()}")
+        ctx.exit()
+
+
 @click.group(cls=ErrorBoundary, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version(), prog_name="dc-broker", message="%(prog)s %(version)s")
+@click.option(
+    "--version",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_print_version,
+    help="Show the version and exit.",
+)
 def cli() -> None:
     """dc-broker: keeps bearer tokens for Keycloak-protected APIs fresh and serves them to local programs."""
 

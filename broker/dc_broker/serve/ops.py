@@ -1,9 +1,11 @@
 """What each wire op does: the dispatch table ``HANDLERS`` (op name -> handler).
 
-A handler takes the broker's state, the caller (from the kernel) and the request, and returns either
-the result map at once (the common, allocation-light path: a cached token), an awaitable that
-produces it (the server runs those as separate tasks so a slow op never delays the connection), or
-an async iterator of results (a stream: each is sent with ``more: true``; ``watch``).
+A handler takes the broker's state, the caller (from the kernel), the request's arguments (the map as
+received: keys the op's ``dc_token.protocol.ARGS`` entry does not name are ignored) and ``now`` (the
+clock the server read once for the batch of frames this request came in), and returns either the
+result map at once (the common, allocation-light path: a cached token), an awaitable that produces
+it (the server runs those as separate tasks so a slow op never delays the connection), or an async
+iterator of results (a stream: each is sent with ``more: true``; ``watch``).
 Handlers raise ``dc_token.errors.BrokerError`` subclasses; the server turns them into error replies.
 """
 
@@ -13,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +36,11 @@ from dc_broker.store import MemoryStore, SecretStore
 from dc_broker.tokens import TokenSet
 from dc_broker.vault.records import unlock_delay
 from dc_token.errors import BadRequest, Forbidden, UpstreamUnavailable
-from dc_token.protocol import OPS, PROTOCOL_VERSION, OpArgs, Request, TokenArgs
+from dc_token.protocol import OPS, PROTOCOL_VERSION, OpArgs, TokenArgs
 from dc_token.version import version
 
 log = logging.getLogger("dc_broker")
 
-VERSION = version()  # the installed package metadata: one version string
 #: profiles listed in one status reply at most; the rest are counted (and reached with ``after``)
 STATUS_LIMIT = 200
 #: bytes of profile entries in one status reply: the frame is 64 KiB, the rest is headroom
@@ -55,6 +56,7 @@ class BrokerState:
     sessions: Sessions
     socket_path: str
     started_at: float = field(default_factory=time.time)
+    #: trio's clock (the server's deadlines and the sessions' times are on it)
     clock: Callable[[], float] = trio.current_time
     #: system mode (a shared broker): profiles without allow rules are closed to everyone
     system: bool = False
@@ -65,7 +67,8 @@ class BrokerState:
     last_use: float = 0.0
 
 
-Handler = Callable[[BrokerState, Caller, Request], "Result | Awaitable[Result] | AsyncIterator[Result]"]
+Args = Mapping[str, Any]
+Handler = Callable[[BrokerState, Caller, Args, float], "Result | Awaitable[Result] | AsyncIterator[Result]"]
 
 
 def token_result(session: Session, tok: TokenSet, now: float, min_ttl: float = 0.0) -> Result:
@@ -90,10 +93,10 @@ def _token_fields(session: Session, tok: TokenSet, now: float, remaining: float)
     }
 
 
-def op_hello(state: BrokerState, caller: Caller, req: Request) -> Result:
+def op_hello(state: BrokerState, caller: Caller, args: Args, now: float) -> Result:
     return {
         "server": "dc-broker",
-        "version": VERSION,
+        "version": version(),  # read from the package metadata on the first hello/status
         "protocol": PROTOCOL_VERSION,
         "ops": sorted(HANDLERS),
         "uid": caller.uid,
@@ -101,23 +104,27 @@ def op_hello(state: BrokerState, caller: Caller, req: Request) -> Result:
     }
 
 
-def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
-    args = TokenArgs.from_wire(req.args)  # the wire contract's own checks, the same as the client's
-    name, min_ttl = args.profile, args.min_ttl
-    session = state.sessions.lookup_scoped(authorized(state.sessions, caller, name, system=state.system), args.scope)
+def op_token(state: BrokerState, caller: Caller, args: Args, now: float) -> Result | Awaitable[Result]:
+    checked = TokenArgs.from_wire(args)  # the wire contract's own checks, the same as the client's
+    name = checked.profile
+    sessions = state.sessions
+    session = authorized(sessions, caller, name, system=state.system)
+    if checked.scope:  # a narrower scope than the profile's: its own session (lookup_scoped's rule)
+        session = sessions.lookup_scoped(session, checked.scope)
     state.audit.record(name, caller)
-    now = state.last_use = state.clock()
+    state.last_use = now
+    min_ttl = checked.min_ttl
     tok = session.peek(min_ttl, now)
     if tok is not None:
         return token_result(session, tok, now, min_ttl)
     return _token_slow(state, session, min_ttl)
 
 
-def op_watch(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
+def op_watch(state: BrokerState, caller: Caller, args: Args, now: float) -> AsyncIterator[Result]:
     """Stream: the current token at once, then every new one, until the client closes or an error."""
-    args = TokenArgs.from_wire(req.args)
-    name, min_ttl = args.profile, args.min_ttl
-    session = state.sessions.lookup_scoped(authorized(state.sessions, caller, name, system=state.system), args.scope)
+    checked = TokenArgs.from_wire(args)
+    name, min_ttl = checked.profile, checked.min_ttl
+    session = state.sessions.lookup_scoped(authorized(state.sessions, caller, name, system=state.system), checked.scope)
     state.audit.record(name, caller)
     return _watch(state, session, min_ttl)
 
@@ -133,13 +140,13 @@ async def _watch(state: BrokerState, session: Session, min_ttl: float) -> AsyncI
         await changed.wait()
 
 
-def op_login(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
+def op_login(state: BrokerState, caller: Caller, args: Args, now: float) -> AsyncIterator[Result]:
     """Stream: a password login (one message), the device flow (the code to show, then the outcome) or
     a browser login (the URL to open, then the outcome). Each replaces the profile's login: for the
     broker's own uid, root and the profile's admins only."""
-    args = OpArgs.from_wire("login", req.args)
-    session = administered(state.sessions, caller, args["profile"])
-    password = args.get("password")
+    checked = OpArgs.from_wire("login", args)
+    session = administered(state.sessions, caller, checked["profile"])
+    password = checked.get("password")
     if password is not None:
         if session.profile.grant != "password":
             raise BadRequest(
@@ -162,22 +169,22 @@ async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> R
     return token_result(session, tok, state.clock(), min_ttl)
 
 
-def op_invalidate(state: BrokerState, caller: Caller, req: Request) -> Result:
-    args = OpArgs.from_wire("invalidate", req.args)
-    session = authorized(state.sessions, caller, args["profile"], system=state.system)
-    return {"profile": session.profile.name, "refreshing": session.invalidate(args["token"])}
+def op_invalidate(state: BrokerState, caller: Caller, args: Args, now: float) -> Result:
+    checked = OpArgs.from_wire("invalidate", args)
+    session = authorized(state.sessions, caller, checked["profile"], system=state.system)
+    return {"profile": session.profile.name, "refreshing": session.invalidate(checked["token"])}
 
 
-def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
+def op_status(state: BrokerState, caller: Caller, args: Args, now: float) -> Result:
     """The broker and the profiles this caller may use, in name order. One reply always fits a frame:
     strings are cut to ``STATUS_FIELD_MAX`` characters and at most ``STATUS_BUDGET`` bytes of profiles
     are listed; ``next`` (when set) is the ``after`` to send for the rest, ``truncated`` how many
     there are. The state summary counts them all."""
-    args = OpArgs.from_wire("status", req.args)
-    name = args.get("profile")
-    after = args.get("after")
+    checked = OpArgs.from_wire("status", args)
+    name = checked.get("profile")
+    after = checked.get("after")
     if name is not None:
-        sessions = [authorized(state.sessions, caller, name, system=state.system).status(state.clock())]
+        sessions = [authorized(state.sessions, caller, name, system=state.system).status(now)]
     else:  # only the profiles this caller may use
         sessions = [
             st
@@ -200,7 +207,7 @@ def op_status(state: BrokerState, caller: Caller, req: Request) -> Result:
     rest = len(pending) - len(shown)
     return {
         "broker": {
-            "version": VERSION,
+            "version": version(),  # read from the package metadata on the first hello/status
             "pid": os.getpid(),
             "socket": _cut(state.socket_path),
             "uptime": round(time.time() - state.started_at, 3),
@@ -241,9 +248,9 @@ def _vault(state: BrokerState) -> SecretStore:
     return store
 
 
-def op_unlock(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
+def op_unlock(state: BrokerState, caller: Caller, args: Args, now: float) -> Awaitable[Result]:
     _admin(state, caller)
-    passphrase = OpArgs.from_wire("unlock", req.args).get("passphrase")  # a bad request is that, first
+    passphrase = OpArgs.from_wire("unlock", args).get("passphrase")  # a bad request is that, first
     vault = _vault(state)
     return _unlock(state, vault, Secret(passphrase) if passphrase else None)
 
@@ -260,7 +267,7 @@ async def _unlock(state: BrokerState, vault: SecretStore, passphrase: Secret | N
     return {"unlocked": True, "profiles": len(state.sessions)}
 
 
-def op_lock(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
+def op_lock(state: BrokerState, caller: Caller, args: Args, now: float) -> Awaitable[Result]:
     _admin(state, caller)
     _vault(state)
     return _lock(state)
@@ -289,7 +296,7 @@ async def auto_lock(state: BrokerState, after: float) -> None:
             state.last_use = state.clock()  # wait a full period again after the next unlock
 
 
-def op_reload(state: BrokerState, caller: Caller, req: Request) -> Result:
+def op_reload(state: BrokerState, caller: Caller, args: Args, now: float) -> Result:
     """Re-read the config file (what `dc-broker add/remove` do with a running broker)."""
     _admin(state, caller)
     if state.config_path is None:
@@ -299,18 +306,19 @@ def op_reload(state: BrokerState, caller: Caller, req: Request) -> Result:
     return {"added": added, "changed": changed, "removed": removed}
 
 
-def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
+def op_set_secrets(state: BrokerState, caller: Caller, args: Args, now: float) -> Result | Awaitable[Result]:
     """Store a profile's password / client secret (`dc-broker add`, `dc-broker rotate`). With
     ``verify: true`` the new values (with the stored ones they do not replace) are first checked by
     one grant at the IdP: a wrong new password changes nothing."""
-    args = OpArgs.from_wire("set_secrets", req.args)
-    session = administered(state.sessions, caller, args["profile"])
-    fields = {key: Secret(value) for key in ("password", "client_secret") if (value := args.get(key)) is not None}
-    if args.get("new_key") is not None or args.get("activate_key"):
-        return _set_keys(state, session, args.get("new_key"), bool(args.get("activate_key")), args.get("verify", False))
-    if not fields and args.get("verify", False):
+    checked = OpArgs.from_wire("set_secrets", args)
+    session = administered(state.sessions, caller, checked["profile"])
+    fields = {key: Secret(value) for key in ("password", "client_secret") if (value := checked.get(key)) is not None}
+    verify = bool(checked.get("verify", False))
+    if checked.get("new_key") is not None or checked.get("activate_key"):
+        return _set_keys(state, session, checked.get("new_key"), bool(checked.get("activate_key")), verify)
+    if not fields and verify:
         return _check_client(state, session)
-    if args.get("verify", False):
+    if verify:
         return _set_secrets_checked(state, session, fields)
     return _store_secrets(state, session, fields)
 
@@ -367,8 +375,8 @@ async def _set_keys(state: BrokerState, session: Session, new_key: str | None, a
     return {"profile": name, "stored": ["client_keys"], "verified": activate and verify, "jwks": keys.public_jwks()}
 
 
-def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
-    session = administered(state.sessions, caller, OpArgs.from_wire("logout", req.args)["profile"])
+def op_logout(state: BrokerState, caller: Caller, args: Args, now: float) -> Awaitable[Result]:
+    session = administered(state.sessions, caller, OpArgs.from_wire("logout", args)["profile"])
     return _logout(session)
 
 

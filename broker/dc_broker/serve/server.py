@@ -1,9 +1,38 @@
 """The trio Unix-socket server: accept, check the caller's identity with the kernel, frame, dispatch.
 
-One task per connection. Each receive decodes every whole frame it holds; requests a handler answers
-at once (a cached token) are replied to in one ``send_all`` per batch, requests that must wait (a
-refresh) run as tasks of their own in the connection's nursery, so pipelined requests and other
-connections never queue behind them. Replies share the stream under a lock, whole frames at a time.
+One code path for the decisions, two for the I/O
+    Every frame goes through ``_Connection.feed`` (framing, ``dispatch``: the request's shape, the
+    op's handler, the quotas, the reply) whoever reads it. What differs is who waits:
+
+    * **Inline, for the first request.** The accept loop answers the request that is already there
+      when it accepts (the common case: `dc-token` connects, sends one ``token`` request and waits)
+      and *parks* the connection: one task watches every parked connection through an epoll of the
+      server's own (level-triggered; one more fd in trio's loop). A parked connection that leaves
+      costs one ``recv`` and no task; one whose request arrives after the accept is answered by that
+      task, inline, and stays parked.
+    * **A task of its own**, for everything else: a connection that sends again after its first
+      request was answered (a client that keeps its connection: ``TokenClient``), or that has
+      something to wait for (a request a handler answers with an awaitable, a refresh, or a stream,
+      ``watch``; a frame begun but not finished; a reply the socket would not take at once; an error
+      reply to deliver before closing). Its requests that wait run as tasks in its nursery, so
+      pipelined requests and other connections never queue behind them; replies share the socket
+      whole frames at a time. It keeps its task until it closes.
+
+    Both read with a non-blocking ``recv`` (trio's SocketStream yields to the scheduler on every
+    call, even with data ready), read the clock once per batch of frames (handlers get that
+    ``now``), and write a reply with one non-blocking ``send`` when the socket takes it (no
+    coroutine per reply); only a send that would block goes through the connection's writer turn.
+
+Deadlines: one task, no cancel scope per connection
+    A frame begun must be complete within ``partial_frame_timeout`` of its first byte, a connection
+    with nothing in flight that sends nothing for ``idle_timeout`` seconds is closed (clients
+    reconnect), and so is one that does not take a reply for ``idle_timeout`` seconds. Each of the
+    three is an insertion-ordered dict (every connection by when it last sent, half-received frames
+    by their first byte, blocked replies by when they blocked): one timeout per dict makes each one
+    oldest first, so one reaper task sleeps until the earliest head, and every change is O(1) (a
+    batch of frames moves its connection to the end), with nothing left behind when a connection
+    closes. A connection found idle with something still in flight is looked at again an idle
+    period later.
 
 Bad input closes only the connection it came on: a frame that is not msgpack, oversized, or cut off
 is answered with one ``bad_request`` error (id None) and the connection is closed; a well-framed
@@ -14,9 +43,7 @@ by the vault or the config becomes its own wire error (``dc_broker.errors.wire_e
 
 Resources are bounded per uid, so one caller cannot lock the others out: at most
 ``max_connections_per_uid`` connections and ``max_in_flight_per_uid`` requests waiting on a refresh
-per uid (system mode; root and the broker's own uid are counted against the global limits only), a
-frame begun must be complete within ``partial_frame_timeout`` of its first byte, and a connection
-with nothing in flight that sends nothing for ``idle_timeout`` seconds is closed (clients reconnect).
+per uid (system mode; root and the broker's own uid are counted against the global limits only).
 
 The caller is whoever the kernel says (SO_PEERCRED): in user mode only our own uid (and root) may
 talk to the broker; anyone else gets ``forbidden`` (after its first request has been read, so that the
@@ -28,8 +55,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
+import select
 import socket
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -56,12 +86,12 @@ from dc_token.protocol import (
     ErrorCode,
     ErrorReply,
     FrameDecoder,
-    Reply,
-    Request,
+    RequestShapeError,
     encode,
-    request_from_wire,
+    msgpack_codec,
+    reply_frame,
+    request_parts,
 )
-from dc_token.protocol import RequestShapeError as _ShapeError
 
 log = logging.getLogger("dc_broker.server")
 
@@ -72,7 +102,18 @@ MAX_ERROR_MESSAGE = 2048
 REFUSE_READ_TIMEOUT = 1.0
 #: refusals that wait for the first request at once; beyond this a refusal is sent without waiting
 MAX_PATIENT_REFUSALS = 64
+#: parked connections served per wake of their watcher, and connections accepted between checkpoints
+EVENTS_PER_WAKE = 64
+ACCEPTS_PER_CHECKPOINT = 64
+#: batches of frames a connection's task reads back to back before it lets other tasks run
+BATCHES_PER_CHECKPOINT = 16
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
+_WATCHED = select.EPOLLIN | select.EPOLLRDHUP
+_CODEC = msgpack_codec()
+
+# what a connection needs after a batch it was served inline (or the bytes its new task is to take)
+_PARK, _CLOSE, _TASK = "park", "close", "task"
 
 
 class Limits:
@@ -107,13 +148,13 @@ def _error_frame(rid: int | None, exc: DcBrokerError) -> bytes:
     message = err.message
     if len(message) > MAX_ERROR_MESSAGE:
         message = message[: MAX_ERROR_MESSAGE - 3] + "..."
-    return encode(ErrorReply(rid, ErrorCode(err.code), message, err.retry_after))
+    return encode(ErrorReply(rid, ErrorCode(err.code), message, err.retry_after), _CODEC)
 
 
 def _reply_frame(rid: int, result: dict[str, Any], *, more: bool = False) -> bytes:
     """A reply, or (when it cannot be encoded or would not fit a frame) an error reply saying so."""
     try:
-        return encode(Reply(rid, result, more=more))
+        return reply_frame(rid, result, more, _CODEC)
     except LocalProtocolError as exc:
         log.error("reply to request %d not sent: %s", rid, exc)
         return _error_frame(rid, InternalError(f"the reply could not be sent ({exc}); see the broker's log"))
@@ -123,15 +164,8 @@ class PeerGone(Exception):
     """The client closed or reset the connection."""
 
 
-_PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
-
-
 async def recv_some(sock: socket.socket) -> bytes:
-    """One non-blocking recv; parks on trio's epoll only when nothing is there yet.
-
-    trio's SocketStream yields to the scheduler on every call, even when data is ready; for a
-    request answered from memory that was most of its cost. Here the only yield is the wait.
-    """
+    """One non-blocking recv; parks on trio's epoll only when nothing is there yet."""
     while True:
         try:
             return sock.recv(RECEIVE_SIZE)
@@ -162,11 +196,14 @@ class Server:
     def __init__(self, state: BrokerState, *, limits: Limits | None = None):
         self.state = state
         self.limits = limits or Limits()
+        self._own_uid = os.getuid()
         # user mode: only our own uid (and root) may connect at all; system mode: the socket's mode and
         # group decide who connects, and per-profile allow rules decide what each caller gets
-        self.allowed_uids: frozenset[int] | None = None if state.system else frozenset({os.getuid(), 0})
+        self.allowed_uids: frozenset[int] | None = None if state.system else frozenset({self._own_uid, 0})
         self.connections = 0
-        #: open connections and requests waiting on a refresh, per uid (for the per-uid quotas)
+        #: open connections and requests waiting on a refresh, per uid the quotas apply to (system mode,
+        #: not root, not our own uid). An entry stays once made: one per uid that ever connected, and
+        #: uids are the host's to make, not a caller's; so counting allocates nothing.
         self.connections_by_uid: dict[int, int] = {}
         self.in_flight_by_uid: dict[int, int] = {}
         #: requests answered by a task of their own (a refresh wait) whose reply is not yet sent
@@ -175,6 +212,17 @@ class Server:
         self._accepting = trio.CancelScope()
         #: refusals now waiting for the caller's first request (at most MAX_PATIENT_REFUSALS)
         self.refusing = 0
+        self._nursery: trio.Nursery | None = None
+        self._epoll: select.epoll | None = None
+        #: parked connections (fd -> connection): no task, watched through ``_epoll``
+        self._parked: dict[int, _Connection] = {}
+        #: every open connection, oldest first by ``idle_since``
+        self._activity: OrderedDict[_Connection, None] = OrderedDict()
+        #: connections with a frame begun, oldest first by ``frame_started``
+        self._partial: OrderedDict[_Connection, None] = OrderedDict()
+        #: connections whose peer does not take a reply, oldest first by ``blocked_since``
+        self._blocked: OrderedDict[_Connection, None] = OrderedDict()
+        self._reaper = trio.CancelScope()  # the reaper's sleep; its deadline is the earliest deadline
 
     async def serve(
         self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -182,24 +230,204 @@ class Server:
         """Accept on ``sock`` (a listening AF_UNIX socket) until cancelled; after ``drain`` only the
         connections already open are served."""
         sock.setblocking(False)
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            with self._accepting:
-                while True:
-                    await trio.lowlevel.wait_readable(sock)
-                    while True:  # take every pending connection before waiting again
-                        try:
-                            conn, _ = sock.accept()
-                        except BlockingIOError:
-                            break
-                        except OSError as exc:
-                            if exc.errno in _RESOURCE_ERRNOS:
-                                log.error("accept failed (%s); pausing 100 ms", os.strerror(exc.errno or 0))
-                                await trio.sleep(0.1)
-                                break
-                            raise
-                        conn.setblocking(False)
-                        nursery.start_soon(self.handle, conn)
+        if self.state.clock is trio.current_time:  # the same clock, one call instead of three
+            self.state.clock = trio.lowlevel.current_clock().current_time
+        self._epoll = select.epoll()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._watch_parked, self._epoll)
+                nursery.start_soon(self._reap)
+                task_status.started()
+                with self._accepting:
+                    await self._accept_loop(sock)
+        finally:
+            for c in list(self._parked.values()):
+                c.close()  # those with a task were closed by it
+            self._epoll.close()
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        accepted = 0
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            while True:  # take every pending connection before waiting again
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _RESOURCE_ERRNOS:
+                        log.error("accept failed (%s); pausing 100 ms", os.strerror(exc.errno or 0))
+                        await trio.sleep(0.1)
+                        break
+                    raise
+                self._accepted(conn)
+                accepted += 1
+                if accepted % ACCEPTS_PER_CHECKPOINT == 0:  # a flood of connections lets the others run
+                    await trio.lowlevel.checkpoint()
+
+    def _accepted(self, conn: socket.socket) -> None:
+        """A new connection: who it is, whether it may stay, and its first request if already there."""
+        conn.setblocking(False)
+        try:
+            pid, uid, gid = peer_credentials(conn)
+        except OSError:  # gone before we looked
+            conn.close()
+            return
+        now = self.state.clock()
+        c = _Connection(self, conn, Caller(uid, gid, pid, accepted_at=boottime()), now)
+        refusal = self._admit(c)
+        if refusal is not None:  # refusals have deadlines of their own (REFUSE_READ_TIMEOUT)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._refuse, c, refusal)
+            return
+        self._activity[c] = None
+        self._reap_by(now + self.limits.idle_timeout)
+        self._serve_ready(c)
+
+    def quota_applies(self, uid: int) -> bool:
+        """Per-uid quotas hold in system mode, for every uid but root and the broker's own."""
+        return self.state.system and uid != 0 and uid != self._own_uid
+
+    def _admit(self, c: _Connection) -> BrokerError | None:
+        """Count the connection; why it may not stay (refused with that error), or None."""
+        limits = self.limits
+        caller = c.caller
+        self.connections += 1
+        if self.quota_applies(caller.uid):
+            c.counted = True
+            by_uid = self.connections_by_uid
+            by_uid[caller.uid] = by_uid.get(caller.uid, 0) + 1
+        if self.allowed_uids is not None and caller.uid not in self.allowed_uids:
+            log.warning("refused connection from uid %d (pid %d)", caller.uid, caller.pid)
+            return Forbidden(f"this broker serves only its own user (uid {self._own_uid}), not uid {caller.uid}")
+        if self.connections > limits.max_connections:
+            return Overloaded("too many connections", retry_after=1.0)
+        if c.counted and self.connections_by_uid[caller.uid] > limits.max_connections_per_uid:
+            log.warning("uid %d is at its quota of %d connections", caller.uid, limits.max_connections_per_uid)
+            return Overloaded(
+                f"uid {caller.uid} already has {limits.max_connections_per_uid} connections open to this broker "
+                "(daemon.max_connections_per_uid); close some",
+                retry_after=1.0,
+            )
+        return None
+
+    async def _refuse(self, c: _Connection, exc: BrokerError) -> None:
+        patient = self.refusing < MAX_PATIENT_REFUSALS
+        self.refusing += patient
+        try:
+            await refuse(c.sock, exc, patient=patient)
+        except* PeerGone:
+            pass
+        except* Exception as group:
+            log.error("refusing a connection failed; connection closed", exc_info=group)
+        finally:
+            self.refusing -= patient
+            c.close()
+
+    # ------------------------------------------------------------ parked connections, served inline
+
+    def _serve_ready(self, c: _Connection) -> None:
+        """Serve what a connection without a task has sent (or see that it left), then park it, close
+        it, or give it a task. Nothing that happens on it may reach the loop that called this."""
+        try:
+            outcome = c.serve_ready()
+            if outcome is _PARK:
+                self._park(c)
+            elif outcome is _CLOSE:
+                c.close()
+            elif outcome is _TASK:
+                self._start(c)
+            else:  # it sends again: a client that keeps its connection gets a task (``outcome``: what it sent)
+                self._start(c, outcome)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("connection handler failed; connection closed")
+            c.close()
+
+    def _park(self, c: _Connection) -> None:
+        """Watch ``c`` until it sends again (or leaves, or idles out): no task, one epoll entry."""
+        if not c.watched:
+            assert self._epoll is not None
+            self._epoll.register(c.fd, _WATCHED)
+            c.watched = True
+            self._parked[c.fd] = c
+
+    def _start(self, c: _Connection, data: bytes | None = None) -> None:
+        """Give ``c`` a task of its own, for good (``data``: what was read for it already)."""
+        if c.watched:
+            assert self._epoll is not None
+            del self._parked[c.fd]
+            self._epoll.unregister(c.fd)
+            c.watched = False
+        c.unread = data
+        assert self._nursery is not None
+        c.tasked = True
+        self._nursery.start_soon(c.run)
+
+    async def _watch_parked(self, epoll: select.epoll) -> None:
+        parked = self._parked
+        fd = epoll.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            for ready, _ in epoll.poll(0, EVENTS_PER_WAKE):
+                c = parked.get(ready)
+                if c is not None:
+                    self._serve_ready(c)
+
+    # ------------------------------------------------------------ deadlines
+
+    def _reap_by(self, deadline: float) -> None:
+        """Make sure the reaper looks again by ``deadline`` (an O(1) comparison when it already does)."""
+        if deadline < self._reaper.deadline:
+            self._reaper.deadline = deadline
+
+    def _next_deadline(self) -> float:
+        limits = self.limits
+        when = math.inf
+        if self._activity:
+            when = next(iter(self._activity)).idle_since + limits.idle_timeout
+        if self._partial:
+            when = min(when, next(iter(self._partial)).frame_started + limits.partial_frame_timeout)
+        if self._blocked:
+            when = min(when, next(iter(self._blocked)).blocked_since + limits.idle_timeout)
+        return when
+
+    async def _reap(self) -> None:
+        """Close what has been idle, half-sent or unread too long. Each dict is oldest first."""
+        clock = self.state.clock
+        while True:
+            with trio.CancelScope(deadline=self._next_deadline()) as scope:
+                self._reaper = scope
+                await trio.sleep_forever()
+            now = clock()
+            limits = self.limits
+            idle = self._activity
+            while idle:
+                c = next(iter(idle))
+                if c.idle_since + limits.idle_timeout > now:
+                    break
+                if not (c.in_flight or c.partial or c.writing):
+                    log.debug("closed a connection idle for %.0f s", limits.idle_timeout)
+                    c.abort()  # closed now, or (with a task) as soon as its task runs
+                if c in idle:  # busy (look again an idle period on), or its task is still to close it
+                    c.idle_since = now
+                    idle.move_to_end(c)
+            while self._partial:
+                c = next(iter(self._partial))
+                if c.frame_started + limits.partial_frame_timeout > now:
+                    break
+                del self._partial[c]
+                log.info("closed a connection that left a frame unfinished for %.0f s", limits.partial_frame_timeout)
+                c.abort()
+            while self._blocked:
+                c = next(iter(self._blocked))
+                if c.blocked_since + limits.idle_timeout > now:
+                    break
+                del self._blocked[c]
+                log.info("closed a connection that has not read a reply for %.0f s", limits.idle_timeout)
+                c.abort()
+
+    # ------------------------------------------------------------ stopping
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting connections, then wait (at most ``timeout`` s) until every request that was
@@ -219,64 +447,6 @@ class Server:
         if not self.pending:
             self._idle.set()
 
-    def quota_applies(self, uid: int) -> bool:
-        """Per-uid quotas hold in system mode, for every uid but root and the broker's own."""
-        return self.state.system and uid not in (0, os.getuid())
-
-    async def handle(self, conn: socket.socket) -> None:
-        """Serve one connection. Nothing that happens on it may reach the accept loop."""
-        self.connections += 1
-        uid: int | None = None
-        try:
-            pid, uid, gid = peer_credentials(conn)
-            self.connections_by_uid[uid] = self.connections_by_uid.get(uid, 0) + 1
-            await self._handle(conn, Caller(uid, gid, pid, accepted_at=boottime()))
-        except* PeerGone:
-            pass  # the peer went away; its in-flight replies have nobody to go to
-        except* Exception as group:
-            log.error("connection handler failed; connection closed", exc_info=group)
-        finally:
-            self.connections -= 1
-            if uid is not None:
-                left = self.connections_by_uid[uid] - 1
-                if left:
-                    self.connections_by_uid[uid] = left
-                else:
-                    del self.connections_by_uid[uid]
-            trio.lowlevel.notify_closing(conn)
-            conn.close()
-
-    async def _refuse(self, conn: socket.socket, exc: BrokerError) -> None:
-        patient = self.refusing < MAX_PATIENT_REFUSALS
-        self.refusing += patient
-        try:
-            await refuse(conn, exc, patient=patient)
-        finally:
-            self.refusing -= patient
-
-    async def _handle(self, conn: socket.socket, caller: Caller) -> None:
-        limits = self.limits
-        if self.allowed_uids is not None and caller.uid not in self.allowed_uids:
-            log.warning("refused connection from uid %d (pid %d)", caller.uid, caller.pid)
-            why = f"this broker serves only its own user (uid {os.getuid()}), not uid {caller.uid}"
-            await self._refuse(conn, Forbidden(why))
-            return
-        if self.connections > limits.max_connections:
-            await self._refuse(conn, Overloaded("too many connections", retry_after=1.0))
-            return
-        if self.quota_applies(caller.uid) and self.connections_by_uid[caller.uid] > limits.max_connections_per_uid:
-            log.warning("uid %d is at its quota of %d connections", caller.uid, limits.max_connections_per_uid)
-            await self._refuse(
-                conn,
-                Overloaded(
-                    f"uid {caller.uid} already has {limits.max_connections_per_uid} connections open to this broker "
-                    "(daemon.max_connections_per_uid); close some",
-                    retry_after=1.0,
-                ),
-            )
-            return
-        await _Connection(self, conn, caller).run()
-
 
 async def refuse(conn: socket.socket, exc: BrokerError, *, patient: bool = True) -> None:
     """Tell a connection why it is refused and close it, so that the client reads the error instead of
@@ -290,7 +460,7 @@ async def refuse(conn: socket.socket, exc: BrokerError, *, patient: bool = True)
 
 async def _refuse_patiently(conn: socket.socket, exc: BrokerError) -> None:
     rid: int | None = None
-    decoder = FrameDecoder()
+    decoder = FrameDecoder(codec=_CODEC)
     with trio.move_on_after(REFUSE_READ_TIMEOUT), contextlib.suppress(RemoteProtocolError, OSError):
         while True:
             data = await recv_some(conn)
@@ -310,183 +480,294 @@ async def _refuse_patiently(conn: socket.socket, exc: BrokerError) -> None:
             pass
 
 
+_Pending = tuple[int, "Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]"]
+
+
 class _Connection:
     __slots__ = (
+        "aborted",
+        "blocked_since",
+        "broken",
         "caller",
-        "conn",
+        "closed",
+        "counted",
         "decoder",
+        "fd",
         "frame_started",
+        "idle_since",
         "in_flight",
-        "last_data",
-        "send_lock",
-        "sending",
+        "nursery",
+        "partial",
+        "served",
         "server",
+        "sock",
         "state",
+        "tasked",
+        "todo",
+        "turn",
+        "unread",
+        "unsent",
+        "watched",
+        "writing",
     )
 
-    def __init__(self, server: Server, conn: socket.socket, caller: Caller) -> None:
+    def __init__(self, server: Server, sock: socket.socket, caller: Caller, now: float) -> None:
         self.server = server
         self.state = server.state
-        self.conn = conn
+        self.sock = sock
+        self.fd = sock.fileno()
         self.caller = caller
-        self.decoder = FrameDecoder(server.limits.max_frame)
-        self.send_lock = trio.Lock()
+        self.decoder = FrameDecoder(server.limits.max_frame, _CODEC)
         self.in_flight = 0
-        #: when the last bytes arrived, and when the frame now buffered (if any) began (trio time)
-        self.last_data = self.frame_started = trio.current_time()
-        #: a reply of the read loop is being written (a timeout then cannot resume the stream)
-        self.sending = False
+        #: when the connection last had something to do (bytes arrived, or its last request was answered)
+        self.idle_since = now
+        #: when the frame now half received (if ``partial``) began
+        self.frame_started = now
+        self.partial = False
+        #: when a reply began to wait for the peer to read (while in the server's ``_blocked``)
+        self.blocked_since = now
+        #: the peer broke the protocol: after the error reply, the connection closes
+        self.broken = False
+        #: requests that wait (awaitables, streams) not yet given to the task, and bytes not yet written
+        self.todo: list[_Pending] = []
+        self.unsent: bytes | None = None
+        self.unread: bytes | None = None  # read before its task started, for the task to take
+        self.counted = False  # in the per-uid quotas
+        self.served = False  # a batch of its requests was answered inline
+        self.watched = False  # parked: in the server's epoll and ``_parked``
+        self.closed = False
+        self.tasked = False  # it has a task (started or about to start)
+        self.aborted = False  # the reaper closes it: its task is cancelled as soon as it runs
+        self.nursery: trio.Nursery | None = None  # while its task runs
+        self.writing = False  # a reply is being written (by the task or a request's task)
+        self.turn: trio.lowlevel.ParkingLot | None = None  # writers waiting for their turn
 
-    async def run(self) -> None:
-        """Serve the connection until the peer leaves, breaks the protocol, or a timer closes it.
+    # ------------------------------------------------------------ the decisions (both paths)
 
-        The two timers (a frame begun must finish within ``partial_frame_timeout`` of its first
-        byte; a connection with nothing in flight that sends nothing for ``idle_timeout`` is closed)
-        share one cancel scope whose deadline is moved only when it fires or a frame is split: a
-        cancel scope per receive (trio's deadline heap on every request) cost the cached path a
-        third of its time. When the scope fires, ``_expired`` decides whether that is a real timeout
-        or only an old deadline."""
-        limits = self.server.limits
-        async with trio.open_nursery() as nursery:
-            while True:
-                now = trio.current_time()
-                deadline = self._deadline(now)
-                if deadline <= now:  # idle but with a request in flight: look again an idle period on
-                    deadline = now + limits.idle_timeout
-                with trio.CancelScope(deadline=deadline) as timer:
-                    await self._serve(nursery, timer)
-                    nursery.cancel_scope.cancel()  # the peer left or broke the protocol
-                    return
-                why = self._expired(trio.current_time())
-                if why == "frame":
-                    log.info(
-                        "closed a connection that left a frame unfinished for %.0f s", limits.partial_frame_timeout
-                    )
-                elif why == "idle":
-                    log.debug("closed a connection idle for %.0f s", limits.idle_timeout)
-                elif why == "send":
-                    log.info("closed a connection that has not read a reply for %.0f s", limits.idle_timeout)
-                if why is not None:
-                    nursery.cancel_scope.cancel()
-                    return
-
-    def _deadline(self, now: float) -> float:
-        limits = self.server.limits
-        idle = self.last_data + limits.idle_timeout
-        return min(idle, self.frame_started + limits.partial_frame_timeout) if self.decoder.buffered else idle
-
-    def _expired(self, now: float) -> str | None:
-        """Why the timer's firing closes the connection, or None (an old deadline: serve on)."""
-        limits = self.server.limits
-        if self.sending:
-            return "send"  # a reply half written: the stream cannot go on
-        if self.decoder.buffered and now >= self.frame_started + limits.partial_frame_timeout:
-            return "frame"
-        if not self.decoder.buffered and not self.in_flight and now >= self.last_data + limits.idle_timeout:
-            return "idle"
-        return None
-
-    async def _serve(self, nursery: trio.Nursery, timer: trio.CancelScope) -> None:
-        """Read and answer until the peer leaves or breaks the protocol (returns), or the timer fires."""
+    def feed(self, data: bytes, now: float) -> bytes:
+        """Take ``data``: every whole frame is dispatched; returns the replies ready now (b"" if
+        none). Requests that wait go to ``todo``; a frame left half received starts its deadline."""
+        self.idle_since = now
+        self.server._activity.move_to_end(self)
         decoder = self.decoder
-        dispatch = self.dispatch
-        partial_timeout = self.server.limits.partial_frame_timeout
-        unbroken = 0
-        while True:
-            data = await recv_some(self.conn)
-            if not data:
-                # a peer that went away mid-frame has nobody left to tell
-                with contextlib.suppress(RemoteProtocolError):
-                    decoder.check_eof()
-                return
-            self.last_data = now = trio.current_time()
-            started_partial = not decoder.buffered
-            decoder.receive_data(data)
-            out: list[bytes] = []
-            try:
-                while True:
-                    frame = decoder.next_frame()
-                    if frame is NEED_DATA:
-                        break
-                    started_partial = True  # what is left (if anything) began with this data
-                    reply = dispatch(frame)  # type: ignore[arg-type]
-                    if isinstance(reply, bytes):
-                        out.append(reply)
-                    else:
-                        nursery.start_soon(self._finish, *reply)
-            except RemoteProtocolError as exc:
-                out.append(encode(ErrorReply(None, ErrorCode.BAD_REQUEST, f"protocol error: {exc}")))
-                await self._send_timed(b"".join(out))
-                return
-            if decoder.buffered and started_partial:  # a frame begun: its own deadline, from now
+        frames, error = decoder.receive(data)
+        # a frame left half received began in this data unless one was half received before and no
+        # frame was completed now
+        continuing = self.partial and not frames
+        first = b""
+        more: list[bytes] | None = None
+        for frame in frames:
+            reply = self.dispatch(frame, now)
+            if reply.__class__ is not bytes:
+                self.todo.append(reply)  # type: ignore[arg-type]
+            elif not first:
+                first = reply
+            elif more is None:
+                more = [first, reply]
+            else:
+                more.append(reply)
+        if error is not None:
+            bad = encode(ErrorReply(None, ErrorCode.BAD_REQUEST, f"protocol error: {error}"), _CODEC)
+            more = [first, bad] if more is None else [*more, bad]
+            self.broken = True
+        if decoder.buffered and not self.broken:
+            if not continuing:  # a frame begun in this data: its own deadline, from now
                 self.frame_started = now
-                timer.deadline = min(timer.deadline, now + partial_timeout)
-            if out:
-                await self._send_timed(out[0] if len(out) == 1 else b"".join(out))
-            # a client that keeps the socket full never parks in recv_some: let others run
-            unbroken += 1
-            if unbroken >= 16:
-                unbroken = 0
-                await trio.lowlevel.checkpoint()
+                partial = self.server._partial
+                if self in partial:
+                    partial.move_to_end(self)
+                else:
+                    partial[self] = None
+                    self.server._reap_by(now + self.server.limits.partial_frame_timeout)
+            self.partial = True
+        elif self.partial:
+            self.partial = False
+            self.server._partial.pop(self, None)
+        return first if more is None else b"".join(more)
 
-    async def _send_timed(self, data: bytes) -> None:
-        """``_send`` under the connection's timer: a cancellation mid-write closes the connection."""
-        self.sending = True
-        await self._send(data)
-        self.sending = False
-
-    async def _send(self, data: bytes) -> None:
-        lock = self.send_lock
-        if not lock.locked():  # the common case: no stream reply is being written; skip a yield
-            lock.acquire_nowait()
-            try:
-                await send_all(self.conn, data)
-            finally:
-                lock.release()
-            return
-        async with lock:
-            await send_all(self.conn, data)
-
-    def dispatch(
-        self, frame: dict[str, Any]
-    ) -> bytes | tuple[int, Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]]:
+    def dispatch(self, frame: dict[str, Any], now: float) -> bytes | _Pending:
+        """One request: its reply frame now, or (rid, what to wait for) for the connection's task."""
         try:
-            req: Request = request_from_wire(frame)
-        except _ShapeError as exc:
-            return encode(exc.reply)
+            rid, op, args = request_parts(frame)
+        except RequestShapeError as exc:
+            return encode(exc.reply, _CODEC)
         try:
-            handler = HANDLERS.get(req.op)
+            handler = HANDLERS.get(op)
             if handler is None:
-                known = "is not supported by this broker" if req.op in OPS else "is not a dc-broker op"
-                raise UnknownOp(f"op {req.op!r} {known}; supported: {', '.join(sorted(HANDLERS))}")
-            result = handler(self.state, self.caller, req)
-            if isinstance(result, dict):
-                return _reply_frame(req.id, result)
+                known = "is not supported by this broker" if op in OPS else "is not a dc-broker op"
+                raise UnknownOp(f"op {op!r} {known}; supported: {', '.join(sorted(HANDLERS))}")
+            result = handler(self.state, self.caller, args, now)
+            if result.__class__ is dict:
+                return _reply_frame(rid, result)
             server = self.server
             limits = server.limits
             uid = self.caller.uid
             if self.in_flight >= limits.max_in_flight:
-                _discard(result)
+                _discard(result)  # type: ignore[arg-type]
                 raise Overloaded(
                     f"more than {limits.max_in_flight} requests waiting on this connection", retry_after=1.0
                 )
-            if server.quota_applies(uid) and server.in_flight_by_uid.get(uid, 0) >= limits.max_in_flight_per_uid:
-                _discard(result)
-                raise Overloaded(
-                    f"uid {uid} already has {limits.max_in_flight_per_uid} requests waiting on this broker "
-                    "(daemon.max_in_flight_per_uid)",
-                    retry_after=1.0,
-                )
+            if self.counted:
+                by_uid = server.in_flight_by_uid
+                if by_uid.get(uid, 0) >= limits.max_in_flight_per_uid:
+                    _discard(result)  # type: ignore[arg-type]
+                    raise Overloaded(
+                        f"uid {uid} already has {limits.max_in_flight_per_uid} requests waiting on this broker "
+                        "(daemon.max_in_flight_per_uid)",
+                        retry_after=1.0,
+                    )
+                by_uid[uid] = by_uid.get(uid, 0) + 1
             self.in_flight += 1
-            server.in_flight_by_uid[uid] = server.in_flight_by_uid.get(uid, 0) + 1
             if not isinstance(result, AsyncIterator):
                 server.pending += 1
-            return (req.id, result)
+            return (rid, result)  # type: ignore[return-value]
         except DcBrokerError as exc:  # ours: a BrokerError, or a vault/config error that becomes one
-            return _error_frame(req.id, exc)
+            return _error_frame(rid, exc)
         except Exception:
-            log.exception("op %s failed", req.op)
-            return _error_frame(req.id, InternalError(f"op {req.op!r} failed inside the broker; see its log"))
+            log.exception("op %s failed", op)
+            return _error_frame(rid, InternalError(f"op {op!r} failed inside the broker; see its log"))
+
+    def serve_ready(self) -> str | bytes:
+        """Inline: read what is there, answer what can be answered now; what the connection needs next
+        (``_PARK``, ``_CLOSE``, ``_TASK``), or the bytes it sent again (its task is to take them)."""
+        try:
+            data = self.sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            return _PARK
+        except OSError as exc:
+            if exc.errno in _PEER_GONE_ERRNOS:
+                return _CLOSE
+            raise
+        if not data:
+            return _CLOSE  # the peer left; one that went away mid-frame has nobody left to tell
+        if self.served:
+            return data  # it sends again: it gets a task, which takes this
+        self.served = True
+        out = self.feed(data, self.state.clock())
+        if out:
+            try:
+                self.unsent = self.try_write(out)
+            except PeerGone:
+                return _CLOSE
+        if self.unsent is not None or self.todo or self.partial:
+            return _TASK
+        return _CLOSE if self.broken else _PARK
+
+    def try_write(self, data: bytes) -> bytes | None:
+        """Write ``data`` now if the socket takes it and no other reply is being written; what is
+        left to write (all of it, when another writer is at work), or None."""
+        if self.writing:
+            return data
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            return data
+        except OSError as exc:
+            if exc.errno in _PEER_GONE_ERRNOS:
+                raise PeerGone from None
+            raise
+        return None if sent == len(data) else data[sent:]
+
+    # ------------------------------------------------------------ a task of its own
+
+    async def run(self) -> None:
+        """The connection's task, until the peer leaves, breaks the protocol, or the reaper closes it."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                if self.aborted:  # the reaper got to it before the task started
+                    nursery.cancel_scope.cancel()
+                await self._work(nursery)
+                nursery.cancel_scope.cancel()  # the peer left or broke the protocol
+        except* PeerGone:
+            pass  # the peer went away; its in-flight replies have nobody to go to
+        except* Exception as group:
+            log.error("connection handler failed; connection closed", exc_info=group)
+        finally:
+            self.nursery = None
+            self.close()
+
+    async def _work(self, nursery: trio.Nursery) -> None:
+        self._start_todo(nursery)
+        if self.unsent is not None:
+            unsent, self.unsent = self.unsent, None
+            await self._send(unsent)
+        if self.broken:
+            return
+        unread, self.unread = self.unread, None
+        await self._read(nursery, unread)
+
+    async def _read(self, nursery: trio.Nursery, data: bytes | None) -> None:
+        """Read, answer, repeat. ``data``: a first batch already read for it."""
+        sock = self.sock
+        recv = sock.recv
+        clock = self.state.clock
+        batches = 0
+        while True:
+            if data is None:
+                try:
+                    data = recv(RECEIVE_SIZE)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    batches = 0
+                    continue
+                except OSError as exc:
+                    if exc.errno in _PEER_GONE_ERRNOS:
+                        return
+                    raise
+                if not data:
+                    return
+            out = self.feed(data, clock())
+            data = None
+            if self.todo:
+                self._start_todo(nursery)
+            if out:
+                rest = self.try_write(out)
+                if rest is not None:
+                    await self._send(rest)
+            if self.broken:
+                return
+            batches += 1
+            if batches >= BATCHES_PER_CHECKPOINT:  # a client that keeps the socket full: let others run
+                batches = 0
+                await trio.lowlevel.checkpoint()
+
+    def _start_todo(self, nursery: trio.Nursery) -> None:
+        for rid, pending in self.todo:
+            nursery.start_soon(self._finish, rid, pending)
+        self.todo.clear()
+
+    async def _send(self, data: bytes) -> None:
+        """Write one or more whole frames, after any other writer; a peer that takes none of it for
+        ``idle_timeout`` seconds is closed by the reaper."""
+        while self.writing:
+            if self.turn is None:
+                self.turn = trio.lowlevel.ParkingLot()
+            await self.turn.park()
+        self.writing = True
+        try:
+            view = memoryview(data)
+            while view:
+                try:
+                    sent = self.sock.send(view)
+                except BlockingIOError:
+                    blocked = self.server._blocked
+                    if self not in blocked:
+                        self.blocked_since = self.state.clock()
+                        blocked[self] = None
+                        self.server._reap_by(self.blocked_since + self.server.limits.idle_timeout)
+                    await trio.lowlevel.wait_writable(self.sock)
+                    continue
+                except OSError as exc:
+                    if exc.errno in _PEER_GONE_ERRNOS:
+                        raise PeerGone from None
+                    raise
+                view = view[sent:]
+        finally:
+            self.writing = False
+            self.server._blocked.pop(self, None)
+            if self.turn:
+                self.turn.unpark()
 
     async def _finish(self, rid: int, pending: Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]) -> None:
         try:
@@ -494,7 +775,7 @@ class _Connection:
                 if isinstance(pending, AsyncIterator):
                     async for result in pending:  # a stream: every message but a final error has more=true
                         await self._send(_reply_frame(rid, result, more=True))
-                    frame = encode(Reply(rid, {"end": True}))
+                    frame = _reply_frame(rid, {"end": True})
                 else:
                     frame = _reply_frame(rid, await pending)
             except DcBrokerError as exc:
@@ -507,14 +788,48 @@ class _Connection:
             pass
         finally:
             self.in_flight -= 1
-            by_uid = self.server.in_flight_by_uid
-            left = by_uid[self.caller.uid] - 1
-            if left:
-                by_uid[self.caller.uid] = left
-            else:
-                del by_uid[self.caller.uid]
+            if self.counted:
+                self.server.in_flight_by_uid[self.caller.uid] -= 1
             if not isinstance(pending, AsyncIterator):
                 self.server._request_done()
+
+    # ------------------------------------------------------------ the end
+
+    def abort(self) -> None:
+        """Close from outside (the reaper): cancel its task, which closes it (a task not yet running
+        is cancelled when it starts, so that what it was given is accounted for)."""
+        if not self.tasked:
+            self.close()
+            return
+        self.aborted = True
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        server = self.server
+        for _, pending in self.todo:  # requests a failure left unstarted: never answered, not counted
+            _discard(pending)
+            self.in_flight -= 1
+            if self.counted:
+                server.in_flight_by_uid[self.caller.uid] -= 1
+            if not isinstance(pending, AsyncIterator):
+                server._request_done()
+        self.todo.clear()
+        server.connections -= 1
+        if self.counted:
+            server.connections_by_uid[self.caller.uid] -= 1
+        server._activity.pop(self, None)
+        if self.watched:
+            del server._parked[self.fd]
+            self.watched = False  # closing the fd takes it out of the epoll
+        if self.partial:
+            server._partial.pop(self, None)
+        server._blocked.pop(self, None)
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
 
 
 def _discard(result: Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]) -> None:

@@ -1,0 +1,176 @@
+"""The server's two ways through (issue 23): the first request answered without a task, a connection
+that keeps talking given one, and every deadline kept by the one reaper: idle (with or without a
+task) and a reply the client does not read.
+
+In-process (a real Unix socket, trio sockets for the clients) where the test counts the tasks the
+server makes; a real `dc-broker run` where it times what the reaper closes."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+from dc_broker.config import Profile
+from dc_broker.idp.transport import IdpTransport
+from dc_broker.secret import Secret
+from dc_broker.serve.listen import bind_unix_socket
+from dc_broker.serve.ops import BrokerState
+from dc_broker.serve.server import Limits, Server
+from dc_broker.sessions.registry import Sessions
+from dc_broker.store import MemoryStore
+from dc_broker.tokens import Credentials, TokenSet
+from dc_token.protocol import Request, encode
+from tests.e2e import connections_on, start_run, stop, wait_for
+
+TOKEN = encode(Request(1, "token", {"profile": "p", "min_ttl": 60}))
+
+
+class Spawns(trio.abc.Instrument):
+    """The names of the tasks spawned while it is installed."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+    def connection_tasks(self) -> int:
+        return sum(name.endswith("_Connection.run") for name in self.names)
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, **limits: float) -> AsyncIterator[tuple[str, Server]]:
+    """A Server on a real socket, with one profile ``p`` whose stored token is good for 30 minutes."""
+    profile = Profile(name="p", client_id="c", grant="client_credentials", token_url="http://127.0.0.1:9/token")
+    store = MemoryStore({"p": Credentials(client_secret=Secret("s"))})
+    now = time.time()
+    tokens = TokenSet(Secret("tok-" + "x" * 600), now, now + 1800, issued_for=profile.login_fingerprint())
+    await store.save_tokens("p", tokens)
+    sessions = Sessions({"p": profile}, store, IdpTransport())
+    path = str(tmp_path / "run" / "b.sock")
+    sock, lock = bind_unix_socket(path)
+    server = Server(BrokerState(sessions=sessions, socket_path=path), limits=Limits(**limits))  # type: ignore[arg-type]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sessions.run)
+            await nursery.start(server.serve, sock)
+            yield path, server
+            nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
+        lock.close()
+
+
+async def ask(client: trio.socket.SocketType, frame: bytes = TOKEN) -> dict[str, object]:
+    await client.send(frame)
+    buf = b""
+    while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:4], "big"):
+        data = await client.recv(65536)
+        assert data, "the broker closed the connection"
+        buf += data
+    reply = msgpack.unpackb(buf[4:])
+    assert isinstance(reply, dict)
+    return reply
+
+
+async def settled(server: Server, connections: int) -> None:
+    while server.connections != connections:
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.01)
+
+
+async def test_one_request_per_connection_makes_no_task(tmp_path: Path) -> None:
+    async with serving(tmp_path) as (path, server):
+        spawns = Spawns()
+        trio.lowlevel.add_instrument(spawns)
+        try:
+            for i in range(20):
+                client = trio.socket.socket(socket.AF_UNIX)
+                await client.connect(path)
+                if i % 2:  # the request there at once, or only after the accept loop has looked
+                    await trio.testing.wait_all_tasks_blocked()
+                reply = await ask(client)
+                assert reply["ok"] and str(reply["result"]["token"]).startswith("tok-")  # type: ignore[index]
+                client.close()
+            await settled(server, 0)
+        finally:
+            trio.lowlevel.remove_instrument(spawns)
+        assert spawns.connection_tasks() == 0, spawns.names
+        assert server.connections == 0
+
+
+async def test_a_connection_that_keeps_talking_gets_one_task_for_good(tmp_path: Path) -> None:
+    async with serving(tmp_path) as (path, server):
+        spawns = Spawns()
+        trio.lowlevel.add_instrument(spawns)
+        try:
+            client = trio.socket.socket(socket.AF_UNIX)
+            await client.connect(path)
+            replies = [await ask(client, encode(Request(i, "token", {"profile": "p"}))) for i in range(1, 30)]
+            assert [r["id"] for r in replies] == list(range(1, 30)) and all(r["ok"] for r in replies)
+            client.close()
+            await settled(server, 0)
+        finally:
+            trio.lowlevel.remove_instrument(spawns)
+        assert spawns.connection_tasks() == 1, spawns.names
+
+
+async def test_a_frame_that_waits_gets_a_task_and_its_deadline(tmp_path: Path) -> None:
+    async with serving(tmp_path, partial_frame_timeout=0.3) as (path, server):
+        client = trio.socket.socket(socket.AF_UNIX)
+        await client.connect(path)
+        await client.send(TOKEN[:5])
+        t0 = trio.current_time()
+        assert await client.recv(100) == b""  # closed by the reaper, not by a cancel scope of its own
+        assert 0.25 < trio.current_time() - t0 < 2.0
+        await settled(server, 0)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("serve")
+    text = "[daemon]\nidle_timeout = 1.0\n"
+    text += '[profiles.p]\ntoken_url = "http://127.0.0.1:9/token"\nclient_id = "c"\ngrant = "client_credentials"\n'
+    (tmp / "config.toml").write_text(text)
+    sock = str(tmp / "run" / "b.sock")
+    proc = start_run(tmp / "config.toml", sock, '[p]\nclient_secret = "s"\n', stderr=subprocess.DEVNULL)
+    try:
+        yield sock
+    finally:
+        stop(proc)
+
+
+def test_a_connection_with_a_task_that_goes_idle_is_closed(broker: str) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(broker)
+    for i in range(3):  # its second request gives it a task
+        s.sendall(encode(Request(i, "hello")))
+        assert s.recv(65536)
+    t0 = time.monotonic()
+    assert s.recv(100) == b""  # closed by the broker after idle_timeout (1 s)
+    assert 0.9 < time.monotonic() - t0 < 5
+    s.close()
+
+
+def test_a_client_that_does_not_read_its_replies_is_closed(broker: str) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(broker)
+    s.settimeout(10)
+    t0 = time.monotonic()
+    # ~3 MB of replies that are never read: the broker's writes block, then it stops reading, and
+    # this send blocks in turn until the broker gives up on the connection
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        s.sendall(b"".join(encode(Request(i, "hello")) for i in range(20_000)))
+    assert 0.9 < time.monotonic() - t0 < 10  # idle_timeout (1 s) after its replies stopped moving
+    wait_for(lambda: connections_on(broker, accepted_only=True) == 0, 10, "the broker closing the connection")
+    s.close()
