@@ -507,3 +507,42 @@ async def test_a_password_never_accepted_is_wrong_at_once(make_idp, autojump_clo
         with pytest.raises(CredentialsRejected, match="refused the password"):
             await session.get()
     assert session.state is State.REJECTED and grants(idp, "password") == 1
+
+
+async def test_requests_to_one_idp_queue_beyond_a_limit(autojump_clock) -> None:
+    """Hundreds of profiles refreshing against one IdP at once: at most MAX_PER_ORIGIN go out together,
+    the rest wait their turn in order (httpx's pool re-scans every waiting request on each answer: with
+    1,000 waiting it pinned the event loop), and every one is answered."""
+    import httpx
+
+    from dc_broker.idp import oidc
+    from dc_broker.idp.transport import MAX_PER_ORIGIN, IdpTransport
+
+    now_in_flight, most = 0, 0
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal now_in_flight, most
+        now_in_flight += 1
+        most = max(most, now_in_flight)
+        await trio.sleep(0.5)
+        now_in_flight -= 1
+        return httpx.Response(200, json={"access_token": "A", "expires_in": 60})
+
+    class Slow(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            return await answer(request)
+
+    transport = IdpTransport(transport=Slow())
+    client = oidc.ClientCredentials("cli", "none")
+    answered = 0
+
+    async def one() -> None:
+        nonlocal answered
+        resp = await transport.send(oidc.build_password("http://127.0.0.1:1/t", client, "u", Secret("pw")))
+        answered += resp.status == 200
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(200):
+            nursery.start_soon(one)
+    assert answered == 200 and most == MAX_PER_ORIGIN
+    assert trio.current_time() == pytest.approx(200 / MAX_PER_ORIGIN * 0.5, abs=0.6)
