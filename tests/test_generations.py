@@ -22,6 +22,7 @@ from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import (
+    BrokerError,
     CredentialsRejected,
     InternalError,
     Locked,
@@ -68,6 +69,10 @@ class LockableStore(MemoryStore):
     def saved_tokens(self, profile: str) -> TokenSet | None:
         self._check()
         return super().saved_tokens(profile)
+
+    def saved_tokens_all(self) -> dict[str, TokenSet | BrokerError]:
+        self._check()
+        return super().saved_tokens_all()
 
     async def save_tokens(self, profile: str, tokens: TokenSet) -> None:
         self._check()

@@ -3,13 +3,8 @@ scope children, and the nursery their refresh tasks run in.
 
 ``Sessions`` adds, changes and removes profiles at run time (``reload``), locks and unlocks them all,
 and reports their status. What one login does lives in ``session``; its states in ``states``; the
-grant flows in ``flows``.
-
-**A failed session never ends the broker.** Each session's task runs under a supervisor
-(``_supervise``): an unexpected exception (a bug) is logged with its traceback (once per kind of
-failure and session; a repeat is one line), the profile shows ``error`` with the message, and the
-task restarts after a backoff (``policy.backoff_delay``: 1 s, 2 s, ... up to 5 min). The daemon
-stops only when asked.
+grant flows in ``flows``; when each one's next attempt starts, and what happens when one fails with a
+bug (it never ends the broker), in ``scheduler``: one task for them all.
 
 **Lock waits for what is at the IdP.** ``lock`` takes every token out of memory at once (nothing is
 served from then on), then waits (at most ``LOCK_SETTLE_LIMIT``) until refreshes already at the IdP
@@ -33,7 +28,8 @@ from dc_broker.config import Profile
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.sessions import policy
 from dc_broker.sessions.policy import RefreshPolicy
-from dc_broker.sessions.session import Session
+from dc_broker.sessions.scheduler import Scheduler
+from dc_broker.sessions.session import UNREAD, Session
 from dc_broker.sessions.states import State
 from dc_broker.store import SecretStore
 from dc_token.errors import DcBrokerError, UnknownProfile
@@ -71,7 +67,9 @@ class Sessions:
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._by_name: dict[str, Session] = {name: self._session(p) for name, p in profiles.items()}
         self._scoped: dict[tuple[str, str], Session] = {}
-        self._nursery: trio.Nursery | None = None
+        self._scheduler = Scheduler(refresh_policy, clock)
+        #: the scheduler runs: sessions added from now on are its at once
+        self._running = False
 
     def _session(self, profile: Profile, parent: Session | None = None) -> Session:
         return Session(
@@ -98,37 +96,13 @@ class Sessions:
         return session
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run every session's refresh task until cancelled; first refreshes are staggered."""
+        """Run every session's refreshes until cancelled; first refreshes are staggered."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            await nursery.start(self._scheduler.run)
+            self._running = True
             for session in self._by_name.values():
-                nursery.start_soon(self._run_one, session, policy.startup_delay(self.policy, self.rng.random()))
+                self._scheduler.add(session, policy.startup_delay(self.policy, self.rng.random()))
             task_status.started()
-            await trio.sleep_forever()  # open for profiles added later, even when it starts with none
-
-    async def _run_one(self, session: Session, delay: float) -> None:
-        with session.cancel_scope:
-            await self._supervise(session, delay)
-
-    async def _supervise(self, session: Session, delay: float) -> None:
-        """Run ``session``'s task; restart it after a backoff whenever it fails with a bug."""
-        crashes = 0
-        told: set[tuple[str, str]] = set()
-        while True:
-            try:
-                await session.run(first_attempt_delay=delay)
-            except Exception as exc:
-                crashes += 1
-                wait = policy.backoff_delay(self.policy, crashes, 1.0)
-                name, kind = session.profile.name, (type(exc).__name__, str(exc)[:200])
-                if kind in told:
-                    log.error("profile %s: its task failed again (%s); restarting in %.0f s", name, kind[0], wait)
-                else:
-                    told.add(kind)
-                    log.error("profile %s: its task failed; restarting in %.0f s", name, wait, exc_info=exc)
-                session.crashed(exc, wait)
-                await trio.sleep(wait)
-                delay = 0.0
 
     def add(self, profile: Profile) -> Session:
         """Add (or replace the settings of) a profile at run time."""
@@ -138,11 +112,10 @@ class Sessions:
             return existing
         session = self._session(profile)
         self._by_name[profile.name] = session
-        if self._nursery is not None:
+        if self._running:
             # a profile `dc-broker add` is adding has no secret yet: it waits for them (set_secrets),
             # a person's login or a caller, instead of failing (and saying so) before they arrive
-            delay = 0.0 if self._has_login(session) else math.inf
-            self._nursery.start_soon(self._run_one, session, delay)
+            self._scheduler.add(session, 0.0 if self._has_login(session) else math.inf)
         return session
 
     def _has_login(self, session: Session) -> bool:
@@ -170,19 +143,19 @@ class Sessions:
                 self._retire(self._scoped.pop(mine[0]))
             child = self._session(replace(base.profile, scope=scope), parent=base)
             self._scoped[(name, scope)] = child
-            if self._nursery is not None:
-                self._nursery.start_soon(self._run_one, child, math.inf)  # refreshes on demand first
+            if self._running:
+                self._scheduler.add(child, math.inf)  # refreshes on demand first
         return child
 
     def _drop_scoped(self, name: str) -> None:
         for key in [k for k in self._scoped if k[0] == name]:
             self._retire(self._scoped.pop(key))
 
-    @staticmethod
-    def _retire(session: Session) -> None:
-        """A session leaves the broker: its task stops, its token leaves memory."""
+    def _retire(self, session: Session) -> None:
+        """A session leaves the broker: no attempt starts for it again (one in flight stops), its token
+        leaves memory."""
         session.token = None
-        session.cancel_scope.cancel()
+        self._scheduler.remove(session)
         if session.parent is not None:
             session.parent.children.discard(session)
 
@@ -204,9 +177,14 @@ class Sessions:
         self.store.lock()
 
     def unlocked(self) -> None:
-        """The vault was unlocked: stored tokens are served again on their schedule."""
+        """The vault was unlocked: stored tokens are served again on their schedule. Every profile's
+        are read in one go (10,000 profiles: one query, not 10,000)."""
+        try:
+            stored = self.store.saved_tokens_all()
+        except DcBrokerError:
+            stored = {}  # each session reads its own, and says what is wrong with it
         for session in self._all():
-            session.resume()
+            session.resume(stored.get(session.profile.name, UNREAD) if stored else UNREAD)
 
     def remove(self, name: str) -> None:
         """Forget a profile: its refresh task stops and its token leaves memory."""

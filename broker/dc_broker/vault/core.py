@@ -39,7 +39,7 @@ from dc_broker.vault.keysource import (
     key_source_of,
 )
 from dc_broker.vault.records import CREDENTIAL_FIELDS, NONCE_BYTES, RECORD_VERSION, TOKENS_FIELD
-from dc_token.errors import Locked
+from dc_token.errors import BrokerError, Locked
 
 _LOCKED_MESSAGE: Final = "the vault is locked; run `dc-broker unlock`"
 
@@ -318,6 +318,24 @@ class Vault:
             return records.tokens_of(doc)
         except (KeyError, TypeError, ValueError):
             raise records.corrupt(profile, field, "does not hold a token set") from None
+
+    def saved_tokens_all(self) -> dict[str, TokenSet | BrokerError]:
+        """Every profile's saved tokens in one query (unlock restores them all at once); a record that
+        fails authentication is that profile's ``RecordCorrupt``, the others are unharmed."""
+        aead = self._require_unlocked()
+        rows = self._read(
+            "SELECT profile, field, version, nonce, ciphertext FROM records WHERE field = ?", (TOKENS_FIELD,)
+        )
+        found: dict[str, TokenSet | BrokerError] = {}
+        for profile, field, version, nonce, ciphertext in rows:
+            try:
+                doc = self._decrypt(aead, profile, field, version, nonce, ciphertext)
+                found[profile] = records.tokens_of(doc)
+            except BrokerError as exc:
+                found[profile] = exc
+            except (KeyError, TypeError, ValueError):
+                found[profile] = records.corrupt(profile, field, "does not hold a token set")
+        return found
 
     async def save_tokens(self, profile: str, tokens: TokenSet) -> None:
         """Store the profile's latest tokens; returns once they are committed and fsynced."""
