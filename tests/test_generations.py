@@ -551,3 +551,33 @@ async def test_requests_to_one_idp_queue_beyond_a_limit(autojump_clock) -> None:
             nursery.start_soon(one)
     assert answered == 200 and most == MAX_PER_ORIGIN
     assert trio.current_time() == pytest.approx(200 / MAX_PER_ORIGIN * 0.5, abs=0.6)
+
+
+async def test_a_stop_waits_for_a_refresh_in_flight_and_not_for_a_grant_that_spends_nothing(
+    make_idp, autojump_clock
+) -> None:
+    """What the daemon waits for on SIGTERM (``settled(spending_only=True)``): a refresh at a slow
+    IdP holds the only copy of the next refresh token, so the stop waits and stores it; a
+    client-credentials grant at the same IdP loses nothing when cut short, so the stop does not wait
+    for it (50 such profiles at an unreachable IdP kept a broker from stopping for its 20 s drain)."""
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    store = MemoryStore({n: CREDENTIALS[n] for n in ("demo", "service")})
+    profiles = {"demo": profile("demo"), "service": profile("service")}
+    sessions = Sessions(profiles, store, idp_transport(idp), rng=random.Random(3), wall_clock=trio_wall_clock)
+    async with running(sessions.run):
+        demo, service = sessions.lookup("demo"), sessions.lookup("service")
+        await demo.get()
+        await service.get()
+        idp.faults.latency = 30.0
+        await in_flight(service)
+        assert service.busy and not service.holds_refresh_token
+        started = trio.current_time()
+        await sessions.settled(spending_only=True)
+        assert trio.current_time() == started  # nothing to keep: no wait
+        await in_flight(demo)
+        assert demo.busy and demo.holds_refresh_token
+        await sessions.settled(spending_only=True)
+        assert trio.current_time() - started == pytest.approx(30.0, abs=1.5)  # the rotation came back
+        saved = store.saved_tokens("demo")
+        assert saved is not None and demo.token is not None and saved.refresh_token == demo.token.refresh_token
+    assert idp.stats.refresh_reuse == 0

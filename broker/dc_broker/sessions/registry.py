@@ -209,10 +209,12 @@ class Sessions:
             self.add(profiles[name])
         return added, changed, removed
 
-    async def settled(self) -> None:
-        """Return once no session has an attempt in flight (what the daemon waits for on stop)."""
+    async def settled(self, *, spending_only: bool = False) -> None:
+        """Return once no session has an attempt in flight (``lock`` waits for this). With
+        ``spending_only`` (what the daemon waits for on stop), only sessions whose login holds a
+        refresh token: a grant that spends nothing is cut short at no cost, however slow its IdP."""
         while True:
-            busy = [s for s in self._all() if s.busy]
+            busy = [s for s in self._all() if s.busy and (s.holds_refresh_token or not spending_only)]
             if not busy:
                 return
             await busy[0].settled()

@@ -495,6 +495,14 @@ class Session:
         """An attempt is in flight, or something uses this login at the IdP (``settled`` waits)."""
         return self.attempt is not None or (self._lock is not None and self._lock.locked())
 
+    @property
+    def holds_refresh_token(self) -> bool:
+        """Its login has a refresh token: an attempt or narrowing in flight may spend it, and its
+        answer holds the only copy of the next one (what a stop waits for; a client-credentials or
+        password grant cut short loses nothing)."""
+        tok = self.token
+        return (tok is not None and tok.refresh_token is not None) or self._in_doubt is not None
+
     async def settled(self) -> None:
         """Return once no attempt is in flight and nothing uses this login at the IdP."""
         while self.attempt is not None:
