@@ -28,6 +28,7 @@ from dc_broker.secret import Secret
 from dc_broker.serve.audit import Audit
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
+from dc_broker.sinks import TokenFiles
 from dc_broker.store import MemoryStore, SecretStore
 from dc_broker.tokens import TokenSet
 from dc_broker.vault.records import unlock_delay
@@ -61,6 +62,13 @@ class BrokerState:
     unlock_lock: trio.Lock = field(default_factory=trio.Lock)
     #: clock time of the last token request (for auto-lock)
     last_use: float = 0.0
+    #: the token files (``[[profiles.NAME.sinks]]``): `logout`, `lock` and `reload` wait until
+    #: the files they take away are gone
+    files: TokenFiles | None = None
+
+    async def settle_files(self, names: list[str] | None = None) -> None:
+        if self.files is not None:
+            await self.files.settle(names)
 
 
 Handler = Callable[[BrokerState, Caller, Request], "Result | Awaitable[Result] | AsyncIterator[Result]"]
@@ -269,6 +277,7 @@ async def _lock(state: BrokerState) -> Result:
     answers (``Sessions.lock``). One lock or unlock at a time, so an unlock cannot slip in between."""
     async with state.unlock_lock:
         await state.sessions.lock()
+        await state.settle_files()  # no token file outlives the reply
     return {"locked": True}
 
 
@@ -287,14 +296,20 @@ async def auto_lock(state: BrokerState, after: float) -> None:
             state.last_use = state.clock()  # wait a full period again after the next unlock
 
 
-def op_reload(state: BrokerState, caller: Caller, req: Request) -> Result:
-    """Re-read the config file (what `dc-broker add/remove` do with a running broker)."""
+def op_reload(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
+    """Re-read the config file (what `dc-broker add/remove` do with a running broker). Returns once
+    the token files of removed profiles (and sinks a change dropped) are gone."""
     _admin(state, caller)
     if state.config_path is None:
         raise BadRequest("this broker was not started from a config file; there is nothing to reload")
     config = load_config(state.config_path, missing_ok=True)
     added, changed, removed = state.sessions.reload(config.profiles)
-    return {"added": added, "changed": changed, "removed": removed}
+    return _reloaded(state, {"added": added, "changed": changed, "removed": removed})
+
+
+async def _reloaded(state: BrokerState, result: Result) -> Result:
+    await state.settle_files([*result["changed"], *result["removed"]])
+    return result
 
 
 def op_set_secrets(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
@@ -330,11 +345,12 @@ async def _set_secrets_checked(state: BrokerState, session: Session, fields: dic
 
 def op_logout(state: BrokerState, caller: Caller, req: Request) -> Awaitable[Result]:
     session = administered(state.sessions, caller, OpArgs.from_wire("logout", req.args)["profile"])
-    return _logout(session)
+    return _logout(state, session)
 
 
-async def _logout(session: Session) -> Result:
+async def _logout(state: BrokerState, session: Session) -> Result:
     revoked = await session.logout()
+    await state.settle_files([session.profile.name])  # its token files are gone before the reply
     grant = session.profile.grant
     forgot = {"password": "password", "client_credentials": "client secret"}.get(grant, "refresh token")
     kept = grant != "client_credentials" and session.store.credentials(session.profile.name).client_secret is not None
