@@ -412,10 +412,12 @@ async def test_client_credentials_scope_asks_with_the_secret(make_idp, autojump_
     from tests.conftest import CREDENTIALS, idp_transport, profile
 
     idp = make_idp()
-    sessions = Sessions({"service": profile("service")}, MemoryStore(dict(CREDENTIALS)), idp_transport(idp))
+    sessions = Sessions(
+        {"service": profile("service", scope="openid phone")}, MemoryStore(dict(CREDENTIALS)), idp_transport(idp)
+    )
     async with running(sessions.run):
         tok = await sessions.lookup_scoped(sessions.lookup("service"), "openid").get()
-        assert "openid" in (tok.scope or "")
+        assert "openid" in (tok.scope or "") and "phone" not in (tok.scope or "")
 
 
 async def device_code(session: Session):

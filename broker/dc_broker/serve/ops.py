@@ -5,6 +5,11 @@ the result map at once (the common, allocation-light path: a cached token), an a
 produces it (the server runs those as separate tasks so a slow op never delays the connection), or
 an async iterator of results (a stream: each is sent with ``more: true``; ``watch``).
 Handlers raise ``dc_token.errors.BrokerError`` subclasses; the server turns them into error replies.
+
+Every handler that decides who may do what first makes sure the caller's program hash is settled
+when any profile pins a program by hash (``exe-sha256``): from the cache at once, else read in a
+worker thread before the decision (``dc_broker.access.programs``; ``_program_first``). The decision
+then costs the same whichever profile it is about, and the loop never reads a program.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import trio
 
 from dc_broker.access.authorize import administered, authorized, is_owner, permits
 from dc_broker.access.caller import Caller
+from dc_broker.access.programs import ProgramHashes
 from dc_broker.config.load import load_config
 from dc_broker.errors import UpstreamFault, WrongPassphrase
 from dc_broker.secret import Secret
 from dc_broker.serve.audit import Audit
-from dc_broker.sessions.registry import Sessions
+from dc_broker.sessions.registry import ScopeNotKnownYet, Sessions
 from dc_broker.sessions.session import Session
 from dc_broker.sinks import TokenFiles
 from dc_broker.store import MemoryStore, SecretStore
@@ -65,6 +71,12 @@ class BrokerState:
     #: the token files (``[[profiles.NAME.sinks]]``): `logout`, `lock` and `reload` wait until
     #: the files they take away are gone
     files: TokenFiles | None = None
+    #: callers' program hashes for exe-sha256 rules: cache, budgets, the worker thread
+    programs: ProgramHashes = field(default_factory=ProgramHashes)
+
+    def program_pending(self, caller: Caller) -> bool:
+        """Whether ``caller``'s program must be hashed (off the loop) before anything is decided."""
+        return not caller.attested and self.sessions.pins_programs and not self.programs.cached(caller)
 
     async def settle_files(self, names: list[str] | None = None) -> None:
         if self.files is not None:
@@ -109,8 +121,15 @@ def op_hello(state: BrokerState, caller: Caller, req: Request) -> Result:
 
 def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result]:
     args = TokenArgs.from_wire(req.args)  # the wire contract's own checks, the same as the client's
+    if not caller.attested and state.sessions.pins_programs and state.program_pending(caller):
+        return _after_program(state, caller, req, op_token)
     name, min_ttl = args.profile, args.min_ttl
-    session = state.sessions.lookup_scoped(authorized(state.sessions, caller, name, system=state.system), args.scope)
+    session = authorized(state.sessions, caller, name, system=state.system)
+    if args.scope is not None:  # checked and paid for by the caller (``Sessions.scoped``)
+        try:
+            session = state.sessions.scoped(session, args.scope, caller.uid, min_ttl)
+        except ScopeNotKnownYet:
+            return _scoped_token(state, caller, session, args)
     state.audit.record(name, caller)
     now = state.last_use = state.clock()
     tok = session.peek(min_ttl, now)
@@ -119,16 +138,42 @@ def op_token(state: BrokerState, caller: Caller, req: Request) -> Result | Await
     return _token_slow(state, session, min_ttl)
 
 
+async def _scoped_token(state: BrokerState, caller: Caller, base: Session, args: TokenArgs) -> Result:
+    """A per-request scope of a profile without a scope of its own: it narrows what the IdP granted
+    the profile's login, so that login comes first."""
+    session = await _scoped_after_login(state, caller, base, args)
+    state.audit.record(args.profile, caller)
+    state.last_use = state.clock()
+    return await _token_slow(state, session, args.min_ttl)
+
+
+async def _scoped_after_login(state: BrokerState, caller: Caller, base: Session, args: TokenArgs) -> Session:
+    await base.get(0.0)
+    assert args.scope is not None
+    return state.sessions.scoped(base, args.scope, caller.uid, args.min_ttl)
+
+
 def op_watch(state: BrokerState, caller: Caller, req: Request) -> AsyncIterator[Result]:
     """Stream: the current token at once, then every new one, until the client closes or an error."""
     args = TokenArgs.from_wire(req.args)
     name, min_ttl = args.profile, args.min_ttl
-    session = state.sessions.lookup_scoped(authorized(state.sessions, caller, name, system=state.system), args.scope)
+    session = authorized(state.sessions, caller, name, system=state.system)
+    if args.scope is not None:
+        try:
+            session = state.sessions.scoped(session, args.scope, caller.uid, min_ttl)
+        except ScopeNotKnownYet:
+            return _watch(state, session, min_ttl, scoped=(caller, args))
     state.audit.record(name, caller)
     return _watch(state, session, min_ttl)
 
 
-async def _watch(state: BrokerState, session: Session, min_ttl: float) -> AsyncIterator[Result]:
+async def _watch(
+    state: BrokerState, session: Session, min_ttl: float, scoped: tuple[Caller, TokenArgs] | None = None
+) -> AsyncIterator[Result]:
+    if scoped is not None:  # a per-request scope waiting for the profile's login (``_scoped_token``)
+        caller, args = scoped
+        session = await _scoped_after_login(state, caller, session, args)
+        state.audit.record(args.profile, caller)
     last: TokenSet | None = None
     while True:
         changed = session.token_changed
@@ -357,18 +402,49 @@ async def _logout(state: BrokerState, session: Session) -> Result:
     return {"profile": session.profile.name, "revoked": revoked, "forgotten": forgot, "kept_client_secret": kept}
 
 
+async def _after_program(state: BrokerState, caller: Caller, req: Request, handler: Handler) -> Result:
+    await state.programs.attest(caller)
+    result = handler(state, caller, req)
+    if isinstance(result, dict):
+        return result
+    assert not isinstance(result, AsyncIterator)
+    return await result
+
+
+async def _stream_after_program(
+    state: BrokerState, caller: Caller, req: Request, handler: Handler
+) -> AsyncIterator[Result]:
+    await state.programs.attest(caller)
+    result = handler(state, caller, req)
+    assert isinstance(result, AsyncIterator)
+    async for item in result:
+        yield item
+
+
+def _program_first(handler: Handler, *, stream: bool = False) -> Handler:
+    """``handler``, once the caller's program hash is settled (module docstring)."""
+
+    def first(state: BrokerState, caller: Caller, req: Request) -> Result | Awaitable[Result] | AsyncIterator[Result]:
+        if state.program_pending(caller):
+            after = _stream_after_program if stream else _after_program
+            return after(state, caller, req, handler)
+        return handler(state, caller, req)
+
+    return first
+
+
 HANDLERS: dict[str, Handler] = {
     "hello": op_hello,
-    "token": op_token,
-    "invalidate": op_invalidate,
-    "status": op_status,
-    "watch": op_watch,
-    "login": op_login,
+    "token": op_token,  # its own check: it is the hot path
+    "invalidate": _program_first(op_invalidate),
+    "status": _program_first(op_status),
+    "watch": _program_first(op_watch, stream=True),
+    "login": _program_first(op_login, stream=True),
     "unlock": op_unlock,
     "lock": op_lock,
     "reload": op_reload,
-    "set_secrets": op_set_secrets,
-    "logout": op_logout,
+    "set_secrets": _program_first(op_set_secrets),
+    "logout": _program_first(op_logout),
 }
 
 # the contract (dc_token.protocol.OPS) names the ops; this table implements each of them, no more
