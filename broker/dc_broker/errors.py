@@ -20,6 +20,7 @@ error boundary and the server's treat them the same way as every other error:
     │   └── WrongPassphrase             ...and stays locked: the passphrase did not open it
     └── LoginRequired (dc_token.errors)
         └── RecordCorrupt               ...because this profile's vault record fails authentication
+            └── RecordRolledBack        ...or is not the current one: an older copy was put back
 
 ``WrongPassphrase`` and ``RecordCorrupt`` inherit their parent's wire code, so a client sees them as
 ``Locked`` / ``LoginRequired``. A ``ConfigError`` raised while serving a request crosses the wire as
@@ -48,6 +49,7 @@ __all__ = [
     "KeyUnavailable",
     "OAuthError",
     "RecordCorrupt",
+    "RecordRolledBack",
     "UpstreamFault",
     "UpstreamGarbage",
     "UpstreamTransient",
@@ -133,6 +135,12 @@ class RecordCorrupt(LoginRequired):
     format). Only that profile is affected; storing its secret again or logging in replaces it."""
 
     hint = "store the profile's secret again (`dc-broker add PROFILE`) or run `dc-broker login PROFILE`"
+
+
+class RecordRolledBack(RecordCorrupt):
+    """A profile's vault record is not the current one: it is from before the profile's last change
+    (its generation is older than the vault's index says), or the index itself was put back from an
+    older copy. Someone with write access to the vault file rolled it back."""
 
 
 def wire_error(exc: DcBrokerError) -> BrokerError:
