@@ -77,7 +77,7 @@ class ErrorBoundary(click.Group):
         if command is not None and command.name in HOLDS_SECRETS:
             from dc_token.protect import no_dumps
 
-            no_dumps()
+            no_dumps(keep_hard_limit=True)  # a browser `login` opens may still dump core if it wants
         return name, command, rest
 
     def invoke(self, ctx: click.Context) -> Any:
