@@ -29,6 +29,7 @@ PURE = [
     "dc_broker.config.values",
     "dc_broker.proxy.rules",
     "dc_broker.sessions.schedule",
+    "dc_broker.budget",
 ]
 IMPURE = {"trio", "httpx", "anyio", "click", "socket", "sqlite3", "msgpack_numpy"}
 

@@ -290,12 +290,14 @@ async def run_broker(
         except BaseException:
             listener.close()  # no stale socket left behind
             raise
+    files = sinks.TokenFiles(sessions)
     state = BrokerState(
         sessions=sessions,
         socket_path=listener.path,
         system=settings.system,
         audit=Audit(daemon.audit_interval),
         config_path=settings.config_path,
+        files=files,
     )
     server = Server(state, limits=limits_of(daemon))
     supervisor = _Supervisor(server, sessions, store, notifier, settings)
@@ -304,7 +306,7 @@ async def run_broker(
             if service:
                 await nursery.start(supervisor.signals, nursery.cancel_scope)
             await nursery.start(sessions.run)
-            await nursery.start(sinks.run, sessions)  # token files ([[profiles.NAME.sinks]])
+            await nursery.start(files.run)  # token files ([[profiles.NAME.sinks]])
             await nursery.start(server.serve, listener.sock)
             nursery.start_soon(state.audit.run)
             nursery.start_soon(auto_lock, state, daemon.auto_lock_after)

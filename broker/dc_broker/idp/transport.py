@@ -23,7 +23,10 @@ presented (``UpstreamTransient`` naming it: the IdP would refuse it); one that e
 (``cert_info``).
 
 Must never: parse a token response (``oidc.parse_*`` does), log a request body, put more of an OS
-error than ``_safe`` allows into a message, or a proxy's credentials (``proxies.shown`` only).
+error than ``_safe`` allows into a message, or a proxy's credentials (``proxies.shown`` only; a
+proxy's answer that quotes them back, e.g. in a 407's reason phrase, is ``proxies.scrub``bed in every
+encoding they travel in). Only a tunnel (CONNECT) carries them: a proxy is never given a plain-http
+request with credentials, since plain http goes only to loopback, and loopback goes direct.
 """
 
 from __future__ import annotations

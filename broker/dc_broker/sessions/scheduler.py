@@ -21,6 +21,7 @@ queued entry; an entry that pops early is pushed again at the session's real tim
 
 from __future__ import annotations
 
+import contextvars
 import heapq
 import itertools
 import logging
@@ -35,6 +36,10 @@ from dc_broker.sessions.policy import RefreshPolicy
 from dc_broker.sessions.states import WAITING_FOR_PERSON, State
 
 log = logging.getLogger("dc_broker.sessions")
+
+#: the session whose attempt this task runs (None outside an attempt): what a log filter reads to
+#: tell whose line it is
+ATTEMPTING: contextvars.ContextVar[Any] = contextvars.ContextVar("dc_broker_attempting", default=None)
 
 
 class Scheduled(Protocol):
@@ -145,6 +150,7 @@ class Scheduler:
     async def _attempt(self, session: Scheduled) -> None:
         scope = session.attempt_scope
         assert scope is not None
+        ATTEMPTING.set(session)  # this task's context only
         with scope:
             try:
                 await session.step()

@@ -152,6 +152,7 @@ class Session:
         "idp_requests",
         "last_error",
         "last_refresh_at",
+        "log_gate",
         "parent",
         "policy",
         "profile",
@@ -234,6 +235,9 @@ class Session:
         #: the scheduler that runs this session's attempts (``Scheduler.add``), and its bookkeeping
         self.scheduler: Scheduler | None = None
         self.retired = False
+        #: what this session's attempts log passes through (the registry's per-caller gate of a
+        #: per-request scope's session; None: everything is logged)
+        self.log_gate: Any = None
         self.attempt_scope: trio.CancelScope | None = None
         self.queued_at = math.inf
         #: how often this session's attempt failed with a bug (``crashed``), and the kinds logged
