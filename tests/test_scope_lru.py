@@ -86,7 +86,8 @@ async def test_a_per_request_scope_only_narrows_the_profiles_scope(make_idp: Cal
         sessions.scoped(base, "openid phone address roles", ETL)
     assert str(caught.value) == (
         "profile 'service': scope 'openid phone address roles' asks for more than the profile's own scope "
-        "'openid phone': address roles; a per-request scope may only narrow the profile's"
+        "'openid phone': address roles; a per-request scope may only narrow the profile's (its owner can "
+        'widen it: `dc-broker set service scope="..."`)'
     )
     assert sessions.scoped(base, "openid phone", ETL) is base
     assert sessions.scoped(base, "phone openid", ETL).parent is base  # the same set: a narrowing

@@ -270,7 +270,8 @@ class Sessions:
         if extra:
             raise BadRequest(
                 f"profile {profile.name!r}: scope {scope!r} asks for more than {what}: {' '.join(extra)}; a "
-                "per-request scope may only narrow the profile's"
+                "per-request scope may only narrow the profile's (its owner can widen it: "
+                f'`dc-broker set {profile.name} scope="..."`)'
             )
 
     def _spend(self, name: str, caller: int, now: float) -> None:
