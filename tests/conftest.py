@@ -25,7 +25,8 @@ from dc_broker.secret import Secret
 from dc_broker.sessions.policy import DEFAULT_POLICY, RefreshPolicy
 from dc_broker.sessions.session import Session
 from dc_broker.store import MemoryStore
-from dc_broker.tokens import Credentials
+from dc_broker.tokens import Credentials, TokenSet
+from dc_token.errors import BrokerError, Locked
 from tests.e2e import dev_idp
 
 WALL0 = 1_750_000_000.0
@@ -125,3 +126,45 @@ def idp() -> Iterator[str]:
     """The dev IdP as a real process (``python -m dc_broker.devserver`` from this venv): its base URL."""
     with dev_idp() as base:
         yield base
+
+
+class LockableStore(MemoryStore):
+    """A memory store that locks as the vault does: while locked, nothing can be read or stored."""
+
+    def __init__(self, credentials: dict[str, Credentials]) -> None:
+        super().__init__(credentials)
+        self._locked = False
+
+    @property
+    def lockable(self) -> bool:
+        return True
+
+    @property
+    def locked(self) -> bool:
+        return self._locked
+
+    def lock(self) -> None:
+        self._locked = True
+
+    def unlock(self, passphrase: Secret | None = None) -> None:
+        self._locked = False
+
+    def _check(self) -> None:
+        if self._locked:
+            raise Locked("the vault is locked; run `dc-broker unlock`")
+
+    def credentials(self, profile: str) -> Credentials:
+        self._check()
+        return super().credentials(profile)
+
+    def saved_tokens(self, profile: str) -> TokenSet | None:
+        self._check()
+        return super().saved_tokens(profile)
+
+    def saved_tokens_all(self) -> dict[str, TokenSet | BrokerError]:
+        self._check()
+        return super().saved_tokens_all()
+
+    async def save_tokens(self, profile: str, tokens: TokenSet) -> None:
+        self._check()
+        await super().save_tokens(profile, tokens)

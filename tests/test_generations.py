@@ -22,61 +22,25 @@ from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import (
-    BrokerError,
     CredentialsRejected,
     InternalError,
-    Locked,
     LoginRequired,
     UpstreamError,
     UpstreamUnavailable,
 )
-from tests.conftest import CREDENTIALS, idp_transport, make_session, profile, running, trio_wall_clock
+from tests.conftest import (
+    CREDENTIALS,
+    LockableStore,
+    idp_transport,
+    make_session,
+    profile,
+    running,
+    trio_wall_clock,
+)
 
 
 def grants(idp: DevIdP, grant: str) -> int:
     return sum(n for (_, _, g), n in idp.stats.token_requests.items() if g == grant)
-
-
-class LockableStore(MemoryStore):
-    """A memory store that locks as the vault does: while locked, nothing can be read or stored."""
-
-    def __init__(self, credentials: dict[str, Credentials]) -> None:
-        super().__init__(credentials)
-        self._locked = False
-
-    @property
-    def lockable(self) -> bool:
-        return True
-
-    @property
-    def locked(self) -> bool:
-        return self._locked
-
-    def lock(self) -> None:
-        self._locked = True
-
-    def unlock(self, passphrase: Secret | None = None) -> None:
-        self._locked = False
-
-    def _check(self) -> None:
-        if self._locked:
-            raise Locked("the vault is locked; run `dc-broker unlock`")
-
-    def credentials(self, profile: str) -> Credentials:
-        self._check()
-        return super().credentials(profile)
-
-    def saved_tokens(self, profile: str) -> TokenSet | None:
-        self._check()
-        return super().saved_tokens(profile)
-
-    def saved_tokens_all(self) -> dict[str, TokenSet | BrokerError]:
-        self._check()
-        return super().saved_tokens_all()
-
-    async def save_tokens(self, profile: str, tokens: TokenSet) -> None:
-        self._check()
-        await super().save_tokens(profile, tokens)
 
 
 def registry(idp: DevIdP, *names: str, store: MemoryStore | None = None, **overrides: Any) -> Sessions:

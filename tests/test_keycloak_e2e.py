@@ -135,9 +135,9 @@ def test_dc_token_scope_against_rh_sso_never_prints_a_token_wider_than_asked(tmp
     with dev_idp("--refresh-scope", "ignore", "--device-interval", "1") as base:
         cfg = tmp_path / "config.toml"
         cfg.write_text(
-            profile("acme", base, scope="openid phone")
+            profile("acme", base, scope="openid phone profile email")
             + f'[profiles.dev]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\ngrant = "device"\n'
-            'auth_method = "none"\nscope = "openid phone"\n'
+            'auth_method = "none"\nscope = "openid phone profile email"\n'
         )
         sock = str(tmp_path / "broker.sock")
         broker = start_run(cfg, sock, SECRETS)

@@ -55,8 +55,7 @@ from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.states import State
 from dc_broker.tokens import Credentials
 from dc_token.errors import DcBrokerError
-from tests.conftest import CREDENTIALS, idp_transport, profile, trio_wall_clock
-from tests.test_generations import LockableStore
+from tests.conftest import CREDENTIALS, LockableStore, idp_transport, profile, trio_wall_clock
 
 EXAMPLES = int(os.environ.get("DC_MODEL_EXAMPLES", "150"))
 #: who sent a request to the IdP: the broker on its own, or a person's login (the model's rule)

@@ -505,24 +505,9 @@ async def test_a_caller_joining_a_round_leaves_no_stale_demand(make_idp, autojum
 async def test_auto_lock_after_idle(make_idp, autojump_clock) -> None:
     from dc_broker.serve.ops import BrokerState, auto_lock
     from dc_broker.sessions.registry import Sessions
-    from dc_broker.store import MemoryStore
-    from tests.conftest import CREDENTIALS, idp_transport, profile
+    from tests.conftest import CREDENTIALS, LockableStore, idp_transport, profile
 
-    class FakeVault(MemoryStore):  # the vault's lock surface, in memory
-        is_locked = False
-
-        @property
-        def lockable(self) -> bool:
-            return True
-
-        @property
-        def locked(self) -> bool:
-            return self.is_locked
-
-        def lock(self) -> None:
-            self.is_locked = True
-
-    store = FakeVault(dict(CREDENTIALS))
+    store = LockableStore(dict(CREDENTIALS))
     idp = make_idp()
     sessions = Sessions({"demo": profile("demo")}, store, idp_transport(idp))
     state = BrokerState(sessions=sessions, socket_path="-")

@@ -30,7 +30,7 @@ import pytest
 from dc_broker.access.identity import MAX_EXE_BYTES
 from dc_broker.sessions.registry import SCOPED_GRANTS_BURST, SCOPED_GRANTS_PER_MINUTE
 from dc_token.protocol import Request, encode
-from tests.e2e import DC_BROKER, idp_stats, start_run, stop, wait_for, wait_for_socket
+from tests.e2e import dev_idp, idp_stats, start_run, stop, wait_for, wait_for_socket
 from tests.test_shared import CLIENT, _frame, ensure_group, ensure_user
 
 pytestmark = [
@@ -82,15 +82,14 @@ def programs() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def broker(programs: dict[str, str]) -> Iterator[tuple[str, str]]:
-    """(socket, IdP base URL): a system-mode broker for group dcb-clients in front of the dev IdP."""
-    idp = subprocess.Popen(
-        [os.path.join(os.path.dirname(DC_BROKER), "python"), "-m", "dc_broker.devserver"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert idp.stdout is not None
-    base = idp.stdout.readline().strip()
+    """(socket, IdP base URL): a system-mode broker for group dcb-clients in front of the dev IdP,
+    whose service client has no default client scopes (a narrowing gets exactly what it asks: the
+    never-wider rule has its own tests)."""
+    with dev_idp("--client-set", "dc-service.default_scopes=") as base:
+        yield from _broker(base, programs)
+
+
+def _broker(base: str, programs: dict[str, str]) -> Iterator[tuple[str, str]]:
     tmp = tempfile.mkdtemp(prefix="dcb-attacks-", dir="/tmp")
     os.chmod(tmp, 0o755)
     sock = os.path.join(tmp, "broker.sock")
@@ -120,8 +119,6 @@ def broker(programs: dict[str, str]) -> Iterator[tuple[str, str]]:
         yield sock, base
     finally:
         stop(proc, signal.SIGTERM)
-        idp.terminate()
-        idp.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -180,9 +177,9 @@ def test_a_consumers_wider_scope_is_a_bad_request_naming_the_extra_scopes(broker
         token("p_scopes", "email phone", 3),
     )
     assert outcome(wider) == "bad_request", wider
-    assert wider["error"]["message"].endswith(
-        "asks for more than the profile's own scope 'openid': phone address roles; a per-request scope may only "
-        "narrow the profile's"
+    assert wider["error"]["message"].startswith(
+        "profile 'p_narrow': scope 'openid phone address roles' asks for more than the profile's own scope "
+        "'openid': phone address roles; a per-request scope may only narrow the profile's"
     )
     assert outcome(own) == "ok" and "phone" not in own["result"]["scope"].split()
     assert outcome(part) == "ok" and set(part["result"]["scope"].split()) >= {"email", "phone"}

@@ -27,8 +27,7 @@ from dc_broker.errors import ConfigError
 from dc_broker.serve.ops import HANDLERS, BrokerState
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
-from dc_token.protocol import Request
-from tests.conftest import CREDENTIALS, idp_transport, profile, running, trio_wall_clock
+from tests.conftest import CREDENTIALS, LockableStore, idp_transport, profile, running, trio_wall_clock
 from tests.e2e import DC_BROKER, dev_idp, run, start_run, stop, wait_for, wait_for_socket
 from tests.test_cli import cli, home, init_keyfile  # noqa: F401 - the home fixture
 
@@ -367,26 +366,6 @@ def test_lock_logout_and_remove_return_once_the_file_is_gone(tmp_path: Path, hom
             assert stop(daemon) == 0
 
 
-class _LockableStore(MemoryStore):
-    """A vault's lock surface, in memory."""
-
-    is_locked = False
-
-    @property
-    def lockable(self) -> bool:
-        return True
-
-    @property
-    def locked(self) -> bool:
-        return self.is_locked
-
-    def lock(self) -> None:
-        self.is_locked = True
-
-    def unlock(self, passphrase: object = None) -> None:
-        self.is_locked = False
-
-
 async def test_lock_and_logout_wait_for_a_slow_disk_to_take_the_file_away(
     tmp_path: Path, make_idp, autojump_clock, monkeypatch
 ) -> None:
@@ -400,7 +379,7 @@ async def test_lock_and_logout_wait_for_a_slow_disk_to_take_the_file_away(
 
     monkeypatch.setattr(sinks, "_blocking", slow_disk)
     path = tmp_path / "sinks" / "demo.token"
-    store = _LockableStore({"demo": CREDENTIALS["demo"]})
+    store = LockableStore({"demo": CREDENTIALS["demo"]})
     sessions = Sessions(
         {"demo": profile("demo", sinks=(Sink(path=str(path)),))}, store, idp_transport(make_idp(access_lifespan=T))
     )
@@ -415,12 +394,12 @@ async def test_lock_and_logout_wait_for_a_slow_disk_to_take_the_file_away(
 
     async with running(sessions.run, files.run):
         await appears()
-        assert await HANDLERS["lock"](state, owner, Request(1, "lock")) == {"locked": True}
+        assert await HANDLERS["lock"](state, owner, {}, trio.current_time()) == {"locked": True}
         assert not path.exists(), "the token file outlived the lock's reply"
         store.unlock()
         sessions.unlocked()
         await appears()
-        out = await HANDLERS["logout"](state, owner, Request(2, "logout", {"profile": "demo"}))
+        out = await HANDLERS["logout"](state, owner, {"profile": "demo"}, trio.current_time())
         assert out["profile"] == "demo"
         assert not path.exists(), "the token file outlived the logout's reply"
 
