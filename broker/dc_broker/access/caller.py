@@ -38,6 +38,10 @@ class Caller:
             )
         return who
 
+    def known_identity(self) -> Identity | None:
+        """The identity if it was read already (a rule or the audit trail needed it); never reads /proc."""
+        return self._identity
+
     def describe(self) -> str:
         """For the audit trail; built once per connection (it is on every token request's path).
         In system mode the identity is read before the first request is served, so it is included."""

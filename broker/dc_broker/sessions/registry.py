@@ -31,6 +31,7 @@ import trio
 
 from dc_broker.config import Profile
 from dc_broker.idp.transport import IdpTransport
+from dc_broker.observe.counters import Counts
 from dc_broker.sessions import policy
 from dc_broker.sessions.policy import RefreshPolicy
 from dc_broker.sessions.session import Session
@@ -69,6 +70,8 @@ class Sessions:
         self.clock = clock
         self.wall_clock = wall_clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        #: the counters every session of this broker adds to (``observe.metrics`` reads them)
+        self.counts = Counts()
         self._by_name: dict[str, Session] = {name: self._session(p) for name, p in profiles.items()}
         self._scoped: dict[tuple[str, str], Session] = {}
         self._nursery: trio.Nursery | None = None
@@ -83,6 +86,7 @@ class Sessions:
             rng=self.rng,
             wall_clock=self.wall_clock,
             parent=parent,
+            counts=self.counts,
         )
 
     def __len__(self) -> int:
