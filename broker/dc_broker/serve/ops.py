@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import msgpack
 import trio
 
-from dc_broker.access.authorize import administered, authorized, is_owner, permits
+from dc_broker.access.authorize import administered, authorized, is_owner, may_see
 from dc_broker.access.caller import Caller
 from dc_broker.config.load import load_config
 from dc_broker.errors import UpstreamFault, WrongPassphrase
@@ -250,11 +250,11 @@ def op_status(state: BrokerState, caller: Caller, args: Args, now: float) -> Res
     after = checked.get("after")
     if name is not None:
         sessions = [authorized(state.sessions, caller, name, system=state.system).status(now)]
-    else:  # only the profiles this caller may use
+    else:  # only the profiles this caller may use or administer
         sessions = [
             st
             for st in state.sessions.status()
-            if permits(caller, state.sessions.lookup(st["profile"]).profile, system=state.system)
+            if may_see(caller, state.sessions.lookup(st["profile"]).profile, system=state.system)
         ]
     summary: dict[str, int] = {}
     for st in sessions:
@@ -278,6 +278,7 @@ def op_status(state: BrokerState, caller: Caller, args: Args, now: float) -> Res
             "uptime": round(time.time() - state.started_at, 3),
             "profiles": len(sessions),
             "mode": "system" if state.system else "user",
+            "vault": _vault_state(state.sessions.store),
             "states": summary,
             "truncated": rest,
             "next": shown[-1]["profile"] if rest and shown else None,
@@ -306,7 +307,7 @@ async def render_metrics(state: BrokerState, caller: Caller | None = None) -> by
     names = [
         n
         for n in sessions.names()
-        if caller is None or permits(caller, sessions.lookup(n).profile, system=state.system)
+        if caller is None or may_see(caller, sessions.lookup(n).profile, system=state.system)
     ]
     server = state.server
     text: bytes = module.exposition(
@@ -317,6 +318,12 @@ async def render_metrics(state: BrokerState, caller: Caller | None = None) -> by
         started_at=state.started_at,
     )
     return text
+
+
+def _vault_state(store: SecretStore) -> str:
+    if not store.lockable:
+        return "in memory"
+    return "locked" if store.locked else "unlocked"
 
 
 def _cut(text: str) -> str:
