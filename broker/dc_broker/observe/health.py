@@ -43,14 +43,15 @@ def problem(entry: Mapping[str, Any], min_ttl: float) -> str | None:
     error = entry.get("last_error")
     code = entry.get("error_code")
     expires = entry.get("expires_in")
-    said = f" ({code}: {error})" if error else ""
+    said = f" ({error})" if error else ""
     if state == "stale":
         if expires is None or expires < min_ttl:
             left = seconds(expires or 0)
             return f"stale: its token has {left} left, less than {seconds(min_ttl)}, and refreshing fails{said}"
     elif state != "fresh":
-        action = _ACTIONS.get(state, "see `dc-broker status`").format(p=name)
-        return f"{state}: {action}{said}"
+        if error:  # the broker's own words say what to do
+            return f"{state} ({code}): {error}"
+        return f"{state}: " + _ACTIONS.get(state, "see `dc-broker status`").format(p=name)
     ends = entry.get("login_ends_in")
     if entry.get("login_end_final") and ends is not None and ends < min_ttl:
         return (

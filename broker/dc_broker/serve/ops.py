@@ -39,7 +39,7 @@ from dc_broker.sessions.session import Session
 from dc_broker.store import MemoryStore, SecretStore
 from dc_broker.tokens import TokenSet
 from dc_broker.vault.records import unlock_delay
-from dc_token.errors import BadRequest, Forbidden, UpstreamUnavailable
+from dc_token.errors import BadRequest, ConfigInvalid, Forbidden, UpstreamUnavailable
 from dc_token.protocol import OPS, PROTOCOL_VERSION, OpArgs, TokenArgs
 from dc_token.version import version
 
@@ -156,9 +156,9 @@ async def _id_token_slow(state: BrokerState, session: Session, min_ttl: float) -
 def id_token_result(session: Session, tok: TokenSet, now: float) -> Result:
     name = session.profile.name
     if tok.id_token is None:
-        raise BadRequest(
+        raise ConfigInvalid(
             f"profile {name!r} has no ID token: its login's scope {tok.scope or session.profile.scope or ''!r} lacks "
-            f"'openid' (set it with `dc-broker set {name} scope=\"openid ...\"`, then `dc-broker login {name}`)"
+            f"'openid'; add it (`dc-broker set {name} scope=\"openid ...\"`): the next login brings an ID token"
         )
     remaining = tok.expires_at - now
     exp = jwt_exp(tok.id_token.reveal())
