@@ -503,6 +503,8 @@ class Session:
             log.debug("profile %s: an attempt of generation %d ended after a change; its outcome is dropped", name, gen)
             return
         if not isinstance(outcome, TokenSet) and (reason := failure_reason(outcome)) is not None:
+            if reason == "maybe_locked" and not (self._proven and self._lockouts < len(self.policy.lockout_waits)):
+                reason = "credential_wrong"  # never accepted, or waited out: taken for a wrong password
             self.counts.failure(name, reason)
         if isinstance(outcome, TokenSet):
             await self._accept(outcome, Event.GRANTED, gen)
