@@ -26,7 +26,7 @@ from dc_broker.config.values import DaemonSettings, metrics_address
 from dc_broker.errors import AnswerLost, ConfigError, IdpMisconfigured, MaybeLocked, UpstreamTransient
 from dc_broker.observe.counters import Counts, Latency, failure_reason
 from dc_broker.observe.events import EVENTS, RefusalLog
-from dc_token.errors import CredentialsRejected, Locked, LoginRequired
+from dc_token.errors import BadRequest, CredentialsRejected, Locked, LoginRequired
 from dc_token.sync import TokenClient
 from tests.e2e import DC_BROKER, dc_token, dev_idp, start_run, stop, wait_for
 
@@ -233,7 +233,7 @@ def _metric(broker: TokenClient, name: str, **labels: str) -> float:
 
 def test_metrics_follow_known_events_and_the_http_endpoint_serves_them(tmp_path: Path) -> None:
     port = free_port()
-    with driven_broker(tmp_path, f'metrics_listen = "127.0.0.1:{port}"') as (sock, proc, seen):
+    with driven_broker(tmp_path, f'metrics_listen = "127.0.0.1:{port}"') as (sock, _proc, seen):
         out = subprocess.run([DC_BROKER, "metrics", "--socket", sock], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         fams = families(out.stdout)
@@ -336,10 +336,8 @@ def test_every_audit_event_in_json_lines_with_its_fields_and_no_secret(tmp_path:
         ask(sock, "set_secrets", profile="wrong", password="demo")  # the right password: out of rejected
         wait_for(lambda: dc_token(sock, "wrong").returncode == 0, 30, "profile wrong serving with its new password")
         ask(sock, "logout", profile="wrong")
-        try:
+        with pytest.raises(BadRequest, match="nothing to lock"):
             ask(sock, "lock")  # no vault: refused with bad_request, and audited as such
-        except Exception as exc:  # noqa: BLE001 - its class is checked below through the event
-            assert "nothing to lock" in str(exc)
         with TokenClient(sock, cache=False) as broker:
             broker.request("token", profile="good")
         trio.run(trio.sleep, 1.5)  # one audit interval: token_served is written
@@ -363,7 +361,7 @@ def test_every_audit_event_in_json_lines_with_its_fields_and_no_secret(tmp_path:
     assert ("lock", None, "error") in changes
     secrets_change = next(e for e in events["admin_change"] if e["op"] == "set_secrets")
     assert secrets_change["fields"] == "password" and secrets_change["caller_uid"] == me
-    assert [e for e in events["admin_change"] if e["op"] == "lock"][0]["error_code"] == "bad_request"
+    assert next(e for e in events["admin_change"] if e["op"] == "lock")["error_code"] == "bad_request"
     relogins = {(e["profile"], e["grant"]) for e in events["relogin"]}
     assert ("good", "password") in relogins and ("wrong", "password") in relogins
     rotated = [e for e in events["refresh_token_rotated"] if e["profile"] == "good"]
