@@ -32,7 +32,7 @@ import click
 from dc_broker.cli.boundary import CONFIG, SOCKET, VAULT
 from dc_broker.observe.health import problem, seconds
 from dc_token.errors import BrokerUnavailable, DcBrokerError
-from dc_token.paths import default_socket_path
+from dc_token.paths import SYSTEM_SOCKET, default_socket_path
 from dc_token.sync import TokenClient
 
 #: the IdP's Date may differ from our clock by this much before doctor calls the clock wrong
@@ -131,7 +131,7 @@ def doctor(config_path: str | None, socket_path: str | None, vault_path: str | N
     path = socket_path or (config.socket if config is not None else None) or default_socket_path()
     owner = _socket(report, path)
     consumer = owner is not None and owner != os.getuid() and os.getuid() != 0
-    hello = _broker(report, path)
+    hello = _broker(report, path) if owner is not None else None
     status: dict[str, Any] | None = None
     if hello is not None:
         with TokenClient(path, cache=False) as broker:
@@ -148,7 +148,7 @@ def doctor(config_path: str | None, socket_path: str | None, vault_path: str | N
                 report.fail(f"profile {name}", why, _profile_fix(name, why))
     if config is not None and not consumer:
         _idps(report, config.profiles.values())
-        _units(report)
+        _units(report, system=path == SYSTEM_SOCKET)
     click.echo(f"doctor: {report.failures} problem(s)" if report.failures else "doctor: no problems found")
     if report.failures:
         raise Unhealthy("")
@@ -189,9 +189,9 @@ def _socket(report: Report, path: str) -> int | None:
         st = os.stat(path)
     except FileNotFoundError:
         report.fail(
-            "socket",
-            f"{path} does not exist",
-            "start the broker: `systemctl --user start dc-broker` or `dc-broker run`",
+            "broker",
+            f"not running (no socket at {path}); the files are checked below",
+            "start it: `systemctl --user start dc-broker` (or `dc-broker run`)",
         )
         return None
     except PermissionError:
@@ -339,12 +339,12 @@ def _idp_fix(profile: Any) -> str:
     )
 
 
-def _units(report: Report) -> None:
+def _units(report: Report, *, system: bool) -> None:
+    """The units of this broker: the system unit for the shared broker's socket, else the user's."""
     from dc_broker.cli.units import user_unit_dir
 
-    found = [
-        p for p in (Path("/etc/systemd/system/dc-broker.service"), user_unit_dir() / "dc-broker.service") if p.exists()
-    ]
+    unit = Path("/etc/systemd/system") if system else user_unit_dir()
+    found = [p for p in (unit / "dc-broker.service",) if p.exists()]
     if not found:
         report.ok("systemd", "no dc-broker unit installed (`dc-broker systemd install` makes one)")
         return
