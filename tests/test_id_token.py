@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -75,4 +77,97 @@ def test_id_token_in_every_form(tmp_path: Path) -> None:
             )
             assert both.returncode == 2 and "--id-token and --scope are alternatives" in both.stderr
         finally:
+            assert stop(proc) == 0
+
+
+class _ApiServer:
+    """An https server standing in for a Kubernetes API server: it records each request's
+    Authorization header and answers ``ok`` (all `kubectl get --raw` needs)."""
+
+    def __init__(self, tmp: Path) -> None:
+        import http.server
+        import ssl
+        import threading
+
+        from tests.tls import make_tls
+
+        self.ca, cert, key = make_tls(tmp)
+        self.seen: list[str] = []
+        seen = self.seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append(self.headers.get("Authorization", ""))
+                body = b"ok\n"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (the python image has it)")
+def test_kubectl_sends_the_id_token_from_the_exec_credential(tmp_path: Path) -> None:
+    """kubectl's client-go runs `dc-token PROFILE --id-token --exec-credential` as its credential
+    plugin and sends the ID token as the bearer token to an https API server."""
+    with dev_idp() as idp:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            f'[profiles.k8s]\nserver = "{idp}"\ntenant = "demo"\nclient_id = "dc-cli"\nusername = "demo"\n'
+            'scope = "openid"\n'
+        )
+        sock = str(tmp_path / "run" / "broker.sock")
+        proc = start_run(cfg, sock, '[k8s]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n')
+        api = _ApiServer(tmp_path)
+        try:
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(
+                json.dumps(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Config",
+                        "clusters": [{"name": "c", "cluster": {"server": api.url, "certificate-authority": api.ca}}],
+                        "users": [
+                            {
+                                "name": "u",
+                                "user": {
+                                    "exec": {
+                                        "apiVersion": "client.authentication.k8s.io/v1",
+                                        "command": DC_TOKEN,
+                                        "args": ["k8s", "--id-token", "--exec-credential", "--socket", sock],
+                                        "interactiveMode": "Never",
+                                    }
+                                },
+                            }
+                        ],
+                        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                        "current-context": "x",
+                    }
+                )
+            )
+            env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
+            done = subprocess.run(
+                ["kubectl", "get", "--raw", "/api/dc-check"], capture_output=True, text=True, env=env, timeout=60
+            )
+            assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+            id_token = dc_token(sock, "k8s", "--id-token").stdout.strip()
+            assert api.seen == [f"Bearer {id_token}"]
+            assert claims(id_token)["typ"] == "ID"
+        finally:
+            api.close()
             assert stop(proc) == 0

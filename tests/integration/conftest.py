@@ -8,6 +8,7 @@ hypercorn. Only the child imports Django: nothing here touches Django settings.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
@@ -88,8 +89,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 
 @pytest.fixture(scope="session")
 def dot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DotServer]:
-    tmp = tmp_path_factory.mktemp("dot")
+    with _dot(tmp_path_factory.mktemp("dot")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dot_oidc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DotServer]:
+    """DOT with OpenID Connect on (``OIDC_ENABLED``, RS256): ID tokens, as DOT issues them."""
+    with _dot(tmp_path_factory.mktemp("dot-oidc"), oidc=True) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _dot(tmp: Path, *, oidc: bool = False) -> Iterator[DotServer]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DOT_IDP_"))}
+    if oidc:
+        env["DOT_IDP_OIDC"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -39,7 +40,7 @@ from dc_broker.sessions.session import Session
 from dc_broker.store import MemoryStore, SecretStore
 from dc_broker.tokens import TokenSet
 from dc_broker.vault.records import unlock_delay
-from dc_token.errors import BadRequest, ConfigInvalid, Forbidden, UpstreamUnavailable
+from dc_token.errors import BadRequest, ConfigInvalid, Forbidden, UpstreamError, UpstreamUnavailable
 from dc_token.protocol import OPS, PROTOCOL_VERSION, OpArgs, TokenArgs
 from dc_token.version import version
 
@@ -155,6 +156,14 @@ async def _id_token_slow(state: BrokerState, session: Session, min_ttl: float) -
 
 def id_token_result(session: Session, tok: TokenSet, now: float) -> Result:
     name = session.profile.name
+    granted = tok.scope or session.profile.scope or ""
+    if tok.id_token is None and "openid" in granted.split():
+        raise UpstreamError(
+            f"profile {name!r} has no ID token: the identity provider sent none with its current token, though the "
+            "scope has 'openid' (OpenID Connect defines none for a password or client credentials grant; some "
+            "providers, Django OAuth Toolkit among them, send one with the next refresh: ask again then)",
+            retry_after=max(1.0, session.next_attempt_at - now) if math.isfinite(session.next_attempt_at) else None,
+        )
     if tok.id_token is None:
         raise ConfigInvalid(
             f"profile {name!r} has no ID token: its login's scope {tok.scope or session.profile.scope or ''!r} lacks "
