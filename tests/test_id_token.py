@@ -1,5 +1,6 @@
 """`dc-token PROFILE --id-token` (issue 25): the login's ID token in every output form, kubectl's
-ExecCredential among them; a clear error when the login has none. Real processes: the dev IdP
+ExecCredential among them (and kubectl itself sending it); a clear error when the login has none;
+offline logins (`dc-broker add --offline`) and how status shows them. Real processes: the dev IdP
 (Keycloak's answers: an ``id_token`` when the scope has ``openid``) and `dc-broker run`."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import DC_TOKEN, dc_token, dev_idp, start_run, stop
+from tests.e2e import DC_BROKER, DC_TOKEN, dc_token, dev_idp, start_run, stop, wait_for_socket
 
 pytestmark = pytest.mark.e2e
 
@@ -166,8 +167,45 @@ def test_kubectl_sends_the_id_token_from_the_exec_credential(tmp_path: Path) -> 
             )
             assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
             id_token = dc_token(sock, "k8s", "--id-token").stdout.strip()
-            assert api.seen == [f"Bearer {id_token}"]
+            assert api.seen and set(api.seen) == {f"Bearer {id_token}"}  # every request kubectl made
             assert claims(id_token)["typ"] == "ID"
         finally:
             api.close()
             assert stop(proc) == 0
+
+
+def test_an_offline_login_is_added_and_shown_without_an_end(tmp_path: Path) -> None:
+    """`dc-broker add --offline`: offline_access (and openid) in the scope, checked at the IdP; status
+    shows the login as offline, with no end (Keycloak's refresh_expires_in 0)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DC_BROKER_")}
+    sock = str(tmp_path / "run" / "broker.sock")
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_DATA_HOME=str(tmp_path / "data"), DC_BROKER_SOCKET=sock)
+
+    def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([DC_BROKER, *args], input=stdin, capture_output=True, text=True, env=env, timeout=60)
+
+    assert cli("init", "--key-source", "keyfile", "--key-file", str(tmp_path / "key")).returncode == 0
+    with dev_idp() as idp:
+        common = ("--server", idp, "--tenant", "demo", "--client-id", "dc-cli")
+        added = cli("add", "off", *common, "--username", "demo", "--scope", "profile", "--offline",
+                    "--password-stdin", "--secret-stdin", stdin="demo\ndc-cli-secret\n")  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        assert (
+            'scope = "profile openid offline_access"' in (tmp_path / "config" / "dc-broker" / "config.toml").read_text()
+        )
+        refused = cli("add", "svc", *common, "--grant", "client_credentials", "--offline", "--secret-stdin",
+                      stdin="dc-cli-secret\n")  # fmt: skip
+        assert refused.returncode == 2 and "--offline is for a user's login" in refused.stderr
+        daemon = subprocess.Popen(
+            [DC_BROKER, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            wait_for_socket(sock, daemon)
+            assert dc_token(sock, "off").returncode == 0
+            entry = json.loads(cli("status", "--json", "off").stdout)["profiles"][0]
+            assert entry["offline"] is True and entry["login_ends_in"] is None and entry["login_end_final"] is False
+            table = cli("status").stdout.splitlines()
+            assert table[1].split()[:4] == ["PROFILE", "STATE", "EXPIRES", "IN"]
+            assert table[2].split()[0] == "off" and " offline " in table[2]
+        finally:
+            assert stop(daemon) == 0

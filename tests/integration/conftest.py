@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.dot_idp import HELLO_PATH, revoke_path, token_path
+from tests.integration.dot_idp import HELLO_PATH, TENANT, revoke_path, token_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 20.0
@@ -113,6 +113,8 @@ def _dot(tmp: Path, *, oidc: bool = False) -> Iterator[DotServer]:
         listener.bind(("127.0.0.1", 0))
         listener.listen(128)
         port = listener.getsockname()[1]
+        if oidc:  # DOT names itself in the ID tokens (it would reverse a discovery URL we do not route)
+            env["DOT_IDP_ISSUER"] = f"http://127.0.0.1:{port}/auth/realms/{TENANT}"
         cmd = [sys.executable, "-m", "tests.integration.dot_idp.serve", "--db", str(tmp / "db.sqlite3")]
         cmd += ["--fd", str(listener.fileno())]
         with open(log, "wb") as out:  # a file, not a pipe: a chatty server must never block on a full pipe

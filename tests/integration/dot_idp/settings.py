@@ -51,6 +51,7 @@ if os.environ.get("DOT_IDP_OIDC") == "1":  # OpenID Connect on: ID tokens signed
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ).decode(),
         SCOPES={**OAUTH2_PROVIDER["SCOPES"], "openid": "OpenID Connect"},  # type: ignore[dict-item]
+        OIDC_ISS_ENDPOINT=os.environ["DOT_IDP_ISSUER"],
     )
 
 LOGGING = {
