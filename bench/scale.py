@@ -195,7 +195,7 @@ def profile(n: int, top: int = 25) -> dict[str, Any]:
     """The daemon's own composition (``run_broker``) in this process under tracemalloc."""
     import tracemalloc
 
-    from dc_broker.config import load_config
+    from dc_broker.config.load import load_config
     from dc_broker.daemon import BrokerSettings, run_broker
 
     with tempfile.TemporaryDirectory(prefix="dc-scale-") as tmp:

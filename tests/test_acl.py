@@ -11,7 +11,15 @@ import pytest
 
 from dc_broker.access.authorize import permits
 from dc_broker.access.caller import Caller
-from dc_broker.access.identity import Units, boottime, identify, peer_credentials, unit_from_cgroup, units_from_cgroup
+from dc_broker.access.identity import (
+    Units,
+    boottime,
+    hash_program,
+    identify,
+    peer_credentials,
+    unit_from_cgroup,
+    units_from_cgroup,
+)
 from dc_broker.access.rules import Identity, allowed, needs_details, needs_exe_hash, parse_rule, parse_rules
 from dc_broker.config import Profile
 from dc_broker.errors import ConfigError
@@ -153,16 +161,33 @@ def test_user_unit_rules_pin_the_uid(rule: str, path: str, uid: int, expected: b
     assert allowed((parse_rule(rule),), who, default_allow=False) is expected
 
 
+RUNNER = {"/usr/bin/report-runner": (8, 1234), "/usr/bin/other": (8, 99), "/usr/bin/gone": None}
+
+
 def test_exe_rules() -> None:
+    """exe: is the file (device, inode) at the pinned path as the broker's namespace has it, run from
+    the broker's mount namespace; exe-any-ns: the same file from any namespace; the path the caller's
+    namespace names its program by counts for nothing."""
     digest = "ab" * 32
-    who = Identity(uid=1, gid=1, pid=2, exe="/usr/bin/report-runner", exe_sha256=digest)
-    assert allowed((parse_rule("exe:/usr/bin/report-runner"),), who, default_allow=False)
-    assert not allowed((parse_rule("exe:/usr/bin/other"),), who, default_allow=False)
-    assert allowed((parse_rule(f"exe-sha256:{digest}"),), who, default_allow=False)
-    assert not allowed((parse_rule("exe-sha256:" + "cd" * 32),), who, default_allow=False)
+    who = Identity(uid=1, gid=1, pid=2, exe="/elsewhere", exe_file=(8, 1234), own_mount_ns=True, exe_sha256=digest)
+
+    def allows(rule: str, caller: Identity = who) -> bool:
+        return allowed((parse_rule(rule),), caller, default_allow=False, files=RUNNER)
+
+    assert allows("exe:/usr/bin/report-runner") and allows("exe-any-ns:/usr/bin/report-runner")
+    assert not allows("exe:/usr/bin/other") and not allows("exe:/usr/bin/gone") and not allows("exe:/not/pinned")
+    assert allows(f"exe-sha256:{digest}")
+    assert not allows("exe-sha256:" + "cd" * 32)
+    # what `unshare -Urm` + a bind mount over the pinned path gives: the path reads right, the file not
+    bound = Identity(uid=1, gid=1, pid=2, exe="/usr/bin/report-runner", exe_file=(8, 555), own_mount_ns=False)
+    assert not allows("exe:/usr/bin/report-runner", bound) and not allows("exe-any-ns:/usr/bin/report-runner", bound)
+    # the very file, from another mount namespace (a container that bind-mounts it): exe-any-ns only
+    contained = Identity(uid=1, gid=1, pid=2, exe="/app/runner", exe_file=(8, 1234), own_mount_ns=False)
+    assert not allows("exe:/usr/bin/report-runner", contained)
+    assert allows("exe-any-ns:/usr/bin/report-runner", contained)
     unknown = Identity(uid=1, gid=1, pid=2)  # /proc/PID/exe unreadable: exe rules deny
     assert not allowed(
-        parse_rules(("exe:/usr/bin/report-runner", f"exe-sha256:{digest}")), unknown, default_allow=False
+        parse_rules(("exe:/usr/bin/report-runner", f"exe-sha256:{digest}")), unknown, default_allow=False, files=RUNNER
     )
 
 
@@ -202,11 +227,16 @@ def test_identify_reads_units_and_program_from_proc(tmp_path: Path) -> None:
         uid=1001,
         exe=str(prog),
     )
-    who = identify(42, 1001, 1001, accepted_at=boottime(), proc=proc, exe_hash=True)
+    who = identify(42, 1001, 1001, accepted_at=boottime(), proc=proc)
     assert (who.unit, who.user_unit, who.user_unit_uid) == ("user@1001.service", "report.service", 1001)
     assert who.exe == str(prog) and 4242 in who.groups
-    assert who.exe_sha256 == hashlib.sha256(prog.read_bytes()).hexdigest()
-    assert identify(42, 1001, 1001, accepted_at=boottime(), proc=proc).exe_sha256 is None  # only when asked
+    st = prog.stat()
+    assert who.exe_file == (st.st_dev, st.st_ino)
+    assert who.exe_stamp == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    assert who.exe_sha256 is None  # hashed apart, off the event loop
+    assert hash_program(42, 1001, boottime(), who.exe_stamp, proc=proc) == hashlib.sha256(prog.read_bytes()).hexdigest()
+    prog.chmod(0o700)  # a new ctime: not the file the identity was read from any more
+    assert hash_program(42, 1001, boottime(), who.exe_stamp, proc=proc) is None
 
 
 def test_a_reused_pid_lends_no_units_or_program(tmp_path: Path) -> None:
@@ -218,8 +248,11 @@ def test_a_reused_pid_lends_no_units_or_program(tmp_path: Path) -> None:
         exe="/bin/true",
         start_ticks=int(boottime() * os.sysconf("SC_CLK_TCK")),
     )
-    who = identify(42, 1001, 1001, accepted_at=1.0, proc=proc, exe_hash=True)
-    assert who.unit is None and who.exe is None and who.exe_sha256 is None and who.groups == frozenset({1001})
+    who = identify(42, 1001, 1001, accepted_at=1.0, proc=proc)
+    assert who.unit is None and who.exe is None and who.exe_file is None and who.groups == frozenset({1001})
+    stamp = os.stat("/bin/true")
+    key = (stamp.st_dev, stamp.st_ino, stamp.st_size, stamp.st_mtime_ns, stamp.st_ctime_ns)
+    assert hash_program(42, 1001, 1.0, key, proc=proc) is None
 
 
 def test_a_process_of_another_uid_behind_the_pid_lends_nothing(tmp_path: Path) -> None:
@@ -258,6 +291,10 @@ def test_allow_rules_narrow_the_per_user_broker_to_one_program() -> None:
     assert not permits(me, _profile(allow=("exe:/usr/bin/report-runner",)), system=False)
     digest = hashlib.sha256(Path(ours).read_bytes()).hexdigest()
     fresh = Caller(os.getuid(), os.getgid(), os.getpid(), boottime())
+    assert not permits(fresh, _profile(allow=(f"exe-sha256:{digest}",)), system=False)  # not hashed yet
+    stamp = fresh.identity().exe_stamp
+    assert stamp is not None
+    fresh.attest(hash_program(os.getpid(), os.getuid(), boottime(), stamp))
     assert permits(fresh, _profile(allow=(f"exe-sha256:{digest}",)), system=False)
     assert not permits(me, _profile(), system=True)  # system mode: no rules, nobody
 
@@ -271,14 +308,12 @@ def test_admin_rules_parse_like_allow_rules() -> None:
 def test_conditions_joined_by_and_must_all_hold() -> None:
     rule = parse_rule("user:etl & exe:/usr/bin/report-runner")
     assert str(rule) == "user:etl & exe:/usr/bin/report-runner"
-    runner = Identity(uid=1001, gid=1001, pid=1, user="etl", exe="/usr/bin/report-runner")
-    assert allowed((rule,), runner, default_allow=False)
-    assert not allowed(
-        (rule,), Identity(uid=1001, gid=1001, pid=1, user="etl", exe="/usr/bin/python3"), default_allow=False
-    )
-    assert not allowed(
-        (rule,), Identity(uid=1002, gid=1002, pid=1, user="x", exe="/usr/bin/report-runner"), default_allow=False
-    )
+    runner = Identity(uid=1001, gid=1001, pid=1, user="etl", exe_file=(8, 1234), own_mount_ns=True)
+    assert allowed((rule,), runner, default_allow=False, files=RUNNER)
+    python = Identity(uid=1001, gid=1001, pid=1, user="etl", exe_file=(8, 7), own_mount_ns=True)
+    assert not allowed((rule,), python, default_allow=False, files=RUNNER)
+    other = Identity(uid=1002, gid=1002, pid=1, user="x", exe_file=(8, 1234), own_mount_ns=True)
+    assert not allowed((rule,), other, default_allow=False, files=RUNNER)
     assert needs_details((parse_rule("uid:1 & exe:/x"),)) and not needs_details((parse_rule("uid:1 & uid:2"),))
     assert needs_exe_hash((parse_rule("uid:1 & exe-sha256:" + "ab" * 32),))
     with pytest.raises(ConfigError, match="allow rule"):

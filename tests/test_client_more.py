@@ -14,7 +14,7 @@ import requests
 import trio
 
 from dc_token.aio import AsyncTokenClient
-from dc_token.errors import BrokerUnavailable
+from dc_token.errors import BrokerUnavailable, CredentialsRejected
 from dc_token.requests import BrokerAuth
 from dc_token.sync import Token, TokenCache, TokenClient, cache_key
 from dc_token.watch import reconnect_delay
@@ -59,18 +59,24 @@ def test_scope_from_dc_token_and_both_clients(fresh_dev) -> None:
     sock, base, _ = fresh_dev
     with TokenClient(sock) as c:
         own = c.token_info("demo")
-        narrow = c.token_info("demo", scope="email")
-        # a token of its own, from the narrowing grant (the dev IdP, like Keycloak, adds default scopes)
-        assert "email" in narrow.scope.split() and narrow.token != own.token
-        assert "email" in str(claims(narrow.token)["scope"]).split()
-        assert c.token("demo", scope="email") == narrow.token  # from the cache
+        # the dev IdP, like Keycloak, adds its default client scopes (profile email) to every token: a
+        # narrowing to "email" alone would be wider than asked, so it is refused naming what to ask
+        with pytest.raises(CredentialsRejected, match=r'more than asked \(profile\).*--scope "email profile"'):
+            c.token_info("demo", scope="email")
+        narrow = c.token_info("demo", scope="email profile")
+        # a token of its own, from the narrowing grant
+        assert set(narrow.scope.split()) == {"email", "profile"} and narrow.token != own.token
+        assert set(str(claims(narrow.token)["scope"]).split()) == {"email", "profile"}
+        assert c.token("demo", scope="email profile") == narrow.token  # from the cache
         assert api_status(base, narrow.token) == 200
-    result = dc_token(sock, "demo", "--scope", "email", "--json")
+    result = dc_token(sock, "demo", "--scope", "email profile", "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["token"] != own.token
+    wider = dc_token(sock, "demo", "--scope", "email")
+    assert wider.returncode != 0 and wider.stdout == "" and "more than asked (profile)" in wider.stderr
 
     async def with_async() -> str:
         async with AsyncTokenClient(sock) as c:
-            return (await c.token_info("demo", scope="email")).token
+            return (await c.token_info("demo", scope="email profile")).token
 
     assert trio.run(with_async) != own.token
     refused = dc_token(sock, "demo", "--scope", "admin")

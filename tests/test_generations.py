@@ -22,6 +22,7 @@ from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import (
+    BrokerError,
     CredentialsRejected,
     InternalError,
     Locked,
@@ -68,6 +69,10 @@ class LockableStore(MemoryStore):
     def saved_tokens(self, profile: str) -> TokenSet | None:
         self._check()
         return super().saved_tokens(profile)
+
+    def saved_tokens_all(self) -> dict[str, TokenSet | BrokerError]:
+        self._check()
+        return super().saved_tokens_all()
 
     async def save_tokens(self, profile: str, tokens: TokenSet) -> None:
         self._check()
@@ -507,3 +512,72 @@ async def test_a_password_never_accepted_is_wrong_at_once(make_idp, autojump_clo
         with pytest.raises(CredentialsRejected, match="refused the password"):
             await session.get()
     assert session.state is State.REJECTED and grants(idp, "password") == 1
+
+
+async def test_requests_to_one_idp_queue_beyond_a_limit(autojump_clock) -> None:
+    """Hundreds of profiles refreshing against one IdP at once: at most MAX_PER_ORIGIN go out together,
+    the rest wait their turn in order (httpx's pool re-scans every waiting request on each answer: with
+    1,000 waiting it pinned the event loop), and every one is answered."""
+    import httpx
+
+    from dc_broker.idp import oidc
+    from dc_broker.idp.transport import MAX_PER_ORIGIN, IdpTransport
+
+    now_in_flight, most = 0, 0
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal now_in_flight, most
+        now_in_flight += 1
+        most = max(most, now_in_flight)
+        await trio.sleep(0.5)
+        now_in_flight -= 1
+        return httpx.Response(200, json={"access_token": "A", "expires_in": 60})
+
+    class Slow(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            return await answer(request)
+
+    transport = IdpTransport(transport=Slow())
+    client = oidc.ClientCredentials("cli", "none")
+    answered = 0
+
+    async def one() -> None:
+        nonlocal answered
+        resp = await transport.send(oidc.build_password("http://127.0.0.1:1/t", client, "u", Secret("pw")))
+        answered += resp.status == 200
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(200):
+            nursery.start_soon(one)
+    assert answered == 200 and most == MAX_PER_ORIGIN
+    assert trio.current_time() == pytest.approx(200 / MAX_PER_ORIGIN * 0.5, abs=0.6)
+
+
+async def test_a_stop_waits_for_a_refresh_in_flight_and_not_for_a_grant_that_spends_nothing(
+    make_idp, autojump_clock
+) -> None:
+    """What the daemon waits for on SIGTERM (``settled(spending_only=True)``): a refresh at a slow
+    IdP holds the only copy of the next refresh token, so the stop waits and stores it; a
+    client-credentials grant at the same IdP loses nothing when cut short, so the stop does not wait
+    for it (50 such profiles at an unreachable IdP kept a broker from stopping for its 20 s drain)."""
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    store = MemoryStore({n: CREDENTIALS[n] for n in ("demo", "service")})
+    profiles = {"demo": profile("demo"), "service": profile("service")}
+    sessions = Sessions(profiles, store, idp_transport(idp), rng=random.Random(3), wall_clock=trio_wall_clock)
+    async with running(sessions.run):
+        demo, service = sessions.lookup("demo"), sessions.lookup("service")
+        await demo.get()
+        await service.get()
+        idp.faults.latency = 30.0
+        await in_flight(service)
+        assert service.busy and not service.holds_refresh_token
+        started = trio.current_time()
+        await sessions.settled(spending_only=True)
+        assert trio.current_time() == started  # nothing to keep: no wait
+        await in_flight(demo)
+        assert demo.busy and demo.holds_refresh_token
+        await sessions.settled(spending_only=True)
+        assert trio.current_time() - started == pytest.approx(30.0, abs=1.5)  # the rotation came back
+        saved = store.saved_tokens("demo")
+        assert saved is not None and demo.token is not None and saved.refresh_token == demo.token.refresh_token
+    assert idp.stats.refresh_reuse == 0

@@ -5,16 +5,20 @@ profile names its proxy, `dc-broker add --proxy`, and `dc-broker proxy`'s upstre
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import trio
@@ -125,6 +129,65 @@ async def test_the_environment_s_proxy_with_credentials_and_its_refusals(
     text = str(caught.value)
     assert text.startswith(f"the proxy {proxy} {answer}"), text
     assert password not in text and "alice" not in text
+
+
+QUOTING_USER, QUOTING_PASSWORD = "px@user", "pw:Quot3d/+"
+
+
+@asynccontextmanager
+async def quoting_proxy(status: int) -> AsyncIterator[str]:
+    """A proxy that answers every CONNECT with ``status`` and a reason phrase quoting what it was
+    sent: the Proxy-Authorization header, and the credentials decoded from it (as an odd proxy's 407
+    or 502 might). Yields its port."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            head += data
+        auth = next(
+            (line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"proxy-auth")),
+            b"none",
+        )
+        decoded = base64.b64decode(auth.split(b" ")[-1]) if auth != b"none" else b""
+        reason = b"you sent " + auth + b" = " + decoded + b" = " + quote(decoded.decode()).encode()
+        await stream.send_all(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\n\r\n" % (status, reason))
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+        yield str(listener.socket.getsockname()[1])
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("status", [407, 502])
+async def test_a_proxy_quoting_its_credentials_back_leaves_them_in_no_error_status_or_log(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The environment's proxy with percent-encoded credentials answers the CONNECT with a reason
+    phrase quoting `Proxy-Authorization: Basic ...` and the decoded user:password: the caller's error,
+    `status` and the log name the proxy and its answer, and no spelling of the credentials."""
+    user, password = QUOTING_USER, QUOTING_PASSWORD
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    async with quoting_proxy(status) as port:
+        environ = {"https_proxy": f"http://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{port}"}
+        session = Session(
+            profile("service", server="https://sso.invalid"),
+            MemoryStore({"service": CREDENTIALS["service"]}),
+            IdpTransport(environ=environ),
+        )
+        caplog.set_level(logging.DEBUG, logger="dc_broker")  # httpcore stays at WARNING (logs.py)
+        async with running(session.run):
+            with trio.fail_after(20), pytest.raises(UpstreamUnavailable) as caught:
+                await session.get()
+        await session.idp.aclose()
+    shown = [str(caught.value), session.status(trio.current_time())["last_error"], caplog.text]
+    assert f"the proxy http://127.0.0.1:{port}" in shown[0] and f"{status} you sent Basic" in shown[0], shown[0]
+    for text in shown:
+        for form in (basic, basic.rstrip("="), "px@user", "px%40user", "pw:Quot3d", "pw%3AQuot3d", "Quot3d"):
+            assert form not in text, (form, text)
 
 
 def broker_config(tmp: Path, base: str, proxy: str) -> Path:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -197,3 +199,48 @@ def test_after_logout_of_a_browser_login_the_next_login_asks_for_the_password_ag
         finally:
             browser.close()
             assert stop(broker) == 0
+
+
+def one_token_broker(sock: Path, scope: str | None) -> threading.Thread:
+    """A broker that answers one token request, with this granted scope (as one after an IdP that
+    dropped what the login never had)."""
+    from dc_token.protocol import FrameDecoder, reply_frame
+
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        decoder = FrameDecoder()
+        decoder.receive_data(conn.recv(65536))
+        request = decoder.next_frame()
+        assert isinstance(request, dict)
+        result = {"profile": "acme", "token": "T0K3N", "type": "Bearer", "expires_in": 300.0,
+                  "expires_at": time.time() + 300, "scope": scope, "refresh_in": 200.0}  # fmt: skip
+        conn.sendall(reply_frame(request["id"], result))
+        conn.close()
+        listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    ("granted", "exit_code"),
+    [("openid profile email", 0), ("profile email", 8), (None, 0)],
+    ids=["all", "less", "unsaid"],
+)
+def test_dc_token_scope_fails_naming_the_scopes_the_idp_did_not_grant(
+    tmp_path: Path, granted: str | None, exit_code: int
+) -> None:
+    sock = tmp_path / "b.sock"
+    served = one_token_broker(sock, granted)
+    got = dc_token(str(sock), "--scope", "openid profile email", "acme")
+    served.join(10)
+    assert got.returncode == exit_code, got.stderr
+    if exit_code:
+        assert got.stdout == "" and "without openid" in got.stderr and "`dc-broker set acme scope=...`" in got.stderr
+    else:
+        assert got.stdout == "T0K3N\n"

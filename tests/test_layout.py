@@ -32,6 +32,7 @@ PURE = [
     "dc_broker.observe.counters",
     "dc_broker.observe.health",
     "dc_token.pages",
+    "dc_broker.budget",
 ]
 IMPURE = {"trio", "httpx", "anyio", "click", "socket", "sqlite3", "msgpack_numpy"}
 

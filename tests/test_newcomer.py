@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dc_broker.cli.completion import script
-from tests.e2e import DC_BROKER, DC_TOKEN, dc_token, stop, wait_for, wait_for_socket
+from tests.e2e import DC_BROKER, dc_token, stop, wait_for, wait_for_socket
 from tests.test_cli import add_demo, cli, home, init_keyfile, on_a_terminal  # noqa: F401 - the home fixture
 
 pytestmark = pytest.mark.e2e
@@ -202,11 +202,6 @@ def test_set_scope_on_a_running_broker_says_when_it_applies_and_it_does(
 
 
 @pytest.mark.skipif(not ROOT, reason="needs root to run dc-token as another user (setpriv)")
-@pytest.mark.xfail(
-    strict=True,
-    reason="perf's follow-up: dc_token.paths.unreachable turns a PermissionError into BrokerUnavailable (exit 3, "
-    "'broker not running'); it must be the permission exit code (9, as Forbidden)",
-)
 def test_a_caller_outside_the_shared_brokers_group_gets_the_permission_exit_code(tmp_path: Path) -> None:
     shared = Path(tempfile.mkdtemp(prefix="dcb-sock-"))
     try:
@@ -218,10 +213,17 @@ def test_a_caller_outside_the_shared_brokers_group_gets_the_permission_exit_code
         listener.bind(str(sock))
         sock.chmod(0o660)  # root and its group only
         listener.listen(1)
-        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", DC_TOKEN, "--socket",
-                               str(sock), "acme"], capture_output=True, text=True, timeout=30)  # fmt: skip
+        # dc-token as user nobody runs it: the token path needs nothing but dc_token and the standard
+        # library (tests/test_startup.py), so a world-readable copy of the package is all it needs
+        shutil.copytree(Path(__file__).resolve().parent.parent / "client" / "dc_token", shared / "dc_token")
+        for path in [shared / "dc_token", *(shared / "dc_token").rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        run = f"import sys; sys.path.insert(0, {str(shared)!r}); from dc_token.cli import main; sys.exit(main())"
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                               "-S", "-c", run, "--socket", str(sock), "acme"],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
         listener.close()
-        assert "no permission to use the broker socket" in done.stderr
+        assert "no permission to use the broker socket" in done.stderr, done.stderr
         assert done.returncode == 9
     finally:
         shutil.rmtree(shared)

@@ -3,11 +3,23 @@ them, loopback never through the environment's proxy. (Pure: dc_broker.idp.proxi
 
 from __future__ import annotations
 
+import base64
+from urllib.parse import quote_plus
+
 import pytest
 
 from dc_broker.config import Profile
 from dc_broker.errors import ConfigError
-from dc_broker.idp.proxies import DIRECT, EnvProxies, redacted, route, scrub, setting_problem, shown
+from dc_broker.idp.proxies import (
+    DIRECT,
+    EnvProxies,
+    credential_forms,
+    redacted,
+    route,
+    scrub,
+    setting_problem,
+    shown,
+)
 
 IDP = "https://sso.corp.example/realms/acme/protocol/openid-connect/token"
 CORP = "http://proxy.corp.example:3128"
@@ -129,6 +141,33 @@ def test_scrub_takes_a_proxy_s_credentials_out_of_a_message_raw_or_decoded() -> 
     proxy = "http://alice:s3cr%40t@proxy.corp.example:3128"
     assert scrub("refused alice with s3cr@t and s3cr%40t", proxy) == "refused *** with *** and ***"
     assert scrub("nothing to hide", None) == "nothing to hide"
+
+
+def test_scrub_takes_every_encoding_of_the_credentials_out() -> None:
+    """Userinfo as written, percent-decoded and encoded again, and the Basic base64 of user:password
+    that Proxy-Authorization carries (httpx decodes the URL first), in both base64 alphabets, padded
+    or not: a proxy quoting any of them back leaves no credential in the message."""
+    proxy = "http://px%40user:p%3Ass+w%2Frd@proxy.corp.example:3128"
+    user, password = "px@user", "p:ss+w/rd"
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    quoted = [
+        f"Basic {basic}",
+        basic.rstrip("="),
+        base64.urlsafe_b64encode(f"{user}:{password}".encode()).decode(),
+        base64.b64encode(b"px%40user:p%3Ass+w%2Frd").decode(),
+        "px%40user",
+        "p%3Ass%2Bw%2Frd",
+        "p%3Ass+w%2Frd",
+        "p:ss+w/rd",
+        quote_plus(password),
+        user,
+    ]
+    for text in quoted:
+        out = scrub(f"407 you sent {text} (bad)", proxy)
+        assert out.startswith("407 you sent ") and out.endswith(" (bad)"), out
+        for piece in ("px", "p:ss", "p%3A", basic[:8], basic.rstrip("=")[-8:]):
+            assert piece not in out.removeprefix("407 you sent "), (text, out)
+    assert credential_forms("http://proxy.corp.example:3128") == ()
 
 
 def test_redacted_keeps_a_value_without_credentials() -> None:

@@ -415,10 +415,14 @@ async def test_client_credentials_scope_asks_with_the_secret(make_idp, autojump_
     from tests.conftest import CREDENTIALS, idp_transport, profile
 
     idp = make_idp()
-    sessions = Sessions({"service": profile("service")}, MemoryStore(dict(CREDENTIALS)), idp_transport(idp))
+    sessions = Sessions(
+        {"service": profile("service", scope="openid profile email phone")},
+        MemoryStore(dict(CREDENTIALS)),
+        idp_transport(idp),
+    )
     async with running(sessions.run):
         tok = await sessions.lookup_scoped(sessions.lookup("service"), "openid profile email").get()
-        assert "openid" in (tok.scope or "")
+        assert "openid" in (tok.scope or "") and "phone" not in (tok.scope or "")
         with pytest.raises(CredentialsRejected, match=r"more than asked \(email profile\)"):
             await sessions.lookup_scoped(sessions.lookup("service"), "openid").get()  # never wider than asked
 

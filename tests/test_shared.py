@@ -344,7 +344,9 @@ def test_a_user_managers_report_service_is_not_the_system_unit(shared: str, user
 
 def test_exe_rules_admit_exactly_the_pinned_program(shared: str, programs: dict[str, str]) -> None:
     def outcomes(program: str) -> list[str]:
-        return [outcome(r) for r in ask(shared, "dcb-other", token("p_exe"), token("p_hash"), program=program)]
+        # replies come as they are ready (a new program's first one after its hash): in id order here
+        replies = ask(shared, "dcb-other", token("p_exe"), Request(2, "token", {"profile": "p_hash"}), program=program)
+        return [outcome(r) for r in sorted(replies, key=lambda r: r["id"])]
 
     assert outcomes(programs["runner"]) == ["ok", "ok"]
     assert outcomes(programs["python"]) == ["forbidden", "forbidden"]

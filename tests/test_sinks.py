@@ -12,22 +12,25 @@ import stat
 import subprocess
 import sys
 import tomllib
-from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
 from dc_broker import atomic, sinks
+from dc_broker.access.caller import Caller
 from dc_broker.cli.files import sink_options
 from dc_broker.config import Sink
 from dc_broker.config.edit import profile_table, remove_profile
 from dc_broker.config.load import load_config, parse_config, parse_text
 from dc_broker.errors import ConfigError
+from dc_broker.serve.ops import HANDLERS, BrokerState
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
+from dc_token.protocol import Request
 from tests.conftest import CREDENTIALS, idp_transport, profile, running, trio_wall_clock
-from tests.e2e import DC_BROKER, run, start_run, stop, wait_for
+from tests.e2e import DC_BROKER, dev_idp, run, start_run, stop, wait_for, wait_for_socket
+from tests.test_cli import cli, home, init_keyfile  # noqa: F401 - the home fixture
 
 PROFILE_HEAD = """[profiles.acme]
 token_url = "https://sso.example.com/token"
@@ -187,7 +190,7 @@ async def test_reader_never_sees_a_partial_empty_or_expired_token_across_100_ref
     seen: list[str] = []
     (tmp_path / "sinks").mkdir()
     path.write_text("stale-from-an-earlier-run\n")
-    async with running(sessions.run, partial(sinks.run, sessions)):
+    async with running(sessions.run, sinks.TokenFiles(sessions).run):
         with trio.fail_after(10 * T):
             while not path.exists() or path.read_text() == "stale-from-an-earlier-run\n":
                 await trio.sleep(0.05)
@@ -219,7 +222,7 @@ async def test_lock_logout_and_remove_take_the_file_away(tmp_path: Path, make_id
             while path.exists():
                 await trio.sleep(0.05)
 
-    async with running(sessions.run, partial(sinks.run, sessions)):
+    async with running(sessions.run, sinks.TokenFiles(sessions).run):
         first = await appears()
         sessions.locked()
         await disappears()
@@ -241,7 +244,7 @@ async def test_a_reload_that_drops_a_sink_removes_its_file(tmp_path: Path, make_
     idp = make_idp(access_lifespan=T)
     sessions, path = sink_sessions(tmp_path, idp)
     other = tmp_path / "sinks" / "other.token"
-    async with running(sessions.run, partial(sinks.run, sessions)):
+    async with running(sessions.run, sinks.TokenFiles(sessions).run):
         with trio.fail_after(T):
             while not path.exists():
                 await trio.sleep(0.05)
@@ -324,6 +327,104 @@ def test_reader_process_across_refreshes_of_a_real_broker(tmp_path: Path) -> Non
     assert "eyJ" not in err  # no token in the logs
 
 
+def test_lock_logout_and_remove_return_once_the_file_is_gone(tmp_path: Path, home: dict[str, str]) -> None:  # noqa: F811
+    """`dc-broker lock`, `logout` and `remove` against a real broker with a vault: when each command
+    returns, the token file is already gone. Unlock and a new login bring it back. (On a fast disk
+    the file went within milliseconds before too: the slow-disk test below is the one that fails
+    without the wait.)"""
+    env = home
+    token_file = tmp_path / "state" / "acme.token"
+    with dev_idp() as base:
+        init_keyfile(env, tmp_path)
+        added = cli(
+            env,
+            *("add", "acme", "--server", base, "--tenant", "demo", "--client-id", "dc-cli", "--username", "demo"),
+            *("--password-stdin", "--secret-stdin", "--sink", str(token_file)),
+            stdin="demo\ndc-cli-secret\n",
+        )
+        assert added.returncode == 0, added.stderr
+        daemon = subprocess.Popen(
+            [DC_BROKER, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            wait_for_socket(env["DC_BROKER_SOCKET"], daemon)
+            wait_for(token_file.exists, 20, "the token file", process=daemon, every=0.02)
+            done = cli(env, "lock")
+            assert done.returncode == 0, done.stderr
+            assert not token_file.exists(), "the token file outlived `dc-broker lock`"
+            assert cli(env, "unlock").returncode == 0
+            wait_for(token_file.exists, 20, "the token file", process=daemon, every=0.02)
+            done = cli(env, "logout", "acme")
+            assert done.returncode == 0, done.stderr
+            assert not token_file.exists(), "the token file outlived `dc-broker logout`"
+            login = cli(env, "login", "acme", "--password-stdin", stdin="demo\n")
+            assert login.returncode == 0, login.stderr
+            wait_for(token_file.exists, 20, "the token file", process=daemon, every=0.02)
+            done = cli(env, "remove", "acme")
+            assert done.returncode == 0, done.stderr
+            assert not token_file.exists(), "the token file outlived `dc-broker remove`"
+        finally:
+            assert stop(daemon) == 0
+
+
+class _LockableStore(MemoryStore):
+    """A vault's lock surface, in memory."""
+
+    is_locked = False
+
+    @property
+    def lockable(self) -> bool:
+        return True
+
+    @property
+    def locked(self) -> bool:
+        return self.is_locked
+
+    def lock(self) -> None:
+        self.is_locked = True
+
+    def unlock(self, passphrase: object = None) -> None:
+        self.is_locked = False
+
+
+async def test_lock_and_logout_wait_for_a_slow_disk_to_take_the_file_away(
+    tmp_path: Path, make_idp, autojump_clock, monkeypatch
+) -> None:
+    """Every file operation takes 0.4 s (fsync on a busy disk): the `lock` and `logout` ops return
+    only once the token file is gone, not before the sinks task has got round to it (it went 0.3 to
+    0.5 s after the reply on the red team's host)."""
+
+    async def slow_disk(fn, *args):
+        await trio.sleep(0.4)
+        return fn(*args)
+
+    monkeypatch.setattr(sinks, "_blocking", slow_disk)
+    path = tmp_path / "sinks" / "demo.token"
+    store = _LockableStore({"demo": CREDENTIALS["demo"]})
+    sessions = Sessions(
+        {"demo": profile("demo", sinks=(Sink(path=str(path)),))}, store, idp_transport(make_idp(access_lifespan=T))
+    )
+    files = sinks.TokenFiles(sessions)
+    state = BrokerState(sessions=sessions, socket_path="-", files=files)
+    owner = Caller(os.getuid(), os.getgid(), os.getpid())
+
+    async def appears() -> None:
+        with trio.fail_after(2 * T):
+            while not path.exists():
+                await trio.sleep(0.05)
+
+    async with running(sessions.run, files.run):
+        await appears()
+        assert await HANDLERS["lock"](state, owner, Request(1, "lock")) == {"locked": True}
+        assert not path.exists(), "the token file outlived the lock's reply"
+        store.unlock()
+        sessions.unlocked()
+        await appears()
+        out = await HANDLERS["logout"](state, owner, Request(2, "logout", {"profile": "demo"}))
+        assert out["profile"] == "demo"
+        assert not path.exists(), "the token file outlived the logout's reply"
+
+
 def test_dc_broker_add_with_sinks(tmp_path: Path) -> None:
     cfg = tmp_path / "config.toml"
     base = [DC_BROKER, "add", "dev1", "--config", str(cfg), "--socket", str(tmp_path / "none.sock")]
@@ -351,7 +452,7 @@ async def test_an_idp_outage_past_expiry_takes_the_file_away_and_recovery_brings
 ) -> None:
     idp = make_idp(access_lifespan=T, sso_idle=100 * T, sso_max=1000 * T)
     sessions, path = sink_sessions(tmp_path, idp)
-    async with running(sessions.run, partial(sinks.run, sessions)):
+    async with running(sessions.run, sinks.TokenFiles(sessions).run):
         with trio.fail_after(T):
             while not path.exists():
                 await trio.sleep(0.05)
@@ -389,7 +490,7 @@ async def test_a_sink_in_a_2770_directory_is_refused_with_its_config_line_until_
     idp = make_idp(access_lifespan=T)
     sessions = Sessions({"demo": p}, MemoryStore({"demo": CREDENTIALS["demo"]}), idp_transport(idp))
     target = shared / "demo.token"
-    async with running(sessions.run, partial(sinks.run, sessions)):
+    async with running(sessions.run, sinks.TokenFiles(sessions).run):
         with trio.fail_after(T):
             while "cannot write the token file" not in caplog.text:
                 await trio.sleep(0.05)

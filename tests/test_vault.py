@@ -20,7 +20,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dc_broker.errors import RecordCorrupt, VaultBusy, VaultError, WrongPassphrase
+from dc_broker.errors import RecordCorrupt, RecordRolledBack, VaultBusy, VaultError, WrongPassphrase
 from dc_broker.secret import Secret
 from dc_broker.sessions.session import Session
 from dc_broker.sessions.states import State
@@ -314,11 +314,178 @@ def test_swapped_records_fail_the_associated_data_check(
 
 def test_a_record_from_a_newer_format_is_refused_for_that_profile(template: Path, tmp_path: Path) -> None:
     path = copy_of(template, tmp_path / "v")
-    sql(path, "UPDATE records SET version = 2 WHERE profile = 'acme' AND field = 'tokens'")
+    sql(path, "UPDATE records SET version = 3 WHERE profile = 'acme' AND field = 'tokens'")
     with Vault.open(path, auto_unlock=True) as v:
-        with pytest.raises(RecordCorrupt, match="format version 2"):
+        with pytest.raises(RecordCorrupt, match="format version 3"):
             v.saved_tokens("acme")
         assert v.credentials("acme") == FULL
+
+
+# ------------------------------------------------------------------ generations: no rolling back
+
+ROTATED = Credentials(password=Secret("rotated-password-Ab12"), client_secret=Secret("rotated-secret-Cd34"))
+
+
+def row(path: Path, profile: str, field: str) -> tuple[object, ...]:
+    return sql(
+        path,
+        "SELECT version, generation, nonce, ciphertext FROM records WHERE profile = ? AND field = ?",
+        profile,
+        field,
+    )[0]
+
+
+def put_back(path: Path, profile: str, field: str, old: tuple[object, ...]) -> None:
+    sql(
+        path,
+        "INSERT OR REPLACE INTO records (profile, field, version, generation, nonce, ciphertext) VALUES (?, ?, ?, ?, ?, ?)",
+        profile,
+        field,
+        *old,
+    )
+
+
+def test_a_record_put_back_after_a_rotate_is_refused_as_rolled_back(template: Path, tmp_path: Path) -> None:
+    """Finding 8: the client secret's record from before `rotate`, copied back into the vault,
+    decrypted as the old secret. Now its generation is in its associated data and the index says
+    which is current: refused, saying it was rolled back; the other profile is untouched."""
+    path = copy_of(template, tmp_path / "v")
+    old_secret, old_tokens = row(path, "acme", "client_secret"), row(path, "acme", "tokens")
+    with Vault.open(path, auto_unlock=True) as v:
+        v.set_credentials("acme", ROTATED)  # `dc-broker rotate`
+        assert v.saved_tokens("acme") == TOKENS  # kept, in the new generation
+    put_back(path, "acme", "client_secret", old_secret)
+    with Vault.open(path, auto_unlock=True) as v:
+        with pytest.raises(RecordRolledBack) as caught:
+            v.credentials("acme")
+        assert str(caught.value).startswith(
+            "profile 'acme': its client_secret record in the vault is from before the profile's last change "
+            "(generation 1; the vault is at 2): an older copy was put back (rolled back); store it again with "
+            "`dc-broker add acme`"
+        ), caught.value
+        assert all(secret not in str(caught.value) for secret in ALL_SECRETS)
+        assert v.credentials("other") == FULL and v.saved_tokens("other") == TOKENS
+    # the generation column says nothing by itself: set to the current one, the old record's
+    # associated data does not match
+    put_back(path, "acme", "client_secret", (old_secret[0], 2, *old_secret[2:]))
+    put_back(path, "acme", "tokens", old_tokens)
+    with Vault.open(path, auto_unlock=True) as v:
+        with pytest.raises(RecordCorrupt, match="client_secret record in the vault fails authentication"):
+            v.credentials("acme")
+        with pytest.raises(RecordRolledBack, match=r"tokens record .* \(rolled back\)"):
+            v.saved_tokens("acme")
+
+
+def test_an_index_put_back_with_the_record_shows_in_the_other_profiles(template: Path, tmp_path: Path) -> None:
+    """Putting back the index too, from the same older copy, makes acme's old record current again,
+    and every other profile changed since then newer than the index: refused, naming the index.
+    (A copy of the whole vault from before is an older vault: no file can tell.)"""
+    path = copy_of(template, tmp_path / "v")
+    old_secret = row(path, "acme", "client_secret")
+    (old_index,) = sql(path, "SELECT nonce, ciphertext FROM generations")
+    with Vault.open(path, auto_unlock=True) as v:
+        v.set_credentials("acme", ROTATED)
+        v.set_credentials("other", ROTATED)
+    put_back(path, "acme", "client_secret", old_secret)
+    sql(path, "UPDATE generations SET nonce = ?, ciphertext = ?", *old_index)
+    newer = r"is newer than the vault's index says .* the index was put back"
+    with Vault.open(path, auto_unlock=True) as v, pytest.raises(RecordRolledBack, match=newer):
+        v.credentials("other")
+
+
+@pytest.mark.parametrize("change", ["remove", "forget_tokens"])
+def test_records_put_back_after_a_remove_or_a_logout_are_refused(template: Path, tmp_path: Path, change: str) -> None:
+    path = copy_of(template, tmp_path / "v")
+    old = {field: row(path, "acme", field) for field in FIELDS}
+    with Vault.open(path, auto_unlock=True) as v:
+        if change == "remove":
+            assert v.remove("acme")
+            v.set_credentials("acme", ROTATED)  # added again: its generations go on, never back to 1
+        else:
+            trio.run(v.forget_tokens, "acme")  # logout
+            assert v.credentials("acme") == FULL
+    for field, record in old.items():
+        put_back(path, "acme", field, record)
+    with Vault.open(path, auto_unlock=True) as v:
+        with pytest.raises(RecordRolledBack):
+            v.credentials("acme")
+        with pytest.raises(RecordRolledBack):
+            v.saved_tokens("acme")
+
+
+def test_a_format_1_vault_keeps_working_and_gets_generations_at_its_first_unlock(tmp_path: Path) -> None:
+    """A vault written before generations (tests/data/vault-format1, made by that dc-broker): opened
+    locked it is still format 1 and lists its profiles; unlocked it is migrated in one transaction
+    and reads as before; a rotate afterwards puts its old records out of date like any other's."""
+    into = tmp_path / "old"
+    into.mkdir(mode=0o700)
+    for name in ("vault.db", "vault.key"):
+        shutil.copy(REPO / "tests" / "data" / "vault-format1" / name, into / name)
+        (into / name).chmod(0o600)
+    path = into / "vault.db"
+    sql(path, "UPDATE data_key SET reference = ?", str(into / "vault.key"))
+    assert sql(path, "SELECT format FROM meta") == [(1,)]
+    old_secret = sql(
+        path, "SELECT version, 0, nonce, ciphertext FROM records WHERE profile = 'acme' AND field = 'client_secret'"
+    )[0]
+    with Vault.open(path) as v:
+        assert v.profiles() == ["acme", "svc"]
+    assert sql(path, "SELECT format FROM meta") == [(1,)]  # nothing written without the key
+    with Vault.open(path, auto_unlock=True) as v:
+        assert v.credentials("acme") == Credentials(
+            password=Secret("format1-password"), client_secret=Secret("format1-client-secret")
+        )
+        assert v.credentials("svc") == Credentials(client_secret=Secret("format1-svc-secret"))
+        saved = v.saved_tokens("acme")
+        assert saved is not None and saved.refresh_token == Secret("format1-refresh")
+        v.set_credentials("acme", ROTATED)
+    assert sql(path, "SELECT format FROM meta") == [(2,)]
+    assert sql(path, "PRAGMA integrity_check") == [("ok",)]
+    put_back(path, "acme", "client_secret", old_secret)
+    with Vault.open(path, auto_unlock=True) as v:
+        with pytest.raises(RecordRolledBack, match=r"generation 0; the vault is at 1"):
+            v.credentials("acme")
+        assert v.credentials("svc") == Credentials(client_secret=Secret("format1-svc-secret"))  # untouched: still 0
+
+
+def test_rotate_then_a_copy_put_back_is_refused_by_the_running_broker(tmp_path: Path) -> None:
+    """The red team's steps with the real commands: `dc-broker add`, `dc-broker rotate
+    --client-secret`, the old record put back with sqlite3, then `dc-broker run`: dc-token is told
+    the record was rolled back (and to store the secret again), not served the old secret's token."""
+    from tests.e2e import DC_BROKER, dc_token, dev_idp, wait_for_socket
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DC_BROKER_")}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_DATA_HOME=str(tmp_path / "data"))
+    env["DC_BROKER_SOCKET"] = sock = str(tmp_path / "run" / "broker.sock")
+
+    def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([DC_BROKER, *args], input=stdin, capture_output=True, text=True, env=env, timeout=60)
+
+    with dev_idp() as base:
+        assert cli("init", "--key-source", "keyfile").returncode == 0
+        added = cli(
+            *("add", "svc", "--server", base, "--tenant", "demo", "--client-id", "dc-service"),
+            *("--grant", "client_credentials", "--secret-stdin"),
+            stdin="dc-service-secret\n",
+        )
+        assert added.returncode == 0, added.stderr
+        path = tmp_path / "data" / "dc-broker" / "vault.db"
+        old = row(path, "svc", "client_secret")
+        rotated = cli("rotate", "svc", "--client-secret", "--secret-stdin", "--no-verify", stdin="new-secret-Ef56\n")
+        assert rotated.returncode == 0, rotated.stderr
+        put_back(path, "svc", "client_secret", old)
+        daemon = subprocess.Popen(
+            [DC_BROKER, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            wait_for_socket(sock, daemon)
+            got = dc_token(sock, "svc")
+        finally:
+            daemon.terminate()
+            daemon.wait(20)
+    assert got.returncode == 5, got.stderr  # login_required: a person must store the secret again
+    assert "client_secret record in the vault is from before the profile's last change" in got.stderr
+    assert "(rolled back)" in got.stderr and "dc-service-secret" not in got.stderr
 
 
 def test_record_corrupt_tells_sessions_a_person_must_act() -> None:

@@ -12,7 +12,8 @@ service-manager contract through ``dc_broker.systemd``, all of it a no-op outsid
 - ``READY=1`` once the socket accepts; ``STATUS=`` with the profile count and vault lock state;
   ``WATCHDOG=1`` every half ``WatchdogSec=`` from a task of the event loop;
 - SIGTERM/SIGINT send ``STOPPING=1``, stop accepting, let requests already waiting on a refresh
-  get their answers, let refreshes in progress store their tokens, close the store and return
+  get their answers, let refreshes in progress store their tokens (a grant that spends no refresh
+  token is not waited for), close the store and return
   (exit status 0); a second signal stops at once. SIGHUP re-reads the config file and applies it
   with ``Sessions.reload`` (unchanged profiles keep their tokens); a config that does not load is
   logged and the running profiles are kept.
@@ -190,7 +191,7 @@ class _Supervisor:
                 "stopping with %d request(s) still unanswered after %.0f s", self.server.pending, self.drain_timeout
             )
         with trio.move_on_at(deadline) as settle:
-            await self.sessions.settled()  # a refresh in progress stores its (maybe rotated) tokens first
+            await self.sessions.settled(spending_only=True)  # a refresh in flight stores its rotated tokens first
         if settle.cancelled_caught:
             log.warning("stopping during a refresh; its result is lost")
         scope.cancel()
@@ -290,12 +291,14 @@ async def run_broker(
         except BaseException:
             listener.close()  # no stale socket left behind
             raise
+    files = sinks.TokenFiles(sessions)
     state = BrokerState(
         sessions=sessions,
         socket_path=listener.path,
         system=settings.system,
         audit=Audit(daemon.audit_interval),
         config_path=settings.config_path,
+        files=files,
     )
     server = Server(state, limits=limits_of(daemon))
     supervisor = _Supervisor(server, sessions, store, notifier, settings)
@@ -316,7 +319,7 @@ async def run_broker(
             if service:
                 await nursery.start(supervisor.signals, nursery.cancel_scope)
             await nursery.start(sessions.run)
-            await nursery.start(sinks.run, sessions)  # token files ([[profiles.NAME.sinks]])
+            await nursery.start(files.run)  # token files ([[profiles.NAME.sinks]])
             await nursery.start(server.serve, listener.sock)
             if metrics_sock is not None:
                 await nursery.start(MetricsServer(lambda: render_metrics(state)).serve, metrics_sock)

@@ -20,6 +20,7 @@ error boundary and the server's treat them the same way as every other error:
     │   └── WrongPassphrase             ...and stays locked: the passphrase did not open it
     ├── LoginRequired (dc_token.errors)
     │   └── RecordCorrupt               ...because this profile's vault record fails authentication
+    │       └── RecordRolledBack        ...or is not the current one: an older copy was put back
     ├── CredentialsRejected (dc_token.errors)
     │   ├── MaybeLocked                 "Invalid user credentials": a wrong password or a brute-force lock
     │   └── ScopeWidened                the IdP grants more scope than a per-request scope asked for
@@ -58,6 +59,7 @@ __all__ = [
     "MaybeLocked",
     "OAuthError",
     "RecordCorrupt",
+    "RecordRolledBack",
     "ScopeWidened",
     "UpstreamFault",
     "UpstreamGarbage",
@@ -144,6 +146,12 @@ class RecordCorrupt(LoginRequired):
     format). Only that profile is affected; storing its secret again or logging in replaces it."""
 
     hint = "store the profile's secret again (`dc-broker add PROFILE`) or run `dc-broker login PROFILE`"
+
+
+class RecordRolledBack(RecordCorrupt):
+    """A profile's vault record is not the current one: it is from before the profile's last change
+    (its generation is older than the vault's index says), or the index itself was put back from an
+    older copy. Someone with write access to the vault file rolled it back."""
 
 
 class MaybeLocked(CredentialsRejected):

@@ -2,7 +2,7 @@
 
 For programs that can only read a file (``EnvironmentFile=``, a cron job, a BI tool's "token file"
 setting). Per profile with ``[[profiles.NAME.sinks]]`` (``dc_broker.config.Sink``), one trio task
-(``keep_profile``) waits on the session's ``token_changed`` and rewrites every file of the profile:
+(``_Keeper``) waits on the session's ``token_changed`` and rewrites every file of the profile:
 
 - atomically (``dc_broker.atomic.write``): a new file (O_EXCL, the sink's mode and group) in the
   same directory, written, fsync'ed, renamed over the old one, then the directory fsync'ed. A reader
@@ -18,8 +18,10 @@ setting). Per profile with ``[[profiles.NAME.sinks]]`` (``dc_broker.config.Sink`
   its expiry: the IdP is down), and when the broker stops.
 
 The task only reads a session through ``token_changed``, ``peek``, ``status`` and ``profile``; it
-re-checks every ``CHECK_EVERY`` seconds (lock and logout fire no event), and ``run`` looks for
-profiles that gained sinks (a reload) every ``SCAN_EVERY`` seconds. A file that cannot be written
+re-checks every ``CHECK_EVERY`` seconds, and ``TokenFiles.run`` looks for profiles that gained sinks
+(a reload) every ``SCAN_EVERY`` seconds. `logout`, `lock` and `reload` do not wait for either: they
+call ``TokenFiles.settle``, one pass now (after a write in progress), so the files they take away
+are gone when they return. A file that cannot be written
 is logged, once per distinct error, and retried at the next check: a sink never stops the daemon.
 Never logs a token; never writes outside the configured paths.
 """
@@ -180,60 +182,99 @@ def _current(sessions: Sessions, name: str, session: Session) -> bool:
         return False
 
 
-async def keep_profile(sessions: Sessions, name: str) -> None:
-    """Keep the profile's sink files current until it has none (removed, or its sinks were
-    dropped by a reload) or the task is cancelled; its files are removed on the way out."""
-    session = sessions.lookup(name)
-    files = _ProfileSinks(name)
-    try:
-        while True:
-            changed = session.token_changed  # taken first: a token arriving from here on wakes us
-            live = _current(sessions, name, session)
-            sinks = set(session.profile.sinks) if live else set()
-            for gone in [s for s in files.written if s not in sinks]:
-                await files.remove(gone, "no longer configured")
-                del files.written[gone]
-            if not sinks:
-                return
-            now = sessions.clock()
-            vouched = session.status(now)["state"] not in _NOT_VOUCHED
-            tok = session.peek(0.0, now) if vouched else None
-            for sink in sorted(sinks, key=lambda s: s.path):
-                await files.update(sink, tok, vouched, now)
-            # wake for the next file to remove; a past one (its removal failed) waits for the next check
-            deadlines = [have[1] for have in files.written.values() if have is not None and have[1] > now]
-            with trio.move_on_at(min([now + CHECK_EVERY, *deadlines])):
-                await changed.wait()
-    finally:
-        with trio.CancelScope(shield=True):
-            for sink, have in list(files.written.items()):
-                if have is not None:
-                    await files.remove(sink, "the broker stops serving the profile")
+class _Keeper:
+    """One profile's files and the lock around each pass over them: a pass started by ``settle``
+    waits for a write in progress and then sees the session as it is now."""
 
+    def __init__(self, sessions: Sessions, name: str) -> None:
+        self.sessions = sessions
+        self.name = name
+        self.session = sessions.lookup(name)
+        self.files = _ProfileSinks(name)
+        self.lock = trio.Lock()
+        #: the profile has no sinks any more (removed, or dropped by a reload): the task ends
+        self.done = False
 
-async def run(sessions: Sessions, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """One ``keep_profile`` task per profile with sinks, for as long as the broker runs."""
-    running: set[str] = set()
+    async def one_pass(self) -> float | None:
+        """Bring every file in line with the session now; returns when to look again unwoken (None:
+        the profile has no files any more, ``done``)."""
+        session, files = self.session, self.files
+        live = _current(self.sessions, self.name, session)
+        sinks = set(session.profile.sinks) if live else set()
+        for gone in [s for s in files.written if s not in sinks]:
+            await files.remove(gone, "no longer configured")
+            del files.written[gone]
+        now = self.sessions.clock()
+        if not sinks:
+            self.done = True
+            return None
+        vouched = session.status(now)["state"] not in _NOT_VOUCHED
+        tok = session.peek(0.0, now) if vouched else None
+        for sink in sorted(sinks, key=lambda s: s.path):
+            await files.update(sink, tok, vouched, now)
+        # wake for the next file to remove; a past one (its removal failed) waits for the next check
+        deadlines = [have[1] for have in files.written.values() if have is not None and have[1] > now]
+        return min([now + CHECK_EVERY, *deadlines])
 
-    async def keep(name: str) -> None:
+    async def run(self) -> None:
+        """Keep the profile's files current until it has none or the task is cancelled; its files
+        are removed on the way out."""
         try:
-            await keep_profile(sessions, name)
-        except UnknownProfile:
-            pass  # removed before the task started
+            while not self.done:
+                changed = self.session.token_changed  # taken first: a token arriving from here on wakes us
+                async with self.lock:
+                    wake_at = await self.one_pass()
+                if wake_at is None:
+                    return
+                with trio.move_on_at(wake_at):
+                    await changed.wait()
         finally:
-            running.discard(name)
+            with trio.CancelScope(shield=True):
+                async with self.lock:
+                    for sink, have in list(self.files.written.items()):
+                        if have is not None:
+                            await self.files.remove(sink, "the broker stops serving the profile")
 
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            for name in sessions.names():
-                if name in running:
-                    continue
-                try:
-                    has_sinks = bool(sessions.lookup(name).profile.sinks)
-                except UnknownProfile:
-                    continue
-                if has_sinks:
-                    running.add(name)
-                    nursery.start_soon(keep, name)
-            await trio.sleep(SCAN_EVERY)
+
+class TokenFiles:
+    """Every profile's token files, for as long as the broker runs (``run``), and ``settle``: what
+    `logout`, `lock` and `reload` wait for, so the files are gone when they return (the task would
+    otherwise notice within ``CHECK_EVERY``)."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
+        self._keepers: dict[str, _Keeper] = {}
+
+    async def settle(self, names: list[str] | None = None) -> None:
+        """One pass now over the files of ``names`` (default: every profile with files), after any
+        write in progress: a profile logged out, locked or removed has no file when this returns."""
+        for name in sorted(self._keepers) if names is None else names:
+            keeper = self._keepers.get(name)
+            if keeper is not None and not keeper.done:
+                async with keeper.lock:
+                    await keeper.one_pass()
+
+    async def _keep(self, keeper: _Keeper) -> None:
+        try:
+            await keeper.run()
+        finally:
+            if self._keepers.get(keeper.name) is keeper:
+                del self._keepers[keeper.name]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """One keeper task per profile with sinks; profiles that gain sinks are found every
+        ``SCAN_EVERY`` seconds."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                for name in self.sessions.names():
+                    if name in self._keepers:
+                        continue
+                    try:
+                        if not self.sessions.lookup(name).profile.sinks:
+                            continue
+                    except UnknownProfile:
+                        continue
+                    keeper = self._keepers[name] = _Keeper(self.sessions, name)
+                    nursery.start_soon(self._keep, keeper)
+                await trio.sleep(SCAN_EVERY)

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from dc_broker.secret import Secret
 from dc_broker.tokens import Credentials, TokenSet
+from dc_token.errors import BrokerError
 
 
 class SecretStore(Protocol):
@@ -51,6 +52,10 @@ class SecretStore(Protocol):
     async def forget_tokens(self, profile: str) -> None: ...
 
     def saved_tokens(self, profile: str) -> TokenSet | None: ...
+
+    def saved_tokens_all(self) -> dict[str, TokenSet | BrokerError]:
+        """Every profile's saved tokens at once (a profile whose record cannot be read: its error)."""
+        ...
 
 
 class MemoryStore:
@@ -96,3 +101,6 @@ class MemoryStore:
 
     def saved_tokens(self, profile: str) -> TokenSet | None:
         return self._tokens.get(profile)
+
+    def saved_tokens_all(self) -> dict[str, TokenSet | BrokerError]:
+        return dict(self._tokens)

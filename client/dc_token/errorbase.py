@@ -59,6 +59,16 @@ class BrokerUnavailable(DcBrokerError):
     hint = "start it with `systemctl --user start dc-broker` or `dc-broker run`"
 
 
+class BrokerDenied(BrokerUnavailable):
+    """The broker's socket is there, but the kernel refuses this user to connect (a shared broker
+    whose group the caller is not in): the permission exit status, as ``Forbidden``."""
+
+    __module__ = "dc_token.errors"
+
+    exit_code = 9
+    hint = "ask the broker's administrator to let your user use the broker"
+
+
 class BrokerTimeout(BrokerUnavailable):
     """Something accepted the connection but no answer came in time (client side): a broker stuck,
     or a socket unit whose service cannot start."""

@@ -11,6 +11,7 @@ turns error replies back into them at a single place (``dc_token.connection``).
     │   ├── LocalProtocolError          ...by us (a bug in the caller of this library)
     │   └── RemoteProtocolError         ...by the peer (garbage, oversized frame, wrong shape)
     ├── BrokerUnavailable               client side only: no broker answers on the socket
+    │   ├── BrokerDenied                ...as far as this user may know: the socket is not theirs to use
     │   └── BrokerTimeout               ...or something accepted but never answered
     ├── (broker side only, never on the wire: ConfigError, VaultError, UpstreamFault: dc_broker.errors)
     └── BrokerError                     an error reply; ``code`` is its wire code
@@ -44,6 +45,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_NOT_FOUND",
     "BadRequest",
+    "BrokerDenied",
     "BrokerError",
     "BrokerTimeout",
     "BrokerUnavailable",
@@ -70,6 +72,7 @@ __all__ = [
 
 
 from dc_token.errorbase import (
+    BrokerDenied,
     BrokerError,
     BrokerTimeout,
     BrokerUnavailable,

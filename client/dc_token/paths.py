@@ -63,12 +63,12 @@ def _join(directory: str, rest: str) -> str:
 
 def unreachable(path: str, exc: "OSError") -> "BrokerUnavailable":
     """What a failed connect to ``path`` means for the caller, and what to do about it."""
-    from dc_token.errorbase import BrokerUnavailable
+    from dc_token.errorbase import BrokerDenied, BrokerUnavailable
 
     if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
         return BrokerUnavailable(f"no dc-broker is running on {path}")
     if isinstance(exc, PermissionError):
-        return BrokerUnavailable(f"no permission to use the broker socket {path}{_why_denied(path)}")
+        return BrokerDenied(f"no permission to use the broker socket {path}{_why_denied(path)}")
     return BrokerUnavailable(f"cannot connect to {path}: {exc.strerror or exc}")
 
 

@@ -20,19 +20,30 @@ SIGCHLD reaps the command; SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2
 the kernel sends them to the whole foreground process group, the command included) are not sent a
 second time. stdin, stdout and stderr are the command's own. dc-token exits with the command's
 status; a command killed by a signal makes dc-token die of the same signal. Standard library only.
+
+Holding a token, dc-token keeps other processes of its user out of its memory before it asks for
+the first one (``dc_token.protect.no_dumps``: not dumpable, no core file; the command gets its own
+core limit back). The command gets ``PARENT_DEATH_SIGNAL`` (SIGTERM) should dc-token be killed
+without stopping it (``kill -9``), so it does not run on with a token nobody renews; the token
+directory such a dc-token leaves behind (``dc-token-PID-...``, locked while its dc-token lives) is
+removed by the next ``dc-token exec --token-file`` of the user (``remove_left_behind``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
+import stat as statmod
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+from dc_token import protect
 from dc_token.cache import Token
 from dc_token.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, DcBrokerError
 from dc_token.sync import TokenClient
@@ -48,6 +59,12 @@ FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.
 RESTART_GRACE = 10.0
 #: si_code above 0: sent by the kernel (the terminal's Ctrl-C, Ctrl-\\), below or at 0 by a process
 _SI_KERNEL_MIN = 1
+#: what the command gets when dc-token dies without stopping it (``kill -9``): the parent-death signal
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+#: token directories are named ``dc-token-PID-RANDOM`` (and locked while their dc-token runs)
+DIR_PREFIX = "dc-token-"
+#: a directory whose lock is free but whose pid runs (reused) is left behind once it is this old (s)
+LEFT_BEHIND_AFTER = 60.0
 
 
 def signal_number(name: str) -> int:
@@ -93,6 +110,10 @@ class Supervisor:
         self._restart_with: str | None = None
         self._stopping = False
         self._told: str | None = None
+        self._core: protect.CoreLimit | None = None
+        self._dir_fd: int | None = None
+        #: the commands started and not yet reaped, by pid
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     # -- the token ---------------------------------------------------------------------------
 
@@ -162,26 +183,54 @@ class Supervisor:
             env[self.env_name] = token
         sys.stdout.flush()
         sys.stderr.flush()
-        return os.posix_spawnp(
-            self.command[0],
+        core, parent = self._core, os.getpid()
+
+        def in_child() -> None:  # between fork and exec
+            protect.unblock_all_signals()  # the command starts with no signal blocked, whatever we block
+            if core is not None:
+                core.restore()  # its own core limit, not ours
+            protect.parent_death_signal(PARENT_DEATH_SIGNAL, parent)
+
+        # Popen for its preexec hook (posix_spawn has no parent-death signal); it is called from the
+        # main thread only, which lives as long as dc-token: the kernel's parent is the forking thread
+        child = subprocess.Popen(
             self.command,
-            env,
-            setsigmask=(),  # the command starts with no signal blocked, whatever we block
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores these; the command must not
+            env=env,
+            preexec_fn=in_child,  # only prctl, setrlimit and the signal mask: no lock is taken
+            restore_signals=True,  # SIGPIPE, SIGXFSZ back to default: Python ignores them
+            close_fds=False,  # the command gets the descriptors it would get from a plain exec
         )
+        self._children[child.pid] = child
+        return child.pid
+
+    def _reaped(self, pid: int, status: int) -> None:
+        """``pid`` was reaped (by our own waitpid): its Popen must not wait for it again."""
+        child = self._children.pop(pid, None)
+        if child is not None:
+            child.returncode = os.waitstatus_to_exitcode(status)
+
+    def _token_dir(self) -> str:
+        """A new private directory for the token file, locked for this process's life; first, the
+        directories of killed dc-token processes are removed (``remove_left_behind``)."""
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        where = runtime if runtime and os.path.isdir(runtime) else tempfile.gettempdir()
+        remove_left_behind(where)
+        path = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=where)
+        self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fcntl.flock(self._dir_fd, fcntl.LOCK_EX)
+        return path
 
     def run(self) -> int:
         """Start the command and keep it supplied; its exit status. Broker errors before the first
         start raise (dc-token prints them); later ones are reported and retried."""
+        self._core, _ = protect.no_dumps(keep_hard_limit=True)  # before the first token is read
         first = self.client.token_info(self.profile, min_ttl=self.min_ttl, scope=self.scope)
         self._current = first.token
         handled = {*FORWARD, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # before any thread starts: they inherit it
         try:
             if self.token_file:
-                runtime = os.environ.get("XDG_RUNTIME_DIR")
-                where = runtime if runtime and os.path.isdir(runtime) else None
-                self._dir = tempfile.mkdtemp(prefix="dc-token-", dir=where)
+                self._dir = self._token_dir()
                 self.path = os.path.join(self._dir, "token")
                 self._write(first.token)
             try:
@@ -199,6 +248,8 @@ class Supervisor:
                 self._stopping = True
                 if self._dir is not None:
                     shutil.rmtree(self._dir, ignore_errors=True)
+                if self._dir_fd is not None:
+                    os.close(self._dir_fd)
         return _pass_on(status)
 
     def _wait(self, handled: set[signal.Signals]) -> int:
@@ -216,6 +267,7 @@ class Supervisor:
             pid, status = os.waitpid(self._pid, os.WNOHANG)
             if pid == 0:
                 continue
+            self._reaped(pid, status)
             with self._lock:
                 again, self._restart_with = self._restart_with, None
                 if again is None or self._stopping:
@@ -227,6 +279,48 @@ class Supervisor:
                     sys.stderr.write(f"dc-token: cannot restart {self.command[0]}: {exc.strerror or exc}\n")
                     self._pid = 0
                     return 256 * (EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE)
+
+
+def remove_left_behind(where: str) -> None:
+    """Remove the token directories in ``where`` that dc-token processes of this user left behind
+    (killed with ``kill -9``: no ``finally`` ran). A directory is left behind when its lock is free
+    and the process its name carries is gone; one whose pid runs (reused) is removed only once it is a
+    minute old, so a directory made a moment ago and not yet locked is never taken."""
+    try:
+        entries = list(os.scandir(where))
+    except OSError:
+        return
+    for entry in entries:
+        pid_text = entry.name[len(DIR_PREFIX) :].partition("-")[0]
+        if not entry.name.startswith(DIR_PREFIX) or not pid_text.isdigit():
+            continue  # not ours, or an older dc-token's (it never locked it: it may still run)
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not statmod.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its dc-token runs
+            if _running(int(pid_text)) and time.time() - st.st_mtime < LEFT_BEHIND_AFTER:
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _kill(pid: int, signum: int) -> None:

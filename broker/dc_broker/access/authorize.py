@@ -3,8 +3,13 @@
 secrets (``administered``: the broker's own uid, root, or the profile's ``admin`` rules).
 
 Unknown and refused profiles get the same answer where the caller is not the owner, and cost the same
-work (the identity is read either way), so neither the reply nor its timing tells a neighbour which
-profiles exist.
+work (the identity is read either way; a program's hash, when any profile pins one, is read before
+the connection's first decision whatever it is about: ``dc_broker.access.programs``), so neither the
+reply nor its timing tells a neighbour which profiles exist.
+
+``exe:`` and ``exe-any-ns:`` rules compare the caller's program with the file at the pinned path as
+this process's mount namespace has it (``os.stat``: device and inode); what a connection's rules come
+to is kept on its ``Caller`` (its identity does not change while it is connected).
 
 Must never: trust anything the request says about the caller; grant by default in system mode.
 """
@@ -16,7 +21,7 @@ import logging
 import os
 
 from dc_broker.access.caller import Caller
-from dc_broker.access.rules import Identity, Rule, allowed, needs_details, needs_exe_hash, parse_rules
+from dc_broker.access.rules import FileId, Identity, Rule, allowed, needs_details, parse_rules, pinned_paths
 from dc_broker.config import Profile
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
@@ -31,9 +36,24 @@ def _rules(allow: tuple[str, ...]) -> tuple[Rule, ...]:
 
 
 def _matches(rules: tuple[Rule, ...], caller: Caller) -> bool:
-    if needs_details(rules):
-        return allowed(rules, caller.identity(exe_hash=needs_exe_hash(rules)), default_allow=False)
-    return allowed(rules, Identity(caller.uid, caller.gid, caller.pid), default_allow=False)
+    if not needs_details(rules):
+        return allowed(rules, Identity(caller.uid, caller.gid, caller.pid), default_allow=False)
+    decided = caller.decisions.get(id(rules))
+    if decided is not None and decided[0] is rules:
+        return bool(decided[1])
+    files = {path: _file_id(path) for path in pinned_paths(rules)}
+    verdict = allowed(rules, caller.identity(), default_allow=False, files=files)
+    caller.decisions[id(rules)] = (rules, verdict)
+    return verdict
+
+
+def _file_id(path: str) -> FileId | None:
+    """(device, inode) of the file at ``path`` in this process's mount namespace (None: none there)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def permits(caller: Caller, profile: Profile, *, system: bool) -> bool:

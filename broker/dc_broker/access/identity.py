@@ -13,9 +13,14 @@ system unit ``user@UID.service``; the user unit is the first non-slice component
 process can create itself (a user manager's tree, a delegated unit's sub-cgroups) changes its system
 unit.
 
-Must never: trust a path from a process's own cgroup names beyond that rule, or block the event loop
-on an unbounded read (the program's hash reads at most ``MAX_EXE_BYTES``, once per inode: it is
-cached by device, inode, size and times, so only a caller's first connection from a new program pays).
+The program is read as the broker's namespace sees it: ``/proc/PID/exe`` is stat'ed through the
+magic link, so ``exe_file`` is the (device, inode) of the file the caller runs, whatever its own mount
+namespace calls it, and ``own_mount_ns`` says whether ``/proc/PID/ns/mnt`` is ours. The path
+(``readlink``) is kept for messages only. ``hash_program`` reads the program's content for
+``exe-sha256`` rules; it is blocking and is run in a worker thread (``dc_broker.access.programs``).
+
+Must never: trust a path from a process's own cgroup names beyond that rule, compare a program by
+the path it was started under, or read more than ``MAX_EXE_BYTES`` of a program.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import socket
 import stat as statmod
 import struct
 import time
-from collections import OrderedDict
 from typing import NamedTuple
 
 from dc_broker.access.rules import Identity
@@ -44,8 +48,9 @@ _UNIT = re.compile(r"^[^/]+\.(?:service|scope|socket|mount|swap|device|target|ti
 _USER_MANAGER = re.compile(r"^user@(\d+)\.service$")
 #: programs larger than this are never hashed (an exe-sha256 rule does not match them)
 MAX_EXE_BYTES = 128 * 1024 * 1024
-_HASHES: OrderedDict[tuple[int, int, int, int, int], str] = OrderedDict()
-_HASH_CACHE_SIZE = 256
+#: bytes read and hashed per step (each step takes the GIL twice)
+_HASH_CHUNK = 4 * 1024 * 1024
+_OWN_MOUNT_NS: list[str] = []
 
 
 class Units(NamedTuple):
@@ -107,33 +112,23 @@ def _start_seconds(stat: str) -> float:
     return int(fields[19]) / _CLK_TCK
 
 
-def identify(
-    pid: int, uid: int, gid: int, *, accepted_at: float, proc: str = "/proc", exe_hash: bool = False
-) -> Identity:
-    """Full identity of a connected peer. ``accepted_at`` is ``boottime()`` when it was accepted;
-    ``exe_hash`` also hashes its program (for ``exe-sha256`` rules)."""
+def identify(pid: int, uid: int, gid: int, *, accepted_at: float, proc: str = "/proc") -> Identity:
+    """Full identity of a connected peer (its program's hash aside: ``hash_program``).
+    ``accepted_at`` is ``boottime()`` when it was accepted."""
     user = None
     with contextlib.suppress(KeyError):
         user = pwd.getpwuid(uid).pw_name
     groups: set[int] = {gid}
     units = Units(None)
-    exe = digest = None
-    try:
-        dirfd = os.open(f"{proc}/{pid}", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        dirfd = -1
+    program = _Program()
+    dirfd, status = _open_process(pid, uid, accepted_at, proc)
     if dirfd >= 0:
         try:
-            stat = _read(dirfd, "stat")
-            if stat is not None and _start_seconds(stat) <= accepted_at + 0.05:
-                status = _read(dirfd, "status") or ""
-                proc_uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
-                if proc_uid and int(proc_uid.group(1)) == uid:
-                    m = re.search(r"^Groups:[ \t]*([0-9 \t]*)$", status, re.M)
-                    if m:
-                        groups.update(int(g) for g in m.group(1).split())
-                    units = units_from_cgroup(_read(dirfd, "cgroup") or "")
-                    exe, digest = _program(dirfd, pid, exe_hash)
+            m = re.search(r"^Groups:[ \t]*([0-9 \t]*)$", status, re.M)
+            if m:
+                groups.update(int(g) for g in m.group(1).split())
+            units = units_from_cgroup(_read(dirfd, "cgroup") or "")
+            program = _program(dirfd, pid)
         finally:
             os.close(dirfd)
     names = set()
@@ -150,50 +145,106 @@ def identify(
         unit=units.system,
         user_unit=units.user,
         user_unit_uid=units.user_uid,
-        exe=exe,
-        exe_sha256=digest,
+        exe=program.path,
+        exe_file=program.file,
+        exe_stamp=program.stamp,
+        own_mount_ns=program.own_mount_ns,
     )
 
 
-def _program(dirfd: int, pid: int, want_hash: bool) -> tuple[str | None, str | None]:
-    """The path of the program (``/proc/PID/exe``) and, if asked, its content hash. Reading another
-    user's ``exe`` needs root or CAP_SYS_PTRACE; without it both are None (exe rules then deny)."""
+def _open_process(pid: int, uid: int, accepted_at: float, proc: str) -> tuple[int, str]:
+    """A directory fd on ``/proc/PID`` and its ``status``, if that process is the one that
+    connected (it started before the connection was accepted and runs as ``uid``); else (-1, "")."""
+    try:
+        dirfd = os.open(f"{proc}/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return -1, ""
+    stat = _read(dirfd, "stat")
+    status = _read(dirfd, "status") if stat is not None and _start_seconds(stat) <= accepted_at + 0.05 else None
+    proc_uid = re.search(r"^Uid:\s+(\d+)", status or "", re.M)
+    if status is None or proc_uid is None or int(proc_uid.group(1)) != uid:
+        os.close(dirfd)
+        return -1, ""
+    return dirfd, status
+
+
+class _Program(NamedTuple):
+    path: str | None = None
+    file: tuple[int, int] | None = None
+    stamp: tuple[int, int, int, int, int] | None = None
+    own_mount_ns: bool = False
+
+
+def own_mount_namespace() -> str:
+    """The broker's mount namespace (``/proc/self/ns/mnt``), read once ("" if it cannot be read:
+    then no caller shares it)."""
+    if not _OWN_MOUNT_NS:
+        try:
+            _OWN_MOUNT_NS.append(os.readlink("/proc/self/ns/mnt"))
+        except OSError:
+            _OWN_MOUNT_NS.append("")
+    return _OWN_MOUNT_NS[0]
+
+
+def _program(dirfd: int, pid: int) -> _Program:
+    """The program the process runs, as the broker's namespace sees it: the file behind
+    ``/proc/PID/exe`` (stat'ed through the link), its path for messages, and whether the process
+    shares our mount namespace. Another user's needs root or CAP_SYS_PTRACE; without it: nothing
+    (exe rules then deny)."""
     try:
         path = os.readlink("exe", dir_fd=dirfd)
+        st = os.stat("exe", dir_fd=dirfd)
     except OSError as exc:
         log.debug("cannot read /proc/%d/exe: %s", pid, exc.strerror)
-        return None, None
-    # a program deleted (or replaced) on disk reads "PATH (deleted)": it never equals an exe rule
-    if not want_hash:
-        return path, None
+        return _Program()
+    try:
+        ns = os.readlink("ns/mnt", dir_fd=dirfd)
+    except OSError:
+        ns = None
+    own = own_mount_namespace()
+    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    regular = statmod.S_ISREG(st.st_mode)
+    return _Program(path, (st.st_dev, st.st_ino), stamp if regular else None, bool(own) and ns == own)
+
+
+def hash_program(
+    pid: int, uid: int, accepted_at: float, stamp: tuple[int, int, int, int, int], proc: str = "/proc"
+) -> str | None:
+    """The SHA-256 of the program process ``pid`` runs, if it is still the file ``stamp`` names
+    (device, inode, size and times as ``identify`` saw them) and at most ``MAX_EXE_BYTES``; else
+    None. Blocking (up to 128 MiB read): run it in a worker thread."""
+    if stamp[2] > MAX_EXE_BYTES:
+        return None
+    dirfd, _ = _open_process(pid, uid, accepted_at, proc)
+    if dirfd < 0:
+        return None
     try:
         fd = os.open("exe", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
     except OSError as exc:
         log.debug("cannot open /proc/%d/exe: %s", pid, exc.strerror)
-        return path, None
+        return None
+    finally:
+        os.close(dirfd)
     try:
-        return path, _hash_program(fd)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != stamp:
+            return None  # not the file the identity was read from (it changed, or the process exec'd)
+        h = hashlib.sha256()
+        buffer = bytearray(_HASH_CHUNK)  # one buffer: no allocation (and munmap) per chunk
+        view = memoryview(buffer)
+        left = st.st_size
+        while left > 0 and (got := os.readv(fd, [view[: min(_HASH_CHUNK, left)]])):
+            h.update(view[:got])  # hashlib lets go of the GIL for the whole chunk
+            left -= got
+        after = os.fstat(fd)
+        if left or (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != stamp[2:]:
+            return None  # changed while it was read: not the file the identity names
+        return h.hexdigest()
+    except OSError as exc:
+        log.debug("cannot read /proc/%d/exe: %s", pid, exc.strerror)
+        return None
     finally:
         os.close(fd)
-
-
-def _hash_program(fd: int) -> str | None:
-    st = os.fstat(fd)
-    if not statmod.S_ISREG(st.st_mode) or st.st_size > MAX_EXE_BYTES:
-        return None
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    cached = _HASHES.get(key)
-    if cached is not None:
-        _HASHES.move_to_end(key)
-        return cached
-    h = hashlib.sha256()
-    while chunk := os.read(fd, 1 << 20):
-        h.update(chunk)
-    digest = h.hexdigest()
-    _HASHES[key] = digest
-    if len(_HASHES) > _HASH_CACHE_SIZE:
-        _HASHES.popitem(last=False)
-    return digest
 
 
 def _read(dirfd: int, name: str) -> str | None:

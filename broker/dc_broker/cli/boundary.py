@@ -57,10 +57,28 @@ def expected_error(exc: BaseException) -> DcBrokerError | None:
     return None
 
 
+#: the commands that read or hold a secret (a password, client secret, passphrase, or the vault's
+#: data key): before they run, the process keeps other processes of its user out of its memory
+#: (``dc_token.protect.no_dumps``: no core file, no ptrace, no /proc/PID/mem). `run` and `dev`
+#: harden themselves (``dc_broker.hardening``).
+HOLDS_SECRETS = frozenset({"init", "add", "rotate", "login", "unlock", "passwd"})
+
+
 class ErrorBoundary(click.Group):
     """A group whose commands may simply raise the error tree: any ``DcBrokerError`` that leaves a
     command (alone or inside an exception group) becomes ``Failed``, its hint naming the command's
-    PROFILE argument when it has one (``PROFILE`` remembers it in the context's shared ``meta``)."""
+    PROFILE argument when it has one (``PROFILE`` remembers it in the context's shared ``meta``).
+    A command in ``HOLDS_SECRETS`` runs in a process protected before it reads anything."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and command.name in HOLDS_SECRETS:
+            from dc_token.protect import no_dumps
+
+            no_dumps(keep_hard_limit=True)  # a browser `login` opens may still dump core if it wants
+        return name, command, rest
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

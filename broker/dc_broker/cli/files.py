@@ -234,7 +234,7 @@ def _forget(key_path: str | None, item: Keyring | None = None) -> None:
     multiple=True,
     metavar="RULE",
     help="shared broker: who may use it (user:NAME, uid:N, group:NAME, gid:N, unit:NAME.service, "
-    'user-unit:USER/NAME.service, exe:/PATH, exe-sha256:HEX; "A & B" for both); repeatable',
+    'user-unit:USER/NAME.service, exe:/PATH, exe-any-ns:/PATH, exe-sha256:HEX; "A & B" for both); repeatable',
 )
 @click.option("--no-verify", is_flag=True, help="store without checking the credentials at the IdP")
 @click.option(

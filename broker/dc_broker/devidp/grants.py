@@ -148,26 +148,28 @@ def authenticate_client(request: TokenRequest, state: IdPState | None = None) ->
 
 
 # -- scopes ----------------------------------------------------------------------------------------
-def resolve_scope(requested: str | None) -> str:
-    """Keycloak's granted scope string: "openid" first if asked, then other optional scopes, then defaults."""
+def resolve_scope(requested: str | None, client: DevClient) -> str:
+    """Keycloak's granted scope string: "openid" first if asked, then other optional scopes, then the
+    client's default scopes (``DevClient.default_scopes``)."""
     words = requested.split() if requested else []
     unknown = [w for w in words if w not in OPTIONAL_SCOPES and w not in DEFAULT_SCOPES]
     if unknown:
         raise OAuthProblem(400, "invalid_scope", f"Invalid scopes: {requested}")
+    defaults = client.default_scopes.split()
     ordered = [w for w in ("openid",) if w in words]
-    ordered += [w for w in words if w not in ordered and w not in DEFAULT_SCOPES]
-    ordered += list(DEFAULT_SCOPES)
+    ordered += [w for w in words if w not in ordered and w not in defaults]
+    ordered += defaults
     return " ".join(dict.fromkeys(ordered))
 
 
-def _narrow_scope(original: str, requested: str | None) -> str:
+def _narrow_scope(original: str, requested: str | None, client: DevClient) -> str:
     """Keycloak 23+ on a refresh: words that are not client scopes are refused (openid exempt); a
     client scope the original grant did not have is dropped *silently*; default scopes stay."""
     if not requested:
         return original
-    granted = resolve_scope(requested).split()  # refuses what is no client scope at all
-    had = set(original.split())
-    return " ".join(w for w in granted if w in had or w in DEFAULT_SCOPES)
+    granted = resolve_scope(requested, client).split()  # refuses what is no client scope at all
+    had, defaults = set(original.split()), set(client.default_scopes.split())
+    return " ".join(w for w in granted if w in had or w in defaults)
 
 
 def _offline_allowed(client: DevClient, scope: str) -> str:
@@ -291,7 +293,7 @@ def password_grant(state: IdPState, request: TokenRequest, client: DevClient) ->
     if password is None:
         raise _missing("password")
     user = _check_user_password(state, request.realm, username, password)
-    scope = _offline_allowed(client, resolve_scope(request.param("scope")))
+    scope = _offline_allowed(client, resolve_scope(request.param("scope"), client))
     session = state.sessions.start(
         request.realm.name,
         user.username,
@@ -309,7 +311,7 @@ def client_credentials_grant(state: IdPState, request: TokenRequest, client: Dev
         raise OAuthProblem(401, "unauthorized_client", "Client not enabled to retrieve service account")
     if not client.service_account_enabled:
         raise OAuthProblem(401, "invalid_request", f"User 'service-account-{client.client_id}' disabled")
-    scope = " ".join(w for w in resolve_scope(request.param("scope")).split() if w != "offline_access")
+    scope = " ".join(w for w in resolve_scope(request.param("scope"), client).split() if w != "offline_access")
     session = state.sessions.start(
         request.realm.name,
         f"service-account-{client.client_id}",
@@ -346,7 +348,7 @@ def refresh_token_grant(state: IdPState, request: TokenRequest, client: DevClien
         raise dead("User disabled")
     # the scope is checked before the token is spent: a refused scope leaves the token unused
     asked = request.param("scope")
-    scope = record.scope if realm.refresh_scope == "ignore" else _narrow_scope(record.scope, asked)
+    scope = record.scope if realm.refresh_scope == "ignore" else _narrow_scope(record.scope, asked, client)
     if client.client_id not in session.clients:
         raise dead("Session doesn't have required client")
     if realm.rotate_refresh_tokens:
@@ -424,7 +426,7 @@ def device_code_grant(state: IdPState, request: TokenRequest, client: DevClient)
         raise not_yet(auth)
     assert auth.username is not None  # APPROVED always records who approved
     state.devices.consume(code)
-    scope = _offline_allowed(client, resolve_scope(auth.scope))
+    scope = _offline_allowed(client, resolve_scope(auth.scope, client))
     session = state.sessions.start(
         request.realm.name, auth.username, client.client_id, now=now, offline="offline_access" in scope.split()
     )
@@ -444,7 +446,7 @@ def authorization_code_grant(state: IdPState, request: TokenRequest, client: Dev
         raise _invalid_grant("Incorrect redirect_uri")
     if verifier is None or not authcode.verifier_matches(verifier, record.code_challenge):
         raise _invalid_grant("PKCE verification failed: Code mismatch")
-    scope = _offline_allowed(client, resolve_scope(record.scope))
+    scope = _offline_allowed(client, resolve_scope(record.scope, client))
     offline = "offline_access" in scope.split()
     sso = state.sessions.session(record.sid) if record.sid else None
     if sso is not None and sso.alive and not offline and sso.active(request.realm, state.now()):
@@ -490,7 +492,7 @@ def start_device_authorization(state: IdPState, request: TokenRequest) -> dict[s
     if not client.device_grant:
         raise OAuthProblem(400, "unauthorized_client", DEVICE_FLOW_DISABLED)
     scope = request.param("scope")
-    resolve_scope(scope)  # validate now, as Keycloak does
+    resolve_scope(scope, client)  # validate now, as Keycloak does
     realm = request.realm
     auth = state.devices.create(realm.name, client.client_id, scope, interval=realm.device_interval, now=state.now())
     verification_uri = f"{request.issuer}/device"

@@ -52,6 +52,9 @@ class DevClient:
     offline_allowed: bool = True
     #: DPoP: "off", "bound" (answers carry token_type DPoP) or "required" (no proof: an error)
     dpop: str = "off"
+    #: its default client scopes (Keycloak's Client scopes tab, type Default): in every token it
+    #: gets, whatever a request asks; space-separated, "" for none
+    default_scopes: str = "profile email"
     auth: str = "client-secret"
     jwks: dict[str, Any] | None = None
     subject_dn: str | None = None

@@ -17,24 +17,38 @@ read the way curl reads them:
 Only ``http://`` and ``https://`` proxies: a ``socks5://`` value is refused with a message naming the
 variable. A proxy URL from the environment may carry ``user:password@`` (config.toml holds no
 secrets, so a profile's may not); ``shown`` is the form for every message, log line and status:
-scheme, host and port, never the credentials.
+scheme, host and port, never the credentials. A proxy may quote what it was sent back to us (a 407's
+reason phrase, an error page, a header): ``scrub`` takes the credentials out of such text in every
+spelling they travel in (``credential_forms``: as written in the URL, percent-decoded and encoded
+again, and the base64 of ``user:password`` that ``Proxy-Authorization: Basic`` carries).
 
 Must never: read ``os.environ`` (the transport passes it in) or put a proxy's credentials into text.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 from dc_broker.config.values import DIRECT, proxy_url_problem, redacted
 from dc_broker.config.values import proxy_setting_problem as setting_problem
 from dc_broker.errors import ConfigError
 
-__all__ = ["DIRECT", "EnvProxies", "redacted", "route", "scrub", "setting_problem", "shown"]
+__all__ = [
+    "DIRECT",
+    "EnvProxies",
+    "credential_forms",
+    "redacted",
+    "route",
+    "scrub",
+    "setting_problem",
+    "shown",
+]
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
@@ -95,13 +109,35 @@ def shown(proxy: str) -> str:
     return f"{parts.scheme}://{host}:{port}"
 
 
+@functools.lru_cache(maxsize=64)
+def credential_forms(proxy: str | None) -> tuple[str, ...]:
+    """Every spelling of ``proxy``'s credentials a message could quote, longest first: user and
+    password as the URL writes them, percent-decoded, and encoded again (``%40`` and ``+`` forms), and
+    ``base64(user:password)`` as ``Proxy-Authorization: Basic`` sends it (httpx decodes the URL's
+    percent-escapes first), in the standard and URL-safe alphabets, with and without padding."""
+    if proxy is None:
+        return ()
+    parts = urlsplit(proxy)
+    user, password = parts.username or "", parts.password or ""
+    if not user and not password:
+        return ()
+    forms: set[str] = set()
+    for secret in (user, password):
+        if secret:
+            plain = unquote(secret)
+            forms.update((secret, plain, quote(plain), quote(plain, safe=""), quote_plus(plain)))
+    for pair in {f"{unquote(user)}:{unquote(password)}", f"{user}:{password}"}:
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded = encode(pair.encode("utf-8")).decode("ascii")
+            forms.update((encoded, encoded.rstrip("=")))
+    return tuple(sorted((f for f in forms if f), key=len, reverse=True))
+
+
 def scrub(text: str, proxy: str | None) -> str:
-    """``text`` (an error message from below) without the proxy URL's credentials, should it quote them."""
-    if proxy is not None:
-        parts = urlsplit(proxy)
-        for secret in (parts.password, parts.username):
-            for form in {secret, unquote(secret)} if secret else ():
-                text = text.replace(form, "***")
+    """``text`` (an error message from below, a proxy's answer) without the proxy URL's credentials,
+    in any spelling of ``credential_forms``, should it quote them."""
+    for form in credential_forms(proxy):
+        text = text.replace(form, "***")
     return text
 
 

@@ -23,7 +23,10 @@ presented (``UpstreamTransient`` naming it: the IdP would refuse it); one that e
 (``cert_info``).
 
 Must never: parse a token response (``oidc.parse_*`` does), log a request body, put more of an OS
-error than ``_safe`` allows into a message, or a proxy's credentials (``proxies.shown`` only).
+error than ``_safe`` allows into a message, or a proxy's credentials (``proxies.shown`` only; a
+proxy's answer that quotes them back, e.g. in a 407's reason phrase, is ``proxies.scrub``bed in every
+encoding they travel in). Only a tunnel (CONNECT) carries them: a proxy is never given a plain-http
+request with credentials, since plain http goes only to loopback, and loopback goes direct.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ from dc_broker.errors import AnswerLost, UpstreamGarbage, UpstreamTransient, cau
 from dc_broker.idp import proxies
 from dc_broker.idp.oidc import HttpRequest, HttpResponse
 
+#: requests at the same IdP (scheme, host, port) at once; the rest wait their turn in order. httpcore's
+#: connection pool re-scans every waiting request each time one finishes: 1,000 profiles refreshing
+#: against one IdP at once pinned the event loop there (a broker that then could not even stop)
+MAX_PER_ORIGIN: Final = 16
 #: the largest IdP answer read (a token response is a few KiB)
 _MAX_BODY: Final = 1024 * 1024
 #: a client certificate that expires within this many seconds is warned about in the log
@@ -125,6 +132,8 @@ class IdpTransport:
         self._transport = transport
         self._env = proxies.EnvProxies.from_environ(os.environ if environ is None else environ)
         self._clients: dict[tuple[str | None, str | None, object], httpx.AsyncClient] = {}
+        #: requests at once per IdP origin (``MAX_PER_ORIGIN``)
+        self._limits: dict[str, trio.CapacityLimiter] = {}
         #: (certificate path, its version) already warned about as expiring soon
         self._warned: set[tuple[str, object]] = set()
 
@@ -215,13 +224,18 @@ class IdpTransport:
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamTransient(f"CA bundle {ca_bundle} cannot be loaded: {exc}") from None
         content = req.body() if req.form else None
-        where = _origin(req.url) + ("" if via is None else f" via proxy {proxies.shown(via)}")
+        origin = _origin(req.url)
+        where = origin + ("" if via is None else f" via proxy {proxies.shown(via)}")
         total = self._patient_total if req.patient else self._total
-        with trio.move_on_after(total):
-            resp = await self._send(client, req, content, where, via)
-            if via is not None and resp.status == 407:  # a plain-http IdP: the proxy answers in its stead
-                raise _proxy_refused(via, req.url, "407 Proxy Authentication Required")
-            return resp
+        limit = self._limits.get(origin)
+        if limit is None:
+            limit = self._limits[origin] = trio.CapacityLimiter(MAX_PER_ORIGIN)
+        async with limit:  # a queue here, FIFO: httpx's own pool slows to a crawl with hundreds waiting
+            with trio.move_on_after(total):
+                resp = await self._send(client, req, content, where, via)
+                if via is not None and resp.status == 407:  # a plain-http IdP: the proxy answers in its stead
+                    raise _proxy_refused(via, req.url, "407 Proxy Authentication Required")
+                return resp
         lost = AnswerLost if req.precious else UpstreamTransient
         raise lost(f"identity provider did not finish answering within {total:g} s at {where}")
 

@@ -7,6 +7,11 @@ result map at once (the common, allocation-light path: a cached token), an await
 it (the server runs those as separate tasks so a slow op never delays the connection), or an async
 iterator of results (a stream: each is sent with ``more: true``; ``watch``).
 Handlers raise ``dc_token.errors.BrokerError`` subclasses; the server turns them into error replies.
+
+Every handler that decides who may do what first makes sure the caller's program hash is settled
+when any profile pins a program by hash (``exe-sha256``): from the cache at once, else read in a
+worker thread before the decision (``dc_broker.access.programs``; ``_program_first``). The decision
+then costs the same whichever profile it is about, and the loop never reads a program.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import trio
 
 from dc_broker.access.authorize import administered, authorized, is_owner, may_see
 from dc_broker.access.caller import Caller
+from dc_broker.access.programs import ProgramHashes
 from dc_broker.config.load import load_config
 from dc_broker.errors import UpstreamFault, WrongPassphrase
 from dc_broker.idp import clientkeys
@@ -35,8 +41,9 @@ from dc_broker.observe.events import caller_fields
 from dc_broker.secret import Secret
 from dc_broker.serve.audit import Audit
 from dc_broker.sessions.flows import Ended
-from dc_broker.sessions.registry import Sessions
+from dc_broker.sessions.registry import ScopeNotKnownYet, Sessions
 from dc_broker.sessions.session import Session
+from dc_broker.sinks import TokenFiles
 from dc_broker.store import MemoryStore, SecretStore
 from dc_broker.tokens import TokenSet
 from dc_broker.vault.records import unlock_delay
@@ -79,6 +86,19 @@ class BrokerState:
     last_use: float = 0.0
     #: the server serving this state (its connection counts, for ``metrics``)
     server: ServerView | None = None
+    #: the token files (``[[profiles.NAME.sinks]]``): `logout`, `lock` and `reload` wait until
+    #: the files they take away are gone
+    files: TokenFiles | None = None
+    #: callers' program hashes for exe-sha256 rules: cache, budgets, the worker thread
+    programs: ProgramHashes = field(default_factory=ProgramHashes)
+
+    def program_pending(self, caller: Caller) -> bool:
+        """Whether ``caller``'s program must be hashed (off the loop) before anything is decided."""
+        return not caller.attested and self.sessions.pins_programs and not self.programs.cached(caller)
+
+    async def settle_files(self, names: list[str] | None = None) -> None:
+        if self.files is not None:
+            await self.files.settle(names)
 
 
 Args = Mapping[str, Any]
@@ -120,11 +140,16 @@ def op_hello(state: BrokerState, caller: Caller, args: Args, now: float) -> Resu
 
 def op_token(state: BrokerState, caller: Caller, args: Args, now: float) -> Result | Awaitable[Result]:
     checked = TokenArgs.from_wire(args)  # the wire contract's own checks, the same as the client's
-    name = checked.profile
     sessions = state.sessions
+    if sessions.pins_programs and state.program_pending(caller):
+        return _after_program(state, caller, args, now, op_token)
+    name = checked.profile
     session = authorized(sessions, caller, name, system=state.system)
-    if checked.scope:  # a narrower scope than the profile's: its own session (lookup_scoped's rule)
-        session = sessions.lookup_scoped(session, checked.scope)
+    if checked.scope:  # checked and paid for by the caller (``Sessions.scoped``)
+        try:
+            session = sessions.scoped(session, checked.scope, caller.uid, checked.min_ttl)
+        except ScopeNotKnownYet:
+            return _scoped_token(state, caller, session, checked)
     state.audit.record(name, caller)
     state.last_use = now
     min_ttl = checked.min_ttl
@@ -194,16 +219,42 @@ def jwt_exp(token: str) -> float | None:
     return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
+async def _scoped_token(state: BrokerState, caller: Caller, base: Session, args: TokenArgs) -> Result:
+    """A per-request scope of a profile without a scope of its own: it narrows what the IdP granted
+    the profile's login, so that login comes first."""
+    session = await _scoped_after_login(state, caller, base, args)
+    state.audit.record(args.profile, caller)
+    state.last_use = state.clock()
+    return await _token_slow(state, session, args.min_ttl)
+
+
+async def _scoped_after_login(state: BrokerState, caller: Caller, base: Session, args: TokenArgs) -> Session:
+    await base.get(0.0)
+    assert args.scope is not None
+    return state.sessions.scoped(base, args.scope, caller.uid, args.min_ttl)
+
+
 def op_watch(state: BrokerState, caller: Caller, args: Args, now: float) -> AsyncIterator[Result]:
     """Stream: the current token at once, then every new one, until the client closes or an error."""
     checked = TokenArgs.from_wire(args)
     name, min_ttl = checked.profile, checked.min_ttl
-    session = state.sessions.lookup_scoped(authorized(state.sessions, caller, name, system=state.system), checked.scope)
+    session = authorized(state.sessions, caller, name, system=state.system)
+    if checked.scope:
+        try:
+            session = state.sessions.scoped(session, checked.scope, caller.uid, min_ttl)
+        except ScopeNotKnownYet:
+            return _watch(state, session, min_ttl, scoped=(caller, checked))
     state.audit.record(name, caller)
     return _watch(state, session, min_ttl)
 
 
-async def _watch(state: BrokerState, session: Session, min_ttl: float) -> AsyncIterator[Result]:
+async def _watch(
+    state: BrokerState, session: Session, min_ttl: float, scoped: tuple[Caller, TokenArgs] | None = None
+) -> AsyncIterator[Result]:
+    if scoped is not None:  # a per-request scope waiting for the profile's login (``_scoped_token``)
+        caller, args = scoped
+        session = await _scoped_after_login(state, caller, session, args)
+        state.audit.record(args.profile, caller)
     last: TokenSet | None = None
     while True:
         changed = session.token_changed
@@ -392,6 +443,7 @@ async def _lock(state: BrokerState) -> Result:
     answers (``Sessions.lock``). One lock or unlock at a time, so an unlock cannot slip in between."""
     async with state.unlock_lock:
         await state.sessions.lock()
+        await state.settle_files()  # no token file outlives the reply
     return {"locked": True}
 
 
@@ -410,15 +462,21 @@ async def auto_lock(state: BrokerState, after: float) -> None:
             state.last_use = state.clock()  # wait a full period again after the next unlock
 
 
-def op_reload(state: BrokerState, caller: Caller, args: Args, now: float) -> Result:
-    """Re-read the config file (what `dc-broker add/remove` do with a running broker)."""
+def op_reload(state: BrokerState, caller: Caller, args: Args, now: float) -> Awaitable[Result]:
+    """Re-read the config file (what `dc-broker add/remove` do with a running broker). Returns once
+    the token files of removed profiles (and sinks a change dropped) are gone."""
     _admin(state, caller)
     if state.config_path is None:
         raise BadRequest("this broker was not started from a config file; there is nothing to reload")
     config = load_config(state.config_path, missing_ok=True)
     added, changed, removed = state.sessions.reload(config.profiles)
     reloaded("op", added, changed, removed)
-    return {"added": added, "changed": changed, "removed": removed}
+    return _reloaded(state, {"added": added, "changed": changed, "removed": removed})
+
+
+async def _reloaded(state: BrokerState, result: Result) -> Result:
+    await state.settle_files([*result["changed"], *result["removed"]])
+    return result
 
 
 def reloaded(source: str, added: list[str], changed: list[str], removed: list[str]) -> None:
@@ -525,11 +583,12 @@ async def _set_keys(state: BrokerState, session: Session, new_key: str | None, a
 
 def op_logout(state: BrokerState, caller: Caller, args: Args, now: float) -> Awaitable[Result]:
     session = administered(state.sessions, caller, OpArgs.from_wire("logout", args)["profile"])
-    return _logout(session)
+    return _logout(state, session)
 
 
-async def _logout(session: Session) -> Result:
+async def _logout(state: BrokerState, session: Session) -> Result:
     ended = await session.logout()
+    await state.settle_files([session.profile.name])  # its token files are gone before the reply
     grant = session.profile.grant
     forgot = {"password": "password", "client_credentials": "client secret"}.get(grant, "refresh token")
     kept = grant != "client_credentials" and session.store.credentials(session.profile.name).client_secret is not None
@@ -617,20 +676,53 @@ class _AdminNote:
         self.done(None)
 
 
+async def _after_program(state: BrokerState, caller: Caller, args: Args, now: float, handler: Handler) -> Result:
+    await state.programs.attest(caller)
+    result = handler(state, caller, args, state.clock())
+    if isinstance(result, dict):
+        return result
+    assert not isinstance(result, AsyncIterator)
+    return await result
+
+
+async def _stream_after_program(
+    state: BrokerState, caller: Caller, args: Args, now: float, handler: Handler
+) -> AsyncIterator[Result]:
+    await state.programs.attest(caller)
+    result = handler(state, caller, args, state.clock())
+    assert isinstance(result, AsyncIterator)
+    async for item in result:
+        yield item
+
+
+def _program_first(handler: Handler, *, stream: bool = False) -> Handler:
+    """``handler``, once the caller's program hash is settled (module docstring)."""
+
+    def first(
+        state: BrokerState, caller: Caller, args: Args, now: float
+    ) -> Result | Awaitable[Result] | AsyncIterator[Result]:
+        if state.program_pending(caller):
+            after = _stream_after_program if stream else _after_program
+            return after(state, caller, args, now, handler)
+        return handler(state, caller, args, now)
+
+    return first
+
+
 HANDLERS: dict[str, Handler] = {
     "hello": op_hello,
-    "token": op_token,
-    "invalidate": op_invalidate,
-    "status": op_status,
-    "watch": op_watch,
-    "login": op_login,
+    "token": op_token,  # its own check: it is the hot path
+    "invalidate": _program_first(op_invalidate),
+    "status": _program_first(op_status),
+    "watch": _program_first(op_watch, stream=True),
+    "login": _program_first(op_login, stream=True),
     "unlock": op_unlock,
     "lock": op_lock,
     "reload": op_reload,
-    "set_secrets": op_set_secrets,
-    "logout": op_logout,
-    "metrics": op_metrics,
-    "id_token": op_id_token,
+    "set_secrets": _program_first(op_set_secrets),
+    "logout": _program_first(op_logout),
+    "metrics": _program_first(op_metrics),
+    "id_token": _program_first(op_id_token),
 }
 for _op in ("login", "unlock", "lock", "reload", "set_secrets", "logout"):
     HANDLERS[_op] = audited(_op, HANDLERS[_op])

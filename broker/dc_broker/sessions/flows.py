@@ -304,7 +304,10 @@ def narrow(login: Login, scope: str) -> Flow[TokenSet]:
         yield Rotated(new.refresh_token, new.refresh_expires_at)
     if not wider(scope, new.scope):
         return _without_refresh(new)
-    ignored = login.granted_scope is not None and set((new.scope or "").split()) >= set(login.granted_scope.split())
+    # the IdP ignored the scope: it granted the login's whole scope, which is more than was asked
+    # (asking for all of it, the answer cannot tell; then it is as asked and served above)
+    whole = set(login.granted_scope.split()) if login.granted_scope is not None else None
+    ignored = whole is not None and set((new.scope or "").split()) >= whole and not set(scope.split()) >= whole
     primary = primary_request(replace(login, profile=replace(p, scope=scope)))
     if ignored and p.grant == "password" and primary is not None:  # (default scopes a grant adds as well)
         try:

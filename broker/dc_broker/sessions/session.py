@@ -37,7 +37,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
@@ -67,6 +67,9 @@ from dc_token.errors import (
     UpstreamUnavailable,
 )
 
+if TYPE_CHECKING:
+    from dc_broker.sessions.scheduler import Scheduler
+
 log = logging.getLogger("dc_broker.sessions")
 T = TypeVar("T")
 
@@ -95,6 +98,13 @@ def _capped(tokens: TokenSet) -> TokenSet:
     return replace(tokens, expires_at=tokens.obtained_at + oidc.MAX_LIFETIME)
 
 
+class Unread:
+    """Not read from the store yet (``UNREAD``): distinct from None, "nothing stored"."""
+
+
+UNREAD: Final = Unread()
+
+
 def broker_error(name: str, exc: UpstreamFault, retry_after: float | None = None) -> BrokerError:
     """What a caller (or `dc-broker login`) is told when the IdP failed: the one translation of an
     ``UpstreamFault`` into the wire's error tree."""
@@ -121,6 +131,50 @@ Outcome = TokenSet | BrokerError | UpstreamFault | ConfigError
 
 class Session:
     """The live state of one profile's login."""
+
+    __slots__ = (
+        "_children",
+        "_crash_kinds",
+        "_demanded",
+        "_endpoints",
+        "_fingerprint",
+        "_in_doubt",
+        "_last_forced_at",
+        "_lock",
+        "_lockouts",
+        "_noted",
+        "_proven",
+        "_refresh_life",
+        "_round",
+        "_session_capped",
+        "_token_changed",
+        "_via",
+        "attempt",
+        "attempt_scope",
+        "clock",
+        "counts",
+        "crashes",
+        "generation",
+        "idp",
+        "idp_requests",
+        "last_error",
+        "last_refresh_at",
+        "log_gate",
+        "parent",
+        "policy",
+        "profile",
+        "queued_at",
+        "refreshes",
+        "retired",
+        "rng",
+        "schedule",
+        "scheduler",
+        "state",
+        "store",
+        "token",
+        "wait_limit",
+        "wall_clock",
+    )
 
     def __init__(
         self,
@@ -168,28 +222,37 @@ class Session:
         self._session_capped = False
         #: the refresh-token life the IdP granted below SSO Session Max (its idle timeout)
         self._refresh_life: float | None = None
-        self._endpoints: Endpoints | None = oidc.static_endpoints(profile)
+        #: the endpoints, once known (from the profile's own settings, or discovery)
+        self._endpoints: Endpoints | None = None
         #: (the profile it was worked out for, the proxy its IdP requests go through as shown)
         self._via: tuple[Profile, str | None] | None = None
-        self._wake = trio.Event()
-        self._round = trio.Event()
-        #: cancelled when the profile is removed at run time
-        self.cancel_scope = trio.CancelScope()
-        #: set (and replaced) whenever a new token arrives or the settings readers use change
-        #: (``_announce``); ``watch`` and the token files wait on it
-        self.token_changed = trio.Event()
+        # What trio keeps is made when first needed: 10,000 profiles waiting 22 minutes for their
+        # next refresh need none of it (``Scheduler``: no task per session either).
+        #: set when the round in progress ends: the callers waiting for it
+        self._round: trio.Event | None = None
+        #: set when a new token arrives or the settings readers use change (``token_changed``)
+        self._token_changed: trio.Event | None = None
+        #: held while this login's refresh token is in use at the IdP: one use at a time (rotation)
+        self._lock: trio.Lock | None = None
         #: a caller is waiting for a token the current one cannot give
         self._demanded = False
-        #: held while this login's refresh token is in use at the IdP: one use at a time (rotation)
-        self._login_lock = trio.Lock()
         #: per-request scope sessions narrowing this login; they forget their tokens when it changes
-        self.children: set[Session] = set()
+        self._children: set[Session] | None = None
         if parent is not None:
             parent.children.add(self)
         #: oddities of the IdP's answers already logged
-        self._noted: set[str] = set()
-        #: how often this session's task failed with a bug (``crashed``)
+        self._noted: set[str] | None = None
+        #: the scheduler that runs this session's attempts (``Scheduler.add``), and its bookkeeping
+        self.scheduler: Scheduler | None = None
+        self.retired = False
+        #: what this session's attempts log passes through (the registry's per-caller gate of a
+        #: per-request scope's session; None: everything is logged)
+        self.log_gate: Any = None
+        self.attempt_scope: trio.CancelScope | None = None
+        self.queued_at = math.inf
+        #: how often this session's attempt failed with a bug (``crashed``), and the kinds logged
         self.crashes = 0
+        self._crash_kinds: set[tuple[str, str]] | None = None
         #: the stored credentials got a token from the IdP (since they last changed): a refusal of them
         #: that reads like a brute-force lock is waited out (``policy.lockout_waits``), not believed
         self._proven = False
@@ -199,6 +262,44 @@ class Session:
 
     def __repr__(self) -> str:
         return f"Session({self.profile.name!r}, state={self.state.value}, generation={self.generation})"
+
+    # ------------------------------------------------------------ made when first needed
+
+    @property
+    def token_changed(self) -> trio.Event:
+        """Set (and replaced) whenever a new token arrives or the settings readers use change
+        (``_announce``); ``watch`` and the token files wait on it."""
+        if self._token_changed is None:
+            self._token_changed = trio.Event()
+        return self._token_changed
+
+    @property
+    def _login_lock(self) -> trio.Lock:
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
+
+    @property
+    def children(self) -> set[Session]:
+        if self._children is None:
+            self._children = set()
+        return self._children
+
+    @property
+    def crash_kinds(self) -> set[tuple[str, str]]:
+        if self._crash_kinds is None:
+            self._crash_kinds = set()
+        return self._crash_kinds
+
+    def _round_event(self) -> trio.Event:
+        if self._round is None:
+            self._round = trio.Event()
+        return self._round
+
+    def _poke(self) -> None:
+        """When this session is due may have changed: its scheduler looks at it again."""
+        if self.scheduler is not None:
+            self.scheduler.wake(self)
 
     def _event(self, event: Event) -> None:
         self.state = next_state(self.state, event)
@@ -212,12 +313,16 @@ class Session:
     def failures(self) -> int:
         return self.schedule.failures
 
-    def _restore(self) -> None:
-        """Pick up tokens a previous run stored, so a restart serves at once and logs nobody in."""
+    def _restore(self, read: TokenSet | BrokerError | Unread | None = UNREAD) -> None:
+        """Pick up tokens a previous run stored, so a restart serves at once and logs nobody in.
+        ``read``: what the store holds for this profile, when the caller read it already (the
+        registry reads every profile's at unlock in one go)."""
         if self.parent is not None:
             return
         try:
-            saved = self.store.saved_tokens(self.profile.name)
+            if isinstance(read, BrokerError):
+                raise read
+            saved = self.store.saved_tokens(self.profile.name) if isinstance(read, Unread) else read
         except Locked as exc:  # said once for all profiles by the daemon; unlock restores
             self.last_error = Locked(exc.message)
             self.schedule = self.schedule.stopped()
@@ -270,9 +375,9 @@ class Session:
             if tok is not None:
                 return tok
             self._raise_if_blocked(now)
-            round_done = self._round
+            round_done = self._round_event()
             self._demanded = True
-            self._wake.set()
+            self._poke()
             with trio.move_on_at(deadline) as scope:
                 await round_done.wait()
             if scope.cancelled_caught:
@@ -311,7 +416,7 @@ class Session:
         self._last_forced_at = now
         self.token = replace(tok, expires_at=min(tok.expires_at, now))
         self.schedule = self.schedule.forced(now)
-        self._wake.set()
+        self._poke()
         return True
 
     # ------------------------------------------------------------ what a person (or the config) changes
@@ -323,7 +428,7 @@ class Session:
 
     def _forget_children(self) -> None:
         """This login was replaced or dropped: tokens narrowed from it go too."""
-        for child in list(self.children):
+        for child in list(self._children or ()):
             child._changed()
             child.token = None
             child._announce()
@@ -340,7 +445,7 @@ class Session:
         if self.state in WAITING_FOR_PERSON or self.state is State.ERROR:
             self.last_error = None
         self._event(Event.RETRY)
-        self._wake.set()
+        self._poke()
 
     def reconfigure(self, profile: Profile) -> None:
         """The profile's settings changed (same name). A change of who may use or change it, or of
@@ -355,7 +460,7 @@ class Session:
         fingerprint = profile.login_fingerprint()
         relogin = fingerprint != self._fingerprint
         self.profile, self._fingerprint = profile, fingerprint
-        self._endpoints = oidc.static_endpoints(profile)
+        self._endpoints = None
         self.credentials_changed(relogin=relogin)
 
     def lock_out(self) -> None:
@@ -367,14 +472,14 @@ class Session:
         self._event(Event.LOCK)
         self._announce()
 
-    def resume(self) -> None:
+    def resume(self, read: TokenSet | BrokerError | Unread | None = UNREAD) -> None:
         """After unlock: a stored, still-valid token is served at once and refreshed on its own schedule;
-        without one, try now."""
+        without one, try now. ``read``: the stored tokens, if the caller read them already."""
         if self.state is State.LOCKED:
             self.last_error = None
             self._event(Event.UNLOCKED)
         if self.token is None:
-            self._restore()
+            self._restore(read)
         tok = self.token
         now = self.clock()
         if tok is None or tok.expires_at <= now:
@@ -383,7 +488,7 @@ class Session:
         self._changed()
         self.schedule = self.schedule.planned(self._refresh_time(tok, capped=False))
         self._event(Event.RESTORED)
-        self._wake.set()  # re-arm the refresh timer
+        self._poke()  # its refresh is planned anew
 
     def crashed(self, exc: BaseException, restart_in: float) -> None:
         """The refresh task failed with a bug; its supervisor restarts it in ``restart_in`` seconds.
@@ -392,21 +497,30 @@ class Session:
         self.crashes += 1
         self.attempt = None
         self.last_error = InternalError(
-            f"profile {self.profile.name!r}: the broker's refresh task failed ({type(exc).__name__}); "
-            f"it restarts in {restart_in:.0f} s"
+            f"profile {self.profile.name!r}: the broker failed while refreshing it ({type(exc).__name__}); "
+            f"it tries again in {restart_in:.0f} s"
         )
         self._event(Event.CRASHED)
+        self.schedule = self.schedule.failed(self.policy, now=self.clock(), rand=1.0, retry_after=None, wait=restart_in)
         self._finish_round()  # callers waiting for a round are told, not left hanging
 
     @property
     def busy(self) -> bool:
         """An attempt is in flight, or something uses this login at the IdP (``settled`` waits)."""
-        return self.attempt is not None or self._login_lock.locked()
+        return self.attempt is not None or (self._lock is not None and self._lock.locked())
+
+    @property
+    def holds_refresh_token(self) -> bool:
+        """Its login has a refresh token: an attempt or narrowing in flight may spend it, and its
+        answer holds the only copy of the next one (what a stop waits for; a client-credentials or
+        password grant cut short loses nothing)."""
+        tok = self.token
+        return (tok is not None and tok.refresh_token is not None) or self._in_doubt is not None
 
     async def settled(self) -> None:
         """Return once no attempt is in flight and nothing uses this login at the IdP."""
         while self.attempt is not None:
-            await self._round.wait()
+            await self._round_event().wait()
         async with self._login_lock:
             pass
 
@@ -415,39 +529,54 @@ class Session:
     def _due_at(self) -> float:
         return self.schedule.due_at(self.policy, demanded=self._demanded)
 
-    async def run(self, *, first_attempt_delay: float = 0.0) -> None:
-        """Keep this profile's token fresh until cancelled."""
+    def begin(self, first_attempt_delay: float = 0.0) -> None:
+        """Plan the first attempt (a scheduler takes the session on): its token's own plan, else after
+        the start-up stagger, which never delays a due refresh past its token's life."""
         now = self.clock()
         tok = self.token
-        if self.state not in WAITING_FOR_PERSON:
-            plan = now + first_attempt_delay
-            if tok is not None and tok.expires_at > now:  # restored: keep its schedule unless already due
-                plan = policy.first_attempt_at(
-                    self.policy,
-                    now=now,
-                    planned_at=self._refresh_time(tok, capped=False),
-                    expires_at=tok.expires_at,
-                    delay=first_attempt_delay,
-                )
-            self.schedule = self.schedule.planned(plan)
-        while True:
-            waiting = self.state in WAITING_FOR_PERSON  # nothing is due until a person acts
-            with trio.move_on_at(math.inf if waiting else self._due_at()):
-                await self._wake.wait()
-            self._wake = trio.Event()
-            if self.state in WAITING_FOR_PERSON:
-                self._demanded = False
-                self._finish_round()
-                continue
-            if self.clock() < self._due_at():
-                continue  # woken to re-arm the timer (a login was adopted), or too early for a probe
-            self._demanded = False
-            await self._attempt()
-            self._demanded = False  # callers that joined during the attempt were served by its round
+        if self.state in WAITING_FOR_PERSON:
+            return
+        plan = now + first_attempt_delay
+        if tok is not None and tok.expires_at > now:  # restored: keep its schedule unless already due
+            plan = policy.first_attempt_at(
+                self.policy,
+                now=now,
+                planned_at=self._refresh_time(tok, capped=False),
+                expires_at=tok.expires_at,
+                delay=first_attempt_delay,
+            )
+        self.schedule = self.schedule.planned(plan)
+
+    def due(self) -> float:
+        """When this session's next attempt starts (inf: not until a person acts)."""
+        return math.inf if self.state in WAITING_FOR_PERSON else self._due_at()
+
+    async def step(self) -> None:
+        """One attempt, started by the scheduler because it is due; callers that joined during it were
+        served by its round."""
+        self._demanded = False
+        await self._attempt()
+        self._demanded = False
+
+    def release_callers(self) -> None:
+        """Callers waiting for a round that will not come (a person must act first) are told now."""
+        self._demanded = False
+        self._finish_round()
+
+    async def run(self, *, first_attempt_delay: float = 0.0) -> None:
+        """Keep this profile's token fresh until cancelled: a scheduler of its own (the registry runs
+        one for all its sessions)."""
+        from dc_broker.sessions.scheduler import Scheduler
+
+        scheduler = Scheduler(self.policy, self.clock)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(scheduler.run)
+            scheduler.add(self, first_attempt_delay)
 
     def _finish_round(self) -> None:
-        done, self._round = self._round, trio.Event()
-        done.set()
+        done, self._round = self._round, None
+        if done is not None:
+            done.set()
 
     def _refresh_time(self, tokens: TokenSet, *, capped: bool) -> float:
         return policy.refresh_at(
@@ -585,8 +714,10 @@ class Session:
         token is dropped; stores keep wall-clock times), then served, then scheduled. Returns whether
         they became current (not if the session changed while they were being stored)."""
         for note in tokens.notes:
-            if note not in self._noted and len(self._noted) < MAX_NOTES:
-                self._noted.add(note)
+            noted = self._noted if self._noted is not None else set()
+            if note not in noted and len(noted) < MAX_NOTES:
+                noted.add(note)
+                self._noted = noted
                 log.warning("profile %s: the identity provider's answer is odd: %s", self.profile.name, note)
         try:
             if self.parent is None:
@@ -639,8 +770,9 @@ class Session:
 
     def _announce(self) -> None:
         """Wake everyone waiting on ``token_changed`` (a new token, or new settings to look at)."""
-        self.token_changed.set()
-        self.token_changed = trio.Event()
+        changed, self._token_changed = self._token_changed, None
+        if changed is not None:
+            changed.set()
 
     # ------------------------------------------------------------ performing the flows' steps
 
@@ -767,6 +899,8 @@ class Session:
 
     async def _resolve_endpoints(self) -> Endpoints:
         if self._endpoints is None:
+            self._endpoints = oidc.static_endpoints(self.profile)
+        if self._endpoints is None:
             issuer = self.profile.issuer
             assert issuer is not None  # config validation guarantees server+tenant, token_url or issuer
             self._endpoints = await self._drive(flows.discover(self.profile, issuer))
@@ -790,7 +924,7 @@ class Session:
             def renew(lost: LoginLost) -> None:  # this login's refresh token is dead: let it recover
                 self._lost(login.refresh_token)(lost)
                 self.schedule = self.schedule.forced(self.clock())
-                self._wake.set()
+                self._poke()
 
             async def adopt(step: Rotated) -> None:
                 new = replace(tok, refresh_token=step.refresh_token, refresh_expires_at=step.refresh_expires_at)
@@ -932,7 +1066,7 @@ class Session:
             gen = self._changed()
             self._forget_children()
             await self._accept(tokens, Event.ADOPTED, gen)
-            self._wake.set()  # the refresh task picks up the new schedule
+            self._poke()  # the scheduler picks up the new plan
 
     async def logout(self) -> Ended:
         """End the login at the IdP (best effort: ``flows.end_login``, its session where the IdP has an

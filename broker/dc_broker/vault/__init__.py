@@ -11,8 +11,14 @@ Implements ``dc_broker.store.SecretStore`` for sessions, plus the management API
 (``create``, ``open``, ``set_credentials``, ``remove``, ``profiles``, ``change_passphrase``).
 
 Envelope encryption. A random 256-bit *data key* encrypts each record with AES-256-GCM (random 96-bit
-nonce per write). The record's identity (vault id, profile, field, format version) is the associated
-data, so a record copied onto another profile or field, or into another vault, fails authentication.
+nonce per write). The record's identity (vault id, profile, field, format version, generation) is the
+associated data, so a record copied onto another profile or field, or into another vault, fails
+authentication, and one copied back from before the profile's last change is refused as rolled
+back: each profile's generation is bumped by every change of its secrets, a forgotten login and a
+removal, and the vault's *index* (one row, under the data key) holds every profile's current one
+(``dc_broker.vault.records``). Putting the index back as well makes the other profiles changed since
+look newer than it, which is refused the same way; a copy of the whole file from before is an older
+vault, which no file can tell.
 The data key is stored only wrapped (AES-256-GCM again) by a *key-encryption key* from the vault's
 key source (``dc_broker.vault.keysource``): Argon2id over a passphrase, a key file, a systemd
 credential, or 32 random bytes in the desktop keyring (the vault stores only the item's key id).
@@ -20,13 +26,17 @@ Changing the passphrase rewraps the data key: one row changes, records are untou
 
 File format (SQLite, WAL, synchronous=FULL; file 0600 in a 0700 directory)::
 
-    meta      (id=1, format, vault_id BLOB[16], created_at)
+    meta      (id=1, format, vault_id BLOB[16], created_at)                 format 2 (1: before generations)
     data_key  (id=1, kind, reference, kdf JSON, salt, nonce, wrapped)   kind: passphrase | keyfile |
                                                                         systemd-credential | keyring
     profiles  (name PRIMARY KEY, created_at)                            names are not secret
-    records   (profile, field, version, nonce, ciphertext)              PRIMARY KEY (profile, field)
+    records   (profile, field, version, nonce, ciphertext, generation)  PRIMARY KEY (profile, field)
               field: password | client_secret | refresh_token | client_keys | tokens
               plaintext: JSON, space-padded to a multiple of 64 bytes (hides exact secret lengths)
+    generations (id=1, nonce, ciphertext)                               the index: {profile: generation}
+
+A format-1 vault (no generations) is migrated at its first unlock, in one transaction: its records
+are generation 0, and the index says so.
 
 Locked means no data key in memory: a vault opened from disk starts locked; ``unlock`` derives or
 reads the KEK, unwraps the data key and keeps only an ``AESGCM`` object; ``lock`` drops it. Nothing

@@ -10,6 +10,7 @@ transaction.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import threading
@@ -22,11 +23,11 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dc_broker.errors import VaultError, WrongPassphrase
+from dc_broker.errors import RecordCorrupt, VaultError, WrongPassphrase
 from dc_broker.secret import Secret
 from dc_broker.tokens import Credentials, TokenSet
 from dc_broker.vault import files, records
-from dc_broker.vault.files import FORMAT
+from dc_broker.vault.files import FORMAT, FORMATS
 from dc_broker.vault.keysource import (
     KEY_BYTES,
     PRODUCTION_KDF,
@@ -38,10 +39,13 @@ from dc_broker.vault.keysource import (
     derive_kek,
     key_source_of,
 )
-from dc_broker.vault.records import CREDENTIAL_FIELDS, NONCE_BYTES, RECORD_VERSION, TOKENS_FIELD
-from dc_token.errors import Locked
+from dc_broker.vault.records import CREDENTIAL_FIELDS, NONCE_BYTES, RECORD_VERSION, RECORD_VERSIONS, TOKENS_FIELD
+from dc_token.errors import BrokerError, Locked
 
 _LOCKED_MESSAGE: Final = "the vault is locked; run `dc-broker unlock`"
+_RECORDS: Final = "SELECT field, version, generation, nonce, ciphertext FROM records WHERE profile = ? AND field "
+_TOKEN_RECORD: Final = _RECORDS + "= ?"
+_CREDENTIAL_RECORDS: Final = _RECORDS + "!= ?"
 
 
 class Vault:
@@ -58,12 +62,16 @@ class Vault:
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._aead: AESGCM | None = None
+        #: the index of generations last read: its nonce and the generations it holds
+        self._index: tuple[bytes, dict[str, int]] | None = None
         with files.sqlite_errors(path):
             meta = reader.execute("SELECT format, vault_id FROM meta WHERE id = 1").fetchone()
             if meta is None:
                 raise VaultError(f"{path} is not a dc-broker vault (no meta row)")
-            if meta[0] != FORMAT:
+            if meta[0] not in FORMATS:
                 raise VaultError(f"the vault {path} has format {meta[0]}; this dc-broker reads format {FORMAT}")
+            #: 1 until the first unlock migrates it (``_migrate``)
+            self._format: int = meta[0]
             self._vault_id: bytes = meta[1]
             self._load_key_row()
 
@@ -114,6 +122,8 @@ class Vault:
             vault_id = os.urandom(16)
             nonce = os.urandom(NONCE_BYTES)
             wrapped = AESGCM(kek).encrypt(nonce, data_key, records.wrap_aad(vault_id, key_source.kind))
+            index_nonce = os.urandom(NONCE_BYTES)
+            index = AESGCM(data_key).encrypt(index_nonce, _index_plaintext({}), records.index_aad(vault_id))
             with files.sqlite_errors(path):
                 conn = files.connect(path, new=True)
                 try:
@@ -126,6 +136,7 @@ class Vault:
                         "INSERT INTO data_key VALUES (1, ?, ?, ?, ?, ?, ?)",
                         (key_source.kind.value, key_source.reference, kdf, salt, nonce, wrapped),
                     )
+                    conn.execute("INSERT INTO generations VALUES (1, ?, ?)", (index_nonce, index))
                     conn.execute("COMMIT")
                 finally:
                     conn.close()
@@ -230,10 +241,32 @@ class Vault:
 
     def unlock(self, passphrase: Secret | None = None) -> None:
         """Unwrap the data key with the key source's KEK. A wrong passphrase raises ``WrongPassphrase``,
-        counts in ``failed_unlocks`` and changes nothing else (an unlocked vault stays unlocked)."""
+        counts in ``failed_unlocks`` and changes nothing else (an unlocked vault stays unlocked).
+        A vault of an older format is migrated here, the first time the data key is at hand."""
         self._require_open()
-        self._aead = AESGCM(self._unwrap(passphrase))
+        aead = AESGCM(self._unwrap(passphrase))
+        if self._format < FORMAT:
+            self._migrate(aead)
+        self._aead = aead
         self.failed_unlocks = 0
+
+    def _migrate(self, aead: AESGCM) -> None:
+        """Format 1 -> 2, in one transaction: every record gets generation 0 (its version-1 associated
+        data stays valid for it) and the index says so for every profile."""
+        with self._transaction() as conn:
+            (found,) = conn.execute("SELECT format FROM meta WHERE id = 1").fetchone()
+            if found == 1:
+                if conn.execute("SELECT COUNT(*) FROM records WHERE version != 1").fetchone()[0]:
+                    raise VaultError(
+                        f"the vault {self.path} has format 1 but holds records of a newer format: it was pieced "
+                        "together from two copies; restore it from a backup"
+                    )
+                for statement in files.MIGRATE_1_TO_2:
+                    conn.execute(statement)
+                names = conn.execute("SELECT name FROM profiles UNION SELECT profile FROM records").fetchall()
+                self._write_index(conn, aead, {name: 0 for (name,) in names})
+                conn.execute("UPDATE meta SET format = ? WHERE id = 1", (FORMAT,))
+        self._format = FORMAT
 
     def _unwrap(self, passphrase: Secret | None) -> bytes:
         source = self._key_source
@@ -289,15 +322,13 @@ class Vault:
     def credentials(self, profile: str) -> Credentials:
         """The profile's long-lived secrets; absent fields (and unknown profiles) are None."""
         aead = self._require_unlocked()
-        rows = self._read(
-            "SELECT field, version, nonce, ciphertext FROM records WHERE profile = ? AND field != ?",
-            (profile, TOKENS_FIELD),
-        )
+        current, rows = self._read_records(aead, profile, tokens=False)
         found: dict[str, Secret] = {}
-        for field, version, nonce, ciphertext in rows:
+        for field, version, generation, nonce, ciphertext in rows:
             if field not in CREDENTIAL_FIELDS:
                 raise records.corrupt(profile, field, "has an unknown field name (from a newer dc-broker?)")
-            value = self._decrypt(aead, profile, field, version, nonce, ciphertext).get("v")
+            plaintext = self._open(aead, profile, field, (version, generation, nonce, ciphertext), current)
+            value = records.document(profile, field, plaintext).get("v")
             if not isinstance(value, str):
                 raise records.corrupt(profile, field, "does not hold a secret")
             found[field] = Secret(value)
@@ -306,34 +337,67 @@ class Vault:
     def saved_tokens(self, profile: str) -> TokenSet | None:
         """The last tokens saved for the profile (wall-clock times), or None."""
         aead = self._require_unlocked()
-        rows = self._read(
-            "SELECT field, version, nonce, ciphertext FROM records WHERE profile = ? AND field = ?",
-            (profile, TOKENS_FIELD),
-        )
+        current, rows = self._read_records(aead, profile, tokens=True)
         if not rows:
             return None
-        field, version, nonce, ciphertext = rows[0]
-        doc = self._decrypt(aead, profile, field, version, nonce, ciphertext)
+        field, *record = rows[0]
+        doc = records.document(profile, field, self._open(aead, profile, field, tuple(record), current))
         try:
             return records.tokens_of(doc)
         except (KeyError, TypeError, ValueError):
             raise records.corrupt(profile, field, "does not hold a token set") from None
 
+    def saved_tokens_all(self) -> dict[str, TokenSet | BrokerError]:
+        """Every profile's saved tokens in one query (unlock restores them all at once); a record that
+        fails authentication is that profile's ``RecordCorrupt``, the others are unharmed."""
+        aead = self._require_unlocked()
+        self._require_open()
+        with self._read_lock, files.sqlite_errors(self.path):
+            conn = self._reader
+            conn.execute("BEGIN")
+            try:
+                generations = self._generations(conn, aead)
+                rows = conn.execute(
+                    "SELECT profile, field, version, generation, nonce, ciphertext FROM records WHERE field = ?",
+                    (TOKENS_FIELD,),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        found: dict[str, TokenSet | BrokerError] = {}
+        for profile, field, *record in rows:
+            try:
+                plaintext = self._open(aead, profile, field, tuple(record), generations.get(profile))
+                found[profile] = records.tokens_of(records.document(profile, field, plaintext))
+            except BrokerError as exc:
+                found[profile] = exc
+            except (KeyError, TypeError, ValueError):
+                found[profile] = records.corrupt(profile, field, "does not hold a token set")
+        return found
+
     async def save_tokens(self, profile: str, tokens: TokenSet) -> None:
-        """Store the profile's latest tokens; returns once they are committed and fsynced."""
+        """Store the profile's latest tokens (in its current generation); returns once they are
+        committed and fsynced."""
         aead = self._require_unlocked()
         plaintext = records.pad(records.tokens_doc(tokens))
-        await trio.to_thread.run_sync(self._put_records, aead, profile, {TOKENS_FIELD: plaintext}, ())
+        await trio.to_thread.run_sync(self._put_records, aead, profile, {TOKENS_FIELD: plaintext}, (), False)
 
     async def forget_tokens(self, profile: str) -> None:
-        """Drop the profile's saved tokens (credentials stay). Works while locked."""
-        await trio.to_thread.run_sync(self._delete_records, profile, (TOKENS_FIELD,))
+        """Drop the profile's saved tokens (credentials stay), in a new generation: a copy of them
+        put back later is refused. Works while locked (then without a new generation: the index is
+        under the data key)."""
+        aead = self._aead
+        if aead is None:
+            await trio.to_thread.run_sync(self._delete_records, profile, (TOKENS_FIELD,))
+        else:
+            await trio.to_thread.run_sync(self._put_records, aead, profile, {}, (TOKENS_FIELD,), True)
 
     # ------------------------------------------------------------ management
 
     def set_credentials(self, profile: str, credentials: Credentials) -> None:
-        """Make the profile's stored secrets exactly ``credentials`` (None fields are removed).
-        Creates the profile if needed; its saved tokens are left alone. Durable on return."""
+        """Make the profile's stored secrets exactly ``credentials`` (None fields are removed), in a
+        new generation: a copy of an earlier record put back is refused (``RecordRolledBack``).
+        Creates the profile if needed; its saved tokens are kept (in the new generation).
+        Durable on return."""
         aead = self._require_unlocked()
         if not profile:
             raise VaultError("a profile name cannot be empty")
@@ -345,11 +409,19 @@ class Vault:
                 drops.append(field)
             else:
                 puts[field] = records.pad(records.secret_doc(value))
-        self._put_records(aead, profile, puts, drops)
+        self._put_records(aead, profile, puts, drops, True)
 
     def remove(self, profile: str) -> bool:
-        """Forget the profile and all its records. Works while locked. Returns whether it existed."""
+        """Forget the profile and all its records, in a new generation (a copy put back is refused,
+        also if the profile is added again). Works while locked (then without a new generation).
+        Returns whether it existed."""
+        aead = self._aead
         with self._transaction() as conn:
+            if aead is not None and self._format >= 2:
+                generations = dict(self._generations(conn, aead))
+                if profile in generations:
+                    generations[profile] += 1
+                    self._write_index(conn, aead, generations)
             conn.execute("DELETE FROM records WHERE profile = ?", (profile,))
             return conn.execute("DELETE FROM profiles WHERE name = ?", (profile,)).rowcount > 0
 
@@ -375,6 +447,50 @@ class Vault:
         with self._read_lock, files.sqlite_errors(self.path):
             return self._reader.execute(sql, args).fetchall()
 
+    def _read_records(self, aead: AESGCM, profile: str, *, tokens: bool) -> tuple[int | None, list[Any]]:
+        """The profile's current generation and its token record (``tokens``) or its credential
+        records, as one snapshot."""
+        self._require_open()
+        with self._read_lock, files.sqlite_errors(self.path):
+            conn = self._reader
+            conn.execute("BEGIN")
+            try:
+                current = self._generations(conn, aead).get(profile)
+                rows = conn.execute(
+                    _TOKEN_RECORD if tokens else _CREDENTIAL_RECORDS, (profile, TOKENS_FIELD)
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        return current, rows
+
+    def _generations(self, conn: sqlite3.Connection, aead: AESGCM) -> dict[str, int]:
+        """The index of generations as ``conn`` sees it (decrypted once per version of it)."""
+        row = conn.execute("SELECT nonce FROM generations WHERE id = 1").fetchone()
+        if row is None:
+            raise VaultError(
+                f"the vault {self.path} has lost its index of record generations (damaged or tampered with); "
+                "restore it from a backup"
+            )
+        cached = self._index
+        if cached is not None and cached[0] == row[0]:
+            return cached[1]
+        (ciphertext,) = conn.execute("SELECT ciphertext FROM generations WHERE id = 1").fetchone()
+        try:
+            plaintext = aead.decrypt(row[0], ciphertext, records.index_aad(self._vault_id))
+            generations = records.index_of(json.loads(plaintext))
+        except (InvalidTag, ValueError, TypeError):
+            raise VaultError(
+                f"the vault {self.path}: its index of record generations fails authentication (corrupt or "
+                "tampered with); restore it from a backup"
+            ) from None
+        self._index = (row[0], generations)
+        return generations
+
+    def _write_index(self, conn: sqlite3.Connection, aead: AESGCM, generations: dict[str, int]) -> None:
+        nonce = os.urandom(NONCE_BYTES)
+        ciphertext = aead.encrypt(nonce, _index_plaintext(generations), records.index_aad(self._vault_id))
+        conn.execute("INSERT OR REPLACE INTO generations VALUES (1, ?, ?)", (nonce, ciphertext))
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         self._require_open()
@@ -393,35 +509,72 @@ class Vault:
                 raise
 
     def _put_records(
-        self, aead: AESGCM, profile: str, puts: Mapping[str, bytes], drops: tuple[str, ...] | list[str]
+        self,
+        aead: AESGCM,
+        profile: str,
+        puts: Mapping[str, bytes],
+        drops: tuple[str, ...] | list[str],
+        new_generation: bool,
     ) -> None:
-        rows = []
-        for field, plaintext in puts.items():
-            nonce = os.urandom(NONCE_BYTES)
-            ciphertext = aead.encrypt(
-                nonce, plaintext, records.record_aad(self._vault_id, profile, field, RECORD_VERSION)
-            )
-            rows.append((profile, field, RECORD_VERSION, nonce, ciphertext))
+        """Write ``puts`` and delete ``drops`` in one transaction, in the profile's current generation
+        or (``new_generation``, and for a profile the index does not know) a new one: then the
+        profile's other records are sealed again for it (one that cannot be read is dropped: it
+        was no use, and a new login replaces it)."""
         with self._transaction() as conn:
+            generations = self._generations(conn, aead)
+            current = generations.get(profile)
+            generation = 1 if current is None else current + 1 if new_generation else current
+            if generation != current:
+                kept = conn.execute(
+                    "SELECT field, version, generation, nonce, ciphertext FROM records WHERE profile = ?", (profile,)
+                ).fetchall()
+                resealed: dict[str, bytes] = {}
+                for field, *record in kept:
+                    if field in puts or field in drops:
+                        continue
+                    try:
+                        resealed[field] = self._open(aead, profile, field, tuple(record), current)
+                    except RecordCorrupt:
+                        drops = [*drops, field]
+                puts = {**resealed, **puts}
+                self._write_index(conn, aead, {**generations, profile: generation})
+            rows = []
+            for field, plaintext in puts.items():
+                nonce = os.urandom(NONCE_BYTES)
+                aad = records.record_aad(self._vault_id, profile, field, RECORD_VERSION, generation)
+                rows.append((profile, field, RECORD_VERSION, nonce, aead.encrypt(nonce, plaintext, aad), generation))
             conn.execute("INSERT OR IGNORE INTO profiles VALUES (?, ?)", (profile, time.time()))
-            conn.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?)", rows)
+            conn.executemany(
+                "INSERT OR REPLACE INTO records (profile, field, version, nonce, ciphertext, generation) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
             conn.executemany("DELETE FROM records WHERE profile = ? AND field = ?", [(profile, f) for f in drops])
 
     def _delete_records(self, profile: str, fields: tuple[str, ...]) -> None:
         with self._transaction() as conn:
             conn.executemany("DELETE FROM records WHERE profile = ? AND field = ?", [(profile, f) for f in fields])
 
-    def _decrypt(
-        self, aead: AESGCM, profile: str, field: str, version: Any, nonce: Any, ciphertext: Any
-    ) -> dict[str, Any]:
-        if version != RECORD_VERSION:
+    def _open(self, aead: AESGCM, profile: str, field: str, record: tuple[Any, ...], current: int | None) -> bytes:
+        """A record's plaintext: its format known, its generation the current one (``RecordRolledBack``
+        otherwise), its associated data its identity (``RecordCorrupt`` otherwise)."""
+        version, generation, nonce, ciphertext = record
+        if version not in RECORD_VERSIONS:
             raise records.corrupt(
                 profile, field, f"has format version {version!r}; this dc-broker reads {RECORD_VERSION}"
             )
         if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES or not isinstance(ciphertext, bytes):
             raise records.corrupt(profile, field, "is malformed")
+        if not isinstance(generation, int) or (version == 1 and generation != 0):
+            raise records.corrupt(profile, field, "is malformed")
+        records.check_generation(profile, field, generation, current)
         try:
-            plaintext = aead.decrypt(nonce, ciphertext, records.record_aad(self._vault_id, profile, field, version))
+            return aead.decrypt(
+                nonce, ciphertext, records.record_aad(self._vault_id, profile, field, version, generation)
+            )
         except InvalidTag:
             raise records.corrupt(profile, field, "fails authentication (corrupt, tampered with or swapped)") from None
-        return records.document(profile, field, plaintext)
+
+
+def _index_plaintext(generations: dict[str, int]) -> bytes:
+    return json.dumps(records.index_doc(generations), separators=(",", ":"), sort_keys=True).encode("utf-8")

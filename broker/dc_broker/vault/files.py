@@ -19,13 +19,24 @@ from typing import Final
 
 from dc_broker.errors import VaultBusy, VaultError
 
-FORMAT: Final = 1  # the file layout (tables); bumped only with a migration
+#: the file layout (tables); bumped only with a migration (``Vault._migrate``: 1 -> 2 adds the
+#: records' generation and the index of generations, at the first unlock)
+FORMAT: Final = 2
+FORMATS: Final = frozenset({1, 2})
 VAULT_ENV: Final = "DC_BROKER_VAULT"
 VAULT_NAME: Final = "vault.db"
 
+#: the index of generations (``dc_broker.vault.records``): one row, encrypted under the data key
+_GENERATIONS: Final = """
+CREATE TABLE generations (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    nonce BLOB NOT NULL,
+    ciphertext BLOB NOT NULL
+)"""
 # records is a rowid table: a token record (1-2 KB) stays inline in its page, where a WITHOUT ROWID
 # table would spill it to an overflow page (2x the file size at 10,000 profiles)
-SCHEMA: Final = """
+SCHEMA: Final = (
+    """
 CREATE TABLE meta (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     format INTEGER NOT NULL,
@@ -51,9 +62,13 @@ CREATE TABLE records (
     version INTEGER NOT NULL,
     nonce BLOB NOT NULL,
     ciphertext BLOB NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (profile, field)
-);
-"""
+);"""
+    + _GENERATIONS
+)
+#: what format 1 lacks (``Vault._migrate``)
+MIGRATE_1_TO_2: Final = ("ALTER TABLE records ADD COLUMN generation INTEGER NOT NULL DEFAULT 0", _GENERATIONS)
 
 
 def default_vault_path(environ: Mapping[str, str] | None = None) -> str:

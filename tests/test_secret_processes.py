@@ -1,0 +1,202 @@
+"""Processes that hold a secret keep it from the other processes of their own user (issue 22,
+findings 7 and 9), with real users as tests/test_shared.py has them.
+
+``dc-token exec --token-file`` and a ``dc-broker add`` waiting at the IdP run as dcb-other (from a
+world-readable copy of the project: tests/user_site.py); another process of dcb-other then tries to
+read their memory through ``/proc/PID/mem`` and counts the copies of the token or the password it
+finds. Before the fix it found 7 copies of the token and 3 of the password; now the kernel refuses
+to open the file, while the same reader still reads the (unprotected) command beside dc-token.
+A ``kill -9`` of dc-token ends its command (the parent-death signal) and leaves its token file
+behind only until the user's next ``dc-token exec --token-file``.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import wait_for
+from tests.test_shared import hanging_idp, programs, shared, users  # noqa: F401 - the fixtures
+from tests.user_site import PYTHON, as_user, make_user_site, user_env
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("useradd"),
+        reason="needs root, setpriv, useradd",
+    ),
+]
+
+USER = "dcb-other"  # may use p_uid on the shared broker (tests/test_shared.py)
+
+#: run as the user: open /proc/PID/mem and count the needle in every readable mapping
+READER = r"""
+import sys
+pid, needle = int(sys.argv[1]), sys.argv[2].encode()
+try:
+    mem = open(f"/proc/{pid}/mem", "rb", buffering=0)
+except OSError as exc:
+    print("refused", exc.errno)
+    sys.exit(0)
+found = 0
+for line in open(f"/proc/{pid}/maps"):
+    span, perms = line.split()[:2]
+    if perms[0] != "r":
+        continue
+    start, end = (int(x, 16) for x in span.split("-"))
+    try:
+        mem.seek(start)
+        found += mem.read(end - start).count(needle)
+    except (OSError, OverflowError, ValueError):
+        continue
+print("read", found)
+"""
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[str]:
+    path = make_user_site()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def user_dir() -> Iterator[Path]:
+    """A private directory of the user's own (its runtime or home directory in these tests)."""
+    path = Path(tempfile.mkdtemp(prefix="dcb-user-", dir="/tmp"))
+    entry = pwd.getpwnam(USER)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_memory(pid: int, needle: str) -> str:
+    """What another process of the user gets from ``/proc/PID/mem``: ``refused ERRNO`` or ``read N``
+    (N copies of ``needle``)."""
+    cmd = ["setpriv", "--reuid", USER, "--regid", USER, "--init-groups", PYTHON, "-c", READER, str(pid), needle]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def token_dirs(where: Path) -> list[Path]:
+    return sorted(p for p in where.iterdir() if p.name.startswith("dc-token-"))
+
+
+def test_dc_token_exec_is_unreadable_to_the_users_other_processes_and_a_kill_9_ends_its_command(
+    shared: str,  # noqa: F811 - the fixture
+    site: str,
+    user_dir: Path,
+) -> None:
+    env = user_env({"DC_BROKER_SOCKET": shared, "XDG_RUNTIME_DIR": str(user_dir)})
+    argv = as_user(USER, site, "dc-token", "exec", "p_uid", "--token-file", "--", "sleep", "120")
+    supervisor = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: children_of(supervisor.pid), 30, "the command beside dc-token", process=supervisor)
+        [command] = children_of(supervisor.pid)
+        [directory] = token_dirs(user_dir)
+        token = (directory / "token").read_text().strip()
+        assert token.count(".") == 2
+        assert read_memory(supervisor.pid, token) == f"refused {13}"  # EACCES: not dumpable
+        # the same reader does read a process of the user that does not protect itself
+        assert read_memory(command, "sleep").startswith("read ")
+
+        supervisor.kill()  # kill -9: no finally, no cleanup of its own
+        supervisor.wait(10)
+        wait_for(lambda: not alive(command), 10, "the command to get its parent-death signal")
+        assert token_dirs(user_dir) == [directory]  # left behind...
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait(10)
+    again = subprocess.run(
+        as_user(USER, site, "dc-token", "exec", "p_uid", "--token-file", "--", "true"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0, again.stderr
+    assert token_dirs(user_dir) == []  # ...until the next one: it removed its own and the one left
+
+
+def test_a_waiting_add_keeps_the_password_from_the_users_other_processes(site: str, user_dir: Path) -> None:
+    """`dc-broker add` has read the client secret and waits for the IdP to answer its check (it never
+    does): another process of the user cannot open its memory."""
+    env = user_env(
+        {
+            "XDG_CONFIG_HOME": str(user_dir / "config"),
+            "XDG_DATA_HOME": str(user_dir / "data"),
+            "DC_BROKER_SOCKET": str(user_dir / "none.sock"),
+        }
+    )
+    init = subprocess.run(
+        as_user(USER, site, "dc-broker", "init", "--key-source", "keyfile"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert init.returncode == 0, init.stderr
+    secret = f"dcb-planted-{secrets.token_hex(8)}"
+    with socket.socket() as idp:
+        idp.bind(("127.0.0.1", 0))
+        idp.listen(8)
+        idp.settimeout(30)
+        args = ["add", "svc", "--server", f"http://127.0.0.1:{idp.getsockname()[1]}", "--tenant", "t"]
+        args += ["--client-id", "c", "--grant", "client_credentials", "--secret-stdin"]
+        add = subprocess.Popen(
+            as_user(USER, site, "dc-broker", *args),
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert add.stdin is not None
+            add.stdin.write(secret + "\n")
+            add.stdin.flush()
+            conn, _ = idp.accept()  # the check at the IdP: the secret has been read and is in use
+            with conn:
+                time.sleep(0.2)  # the request is on its way; the answer never comes
+                assert read_memory(add.pid, secret) == f"refused {13}"
+        finally:
+            add.send_signal(signal.SIGKILL)
+            add.wait(10)
