@@ -29,6 +29,9 @@ PURE = [
     "dc_broker.config.values",
     "dc_broker.proxy.rules",
     "dc_broker.sessions.schedule",
+    "dc_broker.observe.counters",
+    "dc_broker.observe.health",
+    "dc_token.pages",
     "dc_broker.budget",
 ]
 IMPURE = {"trio", "httpx", "anyio", "click", "socket", "sqlite3", "msgpack_numpy"}

@@ -40,7 +40,7 @@ from dc_broker.errors import ConfigError
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.serve.audit import Audit
 from dc_broker.serve.listen import bind_unix_socket, release
-from dc_broker.serve.ops import BrokerState, auto_lock
+from dc_broker.serve.ops import BrokerState, auto_lock, reloaded, render_metrics
 from dc_broker.serve.server import Limits, Server
 from dc_broker.sessions.policy import DEFAULT_POLICY, RefreshPolicy
 from dc_broker.sessions.registry import Sessions
@@ -213,6 +213,7 @@ class _Supervisor:
         else:
             self.reload_error = None
             added, changed, removed = self.sessions.reload(config.profiles)
+            reloaded("SIGHUP", added, changed, removed)
             restart = apply_daemon_settings(self.server, self.settings, config.daemon)
             self.settings = config.daemon
             if restart:
@@ -301,6 +302,18 @@ async def run_broker(
     )
     server = Server(state, limits=limits_of(daemon))
     supervisor = _Supervisor(server, sessions, store, notifier, settings)
+    metrics_sock = None
+    try:
+        if daemon.metrics_listen is not None:  # h11's server side is imported only when configured
+            from dc_broker.config.values import metrics_address
+            from dc_broker.observe.http import MetricsServer, open_listener
+
+            metrics_sock = open_listener(
+                metrics_address(daemon.metrics_listen, allow_remote=daemon.metrics_allow_remote)
+            )
+    except BaseException:
+        listener.close()
+        raise
     try:
         async with trio.open_nursery() as nursery:
             if service:
@@ -308,6 +321,8 @@ async def run_broker(
             await nursery.start(sessions.run)
             await nursery.start(files.run)  # token files ([[profiles.NAME.sinks]])
             await nursery.start(server.serve, listener.sock)
+            if metrics_sock is not None:
+                await nursery.start(MetricsServer(lambda: render_metrics(state)).serve, metrics_sock)
             nursery.start_soon(state.audit.run)
             nursery.start_soon(auto_lock, state, daemon.auto_lock_after)
             how = " (socket from systemd)" if listener.activated else ""
@@ -322,6 +337,8 @@ async def run_broker(
             task_status.started(sessions)
     finally:
         listener.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
         with trio.CancelScope(shield=True):
             await transport.aclose()
             store.close()  # the vault checkpoints its WAL and releases its lock; memory: nothing
@@ -357,7 +374,7 @@ def limits_of(settings: DaemonSettings) -> Limits:
 
 
 #: [daemon] settings a running broker cannot change: SIGHUP says they need a restart
-RESTART_SETTINGS = ("socket", "group", "auto_lock_after")
+RESTART_SETTINGS = ("socket", "group", "auto_lock_after", "metrics_listen", "metrics_allow_remote", "log_format")
 
 
 def apply_daemon_settings(server: Server, old: DaemonSettings, new: DaemonSettings) -> list[str]:

@@ -31,6 +31,7 @@ from dc_token.cache import (
 )
 from dc_token.connection import ClientConnection, Closed, End, Failed, Result, may_retry
 from dc_token.errors import BrokerTimeout, BrokerUnavailable
+from dc_token.pages import merge_status
 from dc_token.paths import default_socket_path, unreachable
 from dc_token.watch import Reopen, WatchDedup, WatchFlow
 
@@ -178,8 +179,17 @@ class AsyncTokenClient:
             self.cache.forget(profile, token)
         return bool((await self.request("invalidate", profile=profile, token=token)).get("refreshing"))
 
-    async def status(self, profile: str | None = None) -> dict[str, Any]:
-        return await self.request("status", profile=profile)
+    async def status(self, profile: str | None = None, *, after: str | None = None) -> dict[str, Any]:
+        """One status page (``TokenClient.status``); ``broker.next`` is the ``after`` for the next."""
+        return await self.request("status", profile=profile, after=after)
+
+    async def status_all(self, limit: int | None = None) -> dict[str, Any]:
+        """Every profile this caller may see (at most ``limit``), following the broker's cursor."""
+        first = await self.status()
+        pages = [first]
+        while pages[-1]["broker"].get("next") and (limit is None or sum(len(p["profiles"]) for p in pages) < limit):
+            pages.append(await self.status(after=pages[-1]["broker"]["next"]))
+        return merge_status(pages, limit)
 
     @asynccontextmanager
     async def watch(

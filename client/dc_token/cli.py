@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from dc_token.cache import Token
 
 PROG = "dc-token"
-USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--scope SCOPE] [--min-ttl SECONDS]
-                [--socket PATH]
+USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--id-token | --scope SCOPE]
+                [--min-ttl SECONDS] [--socket PATH]
        {PROG} exec PROFILE [--env NAME] [--token-file] [--signal SIG | --restart] [--scope SCOPE] [--min-ttl SECONDS]
                     [--socket PATH] -- COMMAND [ARG...]
        {PROG} git-credential [--profile NAME] [--username NAME] [--min-ttl SECONDS] [--socket PATH] get|store|erase"""
@@ -66,6 +66,9 @@ output forms (one of):
   --json             {{"token", "type", "expires_at" (unix seconds), "expires_in", "scope", "profile"}}
   --exec-credential  a kubectl client.authentication.k8s.io/v1 ExecCredential; its expirationTimestamp
                      is {EXEC_CREDENTIAL_MARGIN:g} s before the token's real expiry (min-ttl default {exec_ttl:g})
+  --id-token         the login's OIDC ID token instead of the access token, in any form above (--json:
+                     {{"id_token", "expires_at", "expires_in", "profile"}}); kubectl's OIDC authenticator
+                     takes it through --exec-credential. The profile's scope must include openid
 
 options:
   --min-ttl SECONDS  the token must stay valid at least this long (default 0; git-credential 60;
@@ -174,6 +177,7 @@ class _Args:
         self.socket: str | None = None
         self.env = DEFAULT_ENV
         self.scope: str | None = None
+        self.id_token = False
         self.token_file = False
         self.notify: int | None = None
         self.restart = False
@@ -194,6 +198,7 @@ _OPTIONS: "dict[str, dict[str, tuple[bool, Callable[[_Args, str], None]]]]" = {
         "--header": (False, lambda a, v: setattr(a, "output", "header")),
         "--json": (False, lambda a, v: setattr(a, "output", "json")),
         "--exec-credential": (False, lambda a, v: setattr(a, "output", "exec-credential")),
+        "--id-token": (False, lambda a, v: setattr(a, "id_token", True)),
     },
     "exec": {
         **_COMMON,
@@ -259,6 +264,8 @@ def parse(argv: "Sequence[str]") -> "_Args":
     if len(args.operands) != 1:
         raise _Usage("give one PROFILE" if args.operands else "missing PROFILE (see dc-token --help)")
     args.profile = args.operands[0]
+    if args.id_token and args.scope:
+        raise _Usage("--id-token and --scope are alternatives: the ID token is the login's, whatever the scope")
     if form == "exec" and not args.command:
         raise _Usage("exec needs a COMMAND after the profile (dc-token exec PROFILE -- COMMAND...)")
     if form == "exec" and (not args.env or "=" in args.env):
@@ -340,6 +347,8 @@ def _rfc3339(unix: float) -> str:
 
 def _print_token(args: "_Args") -> int:
     min_ttl = args.min_ttl if args.min_ttl is not None else DEFAULT_MIN_TTL.get(args.output, 0.0)
+    if args.id_token:
+        return _print_id_token(args, min_ttl)
     tok = _token(args, min_ttl)
     if args.scope:
         _check_scope(args.scope, tok.scope, args.profile)
@@ -363,6 +372,33 @@ def _print_token(args: "_Args") -> int:
         else:
             doc = exec_credential(tok.token, expires_at, now)
         out = dumps(doc)
+    sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _print_id_token(args: "_Args", min_ttl: float) -> int:
+    """``--id-token``: the login's ID token in the form asked for (kubectl's OIDC authenticator takes
+    it as its bearer token, through ``--exec-credential``)."""
+    result = ask(args.socket, "id_token", {"profile": args.profile, "min_ttl": min_ttl})
+    id_token = result["id_token"]
+    now = time.time()
+    expires_at = _bounded(float(result["expires_at"]), now)
+    _warn_short(expires_at - now, min_ttl)
+    if args.output == "token":
+        out = id_token
+    elif args.output == "header":
+        out = f"Authorization: Bearer {id_token}"
+    elif args.output == "json":
+        doc: dict[str, object] = {
+            "id_token": id_token,
+            "expires_at": int(expires_at),
+            "expires_in": max(0, int(expires_at - now)),
+            "profile": result.get("profile", args.profile),
+        }
+        out = dumps(doc)
+    else:
+        out = dumps(exec_credential(id_token, expires_at, now))
     sys.stdout.write(out + "\n")
     sys.stdout.flush()
     return 0

@@ -369,6 +369,10 @@ ARGS: "Final[dict[str, dict[str, _Arg]]]" = {
         "activate_key": (False, _flag_problem),
     },
     "logout": {"profile": _PROFILE},
+    # the Prometheus exposition of the broker's metrics (text), for a textfile collector or a timer
+    "metrics": {},
+    # the ID token of the profile's login (OIDC; scope openid), e.g. for Kubernetes' OIDC authenticator
+    "id_token": {"profile": _PROFILE, "min_ttl": (False, min_ttl_problem)},
 }
 #: the operations this protocol version defines (the broker may implement a subset and answer
 #: ``unknown_op`` for the rest)

@@ -39,6 +39,7 @@ from dc_token.cache import (
 )
 from dc_token.connection import ClientConnection, Closed, End, Failed, Result, may_retry
 from dc_token.errors import BrokerTimeout, BrokerUnavailable, RemoteProtocolError
+from dc_token.pages import collect_status
 from dc_token.paths import default_socket_path, unreachable
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time (dc-token start-up)
@@ -222,8 +223,15 @@ class TokenClient:
             self.cache.forget(profile, token)
         return bool(self.request("invalidate", profile=profile, token=token).get("refreshing"))
 
-    def status(self, profile: str | None = None) -> dict[str, Any]:
-        return self.request("status", profile=profile)
+    def status(self, profile: str | None = None, *, after: str | None = None) -> dict[str, Any]:
+        """One status page: the broker and the profiles after ``after`` (name order) that fit one
+        reply; its ``broker.next`` is the ``after`` for the next page (None: that was the last)."""
+        return self.request("status", profile=profile, after=after)
+
+    def status_all(self, limit: int | None = None) -> dict[str, Any]:
+        """Every profile this caller may see (at most ``limit``), following the broker's cursor: one
+        status result whose ``broker.truncated`` counts those ``limit`` left out."""
+        return collect_status(self.status, limit)
 
     @contextmanager
     def watch(

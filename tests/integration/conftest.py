@@ -8,6 +8,7 @@ hypercorn. Only the child imports Django: nothing here touches Django settings.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
@@ -21,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.dot_idp import HELLO_PATH, revoke_path, token_path
+from tests.integration.dot_idp import HELLO_PATH, TENANT, revoke_path, token_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 20.0
@@ -88,8 +89,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 
 @pytest.fixture(scope="session")
 def dot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DotServer]:
-    tmp = tmp_path_factory.mktemp("dot")
+    with _dot(tmp_path_factory.mktemp("dot")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dot_oidc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DotServer]:
+    """DOT with OpenID Connect on (``OIDC_ENABLED``, RS256): ID tokens, as DOT issues them."""
+    with _dot(tmp_path_factory.mktemp("dot-oidc"), oidc=True) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _dot(tmp: Path, *, oidc: bool = False) -> Iterator[DotServer]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DOT_IDP_"))}
+    if oidc:
+        env["DOT_IDP_OIDC"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -98,6 +113,8 @@ def dot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DotServer]:
         listener.bind(("127.0.0.1", 0))
         listener.listen(128)
         port = listener.getsockname()[1]
+        if oidc:  # DOT names itself in the ID tokens (it would reverse a discovery URL we do not route)
+            env["DOT_IDP_ISSUER"] = f"http://127.0.0.1:{port}/auth/realms/{TENANT}"
         cmd = [sys.executable, "-m", "tests.integration.dot_idp.serve", "--db", str(tmp / "db.sqlite3")]
         cmd += ["--fd", str(listener.fileno())]
         with open(log, "wb") as out:  # a file, not a pipe: a chatty server must never block on a full pipe

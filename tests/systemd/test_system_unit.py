@@ -136,6 +136,36 @@ def test_a_user_outside_the_group_gets_a_permission_message(machine: Machine, br
     assert f"no permission to use the broker socket {SOCK}" in err, err
 
 
+def test_refusals_reach_the_journal_as_fields(machine: Machine, broker: str) -> None:
+    """The broker writes to the journal with the native protocol: a refusal is found by its fields
+    (`journalctl EVENT=caller_refused PROFILE=...`), not by a grep over text (issue 25)."""
+    m = machine
+    rc, _, _ = _token(m, "etl", "ana_api")
+    assert rc != 0
+    etl = m.uid("etl")
+
+    def entries() -> list[dict[str, str]]:
+        out = m.run(
+            "journalctl", "-u", "dc-broker.service", "-o", "json", "--no-pager", "EVENT=caller_refused",
+            "PROFILE=ana_api", check=False,
+        ).stdout  # fmt: skip
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    found = m.wait_until("the refusal in the journal", lambda: [e for e in entries() if e["CALLER_UID"] == str(etl)])
+    entry = found[0]  # type: ignore[index]
+    assert entry["EVENT"] == "caller_refused" and entry["PROFILE"] == "ana_api" and entry["CALLER_UID"] == str(etl)
+    assert entry["CALLER_USER"] == "etl" and entry["REASON"] == "not_allowed" and entry["ERROR_CODE"] == "forbidden"
+    assert entry["OP"] == "token" and entry["PRIORITY"] == "4" and entry["LOGGER"] == "dc_broker.audit"
+    assert entry["SYSLOG_IDENTIFIER"] == "dc-broker" and "refused uid" in entry["MESSAGE"]
+    # the sessions' own lines carry their profile as a field too
+    started = m.run(
+        "journalctl", "-u", "dc-broker.service", "-o", "json", "--no-pager", "LOGGER=dc_broker", check=False
+    ).stdout
+    assert any(
+        json.loads(line).get("MESSAGE", "").startswith("dc_broker: dc-broker ready") for line in started.splitlines()
+    )
+
+
 def test_unit_rule_is_met_by_a_system_unit(machine: Machine, broker: str) -> None:
     out = machine.run(
         "systemd-run",
@@ -368,12 +398,6 @@ def test_only_our_failed_units_are_ours_to_judge_and_they_are_named(machine: Mac
     machine.run("systemctl", "reset-failed", "dc-broker-doomed.service")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="perf's follow-up (serve/ops.op_status): root, who administers every profile of the shared broker, "
-    "is shown only the profiles whose allow rules name it, so `dc-broker status` as root lists none; it must "
-    "list every profile root (or the broker's own uid) may administer",
-)
 def test_root_running_status_on_the_shared_broker_sees_every_profile(machine: Machine, broker: str) -> None:
     out = machine.run("dc-broker", "status", env={"DC_BROKER_SOCKET": SOCK}).stdout
     for name in PROFILES:

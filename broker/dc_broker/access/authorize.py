@@ -63,6 +63,15 @@ def permits(caller: Caller, profile: Profile, *, system: bool) -> bool:
     return _matches(rules, caller)
 
 
+def may_see(caller: Caller, profile: Profile, *, system: bool) -> bool:
+    """Whether ``status`` and ``metrics`` show this profile to this caller: one it may use, or one
+    it administers (the broker's own uid and root: every profile)."""
+    if is_owner(caller) or permits(caller, profile, system=system):
+        return True
+    rules = _rules(profile.admin)
+    return bool(rules) and _matches(rules, caller)
+
+
 def is_owner(caller: Caller) -> bool:
     """The broker's own uid and root: they may change everything."""
     return caller.uid in (0, os.getuid())

@@ -45,6 +45,10 @@ class Caller:
             who = self._identity = identify(self.pid, self.uid, self.gid, accepted_at=self.accepted_at)
         return who
 
+    def known_identity(self) -> Identity | None:
+        """The identity if it was read already (a rule or the audit trail needed it); never reads /proc."""
+        return self._identity
+
     def attest(self, digest: str | None) -> None:
         """The program's content hash is ``digest`` (None: it cannot be had; exe-sha256 rules deny)."""
         self._identity = replace(self.identity(), exe_sha256=digest)

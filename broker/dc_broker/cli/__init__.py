@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import click
 
-from dc_broker.cli import completion, files, run, talk, units
+from dc_broker.cli import completion, files, health, run, talk, units
 from dc_broker.cli.boundary import ErrorBoundary
 from dc_broker.cli.boundary import main as _run_group
 from dc_token.version import version
@@ -48,7 +48,7 @@ def cli() -> None:
     """dc-broker: keeps bearer tokens for Keycloak-protected APIs fresh and serves them to local programs."""
 
 
-for _module in (run, talk, files, units, completion):
+for _module in (run, talk, health, files, units, completion):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

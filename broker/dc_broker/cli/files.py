@@ -245,6 +245,11 @@ def _forget(key_path: str | None, item: Keyring | None = None) -> None:
     help="a token file the broker keeps current (format token, header, json or env; repeatable)",
 )
 @click.option("--force", is_flag=True, help="replace an existing profile of that name (checked before it is replaced)")
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="an offline login (scope offline_access added): it outlives SSO Session Max; the realm must allow it",
+)
 @PROFILE
 def add(
     config_path: str | None,
@@ -257,6 +262,7 @@ def add(
     force: bool,
     allow: tuple[str, ...],
     key_type: str,
+    offline: bool,
     **settings: Any,
 ) -> None:
     """Add PROFILE: its settings to config.toml, its secrets to the vault (or the running broker).
@@ -270,6 +276,8 @@ def add(
         fields["sinks"] = sink_options(settings["sinks"])
     if allow:
         fields["allow"] = allow
+    if offline:
+        fields["scope"] = offline_scope(fields.get("scope"), fields.get("grant", "password"))
     if "auth_method" not in fields:
         fields["auth_method"] = "none" if fields.get("grant") in ("device", "browser") else "basic"
     p = Profile(name=profile, **fields)
@@ -337,6 +345,18 @@ def add(
     else:
         click.echo(f"{verb} profile {profile} ({p.describe()}); secrets are in {where}. Next: {nxt}")
     _note_environment_proxy(p)
+
+
+def offline_scope(scope: str | None, grant: str) -> str:
+    """The scope of an ``--offline`` profile: its scope with ``offline_access`` (and ``openid``,
+    which Keycloak needs for an offline token's session), for a user's login only."""
+    if grant == "client_credentials":
+        raise click.UsageError("--offline is for a user's login (password, device, browser): a client needs none")
+    words = (scope or "").split()
+    for needed in ("openid", "offline_access"):
+        if needed not in words:
+            words.append(needed)
+    return " ".join(words)
 
 
 def register_jwks(p: Profile, jwks: Any) -> str:

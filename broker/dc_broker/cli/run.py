@@ -71,10 +71,10 @@ def _pipx_venv() -> str | None:
     return sys.prefix if len(parts) >= 3 and parts[-3:-1] == ["pipx", "venvs"] else None
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, log_format: str = "text") -> None:
     from dc_broker.logs import setup_logging
 
-    setup_logging(verbose)  # journal priority prefixes under systemd, plain lines elsewhere
+    setup_logging(verbose, log_format=log_format)  # journal fields under systemd, plain lines or JSON elsewhere
 
 
 def _read_secrets_stdin(profiles: dict[str, Profile]) -> MemoryStore:
@@ -131,6 +131,8 @@ def run(
 
     _setup_logging(verbose)
     config = load_config(config_path, missing_ok=config_path is None)
+    if config.daemon.log_format != "text":
+        _setup_logging(verbose, config.daemon.log_format)
     path = socket_path or config.socket or (SYSTEM_SOCKET if system else default_socket_path())
     _refuse_a_second_broker(path)
     store = _read_secrets_stdin(config.profiles) if secrets_stdin else _open_store(vault_path)

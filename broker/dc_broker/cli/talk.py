@@ -73,23 +73,36 @@ def fmt_seconds(value: Any) -> str:
 @click.command()
 @SOCKET
 @click.option("--json", "as_json", is_flag=True, help="print the broker's status as JSON")
+@click.option(
+    "--limit", type=click.IntRange(1), default=None, help="show at most this many profiles (default: all of them)"
+)
 @profile_argument(required=False)
-def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
-    """Show the profiles the running broker holds: state, expiry, last refresh, last error."""
+def status(socket_path: str | None, as_json: bool, limit: int | None, profile: str | None) -> None:
+    """Show the profiles the running broker holds: state, expiry, when each login ends, last refresh,
+    last error. Every profile you may see, page after page (``--limit`` to cut)."""
     with TokenClient(socket_path) as broker:
-        result = broker.status(profile)
+        result = broker.status(profile) if profile else broker.status_all(limit)
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
     info = result["broker"]
     click.echo(f"broker {info['version']} pid {info['pid']} on {info['socket']}, up {fmt_seconds(info['uptime'])}")
-    rows = [("PROFILE", "STATE", "EXPIRES IN", "LAST REFRESH", "LAST ERROR")]
+    rows = [("PROFILE", "STATE", "EXPIRES IN", "LOGIN ENDS", "LAST REFRESH", "LAST ERROR")]
     for p in result["profiles"]:
         last = time.strftime("%H:%M:%S", time.localtime(p["last_refresh"])) if p.get("last_refresh") else "-"
-        rows.append((p["profile"], p["state"], fmt_seconds(p.get("expires_in")), last, p.get("last_error") or ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append(
+            (
+                p["profile"],
+                p["state"],
+                fmt_seconds(p.get("expires_in")),
+                _login_end(p),
+                last,
+                p.get("last_error") or "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
+        click.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:5])) + "  " + r[5])
     for p in result["profiles"]:
         note = _client_auth_note(p)
         if note:
@@ -97,6 +110,18 @@ def status(socket_path: str | None, as_json: bool, profile: str | None) -> None:
     if info.get("truncated"):
         counts = ", ".join(f"{n} {state}" for state, n in sorted(info.get("states", {}).items()))
         click.echo(f"... and {info['truncated']} more ({counts} in all); `dc-broker status PROFILE` shows one")
+
+
+def _login_end(row: dict[str, Any]) -> str:
+    """When a login ends: ``at 18:02`` (its session maximum: a person logs in again then), ``offline``,
+    ``~4m05s`` (its refresh token's deadline, which refreshing moves), ``-`` (none known)."""
+    ends = row.get("login_ends_in")
+    offline = " (offline)" if row.get("offline") else ""
+    if ends is None:
+        return "offline" if row.get("offline") else "-"
+    if row.get("login_end_final"):
+        return time.strftime("at %H:%M", time.localtime(time.time() + float(ends))) + offline
+    return f"~{fmt_seconds(ends)}{offline}"
 
 
 #: a client certificate or assertion file that expires within this is flagged (the broker logs it too)

@@ -17,6 +17,7 @@ URL, a scope or a rule would reach an HTTP request or a log line, so it is refus
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import types
 import typing
@@ -358,16 +359,79 @@ class DaemonSettings:
     max_in_flight_per_uid: int = 1024
     #: a connection with nothing in flight that sends nothing for this long is closed
     idle_timeout: float = 300.0
+    #: serve the Prometheus metrics over HTTP here: "HOST:PORT" (a loopback address unless
+    #: ``metrics_allow_remote``) or "unix:PATH"; None: only `dc-broker metrics` (the socket op)
+    metrics_listen: str | None = None
+    #: let ``metrics_listen`` be a non-loopback address (the metrics then reach the network)
+    metrics_allow_remote: bool = False
+    #: "text" (plain lines; the journal's own fields under systemd) or "json" (one object per line)
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         for name, (low, high) in DAEMON_RANGES.items():
             value = getattr(self, name)
             if not low <= value <= high:
                 raise BadValue(name, f"daemon.{name} = {value} is out of range ({low:g} to {high:g})")
-        for name in ("socket", "group"):
+        for name in ("socket", "group", "metrics_listen"):
             value = getattr(self, name)
             if value is not None and (bad := control_character(value)) is not None:
                 raise BadValue(name, f"daemon.{name} {value!r} contains {bad}")
+        if self.log_format not in LOG_FORMATS:
+            raise BadValue(
+                "log_format", f"daemon.log_format = {self.log_format!r}: use one of {', '.join(LOG_FORMATS)}"
+            )
+        if self.metrics_listen is not None:
+            metrics_address(self.metrics_listen, allow_remote=self.metrics_allow_remote)
+
+
+#: the values of ``[daemon] log_format``
+LOG_FORMATS: Final = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsAddress:
+    """Where the metrics endpoint listens: ``path`` (a Unix socket) or ``host`` and ``port``."""
+
+    host: str | None = None
+    port: int = 0
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if self.host and ":" in self.host else f"{self.host}:{self.port}"
+
+
+def metrics_address(text: str, *, allow_remote: bool = False) -> MetricsAddress:
+    """``[daemon] metrics_listen`` read: "unix:PATH", "HOST:PORT" or "[V6]:PORT" with HOST an IP
+    address or ``localhost``. A non-loopback address is refused unless ``allow_remote``: metrics
+    name the profiles and say when each login ends, which is the host's business only."""
+    where = "daemon.metrics_listen"
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/"):
+            raise BadValue("metrics_listen", f"{where} = {text!r}: give an absolute path after 'unix:'")
+        return MetricsAddress(path=path)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise BadValue("metrics_listen", f'{where} = {text!r}: use "127.0.0.1:9464", "[::1]:9464" or "unix:/run/PATH"')
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise BadValue(
+            "metrics_listen", f"{where} = {text!r}: {host!r} is not an IP address (use 127.0.0.1, ::1 or an address)"
+        ) from None
+    if not address.is_loopback and not allow_remote:
+        raise BadValue(
+            "metrics_listen",
+            f"{where} = {text!r} is not a loopback address: the metrics would reach the network. Listen on "
+            "127.0.0.1 (a local Prometheus or node exporter scrapes it), or set daemon.metrics_allow_remote = true "
+            "to serve them beyond this host on purpose",
+        )
+    return MetricsAddress(host=str(address), port=int(port_text))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,23 +16,28 @@ then costs the same whichever profile it is about, and the loop never reads a pr
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import trio
 
-from dc_broker.access.authorize import administered, authorized, is_owner, permits
+from dc_broker.access.authorize import administered, authorized, is_owner, may_see
 from dc_broker.access.caller import Caller
 from dc_broker.access.programs import ProgramHashes
 from dc_broker.config.load import load_config
 from dc_broker.errors import UpstreamFault, WrongPassphrase
 from dc_broker.idp import clientkeys
+from dc_broker.observe import events
+from dc_broker.observe.events import caller_fields
 from dc_broker.secret import Secret
 from dc_broker.serve.audit import Audit
 from dc_broker.sessions.flows import Ended
@@ -42,7 +47,7 @@ from dc_broker.sinks import TokenFiles
 from dc_broker.store import MemoryStore, SecretStore
 from dc_broker.tokens import TokenSet
 from dc_broker.vault.records import unlock_delay
-from dc_token.errors import BadRequest, Forbidden, UpstreamUnavailable
+from dc_token.errors import BadRequest, ConfigInvalid, Forbidden, UpstreamError, UpstreamUnavailable
 from dc_token.protocol import OPS, PROTOCOL_VERSION, OpArgs, TokenArgs
 from dc_token.version import version
 
@@ -56,6 +61,13 @@ STATUS_BUDGET = 56 * 1024
 STATUS_FIELD_MAX = 240
 
 Result = dict[str, Any]
+
+
+class ServerView(Protocol):
+    """What the ops read of the server (``metrics``): it sets itself as ``BrokerState.server``."""
+
+    connections: int
+    pending: int
 
 
 @dataclass
@@ -72,6 +84,8 @@ class BrokerState:
     unlock_lock: trio.Lock = field(default_factory=trio.Lock)
     #: clock time of the last token request (for auto-lock)
     last_use: float = 0.0
+    #: the server serving this state (its connection counts, for ``metrics``)
+    server: ServerView | None = None
     #: the token files (``[[profiles.NAME.sinks]]``): `logout`, `lock` and `reload` wait until
     #: the files they take away are gone
     files: TokenFiles | None = None
@@ -143,6 +157,66 @@ def op_token(state: BrokerState, caller: Caller, args: Args, now: float) -> Resu
     if tok is not None:
         return token_result(session, tok, now, min_ttl)
     return _token_slow(state, session, min_ttl)
+
+
+def op_id_token(state: BrokerState, caller: Caller, args: Args, now: float) -> Result | Awaitable[Result]:
+    """The ID token that came with the profile's current login (Keycloak sends one when the scope
+    has ``openid``), with the access token's expiry when the ID token says none of its own."""
+    checked = OpArgs.from_wire("id_token", args)
+    name = checked["profile"]
+    session = authorized(state.sessions, caller, name, system=state.system)
+    state.audit.record(name, caller)
+    state.last_use = now
+    min_ttl = float(checked.get("min_ttl", 0.0))
+    tok = session.peek(min_ttl, now)
+    if tok is not None:
+        return id_token_result(session, tok, now)
+    return _id_token_slow(state, session, min_ttl)
+
+
+async def _id_token_slow(state: BrokerState, session: Session, min_ttl: float) -> Result:
+    tok = await session.get(min_ttl)
+    return id_token_result(session, tok, state.clock())
+
+
+def id_token_result(session: Session, tok: TokenSet, now: float) -> Result:
+    name = session.profile.name
+    granted = tok.scope or session.profile.scope or ""
+    if tok.id_token is None and "openid" in granted.split():
+        raise UpstreamError(
+            f"profile {name!r} has no ID token: the identity provider sent none with its current token, though the "
+            "scope has 'openid' (OpenID Connect defines none for a password or client credentials grant; some "
+            "providers, Django OAuth Toolkit among them, send one with the next refresh: ask again then)",
+            retry_after=max(1.0, session.next_attempt_at - now) if math.isfinite(session.next_attempt_at) else None,
+        )
+    if tok.id_token is None:
+        raise ConfigInvalid(
+            f"profile {name!r} has no ID token: its login's scope {tok.scope or session.profile.scope or ''!r} lacks "
+            f"'openid'; add it (`dc-broker set {name} scope=\"openid ...\"`): the next login brings an ID token"
+        )
+    remaining = tok.expires_at - now
+    exp = jwt_exp(tok.id_token.reveal())
+    if exp is not None:
+        remaining = min(remaining, exp - time.time())
+    return {
+        "profile": name,
+        "id_token": tok.id_token.reveal(),
+        "expires_in": remaining,
+        "expires_at": time.time() + remaining,
+    }
+
+
+def jwt_exp(token: str) -> float | None:
+    """A JWT's ``exp`` claim, read without verifying (the IdP signed it for the API, not for us)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, TypeError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
 async def _scoped_token(state: BrokerState, caller: Caller, base: Session, args: TokenArgs) -> Result:
@@ -236,11 +310,11 @@ def op_status(state: BrokerState, caller: Caller, args: Args, now: float) -> Res
     after = checked.get("after")
     if name is not None:
         sessions = [authorized(state.sessions, caller, name, system=state.system).status(now)]
-    else:  # only the profiles this caller may use
+    else:  # only the profiles this caller may use or administer
         sessions = [
             st
             for st in state.sessions.status()
-            if permits(caller, state.sessions.lookup(st["profile"]).profile, system=state.system)
+            if may_see(caller, state.sessions.lookup(st["profile"]).profile, system=state.system)
         ]
     summary: dict[str, int] = {}
     for st in sessions:
@@ -264,12 +338,52 @@ def op_status(state: BrokerState, caller: Caller, args: Args, now: float) -> Res
             "uptime": round(time.time() - state.started_at, 3),
             "profiles": len(sessions),
             "mode": "system" if state.system else "user",
+            "vault": _vault_state(state.sessions.store),
             "states": summary,
             "truncated": rest,
             "next": shown[-1]["profile"] if rest and shown else None,
         },
         "profiles": shown,
     }
+
+
+def op_metrics(state: BrokerState, caller: Caller, args: Args, now: float) -> Awaitable[Result]:
+    """The Prometheus exposition of the profiles this caller may use and the broker's own figures."""
+    return _metrics(state, caller)
+
+
+async def _metrics(state: BrokerState, caller: Caller) -> Result:
+    return {"text": (await render_metrics(state, caller)).decode()}
+
+
+async def render_metrics(state: BrokerState, caller: Caller | None = None) -> bytes:
+    """The exposition (``observe.metrics``), for a caller (its profiles) or the HTTP endpoint (all:
+    whoever may reach it was decided by ``metrics_listen``). prometheus_client costs about 70 ms to
+    import, so the first scrape imports it in a thread, off the event loop."""
+    import importlib
+
+    module = await trio.to_thread.run_sync(importlib.import_module, "dc_broker.observe.metrics")
+    sessions = state.sessions
+    names = [
+        n
+        for n in sessions.names()
+        if caller is None or may_see(caller, sessions.lookup(n).profile, system=state.system)
+    ]
+    server = state.server
+    text: bytes = module.exposition(
+        sessions,
+        names,
+        connections=server.connections if server is not None else 0,
+        system=state.system,
+        started_at=state.started_at,
+    )
+    return text
+
+
+def _vault_state(store: SecretStore) -> str:
+    if not store.lockable:
+        return "in memory"
+    return "locked" if store.locked else "unlocked"
 
 
 def _cut(text: str) -> str:
@@ -344,7 +458,7 @@ async def auto_lock(state: BrokerState, after: float) -> None:
         await trio.sleep_until(state.last_use + after)
         if state.clock() >= state.last_use + after and not store.locked:
             await _lock(state)
-            log.info("vault locked after %.0f s without a token request", after)
+            events.emit("vault_locked", "vault locked after %.0f s without a token request", after, by="auto_lock")
             state.last_use = state.clock()  # wait a full period again after the next unlock
 
 
@@ -356,12 +470,29 @@ def op_reload(state: BrokerState, caller: Caller, args: Args, now: float) -> Awa
         raise BadRequest("this broker was not started from a config file; there is nothing to reload")
     config = load_config(state.config_path, missing_ok=True)
     added, changed, removed = state.sessions.reload(config.profiles)
+    reloaded("op", added, changed, removed)
     return _reloaded(state, {"added": added, "changed": changed, "removed": removed})
 
 
 async def _reloaded(state: BrokerState, result: Result) -> Result:
     await state.settle_files([*result["changed"], *result["removed"]])
     return result
+
+
+def reloaded(source: str, added: list[str], changed: list[str], removed: list[str]) -> None:
+    """The ``reload`` audit event: what the config's new reading changed."""
+    events.emit(
+        "reload",
+        "config reloaded (%s): added %s, changed %s, removed %s",
+        source,
+        ", ".join(added) or "none",
+        ", ".join(changed) or "none",
+        ", ".join(removed) or "none",
+        source=source,
+        added=",".join(added),
+        changed=",".join(changed),
+        removed=",".join(removed),
+    )
 
 
 def op_set_secrets(state: BrokerState, caller: Caller, args: Args, now: float) -> Result | Awaitable[Result]:
@@ -391,7 +522,13 @@ def _store_secrets(state: BrokerState, session: Session, fields: dict[str, Secre
 async def _set_secrets_checked(state: BrokerState, session: Session, fields: dict[str, Secret]) -> Result:
     name = session.profile.name
     candidate = dataclasses.replace(state.sessions.store.credentials(name), **fields)
-    probe = Session(session.profile, MemoryStore({name: candidate}), state.sessions.idp, clock=state.clock)
+    probe = Session(
+        session.profile,
+        MemoryStore({name: candidate}),
+        state.sessions.idp,
+        clock=state.clock,
+        counts=state.sessions.counts,
+    )
     try:
         await probe.verify()
     except UpstreamFault as exc:
@@ -404,7 +541,12 @@ async def _check_client(state: BrokerState, session: Session) -> Result:
     """``verify`` with nothing new (`dc-broker keys PROFILE --check`): does the IdP accept the client
     as it authenticates now? If so the profile tries again at once (out of ``rejected``)."""
     name = session.profile.name
-    probe = Session(session.profile, MemoryStore({name: state.sessions.store.credentials(name)}), state.sessions.idp)
+    probe = Session(
+        session.profile,
+        MemoryStore({name: state.sessions.store.credentials(name)}),
+        state.sessions.idp,
+        counts=state.sessions.counts,
+    )
     try:
         await probe.check_client()
     except UpstreamFault as exc:
@@ -421,7 +563,13 @@ async def _set_keys(state: BrokerState, session: Session, new_key: str | None, a
     store = state.sessions.store
     current = store.credentials(name)
     if activate and verify:
-        probe = Session(session.profile, MemoryStore({name: current}), state.sessions.idp, clock=state.clock)
+        probe = Session(
+            session.profile,
+            MemoryStore({name: current}),
+            state.sessions.idp,
+            clock=state.clock,
+            counts=state.sessions.counts,
+        )
         try:
             await probe.check_client(next_key=True)
         except UpstreamFault as exc:
@@ -451,6 +599,81 @@ async def _logout(state: BrokerState, session: Session) -> Result:
         "forgotten": forgot,
         "kept_client_secret": kept,
     }
+
+
+def audited(op: str, handler: Handler) -> Handler:
+    """``handler`` with an ``admin_change`` event for each use: who, which op, which profile, and
+    how it ended (ok, or the error code), when it ends. Only names: never a value it carried."""
+
+    def run(state: BrokerState, caller: Caller, args: Args, now: float) -> Any:
+        profile = args.get("profile") if isinstance(args.get("profile"), str) else None
+        given = sorted(k for k in ("password", "client_secret", "new_key", "activate_key") if args.get(k))
+        note = _AdminNote(op, profile, caller, given)
+        try:
+            result = handler(state, caller, args, now)
+        except BaseException as exc:
+            note.done(exc)
+            raise
+        if isinstance(result, dict):
+            note.done(None)
+            return result
+        if isinstance(result, AsyncIterator):
+            return note.stream(result)
+        return note.wait(result)
+
+    return run
+
+
+class _AdminNote:
+    def __init__(self, op: str, profile: str | None, caller: Caller, given: list[str]) -> None:
+        self.op, self.profile, self.caller, self.given = op, profile, caller, given
+
+    def done(self, exc: BaseException | None) -> None:
+        if isinstance(exc, Forbidden):
+            return  # a refusal, not a change: the server writes its caller_refused event
+        code = None if exc is None else getattr(exc, "code", "internal")
+        fields: dict[str, Any] = {
+            "op": self.op,
+            "result": "ok" if exc is None else "error",
+            **caller_fields(self.caller),
+        }
+        if self.profile:
+            fields["profile"] = self.profile
+        if code:
+            fields["error_code"] = code
+        if self.given:
+            fields["fields"] = ",".join(self.given)
+        where = f" of profile {self.profile}" if self.profile else ""
+        outcome = "done" if exc is None else f"failed ({code})"
+        events.emit("admin_change", "%s%s by %s: %s", self.op, where, self.caller.describe(), outcome, **fields)
+        if exc is None and self.op in ("lock", "unlock"):
+            verb = "locked" if self.op == "lock" else "unlocked"
+            events.emit(
+                f"vault_{verb}",
+                "vault %s by %s",
+                verb,
+                self.caller.describe(),
+                by="caller",
+                **caller_fields(self.caller),
+            )
+
+    async def wait(self, pending: Awaitable[Result]) -> Result:
+        try:
+            result = await pending
+        except BaseException as exc:
+            self.done(exc)
+            raise
+        self.done(None)
+        return result
+
+    async def stream(self, pending: AsyncIterator[Result]) -> AsyncIterator[Result]:
+        try:
+            async for item in pending:
+                yield item
+        except BaseException as exc:
+            self.done(exc)
+            raise
+        self.done(None)
 
 
 async def _after_program(state: BrokerState, caller: Caller, args: Args, now: float, handler: Handler) -> Result:
@@ -498,7 +721,11 @@ HANDLERS: dict[str, Handler] = {
     "reload": op_reload,
     "set_secrets": _program_first(op_set_secrets),
     "logout": _program_first(op_logout),
+    "metrics": _program_first(op_metrics),
+    "id_token": _program_first(op_id_token),
 }
+for _op in ("login", "unlock", "lock", "reload", "set_secrets", "logout"):
+    HANDLERS[_op] = audited(_op, HANDLERS[_op])
 
 # the contract (dc_token.protocol.OPS) names the ops; this table implements each of them, no more
 if set(HANDLERS) != OPS:

@@ -68,6 +68,8 @@ import trio
 from dc_broker.access.caller import Caller
 from dc_broker.access.identity import boottime, peer_credentials
 from dc_broker.errors import wire_error
+from dc_broker.observe.counters import ADMIN_OPS
+from dc_broker.observe.events import RefusalLog
 from dc_broker.serve.ops import HANDLERS, BrokerState
 from dc_token.errors import (
     BrokerError,
@@ -223,6 +225,11 @@ class Server:
         #: connections whose peer does not take a reply, oldest first by ``blocked_since``
         self._blocked: OrderedDict[_Connection, None] = OrderedDict()
         self._reaper = trio.CancelScope()  # the reaper's sleep; its deadline is the earliest deadline
+        #: the broker's counters; ``ok`` is incremented inline on the cached-token path
+        self.counts = state.sessions.counts
+        self.ok_counts = self.counts.ok
+        self.refusals = RefusalLog(lambda: self.state.clock())
+        state.server = self
 
     async def serve(
         self, sock: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -299,18 +306,39 @@ class Server:
             by_uid = self.connections_by_uid
             by_uid[caller.uid] = by_uid.get(caller.uid, 0) + 1
         if self.allowed_uids is not None and caller.uid not in self.allowed_uids:
-            log.warning("refused connection from uid %d (pid %d)", caller.uid, caller.pid)
-            return Forbidden(f"this broker serves only its own user (uid {self._own_uid}), not uid {caller.uid}")
+            exc: BrokerError = Forbidden(
+                f"this broker serves only its own user (uid {self._own_uid}), not uid {caller.uid}"
+            )
+            self.refused(caller, "connect", None, "foreign_uid", exc)
+            return exc
         if self.connections > limits.max_connections:
-            return Overloaded("too many connections", retry_after=1.0)
+            exc = Overloaded("too many connections", retry_after=1.0)
+            self.refused(caller, "connect", None, "quota", exc)
+            return exc
         if c.counted and self.connections_by_uid[caller.uid] > limits.max_connections_per_uid:
-            log.warning("uid %d is at its quota of %d connections", caller.uid, limits.max_connections_per_uid)
+            self.refused(caller, "connect", None, "quota", Overloaded("connection quota"))
             return Overloaded(
                 f"uid {caller.uid} already has {limits.max_connections_per_uid} connections open to this broker "
                 "(daemon.max_connections_per_uid); close some",
                 retry_after=1.0,
             )
         return None
+
+    def refused(self, caller: Caller, op: str, profile: str | None, reason: str, exc: BrokerError) -> None:
+        """Count a refused caller and write its ``caller_refused`` event (rate-limited per uid)."""
+        self.counts.refusal(reason)
+        self.refusals.refused(caller, op, profile, reason, exc.code, exc.message)
+
+    def failed_request(self, caller: Caller, op: str, args: Any, exc: DcBrokerError) -> None:
+        """Count a request answered with an error; a refusal is also a refused caller."""
+        err = wire_error(exc)
+        self.counts.failed_request(op, err.code)
+        if isinstance(err, Forbidden):
+            profile = args.get("profile") if hasattr(args, "get") else None
+            reason = "not_admin" if op in ADMIN_OPS else "not_allowed"
+            self.refused(caller, op, profile if isinstance(profile, str) else None, reason, err)
+        elif isinstance(err, Overloaded):
+            self.refused(caller, op, None, "quota", err)
 
     async def _refuse(self, c: _Connection, exc: BrokerError) -> None:
         patient = self.refusing < MAX_PATIENT_REFUSALS
@@ -480,7 +508,7 @@ async def _refuse_patiently(conn: socket.socket, exc: BrokerError) -> None:
             pass
 
 
-_Pending = tuple[int, "Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]"]
+_Pending = tuple[int, str, "Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]"]
 
 
 class _Connection:
@@ -598,6 +626,8 @@ class _Connection:
                 raise UnknownOp(f"op {op!r} {known}; supported: {', '.join(sorted(HANDLERS))}")
             result = handler(self.state, self.caller, args, now)
             if result.__class__ is dict:
+                ok = self.server.ok_counts  # the counters, inline: this is the cached-token path
+                ok[op] = ok.get(op, 0) + 1
                 return _reply_frame(rid, result)
             server = self.server
             limits = server.limits
@@ -620,11 +650,13 @@ class _Connection:
             self.in_flight += 1
             if not isinstance(result, AsyncIterator):
                 server.pending += 1
-            return (rid, result)  # type: ignore[return-value]
+            return (rid, op, result)  # type: ignore[return-value]
         except DcBrokerError as exc:  # ours: a BrokerError, or a vault/config error that becomes one
+            self.server.failed_request(self.caller, op, args, exc)
             return _error_frame(rid, exc)
         except Exception:
             log.exception("op %s failed", op)
+            self.server.counts.failed_request(op, ErrorCode.INTERNAL.value)
             return _error_frame(rid, InternalError(f"op {op!r} failed inside the broker; see its log"))
 
     def serve_ready(self) -> str | bytes:
@@ -733,8 +765,8 @@ class _Connection:
                 await trio.lowlevel.checkpoint()
 
     def _start_todo(self, nursery: trio.Nursery) -> None:
-        for rid, pending in self.todo:
-            nursery.start_soon(self._finish, rid, pending)
+        for rid, op, pending in self.todo:
+            nursery.start_soon(self._finish, rid, op, pending)
         self.todo.clear()
 
     async def _send(self, data: bytes) -> None:
@@ -769,7 +801,10 @@ class _Connection:
             if self.turn:
                 self.turn.unpark()
 
-    async def _finish(self, rid: int, pending: Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]) -> None:
+    async def _finish(
+        self, rid: int, op: str, pending: Awaitable[dict[str, Any]] | AsyncIterator[dict[str, Any]]
+    ) -> None:
+        server = self.server
         try:
             try:
                 if isinstance(pending, AsyncIterator):
@@ -778,10 +813,13 @@ class _Connection:
                     frame = _reply_frame(rid, {"end": True})
                 else:
                     frame = _reply_frame(rid, await pending)
+                server.counts.answered(op)
             except DcBrokerError as exc:
+                server.failed_request(self.caller, op, {}, exc)
                 frame = _error_frame(rid, exc)
             except Exception:
                 log.exception("request %d failed", rid)
+                server.counts.failed_request(op, ErrorCode.INTERNAL.value)
                 frame = _error_frame(rid, InternalError("the request failed inside the broker; see its log"))
             await self._send(frame)
         except PeerGone:
@@ -810,7 +848,7 @@ class _Connection:
             return
         self.closed = True
         server = self.server
-        for _, pending in self.todo:  # requests a failure left unstarted: never answered, not counted
+        for _, _, pending in self.todo:  # requests a failure left unstarted: never answered, not counted
             _discard(pending)
             self.in_flight -= 1
             if self.counted:

@@ -50,6 +50,7 @@ from dc_broker.access.rules import needs_exe_hash, parse_rules
 from dc_broker.budget import Budget, LogGate
 from dc_broker.config import Profile
 from dc_broker.idp.transport import IdpTransport
+from dc_broker.observe.counters import Counts
 from dc_broker.sessions import policy
 from dc_broker.sessions.policy import RefreshPolicy
 from dc_broker.sessions.scheduler import ATTEMPTING, Scheduler
@@ -143,6 +144,8 @@ class Sessions:
         self.clock = clock
         self.wall_clock = wall_clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        #: the counters every session of this broker adds to (``observe.metrics`` reads them)
+        self.counts = Counts()
         self._by_name: dict[str, Session] = {name: self._session(p) for name, p in profiles.items()}
         #: the profiles whose rules pin a program by its hash (``exe-sha256``)
         self._pinning = {name for name, p in profiles.items() if _pins_program(p)}
@@ -172,6 +175,7 @@ class Sessions:
             rng=self.rng,
             wall_clock=self.wall_clock,
             parent=parent,
+            counts=self.counts,
         )
 
     def _pinned(self, profile: Profile, kept: bool) -> None:

@@ -46,6 +46,8 @@ from dc_broker.errors import AnswerLost, ConfigError, MaybeLocked, RecordCorrupt
 from dc_broker.idp import assertions, oidc
 from dc_broker.idp.oidc import Endpoints, HttpRequest
 from dc_broker.idp.transport import ClientCert, IdpTransport
+from dc_broker.observe import events
+from dc_broker.observe.counters import Counts, failure_reason
 from dc_broker.secret import Secret
 from dc_broker.sessions import driver, flows, loopback, policy
 from dc_broker.sessions.driver import Done
@@ -111,6 +113,10 @@ def broker_error(name: str, exc: UpstreamFault, retry_after: float | None = None
     return UpstreamUnavailable(f"profile {name!r}: {exc}", retry_after=retry_after)
 
 
+#: grants with a stored credential (a re-login when the broker makes them itself), and what is stored
+_STORED_GRANTS: Final = {"password": "password", "client_credentials": "client secret"}
+
+
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """An attempt at the IdP in flight: the generation it started in, and when."""
@@ -146,6 +152,7 @@ class Session:
         "attempt",
         "attempt_scope",
         "clock",
+        "counts",
         "crashes",
         "generation",
         "idp",
@@ -181,7 +188,10 @@ class Session:
         wait_limit: float = DEFAULT_WAIT_LIMIT,
         wall_clock: Callable[[], float] = time.time,
         parent: Session | None = None,
+        counts: Counts | None = None,
     ) -> None:
+        #: the broker's counters (metrics): one object for all sessions of a broker
+        self.counts = Counts() if counts is None else counts
         #: for a per-request scope: the profile's main session, whose login this one narrows
         self.parent = parent
         self.profile = profile
@@ -586,6 +596,7 @@ class Session:
         now = self.clock()
         self.schedule = self.schedule.started(now)
         self.attempt = Attempt(self.generation, now)
+        self.counts.attempt(self.profile.name)
         try:
             if self.parent is not None:
                 gen = self.generation
@@ -620,6 +631,10 @@ class Session:
                 await self._keep_rotated(outcome, presented)
             log.debug("profile %s: an attempt of generation %d ended after a change; its outcome is dropped", name, gen)
             return
+        if not isinstance(outcome, TokenSet) and (reason := failure_reason(outcome)) is not None:
+            if reason == "maybe_locked" and not (self._proven and self._lockouts < len(self.policy.lockout_waits)):
+                reason = "credential_wrong"  # never accepted, or waited out: taken for a wrong password
+            self.counts.failure(name, reason)
         if isinstance(outcome, TokenSet):
             await self._accept(outcome, Event.GRANTED, gen)
         elif isinstance(outcome, Locked):
@@ -686,6 +701,7 @@ class Session:
             saved = self.store.saved_tokens(name)
             if saved is not None and saved.refresh_token == presented:
                 await self._save(tokens)
+                self._rotated()
                 log.info("profile %s: stored the refresh token the IdP rotated during a change", name)
                 return
         except BrokerError as exc:
@@ -721,6 +737,15 @@ class Session:
         self._session_capped = life is not None and self._refresh_life is not None and life < self._refresh_life - 2.0
         if not self._session_capped:
             self._refresh_life = life
+        old = self.token
+        if (
+            event is Event.GRANTED
+            and old is not None
+            and old.refresh_token is not None
+            and tokens.refresh_token is not None
+            and tokens.refresh_token != old.refresh_token
+        ):
+            self._rotated()
         self.token = tokens
         self.last_error = None
         self.last_refresh_at = self.clock()
@@ -731,6 +756,17 @@ class Session:
         self._event(event)
         self._announce()
         return True
+
+    def _rotated(self) -> None:
+        name = self.profile.name
+        self.counts.rotation(name)
+        events.emit(
+            "refresh_token_rotated",
+            "profile %s: the identity provider rotated the refresh token",
+            name,
+            profile=name,
+            generation=self.generation,
+        )
 
     def _announce(self) -> None:
         """Wake everyone waiting on ``token_changed`` (a new token, or new settings to look at)."""
@@ -760,6 +796,7 @@ class Session:
                 await trio.sleep(step.seconds)
                 return self.clock()
             if isinstance(step, LoginLost):
+                self.counts.failure(self.profile.name, "token_dead")
                 log.info("profile %s: refresh token refused (%s); falling back", self.profile.name, step.why)
                 if on_lost is not None:
                     on_lost(step)
@@ -775,7 +812,20 @@ class Session:
         lifetimes count from the send (``Answer``). A lost answer to a request that spent a refresh
         token puts that token in doubt; any answer to it clears the doubt."""
         self.idp_requests += 1
+        name = self.profile.name
         sent_at, wall = self.clock(), self.wall_clock()
+        grant = req.form.get("grant_type")
+        if grant in _STORED_GRANTS and self.attempt is not None:  # the broker's own, not a person's login
+            self.counts.relogin(name, grant)
+            events.emit(
+                "relogin",
+                "profile %s: logging in again with the stored %s",
+                name,
+                _STORED_GRANTS[grant],
+                profile=name,
+                grant=grant,
+                generation=self.generation,
+            )
         # a client assertion is made here, the edge, with the wall clock and fresh randomness
         req = assertions.complete(req, now=wall, jti=secrets.token_urlsafe(24))
         try:
@@ -785,6 +835,8 @@ class Session:
         except AnswerLost:
             self._in_doubt = req.spends
             raise
+        finally:
+            self.counts.idp_request(name, self.clock() - sent_at)
         if req.spends is not None and req.spends == self._in_doubt:
             self._in_doubt = None
         return Answer(resp, sent_at, wall)
@@ -1067,10 +1119,23 @@ class Session:
             "last_refresh": round(wall - (now - self.last_refresh_at), 3) if self.last_refresh_at is not None else None,
             "next_refresh_in": round(max(0.0, due - now), 3) if math.isfinite(due) else None,
             "last_error": self.last_error.message if self.last_error else None,
+            "error_code": self.last_error.code if self.last_error else None,
+            **self._login_end(tok, now),
         }
         if self.profile.auth_method in ("private_key_jwt", "tls_client_auth", "client_assertion_file"):
             out["client_auth"] = assertions.status(self.profile, self._client_keys(), wall)
         return out
+
+    def _login_end(self, tok: TokenSet | None, now: float) -> dict[str, Any]:
+        """When this login ends: its refresh token's deadline (None: no deadline, or no refresh
+        token); ``final`` once the IdP's SSO Session Max holds it (a refresh no longer moves it);
+        ``offline``: an offline token (scope offline_access)."""
+        deadline = tok.refresh_expires_at if tok is not None and tok.refresh_token is not None else None
+        return {
+            "login_ends_in": round(deadline - now, 3) if deadline is not None else None,
+            "login_end_final": deadline is not None and self._session_capped,
+            "offline": tok is not None and tok.scope is not None and "offline_access" in tok.scope.split(),
+        }
 
     def _client_keys(self) -> Secret | assertions.Unknown | None:
         """The stored client key set, for ``status``; ``UNKNOWN`` when it cannot be read now."""

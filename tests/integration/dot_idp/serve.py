@@ -43,6 +43,8 @@ def seed() -> None:
             client_type=Application.CLIENT_CONFIDENTIAL,
             authorization_grant_type=grant,
             user=user,
+            # DOT_IDP_OIDC=1 (OpenID Connect on): ID tokens signed RS256 with the settings' key
+            algorithm=Application.RS256_ALGORITHM if os.environ.get("DOT_IDP_OIDC") == "1" else "",
         )
 
 

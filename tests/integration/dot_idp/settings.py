@@ -40,6 +40,20 @@ OAUTH2_PROVIDER = {
     "SCOPES": {"read": "Reading scope", "write": "Writing scope"},
 }
 
+if os.environ.get("DOT_IDP_OIDC") == "1":  # OpenID Connect on: ID tokens signed with a key made at start
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    _key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    OAUTH2_PROVIDER.update(
+        OIDC_ENABLED=True,
+        OIDC_RSA_PRIVATE_KEY=_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+        SCOPES={**OAUTH2_PROVIDER["SCOPES"], "openid": "OpenID Connect"},  # type: ignore[dict-item]
+        OIDC_ISS_ENDPOINT=os.environ["DOT_IDP_ISSUER"],
+    )
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -1,0 +1,1 @@
+"""What the people who run the host see: counters, metrics, the audit trail's events, the journal."""
