@@ -61,6 +61,7 @@ import select
 import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
+from operator import attrgetter
 from typing import Any
 
 import trio
@@ -440,20 +441,18 @@ class Server:
                 if c in idle:  # busy (look again an idle period on), or its task is still to close it
                     c.idle_since = now
                     idle.move_to_end(c)
-            while self._partial:
-                c = next(iter(self._partial))
-                if c.frame_started + limits.partial_frame_timeout > now:
-                    break
-                del self._partial[c]
-                log.info("closed a connection that left a frame unfinished for %.0f s", limits.partial_frame_timeout)
-                c.abort()
-            while self._blocked:
-                c = next(iter(self._blocked))
-                if c.blocked_since + limits.idle_timeout > now:
-                    break
-                del self._blocked[c]
-                log.info("closed a connection that has not read a reply for %.0f s", limits.idle_timeout)
-                c.abort()
+            stalled = (
+                (self._partial, attrgetter("frame_started"), limits.partial_frame_timeout, "left a frame unfinished"),
+                (self._blocked, attrgetter("blocked_since"), limits.idle_timeout, "has not read a reply"),
+            )
+            for queue, since, timeout, what in stalled:
+                while queue:
+                    c = next(iter(queue))
+                    if since(c) + timeout > now:
+                        break
+                    del queue[c]
+                    log.info("closed a connection that %s for %.0f s", what, timeout)
+                    c.abort()
 
     # ------------------------------------------------------------ stopping
 
