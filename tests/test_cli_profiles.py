@@ -287,6 +287,24 @@ def test_a_waiting_device_login_shows_the_time_left_on_a_terminal(tmp_path: Path
                 seen += os.read(master, 4096)
         finally:
             login.send_signal(signal.SIGINT)
-            assert login.wait(20) == 130
-            os.close(master)
+            try:
+                assert login.wait(20) == 130
+            except subprocess.TimeoutExpired:  # say where each thread was, for the next time
+                where = _threads(login.pid)
+                login.kill()
+                raise AssertionError(f"Ctrl-C did not end the login: {where}; seen {seen!r}") from None
+            finally:
+                os.close(master)
     assert re.search(rb"\r  \d+m\d\ds left to log in \(Ctrl-C cancels\)", seen), seen
+
+
+def _threads(pid: int) -> list[tuple[str, str, str]]:
+    """Each thread of ``pid``: its wait channel, its blocked and its pending signals."""
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            wchan = f.read()
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            status = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+        found.append((wchan, status.get("SigBlk", "?"), status.get("SigPnd", "?")))
+    return found

@@ -232,19 +232,23 @@ class Countdown:
     def start(self, seconds: object) -> None:
         if not isinstance(seconds, int | float) or not seconds > 0 or not self.stream.isatty():
             return
+        import signal
         import threading
 
         self._stop = threading.Event()
         end = time.monotonic() + float(seconds)
         self._thread = threading.Thread(target=self._run, args=(end, self._stop), daemon=True)
-        self._thread.start()
+        # Ctrl-C and SIGTERM must reach the main thread: there they interrupt the read of the login
+        # stream. Taken by this thread instead, they waited until the broker next said something. The
+        # thread is born with them blocked (it inherits this mask), so there is no moment it could
+        # take one; one that arrives meanwhile is the main thread's when the mask is put back.
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
     def _run(self, end: float, stop: Any) -> None:
-        # Ctrl-C and SIGTERM must reach the main thread: there they interrupt the read of the login
-        # stream. Taken by this thread instead, they waited until the broker next said something.
-        import signal
-
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         while not stop.is_set():
             left = end - time.monotonic()
             if left <= 0:
