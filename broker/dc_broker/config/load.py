@@ -93,15 +93,18 @@ def _line_of(text: str, table: str, key: str | None) -> int | None:
     lines = text.splitlines()
     for i, line in enumerate(lines):
         if header.match(line):
-            if key is None:
-                return i + 1
-            for j in range(i + 1, len(lines)):
-                if lines[j].lstrip().startswith("["):
-                    break
-                if re.match(r"^\s*" + re.escape(key) + r"\s*=", lines[j]):
-                    return j + 1
-            return i + 1
+            return i + 1 if key is None else _key_line(lines, i, key)
     return None
+
+
+def _key_line(lines: list[str], header: int, key: str) -> int:
+    """Line number of ``key`` in the table whose header is ``lines[header]`` (else the header's)."""
+    for j in range(header + 1, len(lines)):
+        if lines[j].lstrip().startswith("["):
+            break
+        if re.match(r"^\s*" + re.escape(key) + r"\s*=", lines[j]):
+            return j + 1
+    return header + 1
 
 
 def _type_problem(value: object, expected: type | tuple[type, ...]) -> bool:
@@ -178,14 +181,8 @@ def _sink_line(text: str, profile: str, index: int, key: str) -> int | None:
     for i, line in enumerate(lines):
         if header.match(line):
             seen += 1
-            if seen != index:
-                continue
-            for j in range(i + 1, len(lines)):
-                if lines[j].lstrip().startswith("["):
-                    break
-                if re.match(r"^\s*" + re.escape(key) + r"\s*=", lines[j]):
-                    return j + 1
-            return i + 1
+            if seen == index:
+                return _key_line(lines, i, key)
     return None
 
 

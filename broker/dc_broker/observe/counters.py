@@ -58,26 +58,29 @@ REFUSAL_REASONS: Final = (
 ADMIN_OPS: Final = frozenset({"login", "logout", "set_secrets", "unlock", "lock", "reload"})
 
 
+#: an attempt's outcome -> its reason label: the first row whose class it is (subclasses before
+#: their parents: MaybeLocked is a CredentialsRejected, AnswerLost an UpstreamTransient); a lock is
+#: no failure (None)
+_REASON_OF: Final[tuple[tuple[type[BaseException], str | None], ...]] = (
+    (Locked, None),
+    (MaybeLocked, "maybe_locked"),
+    (IdpMisconfigured, "misconfigured"),
+    (LoginRequired, "login_required"),
+    (CredentialsRejected, "credential_wrong"),
+    (ConfigError, "credential_wrong"),
+    (AnswerLost, "answer_lost"),
+    (UpstreamTransient, "unreachable"),
+    (UpstreamGarbage, "garbage"),
+    (OAuthError, "idp_error"),
+    (UpstreamFault, "idp_error"),
+)
+
+
 def failure_reason(outcome: BaseException) -> str | None:
     """The reason label for an attempt that ended with ``outcome``; None for a lock (not a failure)."""
-    if isinstance(outcome, Locked):
-        return None
-    if isinstance(outcome, MaybeLocked):
-        return "maybe_locked"
-    if isinstance(outcome, IdpMisconfigured):
-        return "misconfigured"
-    if isinstance(outcome, LoginRequired):
-        return "login_required"
-    if isinstance(outcome, CredentialsRejected | ConfigError):
-        return "credential_wrong"
-    if isinstance(outcome, AnswerLost):
-        return "answer_lost"
-    if isinstance(outcome, UpstreamTransient):
-        return "unreachable"
-    if isinstance(outcome, UpstreamGarbage):
-        return "garbage"
-    if isinstance(outcome, OAuthError | UpstreamFault):
-        return "idp_error"
+    for kind, reason in _REASON_OF:
+        if isinstance(outcome, kind):
+            return reason
     return "upstream"
 
 

@@ -30,8 +30,8 @@ costs the daemon about 70 ms of start-up otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
@@ -93,36 +93,24 @@ class BrokerCollector(Collector):
         yield ends
         yield state
 
-        attempts = CounterMetricFamily(
-            "dc_broker_refresh_attempts", "Attempts at the identity provider for a token.", labels=["profile"]
+        per_profile: tuple[tuple[str, str, list[str], Mapping[Any, int]], ...] = (
+            ("dc_broker_refresh_attempts", "Attempts at the identity provider for a token.", [], counts.attempts),
+            ("dc_broker_refresh_failures", "Failed attempts for a token, by reason.", ["reason"], counts.failures),
+            (
+                "dc_broker_relogins",
+                "Logins the broker made itself with a stored password or client secret.",
+                ["grant"],
+                counts.relogins,
+            ),
+            (
+                "dc_broker_refresh_token_rotations",
+                "Refresh tokens the identity provider replaced.",
+                [],
+                counts.rotations,
+            ),
         )
-        for name, n in sorted(counts.attempts.items()):
-            if name in shown:
-                attempts.add_metric([name], n)
-        yield attempts
-        failures = CounterMetricFamily(
-            "dc_broker_refresh_failures", "Failed attempts for a token, by reason.", labels=["profile", "reason"]
-        )
-        for (name, reason), n in sorted(counts.failures.items()):
-            if name in shown:
-                failures.add_metric([name, reason], n)
-        yield failures
-        relogins = CounterMetricFamily(
-            "dc_broker_relogins",
-            "Logins the broker made itself with a stored password or client secret.",
-            labels=["profile", "grant"],
-        )
-        for (name, grant), n in sorted(counts.relogins.items()):
-            if name in shown:
-                relogins.add_metric([name, grant], n)
-        yield relogins
-        rotations = CounterMetricFamily(
-            "dc_broker_refresh_token_rotations", "Refresh tokens the identity provider replaced.", labels=["profile"]
-        )
-        for name, n in sorted(counts.rotations.items()):
-            if name in shown:
-                rotations.add_metric([name], n)
-        yield rotations
+        for family, help_text, labels, values in per_profile:
+            yield _shown_counter(family, help_text, labels, values, shown)
         latency = HistogramMetricFamily(
             "dc_broker_idp_request_duration_seconds",
             "Identity provider request latency.",
@@ -167,3 +155,16 @@ def exposition(sessions: Sessions, names: Iterable[str], *, connections: int, sy
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BrokerCollector(sessions, names, connections=connections, system=system, started_at=started_at))
     return generate_latest(registry)
+
+
+def _shown_counter(
+    name: str, help_text: str, labels: list[str], values: Mapping[Any, int], shown: Collection[str]
+) -> CounterMetricFamily:
+    """A counter family labelled ``profile`` (then ``labels``) from ``values`` (keyed by profile name,
+    or by a tuple that starts with it), with only the profiles in ``shown``."""
+    family = CounterMetricFamily(name, help_text, labels=["profile", *labels])
+    for key, n in sorted(values.items()):
+        row = key if isinstance(key, tuple) else (key,)
+        if row[0] in shown:
+            family.add_metric(list(row), n)
+    return family

@@ -45,7 +45,7 @@ from dc_broker.sessions.registry import ScopeNotKnownYet, Sessions
 from dc_broker.sessions.session import Session
 from dc_broker.sinks import TokenFiles
 from dc_broker.store import MemoryStore, SecretStore
-from dc_broker.tokens import TokenSet
+from dc_broker.tokens import Credentials, TokenSet
 from dc_broker.vault.records import unlock_delay
 from dc_token.errors import BadRequest, ConfigInvalid, Forbidden, UpstreamError, UpstreamUnavailable
 from dc_token.protocol import OPS, PROTOCOL_VERSION, OpArgs, TokenArgs
@@ -519,16 +519,23 @@ def _store_secrets(state: BrokerState, session: Session, fields: dict[str, Secre
     return {"profile": session.profile.name, "stored": sorted(fields), "verified": False}
 
 
-async def _set_secrets_checked(state: BrokerState, session: Session, fields: dict[str, Secret]) -> Result:
+def _probe(state: BrokerState, session: Session, credentials: Credentials) -> Session:
+    """A throwaway session of ``session``'s profile holding ``credentials``: it asks the IdP whether
+    they work without touching the stored ones (its attempts count in the broker's metrics)."""
     name = session.profile.name
-    candidate = dataclasses.replace(state.sessions.store.credentials(name), **fields)
-    probe = Session(
+    return Session(
         session.profile,
-        MemoryStore({name: candidate}),
+        MemoryStore({name: credentials}),
         state.sessions.idp,
         clock=state.clock,
         counts=state.sessions.counts,
     )
+
+
+async def _set_secrets_checked(state: BrokerState, session: Session, fields: dict[str, Secret]) -> Result:
+    name = session.profile.name
+    candidate = dataclasses.replace(state.sessions.store.credentials(name), **fields)
+    probe = _probe(state, session, candidate)
     try:
         await probe.verify()
     except UpstreamFault as exc:
@@ -541,12 +548,7 @@ async def _check_client(state: BrokerState, session: Session) -> Result:
     """``verify`` with nothing new (`dc-broker keys PROFILE --check`): does the IdP accept the client
     as it authenticates now? If so the profile tries again at once (out of ``rejected``)."""
     name = session.profile.name
-    probe = Session(
-        session.profile,
-        MemoryStore({name: state.sessions.store.credentials(name)}),
-        state.sessions.idp,
-        counts=state.sessions.counts,
-    )
+    probe = _probe(state, session, state.sessions.store.credentials(name))
     try:
         await probe.check_client()
     except UpstreamFault as exc:
@@ -563,13 +565,7 @@ async def _set_keys(state: BrokerState, session: Session, new_key: str | None, a
     store = state.sessions.store
     current = store.credentials(name)
     if activate and verify:
-        probe = Session(
-            session.profile,
-            MemoryStore({name: current}),
-            state.sessions.idp,
-            clock=state.clock,
-            counts=state.sessions.counts,
-        )
+        probe = _probe(state, session, current)
         try:
             await probe.check_client(next_key=True)
         except UpstreamFault as exc:
