@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, settings
@@ -474,4 +475,36 @@ SessionModel.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-TestSessionModel = SessionModel.TestCase
+TestSessionModel = pytest.mark.slow(SessionModel.TestCase)
+
+
+def test_a_login_answered_after_a_long_hang_keeps_its_refresh_token_in_use() -> None:
+    """Found by the model under load (pytest-xdist): the first password login hangs at the IdP for
+    96 s; its refresh token's deadline counts from the send, 96 s early. The OP's refresh answers
+    bring no new refresh token (RFC 6749 section 6), so that deadline is carried over, and each
+    answer left the token less time to live than the one before: the session took that for the
+    IdP's SSO Session Max and sent the password while the refresh token lived on. An answer that
+    keeps the refresh token and its deadline says nothing about the SSO session."""
+    state = SessionModel()
+    try:
+        state.start(
+            rotate=False,
+            answer="none",
+            dead="invalid_grant",
+            send_expires_in=False,
+            send_refresh_expires_in=True,
+            refresh_scope="narrow",
+            access=60.0,
+            idle_factor=2.0,
+            sso_max=900.0,
+            seed=0,
+        )
+        state.idp_hangs()
+        state.advance(seconds=100.0)
+        state.idp_up()
+        state.advance(seconds=100.0)
+        state.no_password_while_a_refresh_token_lives()
+        state.a_valid_token_is_not_dropped_for_nothing()
+        state.no_refresh_token_used_twice()
+    finally:
+        state.teardown()

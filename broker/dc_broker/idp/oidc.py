@@ -477,7 +477,9 @@ def expiry(expires_in: object, access_token: str, now: float, wall: float | None
 @dataclass(frozen=True, slots=True)
 class Presented:
     """The refresh token a refresh grant presented, and its deadline: what an answer keeps when it
-    brings no new one (RFC 6749 section 6)."""
+    brings no new one (RFC 6749 section 6), with the deadline the answer says (``refresh_expires_in``:
+    the refresh token it leaves the client holds that long now; an OP whose idle timeout slides with
+    each use says so), else the one it had."""
 
     refresh_token: Secret
     refresh_expires_at: float | None
@@ -515,13 +517,13 @@ def parse_token_response(
     refresh_token = Secret(refresh) if isinstance(refresh, str) and refresh else None
     rexp = _number(data.get("refresh_expires_in"))
     said_deadline = rexp is not None
+    if refresh_token is None and presented is not None:  # RFC 6749 section 6: the presented one lives on
+        refresh_token = presented.refresh_token
     refresh_expires_at: float | None = None
     if refresh_token is not None and rexp is not None and rexp > 0:
         refresh_expires_at = now + lifetime(rexp)
-    if presented is not None and (
-        refresh_token is None or (refresh_token == presented.refresh_token and not said_deadline)
-    ):
-        refresh_token, refresh_expires_at = presented.refresh_token, presented.refresh_expires_at
+    if presented is not None and refresh_token == presented.refresh_token and not said_deadline:
+        refresh_expires_at = presented.refresh_expires_at  # nothing said about it: its deadline holds
     scope = data.get("scope")
     id_token = data.get("id_token")
     return TokenSet(

@@ -732,12 +732,21 @@ class Session:
             self._refresh_life = None
         # At SSO Session Max the IdP grants refresh tokens with ever shorter lives (max - elapsed);
         # below Max their life is the idle timeout, the same every time. (Comparing deadlines
-        # instead misfires when a scope narrowing has just pushed the deadline.)
-        life = None if tokens.refresh_expires_at is None else tokens.refresh_expires_at - tokens.obtained_at
-        self._session_capped = life is not None and self._refresh_life is not None and life < self._refresh_life - 2.0
-        if not self._session_capped:
-            self._refresh_life = life
+        # instead misfires when a scope narrowing has just pushed the deadline.) An answer that kept
+        # the refresh token and its deadline (RFC 6749 section 6) says nothing about either.
         old = self.token
+        if not (
+            old is not None
+            and tokens.refresh_token is not None
+            and tokens.refresh_token == old.refresh_token
+            and tokens.refresh_expires_at == old.refresh_expires_at
+        ):
+            life = None if tokens.refresh_expires_at is None else tokens.refresh_expires_at - tokens.obtained_at
+            self._session_capped = (
+                life is not None and self._refresh_life is not None and life < self._refresh_life - 2.0
+            )
+            if not self._session_capped:
+                self._refresh_life = life
         if (
             event is Event.GRANTED
             and old is not None
