@@ -70,7 +70,7 @@ def make_user_site() -> str:
 def as_user(user: str, site: str, program: str, *args: str) -> list[str]:
     """The argv that runs ``program`` (``dc-broker`` or ``dc-token``) from ``site`` as ``user``
     (with its groups), through setpriv."""
-    main = {"dc-broker": "dc_broker.cli", "dc-token": "dc_token.cli"}[program]
+    main = {"dc-broker": "dc_broker.cli", "dc-token": "dc_token.quick"}[program]  # as the launcher runs it
     code = f"import sys; sys.path.insert(0, {site!r}); sys.argv[0] = {program!r}; from {main} import main; sys.exit(main())"
     return ["setpriv", "--reuid", user, "--regid", user, "--init-groups", PYTHON, "-c", code, *args]
 

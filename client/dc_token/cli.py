@@ -19,6 +19,7 @@ import time
 
 from dc_token.errorbase import BrokerTimeout, BrokerUnavailable, DcBrokerError
 from dc_token.protocol import MAX_MIN_TTL, NEED_DATA, min_ttl_problem
+from dc_token.quick import TIMEOUT
 
 # dc-token imports this module on every run: typing, collections.abc and even __future__ cost it
 # start-up time, so the annotations that name them are strings (no `from __future__ import annotations`)
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from dc_token.cache import Token
+    from dc_token.quick import Handover
 
 PROG = "dc-token"
 USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--id-token | --scope SCOPE]
@@ -36,8 +38,6 @@ USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--id-
                     [--socket PATH] -- COMMAND [ARG...]
        {PROG} git-credential [--profile NAME] [--username NAME] [--min-ttl SECONDS] [--socket PATH] get|store|erase"""
 
-#: how long dc-token waits for the broker's answer
-TIMEOUT = 60.0
 #: kubectl's ExecCredential expires this long before the token does, so kubectl asks again in time
 EXEC_CREDENTIAL_MARGIN = 60.0
 #: env var `dc-token exec` puts the token in, unless --env says otherwise
@@ -184,6 +184,8 @@ class _Args:
         self.username: str | None = None
         self.command: list[str] = []
         self.operands: list[str] = []
+        #: the conversation ``dc_token.quick`` began and hands over (its reply was not a plain token)
+        self.handover: Handover | None = None
 
 
 #: per form: option -> (takes a value, how to apply it)
@@ -277,10 +279,14 @@ def parse(argv: "Sequence[str]") -> "_Args":
     return args
 
 
-def ask(socket_path: str | None, op: str, args: "dict[str, Any]") -> "dict[str, Any]":
+def ask(
+    socket_path: str | None, op: str, args: "dict[str, Any]", handover: "Handover | None" = None
+) -> "dict[str, Any]":
     """One request on a connection of its own, and its result: dc-token's driver over
     ``ClientConnection`` (``TokenClient``'s errors: ``BrokerUnavailable`` naming what to do,
-    ``BrokerTimeout`` after ``TIMEOUT`` s, an error reply as its ``BrokerError``)."""
+    ``BrokerTimeout`` after ``TIMEOUT`` s, an error reply as its ``BrokerError``). ``handover``:
+    this very request was already sent by ``dc_token.quick`` on that connection, and this is what
+    came back (the same bytes: tests/test_quick.py); carry on from there."""
     import _socket
 
     from dc_token.connection import ClientConnection, Closed, End, Failed
@@ -289,14 +295,22 @@ def ask(socket_path: str | None, op: str, args: "dict[str, Any]") -> "dict[str, 
 
     where = socket_path or default_socket_path()
     conn = ClientConnection(minipack_codec())
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) if handover is None else handover[0]
     try:
-        sock.settimeout(TIMEOUT)
-        try:
-            sock.connect(where)
-        except OSError as exc:
-            raise unreachable(where, exc) from None
-        sock.sendall(conn.send_request(op, args)[1])
+        if handover is None:
+            sock.settimeout(TIMEOUT)
+            try:
+                sock.connect(where)
+            except OSError as exc:
+                raise unreachable(where, exc) from None
+            sock.sendall(conn.send_request(op, args)[1])
+        else:
+            conn.send_request(op, args)  # request 1, as quick sent it
+            _, received, stopped = handover
+            if received:
+                conn.receive_data(received)
+            if stopped is not None:  # quick's reading failed before a whole reply came
+                raise stopped
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -320,7 +334,8 @@ def ask(socket_path: str | None, op: str, args: "dict[str, Any]") -> "dict[str, 
 def _token(args: "_Args", min_ttl: float) -> "Token":
     from dc_token.cache import Token, token_args
 
-    return Token.from_result(ask(args.socket, "token", token_args(args.profile, min_ttl, args.scope)), args.profile)
+    result = ask(args.socket, "token", token_args(args.profile, min_ttl, args.scope), args.handover)
+    return Token.from_result(result, args.profile)
 
 
 def _check_scope(asked: str, granted: "str | None", profile: str) -> None:
@@ -562,7 +577,9 @@ def _complete_profiles(argv: list[str]) -> int:
 _RUN: "dict[str, Callable[[_Args], int]]" = {"token": _print_token, "exec": _exec, "git": _git_credential}
 
 
-def main(argv: "Sequence[str] | None" = None) -> int:
+def main(argv: "Sequence[str] | None" = None, handover: "Handover | None" = None) -> int:
+    """dc-token's command line. ``handover``: the conversation ``dc_token.quick`` began for this
+    very command line (``dc-token PROFILE``) and leaves to the full path."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
         head = argv[: argv.index("--")] if "--" in argv else argv
@@ -581,6 +598,7 @@ def main(argv: "Sequence[str] | None" = None) -> int:
     except _Usage as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
         return 2
+    args.handover = handover
     try:
         return _RUN[args.form](args)
     except DcBrokerError as exc:

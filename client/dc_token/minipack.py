@@ -11,14 +11,13 @@ raw=False, strict_map_key=True)`` for every msgpack type but ext, which is refus
 ext types), as msgpack would refuse it through the ext hook the wire sets. tests/test_minipack.py
 checks both against msgpack itself, on any value (hypothesis).
 
-Pure: no I/O, no imports but ``dc_token.errorbase``. Bad input raises ``ValueError`` (trailing bytes,
+Pure: no I/O, no imports (``dc_token.errorbase`` only to refuse an ext type: dc-token's path to a
+token, ``dc_token.quick``, builds no class). Bad input raises ``ValueError`` (trailing bytes,
 a truncated body, a reserved byte, a key that is not a string) or ``RemoteProtocolError`` (an ext
 type); ``FrameDecoder`` turns every one of them into a ``RemoteProtocolError``.
 """
 
 import sys
-
-from dc_token.errorbase import RemoteProtocolError
 
 # dc-token imports this module on every run: typing, collections.abc and even __future__ cost it
 # start-up time, so the annotations that name them are strings (no `from __future__ import annotations`)
@@ -153,10 +152,16 @@ def _unpack(buf: bytes, pos: int, depth: int) -> tuple[object, int]:
             return _array(buf, pos, n, depth)
         if kind == "map":
             return _map(buf, pos, n, depth)
-        raise RemoteProtocolError("msgpack extension types are not allowed")  # ext 8/16/32
+        raise _no_ext()  # ext 8/16/32
     if 0xD4 <= tag <= 0xD8:
-        raise RemoteProtocolError("msgpack extension types are not allowed")  # fixext
+        raise _no_ext()  # fixext
     raise ValueError(f"reserved msgpack byte 0x{tag:02x}")
+
+
+def _no_ext() -> Exception:
+    from dc_token.errorbase import RemoteProtocolError
+
+    return RemoteProtocolError("msgpack extension types are not allowed")
 
 
 def _take(buf: bytes, pos: int, n: int) -> bytes:

@@ -33,10 +33,21 @@ Invariants
     * Every decoding failure is a ``RemoteProtocolError``; every encoding failure (our bug) is a
       ``LocalProtocolError``. Nothing here blocks or loops on its own.
     * Error codes are the closed set ``ErrorCode``; ``dc_token.errors`` maps each to one exception.
-    * The argument checks (``TokenArgs``, ``ARGS``, ``request_parts``) are the only definition of a
-      valid request; the broker's fast path calls them, it never re-states them.
+    * The argument checks (``TokenArgs``, ``ARGS``, ``request_parts``, and the value checks they
+      apply, in ``dc_token.contract``) are the only definition of a valid request; the broker's fast
+      path and dc-token's (``dc_token.quick``) call them, they never re-state them.
 """
 
+from dc_token.contract import (
+    _NUMBER,
+    HEADER_SIZE,
+    MAX_FRAME,
+    MAX_MIN_TTL,
+    PROTOCOL_VERSION,
+    min_ttl_problem,
+    profile_problem,
+    scope_problem,
+)
 from dc_token.errorbase import LocalProtocolError, RemoteProtocolError
 
 # dc-token imports this module on every run: typing, collections.abc and even __future__ cost it
@@ -75,9 +86,6 @@ __all__ = [
     "request_parts",
 ]
 
-PROTOCOL_VERSION: "Final" = 1
-MAX_FRAME: "Final" = 64 * 1024
-HEADER_SIZE: "Final" = 4
 _MAX_ID: "Final" = 2**63 - 1
 
 
@@ -203,58 +211,6 @@ class ErrorReply(_Message):
         if self.retry_after is not None:
             error["retry_after"] = float(self.retry_after)
         return {"id": self.id, "ok": False, "error": error}
-
-
-#: the largest ``min_ttl`` (seconds) a ``token`` / ``watch`` request may ask for
-MAX_MIN_TTL: "Final" = 86400.0
-
-
-def min_ttl_problem(value: object) -> str | None:
-    """The one check of a ``min_ttl`` (broker and dc-token both use it): what is wrong, or None.
-
-    A valid min_ttl larger than the broker can honour is not an error: the broker caps it at half
-    the token lifetime the IdP grants, and the ``token`` reply then carries ``min_ttl_shortfall``
-    (seconds the token falls short of the request), so the shortfall is never silent."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, _NUMBER)
-        or value != value  # NaN
-        or not 0 <= value <= MAX_MIN_TTL
-    ):
-        return f"must be a number of seconds between 0 and {MAX_MIN_TTL:g}"
-    return None
-
-
-_NUMBER: "Final" = (int, float)
-
-
-#: a profile name on the wire: a letter or digit, then letters, digits, '.', '_' or '-' (config.toml
-#: allows 64; the wire leaves room and refuses anything longer than this outright)
-MAX_PROFILE_NAME: "Final" = 128
-_NAME_FIRST: "Final" = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
-_NAME_CHARS: "Final" = _NAME_FIRST | frozenset("._-")
-#: RFC 6749 3.3 scope-token characters: %x21 / %x23-5B / %x5D-7E (tokens separated by one space)
-_SCOPE_CHARS: "Final" = frozenset(chr(c) for c in (0x21, *range(0x23, 0x5C), *range(0x5D, 0x7F)))
-MAX_SCOPE: "Final" = 1024
-
-
-def profile_problem(value: object) -> str | None:
-    """What is wrong with a ``profile`` argument, or None."""
-    if not isinstance(value, str) or not value:
-        return "must be a non-empty string"
-    if len(value) > MAX_PROFILE_NAME or value[0] not in _NAME_FIRST or not _NAME_CHARS.issuperset(value):
-        shown = value[:32] + "..." if len(value) > 32 else value
-        return f"{shown!r} is not a profile name (letters, digits, '.', '_' or '-'; at most {MAX_PROFILE_NAME})"
-    return None
-
-
-def scope_problem(value: object) -> str | None:
-    """What is wrong with a ``scope`` argument (space-separated RFC 6749 scope tokens), or None."""
-    if not isinstance(value, str) or len(value) > MAX_SCOPE:
-        return "must be space-separated OAuth scope tokens"
-    if any(not word or not _SCOPE_CHARS.issuperset(word) for word in value.split(" ")):
-        return "must be space-separated OAuth scope tokens"
-    return None
 
 
 def _bad_request(message: str) -> Exception:
