@@ -18,18 +18,21 @@ import sys
 import time
 
 from dc_token.errorbase import BrokerTimeout, BrokerUnavailable, DcBrokerError
+from dc_token.paths import ANSWER_TIMEOUT as TIMEOUT
 from dc_token.protocol import MAX_MIN_TTL, NEED_DATA, min_ttl_problem
-from dc_token.quick import TIMEOUT
 
 # dc-token imports this module on every run: typing, collections.abc and even __future__ cost it
 # start-up time, so the annotations that name them are strings (no `from __future__ import annotations`)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import _socket
     from collections.abc import Callable, Iterable, Sequence
     from typing import Any
 
     from dc_token.cache import Token
-    from dc_token.quick import Handover
+
+    #: what dc_token.quick hands over (its ``Handover``): the connection, what was read, what stopped it
+    Handover = tuple[_socket.socket, bytes, BaseException | None]
 
 PROG = "dc-token"
 USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--id-token | --scope SCOPE]

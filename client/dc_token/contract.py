@@ -17,6 +17,7 @@ __all__ = [
     "MAX_MIN_TTL",
     "MAX_PROFILE_NAME",
     "MAX_SCOPE",
+    "NUMBER",
     "PROTOCOL_VERSION",
     "min_ttl_problem",
     "profile_problem",
@@ -28,7 +29,8 @@ PROTOCOL_VERSION: "Final" = 1
 MAX_FRAME: "Final" = 64 * 1024
 HEADER_SIZE: "Final" = 4
 
-_NUMBER: "Final" = (int, float)
+#: the types a number on the wire may have (never a bool, though bool is an int)
+NUMBER: "Final" = (int, float)
 
 #: the largest ``min_ttl`` (seconds) a ``token`` / ``watch`` request may ask for
 MAX_MIN_TTL: "Final" = 86400.0
@@ -42,7 +44,7 @@ def min_ttl_problem(value: object) -> str | None:
     (seconds the token falls short of the request), so the shortfall is never silent."""
     if (
         isinstance(value, bool)
-        or not isinstance(value, _NUMBER)
+        or not isinstance(value, NUMBER)
         or value != value  # NaN
         or not 0 <= value <= MAX_MIN_TTL
     ):

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 SOCKET_ENV = "DC_BROKER_SOCKET"
 SOCKET_NAME = "broker.sock"
 SYSTEM_SOCKET = "/run/dc-broker/broker.sock"
+#: how long dc-token waits for the broker's answer (its quick path and its full path alike)
+ANSWER_TIMEOUT = 60.0
 
 
 def default_socket_path(environ: "Mapping[str, str] | None" = None) -> str:

@@ -39,10 +39,10 @@ Invariants
 """
 
 from dc_token.contract import (
-    _NUMBER,
     HEADER_SIZE,
     MAX_FRAME,
     MAX_MIN_TTL,
+    NUMBER,
     PROTOCOL_VERSION,
     min_ttl_problem,
     profile_problem,
@@ -602,7 +602,7 @@ def reply_from_wire(obj: "dict[str, Any]") -> "Reply | ErrorReply":
         if not isinstance(message, str):
             message = f"broker error {raw_code!r}"
         retry_after = err.get("retry_after")
-        if not isinstance(retry_after, _NUMBER) or isinstance(retry_after, bool):
+        if not isinstance(retry_after, NUMBER) or isinstance(retry_after, bool):
             retry_after = None
         return ErrorReply(rid, code, message, None if retry_after is None else float(retry_after))
     raise RemoteProtocolError("reply needs 'ok' true or false")

@@ -20,6 +20,8 @@ import sys
 import time
 
 from dc_token.contract import HEADER_SIZE, MAX_FRAME, PROTOCOL_VERSION, profile_problem
+from dc_token.paths import ANSWER_TIMEOUT as TIMEOUT
+from dc_token.paths import default_socket_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -29,8 +31,6 @@ if TYPE_CHECKING:
     #: the connection, the bytes read from it, and the exception that ended the reading (or None)
     Handover = tuple[_socket.socket, bytes, BaseException | None]
 
-#: how long dc-token waits for the broker's answer
-TIMEOUT = 60.0
 #: first words that make a command line one of dc-token's other forms (``dc_token.cli.parse``)
 FORMS = ("exec", "git-credential")
 
@@ -61,8 +61,6 @@ def ask_token(profile: str) -> "int | Handover | None":
     """Print the profile's token and return 0 (1 if stdout is gone), or what the full path needs to
     carry on: the conversation (``Handover``), or None when no connection was made."""
     import _socket
-
-    from dc_token.paths import default_socket_path
 
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
