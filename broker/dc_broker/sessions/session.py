@@ -137,6 +137,7 @@ class Session:
         "_crash_kinds",
         "_demanded",
         "_endpoints",
+        "_due",
         "_fingerprint",
         "_in_doubt",
         "_last_forced_at",
@@ -210,6 +211,8 @@ class Session:
         self.refreshes = 0
         self.idp_requests = 0
         self.schedule = Schedule()
+        #: ``next_attempt_at`` and the (schedule, policy) it was computed from (every token reply reads it)
+        self._due: tuple[Schedule, RefreshPolicy, float] | None = None
         #: bumped by everything that changes what this session is (see the module docstring)
         self.generation = 0
         #: the attempt at the IdP in flight, if any
@@ -306,8 +309,12 @@ class Session:
 
     @property
     def next_attempt_at(self) -> float:
-        """When the background task will next go to the IdP on its own (inf: not until a person acts)."""
-        return self.schedule.due_at(self.policy, demanded=False)
+        """When the background task will next go to the IdP on its own (inf: not until a person acts).
+        Computed once per schedule: both are immutable values, and every token reply reads it."""
+        due, schedule, p = self._due, self.schedule, self.policy
+        if due is None or due[0] is not schedule or due[1] is not p:
+            due = self._due = (schedule, p, schedule.due_at(p, demanded=False))
+        return due[2]
 
     @property
     def failures(self) -> int:
