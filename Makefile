@@ -28,8 +28,14 @@ typecheck: $(STAMP)
 test-packages:
 	bash .ci/packages
 
+# in parallel worker processes (most tests wait on real processes and clocks, not on the CPU), one
+# file per worker at a time (pytest 9 ignores xdist_group: --dist loadgroup would split a file's
+# module fixtures, a booted container among them), then the few tests that assert a latency bound
+# (marker `alone`) with nothing beside them
+JOBS ?= 4
 unit: $(STAMP) test-packages
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder -m "not alone"
+	$(BIN)/python -m pytest -q -m alone
 
 # the wheel as a user installs it (also part of `make unit`: tests/test_install.py, marker `install`)
 install-test: $(STAMP)

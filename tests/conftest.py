@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import random
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,6 +32,13 @@ from tests.e2e import dev_idp
 
 WALL0 = 1_750_000_000.0
 
+# A suite started in the background of a non-interactive shell (`make test &`, a CI runner's job
+# control) inherits SIGINT ignored, and so would every process the tests start: a Ctrl-C test's
+# SIGINT would then be lost (an ignored signal stays ignored across exec, and Python installs its
+# handler only where SIGINT is not ignored). The tests' processes get SIGINT as a terminal gives it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
@@ -40,6 +48,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"CI=true: this test must run in CI, but it skipped: {reason}"
+
+
+#: markers of tests that take long: their files are started first when the suite runs in parallel
+#: (``make test``: pytest-xdist, ``--dist loadfile --no-loadscope-reorder``, one file per worker at a
+#: time), so that the run does not end waiting on one of them
+LONG = ("slow", "systemd", "install")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files with a long test first, each file's tests in their own order."""
+    long_files = {item.path for item in items if any(item.get_closest_marker(m) for m in LONG)}
+    items.sort(key=lambda item: item.path not in long_files)
 
 
 IDP_URL = "http://127.0.0.1:1"  # never dialled: requests go straight into the ASGI app

@@ -71,6 +71,7 @@ class Callers:
         self._thread.join(60)
 
 
+@pytest.mark.slow
 def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
     home: dict[str, str], tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ from tests.crash_daemon import run_crash_loop
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.slow
 def test_kill_9_while_rotating_loses_no_login() -> None:
     """After every kill the broker's stored access token has expired before dc-token asks, so each
     answer is a new token got with the stored (rotated) refresh token: 12 kills, 12 rotations kept."""

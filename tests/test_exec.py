@@ -71,6 +71,7 @@ print(f"{len(set(updates))} updates, {checks} checks, {calls} API calls, path {p
 """
 
 
+@pytest.mark.slow
 def test_token_file_and_signal_keep_a_child_valid_across_refreshes(dev) -> None:
     sock, base, _ = dev
     argv = [DC_TOKEN, "exec", "demo", "--token-file", "--signal", "HUP", "--", sys.executable, "-c", HUP_CHILD]
@@ -96,6 +97,7 @@ time.sleep(60)  # a long-running command: it only ends when dc-token restarts or
 """
 
 
+@pytest.mark.slow
 def test_restart_starts_the_command_again_with_each_new_token(dev, tmp_path: Path) -> None:
     sock, _, _ = dev
     log = tmp_path / "starts"

@@ -228,6 +228,7 @@ def test_vault_locked(tmp_path: Path) -> None:
             )
 
 
+@pytest.mark.slow
 def test_a_login_that_ends_within_min_ttl(home: Home) -> None:
     """A device login at an IdP whose SSO Session Max is 26 s (idle 20 s, tokens of 4 s): once a
     refresh no longer moves its deadline (the session sees its refresh tokens' lives shrink), the end

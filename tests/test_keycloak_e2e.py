@@ -41,6 +41,7 @@ def scope_of(token: str) -> set[str]:
     return set(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["scope"].split())
 
 
+@pytest.mark.slow
 def test_a_locked_out_user_recovers_by_itself_once_the_lock_lifts(tmp_path: Path) -> None:
     """Brute-force detection on: a wrong password elsewhere locks user demo for 60 s, and Keycloak
     answers even the right password 'Invalid user credentials' meanwhile. The broker, whose stored

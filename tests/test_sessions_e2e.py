@@ -55,6 +55,7 @@ def profiles(base: str, *names: str, extra: str = "") -> str:
     )
 
 
+@pytest.mark.slow
 def test_a_device_login_survives_twenty_refreshes_of_an_op_that_never_rotates(tmp_path: Path) -> None:
     """RFC 6749 section 6: the OP answers every refresh without a refresh token (LemonLDAP::NG, Google);
     the broker keeps the one it has, so a person's login outlives 20 access tokens, and the password
@@ -99,6 +100,7 @@ CHANGES: dict[str, list[tuple[list[str], str]]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_a_change_fired_during_a_slow_refresh_leaves_the_broker_serving(
     home: dict[str, str], tmp_path: Path, change: str
@@ -138,6 +140,7 @@ def test_a_change_fired_during_a_slow_refresh_leaves_the_broker_serving(
         assert idp_stats(base)["refresh_reuse"] == 0
 
 
+@pytest.mark.slow
 def test_a_30_second_stall_of_a_rotating_idp_costs_no_session(tmp_path: Path) -> None:
     """The IdP stops dead (SIGSTOP) while refreshes are in flight and resumes 30 s later: every
     refresh it then answers is read (no answer walked away from, no refresh token presented twice),

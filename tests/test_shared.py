@@ -14,6 +14,7 @@ stop another, a refused uid reads ``forbidden``, and a failed chown leaves no so
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
 import hashlib
 import os
@@ -75,22 +76,33 @@ print(buf.hex())
 """
 
 
+@contextlib.contextmanager
+def _accounts_lock() -> Iterator[None]:
+    """One test process at a time changes users and groups (the suite runs in parallel processes:
+    two useradd or usermod at once, one fails on /etc/passwd's lock)."""
+    with open(os.path.join(tempfile.gettempdir(), "dc-broker-tests-accounts.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_group(name: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        subprocess.run(["groupadd", name], check=True)
-        return grp.getgrnam(name).gr_gid
+    with _accounts_lock():
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            subprocess.run(["groupadd", name], check=True)
+            return grp.getgrnam(name).gr_gid
 
 
 def ensure_user(name: str, groups: list[str]) -> int:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
-    if groups:
-        subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True)
-    return pwd.getpwnam(name).pw_uid
+    with _accounts_lock():
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+        if groups:
+            subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True)
+        return pwd.getpwnam(name).pw_uid
 
 
 @pytest.fixture(scope="module")

@@ -281,6 +281,7 @@ print(f"{len(seen) - 1} refreshes, {reads} reads, all complete and unexpired")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_reader_process_across_refreshes_of_a_real_broker(tmp_path: Path) -> None:
     # 4-second tokens, refreshed every ~3 s: 8 by default (about 25 s); DC_SINK_REFRESHES=100 for the

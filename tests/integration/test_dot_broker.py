@@ -140,6 +140,7 @@ async def test_client_credentials_renews_with_the_secret(dot_server: DotServer) 
         await accepted(dot_server, second)
 
 
+@pytest.mark.slow
 async def test_refresh_rotation_over_several_lifetimes(dot_server: DotServer) -> None:
     """Login, then >= 3 refresh-token grants, each with the refresh token DOT rotated in last time.
 

@@ -15,7 +15,8 @@ import pytest
 from tests.systemd import harness
 
 _outcomes: dict[str, int] = {}
-_marked: set[str] = set()
+_versions: set[str] = set()
+_lines: dict[str, None] = {}  # in the order seen
 
 
 def require_nspawn() -> None:
@@ -52,7 +53,9 @@ def machine(
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """A failed test in a container says which of the container's units failed, and how."""
+    """A failed test in a container says which of the container's units failed, and how. Every
+    report carries what the harness saw (booted systemd, figures) in ``user_properties``: under
+    pytest-xdist the summary is written by the controller, which sees only the reports."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
     machine = getattr(item, "funcargs", {}).get("machine")
@@ -61,15 +64,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(("failed units in the container", machine.describe_failures()))
         except Exception as exc:
             report.sections.append(("failed units in the container", f"could not ask: {exc}"))
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    _marked.update(item.nodeid for item in items if item.get_closest_marker("systemd"))
+    if item.get_closest_marker("systemd"):
+        report.user_properties.append(("systemd", (list(harness.booted_versions), list(harness.report))))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.nodeid not in _marked:
+    seen = [value for key, value in report.user_properties if key == "systemd"]
+    if not seen:
         return
+    versions, lines = seen[-1]
+    _versions.update(versions)
+    _lines.update(dict.fromkeys(lines))
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         key = "xfailed" if hasattr(report, "wasxfail") and report.outcome == "skipped" else report.outcome
         _outcomes[key] = _outcomes.get(key, 0) + 1
@@ -79,8 +84,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not _outcomes:
         return
     ran = sum(n for k, n in _outcomes.items() if k != "skipped")
-    versions = ", ".join(sorted(set(harness.booted_versions))) or "none booted"
+    versions = ", ".join(sorted(_versions)) or "none booted"
     detail = ", ".join(f"{n} {k}" for k, n in sorted(_outcomes.items()))
-    for line in harness.report:
+    for line in _lines:
         terminalreporter.write_line(line)
     terminalreporter.write_line(f"systemd tests: {ran} ran against a booted {versions} ({detail})")
