@@ -62,6 +62,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path not in long_files)
 
 
+#: what the real-systemd tests' reports carried (tests/systemd/conftest.py puts it in their
+#: ``user_properties``, so that it reaches pytest-xdist's controller, which writes the summary)
+_systemd_outcomes: dict[str, int] = {}
+_systemd_versions: set[str] = set()
+_systemd_lines: dict[str, None] = {}  # in the order seen
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    seen = [value for key, value in report.user_properties if key == "systemd"]
+    if not seen:
+        return
+    versions, lines = seen[-1]
+    _systemd_versions.update(versions)
+    _systemd_lines.update(dict.fromkeys(lines))
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        key = "xfailed" if hasattr(report, "wasxfail") and report.outcome == "skipped" else report.outcome
+        _systemd_outcomes[key] = _systemd_outcomes.get(key, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _systemd_outcomes:
+        return
+    ran = sum(n for k, n in _systemd_outcomes.items() if k != "skipped")
+    versions = ", ".join(sorted(_systemd_versions)) or "none booted"
+    detail = ", ".join(f"{n} {k}" for k, n in sorted(_systemd_outcomes.items()))
+    for line in _systemd_lines:
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"systemd tests: {ran} ran against a booted {versions} ({detail})")
+
+
 IDP_URL = "http://127.0.0.1:1"  # never dialled: requests go straight into the ASGI app
 
 

@@ -1,7 +1,8 @@
 """Fixtures of the real-systemd tests (marker ``systemd``; ``make systemd-test`` runs them alone).
 
-One wheelhouse per session, one booted container per test module (``machine``). The terminal summary
-says which systemd the tests ran against and how many of them ran.
+One wheelhouse per session, one booted container per test module (``machine``). Each report carries
+what the harness saw; tests/conftest.py's terminal summary says which systemd the tests ran against
+and how many of them ran.
 """
 
 from __future__ import annotations
@@ -13,10 +14,6 @@ from pathlib import Path
 import pytest
 
 from tests.systemd import harness
-
-_outcomes: dict[str, int] = {}
-_versions: set[str] = set()
-_lines: dict[str, None] = {}  # in the order seen
 
 
 def require_nspawn() -> None:
@@ -66,26 +63,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(("failed units in the container", f"could not ask: {exc}"))
     if item.get_closest_marker("systemd"):
         report.user_properties.append(("systemd", (list(harness.booted_versions), list(harness.report))))
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    seen = [value for key, value in report.user_properties if key == "systemd"]
-    if not seen:
-        return
-    versions, lines = seen[-1]
-    _versions.update(versions)
-    _lines.update(dict.fromkeys(lines))
-    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        key = "xfailed" if hasattr(report, "wasxfail") and report.outcome == "skipped" else report.outcome
-        _outcomes[key] = _outcomes.get(key, 0) + 1
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not _outcomes:
-        return
-    ran = sum(n for k, n in _outcomes.items() if k != "skipped")
-    versions = ", ".join(sorted(_versions)) or "none booted"
-    detail = ", ".join(f"{n} {k}" for k, n in sorted(_outcomes.items()))
-    for line in _lines:
-        terminalreporter.write_line(line)
-    terminalreporter.write_line(f"systemd tests: {ran} ran against a booted {versions} ({detail})")
