@@ -29,9 +29,9 @@ test-packages:
 	bash .ci/packages
 
 # in parallel worker processes (most tests wait on real processes and clocks, not on the CPU), one
-# file per worker at a time (pytest 9 ignores xdist_group: --dist loadgroup would split a file's
-# module fixtures, a booted container among them), then the few tests that assert a latency bound
-# (marker `alone`) with nothing beside them
+# file per worker at a time, so a file's module fixtures (a booted container among them) are set up
+# once (xdist_group groups nothing under pytest 9, so --dist loadgroup cannot do it), then the few
+# tests that assert a latency bound (marker `alone`) with nothing beside them
 JOBS ?= 4
 unit: $(STAMP) test-packages
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder -m "not alone"

@@ -222,6 +222,10 @@ def test_whatever_the_broker_answers_quick_and_the_full_path_say_the_same(
     same_words(broker, script, chunks, profile)
 
 
+def test_quick_knows_every_form_the_full_path_knows() -> None:
+    assert set(quick.FORMS) == set(cli.FORMS)
+
+
 @pytest.mark.parametrize(
     "argv", [["exec", "acme", "--", "true"], ["git-credential", "get"], ["acme", "--header"], ["--help"], ["a b"]]
 )

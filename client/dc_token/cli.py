@@ -41,6 +41,8 @@ USAGE = f"""usage: {PROG} PROFILE [--header | --json | --exec-credential] [--id-
                     [--socket PATH] -- COMMAND [ARG...]
        {PROG} git-credential [--profile NAME] [--username NAME] [--min-ttl SECONDS] [--socket PATH] get|store|erase"""
 
+#: a first word that makes the command line one of the other forms (dc_token.quick.FORMS: the same words)
+FORMS = {"exec": "exec", "git-credential": "git"}
 #: kubectl's ExecCredential expires this long before the token does, so kubectl asks again in time
 EXEC_CREDENTIAL_MARGIN = 60.0
 #: env var `dc-token exec` puts the token in, unless --env says otherwise
@@ -223,7 +225,7 @@ _OPTIONS: "dict[str, dict[str, tuple[bool, Callable[[_Args, str], None]]]]" = {
 def parse(argv: "Sequence[str]") -> "_Args":
     """Parse by hand. Raises _Usage for mistakes; --help is the caller's business."""
     argv = list(argv)
-    form = {"exec": "exec", "git-credential": "git"}.get(argv[0] if argv else "", "token")
+    form = FORMS.get(argv[0] if argv else "", "token")
     if form != "token":
         argv = argv[1:]
     args = _Args(form)

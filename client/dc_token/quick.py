@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     #: the connection, the bytes read from it, and the exception that ended the reading (or None)
     Handover = tuple[_socket.socket, bytes, BaseException | None]
 
-#: first words that make a command line one of dc-token's other forms (``dc_token.cli.parse``)
+#: first words that make a command line one of dc-token's other forms (``dc_token.cli.FORMS``; it
+#: cannot import this module: tests/test_quick.py holds the two equal)
 FORMS = ("exec", "git-credential")
 
 
