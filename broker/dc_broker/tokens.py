@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from dc_broker.secret import Secret
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class TokenSet:
     """What a token endpoint granted. Times are on the caller's clock (the one ``now`` came from)."""
 

@@ -106,25 +106,28 @@ Handler = Callable[[BrokerState, Caller, Args, float], "Result | Awaitable[Resul
 
 
 def token_result(session: Session, tok: TokenSet, now: float, min_ttl: float = 0.0) -> Result:
-    remaining = tok.expires_at - now
-    result = _token_fields(session, tok, now, remaining)
-    if min_ttl > remaining:  # capped at half the lifetime the IdP grants: said, never silent
-        result["min_ttl_shortfall"] = round(min_ttl - remaining, 3)
-    return result
-
-
-def _token_fields(session: Session, tok: TokenSet, now: float, remaining: float) -> Result:
-    return {
+    expires_in, expires_at, refresh_in = token_times(session, tok, now)
+    result = {
         "profile": session.profile.name,
         "token": tok.access_token.reveal(),
         "type": tok.token_type,
-        "expires_in": remaining,
-        "expires_at": time.time() + remaining,
+        "expires_in": expires_in,
+        "expires_at": expires_at,
         "scope": tok.scope,
-        # when the broker will replace this token: a client cache must not outlive it (some IdPs,
-        # Django OAuth Toolkit among them, revoke the old access token when they issue a new one)
-        "refresh_in": max(0.0, min(session.next_attempt_at - now, remaining)),
+        "refresh_in": refresh_in,
     }
+    if min_ttl > expires_in:  # capped at half the lifetime the IdP grants: said, never silent
+        result["min_ttl_shortfall"] = round(min_ttl - expires_in, 3)
+    return result
+
+
+def token_times(session: Session, tok: TokenSet, now: float) -> tuple[float, float, float]:
+    """A token reply's times at ``now``: ``expires_in``, ``expires_at`` (wall clock) and
+    ``refresh_in``, when the broker will replace the token (a client cache must not outlive it:
+    some IdPs, Django OAuth Toolkit among them, revoke the old access token when they issue a new
+    one). The one place they are computed (``dc_broker.serve.repeat`` writes them into its bytes)."""
+    remaining = tok.expires_at - now
+    return remaining, time.time() + remaining, max(0.0, min(session.next_attempt_at - now, remaining))
 
 
 def op_hello(state: BrokerState, caller: Caller, args: Args, now: float) -> Result:
