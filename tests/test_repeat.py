@@ -7,7 +7,8 @@ the full path would send at that moment; every request still counts (``ok``, the
 fails without it.
 
 Driven through ``_Connection.feed`` with an injected clock (the server's own framing and dispatch),
-beside a second connection that never repeats (one not kept: the full path every time).
+beside a second connection that never repeats (its every request is taken as its first: the full
+path every time).
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class Clock:
 
 
 class Broker:
-    """A server's state and two connections of one caller: ``kept`` (it has a task: it repeats) and
-    ``full`` (answered inline: the full path every time)."""
+    """A server's state and two connections of one caller: ``kept`` (it talked before: it repeats) and
+    ``full`` (each request taken as its first: the full path every time, ``full_feed``)."""
 
     def __init__(self, *, system: bool = False, allow: tuple[str, ...] = ()) -> None:
         self.clock = Clock()
@@ -82,8 +83,13 @@ class Broker:
         self.socks += [a, b]
         c = _Connection(self.server, a, Caller(os.getuid(), os.getgid(), os.getpid()), self.clock.now)
         self.server._activity[c] = None
-        c.tasked = kept
+        c.fed = kept
         return c
+
+    def full_feed(self, data: bytes, now: float) -> bytes:
+        self.full.fed = False
+        self.full.repeat = None
+        return self.full.feed(data, now)
 
     def give(self, token: str = "tok-" + "x" * 600, lifetime: float = 1800.0, **fields: Any) -> TokenSet:
         tok = TokenSet(Secret(token), self.clock.now, self.clock.now + lifetime, **fields)
@@ -143,7 +149,7 @@ def test_a_repeat_sends_the_full_paths_bytes(
         assert repeat is not None
         for rid, step in zip(rids * len(steps), sorted(steps) * len(rids), strict=True):
             b.clock.now = START + step * (tok.expires_at - START - min_ttl) * 0.999
-            full = b.full.feed(frame(rid, min_ttl=min_ttl), b.clock.now)
+            full = b.full_feed(frame(rid, min_ttl=min_ttl), b.clock.now)
             assert b.kept.repeat is repeat
             fast = repeat.answer(frame(rid, min_ttl=min_ttl)[4:], b.clock.now)
             assert fast == full
@@ -166,7 +172,7 @@ def test_a_token_whose_stand_in_is_found_twice_still_repeats_exactly(token: str,
         repeat = b.kept.repeat
         assert repeat is not None
         b.clock.now += 5
-        assert repeat.answer(frame(7)[4:], b.clock.now) == b.full.feed(frame(7), b.clock.now)
+        assert repeat.answer(frame(7)[4:], b.clock.now) == b.full_feed(frame(7), b.clock.now)
 
 
 def test_a_reply_near_the_frame_limit_does_not_repeat() -> None:
@@ -174,12 +180,12 @@ def test_a_reply_near_the_frame_limit_does_not_repeat() -> None:
     path answers with an error instead."""
     with broker() as b:
         b.give("t")
-        size = len(b.full.feed(frame(), b.clock.now)) - 4  # the reply's body with a one-byte id
+        size = len(b.full_feed(frame(), b.clock.now)) - 4  # the reply's body with a one-byte id
         b.give("t" * (MAX_FRAME - size - 2))  # (the token's header grows by 2 bytes too)
         reply = b.kept.feed(frame(), b.clock.now)
         assert MAX_FRAME - 8 < len(reply) - 4 <= MAX_FRAME
         assert b.kept.repeat is None
-        assert decode(b.full.feed(frame(2**40), b.clock.now))["error"]["code"] == "internal"
+        assert decode(b.full_feed(frame(2**40), b.clock.now))["error"]["code"] == "internal"
 
 
 def test_every_request_counts_on_the_repeat_as_on_the_full_path() -> None:
@@ -194,12 +200,14 @@ def test_every_request_counts_on_the_repeat_as_on_the_full_path() -> None:
         assert sum(b.state.audit._counts.values()) == 5
 
 
-def test_a_connection_answered_inline_makes_no_repeat() -> None:
+def test_a_connections_first_request_makes_no_repeat() -> None:
     """One request per connection (dc-token): making a Repeat would be work never used."""
     with broker() as b:
         b.give()
-        b.full.feed(frame(), b.clock.now)
+        b.full_feed(frame(), b.clock.now)
         assert b.full.repeat is None
+        b.full.feed(frame(2), b.clock.now)  # it talks again: it is kept
+        assert b.full.repeat is not None
 
 
 def test_ids_written_unlike_msgpack_would_go_the_full_path() -> None:

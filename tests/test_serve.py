@@ -108,7 +108,9 @@ async def test_one_request_per_connection_makes_no_task(tmp_path: Path) -> None:
         assert server.connections == 0
 
 
-async def test_a_connection_that_keeps_talking_gets_one_task_for_good(tmp_path: Path) -> None:
+async def test_a_connection_that_keeps_talking_is_served_without_a_task(tmp_path: Path) -> None:
+    """A client that keeps its connection (TokenClient, the proxy) is answered inline request after
+    request, the repeated ones from its ``Repeat``: no task, no trip through trio's scheduler each."""
     async with serving(tmp_path) as (path, server):
         spawns = Spawns()
         trio.lowlevel.add_instrument(spawns)
@@ -117,6 +119,32 @@ async def test_a_connection_that_keeps_talking_gets_one_task_for_good(tmp_path: 
             await client.connect(path)
             replies = [await ask(client, encode(Request(i, "token", {"profile": "p"}))) for i in range(1, 30)]
             assert [r["id"] for r in replies] == list(range(1, 30)) and all(r["ok"] for r in replies)
+            assert len({r["result"]["token"] for r in replies}) == 1  # type: ignore[index]
+            client.close()
+            await settled(server, 0)
+        finally:
+            trio.lowlevel.remove_instrument(spawns)
+        assert spawns.connection_tasks() == 0, spawns.names
+        assert server.counts.ok["token"] == 29
+
+
+async def test_a_kept_connection_gets_its_task_when_a_request_must_wait(tmp_path: Path) -> None:
+    """A request that waits (here a ``watch`` stream) gives the connection its task, for good; its
+    other requests go on being answered, by that task, beside the stream."""
+    async with serving(tmp_path) as (path, server):
+        spawns = Spawns()
+        trio.lowlevel.add_instrument(spawns)
+        try:
+            client = trio.socket.socket(socket.AF_UNIX)
+            await client.connect(path)
+            for i in range(1, 4):
+                assert (await ask(client, encode(Request(i, "token", {"profile": "p"}))))["ok"]
+            assert spawns.connection_tasks() == 0
+            streamed = await ask(client, encode(Request(4, "watch", {"profile": "p"})))
+            assert streamed["id"] == 4 and streamed["more"] is True
+            assert spawns.connection_tasks() == 1
+            for i in range(5, 8):
+                assert (await ask(client, encode(Request(i, "token", {"profile": "p"}))))["id"] == i
             client.close()
             await settled(server, 0)
         finally:
@@ -153,7 +181,12 @@ def test_a_connection_with_a_task_that_goes_idle_is_closed(broker: str) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(5)
     s.connect(broker)
-    for i in range(3):  # its second request gives it a task
+    first = encode(Request(0, "hello"))
+    s.sendall(first[:5])  # a frame sent in two parts gives the connection a task
+    time.sleep(0.2)
+    s.sendall(first[5:])
+    assert s.recv(65536)
+    for i in range(1, 3):
         s.sendall(encode(Request(i, "hello")))
         assert s.recv(65536)
     t0 = time.monotonic()

@@ -4,33 +4,35 @@ One code path for the decisions, two for the I/O
     Every frame goes through ``_Connection.feed`` (framing, ``dispatch``: the request's shape, the
     op's handler, the quotas, the reply) whoever reads it. What differs is who waits:
 
-    * **Inline, for the first request.** The accept loop answers the request that is already there
-      when it accepts (the common case: `dc-token` connects, sends one ``token`` request and waits)
-      and *parks* the connection: one task watches every parked connection through an epoll of the
-      server's own (level-triggered; one more fd in trio's loop). A parked connection that leaves
-      costs one ``recv`` and no task; one whose request arrives after the accept is answered by that
-      task, inline, and stays parked.
-    * **A task of its own**, for everything else: a connection that sends again after its first
-      request was answered (a client that keeps its connection: ``TokenClient``), or that has
-      something to wait for (a request a handler answers with an awaitable, a refresh, or a stream,
-      ``watch``; a frame begun but not finished; a reply the socket would not take at once; an error
-      reply to deliver before closing). Its requests that wait run as tasks in its nursery, so
-      pipelined requests and other connections never queue behind them; replies share the socket
-      whole frames at a time. It keeps its task until it closes.
+    * **Inline, while nothing has to wait.** The accept loop answers the request that is already
+      there when it accepts (the common case: `dc-token` connects, sends one ``token`` request and
+      waits) and *parks* the connection: one task watches every parked connection through an epoll
+      of the server's own (level-triggered, each connection registered once; one more fd in trio's
+      loop) and answers what a parked connection sends later, inline, one read per connection per
+      wake (at most ``EVENTS_PER_WAKE`` connections, then trio's scheduler runs the others). A
+      client that keeps its connection (``TokenClient``, the proxy) stays parked request after
+      request: no task, no trip through trio's scheduler and no epoll change per request, and many
+      connections' requests served per wake. One that leaves costs one ``recv``.
+    * **A task of its own**, once something has to wait: a request a handler answers with an
+      awaitable (a refresh) or a stream (``watch``), a frame begun but not finished, a reply the
+      socket would not take at once, an error reply to deliver before closing. Its requests that
+      wait run as tasks in its nursery, so pipelined requests and other connections never queue
+      behind them; replies share the socket whole frames at a time. It keeps its task until it
+      closes.
 
     Both read with a non-blocking ``recv`` (trio's SocketStream yields to the scheduler on every
     call, even with data ready), read the clock once per batch of frames (handlers get that
     ``now``), and write a reply with one non-blocking ``send`` when the socket takes it (no
     coroutine per reply); only a send that would block goes through the connection's writer turn.
 
-    **A request repeated on a kept connection** (``dc_broker.serve.repeat``): a connection with a
-    task keeps what the full path decided for its last ``token`` request, and the same request
-    again (byte for byte but its id, alone in its read) is answered from that while the session's
-    token, its profile and the request's ``min_ttl`` still hold: the reply's bytes with the id and
-    the times written in, and every request still counted and audited. Anything else, or anything
-    changed, goes the full path. (A persistent client's request touched a few hundred bytecodes of
-    decoding, checks and encoding; on a connection that sends the same request all day that was
-    most of the broker's work per request, and most of its cache misses.)
+    **A request repeated on a kept connection** (``dc_broker.serve.repeat``): a connection that has
+    talked before keeps what the full path decided for its last ``token`` request, and the same
+    request again (byte for byte but its id, alone in its read) is answered from that while the
+    session's token, its profile and the request's ``min_ttl`` still hold: the reply's bytes with
+    the id and the times written in, and every request still counted and audited. Anything else,
+    or anything changed, goes the full path. (A persistent client's request touched a few hundred
+    bytecodes of decoding, checks and encoding; on a connection that sends the same request all day
+    that was most of the broker's work per request, and most of its cache misses.)
 
 Deadlines: one task, no cancel scope per connection
     A frame begun must be complete within ``partial_frame_timeout`` of its first byte, a connection
@@ -126,7 +128,7 @@ _PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, er
 _WATCHED = select.EPOLLIN | select.EPOLLRDHUP
 _CODEC = msgpack_codec()
 
-# what a connection needs after a batch it was served inline (or the bytes its new task is to take)
+# what a connection needs after a batch it was served inline
 _PARK, _CLOSE, _TASK = "park", "close", "task"
 
 
@@ -376,10 +378,8 @@ class Server:
                 self._park(c)
             elif outcome is _CLOSE:
                 c.close()
-            elif outcome is _TASK:
+            else:
                 self._start(c)
-            else:  # it sends again: a client that keeps its connection gets a task (``outcome``: what it sent)
-                self._start(c, outcome)  # type: ignore[arg-type]
         except Exception:
             log.exception("connection handler failed; connection closed")
             c.close()
@@ -392,14 +392,13 @@ class Server:
             c.watched = True
             self._parked[c.fd] = c
 
-    def _start(self, c: _Connection, data: bytes | None = None) -> None:
-        """Give ``c`` a task of its own, for good (``data``: what was read for it already)."""
+    def _start(self, c: _Connection) -> None:
+        """Give ``c`` a task of its own, for good."""
         if c.watched:
             assert self._epoll is not None
             del self._parked[c.fd]
             self._epoll.unregister(c.fd)
             c.watched = False
-        c.unread = data
         assert self._nursery is not None
         c.tasked = True
         self._nursery.start_soon(c.run)
@@ -531,20 +530,19 @@ class _Connection:
         "counted",
         "decoder",
         "fd",
+        "fed",
         "frame_started",
         "idle_since",
         "in_flight",
         "nursery",
         "partial",
         "repeat",
-        "served",
         "server",
         "sock",
         "state",
         "tasked",
         "todo",
         "turn",
-        "unread",
         "unsent",
         "watched",
         "writing",
@@ -570,9 +568,8 @@ class _Connection:
         #: requests that wait (awaitables, streams) not yet given to the task, and bytes not yet written
         self.todo: list[_Pending] = []
         self.unsent: bytes | None = None
-        self.unread: bytes | None = None  # read before its task started, for the task to take
         self.counted = False  # in the per-uid quotas
-        self.served = False  # a batch of its requests was answered inline
+        self.fed = False  # a batch of its requests was taken (a later one is a client that keeps talking)
         self.watched = False  # parked: in the server's epoll and ``_parked``
         self.closed = False
         self.tasked = False  # it has a task (started or about to start)
@@ -607,10 +604,11 @@ class _Connection:
         continuing = self.partial and not frames
         first = b""
         more: list[bytes] | None = None
-        # the body of a request that came alone in this data, on a connection kept for more than one
-        # request (it has a task): what a ``Repeat`` is made from (a one-request connection, the
-        # common ``dc-token`` case, would pay for making one and never use it)
-        body = data[HEADER_SIZE:] if whole and self.tasked and len(frames) == 1 and error is None else None
+        # the body of a request that came alone in this data, on a connection that talked before: what
+        # a ``Repeat`` is made from (a one-request connection, the common ``dc-token`` case, would
+        # pay for making one and never use it)
+        body = data[HEADER_SIZE:] if whole and self.fed and len(frames) == 1 and error is None else None
+        self.fed = True
         for frame in frames:
             reply = self.dispatch(frame, now, body)
             if reply.__class__ is not bytes:
@@ -689,9 +687,9 @@ class _Connection:
             self.server.counts.failed_request(op, ErrorCode.INTERNAL.value)
             return _error_frame(rid, InternalError(f"op {op!r} failed inside the broker; see its log"))
 
-    def serve_ready(self) -> str | bytes:
+    def serve_ready(self) -> str:
         """Inline: read what is there, answer what can be answered now; what the connection needs next
-        (``_PARK``, ``_CLOSE``, ``_TASK``), or the bytes it sent again (its task is to take them)."""
+        (``_PARK``, ``_CLOSE``, ``_TASK``)."""
         try:
             data = self.sock.recv(RECEIVE_SIZE)
         except BlockingIOError:
@@ -702,9 +700,6 @@ class _Connection:
             raise
         if not data:
             return _CLOSE  # the peer left; one that went away mid-frame has nobody left to tell
-        if self.served:
-            return data  # it sends again: it gets a task, which takes this
-        self.served = True
         out = self.feed(data, self.state.clock())
         if out:
             try:
@@ -756,31 +751,28 @@ class _Connection:
             await self._send(unsent)
         if self.broken:
             return
-        unread, self.unread = self.unread, None
-        await self._read(nursery, unread)
+        await self._read(nursery)
 
-    async def _read(self, nursery: trio.Nursery, data: bytes | None) -> None:
-        """Read, answer, repeat. ``data``: a first batch already read for it."""
+    async def _read(self, nursery: trio.Nursery) -> None:
+        """Read, answer, repeat."""
         sock = self.sock
         recv = sock.recv
         clock = self.state.clock
         batches = 0
         while True:
-            if data is None:
-                try:
-                    data = recv(RECEIVE_SIZE)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
-                    batches = 0
-                    continue
-                except OSError as exc:
-                    if exc.errno in _PEER_GONE_ERRNOS:
-                        return
-                    raise
-                if not data:
+            try:
+                data = recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                batches = 0
+                continue
+            except OSError as exc:
+                if exc.errno in _PEER_GONE_ERRNOS:
                     return
+                raise
+            if not data:
+                return
             out = self.feed(data, clock())
-            data = None
             if self.todo:
                 self._start_todo(nursery)
             if out:
