@@ -6,17 +6,22 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import httpx
 import pytest
 import trio
 
-from dc_token import cli
+from dc_token import cli, sync
+from dc_token.errors import BrokerTimeout
 from dc_token.httpx import RETRY_MIN_TTL, BrokerAuth, GetToken, Invalidate
-from dc_token.sync import CACHE_MARGIN, Token, TokenCache
+from dc_token.sync import CACHE_MARGIN, Token, TokenCache, TokenClient
 
 
 def tok(value: str = "t1", profile: str = "acme", expires_at: float = 2e9) -> Token:
@@ -273,3 +278,65 @@ def test_async_auth_flow(run, accept: set[str], status: int, calls: int) -> None
 )
 def test_dumps_is_json_dumps(doc: dict[str, object]) -> None:
     assert cli.dumps(doc) == json.dumps(doc)
+
+
+# ---------------------------------------------------------------- TokenClient's timeout
+
+
+@pytest.fixture
+def silent_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A socket that accepts and reads, and never answers."""
+    path = str(tmp_path_factory.mktemp("silent") / "b.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield path
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def test_a_broker_that_does_not_answer_is_a_timeout_after_timeout(silent_broker: str) -> None:
+    """The timeout is the kernel's on a blocking socket (``sync.connect``): no poll before every
+    send and receive, and the same errors as Python's own timeout."""
+    client = TokenClient(silent_broker, timeout=0.3, cache=False)
+    raised: list[BaseException] = []
+
+    def within(call: Callable[[], object]) -> float:
+        """Seconds ``call`` took to raise (run in a thread: a timeout that never comes fails, not hangs)."""
+        raised.clear()
+        t0 = time.monotonic()
+
+        def run() -> None:
+            try:
+                call()
+            except BaseException as exc:  # handed to the test
+                raised.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "no timeout: the request waited on"
+        return time.monotonic() - t0
+
+    assert 0.25 < within(lambda: client.token("acme")) < 3
+    assert isinstance(raised[0], BrokerTimeout) and "did not answer within 0.3 s" in str(raised[0])
+    sock = sync.connect(silent_broker, 0.3)
+    assert sock.gettimeout() is None  # blocking: the kernel keeps the time
+    sock.close()
+    assert 0.25 < within(lambda: next(client.stream("login", profile="acme"))) < 3
+    assert isinstance(raised[0], TimeoutError)  # a stream's wait for its next reply, as before
+    client.close()
