@@ -7,6 +7,8 @@ server makes; a real `dc-broker run` where it times what the reaper closes."""
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 import subprocess
 import time
@@ -19,12 +21,13 @@ import pytest
 import trio
 import trio.testing
 
+from dc_broker.access.caller import Caller
 from dc_broker.config import Profile
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
 from dc_broker.serve.listen import bind_unix_socket
 from dc_broker.serve.ops import BrokerState
-from dc_broker.serve.server import Limits, Server
+from dc_broker.serve.server import BYTES_PER_WAKE, Limits, Server, _Connection
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
@@ -207,3 +210,39 @@ def test_a_client_that_does_not_read_its_replies_is_closed(broker: str) -> None:
     assert 0.9 < time.monotonic() - t0 < 10  # idle_timeout (1 s) after its replies stopped moving
     wait_for(lambda: connections_on(broker, accepted_only=True) == 0, 10, "the broker closing the connection")
     s.close()
+
+
+async def test_flooding_connections_do_not_hold_the_watcher_for_the_others_turns() -> None:
+    """One wake of the parked connections' watcher reads at most BYTES_PER_WAKE: three connections
+    that each sent a frame of 60 KB use it up, and the two that sent a small request are served at
+    the next wake (after trio has run the other tasks), both of them, not in the same one."""
+    profile = Profile(name="p", client_id="c", grant="client_credentials", token_url="http://127.0.0.1:9/token")
+    sessions = Sessions({"p": profile}, MemoryStore({"p": Credentials(client_secret=Secret("s"))}), IdpTransport())
+    server = Server(BrokerState(sessions=sessions, socket_path="/nonexistent/b.sock", clock=lambda: 1.0))
+    epoll = server._epoll = select.epoll()
+    peers = []
+    try:
+        for size in (60_000, 60_000, 60_000, 0, 0):
+            ours, theirs = socket.socketpair(socket.AF_UNIX)
+            peers.append(theirs)
+            c = _Connection(server, ours, Caller(os.getuid(), os.getgid(), os.getpid()), 1.0)
+            server._activity[c] = None
+            server.connections += 1
+            server._park(c)
+            theirs.sendall(encode(Request(1, "hello", {"pad": "x" * size})))
+        assert 2 * 60_000 < BYTES_PER_WAKE < 3 * 60_000
+        assert server._serve_parked(epoll) == 3
+        for small in peers[3:]:
+            small.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                small.recv(65536)  # not answered in this wake
+        assert server._serve_parked(epoll) == 2
+        for peer in peers:
+            peer.setblocking(True)
+            assert peer.recv(65536)
+    finally:
+        for peer in peers:
+            peer.close()
+        for c in list(server._parked.values()):
+            c.close()
+        epoll.close()

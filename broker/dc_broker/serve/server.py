@@ -9,7 +9,8 @@ One code path for the decisions, two for the I/O
       waits) and *parks* the connection: one task watches every parked connection through an epoll
       of the server's own (level-triggered, each connection registered once; one more fd in trio's
       loop) and answers what a parked connection sends later, inline, one read per connection per
-      wake (at most ``EVENTS_PER_WAKE`` connections, then trio's scheduler runs the others). A
+      wake (at most ``EVENTS_PER_WAKE`` connections or ``BYTES_PER_WAKE`` read, then trio's
+      scheduler runs the other tasks). A
       client that keeps its connection (``TokenClient``, the proxy) stays parked request after
       request: no task, no trip through trio's scheduler and no epoll change per request, and many
       connections' requests served per wake. One that leaves costs one ``recv``.
@@ -120,6 +121,8 @@ REFUSE_READ_TIMEOUT = 1.0
 MAX_PATIENT_REFUSALS = 64
 #: parked connections served per wake of their watcher, and connections accepted between checkpoints
 EVENTS_PER_WAKE = 64
+#: bytes the parked connections' watcher reads per wake (past this it lets other tasks run first)
+BYTES_PER_WAKE = 2 * RECEIVE_SIZE
 ACCEPTS_PER_CHECKPOINT = 64
 #: batches of frames a connection's task reads back to back before it lets other tasks run
 BATCHES_PER_CHECKPOINT = 16
@@ -232,6 +235,8 @@ class Server:
         self._epoll: select.epoll | None = None
         #: parked connections (fd -> connection): no task, watched through ``_epoll``
         self._parked: dict[int, _Connection] = {}
+        #: bytes the parked connections' watcher may still read in this wake (``_serve_parked``)
+        self.wake_budget = BYTES_PER_WAKE
         #: every open connection, oldest first by ``idle_since``
         self._activity: OrderedDict[_Connection, None] = OrderedDict()
         #: connections with a frame begun, oldest first by ``frame_started``
@@ -404,14 +409,28 @@ class Server:
         self._nursery.start_soon(c.run)
 
     async def _watch_parked(self, epoll: select.epoll) -> None:
-        parked = self._parked
         fd = epoll.fileno()
         while True:
             await trio.lowlevel.wait_readable(fd)
-            for ready, _ in epoll.poll(0, EVENTS_PER_WAKE):
-                c = parked.get(ready)
-                if c is not None:
-                    self._serve_ready(c)
+            self._serve_parked(epoll)
+
+    def _serve_parked(self, epoll: select.epoll) -> int:
+        """One wake of the parked connections' watcher: serve those that have sent, one read each,
+        until ``EVENTS_PER_WAKE`` connections or ``BYTES_PER_WAKE`` read, whichever comes first (a
+        few flooding connections must not hold the loop for all the others' turns: the epoll is
+        level-triggered, so those left are reported again at the next wake, after trio has run
+        everything else). Returns how many were served."""
+        parked = self._parked
+        self.wake_budget = BYTES_PER_WAKE
+        served = 0
+        for ready, _ in epoll.poll(0, EVENTS_PER_WAKE):
+            c = parked.get(ready)
+            if c is not None:
+                self._serve_ready(c)
+                served += 1
+                if self.wake_budget <= 0:
+                    break
+        return served
 
     # ------------------------------------------------------------ deadlines
 
@@ -700,6 +719,7 @@ class _Connection:
             raise
         if not data:
             return _CLOSE  # the peer left; one that went away mid-frame has nobody left to tell
+        self.server.wake_budget -= len(data)
         out = self.feed(data, self.state.clock())
         if out:
             try:
