@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HEADER_SIZE",
     "MAX_FRAME",
+    "MAX_ID",
     "MAX_MIN_TTL",
     "MAX_PROFILE_NAME",
     "MAX_SCOPE",
@@ -28,6 +29,8 @@ PROTOCOL_VERSION: "Final" = 1
 #: a frame's body is at most this long (the 4-byte big-endian length header before it, ``HEADER_SIZE``)
 MAX_FRAME: "Final" = 64 * 1024
 HEADER_SIZE: "Final" = 4
+#: a request id is an int in 0..MAX_ID (msgpack's signed 64-bit range)
+MAX_ID: "Final" = 2**63 - 1
 
 #: the types a number on the wire may have (never a bool, though bool is an int)
 NUMBER: "Final" = (int, float)

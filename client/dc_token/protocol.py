@@ -41,6 +41,7 @@ Invariants
 from dc_token.contract import (
     HEADER_SIZE,
     MAX_FRAME,
+    MAX_ID,
     MAX_MIN_TTL,
     NUMBER,
     PROTOCOL_VERSION,
@@ -85,8 +86,6 @@ __all__ = [
     "request_from_wire",
     "request_parts",
 ]
-
-_MAX_ID: "Final" = 2**63 - 1
 
 
 def __getattr__(name: str) -> object:
@@ -145,7 +144,7 @@ class Request(_Message):
     v: int
 
     def __init__(self, id: int, op: str, args: "Mapping[str, Any] | None" = None, v: int = PROTOCOL_VERSION) -> None:
-        if type(id) is not int or not 0 <= id <= _MAX_ID:
+        if type(id) is not int or not 0 <= id <= MAX_ID:
             raise LocalProtocolError(f"request id must be an int in 0..2**63-1, not {id!r}")
         if not isinstance(op, str) or not 0 < len(op) <= 64:
             raise LocalProtocolError(f"op must be a non-empty string, not {op!r}")
@@ -548,7 +547,7 @@ def request_parts(obj: "dict[str, Any]") -> "tuple[int, str, dict[str, Any]]":
     """A decoded map's request id, op and arguments (a new map: every key but v, id and op), or
     RequestShapeError carrying the error to send back. The broker's path for every request."""
     rid = obj.get("id")
-    if type(rid) is not int or not 0 <= rid <= _MAX_ID:
+    if type(rid) is not int or not 0 <= rid <= MAX_ID:
         raise RequestShapeError(_shape_error(None, "bad_request", "request needs an integer 'id' in 0..2**63-1"))
     v = obj.get("v")
     if v != PROTOCOL_VERSION:

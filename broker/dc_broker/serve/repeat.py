@@ -35,6 +35,7 @@ from dc_broker.access.caller import Caller
 from dc_broker.serve.ops import BrokerState, token_times
 from dc_broker.sessions.session import Session
 from dc_broker.tokens import TokenSet
+from dc_token.contract import HEADER_SIZE, MAX_ID
 from dc_token.errors import LocalProtocolError
 from dc_token.protocol import MAX_FRAME, Codec, TokenArgs, reply_frame
 
@@ -48,7 +49,6 @@ _REPLY_HEAD = b"\x83\xa2id"
 #: msgpack's unsigned int formats (marker -> bytes after it, the smallest value that needs them):
 #: an id is copied into the reply only in the form msgpack itself writes (the smallest)
 _UINTS = {0xCC: (1, 0x80), 0xCD: (2, 0x100), 0xCE: (4, 0x10000), 0xCF: (8, 0x1_0000_0000)}
-_MAX_ID = 2**63 - 1
 #: the times of a token reply, in the order ``token_times`` returns them
 _TIMES = ("expires_in", "expires_at", "refresh_in")
 #: stand-ins for the times while the template is packed: three floats no reply would carry
@@ -76,7 +76,7 @@ def request_id(body: bytes) -> tuple[int, int] | None:
     if len(body) < end:
         return None
     value = int.from_bytes(body[_ID_AT + 1 : end], "big")
-    if value < smallest or value > _MAX_ID:
+    if value < smallest or value > MAX_ID:
         return None
     return _ID_AT, end
 
@@ -92,7 +92,6 @@ class Repeat:
         "_pieces",
         "caller",
         "head",
-        "name",
         "profile",
         "session",
         "state",
@@ -116,7 +115,6 @@ class Repeat:
         self.session = session
         self.tok = weakref.ref(tok)
         self.profile = session.profile
-        self.name = session.profile.name
         #: from this clock time on the token no longer has more than ``min_ttl`` left
         self.until = tok.expires_at - min_ttl
         #: the request body before its id (map header, ``v``, the ``id`` key) and after it
@@ -176,12 +174,12 @@ class Repeat:
         if body[:start] != self.head or body[end:] != self.tail:
             return None
         values = (*token_times(session, tok, now), tok.access_token.reveal().encode())
-        self.state.audit.record(self.name, self.caller)
+        self.state.audit.record(self.profile.name, self.caller)
         self.state.last_use = now
         p, f = self._pieces, self._fill
         rest = self._layout.pack(p[0], values[f[0]], p[1], values[f[1]], p[2], values[f[2]], p[3], values[f[3]], p[4])
         rid = body[start:end]
-        return (len(_REPLY_HEAD) + len(rid) + len(rest)).to_bytes(4, "big") + _REPLY_HEAD + rid + rest
+        return (len(_REPLY_HEAD) + len(rid) + len(rest)).to_bytes(HEADER_SIZE, "big") + _REPLY_HEAD + rid + rest
 
 
 def _template(probe: dict[str, Any], codec: Codec) -> tuple[list[bytes], tuple[int, ...], str] | None:
@@ -192,8 +190,8 @@ def _template(probe: dict[str, Any], codec: Codec) -> tuple[list[bytes], tuple[i
         frame = reply_frame(0, probe, False, codec)
     except LocalProtocolError:
         return None
-    start = 4 + len(_REPLY_HEAD) + 1  # the length, the head and the id (0)
-    if frame[4:start] != _REPLY_HEAD + b"\x00" or len(frame) - 4 + 8 > MAX_FRAME:
+    start = HEADER_SIZE + len(_REPLY_HEAD) + 1  # the length, the head and the id (0)
+    if frame[HEADER_SIZE:start] != _REPLY_HEAD + b"\x00" or len(frame) - HEADER_SIZE + 8 > MAX_FRAME:
         return None  # (8: the most an id adds)
     rest = frame[start:]
     stand_in = probe["token"].encode()

@@ -85,7 +85,7 @@ from dc_broker.observe.counters import ADMIN_OPS
 from dc_broker.observe.events import RefusalLog
 from dc_broker.serve.ops import HANDLERS, BrokerState
 from dc_broker.serve.repeat import REPEATABLE_OP, Repeat
-from dc_token.contract import HEADER_SIZE
+from dc_token.contract import HEADER_SIZE, MAX_ID
 from dc_token.errors import (
     BrokerError,
     DcBrokerError,
@@ -526,7 +526,7 @@ async def _refuse_patiently(conn: socket.socket, exc: BrokerError) -> None:
             frame = decoder.next_frame()
             if frame is not NEED_DATA:
                 candidate = frame.get("id")  # type: ignore[union-attr]
-                rid = candidate if type(candidate) is int and 0 <= candidate < 2**63 else None
+                rid = candidate if type(candidate) is int and 0 <= candidate <= MAX_ID else None
                 break
     await send_all(conn, _error_frame(rid, exc))
     with contextlib.suppress(OSError):
