@@ -38,10 +38,17 @@ TOKEN = encode(Request(1, "token", {"profile": "p", "min_ttl": 60}))
 
 
 class Spawns(trio.abc.Instrument):
-    """The names of the tasks spawned while it is installed."""
+    """The names of the tasks spawned while it is installed (``with Spawns() as spawns:``)."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
+
+    def __enter__(self) -> Spawns:
+        trio.lowlevel.add_instrument(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        trio.lowlevel.remove_instrument(self)
 
     def task_spawned(self, task: trio.lowlevel.Task) -> None:
         self.names.append(task.name)
@@ -93,9 +100,7 @@ async def settled(server: Server, connections: int) -> None:
 
 async def test_one_request_per_connection_makes_no_task(tmp_path: Path) -> None:
     async with serving(tmp_path) as (path, server):
-        spawns = Spawns()
-        trio.lowlevel.add_instrument(spawns)
-        try:
+        with Spawns() as spawns:
             for i in range(20):
                 client = trio.socket.socket(socket.AF_UNIX)
                 await client.connect(path)
@@ -105,8 +110,6 @@ async def test_one_request_per_connection_makes_no_task(tmp_path: Path) -> None:
                 assert reply["ok"] and str(reply["result"]["token"]).startswith("tok-")  # type: ignore[index]
                 client.close()
             await settled(server, 0)
-        finally:
-            trio.lowlevel.remove_instrument(spawns)
         assert spawns.connection_tasks() == 0, spawns.names
         assert server.connections == 0
 
@@ -115,9 +118,7 @@ async def test_a_connection_that_keeps_talking_is_served_without_a_task(tmp_path
     """A client that keeps its connection (TokenClient, the proxy) is answered inline request after
     request, the repeated ones from its ``Repeat``: no task, no trip through trio's scheduler each."""
     async with serving(tmp_path) as (path, server):
-        spawns = Spawns()
-        trio.lowlevel.add_instrument(spawns)
-        try:
+        with Spawns() as spawns:
             client = trio.socket.socket(socket.AF_UNIX)
             await client.connect(path)
             replies = [await ask(client, encode(Request(i, "token", {"profile": "p"}))) for i in range(1, 30)]
@@ -125,8 +126,6 @@ async def test_a_connection_that_keeps_talking_is_served_without_a_task(tmp_path
             assert len({r["result"]["token"] for r in replies}) == 1  # type: ignore[index]
             client.close()
             await settled(server, 0)
-        finally:
-            trio.lowlevel.remove_instrument(spawns)
         assert spawns.connection_tasks() == 0, spawns.names
         assert server.counts.ok["token"] == 29
 
@@ -135,9 +134,7 @@ async def test_a_kept_connection_gets_its_task_when_a_request_must_wait(tmp_path
     """A request that waits (here a ``watch`` stream) gives the connection its task, for good; its
     other requests go on being answered, by that task, beside the stream."""
     async with serving(tmp_path) as (path, server):
-        spawns = Spawns()
-        trio.lowlevel.add_instrument(spawns)
-        try:
+        with Spawns() as spawns:
             client = trio.socket.socket(socket.AF_UNIX)
             await client.connect(path)
             for i in range(1, 4):
@@ -150,8 +147,6 @@ async def test_a_kept_connection_gets_its_task_when_a_request_must_wait(tmp_path
                 assert (await ask(client, encode(Request(i, "token", {"profile": "p"}))))["id"] == i
             client.close()
             await settled(server, 0)
-        finally:
-            trio.lowlevel.remove_instrument(spawns)
         assert spawns.connection_tasks() == 1, spawns.names
 
 
