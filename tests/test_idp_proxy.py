@@ -332,3 +332,35 @@ def test_an_unusable_proxy_variable_stops_the_broker_at_start_with_its_name(tmp_
     assert result.returncode == 2, result.stderr
     assert "the environment's https_proxy is a socks5 proxy; only http:// and https:// proxies" in result.stderr
     assert "s0cks-pw" not in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_dc_broker_proxy_s_upstream_through_a_proxy_that_wants_credentials(tmp_path: Path) -> None:
+    """The proxy's own HTTP/1.1 client behind an HTTP proxy with Basic credentials (from the URL, as
+    ``https_proxy`` gives them): an http upstream in the absolute form, an https one through a
+    CONNECT tunnel, and a refused tunnel a ``ProxyError`` that names the 407 and not the password."""
+    from dc_broker.proxy.upstream import ProxyError, Upstreams
+    from tests.test_proxy_upstream import SECRET, exchange
+
+    ca, cert, key = make_tls(tmp_path)
+    flags = ("--basic-auth", f"corp:{PROXY_PASSWORD}")
+    with (
+        forward_proxy(tmp_path, *flags) as (proxy, _),
+        running_upstream() as plain,
+        running_upstream(None, cert, key) as tls,
+    ):
+        with_credentials = proxy.replace("http://", f"http://corp:{quote(PROXY_PASSWORD)}@")
+        for upstream, bundle in ((plain, None), (tls, ca)):
+            connection = Upstreams(upstream, bundle, via=with_credentials).take()
+            with trio.fail_after(20):
+                head, body = await exchange(connection, b"/echo")
+            assert head.status_code == 200, (upstream, head, body)
+            assert json.loads(body)["headers"]["authorization"] == f"Bearer {SECRET}"
+            connection.close()
+        wrong = proxy.replace("http://", "http://corp:wr0ng-pw-x@")
+        connection = Upstreams(tls, ca, via=wrong).take()
+        with trio.fail_after(20), pytest.raises(ProxyError) as caught:
+            await exchange(connection, b"/echo")
+        assert "CONNECT with 407" in str(caught.value) and "wr0ng" not in str(caught.value), caught.value
+        connection = Upstreams(plain, None, via=wrong).take()  # forwarded: the proxy's 407 is the answer
+        with trio.fail_after(20):
+            assert (await exchange(connection, b"/echo"))[0].status_code == 407

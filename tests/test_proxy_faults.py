@@ -189,7 +189,7 @@ async def in_process_proxy(tmp_path: Path, limits: Limits | None = None) -> Asyn
             "demo",
             f"http://127.0.0.1:{port}",
             tokens=FixedToken(),
-            http=Upstreams(None),
+            http=Upstreams(f"http://127.0.0.1:{port}", None),
             rules=Rules(os.geteuid()),
             limits=limits or Limits(),
         )

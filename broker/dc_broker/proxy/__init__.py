@@ -12,7 +12,10 @@ client library). Its own process, a client of the broker's socket; the daemon kn
                        streaming both ways, every failure mapped to one request's answer; run_proxy
     broker.py    edge  each request's token, asked of the broker (its word is final: lock, logout,
                        remove and invalidate hold from the next request)
-    upstream.py  edge  the upstream's checks, verified TLS, the httpx transports
+    upstream.py  edge  the upstream's checks, verified TLS, the HTTP/1.1 connections to it (h11, kept
+                       for reuse; through the route's HTTP proxy: CONNECT, or the absolute form)
+    stream.py    edge  RawStream: trio's stream over a non-blocking socket, through the scheduler only
+                       when a call would block (and every 16 calls)
 
 Nothing is imported here, so the pure rules can be imported without trio, httpx or h11.
 """

@@ -46,7 +46,6 @@ from functools import partial
 from typing import Any, Final, Protocol
 
 import h11
-import httpx
 import trio
 
 from dc_broker.access.peer import Known, SockDiag, Unknown, holder, peer
@@ -75,7 +74,8 @@ from dc_broker.proxy.rules import (
     upstream_headers,
     upstream_url,
 )
-from dc_broker.proxy.upstream import Upstreams, check_upstream
+from dc_broker.proxy.stream import RawStream
+from dc_broker.proxy.upstream import Unsendable, Upstream, UpstreamError, Upstreams, check_upstream
 from dc_token.errors import BrokerUnavailable, DcBrokerError, Forbidden, UnknownProfile, hint_for
 from dc_token.paths import default_socket_path
 
@@ -120,9 +120,9 @@ class _Cut(Exception):
 
 
 class _Http:
-    """h11 over one accepted trio stream."""
+    """h11 over one accepted connection."""
 
-    def __init__(self, stream: trio.SocketStream, limits: Limits) -> None:
+    def __init__(self, stream: RawStream, limits: Limits) -> None:
         self.stream = stream
         self.limits = limits
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -163,11 +163,13 @@ class _Http:
         """The next piece of the request body, None at its end. The client's faults become
         ``_ClientFault``: it went away, sent garbage (its status hint), or sent nothing for ``idle``."""
         try:
-            with trio.fail_after(self.limits.idle):
-                event = await self.next_event()
-        except trio.TooSlowError:
-            stalled = f"dc-broker proxy: the request body stalled for {self.limits.idle:g} s"
-            raise _ClientFault(Refused(408, stalled)) from None
+            event = self.h11.next_event()  # already here (a body that came with its head): no deadline to set
+            if event is h11.NEED_DATA:
+                with trio.CancelScope(deadline=trio.current_time() + self.limits.idle) as waiting:
+                    event = await self.next_event()
+                if waiting.cancelled_caught:
+                    stalled = f"dc-broker proxy: the request body stalled for {self.limits.idle:g} s"
+                    raise _ClientFault(Refused(408, stalled))
         except h11.RemoteProtocolError as exc:
             raise _ClientFault(Refused(exc.error_status_hint, f"dc-broker proxy: bad request body: {exc}")) from None
         if isinstance(event, h11.Data):
@@ -192,7 +194,7 @@ class _Http:
         await self.send(h11.EndOfMessage())
 
 
-async def linger(stream: trio.SocketStream, seconds: float) -> None:
+async def linger(stream: RawStream, seconds: float) -> None:
     """Stop sending, and read (and drop) what the client still sends for up to ``seconds``, so a
     client still writing its request reads our answer instead of a reset; then close."""
     try:
@@ -207,8 +209,10 @@ async def linger(stream: trio.SocketStream, seconds: float) -> None:
         await trio.aclose_forcefully(stream)
 
 
-def _stream(sock: socket.socket) -> trio.SocketStream:
-    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+def _stream(sock: socket.socket) -> RawStream:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as trio's SocketStream
+    return RawStream(sock)
 
 
 class Proxy:
@@ -311,7 +315,7 @@ class Proxy:
         more = f" ({quiet} more since the last such line)" if quiet else ""
         log.warning("refused a connection: %s%s", refused.message.removeprefix("dc-broker proxy: "), more)
 
-    async def _tell(self, stream: trio.SocketStream, key: int | str | None, refused: Refused) -> None:
+    async def _tell(self, stream: RawStream, key: int | str | None, refused: Refused) -> None:
         """Answer a refused connection without reading its request, then close it."""
         try:
             with trio.move_on_after(self.limits.linger):
@@ -326,7 +330,7 @@ class Proxy:
                 if not self._refusing[key]:
                     del self._refusing[key]
 
-    async def _owner(self, stream: trio.SocketStream, caller: Known) -> None:
+    async def _owner(self, stream: RawStream, caller: Known) -> None:
         """A connection of the proxy's own uid: on TCP, a process of that uid must hold it."""
         try:
             if caller.inode is not None:
@@ -352,42 +356,38 @@ class Proxy:
 
     # ------------------------------------------------------------ one connection, its requests
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: RawStream) -> None:
         http = _Http(stream, self.limits)
         upstream = self.http.take()  # this connection's own: its requests come one after another
-        healthy = True
         try:
             first = True
             while True:
+                wait = self.limits.request_head if first else self.limits.keep_alive
                 try:
-                    with trio.fail_after(self.limits.request_head if first else self.limits.keep_alive):
+                    with trio.CancelScope(deadline=trio.current_time() + wait) as waiting:
                         event = await http.next_event()
-                except trio.TooSlowError:
-                    if http.h11.trailing_data[0]:  # a head begun and not finished
-                        await http.answer(Refused(408, "dc-broker proxy: the request head did not arrive in time"))
-                    return
                 except h11.RemoteProtocolError as exc:
                     await http.answer(Refused(exc.error_status_hint, f"dc-broker proxy: bad request: {exc}"))
+                    return
+                if waiting.cancelled_caught:
+                    if http.h11.trailing_data[0]:  # a head begun and not finished
+                        await http.answer(Refused(408, "dc-broker proxy: the request head did not arrive in time"))
                     return
                 first = False
                 if not isinstance(event, h11.Request):
                     return  # ConnectionClosed
-                healthy = False  # until the exchange says otherwise (it may end in an exception)
-                healthy = await self._exchange(http, event, upstream)
-                if not healthy:
-                    await self.http.give(upstream, healthy=False)
-                    upstream, healthy = self.http.take(), True
+                await self._exchange(http, event, upstream)
                 if http.h11.our_state is not h11.DONE or http.h11.their_state is not h11.DONE:
                     return
                 http.h11.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Cut, _ClientFault):
             return  # the client went away, or its answer could not be finished: this connection only
         finally:
-            await self.http.give(upstream, healthy=healthy)
+            self.http.give(upstream)  # kept only if its last exchange finished cleanly
 
-    async def _exchange(self, http: _Http, request: h11.Request, upstream: httpx.AsyncHTTPTransport) -> bool:
-        """One request, answered one way or another. False if the upstream transport must not be
-        used again (its exchange failed)."""
+    async def _exchange(self, http: _Http, request: h11.Request, upstream: Upstream) -> None:
+        """One request, answered one way or another. The upstream connection keeps track of itself:
+        one whose exchange did not finish is replaced by the next request."""
         method = request.method.decode("ascii")
         try:
             refused = admit(self.rules, request.headers)
@@ -398,21 +398,16 @@ class Proxy:
             url = upstream_url(self.upstream, request.target)
             token = await self._token(MIN_TTL)
             body, replayable = await self._request_body(http)
-            response = await self._send(http, upstream, method, url, request.headers, body, token)
-            if response.status_code == 401 and replayable:
-                try:
-                    fresh = await self._fresh(token)
-                except BaseException:
-                    with trio.CancelScope(shield=True):
-                        await response.aclose()
-                    raise
-                if retry_after_401(response.status_code, replayable, token, fresh):
-                    await response.aclose()
+            head = await self._send(upstream, request, body, token)
+            if head.status_code == 401 and replayable:
+                fresh = await self._fresh(token)
+                if retry_after_401(head.status_code, replayable, token, fresh):
+                    upstream.close()  # the refused answer's body is not read: a new connection
                     log.info("%s %s: upstream said 401; token invalidated, sending once more", method, url)
-                    response = await self._send(http, upstream, method, url, request.headers, body, fresh)
+                    head = await self._send(upstream, request, body, fresh)
         except Refused as refused:
             await http.answer(refused)
-            return refused.status not in (502, 504)
+            return
         except _ClientFault as fault:
             if fault.refused is not None:
                 await http.answer(fault.refused)
@@ -422,13 +417,8 @@ class Proxy:
         except Exception as exc:  # unforeseen: this request only
             log.exception("%s %s failed", method, request.target.decode("latin-1")[:200])
             await http.answer(Refused(500, f"dc-broker proxy: internal error ({type(exc).__name__}); see its log"))
-            return False
-        try:
-            await self._relay(http, response, method, url)
-        finally:
-            with trio.CancelScope(shield=True):
-                await response.aclose()
-        return True
+            return
+        await self._relay(http, upstream, head, method, url)
 
     async def _token(self, min_ttl: float) -> str:
         try:
@@ -469,55 +459,25 @@ class Proxy:
         return b"".join(kept), True
 
     async def _send(
-        self,
-        http: _Http,
-        upstream: httpx.AsyncHTTPTransport,
-        method: str,
-        url: str,
-        headers: Iterable[tuple[bytes, bytes]],
-        body: bytes | AsyncIterator[bytes],
-        token: str,
-    ) -> httpx.Response:
+        self, upstream: Upstream, request: h11.Request, body: bytes | AsyncIterator[bytes], token: str
+    ) -> h11.Response:
         """The request upstream, and the head of its answer. The head must come within
         ``response_head`` of the request body's end (a streamed body moves at the client's pace)."""
-        waiting = trio.CancelScope()
-        fault: list[_ClientFault] = []
-
-        async def streamed(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-            try:
-                async for piece in pieces:
-                    yield piece
-            except _ClientFault as exc:
-                fault.append(exc)  # the client's, not the upstream's: told apart below
-                raise
-            waiting.deadline = trio.current_time() + self.limits.response_head
-
-        if isinstance(body, bytes):
-            waiting.deadline = trio.current_time() + self.limits.response_head
-            content: bytes | AsyncIterator[bytes] = body
-        else:
-            content = streamed(body)
-        timeouts = {
-            "connect": self.limits.connect,
-            "read": None,
-            "write": self.limits.idle,
-            "pool": self.limits.connect,
-        }
+        headers = upstream_headers(request.headers.raw_items(), token)
+        head_within = self.limits.response_head
+        # a whole body: its sending counts in the answer's time; a streamed one: none until it ends
+        waiting = trio.CancelScope(deadline=trio.current_time() + head_within if isinstance(body, bytes) else math.inf)
         try:
-            # a streamed body keeps the caller's Content-Length, or goes chunked without one
-            req = httpx.Request(
-                method, url, headers=upstream_headers(headers, token), content=content, extensions={"timeout": timeouts}
-            )
             with waiting:
-                # the transport itself: no cookies, redirects, auth or event hooks on every request
-                return await upstream.handle_async_request(req)
-            raise self._failed(f"no answer within {self.limits.response_head:g} s", timeout=True)
-        except httpx.InvalidURL as exc:
-            raise Refused(400, f"dc-broker proxy: the URL cannot be sent upstream: {exc}") from None
-        except (httpx.HTTPError, OSError) as exc:
-            if fault:
-                raise fault[0] from None
-            raise self._failed(telling(exc), timeout=isinstance(exc, httpx.TimeoutException)) from None
+                await upstream.send(request.method, request.target, headers, body)
+                waiting.deadline = trio.current_time() + head_within
+                return await upstream.response()
+            upstream.close()
+            raise self._failed(f"no answer within {head_within:g} s", timeout=True)
+        except Unsendable as exc:
+            raise Refused(400, f"dc-broker proxy: the request cannot be sent upstream: {exc}") from None
+        except UpstreamError as exc:
+            raise self._failed(telling(exc), timeout=exc.timeout) from None
 
     def _failed(self, why: str, *, timeout: bool = False) -> Refused:
         via = self.http.via
@@ -525,33 +485,48 @@ class Proxy:
             self.upstream, None if via is None else proxies.shown(via), proxies.scrub(why, via), timeout=timeout
         )
 
-    async def _relay(self, http: _Http, response: httpx.Response, method: str, url: str) -> None:
+    async def _relay(self, http: _Http, upstream: Upstream, head: h11.Response, method: str, url: str) -> None:
         """The answer, streamed back: each piece as it comes (an event stream is not held back), at
-        the client's pace, until nothing has moved for ``idle``."""
+        the client's pace, until nothing has moved for ``idle`` (reading from the upstream, or
+        writing to the client)."""
         idle = self.limits.idle
-        await http.send(
-            h11.Response(status_code=response.status_code, headers=response_headers(response.headers.raw)),
-            flush=False,
-        )
-        pieces = response.stream.__aiter__()  # type: ignore[union-attr]
-        while True:
-            with trio.move_on_after(idle) as waited:
+        headers = response_headers(head.headers.raw_items())
+        await http.send(h11.Response(status_code=head.status_code, headers=headers, reason=head.reason), flush=False)
+        reading = True
+        moved = trio.current_time()
+        with trio.CancelScope(deadline=moved + idle) as moving:
+            while True:
+                reading = True
                 try:
-                    piece = await pieces.__anext__()
-                except StopAsyncIteration:
-                    break
-                except (httpx.HTTPError, OSError) as exc:
+                    piece = await upstream.piece()
+                except UpstreamError as exc:
                     log.warning("%s %s: the upstream's answer broke off: %s", method, url, telling(exc))
                     raise _Cut from None
-            if waited.cancelled_caught:
-                log.warning("%s %s: the upstream's answer stalled for %g s; cut", method, url, idle)
-                raise _Cut
-            with trio.move_on_after(idle) as sending:
+                if piece is None:
+                    break
+                moved = _moved(moving, moved, idle)
+                reading = False
                 await http.send(h11.Data(data=piece))
-            if sending.cancelled_caught:
+                moved = _moved(moving, moved, idle)
+        if moving.cancelled_caught:
+            upstream.close()
+            if reading:
+                log.warning("%s %s: the upstream's answer stalled for %g s; cut", method, url, idle)
+            else:
                 log.warning("%s %s: the client read nothing for %g s; cut", method, url, idle)
-                raise _Cut
+            raise _Cut
         await http.send(h11.EndOfMessage())
+
+
+def _moved(scope: trio.CancelScope, moved: float, idle: float) -> float:
+    """Something moved now: ``scope``'s idle deadline counts from now. Moved on only once a second
+    has passed since it last was (moving a cancel scope's deadline is not free, and a small answer
+    takes microseconds); when it last moved."""
+    now = trio.current_time()
+    if now - moved < 1.0:
+        return moved
+    scope.deadline = now + idle
+    return now
 
 
 # ---------------------------------------------------------------- running it
@@ -634,7 +609,7 @@ async def run_proxy(
     lock = raw = None
     try:
         await _check_broker(tokens, profile, socket_note)
-        http = Upstreams(ca_bundle, via=via)
+        http = Upstreams(upstream, ca_bundle, via=via, connect=limits.connect, idle=limits.idle)
         if listen.path is not None:
             raw, lock = bind_unix_socket(listen.path, mode=0o600, strict_dir=False)
             listeners = [raw]
@@ -658,8 +633,7 @@ async def run_proxy(
                 log.info("dc-broker proxy for profile %s: http on %s -> %s", profile, where, upstream)
                 task_status.started(where)
         finally:
-            with trio.CancelScope(shield=True):
-                await http.aclose()
+            http.close()
     finally:
         tokens.close()
         if diag is not None:

@@ -1,24 +1,56 @@
-"""The proxy's side toward the upstream API: the base URL's checks, verified TLS, and the httpx
-transports that carry the requests (``Upstreams``).
+"""The proxy's side toward the upstream API: the base URL's checks, verified TLS, and the HTTP/1.1
+connections that carry the requests (``Upstream``, kept for reuse by ``Upstreams``).
+
+One ``Upstream`` is one keep-alive connection spoken with h11's client state machine, over a
+``RawStream`` (plain), a ``trio.SSLStream`` on it (https), through an HTTP proxy when the route says
+so: a ``CONNECT`` tunnel for an https upstream, the absolute-form target for an http one, the
+proxy URL's credentials as ``Proxy-Authorization: Basic`` either way (as httpx sends them). It
+(re)connects by itself when its request finds no usable connection: none yet, a failed or
+unfinished exchange, or an idle connection the server has closed (readable while idle, as
+httpcore checks). Each request is sent as it came (no default headers, cookies or redirects), with
+the upstream's ``Host`` and ``Content-Length`` (or chunked, for a streamed body of unknown length).
+
+Why not httpx here: the proxy forwards one request at a time per client connection to one origin,
+which is all of h11 and none of httpx's client (URL model, header normalisation, pool, response
+wrappers); through httpx's transport the upstream request was the largest share of the proxy's CPU
+per request (docs/architecture.md, "The proxy's upstream: h11 itself"). The IdP's requests still
+go through httpx (``dc_broker.idp``).
 
 Upstream TLS is always verified, against the profile's ``ca_bundle`` (or ``--ca-bundle``) when
-given, else the system's CAs. Requests take the route the profile's IdP requests take
-(``dc_broker.idp.proxies``: its ``proxy``, else ``https_proxy`` / ``no_proxy``, loopback direct),
-decided once at start (``via``).
+given, else the system's CAs; an https proxy's own certificate against the system's CAs. Requests
+take the route the profile's IdP requests take (``dc_broker.idp.proxies``: its ``proxy``, else
+``https_proxy`` / ``no_proxy``, loopback direct), decided once at start (``via``).
+
+Failures are ``UpstreamError``s named like httpx's (``ConnectError: ...``, ``ReadError``,
+``RemoteProtocolError``...), whose texts never quote the upstream's bytes (an answer could echo the
+token); ``Unsendable`` is a request h11 will not write.
 
 Must never: follow redirects, keep cookies, read a proxy or netrc from the environment by itself,
-or turn off certificate checks.
+turn off certificate checks, or reuse a connection whose exchange did not finish cleanly.
 """
 
 from __future__ import annotations
 
+import base64
+import select
+import socket
 import ssl
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote, urlsplit
 
-import httpx
+import h11
 import trio
 
-from dc_broker.errors import ConfigError
+from dc_broker.errors import ConfigError, telling
+from dc_broker.proxy.stream import RawStream
+
+#: the largest answer head read from the upstream (httpcore's limit)
+MAX_ANSWER_HEAD: Final = 100 * 1024
+_CHUNK: Final = 64 * 1024
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_IDLE_CHECK: Final = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
 def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
@@ -39,42 +71,366 @@ def check_upstream(url: str) -> str:
     return url.rstrip("/")
 
 
-class Upstreams:
-    """httpx transports to the upstream, one per client connection at a time, each holding at most
-    one keep-alive connection, kept on a free list between client connections (so a client that
-    connects per request still reuses an upstream connection, TLS handshake done).
+# ---------------------------------------------------------------- failures
 
-    The transport is used directly (no client layer: the request is forwarded as it came, with none
-    of httpx's default headers, cookies or redirects); verified TLS, no proxy or netrc from the
-    environment (``via``: the HTTP proxy to the upstream, or None). One small pool per client
-    connection rather than one shared pool: httpcore's pool checks every connection it holds on each
-    request, which at 16 busy connections costs more than the rest of the proxy. A transport whose
-    exchange failed (a broken answer, a timeout, a cancelled request) is closed, never reused."""
 
-    def __init__(self, ca_bundle: str | None, keep: int = 32, *, via: str | None = None) -> None:
-        self._tls = tls_context(ca_bundle)
-        self.via = via
-        self._free: list[httpx.AsyncHTTPTransport] = []
-        self._keep = keep
+class UpstreamError(Exception):
+    """The exchange with the upstream failed; ``timeout``: because something took too long."""
 
-    def take(self) -> httpx.AsyncHTTPTransport:
-        if self._free:
-            return self._free.pop()
-        return httpx.AsyncHTTPTransport(
-            verify=self._tls,
-            trust_env=False,
-            proxy=self.via,
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+    timeout = False
+
+
+class ConnectError(UpstreamError):
+    """No connection (refused, no route, a name that does not resolve, TLS refused)."""
+
+
+class ConnectTimeout(UpstreamError):
+    timeout = True
+
+
+class ProxyError(UpstreamError):
+    """The HTTP proxy on the route did not open the tunnel."""
+
+
+class WriteError(UpstreamError):
+    """The connection broke while the request was being sent."""
+
+
+class WriteTimeout(UpstreamError):
+    timeout = True
+
+
+class ReadError(UpstreamError):
+    """The connection broke while the answer was being read."""
+
+
+class RemoteProtocolError(UpstreamError):
+    """The answer is not HTTP/1.1, or the connection closed before it was whole."""
+
+
+class Unsendable(Exception):
+    """h11 will not write this request (a header or the target that is not HTTP/1.1)."""
+
+
+def _protocol_error(exc: h11.ProtocolError) -> RemoteProtocolError:
+    """h11's reason without the bytes it quotes (``illegal status line: bytearray(b'...')``):
+    an upstream or a proxy may echo what it was sent, the token with it."""
+    text = str(exc)
+    for mark in ("bytearray(", "b'", 'b"'):
+        text = text.split(mark, 1)[0]
+    return RemoteProtocolError(text.rstrip(" :") or "the answer is not HTTP/1.1")
+
+
+# ---------------------------------------------------------------- where requests go
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The upstream's parts as requests need them, and the HTTP proxy on the way (or none)."""
+
+    scheme: str
+    host: str
+    port: int
+    authority: bytes  # the Host header: host, and the port unless the scheme's default
+    prefix: bytes  # the base URL's path, prepended to every request target
+    via: str | None = None
+    via_host: str = ""
+    via_port: int = 0
+    via_tls: bool = False
+    via_auth: bytes | None = None  # the Proxy-Authorization value
+
+    @classmethod
+    def of(cls, base: str, via: str | None = None) -> Route:
+        parts = urlsplit(base)
+        scheme = parts.scheme.lower()
+        host = parts.hostname or ""
+        port = parts.port or _DEFAULT_PORTS[scheme]
+        shown = f"[{host}]" if ":" in host else host
+        authority = shown if port == _DEFAULT_PORTS[scheme] else f"{shown}:{port}"
+        route = cls(scheme, host, port, authority.encode("idna"), parts.path.rstrip("/").encode())
+        if via is None:
+            return route
+        proxy = urlsplit(via)
+        auth = None
+        if proxy.username is not None:
+            pair = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode()
+            auth = b"Basic " + base64.b64encode(pair)
+        via_scheme = proxy.scheme.lower()
+        return cls(
+            scheme,
+            host,
+            port,
+            route.authority,
+            route.prefix,
+            via=via,
+            via_host=proxy.hostname or "",
+            via_port=proxy.port or _DEFAULT_PORTS[via_scheme],
+            via_tls=via_scheme == "https",
+            via_auth=auth,
         )
 
-    async def give(self, transport: httpx.AsyncHTTPTransport, *, healthy: bool = True) -> None:
-        if healthy and len(self._free) < self._keep:
-            self._free.append(transport)
-        else:
-            with trio.CancelScope(shield=True):
-                await transport.aclose()
+    @property
+    def tunnel(self) -> bool:
+        """Through a CONNECT tunnel (an https upstream behind a proxy)."""
+        return self.via is not None and self.scheme == "https"
 
-    async def aclose(self) -> None:
+    def target(self, path: bytes) -> bytes:
+        """The request line's target for a client's origin-form ``path``: the absolute form when an
+        HTTP proxy forwards it (no tunnel), else the upstream's own path."""
+        if self.via is not None and not self.tunnel:
+            return b"%s://%s%s%s" % (self.scheme.encode(), self.authority, self.prefix, path)
+        return self.prefix + path
+
+
+# ---------------------------------------------------------------- one connection
+
+
+class Upstream:
+    """One keep-alive HTTP/1.1 connection to the upstream, (re)opened by ``send`` when needed."""
+
+    __slots__ = ("_limits", "_raw", "_tls", "h11", "route", "stream")
+
+    def __init__(self, route: Route, tls: ssl.SSLContext, *, connect: float, idle: float) -> None:
+        self.route = route
+        self._tls = tls
+        self._limits = (connect, idle)
+        self.stream: trio.abc.Stream | None = None
+        self._raw: RawStream | None = None
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
+
+    @property
+    def idle(self) -> bool:
+        """Connected, between exchanges: may carry the next request."""
+        return self.stream is not None and self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE
+
+    def close(self) -> None:
+        """Drop the connection at once (no TLS goodbye); the next ``send`` opens another."""
+        if self._raw is not None:
+            self._raw.close()
+        self.stream = self._raw = None
+
+    def _usable(self) -> bool:
+        """The connection may carry a request: idle, and the server has neither closed it nor sent
+        anything since (either is readable on an idle connection)."""
+        if not self.idle or self._raw is None:
+            return False
+        poll = select.poll()
+        poll.register(self._raw.socket, _IDLE_CHECK)
+        return not poll.poll(0)
+
+    async def send(
+        self, method: bytes, path: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes | AsyncIterator[bytes]
+    ) -> None:
+        """The request, head and body; its answer is read with ``response`` and ``piece``."""
+        if not self._usable():
+            self.close()
+            self.stream = await self._open()
+            self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
+        route = self.route
+        sent = [(b"host", route.authority), *headers]
+        if route.via_auth is not None and not route.tunnel:
+            sent.append((b"proxy-authorization", route.via_auth))
+        has_length = any(name.lower() == b"content-length" for name, _ in sent)
+        if isinstance(body, bytes):
+            if body and not has_length:
+                sent.append((b"content-length", b"%d" % len(body)))
+        elif not has_length:
+            sent.append((b"transfer-encoding", b"chunked"))
+        try:
+            request = h11.Request(method=method, target=route.target(path), headers=sent)
+        except h11.LocalProtocolError:
+            raise Unsendable("a header or the target is not valid HTTP/1.1") from None
+        head = self._encode(request)
+        if isinstance(body, bytes):
+            out = bytearray(head)
+            if body:
+                out += self._encode(h11.Data(data=body))
+            out += self._encode(h11.EndOfMessage())
+            await self._write(out)  # bounded by the caller's deadline for the answer
+            return
+        await self._write(head)
+        idle = self._limits[1]
+        async for piece in body:  # at the client's pace; each piece must leave within ``idle``
+            with trio.CancelScope(deadline=trio.current_time() + idle) as writing:
+                await self._write(self._encode(h11.Data(data=piece)))
+            if writing.cancelled_caught:
+                self.close()
+                raise WriteTimeout(f"the upstream took no request body for {idle:g} s")
+        await self._write(self._encode(h11.EndOfMessage()))
+
+    def _encode(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> bytes:
+        try:
+            return self.h11.send(event) or b""
+        except h11.LocalProtocolError:
+            self.close()
+            raise Unsendable("a header, the target or the body's length is not valid HTTP/1.1") from None
+
+    async def response(self) -> h11.Response:
+        """The answer's head (interim 1xx answers skipped)."""
+        while True:
+            event = await self._event()
+            if isinstance(event, h11.Response):
+                return event
+            if isinstance(event, h11.InformationalResponse) and event.status_code != 101:
+                continue
+            self.close()
+            if isinstance(event, h11.InformationalResponse):
+                raise RemoteProtocolError("the upstream switched protocols unasked (101)")
+            raise RemoteProtocolError("the upstream closed the connection without answering")
+
+    async def piece(self) -> bytes | None:
+        """The next piece of the answer's body, None at its end."""
+        while True:
+            event = await self._event()
+            if isinstance(event, h11.Data):
+                if event.data:
+                    return bytes(event.data)
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+                    self.h11.start_next_cycle()  # kept for the next request
+                return None
+            self.close()
+            raise RemoteProtocolError("the upstream closed the connection mid-answer")
+
+    # ------------------------------------------------------------ I/O
+
+    async def _write(self, data: bytes | bytearray) -> None:
+        assert self.stream is not None
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.close()
+            raise WriteError(telling(exc, named=False)) from None
+
+    async def _event(self) -> object:
+        closed = False
+        while True:
+            answering = self.h11.their_state is not h11.SEND_RESPONSE  # its head has begun to come
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.close()
+                if not closed:
+                    raise _protocol_error(exc) from None
+                if answering:
+                    raise RemoteProtocolError("the upstream closed the connection mid-answer") from None
+                raise RemoteProtocolError("the upstream closed the connection without answering") from None
+            if event is not h11.NEED_DATA:
+                return event
+            if self.stream is None:
+                raise ReadError("the connection is closed")
+            try:
+                data = await self.stream.receive_some(_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.close()
+                raise ReadError(telling(exc, named=False)) from None
+            closed = not data
+            self.h11.receive_data(bytes(data))
+
+    async def _open(self) -> trio.abc.Stream:
+        """A connection to the upstream (through the proxy's tunnel, TLS verified), within ``connect``."""
+        connect = self._limits[0]
+        route = self.route
+        with trio.move_on_after(connect):
+            try:
+                return await self._connect(route)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.close()
+                raise ConnectError(telling(exc, named=False)) from None
+            except BaseException:
+                self.close()
+                raise
+        self.close()
+        raise ConnectTimeout(f"no connection within {connect:g} s")
+
+    async def _connect(self, route: Route) -> trio.abc.Stream:
+        host, port = (route.via_host, route.via_port) if route.via is not None else (route.host, route.port)
+        tcp = await trio.open_tcp_stream(host, port)  # happy eyeballs; TCP_NODELAY set
+        self._raw = RawStream(socket.socket(fileno=tcp.socket.detach()))
+        stream: trio.abc.Stream = self._raw
+        if route.via_tls:
+            stream = await _handshake(stream, ssl.create_default_context(), route.via_host)
+        if route.tunnel:
+            await self._tunnel(stream, route)
+        if route.scheme == "https":
+            stream = await _handshake(stream, self._tls, route.host)
+        return stream
+
+    async def _tunnel(self, stream: trio.abc.Stream, route: Route) -> None:
+        """``CONNECT host:port`` through the proxy; a 2xx opens the tunnel."""
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
+        shown = f"[{route.host}]" if ":" in route.host else route.host
+        target = f"{shown}:{route.port}".encode("idna")
+        headers = [(b"host", target)]
+        if route.via_auth is not None:
+            headers.append((b"proxy-authorization", route.via_auth))
+        await stream.send_all(conn.send(h11.Request(method=b"CONNECT", target=target, headers=headers)) or b"")
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ProxyError(f"the proxy's answer to CONNECT: {_protocol_error(exc)}") from None
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(_CHUNK)))
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response) and 200 <= event.status_code < 300:
+                if conn.trailing_data[0]:
+                    raise ProxyError("the proxy sent data into the tunnel before TLS began")
+                return
+            if isinstance(event, h11.Response):
+                reason = event.reason.decode("ascii", "replace")[:100]
+                raise ProxyError(f"the proxy answered CONNECT with {event.status_code} {reason}".rstrip())
+            raise ProxyError("the proxy closed the connection before answering CONNECT")
+
+
+async def _handshake(stream: trio.abc.Stream, context: ssl.SSLContext, host: str) -> trio.SSLStream[trio.abc.Stream]:
+    tls = trio.SSLStream(stream, context, server_hostname=host, https_compatible=True)
+    await tls.do_handshake()
+    return tls
+
+
+# ---------------------------------------------------------------- kept connections
+
+
+class Upstreams:
+    """Connections to one upstream: one per client connection at a time, idle ones kept on a free
+    list between client connections (so a client that connects per request still reuses an upstream
+    connection, TLS handshake done). One connection per client connection rather than a shared
+    pool: a client's requests come one after another, and nothing is looked up per request."""
+
+    def __init__(
+        self,
+        upstream: str,
+        ca_bundle: str | None,
+        keep: int = 32,
+        *,
+        via: str | None = None,
+        connect: float = 10.0,
+        idle: float = 300.0,
+    ) -> None:
+        self._tls = tls_context(ca_bundle)
+        self.route = Route.of(upstream, via)
+        self.via = via
+        self._free: list[Upstream] = []
+        self._keep = keep
+        self._limits = {"connect": connect, "idle": idle}
+
+    def take(self) -> Upstream:
+        if self._free:
+            return self._free.pop()
+        return Upstream(self.route, self._tls, **self._limits)
+
+    def give(self, upstream: Upstream) -> None:
+        """Back on the free list if it is idle and there is room; else closed."""
+        if upstream.idle and len(self._free) < self._keep:
+            self._free.append(upstream)
+        else:
+            upstream.close()
+
+    def close(self) -> None:
         free, self._free = self._free, []
-        for transport in free:
-            await transport.aclose()
+        for upstream in free:
+            upstream.close()
