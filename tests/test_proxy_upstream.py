@@ -253,3 +253,20 @@ async def test_nothing_listening_is_a_connect_error() -> None:
     upstream = Upstreams(f"http://127.0.0.1:{port}", None).take()
     with pytest.raises(ConnectError, match=r"refused|failed"):
         await exchange(upstream)
+
+
+async def test_an_answer_given_before_the_body_was_read_is_relayed_not_a_write_error() -> None:
+    """An upstream that answers 413 as soon as it has the head and closes without reading the body:
+    the body's writes fail, and the 413 is the answer (as httpcore reads it too), not a 502."""
+    refused = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(256):  # 16 MiB: more than the sockets' buffers hold
+            yield b"b" * 65536
+
+    async with raw_upstream(lambda head: refused) as (url, _):
+        upstream = Upstreams(url, None).take()
+        await upstream.send(b"POST", b"/close-after", [], body())
+        head = await upstream.response()
+        assert (head.status_code, await upstream.piece(), await upstream.piece()) == (413, b"too large", None)
+        assert not upstream.idle  # the request was never finished: not reused

@@ -6,9 +6,10 @@ A thin trio driver over ``dc_token.connection.ClientConnection`` (the one sans-I
 conversation): a few connections kept open, each used by one request at a time; a request writes
 its frame with a non-blocking ``send`` and reads with a non-blocking ``recv``, parking on trio's
 epoll only when the socket is empty (as the broker's own server does), so a token answered from the
-broker's memory costs one round trip: tens of microseconds of work, and two processes waking. A connection that served before
-and is found closed (the broker restarted) is replaced and the request sent once more
-(``may_retry``); a broker that does not answer within ``timeout`` is an error for that request.
+broker's memory costs one round trip: tens of microseconds of work, and two processes waking. A
+connection that served before and is found closed (the broker restarted) is replaced and the
+request sent once more (``may_retry``); a broker that does not answer within ``timeout`` is an
+error for that request.
 
 Must never: keep a token after its request; log one.
 """

@@ -32,6 +32,7 @@ turn off certificate checks, or reuse a connection whose exchange did not finish
 from __future__ import annotations
 
 import base64
+import contextlib
 import select
 import socket
 import ssl
@@ -240,7 +241,13 @@ class Upstream:
             request = h11.Request(method=method, target=route.target(path), headers=sent)
         except h11.LocalProtocolError:
             raise Unsendable("a header or the target is not valid HTTP/1.1") from None
-        head = self._encode(request)
+        # a write that fails is not the end: the upstream may have answered first and stopped reading
+        # (a 413 for a body too big, then closed, as httpcore also expects); ``response`` reads that
+        # answer, or says what broke
+        with contextlib.suppress(WriteError):
+            await self._send_message(self._encode(request), body)
+
+    async def _send_message(self, head: bytes, body: bytes | AsyncIterator[bytes]) -> None:
         if isinstance(body, bytes):
             out = bytearray(head)
             if body:
@@ -300,8 +307,7 @@ class Upstream:
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.close()
-            raise WriteError(telling(exc, named=False)) from None
+            raise WriteError(telling(exc, named=False)) from None  # still open: an answer may be there to read
 
     async def _event(self) -> object:
         closed = False
