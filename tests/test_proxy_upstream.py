@@ -20,6 +20,7 @@ import trio.testing
 
 from dc_broker.proxy.stream import CALLS_PER_CHECKPOINT, RawStream
 from dc_broker.proxy.upstream import (
+    KEEPALIVE_EXPIRY,
     ConnectError,
     RemoteProtocolError,
     Route,
@@ -216,6 +217,21 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced_not_faile
         await trio.testing.wait_all_tasks_blocked()  # the upstream has closed its end
         assert upstream.idle  # as far as HTTP goes: only the socket tells
         assert (await exchange(upstream))[1] == b"ok"
+        upstream.close()
+    assert len(accepted) == 2
+
+
+async def test_a_connection_idle_past_the_keep_alive_expiry_is_not_reused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with raw_upstream(lambda head: OK) as (url, accepted):
+        upstream = Upstreams(url, None).take()
+        await exchange(upstream)
+        await trio.sleep(KEEPALIVE_EXPIRY - 1)
+        await exchange(upstream)  # still fresh: the same connection
+        assert len(accepted) == 1
+        await trio.sleep(KEEPALIVE_EXPIRY + 1)
+        await exchange(upstream)  # the server may be closing it just now: a new one
         upstream.close()
     assert len(accepted) == 2
 

@@ -49,6 +49,10 @@ from dc_broker.proxy.stream import RawStream
 
 #: the largest answer head read from the upstream (httpcore's limit)
 MAX_ANSWER_HEAD: Final = 100 * 1024
+#: an idle connection older than this (seconds) is not reused (httpx's default keep-alive expiry):
+#: servers close idle connections after a few seconds (Apache: 5), and one that closes just as a
+#: request leaves makes that request fail where a new connection would have served it
+KEEPALIVE_EXPIRY: Final = 5.0
 _CHUNK: Final = 64 * 1024
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _IDLE_CHECK: Final = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
@@ -189,7 +193,7 @@ class Route:
 class Upstream:
     """One keep-alive HTTP/1.1 connection to the upstream, (re)opened by ``send`` when needed."""
 
-    __slots__ = ("_limits", "_raw", "_tls", "h11", "route", "stream")
+    __slots__ = ("_idle_since", "_limits", "_raw", "_tls", "h11", "route", "stream")
 
     def __init__(self, route: Route, tls: ssl.SSLContext, *, connect: float, idle: float) -> None:
         self.route = route
@@ -197,6 +201,7 @@ class Upstream:
         self._limits = (connect, idle)
         self.stream: trio.abc.Stream | None = None
         self._raw: RawStream | None = None
+        self._idle_since = 0.0  # when its last exchange ended (trio's clock)
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
 
     @property
@@ -211,9 +216,10 @@ class Upstream:
         self.stream = self._raw = None
 
     def _usable(self) -> bool:
-        """The connection may carry a request: idle, and the server has neither closed it nor sent
-        anything since (either is readable on an idle connection)."""
-        if not self.idle or self._raw is None:
+        """The connection may carry a request: idle for less than ``KEEPALIVE_EXPIRY``, and the
+        server has neither closed it nor sent anything since (either is readable on an idle
+        connection)."""
+        if not self.idle or self._raw is None or trio.current_time() - self._idle_since > KEEPALIVE_EXPIRY:
             return False
         poll = select.poll()
         poll.register(self._raw.socket, _IDLE_CHECK)
@@ -296,6 +302,7 @@ class Upstream:
             if isinstance(event, h11.EndOfMessage):
                 if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
                     self.h11.start_next_cycle()  # kept for the next request
+                    self._idle_since = trio.current_time()
                 return None
             self.close()
             raise RemoteProtocolError("the upstream closed the connection mid-answer")
