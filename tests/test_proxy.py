@@ -96,6 +96,7 @@ def test_headers_to_upstream() -> None:
     assert upstream_headers(both, "tok") == [(b"X-Custom", b"1"), (b"authorization", b"Bearer tok")]
     answer = [(b"Content-Type", b"text/plain"), (b"Connection", b"close, x-trace"), (b"X-Trace", b"1"), (b"TE", b"x")]
     assert response_headers(answer) == [(b"Content-Type", b"text/plain")]
+    assert response_headers(both) == [(b"X-Custom", b"1")]  # the same for an answer
 
 
 def test_targets_that_go_upstream() -> None:

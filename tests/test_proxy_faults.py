@@ -30,6 +30,10 @@ from tests.e2e import dev_broker
 from tests.test_proxy import curl, proxy_process
 
 TRUNCATED = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000  # then the connection closes
+#: chunked, with a Content-Length that disagrees (Transfer-Encoding wins: the body is "hello, world")
+BOTH = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"
+)
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 
 
@@ -54,7 +58,7 @@ def raw_upstream() -> Iterator[str]:
                 if head.split(b" ")[1].startswith(b"/truncated"):
                     conn.sendall(TRUNCATED)
                     return
-                conn.sendall(OK)
+                conn.sendall(BOTH if head.split(b" ")[1] == b"/both" else OK)
 
     def serve() -> None:
         while True:
@@ -90,6 +94,15 @@ def test_a_truncated_upstream_body_costs_one_request(proxied: tuple[str, str]) -
         code, message = curl(f"http://{addr}/truncated")
         assert code == -18, message  # curl: "(18) transfer closed with 99000 bytes remaining to read"
         assert curl(f"http://{addr}/next")[0] == 200
+
+
+@pytest.mark.e2e
+def test_an_answer_both_chunked_and_with_a_length_is_passed_on_as_it_was_read(proxied: tuple[str, str]) -> None:
+    """The upstream's Content-Length is dropped with its Transfer-Encoding (as the proxy read the body
+    chunked), so the client gets the whole body under the proxy's own framing, not a cut answer."""
+    addr, _ = proxied
+    assert curl(f"http://{addr}/both") == (200, "hello, world")
+    assert curl(f"http://{addr}/next")[0] == 200
 
 
 @pytest.mark.e2e

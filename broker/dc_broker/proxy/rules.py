@@ -228,21 +228,25 @@ def _hop_by_hop(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
 
 
 def upstream_headers(headers: Iterable[tuple[bytes, bytes]], token: str) -> list[tuple[bytes, bytes]]:
-    """The request's end-to-end headers plus our Authorization (any the caller sent is replaced). A
-    request that came chunked loses its Content-Length too (RFC 9112 section 6.3: Transfer-Encoding
-    wins, and a proxy removes the other before forwarding)."""
-    given = list(headers)
-    drop = _hop_by_hop(given)
-    if any(name.lower() == b"transfer-encoding" for name, _ in given):
-        drop |= {b"content-length"}
-    out = [(n, v) for n, v in given if n.lower() not in drop]
+    """The request's end-to-end headers plus our Authorization (any the caller sent is replaced)."""
+    out = _end_to_end(headers)
     out.append((b"authorization", f"Bearer {token}".encode()))
     return out
 
 
 def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The answer's end-to-end headers, passed back."""
+    return _end_to_end(headers)
+
+
+def _end_to_end(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Without the hop-by-hop ones; a message that came chunked loses its Content-Length too (RFC
+    9112 section 6.3: Transfer-Encoding wins, and a proxy removes the other before forwarding), so
+    the next hop cannot be told another framing than the one the proxy read."""
     given = list(headers)
     drop = _hop_by_hop(given)
+    if any(name.lower() == b"transfer-encoding" for name, _ in given):
+        drop |= {b"content-length"}
     return [(n, v) for n, v in given if n.lower() not in drop]
 
 
