@@ -38,6 +38,8 @@ def test_the_route_s_parts() -> None:
     default = Route.of("https://dc.example.com")
     assert (default.port, default.authority, default.target(b"/")) == (443, b"dc.example.com", b"/")
     assert Route.of("http://[::1]:80/").authority == b"[::1]"
+    assert Route.of("https://bücher.example:8443").authority == b"xn--bcher-kva.example:8443"
+    assert Route.of("https://" + "a" * 70 + ".example").authority == b"a" * 70 + b".example"  # no IDNA limits on ASCII
     assert Route.of("https://[::1]:8443").authority == b"[::1]:8443"
     # an http upstream behind a proxy: the absolute form, the credentials (percent-decoded) as Basic
     forwarded = Route.of("http://dc.example.com:8080/api", "http://us%40er:p%3Ass@proxy.corp:3128")

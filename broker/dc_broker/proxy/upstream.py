@@ -129,6 +129,15 @@ def _protocol_error(exc: h11.ProtocolError) -> RemoteProtocolError:
 # ---------------------------------------------------------------- where requests go
 
 
+def _ascii(authority: str) -> bytes:
+    """``host[:port]`` as a Host header or CONNECT target carries it: an internationalised name in
+    its IDNA form."""
+    try:
+        return authority.encode("ascii")
+    except UnicodeEncodeError:
+        return authority.encode("idna")
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """The upstream's parts as requests need them, and the HTTP proxy on the way (or none)."""
@@ -152,7 +161,7 @@ class Route:
         port = parts.port or _DEFAULT_PORTS[scheme]
         shown = f"[{host}]" if ":" in host else host
         authority = shown if port == _DEFAULT_PORTS[scheme] else f"{shown}:{port}"
-        route = cls(scheme, host, port, authority.encode("idna"), parts.path.rstrip("/").encode())
+        route = cls(scheme, host, port, _ascii(authority), parts.path.rstrip("/").encode())
         if via is None:
             return route
         proxy = urlsplit(via)
@@ -374,7 +383,7 @@ class Upstream:
         """``CONNECT host:port`` through the proxy; a 2xx opens the tunnel."""
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
         shown = f"[{route.host}]" if ":" in route.host else route.host
-        target = f"{shown}:{route.port}".encode("idna")
+        target = _ascii(f"{shown}:{route.port}")
         headers = [(b"host", target)]
         if route.via_auth is not None:
             headers.append((b"proxy-authorization", route.via_auth))
