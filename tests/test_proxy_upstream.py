@@ -8,8 +8,11 @@ the bytes a test needs."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import queue
 import socket
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -17,6 +20,8 @@ import h11
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dc_broker.proxy.stream import CALLS_PER_CHECKPOINT, RawStream
 from dc_broker.proxy.upstream import (
@@ -288,3 +293,127 @@ async def test_an_answer_given_before_the_body_was_read_is_relayed_not_a_write_e
         head = await upstream.response()
         assert (head.status_code, await upstream.piece(), await upstream.piece()) == (413, b"too large", None)
         assert not upstream.idle  # the request was never finished: not reused
+
+
+# ---------------------------------------------------------------- any order of what an upstream does
+
+
+class Scripted:
+    """A blocking upstream in threads: each request head gets the next answer the test queued
+    (``SILENT``: close without answering). ``vanish`` closes every connection it holds, as a server
+    ending idle keep-alive connections does."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.answers: queue.Queue[bytes] = queue.Queue()
+        self.accepted = 0
+        self.live: dict[socket.socket, threading.Thread] = {}
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.live[conn] = thread
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                _, _, buf = buf.partition(b"\r\n\r\n")  # GETs only, but for the early answer
+                answer = self.answers.get(timeout=10)
+                if answer is not SILENT:
+                    conn.sendall(answer)
+                if answer is SILENT or b"connection: close" in answer.lower():
+                    return  # a body still coming is not read: the close resets it
+        except OSError:
+            return
+        finally:
+            conn.close()
+            self.live.pop(conn, None)
+
+    def vanish(self) -> None:
+        for conn, thread in list(self.live.items()):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # wakes its thread's recv, which closes it
+            thread.join(10)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.vanish()
+
+
+SILENT = b""
+#: what the upstream does with one request, what the client gets, whether the connection lives on
+SCRIPT = {
+    "ok": (OK, (200, b"ok"), True),
+    "close": (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbye", (200, b"bye"), False),
+    "garbage": (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", RemoteProtocolError, False),
+    "silent": (SILENT, RemoteProtocolError, False),
+    "early": (b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", (413, b""), False),
+}
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[Scripted]:
+    server = Scripted()
+    yield server
+    server.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.sampled_from([*SCRIPT, "vanish"]), max_size=12))
+async def test_any_order_of_answers_and_closes_reuses_exactly_the_sound_connections(
+    scripted: Scripted, steps: list[str]
+) -> None:
+    """Whatever the upstream does in whatever order (answers, answers and closes, garbage, silence,
+    an answer before the body was read, dropping idle connections): each request gets what was
+    answered or a named error, and a new connection is opened exactly when the last one cannot
+    carry another request."""
+
+    async def streamed() -> AsyncIterator[bytes]:
+        for _ in range(64):  # 4 MiB, most of it never read
+            yield b"b" * 65536
+
+    upstream = Upstreams(scripted.url, None).take()
+    accepted, connected, opened = scripted.accepted, False, 0
+    try:
+        for step in steps:
+            if step == "vanish":
+                scripted.vanish()
+                connected = False
+                continue
+            answer, expected, lives = SCRIPT[step]
+            opened += not connected
+            scripted.answers.put(answer)
+            body: bytes | AsyncIterator[bytes] = streamed() if step == "early" else b""
+            with trio.fail_after(10):
+                try:
+                    await upstream.send(b"POST" if step == "early" else b"GET", b"/" + step.encode(), [], body)
+                    head = await upstream.response()
+                    got: object = (head.status_code, b"".join([p async for p in _pieces(upstream)]))
+                except RemoteProtocolError:
+                    got = RemoteProtocolError
+            assert got == expected, (step, got)
+            connected = lives
+            assert upstream.idle is lives, step
+            assert scripted.accepted - accepted == opened, (steps, step)
+    finally:
+        upstream.close()
+        scripted.vanish()
+
+
+async def _pieces(upstream: Upstream) -> AsyncIterator[bytes]:
+    while (piece := await upstream.piece()) is not None:
+        yield piece
