@@ -355,6 +355,9 @@ async def test_dc_broker_proxy_s_upstream_through_a_proxy_that_wants_credentials
                 head, body = await exchange(connection, b"/echo")
             assert head.status_code == 200, (upstream, head, body)
             assert json.loads(body)["headers"]["authorization"] == f"Bearer {SECRET}"
+            if bundle is not None:  # said in the handshake: hypercorn offers h2 as well
+                assert isinstance(connection.stream, trio.SSLStream)
+                assert connection.stream.selected_alpn_protocol() == "http/1.1"
             connection.close()
         wrong = proxy.replace("http://", "http://corp:wr0ng-pw-x@")
         connection = Upstreams(tls, ca, via=wrong).take()

@@ -434,6 +434,7 @@ class Upstreams:
         idle: float = 300.0,
     ) -> None:
         self._tls = tls_context(ca_bundle)
+        self._tls.set_alpn_protocols(["http/1.1"])  # what it speaks, said in the handshake (as httpcore does)
         self.route = Route.of(upstream, via)
         self.via = via
         self._free: list[Upstream] = []
