@@ -358,6 +358,10 @@ async def test_dc_broker_proxy_s_upstream_through_a_proxy_that_wants_credentials
             if bundle is not None:  # said in the handshake: hypercorn offers h2 as well
                 assert isinstance(connection.stream, trio.SSLStream)
                 assert connection.stream.selected_alpn_protocol() == "http/1.1"
+            first = connection.stream
+            with trio.fail_after(20):
+                assert (await exchange(connection, b"/echo"))[0].status_code == 200
+            assert connection.stream is first  # kept alive, through the tunnel and TLS as well
             connection.close()
         wrong = proxy.replace("http://", "http://corp:wr0ng-pw-x@")
         connection = Upstreams(tls, ca, via=wrong).take()
