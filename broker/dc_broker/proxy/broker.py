@@ -3,13 +3,12 @@ the broker's socket, so ``lock``, ``logout``, ``remove`` and an ``invalidate`` t
 next request. No token is kept here between requests.
 
 A thin trio driver over ``dc_token.connection.ClientConnection`` (the one sans-IO client
-conversation): a few connections kept open, each used by one request at a time; a request writes
-its frame with a non-blocking ``send`` and reads with a non-blocking ``recv``, parking on trio's
-epoll only when the socket is empty (as the broker's own server does), so a token answered from the
-broker's memory costs one round trip: tens of microseconds of work, and two processes waking. A
-connection that served before and is found closed (the broker restarted) is replaced and the
-request sent once more (``may_retry``); a broker that does not answer within ``timeout`` is an
-error for that request.
+conversation): a few connections kept open, each used by one request at a time, over the proxy's
+``RawStream`` (non-blocking ``send`` and ``recv``, parking on trio's epoll only when the socket is
+empty, as the broker's own server does), so a token answered from the broker's memory costs one
+round trip: tens of microseconds of work, and two processes waking. A connection that served before
+and is found closed (the broker restarted) is replaced and the request sent once more
+(``may_retry``); a broker that does not answer within ``timeout`` is an error for that request.
 
 Must never: keep a token after its request; log one.
 """
@@ -22,6 +21,7 @@ from typing import Any
 
 import trio
 
+from dc_broker.proxy.stream import RawStream
 from dc_token.connection import ClientConnection, Closed, End, Failed, Result, may_retry
 from dc_token.errors import BrokerError, BrokerTimeout, BrokerUnavailable, RemoteProtocolError
 from dc_token.paths import unreachable
@@ -32,24 +32,21 @@ _RECV = 65536
 class _Link:
     """One connection to the broker and its conversation."""
 
-    __slots__ = ("conn", "sock")
+    __slots__ = ("conn", "stream")
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+        self.stream = RawStream(sock)
         self.conn = ClientConnection()
 
     async def ask(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """One request and its reply; ``_Gone`` if the connection died under it."""
         _, frame = self.conn.send_request(op, args)
-        view = memoryview(frame)
-        while view:
-            try:
-                view = view[self.sock.send(view) :]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
-            except OSError:
-                raise _Gone from None
-        await trio.lowlevel.wait_readable(self.sock)  # the broker is another process: it has not answered yet
+        try:
+            await self.stream.send_all(frame)
+        except trio.BrokenResourceError:
+            raise _Gone from None
+        # the broker is another process: it has not answered yet, so no recv is tried before this
+        await trio.lowlevel.wait_readable(self.stream.socket)
         while True:
             event = self.conn.next_event()
             if isinstance(event, Result):
@@ -61,11 +58,8 @@ class _Link:
             if isinstance(event, Closed):
                 raise _Gone
             try:
-                data = self.sock.recv(_RECV)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
-                continue
-            except OSError:
+                data = await self.stream.receive_some(_RECV)
+            except trio.BrokenResourceError:
                 data = b""
             self.conn.receive_data(data)
 
@@ -117,7 +111,7 @@ class BrokerTokens:
                 try:
                     result = await link.ask(op, args)
                 except _Gone:
-                    link.sock.close()
+                    link.stream.close()
                     served, link = may_retry(link.conn), None
                     if retried or not served:
                         raise BrokerUnavailable(f"the broker on {self.socket_path} closed the connection") from None
@@ -125,7 +119,7 @@ class BrokerTokens:
                     continue
                 except BrokerError:
                     if link.conn.closed:
-                        link.sock.close()
+                        link.stream.close()
                         link = None
                     raise  # else an error reply: the conversation is intact
                 return result
@@ -133,7 +127,7 @@ class BrokerTokens:
             raise BrokerUnavailable(f"the broker on {self.socket_path} sent garbage: {exc}") from None
         except BaseException as exc:
             if link is not None and not isinstance(exc, BrokerError):
-                link.sock.close()  # timed out, cancelled or garbled mid-request: its reply would confuse the next
+                link.stream.close()  # timed out, cancelled or garbled mid-request: its reply would confuse the next
                 link = None
             raise
         finally:
@@ -151,11 +145,9 @@ class BrokerTokens:
         except OSError as exc:
             sock.close()
             raise unreachable(self.socket_path, exc) from None
-        raw = socket.socket(fileno=sock.detach())
-        raw.setblocking(False)
-        return _Link(raw)
+        return _Link(socket.socket(fileno=sock.detach()))
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
         for link in idle:
-            link.sock.close()
+            link.stream.close()

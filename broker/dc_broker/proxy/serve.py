@@ -209,12 +209,6 @@ async def linger(stream: RawStream, seconds: float) -> None:
         await trio.aclose_forcefully(stream)
 
 
-def _stream(sock: socket.socket) -> RawStream:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as trio's SocketStream
-    return RawStream(sock)
-
-
 class Proxy:
     """One upstream, one profile, one user: the accept loops, the peer check, the requests."""
 
@@ -286,7 +280,7 @@ class Proxy:
         if isinstance(caller, Known) and caller.uid == self.rules.uid:
             if self._owner_open < self.limits.connections:
                 self._owner_open += 1
-                nursery.start_soon(self._owner, _stream(sock), caller)
+                nursery.start_soon(self._owner, RawStream(sock), caller)
                 return
             self._refuse(sock, "busy", busy(self.limits), nursery)
             return
@@ -301,7 +295,7 @@ class Proxy:
             sock.close()  # enough of this caller's refusals are being told already
             return
         self._refusing[key] += 1
-        nursery.start_soon(self._tell, _stream(sock), key, refused)
+        nursery.start_soon(self._tell, RawStream(sock), key, refused)
 
     def _log_refusal(self, key: int | str | None, refused: Refused) -> None:
         """One line per caller (uid, or the unnamed) per ``_LOG_EVERY`` seconds, counting the rest:

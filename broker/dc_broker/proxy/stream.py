@@ -1,5 +1,6 @@
 """``RawStream``: a trio ``Stream`` over a non-blocking stdlib socket that calls the socket first and
-parks on trio's epoll only when the call would block, for the proxy's connections both ways.
+parks on trio's epoll only when the call would block, for every connection of the proxy's process:
+its clients', the upstream's, the broker's.
 
 trio's ``SocketStream`` passes through the scheduler on every ``receive_some``/``send_all``, even
 when the data is there (a checkpoint before and one after): on the proxy's path (a request read, a
@@ -31,12 +32,14 @@ DEFAULT_RECEIVE: Final = 64 * 1024
 
 
 class RawStream(trio.abc.HalfCloseableStream):
-    """A connected stdlib socket (set non-blocking here) as a trio stream."""
+    """A connected stdlib socket (set non-blocking here, and TCP_NODELAY on TCP) as a trio stream."""
 
     __slots__ = ("_calls", "_closed", "socket")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as trio's SocketStream
         self.socket = sock
         self._calls = 0
         self._closed = False
