@@ -13,6 +13,7 @@ from dc_broker.errors import ConfigError
 from dc_broker.idp.proxies import (
     DIRECT,
     EnvProxies,
+    basic_credentials,
     credential_forms,
     redacted,
     route,
@@ -168,6 +169,10 @@ def test_scrub_takes_every_encoding_of_the_credentials_out() -> None:
         for piece in ("px", "p:ss", "p%3A", basic[:8], basic.rstrip("=")[-8:]):
             assert piece not in out.removeprefix("407 you sent "), (text, out)
     assert credential_forms("http://proxy.corp.example:3128") == ()
+    # what dc-broker proxy itself sends is one of the forms scrubbed
+    assert basic_credentials(proxy) == f"Basic {basic}".encode()
+    assert basic in credential_forms(proxy)
+    assert basic_credentials("http://proxy.corp.example:3128") is None
 
 
 def test_redacted_keeps_a_value_without_credentials() -> None:

@@ -42,7 +42,8 @@ def test_the_route_s_parts() -> None:
     assert (plain.authority, plain.prefix, plain.target(b"/x?y=1")) == (b"127.0.0.1:8080", b"/api", b"/api/x?y=1")
     default = Route.of("https://dc.example.com")
     assert (default.port, default.authority, default.target(b"/")) == (443, b"dc.example.com", b"/")
-    assert Route.of("http://[::1]:80/").authority == b"[::1]"
+    assert default.connect == b"dc.example.com:443"  # a CONNECT target always names its port
+    assert (Route.of("http://[::1]:80/").authority, Route.of("http://[::1]:80/").connect) == (b"[::1]", b"[::1]:80")
     assert Route.of("https://bücher.example:8443").authority == b"xn--bcher-kva.example:8443"
     assert Route.of("https://" + "a" * 70 + ".example").authority == b"a" * 70 + b".example"  # no IDNA limits on ASCII
     assert Route.of("https://[::1]:8443").authority == b"[::1]:8443"

@@ -40,9 +40,12 @@ from dc_broker.config.values import proxy_setting_problem as setting_problem
 from dc_broker.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_PORTS",
     "DIRECT",
     "EnvProxies",
+    "basic_credentials",
     "credential_forms",
+    "host_port",
     "redacted",
     "route",
     "scrub",
@@ -50,7 +53,7 @@ __all__ = [
     "shown",
 ]
 
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +97,7 @@ def route(url: str, setting: str | None, env: EnvProxies) -> str | None:
     chosen = env.https or env.all
     if chosen is None:
         return None
-    port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
     if any(_bypasses(entry, host, port) for entry in env.no_proxy):
         return None
     return chosen
@@ -103,10 +106,22 @@ def route(url: str, setting: str | None, env: EnvProxies) -> str | None:
 def shown(proxy: str) -> str:
     """A proxy URL as messages show it: scheme, host and port, no credentials."""
     parts = urlsplit(proxy)
-    host = parts.hostname or "?"
-    host = f"[{host}]" if ":" in host else host
-    port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
-    return f"{parts.scheme}://{host}:{port}"
+    return f"{parts.scheme}://{host_port(parts.hostname or '?', parts.port or DEFAULT_PORTS.get(parts.scheme, 0))}"
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def basic_credentials(proxy: str) -> bytes | None:
+    """The ``Proxy-Authorization`` value for ``proxy``'s credentials as httpx sends it (``Basic``, the
+    URL's user and password percent-decoded: one of ``credential_forms``), or None without any."""
+    parts = urlsplit(proxy)
+    if parts.username is None:
+        return None
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return b"Basic " + base64.b64encode(pair)
 
 
 @functools.lru_cache(maxsize=64)

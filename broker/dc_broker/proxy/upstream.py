@@ -31,20 +31,21 @@ turn off certificate checks, or reuse a connection whose exchange did not finish
 
 from __future__ import annotations
 
-import base64
 import contextlib
+import dataclasses
 import select
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import h11
 import trio
 
 from dc_broker.errors import ConfigError, telling
+from dc_broker.idp.proxies import DEFAULT_PORTS, basic_credentials, host_port
 from dc_broker.proxy.stream import RawStream
 
 #: the largest answer head read from the upstream (httpcore's limit)
@@ -54,7 +55,6 @@ MAX_ANSWER_HEAD: Final = 100 * 1024
 #: request leaves makes that request fail where a new connection would have served it
 KEEPALIVE_EXPIRY: Final = 5.0
 _CHUNK: Final = 64 * 1024
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _IDLE_CHECK: Final = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
@@ -147,6 +147,7 @@ class Route:
     port: int
     authority: bytes  # the Host header: host, and the port unless the scheme's default
     prefix: bytes  # the base URL's path, prepended to every request target
+    connect: bytes  # host:port, the CONNECT target through a proxy
     via: str | None = None
     via_host: str = ""
     via_port: int = 0
@@ -158,29 +159,21 @@ class Route:
         parts = urlsplit(base)
         scheme = parts.scheme.lower()
         host = parts.hostname or ""
-        port = parts.port or _DEFAULT_PORTS[scheme]
-        shown = f"[{host}]" if ":" in host else host
-        authority = shown if port == _DEFAULT_PORTS[scheme] else f"{shown}:{port}"
-        route = cls(scheme, host, port, _ascii(authority), parts.path.rstrip("/").encode())
+        port = parts.port or DEFAULT_PORTS[scheme]
+        connect = host_port(host, port)
+        authority = connect.removesuffix(f":{port}") if port == DEFAULT_PORTS[scheme] else connect
+        route = cls(scheme, host, port, _ascii(authority), parts.path.rstrip("/").encode(), _ascii(connect))
         if via is None:
             return route
         proxy = urlsplit(via)
-        auth = None
-        if proxy.username is not None:
-            pair = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode()
-            auth = b"Basic " + base64.b64encode(pair)
         via_scheme = proxy.scheme.lower()
-        return cls(
-            scheme,
-            host,
-            port,
-            route.authority,
-            route.prefix,
+        return dataclasses.replace(
+            route,
             via=via,
             via_host=proxy.hostname or "",
-            via_port=proxy.port or _DEFAULT_PORTS[via_scheme],
+            via_port=proxy.port or DEFAULT_PORTS[via_scheme],
             via_tls=via_scheme == "https",
-            via_auth=auth,
+            via_auth=basic_credentials(via),
         )
 
     @property
@@ -382,12 +375,10 @@ class Upstream:
     async def _tunnel(self, stream: trio.abc.Stream, route: Route) -> None:
         """``CONNECT host:port`` through the proxy; a 2xx opens the tunnel."""
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
-        shown = f"[{route.host}]" if ":" in route.host else route.host
-        target = _ascii(f"{shown}:{route.port}")
-        headers = [(b"host", target)]
+        headers = [(b"host", route.connect)]
         if route.via_auth is not None:
             headers.append((b"proxy-authorization", route.via_auth))
-        await stream.send_all(conn.send(h11.Request(method=b"CONNECT", target=target, headers=headers)) or b"")
+        await stream.send_all(conn.send(h11.Request(method=b"CONNECT", target=route.connect, headers=headers)) or b"")
         while True:
             try:
                 event = conn.next_event()
