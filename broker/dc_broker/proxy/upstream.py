@@ -346,18 +346,16 @@ class Upstream:
     async def _open(self) -> trio.abc.Stream:
         """A connection to the upstream (through the proxy's tunnel, TLS verified), within ``connect``."""
         connect = self._limits[0]
-        route = self.route
-        with trio.move_on_after(connect):
-            try:
-                return await self._connect(route)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.close()
-                raise ConnectError(telling(exc, named=False)) from None
-            except BaseException:
-                self.close()
-                raise
-        self.close()
-        raise ConnectTimeout(f"no connection within {connect:g} s")
+        try:
+            with trio.move_on_after(connect):
+                try:
+                    return await self._connect(self.route)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise ConnectError(telling(exc, named=False)) from None
+            raise ConnectTimeout(f"no connection within {connect:g} s")
+        except BaseException:
+            self.close()  # whatever part of it was made
+            raise
 
     async def _connect(self, route: Route) -> trio.abc.Stream:
         host, port = (route.via_host, route.via_port) if route.via is not None else (route.host, route.port)
