@@ -22,6 +22,7 @@ from dc_token import cli, sync
 from dc_token.errors import BrokerTimeout
 from dc_token.httpx import RETRY_MIN_TTL, BrokerAuth, GetToken, Invalidate
 from dc_token.sync import CACHE_MARGIN, Token, TokenCache, TokenClient
+from tests.sockets import accept_in_thread
 
 
 def tok(value: str = "t1", profile: str = "acme", expires_at: float = 2e9) -> Token:
@@ -291,16 +292,7 @@ def silent_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     listener.bind(path)
     listener.listen(8)
     held: list[socket.socket] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            held.append(conn)
-
-    threading.Thread(target=serve, daemon=True).start()
+    accept_in_thread(listener, held.append)
     try:
         yield path
     finally:

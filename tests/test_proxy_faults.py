@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
@@ -27,6 +26,7 @@ from dc_broker.proxy.rules import MAX_URL, Limits, Rules
 from dc_broker.proxy.serve import Proxy
 from dc_broker.proxy.upstream import Upstreams
 from tests.e2e import dev_broker
+from tests.sockets import accept_in_thread, each_in_thread, read_head
 from tests.test_proxy import curl, proxy_process
 
 TRUNCATED = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000  # then the connection closes
@@ -48,27 +48,14 @@ def raw_upstream() -> Iterator[str]:
     def handle(conn: socket.socket) -> None:
         with conn:
             buf = b""
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
+            while (read := read_head(conn, buf)) is not None:
+                head, buf = read
                 if head.split(b" ")[1].startswith(b"/truncated"):
                     conn.sendall(TRUNCATED)
                     return
                 conn.sendall(BOTH if head.split(b" ")[1] == b"/both" else OK)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
+    accept_in_thread(listener, each_in_thread(handle))
     try:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:

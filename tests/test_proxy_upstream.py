@@ -33,6 +33,7 @@ from dc_broker.proxy.upstream import (
     Upstream,
     Upstreams,
 )
+from tests.sockets import accept_in_thread, read_head
 
 SECRET = "eyJ-the-token-itself"
 
@@ -310,29 +311,19 @@ class Scripted:
         self.answers: queue.Queue[bytes] = queue.Queue()
         self.accepted = 0
         self.live: dict[socket.socket, threading.Thread] = {}
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_in_thread(self.listener, self._take)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self.live[conn] = thread
-            thread.start()
+    def _take(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+        self.live[conn] = thread
+        thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
         buf = b""
         try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                _, _, buf = buf.partition(b"\r\n\r\n")  # GETs only, but for the early answer
+            while (read := read_head(conn, buf)) is not None:
+                buf = read[1]  # GETs only, but for the early answer
                 answer = self.answers.get(timeout=10)
                 if answer is not SILENT:
                     conn.sendall(answer)

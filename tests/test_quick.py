@@ -17,7 +17,6 @@ import socket
 import struct
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from hypothesis import strategies as st
 from dc_token import cli, quick
 from dc_token.cache import token_args
 from dc_token.protocol import MAX_FRAME, Request, encode, minipack_codec
+from tests.sockets import accept_in_thread
 
 NAME_FIRST = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 names = st.text(NAME_FIRST, min_size=1, max_size=1).flatmap(
@@ -56,22 +56,16 @@ class FakeBroker:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(16)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        accept_in_thread(self.listener, self._serve)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):  # a client may close before the script ends
-                head = _read(conn, 4)
-                self.requests.append(head + _read(conn, int.from_bytes(head, "big")))
-                step = max(1, math.ceil(len(self.script) / self.chunks))
-                for i in range(0, len(self.script), step):
-                    conn.sendall(self.script[i : i + step])
-                    time.sleep(0.001)
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # a client may close before the script ends
+            head = _read(conn, 4)
+            self.requests.append(head + _read(conn, int.from_bytes(head, "big")))
+            step = max(1, math.ceil(len(self.script) / self.chunks))
+            for i in range(0, len(self.script), step):
+                conn.sendall(self.script[i : i + step])
+                time.sleep(0.001)
 
     def close(self) -> None:
         self.listener.close()
