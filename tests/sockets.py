@@ -1,11 +1,13 @@
 """Blocking socket servers for tests: a listener's connections handed over in a thread, and an HTTP
-request head read off a connection."""
+request head read off a connection (or off a trio stream)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 from collections.abc import Callable
+
+import trio
 
 
 def accept_in_thread(listener: socket.socket, take: Callable[[socket.socket], None]) -> threading.Thread:
@@ -35,6 +37,17 @@ def read_head(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
     after it; None when the client closes first."""
     while b"\r\n\r\n" not in buf:
         data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+async def receive_head(stream: trio.abc.ReceiveStream, buf: bytes) -> tuple[bytes, bytes] | None:
+    """``read_head`` for a trio stream."""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
         if not data:
             return None
         buf += data

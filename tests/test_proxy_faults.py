@@ -176,20 +176,22 @@ async def h11_upstream(stream: trio.SocketStream) -> None:
 
 
 @asynccontextmanager
-async def in_process_proxy(tmp_path: Path, limits: Limits | None = None) -> AsyncIterator[str]:
-    """An upstream and a proxy in this trio run; yields the proxy's Unix socket path."""
+async def in_process_proxy(tmp_path: Path, limits: Limits | None = None, upstream: str = "") -> AsyncIterator[str]:
+    """A proxy in this trio run in front of ``upstream`` (by default ``h11_upstream``, started here
+    too); yields the proxy's Unix socket path."""
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, h11_upstream, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
+        if not upstream:
+            listeners = await nursery.start(partial(trio.serve_tcp, h11_upstream, 0, host="127.0.0.1"))
+            upstream = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         path = str(tmp_path / "proxy.sock")
         raw = socket.socket(socket.AF_UNIX)
         raw.bind(path)
         raw.listen()
         proxy = Proxy(
             "demo",
-            f"http://127.0.0.1:{port}",
+            upstream,
             tokens=FixedToken(),
-            http=Upstreams(f"http://127.0.0.1:{port}", None),
+            http=Upstreams(upstream, None),
             rules=Rules(os.geteuid()),
             limits=limits or Limits(),
         )

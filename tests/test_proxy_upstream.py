@@ -33,7 +33,7 @@ from dc_broker.proxy.upstream import (
     Upstream,
     Upstreams,
 )
-from tests.sockets import accept_in_thread, read_head
+from tests.sockets import accept_in_thread, read_head, receive_head
 
 SECRET = "eyJ-the-token-itself"
 
@@ -169,13 +169,8 @@ async def raw_upstream(answer: Callable[[bytes], bytes | None]) -> AsyncIterator
         accepted.append(1)
         buf = b""
         async with stream:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
+            while (read := await receive_head(stream, buf)) is not None:
+                head, buf = read
                 reply = answer(head)
                 if reply is None:
                     return

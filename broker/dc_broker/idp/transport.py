@@ -14,6 +14,13 @@ the next refresh token, nor send a password grant again and again to an IdP that
 anyone in. If the answer to a request that spends a single-use credential (``HttpRequest.spends``:
 a refresh token Keycloak may rotate) is lost anyway after it went out, the failure is ``AnswerLost``.
 
+**Kept connections** are reused (httpx's pool, 5 s), and a server closes an idle one when its own
+keep-alive timeout runs out, which may be just as a request leaves on it: the request then fails
+before any answer (a reset, or "disconnected without sending a response") though the IdP is fine.
+httpcore's ``trace`` says whether a request went out on a kept connection (``_Trace``); one that
+broke that way is sent again, on another connection (``STALE_RETRIES``), as Go's ``net/http`` does.
+A new connection that breaks, a timeout, or an answer whose head came is never sent again here.
+
 **Client certificates** (RFC 8705 ``tls_client_auth``): a profile's certificate and key files are
 loaded into its own SSL context (one client per CA bundle, proxy and certificate), presented on the
 TLS connection to the IdP. The files are looked at (``os.stat``) for every request: a renewed
@@ -51,6 +58,13 @@ from dc_broker.idp.oidc import HttpRequest, HttpResponse
 #: connection pool re-scans every waiting request each time one finishes: 1,000 profiles refreshing
 #: against one IdP at once pinned the event loop there (a broker that then could not even stop)
 MAX_PER_ORIGIN: Final = 16
+#: a request that meets a kept connection the IdP has just closed (its keep-alive timeout ran out as
+#: the request left: Apache's and hypercorn's is 5 s, httpx's own expiry too) goes again, on another:
+#: once per kept connection at most (httpx keeps 20, ``httpx.Limits``' default), since each one that
+#: breaks is dropped. The IdP had not read it, or (a server that dies mid-request) it is a token
+#: endpoint POST, safe to repeat: a repeated grant is another grant, and a rotated refresh token
+#: whose answer was lost is spent either way
+STALE_RETRIES: Final = 20
 #: the largest IdP answer read (a token response is a few KiB)
 _MAX_BODY: Final = 1024 * 1024
 #: a client certificate that expires within this many seconds is warned about in the log
@@ -243,33 +257,83 @@ class IdpTransport:
         self, client: httpx.AsyncClient, req: HttpRequest, content: bytes | None, where: str, via: str | None
     ) -> HttpResponse:
         timeout = self._patient_timeout if req.patient else self._timeout
-        try:
-            async with client.stream(
-                req.method, req.url, headers=dict(req.headers), content=content, timeout=timeout
-            ) as resp:
-                body = b""
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                    if len(body) > _MAX_BODY:
-                        raise UpstreamGarbage(f"identity provider answer exceeds {_MAX_BODY} bytes")
-                headers = {k.lower(): v for k, v in resp.headers.items()}
-                return HttpResponse(resp.status_code, headers, body)
-        except httpx.TimeoutException as exc:
-            lost = AnswerLost if req.precious and _maybe_sent(exc) else UpstreamTransient
-            raise lost(f"identity provider timed out ({type(exc).__name__}) at {where}") from None
-        except httpx.ProxyError as exc:  # the proxy's answer to CONNECT, e.g. "502 Bad Gateway"
-            raise _proxy_refused(via or "", req.url, _safe(exc, via, named=False)) from None
-        except httpx.TransportError as exc:
-            hint = ""
-            if any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(exc)):
-                hint = "; if the IdP's certificate comes from a private CA, give the profile its CA (ca_bundle = PATH)"
-            lost = AnswerLost if req.precious and _maybe_sent(exc) else UpstreamTransient
-            raise lost(f"identity provider unreachable at {where}: {_safe(exc, via)}{hint}") from None
+        attempts = 0
+        while True:
+            attempts += 1
+            trace = _Trace()
+            try:
+                return await self._exchange(client, req, content, timeout, trace)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+                if not trace.stale or attempts > STALE_RETRIES:
+                    raise _failure(exc, req, where, via) from None
+                # the server closed a kept connection as the request left (its keep-alive timeout):
+                # it never read the request, so it goes again, on another connection
+                log.debug("%s closed a kept connection unanswered (%s); sending again", where, type(exc).__name__)
+            except httpx.TransportError as exc:
+                raise _failure(exc, req, where, via) from None
+
+    async def _exchange(
+        self, client: httpx.AsyncClient, req: HttpRequest, content: bytes | None, timeout: httpx.Timeout, trace: _Trace
+    ) -> HttpResponse:
+        async with client.stream(
+            req.method,
+            req.url,
+            headers=dict(req.headers),
+            content=content,
+            timeout=timeout,
+            extensions={"trace": trace},
+        ) as resp:
+            body = b""
+            async for chunk in resp.aiter_bytes():
+                body += chunk
+                if len(body) > _MAX_BODY:
+                    raise UpstreamGarbage(f"identity provider answer exceeds {_MAX_BODY} bytes")
+            headers = {k.lower(): v for k, v in resp.headers.items()}
+            return HttpResponse(resp.status_code, headers, body)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+def _failure(exc: httpx.TransportError, req: HttpRequest, where: str, via: str | None) -> UpstreamTransient:
+    """An httpx failure as the broker's own error: ``AnswerLost`` when it may have come after a
+    request that spends a single-use credential went out."""
+    lost = AnswerLost if req.precious and _maybe_sent(exc) else UpstreamTransient
+    if isinstance(exc, httpx.TimeoutException):
+        return lost(f"identity provider timed out ({type(exc).__name__}) at {where}")
+    if isinstance(exc, httpx.ProxyError):  # the proxy's answer to CONNECT, e.g. "502 Bad Gateway"
+        return _proxy_refused(via or "", req.url, _safe(exc, via, named=False))
+    hint = ""
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(exc)):
+        hint = "; if the IdP's certificate comes from a private CA, give the profile its CA (ca_bundle = PATH)"
+    return lost(f"identity provider unreachable at {where}: {_safe(exc, via)}{hint}")
+
+
+class _Trace:
+    """httpcore's ``trace`` extension for one attempt: whether the request went out on a kept
+    connection (no connection was opened for it) and whether any of its answer came back. Only
+    httpcore says so: with another transport (a test's ``MockTransport``) nothing is known, and
+    nothing is ``stale``."""
+
+    __slots__ = ("answered", "opened", "sent")
+
+    def __init__(self) -> None:
+        self.opened = self.sent = self.answered = False
+
+    async def __call__(self, name: str, info: object) -> None:
+        if name.startswith("connection.connect_"):  # connect_tcp, connect_unix_socket
+            self.opened = True
+        elif name == "http11.send_request_headers.started":
+            self.sent = True
+        elif name == "http11.receive_response_headers.complete":
+            self.answered = True
+
+    @property
+    def stale(self) -> bool:
+        """Sent on a kept connection that broke before any answer: the server had closed it."""
+        return self.sent and not self.opened and not self.answered
 
 
 def _maybe_sent(exc: httpx.TransportError) -> bool:

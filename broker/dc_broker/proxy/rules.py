@@ -17,6 +17,10 @@ Rules
     * A 401 from upstream: the token was refused. Tell the broker (``invalidate``), and send the
       request once more only if its body was kept (at most ``REPLAY_LIMIT``) and the broker now gives
       another token (``retry_after_401``); otherwise the 401 goes back to the caller.
+    * A kept upstream connection the upstream closed just as a request left on it (its keep-alive
+      timeout): the request goes again, on a new connection, only if its method is idempotent and
+      its body was kept (``send_again``, RFC 9112 9.3.1: a proxy never sends a non-idempotent
+      request again by itself); otherwise 502, saying why.
     * Time (``Limits``): a request head must arrive within ``request_head``; an idle keep-alive
       connection closes after ``keep_alive``; the upstream must connect within ``connect`` and
       start its answer within ``response_head`` of the request's end. A body in either direction
@@ -255,6 +259,26 @@ def retry_after_401(status: int, replayable: bool, sent: str, fresh: str) -> boo
     kept, and the broker (told of the refusal) gives a token that is not the refused one. The broker
     refreshes a refused token at most once per 10 s, so a second 401 soon after goes back as is."""
     return status == 401 and replayable and fresh != sent
+
+
+#: RFC 9110 9.2.2: methods whose request, sent twice, has the effect of sending it once
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def send_again(method: bytes, replayable: bool, stale: bool) -> bool:
+    """Send the request again, on a new connection: it went out on a kept connection that broke
+    before any of an answer came (``stale``: the upstream had closed it; a late answer is a 504,
+    never this), its method is idempotent and its body was kept."""
+    return stale and replayable and method in IDEMPOTENT
+
+
+def not_sent_again(method: bytes, replayable: bool) -> str:
+    """Why a request that met a closing kept connection was not sent again."""
+    why = "its body was streamed, not kept" if method in IDEMPOTENT and not replayable else "it is not idempotent"
+    return (
+        f"the upstream closed a kept connection as this {method.decode('ascii', 'replace')} left on it; "
+        f"{why}, so the proxy does not send it again by itself: send it again if it is safe to"
+    )
 
 
 # ---------------------------------------------------------------- what the proxy says itself

@@ -65,10 +65,12 @@ from dc_broker.proxy.rules import (
     broker_refused,
     busy,
     foreign,
+    not_sent_again,
     plain,
     raw_answer,
     response_headers,
     retry_after_401,
+    send_again,
     unknown_caller,
     upstream_failed,
     upstream_headers,
@@ -455,7 +457,28 @@ class Proxy:
     async def _send(
         self, upstream: Upstream, request: h11.Request, body: bytes | AsyncIterator[bytes], token: str
     ) -> h11.Response:
-        """The request upstream, and the head of its answer. The head must come within
+        """The request upstream, and the head of its answer; sent again on a new connection if the
+        kept one it went out on had been closed by the upstream and it may be (``send_again``)."""
+        try:
+            return await self._attempt(upstream, request, body, token)
+        except UpstreamError as exc:
+            failed = exc
+        replayable = isinstance(body, bytes)
+        if send_again(request.method, replayable, upstream.stale):
+            log.info("%s: the upstream closed a kept connection as the request left; sending it again", self.upstream)
+            try:
+                return await self._attempt(upstream, request, body, token)
+            except UpstreamError as exc:
+                failed = exc
+        why = telling(failed)
+        if upstream.stale:
+            why += "; " + not_sent_again(request.method, replayable)
+        raise self._failed(why, timeout=failed.timeout) from None
+
+    async def _attempt(
+        self, upstream: Upstream, request: h11.Request, body: bytes | AsyncIterator[bytes], token: str
+    ) -> h11.Response:
+        """One sending of the request, and the head of its answer. The head must come within
         ``response_head`` of the request body's end (a streamed body moves at the client's pace)."""
         headers = upstream_headers(request.headers.raw_items(), token)
         head_within = self.limits.response_head
@@ -470,8 +493,6 @@ class Proxy:
             raise self._failed(f"no answer within {head_within:g} s", timeout=True)
         except Unsendable as exc:
             raise Refused(400, f"dc-broker proxy: the request cannot be sent upstream: {exc}") from None
-        except UpstreamError as exc:
-            raise self._failed(telling(exc), timeout=exc.timeout) from None
 
     def _failed(self, why: str, *, timeout: bool = False) -> Refused:
         via = self.http.via

@@ -7,8 +7,10 @@ so: a ``CONNECT`` tunnel for an https upstream, the absolute-form target for an 
 proxy URL's credentials as ``Proxy-Authorization: Basic`` either way (as httpx sends them). It
 (re)connects by itself when its request finds no usable connection: none yet, a failed or
 unfinished exchange, or an idle connection the server has closed (readable while idle, as
-httpcore checks). Each request is sent as it came (no default headers, cookies or redirects), with
-the upstream's ``Host`` and ``Content-Length`` (or chunked, for a streamed body of unknown length).
+httpcore checks). One the server closes just as a request leaves on it is ``stale`` after the
+failure: the request was never read, and the caller may send it again (``rules.send_again``).
+Each request is sent as it came (no default headers, cookies or redirects), with the upstream's
+``Host`` and ``Content-Length`` (or chunked, for a streamed body of unknown length).
 
 Why not httpx here: the proxy forwards one request at a time per client connection to one origin,
 which is all of h11 and none of httpx's client (URL model, header normalisation, pool, response
@@ -50,10 +52,11 @@ from dc_broker.proxy.stream import RawStream
 
 #: the largest answer head read from the upstream (httpcore's limit)
 MAX_ANSWER_HEAD: Final = 100 * 1024
-#: an idle connection older than this (seconds) is not reused (httpx's default keep-alive expiry):
-#: servers close idle connections after a few seconds (Apache: 5), and one that closes just as a
-#: request leaves makes that request fail where a new connection would have served it
-KEEPALIVE_EXPIRY: Final = 5.0
+#: an idle connection older than this (seconds) is not reused: servers close idle connections after
+#: a few seconds (Apache, Node.js and hypercorn: 5), and one that closes just as a request leaves
+#: makes that request fail where a new connection would have served it. Under their 5 s: an
+#: idempotent request that meets such a close is sent again (``rules.send_again``), a POST is not
+KEEPALIVE_EXPIRY: Final = 4.0
 _CHUNK: Final = 64 * 1024
 _IDLE_CHECK: Final = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
@@ -195,7 +198,7 @@ class Route:
 class Upstream:
     """One keep-alive HTTP/1.1 connection to the upstream, (re)opened by ``send`` when needed."""
 
-    __slots__ = ("_idle_since", "_limits", "_raw", "_tls", "h11", "route", "stream")
+    __slots__ = ("_heard", "_idle_since", "_kept", "_limits", "_raw", "_tls", "h11", "route", "stream")
 
     def __init__(self, route: Route, tls: ssl.SSLContext, *, connect: float, idle: float) -> None:
         self.route = route
@@ -204,7 +207,15 @@ class Upstream:
         self.stream: trio.abc.Stream | None = None
         self._raw: RawStream | None = None
         self._idle_since = 0.0  # when its last exchange ended (trio's clock)
+        self._kept = False  # the current exchange went out on a connection an earlier one used
+        self._heard = False  # some of the current exchange's answer has come
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
+
+    @property
+    def stale(self) -> bool:
+        """After a failure: the exchange went out on a kept connection that broke before any of an
+        answer came. The upstream had closed it (its keep-alive timeout) and never read the request."""
+        return self._kept and not self._heard
 
     @property
     def idle(self) -> bool:
@@ -231,7 +242,8 @@ class Upstream:
         self, method: bytes, path: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes | AsyncIterator[bytes]
     ) -> None:
         """The request, head and body; its answer is read with ``response`` and ``piece``."""
-        if not self._usable():
+        self._kept, self._heard = self._usable(), False
+        if not self._kept:
             self.close()
             self.stream = await self._open()
             self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
@@ -341,6 +353,7 @@ class Upstream:
                 self.close()
                 raise ReadError(telling(exc, named=False)) from None
             closed = not data
+            self._heard = self._heard or not closed
             self.h11.receive_data(bytes(data))
 
     async def _open(self) -> trio.abc.Stream:
