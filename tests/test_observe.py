@@ -248,7 +248,9 @@ def test_metrics_follow_known_events_and_the_http_endpoint_serves_them(tmp_path:
         assert value(fams, "dc_broker_refresh_failures", profile="down", reason="unreachable") >= 1
         rotations = value(fams, "dc_broker_refresh_token_rotations", profile="good")
         attempts = value(fams, "dc_broker_refresh_attempts", profile="good")
-        assert rotations >= 1 and attempts == rotations + 1  # the login, then every refresh rotated
+        # the login, then every refresh rotated; an attempt counts when it starts, so one may be at
+        # the IdP as the metrics are read (tokens live 3 s here): its rotation is still to come
+        assert rotations >= 1 and attempts - rotations in (1, 2), (attempts, rotations)
         assert value(fams, "dc_broker_relogins", profile="good", grant="password") == 1  # the first login only
         assert value(fams, "dc_broker_relogins", profile="wrong", grant="password") == 1
         latency = {
