@@ -366,8 +366,9 @@ async def test_any_order_of_answers_and_closes_reuses_exactly_the_sound_connecti
 ) -> None:
     """Whatever the upstream does in whatever order (answers, answers and closes, garbage, silence,
     an answer before the body was read, dropping idle connections): each request gets what was
-    answered or a named error, and a new connection is opened exactly when the last one cannot
-    carry another request."""
+    answered or a named error, a new connection is opened exactly when the last one cannot carry
+    another request, and a failure is ``stale`` (may be sent again) exactly when a kept connection
+    was closed on the request unanswered."""
 
     async def streamed() -> AsyncIterator[bytes]:
         for _ in range(64):  # 4 MiB, most of it never read
@@ -393,6 +394,8 @@ async def test_any_order_of_answers_and_closes_reuses_exactly_the_sound_connecti
                 except RemoteProtocolError:
                     got = RemoteProtocolError
             assert got == expected, (step, got)
+            if got is RemoteProtocolError:  # stale exactly when it met a kept connection closing unanswered
+                assert upstream.stale is (step == "silent" and connected), (steps, step)
             connected = lives
             assert upstream.idle is lives, step
             assert scripted.accepted - accepted == opened, (steps, step)
