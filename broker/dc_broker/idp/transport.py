@@ -266,8 +266,8 @@ class IdpTransport:
             except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
                 if not trace.stale or attempts > STALE_RETRIES:
                     raise _failure(exc, req, where, via) from None
-                # the server closed a kept connection as the request left (its keep-alive timeout):
-                # it never read the request, so it goes again, on another connection
+                # the server closed a kept connection as the request left (its keep-alive timeout)
+                # and never read it, or died before its answer's head: it goes again, on another
                 log.debug("%s closed a kept connection unanswered (%s); sending again", where, type(exc).__name__)
             except httpx.TransportError as exc:
                 raise _failure(exc, req, where, via) from None
