@@ -39,7 +39,7 @@ from dc_broker.proxy.rules import REPLAY_LIMIT, Limits
 from dc_broker.proxy.upstream import RemoteProtocolError, Upstreams
 from dc_broker.secret import Secret
 from tests.sockets import receive_head
-from tests.test_proxy_faults import in_process_proxy
+from tests.test_proxy_faults import in_process_proxy, read_answer
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -224,17 +224,8 @@ async def two_requests(path: str, method: str, body: bytes) -> list[tuple[int, b
                 + conn.send(h11.Data(data=data))
                 + conn.send(h11.EndOfMessage())
             )
-            status, got = 0, b""
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    got += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    break
+            status, got, complete = await read_answer(stream, conn)
+            assert complete, (verb, status, got)
             answers.append((status, got))
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 break

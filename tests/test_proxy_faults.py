@@ -213,23 +213,28 @@ async def fetch(path: str, target: str, body: list[bytes] | None = None, pace: f
             await trio.sleep(pace)
             await stream.send_all(conn.send(h11.Data(data=piece)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
-        status, received = 0, b""
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError:  # closed mid-body
-                return status, received, False
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                received += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return status, received, True
-            else:
-                return status, received, False
+        return await read_answer(stream, conn)
+
+
+async def read_answer(stream: trio.abc.ReceiveStream, conn: h11.Connection) -> tuple[int, bytes, bool]:
+    """The answer to the request ``conn`` sent: status, the body received, whether it ended complete."""
+    status, received = 0, b""
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:  # closed mid-body
+            return status, received, False
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+            continue
+        if isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            received += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return status, received, True
+        else:
+            return status, received, False
 
 
 async def test_a_60_second_pause_mid_body_is_waited_out(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:

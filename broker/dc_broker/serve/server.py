@@ -10,10 +10,10 @@ One code path for the decisions, two for the I/O
       of the server's own (level-triggered, each connection registered once; one more fd in trio's
       loop) and answers what a parked connection sends later, inline, one read per connection per
       wake (at most ``EVENTS_PER_WAKE`` connections or ``BYTES_PER_WAKE`` read, then trio's
-      scheduler runs the other tasks). A
-      client that keeps its connection (``TokenClient``, the proxy) stays parked request after
-      request: no task, no trip through trio's scheduler and no epoll change per request, and many
-      connections' requests served per wake. One that leaves costs one ``recv``.
+      scheduler runs the other tasks). A client that keeps its connection (``TokenClient``, the
+      proxy) stays parked request after request: no task, no trip through trio's scheduler and no
+      epoll change per request, and many connections' requests served per wake. One that leaves
+      costs one ``recv``.
     * **A task of its own**, once something has to wait: a request a handler answers with an
       awaitable (a refresh) or a stream (``watch``), a frame begun but not finished, a reply the
       socket would not take at once, an error reply to deliver before closing. Its requests that
