@@ -8,10 +8,13 @@ import base64
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
+import trio
+from cryptography.hazmat.primitives import serialization
 from joserfc import jwt as jose_jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, OctKey, RSAKey
@@ -19,16 +22,20 @@ from joserfc.jwk import ECKey, KeySet, OctKey, RSAKey
 from dc_broker.config import Profile
 from dc_broker.devidp.realm import DevClient
 from dc_broker.devserver import DevIdP, demo_realm
-from dc_broker.errors import ConfigError
+from dc_broker.errors import ConfigError, UpstreamTransient
 from dc_broker.idp import assertions, clientkeys, oidc
 from dc_broker.idp.oidc import Endpoints, HttpResponse
-from dc_broker.idp.transport import IdpTransport
+from dc_broker.idp.transport import ClientCert, IdpTransport
 from dc_broker.secret import Secret
+from dc_broker.serve import ops
 from dc_broker.sessions import flows
+from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
+from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials
-from dc_token.errors import CredentialsRejected, LoginRequired
+from dc_token.errors import CredentialsRejected, LoginRequired, Overloaded
+from tests.conftest import running
 
 IDP = "http://localhost"
 ISSUER = f"{IDP}/realms/demo"
@@ -267,6 +274,74 @@ async def test_the_dev_idp_answers_each_bad_assertion_as_keycloak_does(
     assert (answer.status_code, answer.json()) == (400, {"error": "invalid_client", "error_description": description})
 
 
+@pytest.mark.parametrize(
+    ("change", "status", "description"),
+    [
+        ({"sub": None}, 400, "Token sub claim is required"),
+        ({"client_id": "dc-cli"}, 400, "client_id parameter does not match sub claim"),
+        ({"iss": "https://other-issuer.example"}, 401, "Invalid client or Invalid client credentials"),
+    ],
+    ids=["no-sub", "client-id-not-sub", "iss-not-sub"],
+)
+async def test_the_dev_idp_takes_the_client_from_the_assertion_as_keycloak_does(
+    change: dict[str, Any], status: int, description: str
+) -> None:
+    """Keycloak's AbstractJWTClientValidator.validateClient: ``sub`` names the client, a ``client_id``
+    beside it must be the same, and an assertion whose ``iss`` is not its ``sub`` is not the
+    client's own (another issuer's: no client is authenticated)."""
+    keys = clientkeys.KeySet(clientkeys.generate("ec", now=time.time()))
+    idp = jwt_realm_idp(auth="client-jwt", jwks=keys.public_jwks())
+    payload = assertions.claims("svc", TOKEN_URL, now=time.time(), jti="j-client")
+    form = {"grant_type": "client_credentials", "client_assertion_type": oidc.JWT_BEARER, "client_id": "svc"}
+    for name, value in change.items():
+        if name == "client_id":
+            form[name] = value
+        elif value is None:
+            del payload[name]
+        else:
+            payload[name] = value
+    form["client_assertion"] = assertions.sign_with_key(keys.active, payload)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=idp.app)) as http:
+        answer = await http.post(TOKEN_URL, data=form)
+    assert (answer.status_code, answer.json()) == (
+        status,
+        {"error": "invalid_client", "error_description": description},
+    )
+
+
+@pytest.mark.parametrize("method", ["private_key_jwt", "client_secret_jwt"])
+async def test_an_idp_that_echoes_the_assertion_sent_never_gets_it_shown(
+    method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The assertion is made at the edge, after the flow built the request: an IdP (or a proxy in
+    front of it) that echoes it back, raw or form-encoded, has it redacted all the same."""
+    sent: list[str] = []
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        form = dict(httpx.QueryParams(request.content.decode()))
+        sent.append(form["client_assertion"])
+        said = f"bad assertion {form['client_assertion']} / {request.content.decode()}"
+        return httpx.Response(400, json={"error": "invalid_client", "error_description": said})
+
+    keys = clientkeys.KeySet(clientkeys.generate("ec", now=time.time()))
+    creds = (
+        Credentials(client_keys=keys.to_secret())
+        if method == "private_key_jwt"
+        else Credentials(client_secret=Secret("svc-secret-of-thirty-two-bytes-or-more"))
+    )
+    transport = IdpTransport(transport=httpx.MockTransport(echo))
+    session = Session(svc_profile(method), MemoryStore({"svc": creds}), transport)
+    with caplog.at_level("DEBUG"), pytest.raises(CredentialsRejected) as refused:
+        await session.verify()
+    await transport.aclose()
+    assert len(sent) == 1
+    shown = [str(refused.value), repr(refused.value), caplog.text]
+    for text in shown:
+        assert sent[0] not in text
+        assert sent[0][-40:] not in text  # not even its signature
+    assert "[redacted]" in str(refused.value)
+
+
 async def test_client_secret_jwt_against_the_dev_idp() -> None:
     idp = jwt_realm_idp(auth="client-secret-jwt", secret="svc-secret-of-thirty-two-bytes-or-more")
     transport = IdpTransport(transport=httpx.ASGITransport(app=idp.app))
@@ -313,3 +388,118 @@ def test_a_flow_step_never_carries_a_made_assertion() -> None:
     login = flows.Login(svc_profile(), Credentials(client_keys=keys.to_secret()), endpoints())
     step = next(flows.obtain(login))
     assert isinstance(step, oidc.HttpRequest) and step.assertion is not None and "client_assertion" not in step.form
+
+
+# ---------------------------------------------------------------- tls_client_auth: files that cannot be presented
+
+
+def _unusable_cert(tmp_path: Path, case: str) -> ClientCert:
+    from tests.test_client_auth_e2e import ClientCA  # the e2e tests' CA (cryptography only)
+
+    ca = ClientCA(tmp_path)
+    cert, key = ca.issue("dc-mtls", days=-0.001 if case == "expired" else 30)
+    if case == "encrypted":
+        loaded = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+        Path(key).write_bytes(
+            loaded.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"a passphrase"),
+            )
+        )
+    elif case == "mismatched":
+        key = ca.issue("dc-mtls", name="another")[1]
+    elif case == "no-key":
+        return ClientCert(cert)  # the certificate file alone, said to hold its key
+    return ClientCert(cert, key)
+
+
+@pytest.mark.parametrize(
+    ("case", "said"),
+    [
+        ("expired", r"the client certificate \S+client\.pem \(CN=dc-mtls\) expired at .* UTC; renew it"),
+        ("encrypted", r"the client key \S+client\.key is encrypted \(it asks for a passphrase\): dc-broker needs"),
+        ("mismatched", r"the client certificate \S+client\.pem does not match the key \S+another\.key"),
+        ("no-key", r"the client certificate \S+client\.pem holds no private key: give its key file \(--client-key\)"),
+    ],
+)
+async def test_a_client_certificate_that_cannot_be_presented_is_named_and_nothing_is_sent(
+    tmp_path: Path, case: str, said: str
+) -> None:
+    """Refused before any request leaves, with the file and the fix named; an encrypted key never
+    makes OpenSSL ask for a passphrase on the terminal (which would hold the whole event loop)."""
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json={"access_token": "at", "token_type": "Bearer", "expires_in": 300})
+
+    transport = IdpTransport(transport=httpx.MockTransport(record))
+    req = oidc.build_client_credentials(TOKEN_URL, oidc.ClientCredentials("dc-mtls", None))
+    try:
+        with pytest.raises(UpstreamTransient, match=said):
+            await transport.send(req, client_cert=_unusable_cert(tmp_path, case))
+    finally:
+        await transport.aclose()
+    assert sent == []
+
+
+# ---------------------------------------------------------------- key changes that meet a slow IdP
+
+
+def slow_svc(keys: clientkeys.KeySet) -> tuple[DevIdP, Sessions, MemoryStore]:
+    """A private_key_jwt profile ``svc`` whose client accepts ``keys`` (and their next key), at a
+    dev IdP that takes 3 s for every answer."""
+    idp = DevIdP([demo_realm()])  # the wall clock: a probe session (ops._probe) signs with it
+    idp.realm("demo").clients.append(DevClient("svc", service_account_roles=["dc-api"], auth="client-jwt", jwks=keys.public_jwks()))  # type: ignore[union-attr]  # fmt: skip
+    store = MemoryStore({"svc": Credentials(client_keys=keys.to_secret())})
+    sessions = Sessions({"svc": svc_profile()}, store, IdpTransport(transport=httpx.ASGITransport(app=idp.app)))
+    idp.faults.latency = 3.0
+    idp.faults.all_endpoints = True  # the revocation endpoint too
+    return idp, sessions, store
+
+
+async def test_a_key_rotated_while_the_next_key_is_checked_is_not_activated_unchecked(autojump_clock: Any) -> None:
+    """`rotate --key --activate` checks the next key at the IdP; a second `rotate --key` landing
+    meanwhile made another next key: activating it would sign with a key nobody checked."""
+    first = clientkeys.KeySet(clientkeys.generate("ec", now=time.time()))
+    creds, rotating = clientkeys.changed(Credentials(client_keys=first.to_secret()), new_key="ec", now=time.time())
+    _, sessions, store = slow_svc(rotating)
+    store.set_credentials("svc", creds)
+    state = SimpleNamespace(sessions=sessions, clock=trio.current_time)
+    session = sessions.lookup("svc")
+    outcome: list[BaseException | dict[str, Any]] = []
+
+    async def activate() -> None:
+        try:
+            outcome.append(await ops._set_keys(state, session, None, True, True))  # type: ignore[arg-type]
+        except Overloaded as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(activate)
+        await trio.sleep(1)  # the check is at the IdP
+        again, _ = clientkeys.changed(store.credentials("svc"), new_key="ec", now=time.time())
+        store.set_credentials("svc", again)  # another `rotate --key`: a new next key
+    assert isinstance(outcome[0], Overloaded) and "nothing was activated" in str(outcome[0])
+    assert store.credentials("svc") == again  # neither the checked key nor the old set came back
+
+
+async def test_a_key_activated_while_a_logout_is_at_the_idp_stays(autojump_clock: Any) -> None:
+    """A logout reads the credentials, asks the IdP to end the login, then writes what it keeps: a
+    key activated while the IdP was asked is kept, not the set from before."""
+    first = clientkeys.KeySet(clientkeys.generate("ec", now=time.time()))
+    creds, rotating = clientkeys.changed(Credentials(client_keys=first.to_secret()), new_key="ec", now=time.time())
+    idp, sessions, store = slow_svc(rotating)
+    store.set_credentials("svc", creds)
+    session = sessions.lookup("svc")
+    activated, _ = clientkeys.changed(creds, activate=True, now=time.time())
+    async with running(sessions.run) as nursery:
+        await session.get()
+        nursery.start_soon(session.logout)
+        assert idp.stats.requests["revoke"] == 0
+        await trio.sleep(1)  # the logout is at the IdP
+        store.set_credentials("svc", activated)
+        await trio.sleep(10)
+    assert idp.stats.requests["revoke"] == 1 and session.state is State.LOGIN_REQUIRED
+    assert store.credentials("svc").client_keys == activated.client_keys

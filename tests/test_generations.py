@@ -16,6 +16,7 @@ import trio
 
 from dc_broker.devserver import DevIdP
 from dc_broker.secret import Secret
+from dc_broker.sessions import registry as registry_module
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session, shift_times
 from dc_broker.sessions.states import State
@@ -545,3 +546,57 @@ async def test_a_stop_waits_for_a_refresh_in_flight_and_not_for_a_grant_that_spe
         saved = store.saved_tokens("demo")
         assert saved is not None and demo.token is not None and saved.refresh_token == demo.token.refresh_token
     assert idp.stats.refresh_reuse == 0
+
+
+async def test_a_scope_evicted_while_its_narrowing_is_at_the_idp_keeps_the_rotated_token(
+    make_idp, autojump_clock
+) -> None:
+    """A per-request scope's narrowing spends the login's refresh token at the IdP; the scope is
+    evicted (a full profile makes room) while the answer drips in. The eviction must not cut the
+    request: the IdP has rotated the token, and the answer is the only copy of the next one."""
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    sessions = registry(idp, "demo")
+    async with running(sessions.run) as nursery:
+        demo = sessions.lookup("demo")
+        await demo.get()
+        first = sessions.lookup_scoped(demo, "email profile")
+        idp.faults.drip = 0.005  # the IdP has processed the refresh; its answer comes a byte at a time
+        nursery.start_soon(partial(_swallow, first.get))
+        while not demo.busy:
+            await trio.sleep(0.01)
+        await trio.sleep(1.0)
+        for i in range(registry_module.MAX_SCOPES_PER_PROFILE):  # the least recently used, first, makes room
+            sessions.lookup_scoped(demo, f"profile x{i}")
+        assert first.retired
+        await trio.sleep(5)
+        idp.faults.drip = 0.0
+        await trio.sleep(70)  # the login refreshes on with the rotated token
+        assert demo.state is State.FRESH
+    assert idp.stats.refresh_reuse == 0 and grants(idp, "password") == 1
+
+
+async def _swallow(get: Any) -> None:
+    with contextlib.suppress(Exception):
+        await get()
+
+
+async def test_a_scope_asked_for_while_logged_out_is_served_once_the_person_logs_in_again(
+    make_idp, autojump_clock
+) -> None:
+    """A per-request scope asked for after `dc-broker logout` is refused (login required: it narrows a
+    login there is none of); after the person logs in again the same scope is served, not refused
+    with the old "log in" until the broker restarts."""
+    idp = make_idp(access_lifespan=60)
+    sessions = registry(idp, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        child = sessions.scoped(demo, "email profile", caller=1000)
+        await child.get()
+        await demo.logout()
+        with pytest.raises(LoginRequired):
+            await sessions.scoped(demo, "email profile", caller=1000).get()
+        await demo.password_login(Secret("demo"))
+        with trio.fail_after(30):
+            tok = await sessions.scoped(demo, "email profile", caller=1000).get()
+        assert tok.scope is not None and set(tok.scope.split()) >= {"email", "profile"}

@@ -18,8 +18,11 @@ it (the race, made certain), and the IdP transport and the proxy are held to:
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
+import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,16 +31,21 @@ from pathlib import Path
 
 import h11
 import httpx
+import jwt
 import pytest
 import trio
 import trio.testing
 
+from dc_broker.config import Profile
 from dc_broker.errors import AnswerLost, UpstreamTransient
-from dc_broker.idp import oidc
+from dc_broker.idp import clientkeys, oidc
 from dc_broker.idp.transport import IdpTransport, Timeouts
 from dc_broker.proxy.rules import REPLAY_LIMIT, Limits
 from dc_broker.proxy.upstream import RemoteProtocolError, Upstreams
 from dc_broker.secret import Secret
+from dc_broker.sessions.session import Session
+from dc_broker.store import MemoryStore
+from dc_broker.tokens import Credentials
 from tests.sockets import receive_head
 from tests.test_proxy_faults import in_process_proxy, read_answer
 
@@ -52,8 +60,10 @@ class Closing:
     head, part of the body, then close)."""
 
     act: Callable[[int, int], str]
+    answer: bytes = OK
     connections: int = 0
     requests: list[tuple[int, bytes]] = field(default_factory=list)  # (connection, request line)
+    bodies: list[bytes] = field(default_factory=list)
 
     async def serve(self, stream: trio.SocketStream) -> None:
         self.connections += 1
@@ -73,12 +83,13 @@ class Closing:
                     if not (more := await stream.receive_some(65536)):
                         return
                     buf += more
-                buf = buf[length:]
+                body, buf = buf[:length], buf[length:]
                 n += 1
                 self.requests.append((c, head.split(b"\r\n")[0]))
+                self.bodies.append(body)
                 act = self.act(c, n)
                 if act == "answer":
-                    await stream.send_all(OK)
+                    await stream.send_all(self.answer)
                     continue
                 if act == "reset":
                     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -92,8 +103,8 @@ class Closing:
 
 
 @asynccontextmanager
-async def closing(act: Callable[[int, int], str]) -> AsyncIterator[tuple[str, Closing]]:
-    server = Closing(act)
+async def closing(act: Callable[[int, int], str], answer: bytes = OK) -> AsyncIterator[tuple[str, Closing]]:
+    server = Closing(act, answer)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, server.serve, 0, host="127.0.0.1"))
         yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", server
@@ -126,6 +137,34 @@ async def test_a_kept_connection_the_idp_closed_is_left_for_another(how: str) ->
             await transport.aclose()
     assert server.connections == 2
     assert [c for c, _ in server.requests] == [1, 1, 2]
+
+
+async def test_a_request_sent_again_carries_a_new_client_assertion() -> None:
+    """A server that read the request before the connection broke may have spent the assertion's
+    single-use ``jti`` (Keycloak: "Token reuse detected", which reads as a rejected key): the
+    request goes again with an assertion made anew, and the answer's text is redacted of both."""
+    token = json.dumps({"access_token": "at", "token_type": "Bearer", "expires_in": 300}).encode()
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(token),
+        token,
+    )
+    keys = clientkeys.KeySet(clientkeys.generate("ec", now=time.time()))
+    async with closing(second_on_first("close"), answer) as (url, server):
+        profile = Profile(
+            name="svc", client_id="svc", grant="client_credentials", server=url, tenant="demo",
+            legacy_paths=False, auth_method="private_key_jwt",
+        )  # fmt: skip
+        transport = IdpTransport()
+        session = Session(profile, MemoryStore({"svc": Credentials(client_keys=keys.to_secret())}), transport)
+        try:
+            await session.verify()
+            await session.verify()  # its first sending meets the closed connection
+        finally:
+            await transport.aclose()
+    assert [c for c, _ in server.requests] == [1, 1, 2]
+    sent = [dict(urllib.parse.parse_qsl(body.decode()))["client_assertion"] for body in server.bodies]
+    jtis = [jwt.decode(a, options={"verify_signature": False})["jti"] for a in sent]
+    assert len(set(jtis)) == 3 and len(set(sent)) == 3
 
 
 async def test_every_kept_connection_closed_at_once_is_left_until_a_new_one_answers() -> None:

@@ -128,6 +128,11 @@ def test_a_refused_password_that_reads_like_a_lock_is_maybe_locked() -> None:
     with pytest.raises(MaybeLocked) as info:
         flow.send(answer(400, {"error": "invalid_grant", "error_description": "Invalid user credentials"}))
     assert isinstance(info.value, CredentialsRejected) and "'alice'" in info.value.message
+    # a person reading it must not "fix" a password that may be right: the lock is named too
+    assert info.value.message.endswith(
+        "store the right one with `dc-broker login acme` (if the password is right, the account may be locked for "
+        "a while by the identity provider's brute-force detection after failed logins: the lock lifts by itself)"
+    )
 
 
 def test_a_dpop_bound_answer_is_a_setting_to_fix_not_garbage() -> None:

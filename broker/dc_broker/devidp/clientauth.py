@@ -9,7 +9,7 @@ chooses them (``ClientAuthenticationFlow``: the authenticator configured for the
     federated-jwt      "Signed JWT - Federated" (26.6, preview): an assertion another issuer signed
                        (a trusted issuer of the realm), its ``iss`` and ``sub`` mapped to the client
 
-Answers are Keycloak's (the current code; /work/shared/keycloak.md has the rows): a signed JWT
+Answers are Keycloak's (the current code; docs/keycloak.md has the rows): a signed JWT
 that fails a check is ``400 invalid_client`` with the check's description ("Token reuse
 detected", "Invalid token audience", "Unable to load public key", "Client authentication with
 signed JWT failed: Signature on JWT token failed validation"...); a certificate or federated
@@ -152,6 +152,21 @@ def _assertion_params(request: TokenRequest, expected_type: str = JWT_BEARER) ->
     return assertion
 
 
+def _names_this_client(request: TokenRequest, claims: dict[str, Any]) -> None:
+    """Keycloak's AbstractJWTClientValidator.validateClient: the assertion's ``sub`` is the client,
+    a ``client_id`` sent beside it must be the same, and its ``iss`` must be too (an assertion
+    another issuer signed is not this authenticator's: Keycloak leaves it, and no client is
+    authenticated)."""
+    sub = claims.get("sub")
+    if sub is None:
+        raise _invalid("Token sub claim is required")
+    client_id = request.param("client_id")
+    if client_id is not None and client_id != sub:
+        raise _invalid("client_id parameter does not match sub claim")
+    if claims.get("iss") != sub:
+        raise _not_this_client()
+
+
 def _signed_jwt(state: IdPState, request: TokenRequest, client: DevClient) -> None:
     """client-jwt ("Signed JWT"): private_key_jwt against the client's registered JWKS."""
     assertion = _assertion_params(request)
@@ -159,8 +174,7 @@ def _signed_jwt(state: IdPState, request: TokenRequest, client: DevClient) -> No
     if parts is None:
         raise _invalid("Client authentication with signed JWT failed: Unable to parse the JWT")
     header, claims = parts
-    if claims.get("sub") is None:
-        raise _invalid("Token sub claim is required")
+    _names_this_client(request, claims)
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in _ASYMMETRIC:
         raise _invalid("Invalid signature algorithm")
@@ -188,6 +202,7 @@ def _secret_jwt(state: IdPState, request: TokenRequest, client: DevClient) -> No
     if parts is None or client.secret is None:
         raise _invalid("Client authentication with client secret signed JWT failed: Unable to parse the JWT")
     header, claims = parts
+    _names_this_client(request, claims)
     if header.get("alg") not in ("HS256", "HS384", "HS512"):
         raise _invalid("Invalid signature algorithm")
     try:

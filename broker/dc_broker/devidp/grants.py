@@ -124,10 +124,10 @@ def authenticate_client(request: TokenRequest, state: IdPState | None = None) ->
             return federated
         basic = _basic_credentials(request.authorization)
         client_id, secret = basic if basic else (request.param("client_id"), request.param("client_secret"))
-        if not client_id and request.param("client_assertion"):
+        if not basic and request.param("client_assertion"):  # the assertion's sub names the client
             parts = clientauth.unverified(request.form["client_assertion"])
             sub = parts[1].get("sub") if parts else None
-            client_id = sub if isinstance(sub, str) else None
+            client_id = sub if isinstance(sub, str) else client_id
         if not client_id:
             raise OAuthProblem(400, "invalid_client", "Missing client_id parameter")
         client = request.realm.client(client_id)

@@ -42,7 +42,7 @@ import datetime
 import logging
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -194,13 +194,7 @@ class IdpTransport:
             if cert is not None:
                 assert isinstance(verify, ssl.SSLContext)
                 self._check_cert(cert, version)
-                try:
-                    verify.load_cert_chain(cert.cert, cert.key)
-                except (OSError, ssl.SSLError) as exc:
-                    raise UpstreamTransient(
-                        f"the client certificate {cert.cert} cannot be used with its key "
-                        f"{cert.key or '(in the same file)'}: {getattr(exc, 'reason', None) or exc.strerror}"
-                    ) from None
+                _load_cert_chain(verify, cert)
             client = httpx.AsyncClient(
                 timeout=self._timeout,
                 verify=verify,
@@ -227,9 +221,12 @@ class IdpTransport:
         ca_bundle: str | None = None,
         proxy: str | None = None,
         client_cert: ClientCert | None = None,
+        remake: Callable[[], HttpRequest] | None = None,
     ) -> HttpResponse:
         """``proxy``: the profile's setting (a URL, ``direct``, or None for the environment's);
-        ``client_cert``: the certificate to present (tls_client_auth)."""
+        ``client_cert``: the certificate to present (tls_client_auth); ``remake``: the request made
+        anew for each sending after the first (one that carries a client assertion: its ``jti`` is
+        single-use, and a server that read the first sending before it broke has spent it)."""
         if req.assertion is not None:
             raise TypeError("a request whose client assertion was not made yet (assertions.complete) cannot be sent")
         via = proxies.route(req.url, proxy, self._env)
@@ -246,7 +243,7 @@ class IdpTransport:
             limit = self._limits[origin] = trio.CapacityLimiter(MAX_PER_ORIGIN)
         async with limit:  # a queue here, FIFO: httpx's own pool slows to a crawl with hundreds waiting
             with trio.move_on_after(total):
-                resp = await self._send(client, req, content, where, via)
+                resp = await self._send(client, req, content, where, via, remake)
                 if via is not None and resp.status == 407:  # a plain-http IdP: the proxy answers in its stead
                     raise _proxy_refused(via, req.url, "407 Proxy Authentication Required")
                 return resp
@@ -254,7 +251,13 @@ class IdpTransport:
         raise lost(f"identity provider did not finish answering within {total:g} s at {where}")
 
     async def _send(
-        self, client: httpx.AsyncClient, req: HttpRequest, content: bytes | None, where: str, via: str | None
+        self,
+        client: httpx.AsyncClient,
+        req: HttpRequest,
+        content: bytes | None,
+        where: str,
+        via: str | None,
+        remake: Callable[[], HttpRequest] | None,
     ) -> HttpResponse:
         timeout = self._patient_timeout if req.patient else self._timeout
         attempts = 0
@@ -269,6 +272,8 @@ class IdpTransport:
                 # the server closed a kept connection as the request left (its keep-alive timeout)
                 # and never read it, or died before its answer's head: it goes again, on another
                 log.debug("%s closed a kept connection unanswered (%s); sending again", where, type(exc).__name__)
+                if remake is not None:
+                    content = remake().body()
             except httpx.TransportError as exc:
                 raise _failure(exc, req, where, via) from None
 
@@ -295,6 +300,39 @@ class IdpTransport:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+class _Encrypted(Exception):
+    """The client key asks for a passphrase (raised from OpenSSL's password callback)."""
+
+
+def _no_passphrase() -> str:
+    # without a callback OpenSSL asks on the terminal, which would hold the whole event loop
+    raise _Encrypted
+
+
+def _load_cert_chain(context: ssl.SSLContext, cert: ClientCert) -> None:
+    """The client certificate and its key into ``context``, or an error that names the file and the fix."""
+    key = cert.key or cert.cert
+    try:
+        context.load_cert_chain(cert.cert, cert.key, password=_no_passphrase)
+    except _Encrypted:
+        why = (
+            f"the client key {key} is encrypted (it asks for a passphrase): dc-broker needs the key unencrypted, "
+            f"in a file only its user can read (e.g. `openssl pkey -in {key} -out NEW.key`)"
+        )
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            why = f"the client certificate {cert.cert} does not match the key {key}: give the key made with it"
+        elif cert.key is None:
+            why = f"the client certificate {cert.cert} holds no private key: give its key file (--client-key)"
+        else:
+            why = f"the client certificate {cert.cert} or its key {key} cannot be loaded ({exc.reason or exc})"
+    except OSError as exc:
+        why = f"the client certificate {cert.cert} or its key {key} cannot be read: {exc.strerror}"
+    else:
+        return
+    raise UpstreamTransient(why) from None
 
 
 def _failure(exc: httpx.TransportError, req: HttpRequest, where: str, via: str | None) -> UpstreamTransient:

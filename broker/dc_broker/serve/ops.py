@@ -47,7 +47,7 @@ from dc_broker.sinks import TokenFiles
 from dc_broker.store import MemoryStore, SecretStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_broker.vault.records import unlock_delay
-from dc_token.errors import BadRequest, ConfigInvalid, Forbidden, UpstreamError, UpstreamUnavailable
+from dc_token.errors import BadRequest, ConfigInvalid, Forbidden, Overloaded, UpstreamError, UpstreamUnavailable
 from dc_token.protocol import OPS, PROTOCOL_VERSION, OpArgs, TokenArgs
 from dc_token.version import version
 
@@ -573,6 +573,13 @@ async def _set_keys(state: BrokerState, session: Session, new_key: str | None, a
             await probe.check_client(next_key=True)
         except UpstreamFault as exc:
             raise UpstreamUnavailable(f"could not check the next key of profile {name!r}: {exc}") from None
+        checked, current = current.client_keys, store.credentials(name)  # as stored now, after the wait
+        if current.client_keys != checked:  # the key checked is not the one that would be activated
+            raise Overloaded(
+                f"the keys of profile {name!r} changed while its next key was being checked (another `rotate "
+                "--key` or a logout); nothing was activated: look at `dc-broker keys` and run the command again",
+                retry_after=1.0,
+            )
     creds, keys = clientkeys.changed(current, new_key=new_key, activate=activate, now=time.time())
     store.set_credentials(name, creds)
     if activate or current.client_keys is None:  # a next key changes nothing until it is activated

@@ -85,11 +85,16 @@ class Answer:
     The IdP issued what it answers somewhere between the send and the arrival, so a lifetime
     (``expires_in``) counted from the send never outlasts the real one, however slowly the answer
     dripped in; counted from the arrival it would, by the whole round trip. The wall clock lets a
-    JWT's ``exp`` be read on the same scale (``oidc.expiry``)."""
+    JWT's ``exp`` be read on the same scale (``oidc.expiry``).
+
+    ``secrets``: the secret values the driver put into the request as it sent it (a client
+    assertion is made at the edge, ``assertions.complete``): redacted from the answer's text like
+    the request's own ``secrets()``, for an IdP that echoes what it was sent."""
 
     response: HttpResponse
     now: float
     wall: float | None = None
+    secrets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,11 +179,18 @@ def exchange(req: HttpRequest) -> Flow[Answer]:
     return answer
 
 
+def sent_secrets(req: HttpRequest, answer: Answer) -> list[str]:
+    """Every secret value ``req`` went out with: its own, and those the driver added (``Answer.secrets``)."""
+    return [*req.secrets(), *answer.secrets]
+
+
 def grant(req: HttpRequest, presented: oidc.Presented | None = None) -> Flow[TokenSet]:
     """One token request -> its TokenSet (or the fault the answer stands for). ``presented``: the
     refresh token a refresh grant sends, kept when the answer brings no new one."""
     answer = yield from exchange(req)
-    return oidc.parse_token_response(answer.response, answer.now, req.secrets(), wall=answer.wall, presented=presented)
+    return oidc.parse_token_response(
+        answer.response, answer.now, sent_secrets(req, answer), wall=answer.wall, presented=presented
+    )
 
 
 def refresh(login: Login, scope: str | None = None) -> Flow[TokenSet]:
@@ -395,7 +407,7 @@ def check_client(login: Login, *, next_key: bool = False) -> Flow[bool]:
     req = oidc.build_client_check(login.endpoints.token, client, next_key=next_key)
     answer = yield from exchange(req)
     try:
-        return oidc.client_accepted(answer.response, req.secrets())
+        return oidc.client_accepted(answer.response, sent_secrets(req, answer))
     except OAuthError as exc:
         raise rejected(login.profile, exc) from None
 
@@ -429,7 +441,7 @@ def device_login(profile: Profile, credentials: Credentials, endpoints: Endpoint
     start = oidc.build_device_start(endpoints.device, client, login_scope(profile))
     answer = yield from exchange(start)
     try:
-        auth = oidc.parse_device_start(answer.response, answer.now, start.secrets())
+        auth = oidc.parse_device_start(answer.response, answer.now, sent_secrets(start, answer))
     except OAuthError as exc:
         raise refused(profile, exc, refusals.DEVICE) from None
     yield ShowCode(auth)
@@ -545,8 +557,11 @@ def refused(p: Profile, exc: OAuthError, grant: str, *, narrowing_to: str | None
     if refusal.fix:
         return CredentialsRejected(f"profile {p.name!r}: the identity provider refuses ({said(exc)}): {refusal.fix}")
     base = rejected(p, exc, narrowing_to=narrowing_to)
-    if refusal.meaning is Meaning.MAYBE_LOCKED:
-        return MaybeLocked(base.message)
+    if refusal.meaning is Meaning.MAYBE_LOCKED:  # Keycloak answers a locked account's right password so too
+        return MaybeLocked(
+            f"{base.message} (if the password is right, the account may be locked for a while by the identity "
+            "provider's brute-force detection after failed logins: the lock lifts by itself)"
+        )
     return base
 
 

@@ -434,10 +434,14 @@ class Session:
         return self.generation
 
     def _forget_children(self) -> None:
-        """This login was replaced or dropped: tokens narrowed from it go too."""
+        """This login was replaced or dropped: tokens narrowed from it go too, and a child told to log
+        in (it had no login to narrow) may try again on its next request."""
         for child in list(self._children or ()):
             child._changed()
             child.token = None
+            if child.state is State.LOGIN_REQUIRED:
+                child.last_error = None
+                child._event(Event.RETRY)
             child._announce()
 
     def credentials_changed(self, *, relogin: bool = False) -> None:
@@ -842,11 +846,24 @@ class Session:
                 grant=grant,
                 generation=self.generation,
             )
-        # a client assertion is made here, the edge, with the wall clock and fresh randomness
-        req = assertions.complete(req, now=wall, jti=secrets.token_urlsafe(24))
+        # a client assertion is made here, the edge, with the wall clock and fresh randomness: a new
+        # one for each sending (its jti is single-use), and every one made is redacted from the answer
+        made: list[str] = []
+
+        def assertion_made(now: float) -> HttpRequest:
+            done = assertions.complete(req, now=now, jti=secrets.token_urlsafe(24))
+            if done is not req:
+                made.append(done.form["client_assertion"])
+            return done
+
+        remake = None if req.assertion is None else lambda: assertion_made(self.wall_clock())
         try:
             resp = await self.idp.send(
-                req, ca_bundle=self.profile.ca_bundle, proxy=self.profile.proxy, client_cert=_client_cert(self.profile)
+                assertion_made(wall),
+                ca_bundle=self.profile.ca_bundle,
+                proxy=self.profile.proxy,
+                client_cert=_client_cert(self.profile),
+                remake=remake,
             )
         except AnswerLost:
             self._in_doubt = req.spends
@@ -855,7 +872,7 @@ class Session:
             self.counts.idp_request(name, self.clock() - sent_at)
         if req.spends is not None and req.spends == self._in_doubt:
             self._in_doubt = None
-        return Answer(resp, sent_at, wall)
+        return Answer(resp, sent_at, wall, tuple(made))
 
     def _lost(self, refused: Secret | None) -> Callable[[LoginLost], None]:
         """On ``LoginLost``: the IdP refused ``refused``; the login forgets it (not its access token,
@@ -951,7 +968,11 @@ class Session:
                         current, refresh_token=step.refresh_token, refresh_expires_at=step.refresh_expires_at
                     )
 
-            return await driver.drive(flows.narrow(login, scope), self._performer(renew, rotated=adopt))
+            # the refresh token it spends: the request runs to its answer (its own deadline bounds it)
+            # and a rotated token is stored, whatever cancels the caller (an evicted scope, a reload)
+            with trio.CancelScope(shield=True):
+                narrowed = await driver.drive(flows.narrow(login, scope), self._performer(renew, rotated=adopt))
+            return narrowed
 
     async def _interactive(
         self, flow: Flow[TokenSet], show: Callable[[Any], dict[str, Any]], waits: Any = None
@@ -1100,6 +1121,8 @@ class Session:
                 except (UpstreamFault, BrokerError) as exc:
                     log.warning("profile %s: could not end the login at the identity provider: %s", name, exc)
             await self.store.forget_tokens(name)
+            # as stored now: a client secret rotated or a key activated while the IdP was asked stays
+            creds = self._credentials_or_none()
             keep = None if self.profile.grant == "client_credentials" else creds.client_secret
             # the client's own keys are who the client is, not a login: they stay
             self.store.set_credentials(name, Credentials(client_secret=keep, client_keys=creds.client_keys))
