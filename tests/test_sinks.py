@@ -589,3 +589,34 @@ def test_a_reader_racing_writes_removals_and_comebacks_sees_whole_files_only(tmp
     assert bad == []
     assert seen["whole"] > 0 and seen["missing"] > 0, seen  # both kinds of interleaving happened
     assert os.listdir(target.parent) == ["acme.token"]
+
+
+def test_a_file_someone_else_made_first_in_a_sticky_directory_is_not_taken_over(tmp_path: Path) -> None:
+    """In a sticky shared directory (/tmp) any user may create the token file's name first. Root
+    replacing it must not give the new file that user as owner (the existing owner is kept for
+    files in private directories, e.g. a config edited with sudo): it is refused, untouched."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    target = shared / "demo.token"
+    dfd = os.open(shared, os.O_RDONLY | os.O_DIRECTORY)  # (tmp_path itself is 0700: no way in for others)
+    pid = os.fork()
+    if pid == 0:  # another user gets there first
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.close(os.open(target.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(dfd)
+    assert target.stat().st_uid == 65534
+    with pytest.raises(PermissionError, match=r"belongs to nobody \(uid 65534\), in a directory every user may add"):
+        sinks.write_atomically(str(target), b"SECRET-TOKEN\n")
+    assert target.read_bytes() == b"" and target.stat().st_uid == 65534
+    assert sorted(os.listdir(shared)) == ["demo.token"]  # no temporary file left
+    target.unlink()  # once it is gone, the broker's own file is made, and kept on later writes
+    sinks.write_atomically(str(target), b"SECRET-TOKEN\n")
+    sinks.write_atomically(str(target), b"NEXT-TOKEN\n")
+    st = target.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode), target.read_bytes()) == (os.geteuid(), 0o600, b"NEXT-TOKEN\n")

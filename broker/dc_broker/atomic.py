@@ -8,6 +8,8 @@ the new complete file, never a partial or empty one, and a crash leaves one of t
    later step is relative to that one open directory, whatever happens to its path meanwhile;
 2. a temporary file is created in it (``O_CREAT|O_EXCL|O_NOFOLLOW``, a random name), given its
    owner, group and mode (an existing file's, unless the caller names them), written and fsynced;
+   an existing file of another owner in a directory others may add files to (sticky ``/tmp``) is
+   refused instead: anyone could have made it there, and its owner would get what is written;
 3. it is renamed over the target (``new_only``: linked, which fails if the target exists), and the
    directory is fsynced, so the rename itself survives a power cut.
 
@@ -79,6 +81,11 @@ def directory_problem(st: os.stat_result, uid: int | None = None) -> str | None:
     return None
 
 
+def _shared(st: os.stat_result) -> bool:
+    """A directory others may add files to (sticky, and group- or world-writable: /tmp)."""
+    return bool(stat.S_IMODE(st.st_mode) & 0o022)
+
+
 def open_directory(directory: str, *, create: bool = False, safe: bool = True) -> int:
     """An ``O_PATH`` descriptor of ``directory``, walked from ``/`` without following a link, each
     component checked with the rule when ``safe``; missing components are made 0700 when ``create``.
@@ -143,6 +150,15 @@ def write(
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
         if old is not None and not stat.S_ISREG(old.st_mode):
             raise OSError(errno.EEXIST, "is not a regular file (a link, a directory...); not replaced", path)
+        if old is not None and old.st_uid != os.geteuid() and _shared(os.fstat(dfd)):
+            # anyone may add a file to a sticky shared directory (/tmp): one that is not ours was put
+            # there by someone else, and its owner is not one to give what we write
+            raise OSError(
+                errno.EPERM,
+                f"belongs to {_owner_name(old.st_uid)}, in a directory every user may add files to: someone "
+                "else made it; not replaced (remove it, or write the file in a private directory)",
+                path,
+            )
         tmp = f".{name}.{secrets.token_hex(6)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
