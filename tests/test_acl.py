@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from dc_broker.access.authorize import permits
+from dc_broker.access.authorize import administered, authorized, permits
 from dc_broker.access.caller import Caller
 from dc_broker.access.identity import (
     Units,
     boottime,
     hash_program,
     identify,
+    mount_namespaces,
     peer_credentials,
     unit_from_cgroup,
     units_from_cgroup,
@@ -239,6 +240,57 @@ def test_identify_reads_units_and_program_from_proc(tmp_path: Path) -> None:
     assert hash_program(42, 1001, boottime(), who.exe_stamp, proc=proc) is None
 
 
+def test_exe_rules_mean_the_brokers_or_the_hosts_mount_namespace(tmp_path: Path) -> None:
+    """Under the system unit the broker has a mount namespace of its own (ProtectSystem, PrivateTmp,
+    PrivateMounts) that no caller shares; the paths in its rules mean the host's files, so a caller
+    in the host's namespace (pid 1's) running the pinned file meets an ``exe:`` rule. A caller in a
+    third namespace (a container) meets ``exe-any-ns:`` only."""
+    prog = tmp_path / "report-runner"
+    prog.write_bytes(b"\x7fELF pretend program")
+    proc = _fake_proc(tmp_path, cgroup="0::/system.slice/report.service\n", uid=1001, exe=str(prog))
+    for who, ns in (("self", "mnt:[4026532900]"), ("1", "mnt:[4026531841]")):  # the broker's; the host's
+        (Path(proc) / who / "ns").mkdir(parents=True)
+        os.symlink(ns, Path(proc) / who / "ns" / "mnt")
+    assert mount_namespaces(proc) == {"mnt:[4026532900]", "mnt:[4026531841]"}
+    (Path(proc) / "42" / "ns").mkdir()
+    link = Path(proc) / "42" / "ns" / "mnt"
+    st = prog.stat()
+    files = {str(prog): (st.st_dev, st.st_ino)}
+    rules = {kind: (parse_rule(f"{kind}:{prog}"),) for kind in ("exe", "exe-any-ns")}
+    for ns, exe_rule in (("mnt:[4026531841]", True), ("mnt:[4026532900]", True), ("mnt:[4026532777]", False)):
+        link.unlink(missing_ok=True)
+        os.symlink(ns, link)
+        who = identify(42, 1001, 1001, accepted_at=boottime(), proc=proc)
+        assert who.exe_file == (st.st_dev, st.st_ino) and who.own_mount_ns is exe_rule, ns
+        assert allowed(rules["exe"], who, default_allow=False, files=files) is exe_rule, ns
+        assert allowed(rules["exe-any-ns"], who, default_allow=False, files=files), ns
+    # pid 1's namespace unreadable (no CAP_SYS_PTRACE): only the broker's own counts
+    bare = tmp_path / "bare"
+    (bare / "self" / "ns").mkdir(parents=True)
+    os.symlink("mnt:[4026532900]", bare / "self" / "ns" / "mnt")
+    assert mount_namespaces(str(bare)) == {"mnt:[4026532900]"}
+
+
+def test_an_exe_rule_is_the_named_file_itself(tmp_path: Path) -> None:
+    """Real processes: the program at the pinned path is allowed; a copy of it at another path (the
+    same bytes, another inode) is not; nor is the pinned program once the file at the path was
+    replaced after it started (it runs a deleted inode). (Device and inode, read through
+    /proc/PID/exe, whatever mount namespace the caller names its program in.)"""
+    from tests.test_programs import copy_of_sleep, running
+
+    named = copy_of_sleep(tmp_path, "report-runner")
+    profile = _profile(allow=(f"exe:{named}",))
+    with running(named) as caller:
+        assert permits(caller, profile, system=True)
+    with running(copy_of_sleep(tmp_path, "copy")) as copy:
+        assert copy.identity().exe_file is not None and not permits(copy, profile, system=True)
+    with running(named) as old:
+        os.replace(copy_of_sleep(tmp_path, "upgrade"), named)  # an upgrade: a new inode at the path
+        assert old.identity().exe_file is not None and not permits(old, profile, system=True)
+    with running(named) as new:
+        assert permits(new, profile, system=True)
+
+
 def test_a_reused_pid_lends_no_units_or_program(tmp_path: Path) -> None:
     # the process behind the pid started after the connection was accepted (at boot time 1 s)
     proc = _fake_proc(
@@ -318,3 +370,38 @@ def test_conditions_joined_by_and_must_all_hold() -> None:
     assert needs_exe_hash((parse_rule("uid:1 & exe-sha256:" + "ab" * 32),))
     with pytest.raises(ConfigError, match="allow rule"):
         parse_rule("user:etl & nonsense")
+
+
+def test_every_refusal_reads_the_identity_an_unknown_profile_reads() -> None:
+    """Timing must not tell profile names apart: an unknown profile reads the caller's identity
+    (/proc, and user and group names: milliseconds with LDAP or sssd), so a refused known profile
+    does too, also where uid rules alone decided, and so does an admin op on a profile with no
+    admin rules (or uid-only ones). The answers are alike but for the name."""
+    from dc_broker.idp.transport import IdpTransport
+    from dc_broker.sessions.registry import Sessions
+    from dc_broker.store import MemoryStore
+    from dc_token.errors import Forbidden
+
+    stranger = next(uid for uid in range(4242, 5000) if uid not in (0, os.getuid()))
+    profiles = {
+        "p_uid": _profile(allow=("uid:1",)),
+        "p_closed": _profile(),
+        "p_admins": _profile(allow=("uid:1",), admin=("uid:1",)),
+    }
+    sessions = Sessions(profiles, MemoryStore(), IdpTransport())
+
+    def refusal(decide, name: str) -> str:
+        caller = Caller(stranger, stranger, os.getpid(), accepted_at=boottime())
+        with pytest.raises(Forbidden) as caught:
+            decide(caller, name)
+        assert caller.known_identity() is not None, name
+        return str(caught.value).replace(repr(name), "P")
+
+    def use(caller: Caller, name: str) -> None:
+        authorized(sessions, caller, name, system=True)
+
+    def change(caller: Caller, name: str) -> None:
+        administered(sessions, caller, name)
+
+    assert len({refusal(use, name) for name in ("no_such", "p_uid", "p_closed")}) == 1
+    assert len({refusal(change, name) for name in ("no_such", "p_uid", "p_admins")}) == 1

@@ -192,14 +192,14 @@ def test_starting_dc_broker_imports_neither_trio_nor_httpx_nor_the_daemon() -> N
 
 @pytest.mark.parametrize("name", sorted(cli.commands))
 def test_every_command_that_reads_or_holds_a_secret_protects_its_process_first(name: str, monkeypatch) -> None:
-    """The commands that take a password, client secret or passphrase, or open the vault's data key
-    (init, add, rotate, login, unlock, passwd) make their process undumpable before they run; the
-    others do not need to (`run` and `dev` harden themselves)."""
+    """The commands that take a password, client secret or passphrase, open the vault's data key
+    (init, add, rotate, login, unlock, passwd) or hold every request's bearer token (proxy) make their
+    process undumpable before they run; the others do not need to (`run` and `dev` harden themselves)."""
     import dc_token.protect
 
     calls: list[str] = []
     monkeypatch.setattr(dc_token.protect, "no_dumps", lambda **kw: calls.append(name))
     with click.Context(cli) as ctx:
         cli.resolve_command(ctx, [name])
-    holds = name in {"init", "add", "rotate", "login", "unlock", "passwd"}
+    holds = name in {"init", "add", "rotate", "login", "unlock", "passwd", "proxy"}
     assert calls == ([name] if holds else []), name

@@ -69,6 +69,26 @@ async def test_a_program_is_read_once_and_callers_of_it_share_the_read(tmp_path:
         assert third.identity().exe_sha256 == digest and hashes.reads == 2
 
 
+async def test_a_caller_gone_before_its_read_does_not_spoil_the_program_for_the_next(tmp_path: Path) -> None:
+    """A caller whose process exits before its program is read (it gave up while queued behind
+    another hash) gets no digest; that is about its process, not the file, so it is not cached: the
+    next caller running the same program has it read and matches."""
+    hashes = ProgramHashes()
+    program = copy_of_sleep(tmp_path, "pinned")
+    digest = hashlib.sha256(program.read_bytes()).hexdigest()
+    with running(program) as gone:
+        stamp = gone.identity().exe_stamp  # the identity is read while it runs, as on connecting
+    assert stamp is not None and not os.path.exists(f"/proc/{gone.pid}")
+    await hashes.attest(gone)
+    assert gone.attested and gone.identity().exe_sha256 is None and hashes.reads == 1
+    with running(program) as live:
+        assert live.identity().exe_stamp == stamp  # the very file, unchanged
+        await hashes.attest(live)
+        assert live.identity().exe_sha256 == digest and hashes.reads == 2
+    with running(program) as later:  # a digest is cached, though
+        assert hashes.cached(later) and later.identity().exe_sha256 == digest and hashes.reads == 2
+
+
 async def test_a_caller_over_its_budget_is_overloaded(tmp_path: Path) -> None:
     """Two fresh programs fit this caller's budget; the third this minute is `overloaded` with the
     time its budget needs to hold it, and is not read. (Another caller keeps its own budget:

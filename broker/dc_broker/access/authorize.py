@@ -3,15 +3,20 @@
 secrets (``administered``: the broker's own uid, root, or the profile's ``admin`` rules).
 
 Unknown and refused profiles get the same answer where the caller is not the owner, and cost the same
-work (the identity is read either way; a program's hash, when any profile pins one, is read before
-the connection's first decision whatever it is about: ``dc_broker.access.programs``), so neither the
-reply nor its timing tells a neighbour which profiles exist.
+work, so neither the reply nor its timing tells a neighbour which profiles exist: every refusal
+(system mode's ``authorized``, and ``administered``) reads the caller's identity first (``/proc`` and
+the user and group databases, which take milliseconds with LDAP or sssd), as an unknown profile
+does, even when the rules decided on the uid alone or there were none; a program's hash, when any
+profile pins one, is read before the connection's first decision whatever it is about
+(``dc_broker.access.programs``). The identity is read once per connection, so this costs an allowed
+caller nothing: system mode reads it for the audit trail anyway.
 
 ``exe:`` and ``exe-any-ns:`` rules compare the caller's program with the file at the pinned path as
 this process's mount namespace has it (``os.stat``: device and inode); what a connection's rules come
 to is kept on its ``Caller`` (its identity does not change while it is connected).
 
-Must never: trust anything the request says about the caller; grant by default in system mode.
+Must never: trust anything the request says about the caller; grant by default in system mode;
+refuse a known profile more cheaply than an unknown one.
 """
 
 from __future__ import annotations
@@ -86,12 +91,13 @@ def administered(sessions: Sessions, caller: Caller, name: str) -> Session:
     except UnknownProfile:
         if is_owner(caller):
             raise
-        caller.identity()  # as for a known profile's admin rules: timing tells nothing
+        caller.identity()  # as for a known profile's refusal: timing tells nothing
         raise _not_admin(name, caller) from None
     if is_owner(caller):
         return session
     rules = _rules(session.profile.admin)
     if not rules or not _matches(rules, caller):
+        caller.identity()  # as for an unknown profile, even with no admin rules or uid-only ones
         raise _not_admin(name, caller)
     caller.identity()  # names and unit for the audit trail
     log.info("profile %s: login or secrets changed by %s (an admin rule)", name, caller.describe())
@@ -116,6 +122,8 @@ def authorized(sessions: Sessions, caller: Caller, name: str, *, system: bool) -
             raise _denied(name, caller) from None
         raise
     if not permits(caller, session.profile, system=system):
+        if system:
+            caller.identity()  # as for an unknown profile, even where uid rules (or none) decided
         raise _denied(name, caller)
     if system:
         caller.identity()  # names and unit for the audit trail; read once per connection

@@ -15,8 +15,10 @@ unit.
 
 The program is read as the broker's namespace sees it: ``/proc/PID/exe`` is stat'ed through the
 magic link, so ``exe_file`` is the (device, inode) of the file the caller runs, whatever its own mount
-namespace calls it, and ``own_mount_ns`` says whether ``/proc/PID/ns/mnt`` is ours. The path
-(``readlink``) is kept for messages only. ``hash_program`` reads the program's content for
+namespace calls it, and ``own_mount_ns`` says whether ``/proc/PID/ns/mnt`` is one whose paths the
+rules mean (``mount_namespaces``: the broker's own, or the host's, pid 1's, when the broker may read
+it; under the system unit the broker's own is private to it). The path (``readlink``) is kept for
+messages only. ``hash_program`` reads the program's content for
 ``exe-sha256`` rules; it is blocking and is run in a worker thread (``dc_broker.access.programs``).
 
 Must never: trust a path from a process's own cgroup names beyond that rule, compare a program by
@@ -50,7 +52,7 @@ _USER_MANAGER = re.compile(r"^user@(\d+)\.service$")
 MAX_EXE_BYTES = 128 * 1024 * 1024
 #: bytes read and hashed per step (each step takes the GIL twice)
 _HASH_CHUNK = 4 * 1024 * 1024
-_OWN_MOUNT_NS: list[str] = []
+_MOUNT_NAMESPACES: dict[str, frozenset[str]] = {}
 
 
 class Units(NamedTuple):
@@ -128,7 +130,7 @@ def identify(pid: int, uid: int, gid: int, *, accepted_at: float, proc: str = "/
             if m:
                 groups.update(int(g) for g in m.group(1).split())
             units = units_from_cgroup(_read(dirfd, "cgroup") or "")
-            program = _program(dirfd, pid)
+            program = _program(dirfd, pid, proc)
         finally:
             os.close(dirfd)
     names = set()
@@ -175,22 +177,29 @@ class _Program(NamedTuple):
     own_mount_ns: bool = False
 
 
-def own_mount_namespace() -> str:
-    """The broker's mount namespace (``/proc/self/ns/mnt``), read once ("" if it cannot be read:
-    then no caller shares it)."""
-    if not _OWN_MOUNT_NS:
-        try:
-            _OWN_MOUNT_NS.append(os.readlink("/proc/self/ns/mnt"))
-        except OSError:
-            _OWN_MOUNT_NS.append("")
-    return _OWN_MOUNT_NS[0]
+def mount_namespaces(proc: str = "/proc") -> frozenset[str]:
+    """The mount namespaces whose paths an ``exe:`` rule means, read once: the broker's own
+    (``/proc/self/ns/mnt``) and the host's, pid 1's (``/proc/1/ns/mnt``), where the broker may read
+    it (root, or CAP_SYS_PTRACE, which reading another uid's ``/proc/PID/exe`` needs anyway). Under
+    the system unit (ProtectSystem, PrivateTmp, PrivateMounts...) the broker's own namespace is
+    private to it and no caller shares it, but its ``/usr`` and ``/etc`` are the host's files
+    (read-only bind mounts: the same device and inode), so the host's callers are the ones the
+    administrator's paths mean. Neither readable: the empty set, and no caller is in one."""
+    found = _MOUNT_NAMESPACES.get(proc)
+    if found is None:
+        names = set()
+        for who in ("self", "1"):
+            with contextlib.suppress(OSError):
+                names.add(os.readlink(f"{proc}/{who}/ns/mnt"))
+        found = _MOUNT_NAMESPACES[proc] = frozenset(names)
+    return found
 
 
-def _program(dirfd: int, pid: int) -> _Program:
+def _program(dirfd: int, pid: int, proc: str) -> _Program:
     """The program the process runs, as the broker's namespace sees it: the file behind
     ``/proc/PID/exe`` (stat'ed through the link), its path for messages, and whether the process
-    shares our mount namespace. Another user's needs root or CAP_SYS_PTRACE; without it: nothing
-    (exe rules then deny)."""
+    is in a mount namespace whose paths the rules mean (``mount_namespaces``). Another user's needs
+    root or CAP_SYS_PTRACE; without it: nothing (exe rules then deny)."""
     try:
         path = os.readlink("exe", dir_fd=dirfd)
         st = os.stat("exe", dir_fd=dirfd)
@@ -201,10 +210,10 @@ def _program(dirfd: int, pid: int) -> _Program:
         ns = os.readlink("ns/mnt", dir_fd=dirfd)
     except OSError:
         ns = None
-    own = own_mount_namespace()
     stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     regular = statmod.S_ISREG(st.st_mode)
-    return _Program(path, (st.st_dev, st.st_ino), stamp if regular else None, bool(own) and ns == own)
+    meant = ns is not None and ns in mount_namespaces(proc)
+    return _Program(path, (st.st_dev, st.st_ino), stamp if regular else None, meant)
 
 
 def hash_program(

@@ -12,7 +12,10 @@ apart. So:
   and hashes it with the GIL released, so it takes the GIL about 64 times for 128 MiB. (A thread
   at nice 19 did worse: descheduled while it held the GIL, it kept the event loop waiting.);
 - the digest is cached by the program's (device, inode, size, mtime, ctime) (``CACHE_SIZE`` of them),
-  so a program is read once until it changes; callers of the same program share one read;
+  so a program is read once until it changes; callers of the same program share one read. Only a
+  digest is cached: a read that gets none (the caller's process exited, or exec'd, before it ran,
+  which anyone may arrange by queueing behind another hash) says nothing about the file, so the next
+  caller of that program has it read again rather than being refused for someone else's exit;
 - each caller (uid) may have the broker read ``HASH_BURST_BYTES`` at once and ``HASH_BYTES_PER_MINUTE``
   a minute after that (``dc_broker.budget.Budget``), and one program of its own at a time; beyond
   that it is told ``overloaded`` with ``retry_after`` and nothing is read for it. Programs larger
@@ -21,8 +24,8 @@ apart. So:
   (``Sessions.pins_programs``), whatever the request is about, so an unknown profile, a refused one
   and an ``exe-sha256`` one cost the same (``dc_broker.serve.ops``).
 
-Must never: hash on the event loop, or hash a file other than the one the caller's identity was
-read from (``hash_program`` checks the stamp on the file it opened).
+Must never: hash on the event loop, hash a file other than the one the caller's identity was read
+from (``hash_program`` checks the stamp on the file it opened), or cache a failed read.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class ProgramHashes:
         self.clock = clock
         self.burst_bytes = burst_bytes
         self.bytes_per_minute = bytes_per_minute
-        self._digests: OrderedDict[Stamp, str | None] = OrderedDict()
+        self._digests: OrderedDict[Stamp, str] = OrderedDict()
         self._reading: dict[Stamp, trio.Event] = {}
         self._budgets: dict[int, Budget] = {}
         self._busy: set[int] = set()
@@ -109,9 +112,10 @@ class ProgramHashes:
                 self._busy.discard(caller.uid)
                 del self._reading[stamp]
                 done.set()
-            self._digests[stamp] = digest
-            if len(self._digests) > CACHE_SIZE:
-                self._digests.popitem(last=False)
+            if digest is not None:  # a failure is this caller's (its process gone, exec'd, ...), not the file's
+                self._digests[stamp] = digest
+                if len(self._digests) > CACHE_SIZE:
+                    self._digests.popitem(last=False)
             caller.attest(digest)
 
     def _charge(self, uid: int, size: int) -> None:

@@ -19,14 +19,16 @@ supplementary groups, runs in that systemd unit, or runs that program:
   or a uid). Another user's manager, or a process of another uid inside it, never matches.
 - ``exe:/ABS/PATH`` is the *file* at that path as the broker's own mount namespace names it: the
   caller's running program (``/proc/PID/exe``, opened by the broker) must be that file (the same
-  device and inode), and the caller must be in the broker's mount namespace. A path compared as
-  text is what the caller's namespace calls it: a bind mount of another program over the pinned path
-  in ``unshare -Urm`` met such a rule. ``exe-any-ns:/ABS/PATH`` is the same file from any mount
-  namespace (a container that bind-mounts it). A binary replaced on disk after start is another
-  inode, so it does not count. ``exe-sha256:HEX`` is the SHA-256 of the running program's content
-  (hashed off the event loop, ``dc_broker.access.programs``). An interpreter names every script it
-  runs: ``exe:/usr/bin/python3`` admits every Python program, so pin compiled programs (or a
-  dedicated interpreter copy) only.
+  device and inode), and the caller must be in the broker's mount namespace or the host's (pid 1's,
+  where the broker may read it: under the system unit the broker has a namespace of its own, whose
+  ``/usr`` is the host's files). A path compared as text is what the caller's namespace calls it: a
+  bind mount of another program over the pinned path in ``unshare -Urm`` met such a rule.
+  ``exe-any-ns:/ABS/PATH`` is the same file from any mount namespace (a container that bind-mounts
+  it). A binary replaced on disk after start is another inode, so it does not count.
+  ``exe-sha256:HEX`` is the SHA-256 of the running program's content (hashed off the event loop,
+  ``dc_broker.access.programs``). An interpreter names every script it runs:
+  ``exe:/usr/bin/python3`` admits every Python program, so pin compiled programs (or a dedicated
+  interpreter copy) only.
 
 Rules are alternatives: a caller matching any one is allowed. Conditions joined by `` & `` in one rule
 must all hold: ``"user:etl & exe:/usr/bin/report-runner"`` is etl's report-runner only, neither other
@@ -81,8 +83,8 @@ class Identity:
     ``unit`` is the system unit; ``user_unit`` a user manager's unit, and ``user_unit_uid`` the uid
     of that manager (from ``user@UID.service``). ``exe`` is the program's path (for messages: never
     compared), ``exe_file`` the program's (device, inode) as the broker sees it, ``own_mount_ns``
-    whether the caller shares the broker's mount namespace, ``exe_sha256`` the program's content
-    hash (once it is known: ``dc_broker.access.programs``)."""
+    whether the caller is in the broker's or the host's mount namespace (``exe:`` rules need it),
+    ``exe_sha256`` the program's content hash (once it is known: ``dc_broker.access.programs``)."""
 
     uid: int
     gid: int

@@ -57,11 +57,11 @@ def expected_error(exc: BaseException) -> DcBrokerError | None:
     return None
 
 
-#: the commands that read or hold a secret (a password, client secret, passphrase, or the vault's
-#: data key): before they run, the process keeps other processes of its user out of its memory
-#: (``dc_token.protect.no_dumps``: no core file, no ptrace, no /proc/PID/mem). `run` and `dev`
-#: harden themselves (``dc_broker.hardening``).
-HOLDS_SECRETS = frozenset({"init", "add", "rotate", "login", "unlock", "passwd"})
+#: the commands that read or hold a secret (a password, client secret, passphrase, the vault's data
+#: key, or, for `proxy`, the bearer token it adds to every request it forwards): before they run, the
+#: process keeps other processes of its user out of its memory (``dc_token.protect.no_dumps``: no
+#: core file, no ptrace, no /proc/PID/mem). `run` and `dev` harden themselves (``dc_broker.hardening``).
+HOLDS_SECRETS = frozenset({"init", "add", "rotate", "login", "unlock", "passwd", "proxy"})
 
 
 class ErrorBoundary(click.Group):
