@@ -38,7 +38,8 @@ def _reading_stdin(pid: int) -> bool:
 def test_50_concurrent_adds_against_a_running_broker_lose_no_profile(home: dict[str, str], tmp_path: Path) -> None:
     init_default_keyfile(home, tmp_path)
     sock = home["DC_BROKER_SOCKET"]
-    daemon = subprocess.Popen([DC_BROKER, "run"], env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = (tmp_path / "daemon.log").open("w")  # a file, not a pipe nobody reads: a full pipe stops the daemon
+    daemon = subprocess.Popen([DC_BROKER, "run"], env=home, stdout=log, stderr=log, text=True)
     try:
         wait_for_socket(sock, daemon)
         names = [f"p{i:02d}" for i in range(ADDS)]
@@ -66,6 +67,7 @@ def test_50_concurrent_adds_against_a_running_broker_lose_no_profile(home: dict[
         assert sorted(p["profile"] for p in json.loads(status.stdout)["profiles"]) == names
     finally:
         assert stop(daemon) == 0
+        log.close()
     with Vault.open(str(tmp_path / "data" / "dc-broker" / "vault.db"), auto_unlock=True) as vault:
         for n in names:
             secret = vault.credentials(n).client_secret
