@@ -77,7 +77,7 @@ def test_set_changes_keys_in_place(idp: str, home: dict[str, str], tmp_path: Pat
     out = cli(home, "set", "acme", "scope=openid email", "legacy-paths=false", "allow=user:etl,group:analytics")
     assert out.returncode == 0, out.stderr
     assert out.stdout == (
-        "Updated profile acme: allow = ('user:etl', 'group:analytics'), legacy_paths = False, scope = 'openid email'.\n"
+        'Updated profile acme: allow = ["user:etl", "group:analytics"], legacy_paths = false, scope = "openid email".\n'
     )
     text = cfg.read_text()
     assert text.startswith("# my profiles\n[profiles.acme]  # the main one\n")
@@ -185,7 +185,7 @@ def test_rotate_through_a_running_broker(idp: str, home: dict[str, str], tmp_pat
         # set through the running broker: reloaded at once
         out = cli(home, "set", "acme", "scope=openid")
         assert out.stdout == (
-            "Updated profile acme: scope = 'openid'. The running broker has reloaded it: its next token is got "
+            'Updated profile acme: scope = "openid". The running broker has reloaded it: its next token is got '
             "with these settings.\n"
         )
         unknown = dc_token(sock, "nope")

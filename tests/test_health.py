@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,12 +172,14 @@ def test_idp_down(home: Home) -> None:
             doctor = home.cli("doctor")
             url = f"{idp}/auth/realms/demo/.well-known/openid-configuration"
             assert doctor.returncode == 1
+            # its 4 s tokens cannot last the default --min-ttl of 60 s, fresh or stale
+            assert "\nFAIL  profile acme: " in doctor.stdout
             assert doctor.stdout.endswith(
                 f"FAIL  idp acme: cannot reach {url}: connection refused or host unreachable\n"
                 "      fix: check that the identity provider is up and the profile's URL is right (`dc-broker set "
                 "acme server=...`); behind a proxy, set https_proxy or the profile's proxy\n"
                 + SYSTEMD_OK
-                + "doctor: 1 problem(s)\n"
+                + "doctor: 2 problem(s)\n"
             )
             wait_for(lambda: home.status("acme")["state"] in ("stale", "unavailable"), 20, "a failed refresh")
             # the 4 s token may expire while check runs (stale -> unavailable): its line is the one of the
@@ -209,7 +214,7 @@ def test_vault_locked(tmp_path: Path) -> None:
         with home.broker():
             check = home.cli("check")
             locked = str(home.status("acme")["last_error"])
-            assert (check.returncode, check.stdout) == (1, f"FAIL acme: locked (locked): {locked}\n")
+            assert (check.returncode, check.stdout) == (1, f"FAIL acme: locked: {locked}\n")
             assert "dc-broker unlock" in locked
             doctor = home.cli("doctor")
             assert doctor.returncode == 1
@@ -219,8 +224,7 @@ def test_vault_locked(tmp_path: Path) -> None:
                 f"ok    broker: dc-broker {version()} answers on {home.sock}\n"
                 "FAIL  vault: locked: no token is served\n"
                 "      fix: `dc-broker unlock`\n"
-                f"FAIL  profile acme: locked (locked): {locked}\n"
-                "      fix: `dc-broker unlock`\n"
+                f"FAIL  profile acme: locked: {locked}\n"
                 f"ok    idp acme: discovery served by {idp}/auth/realms/demo\n"
                 + CLOCK_OK
                 + SYSTEMD_OK
@@ -261,8 +265,191 @@ def test_a_login_that_ends_within_min_ttl(home: Home) -> None:
             assert doctor.returncode == 1
             assert re.search(
                 r"\nFAIL  profile dev: its login ends in \d+s \(the identity provider's session maximum\), within "
-                r"1m00s: run `dc-broker login dev` before then\n      fix: `dc-broker login dev`\n",
+                r"1m00s: run `dc-broker login dev` before then\nok    idp dev: ",
                 doctor.stdout,
             ), doctor.stdout
             status = home.cli("status")
             assert re.search(r"\ndev\s+fresh\s+\S+\s+at \d\d:\d\d ", status.stdout), status.stdout
+
+
+# ---------------------------------------------------------------- what the audit found (issue 25 follow-up)
+
+
+def test_check_with_no_profile_fails_saying_there_is_nothing_to_check(home: Home) -> None:
+    with home.broker():
+        check = home.cli("check")
+        assert (check.returncode, check.stdout, check.stderr) == (
+            1,
+            "FAIL: no profile to check (the config has none, or none you may use); add one with `dc-broker add`\n",
+            "",
+        )
+
+
+def test_check_fails_a_fresh_profile_whose_tokens_live_less_than_min_ttl(home: Home) -> None:
+    """Tokens of 300 s: the broker counts them from the send, and their JWT exp is whole seconds, so it
+    may see a second or two less."""
+    with dev_idp_process("--access-lifespan", "300") as (idp, _), home.broker():
+        home.add(idp)
+        wait_for(lambda: home.status("acme")["state"] == "fresh", 20, "a token for acme")
+        why = (
+            r"its tokens last (4m5[89]s|5m00s), less than 10m00s: the identity provider grants none longer; lengthen "
+            r"them there \(Keycloak: Access Token Lifespan\) or ask for less \(--min-ttl\)"
+        )
+        short = home.cli("check", "--min-ttl", "600")
+        assert short.returncode == 1
+        assert re.fullmatch(f"FAIL acme: {why}\n", short.stdout), short.stdout
+        assert home.cli("check", "--min-ttl", "290").returncode == 0
+        doctor = home.cli("doctor", "--min-ttl", "600")
+        assert doctor.returncode == 1
+        assert re.search(
+            f"\nFAIL  profile acme: {why}\nok    idp acme: discovery served by {re.escape(idp)}/auth/realms/demo\n",
+            doctor.stdout,
+        ), doctor.stdout
+
+
+def test_judge_a_fresh_profile_against_the_lifetime_of_its_tokens() -> None:
+    from dc_broker.observe.health import problem
+
+    now = 1_700_000_000.0
+    # a token of 300 s, 50 s old: 250 s left now, a refresh gives 300 s
+    entry = {"profile": "acme", "state": "fresh", "expires_in": 250.0, "last_refresh": now - 50.0}
+    assert problem(entry, 240, now=now) is None
+    assert problem(entry, 290, now=now) is None  # the broker refreshes for it
+    assert problem(entry, 600, now=now) == (
+        "its tokens last 5m00s, less than 10m00s: the identity provider grants none longer; lengthen them there "
+        "(Keycloak: Access Token Lifespan) or ask for less (--min-ttl)"
+    )
+    # without the time of its last refresh, the token's time left is all it is known to give
+    assert problem({**entry, "last_refresh": None}, 240, now=now) is None
+    assert problem({**entry, "last_refresh": None}, 600, now=now) == (
+        "its token has 4m10s left, less than 10m00s: lengthen the tokens at the identity provider (Keycloak: "
+        "Access Token Lifespan) or ask for less (--min-ttl)"
+    )
+
+
+def test_a_state_is_not_followed_by_an_error_code_that_says_the_same() -> None:
+    from dc_broker.observe.health import problem
+
+    locked = {"profile": "acme", "state": "locked", "last_error": "the vault is locked; run `dc-broker unlock`",
+              "error_code": "locked"}  # fmt: skip
+    assert problem(locked, 60) == "locked: the vault is locked; run `dc-broker unlock`"
+    down = {"profile": "acme", "state": "unavailable", "last_error": "profile 'acme': down",
+            "error_code": "upstream_unavailable"}  # fmt: skip
+    assert problem(down, 60) == "unavailable (upstream_unavailable): profile 'acme': down"
+
+
+def _doctor_without_broker(home: Home, idp: str, *settings: str) -> subprocess.CompletedProcess[str]:
+    home.config.parent.mkdir(parents=True, exist_ok=True)
+    home.config.write_text(
+        f'[profiles.acme]\nserver = "{idp}"\ntenant = "demo"\nclient_id = "dc-public"\ngrant = "device"\n'
+        'auth_method = "none"\n'
+    )
+    for setting in settings:
+        done = home.cli("set", "acme", setting)
+        assert done.returncode == 0, done.stderr
+    return home.cli("doctor")
+
+
+def _no_broker_lines(home: Home) -> str:
+    return (
+        f"ok    config: {home.config}: 1 profile(s)\n"
+        f"FAIL  broker: not running (no socket at {home.sock}); the files are checked below\n"
+        "      fix: start it: `systemctl --user start dc-broker` (or `dc-broker run`)\n"
+        f"ok    vault: none at {home.vault}: the broker keeps secrets in memory only (`dc-broker init` makes one)\n"
+    )
+
+
+def test_doctor_reaches_the_idp_directly_for_proxy_direct(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    with dev_idp_process() as (idp, _):
+        home.env.update(https_proxy="http://127.0.0.1:9", no_proxy="")
+        doctor = _doctor_without_broker(home, idp, "proxy=direct")
+    assert (doctor.returncode, doctor.stderr) == (1, "")
+    assert doctor.stdout == (
+        _no_broker_lines(home)
+        + f"ok    idp acme: discovery served by {idp}/auth/realms/demo\n"
+        + CLOCK_OK
+        + SYSTEMD_OK
+        + "doctor: 1 problem(s)\n"
+    )
+
+
+CA_FIX = (
+    "      fix: `dc-broker set acme ca_bundle=PATH` with the PEM file of the CA that signed the identity "
+    "provider's certificate, or `dc-broker set acme ca_bundle=` for the system's CAs\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("setting", "why", "fix"),
+    [
+        (
+            "proxy=http://127.0.0.1:9",
+            "cannot reach {url} through the proxy http://127.0.0.1:9: connection refused or host unreachable",
+            "      fix: check that the proxy is up and its address right, or set the profile's: `dc-broker set acme "
+            "proxy=URL` (proxy=direct for none)\n",
+        ),
+        ("ca_bundle={tmp}/missing.pem", "ca_bundle {tmp}/missing.pem: no such file", CA_FIX),
+        ("ca_bundle={tmp}/empty.pem", "ca_bundle {tmp}/empty.pem: no PEM certificate in it", CA_FIX),
+    ],
+    ids=["unreachable-proxy", "missing-ca-bundle", "empty-ca-bundle"],
+)
+def test_doctor_names_a_bad_proxy_or_ca_bundle_without_a_traceback(
+    tmp_path: Path, setting: str, why: str, fix: str
+) -> None:
+    home = Home(tmp_path)
+    (tmp_path / "empty.pem").write_text("")
+    with dev_idp_process() as (idp, _):
+        doctor = _doctor_without_broker(home, idp, setting.format(tmp=tmp_path))
+    url = f"{idp}/auth/realms/demo/.well-known/openid-configuration"
+    assert (doctor.returncode, doctor.stderr) == (1, "")
+    assert doctor.stdout == (
+        _no_broker_lines(home)
+        + f"FAIL  idp acme: {why.format(url=url, tmp=tmp_path)}\n"
+        + fix
+        + SYSTEMD_OK
+        + "doctor: 2 problem(s)\n"
+    )
+
+
+def test_doctor_with_a_missing_config_file_says_to_create_it(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    missing = tmp_path / "nope.toml"
+    doctor = home.cli("doctor", "--config", str(missing))
+    assert (doctor.returncode, doctor.stderr) == (1, "")
+    assert doctor.stdout.splitlines()[:2] == [
+        f"FAIL  config: {missing} does not exist",
+        f"      fix: create it with `dc-broker add --config {missing} PROFILE ...`, or pass the right --config",
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run doctor as another user (setpriv)")
+def test_doctor_outside_the_shared_brokers_group_says_to_ask_for_access_not_to_start_it() -> None:
+    shared = Path(tempfile.mkdtemp(prefix="dcb-doctor-"))
+    try:
+        shared.chmod(0o755)
+        (shared / "dc-broker").mkdir(mode=0o755)
+        sock = shared / "dc-broker" / "broker.sock"  # the default socket of XDG_RUNTIME_DIR=shared
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(sock))
+        sock.chmod(0o660)  # root and its group only
+        listener.listen(1)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        env = {**os.environ, "XDG_CONFIG_HOME": str(shared), "XDG_DATA_HOME": str(shared), "HOME": str(shared),
+               "XDG_RUNTIME_DIR": str(shared)}  # fmt: skip
+        env.pop("DC_BROKER_SOCKET", None)
+        if subprocess.run([*as_nobody, DC_BROKER, "--version"], capture_output=True, env=env).returncode != 0:
+            pytest.skip("user nobody cannot run this checkout's dc-broker")
+        doctor = subprocess.run([*as_nobody, DC_BROKER, "doctor"],
+                                capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+        listener.close()
+        assert (doctor.returncode, doctor.stderr) == (1, "")
+        assert doctor.stdout.splitlines()[2:4] == [
+            f"FAIL  broker: no permission to use the broker socket {sock}: the shared broker there admits members "
+            "of group 'root', and you are not one; ask its administrator to add you (`usermod -aG root $USER`), "
+            "then log in again",
+            "      fix: ask the broker's administrator to let your user use the broker",
+        ]
+        assert "systemctl" not in doctor.stdout
+    finally:
+        shutil.rmtree(shared)

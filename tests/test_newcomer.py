@@ -185,7 +185,7 @@ def test_set_scope_on_a_running_broker_says_when_it_applies_and_it_does(
         assert dc_token(sock, "acme").returncode == 0
         out = cli(home, "set", "acme", "scope=openid email")
         assert out.stdout == (
-            "Updated profile acme: scope = 'openid email'. The running broker has reloaded it: its next token "
+            'Updated profile acme: scope = "openid email". The running broker has reloaded it: its next token '
             "is got with these settings.\n"
         )
 
@@ -376,3 +376,43 @@ def test_a_config_value_of_the_wrong_type_is_named_as_a_person_reads_it(tmp_path
     done = subprocess.run([DC_BROKER, "list", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
     assert done.stderr == f"Error: {cfg}:2: profiles.acme.client_id must be text in quotes, not empty\n"
     assert "str" not in done.stderr
+
+
+# ---------------------------------------------------------------- what the messages look like
+
+
+def test_set_allow_prints_the_rules_as_they_are_written(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        '[profiles.acme]\nclient_id = "c"\ntoken_url = "https://x.example/t"\ngrant = "client_credentials"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DC_BROKER_")}
+    env["DC_BROKER_SOCKET"] = str(tmp_path / "none.sock")
+    one = subprocess.run([DC_BROKER, "set", "--config", str(cfg), "acme", "allow=user:carol"],
+                         capture_output=True, text=True, env=env, timeout=30)  # fmt: skip
+    assert (one.returncode, one.stdout) == (0, 'Updated profile acme: allow = ["user:carol"].\n'), one.stderr
+    two = subprocess.run([DC_BROKER, "set", "--config", str(cfg), "acme", "allow=user:carol,group:staff"],
+                         capture_output=True, text=True, env=env, timeout=30)  # fmt: skip
+    assert (two.returncode, two.stdout) == (0, 'Updated profile acme: allow = ["user:carol", "group:staff"].\n'), (
+        two.stderr
+    )
+
+
+def test_every_commands_help_is_plain_text() -> None:
+    """click prints a docstring as it is: reST markup (``--limit``) shows up in --help verbatim."""
+    import click
+
+    from dc_broker.cli import cli as dc_broker
+
+    def commands(group: click.Group, path: str) -> Iterator[tuple[str, click.Command]]:
+        for name, command in group.commands.items():
+            yield f"{path} {name}", command
+            if isinstance(command, click.Group):
+                yield from commands(command, f"{path} {name}")
+
+    marked = []
+    for path, command in commands(dc_broker, "dc-broker"):
+        with click.Context(command, info_name=path) as ctx:
+            if "``" in command.get_help(ctx):
+                marked.append(path)
+    assert marked == []

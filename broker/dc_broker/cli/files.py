@@ -573,8 +573,13 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
         running = broker_running(socket_path)
         if running:
             ask(socket_path, "reload")
+    import tomlkit
+
+    def as_written(value: object) -> str:  # as the line in config.toml has it
+        return tomlkit.item(list(value) if isinstance(value, tuple) else value).as_string()
+
     shown = ", ".join(
-        f"{k} = {getattr(updated, k)!r}" if changes[k] is not None else f"{k} unset" for k in sorted(changes)
+        f"{k} = {as_written(getattr(updated, k))}" if changes[k] is not None else f"{k} unset" for k in sorted(changes)
     )
     click.echo(f"Updated profile {profile}: {shown}." + (_when_it_applies(old, updated) if running else ""))
 
