@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,137 @@ def test_add_with_issuer_to_a_running_broker_works_at_once(idp: str, home: dict[
         assert removed.returncode == 0 and "revoked at the identity provider" in removed.stdout, removed.stdout
     finally:
         assert stop(daemon) == 0
+
+
+# ---------------------------------------------------------------- a broker slower than the command's patience
+
+
+@pytest.fixture
+def busy_broker(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
+    """A broker on a real socket that answers ``hello`` and takes every other op without ever
+    answering it (as one waiting on a slow IdP); (its socket, the ops it was sent)."""
+    import socket
+
+    from dc_token.protocol import NEED_DATA, FrameDecoder, reply_frame
+    from tests.sockets import accept_in_thread, each_in_thread
+
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)
+    ops: list[str] = []
+    held: list[socket.socket] = []
+
+    def serve(conn: socket.socket) -> None:
+        held.append(conn)
+        decoder = FrameDecoder()
+        while True:
+            frame = decoder.next_frame()
+            if frame is NEED_DATA:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                decoder.receive_data(data)
+                continue
+            assert isinstance(frame, dict)
+            ops.append(frame["op"])
+            if frame["op"] == "hello":
+                conn.sendall(reply_frame(frame["id"], {"server": "dc-broker", "protocol": frame["v"]}))
+
+    accept_in_thread(listener, each_in_thread(serve))
+    try:
+        yield path, ops
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def dc_broker_here(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int | str | None, str]:
+    """`dc-broker ARGS` in this process (so its timeouts can be patched): (exit status, stderr)."""
+    import sys
+
+    from dc_broker.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dc-broker", *args])
+    with pytest.raises(SystemExit) as done:
+        main()
+    return done.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "op"),
+    [(["lock"], "lock"), (["logout", "acme"], "logout for profile 'acme'")],
+    ids=["lock", "logout"],
+)
+def test_an_op_the_broker_took_and_did_not_answer_in_time_may_still_complete(
+    busy_broker: tuple[str, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    op: str,
+) -> None:
+    """The broker answered (it runs) and took the op: no answer in time is not "not running" (exit 3,
+    "start it"), but "it may still complete it" with the exit status for "unavailable, retry" (7)."""
+    from dc_broker.cli import talk
+
+    path, ops = busy_broker
+    monkeypatch.setattr(talk, "SLOW_ANSWER_TIMEOUT", 0.5)
+    status, err = dc_broker_here(monkeypatch, capsys, *args, "--socket", path)
+    assert (status, err) == (
+        7,
+        f"Error: the broker took longer than 0.5 s to answer {op}; it may still complete it: check with "
+        "`dc-broker status`\n",
+    )
+    assert ops == ["hello", args[0]]
+
+
+def test_a_socket_that_no_broker_answers_on_is_still_no_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ "Not running" (exit 3) stays for a socket nobody listens on, and for one something accepts on
+    but no broker answers (a socket unit whose service cannot start): the slow op is never sent."""
+    import socket
+
+    from dc_broker.cli import talk
+
+    nobody = str(tmp_path / "none.sock")
+    status, err = dc_broker_here(monkeypatch, capsys, "lock", "--socket", nobody)
+    assert status == 3 and err.startswith(f"Error: no dc-broker is running on {nobody}"), err
+    silent = socket.socket(socket.AF_UNIX)  # listens, never accepts: the kernel's backlog takes the connection
+    silent.bind(str(tmp_path / "silent.sock"))
+    silent.listen(8)
+    monkeypatch.setattr(talk, "HELLO_TIMEOUT", 0.3)
+    try:
+        status, err = dc_broker_here(monkeypatch, capsys, "lock", "--socket", str(tmp_path / "silent.sock"))
+    finally:
+        silent.close()
+    assert status == 3, err
+    assert err.startswith(f"Error: {tmp_path / 'silent.sock'} accepted the connection but no broker answered in 0.3 s")
+
+
+def test_slow_ops_wait_longer_than_the_broker_may_rightly_take() -> None:
+    """What `lock`, `unlock`, `rotate`/`add` (set_secrets) and `logout` wait for is bounded by the
+    broker's own limits; the command's patience must exceed each (so a change to them cannot
+    silently undercut it), while a quick op stays short."""
+    from dc_broker.cli.talk import HELLO_TIMEOUT, answer_timeout
+    from dc_broker.idp.transport import Timeouts
+    from dc_broker.sessions.registry import LOCK_SETTLE_LIMIT
+    from dc_broker.vault.records import unlock_delay
+
+    t = Timeouts()
+    grant = max(t.patient_total, t.total)  # one request at the IdP, a token grant read patiently
+    longest = {
+        "lock": LOCK_SETTLE_LIMIT * 2,  # behind another lock's settling, then its own
+        "unlock": LOCK_SETTLE_LIMIT + unlock_delay(100),  # behind a lock's settling, then a wrong passphrase's delay
+        "set_secrets": grant,  # a grant that checks the new secret (rotate, add --verify)
+        "logout": grant * 2,  # a stalled refresh holding the login lock, then ending the login at the IdP
+        "login": grant * 2,
+    }
+    for op, bound in longest.items():
+        assert answer_timeout(op) > bound, op
+    for op in ("hello", "status", "token"):
+        assert answer_timeout(op) <= 60, op
+    assert HELLO_TIMEOUT < 60

@@ -192,3 +192,29 @@ def test_parse_exec_flags_and_signal_names() -> None:
     assert (args.token_file, args.notify, args.restart, args.scope) == (True, signal.SIGUSR1, False, "openid email")
     assert args.command == ["cmd", "-x"]
     assert signal_number("SIGHUP") == signal_number("HUP") == signal_number("1") == signal.SIGHUP
+
+
+def test_a_later_token_without_the_asked_scopes_is_not_handed_to_the_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`dc-token exec --scope ... --token-file` checks every new token from its watch as it checked the
+    first: one lacking a scope asked for (the login changed meanwhile) is said once and not handed
+    over; the command keeps its last good token, and gets the next good one."""
+    import time
+
+    from dc_token.cache import Token
+    from dc_token.supervise import Supervisor
+
+    sup = Supervisor(None, "acme", ["true"], scope="openid email")  # type: ignore[arg-type] - no broker asked
+    later = time.time() + 300
+    sup._offer(Token("GOOD1", "Bearer", later, "openid email profile", "acme"))
+    assert sup._current == "GOOD1"
+    for narrower in ("NARROW1", "NARROW2"):
+        sup._offer(Token(narrower, "Bearer", later, "openid profile", "acme"))
+        assert sup._current == "GOOD1"
+    err = capsys.readouterr().err
+    assert err.count("without email") == 1, err  # said once, not at every token
+    assert err.startswith("dc-token: profile 'acme': the identity provider granted 'openid profile' for --scope")
+    assert err.endswith("; the command keeps its last token\n")
+    sup._offer(Token("GOOD2", "Bearer", later, "openid email", "acme"))
+    assert sup._current == "GOOD2"

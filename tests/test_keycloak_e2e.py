@@ -245,3 +245,36 @@ def test_dc_token_scope_fails_naming_the_scopes_the_idp_did_not_grant(
         assert got.stdout == "" and "without openid" in got.stderr and "`dc-broker set acme scope=...`" in got.stderr
     else:
         assert got.stdout == "T0K3N\n"
+
+
+#: what the command `dc-token exec` runs prints: the token it was handed, from the environment or the file
+SHOW_TOKEN = "import os; print(os.environ.get('DC_TOKEN') or open(os.environ['DC_TOKEN_FILE']).read().strip())"
+
+
+@pytest.mark.parametrize("flags", [[], ["--token-file"], ["--restart"]], ids=["exec", "token-file", "restart"])
+@pytest.mark.parametrize(
+    ("granted", "exit_code"),
+    [("openid profile email", 0), ("profile email", 8), (None, 0)],
+    ids=["all", "less", "unsaid"],
+)
+def test_dc_token_exec_scope_fails_before_the_command_gets_a_token_without_them(
+    tmp_path: Path, flags: list[str], granted: str | None, exit_code: int
+) -> None:
+    """As the printed token: `dc-token exec --scope` (replacing itself, or staying beside the command)
+    hands no token lacking scopes it asked for; the command never runs, and the exit status and message
+    are the printing path's."""
+    import sys
+
+    served = one_token_broker(tmp_path / "p.sock", granted)
+    printed = dc_token(str(tmp_path / "p.sock"), "--scope", "openid profile email", "acme")
+    served.join(10)
+    served = one_token_broker(tmp_path / "e.sock", granted)
+    got = dc_token(str(tmp_path / "e.sock"), "exec", "--scope", "openid profile email", *flags, "acme", "--",
+                   sys.executable, "-c", SHOW_TOKEN)  # fmt: skip
+    served.join(10)
+    assert got.returncode == printed.returncode == exit_code, got.stderr
+    if exit_code:
+        assert got.stdout == "" and got.stderr == printed.stderr  # the command never ran; the same words
+        assert "without openid" in got.stderr and "`dc-broker set acme scope=...`" in got.stderr
+    else:
+        assert got.stdout == "T0K3N\n"

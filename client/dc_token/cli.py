@@ -343,10 +343,11 @@ def _token(args: "_Args", min_ttl: float) -> "Token":
     return Token.from_result(result, args.profile)
 
 
-def _check_scope(asked: str, granted: "str | None", profile: str) -> None:
+def check_scope(asked: str, granted: "str | None", profile: str) -> None:
     """A token for ``--scope`` lacking some of it (Keycloak 23+ drops, silently, a scope the login
-    never had) is not printed: the caller asked for those scopes. (A scope the IdP did not say is the
-    one asked: RFC 6749 section 5.1.)"""
+    never had) is neither printed nor handed to a command (``dc-token exec``, ``dc_token.supervise``):
+    the caller asked for those scopes. (A scope the IdP did not say is the one asked: RFC 6749
+    section 5.1.) Raises ``CredentialsRejected`` naming the missing scopes."""
     if not granted:  # (the result's scope is "" when the IdP said none)
         return
     have = granted.split()
@@ -371,7 +372,7 @@ def _print_token(args: "_Args") -> int:
         return _print_id_token(args, min_ttl)
     tok = _token(args, min_ttl)
     if args.scope:
-        _check_scope(args.scope, tok.scope, args.profile)
+        check_scope(args.scope, tok.scope, args.profile)
     now = time.time()
     expires_at = _bounded(tok.expires_at, now)
     _warn_short(expires_at - now, min_ttl)
@@ -491,9 +492,11 @@ def _exec(args: "_Args") -> int:
                 notify=args.notify,
                 restart=args.restart,
             ).run()
-    token = _token(args, args.min_ttl or 0.0).token
+    tok = _token(args, args.min_ttl or 0.0)
+    if args.scope:  # as the printing path: the command never gets a token without the scopes it was asked for
+        check_scope(args.scope, tok.scope, args.profile)
     env = dict(os.environ)
-    env[args.env] = token
+    env[args.env] = tok.token
     sys.stdout.flush()
     sys.stderr.flush()
     try:

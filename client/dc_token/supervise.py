@@ -13,6 +13,10 @@ dc-token stays as the command's parent for the command's whole life (Vault Agent
 - ``--restart``: after each new token the command is stopped (SIGTERM, SIGKILL after
   ``RESTART_GRACE`` s) and started again with the fresh token in ``$DC_TOKEN``.
 
+With ``--scope``, no token lacking a scope asked for is handed over (``dc_token.cli.check_scope``):
+the first one ends dc-token before the command starts, with the printing path's message and exit
+status; a later one is said once, and the command keeps its last token.
+
 New tokens come from ``TokenClient.watch`` in a thread (it reconnects by itself across broker
 restarts). The main thread blocks the signals it handles and takes them with ``sigtimedwait``:
 SIGCHLD reaps the command; SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to dc-token
@@ -45,6 +49,7 @@ import time
 
 from dc_token import protect
 from dc_token.cache import Token
+from dc_token.cli import check_scope
 from dc_token.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, DcBrokerError
 from dc_token.sync import TokenClient
 from dc_token.watch import jitter, reconnect_delay
@@ -146,6 +151,26 @@ class Supervisor:
             elif self.notify is not None and pid:
                 _kill(pid, self.notify)
 
+    def _offer(self, tok: Token) -> None:
+        """A token from the watch: handed over (``_update``) unless it lacks a scope ``--scope`` asked
+        for (the login changed since the first one was checked); then the command keeps its last
+        token, and that is said once."""
+        if self.scope:
+            try:
+                check_scope(self.scope, tok.scope, self.profile)
+            except DcBrokerError as exc:
+                self._say(f"dc-token: {exc}; the command keeps its last token")
+                return
+        self._told = None
+        self._update(tok)
+
+    def _say(self, message: str) -> None:
+        """``message`` on stderr, unless it is the one said last (not at every retry or token)."""
+        if message != self._told:
+            self._told = message
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+
     def _kill_if_still(self, pid: int) -> None:
         with self._lock:
             if self._pid == pid and self._restart_with is not None:
@@ -159,14 +184,9 @@ class Supervisor:
                 with self.client.watch(self.profile, min_ttl=self.min_ttl, scope=self.scope) as tokens:
                     for tok in tokens:
                         failures = 0
-                        self._told = None
-                        self._update(tok)
+                        self._offer(tok)
             except DcBrokerError as exc:
-                message = f"dc-token: {exc}; the command keeps its last token"
-                if message != self._told:  # say it once, not at every retry
-                    self._told = message
-                    sys.stderr.write(message + "\n")
-                    sys.stderr.flush()
+                self._say(f"dc-token: {exc}; the command keeps its last token")
             except OSError as exc:  # the token file could not be written
                 sys.stderr.write(f"dc-token: cannot update {self.path}: {exc.strerror or exc}\n")
             time.sleep(reconnect_delay(failures, jitter()))
@@ -225,6 +245,8 @@ class Supervisor:
         start raise (dc-token prints them); later ones are reported and retried."""
         self._core, _ = protect.no_dumps(keep_hard_limit=True)  # before the first token is read
         first = self.client.token_info(self.profile, min_ttl=self.min_ttl, scope=self.scope)
+        if self.scope:  # as dc-token's printing path: raised, so the command never starts without them
+            check_scope(self.scope, first.scope, self.profile)
         self._current = first.token
         handled = {*FORWARD, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # before any thread starts: they inherit it

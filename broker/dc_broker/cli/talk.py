@@ -20,22 +20,75 @@ from typing import Any
 import click
 
 from dc_broker.cli.boundary import PROFILE, SOCKET, profile_argument, read_secret
-from dc_token.errors import EXIT_INTERRUPTED, BrokerTimeout, BrokerUnavailable, Locked, LoginRequired
-from dc_token.paths import default_socket_path
+from dc_token.errors import (
+    EXIT_INTERRUPTED,
+    BrokerTimeout,
+    BrokerUnavailable,
+    DcBrokerError,
+    Locked,
+    LoginRequired,
+    UpstreamUnavailable,
+)
+from dc_token.paths import ANSWER_TIMEOUT, default_socket_path
 from dc_token.protocol import OpArgs
 from dc_token.sync import TokenClient
 
 #: how long a command waits for the broker's first answer: a socket-activated cold start takes well
 #: under a second; a socket whose service cannot start would otherwise keep the caller for 60 s
 HELLO_TIMEOUT = 15.0
+#: the ops the broker may rightly take minutes to answer: it waits at the IdP (a grant that checks
+#: new credentials, a logout's end of the login), for a lock a stalled refresh holds (the login's),
+#: or for refreshes at the IdP to store their answers (``lock``; ``unlock`` waits for a ``lock``)
+SLOW_OPS = frozenset({"lock", "unlock", "set_secrets", "logout", "login"})
+#: seconds a slow op is given: twice the longest the broker may rightly take before it answers one
+#: (180 s: a token grant read patiently, ``Timeouts.patient_total``; a ``lock``'s settling,
+#: ``LOCK_SETTLE_LIMIT``), once waiting for whoever holds what it needs and once for its own work,
+#: plus 30 s for the vault, token files and a loaded machine. A constant, not computed from those:
+#: they live in modules that bring trio and httpx, which a CLI command must not import to wait
+#: (tests/test_cli.py holds it above each bound).
+SLOW_ANSWER_TIMEOUT = 2 * 180.0 + 30.0
 
 
-def ask(socket_path: str | None, op: str, *, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
+class BrokerSlow(DcBrokerError):
+    """The broker took an op and did not answer it in time: it is running (it answered a ``hello``
+    first) and may still complete the op. Not "not running" (exit 3): "unavailable, retry" (7)."""
+
+    exit_code = UpstreamUnavailable.exit_code
+
+
+def answer_timeout(op: str) -> float:
+    """Seconds a command waits for the broker's answer to ``op``: ``SLOW_ANSWER_TIMEOUT`` for
+    ``SLOW_OPS``, else dc-token's ``ANSWER_TIMEOUT``."""
+    return SLOW_ANSWER_TIMEOUT if op in SLOW_OPS else ANSWER_TIMEOUT
+
+
+def ask(socket_path: str | None, op: str, *, timeout: float | None = None, **args: Any) -> dict[str, Any]:
     """One request to the running broker (the management side of ``TokenClient``); its arguments are
-    checked against the wire contract (``OpArgs``) before anything is sent."""
+    checked against the wire contract (``OpArgs``) before anything is sent. ``timeout``: seconds to
+    wait for the answer, default ``answer_timeout(op)``.
+
+    A slow op (``SLOW_OPS``) is sent only once the broker has answered a ``hello`` (``HELLO_TIMEOUT``):
+    then no answer to it in time is ``BrokerSlow`` (the broker may still complete it), never "not
+    running", which stays for a socket nobody listens on, or no broker answers on."""
     wire = OpArgs(op, **args).to_wire()
-    with TokenClient(socket_path, timeout=timeout, cache=False) as broker:
-        return broker.request(op, **wire)
+    limit = answer_timeout(op) if timeout is None else timeout
+    slow = op in SLOW_OPS
+    if slow:
+        try:
+            ask(socket_path, "hello", timeout=HELLO_TIMEOUT)  # nobody listening: "not running", as ever
+        except BrokerTimeout:
+            raise _no_answer(socket_path) from None
+    try:
+        with TokenClient(socket_path, timeout=limit, cache=False) as broker:
+            return broker.request(op, **wire)
+    except BrokerTimeout:
+        if not slow:
+            raise
+        profile = f" for profile {args['profile']!r}" if isinstance(args.get("profile"), str) else ""
+        raise BrokerSlow(
+            f"the broker took longer than {limit:g} s to answer {op}{profile}; it may still complete it: "
+            "check with `dc-broker status`"
+        ) from None
 
 
 def ask_stream(socket_path: str | None, op: str, **args: Any) -> Iterator[dict[str, Any]]:
@@ -44,16 +97,21 @@ def ask_stream(socket_path: str | None, op: str, **args: Any) -> Iterator[dict[s
     return TokenClient(socket_path, timeout=None, cache=False).stream(op, **wire)
 
 
+def _no_answer(socket_path: str | None) -> BrokerUnavailable:
+    """What a ``hello`` that timed out means: something accepts, but no broker answers."""
+    path = socket_path or default_socket_path()
+    return BrokerUnavailable(
+        f"{path} accepted the connection but no broker answered in {HELLO_TIMEOUT:g} s: its service "
+        "did not start? See `systemctl status dc-broker.service` and `journalctl -u dc-broker`"
+    )
+
+
 def broker_running(socket_path: str | None) -> bool:
     """Whether a broker answers on the socket; an error when something accepts but never answers."""
     try:
         ask(socket_path, "hello", timeout=HELLO_TIMEOUT)
     except BrokerTimeout:
-        path = socket_path or default_socket_path()
-        raise BrokerUnavailable(
-            f"{path} accepted the connection but no broker answered in {HELLO_TIMEOUT:g} s: its service "
-            "did not start? See `systemctl status dc-broker.service` and `journalctl -u dc-broker`"
-        ) from None
+        raise _no_answer(socket_path) from None
     except BrokerUnavailable:
         return False
     return True
@@ -79,7 +137,7 @@ def fmt_seconds(value: Any) -> str:
 @profile_argument(required=False)
 def status(socket_path: str | None, as_json: bool, limit: int | None, profile: str | None) -> None:
     """Show the profiles the running broker holds: state, expiry, when each login ends, last refresh,
-    last error. Every profile you may see, page after page (``--limit`` to cut)."""
+    last error. Every profile you may see, page after page (--limit N: at most N)."""
     with TokenClient(socket_path) as broker:
         result = broker.status(profile) if profile else broker.status_all(limit)
     if as_json:
