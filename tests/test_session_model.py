@@ -5,8 +5,9 @@ that never rotates, never says when its refresh token dies, answers a dead one w
 
 Trio runs in a thread of its own with a ``MockClock`` that moves only when a rule says so
 (``advance``): a 3 s IdP stays at the IdP until the clock has moved 3 s, so lock, unlock, a finished
-login, logout, new credentials, new settings, a narrowed scope, invalidate and an IdP that goes down,
-hangs or forgets its sessions land while a refresh is in flight, in every order hypothesis finds.
+login, logout, new credentials, new settings, a narrowed scope, scopes evicted, invalidate and an IdP
+that goes down, hangs, answers late (after it did the work) or forgets its sessions land while a
+refresh is in flight, in every order hypothesis finds.
 Every rule that may wait (a person's login, logout, lock, unlock, a caller's get) runs as a background
 task, as it does in the broker.
 
@@ -52,7 +53,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from dc_broker.devserver import DevIdP, demo_realm
 from dc_broker.errors import UpstreamFault
 from dc_broker.secret import Secret
-from dc_broker.sessions.registry import Sessions
+from dc_broker.sessions.registry import MAX_SCOPES_PER_PROFILE, Sessions
 from dc_broker.sessions.states import State
 from dc_broker.tokens import Credentials
 from dc_token.errors import DcBrokerError
@@ -157,6 +158,7 @@ class SessionModel(RuleBasedStateMachine):
         self.changing = 0
         #: the rules run so far, for the message of a failed invariant
         self.trace: list[str] = []
+        self.evictions = 0
 
     # ---------------------------------------------------------------- set-up
 
@@ -308,6 +310,13 @@ class SessionModel(RuleBasedStateMachine):
         self.remember_token(benign=True)
         self.idp.faults.fail_next(count, status=503)
 
+    @rule(seconds=st.sampled_from([3.0, 30.0]))
+    def idp_answers_late(self, seconds: float) -> None:
+        """The IdP does the work at once (it rotates the refresh token) and its answer comes later:
+        an outcome decided at the IdP is still on its way while every other rule lands."""
+        self.remember_token(benign=True)
+        self.idp.faults.late = seconds
+
     @rule()
     def idp_hangs(self) -> None:
         self.remember_token(benign=True)
@@ -338,6 +347,15 @@ class SessionModel(RuleBasedStateMachine):
 
         session = self.trio.call(_sync, lambda: self.sessions.lookup_scoped(self.demo, scope))
         self.background(lambda: session.get(0.0))
+
+    @rule()
+    def scopes_evicted(self) -> None:
+        """Callers fill the profile with new scopes: the least recently used ones leave, a narrowing
+        at the IdP among them (it spends the login's refresh token: its answer must still count)."""
+        self.remember_token(benign=True)
+        self.evictions += 1
+        names = [f"profile x{self.evictions}-{i}" for i in range(MAX_SCOPES_PER_PROFILE)]
+        self.trio.call(_sync, lambda: [self.sessions.lookup_scoped(self.demo, n) for n in names])
 
     @rule()
     def invalidate(self) -> None:

@@ -18,7 +18,9 @@ Standing modes (they stay until ``clear()``), for how other OAuth servers answer
   included), with control characters and 70 KB of padding, as a careless server might;
 * ``expires_in``: the raw JSON text sent as ``expires_in`` in every token response (``"NaN"``,
   ``"1e999"``, ``"1e18"``, ``"0"``, ``"-5"``), or ``"absent"`` to leave it out;
-* ``drip``: token responses are sent one byte every ``drip`` seconds (a server that never times out).
+* ``drip``: token responses are sent one byte every ``drip`` seconds (a server that never times out);
+* ``late``: token responses are finished ``late`` seconds after the IdP did the work (a rotation
+  included): the head at once, the body then (an answer slowed on its way back, a proxy buffering).
 
 "Connection refused" is not a fault here: stop the server (cancel ``serve()``) instead.
 
@@ -93,6 +95,7 @@ class Faults:
         self.echo_description = False
         self.expires_in: str | None = None
         self.drip: float = 0.0
+        self.late: float = 0.0
 
     # -- hang ---------------------------------------------------------------------------------
     @property
@@ -136,6 +139,7 @@ class Faults:
         self.echo_description = False
         self.expires_in = None
         self.drip = 0.0
+        self.late = 0.0
         self._failures.clear()
         self._malformed.clear()
 
@@ -194,7 +198,7 @@ def refusal_response(status: int, body: dict[str, str], request_body: bytes, fau
 
 
 def token_response(data: dict[str, object], faults: Faults) -> Response:
-    """A successful token response, with the ``expires_in`` and ``drip`` modes applied."""
+    """A successful token response, with the ``expires_in``, ``drip`` and ``late`` modes applied."""
     raw = faults.expires_in
     if raw is None:
         text = json.dumps(data)
@@ -202,9 +206,16 @@ def token_response(data: dict[str, object], faults: Faults) -> Response:
         rest = json.dumps({k: v for k, v in data.items() if k != "expires_in"})
         text = rest if raw == "absent" else rest[:-1] + f', "expires_in": {raw}}}'
     headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-    if faults.drip <= 0:
-        return Response(text, 200, headers, media_type="application/json")
-    return StreamingResponse(_dripped(text.encode(), faults.drip), 200, headers, media_type="application/json")
+    if faults.drip > 0:
+        return StreamingResponse(_dripped(text.encode(), faults.drip), 200, headers, media_type="application/json")
+    if faults.late > 0:
+        return StreamingResponse(_late(text.encode(), faults.late), 200, headers, media_type="application/json")
+    return Response(text, 200, headers, media_type="application/json")
+
+
+async def _late(body: bytes, after: float) -> AsyncIterator[bytes]:
+    await trio.sleep(after)
+    yield body
 
 
 async def _dripped(body: bytes, every: float) -> AsyncIterator[bytes]:
