@@ -235,7 +235,7 @@ def test_a_broker_process_reaches_its_idp_through_the_profile_s_proxy(tmp_path: 
 
             changed = run([DC_BROKER, "set", "acme", "proxy=direct", "--config", str(cfg), "--socket", sock])
             assert changed.returncode == 0, changed.stderr
-            assert "proxy = 'direct'" in changed.stdout and "reloaded" in changed.stdout
+            assert 'proxy = "direct"' in changed.stdout and "reloaded" in changed.stdout
             assert 'proxy = "direct"' in cfg.read_text()
             wait_for(lambda: acme()["last_error"] is None, 20, "acme's login around the proxy", every=0.1)
             assert acme()["state"] == "fresh" and acme()["via"] is None

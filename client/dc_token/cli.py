@@ -343,25 +343,6 @@ def _token(args: "_Args", min_ttl: float) -> "Token":
     return Token.from_result(result, args.profile)
 
 
-def check_scope(asked: str, granted: "str | None", profile: str) -> None:
-    """A token for ``--scope`` lacking some of it (Keycloak 23+ drops, silently, a scope the login
-    never had) is neither printed nor handed to a command (``dc-token exec``, ``dc_token.supervise``):
-    the caller asked for those scopes. (A scope the IdP did not say is the one asked: RFC 6749
-    section 5.1.) Raises ``CredentialsRejected`` naming the missing scopes."""
-    if not granted:  # (the result's scope is "" when the IdP said none)
-        return
-    have = granted.split()
-    missing = [word for word in asked.split() if word not in have]
-    if missing:
-        from dc_token.errors import CredentialsRejected
-
-        raise CredentialsRejected(
-            f"profile {profile!r}: the identity provider granted {granted!r} for --scope {asked!r}, without "
-            f"{' '.join(missing)} (a scope the login never had is dropped); log in with a scope that has them "
-            f"(`dc-broker set {profile} scope=...`, then `dc-broker login {profile}`)"
-        )
-
-
 def _rfc3339(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
@@ -372,6 +353,8 @@ def _print_token(args: "_Args") -> int:
         return _print_id_token(args, min_ttl)
     tok = _token(args, min_ttl)
     if args.scope:
+        from dc_token.scopes import check_scope
+
         check_scope(args.scope, tok.scope, args.profile)
     now = time.time()
     expires_at = _bounded(tok.expires_at, now)
@@ -494,6 +477,8 @@ def _exec(args: "_Args") -> int:
             ).run()
     tok = _token(args, args.min_ttl or 0.0)
     if args.scope:  # as the printing path: the command never gets a token without the scopes it was asked for
+        from dc_token.scopes import check_scope
+
         check_scope(args.scope, tok.scope, args.profile)
     env = dict(os.environ)
     env[args.env] = tok.token

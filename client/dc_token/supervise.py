@@ -13,7 +13,7 @@ dc-token stays as the command's parent for the command's whole life (Vault Agent
 - ``--restart``: after each new token the command is stopped (SIGTERM, SIGKILL after
   ``RESTART_GRACE`` s) and started again with the fresh token in ``$DC_TOKEN``.
 
-With ``--scope``, no token lacking a scope asked for is handed over (``dc_token.cli.check_scope``):
+With ``--scope``, no token lacking a scope asked for is handed over (``dc_token.scopes.check_scope``):
 the first one ends dc-token before the command starts, with the printing path's message and exit
 status; a later one is said once, and the command keeps its last token.
 
@@ -49,8 +49,8 @@ import time
 
 from dc_token import protect
 from dc_token.cache import Token
-from dc_token.cli import check_scope
 from dc_token.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, DcBrokerError
+from dc_token.scopes import check_scope
 from dc_token.sync import TokenClient
 from dc_token.watch import jitter, reconnect_delay
 

@@ -563,7 +563,7 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
     Other lines and comments stay as they are; a running broker reloads the profile at once. Secrets
     are not settings: `dc-broker rotate` replaces a stored password or client secret; token files
     ([[profiles.NAME.sinks]]) are tables: `dc-broker add --force NAME ... --sink PATH`."""
-    from dc_broker.config.edit import config_lock, parse_assignment, set_profile_values
+    from dc_broker.config.edit import as_written, config_lock, parse_assignment, set_profile_values
 
     path = config_path or default_config_path()
     changes = dict(parse_assignment(a) for a in assignments)
@@ -573,11 +573,6 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
         running = broker_running(socket_path)
         if running:
             ask(socket_path, "reload")
-    import tomlkit
-
-    def as_written(value: object) -> str:  # as the line in config.toml has it
-        return tomlkit.item(list(value) if isinstance(value, tuple) else value).as_string()
-
     shown = ", ".join(
         f"{k} = {as_written(getattr(updated, k))}" if changes[k] is not None else f"{k} unset" for k in sorted(changes)
     )

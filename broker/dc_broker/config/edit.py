@@ -108,6 +108,11 @@ def file_error(path: str, exc: OSError, doing: str = "write", real: str | None =
     return ConfigError(f"cannot {doing} the config file {name}: {exc.strerror or exc}")
 
 
+def as_written(value: object) -> str:
+    """A setting's value as its line in config.toml has it (``allow = ["user:carol"]``), for messages."""
+    return tomlkit.item(list(value) if isinstance(value, tuple) else value).as_string()
+
+
 def lock_path(path: str) -> str:
     """The lock file of the config file at ``path``: ``.NAME.lock`` beside it (beside a link's target)."""
     directory, name = os.path.split(os.path.realpath(path))
