@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -503,3 +504,39 @@ async def test_a_key_activated_while_a_logout_is_at_the_idp_stays(autojump_clock
         await trio.sleep(10)
     assert idp.stats.requests["revoke"] == 1 and session.state is State.LOGIN_REQUIRED
     assert store.credentials("svc").client_keys == activated.client_keys
+
+
+async def test_a_client_key_others_may_read_is_said_once_and_the_roots_are_every_profiles(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key file of mode 0644 is used but logged (once per file version), and a certificate without
+    a ca_bundle keeps the trust roots every other profile has (httpx's), not the system's."""
+    import certifi
+
+    from dc_broker.idp import transport as transport_module
+    from tests.test_client_auth_e2e import ClientCA
+
+    cert, key = ClientCA(tmp_path).issue("dc-mtls")
+    Path(key).chmod(0o644)
+    contexts: list[Any] = []
+    real_load = transport_module._load_cert_chain
+    monkeypatch.setattr(transport_module, "_load_cert_chain", lambda ctx, c: (contexts.append(ctx), real_load(ctx, c)))
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"access_token": "at", "token_type": "Bearer", "expires_in": 300})
+
+    transport = IdpTransport(transport=httpx.MockTransport(answer))
+    req = oidc.build_client_credentials(TOKEN_URL, oidc.ClientCredentials("dc-mtls", None))
+    try:
+        with caplog.at_level("WARNING"):
+            for _ in range(2):
+                assert (await transport.send(req, client_cert=ClientCert(cert, key))).status == 200
+    finally:
+        await transport.aclose()
+    said = [r.getMessage() for r in caplog.records if "can be read by others" in r.getMessage()]
+    assert said == [
+        f"the client key {key} can be read by others (mode 0644): make it readable by the broker's user only "
+        f"(`chmod 600 {key}`)"
+    ]
+    roots = ssl.create_default_context(cafile=certifi.where()).get_ca_certs()
+    assert len(contexts) == 1 and len(contexts[0].get_ca_certs()) == len(roots)

@@ -600,3 +600,27 @@ async def test_a_scope_asked_for_while_logged_out_is_served_once_the_person_logs
         with trio.fail_after(30):
             tok = await sessions.scoped(demo, "email profile", caller=1000).get()
         assert tok.scope is not None and set(tok.scope.split()) >= {"email", "profile"}
+
+
+async def test_a_device_login_refused_by_a_realm_setting_keeps_its_refresh_token_until_it_is_fixed(
+    make_idp, autojump_clock
+) -> None:
+    """A configuration refusal of a refresh (here the realm disabled: Keycloak's 'Realm not enabled')
+    says nothing about the refresh token: a device login (no password to fall back on) keeps it,
+    asks again every few minutes, and is fresh again once the setting is fixed, with no person."""
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    sessions = registry(idp, "device")
+    async with running(sessions.run):
+        dev = sessions.lookup("device")
+        await approved_device_login(idp, dev)
+        assert dev.token is not None
+        held = dev.token.refresh_token
+        idp.realm("demo").enabled = False
+        await in_flight(dev)
+        await dev.settled()
+        assert dev.state is not State.LOGIN_REQUIRED
+        assert dev.token is not None and dev.token.refresh_token == held  # kept: nothing said it is dead
+        idp.realm("demo").enabled = True
+        await trio.sleep(400)
+        assert dev.state is State.FRESH and dev.token.refresh_token != held  # refreshed (and rotated) since
+    assert idp.stats.refresh_reuse == 0

@@ -42,6 +42,7 @@ import datetime
 import logging
 import os
 import ssl
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -149,7 +150,7 @@ class IdpTransport:
         #: requests at once per IdP origin (``MAX_PER_ORIGIN``)
         self._limits: dict[str, trio.CapacityLimiter] = {}
         #: (certificate path, its version) already warned about as expiring soon
-        self._warned: set[tuple[str, object]] = set()
+        self._warned: set[tuple[object, ...]] = set()
 
     def _cert_version(self, cert: ClientCert | None) -> object:
         """What identifies the certificate's files as they are now (a renewal is a new client)."""
@@ -184,16 +185,36 @@ class IdpTransport:
                 left / 86400,
             )
 
+    def _check_key_mode(self, cert: ClientCert, version: object) -> None:
+        """A client key others may read is used, and logged once per version (chmod 600 it)."""
+        key = cert.key or cert.cert
+        try:
+            mode = stat.S_IMODE(os.stat(key).st_mode)
+        except OSError:
+            return  # loading it says what is wrong
+        if mode & 0o077 and (key, version, "mode") not in self._warned:
+            self._warned.add((key, version, "mode"))
+            log.warning(
+                "the client key %s can be read by others (mode %04o): make it readable by the broker's user only "
+                "(`chmod 600 %s`)",
+                key,
+                mode,
+                key,
+            )
+
     def _client(self, ca_bundle: str | None, via: str | None, cert: ClientCert | None = None) -> httpx.AsyncClient:
         version = self._cert_version(cert)
         client = self._clients.get((ca_bundle, via, version))
         if client is None:
             verify: ssl.SSLContext | bool = True
-            if ca_bundle is not None or cert is not None:
+            if ca_bundle is not None:
                 verify = ssl.create_default_context(cafile=ca_bundle)
+            elif cert is not None:  # the roots every other profile trusts (httpx's own), and the certificate
+                verify = httpx.create_ssl_context(trust_env=False)
             if cert is not None:
                 assert isinstance(verify, ssl.SSLContext)
                 self._check_cert(cert, version)
+                self._check_key_mode(cert, version)
                 _load_cert_chain(verify, cert)
             client = httpx.AsyncClient(
                 timeout=self._timeout,
