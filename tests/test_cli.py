@@ -396,3 +396,30 @@ def test_slow_ops_wait_longer_than_the_broker_may_rightly_take() -> None:
     for op in ("hello", "status", "token"):
         assert answer_timeout(op) <= 60, op
     assert HELLO_TIMEOUT < 60
+
+
+def test_an_add_taken_back_through_a_config_link_leaves_the_link_as_it_was(
+    busy_broker: tuple[str, list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A config that is a link to a file not made yet (a dotfile manager's): the add writes the
+    target; when the running broker then fails it (here: no answer to its reload), the add is taken
+    back: the file it made goes, and the link stays, as it was."""
+    from dc_broker.cli import talk
+
+    path, ops = busy_broker
+    target = tmp_path / "dotfiles" / "config.toml"
+    target.parent.mkdir()
+    link = tmp_path / "config.toml"
+    link.symlink_to(target)
+    monkeypatch.setattr(talk, "ANSWER_TIMEOUT", 0.3)
+    status, err = dc_broker_here(
+        monkeypatch, capsys, "add", "dev1", "--config", str(link), "--socket", path, "--server",
+        "https://sso.example.com", "--tenant", "t", "--client-id", "c", "--grant", "device", "--no-verify",
+    )  # fmt: skip
+    assert status != 0 and "Traceback" not in err, err
+    assert ops[-1] == "reload"
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert not target.exists()

@@ -436,9 +436,9 @@ def _undo(path: str, name: str, old: Profile | None, *, before: str | None = Non
     from dc_broker.config.load import read_config_text
 
     if written is not None and read_config_text(path) == written:
-        if before is None:
+        if before is None:  # the add made the file (at a link's target: the link stays, as it was)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(os.path.realpath(path))
         else:
             write_text(path, before)
     elif old is None:
