@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -345,6 +346,20 @@ def test_every_audit_event_in_json_lines_with_its_fields_and_no_secret(tmp_path:
             ask(sock, "lock")  # no vault: refused with bad_request, and audited as such
         with TokenClient(sock, cache=False) as broker:
             broker.request("token", profile="good")
+        # a reload that changes something, by signal: what it added, changed and removed is audited
+        cfg = tmp_path / "config.toml"
+        text = cfg.read_text().replace(
+            'username = "demo"\n\n[profiles.down]', 'username = "demo"\nscope = "openid"\n\n[profiles.down]'
+        )
+        cfg.write_text(
+            text
+            + '\n[profiles.extra]\ntoken_url = "https://x.example/t"\nclient_id = "x"\ngrant = "client_credentials"\n'
+        )
+        proc.send_signal(signal.SIGHUP)
+        with TokenClient(sock, cache=False) as broker:
+            wait_for(
+                lambda: "extra" in {p["profile"] for p in broker.status_all()["profiles"]}, 30, "the reload by SIGHUP"
+            )
         trio.run(trio.sleep, 1.5)  # one audit interval: token_served is written
     stderr = proc.stderr.read() if proc.stderr else ""
     records = _records(stderr)
@@ -372,6 +387,8 @@ def test_every_audit_event_in_json_lines_with_its_fields_and_no_secret(tmp_path:
     rotated = [e for e in events["refresh_token_rotated"] if e["profile"] == "good"]
     assert rotated and all(isinstance(e["generation"], int) for e in rotated)
     assert events["reload"][0]["source"] == "op" and events["reload"][0]["changed"] == ""
+    by_signal = [e for e in events["reload"] if e["source"] == "SIGHUP"]
+    assert [(e["added"], e["changed"], e["removed"]) for e in by_signal] == [("extra", "wrong", "")]
     # the sessions' own lines name their profile too
     assert any(r.get("profile") == "down" and "refresh failed" in r["message"] for r in records)
     # no secret and no token anywhere in the log
