@@ -73,10 +73,20 @@ def test_a_wrong_password_at_add_exits_8_naming_the_http_status(tmp_path: Path, 
     assert "Traceback" not in result.stderr and "PROFILE" not in result.stderr
 
 
-def test_an_idp_restart_that_forgets_every_session_is_recovered_within_one_refresh_interval(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "dead",
+    [("--refusal-body", "empty"), ("--dead-refresh-error", "invalid_request")],
+    ids=["body-less-refusal", "invalid_request"],
+)
+def test_an_idp_restart_that_forgets_every_session_is_recovered_within_one_refresh_interval(
+    tmp_path: Path, dead: tuple[str, str]
+) -> None:
+    """The IdP comes back with no memory of any session and says so of the refresh token as OPs do:
+    a body-less 400, or ``invalid_request`` where Keycloak says ``invalid_grant``; either way the
+    token is dead and the stored password logs in again within one refresh interval."""
     lifespan = 6.0
     port = free_port()
-    flags = ("--refusal-body", "empty", "--access-lifespan", str(lifespan), "--sso-idle", str(lifespan))
+    flags = (*dead, "--access-lifespan", str(lifespan), "--sso-idle", str(lifespan))
     sock = str(tmp_path / "run" / "b.sock")
     with dev_idp(*flags, port=port) as base:
         broker = start_run(write_config(tmp_path, base), sock, SECRETS)

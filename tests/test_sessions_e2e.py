@@ -56,11 +56,12 @@ def profiles(base: str, *names: str, extra: str = "") -> str:
 
 
 @pytest.mark.slow
-def test_a_device_login_survives_twenty_refreshes_of_an_op_that_never_rotates(tmp_path: Path) -> None:
-    """RFC 6749 section 6: the OP answers every refresh without a refresh token (LemonLDAP::NG, Google);
-    the broker keeps the one it has, so a person's login outlives 20 access tokens, and the password
-    profile beside it never sends its password again."""
-    flags = ("--refresh-token-answer", "none", "--no-refresh-expires-in", "--access-lifespan", "3")
+@pytest.mark.parametrize("answer", ["none", "same"])
+def test_a_device_login_survives_twenty_refreshes_of_an_op_that_never_rotates(tmp_path: Path, answer: str) -> None:
+    """RFC 6749 section 6: the OP answers every refresh without a refresh token (LemonLDAP::NG, Google),
+    or with the same one again (Okta without rotation); the broker keeps the one it has, so a person's
+    login outlives 20 access tokens, and the password profile beside it never sends its password again."""
+    flags = ("--refresh-token-answer", answer, "--no-refresh-expires-in", "--access-lifespan", "3")
     with dev_idp(*flags, "--device-interval", "1") as base:
         cfg = tmp_path / "config.toml"
         device = f'[profiles.dev]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\n'
