@@ -346,6 +346,15 @@ def test_every_audit_event_in_json_lines_with_its_fields_and_no_secret(tmp_path:
             ask(sock, "lock")  # no vault: refused with bad_request, and audited as such
         with TokenClient(sock, cache=False) as broker:
             broker.request("token", profile="good")
+        # a person's login (the password typed again) is an admin change too
+        login = subprocess.run(
+            [DC_BROKER, "login", "good", "--socket", sock, "--password-stdin"],
+            input="demo\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert login.returncode == 0, login.stderr
         # a reload that changes something, by signal: what it added, changed and removed is audited
         cfg = tmp_path / "config.toml"
         text = cfg.read_text().replace(
@@ -378,6 +387,7 @@ def test_every_audit_event_in_json_lines_with_its_fields_and_no_secret(tmp_path:
     assert ("reload", None, "ok") in changes
     assert ("set_secrets", "wrong", "ok") in changes
     assert ("logout", "wrong", "ok") in changes
+    assert ("login", "good", "ok") in changes
     assert ("lock", None, "error") in changes
     secrets_change = next(e for e in events["admin_change"] if e["op"] == "set_secrets")
     assert secrets_change["fields"] == "password" and secrets_change["caller_uid"] == me
