@@ -416,3 +416,32 @@ def test_every_commands_help_is_plain_text() -> None:
             if "``" in command.get_help(ctx):
                 marked.append(path)
     assert marked == []
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to run dc-broker as another user (setpriv)")
+def test_a_socket_given_with_socket_that_you_may_not_use_gets_the_permission_message(tmp_path: Path) -> None:
+    """`--socket /run/dc-broker/broker.sock` (or $DC_BROKER_SOCKET) from a user outside the broker's
+    group: the permission message and its fix (exit 9), not click's "File ... is not readable"."""
+    import socket
+
+    shared = Path(tempfile.mkdtemp(prefix="dcb-shared-"))
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        shared.chmod(0o755)
+        path = shared / "broker.sock"
+        listener.bind(str(path))
+        listener.listen(1)
+        path.chmod(0o660)  # root's, group root: nobody is outside
+        env = {"PATH": os.environ["PATH"], "HOME": str(shared), "LANG": "C.UTF-8"}
+        for how in (["--socket", str(path)], []):
+            run_env = env if how else {**env, "DC_BROKER_SOCKET": str(path)}
+            done = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", DC_BROKER, "status", *how],
+                env=run_env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 9, (how, done.stderr)
+            assert done.stderr.startswith(f"Error: no permission to use the broker socket {path}"), done.stderr
+            assert "is not readable" not in done.stderr
+    finally:
+        listener.close()
+        shutil.rmtree(shared)

@@ -128,7 +128,9 @@ def profile_argument(*, required: bool = True) -> Callable[[_F], _F]:
 
 
 def _path_option(flag: str, dest: str, envvar: str, help: str) -> Callable[[_F], _F]:
-    return click.option(flag, dest, type=click.Path(dir_okay=False), envvar=envvar, help=help)
+    # readable=False: whether it may be read (a socket of a group one is not in) is said by the
+    # command's own message and fix, not click's "File ... is not readable"
+    return click.option(flag, dest, type=click.Path(dir_okay=False, readable=False), envvar=envvar, help=help)
 
 
 def socket_option(help: str = "broker socket (default: $XDG_RUNTIME_DIR/dc-broker/broker.sock)") -> Callable[[_F], _F]:
