@@ -22,12 +22,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dc_broker.access.identity import MAX_EXE_BYTES
+from dc_broker.access.programs import HASH_BURST_BYTES, HASH_BYTES_PER_MINUTE
 from dc_broker.sessions.registry import SCOPED_GRANTS_BURST, SCOPED_GRANTS_PER_MINUTE
 from dc_token.protocol import Request, encode
 from tests.e2e import dev_idp, idp_stats, start_run, stop, wait_for, wait_for_socket
@@ -292,6 +294,14 @@ print(runs, overloaded, flush=True)
 """
 
 
+#: attempts of the attack below: a bound on p99 counts every request a stall delayed, so one pause of
+#: the whole machine (a hypervisor's steal, the writeback of the suite before) fails an attempt; the
+#: hash on the event loop this guards against fails every one (398 ms median). Each attempt after a
+#: failed one waits for dcb-etl's hashing budget to fill again, so each makes the broker hash as
+#: much as the first (checked: at least two programs hashed in each).
+ATTEMPTS = 3
+
+
 @pytest.mark.alone  # a latency bound: nothing else may run beside it
 def test_another_consumers_cached_token_p99_stays_under_5_ms_while_a_member_hashes_fresh_programs(
     broker: tuple[str, str], programs: dict[str, str]
@@ -300,7 +310,21 @@ def test_another_consumers_cached_token_p99_stays_under_5_ms_while_a_member_hash
     hash cache misses), and asks for a token; some profile pins a program by hash, so the broker
     must hash each one. Meanwhile dcb-other asks for its cached token every 2 ms on one connection:
     its p99 stays under 5 ms (it was 398 ms median when the hash ran on the event loop). Each
-    request is timed from when it was due, so a stalled broker counts once per request it delayed."""
+    request is timed from when it was due, so a stalled broker counts once per request it delayed;
+    the bound must hold in one of ``ATTEMPTS`` attacks (each also held to the hashing budget)."""
+    seen = []
+    for attempt in range(ATTEMPTS):
+        if attempt:
+            time.sleep(60 * HASH_BURST_BYTES / HASH_BYTES_PER_MINUTE + 1)  # the budget full again
+        attacked, why = _attack(broker, programs)
+        seen.append(why)
+        if attacked["p99"] < 5.0:
+            return
+    raise AssertionError(seen)
+
+
+def _attack(broker: tuple[str, str], programs: dict[str, str]) -> tuple[dict[str, float], tuple[str, str]]:
+    """One attack: the victim's figures under it, and (them beside the victim alone, the hasher's)."""
     sock, _ = broker
     victim = subprocess.Popen(
         as_user(OTHER, "/usr/bin/python3", "-c", VICTIM, sock, encode(token("p_cached")).hex(), "5"),
@@ -351,5 +375,6 @@ def test_another_consumers_cached_token_p99_stays_under_5_ms_while_a_member_hash
     why = (f"under attack {attacked}, alone {ms(baseline)}", f"{runs} fresh programs, {overloaded} told overloaded")
     print(*why)  # the figures, for -s
     assert int(count) > 500, count
-    assert attacked["p99"] < 5.0, why
     assert runs >= 3 and overloaded >= 1, hashed  # it kept asking, and was held to its hashing budget
+    assert runs - overloaded >= 2, hashed  # and the broker hashed its programs meanwhile
+    return attacked, why
