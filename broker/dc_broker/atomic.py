@@ -82,7 +82,8 @@ def directory_problem(st: os.stat_result, uid: int | None = None) -> str | None:
 
 
 def _shared(st: os.stat_result) -> bool:
-    """A directory others may add files to (sticky, and group- or world-writable: /tmp)."""
+    """A directory others may add files to (group- or world-writable: under the rule, ``safe``, only
+    a sticky one such as /tmp gets this far)."""
     return bool(stat.S_IMODE(st.st_mode) & 0o022)
 
 

@@ -96,10 +96,11 @@ def administered(sessions: Sessions, caller: Caller, name: str) -> Session:
     if is_owner(caller):
         return session
     rules = _rules(session.profile.admin)
+    # read either way: a refusal costs what an unknown profile's does, even with no admin rules or
+    # uid-only ones; an allowed change has the names and unit for the audit trail
+    caller.identity()
     if not rules or not _matches(rules, caller):
-        caller.identity()  # as for an unknown profile, even with no admin rules or uid-only ones
         raise _not_admin(name, caller)
-    caller.identity()  # names and unit for the audit trail
     log.info("profile %s: login or secrets changed by %s (an admin rule)", name, caller.describe())
     return session
 
@@ -121,12 +122,10 @@ def authorized(sessions: Sessions, caller: Caller, name: str, *, system: bool) -
             caller.identity()  # the work a refused known profile costs, so timing tells nothing either
             raise _denied(name, caller) from None
         raise
+    if system:  # read either way (once per connection): a refusal costs what an unknown profile's
+        caller.identity()  # does, even where uid rules (or none) decide; an allowed caller is audited by name
     if not permits(caller, session.profile, system=system):
-        if system:
-            caller.identity()  # as for an unknown profile, even where uid rules (or none) decided
         raise _denied(name, caller)
-    if system:
-        caller.identity()  # names and unit for the audit trail; read once per connection
     return session
 
 

@@ -99,6 +99,13 @@ def unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     return (header, claims) if isinstance(claims, dict) else None
 
 
+def assertion_subject(assertion: str) -> str | None:
+    """The ``sub`` of a client assertion, unverified (the client it names); None if it has none."""
+    parts = unverified(assertion)
+    sub = parts[1].get("sub") if parts else None
+    return sub if isinstance(sub, str) else None
+
+
 def _expected_audiences(request: TokenRequest) -> list[str]:
     """Keycloak's: the realm issuer, and its token, introspection, PAR and CIBA endpoints' URLs."""
     oc = f"{request.issuer}/protocol/openid-connect"

@@ -109,9 +109,7 @@ def claimed_client_id(form: Mapping[str, str], authorization: str | None) -> str
         return basic[0]
     if form.get("client_id"):
         return form["client_id"]
-    parts = clientauth.unverified(form.get("client_assertion", ""))
-    sub = parts[1].get("sub") if parts else None
-    return sub if isinstance(sub, str) else ""
+    return clientauth.assertion_subject(form.get("client_assertion", "")) or ""
 
 
 def authenticate_client(request: TokenRequest, state: IdPState | None = None) -> DevClient:
@@ -125,9 +123,8 @@ def authenticate_client(request: TokenRequest, state: IdPState | None = None) ->
         basic = _basic_credentials(request.authorization)
         client_id, secret = basic if basic else (request.param("client_id"), request.param("client_secret"))
         if not basic and request.param("client_assertion"):  # the assertion's sub names the client
-            parts = clientauth.unverified(request.form["client_assertion"])
-            sub = parts[1].get("sub") if parts else None
-            client_id = sub if isinstance(sub, str) else client_id
+            sub = clientauth.assertion_subject(request.form["client_assertion"])
+            client_id = sub if sub is not None else client_id
         if not client_id:
             raise OAuthProblem(400, "invalid_client", "Missing client_id parameter")
         client = request.realm.client(client_id)

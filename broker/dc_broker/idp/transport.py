@@ -159,10 +159,7 @@ class IdpTransport:
         try:
             return (cert, _version(cert.cert), None if cert.key is None else _version(cert.key))
         except OSError as exc:
-            raise UpstreamTransient(
-                f"the client certificate {cert.cert if cert.key is None else cert.cert + ' or its key ' + cert.key} "
-                f"cannot be read: {exc.strerror}"
-            ) from None
+            raise UpstreamTransient(_unreadable(cert, exc)) from None
 
     def _check_cert(self, cert: ClientCert, version: object) -> None:
         """An expired certificate is not presented; one about to expire is logged once per version."""
@@ -350,10 +347,15 @@ def _load_cert_chain(context: ssl.SSLContext, cert: ClientCert) -> None:
         else:
             why = f"the client certificate {cert.cert} or its key {key} cannot be loaded ({exc.reason or exc})"
     except OSError as exc:
-        why = f"the client certificate {cert.cert} or its key {key} cannot be read: {exc.strerror}"
+        why = _unreadable(cert, exc)
     else:
         return
     raise UpstreamTransient(why) from None
+
+
+def _unreadable(cert: ClientCert, exc: OSError) -> str:
+    files = cert.cert if cert.key is None else f"{cert.cert} or its key {cert.key}"
+    return f"the client certificate {files} cannot be read: {exc.strerror}"
 
 
 def _failure(exc: httpx.TransportError, req: HttpRequest, where: str, via: str | None) -> UpstreamTransient:
