@@ -21,10 +21,19 @@ httpcore's ``trace`` says whether a request went out on a kept connection (``_Tr
 broke that way is sent again, on another connection (``STALE_RETRIES``), as Go's ``net/http`` does.
 A new connection that breaks, a timeout, or an answer whose head came is never sent again here.
 
+**Clients**: one httpx client (its own connection pool) per CA bundle path, proxy and client
+certificate, kept in ``_clients`` for connection reuse. The transport owns every client it made and
+closes each one itself: a client replaced by one for the certificate's renewed files is closed as
+soon as no request is in flight on it (``_Kept.busy``: from the moment a request takes it, through
+its turn at the IdP and its answer, never under one, never cancelling one), and the rest at
+``aclose``. A transport given to ``IdpTransport`` (a test's) is shared by all its clients and closed
+once, by ``aclose``. A CA bundle file is read when a client is made: a changed bundle is not looked
+for (no new client for it).
+
 **Client certificates** (RFC 8705 ``tls_client_auth``): a profile's certificate and key files are
-loaded into its own SSL context (one client per CA bundle, proxy and certificate), presented on the
-TLS connection to the IdP. The files are looked at (``os.stat``) for every request: a renewed
-certificate (cert-manager, an ACME client) is picked up at once. An expired certificate is not
+loaded into its own SSL context, presented on the TLS connection to the IdP. The files are looked
+at (``os.stat``) for every request: a renewed certificate (cert-manager, an ACME client) is picked
+up at once, by a new client that takes the old one's place. An expired certificate is not
 presented (``UpstreamTransient`` naming it: the IdP would refuse it); one that expires within
 ``CERT_WARNING`` is logged once per file version, and ``status`` shows each one's expiry
 (``cert_info``).
@@ -70,6 +79,8 @@ STALE_RETRIES: Final = 20
 _MAX_BODY: Final = 1024 * 1024
 #: a client certificate that expires within this many seconds is warned about in the log
 CERT_WARNING: Final = 14 * 86400.0
+#: the longest a replaced client's closing may take (closing its idle connections: local, at once)
+_CLOSE_WITHIN: Final = 5.0
 log = logging.getLogger("dc_broker.idp")
 
 
@@ -111,6 +122,30 @@ def cert_info(path: str) -> CertInfo:
     return info
 
 
+@dataclass(eq=False, slots=True)
+class _Kept:
+    """A client kept for its (CA bundle, proxy, certificate), made for the certificate's files as they
+    were (``version``); ``busy``: the requests that took it and have not finished."""
+
+    client: httpx.AsyncClient
+    version: object
+    busy: int = 0
+
+
+class _Shared(httpx.AsyncBaseTransport):
+    """A transport given to ``IdpTransport``, shared by all its clients: closing one (a replaced one)
+    leaves it open for the others; ``IdpTransport.aclose`` closes it."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self.transport = transport
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pass
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect: float = 5.0
@@ -126,7 +161,8 @@ class Timeouts:
 
 
 class IdpTransport:
-    """Sends HttpRequests with httpx. One AsyncClient per (CA bundle, proxy), kept for connection reuse.
+    """Sends HttpRequests with httpx. One AsyncClient per (CA bundle, proxy, client certificate), kept
+    for connection reuse; one replaced by a renewed certificate's is closed once nothing is sent on it.
 
     ``environ`` (default ``os.environ``) is read once, here: a proxy variable that is no usable
     proxy URL is a ``ConfigError`` at start-up, not a failure of every refresh."""
@@ -144,9 +180,13 @@ class IdpTransport:
         )
         self._total = timeouts.total
         self._patient_total = timeouts.patient_total
-        self._transport = transport
+        self._given = transport
+        self._transport = None if transport is None else _Shared(transport)
         self._env = proxies.EnvProxies.from_environ(os.environ if environ is None else environ)
-        self._clients: dict[tuple[str | None, str | None, object], httpx.AsyncClient] = {}
+        #: the client for each (CA bundle, proxy, certificate), made for the certificate's files as they are
+        self._clients: dict[tuple[str | None, str | None, ClientCert | None], _Kept] = {}
+        #: clients replaced by a renewed certificate's, each closed when its last request ends
+        self._replaced: set[_Kept] = set()
         #: requests at once per IdP origin (``MAX_PER_ORIGIN``)
         self._limits: dict[str, trio.CapacityLimiter] = {}
         #: (certificate path, its version) already warned about as expiring soon
@@ -199,10 +239,13 @@ class IdpTransport:
                 key,
             )
 
-    def _client(self, ca_bundle: str | None, via: str | None, cert: ClientCert | None = None) -> httpx.AsyncClient:
+    def _client(self, ca_bundle: str | None, via: str | None, cert: ClientCert | None = None) -> _Kept:
+        """The client for a request, counted busy (``_release`` it when the request is done). A
+        certificate renewed since its client was made gets a new client, and the old one is
+        ``_replaced``: closed by the ``_release`` that leaves nothing in flight on it."""
         version = self._cert_version(cert)
-        client = self._clients.get((ca_bundle, via, version))
-        if client is None:
+        kept = self._clients.get((ca_bundle, via, cert))
+        if kept is None or kept.version != version:
             verify: ssl.SSLContext | bool = True
             if ca_bundle is not None:
                 verify = ssl.create_default_context(cafile=ca_bundle)
@@ -222,10 +265,28 @@ class IdpTransport:
                 trust_env=False,
                 headers={"User-Agent": "dc-broker"},
             )
-            self._clients[(ca_bundle, via, version)] = client
+            if kept is not None:
+                self._replaced.add(kept)
+            kept = self._clients[(ca_bundle, via, cert)] = _Kept(client, version)
         elif cert is not None:
             self._check_cert(cert, version)  # a certificate can expire while its client is kept
-        return client
+        kept.busy += 1  # before any await: a renewal meanwhile must not close it under this request
+        return kept
+
+    async def _release(self, kept: _Kept) -> None:
+        """A request on ``kept`` is done; every replaced client with nothing in flight is closed (the
+        one just replaced too, when this request made its successor). Shielded: a cancelled request
+        still closes what it leaves idle; and a closing that fails never takes the place of the
+        request's own answer or error."""
+        kept.busy -= 1
+        idle = [k for k in self._replaced if k.busy == 0]
+        self._replaced.difference_update(idle)
+        for k in idle:
+            with trio.move_on_after(_CLOSE_WITHIN, shield=True):
+                try:
+                    await k.client.aclose()
+                except Exception as exc:  # its connections are dropped with it either way
+                    log.debug("closing a replaced IdP client failed (%s)", type(exc).__name__)
 
     def via(self, url: str, proxy: str | None) -> str | None:
         """The proxy a request to ``url`` goes through, as messages show it (None: direct)."""
@@ -249,9 +310,17 @@ class IdpTransport:
             raise TypeError("a request whose client assertion was not made yet (assertions.complete) cannot be sent")
         via = proxies.route(req.url, proxy, self._env)
         try:
-            client = self._client(ca_bundle, via, client_cert)
+            kept = self._client(ca_bundle, via, client_cert)
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamTransient(f"CA bundle {ca_bundle} cannot be loaded: {exc}") from None
+        try:
+            return await self._send_on(kept.client, req, via, remake)
+        finally:
+            await self._release(kept)
+
+    async def _send_on(
+        self, client: httpx.AsyncClient, req: HttpRequest, via: str | None, remake: Callable[[], HttpRequest] | None
+    ) -> HttpResponse:
         content = req.body() if req.form else None
         origin = _origin(req.url)
         where = origin + ("" if via is None else f" via proxy {proxies.shown(via)}")
@@ -315,9 +384,14 @@ class IdpTransport:
             return HttpResponse(resp.status_code, headers, body)
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
+        """Closes every client (a replaced one still busy too) and the transport given, if any."""
+        kept = [*self._clients.values(), *self._replaced]
         self._clients.clear()
+        self._replaced.clear()
+        for k in kept:
+            await k.client.aclose()
+        if self._given is not None:
+            await self._given.aclose()
 
 
 class _Encrypted(Exception):
