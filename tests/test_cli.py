@@ -3,7 +3,9 @@ Exact exit codes and messages for the failures a person will meet."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,6 +264,13 @@ def test_add_with_issuer_to_a_running_broker_works_at_once(idp: str, home: dict[
         assert removed.returncode == 0 and "revoked at the identity provider" in removed.stdout, removed.stdout
     finally:
         assert stop(daemon) == 0
+    # forgotten, not only logged out: the client secret a logout keeps is gone from the vault too
+    from dc_broker.vault import default_vault_path
+
+    with contextlib.closing(sqlite3.connect(default_vault_path(home))) as vault:
+        held = vault.execute("SELECT field FROM records WHERE profile = 'iss'").fetchall()
+        named = vault.execute("SELECT name FROM profiles WHERE name = 'iss'").fetchall()
+    assert (held, named) == ([], [])
 
 
 # ---------------------------------------------------------------- a broker slower than the command's patience

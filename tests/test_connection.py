@@ -216,6 +216,7 @@ BAD_OP_ARGS = [
     ("set_secrets", {"profile": "demo", "client_secret": ["x"]}, "'client_secret' must be a non-empty string"),
     ("set_secrets", {"profile": "demo", "verify": "yes"}, "'verify' must be true or false"),
     ("logout", {"profile": 7}, "'profile' must be a non-empty string"),
+    ("logout", {"profile": "demo", "forget": "yes"}, "'forget' must be true or false"),
     ("watch", {"profile": "demo", "min_ttl": -1}, "'min_ttl' must be a number of seconds between 0 and 86400"),
 ]
 

@@ -26,6 +26,7 @@ from dc_token.errors import (
     CredentialsRejected,
     InternalError,
     LoginRequired,
+    UnknownProfile,
     UpstreamError,
     UpstreamUnavailable,
 )
@@ -624,3 +625,103 @@ async def test_a_device_login_refused_by_a_realm_setting_keeps_its_refresh_token
         await trio.sleep(400)
         assert dev.state is State.FRESH and dev.token.refresh_token != held  # refreshed (and rotated) since
     assert idp.stats.refresh_reuse == 0
+
+
+# -- a person's login that ends after its profile was removed or changed ---------------------------------------
+
+
+async def test_a_password_login_ending_after_its_profile_was_removed_stores_nothing(make_idp, autojump_clock) -> None:
+    """`dc-broker login` at a slow IdP while `dc-broker remove` (a reload without the profile) lands:
+    the password the IdP accepted is not stored for a profile the config no longer has, nor its login."""
+    idp = make_idp(access_lifespan=60)
+    store = MemoryStore({"demo": Credentials(client_secret=Secret("dc-cli-secret"))})
+    sessions = registry(idp, "demo", store=store)
+    async with running(sessions.run) as nursery:
+        demo = sessions.lookup("demo")
+        idp.faults.latency = 3.0
+        outcome: list[BaseException | TokenSet] = []
+
+        async def login() -> None:
+            try:
+                outcome.append(await demo.password_login(Secret("demo")))
+            except Exception as exc:
+                outcome.append(exc)
+
+        nursery.start_soon(login)
+        while not demo.busy:
+            await trio.sleep(0.01)
+        sessions.reload({})
+        await trio.sleep(5)
+        (err,) = outcome
+        assert isinstance(err, UnknownProfile), err
+        assert "removed during the login" in err.message and "nothing was stored" in err.message
+        assert store.credentials("demo").password is None and store.saved_tokens("demo") is None
+        assert demo.token is None
+
+
+@pytest.mark.parametrize("how", ["password", "device"])
+async def test_a_login_for_settings_changed_meanwhile_is_not_adopted(make_idp, autojump_clock, how: str) -> None:
+    """`dc-broker add --force` (a new user) while a person's login is at the IdP: the login made for the
+    old settings is not stored as the new settings' login, and the person is told to log in again."""
+    idp = make_idp(access_lifespan=60)
+    name = "demo" if how == "password" else "device"
+    store = MemoryStore(
+        {name: Credentials(client_secret=Secret("dc-cli-secret")) if how == "password" else Credentials()}
+    )
+    sessions = registry(idp, name, store=store)
+    async with running(sessions.run) as nursery:
+        session = sessions.lookup(name)
+        outcome: list[BaseException | None] = []
+
+        async def login() -> None:
+            try:
+                if how == "password":
+                    await session.password_login(Secret("demo"))
+                else:
+                    flow = session.device_login()
+                    shown = await flow.__anext__()
+                    idp.approve_device(shown["user_code"], "demo")
+                    idp.faults.latency = 3.0
+                    async for _ in flow:
+                        pass
+                outcome.append(None)
+            except Exception as exc:
+                outcome.append(exc)
+
+        if how == "password":
+            idp.faults.latency = 3.0
+        nursery.start_soon(login)
+        while not session.busy and idp.faults.latency == 0.0:
+            await trio.sleep(0.01)
+        await trio.sleep(0.5)
+        sessions.reload({name: profile(name, client_id="dc-cli", grant="password", username="other")})
+        await trio.sleep(10)
+        (err,) = outcome
+        assert isinstance(err, LoginRequired), err
+        assert "settings changed during the login" in err.message and f"dc-broker login {name}" in err.message
+        assert store.credentials(name).password is None and store.saved_tokens(name) is None
+        assert session.token is None
+
+
+async def test_a_password_login_keeps_a_client_secret_rotated_while_it_was_at_the_idp(make_idp, autojump_clock) -> None:
+    """The password is stored over the credentials as they are when the login ends: a `dc-broker
+    rotate --client-secret` that landed meanwhile is not undone by the login's older copy."""
+    idp = make_idp(access_lifespan=60)
+    store = MemoryStore({"demo": Credentials(client_secret=Secret("dc-cli-secret"))})
+    sessions = registry(idp, "demo", store=store)
+    async with running(sessions.run) as nursery:
+        demo = sessions.lookup("demo")
+        idp.faults.latency = 3.0
+        logins: list[TokenSet] = []
+
+        async def login() -> None:
+            logins.append(await demo.password_login(Secret("demo")))
+
+        nursery.start_soon(login)
+        while not demo.busy:
+            await trio.sleep(0.01)
+        await trio.sleep(0.5)
+        store.set_credentials("demo", Credentials(client_secret=Secret("rotated")))
+        await trio.sleep(10)
+        assert store.credentials("demo") == Credentials(password=Secret("demo"), client_secret=Secret("rotated"))
+        assert len(logins) == 1

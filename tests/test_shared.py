@@ -285,7 +285,8 @@ def test_the_client_cannot_claim_an_identity(shared: str) -> None:
 
 def test_a_consumer_cannot_change_the_login(shared: str) -> None:
     """dcb-etl may use p_admin, not change its login: password and device login, set_secrets and
-    logout are all refused, and the profile still serves its original credentials afterwards."""
+    logout (and logout with forget, `dc-broker remove`'s) are all refused, and the profile still
+    serves its original credentials afterwards."""
     attempts = [
         Request(1, "login", {"profile": "p_admin", "password": "chosen-by-the-consumer"}),
         Request(2, "login", {"profile": "p_admin"}),  # the device branch
@@ -295,6 +296,8 @@ def test_a_consumer_cannot_change_the_login(shared: str) -> None:
     ]
     replies = ask(shared, "dcb-etl", *attempts)
     assert [outcome(r) for r in replies] == ["forbidden"] * 5
+    [forget] = ask(shared, "dcb-etl", Request(6, "logout", {"profile": "p_admin", "forget": True}))
+    assert outcome(forget) == "forbidden"  # apart: a uid has at most IN_FLIGHT_QUOTA requests in flight
     assert "admin" in replies[0]["error"]["message"]
     [after] = ask(shared, "dcb-etl", token("p_admin"))
     assert outcome(after) == "ok"

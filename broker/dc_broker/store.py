@@ -53,6 +53,11 @@ class SecretStore(Protocol):
 
     def saved_tokens(self, profile: str) -> TokenSet | None: ...
 
+    def remove(self, profile: str) -> bool:
+        """Forget every record of the profile (credentials of any kind, saved tokens); whether there
+        was one. A profile stored again later starts with nothing of these."""
+        ...
+
     def saved_tokens_all(self) -> dict[str, TokenSet | BrokerError]:
         """Every profile's saved tokens at once (a profile whose record cannot be read: its error)."""
         ...
@@ -104,3 +109,7 @@ class MemoryStore:
 
     def saved_tokens_all(self) -> dict[str, TokenSet | BrokerError]:
         return dict(self._tokens)
+
+    def remove(self, profile: str) -> bool:
+        had = self._credentials.pop(profile, None) is not None
+        return self._tokens.pop(profile, None) is not None or had

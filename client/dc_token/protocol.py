@@ -323,7 +323,10 @@ ARGS: "Final[dict[str, dict[str, _Arg]]]" = {
         "new_key": (False, _key_type_problem),
         "activate_key": (False, _flag_problem),
     },
-    "logout": {"profile": _PROFILE},
+    # forget: after the logout, the broker also removes every record it holds for the profile (its
+    # client secret and keys too: `dc-broker remove`); the answer has "forgot_profile": true. A broker
+    # that predates it ignores the key (a plain logout) and its answer has no "forgot_profile".
+    "logout": {"profile": _PROFILE, "forget": (False, _flag_problem)},
     # the Prometheus exposition of the broker's metrics (text), for a textfile collector or a timer
     "metrics": {},
     # the ID token of the profile's login (OIDC; scope openid), e.g. for Kubernetes' OIDC authenticator

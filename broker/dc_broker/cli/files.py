@@ -27,7 +27,7 @@ import click
 
 from dc_broker.cli.boundary import CONFIG, PROFILE, SOCKET, VAULT, read_secret
 from dc_broker.cli.completion import complete_settings
-from dc_broker.cli.talk import ask, broker_running
+from dc_broker.cli.talk import BrokerSlow, ask, broker_running
 from dc_broker.config import AUTH_METHODS, GRANTS, SECRET_METHODS, SINK_FORMATS, Profile, Sink, profile_settings
 from dc_broker.config.load import default_config_path, load_config, sink_path
 from dc_broker.errors import ConfigError, UpstreamFault
@@ -36,8 +36,10 @@ from dc_token.errors import (
     BrokerError,
     CredentialsRejected,
     DcBrokerError,
+    InternalError,
     LoginRequired,
     UnknownProfile,
+    UnsupportedVersion,
     UpstreamUnavailable,
 )
 
@@ -404,28 +406,76 @@ def _add_to_running(
 ) -> Any:
     """Config first, then the broker reloads it and stores the secrets in its vault (a private_key_jwt
     profile's key is made there, ``new_key``: its public JWKS is returned). The caller holds the
-    config lock. If either step fails, this change alone is undone (``_undo``: the profile removed
-    again, or its old settings put back) and the broker reloads that."""
+    config lock. If a step fails while the broker cannot hold any of this add's secrets (the reload,
+    or a set_secrets it refused: it answered, so nothing was stored), this change alone is undone
+    (``_undo``: the profile removed again, or its old settings put back) and the broker reloads that.
+
+    Once the broker may hold some (a set_secrets it answered before, or one it took and did not
+    answer: ``BrokerSlow``, Ctrl-C, a lost connection, its own failure), the profile stays as this
+    add wrote it: the broker may yet store them, and a secret stored for a profile the config no
+    longer has (or, with --force, under the old settings) would be kept where no one sees it. The
+    error says so (``_kept``)."""
     from dc_broker.config.edit import add_profile, replace_profile
     from dc_broker.config.load import read_config_text
 
     before = read_config_text(path)
     (replace_profile if old is not None else add_profile)(path, p)
     written = read_config_text(path)
+    steps: list[dict[str, Any]] = []
+    secrets = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
+    if secrets:
+        steps.append(secrets)
+    if new_key is not None:
+        steps.append({"new_key": new_key})
+    done: list[str] = []  # what the broker has stored of this add
+    sending: dict[str, Any] | None = None
     try:
         ask(socket_path, "reload")
-        secrets: dict[str, Any] = {k: v.reveal() for k, v in (("password", password), ("client_secret", secret)) if v}
-        if secrets:
-            ask(socket_path, "set_secrets", profile=p.name, **secrets)
-        if new_key is not None:
-            return ask(socket_path, "set_secrets", profile=p.name, new_key=new_key)["jwks"]
-        return None
-    except BaseException:
+        jwks = None
+        for sending in steps:
+            answer = ask(socket_path, "set_secrets", profile=p.name, **sending)
+            done.extend(k for k in sending if k != "new_key")
+            if "new_key" in sending:
+                done.append("key")
+                jwks = answer["jwks"]
+        return jwks
+    except BaseException as exc:
+        refused = isinstance(exc, BrokerError) and not isinstance(exc, InternalError)  # answered: nothing stored
+        if done or (sending is not None and not refused):
+            kept = _kept(path, p, exc, done)
+            if kept is exc:
+                raise
+            raise kept from None
         with contextlib.suppress(DcBrokerError):
             _undo(path, p.name, old, before=before, written=written)
         with contextlib.suppress(DcBrokerError):
             ask(socket_path, "reload")
         raise
+
+
+def _kept(path: str, p: Profile, exc: BaseException, done: list[str]) -> BaseException:
+    """``exc`` (same class and exit status) saying that profile ``p`` stays as the add wrote it, since
+    the broker holds (``done``) or may yet store its secrets. An interruption goes on as it was,
+    after the same words on stderr."""
+    if done:
+        holds = f"the broker has stored its {' and '.join(w.replace('_', ' ') for w in done)}"
+    else:
+        holds = "the broker may still store its secrets"
+    note = (
+        f"profile {p.name} stays in {path} as this add wrote it, since {holds} (taken back, they could stay in "
+        f"the vault without it): `dc-broker status {p.name}` shows it; `dc-broker add --force {p.name} ...` "
+        f"sets it again, `dc-broker remove {p.name}` takes it away"
+    )
+    if not isinstance(exc, DcBrokerError):
+        click.echo(f"\n{note}.", err=True)
+        return exc
+    if isinstance(exc, BrokerSlow):  # its advice ("check with `dc-broker status`") is in the note
+        return advised(exc, note)
+    new = copy.copy(exc)
+    new.args = (f"{exc}; {note}",)
+    if isinstance(new, BrokerError):
+        new.message = new.args[0]
+    return new
 
 
 def _undo(path: str, name: str, old: Profile | None, *, before: str | None = None, written: str | None = None) -> None:
@@ -483,7 +533,16 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
     revoked: bool | None = None
     with config_lock(path):
         if broker_running(socket_path):
-            revoked = bool(ask(socket_path, "logout", profile=profile).get("revoked"))
+            # forget: the broker removes every record of the profile from its vault (the client secret
+            # and keys a plain logout keeps), while the profile is still configured
+            answer = ask(socket_path, "logout", profile=profile, forget=True)
+            if answer.get("forgot_profile") is not True:  # a broker from before `forget` ignores it
+                raise UnsupportedVersion(
+                    f"the running broker logged profile {profile} out but is too old to forget its secrets "
+                    f"(`logout` with `forget`), so {profile} stays in {path}: restart the broker with this "
+                    f"dc-broker (or stop it) and run `dc-broker remove {profile}` again"
+                )
+            revoked = bool(answer.get("revoked"))
             remove_profile(path, profile)
             ask(socket_path, "reload")
         else:

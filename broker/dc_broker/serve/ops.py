@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgpack
 import trio
@@ -33,8 +33,9 @@ import trio
 from dc_broker.access.authorize import administered, authorized, is_owner, may_see
 from dc_broker.access.caller import Caller
 from dc_broker.access.programs import ProgramHashes
+from dc_broker.config import Profile
 from dc_broker.config.load import load_config
-from dc_broker.errors import UpstreamFault, WrongPassphrase
+from dc_broker.errors import RecordCorrupt, UpstreamFault, WrongPassphrase
 from dc_broker.idp import clientkeys
 from dc_broker.observe import events
 from dc_broker.observe.events import caller_fields
@@ -47,7 +48,15 @@ from dc_broker.sinks import TokenFiles
 from dc_broker.store import MemoryStore, SecretStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_broker.vault.records import unlock_delay
-from dc_token.errors import BadRequest, ConfigInvalid, Forbidden, Overloaded, UpstreamError, UpstreamUnavailable
+from dc_token.errors import (
+    BadRequest,
+    ConfigInvalid,
+    Forbidden,
+    Overloaded,
+    UnknownProfile,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from dc_token.protocol import OPS, PROTOCOL_VERSION, OpArgs, TokenArgs
 from dc_token.version import version
 
@@ -501,18 +510,100 @@ def reloaded(source: str, added: list[str], changed: list[str], removed: list[st
 def op_set_secrets(state: BrokerState, caller: Caller, args: Args, now: float) -> Result | Awaitable[Result]:
     """Store a profile's password / client secret (`dc-broker add`, `dc-broker rotate`). With
     ``verify: true`` the new values (with the stored ones they do not replace) are first checked by
-    one grant at the IdP: a wrong new password changes nothing."""
+    one grant at the IdP: a wrong new password changes nothing.
+
+    A secret is stored only for the profile it was sent for, still configured as it was when the
+    request arrived: after every wait (its caller's program hashed, a check at the IdP) ``_unchanged``
+    looks again, and a profile removed or changed meanwhile is refused, nothing stored. Between
+    that look and the write there is no checkpoint, so no ``reload`` (which changes the sessions
+    without one either) can come in between: the event loop is the lock both take."""
+    if state.program_pending(caller):  # the caller's program is hashed first (``_program_first``)
+        name = args.get("profile")
+        arrived = _configured(state, name) if isinstance(name, str) else None
+        return _set_secrets_after_program(state, caller, args, arrived)
+    return _set_secrets(state, caller, args)
+
+
+#: a profile as a request found it: its session and settings
+Configured = tuple[Session, Profile]
+
+_PROGRAM_HASHED: Final = "its caller's program was hashed"
+
+
+def _configured(state: BrokerState, name: str) -> Configured | None:
+    """``name``'s session and settings now (no decision: who may change it is asked after the wait)."""
+    try:
+        session = state.sessions.lookup(name)
+    except UnknownProfile:
+        return None
+    return session, session.profile
+
+
+async def _set_secrets_after_program(
+    state: BrokerState, caller: Caller, args: Args, arrived: Configured | None
+) -> Result:
+    await state.programs.attest(caller)
+    result = _set_secrets(state, caller, args, waited=True, arrived=arrived)
+    return result if isinstance(result, dict) else await result
+
+
+def _set_secrets(
+    state: BrokerState, caller: Caller, args: Args, *, waited: bool = False, arrived: Configured | None = None
+) -> Result | Awaitable[Result]:
+    """set_secrets once the caller's program is settled; ``waited``: it was hashed since the request
+    arrived, when the profile was ``arrived`` (None: unknown)."""
     checked = OpArgs.from_wire("set_secrets", args)
-    session = administered(state.sessions, caller, checked["profile"])
+    try:
+        session = administered(state.sessions, caller, checked["profile"])
+    except UnknownProfile:  # the owner's answer (another caller's is Forbidden, as for any unknown profile)
+        if waited and arrived is not None:
+            _unchanged(state, arrived, _PROGRAM_HASHED)  # removed while it waited: says so
+        raise
+    if waited:
+        if arrived is None:  # unknown when it came: a profile of that name added since is not the one it meant
+            raise _changed_meanwhile(checked["profile"], _PROGRAM_HASHED)
+        _unchanged(state, arrived, _PROGRAM_HASHED)
+    sent = (session, session.profile)
     fields = {key: Secret(value) for key in ("password", "client_secret") if (value := checked.get(key)) is not None}
     verify = bool(checked.get("verify", False))
-    if checked.get("new_key") is not None or checked.get("activate_key"):
-        return _set_keys(state, session, checked.get("new_key"), bool(checked.get("activate_key")), verify)
+    new_key, activate = checked.get("new_key"), bool(checked.get("activate_key"))
+    if new_key is not None or activate:
+        if activate and verify:
+            return _set_keys(state, session, new_key, activate, verify)
+        return _store_keys(state, session, new_key, activate, verified=False)  # no wait: stored now
     if not fields and verify:
-        return _check_client(state, session)
+        return _check_client(state, sent)
     if verify:
-        return _set_secrets_checked(state, session, fields)
+        return _set_secrets_checked(state, sent, fields)
     return _store_secrets(state, session, fields)
+
+
+def _unchanged(state: BrokerState, sent: Configured, waited: str) -> Session:
+    """The session ``sent`` names, after a wait (``waited``: what it waited for), if it is still the
+    one configured under that name with the same settings, but for who may use it (``allow``) and
+    its token files. Else nothing may be stored for it: ``UnknownProfile`` when it was removed,
+    ``Overloaded`` (ask again) when it was changed (its login, or who may change it) or replaced by
+    a new profile of the same name. The caller's write follows with no checkpoint in between."""
+    session, settings = sent
+    name = settings.name
+    try:
+        now = state.sessions.lookup(name)
+    except UnknownProfile:
+        raise UnknownProfile(
+            f"profile {name!r} was removed while {waited}; nothing was stored for it (`dc-broker status` "
+            "lists the profiles)"
+        ) from None
+    if now is not session or not now.profile.same_login(settings) or now.profile.admin != settings.admin:
+        raise _changed_meanwhile(name, waited)
+    return now
+
+
+def _changed_meanwhile(name: str, waited: str) -> Overloaded:
+    return Overloaded(
+        f"profile {name!r} was changed while {waited} (`dc-broker add --force`, `set`, `remove` or a reload); "
+        "nothing was stored for it: look at `dc-broker list`, then run the command again for the profile as it is now",
+        retry_after=1.0,
+    )
 
 
 def _store_secrets(state: BrokerState, session: Session, fields: dict[str, Secret]) -> Result:
@@ -535,7 +626,8 @@ def _probe(state: BrokerState, session: Session, credentials: Credentials) -> Se
     )
 
 
-async def _set_secrets_checked(state: BrokerState, session: Session, fields: dict[str, Secret]) -> Result:
+async def _set_secrets_checked(state: BrokerState, sent: Configured, fields: dict[str, Secret]) -> Result:
+    session, _ = sent
     name = session.profile.name
     candidate = dataclasses.replace(state.sessions.store.credentials(name), **fields)
     probe = _probe(state, session, candidate)
@@ -543,68 +635,153 @@ async def _set_secrets_checked(state: BrokerState, session: Session, fields: dic
         await probe.verify()
     except UpstreamFault as exc:
         raise UpstreamUnavailable(f"could not check the new credentials of profile {name!r}: {exc}") from None
+    session = _unchanged(state, sent, "its new credentials were checked at the identity provider")
     result = _store_secrets(state, session, fields)
     return {**result, "verified": True}
 
 
-async def _check_client(state: BrokerState, session: Session) -> Result:
+async def _check_client(state: BrokerState, sent: Configured) -> Result:
     """``verify`` with nothing new (`dc-broker keys PROFILE --check`): does the IdP accept the client
     as it authenticates now? If so the profile tries again at once (out of ``rejected``)."""
+    session, _ = sent
     name = session.profile.name
     probe = _probe(state, session, state.sessions.store.credentials(name))
     try:
         await probe.check_client()
     except UpstreamFault as exc:
         raise UpstreamUnavailable(f"could not check the client of profile {name!r}: {exc}") from None
+    session = _unchanged(state, sent, "its client was checked at the identity provider")
     session.credentials_changed()
     return {"profile": name, "stored": [], "verified": True}
 
 
-async def _set_keys(state: BrokerState, session: Session, new_key: str | None, activate: bool, verify: bool) -> Result:
+def _set_keys(
+    state: BrokerState, session: Session, new_key: str | None, activate: bool, verify: bool
+) -> Awaitable[Result]:
     """A private_key_jwt profile's keys (`dc-broker add`, `rotate --key [--activate]`), made and kept
     here: a private key never crosses the socket. Activating checks first, with ``verify``, that the
-    IdP accepts a client assertion signed with the next key; a refusal changes nothing."""
+    IdP accepts a client assertion signed with the next key; a refusal changes nothing. (A change
+    that checks nothing is ``_store_keys``, stored before the op returns.)"""
+    return _keys_checked(state, (session, session.profile), new_key, activate, verify)
+
+
+async def _keys_checked(
+    state: BrokerState, sent: Configured, new_key: str | None, activate: bool, verify: bool
+) -> Result:
+    session, _ = sent
     name = session.profile.name
     store = state.sessions.store
-    current = store.credentials(name)
+    checked = store.credentials(name).client_keys
     if activate and verify:
-        probe = _probe(state, session, current)
+        probe = _probe(state, session, store.credentials(name))
         try:
             await probe.check_client(next_key=True)
         except UpstreamFault as exc:
             raise UpstreamUnavailable(f"could not check the next key of profile {name!r}: {exc}") from None
-        checked, current = current.client_keys, store.credentials(name)  # as stored now, after the wait
-        if current.client_keys != checked:  # the key checked is not the one that would be activated
-            raise Overloaded(
-                f"the keys of profile {name!r} changed while its next key was being checked (another `rotate "
-                "--key` or a logout); nothing was activated: look at `dc-broker keys` and run the command again",
-                retry_after=1.0,
-            )
+    waited = "its next key was checked at the identity provider" if activate and verify else "it waited its turn"
+    session = _unchanged(state, sent, waited)
+    if store.credentials(name).client_keys != checked:  # the key checked is not the one that would be activated
+        raise Overloaded(
+            f"the keys of profile {name!r} changed while its next key was being checked (another `rotate "
+            "--key` or a logout); nothing was activated: look at `dc-broker keys` and run the command again",
+            retry_after=1.0,
+        )
+    return _store_keys(state, session, new_key, activate, verified=activate and verify)
+
+
+def _store_keys(state: BrokerState, session: Session, new_key: str | None, activate: bool, *, verified: bool) -> Result:
+    name = session.profile.name
+    store = state.sessions.store
+    current = store.credentials(name)
     creds, keys = clientkeys.changed(current, new_key=new_key, activate=activate, now=time.time())
     store.set_credentials(name, creds)
     if activate or current.client_keys is None:  # a next key changes nothing until it is activated
         session.credentials_changed()
-    return {"profile": name, "stored": ["client_keys"], "verified": activate and verify, "jwks": keys.public_jwks()}
+    return {"profile": name, "stored": ["client_keys"], "verified": verified, "jwks": keys.public_jwks()}
 
 
 def op_logout(state: BrokerState, caller: Caller, args: Args, now: float) -> Awaitable[Result]:
-    session = administered(state.sessions, caller, OpArgs.from_wire("logout", args)["profile"])
-    return _logout(state, session)
+    """End the profile's login (``Session.logout``: the client secret and keys stay). With ``forget``
+    (`dc-broker remove`), every record the store holds for the profile goes too, right after.
+    Who may: as for any change of its login (``administered``); ``forget`` takes the profile's
+    client secret and keys from everyone who relies on them, as `remove` takes the profile: the
+    broker's owner only. Decided before anything is done."""
+    checked = OpArgs.from_wire("logout", args)
+    session = administered(state.sessions, caller, checked["profile"])
+    forget = bool(checked.get("forget", False))
+    if forget and not is_owner(caller):
+        raise Forbidden(
+            f"uid {caller.uid} may not forget the secrets of profile {checked['profile']!r}: that is "
+            "`dc-broker remove`, for the broker's owner; a profile's admin may log it out (`dc-broker logout`) "
+            "or store new secrets (`dc-broker rotate`)"
+        )
+    return _logout(state, session, forget=forget)
 
 
-async def _logout(state: BrokerState, session: Session) -> Result:
+async def _logout(state: BrokerState, session: Session, *, forget: bool = False) -> Result:
+    sent = (session, session.profile)
     ended = await session.logout()
+    forgotten = _forget(state, sent) if forget else None  # no checkpoint since the logout's last write
     await state.settle_files([session.profile.name])  # its token files are gone before the reply
     grant = session.profile.grant
     forgot = {"password": "password", "client_credentials": "client secret"}.get(grant, "refresh token")
-    kept = grant != "client_credentials" and session.store.credentials(session.profile.name).client_secret is not None
-    return {
+    kept = (
+        forgotten is None
+        and grant != "client_credentials"
+        and session.store.credentials(session.profile.name).client_secret is not None
+    )
+    result: Result = {
         "profile": session.profile.name,
         "revoked": ended in (Ended.SESSION, Ended.REVOKED),
         "ended": ended.value,
         "forgotten": forgot,
         "kept_client_secret": kept,
     }
+    if forgotten is not None:
+        result["forgot_profile"] = True  # its absence: a broker that does not know `forget`
+        result["forgot_fields"] = forgotten
+    return result
+
+
+def _forget(state: BrokerState, sent: Configured) -> list[str]:
+    """Remove every record the store holds for ``sent``'s profile, just logged out (what `logout`
+    keeps: the client secret and keys; tokens or anything else a record holds); the names of what
+    it held. Only for the profile the request was for: one changed (or removed and added again)
+    while the logout waited keeps its records (``Overloaded``: it is logged out, nothing forgotten).
+    One removed meanwhile has them forgotten: no configured profile uses them."""
+    name = sent[1].name
+    try:
+        _unchanged(state, sent, "it was logged out")
+    except UnknownProfile:
+        pass
+    except Overloaded:
+        raise Overloaded(
+            f"profile {name!r} was changed while it was logged out (`dc-broker add --force`, `set` or a reload); "
+            "it is logged out, but nothing else of it was forgotten: look at `dc-broker list`, then run the "
+            "command again",
+            retry_after=1.0,
+        ) from None
+    store = state.sessions.store
+    fields = _held(store, name)
+    store.remove(name)
+    return fields
+
+
+def _held(store: SecretStore, name: str) -> list[str]:
+    """The names of the records the store holds for profile ``name`` (``unreadable``: one it cannot
+    read, a corrupt one or from a newer dc-broker; it is forgotten all the same)."""
+    fields: set[str] = set()
+    try:
+        held = store.credentials(name)
+        fields.update(f.name for f in dataclasses.fields(held) if getattr(held, f.name) is not None)
+    except RecordCorrupt:
+        fields.add("unreadable")
+    try:
+        if store.saved_tokens(name) is not None:
+            fields.add("tokens")
+    except RecordCorrupt:
+        fields.add("unreadable")
+    return sorted(fields)
 
 
 def audited(op: str, handler: Handler) -> Handler:
@@ -613,7 +790,7 @@ def audited(op: str, handler: Handler) -> Handler:
 
     def run(state: BrokerState, caller: Caller, args: Args, now: float) -> Any:
         profile = args.get("profile") if isinstance(args.get("profile"), str) else None
-        given = sorted(k for k in ("password", "client_secret", "new_key", "activate_key") if args.get(k))
+        given = sorted(k for k in ("password", "client_secret", "new_key", "activate_key", "forget") if args.get(k))
         note = _AdminNote(op, profile, caller, given)
         try:
             result = handler(state, caller, args, now)
@@ -725,7 +902,7 @@ HANDLERS: dict[str, Handler] = {
     "unlock": op_unlock,
     "lock": op_lock,
     "reload": op_reload,
-    "set_secrets": _program_first(op_set_secrets),
+    "set_secrets": op_set_secrets,  # its own wait for the program: what it was sent for is kept
     "logout": _program_first(op_logout),
     "metrics": _program_first(op_metrics),
     "id_token": _program_first(op_id_token),

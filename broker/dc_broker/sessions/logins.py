@@ -29,6 +29,7 @@ from dc_token.errors import (
     CredentialsRejected,
     Locked,
     LoginRequired,
+    UnknownProfile,
 )
 
 log = logging.getLogger("dc_broker.sessions")
@@ -84,6 +85,7 @@ class PersonLogins(Concluding):
         the flow's tokens replace this session's login only once it has succeeded. An IdP that fails
         on the way is told as the wire's error (unavailable, retry), never as a bug."""
         tokens: TokenSet | None = None
+        started = self._fingerprint
         try:
             async with driver.steps(flow, self._performer(None, waits)) as each:
                 async for item in each:
@@ -94,7 +96,7 @@ class PersonLogins(Concluding):
         except UpstreamFault as exc:
             raise broker_error(self.profile.name, exc) from None
         assert tokens is not None
-        await self.adopt_login(tokens)
+        await self.adopt_login(tokens, started=started)
         yield self.logged_in(tokens)
 
     async def _endpoints_for_login(self) -> Endpoints:
@@ -174,15 +176,17 @@ class PersonLogins(Concluding):
     async def password_login(self, password: Secret) -> TokenSet:
         """`dc-broker login` with a password: checked at the IdP first; only once it is accepted does
         it replace the stored password and the current login (a wrong one changes nothing)."""
-        creds = self._credentials_or_none()
+        creds, started = self._credentials_or_none(), self._fingerprint
         try:
             async with self._login_lock:
                 login = await self._login(creds)
                 tokens = await self._drive(flows.password_login(login, password))
         except UpstreamFault as exc:
             raise broker_error(self.profile.name, exc) from None
-        self.store.set_credentials(self.profile.name, replace(creds, password=password))
-        await self.adopt_login(tokens)
+        self._still_for(started)
+        # as stored now: a client secret rotated while the IdP was asked stays
+        self.store.set_credentials(self.profile.name, replace(self._credentials_or_none(), password=password))
+        await self.adopt_login(tokens, started=started)
         return tokens
 
     async def check_client(self, *, next_key: bool = False) -> bool:
@@ -195,9 +199,28 @@ class PersonLogins(Concluding):
         its caller words an IdP failure (``UpstreamFault``) for what it was checking."""
         return await self._drive(flows.obtain(await self._login()))
 
-    async def adopt_login(self, tokens: TokenSet) -> None:
-        """A login made outside the refresh task (device flow, password login) becomes this session's."""
+    def _still_for(self, started: str) -> None:
+        """A person's login that began for settings ``started`` (their ``login_fingerprint``) ends: it
+        is stored only if the profile is still configured, for whom it was made. A `dc-broker remove`
+        or an `add --force` for another IdP, client or user while the person logged in leaves
+        nothing of it behind (a login for the old settings is not the new settings' login)."""
+        name = self.profile.name
+        if self.retired:
+            raise UnknownProfile(
+                f"profile {name!r} was removed during the login; nothing was stored (`dc-broker list` shows the "
+                "profiles)"
+            )
+        if self._fingerprint != started:
+            raise LoginRequired(
+                f"profile {name!r}: its settings changed during the login (`dc-broker add --force` or `set`); "
+                f"nothing was stored: run `dc-broker login {name}` again"
+            )
+
+    async def adopt_login(self, tokens: TokenSet, *, started: str | None = None) -> None:
+        """A login made outside the refresh task (device flow, password login) becomes this session's;
+        ``started``: the settings it began for (``_still_for``), when it began before this call."""
         async with self._login_lock:
+            self._still_for(self._fingerprint if started is None else started)
             if self.store.locked:
                 raise Locked(
                     f"profile {self.profile.name!r}: the vault was locked during the login; run "
