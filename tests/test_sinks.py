@@ -4,6 +4,7 @@ autojump clock, and a reader loop across refreshes, in-process and against real 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -24,6 +26,7 @@ from dc_broker.config import Sink
 from dc_broker.config.edit import profile_table, remove_profile
 from dc_broker.config.load import load_config, parse_config, parse_text
 from dc_broker.errors import ConfigError
+from dc_broker.secret import Secret
 from dc_broker.serve.ops import HANDLERS, BrokerState
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
@@ -251,6 +254,108 @@ async def test_a_reload_that_drops_a_sink_removes_its_file(tmp_path: Path, make_
         with trio.fail_after(T):
             while path.exists() or not other.exists():
                 await trio.sleep(0.05)
+
+
+async def appears(path: Path, within: float = 2 * T) -> str:
+    """The file's text once it exists (on the autojump clock)."""
+    with trio.fail_after(within):
+        while not path.exists():
+            await trio.sleep(0.05)
+    return path.read_text()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"username": "other"}, id="user-the-idp-refuses"),
+        pytest.param({"client_id": "no-such-client"}, id="client-the-idp-refuses"),
+        pytest.param({"tenant": "nowhere"}, id="idp-that-does-not-answer"),
+    ],
+)
+async def test_a_reload_for_another_login_takes_the_old_logins_file_away(
+    tmp_path: Path, make_idp, autojump_clock, change: dict[str, Any]
+) -> None:
+    """`dc-broker set demo username=other` (or `add --force` with another client or IdP) drops the
+    login. The file holding the old login's token goes before the reload's ``settle`` returns,
+    although that token is still valid and the new login has none yet (its IdP refuses it, or has
+    no such realm): a reader must not go on acting as the old user. A reload back to the old login
+    brings a file again, with a token of the new login."""
+    idp = make_idp(access_lifespan=T)
+    sessions, path = sink_sessions(tmp_path, idp)
+    files = sinks.TokenFiles(sessions)
+    session = sessions.lookup("demo")
+    before = session.profile
+    async with running(sessions.run, files.run):
+        old = await appears(path)
+        sessions.reload({"demo": dataclasses.replace(before, **change)})
+        await files.settle(["demo"])
+        assert not path.exists(), "the old login's token file outlived the reload"
+        await trio.sleep(T)  # the new login gets no token; nothing comes back, least of all the old one
+        assert session.token is None and session.state.value in ("rejected", "unavailable", "empty")
+        assert not path.exists()
+        sessions.reload({"demo": before})
+        assert await appears(path) != old
+
+
+async def test_a_new_logins_token_that_cannot_be_written_still_takes_the_old_one_away(
+    tmp_path: Path, make_idp, autojump_clock, monkeypatch
+) -> None:
+    """The new login got a token, but writing it fails (a full disk): the file must not keep the old
+    user's token meanwhile. It comes back once the write succeeds."""
+    idp = make_idp(access_lifespan=T)
+    sessions, path = sink_sessions(tmp_path, idp)
+    files = sinks.TokenFiles(sessions)
+    session = sessions.lookup("demo")
+    written = sinks.write_atomically
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    async with running(sessions.run, files.run):
+        old = await appears(path)
+        monkeypatch.setattr(sinks, "write_atomically", full_disk)
+        session.store.set_credentials("demo", dataclasses.replace(CREDENTIALS["demo"], password=Secret("viewer")))
+        sessions.reload({"demo": dataclasses.replace(session.profile, username="viewer")})
+        with trio.fail_after(T):  # the viewer's login gets a token
+            while session.peek(0.0, trio.current_time()) is None:
+                await trio.sleep(0.05)
+        await files.settle(["demo"])
+        assert not path.exists(), "the old user's token stayed while the new user's could not be written"
+        monkeypatch.setattr(sinks, "write_atomically", written)
+        assert await appears(path) not in (old, "")
+
+
+async def test_the_same_login_between_tokens_keeps_its_file(tmp_path: Path, make_idp, autojump_clock) -> None:
+    """The counterpart: while the broker is between two tokens of the *same* login the file keeps the
+    token it holds, until ``REMOVE_BEFORE`` its expiry (that is what a file is for): a refresh hung
+    at the IdP, a reload that changes nothing about whom the login is for (a proxy: new endpoints
+    and a new attempt), and new secrets for the same user and client (`dc-broker rotate`), after
+    which the session holds no token at all until the IdP answers."""
+    idp = make_idp(access_lifespan=T, sso_idle=100 * T, sso_max=1000 * T)
+    sessions, path = sink_sessions(tmp_path, idp)
+    files = sinks.TokenFiles(sessions)
+    session = sessions.lookup("demo")
+    async with running(sessions.run, files.run):
+        first = await appears(path)
+        idp.faults.hang = True  # the next refresh gets no answer
+        with trio.fail_after(T):
+            while session.attempt is None:
+                await trio.sleep(0.05)
+        await files.settle(["demo"])
+        assert path.read_text() == first
+        sessions.reload({"demo": dataclasses.replace(session.profile, proxy="direct")})
+        await files.settle(["demo"])
+        assert path.read_text() == first
+        session.store.set_credentials("demo", CREDENTIALS["demo"])
+        session.credentials_changed(relogin=True)  # what `dc-broker rotate demo --password` does
+        await files.settle(["demo"])
+        assert session.token is None and path.read_text() == first
+        while path.exists():  # kept while its token is valid, removed shortly before it expires
+            assert path.read_text() == first
+            await trio.sleep(0.25)
+        assert trio_wall_clock() >= jwt_exp(first[:-1]) - sinks.REMOVE_BEFORE - 1
+        idp.faults.clear()
+        assert await appears(path, 10 * T) != first
 
 
 # ---------------------------------------------------------------- real processes

@@ -14,8 +14,21 @@ setting). Per profile with ``[[profiles.NAME.sinks]]`` (``dc_broker.config.Sink`
   StrictModes, ``dc_broker.atomic.RULE``). A refused file is logged with the config line of its
   ``path`` (``Sink.origin``) and tried again at the next check;
 - removed when the broker can no longer vouch for the token: the vault is locked, the profile is
-  logged out or removed, or the written token is about to expire with no new one (``REMOVE_BEFORE``
-  its expiry: the IdP is down), and when the broker stops.
+  logged out or removed, the written token is about to expire with no new one (``REMOVE_BEFORE``
+  its expiry: the IdP is down), or it is not a token of the profile's login any more, and when the
+  broker stops.
+
+**Which login a file's token is for.** Each write records the profile's ``login_fingerprint`` (IdP,
+client, grant, user, scope: whom the token is for) as it was when the token was read from the
+session. A file is kept only while that is still the profile's fingerprint, the same rule by which
+the store never restores another login's tokens: a reload that makes the profile another login
+(`dc-broker set acme username=bob`, `add --force` with another user, client or IdP) removes the old
+login's file at once, whether or not the new login has a token yet (a new token is written over it;
+if that write fails, the old one is removed all the same). Between two tokens of the *same* login
+the file stays as it was, up to ``REMOVE_BEFORE`` its token's expiry: a refresh in flight, an IdP
+outage, a reload that changes nothing about whom the login is for (a proxy, a CA bundle), and new
+secrets for the same user and client (`dc-broker rotate`), which drop the session's token until
+the IdP grants one for them: the file's token is still the same user's.
 
 The task only reads a session through ``token_changed``, ``peek``, ``status`` and ``profile``; it
 re-checks every ``CHECK_EVERY`` seconds, and ``TokenFiles.run`` looks for profiles that gained sinks
@@ -32,12 +45,12 @@ import errno
 import grp
 import logging
 import time
-from typing import Final
+from typing import Final, NamedTuple
 
 import trio
 
 from dc_broker import atomic
-from dc_broker.config import Sink
+from dc_broker.config import Profile, Sink
 from dc_broker.errors import ConfigError
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
@@ -109,15 +122,15 @@ def remove_file(path: str) -> bool:
 
 
 class _ProfileSinks:
-    """What one profile's files hold: sink -> (token, when the file must go unless replaced, on the
-    session clock) written there, or None (checked: no file)."""
+    """What one profile's files hold: sink -> what was written there (``_Written``), or None
+    (checked: no file)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.written: dict[Sink, tuple[str, float] | None] = {}
+        self.written: dict[Sink, _Written | None] = {}
         self._errors: dict[Sink, str] = {}
 
-    async def write(self, sink: Sink, tok: TokenSet, now: float) -> None:
+    async def write(self, sink: Sink, tok: TokenSet, login: str, now: float) -> None:
         token = tok.access_token.reveal()
         expires_at = time.time() + (tok.expires_at - now)
         try:
@@ -126,7 +139,7 @@ class _ProfileSinks:
         except (OSError, ValueError, ConfigError) as exc:
             self._failed(sink, "write", exc)
             return
-        self.written[sink] = (token, remove_at(tok))
+        self.written[sink] = _Written(token, remove_at(tok), login)
         if self._errors.pop(sink, None) is not None:
             log.info("profile %s: token file %s written again", self.name, sink.path)
 
@@ -141,19 +154,25 @@ class _ProfileSinks:
         if removed and had:
             log.info("profile %s: token file %s removed (%s)", self.name, sink.path, why)
 
-    async def update(self, sink: Sink, tok: TokenSet | None, vouched: bool, now: float) -> None:
-        """Bring one file in line: the current token, or no file when there is none to vouch for."""
+    async def update(self, sink: Sink, tok: TokenSet | None, login: str, vouched: bool, now: float) -> None:
+        """Bring one file in line: the current token (``tok``, of the login whose fingerprint is
+        ``login``), or no file when there is none to vouch for. A token that could not be written
+        leaves the file as it was only if the broker still vouches for what it holds."""
         have = self.written.get(sink, _UNSEEN)
-        if tok is not None and remove_at(tok) > now:
-            if have is _UNSEEN or have is None or have[0] != tok.access_token.reveal():
-                await self.write(sink, tok, now)
-        elif have is _UNSEEN:
-            await self.remove(sink, "left by an earlier run")
+        current = tok is not None and remove_at(tok) > now
+        if tok is not None and current and (have is _UNSEEN or have is None or have.token != tok.access_token.reveal()):
+            await self.write(sink, tok, login, now)
+            have = self.written.get(sink, _UNSEEN)
+        if have is _UNSEEN:
+            if not current:  # (a failed write of the current token retries before removing it)
+                await self.remove(sink, "left by an earlier run")
         elif have is None:
             return
         elif not vouched:
             await self.remove(sink, "locked or logged out")
-        elif have[1] <= now:
+        elif have.login != login:
+            await self.remove(sink, "the profile is now for another user, client or identity provider")
+        elif have.remove_at <= now:
             await self.remove(sink, "its token is about to expire and no new one came")
 
     def _failed(self, sink: Sink, action: str, exc: Exception) -> None:
@@ -166,7 +185,17 @@ class _ProfileSinks:
             log.error("profile %s: %s; retrying", self.name, message)
 
 
-_UNSEEN: Final = ("", 0.0)
+class _Written(NamedTuple):
+    """What a file holds: the token, when the file must go unless a new token replaced it (session
+    clock), and the ``login_fingerprint`` of the profile the token was read for."""
+
+    token: str
+    remove_at: float
+    login: str
+
+
+#: a file not looked at yet in this run (it may hold anything an earlier run left)
+_UNSEEN: Final = _Written("", 0.0, "")
 
 
 def remove_at(tok: TokenSet) -> float:
@@ -192,6 +221,8 @@ class _Keeper:
         self.session = sessions.lookup(name)
         self.files = _ProfileSinks(name)
         self.lock = trio.Lock()
+        #: the profile settings last seen and their ``login_fingerprint`` (worked out once per settings)
+        self._login: tuple[Profile, str] | None = None
         #: the profile has no sinks any more (removed, or dropped by a reload): the task ends
         self.done = False
 
@@ -209,12 +240,20 @@ class _Keeper:
             self.done = True
             return None
         vouched = session.status(now)["state"] not in _NOT_VOUCHED
+        # read together, with no checkpoint between: a session's token is always of its profile's login
         tok = session.peek(0.0, now) if vouched else None
+        login = self._fingerprint(session.profile)
         for sink in sorted(sinks, key=lambda s: s.path):
-            await files.update(sink, tok, vouched, now)
+            await files.update(sink, tok, login, vouched, now)
         # wake for the next file to remove; a past one (its removal failed) waits for the next check
-        deadlines = [have[1] for have in files.written.values() if have is not None and have[1] > now]
+        deadlines = [have.remove_at for have in files.written.values() if have is not None and have.remove_at > now]
         return min([now + CHECK_EVERY, *deadlines])
+
+    def _fingerprint(self, profile: Profile) -> str:
+        """Whom ``profile``'s tokens are for (``Profile.login_fingerprint``)."""
+        if self._login is None or self._login[0] is not profile:
+            self._login = (profile, profile.login_fingerprint())
+        return self._login[1]
 
     async def run(self) -> None:
         """Keep the profile's files current until it has none or the task is cancelled; its files
@@ -247,7 +286,8 @@ class TokenFiles:
 
     async def settle(self, names: list[str] | None = None) -> None:
         """One pass now over the files of ``names`` (default: every profile with files), after any
-        write in progress: a profile logged out, locked or removed has no file when this returns."""
+        write in progress: a profile logged out, locked, removed or made another login (its
+        ``login_fingerprint`` changed) has no file of the old login when this returns."""
         for name in sorted(self._keepers) if names is None else names:
             keeper = self._keepers.get(name)
             if keeper is not None and not keeper.done:
