@@ -20,10 +20,17 @@ And the way a removed profile's secrets used to stay: `remove` against a running
 plain ``logout``, which keeps the client secret and the client's keys. It asks for ``logout`` with
 ``forget`` now, which removes every record of the profile after the logout, for whoever may change
 the profile's login and for no one else; a broker that does not know ``forget`` makes `remove` keep
-the profile and say so."""
+the profile and say so.
+
+And a secret sent under settings it was not stored for: `add --force` that changes whom the login
+is for (``login_fingerprint``) has the broker forget the old login and its secrets first (``logout``
+with ``forget``), so the reload never starts a grant with the old user's password for the new user
+or the old client's secret with the new client, and the vault holds only the new secrets. These run
+the broker in-process against the dev IdP (``idp_broker``) and note every request it sends."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 import sqlite3
@@ -33,6 +40,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import trio
@@ -45,13 +53,16 @@ from dc_broker.cli import cli, files, talk
 from dc_broker.config import Profile
 from dc_broker.config.edit import add_profile, remove_profile, replace_profile
 from dc_broker.config.load import load_config
+from dc_broker.devserver import DevIdP, demo_realm
 from dc_broker.idp import clientkeys
+from dc_broker.idp.oidc import HttpRequest
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
 from dc_broker.serve import ops
 from dc_broker.serve.listen import bind_unix_socket
 from dc_broker.serve.ops import HANDLERS, BrokerState
 from dc_broker.serve.server import Server
+from dc_broker.sessions.policy import DEFAULT_POLICY
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore, SecretStore
 from dc_broker.tokens import Credentials, TokenSet
@@ -66,6 +77,7 @@ from dc_token.errors import (
     UnknownProfile,
     VaultUnusable,
 )
+from tests.conftest import IDP_URL, idp_transport
 
 TOKEN_URL = "http://127.0.0.1:9/token"  # never asked: every wait here is the test's
 KEPT = f'[profiles.kept]\ntoken_url = "{TOKEN_URL}"\nclient_id = "k"\ngrant = "client_credentials"\n'
@@ -86,7 +98,8 @@ def owner() -> Caller:
 class StallingStore(MemoryStore):
     """A memory store whose write of ``stalled``'s secrets holds the broker's loop (as a vault on a
     disk that stopped answering does) until ``release`` is set: the broker completes the write
-    only after the command has given up on it."""
+    only after the command has given up on it. (A write of no secret at all, the logout of an
+    ``add --force`` for another client, goes through.)"""
 
     def __init__(self, stalled: str) -> None:
         super().__init__()
@@ -95,7 +108,7 @@ class StallingStore(MemoryStore):
         self.release = threading.Event()
 
     def set_credentials(self, profile: str, credentials: Credentials) -> None:
-        if profile == self.stalled:
+        if profile == self.stalled and credentials != Credentials():
             self.entered.set()
             if not self.release.wait(30):
                 raise VaultUnusable("the test never released the stalled write")
@@ -643,3 +656,244 @@ async def test_logout_with_forget_forgets_only_the_profile_it_was_sent_for(tmp_p
     else:
         assert outcome.get("result", {}).get("forgot_profile") is True, outcome
         assert stored(store) == {}
+
+
+# ---------------------------------------------------------------- `add --force` for another login forgets the old one first
+
+#: where a login is ended at the IdP (``flows.end_login``): its end-session or revocation endpoint
+ENDINGS = ("/protocol/openid-connect/logout", "/protocol/openid-connect/revoke")
+#: the old profile's login: user demo of client dc-cli at the dev IdP, its password and client secret
+OLD_SECRETS = Credentials(password=Secret("demo"), client_secret=Secret("dc-cli-secret"))
+
+
+def _sent(req: HttpRequest) -> dict[str, str]:
+    """What one request told the IdP: its form, the client's id and secret from Basic auth, and
+    where it went (``url``)."""
+    seen = {**req.form, "url": req.url}
+    auth = req.headers.get("Authorization", "")
+    if auth.startswith("Basic "):
+        client_id, _, secret = base64.b64decode(auth[6:]).decode().partition(":")
+        seen["basic_client_id"], seen["basic_client_secret"] = unquote(client_id), unquote(secret)
+    return seen
+
+
+@asynccontextmanager
+async def idp_broker(
+    tmp_path: Path, cfg: Path, store: SecretStore, sent: list[dict[str, str]]
+) -> AsyncIterator[tuple[str, BrokerState]]:
+    """A broker serving ``cfg`` on a real socket, in this process, its sessions running against the
+    dev IdP in-process; every request it sends the IdP is noted in ``sent`` before it goes."""
+    idp = DevIdP([demo_realm(access_lifespan=600)])
+    transport = idp_transport(idp)
+    send = transport.send
+
+    async def spy(req: HttpRequest, **kwargs: Any) -> Any:
+        sent.append(_sent(req))
+        return await send(req, **kwargs)
+
+    transport.send = spy  # type: ignore[method-assign]
+    # no floor between attempts: a reload's new attempt starts at once, before the command goes on
+    quick = dataclasses.replace(DEFAULT_POLICY, refresh_floor=0.01)
+    sessions = Sessions(load_config(str(cfg)).profiles, store, transport, refresh_policy=quick)
+    path = str(tmp_path / "run" / "b.sock")
+    sock, lock = bind_unix_socket(path)
+    state = BrokerState(sessions=sessions, socket_path=path, config_path=str(cfg))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sessions.run)
+            await nursery.start(Server(state).serve, sock)
+            yield path, state
+            nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
+        lock.close()
+
+
+def _logged_in(store: SecretStore) -> Profile:
+    p = Profile(name="p", server=IDP_URL, tenant="demo", client_id="dc-cli", grant="password", username="demo")
+    store.set_credentials("p", OLD_SECRETS)
+    return p
+
+
+def _slow_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command's set_secrets goes only once the broker has done all the reload started (a grant
+    with what the store held, if it started one): what the broker sends before the new secrets
+    arrive is then sent before this test looks, every run."""
+    ask = files.ask
+
+    def after_the_broker(socket_path: str | None, op: str, **args: Any) -> Any:
+        if op == "set_secrets":
+            trio.from_thread.run(trio.testing.wait_all_tasks_blocked, 0.2)
+        return ask(socket_path, op, **args)
+
+    monkeypatch.setattr(files, "ask", after_the_broker)
+
+
+@pytest.mark.usefixtures("in_process")
+async def test_add_force_for_another_user_never_sends_the_old_users_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`add --force p --username viewer` against a running broker whose p logs user demo in: the
+    reload used to start a grant at once with what the vault held, demo's password, for user viewer
+    (to a new server too, had --server changed). The broker forgets the old login and its secrets
+    first (`logout` with `forget`), so the IdP never sees (viewer, demo's password), and the vault
+    holds the new secrets only."""
+    cfg = tmp_path / "config.toml"
+    store = MemoryStore()
+    add_profile(str(cfg), _logged_in(store))
+    sent: list[dict[str, str]] = []
+    _slow_secrets(monkeypatch)
+    async with idp_broker(tmp_path, cfg, store, sent) as (sock, state):
+        p = state.sessions.lookup("p")
+        with trio.fail_after(10):
+            await p.get()  # demo is logged in
+        args = ["add", "p", "--force", "--config", str(cfg), "--socket", sock, "--server", IDP_URL, "--tenant",
+                "demo", "--client-id", "dc-cli", "--username", "viewer", "--password-stdin", "--secret-stdin",
+                "--no-verify"]  # fmt: skip
+        result = await trio.to_thread.run_sync(
+            lambda: CliRunner().invoke(cli, args, input="viewer-password\ndc-cli-secret\n")
+        )
+        assert result.exit_code == 0, result.output
+        assert "the running broker ended its old login and forgot its secrets first" in result.output
+        await trio.sleep(0.5)  # the new login, with the new secrets
+    passwords = [(s.get("username"), s.get("password")) for s in sent if s.get("grant_type") == "password"]
+    assert ("viewer", "demo") not in passwords, passwords
+    assert passwords[0] == ("demo", "demo") and ("viewer", "viewer-password") in passwords, passwords
+    assert [s["url"] for s in sent if s["url"].endswith(ENDINGS)]  # demo's login was ended at the IdP
+    assert stored(store) == {
+        "p": Credentials(password=Secret("viewer-password"), client_secret=Secret("dc-cli-secret"))
+    }
+
+
+@pytest.mark.usefixtures("in_process")
+async def test_add_force_to_client_credentials_keeps_no_password_and_sends_no_old_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, any_store: MemoryStore | Vault
+) -> None:
+    """A switch to client credentials (another client): set_secrets merges with what is stored, so
+    the old user's password stayed in the vault under the new settings, and the reload sent the old
+    client's secret with the new client's id. Now the vault holds exactly the new client secret."""
+    cfg = tmp_path / "config.toml"
+    add_profile(str(cfg), _logged_in(any_store))
+    sent: list[dict[str, str]] = []
+    _slow_secrets(monkeypatch)
+    async with idp_broker(tmp_path, cfg, any_store, sent) as (sock, state):
+        with trio.fail_after(10):
+            await state.sessions.lookup("p").get()
+        args = ["add", "p", "--force", "--config", str(cfg), "--socket", sock, "--server", IDP_URL, "--tenant",
+                "demo", "--client-id", "dc-service", "--grant", "client_credentials", "--secret-stdin",
+                "--no-verify"]  # fmt: skip
+        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(cli, args, input="dc-service-secret\n"))
+        assert result.exit_code == 0, result.output
+        with trio.fail_after(10):
+            tok = await state.sessions.lookup("p").get()
+        assert tok.access_token.reveal()
+    assert any_store.credentials("p") == Credentials(client_secret=Secret("dc-service-secret"))
+    clients = {(s.get("basic_client_id"), s.get("basic_client_secret")) for s in sent}
+    assert ("dc-service", "dc-cli-secret") not in clients, clients
+    assert not any(s.get("password") == "demo" and s.get("basic_client_id") == "dc-service" for s in sent)
+
+
+@pytest.mark.usefixtures("in_process")
+async def test_add_force_for_the_same_login_keeps_the_login_until_the_new_secrets_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `add --force` that changes nothing of whom the login is for (here only who may use it) does
+    not log the profile out: the reload keeps its login, and the new secrets are stored as before."""
+    cfg = tmp_path / "config.toml"
+    store = MemoryStore()
+    add_profile(str(cfg), _logged_in(store))
+    sent: list[dict[str, str]] = []
+    async with idp_broker(tmp_path, cfg, store, sent) as (sock, state):
+        with trio.fail_after(10):
+            await state.sessions.lookup("p").get()
+        args = ["add", "p", "--force", "--config", str(cfg), "--socket", sock, "--server", IDP_URL, "--tenant",
+                "demo", "--client-id", "dc-cli", "--username", "demo", "--password-stdin", "--secret-stdin",
+                "--no-verify", "--allow", "uid:7"]  # fmt: skip
+        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(cli, args, input="demo\ndc-cli-secret\n"))
+    assert result.exit_code == 0, result.output
+    assert "forgot its secrets" not in result.output
+    assert not [s["url"] for s in sent if s["url"].endswith(ENDINGS)]  # no logout: the login was kept
+    assert stored(store) == {"p": OLD_SECRETS}
+
+
+@pytest.mark.usefixtures("in_process")
+async def test_add_force_for_another_login_against_a_broker_that_does_not_know_forget_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker from before ``forget`` does a plain logout (it ignores the key): its answer has no
+    ``forgot_profile``. The add changes nothing (its config stays as it was) and says why, exit 12,
+    as `remove` does; no new settings were ever sent the old secrets."""
+    logout = HANDLERS["logout"]
+    monkeypatch.setitem(HANDLERS, "logout", lambda st, c, a, n: logout(st, c, {"profile": a["profile"]}, n))
+    cfg = tmp_path / "config.toml"
+    store = MemoryStore()
+    add_profile(str(cfg), _logged_in(store))
+    before = cfg.read_text()
+    sent: list[dict[str, str]] = []
+    async with idp_broker(tmp_path, cfg, store, sent) as (sock, state):
+        with trio.fail_after(10):
+            await state.sessions.lookup("p").get()
+        args = ["add", "p", "--force", "--config", str(cfg), "--socket", sock, "--server", IDP_URL, "--tenant",
+                "demo", "--client-id", "dc-cli", "--username", "viewer", "--password-stdin", "--secret-stdin",
+                "--no-verify"]  # fmt: skip
+        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(cli, args, input="v\ndc-cli-secret\n"))
+        running = state.sessions.lookup("p").profile
+    assert result.exit_code == 12, result.output
+    assert "too old to forget" in result.output and f"nothing of this add was written to {cfg}" in result.output
+    assert cfg.read_text() == before and running.username == "demo"
+    assert not any(s.get("username") == "viewer" for s in sent)
+
+
+def test_an_add_force_undone_after_the_old_secrets_were_forgotten_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The add's set_secrets is refused (nothing stored): the add is taken back, the old settings put
+    back; but the old secrets are gone (forgotten before the new settings were written), and the
+    error says so, with what to do."""
+    cfg = tmp_path / "config.toml"
+    old = Profile(name="p", token_url=TOKEN_URL, client_id="c", grant="password", username="demo")
+    add_profile(str(cfg), old)
+    before = cfg.read_text()
+    asked: list[str] = []
+
+    def ask(socket_path: str | None, op: str, **args: Any) -> dict[str, Any]:
+        asked.append(op)
+        if op == "logout":
+            return {"profile": "p", "forgot_profile": True, "forgot_fields": ["password"]}
+        if op == "set_secrets":
+            raise Locked("the vault is locked; run `dc-broker unlock`")
+        return {}
+
+    monkeypatch.setattr(files, "ask", ask)
+    new = dataclasses.replace(old, username="viewer")
+    with pytest.raises(Locked) as raised:
+        files._add_to_running(str(cfg), new, old, None, Secret("pw"), None)
+    assert asked == ["logout", "reload", "set_secrets", "reload"]
+    assert cfg.read_text() == before
+    message = str(raised.value)
+    assert message.startswith("the vault is locked"), message
+    assert f"the old settings of profile p are back in {cfg}, but not its old secrets" in message
+    assert "`dc-broker login p`" in message
+
+
+def test_an_add_force_for_another_login_that_the_broker_does_not_run_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config has the profile, the running broker does not (the file was changed without a
+    reload): nothing can be forgotten there, and its store may hold anything under that name, which
+    the reload would take up under the new settings. The add writes nothing and says what to do."""
+    cfg = tmp_path / "config.toml"
+    old = Profile(name="p", token_url=TOKEN_URL, client_id="c", grant="password", username="demo")
+    add_profile(str(cfg), old)
+    before = cfg.read_text()
+    asked: list[str] = []
+
+    def ask(socket_path: str | None, op: str, **args: Any) -> dict[str, Any]:
+        asked.append(op)
+        raise UnknownProfile("no profile named 'p'; `dc-broker status` lists the profiles")
+
+    monkeypatch.setattr(files, "ask", ask)
+    with pytest.raises(UnknownProfile, match="nothing of this add was written") as raised:
+        files._add_to_running(str(cfg), dataclasses.replace(old, username="viewer"), old, None, Secret("pw"), None)
+    assert asked == ["logout"] and cfg.read_text() == before
+    assert "have the broker read the config" in str(raised.value)

@@ -8,6 +8,7 @@ server makes; a real `dc-broker run` where it times what the reaper closes."""
 from __future__ import annotations
 
 import os
+import random
 import select
 import socket
 import subprocess
@@ -26,12 +27,13 @@ from dc_broker.config import Profile
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
 from dc_broker.serve.listen import bind_unix_socket
-from dc_broker.serve.ops import BrokerState
+from dc_broker.serve.ops import HANDLERS, BrokerState
 from dc_broker.serve.server import BYTES_PER_WAKE, Limits, Server, _Connection
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.protocol import Request, encode
+from tests.conftest import CREDENTIALS, LockableStore, idp_transport, profile, running, trio_wall_clock
 from tests.e2e import connections_on, start_run, stop, wait_for
 
 TOKEN = encode(Request(1, "token", {"profile": "p", "min_ttl": 60}))
@@ -241,3 +243,38 @@ async def test_flooding_connections_do_not_hold_the_watcher_for_the_others_turns
         for c in list(server._parked.values()):
             c.close()
         epoll.close()
+
+
+async def test_a_lock_cut_short_while_a_refresh_is_at_the_idp_still_locks_the_vault(make_idp, autojump_clock) -> None:
+    """`lock` takes the tokens out of memory at once, then waits for a refresh at the IdP to store its
+    answer before it locks the store. Its connection closes during that wait (the client gave up:
+    its handler is cancelled): the store locks all the same once the refresh is in, instead of
+    every profile showing locked while the vault's key stays in memory."""
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    store = LockableStore({"demo": CREDENTIALS["demo"]})
+    sessions = Sessions(
+        {"demo": profile("demo")}, store, idp_transport(idp), rng=random.Random(3), wall_clock=trio_wall_clock
+    )
+    state = BrokerState(sessions=sessions, socket_path="unused")
+    owner = Caller(os.getuid(), os.getgid(), os.getpid())
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        idp.faults.latency = 3.0
+        tok = demo.token
+        assert tok is not None and demo.invalidate(tok.access_token.reveal())
+        while not demo.busy:
+            await trio.sleep(0.01)
+        started = trio.current_time()
+        with trio.move_on_after(1.0):
+            pending = HANDLERS["lock"](state, owner, {}, started)
+            assert not isinstance(pending, dict | AsyncIterator)
+            await pending
+        assert demo.token is None  # out of memory at once
+        await trio.sleep(10)
+        assert store.locked, "the lock was cut short: the store never locked"
+        assert trio.current_time() - started < 15
+        store.unlock()
+        saved = store.saved_tokens("demo")
+        assert saved is not None and saved.refresh_token != tok.refresh_token  # the rotation was stored first
+    assert idp.stats.refresh_reuse == 0

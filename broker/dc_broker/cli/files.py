@@ -414,10 +414,22 @@ def _add_to_running(
     answer: ``BrokerSlow``, Ctrl-C, a lost connection, its own failure), the profile stays as this
     add wrote it: the broker may yet store them, and a secret stored for a profile the config no
     longer has (or, with --force, under the old settings) would be kept where no one sees it. The
-    error says so (``_kept``)."""
+    error says so (``_kept``).
+
+    An ``add --force`` that changes whom the login is for (another IdP, client, grant, user or scope:
+    ``Profile.login_fingerprint``) first has the broker forget the old login and every secret of it
+    (``_forget_old``: ``logout`` with ``forget``, as `remove` asks), before the new settings are
+    written: else the reload would start a grant at once with the old secrets under the new settings
+    (the old user's password for the new user, at the new server; the old client's secret with the
+    new client's id), and ``set_secrets``, which merges, would keep what the new settings do not
+    send (the old password after a switch to client credentials). Forgotten secrets cannot be put
+    back: an undo then puts back the old settings alone, and the error says so."""
     from dc_broker.config.edit import add_profile, replace_profile
     from dc_broker.config.load import read_config_text
 
+    forgot = old is not None and old.login_fingerprint() != p.login_fingerprint()
+    if forgot:  # before anything is written: a broker that cannot forget refuses the whole add
+        _forget_old(path, p.name, socket_path)
     before = read_config_text(path)
     (replace_profile if old is not None else add_profile)(path, p)
     written = read_config_text(path)
@@ -450,7 +462,45 @@ def _add_to_running(
             _undo(path, p.name, old, before=before, written=written)
         with contextlib.suppress(DcBrokerError):
             ask(socket_path, "reload")
-        raise
+        if not forgot:
+            raise
+        note = (
+            f"the old settings of profile {p.name} are back in {path}, but not its old secrets: this add changes "
+            "whom its login is for, so the broker forgot the old login and every secret of it first; store them "
+            f"again (`dc-broker rotate {p.name}`, `dc-broker login {p.name}`) or run this add again"
+        )
+        noted = _noted(exc, note)
+        if noted is exc:
+            raise
+        raise noted from None
+
+
+def _forget_old(path: str, name: str, socket_path: str | None) -> None:
+    """Have the running broker forget profile ``name``'s login and every secret it holds for it
+    (``logout`` with ``forget``: the owner's, as `remove` asks) before an ``add --force`` writes
+    settings for another login. A broker from before ``forget`` does a plain logout and says
+    nothing of it: the add stops there, nothing written (`UnsupportedVersion`, as `remove` does)."""
+    try:
+        answer = ask(socket_path, "logout", profile=name, forget=True)
+    except UnknownProfile as exc:  # it runs without it: it may hold anything under that name
+        raise advised(
+            exc,
+            f"the running broker has no profile {name} ({path} changed since it last read it): nothing of this "
+            "add was written; have the broker read the config (`systemctl --user reload dc-broker`, or SIGHUP), "
+            "then run the add again",
+        ) from None
+    if answer.get("forgot_profile") is not True:  # a broker from before `forget` ignores it
+        raise UnsupportedVersion(
+            f"the running broker logged profile {name} out but is too old to forget its secrets (`logout` with "
+            f"`forget`), and this add --force changes whom its login is for, so the old secrets would be sent "
+            f"under the new settings: nothing of this add was written to {path}; restart the broker with this "
+            f"dc-broker (or stop it) and run the add again"
+        )
+    click.echo(
+        f"Note: profile {name}'s login is for another identity provider, client, grant, user or scope now: the "
+        "running broker ended its old login and forgot its secrets first.",
+        err=True,
+    )
 
 
 def _kept(path: str, p: Profile, exc: BaseException, done: list[str]) -> BaseException:
@@ -466,11 +516,17 @@ def _kept(path: str, p: Profile, exc: BaseException, done: list[str]) -> BaseExc
         f"the vault without it): `dc-broker status {p.name}` shows it; `dc-broker add --force {p.name} ...` "
         f"sets it again, `dc-broker remove {p.name}` takes it away"
     )
+    if isinstance(exc, BrokerSlow):  # its advice ("check with `dc-broker status`") is in the note
+        return advised(exc, note)
+    return _noted(exc, note)
+
+
+def _noted(exc: BaseException, note: str) -> BaseException:
+    """``exc`` (same class and exit status) with ``note`` after its message; an interruption (or any
+    other exception not of the error tree) goes on as it was, after the note on stderr."""
     if not isinstance(exc, DcBrokerError):
         click.echo(f"\n{note}.", err=True)
         return exc
-    if isinstance(exc, BrokerSlow):  # its advice ("check with `dc-broker status`") is in the note
-        return advised(exc, note)
     new = copy.copy(exc)
     new.args = (f"{exc}; {note}",)
     if isinstance(new, BrokerError):

@@ -12,6 +12,15 @@ Every handler that decides who may do what first makes sure the caller's program
 when any profile pins a program by hash (``exe-sha256``): from the cache at once, else read in a
 worker thread before the decision (``dc_broker.access.programs``; ``_program_first``). The decision
 then costs the same whichever profile it is about, and the loop never reads a program.
+
+A decision holds until the next wait, no longer. Whatever waits (a ``watch`` between tokens, a
+token request behind a refresh, a per-request scope behind the profile's login, a person's login at
+the IdP) decides again after the wait, before it hands anything out or stores anything, with the
+same question as before and for the same session (``_still_allowed``, ``_still_admin``): a reload
+that took the caller out of ``allow`` or ``admin`` meanwhile is ``forbidden``, a profile removed
+(or removed and added again: another profile) ``unknown_profile``. That decision is not preceded
+by a program's hash: a rule pinning one that was added while the caller waited matches nothing
+until the caller connects again (its program is hashed before its new connection's first decision).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from dc_broker.observe.events import caller_fields
 from dc_broker.secret import Secret
 from dc_broker.serve.audit import Audit
 from dc_broker.sessions.flows import Ended
-from dc_broker.sessions.registry import ScopeNotKnownYet, Sessions
+from dc_broker.sessions.registry import MAX_SCOPES_PER_CALLER, MAX_SCOPES_PER_PROFILE, ScopeNotKnownYet, Sessions
 from dc_broker.sessions.session import Session
 from dc_broker.sinks import TokenFiles
 from dc_broker.store import MemoryStore, SecretStore
@@ -168,7 +177,7 @@ def op_token(state: BrokerState, caller: Caller, args: Args, now: float) -> Resu
     tok = session.peek(min_ttl, now)
     if tok is not None:
         return token_result(session, tok, now, min_ttl)
-    return _token_slow(state, session, min_ttl)
+    return _token_slow(state, caller, session, min_ttl)
 
 
 def op_id_token(state: BrokerState, caller: Caller, args: Args, now: float) -> Result | Awaitable[Result]:
@@ -183,11 +192,12 @@ def op_id_token(state: BrokerState, caller: Caller, args: Args, now: float) -> R
     tok = session.peek(min_ttl, now)
     if tok is not None:
         return id_token_result(session, tok, now)
-    return _id_token_slow(state, session, min_ttl)
+    return _id_token_slow(state, caller, session, min_ttl)
 
 
-async def _id_token_slow(state: BrokerState, session: Session, min_ttl: float) -> Result:
+async def _id_token_slow(state: BrokerState, caller: Caller, session: Session, min_ttl: float) -> Result:
     tok = await session.get(min_ttl)
+    _still_allowed(state, caller, session)  # the wait was long enough for a reload
     return id_token_result(session, tok, state.clock())
 
 
@@ -237,13 +247,49 @@ async def _scoped_token(state: BrokerState, caller: Caller, base: Session, args:
     session = await _scoped_after_login(state, caller, base, args)
     state.audit.record(args.profile, caller)
     state.last_use = state.clock()
-    return await _token_slow(state, session, args.min_ttl)
+    return await _token_slow(state, caller, session, args.min_ttl)
 
 
 async def _scoped_after_login(state: BrokerState, caller: Caller, base: Session, args: TokenArgs) -> Session:
     await base.get(0.0)
+    _still_allowed(state, caller, base)  # before a scope is made from a login it may no longer use
     assert args.scope is not None
     return state.sessions.scoped(base, args.scope, caller.uid, args.min_ttl)
+
+
+def _still_allowed(state: BrokerState, caller: Caller, session: Session) -> None:
+    """After a wait, before anything is handed out: ``caller`` may still use ``session`` (a profile's,
+    or a per-request scope's of it), as the handler decided before the wait (``authorized``), and it
+    is still the session configured under that name. ``UnknownProfile`` when the profile was removed
+    (or removed and added again: another profile, whatever its settings); ``Forbidden`` when the
+    caller is no longer allowed (a reload changed ``allow``); ``Overloaded`` (ask again) when the
+    per-request scope was dropped (newer scopes took its slot, or the profile's login changed).
+
+    A program's hash is taken from the cache if it is there; it is not read now (a rule pinning one
+    was added while the caller waited): without it an ``exe-sha256`` rule matches nothing, as it
+    matches nothing for a program that cannot be hashed, and the client connects again."""
+    base = session.parent if session.parent is not None else session
+    name = base.profile.name
+    if base.retired:
+        raise _removed_meanwhile(name)
+    if state.sessions.pins_programs and not caller.attested:
+        state.programs.cached(caller)  # settled from the cache if it can be, no read
+    if authorized(state.sessions, caller, name, system=state.system) is not base:
+        raise _removed_meanwhile(name)  # not reached: a session configured is never retired
+    if session.retired:
+        raise Overloaded(
+            f"profile {name!r}: the per-request scope {session.profile.scope!r} was dropped while this request "
+            f"waited (newer scopes took its place: a profile serves {MAX_SCOPES_PER_PROFILE} at once, "
+            f"a caller {MAX_SCOPES_PER_CALLER}; or the profile's login changed); ask again",
+            retry_after=1.0,
+        )
+
+
+def _removed_meanwhile(name: str) -> UnknownProfile:
+    return UnknownProfile(
+        f"profile {name!r} was removed (`dc-broker remove` or a reload) while this request waited; "
+        "`dc-broker status` lists the profiles"
+    )
 
 
 def op_watch(state: BrokerState, caller: Caller, args: Args, now: float) -> AsyncIterator[Result]:
@@ -255,22 +301,26 @@ def op_watch(state: BrokerState, caller: Caller, args: Args, now: float) -> Asyn
         try:
             session = state.sessions.scoped(session, checked.scope, caller.uid, min_ttl)
         except ScopeNotKnownYet:
-            return _watch(state, session, min_ttl, scoped=(caller, checked))
+            return _watch(state, caller, session, min_ttl, scoped=checked)
     state.audit.record(name, caller)
-    return _watch(state, session, min_ttl)
+    return _watch(state, caller, session, min_ttl)
 
 
 async def _watch(
-    state: BrokerState, session: Session, min_ttl: float, scoped: tuple[Caller, TokenArgs] | None = None
+    state: BrokerState, caller: Caller, session: Session, min_ttl: float, scoped: TokenArgs | None = None
 ) -> AsyncIterator[Result]:
+    """The watch stream: decided again (``_still_allowed``) each time it wakes (``token_changed``:
+    a new token, a reload's new settings, its session retired) and after every wait for a token, so
+    no token is sent after the caller lost the profile, and a watch of a profile removed ends."""
     if scoped is not None:  # a per-request scope waiting for the profile's login (``_scoped_token``)
-        caller, args = scoped
-        session = await _scoped_after_login(state, caller, session, args)
-        state.audit.record(args.profile, caller)
+        session = await _scoped_after_login(state, caller, session, scoped)
+        state.audit.record(scoped.profile, caller)
     last: TokenSet | None = None
     while True:
+        _still_allowed(state, caller, session)  # woken, or first run some time after the handler decided
         changed = session.token_changed
         tok = await session.get(min_ttl)
+        _still_allowed(state, caller, session)  # the token may have come after a reload
         if tok is not last:
             last = tok
             yield token_result(session, tok, state.clock(), min_ttl)
@@ -283,26 +333,48 @@ def op_login(state: BrokerState, caller: Caller, args: Args, now: float) -> Asyn
     broker's own uid, root and the profile's admins only."""
     checked = OpArgs.from_wire("login", args)
     session = administered(state.sessions, caller, checked["profile"])
+    still = _still_admin(state, caller, session)  # asked again right before the login is stored
     password = checked.get("password")
     if password is not None:
         if session.profile.grant != "password":
             raise BadRequest(
                 f"profile {session.profile.name!r} does not use a password (grant {session.profile.grant})"
             )
-        return _password_login(session, Secret(password))
+        return _password_login(session, Secret(password), still)
     if session.profile.grant == "browser":
-        return session.browser_login()
-    return session.device_login()
+        return session.browser_login(still=still)
+    return session.device_login(still=still)
 
 
-async def _password_login(session: Session, password: Secret) -> AsyncIterator[Result]:
+def _still_admin(state: BrokerState, caller: Caller, session: Session) -> Callable[[], None]:
+    """The check a person's login makes right before anything of it is stored (``Session``'s
+    ``still``), minutes after ``op_login`` decided: ``caller`` may still change the login of
+    ``session`` (``administered``, as decided then), still the session configured under that name.
+    ``Forbidden`` when a reload took the caller out of ``admin``; a program's hash, as in
+    ``_still_allowed``, from the cache or not at all."""
+    name = session.profile.name
+
+    def still() -> None:
+        if state.sessions.pins_programs and not caller.attested:
+            state.programs.cached(caller)
+        if administered(state.sessions, caller, name) is not session:
+            raise UnknownProfile(
+                f"profile {name!r} was removed during the login; nothing was stored (`dc-broker list` shows the "
+                "profiles)"
+            )
+
+    return still
+
+
+async def _password_login(session: Session, password: Secret, still: Callable[[], None]) -> AsyncIterator[Result]:
     # checked at the IdP before it replaces anything: a wrong password keeps the working login
-    tok = await session.password_login(password)
+    tok = await session.password_login(password, still=still)
     yield session.logged_in(tok)
 
 
-async def _token_slow(state: BrokerState, session: Session, min_ttl: float) -> Result:
+async def _token_slow(state: BrokerState, caller: Caller, session: Session, min_ttl: float) -> Result:
     tok = await session.get(min_ttl)
+    _still_allowed(state, caller, session)  # the wait was long enough for a reload
     return token_result(session, tok, state.clock(), min_ttl)
 
 
@@ -454,7 +526,11 @@ async def _lock(state: BrokerState) -> Result:
     """Tokens leave memory at once; the vault locks once refreshes at the IdP have stored their
     answers (``Sessions.lock``). One lock or unlock at a time, so an unlock cannot slip in between."""
     async with state.unlock_lock:
-        await state.sessions.lock()
+        # shielded: once the tokens have left memory the store locks too, even when the request's
+        # connection closes meanwhile (a lock cut short would leave the data key in memory while
+        # every profile shows locked); the wait is bounded (``LOCK_SETTLE_LIMIT``)
+        with trio.CancelScope(shield=True):
+            await state.sessions.lock()
         await state.settle_files()  # no token file outlives the reply
     return {"locked": True}
 

@@ -113,6 +113,7 @@ class SessionBase:
         "_last_forced_at",
         "_lock",
         "_lockouts",
+        "_logouts",
         "_noted",
         "_proven",
         "_refresh_life",
@@ -231,6 +232,8 @@ class SessionBase:
         self._proven = False
         #: lock-out waits spent since the last token
         self._lockouts = 0
+        #: logouts so far (a person's login that began before one is not adopted after it)
+        self._logouts = 0
         self._restore()
 
     def __repr__(self) -> str:
@@ -413,6 +416,21 @@ class SessionBase:
                 child.last_error = None
                 child._event(Event.RETRY)
             child._announce()
+
+    def credentials_changed(self, *, relogin: bool = False) -> None:
+        """Config or secrets changed: leave rejected/login_required and try again now. With ``relogin``
+        the current login is dropped, so the next grant proves the new credentials."""
+        self._changed()
+        if relogin:
+            self.token = None
+            self._proven = False  # new credentials: nothing they got yet
+            self._forget_children()
+            self._announce()  # token files and watchers look again: the login they served is gone
+        self.schedule = self.schedule.retry(self.clock())
+        if self.state in WAITING_FOR_PERSON or self.state is State.ERROR:
+            self.last_error = None
+        self._event(Event.RETRY)
+        self._poke()
 
     # ------------------------------------------------------------ what every layer above uses
 

@@ -37,6 +37,10 @@ log = logging.getLogger("dc_broker.sessions")
 
 #: how long a browser login waits for the browser to come back
 BROWSER_LOGIN_TIMEOUT: Final = 300.0
+#: the caller's own check, just before a person's login is stored: raises if it may no longer make it
+Still = Callable[[], None]
+#: what a person's login began for: the settings' login fingerprint and the session's logouts so far
+Began = tuple[str, int]
 
 
 class PersonLogins(Concluding):
@@ -53,6 +57,7 @@ class PersonLogins(Concluding):
             return await self._drive(flows.narrow(await self._login(), scope))
         await self.get(0.0)  # this login must exist first
         async with self._login_lock:
+            began = self._fingerprint  # whom this login is for (a reload may change it meanwhile)
             login = await self._login()
             tok = self.token
             if login.refresh_token is None or tok is None:
@@ -65,7 +70,7 @@ class PersonLogins(Concluding):
 
             async def adopt(step: Rotated) -> None:
                 new = replace(tok, refresh_token=step.refresh_token, refresh_expires_at=step.refresh_expires_at)
-                await self._save(new)
+                await self._save(new, issued_for=began)
                 current = self.token  # may have been replaced meanwhile (invalidate): keep its other fields
                 if current is not None and current.refresh_token == login.refresh_token:
                     self.token = replace(
@@ -79,13 +84,18 @@ class PersonLogins(Concluding):
             return narrowed
 
     async def _interactive(
-        self, flow: Flow[TokenSet], show: Callable[[Any], dict[str, Any]], waits: Any = None
+        self,
+        flow: Flow[TokenSet],
+        show: Callable[[Any], dict[str, Any]],
+        waits: Any = None,
+        still: Still | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Drive an interactive login flow: each step for the person is yielded as ``show`` words it;
-        the flow's tokens replace this session's login only once it has succeeded. An IdP that fails
-        on the way is told as the wire's error (unavailable, retry), never as a bug."""
+        the flow's tokens replace this session's login only once it has succeeded, and only if it is
+        still wanted (``_still_for``). An IdP that fails on the way is told as the wire's error
+        (unavailable, retry), never as a bug."""
         tokens: TokenSet | None = None
-        started = self._fingerprint
+        began = self._began()
         try:
             async with driver.steps(flow, self._performer(None, waits)) as each:
                 async for item in each:
@@ -96,7 +106,7 @@ class PersonLogins(Concluding):
         except UpstreamFault as exc:
             raise broker_error(self.profile.name, exc) from None
         assert tokens is not None
-        await self.adopt_login(tokens, started=started)
+        await self.adopt_login(tokens, began=began, still=still)
         yield self.logged_in(tokens)
 
     async def _endpoints_for_login(self) -> Endpoints:
@@ -105,7 +115,7 @@ class PersonLogins(Concluding):
         except UpstreamFault as exc:
             raise broker_error(self.profile.name, exc) from None
 
-    async def device_login(self) -> AsyncIterator[dict[str, Any]]:
+    async def device_login(self, *, still: Still | None = None) -> AsyncIterator[dict[str, Any]]:
         """The OAuth device authorization grant (``flows.device_login``), for a person at another
         screen: yields the code to show them, then the outcome; the new login replaces this session's
         tokens only once it succeeded."""
@@ -129,10 +139,10 @@ class PersonLogins(Concluding):
                 "expires_in": auth.expires_at - self.clock(),
             }
 
-        async for message in self._interactive(flow, show):
+        async for message in self._interactive(flow, show, still=still):
             yield message
 
-    async def browser_login(self) -> AsyncIterator[dict[str, Any]]:
+    async def browser_login(self, *, still: Still | None = None) -> AsyncIterator[dict[str, Any]]:
         """Authorization code + PKCE (``flows.browser_login``) with a one-shot listener on a random
         127.0.0.1 port: yields the URL to open, then the outcome once the browser came back."""
         name = self.profile.name
@@ -164,7 +174,7 @@ class PersonLogins(Concluding):
             )
 
         try:
-            async for message in self._interactive(flow, show, redirect):
+            async for message in self._interactive(flow, show, redirect, still):
                 yield message
         finally:
             await listener.aclose()
@@ -173,20 +183,22 @@ class PersonLogins(Concluding):
         """The last message of a login stream: the profile is logged in, for this long."""
         return {"profile": self.profile.name, "logged_in": True, "expires_in": tokens.expires_at - self.clock()}
 
-    async def password_login(self, password: Secret) -> TokenSet:
-        """`dc-broker login` with a password: checked at the IdP first; only once it is accepted does
-        it replace the stored password and the current login (a wrong one changes nothing)."""
-        creds, started = self._credentials_or_none(), self._fingerprint
-        try:
-            async with self._login_lock:
+    async def password_login(self, password: Secret, *, still: Still | None = None) -> TokenSet:
+        """`dc-broker login` with a password: checked at the IdP first; only once it is accepted, and
+        still wanted (``_still_for``), does it replace the stored password and the current login (a
+        wrong one changes nothing). One hold of the login lock from the IdP to the adoption: nothing
+        (a logout) lands between the password stored and the login adopted."""
+        creds, began = self._credentials_or_none(), self._began()
+        async with self._login_lock:
+            try:
                 login = await self._login(creds)
                 tokens = await self._drive(flows.password_login(login, password))
-        except UpstreamFault as exc:
-            raise broker_error(self.profile.name, exc) from None
-        self._still_for(started)
-        # as stored now: a client secret rotated while the IdP was asked stays
-        self.store.set_credentials(self.profile.name, replace(self._credentials_or_none(), password=password))
-        await self.adopt_login(tokens, started=started)
+            except UpstreamFault as exc:
+                raise broker_error(self.profile.name, exc) from None
+            self._still_for(began, still)
+            # as stored now: a client secret rotated while the IdP was asked stays
+            self.store.set_credentials(self.profile.name, replace(self._credentials_or_none(), password=password))
+            await self._adopt(tokens)
         return tokens
 
     async def check_client(self, *, next_key: bool = False) -> bool:
@@ -199,37 +211,64 @@ class PersonLogins(Concluding):
         its caller words an IdP failure (``UpstreamFault``) for what it was checking."""
         return await self._drive(flows.obtain(await self._login()))
 
-    def _still_for(self, started: str) -> None:
-        """A person's login that began for settings ``started`` (their ``login_fingerprint``) ends: it
-        is stored only if the profile is still configured, for whom it was made. A `dc-broker remove`
-        or an `add --force` for another IdP, client or user while the person logged in leaves
-        nothing of it behind (a login for the old settings is not the new settings' login)."""
+    def _began(self) -> Began:
+        """What a person's login begins for: the settings' ``login_fingerprint`` and the logouts so far."""
+        return self._fingerprint, self._logouts
+
+    def _still_for(self, began: Began, still: Still | None = None) -> None:
+        """A person's login that ``began`` for these settings ends: it is stored only if the profile
+        is still configured, for whom it was made, not logged out since, and (``still``: the
+        caller's check, e.g. that it may still change this login) still the caller's to make. A
+        `dc-broker remove`, `logout`, or an `add --force` for another IdP, client or user while the
+        person logged in leaves nothing of it behind."""
         name = self.profile.name
         if self.retired:
             raise UnknownProfile(
                 f"profile {name!r} was removed during the login; nothing was stored (`dc-broker list` shows the "
                 "profiles)"
             )
-        if self._fingerprint != started:
+        fingerprint, logouts = began
+        if self._fingerprint != fingerprint:
             raise LoginRequired(
                 f"profile {name!r}: its settings changed during the login (`dc-broker add --force` or `set`); "
                 f"nothing was stored: run `dc-broker login {name}` again"
             )
+        if self._logouts != logouts:
+            raise LoginRequired(
+                f"profile {name!r} was logged out during the login (`dc-broker logout` or `remove`); nothing was "
+                f"stored: run `dc-broker login {name}` again"
+            )
+        if still is not None:
+            still()
 
-    async def adopt_login(self, tokens: TokenSet, *, started: str | None = None) -> None:
+    async def adopt_login(self, tokens: TokenSet, *, began: Began | None = None, still: Still | None = None) -> None:
         """A login made outside the refresh task (device flow, password login) becomes this session's;
-        ``started``: the settings it began for (``_still_for``), when it began before this call."""
+        ``began``: what it began for (``_still_for``), when it began before this call."""
         async with self._login_lock:
-            self._still_for(self._fingerprint if started is None else started)
+            self._still_for(self._began() if began is None else began, still)
+            await self._adopt(tokens)
+
+    async def _adopt(self, tokens: TokenSet) -> None:
+        """``adopt_login`` with the login lock held and the login checked: stored, then current. A
+        login dropped while it was being stored (a lock, a reload that changed whom it is for) is
+        told as such, never as logged in."""
+        name = self.profile.name
+        locked = Locked(
+            f"profile {name!r}: the vault was locked during the login; run `dc-broker unlock`, then "
+            f"`dc-broker login {name}` again"
+        )
+        if self.store.locked:
+            raise locked
+        gen = self._changed()
+        self._forget_children()
+        if not await self._accept(tokens, Event.ADOPTED, gen):
             if self.store.locked:
-                raise Locked(
-                    f"profile {self.profile.name!r}: the vault was locked during the login; run "
-                    f"`dc-broker unlock`, then `dc-broker login {self.profile.name}` again"
-                )
-            gen = self._changed()
-            self._forget_children()
-            await self._accept(tokens, Event.ADOPTED, gen)
-            self._poke()  # the scheduler picks up the new plan
+                raise locked
+            raise LoginRequired(
+                f"profile {name!r} changed while its new login was being stored (a reload or a lock); it was "
+                f"not kept: run `dc-broker login {name}` again"
+            )
+        self._poke()  # the scheduler picks up the new plan
 
     async def logout(self) -> Ended:
         """End the login at the IdP (best effort: ``flows.end_login``, its session where the IdP has an
@@ -239,19 +278,28 @@ class PersonLogins(Concluding):
         ended = Ended.UNCONFIRMED
         async with self._login_lock:
             self._changed()
+            self._logouts += 1  # a person's login that began before this one is not adopted after it
             tok = self.token
-            creds = self._credentials_or_none()
+            creds = first = self._credentials_or_none()
             if tok is not None:
                 try:
                     ended = await self._drive(flows.end_login(await self._login(creds), tok))
                 except (UpstreamFault, BrokerError) as exc:
                     log.warning("profile %s: could not end the login at the identity provider: %s", name, exc)
             await self.store.forget_tokens(name)
-            # as stored now: a client secret rotated or a key activated while the IdP was asked stays
+            # as stored now: a client secret rotated or a key activated while the IdP was asked stays,
+            # and so does a password (or a client credentials' secret) stored meanwhile: the logout
+            # forgets the login it found, and that new credential came after it
             creds = self._credentials_or_none()
-            keep = None if self.profile.grant == "client_credentials" else creds.client_secret
+            password = creds.password if creds.password != first.password else None
+            keep = creds.client_secret
+            if self.profile.grant == "client_credentials" and keep == first.client_secret:
+                keep = None
+            renewed = password is not None or (self.profile.grant == "client_credentials" and keep is not None)
             # the client's own keys are who the client is, not a login: they stay
-            self.store.set_credentials(name, Credentials(client_secret=keep, client_keys=creds.client_keys))
+            self.store.set_credentials(
+                name, Credentials(password=password, client_secret=keep, client_keys=creds.client_keys)
+            )
             self.token = None
             self._in_doubt = None
             self._proven = False
@@ -260,5 +308,7 @@ class PersonLogins(Concluding):
             self.schedule = self.schedule.stopped()
             self._event(Event.LOGOUT)
             self._announce()
+        if renewed:  # it logs in with the credential stored after the logout began
+            self.credentials_changed()
         log.info("profile %s: logged out (at the identity provider: %s)", name, ended.value)
         return ended

@@ -34,12 +34,12 @@ class Concluding(Performing):
 
     __slots__ = ()
 
-    async def _conclude(self, gen: int, outcome: Outcome, presented: Secret | None) -> None:
+    async def _conclude(self, gen: int, outcome: Outcome, presented: Secret | None, began: str | None = None) -> None:
         """The one place an attempt's outcome moves the session, if its generation is still current."""
         name = self.profile.name
         if gen != self.generation:
             if isinstance(outcome, TokenSet):
-                await self._keep_rotated(outcome, presented)
+                await self._keep_rotated(outcome, presented, began)
             log.debug("profile %s: an attempt of generation %d ended after a change; its outcome is dropped", name, gen)
             return
         if not isinstance(outcome, TokenSet) and (reason := failure_reason(outcome)) is not None:
@@ -96,11 +96,12 @@ class Concluding(Performing):
     def _token_valid(self) -> bool:
         return self.token is not None and self.token.expires_at > self.clock()
 
-    async def _keep_rotated(self, tokens: TokenSet, presented: Secret | None) -> None:
+    async def _keep_rotated(self, tokens: TokenSet, presented: Secret | None, began: str | None = None) -> None:
         """An attempt of an older generation brought new tokens. If the IdP rotated the refresh token
         it presented, that one is dead now: the new one replaces it wherever it still stands (in
-        memory, else in the store). If the login was replaced meanwhile, the old login's new token
-        has nowhere to go."""
+        memory, else in the store: as the login of the settings the attempt ``began`` for, so a
+        reload that changed whom the login is for never gets the old login back as its own). If the
+        login was replaced meanwhile, the old login's new token has nowhere to go."""
         name = self.profile.name
         if presented is None or tokens.refresh_token is None or tokens.refresh_token == presented:
             return
@@ -111,7 +112,7 @@ class Concluding(Performing):
         try:
             saved = self.store.saved_tokens(name)
             if saved is not None and saved.refresh_token == presented:
-                await self._save(tokens)
+                await self._save(tokens, issued_for=began)
                 self._rotated()
                 log.info("profile %s: stored the refresh token the IdP rotated during a change", name)
                 return

@@ -184,8 +184,12 @@ class Performing(SessionBase):
             granted_scope=tok.scope if tok is not None else None,
         )
 
-    async def _save(self, tokens: TokenSet) -> None:
-        stored = replace(shift_times(tokens, self.wall_clock() - self.clock()), issued_for=self._fingerprint, notes=())
+    async def _save(self, tokens: TokenSet, *, issued_for: str | None = None) -> None:
+        """Store ``tokens`` (wall-clock times) as the login of ``issued_for`` (a ``login_fingerprint``;
+        default the current settings'). A login that began for other settings is stored as theirs:
+        restored only if those settings come back, never as the new settings' login."""
+        whom = self._fingerprint if issued_for is None else issued_for
+        stored = replace(shift_times(tokens, self.wall_clock() - self.clock()), issued_for=whom, notes=())
         await self.store.save_tokens(self.profile.name, stored)
 
     async def _resolve_endpoints(self) -> Endpoints:

@@ -67,20 +67,6 @@ class Session(PersonLogins):
 
     # ------------------------------------------------------------ what a person (or the config) changes
 
-    def credentials_changed(self, *, relogin: bool = False) -> None:
-        """Config or secrets changed: leave rejected/login_required and try again now. With ``relogin``
-        the current login is dropped, so the next grant proves the new credentials."""
-        self._changed()
-        if relogin:
-            self.token = None
-            self._proven = False  # new credentials: nothing they got yet
-            self._forget_children()
-        self.schedule = self.schedule.retry(self.clock())
-        if self.state in WAITING_FOR_PERSON or self.state is State.ERROR:
-            self.last_error = None
-        self._event(Event.RETRY)
-        self._poke()
-
     def reconfigure(self, profile: Profile) -> None:
         """The profile's settings changed (same name). A change of who may use or change it, or of
         its token files, applies at once and keeps the login (``Profile.same_login``); the sink task
@@ -227,7 +213,7 @@ class Session(PersonLogins):
             async with self._login_lock:
                 if self.state in WAITING_FOR_PERSON:
                     return  # logged out or locked while it waited for the lock
-                gen = self.generation
+                gen, began = self.generation, self._fingerprint
                 self.attempt = Attempt(gen, now)
                 presented: Secret | None = None
 
@@ -238,7 +224,7 @@ class Session(PersonLogins):
                     return await self._drive(flows.obtain(login), self._lost(login.refresh_token))
 
                 outcome = await _outcome(obtain())
-                await self._conclude(gen, outcome, presented)
+                await self._conclude(gen, outcome, presented, began)
         finally:
             self.attempt = None
             self._finish_round()
