@@ -264,6 +264,48 @@ async def test_a_request_waiting_for_a_refresh_is_answered_when_nothing_changed(
         assert result["token"] != tok.access_token.reveal()
 
 
+@pytest.mark.parametrize("op", ["token", "id_token", "watch"])
+async def test_a_request_waiting_for_a_refresh_of_a_profile_removed_ends_at_once(
+    make_idp, autojump_clock, op: str
+) -> None:
+    """The profile leaves the broker (`dc-broker remove`) while a request waits for its refresh at a
+    slow IdP: the request is told so at once, unknown_profile, not after the session's 30 s wait
+    for a round that will never come."""
+    idp = make_idp(access_lifespan=60)
+    state = broker(idp, scope="openid")
+    async with running(state.sessions.run) as nursery:
+        demo = state.sessions.lookup("demo")
+        await demo.get()
+        tok = demo.token
+        assert tok is not None
+        idp.faults.latency = 10.0
+        assert demo.invalidate(tok.access_token.reveal())
+        pending = HANDLERS[op](state, consumer(), {"profile": "demo"}, trio.current_time())
+        outcome: list[Any] = []
+
+        async def ask() -> None:
+            try:
+                if op == "watch":
+                    async for result in pending:
+                        outcome.append(result)
+                else:
+                    outcome.append(await answered(pending))
+            except Exception as exc:
+                outcome.append(exc)
+
+        nursery.start_soon(ask)
+        await until_at_the_idp(state)
+        removed_at = trio.current_time()
+        state.sessions.reload({})
+        with trio.fail_after(60):
+            while not outcome:
+                await trio.sleep(0.01)
+        (err,) = outcome
+        assert isinstance(err, UnknownProfile), err
+        assert "was removed" in err.message
+        assert trio.current_time() - removed_at < 1.0
+
+
 async def reload_later(state: BrokerState) -> None:
     await trio.sleep(1.0)
     reload(state, allow=(f"uid:{UID}",), admin=("uid:7",))
@@ -340,3 +382,37 @@ async def test_a_login_whose_caller_keeps_its_admin_rule_is_adopted(make_idp, au
             last = [item async for item in stream][-1]
         assert last["logged_in"] is True
         assert state.sessions.lookup("device").token is not None
+
+
+async def test_a_logout_whose_caller_lost_its_admin_rule_while_it_waited_changes_nothing(
+    make_idp, autojump_clock
+) -> None:
+    """A profile admin's logout waits for the login (a refresh at a slow IdP holds it); a reload takes
+    the caller out of ``admin`` meanwhile: once the logout holds the login it is ``forbidden``, and
+    the login stays."""
+    idp = make_idp(access_lifespan=60)
+    state = broker(idp, admin=(f"uid:{UID}",))
+    async with running(state.sessions.run) as nursery:
+        demo = state.sessions.lookup("demo")
+        tok = await demo.get()
+        idp.faults.latency = 3.0
+        assert demo.invalidate(tok.access_token.reveal())
+        await until_at_the_idp(state)
+        pending = HANDLERS["logout"](state, consumer(), {"profile": "demo"}, trio.current_time())
+        outcome: list[Any] = []
+
+        async def ask() -> None:
+            try:
+                outcome.append(await answered(pending))
+            except Exception as exc:
+                outcome.append(exc)
+
+        nursery.start_soon(ask)
+        await trio.sleep(0.5)
+        reload(state, allow=(f"uid:{UID}",), admin=())
+        with trio.fail_after(30):
+            while not outcome:
+                await trio.sleep(0.1)
+        (err,) = outcome
+        assert isinstance(err, Forbidden), err
+        assert demo.token is not None and state.sessions.store.saved_tokens("demo") is not None

@@ -59,6 +59,7 @@ from dc_broker.tokens import Credentials, TokenSet
 from dc_broker.vault.records import unlock_delay
 from dc_token.errors import (
     BadRequest,
+    BrokerError,
     ConfigInvalid,
     Forbidden,
     Overloaded,
@@ -196,8 +197,7 @@ def op_id_token(state: BrokerState, caller: Caller, args: Args, now: float) -> R
 
 
 async def _id_token_slow(state: BrokerState, caller: Caller, session: Session, min_ttl: float) -> Result:
-    tok = await session.get(min_ttl)
-    _still_allowed(state, caller, session)  # the wait was long enough for a reload
+    tok = await _waited(state, caller, session, min_ttl)
     return id_token_result(session, tok, state.clock())
 
 
@@ -319,8 +319,7 @@ async def _watch(
     while True:
         _still_allowed(state, caller, session)  # woken, or first run some time after the handler decided
         changed = session.token_changed
-        tok = await session.get(min_ttl)
-        _still_allowed(state, caller, session)  # the token may have come after a reload
+        tok = await _waited(state, caller, session, min_ttl)  # the token may have come after a reload
         if tok is not last:
             last = tok
             yield token_result(session, tok, state.clock(), min_ttl)
@@ -372,9 +371,20 @@ async def _password_login(session: Session, password: Secret, still: Callable[[]
     yield session.logged_in(tok)
 
 
-async def _token_slow(state: BrokerState, caller: Caller, session: Session, min_ttl: float) -> Result:
-    tok = await session.get(min_ttl)
+async def _waited(state: BrokerState, caller: Caller, session: Session, min_ttl: float) -> TokenSet:
+    """``session.get`` for a caller decided before the wait, decided again after it (``_still_allowed``),
+    also when the wait ended in an error: a session that left meanwhile is told as why it left."""
+    try:
+        tok = await session.get(min_ttl)
+    except BrokerError:
+        _still_allowed(state, caller, session)
+        raise
     _still_allowed(state, caller, session)  # the wait was long enough for a reload
+    return tok
+
+
+async def _token_slow(state: BrokerState, caller: Caller, session: Session, min_ttl: float) -> Result:
+    tok = await _waited(state, caller, session, min_ttl)
     return token_result(session, tok, state.clock(), min_ttl)
 
 
@@ -791,12 +801,27 @@ def op_logout(state: BrokerState, caller: Caller, args: Args, now: float) -> Awa
             "`dc-broker remove`, for the broker's owner; a profile's admin may log it out (`dc-broker logout`) "
             "or store new secrets (`dc-broker rotate`)"
         )
-    return _logout(state, session, forget=forget)
+    return _logout(state, session, forget=forget, still=_still_admin_of_logout(state, caller, session))
 
 
-async def _logout(state: BrokerState, session: Session, *, forget: bool = False) -> Result:
+def _still_admin_of_logout(state: BrokerState, caller: Caller, session: Session) -> Callable[[], None]:
+    """A logout's ``still``, asked once it holds the login (a refresh at a slow IdP may hold it for
+    minutes): the caller still administers the profile (``_still_admin``), unless the profile was
+    removed meanwhile: logging out (and forgetting) a removed profile's login leaves nothing behind."""
+    still = _still_admin(state, caller, session)
+
+    def check() -> None:
+        if not session.retired:
+            still()
+
+    return check
+
+
+async def _logout(
+    state: BrokerState, session: Session, *, forget: bool = False, still: Callable[[], None] | None = None
+) -> Result:
     sent = (session, session.profile)
-    ended = await session.logout()
+    ended = await session.logout(still=still)
     forgotten = _forget(state, sent) if forget else None  # no checkpoint since the logout's last write
     await state.settle_files([session.profile.name])  # its token files are gone before the reply
     grant = session.profile.grant

@@ -354,6 +354,11 @@ class SessionBase:
             tok = self.peek(min_ttl, now)
             if tok is not None:
                 return tok
+            if self.retired:  # no round will come (its caller may say why: removed, scope evicted)
+                raise UpstreamUnavailable(
+                    f"profile {self.profile.name!r} left the broker while this request waited; ask again",
+                    retry_after=1.0,
+                )
             self._raise_if_blocked(now)
             round_done = self._round_event()
             self._demanded = True

@@ -270,13 +270,17 @@ class PersonLogins(Concluding):
             )
         self._poke()  # the scheduler picks up the new plan
 
-    async def logout(self) -> Ended:
+    async def logout(self, *, still: Still | None = None) -> Ended:
         """End the login at the IdP (best effort: ``flows.end_login``, its session where the IdP has an
         end-session endpoint, else a revocation) and forget it. The client secret stays (it is not the
-        login), except for client credentials, where it is. Returns how the IdP ended it."""
+        login), except for client credentials, where it is. Returns how the IdP ended it. ``still``:
+        the caller's check, made once the logout holds the login (it may have waited for a refresh),
+        before anything changes."""
         name = self.profile.name
         ended = Ended.UNCONFIRMED
         async with self._login_lock:
+            if still is not None:
+                still()
             self._changed()
             self._logouts += 1  # a person's login that began before this one is not adopted after it
             tok = self.token

@@ -368,13 +368,15 @@ class Sessions:
     def _retire(self, session: Session) -> None:
         """A session leaves the broker: no attempt starts for it again (one in flight stops, and what
         it brings is of an older generation: not applied), its token leaves memory, and whoever waits
-        on ``token_changed`` (a ``watch``, its token files) is woken to find it retired."""
+        on ``token_changed`` (a ``watch``, its token files) or for a round (``get``) is woken to find
+        it retired."""
         session.token = None
         self._scheduler.remove(session)
         if session.parent is not None:
             session.parent.children.discard(session)
         session._changed()
         session._announce()
+        session.release_callers()
 
     def _all(self) -> list[Session]:
         return [*self._by_name.values(), *self._scoped.values()]
