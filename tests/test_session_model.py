@@ -5,7 +5,7 @@ that never rotates, never says when its refresh token dies, answers a dead one w
 
 Trio runs in a thread of its own with a ``MockClock`` that moves only when a rule says so
 (``advance``): a 3 s IdP stays at the IdP until the clock has moved 3 s, so lock, unlock, a finished
-login, logout, new credentials, new settings, a narrowed scope, scopes evicted, invalidate and an IdP
+login, logout, new credentials, new settings (another user's among them), a narrowed scope, scopes evicted, invalidate and an IdP
 that goes down, hangs, answers late (after it did the work) or forgets its sessions land while a
 refresh is in flight, in every order hypothesis finds.
 Every rule that may wait (a person's login, logout, lock, unlock, a caller's get) runs as a background
@@ -20,6 +20,8 @@ Invariants after every step:
   locked means no token in memory, a locked store means every profile locked);
 * at most one request at the IdP at a time for the login (the login lock);
 * no refresh token is presented after the IdP rotated it (the dev IdP counts reuse);
+* the login held in memory, and the one stored for the current settings, are the configured
+  user's (a reload may make the profile another user's at any moment);
 * a valid token is never dropped for a refusal of something else: after a rule that changes no login
   (the clock, the IdP's health, a narrowed scope, a caller), a token that was valid is still served
   until it expires;
@@ -438,7 +440,46 @@ class SessionModel(RuleBasedStateMachine):
         self.remember_token(benign=False)
         self.trio.call(_sync, lambda: self.sessions.reload({"demo": profile("demo", scope=scope, proxy=proxy)}))
 
+    @rule(user=st.sampled_from(["demo", "viewer"]), with_password=st.booleans())
+    def reload_another_user(self, user: str, with_password: bool) -> None:
+        """`dc-broker set username=...` (or `add --force` with the new user's password): the login is
+        for someone else now; anything of the old user's login (a rotated refresh token landing
+        late, a stored token restored at unlock) must never be served as the new one's."""
+        self.remember_token(benign=False)
+
+        def change() -> None:
+            if with_password and not self.store.locked:
+                self.store.set_credentials(
+                    "demo", Credentials(password=Secret(user), client_secret=Secret("dc-cli-secret"))
+                )
+            self.sessions.reload({"demo": profile("demo", username=user)})
+
+        self.trio.call(_sync, change)
+
     # ---------------------------------------------------------------- invariants
+
+    @invariant()
+    def the_login_is_the_profiles_users(self) -> None:
+        """The login in memory, and the one stored for these settings, are the configured user's."""
+
+        def users() -> list[str]:
+            found = []
+            held = [self.demo.token]
+            if not self.store.locked:
+                saved = self.store.saved_tokens("demo")
+                if saved is not None and saved.issued_for == self.demo.profile.login_fingerprint():
+                    held.append(saved)
+            for tok in held:
+                if tok is None or tok.refresh_token is None:
+                    continue
+                record = self.idp._state.sessions.refresh_token(tok.refresh_token.reveal())
+                session = None if record is None else self.idp._state.sessions.session(record.sid)
+                if session is not None:
+                    found.append(session.username)
+            return found
+
+        wrong = [u for u in self.trio.call(_sync, users) if u != self.demo.profile.username]
+        assert not wrong, f"{wrong} login held for user {self.demo.profile.username!r}\n" + self.steps()
 
     @invariant()
     def nothing_escaped(self) -> None:
@@ -597,5 +638,43 @@ def test_a_narrowing_evicted_while_a_late_idp_answers_keeps_the_rotated_refresh_
         state.nothing_escaped()
         assert state.idp.stats.refresh_reuse == 0
         assert state.demo.token is not None and state.demo.state is State.FRESH
+    finally:
+        state.teardown()
+
+
+def test_a_refresh_rotated_while_the_profile_became_another_users_is_not_theirs() -> None:
+    """The model's rules and invariants replayed in an order the search rarely draws: a rotating
+    IdP's refresh is out when the profile becomes another user's; its rotated refresh token is kept
+    (``_keep_rotated``), but as the old settings' login, so neither memory nor what unlock restores
+    ever holds the old user's login for the new user."""
+    state = SessionModel()
+    try:
+        state.start(
+            rotate=True,
+            answer="new",
+            dead="invalid_grant",
+            send_expires_in=True,
+            send_refresh_expires_in=True,
+            refresh_scope="narrow",
+            access=60.0,
+            idle_factor=2.0,
+            sso_max=36000.0,
+            seed=0,
+        )
+        state.advance(seconds=10.0)
+        state.idp_latency(latency=3.0)
+        state.invalidate()
+        state.advance(seconds=1.0)
+        state.reload_another_user(user="viewer", with_password=False)
+        state.idp_latency(latency=0.0)
+        state.advance(seconds=10.0)
+        state.the_login_is_the_profiles_users()
+        state.lock()
+        state.advance(seconds=1.0)
+        state.unlock()
+        state.advance(seconds=1.0)
+        state.the_login_is_the_profiles_users()
+        state.nothing_escaped()
+        state.no_refresh_token_used_twice()
     finally:
         state.teardown()
