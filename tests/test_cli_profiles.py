@@ -19,6 +19,7 @@ from dc_broker.cli.files import set_
 from dc_broker.config import Profile
 from dc_broker.config.edit import parse_assignment
 from dc_broker.errors import ConfigError
+from dc_broker.secret import Secret
 from dc_broker.vault import Vault
 from tests.e2e import DC_BROKER, DC_TOKEN, dc_token, dev_broker, stop, wait_for_socket
 from tests.test_cli import add_demo, cli, home  # noqa: F401 - the home fixture
@@ -89,6 +90,53 @@ def test_set_changes_keys_in_place(idp: str, home: dict[str, str], tmp_path: Pat
     listed = json.loads(cli(home, "list", "--json").stdout)
     assert listed["profiles"][0]["legacy_paths"] is False
     assert listed["profiles"][0]["allow"] == ["user:etl", "group:analytics"]
+
+
+def test_set_of_a_new_user_or_client_drops_the_old_ones_secrets_from_the_vault(
+    idp: str, home: dict[str, str], tmp_path: Path
+) -> None:
+    """With no broker running, `set` of another username drops the stored password (the old user's)
+    from the vault before it writes the config, and another client_id the client secret: the broker,
+    at its next start, cannot tell whose they were. A scope change keeps them."""
+    key = init_default_keyfile(home, tmp_path)
+    assert add_demo(home, idp).returncode == 0
+    scoped = cli(home, "set", "acme", "scope=openid")
+    assert (scoped.returncode, scoped.stderr) == (0, "")
+    assert stored_password(tmp_path, key, "acme") == "demo"
+    out = cli(home, "set", "acme", "username=viewer")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == 'Updated profile acme: username = "viewer".\n'
+    assert out.stderr == (
+        "Note: dropped profile acme's stored password from the vault: it was the old user's. Store the new one "
+        "with `dc-broker rotate acme`.\n"
+    )
+    assert stored_password(tmp_path, key, "acme") is None
+    with Vault.open(str(tmp_path / "data" / "dc-broker" / "vault.db"), auto_unlock=True) as vault:
+        assert vault.credentials("acme").client_secret is not None
+    client = cli(home, "set", "acme", "client_id=dc-service")
+    assert client.returncode == 0 and "stored client secret from the vault" in client.stderr, client.stderr
+    with Vault.open(str(tmp_path / "data" / "dc-broker" / "vault.db"), auto_unlock=True) as vault:
+        assert vault.credentials("acme").client_secret is None
+
+
+def test_set_of_a_new_user_with_a_locked_vault_it_cannot_open_writes_nothing(
+    idp: str, home: dict[str, str], tmp_path: Path
+) -> None:
+    assert cli(home, "init", "--passphrase-stdin", stdin="correct horse\n").returncode == 0
+    assert add_demo(home, idp, vault_passphrase="correct horse").returncode == 0
+    before = config_file(tmp_path).read_text()
+    wrong = cli(home, "set", "acme", "username=viewer", stdin="wrong\n")
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "is unchanged: a new username or client_id" in wrong.stderr, wrong.stderr
+    assert config_file(tmp_path).read_text() == before
+    with Vault.open(str(tmp_path / "data" / "dc-broker" / "vault.db")) as vault:
+        vault.unlock(Secret("correct horse"))
+        assert vault.credentials("acme").password == Secret("demo")  # still the user the config names
+    right = cli(home, "set", "acme", "username=viewer", stdin="correct horse\n")
+    assert right.returncode == 0, right.stderr
+    with Vault.open(str(tmp_path / "data" / "dc-broker" / "vault.db")) as vault:
+        vault.unlock(Secret("correct horse"))
+        assert vault.credentials("acme").password is None
 
 
 def test_set_help_names_every_key_it_takes() -> None:

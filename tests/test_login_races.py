@@ -14,6 +14,7 @@ from dc_broker.devserver import DevIdP
 from dc_broker.secret import Secret
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
+from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import LoginRequired
@@ -169,3 +170,152 @@ async def test_a_login_dropped_while_it_was_being_stored_is_not_told_as_logged_i
         assert isinstance(err, LoginRequired), err
         assert "changed while its new login was being stored" in err.message
         assert demo.token is None or demo.token.scope is None or demo.profile.username == "nobody"
+
+
+# ---------------------------------------------------------------- a new user or client: the old one's secrets go
+
+
+def sent_grants(sessions: Sessions) -> list[dict[str, str]]:
+    """Every form the sessions send to the IdP from now on (a spy on the shared transport)."""
+    sent: list[dict[str, str]] = []
+    send = sessions.idp.send
+
+    async def spy(req: Any, **kwargs: Any) -> Any:
+        sent.append({**req.form, "authorization": req.headers.get("Authorization", "")})
+        return await send(req, **kwargs)
+
+    sessions.idp.send = spy  # type: ignore[method-assign]
+    return sent
+
+
+def password_grants(sent: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(f["username"], f["password"]) for f in sent if f.get("grant_type") == "password"]
+
+
+async def test_a_new_username_drops_the_old_users_password_before_any_grant(make_idp, autojump_clock, caplog) -> None:
+    """`dc-broker set demo username=viewer` and a reload: the stored password is demo's, and is never
+    sent as viewer's; it is dropped from the store (the client secret stays: same client), the
+    profile says what to do, and with viewer's password stored it logs in."""
+    caplog.set_level("INFO", logger="dc_broker.audit")
+    idp = make_idp(access_lifespan=60)
+    store = MemoryStore({"demo": CREDENTIALS["demo"]})
+    sessions = registry(idp, store, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        sent = sent_grants(sessions)
+        sessions.reload({"demo": profile("demo", username="viewer")})
+        await trio.sleep(5)
+        assert ("viewer", "demo") not in password_grants(sent)
+        assert store.credentials("demo").password is None
+        assert store.credentials("demo").client_secret == Secret("dc-cli-secret")
+        assert demo.state is State.LOGIN_REQUIRED and demo.token is None
+        assert demo.last_error is not None
+        assert "dc-broker rotate demo --password" in demo.last_error.message
+        assert "dc-broker login demo" in demo.last_error.message
+        audit = [getattr(r, "fields", {}) for r in caplog.records if r.name == "dc_broker.audit"]
+        dropped = [f for f in audit if f.get("event") == "secrets_dropped"]
+        assert [(f["dropped"], f["changed"]) for f in dropped] == [(["password"], ["username"])]
+        said = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+        assert len(said) == 2 and all("password" in m and "Secret" not in m for m in said)
+        store.set_credentials("demo", Credentials(password=Secret("viewer"), client_secret=Secret("dc-cli-secret")))
+        demo.credentials_changed()
+        await trio.sleep(5)
+        assert demo.token is not None and demo.state is State.FRESH
+        assert password_grants(sent) == [("viewer", "viewer")]
+
+
+async def test_a_new_client_id_drops_the_old_clients_secret_and_keys(make_idp, autojump_clock) -> None:
+    """A client credentials profile moved to another client: the old client's secret (and keys) are
+    never sent as the new client's, and are dropped."""
+    idp = make_idp(access_lifespan=60)
+    store = MemoryStore({"service": Credentials(client_secret=Secret("dc-service-secret"), client_keys=Secret("{}"))})
+    sessions = registry(idp, store, "service")
+    async with running(sessions.run):
+        service = sessions.lookup("service")
+        await service.get()
+        sent = sent_grants(sessions)
+        sessions.reload({"service": profile("service", client_id="dc-cli")})
+        await trio.sleep(5)
+        assert not [f for f in sent if f["authorization"] or "client_secret" in f or "client_assertion" in f]
+        creds = store.credentials("service")
+        assert creds.client_secret is None and creds.client_keys is None
+        assert service.state is State.LOGIN_REQUIRED
+        assert (
+            service.last_error is not None and "dc-broker rotate service --client-secret" in service.last_error.message
+        )
+
+
+async def test_a_scope_change_keeps_the_password(make_idp, autojump_clock) -> None:
+    """Another scope (or server, proxy...) is still the same user of the same client: nothing is dropped,
+    and the new login is got with the stored password at once."""
+    idp = make_idp(access_lifespan=60)
+    store = MemoryStore({"demo": CREDENTIALS["demo"]})
+    sessions = registry(idp, store, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        sessions.reload({"demo": profile("demo", scope="openid")})
+        await trio.sleep(5)
+        assert store.credentials("demo") == CREDENTIALS["demo"]
+        assert demo.token is not None and demo.token.scope is not None and demo.state is State.FRESH
+
+
+async def test_a_new_username_while_the_vault_is_locked_drops_the_password_at_unlock(make_idp, autojump_clock) -> None:
+    """The reload comes while the vault is locked: the drop waits for the unlock, and happens before
+    anything is tried with what the store holds."""
+    idp = make_idp(access_lifespan=60)
+    store = LockableStore({"demo": CREDENTIALS["demo"]})
+    sessions = registry(idp, store, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        await sessions.lock()
+        sent = sent_grants(sessions)
+        sessions.reload({"demo": profile("demo", username="viewer")})
+        await trio.sleep(5)
+        store.unlock()
+        sessions.unlocked()
+        await trio.sleep(5)
+        assert ("viewer", "demo") not in password_grants(sent)
+        assert store.credentials("demo").password is None
+        assert store.credentials("demo").client_secret == Secret("dc-cli-secret")
+        assert demo.state is State.LOGIN_REQUIRED
+
+
+class FailingWrites(MemoryStore):
+    """A memory store whose writes of credentials fail while ``failing`` (a disk error)."""
+
+    failing = False
+
+    def set_credentials(self, profile: str, creds: Credentials) -> None:
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        super().set_credentials(profile, creds)
+
+
+async def test_a_password_the_vault_cannot_drop_is_never_sent_as_the_new_users(
+    make_idp, autojump_clock, caplog
+) -> None:
+    """The vault fails while a reload to another user drops the old user's password: the reload goes
+    through all the same, the password stays in the store but is never sent (the drop stays pending),
+    and once the new user's password is stored, that one is used."""
+    idp = make_idp(access_lifespan=60)
+    store = FailingWrites({"demo": CREDENTIALS["demo"]})
+    sessions = registry(idp, store, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        sent = sent_grants(sessions)
+        store.failing = True
+        sessions.reload({"demo": profile("demo", username="viewer")})  # no error out of the reload
+        await trio.sleep(5)
+        assert store.credentials("demo").password == Secret("demo")  # not dropped: the disk failed
+        assert ("viewer", "demo") not in password_grants(sent)
+        assert any("could not be dropped (OSError)" in r.getMessage() for r in caplog.records)
+        store.failing = False
+        store.set_credentials("demo", Credentials(password=Secret("viewer"), client_secret=Secret("dc-cli-secret")))
+        demo.secrets_stored(frozenset({"password"}))  # what set_secrets does after it stored
+        demo.credentials_changed()
+        await trio.sleep(5)
+        assert demo.token is not None and password_grants(sent) == [("viewer", "viewer")]

@@ -666,10 +666,13 @@ def passwd(vault_path: str | None, from_stdin: bool) -> None:
 
 @click.command(name="set")
 @CONFIG
+@VAULT
 @SOCKET
 @PROFILE
 @click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...", shell_complete=complete_settings)
-def set_(config_path: str | None, socket_path: str | None, profile: str, assignments: tuple[str, ...]) -> None:
+def set_(
+    config_path: str | None, vault_path: str | None, socket_path: str | None, profile: str, assignments: tuple[str, ...]
+) -> None:
     """Change PROFILE's settings in config.toml, e.g. `dc-broker set acme scope="openid email"`.
 
     KEY= unsets a key; allow and admin take comma-separated lists. Keys: server, tenant, issuer,
@@ -677,21 +680,60 @@ def set_(config_path: str | None, socket_path: str | None, profile: str, assignm
     client_key, assertion_file, assertion_type, scope, ca_bundle, proxy, allow, admin.
     Other lines and comments stay as they are; a running broker reloads the profile at once. Secrets
     are not settings: `dc-broker rotate` replaces a stored password or client secret; token files
-    ([[profiles.NAME.sinks]]) are tables: `dc-broker add --force NAME ... --sink PATH`."""
-    from dc_broker.config.edit import as_written, config_lock, parse_assignment, set_profile_values
+    ([[profiles.NAME.sinks]]) are tables: `dc-broker add --force NAME ... --sink PATH`. A new
+    username drops the stored password, a new client_id the client secret and keys (the old
+    user's and client's): with no broker running, from the vault, before the config is written."""
+    from dc_broker.config.edit import as_written, config_lock, parse_assignment, set_profile_values, with_values
 
     path = config_path or default_config_path()
     changes = dict(parse_assignment(a) for a in assignments)
+    dropped: list[str] = []
     with config_lock(path):
         old = load_config(path, missing_ok=False).profiles.get(profile)
-        updated = set_profile_values(path, profile, changes)
         running = broker_running(socket_path)
+        if old is not None and not running:  # a running broker drops them itself (Session.reconfigure)
+            dropped = _drop_stale(path, vault_path, old, with_values(old, changes, path))
+        updated = set_profile_values(path, profile, changes)
         if running:
             ask(socket_path, "reload")
     shown = ", ".join(
         f"{k} = {as_written(getattr(updated, k))}" if changes[k] is not None else f"{k} unset" for k in sorted(changes)
     )
     click.echo(f"Updated profile {profile}: {shown}." + (_when_it_applies(old, updated) if running else ""))
+    if dropped:
+        click.echo(
+            f"Note: dropped profile {profile}'s stored {' and '.join(f.replace('_', ' ') for f in dropped)} from "
+            f"the vault: it was the old {'user' if 'password' in dropped else 'client'}'s. Store the new one with "
+            f"`dc-broker rotate {profile}`.",
+            err=True,
+        )
+
+
+def _drop_stale(path: str, vault_path: str | None, old: Profile, new: Profile) -> list[str]:
+    """With no broker running, remove from the vault what ``new`` makes the old user's or client's
+    (``Profile.stale_secrets``) before the config says ``new``: the broker cannot tell at its next
+    start whose a stored secret was. A locked vault asks for its passphrase (prompt, or stdin); a
+    set that cannot open it is refused and writes nothing. Returns the fields dropped."""
+    from dc_broker.vault import default_vault_path
+
+    stale = old.stale_secrets(new)
+    if not stale or not os.path.exists(vault_path or default_vault_path()):
+        return []
+    try:
+        vault = _open_vault(vault_path)
+    except DcBrokerError as exc:
+        raise _noted(
+            exc,
+            f"{path} is unchanged: a new username or client_id makes profile {old.name}'s stored secrets the old "
+            "one's, and this set removes them from the vault first; give the vault's passphrase, or start the "
+            "broker and run the set again (it drops them itself)",
+        ) from None
+    with vault:
+        creds = vault.credentials(old.name)
+        held = sorted(f for f in stale if getattr(creds, f) is not None)
+        if held:
+            vault.set_credentials(old.name, dataclasses.replace(creds, **dict.fromkeys(held)))
+    return held
 
 
 def _when_it_applies(old: Profile | None, new: Profile) -> str:
@@ -705,6 +747,13 @@ def _when_it_applies(old: Profile | None, new: Profile) -> str:
         return (
             " The running broker has reloaded it; a login setting applies once you log in again: "
             f"`dc-broker login {new.name}`."
+        )
+    stale = old.stale_secrets(new)
+    if stale:
+        what = "password" if "password" in stale else "client secret and keys"
+        return (
+            f" The running broker has reloaded it and dropped the stored {what}, if any (the old one's): store "
+            f"the new one with `dc-broker rotate {new.name}`."
         )
     return " The running broker has reloaded it: its next token is got with these settings."
 

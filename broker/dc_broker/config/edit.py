@@ -533,6 +533,15 @@ def replace_profile(path: str, p: Profile) -> None:
     edit_text(path, change)
 
 
+def with_values(old: Profile, changes: Mapping[str, Any], path: str) -> Profile:
+    """``old`` with ``changes`` (None: the key's default), checked; nothing is written."""
+    values = {k: (_default(k) if v is None else v) for k, v in changes.items()}
+    try:
+        return dataclasses.replace(old, **values)
+    except BadValue as exc:
+        raise ConfigError(f"{exc}; {path} is unchanged") from None
+
+
 def set_profile_values(path: str, name: str, changes: Mapping[str, Any]) -> Profile:
     """Change (or, with None, unset) keys of one profile in place: other lines, comments and tables
     stay as they are. The new profile is checked before anything is written."""
@@ -540,11 +549,7 @@ def set_profile_values(path: str, name: str, changes: Mapping[str, Any]) -> Prof
 
     def change(text: str, config: Config) -> str:
         old = _known(config, name, path)
-        values = {k: (_default(k) if v is None else v) for k, v in changes.items()}
-        try:
-            updated = dataclasses.replace(old, **values)
-        except BadValue as exc:
-            raise ConfigError(f"{exc}; {path} is unchanged") from None
+        updated = with_values(old, changes, path)
         box.append(updated)
         return _profile_text(text, old, updated)
 

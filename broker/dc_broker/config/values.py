@@ -185,6 +185,24 @@ class Profile:
         keys = (self.static_token_url() or self.issuer, self.client_id, self.grant, self.username, self.scope)
         return hashlib.sha256(json.dumps(keys).encode("utf-8")).hexdigest()[:16]
 
+    def stale_secrets(self, new: Profile) -> frozenset[str]:
+        """The stored secrets (``Credentials`` fields) that belong to these settings and not to
+        ``new``: the password when the username changes (it is the old user's), the client secret
+        and the client's keys when the client_id changes (they are the old client's). Sent under the
+        new settings they would disclose the old user's or client's credential (`dc-broker set demo
+        username=bob`); ``Session.reconfigure`` and an offline `dc-broker set` drop them first.
+
+        Nothing else drops a secret: another scope, grant, auth method, proxy, CA bundle, or server,
+        tenant or issuer (a move of the same IdP: a new host name, a migration) is still the same
+        user of the same client, and whoever may edit the config chose where its login goes;
+        dropping the password there would only make every such edit a `rotate`."""
+        stale: set[str] = set()
+        if self.username != new.username:
+            stale.add("password")
+        if self.client_id != new.client_id:
+            stale |= {"client_secret", "client_keys"}
+        return frozenset(stale)
+
     def describe(self) -> str:
         return self.static_token_url() or f"{self.issuer} (discovery)"
 

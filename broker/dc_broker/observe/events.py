@@ -14,6 +14,9 @@ which the journal handler writes as journal fields (upper case: ``EVENT=``, ``PR
     relogin                profile, grant, generation                       the broker logged in again with
                                                                             a stored password or secret
     refresh_token_rotated  profile, generation                              the IdP replaced a refresh token
+    secrets_dropped        profile, dropped, changed, generation            a reload changed the username or
+                                                                            client_id: the old one's stored
+                                                                            secrets were removed
     vault_locked           by (a caller, or "auto_lock")                    the vault locked
     vault_unlocked         caller_*                                         the vault unlocked
     reload                 source (op, SIGHUP), added, changed, removed     the config was applied again
@@ -41,6 +44,7 @@ EVENTS: Final = frozenset(
         "admin_change",
         "relogin",
         "refresh_token_rotated",
+        "secrets_dropped",
         "vault_locked",
         "vault_unlocked",
         "reload",

@@ -695,6 +695,7 @@ def _changed_meanwhile(name: str, waited: str) -> Overloaded:
 def _store_secrets(state: BrokerState, session: Session, fields: dict[str, Secret]) -> Result:
     store = state.sessions.store
     store.set_credentials(session.profile.name, dataclasses.replace(store.credentials(session.profile.name), **fields))
+    session.secrets_stored(frozenset(fields))
     session.credentials_changed(relogin=True)
     return {"profile": session.profile.name, "stored": sorted(fields), "verified": False}
 
@@ -781,6 +782,7 @@ def _store_keys(state: BrokerState, session: Session, new_key: str | None, activ
     current = store.credentials(name)
     creds, keys = clientkeys.changed(current, new_key=new_key, activate=activate, now=time.time())
     store.set_credentials(name, creds)
+    session.secrets_stored(frozenset({"client_keys"}))
     if activate or current.client_keys is None:  # a next key changes nothing until it is activated
         session.credentials_changed()
     return {"profile": name, "stored": ["client_keys"], "verified": verified, "jwks": keys.public_jwks()}

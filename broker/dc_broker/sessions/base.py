@@ -118,6 +118,7 @@ class SessionBase:
         "_proven",
         "_refresh_life",
         "_round",
+        "_secrets_to_drop",
         "_session_capped",
         "_token_changed",
         "_via",
@@ -234,6 +235,9 @@ class SessionBase:
         self._lockouts = 0
         #: logouts so far (a person's login that began before one is not adopted after it)
         self._logouts = 0
+        #: stored secrets a reload made another user's or client's while the vault was locked: dropped
+        #: at unlock, before anything is tried (``Session.reconfigure``, ``resume``)
+        self._secrets_to_drop: frozenset[str] = frozenset()
         self._restore()
 
     def __repr__(self) -> str:
@@ -436,6 +440,11 @@ class SessionBase:
             self.last_error = None
         self._event(Event.RETRY)
         self._poke()
+
+    def secrets_stored(self, fields: frozenset[str]) -> None:
+        """New ``fields`` were stored for this profile (`set_secrets`): they are the new settings', so
+        a drop of the old ones still pending (``_secrets_to_drop``) no longer covers them."""
+        self._secrets_to_drop -= fields
 
     # ------------------------------------------------------------ what every layer above uses
 

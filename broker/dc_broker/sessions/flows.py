@@ -531,7 +531,10 @@ def login_message(p: Profile) -> str:
     if p.grant in ("device", "browser"):
         return f"profile {name!r}: no valid login; run `dc-broker login {name}`"
     if p.grant == "password":
-        return f"profile {name!r}: no password stored and no valid login; run `dc-broker login {name}`"
+        return (
+            f"profile {name!r}: no password stored and no valid login; run `dc-broker login {name}` "
+            f"(or store it with `dc-broker rotate {name} --password`)"
+        )
     if p.auth_method == "private_key_jwt":
         return (
             f"profile {name!r}: no client key stored; make one with `dc-broker rotate {name} --key` and register "

@@ -35,6 +35,8 @@ request nor parses an answer itself.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
 from collections.abc import Awaitable
@@ -43,8 +45,9 @@ from typing import Any
 import trio
 
 from dc_broker.config import Profile
-from dc_broker.errors import ConfigError, UpstreamFault
+from dc_broker.errors import ConfigError, RecordCorrupt, UpstreamFault
 from dc_broker.idp import assertions
+from dc_broker.observe import events
 from dc_broker.secret import Secret
 from dc_broker.sessions import flows, policy
 from dc_broker.sessions.base import UNREAD, Attempt, Outcome, Unread, shift_times
@@ -58,6 +61,8 @@ from dc_token.errors import (
 )
 
 __all__ = ["UNREAD", "Session", "shift_times"]
+
+log = logging.getLogger("dc_broker.sessions")
 
 
 class Session(PersonLogins):
@@ -77,11 +82,72 @@ class Session(PersonLogins):
             self.profile = profile
             self._announce()  # the token files' task rereads profile.sinks; watchers see no new token
             return
+        stale = self.profile.stale_secrets(profile)
         fingerprint = profile.login_fingerprint()
         relogin = fingerprint != self._fingerprint
         self.profile, self._fingerprint = profile, fingerprint
         self._endpoints = None
+        if stale:
+            self._drop_secrets(stale)  # before the new login below sends what is stored
         self.credentials_changed(relogin=relogin)
+
+    def _drop_secrets(self, fields: frozenset[str]) -> None:
+        """Remove ``fields`` (with those a locked vault kept waiting) from this profile's stored
+        credentials, as stored now; with the vault locked, remember them for ``resume``."""
+        if self.store.locked:
+            self._secrets_to_drop |= fields
+            return
+        fields, self._secrets_to_drop = fields | self._secrets_to_drop, frozenset()
+        name = self.profile.name
+        try:
+            creds = self.store.credentials(name)
+        except RecordCorrupt:
+            return  # nothing readable to send; a new login replaces the record
+        except Exception as exc:  # the vault fails (a disk error): kept pending, and never sent (``_login``)
+            self._not_dropped(fields, exc)
+            return
+        held = sorted(f for f in fields if getattr(creds, f) is not None)
+        if not held:
+            return
+        try:
+            self.store.set_credentials(name, dataclasses.replace(creds, **dict.fromkeys(held)))
+        except Exception as exc:
+            self._not_dropped(fields, exc)
+            return
+        changed = [k for k, f in (("username", "password"), ("client_id", "client_secret")) if f in fields]
+        changed = changed or ["client_id"]  # only the client's keys were asked for: its client changed
+        log.warning(
+            "profile %s: its %s changed: the stored %s belonged to the old one and was dropped, never sent "
+            "under the new settings (`dc-broker status %s` says what to store)",
+            name,
+            " and ".join(changed),
+            " and ".join(f.replace("_", " ") for f in held),
+            name,
+        )
+        events.emit(
+            "secrets_dropped",
+            "profile %s: stored %s dropped: its %s changed",
+            name,
+            ", ".join(held),
+            " and ".join(changed),
+            profile=name,
+            dropped=held,
+            changed=changed,
+            generation=self.generation,
+        )
+
+    def _not_dropped(self, fields: frozenset[str], exc: Exception) -> None:
+        """The vault failed while ``fields`` were being dropped: they stay pending (dropped at the next
+        unlock; until then ``_login`` never sends them, and storing new ones clears them:
+        ``secrets_stored``). A reload (or SIGHUP) never fails for it."""
+        self._secrets_to_drop |= fields
+        log.error(
+            "profile %s: the stored %s of its old settings could not be dropped (%s); they are not sent, and "
+            "dropping them is tried again at the next unlock",
+            self.profile.name,
+            " and ".join(sorted(f.replace("_", " ") for f in fields)),
+            type(exc).__name__,
+        )
 
     def lock_out(self) -> None:
         """The vault was locked: drop the token from memory and wait for `dc-broker unlock`."""
@@ -98,6 +164,8 @@ class Session(PersonLogins):
         if self.state is State.LOCKED:
             self.last_error = None
             self._event(Event.UNLOCKED)
+        if self._secrets_to_drop:  # a reload while locked made them another user's or client's
+            self._drop_secrets(frozenset())
         if self.token is None:
             self._restore(read)
         tok = self.token
