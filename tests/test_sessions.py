@@ -351,9 +351,9 @@ async def test_reload_of_access_rules_or_token_files_keeps_the_login(make_idp, a
         assert token_requests(idp) == before and demo.token is tok and demo.next_attempt_at == due
         assert demo.state is State.FRESH
         assert sessions.lookup_scoped(demo, "email profile").token is narrowed  # the narrowed login stays too
-        sessions.reload({"demo": profile("demo", allow=("user:etl",), sinks=(sink,), username="viewer")})
+        sessions.reload({"demo": profile("demo", allow=("user:etl",), sinks=(sink,), scope="openid")})
         await trio.sleep(1)
-        assert token_requests(idp) > before  # another user: a new login at once
+        assert token_requests(idp) > before  # another scope: whom the login is for changed, a new login at once
         assert sessions.lookup_scoped(demo, "email profile").token is not narrowed
 
 

@@ -291,9 +291,13 @@ async def test_a_reload_for_another_login_takes_the_old_logins_file_away(
         await files.settle(["demo"])
         assert not path.exists(), "the old login's token file outlived the reload"
         await trio.sleep(T)  # the new login gets no token; nothing comes back, least of all the old one
-        assert session.token is None and session.state.value in ("rejected", "unavailable", "empty")
+        # refused, unreachable, or (a new user or client) the old one's secret dropped: nothing to send
+        assert session.token is None
+        assert session.state.value in ("rejected", "unavailable", "empty", "login_required")
         assert not path.exists()
         sessions.reload({"demo": before})
+        session.store.set_credentials("demo", CREDENTIALS["demo"])  # what `rotate` stores again after the drop
+        session.credentials_changed()
         assert await appears(path) != old
 
 
@@ -314,8 +318,11 @@ async def test_a_new_logins_token_that_cannot_be_written_still_takes_the_old_one
     async with running(sessions.run, files.run):
         old = await appears(path)
         monkeypatch.setattr(sinks, "write_atomically", full_disk)
-        session.store.set_credentials("demo", dataclasses.replace(CREDENTIALS["demo"], password=Secret("viewer")))
+        # as `add --force` does it: the new settings (the old user's password is dropped), then the new
+        # user's password (set_secrets)
         sessions.reload({"demo": dataclasses.replace(session.profile, username="viewer")})
+        session.store.set_credentials("demo", dataclasses.replace(CREDENTIALS["demo"], password=Secret("viewer")))
+        session.credentials_changed()
         with trio.fail_after(T):  # the viewer's login gets a token
             while session.peek(0.0, trio.current_time()) is None:
                 await trio.sleep(0.05)
