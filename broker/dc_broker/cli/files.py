@@ -481,7 +481,13 @@ def _forget_old(path: str, name: str, socket_path: str | None) -> None:
     settings for another login. A broker from before ``forget`` does a plain logout and says
     nothing of it: the add stops there, nothing written (`UnsupportedVersion`, as `remove` does)."""
     try:
-        answer = ask(socket_path, "logout", profile=name, forget=True)
+        _forget_at_broker(
+            socket_path,
+            name,
+            f"and this add --force changes whom its login is for, so the old secrets would be sent under the "
+            f"new settings: nothing of this add was written to {path}; restart the broker with this dc-broker "
+            "(or stop it) and run the add again",
+        )
     except UnknownProfile as exc:  # it runs without it: it may hold anything under that name
         raise advised(
             exc,
@@ -489,18 +495,25 @@ def _forget_old(path: str, name: str, socket_path: str | None) -> None:
             "add was written; have the broker read the config (`systemctl --user reload dc-broker`, or SIGHUP), "
             "then run the add again",
         ) from None
-    if answer.get("forgot_profile") is not True:  # a broker from before `forget` ignores it
-        raise UnsupportedVersion(
-            f"the running broker logged profile {name} out but is too old to forget its secrets (`logout` with "
-            f"`forget`), and this add --force changes whom its login is for, so the old secrets would be sent "
-            f"under the new settings: nothing of this add was written to {path}; restart the broker with this "
-            f"dc-broker (or stop it) and run the add again"
-        )
     click.echo(
         f"Note: profile {name}'s login is for another identity provider, client, grant, user or scope now: the "
         "running broker ended its old login and forgot its secrets first.",
         err=True,
     )
+
+
+def _forget_at_broker(socket_path: str | None, name: str, otherwise: str) -> dict[str, Any]:
+    """``logout`` with ``forget``: the running broker ends profile ``name``'s login and forgets every
+    record it holds for it (`remove`, an ``add --force`` for another login); its answer. A broker
+    from before ``forget`` ignores the key and does a plain logout: ``UnsupportedVersion``, its
+    message going on with ``otherwise`` (what that means for the command, and what to do)."""
+    answer = ask(socket_path, "logout", profile=name, forget=True)
+    if answer.get("forgot_profile") is not True:  # a broker from before `forget` ignores it
+        raise UnsupportedVersion(
+            f"the running broker logged profile {name} out but is too old to forget its secrets (`logout` with "
+            f"`forget`), {otherwise}"
+        )
+    return answer
 
 
 def _kept(path: str, p: Profile, exc: BaseException, done: list[str]) -> BaseException:
@@ -591,13 +604,12 @@ def remove(config_path: str | None, vault_path: str | None, socket_path: str | N
         if broker_running(socket_path):
             # forget: the broker removes every record of the profile from its vault (the client secret
             # and keys a plain logout keeps), while the profile is still configured
-            answer = ask(socket_path, "logout", profile=profile, forget=True)
-            if answer.get("forgot_profile") is not True:  # a broker from before `forget` ignores it
-                raise UnsupportedVersion(
-                    f"the running broker logged profile {profile} out but is too old to forget its secrets "
-                    f"(`logout` with `forget`), so {profile} stays in {path}: restart the broker with this "
-                    f"dc-broker (or stop it) and run `dc-broker remove {profile}` again"
-                )
+            answer = _forget_at_broker(
+                socket_path,
+                profile,
+                f"so {profile} stays in {path}: restart the broker with this dc-broker (or stop it) and run "
+                f"`dc-broker remove {profile}` again",
+            )
             revoked = bool(answer.get("revoked"))
             remove_profile(path, profile)
             ask(socket_path, "reload")
