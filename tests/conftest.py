@@ -24,6 +24,7 @@ from dc_broker.devserver import DevIdP, demo_realm
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
 from dc_broker.sessions.policy import DEFAULT_POLICY, RefreshPolicy
+from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
@@ -169,6 +170,30 @@ async def running(*tasks: Callable[..., Awaitable[object]]) -> AsyncIterator[tri
             yield nursery
         finally:
             nursery.cancel_scope.cancel()
+
+
+def registry(idp: DevIdP, *names: str, store: MemoryStore | None = None, **overrides: Any) -> Sessions:
+    """A registry of the profiles ``names`` (``profile(name, **overrides)``) at the in-process dev
+    IdP, with their stored credentials (``CREDENTIALS``, unless ``store`` is given), a fixed jitter
+    and the test's wall clock."""
+    store = store if store is not None else MemoryStore({n: CREDENTIALS[n] for n in names})
+    profiles = {n: profile(n, **overrides) for n in names}
+    return Sessions(profiles, store, idp_transport(idp), rng=random.Random(3), wall_clock=trio_wall_clock)
+
+
+def outcome_of(nursery: trio.Nursery, work: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """Start ``work`` in ``nursery`` (a login, a request that waits): the list returned gets what it
+    returned, or the exception it raised, so a test can land an event while it waits and then look."""
+    outcome: list[Any] = []
+
+    async def run() -> None:
+        try:
+            outcome.append(await work())
+        except Exception as exc:
+            outcome.append(exc)
+
+    nursery.start_soon(run)
+    return outcome
 
 
 @pytest.fixture(scope="module")

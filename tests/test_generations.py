@@ -35,7 +35,9 @@ from tests.conftest import (
     LockableStore,
     idp_transport,
     make_session,
+    outcome_of,
     profile,
+    registry,
     running,
     trio_wall_clock,
 )
@@ -43,12 +45,6 @@ from tests.conftest import (
 
 def grants(idp: DevIdP, grant: str) -> int:
     return sum(n for (_, _, g), n in idp.stats.token_requests.items() if g == grant)
-
-
-def registry(idp: DevIdP, *names: str, store: MemoryStore | None = None, **overrides: Any) -> Sessions:
-    store = store if store is not None else MemoryStore({n: CREDENTIALS[n] for n in names})
-    profiles = {n: profile(n, **overrides) for n in names}
-    return Sessions(profiles, store, idp_transport(idp), rng=random.Random(3), wall_clock=trio_wall_clock)
 
 
 async def in_flight(session: Session) -> None:
@@ -639,15 +635,7 @@ async def test_a_password_login_ending_after_its_profile_was_removed_stores_noth
     async with running(sessions.run) as nursery:
         demo = sessions.lookup("demo")
         idp.faults.latency = 3.0
-        outcome: list[BaseException | TokenSet] = []
-
-        async def login() -> None:
-            try:
-                outcome.append(await demo.password_login(Secret("demo")))
-            except Exception as exc:
-                outcome.append(exc)
-
-        nursery.start_soon(login)
+        outcome = outcome_of(nursery, lambda: demo.password_login(Secret("demo")))
         while not demo.busy:
             await trio.sleep(0.01)
         sessions.reload({})
@@ -712,16 +700,11 @@ async def test_a_password_login_keeps_a_client_secret_rotated_while_it_was_at_th
     async with running(sessions.run) as nursery:
         demo = sessions.lookup("demo")
         idp.faults.latency = 3.0
-        logins: list[TokenSet] = []
-
-        async def login() -> None:
-            logins.append(await demo.password_login(Secret("demo")))
-
-        nursery.start_soon(login)
+        logins = outcome_of(nursery, lambda: demo.password_login(Secret("demo")))
         while not demo.busy:
             await trio.sleep(0.01)
         await trio.sleep(0.5)
         store.set_credentials("demo", Credentials(client_secret=Secret("rotated")))
         await trio.sleep(10)
         assert store.credentials("demo") == Credentials(password=Secret("demo"), client_secret=Secret("rotated"))
-        assert len(logins) == 1
+        assert len(logins) == 1 and isinstance(logins[0], TokenSet), logins

@@ -5,12 +5,10 @@ clock: a 3 s IdP is a 3 s IdP, in milliseconds."""
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import trio
 
-from dc_broker.devserver import DevIdP
 from dc_broker.secret import Secret
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
@@ -18,12 +16,7 @@ from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import LoginRequired
-from tests.conftest import CREDENTIALS, LockableStore, idp_transport, profile, running, trio_wall_clock
-
-
-def registry(idp: DevIdP, store: MemoryStore, *names: str, **overrides: Any) -> Sessions:
-    profiles = {n: profile(n, **overrides) for n in names}
-    return Sessions(profiles, store, idp_transport(idp), rng=random.Random(3), wall_clock=trio_wall_clock)
+from tests.conftest import CREDENTIALS, LockableStore, outcome_of, profile, registry, running
 
 
 async def until(condition: Any) -> None:
@@ -39,7 +32,7 @@ async def test_a_rotated_refresh_token_landing_after_a_new_user_is_stored_as_the
     unlock (or a restart) must not restore it as the new user's, who has not logged in."""
     idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
     store = LockableStore({"demo": CREDENTIALS["demo"]})
-    sessions = registry(idp, store, "demo")
+    sessions = registry(idp, "demo", store=store)
     async with running(sessions.run):
         demo = sessions.lookup("demo")
         old = await demo.get()
@@ -65,7 +58,7 @@ async def test_a_device_login_approved_after_a_logout_is_not_adopted(make_idp, a
     open: the login they finish afterwards began before the logout, and is not stored."""
     idp = make_idp(access_lifespan=60)
     store = MemoryStore({"device": Credentials()})
-    sessions = registry(idp, store, "device")
+    sessions = registry(idp, "device", store=store)
     async with running(sessions.run):
         device = sessions.lookup("device")
         flow = device.device_login()
@@ -86,20 +79,15 @@ async def test_a_logout_behind_a_password_login_at_a_slow_idp_logs_out_what_it_f
     comes after it, and logs out that login: nothing of it is left."""
     idp = make_idp(access_lifespan=60)
     store = MemoryStore({"demo": Credentials(client_secret=Secret("dc-cli-secret"))})
-    sessions = registry(idp, store, "demo")
+    sessions = registry(idp, "demo", store=store)
     async with running(sessions.run) as nursery:
         demo = sessions.lookup("demo")
         idp.faults.latency = 3.0
-        logins: list[TokenSet] = []
-
-        async def login() -> None:
-            logins.append(await demo.password_login(Secret("demo")))
-
-        nursery.start_soon(login)
+        logins = outcome_of(nursery, lambda: demo.password_login(Secret("demo")))
         await until(lambda: demo.busy)
         await trio.sleep(0.5)
         await demo.logout()
-        assert len(logins) == 1  # the login ended first
+        assert len(logins) == 1 and isinstance(logins[0], TokenSet), logins  # the login ended first
         assert demo.token is None and store.saved_tokens("demo") is None
         assert store.credentials("demo").password is None
 
@@ -110,7 +98,7 @@ async def test_a_password_stored_while_a_logout_is_at_the_idp_is_kept(make_idp, 
     that one."""
     idp = make_idp(access_lifespan=60)
     store = MemoryStore({"demo": CREDENTIALS["demo"]})
-    sessions = registry(idp, store, "demo")
+    sessions = registry(idp, "demo", store=store)
     async with running(sessions.run) as nursery:
         demo = sessions.lookup("demo")
         await demo.get()
@@ -149,19 +137,11 @@ async def test_a_login_dropped_while_it_was_being_stored_is_not_told_as_logged_i
     it was not kept, not "logged in"."""
     idp = make_idp(access_lifespan=60)
     store = StallingStore({"demo": Credentials(client_secret=Secret("dc-cli-secret"))})
-    sessions = registry(idp, store, "demo")
+    sessions = registry(idp, "demo", store=store)
     async with running(sessions.run) as nursery:
         demo: Session = sessions.lookup("demo")
-        outcome: list[BaseException | TokenSet] = []
-
-        async def login() -> None:
-            try:
-                outcome.append(await demo.password_login(Secret("demo")))
-            except LoginRequired as exc:
-                outcome.append(exc)
-
         store.stall = True
-        nursery.start_soon(login)
+        outcome = outcome_of(nursery, lambda: demo.password_login(Secret("demo")))
         await store.saving.wait()
         sessions.reload({"demo": profile("demo", username="nobody")})
         store.release.set()
@@ -199,7 +179,7 @@ async def test_a_new_username_drops_the_old_users_password_before_any_grant(make
     caplog.set_level("INFO", logger="dc_broker.audit")
     idp = make_idp(access_lifespan=60)
     store = MemoryStore({"demo": CREDENTIALS["demo"]})
-    sessions = registry(idp, store, "demo")
+    sessions = registry(idp, "demo", store=store)
     async with running(sessions.run):
         demo = sessions.lookup("demo")
         await demo.get()
@@ -230,7 +210,7 @@ async def test_a_new_client_id_drops_the_old_clients_secret_and_keys(make_idp, a
     never sent as the new client's, and are dropped."""
     idp = make_idp(access_lifespan=60)
     store = MemoryStore({"service": Credentials(client_secret=Secret("dc-service-secret"), client_keys=Secret("{}"))})
-    sessions = registry(idp, store, "service")
+    sessions = registry(idp, "service", store=store)
     async with running(sessions.run):
         service = sessions.lookup("service")
         await service.get()
@@ -251,7 +231,7 @@ async def test_a_scope_change_keeps_the_password(make_idp, autojump_clock) -> No
     and the new login is got with the stored password at once."""
     idp = make_idp(access_lifespan=60)
     store = MemoryStore({"demo": CREDENTIALS["demo"]})
-    sessions = registry(idp, store, "demo")
+    sessions = registry(idp, "demo", store=store)
     async with running(sessions.run):
         demo = sessions.lookup("demo")
         await demo.get()
@@ -266,7 +246,7 @@ async def test_a_new_username_while_the_vault_is_locked_drops_the_password_at_un
     anything is tried with what the store holds."""
     idp = make_idp(access_lifespan=60)
     store = LockableStore({"demo": CREDENTIALS["demo"]})
-    sessions = registry(idp, store, "demo")
+    sessions = registry(idp, "demo", store=store)
     async with running(sessions.run):
         demo = sessions.lookup("demo")
         await demo.get()
@@ -302,7 +282,7 @@ async def test_a_password_the_vault_cannot_drop_is_never_sent_as_the_new_users(
     and once the new user's password is stored, that one is used."""
     idp = make_idp(access_lifespan=60)
     store = FailingWrites({"demo": CREDENTIALS["demo"]})
-    sessions = registry(idp, store, "demo")
+    sessions = registry(idp, "demo", store=store)
     async with running(sessions.run):
         demo = sessions.lookup("demo")
         await demo.get()

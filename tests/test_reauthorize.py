@@ -36,7 +36,7 @@ from dc_broker.sessions import registry as registry_module
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
 from dc_token.errors import Forbidden, Overloaded, UnknownProfile
-from tests.conftest import CREDENTIALS, idp_transport, profile, running, trio_wall_clock
+from tests.conftest import CREDENTIALS, idp_transport, outcome_of, profile, running, trio_wall_clock
 
 UID = 4242
 SHA = "ab" * 32
@@ -105,15 +105,7 @@ async def test_a_watch_whose_token_arrives_after_the_revocation_is_not_handed_it
         idp.faults.latency = 3.0
         stream = HANDLERS["watch"](state, consumer(), {"profile": "demo"}, 0.0)
         assert isinstance(stream, AsyncIterator)
-        outcome: list[Any] = []
-
-        async def first() -> None:
-            try:
-                outcome.append(await stream.__anext__())
-            except Exception as exc:
-                outcome.append(exc)
-
-        nursery.start_soon(first)
+        outcome = outcome_of(nursery, stream.__anext__)
         await until_at_the_idp(state)
         reload(state, allow=("uid:1",))
         with trio.fail_after(30):
@@ -226,15 +218,7 @@ async def test_a_request_waiting_for_a_refresh_decides_again_before_it_answers(
             assert tok is not None and demo.invalidate(tok.access_token.reveal())
         pending = HANDLERS[op.split()[-1]](state, consumer(), args, trio.current_time())
         assert not isinstance(pending, dict)
-        outcome: list[Any] = []
-
-        async def ask() -> None:
-            try:
-                outcome.append(await answered(pending))
-            except Exception as exc:
-                outcome.append(exc)
-
-        nursery.start_soon(ask)
+        outcome = outcome_of(nursery, lambda: answered(pending))
         await until_at_the_idp(state)
         reload(state, allow=("uid:1",), **({} if scoped else {"scope": "openid"}))
         with trio.fail_after(30):
@@ -399,15 +383,7 @@ async def test_a_logout_whose_caller_lost_its_admin_rule_while_it_waited_changes
         assert demo.invalidate(tok.access_token.reveal())
         await until_at_the_idp(state)
         pending = HANDLERS["logout"](state, consumer(), {"profile": "demo"}, trio.current_time())
-        outcome: list[Any] = []
-
-        async def ask() -> None:
-            try:
-                outcome.append(await answered(pending))
-            except Exception as exc:
-                outcome.append(exc)
-
-        nursery.start_soon(ask)
+        outcome = outcome_of(nursery, lambda: answered(pending))
         await trio.sleep(0.5)
         reload(state, allow=(f"uid:{UID}",), admin=())
         with trio.fail_after(30):
