@@ -41,7 +41,7 @@ import os
 import queue
 import random
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -576,6 +576,33 @@ SessionModel.TestCase.settings = settings(
 TestSessionModel = pytest.mark.slow(SessionModel.TestCase)
 
 
+#: a personality for replays: Keycloak with refresh-token rotation, a 60 s token, 2 min idle, 10 h max
+ROTATING: dict[str, Any] = dict(
+    rotate=True,
+    answer="new",
+    dead="invalid_grant",
+    send_expires_in=True,
+    send_refresh_expires_in=True,
+    refresh_scope="narrow",
+    access=60.0,
+    idle_factor=2.0,
+    sso_max=36000.0,
+    seed=0,
+)
+
+
+@contextlib.contextmanager
+def replayed(personality: dict[str, Any]) -> Iterator[SessionModel]:
+    """The model started with ``personality``, for a test that replays its rules in one order the
+    search rarely draws (and checks its invariants where it says); torn down after."""
+    state = SessionModel()
+    try:
+        state.start(**personality)
+        yield state
+    finally:
+        state.teardown()
+
+
 def test_a_login_answered_after_a_long_hang_keeps_its_refresh_token_in_use() -> None:
     """Found by the model under load (pytest-xdist): the first password login hangs at the IdP for
     96 s; its refresh token's deadline counts from the send, 96 s early. The OP's refresh answers
@@ -583,20 +610,7 @@ def test_a_login_answered_after_a_long_hang_keeps_its_refresh_token_in_use() -> 
     answer left the token less time to live than the one before: the session took that for the
     IdP's SSO Session Max and sent the password while the refresh token lived on. An answer that
     keeps the refresh token and its deadline says nothing about the SSO session."""
-    state = SessionModel()
-    try:
-        state.start(
-            rotate=False,
-            answer="none",
-            dead="invalid_grant",
-            send_expires_in=False,
-            send_refresh_expires_in=True,
-            refresh_scope="narrow",
-            access=60.0,
-            idle_factor=2.0,
-            sso_max=900.0,
-            seed=0,
-        )
+    with replayed({**ROTATING, "rotate": False, "answer": "none", "send_expires_in": False, "sso_max": 900.0}) as state:
         state.idp_hangs()
         state.advance(seconds=100.0)
         state.idp_up()
@@ -604,8 +618,6 @@ def test_a_login_answered_after_a_long_hang_keeps_its_refresh_token_in_use() -> 
         state.no_password_while_a_refresh_token_lives()
         state.a_valid_token_is_not_dropped_for_nothing()
         state.no_refresh_token_used_twice()
-    finally:
-        state.teardown()
 
 
 def test_a_narrowing_evicted_while_a_late_idp_answers_keeps_the_rotated_refresh_token() -> None:
@@ -615,20 +627,7 @@ def test_a_narrowing_evicted_while_a_late_idp_answers_keeps_the_rotated_refresh_
     Cut short, the answer and the successor in it are lost; the search rarely draws this order (a
     rotating personality, a login, the eviction while the IdP is free, then the clock), so it is
     pinned here."""
-    state = SessionModel()
-    try:
-        state.start(
-            rotate=True,
-            answer="new",
-            dead="invalid_grant",
-            send_expires_in=True,
-            send_refresh_expires_in=True,
-            refresh_scope="narrow",
-            access=60.0,
-            idle_factor=2.0,
-            sso_max=36000.0,
-            seed=0,
-        )
+    with replayed(ROTATING) as state:
         state.advance(seconds=10.0)
         state.scopes_evicted(scope="email", late=3.0)
         state.no_rotated_refresh_token_is_lost()
@@ -638,8 +637,6 @@ def test_a_narrowing_evicted_while_a_late_idp_answers_keeps_the_rotated_refresh_
         state.nothing_escaped()
         assert state.idp.stats.refresh_reuse == 0
         assert state.demo.token is not None and state.demo.state is State.FRESH
-    finally:
-        state.teardown()
 
 
 def test_a_refresh_rotated_while_the_profile_became_another_users_is_not_theirs() -> None:
@@ -647,20 +644,7 @@ def test_a_refresh_rotated_while_the_profile_became_another_users_is_not_theirs(
     IdP's refresh is out when the profile becomes another user's; its rotated refresh token is kept
     (``_keep_rotated``), but as the old settings' login, so neither memory nor what unlock restores
     ever holds the old user's login for the new user."""
-    state = SessionModel()
-    try:
-        state.start(
-            rotate=True,
-            answer="new",
-            dead="invalid_grant",
-            send_expires_in=True,
-            send_refresh_expires_in=True,
-            refresh_scope="narrow",
-            access=60.0,
-            idle_factor=2.0,
-            sso_max=36000.0,
-            seed=0,
-        )
+    with replayed(ROTATING) as state:
         state.advance(seconds=10.0)
         state.idp_latency(latency=3.0)
         state.invalidate()
@@ -676,5 +660,3 @@ def test_a_refresh_rotated_while_the_profile_became_another_users_is_not_theirs(
         state.the_login_is_the_profiles_users()
         state.nothing_escaped()
         state.no_refresh_token_used_twice()
-    finally:
-        state.teardown()
