@@ -30,12 +30,13 @@ outage, a reload that changes nothing about whom the login is for (a proxy, a CA
 secrets for the same user and client (`dc-broker rotate`), which drop the session's token until
 the IdP grants one for them: the file's token is still the same user's.
 
-The task only reads a session through ``token_changed``, ``peek``, ``status`` and ``profile``; it
-re-checks every ``CHECK_EVERY`` seconds, and ``TokenFiles.run`` looks for profiles that gained sinks
-(a reload) every ``SCAN_EVERY`` seconds. `logout`, `lock` and `reload` do not wait for either: they
-call ``TokenFiles.settle``, one pass now (after a write in progress), so the files they take away
-are gone when they return. A file that cannot be written
-is logged, once per distinct error, and retried at the next check: a sink never stops the daemon.
+The task only reads a session through ``token_changed``, ``peek``, ``effective_state``,
+``login_fingerprint`` and ``profile``; it re-checks every ``CHECK_EVERY`` seconds, and
+``TokenFiles.run`` looks for profiles that gained sinks (a reload) every ``SCAN_EVERY`` seconds.
+`logout`, `lock` and `reload` do not wait for either: they call ``TokenFiles.settle``, one pass now
+(after a write in progress), so the files they take away are gone when they return. A file that
+cannot be written is logged, once per distinct error, and retried at the next check: a sink never
+stops the daemon.
 Never logs a token; never writes outside the configured paths.
 """
 
@@ -50,7 +51,7 @@ from typing import Final, NamedTuple
 import trio
 
 from dc_broker import atomic
-from dc_broker.config import Profile, Sink
+from dc_broker.config import Sink
 from dc_broker.errors import ConfigError
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
@@ -221,8 +222,6 @@ class _Keeper:
         self.session = sessions.lookup(name)
         self.files = _ProfileSinks(name)
         self.lock = trio.Lock()
-        #: the profile settings last seen and their ``login_fingerprint`` (worked out once per settings)
-        self._login: tuple[Profile, str] | None = None
         #: the profile has no sinks any more (removed, or dropped by a reload): the task ends
         self.done = False
 
@@ -239,21 +238,15 @@ class _Keeper:
         if not sinks:
             self.done = True
             return None
-        vouched = session.status(now)["state"] not in _NOT_VOUCHED
+        vouched = session.effective_state(now).value not in _NOT_VOUCHED
         # read together, with no checkpoint between: a session's token is always of its profile's login
         tok = session.peek(0.0, now) if vouched else None
-        login = self._fingerprint(session.profile)
+        login = session.login_fingerprint
         for sink in sorted(sinks, key=lambda s: s.path):
             await files.update(sink, tok, login, vouched, now)
         # wake for the next file to remove; a past one (its removal failed) waits for the next check
         deadlines = [have.remove_at for have in files.written.values() if have is not None and have.remove_at > now]
         return min([now + CHECK_EVERY, *deadlines])
-
-    def _fingerprint(self, profile: Profile) -> str:
-        """Whom ``profile``'s tokens are for (``Profile.login_fingerprint``)."""
-        if self._login is None or self._login[0] is not profile:
-            self._login = (profile, profile.login_fingerprint())
-        return self._login[1]
 
     async def run(self) -> None:
         """Keep the profile's files current until it has none or the task is cancelled; its files

@@ -357,10 +357,7 @@ def _still_admin(state: BrokerState, caller: Caller, session: Session) -> Callab
         if state.sessions.pins_programs and not caller.attested:
             state.programs.cached(caller)
         if administered(state.sessions, caller, name) is not session:
-            raise UnknownProfile(
-                f"profile {name!r} was removed during the login; nothing was stored (`dc-broker list` shows the "
-                "profiles)"
-            )
+            raise _removed_meanwhile(name)  # not reached: its callers look at ``retired`` first
 
     return still
 

@@ -285,6 +285,12 @@ class SessionBase:
         self.state = next_state(self.state, event)
 
     @property
+    def login_fingerprint(self) -> str:
+        """Whom this session's login is for (its settings' ``Profile.login_fingerprint``, worked out
+        when they change): the token it holds is always this login's."""
+        return self._fingerprint
+
+    @property
     def next_attempt_at(self) -> float:
         """When the background task will next go to the IdP on its own (inf: not until a person acts).
         Computed once per schedule: both are immutable values, and every token reply reads it."""
