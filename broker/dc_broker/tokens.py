@@ -7,7 +7,8 @@ Must never: do I/O, know about the wire, or show a secret (every secret field is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 from dc_broker.secret import Secret
 
@@ -45,3 +46,11 @@ class Credentials:
     #: the client's own private keys (private_key_jwt), a key set as ``dc_broker.idp.clientkeys``
     #: writes it: the one that signs and, during a rotation, the next one
     client_keys: Secret | None = None
+
+    def held(self, fields: Iterable[str]) -> list[str]:
+        """Which of ``fields`` (names of this class's fields) these credentials hold, sorted."""
+        return sorted(f for f in set(fields) if getattr(self, f) is not None)
+
+    def without(self, fields: Iterable[str]) -> Credentials:
+        """These credentials with ``fields`` absent."""
+        return replace(self, **dict.fromkeys(fields))

@@ -742,9 +742,9 @@ def _drop_stale(path: str, vault_path: str | None, old: Profile, new: Profile) -
         ) from None
     with vault:
         creds = vault.credentials(old.name)
-        held = sorted(f for f in stale if getattr(creds, f) is not None)
+        held = creds.held(stale)
         if held:
-            vault.set_credentials(old.name, dataclasses.replace(creds, **dict.fromkeys(held)))
+            vault.set_credentials(old.name, creds.without(held))
     return held
 
 

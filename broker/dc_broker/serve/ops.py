@@ -873,7 +873,7 @@ def _held(store: SecretStore, name: str) -> list[str]:
     fields: set[str] = set()
     try:
         held = store.credentials(name)
-        fields.update(f.name for f in dataclasses.fields(held) if getattr(held, f.name) is not None)
+        fields.update(held.held(f.name for f in dataclasses.fields(held)))
     except RecordCorrupt:
         fields.add("unreadable")
     try:

@@ -165,7 +165,7 @@ class Performing(SessionBase):
         endpoints = await self._resolve_endpoints()  # first: credentials may change meanwhile
         creds = self._credentials() if creds is None else creds
         if self._secrets_to_drop:  # the old settings' secrets the vault could not drop: never sent
-            creds = replace(creds, **dict.fromkeys(self._secrets_to_drop))
+            creds = creds.without(self._secrets_to_drop)
         tok = self.token
         refresh_token: Secret | None = None
         deadline: float | None = None

@@ -35,7 +35,6 @@ request nor parses an answer itself.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -106,11 +105,11 @@ class Session(PersonLogins):
         except Exception as exc:  # the vault fails (a disk error): kept pending, and never sent (``_login``)
             self._not_dropped(fields, exc)
             return
-        held = sorted(f for f in fields if getattr(creds, f) is not None)
+        held = creds.held(fields)
         if not held:
             return
         try:
-            self.store.set_credentials(name, dataclasses.replace(creds, **dict.fromkeys(held)))
+            self.store.set_credentials(name, creds.without(held))
         except Exception as exc:
             self._not_dropped(fields, exc)
             return
