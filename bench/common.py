@@ -36,6 +36,39 @@ def summary_us(samples_s: list[float]) -> dict[str, float]:
     }
 
 
+def verdict(what: str, value: float | None, sense: str, target: float, unit: str = "x") -> dict[str, object]:
+    """One target's verdict, as every benchmark with a target writes it (``verdicts`` in its JSON).
+
+    ``sense`` is ``"<="`` or ``">="``; a value that was not measured (None or NaN) is neither met nor
+    missed. ``line`` is what is printed, and what ``bench/run.py`` repeats at the end of ``make bench``.
+    """
+    if sense not in ("<=", ">="):
+        raise ValueError(f"sense must be <= or >=, not {sense!r}")
+    if value is None or value != value:
+        return {
+            "what": what,
+            "value": None,
+            "sense": sense,
+            "target": target,
+            "met": None,
+            "line": f"{what}: not measured here",
+        }
+    met = value <= target if sense == "<=" else value >= target
+    shown, limit = (_number(v) + (unit if unit == "x" else f" {unit}") for v in (value, target))
+    return {
+        "what": what,
+        "value": value,
+        "sense": sense,
+        "target": target,
+        "met": met,
+        "line": f"{what}: {shown} (target {sense} {limit}) {'met' if met else 'MISSED'}",
+    }
+
+
+def _number(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}".rstrip("0").rstrip(".")
+
+
 def write(name: str, data: dict[str, object]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     data = {

@@ -515,12 +515,12 @@ def _report(
     verdicts = _verdicts(figures)
     result["verdicts"] = verdicts
     print("\ntargets (this tree):")
-    for line in verdicts.values():
-        print(f"  {line}")
+    for verdict in verdicts.values():
+        print(f"  {verdict['line']}")
     return result
 
 
-def _verdicts(figures: Figures) -> dict[str, str]:
+def _verdicts(figures: Figures) -> dict[str, dict[str, object]]:
     me = "this tree"
 
     def ratio(key: str, yardstick: str) -> float | None:
@@ -542,15 +542,7 @@ def _verdicts(figures: Figures) -> dict[str, str]:
             "<=",
         ),
     }
-    out = {}
-    for key, (value, what, sense) in checks.items():
-        target = TARGETS[key]
-        if value is None:
-            out[key] = f"{what}: not measured here"
-            continue
-        met = value <= target if sense == "<=" else value >= target
-        out[key] = f"{what}: {value:.2f}x (target {sense} {target}) {'met' if met else 'MISSED'}"
-    return out
+    return {key: common.verdict(what, value, sense, TARGETS[key]) for key, (value, what, sense) in checks.items()}
 
 
 def main() -> None:

@@ -287,6 +287,11 @@ def main() -> None:
             " requests (target p99 < 5000 us)"
         )
         result["flood"] = flooded
+    result["verdicts"] = {
+        name: common.verdict(f"{name}: well-behaved client's p99", part["well_behaved"]["p99_us"], "<=", 5000, "us")
+        for name, part in (("fuzz", result), ("flood", flooded))
+        if part is not None
+    }
     print(f"  -> {common.write('fuzz', result)}")
 
 

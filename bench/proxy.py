@@ -294,6 +294,11 @@ def main() -> dict[str, object]:
         "broker_ask": asks,
         "p50_overhead_ms_1": overhead["proxy_1"],
         "target": {"p50_overhead_ms_1": 1.0},
+        "verdicts": {
+            "p50_overhead_ms_1": common.verdict(
+                "proxy: p50 overhead at 1 connection", overhead["proxy_1"], "<=", 1.0, "ms"
+            )
+        },
     }
     lines = [f"GET {PATH} against a local upstream, direct vs through `dc-broker proxy` (closed loop):"]
     for name in CONNECTIONS:
@@ -314,7 +319,7 @@ def main() -> dict[str, object]:
         f"(blocking TokenClient round trip: median {b['median_us']:.0f} us; "
         f"ratio {p['median_us'] / b['median_us']:.2f})"
     )
-    lines.append("  target: p50 overhead at 1 connection <= 1 ms")
+    lines.append(f"  {result['verdicts']['p50_overhead_ms_1']['line']}")
     print("\n".join(lines))
     print(f"  -> {common.write('proxy', result)}")
     return result
