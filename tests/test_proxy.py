@@ -371,6 +371,11 @@ def test_the_brokers_word_is_final_lock_logout_remove(idp: str, tmp_path: Path) 
             assert reached == ["GET /echo authorized"]
             assert cli(home, "lock").returncode == 0
             assert through() == (503, "dc-broker proxy: the vault is locked; run `dc-broker unlock`\n", [])
+            if ROOT:  # another user is refused for who it is, before the broker is asked: it learns nothing of this
+                before = len(httpx.get(f"{upstream}/seen").json())
+                foreign = "dc-broker proxy: uid 65534 may not use this proxy (it serves uid 0 only)\n"
+                assert curl(f"http://{addr}/echo", user=65534) == (403, foreign)
+                assert httpx.get(f"{upstream}/seen").json()[before:] == []
             assert cli(home, "unlock").returncode == 0
             assert through()[0] == 200
             assert cli(home, "logout", "acme").returncode == 0

@@ -11,8 +11,9 @@ so a 61-second pause takes no real time.
 from __future__ import annotations
 
 import os
+import re
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 
-from dc_broker.proxy.rules import MAX_URL, Limits, Rules
+from dc_broker.proxy.rules import MAX_URL, REPLAY_LIMIT, Limits, Rules
 from dc_broker.proxy.serve import Proxy
 from dc_broker.proxy.upstream import Upstreams
 from tests.e2e import dev_broker
@@ -141,9 +142,11 @@ class FixedToken:
         return None
 
 
-async def h11_upstream(stream: trio.SocketStream) -> None:
+async def h11_upstream(stream: trio.SocketStream, seen: list[str] | None = None) -> None:
     """``/pause/N``: 64 KiB of the body, a pause of N seconds, the other 64 KiB. ``/head/N``: the
-    answer starts after N seconds. ``/upload``: reads the body, answers how many bytes came."""
+    answer starts after N seconds. ``/upload``: reads the body, answers how many bytes came.
+    ``/size/N``: N bytes, 64 KiB at a time. ``seen``: each request's target, then ``end`` once its
+    body is whole."""
     conn = h11.Connection(h11.SERVER)
     received = 0
     while True:
@@ -153,10 +156,21 @@ async def h11_upstream(stream: trio.SocketStream) -> None:
             continue
         if isinstance(event, h11.Request):
             target, received = event.target.decode(), 0
+            if seen is not None:
+                seen.append(target)
         elif isinstance(event, h11.Data):
             received += len(event.data)
         elif isinstance(event, h11.EndOfMessage):
-            if target == "/upload":
+            if seen is not None:
+                seen.append("end")
+            if target.startswith("/size/"):
+                size = int(target.rsplit("/", 1)[1])
+                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("content-length", str(size))])))
+                piece = b"s" * 65536
+                for _ in range(size // len(piece)):
+                    await stream.send_all(conn.send(h11.Data(data=piece)))
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+            elif target == "/upload":
                 body = str(received).encode()
                 head = h11.Response(status_code=200, headers=[("content-length", str(len(body)))])
                 await stream.send_all(conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
@@ -176,12 +190,17 @@ async def h11_upstream(stream: trio.SocketStream) -> None:
 
 
 @asynccontextmanager
-async def in_process_proxy(tmp_path: Path, limits: Limits | None = None, upstream: str = "") -> AsyncIterator[str]:
-    """A proxy in this trio run in front of ``upstream`` (by default ``h11_upstream``, started here
-    too); yields the proxy's Unix socket path."""
+async def in_process_proxy(
+    tmp_path: Path,
+    limits: Limits | None = None,
+    upstream: str = "",
+    handler: Callable[[trio.SocketStream], Awaitable[None]] = h11_upstream,
+) -> AsyncIterator[str]:
+    """A proxy in this trio run in front of ``upstream`` (by default ``handler``, ``h11_upstream``,
+    started here too); yields the proxy's Unix socket path."""
     async with trio.open_nursery() as nursery:
         if not upstream:
-            listeners = await nursery.start(partial(trio.serve_tcp, h11_upstream, 0, host="127.0.0.1"))
+            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
             upstream = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         path = str(tmp_path / "proxy.sock")
         raw = socket.socket(socket.AF_UNIX)
@@ -324,3 +343,77 @@ async def test_the_owners_connections_beyond_its_slots_get_503(
             await stream.aclose()
         await trio.sleep(Limits().linger + 1)  # the slots are free again once the proxy has closed them
         assert (await fetch(path, "/pause/0"))[:1] == (200,)
+
+
+# ---------------------------------------------------------------- the client's pace, on the autojump clock
+
+
+def cut_off(seen: list[str]) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """``h11_upstream`` recording into ``seen``, for answers and requests the proxy cuts: the
+    connection it then closes ends the upstream's exchange, not the test."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await h11_upstream(stream, seen)
+        except (trio.BrokenResourceError, h11.RemoteProtocolError):
+            seen.append("cut")
+
+    return handle
+
+
+async def test_a_client_that_stops_reading_is_cut_after_the_idle_limit(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An answer far larger than the sockets' buffers, and a client that reads its head and then
+    nothing: once nothing has moved for ``idle`` the proxy cuts that answer (its framing tells the
+    client it is short), closes the upstream's connection, and serves the next request."""
+    idle, size = Limits().idle, 64 * 1024 * 1024
+    seen: list[str] = []
+    cut = re.compile(rf"GET http://127\.0\.0\.1:\d+/size/{size}: the client read nothing for 300 s; cut")
+    with caplog.at_level("WARNING", logger="dc_broker.proxy"), trio.fail_after(idle + 60):
+        async with in_process_proxy(tmp_path, handler=cut_off(seen)) as path:
+            async with await trio.open_unix_socket(path) as stream:
+                conn = h11.Connection(h11.CLIENT)
+                request = h11.Request(method="GET", target=f"/size/{size}", headers=[("host", "x")])
+                await stream.send_all(conn.send(request))
+                await trio.sleep(idle - 2)  # it reads nothing
+                assert not [m for m in caplog.messages if "; cut" in m], caplog.messages
+                await trio.sleep(3)
+                cuts = [m for m in caplog.messages if "; cut" in m]
+                assert len(cuts) == 1 and cut.fullmatch(cuts[0]), caplog.messages
+                status, body, complete = await read_answer(stream, conn)  # what was on its way, then the end
+            assert (status, complete) == (200, False) and 0 < len(body) < size
+            assert seen == [f"/size/{size}", "end", "cut"]  # the upstream's connection was closed too
+            assert await fetch(path, "/pause/0") == (200, b"p" * 131072, True)
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [(b"k" * 1000, True), (b"s" * (REPLAY_LIMIT + 65536), False)],
+    ids=["kept-body", "streamed-body"],
+)
+async def test_a_request_body_that_stalls_past_the_idle_limit_gets_408(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, sent: bytes, kept: bool
+) -> None:
+    """A request body that stops coming for ``idle``: the client is told 408 (and the connection is
+    closed). A body small enough to be kept never went upstream; a streamed one went, unfinished,
+    and its upstream connection is closed."""
+    idle = Limits().idle
+    seen: list[str] = []
+    with trio.fail_after(idle + 60):
+        async with in_process_proxy(tmp_path, handler=cut_off(seen)) as path:
+            async with await trio.open_unix_socket(path) as stream:
+                conn = h11.Connection(h11.CLIENT)
+                length = str(len(sent) + 10)  # 10 bytes more than ever come
+                request = h11.Request(
+                    method="POST", target="/upload", headers=[("host", "x"), ("content-length", length)]
+                )
+                await stream.send_all(conn.send(request) + conn.send(h11.Data(data=sent)))
+                started = trio.current_time()
+                answer = await read_answer(stream, conn)
+                assert answer == (408, b"dc-broker proxy: the request body stalled for 300 s\n", True)
+                assert idle <= trio.current_time() - started < idle + 1
+                assert await stream.receive_some(65536) == b""  # and closed
+            await trio.sleep(1)  # the proxy's side of the upstream connection is closed in its own time
+            assert seen == ([] if kept else ["/upload", "cut"])
+            assert await fetch(path, "/upload", [b"ok"]) == (200, b"2", True)

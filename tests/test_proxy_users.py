@@ -8,6 +8,7 @@ what the attacker saw (the attack is blind: it closes before any answer).
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from dc_broker.proxy.rules import Limits
 from tests.e2e import dev_broker
 from tests.test_proxy import curl, proxy_process
 from tests.test_shared import ensure_user
@@ -121,7 +123,90 @@ def test_the_owner_gets_through_while_another_uid_holds_3000_connections(proxied
     finally:
         holder.kill()
         holder.wait()
+    # and once it lets go (the old code kept the owner out for about a minute more)
+    for i in range(3):
+        started = time.monotonic()
+        code, body = curl(f"http://{addr}/echo?after-holder={i}", "--max-time", "5")
+        assert code == 200, body
+        assert time.monotonic() - started < 1.0, f"request {i} after the holder stopped"
     assert not [line for line in seen(upstream) if "?held" in line]
+
+
+#: connect and send nothing: how long until the first byte of an answer came, and all that came
+SILENT = r"""
+import json, socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+started = time.monotonic()
+s.settimeout(10)
+answer = s.recv(65536)
+took = time.monotonic() - started
+while chunk := s.recv(65536):
+    answer += chunk
+print(json.dumps({"took": took, "answer": answer.decode()}), flush=True)
+"""
+
+#: open ``sys.argv[2]`` connections at once and send nothing on any; then read what each got (all
+#: still open, so the proxy's refusals are all under way at once); then close them all and connect
+#: again until one is answered (the refusals are counted at a time, not for ever)
+CAPPED = r"""
+import json, socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+held = [socket.create_connection((host, int(port))) for _ in range(int(sys.argv[2]))]
+got = []
+for s in held:
+    s.settimeout(10)
+    try:
+        got.append(s.recv(65536).decode())
+    except ConnectionResetError:
+        got.append("reset")
+for s in held:
+    s.close()
+deadline = time.monotonic() + 10
+again = ""
+while not again and time.monotonic() < deadline:
+    with socket.create_connection((host, int(port))) as s:
+        s.settimeout(10)
+        again = s.recv(65536).decode()
+    time.sleep(0.05)
+print(json.dumps({"got": got, "again": again}), flush=True)
+"""
+
+
+def refused_as(other: str) -> str:
+    """The body of the 403 another user's connection gets from root's proxy."""
+    return f"dc-broker proxy: uid {pwd.getpwnam(other).pw_uid} may not use this proxy (it serves uid 0 only)\n"
+
+
+def test_another_uids_connection_is_refused_at_once_without_a_request(proxied: tuple[str, str], other: str) -> None:
+    """Finding 2: a foreign uid is told 403 as soon as it connects, not once its request head came
+    (the old code waited up to 10 s for the head, holding a slot all that time)."""
+    addr, _ = proxied
+    out = as_other(SILENT, addr)
+    stdout, stderr = out.communicate(timeout=30)
+    assert out.returncode == 0, stderr
+    told = json.loads(stdout)
+    assert told["answer"].startswith("HTTP/1.1 403 Forbidden\r\n"), told
+    assert told["answer"].endswith("\r\n\r\n" + refused_as(other)), told
+    assert told["took"] < 1.0, told
+
+
+def test_beyond_its_refusals_at_a_time_another_uids_connections_are_closed_unanswered(
+    proxied: tuple[str, str], other: str
+) -> None:
+    """``Limits.refusals_per_uid`` (4) of one uid's connections are told 403 at a time; more, while
+    those are still open, are closed without a word (a flood costs the proxy no task each). Once
+    they are closed, the next is told again."""
+    addr, _ = proxied
+    at_once = Limits().refusals_per_uid
+    out = as_other(CAPPED, addr, str(at_once + 2))
+    stdout, stderr = out.communicate(timeout=60)
+    assert out.returncode == 0, stderr
+    result = json.loads(stdout)
+    told = [answer for answer in result["got"] if answer]
+    assert (len(told), result["got"].count("")) == (at_once, 2), result
+    for answer in [*told, result["again"]]:
+        assert answer.startswith("HTTP/1.1 403 Forbidden\r\n") and answer.endswith(refused_as(other)), result
 
 
 #: a socket made as root by a process that becomes another user before it connects with it
