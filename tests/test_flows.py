@@ -110,8 +110,12 @@ def test_revoke_ends_the_refresh_token_else_the_access_token() -> None:
     assert s.done and s.result is flows.Ended.REVOKED
     s = Stepper(flows.revoke(Login(SERVICE, CREDS, EP), replace(tokens, refresh_token=None)))
     assert form(s.step) == {"token": "AT", "token_type_hint": "access_token"}
-    s.answer(raw(503))
+    s.answer(raw(400))  # refused (unsupported_token_type, ...): it did not confirm
     assert s.done and s.result is flows.Ended.UNCONFIRMED
+    for unavailable in (503, 429):  # not there to act: nothing ended, which the logout must know
+        s = Stepper(flows.revoke(Login(SERVICE, CREDS, EP), replace(tokens, refresh_token=None)))
+        with pytest.raises(UpstreamTransient, match=f"HTTP {unavailable}"):
+            s.answer(raw(unavailable))
     s = Stepper(flows.revoke(Login(PASSWORD, CREDS, EP), tokens))
     s.answer(js({"error": "invalid_token", "error_description": "Invalid token"}))  # Keycloak: 200 all the same
     assert s.done and s.result is flows.Ended.NOTHING

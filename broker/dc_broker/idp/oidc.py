@@ -372,13 +372,18 @@ def _describe_garbage(resp: HttpResponse) -> str:
 REFUSALS: Final = frozenset({400, 401, 403})
 
 
+def unavailable(status: int) -> bool:
+    """An answer that says the IdP is not there to act now (5xx, 408, 425, 429): try again later."""
+    return status >= 500 or status in (408, 425, 429)
+
+
 def check_error(resp: HttpResponse, secrets: Iterable[str] = ()) -> None:
     """Raise the fault a non-2xx response stands for. Returns only for 2xx. ``secrets`` (the
     request's, ``HttpRequest.secrets``) are redacted from whatever text the IdP sends back."""
     status = resp.status
     if 200 <= status < 300:
         return
-    if status >= 500 or status in (408, 425, 429):
+    if unavailable(status):
         raise UpstreamTransient(f"identity provider answered HTTP {status}", retry_after=_retry_after(resp.headers))
     data = _json_object(resp, "error")
     if status == 404:  # a wrong URL, whatever the body says (Keycloak: {"error": "Realm does not exist"})

@@ -820,7 +820,7 @@ async def _logout(
     state: BrokerState, session: Session, *, forget: bool = False, still: Callable[[], None] | None = None
 ) -> Result:
     sent = (session, session.profile)
-    ended = await session.logout(still=still)
+    ended = await session.logout(still=still, keep_unreached=not forget)
     forgotten = _forget(state, sent) if forget else None  # no checkpoint since the logout's last write
     await state.settle_files([session.profile.name])  # its token files are gone before the reply
     grant = session.profile.grant

@@ -383,7 +383,9 @@ def end_login(login: Login, tokens: TokenSet) -> Flow[Ended]:
 
 def revoke(login: Login, tokens: TokenSet) -> Flow[Ended]:
     """Revoke this login's refresh token, or its access token where there is none (RFC 7009). A 200
-    with Keycloak's ``invalid_token`` body means there was nothing to revoke."""
+    with Keycloak's ``invalid_token`` body means there was nothing to revoke; an IdP that is not there
+    to act (5xx, 429: ``oidc.unavailable``) raises ``UpstreamTransient``: nothing was ended, and the
+    logout may keep the login to end it later."""
     url = login.endpoints.revocation
     if url is None:
         return Ended.UNCONFIRMED
@@ -394,6 +396,8 @@ def revoke(login: Login, tokens: TokenSet) -> Flow[Ended]:
     )
     client = client_of(login.profile, login.credentials, login.endpoints)
     answer = yield from exchange(oidc.build_revoke(url, client, target, hint))
+    if oidc.unavailable(answer.response.status):
+        oidc.check_error(answer.response)
     if not 200 <= answer.response.status < 300:
         return Ended.UNCONFIRMED
     return Ended.NOTHING if oidc.said_invalid_token(answer.response) else Ended.REVOKED

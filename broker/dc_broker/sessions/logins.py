@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import trio
 
-from dc_broker.errors import UpstreamFault
+from dc_broker.errors import UpstreamFault, UpstreamTransient
 from dc_broker.idp.oidc import Endpoints
 from dc_broker.secret import Secret
 from dc_broker.sessions import driver, flows, loopback
@@ -30,6 +30,7 @@ from dc_token.errors import (
     Locked,
     LoginRequired,
     UnknownProfile,
+    UpstreamUnavailable,
 )
 
 log = logging.getLogger("dc_broker.sessions")
@@ -270,26 +271,38 @@ class PersonLogins(Concluding):
             )
         self._poke()  # the scheduler picks up the new plan
 
-    async def logout(self, *, still: Still | None = None) -> Ended:
-        """End the login at the IdP (best effort: ``flows.end_login``, its session where the IdP has an
-        end-session endpoint, else a revocation) and forget it. The client secret stays (it is not the
-        login), except for client credentials, where it is. Returns how the IdP ended it. ``still``:
-        the caller's check, made once the logout holds the login (it may have waited for a refresh),
-        before anything changes."""
+    async def logout(self, *, still: Still | None = None, keep_unreached: bool = False) -> Ended:
+        """End the login at the IdP (``flows.end_login``: its session where the IdP has an end-session
+        endpoint, else a revocation) and forget it. The client secret stays (it is not the login),
+        except for client credentials, where it is. Returns how the IdP ended it. ``still``: the
+        caller's check, made once the logout holds the login (it may have waited for a refresh),
+        before anything changes. An IdP that cannot be reached (or answers 5xx) ended nothing: with
+        ``keep_unreached`` (`dc-broker logout`) that is ``UpstreamUnavailable`` and nothing changes,
+        so the login is still there for a logout to end once the IdP answers; without it (`remove`,
+        which forgets the profile whatever the IdP does) the login is forgotten here all the same."""
         name = self.profile.name
         ended = Ended.UNCONFIRMED
         async with self._login_lock:
             if still is not None:
                 still()
-            self._changed()
-            self._logouts += 1  # a person's login that began before this one is not adopted after it
             tok = self.token
             creds = first = self._credentials_or_none()
             if tok is not None:
                 try:
                     ended = await self._drive(flows.end_login(await self._login(creds), tok))
+                except (UpstreamTransient, UpstreamUnavailable) as exc:
+                    if keep_unreached:
+                        raise UpstreamUnavailable(
+                            f"profile {name!r}: the identity provider could not end the login: {exc}; nothing "
+                            f"changed: the login is kept for `dc-broker logout {name}` to end once it answers "
+                            f"(`dc-broker remove {name}` forgets it here regardless)",
+                            retry_after=getattr(exc, "retry_after", None),
+                        ) from None
+                    log.warning("profile %s: could not end the login at the identity provider: %s", name, exc)
                 except (UpstreamFault, BrokerError) as exc:
                     log.warning("profile %s: could not end the login at the identity provider: %s", name, exc)
+            self._changed()
+            self._logouts += 1  # a person's login that began before this one is not adopted after it
             await self.store.forget_tokens(name)
             # as stored now: a client secret rotated or a key activated while the IdP was asked stays,
             # and so does a password (or a client credentials' secret) stored meanwhile: the logout
