@@ -833,13 +833,16 @@ def rotate(
         new["client_secret"] = read_secret(f"New client secret of {p.client_id} (profile {profile})", secret_stdin)
     flags = " ".join(f"--{k.replace('_', '-')}" for k in which)
     again = f"nothing changed: run `dc-broker rotate {profile} {flags}` again with the right one"
+    # an IdP that is down refused nothing: no "right one", and no `command`, so that the error's own
+    # hint follows (retry shortly), as dc-token and `dc-broker login` say it
+    later = "nothing changed (--no-verify stores it without the check)"
     running = broker_running(socket_path)
     if running:
         revealed: dict[str, Any] = {k: v.reveal() for k, v in new.items()}
         try:
             ask(socket_path, "set_secrets", profile=profile, verify=not no_verify, **revealed)
         except (CredentialsRejected, LoginRequired, UpstreamUnavailable) as exc:
-            raise advised(exc, again) from None
+            raise advised(exc, later if isinstance(exc, UpstreamUnavailable) else again) from None
     else:
         with _open_vault(vault_path) as vault:
             merged = dataclasses.replace(vault.credentials(profile), **new)
