@@ -84,6 +84,31 @@ def test_scope_from_dc_token_and_both_clients(fresh_dev) -> None:
     assert "same version" not in refused.stderr  # the message says what to do, not the version hint
 
 
+def test_the_python_clients_get_the_smaller_scope_the_broker_granted_without_raising(tmp_path: Path) -> None:
+    """Issue 20, Build 1: an IdP that granted less than asked (Keycloak 23+ drops a scope the login
+    never had, silently). `dc-token --scope` fails on it; the Python clients hand the caller the
+    token with the scope as granted, and leave the judging to it."""
+    from tests.test_keycloak_e2e import one_token_broker
+
+    served = one_token_broker(tmp_path / "s.sock", "profile email")
+    with TokenClient(str(tmp_path / "s.sock")) as c:
+        got = c.token_info("acme", scope="openid profile email")
+        assert (got.token, got.scope, got.profile) == ("T0K3N", "profile email", "acme")
+        # cached under the scope asked for: the broker, which answers once, is not asked again
+        assert c.token_info("acme", scope="openid profile email") == got
+    served.join(10)
+    assert not served.is_alive()
+
+    async def with_async() -> Token:
+        async with AsyncTokenClient(str(tmp_path / "a.sock")) as c:
+            return await c.token_info("acme", scope="openid profile email")
+
+    served = one_token_broker(tmp_path / "a.sock", "profile email")
+    got = trio.run(with_async)
+    served.join(10)
+    assert (got.token, got.scope) == ("T0K3N", "profile email")
+
+
 def restart(tmp: Path, old):
     """Stop the broker of ``old`` and start another on the same socket (a new IdP: new tokens)."""
     old.__exit__(None, None, None)

@@ -19,8 +19,12 @@ import jwt
 import pytest
 import trio
 
+from dc_broker.devidp.authcode import s256
 from dc_broker.devserver import DevClient, DevIdP, DevRealm, DevUser, demo_realm, main, serve
+from dc_broker.errors import OAuthError
+from dc_broker.idp import refusals
 from tests.conftest import running
+from tests.test_refusals import KEYCLOAK
 
 BASE = "http://idp.test"
 OIDC = "/realms/demo/protocol/openid-connect"
@@ -29,6 +33,8 @@ TOKEN = f"{OIDC}/token"
 API = "/dp/api/v1/aiconnections/types"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 CLI = ("dc-cli", "dc-cli-secret")
+#: keycloak.md: "another client's refresh token: 400 invalid_grant ..."
+OTHER_CLIENTS = "Invalid refresh token. Token client and authorized client don't match"
 T0 = 1_750_000_000.0
 
 
@@ -337,6 +343,124 @@ async def test_error_table(
     assert resp.headers["cache-control"] == "no-store"
 
 
+# -- settings that refuse, answered exactly as Keycloak does ----------------------------------------
+DEVICE_OFF_AT_START = (
+    "Client is not allowed to initiate OAuth 2.0 Device Authorization Grant. The flow is disabled for the client."
+)
+PASSWORD_FORM = {"grant_type": "password", "username": "demo", "password": "demo"}
+#: (id, realm settings, client settings, request, client auth, path, grant, Keycloak's answer) where
+#: Keycloak's answer is keycloak.md's; each is also a row of test_refusals.KEYCLOAK, the refusal table's
+SETTING_ROWS: list[
+    tuple[str, dict[str, Any], dict[str, Any], dict[str, str], tuple[str, str] | None, str, str, tuple[int, str, str]]
+] = [
+    ("https-required", {"ssl_required": "all"}, {}, PASSWORD_FORM, CLI, TOKEN, "password",
+     (403, "invalid_request", "HTTPS required")),
+    ("realm-disabled", {"enabled": False}, {}, PASSWORD_FORM, CLI, TOKEN, "password",
+     (403, "access_denied", "Realm not enabled")),
+    ("offline-not-allowed", {}, {"dc-cli": {"offline_allowed": False}}, PASSWORD_FORM | {"scope": "offline_access"},
+     CLI, TOKEN, "password", (400, "not_allowed", "Offline tokens not allowed for the user or client")),
+    ("dpop-required", {}, {"dc-cli": {"dpop": "required"}}, PASSWORD_FORM, CLI, TOKEN, "password",
+     (400, "invalid_dpop_proof", "DPoP proof is missing")),
+    ("service-account-disabled", {}, {"dc-service": {"service_account_enabled": False}},
+     {"grant_type": "client_credentials"}, ("dc-service", "dc-service-secret"), TOKEN, "client_credentials",
+     (401, "invalid_request", "User 'service-account-dc-service' disabled")),
+    ("device-grant-off", {}, {"dc-public": {"device_grant": False}},
+     {"grant_type": DEVICE_GRANT, "device_code": "any", "client_id": "dc-public"}, None, TOKEN, "device",
+     (400, "invalid_grant", "Client not allowed for OAuth 2.0 Device Authorization Grant")),
+    ("device-grant-off-at-start", {}, {"dc-public": {"device_grant": False}}, {"client_id": "dc-public"}, None,
+     f"{OIDC}/auth/device", "device", (400, "unauthorized_client", DEVICE_OFF_AT_START)),
+    ("direct-grants-off", {}, {"dc-cli": {"direct_grants": False}}, PASSWORD_FORM, CLI, TOKEN, "password",
+     (400, "unauthorized_client", "Client not allowed for direct access grants")),
+]  # fmt: skip
+
+
+def table_row(answer: tuple[int, str, str], grant: str) -> refusals.Meaning:
+    """The refusal table's row for ``answer`` (its client's name made the table's "svc"): there must
+    be one, so the dev IdP and the table cannot drift apart unnoticed; returns what it means."""
+    status, error, said = answer
+    said = said.replace("dc-service", "svc")
+    (meaning,) = [m for st, e, d, g, m in KEYCLOAK if (st, e, d, g) == (status, error, said, grant)]
+    assert refusals.classify(OAuthError(error, said, status), grant).meaning is meaning
+    return meaning
+
+
+@pytest.mark.parametrize(
+    ("realm_overrides", "client_settings", "form", "auth", "path", "grant", "expected"),
+    [r[1:] for r in SETTING_ROWS],
+    ids=[r[0] for r in SETTING_ROWS],
+)
+async def test_each_refusing_setting_answers_as_keycloak_does(
+    client: httpx.AsyncClient,
+    idp: DevIdP,
+    client_settings: dict[str, dict[str, Any]],
+    form: dict[str, str],
+    auth: tuple[str, str] | None,
+    path: str,
+    grant: str,
+    expected: tuple[int, str, str],
+) -> None:
+    """The settings the end-to-end tests refuse with (tests/test_keycloak_e2e.py): the dev IdP itself
+    sends Keycloak's exact status, error and error_description, and the refusal table reads that as
+    a setting to fix, never a dead token or a wrong credential."""
+    for client_id, changes in client_settings.items():
+        for name, value in changes.items():
+            setattr(idp.realm("demo").client(client_id), name, value)
+    resp = await post(client, form, auth=auth, path=path)
+    assert error_of(resp) == expected
+    assert table_row(expected, grant) is refusals.Meaning.MISCONFIGURED
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ({"ssl_required": "all"}, (403, "invalid_request", "HTTPS required")),
+        ({"enabled": False}, (403, "access_denied", "Realm not enabled")),
+        ({"dpop": "required"}, (400, "invalid_dpop_proof", "DPoP proof is missing")),
+    ],
+    ids=["https-required", "realm-disabled", "dpop-required"],
+)
+async def test_a_setting_that_refuses_a_refresh_leaves_the_refresh_token_alive(
+    client: httpx.AsyncClient, idp: DevIdP, setting: dict[str, Any], expected: tuple[int, str, str]
+) -> None:
+    """keycloak.md: "None of these says the refresh token is dead": the same words on a refresh, and
+    the token works again once the setting is undone."""
+    body = await login(client)
+    owner = idp.realm("demo").client("dc-cli") if "dpop" in setting else idp.realm("demo")
+    before = {name: getattr(owner, name) for name in setting}
+    for name, value in setting.items():
+        setattr(owner, name, value)
+    assert error_of(await refresh(client, body["refresh_token"])) == expected
+    assert table_row(expected, "refresh_token") is refusals.Meaning.MISCONFIGURED
+    for name, value in before.items():
+        setattr(owner, name, value)
+    assert (await refresh(client, body["refresh_token"])).status_code == 200
+
+
+async def test_a_dpop_bound_client_is_answered_with_token_type_dpop(client: httpx.AsyncClient, idp: DevIdP) -> None:
+    """keycloak.md: "DPoP-bound clients: token_type "DPoP" in answers"."""
+    idp.realm("demo").client("dc-cli").dpop = "bound"  # type: ignore[union-attr]
+    resp = await post(client, PASSWORD_FORM)
+    assert resp.status_code == 200 and resp.json()["token_type"] == "DPoP"
+
+
+@pytest.mark.parametrize("realm_overrides", [{"brute_force": True, "failure_factor": 1, "wait_increment": 60}])
+async def test_a_brute_force_locked_user_gets_invalid_user_credentials_for_the_right_password(
+    client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """keycloak.md: a temporarily locked user gets 400 invalid_grant "Invalid user credentials" (401
+    before about KC 24) EVEN WITH THE RIGHT PASSWORD; the lock lifts by itself. A wrong password is
+    401 (Keycloak 24+: the 400 tells a lock apart, which nothing may rely on)."""
+    wrong = await post(client, PASSWORD_FORM | {"password": "nope"})
+    assert error_of(wrong) == (401, "invalid_grant", "Invalid user credentials")
+    locked = await post(client, PASSWORD_FORM)
+    assert error_of(locked) == (400, "invalid_grant", "Invalid user credentials")
+    assert table_row(error_of(locked), "password") is refusals.Meaning.MAYBE_LOCKED
+    clock.advance(59)
+    assert error_of(await post(client, PASSWORD_FORM)) == (400, "invalid_grant", "Invalid user credentials")
+    clock.advance(1.5)  # Keycloak's default wait, 60 s, is over: the lock lifted by itself
+    assert (await post(client, PASSWORD_FORM)).status_code == 200
+
+
 async def test_required_actions_block_login(client: httpx.AsyncClient, idp: DevIdP) -> None:
     idp.realm("demo").users.append(DevUser("newbie", "newbie", required_actions=True))
     resp = await post(client, {"grant_type": "password", "username": "newbie", "password": "newbie"})
@@ -438,13 +562,28 @@ async def test_refresh_checks_client_issuer_and_user(client: httpx.AsyncClient, 
         {"grant_type": "refresh_token", "refresh_token": body["refresh_token"], "client_id": "dc-public"},
         auth=None,
     )
-    assert error_of(other) == (400, "invalid_grant", "Unmatching clients")
+    assert error_of(other) == (400, "invalid_grant", OTHER_CLIENTS)
     legacy = await post(
         client, {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}, path=f"{LEGACY}/token"
     )
     assert error_of(legacy) == (400, "invalid_grant", "Invalid refresh token")  # iss must not change
     idp.realm("demo").users[0].enabled = False
     assert error_of(await refresh(client, body["refresh_token"])) == (400, "invalid_grant", "User disabled")
+
+
+async def test_another_clients_refresh_token_is_checked_for_expiry_first(
+    client: httpx.AsyncClient, idp: DevIdP, clock: FakeClock
+) -> None:
+    """keycloak.md: "another client's refresh token: ... (expiry is checked first)"; and the same
+    words from the logout endpoint, where the token is not spent (revocation says it otherwise)."""
+    body = await login(client)
+    as_other = {"refresh_token": body["refresh_token"], "client_id": "dc-public"}
+    ended = await post(client, as_other, auth=None, path=f"{OIDC}/logout")
+    assert error_of(ended) == (400, "invalid_grant", OTHER_CLIENTS)
+    assert (await refresh(client, body["refresh_token"])).status_code == 200  # a refused logout ends nothing
+    clock.advance(1801)
+    late = await post(client, as_other | {"grant_type": "refresh_token"}, auth=None)
+    assert error_of(late) == (400, "invalid_grant", "Token is not active")
 
 
 async def test_offline_tokens_have_no_expiry_but_offline_idle(client: httpx.AsyncClient, clock: FakeClock) -> None:
@@ -586,6 +725,20 @@ async def test_device_flow_pending_slow_down_approved(
     assert (await start_device(client))["interval"] == 3
 
 
+async def test_slow_down_counts_from_the_last_accepted_poll(client: httpx.AsyncClient, clock: FakeClock) -> None:
+    """keycloak.md: "slow_down counts from the last accepted poll": a poll answered slow_down does
+    not start the interval again (Keycloak's polling mark lives ``interval`` s from the poll that set it)."""
+    code = (await start_device(client))["device_code"]  # interval 5
+    assert error_of(await poll(client, code))[1] == "authorization_pending"  # t=0: accepted
+    clock.advance(3)
+    assert error_of(await poll(client, code)) == (400, "slow_down", "Slow down")  # t=3: too early, refused
+    clock.advance(2.5)  # t=5.5: 5.5 s after the accepted poll, 2.5 s after the refused one
+    pending = (400, "authorization_pending", "The authorization request is still pending")
+    assert error_of(await poll(client, code)) == pending
+    clock.advance(4)  # t=9.5: 4 s after the accepted poll at 5.5
+    assert error_of(await poll(client, code)) == (400, "slow_down", "Slow down")
+
+
 def test_a_bad_device_interval_on_the_command_line_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     for bad in ("0", "-1", "0.5", "soon"):
         with pytest.raises(SystemExit) as info:
@@ -638,6 +791,77 @@ async def test_device_verification_page(client: httpx.AsyncClient, clock: FakeCl
     other = await start_device(client)
     await client.post(url, data={"user_code": other["user_code"], "action": "deny"})
     assert error_of(await poll(client, other["device_code"]))[1] == "access_denied"
+
+
+# -- authorization code + PKCE ---------------------------------------------------------------------------
+REDIRECT = "http://127.0.0.1:8400/callback"
+VERIFIER = "v" * 43
+
+
+async def auth_code(client: httpx.AsyncClient, **params: str) -> str:
+    """A code from the login page for dc-public (the first call signs in; the SSO cookie skips it then)."""
+    query = {"client_id": "dc-public", "redirect_uri": REDIRECT, "response_type": "code", "scope": "openid",
+             "state": "S", "code_challenge": s256(VERIFIER), "code_challenge_method": "S256", **params}  # fmt: skip
+    page = await client.get(f"{OIDC}/auth", params=query)
+    if page.status_code == 200:  # the login page
+        page = await client.post(f"{OIDC}/auth", data=query | {"username": "demo", "password": "demo"})
+    assert page.status_code == 302, page.text
+    location = httpx.URL(page.headers["location"])
+    assert str(location).startswith(REDIRECT) and location.params["state"] == "S"
+    return location.params["code"]
+
+
+async def exchange(client: httpx.AsyncClient, code: str, **form: str) -> httpx.Response:
+    base = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT, "client_id": "dc-public",
+            "code_verifier": VERIFIER}  # fmt: skip
+    merged = {k: v for k, v in (base | form).items() if v}
+    return await post(client, merged, auth=None)
+
+
+async def test_code_exchange_refusals_in_keycloaks_words(client: httpx.AsyncClient) -> None:
+    """keycloak.md lists no code or PKCE texts; these are the dev IdP's, each a 400 invalid_grant as
+    Keycloak's are: a missing verifier in Keycloak's own words (its OAuthProofKeyForCodeExchangeTest),
+    a wrong one as Keycloak 26 says it. A refused exchange spends the code, as Keycloak's does."""
+    wrong_verifier = await exchange(client, await auth_code(client), code_verifier="w" * 43)
+    assert error_of(wrong_verifier) == (400, "invalid_grant", "PKCE verification failed: Code mismatch")
+    no_verifier = await exchange(client, await auth_code(client), code_verifier="")
+    assert error_of(no_verifier) == (400, "invalid_grant", "PKCE code verifier not specified")
+    other_redirect = await exchange(client, await auth_code(client), redirect_uri="http://127.0.0.1:8401/callback")
+    assert error_of(other_redirect) == (400, "invalid_grant", "Incorrect redirect_uri")
+    no_redirect = await exchange(client, await auth_code(client), redirect_uri="")
+    assert error_of(no_redirect) == (400, "invalid_grant", "Incorrect redirect_uri")
+    code = await auth_code(client)
+    other_client = await post(client, {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT,
+                                       "code_verifier": VERIFIER})  # fmt: skip
+    assert error_of(other_client) == (400, "invalid_grant", "Auth error")
+    assert error_of(await exchange(client, code)) == (400, "invalid_grant", "Code not valid")  # spent
+    good = await auth_code(client)
+    assert (await exchange(client, good)).status_code == 200
+    assert error_of(await exchange(client, good)) == (400, "invalid_grant", "Code not valid")  # used once
+    for said in ("PKCE verification failed: Code mismatch", "Code not valid"):
+        assert table_row((400, "invalid_grant", said), "authorization_code") is refusals.Meaning.CREDENTIAL_WRONG
+
+
+@pytest.mark.parametrize(
+    ("params", "said"),
+    [
+        ({"redirect_uri": "https://evil.example/cb"}, "Invalid parameter: client_id or redirect_uri"),
+        ({"client_id": "ghost"}, "Invalid parameter: client_id or redirect_uri"),
+        ({"code_challenge": ""}, "Missing parameter: code_challenge (PKCE S256)"),
+        ({"code_challenge_method": "plain"}, "Missing parameter: code_challenge (PKCE S256)"),
+    ],
+    ids=["redirect-not-loopback", "unknown-client", "no-challenge", "plain"],
+)
+async def test_the_login_page_refuses_a_bad_redirect_or_no_pkce(
+    client: httpx.AsyncClient, params: dict[str, str], said: str
+) -> None:
+    """The dev IdP's own texts (keycloak.md has none for the authorization endpoint): a page, 400, and
+    no redirect anywhere."""
+    query = {"client_id": "dc-public", "redirect_uri": REDIRECT, "response_type": "code",
+             "code_challenge": s256(VERIFIER), "code_challenge_method": "S256", **params}  # fmt: skip
+    page = await client.get(f"{OIDC}/auth", params=query)
+    assert page.status_code == 400 and "location" not in page.headers
+    assert f"<p class=error>{said}</p>" in page.text
 
 
 # -- the demo API -------------------------------------------------------------------------------------

@@ -17,10 +17,22 @@ import httpx
 import pytest
 
 from dc_token import TokenClient
-from tests.e2e import DC_BROKER, dc_token, dev_idp, idp_stats, run, start_run, stop, wait_for
+from tests.e2e import (
+    DC_BROKER,
+    approve_device,
+    dc_token,
+    dev_idp,
+    device_code,
+    idp_stats,
+    run,
+    start_run,
+    stop,
+    wait_for,
+)
 from tests.test_browser_login_e2e import FormFields, start_login
 
 pytestmark = pytest.mark.e2e
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 SECRETS = '[acme]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n'
 
 
@@ -79,6 +91,59 @@ def test_a_locked_out_user_recovers_by_itself_once_the_lock_lifts(tmp_path: Path
     assert 3 <= grants <= 2 + 3  # the first login, the wrong one elsewhere, at most 3 of ours meanwhile
 
 
+def test_a_refresh_token_keycloak_says_is_dead_needs_a_person_or_the_stored_password(tmp_path: Path) -> None:
+    """An administrator's "log out all sessions": Keycloak answers the next refresh 400 invalid_grant
+    "Session not active", the one kind of answer that may cost a refresh token. The device login has
+    nothing to fall back on (`dc-token` exits 5 naming the command that logs it in again); the
+    password profile logs in again by itself with exactly one password grant."""
+    with dev_idp("--device-interval", "1") as base:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            profile("acme", base)
+            + f'[profiles.dev]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\ngrant = "device"\n'
+            'auth_method = "none"\n'
+        )
+        sock = str(tmp_path / "broker.sock")
+        broker = start_run(cfg, sock, SECRETS)
+        try:
+            login = subprocess.Popen(
+                [DC_BROKER, "login", "dev", "--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            approve_device(base, device_code(login))
+            assert login.wait(30) == 0
+            held = {name: dc_token(sock, name) for name in ("acme", "dev")}
+            assert all(got.returncode == 0 for got in held.values()), [got.stderr for got in held.values()]
+            before = idp_stats(base)["token_requests"]
+            assert httpx.post(f"{base}/_dev/logout-all", timeout=30).json()["killed"] == 2
+            with TokenClient(sock) as client:  # what a caller does when the API answers 401
+                for name, got in held.items():
+                    client.invalidate(name, got.stdout.strip())
+            dead = wait_for(
+                lambda: (got := dc_token(sock, "dev")).returncode != 0 and got,
+                30,
+                "dc-token dev refusing once its login was found dead",
+                process=broker,
+                every=0.2,
+            )
+            assert dead.returncode == 5 and dead.stdout == "", dead.stderr  # login_required: a person acts
+            assert dead.stderr == "dc-token: profile 'dev': no valid login; run `dc-broker login dev`\n"
+            assert status(sock)["dev"]["state"] == "login_required"
+            again = wait_for(
+                lambda: (got := dc_token(sock, "acme")).returncode == 0 and got.stdout != held["acme"].stdout and got,
+                30,
+                "a new token for acme from its stored password",
+                process=broker,
+                every=0.2,
+            )
+            assert again.stdout.strip()
+            assert status(sock)["acme"]["state"] == "fresh"
+        finally:
+            assert stop(broker) == 0
+        after = idp_stats(base)["token_requests"]
+    assert after["password"] == before["password"] + 1  # one password grant, no retries
+    assert after.get("refresh_token", 0) - before.get("refresh_token", 0) >= 1  # the refresh that was refused
+
+
 @pytest.mark.parametrize(
     ("settings", "profile_settings", "fix"),
     [
@@ -107,6 +172,53 @@ def test_a_client_or_realm_setting_that_refuses_is_named_with_its_fix(
             assert shown["next_refresh_in"] is not None and float(str(shown["next_refresh_in"])) > 60  # slowly
         finally:
             assert stop(broker) == 0
+
+
+def test_a_device_login_refused_by_a_client_setting_keeps_its_refresh_token(tmp_path: Path) -> None:
+    """The headline case of issue 20, point 3: a device login (no password to fall back on) whose
+    client an administrator switches to DPoP-required. Its refreshes are refused in words that do not
+    say the token is dead: `dc-token` exits 10 naming the setting, and the login (its refresh token,
+    with its deadline) is kept for when the setting is undone; no person is asked to log in again.
+    (That it then refreshes with no person: tests/test_generations.py, in-process, where the broker's
+    5-minute wait before asking again costs nothing.)"""
+    with dev_idp("--device-interval", "1") as base:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            f'[profiles.dev]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\ngrant = "device"\n'
+            'auth_method = "none"\n'
+        )
+        sock = str(tmp_path / "broker.sock")
+        broker = start_run(cfg, sock, "")
+        admin = f"{base}/_dev/realms/demo/clients"
+        try:
+            login = subprocess.Popen(
+                [DC_BROKER, "login", "dev", "--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            approve_device(base, device_code(login))
+            assert login.wait(30) == 0
+            first = dc_token(sock, "dev")
+            assert first.returncode == 0, first.stderr
+            before = idp_stats(base)["token_requests"]
+            assert httpx.post(admin, json={"client_id": "dc-public", "dpop": "required"}, timeout=30).status_code == 200
+            with TokenClient(sock) as client:
+                client.invalidate("dev", first.stdout.strip())
+            refused = wait_for(
+                lambda: (got := dc_token(sock, "dev")).returncode != 0 and got,
+                30,
+                "dc-token dev refused by the setting",
+                process=broker,
+                every=0.2,
+            )
+            assert refused.returncode == 10 and "DPoP Bound Access Tokens" in refused.stderr, refused.stderr
+            shown = status(sock)["dev"]
+            assert shown["state"] != "login_required" and "DPoP" in str(shown["last_error"])
+            assert shown["login_ends_in"] is not None and float(str(shown["login_ends_in"])) > 60  # the token kept
+            assert float(str(shown["next_refresh_in"])) > 60  # asked again slowly, not in a loop
+        finally:
+            assert stop(broker) == 0
+        after = idp_stats(base)["token_requests"]
+    assert after[DEVICE_GRANT] == before[DEVICE_GRANT]  # no new device login was started: no person was asked
+    assert after["refresh_token"] - before.get("refresh_token", 0) == 1  # one refused refresh, not a loop
 
 
 def test_a_disabled_service_account_and_a_disabled_device_grant_name_the_client_setting(tmp_path: Path) -> None:
@@ -143,8 +255,6 @@ def test_dc_token_scope_against_rh_sso_never_prints_a_token_wider_than_asked(tmp
         sock = str(tmp_path / "broker.sock")
         broker = start_run(cfg, sock, SECRETS)
         try:
-            from tests.e2e import approve_device, device_code
-
             login = subprocess.Popen(
                 [DC_BROKER, "login", "dev", "--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )

@@ -48,9 +48,11 @@ KEYCLOAK = [
     (403, "invalid_request", "HTTPS required", R, Meaning.MISCONFIGURED),
     (403, "invalid_request", "HTTPS required", P, Meaning.MISCONFIGURED),
     (403, "access_denied", "Realm not enabled", R, Meaning.MISCONFIGURED),
+    (403, "access_denied", "Realm not enabled", P, Meaning.MISCONFIGURED),
     (400, "not_allowed", "Offline tokens not allowed for the user or client", R, Meaning.MISCONFIGURED),
     (400, "not_allowed", "Offline tokens not allowed for the user or client", P, Meaning.MISCONFIGURED),
     (400, "invalid_dpop_proof", "DPoP proof is missing", R, Meaning.MISCONFIGURED),
+    (400, "invalid_dpop_proof", "DPoP proof is missing", P, Meaning.MISCONFIGURED),
     (200, "dpop_bound", "the identity provider granted a DPoP-bound token (token_type DPoP)", P, Meaning.MISCONFIGURED),
     (
         400,
@@ -71,8 +73,14 @@ KEYCLOAK = [
     (400, "invalid_grant", "Invalid user credentials", P, Meaning.MAYBE_LOCKED),
     (400, "invalid_grant", "Account disabled", P, Meaning.CREDENTIAL_WRONG),
     (400, "invalid_grant", "Account is not fully set up", P, Meaning.CREDENTIAL_WRONG),
+    # a wrong client secret (Keycloak 20+), or an unknown client, on every grant: never a dead token
     (401, "unauthorized_client", "Invalid client or Invalid client credentials", C, Meaning.CREDENTIAL_WRONG),
+    (401, "unauthorized_client", "Invalid client or Invalid client credentials", P, Meaning.CREDENTIAL_WRONG),
+    (401, "unauthorized_client", "Invalid client or Invalid client credentials", R, Meaning.CREDENTIAL_WRONG),
+    (401, "invalid_client", "Invalid client or Invalid client credentials", P, Meaning.CREDENTIAL_WRONG),
     (401, "invalid_client", "Invalid client or Invalid client credentials", R, Meaning.CREDENTIAL_WRONG),
+    # a device code Keycloak already dropped: that login is over, a person starts another
+    (400, "invalid_grant", "Device code not valid", D, Meaning.CREDENTIAL_WRONG),
     (400, "invalid_scope", "Invalid scopes: openid bogus", R, Meaning.SCOPE),
     (400, "invalid_grant", "Code not valid", A, Meaning.CREDENTIAL_WRONG),
     (400, "invalid_grant", "PKCE verification failed: Code mismatch", A, Meaning.CREDENTIAL_WRONG),

@@ -4,7 +4,9 @@ A device authorization is created by ``POST .../auth/device``, approved or denie
 verification page or ``DevIdP.approve_device``), polled by the client, and consumed by the one poll
 that returns tokens. Each authorization keeps the ``interval`` its client was told (the realm's
 ``device_interval``); ``slow_down`` answers a poll that comes less than ``interval`` seconds after the
-previous one. Keycloak does not grow the interval afterwards, and neither do we.
+last accepted one (a poll answered ``slow_down`` does not count: Keycloak keeps its polling mark for
+``interval`` seconds from the poll that set it). Keycloak does not grow the interval afterwards, and
+neither do we.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class DeviceAuthorization:
     interval: int
     state: DeviceState = DeviceState.PENDING
     username: str | None = None
+    #: when the last poll that was not answered ``slow_down`` came
     last_poll: float | None = None
 
     def expired(self, now: float) -> bool:

@@ -22,7 +22,8 @@ Routes (``{base}`` = ``[/auth]/realms/{realm}``):
     GET  /_dev/stats                                   (counters for tests: token requests by grant, reuse)
     POST /_dev/logout-all                              (an administrator's "log out all sessions", for tests)
     POST /_dev/realms/{realm}/clients                  (dev admin: create or change a client: its
-                                                        authenticator, JWKS, subject DN, federated subject)
+                                                        authenticator, JWKS, subject DN, federated subject,
+                                                        and the settings that refuse: grants, DPoP, offline)
     POST /_dev/realms/{realm}/trusted-issuers          (dev admin: an issuer federated clients may use)
 """
 
@@ -66,6 +67,10 @@ _CLIENT_FIELDS: Final = (
     "federated_subject",
     "service_account_roles",
     "direct_grants",
+    "device_grant",
+    "service_account_enabled",
+    "offline_allowed",
+    "dpop",
 )
 OIDC: Final = "protocol/openid-connect"
 CONNECTION_TYPES: Final = [

@@ -37,6 +37,8 @@ OPTIONAL_SCOPES: Final = frozenset(
 )
 BAD_CLIENT: Final = "Invalid client or Invalid client credentials"
 BAD_USER: Final = "Invalid user credentials"
+#: another client's refresh token, at the token and the logout endpoints (revocation says "Unmatching clients")
+OTHER_CLIENTS_TOKEN: Final = "Invalid refresh token. Token client and authorized client don't match"
 
 
 class OAuthProblem(Exception):
@@ -331,10 +333,10 @@ def refresh_token_grant(state: IdPState, request: TokenRequest, client: DevClien
     record = state.sessions.refresh_token(value)
     if record is None or record.realm != realm.name or record.issuer != request.issuer:
         raise dead("Invalid refresh token")
-    if record.client_id != client.client_id:
-        raise dead("Unmatching clients")
-    if record.expired(now):
+    if record.expired(now):  # Keycloak checks the token's expiry before whose it is
         raise dead("Token is not active")
+    if record.client_id != client.client_id:
+        raise dead(OTHER_CLIENTS_TOKEN)
     session = state.sessions.session(record.sid)
     if session is None or not session.active(realm, now):
         raise dead("Offline session not active" if session and session.offline else "Session not active")
@@ -414,10 +416,9 @@ def device_code_grant(state: IdPState, request: TokenRequest, client: DevClient)
         raise _invalid_grant("Device code not valid")
     if auth.expired(now):
         raise OAuthProblem(400, "expired_token", "Device code is expired")
-    polled_too_fast = auth.last_poll is not None and now - auth.last_poll < auth.interval
+    if auth.last_poll is not None and now - auth.last_poll < auth.interval:
+        raise OAuthProblem(400, "slow_down", "Slow down")  # counted from the last accepted poll, not this one
     auth.last_poll = now
-    if polled_too_fast:
-        raise OAuthProblem(400, "slow_down", "Slow down")
     not_yet = _DEVICE_NOT_YET.get(auth.state)
     if not_yet is not None:
         raise not_yet(auth)
@@ -441,7 +442,9 @@ def authorization_code_grant(state: IdPState, request: TokenRequest, client: Dev
         raise _invalid_grant("Auth error")
     if redirect_uri != record.redirect_uri:
         raise _invalid_grant("Incorrect redirect_uri")
-    if verifier is None or not authcode.verifier_matches(verifier, record.code_challenge):
+    if verifier is None:  # Keycloak's words (its OAuthProofKeyForCodeExchangeTest, case A-1-12)
+        raise _invalid_grant("PKCE code verifier not specified")
+    if not authcode.verifier_matches(verifier, record.code_challenge):
         raise _invalid_grant("PKCE verification failed: Code mismatch")
     scope = _offline_allowed(client, resolve_scope(record.scope, client))
     offline = "offline_access" in scope.split()
@@ -544,7 +547,7 @@ def logout(state: IdPState, request: TokenRequest) -> None:
     if record is None or record.realm != request.realm.name:
         raise _invalid_grant("Invalid refresh token")
     if record.client_id != client.client_id:
-        raise _invalid_grant("Unmatching clients")
+        raise _invalid_grant(OTHER_CLIENTS_TOKEN)
     state.sessions.kill(record.sid)
 
 

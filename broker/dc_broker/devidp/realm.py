@@ -83,8 +83,8 @@ class DevRealm:
     """A realm. Lifetimes are seconds, as in the Keycloak admin console (Realm settings -> Sessions/Tokens).
 
     ``device_interval`` is Realm settings -> Tokens -> "OAuth 2.0 Device Polling Interval": the
-    ``interval`` a device authorization tells its client, and the least time between two of its polls
-    before the answer is ``slow_down``.
+    ``interval`` a device authorization tells its client, and the least time from one of its accepted
+    polls to the next before the answer is ``slow_down`` (a poll answered ``slow_down`` moves nothing).
 
     **Other OPs' personalities** (the defaults are Keycloak's own answers):
 
