@@ -5,6 +5,7 @@ method, redaction, and the dev IdP's authenticators against the broker's real se
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import ssl
 import time
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwt as jose_jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, OctKey, RSAKey
@@ -42,6 +44,7 @@ IDP = "http://localhost"
 ISSUER = f"{IDP}/realms/demo"
 TOKEN_URL = f"{ISSUER}/protocol/openid-connect/token"
 NOW = 1_700_000_000.0
+SECRET = "svc-secret-of-thirty-two-bytes-or-more"
 
 
 def verify(assertion: str, jwks: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -50,9 +53,15 @@ def verify(assertion: str, jwks: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     return dict(token.header), dict(token.claims)
 
 
-@pytest.mark.parametrize(("key_type", "alg", "kty"), [("ec", "ES256", ECKey), ("rsa", "RS256", RSAKey)])
-def test_a_signed_assertion_verifies_with_the_public_jwks_alone(key_type: str, alg: str, kty: Any) -> None:
+@pytest.mark.parametrize(
+    ("key_type", "alg", "kty", "strength"), [("ec", "ES256", ECKey, "secp256r1"), ("rsa", "RS256", RSAKey, 2048)]
+)
+def test_a_signed_assertion_verifies_with_the_public_jwks_alone(
+    key_type: str, alg: str, kty: Any, strength: str | int
+) -> None:
     key = clientkeys.generate(key_type, now=NOW)
+    private = key.private_key()  # EC P-256, or RSA 2048 when asked (the issue's sizes)
+    assert (private.curve.name if isinstance(private, ec.EllipticCurvePrivateKey) else private.key_size) == strength
     keys = clientkeys.KeySet(key)
     need = oidc.AssertionNeeded("private_key_jwt", "svc", TOKEN_URL, keys.to_secret())
     value = assertions.signed(need, now=NOW + 0.7, jti="jti-1")
@@ -273,6 +282,42 @@ async def test_the_dev_idp_answers_each_bad_assertion_as_keycloak_does(
         form = {"grant_type": "client_credentials", "client_assertion_type": oidc.JWT_BEARER, "client_assertion": value}
         answer = await http.post(TOKEN_URL, data=form)
     assert (answer.status_code, answer.json()) == (400, {"error": "invalid_client", "error_description": description})
+
+
+def _another_signature(keys: clientkeys.KeySet, payload: dict[str, Any]) -> str:
+    """Signed with a key the client never registered, under the registered key's kid."""
+    impostor = dataclasses.replace(clientkeys.generate("ec", now=time.time()), kid=keys.active.kid)
+    return assertions.sign_with_key(impostor, payload)
+
+
+@pytest.mark.parametrize(
+    ("auth", "sign", "description"),
+    [
+        (
+            "client-jwt",
+            _another_signature,
+            "Client authentication with signed JWT failed: Signature on JWT token failed validation",
+        ),
+        ("client-jwt", lambda keys, payload: assertions.sign_with_secret(SECRET, payload), "Invalid signature algorithm"),
+        ("client-secret-jwt", lambda keys, payload: assertions.sign_with_key(keys.active, payload), "Invalid signature algorithm"),
+    ],
+    ids=["wrong-signature-known-kid", "hs256-for-signed-jwt", "es256-for-secret-jwt"],
+)  # fmt: skip
+async def test_the_dev_idp_answers_a_wrong_signature_or_algorithm_as_keycloak_does(
+    auth: str, sign: Any, description: str
+) -> None:
+    """A signature that does not verify under the kid it names, and an algorithm the client's
+    authenticator does not take (a MAC for Signed JWT, a key signature for Signed JWT with Client
+    Secret): 400 invalid_client with Keycloak's descriptions (docs/keycloak.md)."""
+    keys = clientkeys.KeySet(clientkeys.generate("ec", now=time.time()))
+    idp = jwt_realm_idp(auth=auth, jwks=keys.public_jwks(), secret=SECRET)
+    payload = assertions.claims("svc", TOKEN_URL, now=time.time(), jti="j-signature")
+    form = {"grant_type": "client_credentials", "client_assertion_type": oidc.JWT_BEARER}
+    form["client_assertion"] = sign(keys, payload)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=idp.app)) as http:
+        answer = await http.post(TOKEN_URL, data=form)
+    assert (answer.status_code, answer.json()) == (400, {"error": "invalid_client", "error_description": description})
+    assert idp._state.assertions.accepted == []  # nothing was taken for the client's
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import base64
 import datetime
 import json
 import re
+import secrets
 import ssl
 import subprocess
 import threading
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from dc_broker.idp import assertions, clientkeys
+from dc_broker.idp import assertions, clientkeys, oidc
 from dc_broker.vault import Vault
 from tests.e2e import DC_BROKER, dc_token, dev_idp, idp_stats, stop, wait_for, wait_for_socket
 from tests.test_cli import cli, home, init_keyfile  # noqa: F401 - the home fixture
@@ -49,11 +50,13 @@ def printed_jwks(stdout: str) -> dict[str, Any]:
 
 
 class Callers:
-    """`dc-token PROFILE --min-ttl N` in a loop on its own thread: every exit status, until stopped."""
+    """`dc-token PROFILE --min-ttl N` in a loop on its own thread: every exit status, until stopped
+    (and every output, into ``outputs`` when given: the key grep reads them)."""
 
-    def __init__(self, sock: str, profile: str, min_ttl: str) -> None:
+    def __init__(self, sock: str, profile: str, min_ttl: str, outputs: list[str] | None = None) -> None:
         self.codes: list[int] = []
         self.errors: list[str] = []
+        self.outputs = outputs if outputs is not None else []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(sock, profile, min_ttl), daemon=True)
         self._thread.start()
@@ -61,6 +64,7 @@ class Callers:
     def _run(self, sock: str, profile: str, min_ttl: str) -> None:
         while not self._stop.is_set():
             done = dc_token(sock, profile, "--min-ttl", min_ttl)
+            self.outputs.extend((done.stdout, done.stderr))
             self.codes.append(done.returncode)
             if done.returncode:
                 self.errors.append(done.stderr)
@@ -82,7 +86,16 @@ def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
         outputs.extend((done.stdout, done.stderr))
         return done
 
+    def token(*args: str) -> subprocess.CompletedProcess[str]:
+        done = dc_token(sock, *args)
+        outputs.extend((done.stdout, done.stderr))
+        return done
+
+    def grants(grant: str) -> int:
+        return int(idp_stats(base)["token_requests"].get(grant, 0))
+
     sock = home["DC_BROKER_SOCKET"]
+    vault_path = home["XDG_DATA_HOME"] + "/dc-broker/vault.db"
     with dev_idp("--access-lifespan", "6") as base:
         init_keyfile(home, tmp_path)
         added = run("add", "acme", "--server", base, "--tenant", "demo", "--no-legacy-paths", "--client-id",
@@ -95,6 +108,11 @@ def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
         first = printed_jwks(added.stdout)
         (key,) = first["keys"]
         assert key["kty"] == "EC" and key["alg"] == "ES256" and "d" not in key
+        # the key `add` made (in this CLI process: no broker runs), as the vault holds it: the grep
+        # at the end looks for it too, not only for the key that signs last
+        with Vault.open(vault_path, auto_unlock=True) as vault:
+            made_by_add = clientkeys.KeySet.from_secret(vault.credentials("acme").client_keys)  # type: ignore[arg-type]
+        assert made_by_add.active.kid == key["kid"] and made_by_add.next is None
         # the client uses Signed JWT, but its key is not imported yet: refused, exit 8, and what to do
         register(base, client_id="dc-cli", auth="client-jwt", jwks={"keys": []})
         refused = run("keys", "acme", "--check")
@@ -103,6 +121,21 @@ def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
         register(base, client_id="dc-cli", auth="client-jwt", jwks=first)
         checked = run("keys", "acme", "--check")
         assert checked.returncode == 0 and "accepts client dc-cli" in checked.stdout, checked.stderr
+        # an assertion is single-use: the IdP (a process of its own, as Keycloak is) takes it once,
+        # and refuses it sent again as Keycloak does
+        token_url = f"{base}/realms/demo/protocol/openid-connect/token"
+        once = assertions.sign_with_key(
+            made_by_add.active, assertions.claims("dc-cli", token_url, now=time.time(), jti=secrets.token_urlsafe(24))
+        )
+        form = {"grant_type": "refresh_token", "refresh_token": "not-one-the-idp-issued",
+                "client_assertion_type": oidc.JWT_BEARER, "client_assertion": once}  # fmt: skip
+        first_use = httpx.post(token_url, data=form, timeout=30)
+        assert first_use.status_code == 400 and first_use.json()["error"] == "invalid_grant", first_use.text
+        replayed = httpx.post(token_url, data=form, timeout=30)
+        assert (replayed.status_code, replayed.json()) == (
+            400,
+            {"error": "invalid_client", "error_description": "Token reuse detected"},
+        )
         listed = run("keys", "acme", "--jwks")
         assert json.loads(listed.stdout) == first
 
@@ -111,12 +144,15 @@ def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
         )
         try:
             wait_for_socket(sock, daemon)
-            token = dc_token(sock, "acme")
-            assert token.returncode == 0, token.stderr
+            before_login = grants("refresh_token")  # the checks above: a refresh grant each
+            first_token = token("acme")
+            assert first_token.returncode == 0, first_token.stderr
             # a refresh with the refresh token, its client authenticated by a new assertion
-            wait_for(lambda: idp_stats(base)["token_requests"].get("refresh_token", 0) >= 1, 30, "a refresh")
+            wait_for(lambda: grants("refresh_token") > before_login, 30, "a refresh")
+            logins = grants("password")
+            assert logins == 1  # the one login; from here on only refreshes
             # rotation while callers ask for tokens at least 5 s fresh (a refresh at least every second)
-            callers = Callers(sock, "acme", "5")
+            callers = Callers(sock, "acme", "5", outputs)
             try:
                 wait_for(lambda: len(callers.codes) >= 3, 30, "callers under way")
                 made = run("rotate", "acme", "--key", "--key-type", "rsa")
@@ -138,6 +174,9 @@ def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
             finally:
                 callers.stop()
             assert callers.codes and set(callers.codes) == {0}, callers.errors[:3]
+            # every token the callers got came from a refresh: a refresh the IdP refused would have
+            # fallen back to a password login, unseen by the callers
+            assert grants("password") == logins
             shown = json.loads(run("keys", "acme", "--jwks").stdout)
             assert shown == {"keys": [both["keys"][1]]}
             status = json.loads(run("status", "--json", "acme").stdout)
@@ -153,12 +192,12 @@ def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
             )
             # ... and by dc-token once the token it had is gone
             refused_token = wait_for(
-                lambda: (r := dc_token(sock, "acme", "--min-ttl", "5")).returncode == 8 and r, 30, "dc-token refused"
+                lambda: (r := token("acme", "--min-ttl", "5")).returncode == 8 and r, 30, "dc-token refused"
             )
             assert "Unable to load public key" in refused_token.stderr
             register(base, client_id="dc-cli", auth="client-jwt", jwks={"keys": [both["keys"][1]]})
             assert run("keys", "acme", "--check").returncode == 0  # and the profile tries again at once
-            assert wait_for(lambda: dc_token(sock, "acme").returncode == 0, 30, "a token again")
+            assert wait_for(lambda: token("acme").returncode == 0, 30, "a token again")
             logout = run("logout", "acme")
             assert logout.returncode == 0, logout.stderr
             assert "its session at the identity provider ended" in logout.stdout
@@ -169,15 +208,16 @@ def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
             assert daemon.stdout is not None and daemon.stderr is not None
             outputs.extend((daemon.stdout.read(), daemon.stderr.read()))
 
-    with Vault.open(home["XDG_DATA_HOME"] + "/dc-broker/vault.db", auto_unlock=True) as vault:
-        keys = clientkeys.KeySet.from_secret(vault.credentials("acme").client_keys)  # type: ignore[arg-type]
-    assert_nowhere(keys, [*tmp_path.rglob("*")], outputs)
+    with Vault.open(vault_path, auto_unlock=True) as vault:
+        last = clientkeys.KeySet.from_secret(vault.credentials("acme").client_keys)  # type: ignore[arg-type]
+    assert last.active.kid == new_kid and made_by_add.active.kid != new_kid
+    assert_nowhere([made_by_add, last], [*tmp_path.rglob("*")], outputs)
 
 
-def key_forms(keys: clientkeys.KeySet) -> list[bytes]:
-    """The private key's bytes as PEM, as DER and as its raw private number, each also base64'd."""
+def key_forms(key_sets: list[clientkeys.KeySet]) -> list[bytes]:
+    """The private keys' bytes as PEM, as DER and as the raw private number, each also base64'd."""
     forms = []
-    for key in [keys.active] + ([keys.next] if keys.next else []):
+    for key in [k for keys in key_sets for k in (keys.active, keys.next) if k is not None]:
         private = key.private_key()
         der = private.private_bytes(
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -191,8 +231,8 @@ def key_forms(keys: clientkeys.KeySet) -> list[bytes]:
     return forms
 
 
-def assert_nowhere(keys: clientkeys.KeySet, files: list[Path], outputs: list[str]) -> None:
-    forms = key_forms(keys)
+def assert_nowhere(key_sets: list[clientkeys.KeySet], files: list[Path], outputs: list[str]) -> None:
+    forms = key_forms(key_sets)
     checked = 0
     for path in files:
         if path.is_file():
@@ -274,6 +314,9 @@ def test_tls_client_auth_presents_the_certificate_and_a_wrong_one_is_refused(
             assert 29 * 86400 < row["client_auth"]["cert_expires_in"] <= 30 * 86400
             shown = cli(home, "status", "mtls").stdout
             assert re.search(r"mtls: client certificate .*client\.pem \(CN=dc-mtls\) expires in 29d", shown), shown
+            # logout: the revocation presents the certificate too (without it the IdP would refuse the
+            # client, and the login would be "forgotten" unconfirmed, not revoked)
+            logged_out(home, sock, "mtls")
             # a certificate of another subject, from the same CA (put into the same files, as a renewal
             # would): the broker presents the new one at once, and the IdP refuses it: exit 8
             other_cert, other_key = clients.issue("someone-else", name="other")
@@ -354,6 +397,16 @@ def test_a_federated_assertion_file_is_read_for_each_request_and_an_expired_one_
         try:
             wait_for_socket(sock, daemon)
             assert dc_token(sock, "fed").returncode == 0
+            # status shows the file and when the JWT in it expires (not the JWT)
+            auth = json.loads(cli(home, "status", "--json", "fed").stdout)["profiles"][0]["client_auth"]
+            left = auth.pop("assertion_expires_in")
+            assert auth == {"method": "client_assertion_file", "assertion_file": str(token_file)}
+            assert 500 < left <= 600
+            shown = cli(home, "status", "fed").stdout
+            assert re.search(
+                rf"^fed: client assertion file {re.escape(str(token_file))} expires in 9m\d\ds", shown, re.M
+            )
+            assert token_file.read_text() not in shown
             # the kubelet renews the file: the next grant presents the new one
             token_file.write_text(federated_token(cluster, issuer, realm_issuer, lifetime=900))
             before = idp_stats(base)["token_requests"].get("client_credentials", 0)
@@ -373,5 +426,162 @@ def test_a_federated_assertion_file_is_read_for_each_request_and_an_expired_one_
             refused = cli(home, "keys", "fed", "--check")
             assert refused.returncode == 8, refused.stderr
             assert "HTTP 401: invalid_client: Invalid client or Invalid client credentials" in refused.stderr
+            # logout: the revocation is authenticated by the file's assertion as well
+            token_file.write_text(federated_token(cluster, issuer, realm_issuer, lifetime=600))
+            assert wait_for(lambda: dc_token(sock, "fed").returncode == 0, 30, "a token with the issuer's JWT again")
+            logged_out(home, sock, "fed")
         finally:
             stop(daemon)
+
+
+def logged_out(home: dict[str, str], sock: str, profile: str) -> None:
+    """`dc-broker logout` of a client_credentials profile with no secret (a certificate, an assertion
+    file): the IdP revokes the token (so it took the client's authentication), the profile needs a
+    new login, and a successful `keys --check` is how it gets one."""
+    logout = cli(home, "logout", profile)
+    assert logout.returncode == 0, logout.stderr
+    assert logout.stdout.startswith(f"Logged out of profile {profile}: its login revoked at the identity provider, ")
+    row = json.loads(cli(home, "status", "--json", profile).stdout)["profiles"][0]
+    assert (row["state"], row["expires_in"]) == ("login_required", None)
+    assert dc_token(sock, profile).returncode == 5  # no token after a logout, and none made behind its back
+    checked = cli(home, "keys", profile, "--check")
+    assert checked.returncode == 0, checked.stderr
+    assert wait_for(lambda: dc_token(sock, profile).returncode == 0, 30, f"a token for {profile} after the check")
+
+
+# ---------------------------------------------------------------- client_secret_jwt
+
+CLIENT_SECRET = "dc-cli-secret-of-thirty-two-bytes-or-more"
+
+
+@pytest.mark.slow
+def test_client_secret_jwt_from_add_to_logout_and_a_wrong_secret_is_refused(
+    home: dict[str, str], tmp_path: Path
+) -> None:
+    """The secret signs an HS256 assertion and never crosses the network: add (checked with a real
+    login), token, refresh, the IdP's secret changed (exit 8 and Keycloak's words), the new secret
+    rotated in, logout."""
+    outputs: list[str] = []
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        done = cli(home, *args, stdin=stdin)
+        outputs.extend((done.stdout, done.stderr))
+        return done
+
+    def token(*args: str) -> subprocess.CompletedProcess[str]:
+        done = dc_token(sock, *args)
+        outputs.extend((done.stdout, done.stderr))
+        return done
+
+    def grants(grant: str) -> int:
+        return int(idp_stats(base)["token_requests"].get(grant, 0))
+
+    sock = home["DC_BROKER_SOCKET"]
+    new_secret = "the-rotated-secret-of-thirty-two-bytes"
+    refused_words = (
+        "(HTTP 400: invalid_client: Client authentication with client secret signed JWT failed: Signature on JWT "
+        "token by client secret failed validation)"
+    )
+    with dev_idp("--access-lifespan", "6") as base:
+        register(base, client_id="dc-cli", auth="client-secret-jwt", secret=CLIENT_SECRET)
+        init_keyfile(home, tmp_path)
+        added = run("add", "acme", "--server", base, "--tenant", "demo", "--no-legacy-paths", "--client-id", "dc-cli",
+                    "--username", "demo", "--password-stdin", "--secret-stdin", "--auth-method", "client_secret_jwt",
+                    stdin=f"demo\n{CLIENT_SECRET}\n")  # fmt: skip
+        assert added.returncode == 0, added.stderr  # checked at the IdP with a login first
+        assert added.stdout.startswith("Added profile acme (") and "secrets are in the vault" in added.stdout
+        assert grants("password") == 1
+        daemon = subprocess.Popen(
+            [DC_BROKER, "run"], env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            wait_for_socket(sock, daemon)
+            first = token("acme")
+            assert first.returncode == 0, first.stderr
+            wait_for(lambda: grants("refresh_token") >= 1, 30, "a refresh")
+            assert grants("password") == 2  # add's check and the broker's one login; then refreshes
+            # the client's secret is changed at the IdP: refused, exit 8, Keycloak's words and the fix
+            register(base, client_id="dc-cli", auth="client-secret-jwt", secret=new_secret)
+            wrong = run("keys", "acme", "--check")
+            assert wrong.returncode == 8, wrong.stderr
+            assert wrong.stderr.startswith(
+                f"Error: profile 'acme': the identity provider refuses client 'dc-cli' {refused_words}; fix it at the "
+                "identity provider, then run `dc-broker keys acme --check` again"
+            )
+            refused = wait_for(
+                lambda: (r := token("acme", "--min-ttl", "5")).returncode == 8 and r, 30, "dc-token refused"
+            )
+            assert (
+                refused.stderr.startswith(
+                    f"dc-token: profile 'acme': the identity provider refuses client 'dc-cli' {refused_words}; check the "
+                    "client id and secret: "
+                )
+                and "a wrong secret with `dc-broker rotate acme --client-secret`" in refused.stderr
+            )
+            rotated = run("rotate", "acme", "--client-secret", "--secret-stdin", stdin=f"{new_secret}\n")
+            assert rotated.returncode == 0, rotated.stderr
+            assert rotated.stdout == (
+                "Rotated the client secret of profile acme (checked at the identity provider); the running broker "
+                "uses it now.\n"
+            )
+            assert wait_for(lambda: token("acme").returncode == 0, 30, "a token with the new secret")
+            logout = run("logout", "acme")
+            assert logout.returncode == 0, logout.stderr
+            assert logout.stdout == (
+                "Logged out of profile acme: its session at the identity provider ended, its password forgotten "
+                "(the client secret stays: `dc-broker login` uses it).\n"
+            )
+            row = json.loads(run("status", "--json", "acme").stdout)["profiles"][0]
+            assert row["state"] == "login_required"
+        finally:
+            stop(daemon)
+            assert daemon.stdout is not None and daemon.stderr is not None
+            outputs.extend((daemon.stdout.read(), daemon.stderr.read()))
+    # neither secret is in any file but the (encrypted) vault, nor in any output or log
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert CLIENT_SECRET.encode() not in data and new_secret.encode() not in data, path
+    assert not [o for o in outputs if CLIENT_SECRET in o or new_secret in o]
+    assert len(outputs) >= 16
+
+
+# ---------------------------------------------------------------- key rotation with no broker running
+
+
+def test_a_key_rotates_in_the_vault_with_no_broker_running(home: dict[str, str], tmp_path: Path) -> None:
+    """`rotate --key` and `rotate --key --activate` without a broker: the vault changes, and the
+    activation asks the IdP about the next key first (refused: nothing changed)."""
+    with dev_idp() as base:
+        init_keyfile(home, tmp_path)
+        added = cli(home, "add", "svc", "--server", base, "--tenant", "demo", "--no-legacy-paths", "--client-id",
+                    "svc", "--grant", "client_credentials", "--auth-method", "private_key_jwt")  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        first = printed_jwks(added.stdout)
+        register(base, client_id="svc", auth="client-jwt", jwks=first, service_account_roles=["dc-api"])
+        made = cli(home, "rotate", "svc", "--key", "--key-type", "rsa")
+        assert made.returncode == 0, made.stderr
+        both = printed_jwks(made.stdout)
+        old_kid, new_kid = first["keys"][0]["kid"], both["keys"][1]["kid"]
+        assert both["keys"][0] == first["keys"][0] and both["keys"][1]["kty"] == "RSA"
+        assert made.stdout.startswith(f"Made key {new_kid} for profile svc; it still signs with key {old_kid} ")
+        listed = cli(home, "keys", "svc").stdout.splitlines()
+        assert [line.split()[:2] for line in listed] == [[old_kid, "ES256"], [new_kid, "RS256"]]
+        assert listed[0].endswith("signs") and listed[1].endswith("next: `rotate --key --activate` makes it sign")
+        # the IdP has not got the next key: refused, and the vault is as it was
+        early = cli(home, "rotate", "svc", "--key", "--activate")
+        assert early.returncode == 8, early.stderr
+        assert "Unable to load public key" in early.stderr and "nothing changed: register the JWKS" in early.stderr
+        assert json.loads(cli(home, "keys", "svc", "--jwks").stdout) == both
+        register(base, client_id="svc", auth="client-jwt", jwks=both, service_account_roles=["dc-api"])
+        activated = cli(home, "rotate", "svc", "--key", "--activate")
+        assert activated.returncode == 0, activated.stderr
+        assert activated.stdout.startswith(
+            f"Profile svc now signs with key {new_kid} (accepted by the identity provider); the old key is gone."
+        )
+        assert json.loads(cli(home, "keys", "svc", "--jwks").stdout) == {"keys": [both["keys"][1]]}
+        # the IdP that knows the new key alone accepts the profile as it signs now
+        register(base, client_id="svc", auth="client-jwt", jwks={"keys": [both["keys"][1]]})
+        checked = cli(home, "keys", "svc", "--check")
+        assert checked.returncode == 0 and "accepts client svc" in checked.stdout, checked.stderr
+        assert idp_stats(base)["token_requests"] == {"refresh_token": 3}  # the checks alone: no token granted

@@ -506,3 +506,54 @@ def test_one_uid_cannot_hold_more_than_its_in_flight_quota(shared: str) -> None:
     assert "max_in_flight_per_uid" in first["error"]["message"]
     [other] = ask(shared, "dcb-etl", token("p_user"))  # another uid is not affected
     assert outcome(other) == "ok"
+
+
+@pytest.fixture
+def keys_shared(users: dict[str, int]) -> Iterator[str]:
+    """A shared broker with p_keys alone: a profile that signs with a key of its own (none yet: its
+    owner makes one), used by dcb-ops (allow), administered by nobody but the owner. Its IdP is never
+    reached by what the test asks (a port nothing listens on)."""
+    tmp = tempfile.mkdtemp(prefix="dcb-keys-", dir="/tmp")
+    os.chmod(tmp, 0o755)
+    sock = os.path.join(tmp, "broker.sock")
+    cfg = Path(tmp) / "config.toml"
+    cfg.write_text(
+        '[daemon]\ngroup = "dcb-clients"\n[profiles.p_keys]\ntoken_url = "http://127.0.0.1:9/token"\n'
+        'client_id = "dc-keys"\ngrant = "client_credentials"\nauth_method = "private_key_jwt"\n'
+        'allow = ["user:dcb-ops"]\n'
+    )
+    proc = start_run(cfg, sock, "", "--system", stderr=subprocess.DEVNULL, wait=False)
+    try:
+        wait_for_socket(sock, proc)
+        yield sock
+    finally:
+        stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_consumer_cannot_make_activate_or_check_a_client_key(keys_shared: str) -> None:
+    """Issue 26: a key is changed and checked only by who may change the profile's login (its
+    ``admin`` rules, the broker's owner), as a secret is. dcb-ops may use p_keys (allow), not make
+    its next key, activate it or ask the IdP about it; the owner (root) may make one. What the
+    consumer's status shows of it: the public keys (public by design: docs/keycloak.md), nothing private."""
+    attempts = [
+        Request(1, "set_secrets", {"profile": "p_keys", "new_key": "ec"}),
+        Request(2, "set_secrets", {"profile": "p_keys", "activate_key": True, "verify": True}),
+        Request(3, "set_secrets", {"profile": "p_keys", "activate_key": True}),
+        Request(4, "set_secrets", {"profile": "p_keys", "verify": True}),  # `dc-broker keys --check`
+    ]
+    replies = ask(keys_shared, "dcb-ops", *attempts)
+    assert [outcome(r) for r in replies] == ["forbidden"] * 4, replies
+    assert all("may not change the login or secrets of profile 'p_keys'" in r["error"]["message"] for r in replies)
+    [before] = ask(keys_shared, "dcb-ops", Request(5, "status", {"profile": "p_keys"}))
+    assert before["result"]["profiles"][0]["client_auth"] == {"method": "private_key_jwt", "keys": []}
+    [made] = ask(keys_shared, "root", Request(6, "set_secrets", {"profile": "p_keys", "new_key": "ec"}))
+    assert outcome(made) == "ok" and made["result"]["stored"] == ["client_keys"], made
+    jwks = made["result"]["jwks"]
+    [status] = ask(keys_shared, "dcb-ops", Request(7, "status", {"profile": "p_keys"}))
+    shown = status["result"]["profiles"][0]["client_auth"]
+    assert shown["jwks"] == jwks and [k["kid"] for k in shown["keys"]] == [jwks["keys"][0]["kid"]]
+    assert set(jwks["keys"][0]) == {"kty", "crv", "x", "y", "kid", "alg", "use"}  # no "d"
+    assert "PRIVATE" not in repr(status) and "pem" not in repr(status)
+    [still] = ask(keys_shared, "dcb-ops", Request(8, "set_secrets", {"profile": "p_keys", "activate_key": True}))
+    assert outcome(still) == "forbidden"
