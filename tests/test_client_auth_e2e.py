@@ -316,7 +316,7 @@ def test_tls_client_auth_presents_the_certificate_and_a_wrong_one_is_refused(
             assert re.search(r"mtls: client certificate .*client\.pem \(CN=dc-mtls\) expires in 29d", shown), shown
             # logout: the revocation presents the certificate too (without it the IdP would refuse the
             # client, and the login would be "forgotten" unconfirmed, not revoked)
-            logged_out(home, sock, "mtls")
+            logged_out(home, sock, "mtls", "its client certificate")
             # a certificate of another subject, from the same CA (put into the same files, as a renewal
             # would): the broker presents the new one at once, and the IdP refuses it: exit 8
             other_cert, other_key = clients.issue("someone-else", name="other")
@@ -429,24 +429,37 @@ def test_a_federated_assertion_file_is_read_for_each_request_and_an_expired_one_
             # logout: the revocation is authenticated by the file's assertion as well
             token_file.write_text(federated_token(cluster, issuer, realm_issuer, lifetime=600))
             assert wait_for(lambda: dc_token(sock, "fed").returncode == 0, 30, "a token with the issuer's JWT again")
-            logged_out(home, sock, "fed")
+            logged_out(home, sock, "fed", "its client assertion file")
         finally:
             stop(daemon)
 
 
-def logged_out(home: dict[str, str], sock: str, profile: str) -> None:
+def logged_out(home: dict[str, str], sock: str, profile: str, with_what: str) -> None:
     """`dc-broker logout` of a client_credentials profile with no secret (a certificate, an assertion
-    file): the IdP revokes the token (so it took the client's authentication), the profile needs a
-    new login, and a successful `keys --check` is how it gets one."""
+    file): the IdP revokes the token (so it took the client's authentication), nothing secret is
+    forgotten (the certificate or file is who the client is), the profile waits for a new login, and
+    `dc-broker login` is how it gets one, with what it authenticates with."""
     logout = cli(home, "logout", profile)
-    assert logout.returncode == 0, logout.stderr
-    assert logout.stdout.startswith(f"Logged out of profile {profile}: its login revoked at the identity provider, ")
+    assert (logout.returncode, logout.stderr) == (0, ""), logout.stderr
+    assert logout.stdout == (
+        f"Logged out of profile {profile}: its login revoked at the identity provider, its token forgotten "
+        f"(`dc-broker login {profile}` signs in again).\n"
+    )
     row = json.loads(cli(home, "status", "--json", profile).stdout)["profiles"][0]
     assert (row["state"], row["expires_in"]) == ("login_required", None)
-    assert dc_token(sock, profile).returncode == 5  # no token after a logout, and none made behind its back
-    checked = cli(home, "keys", profile, "--check")
-    assert checked.returncode == 0, checked.stderr
-    assert wait_for(lambda: dc_token(sock, profile).returncode == 0, 30, f"a token for {profile} after the check")
+    why = f"profile {profile!r}: logged out; `dc-broker login {profile}` signs in again with {with_what}"
+    assert row["last_error"] == why
+    refused = dc_token(sock, profile)  # no token after a logout, and none made behind its back
+    assert (refused.returncode, refused.stderr) == (5, f"dc-token: {why}\n")
+    login = cli(home, "login", profile)
+    assert (login.returncode, login.stderr) == (0, ""), login.stderr
+    assert login.stdout.startswith(f"Logged in: profile {profile} has a token for ")
+    assert dc_token(sock, profile).returncode == 0
+    again = cli(home, "login", profile)  # while it has a login: nothing to do
+    assert again.stdout == (
+        f"Profile {profile} uses client credentials: the broker signs in with {with_what}, so there is nothing "
+        "to log in.\n"
+    )
 
 
 # ---------------------------------------------------------------- client_secret_jwt

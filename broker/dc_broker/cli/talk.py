@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from dc_broker.cli.boundary import PROFILE, SOCKET, profile_argument, read_secret
+from dc_broker.config.values import SIGNS_IN_WITH
 from dc_token.errors import (
     EXIT_INTERRUPTED,
     BrokerTimeout,
@@ -233,17 +234,18 @@ def login(socket_path: str | None, password_stdin: bool, no_browser: bool, profi
     try:
         row = ask(socket_path, "status", profile=profile)["profiles"][0]
         grant = row["grant"]
-        if grant == "client_credentials":
-            if row.get("state") == "login_required":  # its client secret is gone (logout forgets it)
-                raise LoginRequired(
-                    f"profile {profile!r} uses client credentials and has no client secret stored (`dc-broker "
-                    f"logout` forgets it): store it again with `dc-broker rotate {profile} --client-secret`"
-                )
+        with_what = SIGNS_IN_WITH.get(str((row.get("client_auth") or {}).get("method")))
+        if grant == "client_credentials" and row.get("state") != "login_required":
             click.echo(
-                f"Profile {profile} uses client credentials: the broker signs in with its stored client secret, "
-                "so there is nothing to log in."
+                f"Profile {profile} uses client credentials: the broker signs in with "
+                f"{with_what or 'its stored client secret'}, so there is nothing to log in."
             )
             return
+        if grant == "client_credentials" and with_what is None:  # its client secret is gone (logout forgets it)
+            raise LoginRequired(
+                f"profile {profile!r} uses client credentials and has no client secret stored (`dc-broker "
+                f"logout` forgets it): store it again with `dc-broker rotate {profile} --client-secret`"
+            )
         if grant == "password":
             if password_stdin:
                 password = sys.stdin.readline().rstrip("\n")
@@ -361,6 +363,8 @@ def logout(socket_path: str | None, profile: str) -> None:
         rest += " (the client secret stays: `dc-broker login` uses it)"
     elif result.get("forgotten") == "client secret":
         rest += f" (`dc-broker rotate {profile} --client-secret` stores one again)"
+    elif result.get("forgotten") == "token":
+        rest += f" (`dc-broker login {profile}` signs in again)"
     click.echo(f"Logged out of profile {profile}: {how}, {rest}.")
 
 

@@ -49,6 +49,13 @@ AUTH_METHODS: Final = (
 )
 #: the methods that send a client secret (basic, post) or sign with it (client_secret_jwt)
 SECRET_METHODS: Final = ("basic", "post", "client_secret_jwt")
+#: what a client authenticates with where that is no client secret: it is who the client is, not a
+#: login, so a logout keeps it and `dc-broker login` signs a client_credentials profile in again with it
+SIGNS_IN_WITH: Final = {
+    "private_key_jwt": "its client key",
+    "tls_client_auth": "its client certificate",
+    "client_assertion_file": "its client assertion file",
+}
 #: what a private_key_jwt or client_secret_jwt assertion's ``aud`` is: the token endpoint's URL
 #: (RFC 7523 section 3's example) or the issuer's; Keycloak accepts both, other OPs insist on one
 ASSERTION_AUDIENCES: Final = ("token_endpoint", "issuer")

@@ -52,6 +52,7 @@ from typing import Final, TypeVar
 from urllib.parse import urlencode
 
 from dc_broker.config import Profile
+from dc_broker.config.values import SIGNS_IN_WITH
 from dc_broker.errors import (
     ConfigError,
     IdpMisconfigured,
@@ -545,6 +546,16 @@ def login_message(p: Profile) -> str:
             "its public JWKS at the identity provider"
         )
     return f"profile {name!r}: no client secret stored; store it with `dc-broker rotate {name} --client-secret`"
+
+
+def logged_out_message(p: Profile) -> str:
+    """Why a profile that was logged out has no login: ``login_message``, except for client credentials
+    whose client authenticates with no secret (``SIGNS_IN_WITH``): that stays, and `dc-broker login`
+    signs the profile in again with it."""
+    with_what = SIGNS_IN_WITH.get(p.auth_method) if p.grant == "client_credentials" else None
+    if with_what is None:
+        return login_message(p)
+    return f"profile {p.name!r}: logged out; `dc-broker login {p.name}` signs in again with {with_what}"
 
 
 def classify(p: Profile, exc: OAuthError, grant: str) -> refusals.Refusal:

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import trio
 
+from dc_broker.config.values import SIGNS_IN_WITH
 from dc_broker.errors import UpstreamFault, UpstreamTransient
 from dc_broker.idp.oidc import Endpoints
 from dc_broker.secret import Secret
@@ -122,11 +123,19 @@ class PersonLogins(Concluding):
         tokens only once it succeeded."""
         name = self.profile.name
         if self.profile.grant == "client_credentials":
-            raise CredentialsRejected(
-                f"profile {name!r} uses client credentials: the broker signs in with the stored client "
-                f"secret, so there is nothing to log in; to store a new secret, `dc-broker rotate {name} "
-                "--client-secret`"
-            )
+            if self.profile.auth_method not in SIGNS_IN_WITH:
+                raise CredentialsRejected(
+                    f"profile {name!r} uses client credentials: the broker signs in with the stored client "
+                    f"secret, so there is nothing to log in; to store a new secret, `dc-broker rotate {name} "
+                    "--client-secret`"
+                )
+            # no secret to ask for: a new login is a new grant with what the client authenticates with
+            # (kept through a logout), which is what a logout left this profile waiting for
+            if still is not None:
+                still()
+            self.credentials_changed()
+            yield self.logged_in(await self.get(0.0))
+            return
         creds = self._credentials_or_none()
         flow = flows.device_login(self.profile, creds, await self._endpoints_for_login())
 
@@ -321,7 +330,7 @@ class PersonLogins(Concluding):
             self._in_doubt = None
             self._proven = False
             self._forget_children()
-            self.last_error = LoginRequired(flows.login_message(self.profile))
+            self.last_error = LoginRequired(flows.logged_out_message(self.profile))
             self.schedule = self.schedule.stopped()
             self._event(Event.LOGOUT)
             self._announce()
