@@ -6,6 +6,7 @@ with the wrong permissions, a login that ends within --min-ttl. Real processes: 
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import re
@@ -13,8 +14,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +30,10 @@ pytestmark = pytest.mark.e2e
 
 SYSTEMD_OK = "ok    systemd: no dc-broker unit installed (`dc-broker systemd install` makes one)\n"
 CLOCK_OK = "ok    clock: in step with the identity provider (within 5 s)\n"
+IDP_FIX = (
+    "      fix: check that the identity provider is up and the profile's URL is right (`dc-broker set acme "
+    "server=...`); behind a proxy, set https_proxy or the profile's proxy\n"
+)
 
 
 class Home:
@@ -143,21 +151,32 @@ def test_wrong_socket_permissions(home: Home) -> None:
         check = home.cli("check")
         assert (check.returncode, check.stdout) == (0, "ok: 1 profile(s) can serve a token with at least 1m00s left\n")
         doctor = home.cli("doctor")
-        assert doctor.returncode == 1
-        assert doctor.stdout.splitlines()[1:3] == [
-            f"FAIL  socket: {home.sock} is mode 0666: any local user may connect to it",
+        rest = (
+            f"ok    broker: dc-broker {version()} answers on {home.sock}\n"
+            "ok    vault: unlocked\n"
+            "ok    profile acme: can serve a token with at least 1m00s left\n"
+            f"ok    idp acme: discovery served by {idp}/auth/realms/demo\n"
+            + CLOCK_OK
+            + SYSTEMD_OK
+            + "doctor: 1 problem(s)\n"
+        )
+        assert (doctor.returncode, doctor.stderr) == (1, "")
+        assert doctor.stdout == (
+            f"ok    config: {home.config}: 1 profile(s)\n"
+            f"FAIL  socket: {home.sock} is mode 0666: any local user may connect to it\n"
             f"      fix: `chmod 600 {home.sock}` (a restarted broker makes it 0600, or 0660 for the shared "
-            "broker's group)",
-        ]
-        assert doctor.stdout.endswith(SYSTEMD_OK + "doctor: 1 problem(s)\n")
+            "broker's group)\n" + rest
+        )
         os.chmod(home.sock, 0o600)
         os.chmod(os.path.dirname(home.sock), 0o777)
         doctor = home.cli("doctor")
         run = os.path.dirname(home.sock)
-        assert doctor.stdout.splitlines()[1:3] == [
-            f"FAIL  socket: its directory {run} is mode 0777: anyone may replace the socket",
-            f"      fix: `chmod 700 {run}`",
-        ]
+        assert (doctor.returncode, doctor.stderr) == (1, "")
+        assert doctor.stdout == (
+            f"ok    config: {home.config}: 1 profile(s)\n"
+            f"FAIL  socket: its directory {run} is mode 0777: anyone may replace the socket\n"
+            f"      fix: `chmod 700 {run}`\n" + rest
+        )
         os.chmod(run, 0o700)
 
 
@@ -169,18 +188,43 @@ def test_idp_down(home: Home) -> None:
             wait_for(lambda: home.status("acme")["state"] == "fresh", 20, "a token for acme")
             idp_proc.terminate()
             idp_proc.wait(10)
+            before = home.status("acme")
             doctor = home.cli("doctor")
+            after = home.status("acme")
             url = f"{idp}/auth/realms/demo/.well-known/openid-configuration"
-            assert doctor.returncode == 1
-            # its 4 s tokens cannot last the default --min-ttl of 60 s, fresh or stale
-            assert "\nFAIL  profile acme: " in doctor.stdout
-            assert doctor.stdout.endswith(
-                f"FAIL  idp acme: cannot reach {url}: connection refused or host unreachable\n"
-                "      fix: check that the identity provider is up and the profile's URL is right (`dc-broker set "
-                "acme server=...`); behind a proxy, set https_proxy or the profile's proxy\n"
-                + SYSTEMD_OK
-                + "doctor: 2 problem(s)\n"
+            assert (doctor.returncode, doctor.stderr) == (1, "")
+            # its 4 s tokens cannot last the default --min-ttl of 60 s, fresh or stale: the profile's
+            # line is the one of its state before or after doctor ran
+            retrying = "      fix: see the identity provider check below; the broker keeps retrying by itself\n"
+            profile_lines = []
+            for entry in (before, after):
+                if entry["state"] == "fresh":  # not refreshed since the IdP stopped: what its tokens last
+                    profile_lines.append(
+                        r"its tokens last [345]s, less than 1m00s: the identity provider grants none longer; lengthen "
+                        r"them there \(Keycloak: Access Token Lifespan\) or ask for less \(--min-ttl\)\n"
+                    )
+                elif entry["state"] == "stale":
+                    profile_lines.append(
+                        r"stale: its token has \d+s left, less than 1m00s, and refreshing fails \("
+                        + re.escape(f"{entry['last_error']})\n" + retrying)
+                    )
+                else:
+                    profile_lines.append(
+                        re.escape(f"unavailable (upstream_unavailable): {entry['last_error']}\n" + retrying)
+                    )
+            expected = (
+                re.escape(home.fine(idp))
+                + "FAIL  profile acme: ("
+                + "|".join(profile_lines)
+                + ")"
+                + re.escape(
+                    f"FAIL  idp acme: cannot reach {url}: connection refused or host unreachable\n"
+                    + IDP_FIX
+                    + SYSTEMD_OK
+                    + "doctor: 2 problem(s)\n"
+                )
             )
+            assert re.fullmatch(expected, doctor.stdout), (doctor.stdout, before, after)
             wait_for(lambda: home.status("acme")["state"] in ("stale", "unavailable"), 20, "a failed refresh")
             # the 4 s token may expire while check runs (stale -> unavailable): its line is the one of the
             # state before or after it
@@ -262,10 +306,17 @@ def test_a_login_that_ends_within_min_ttl(home: Home) -> None:
                 r"`dc-broker login dev` before then\n",
                 check.stdout,
             ), check.stdout
-            assert doctor.returncode == 1
-            assert re.search(
-                r"\nFAIL  profile dev: its login ends in \d+s \(the identity provider's session maximum\), within "
-                r"1m00s: run `dc-broker login dev` before then\nok    idp dev: ",
+            assert (doctor.returncode, doctor.stderr) == (1, "")
+            assert re.fullmatch(
+                re.escape(home.fine(idp))
+                + r"FAIL  profile dev: its login ends in \d+s \(the identity provider's session maximum\), within "
+                r"1m00s: run `dc-broker login dev` before then\n"
+                + re.escape(
+                    f"ok    idp dev: discovery served by {idp}/auth/realms/demo\n"
+                    + CLOCK_OK
+                    + SYSTEMD_OK
+                    + "doctor: 1 problem(s)\n"
+                ),
                 doctor.stdout,
             ), doctor.stdout
             status = home.cli("status")
@@ -453,3 +504,138 @@ def test_doctor_outside_the_shared_brokers_group_says_to_ask_for_access_not_to_s
         assert "systemctl" not in doctor.stdout
     finally:
         shutil.rmtree(shared)
+
+
+# ---------------------------------------------------------------- doctor's other checks (issue 25 audit, gap 6)
+
+
+class IdpStub:
+    """An IdP that answers every GET with ``status`` and ``body`` (JSON), its ``Date`` header
+    ``offset`` seconds off this machine's clock."""
+
+    def __init__(self, status: int = 200, body: object = None, offset: float = 0.0) -> None:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                doc = stub.body if stub.body is not None else {"issuer": stub.url, "token_endpoint": stub.url + "/t"}
+                data = json.dumps(doc).encode()
+                self.send_response(stub.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                return email.utils.formatdate(time.time() + stub.offset, usegmt=True)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.status, self.body, self.offset = status, body, offset
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> IdpStub:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(("offset", "said"), [(120.0, r"1(19|20) s behind"), (-300.0, r"(299|300) s ahead of")])
+def test_doctor_fails_a_clock_out_of_step_with_the_idps_date(tmp_path: Path, offset: float, said: str) -> None:
+    """The Date is whole seconds and sent a moment before it is read: a second either way."""
+    home = Home(tmp_path)
+    with IdpStub(offset=offset) as stub:
+        doctor = _doctor_without_broker(home, stub.url)
+    assert (doctor.returncode, doctor.stderr) == (1, "")
+    expected = (
+        re.escape(_no_broker_lines(home) + f"ok    idp acme: discovery served by {stub.url}/auth/realms/demo\n")
+        + f"FAIL  clock: {said} the identity provider's\n"
+        + re.escape(
+            "      fix: keep the clock in step (`timedatectl set-ntp true`, or chrony/ntpd)\n"
+            + SYSTEMD_OK
+            + "doctor: 2 problem(s)\n"
+        )
+    )
+    assert re.fullmatch(expected, doctor.stdout), doctor.stdout
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "why"),
+    [
+        (404, {"error": "Realm does not exist"}, "{url} answers HTTP 404, not the discovery document"),
+        (200, {"realm": "demo", "public_key": "x"}, "{url} is not a discovery document"),
+    ],
+    ids=["http-404", "not-discovery"],
+)
+def test_doctor_fails_an_idp_that_does_not_serve_discovery(tmp_path: Path, status: int, body: object, why: str) -> None:
+    home = Home(tmp_path)
+    with IdpStub(status, body) as stub:
+        doctor = _doctor_without_broker(home, stub.url)
+    url = f"{stub.url}/auth/realms/demo/.well-known/openid-configuration"
+    assert (doctor.returncode, doctor.stderr) == (1, "")
+    assert doctor.stdout == (
+        _no_broker_lines(home)
+        + f"FAIL  idp acme: {why.format(url=url)}\n"
+        + IDP_FIX
+        + CLOCK_OK  # its Date was read all the same
+        + SYSTEMD_OK
+        + "doctor: 2 problem(s)\n"
+    )
+
+
+def test_doctor_names_a_config_that_does_not_parse(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.config.parent.mkdir(parents=True)
+    home.config.write_text('[profiles.acme]\nserver = "https://idp.example\ntenant = "demo"\n')
+    doctor = home.cli("doctor")
+    assert (doctor.returncode, doctor.stderr) == (1, "")
+    assert doctor.stdout == (
+        f"FAIL  config: {home.config}: invalid TOML: Illegal character '\\n' (at line 2, column 30)\n"
+        "      fix: correct the file at the line the message names\n"
+        f"FAIL  broker: not running (no socket at {home.sock}); the files are checked below\n"
+        "      fix: start it: `systemctl --user start dc-broker` (or `dc-broker run`)\n"
+        f"ok    vault: none at {home.vault}: the broker keeps secrets in memory only (`dc-broker init` makes one)\n"
+        "doctor: 2 problem(s)\n"
+    )  # without a config, neither its IdPs nor the units are looked at
+
+
+def _unit_with(home: Home, exe: str) -> Path:
+    """The user unit `dc-broker systemd install --exec EXE` writes, where the user's systemd reads it."""
+    from dc_broker.cli.units import USER_UNITS, render, write_units
+
+    unit_dir = Path(home.env["XDG_CONFIG_HOME"]) / "systemd" / "user"
+    write_units(unit_dir, render(USER_UNITS, exe))
+    return unit_dir / "dc-broker.service"
+
+
+def test_doctor_names_the_installed_units_exec_start(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    spaced = tmp_path / "my tools" / "dc-broker"  # systemd's quoting of a path with a space
+    spaced.parent.mkdir()
+    shutil.copy(DC_BROKER, spaced)
+    with dev_idp_process() as (idp, _):
+        unit = _unit_with(home, DC_BROKER)
+        installed = _doctor_without_broker(home, idp)
+        _unit_with(home, str(spaced))
+        quoted = home.cli("doctor")
+        _unit_with(home, str(tmp_path / "gone" / "dc-broker"))
+        gone = home.cli("doctor")
+    head = _no_broker_lines(home) + f"ok    idp acme: discovery served by {idp}/auth/realms/demo\n" + CLOCK_OK
+    assert (installed.returncode, installed.stderr) == (1, "")
+    assert installed.stdout == head + f"ok    systemd: {unit} runs {DC_BROKER} run\n" + "doctor: 1 problem(s)\n"
+    assert (quoted.returncode, quoted.stdout) == (
+        1,
+        head + f'ok    systemd: {unit} runs "{spaced}" run\n' + "doctor: 1 problem(s)\n",
+    )
+    assert (gone.returncode, gone.stderr) == (1, "")
+    assert gone.stdout == (
+        head
+        + f"FAIL  systemd: {unit} runs {tmp_path}/gone/dc-broker, which is not an executable\n"
+        + "      fix: `dc-broker systemd install` again (with --system for the shared broker)\n"
+        + "doctor: 2 problem(s)\n"
+    )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import os
+import shlex
 import ssl
 import stat
 import time
@@ -439,7 +440,7 @@ def _units(report: Report, *, system: bool) -> None:
         return
     for unit in found:
         command = _exec_start(unit)
-        exe = command.split()[0] if command else ""
+        exe = _program(command)
         if not exe or not os.access(exe, os.X_OK):
             report.fail(
                 "systemd",
@@ -448,6 +449,16 @@ def _units(report: Report, *, system: bool) -> None:
             )
         else:
             report.ok("systemd", f"{unit} runs {command}")
+
+
+def _program(command: str) -> str:
+    """The program an ``ExecStart=`` command runs: its first word, unquoted as systemd unquotes it
+    (``systemd install`` quotes a path with a space); "" for none or unbalanced quotes."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return ""
+    return words[0] if words else ""
 
 
 def _exec_start(unit: Path) -> str:
