@@ -552,13 +552,17 @@ async def auto_lock(state: BrokerState, after: float) -> None:
     state.last_use = state.clock()
     while True:
         if store.locked:  # nothing to lock (a passphrase vault starts so): wait for an unlock, idle
-            while store.locked:
-                await trio.sleep(min(after, 1.0))
+            await _until_unlocked(store, min(after, 1.0))
             state.last_use = state.clock()  # a full period from the unlock, not from a request before it
         await trio.sleep_until(state.last_use + after)
         if state.clock() >= state.last_use + after and not store.locked:
             await _lock(state)
             events.emit("vault_locked", "vault locked after %.0f s without a token request", after, by="auto_lock")
+
+
+async def _until_unlocked(store: SecretStore, every: float) -> None:
+    while store.locked:
+        await trio.sleep(every)
 
 
 def op_reload(state: BrokerState, caller: Caller, args: Args, now: float) -> Awaitable[Result]:
