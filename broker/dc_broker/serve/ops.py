@@ -561,7 +561,10 @@ async def auto_lock(state: BrokerState, after: float) -> None:
 
 
 async def _until_unlocked(store: SecretStore, every: float) -> None:
-    while store.locked:
+    """Back once ``store`` is unlocked, looking every ``every`` seconds: an unlock comes from the op,
+    `Sessions.unlocked` or a key source read again, and a look a second costs nothing worth an event
+    threaded through all of them."""
+    while store.locked:  # noqa: ASYNC110 (see the docstring)
         await trio.sleep(every)
 
 
