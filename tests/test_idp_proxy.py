@@ -31,7 +31,7 @@ from dc_broker.store import MemoryStore
 from dc_token.errors import UpstreamUnavailable
 from dc_token.sync import TokenClient
 from tests.conftest import CREDENTIALS, profile, running
-from tests.e2e import DC_BROKER, dc_token, dev_broker, dev_idp, run, start_run, stop, wait_for
+from tests.e2e import DC_BROKER, dc_token, dev_broker, dev_idp, run, start_run, stop, wait_for, wait_for_socket
 from tests.test_proxy import curl, proxy_process
 from tests.tls import make_tls
 from tests.upstream import running_upstream
@@ -132,6 +132,16 @@ async def test_the_environment_s_proxy_with_credentials_and_its_refusals(
 
 
 QUOTING_USER, QUOTING_PASSWORD = "px@user", "pw:Quot3d/+"
+QUOTING_BASIC = base64.b64encode(f"{QUOTING_USER}:{QUOTING_PASSWORD}".encode()).decode()
+#: every spelling of the quoting proxy's credentials: Basic's base64 (padded or not), the user and
+#: the password as written and percent-encoded (and the password's telling part alone)
+QUOTED_FORMS = (QUOTING_BASIC, QUOTING_BASIC.rstrip("="), "px@user", "px%40user", "pw:Quot3d", "pw%3AQuot3d", "Quot3d")
+
+
+def quoting_environ(port: str) -> dict[str, str]:
+    """https_proxy for the quoting proxy on ``port``, its credentials percent-encoded in the URL."""
+    user, password = quote(QUOTING_USER, safe=""), quote(QUOTING_PASSWORD, safe="")
+    return {"https_proxy": f"http://{user}:{password}@127.0.0.1:{port}"}
 
 
 @asynccontextmanager
@@ -169,14 +179,11 @@ async def test_a_proxy_quoting_its_credentials_back_leaves_them_in_no_error_stat
     """The environment's proxy with percent-encoded credentials answers the CONNECT with a reason
     phrase quoting `Proxy-Authorization: Basic ...` and the decoded user:password: the caller's error,
     `status` and the log name the proxy and its answer, and no spelling of the credentials."""
-    user, password = QUOTING_USER, QUOTING_PASSWORD
-    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
     async with quoting_proxy(status) as port:
-        environ = {"https_proxy": f"http://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{port}"}
         session = Session(
             profile("service", server="https://sso.invalid"),
             MemoryStore({"service": CREDENTIALS["service"]}),
-            IdpTransport(environ=environ),
+            IdpTransport(environ=quoting_environ(port)),
         )
         caplog.set_level(logging.DEBUG, logger="dc_broker")  # httpcore stays at WARNING (logs.py)
         async with running(session.run):
@@ -186,7 +193,60 @@ async def test_a_proxy_quoting_its_credentials_back_leaves_them_in_no_error_stat
     shown = [str(caught.value), session.status(trio.current_time())["last_error"], caplog.text]
     assert f"the proxy http://127.0.0.1:{port}" in shown[0] and f"{status} you sent Basic" in shown[0], shown[0]
     for text in shown:
-        for form in (basic, basic.rstrip("="), "px@user", "px%40user", "pw:Quot3d", "pw%3AQuot3d", "Quot3d"):
+        for form in QUOTED_FORMS:
+            assert form not in text, (form, text)
+
+
+@pytest.mark.parametrize("status", [407, 502])
+async def test_a_running_broker_behind_a_quoting_proxy_shows_its_credentials_in_no_status_or_log_line(
+    tmp_path: Path, status: int
+) -> None:
+    """The same proxy in front of a real `dc-broker run` (https_proxy in its environment): its
+    login fails naming the proxy and its answer, and neither `dc-broker status --json` over the
+    socket, the daemon's stderr (--verbose), nor `dc-broker doctor` (which asks the IdP through the
+    proxy itself) holds any spelling of the credentials."""
+    sock = str(tmp_path / "run" / "b.sock")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        '[profiles.service]\ntoken_url = "https://sso.invalid/realms/acme/protocol/openid-connect/token"\n'
+        'client_id = "dc-service"\ngrant = "client_credentials"\n'
+    )
+    plain = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+    def last_error() -> str | None:
+        out = run([DC_BROKER, "status", "--socket", sock, "--json"], env=plain)
+        assert out.returncode == 0, out.stderr
+        [row] = json.loads(out.stdout)["profiles"]
+        return row["last_error"] and out.stdout
+
+    async with quoting_proxy(status) as port:
+        with (tmp_path / "daemon.log").open("w") as log:
+            env = {**plain, **quoting_environ(port)}
+            secrets = '[service]\nclient_secret = "s3"\n'
+            broker = start_run(cfg, sock, secrets, "--verbose", env=env, stderr=log.fileno(), wait=False)
+        try:
+            await trio.to_thread.run_sync(wait_for_socket, sock, broker)
+            status_json = await trio.to_thread.run_sync(
+                lambda: wait_for(last_error, 30, "the login through the proxy to fail", process=broker)
+            )
+            doctor = await trio.to_thread.run_sync(
+                lambda: run([DC_BROKER, "doctor", "--config", str(cfg), "--socket", sock], env=env)
+            )
+        finally:
+            assert stop(broker, signal.SIGTERM) == 0
+    logged = (tmp_path / "daemon.log").read_text()
+    [row] = json.loads(status_json)["profiles"]
+    assert f"the proxy http://127.0.0.1:{port}" in row["last_error"], row
+    assert f"{status} you sent Basic ***" in row["last_error"], row  # the proxy's answer, its quote scrubbed
+    assert f"{status} you sent Basic ***" in logged, logged
+    assert "Traceback" not in logged
+    assert doctor.returncode == 1, doctor.stderr  # `dc-broker doctor` with the broker's environment asks the same way
+    assert (
+        "FAIL  idp service: cannot reach https://sso.invalid/realms/acme/protocol/openid-connect/token through the "
+        f"proxy http://127.0.0.1:{port}: the proxy refused: {status} you sent Basic *** = ***:*** = ***%3A***\n"
+    ) in doctor.stdout, doctor.stdout
+    for text in (status_json, logged, doctor.stdout + doctor.stderr):
+        for form in QUOTED_FORMS:
             assert form not in text, (form, text)
 
 

@@ -1,11 +1,13 @@
 """Processes that hold a secret keep it from the other processes of their own user (issue 22,
 findings 7 and 9), with real users as tests/test_shared.py has them.
 
-``dc-token exec --token-file`` and a ``dc-broker add`` waiting at the IdP run as dcb-other (from a
-world-readable copy of the project: tests/user_site.py); another process of dcb-other then tries to
-read their memory through ``/proc/PID/mem`` and counts the copies of the token or the password it
-finds. Before the fix it found 7 copies of the token and 3 of the password; now the kernel refuses
-to open the file, while the same reader still reads the (unprotected) command beside dc-token.
+``dc-token exec --token-file``, a ``dc-broker add`` waiting at the IdP and a ``dc-broker login``
+whose broker waits at the IdP run as dcb-other (from a world-readable copy of the project:
+tests/user_site.py); another process of dcb-other then tries to read their memory through
+``/proc/PID/mem`` and counts the copies of the token or the password it finds. Before the fix it
+found 7 copies of the token and 3 of the password; now the kernel refuses to open the file, while
+the same reader still reads the (unprotected) command beside dc-token. Each starts with a soft core
+limit (``CORE_SOFT``): it lowers it to 0 for itself, and dc-token's command gets it back.
 A ``kill -9`` of dc-token ends its command (the parent-death signal) and leaves its token file
 behind only until the user's next ``dc-token exec --token-file``.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import resource
 import secrets
 import shutil
 import signal
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import wait_for
+from tests.e2e import wait_for, wait_for_socket
 from tests.test_shared import hanging_idp, programs, shared, users  # noqa: F401 - the fixtures
 from tests.user_site import PYTHON, as_user, make_user_site, user_env
 
@@ -39,6 +42,10 @@ pytestmark = [
 ]
 
 USER = "dcb-other"  # may use p_uid on the shared broker (tests/test_shared.py)
+
+#: the soft core-file limit these processes start with (the hard one: unlimited), as a user's shell
+#: might set it: a process that holds a secret lowers it to 0 for itself, its command gets it back
+CORE_SOFT = 7 * 1024 * 1024
 
 #: run as the user: open /proc/PID/mem and count the needle in every readable mapping
 READER = r"""
@@ -94,6 +101,19 @@ def read_memory(pid: int, needle: str) -> str:
     return out.stdout.strip()
 
 
+def with_core_limit() -> None:
+    """Popen's preexec_fn: the process (through setpriv) starts with ``CORE_SOFT``, hard unlimited."""
+    resource.setrlimit(resource.RLIMIT_CORE, (CORE_SOFT, resource.RLIM_INFINITY))
+
+
+def core_limit(pid: int) -> list[str]:
+    """The process's RLIMIT_CORE as ``/proc/PID/limits`` shows it: [soft, hard]."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            return line.removeprefix("Max core file size").split()[:2]
+    raise AssertionError(f"no core limit in /proc/{pid}/limits")
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -124,9 +144,13 @@ def test_dc_token_exec_is_unreadable_to_the_users_other_processes_and_a_kill_9_e
     site: str,
     user_dir: Path,
 ) -> None:
+    """dc-token exec started with a soft core limit (as a user's shell may give it): the supervisor
+    holds the token and dumps no core; the command it runs gets the limit it was started with."""
     env = user_env({"DC_BROKER_SOCKET": shared, "XDG_RUNTIME_DIR": str(user_dir)})
     argv = as_user(USER, site, "dc-token", "exec", "p_uid", "--token-file", "--", "sleep", "120")
-    supervisor = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    supervisor = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=with_core_limit
+    )
     try:
         wait_for(lambda: children_of(supervisor.pid), 30, "the command beside dc-token", process=supervisor)
         [command] = children_of(supervisor.pid)
@@ -136,6 +160,8 @@ def test_dc_token_exec_is_unreadable_to_the_users_other_processes_and_a_kill_9_e
         assert read_memory(supervisor.pid, token) == f"refused {13}"  # EACCES: not dumpable
         # the same reader does read a process of the user that does not protect itself
         assert read_memory(command, "sleep").startswith("read ")
+        assert core_limit(supervisor.pid) == ["0", "unlimited"]  # no core file of the supervisor
+        assert core_limit(command) == [str(CORE_SOFT), "unlimited"]  # the command has its own back
 
         supervisor.kill()  # kill -9: no finally, no cleanup of its own
         supervisor.wait(10)
@@ -188,6 +214,7 @@ def test_a_waiting_add_keeps_the_password_from_the_users_other_processes(site: s
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             text=True,
+            preexec_fn=with_core_limit,
         )
         try:
             assert add.stdin is not None
@@ -197,6 +224,66 @@ def test_a_waiting_add_keeps_the_password_from_the_users_other_processes(site: s
             with conn:
                 time.sleep(0.2)  # the request is on its way; the answer never comes
                 assert read_memory(add.pid, secret) == f"refused {13}"
+                assert core_limit(add.pid) == ["0", "unlimited"]  # and it would dump no core
         finally:
             add.send_signal(signal.SIGKILL)
             add.wait(10)
+
+
+def test_a_login_waiting_at_the_idp_keeps_the_password_from_the_users_other_processes(
+    site: str, user_dir: Path
+) -> None:
+    """`dc-broker login --password-stdin` has read the password and sent it to the user's own broker,
+    which is at the IdP with it (the IdP never answers): another process of the user cannot open the
+    login's memory, and the login would dump no core."""
+    env = user_env({"DC_BROKER_SOCKET": str(user_dir / "broker.sock")})
+    password = f"dcb-planted-{secrets.token_hex(8)}"
+    with socket.socket() as idp:
+        idp.bind(("127.0.0.1", 0))
+        idp.listen(8)
+        idp.settimeout(30)
+        cfg = user_dir / "config.toml"
+        cfg.write_text(
+            f'[profiles.pw]\ntoken_url = "http://127.0.0.1:{idp.getsockname()[1]}/token"\nclient_id = "c"\n'
+            'grant = "password"\nusername = "someone"\n'
+        )
+        broker = subprocess.Popen(
+            as_user(USER, site, "dc-broker", "run", "--config", str(cfg), "--secrets-stdin"),
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        login: subprocess.Popen[str] | None = None
+        try:
+            assert broker.stdin is not None
+            broker.stdin.close()  # no secrets: the password comes with the login
+            wait_for_socket(env["DC_BROKER_SOCKET"], broker)
+            login = subprocess.Popen(
+                as_user(USER, site, "dc-broker", "login", "pw", "--password-stdin"),
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                preexec_fn=with_core_limit,
+            )
+            assert login.stdin is not None
+            login.stdin.write(password + "\n")
+            login.stdin.flush()
+            conn, _ = idp.accept()
+            with conn:
+                sent = b""
+                while b"password=" + password.encode() not in sent:  # the login's password is at the IdP
+                    data = conn.recv(65536)
+                    assert data, sent
+                    sent += data
+                assert login.poll() is None  # it waits for the broker's answer
+                assert read_memory(login.pid, password) == f"refused {13}"
+                assert core_limit(login.pid) == ["0", "unlimited"]
+        finally:
+            for proc in (login, broker):
+                if proc is not None:
+                    proc.kill()
+                    proc.wait(10)
