@@ -285,9 +285,7 @@ def test_one_consumer_cycling_scopes_for_5_s_costs_at_most_its_budget(
     assert len(about_scopes) <= SCOPE_LOG_LINES_PER_MINUTE, lines
     if profile == "p_refusing":  # each of the IdP's refusals would be a line: the gate let so many through
         assert made > SCOPE_LOG_LINES_PER_MINUTE, (made, counts)
-        said = (
-            f"WARNING dc_broker.sessions: profile {profile}: profile '{profile}': the identity provider refuses scope "
-        )
+        said = f"WARNING dc_broker.sessions: profile {profile}: the identity provider refuses scope "  # named once
         assert len(about_scopes) == SCOPE_LOG_LINES_PER_MINUTE and all(said in line for line in about_scopes), lines
 
 

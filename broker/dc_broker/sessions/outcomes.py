@@ -70,7 +70,8 @@ class Concluding(Performing):
                 self.token = None  # a corrupt record must not drop a still-valid token
             self.schedule = self.schedule.stopped()
             self._event(Event.NEED_LOGIN if isinstance(err, LoginRequired) else Event.REFUSED)
-            log.warning("profile %s: %s", name, err.message)
+            # the message names the profile already; the log line's own "profile %s" is its field
+            log.warning("profile %s: %s", name, err.message.removeprefix(f"profile {name!r}: "))
         elif isinstance(outcome, UpstreamFault):
             self._failed(outcome, broker_error(name, outcome), str(outcome))
         else:  # the parent login behind a scope could not give a token: the parent's error, as it said it
