@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import grp
 import json
 import logging
 import os
@@ -41,6 +42,16 @@ grant = "client_credentials"
 """
 
 
+def group_of(directory: Path) -> str:
+    """How a message of the directory rule names the group of ``directory``: root's when the tests
+    run as root, the user's own group otherwise (so the expected text holds for any user)."""
+    gid = directory.stat().st_gid
+    try:
+        return f"group {grp.getgrgid(gid).gr_name}"
+    except KeyError:
+        return f"gid {gid}"
+
+
 def jwt_exp(token: str) -> float:
     payload = token.split(".")[1]
     return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
@@ -73,17 +84,22 @@ def test_parsing_never_looks_at_the_disk_and_each_sink_knows_its_line(tmp_path: 
     file is written (below), not while parsing."""
     open_dir = tmp_path / "shared"
     open_dir.mkdir()
-    open_dir.chmod(0o1777)
+    open_dir.chmod(0o777)  # every user may write, not sticky: refused when a token file is written there
     cfg = tmp_path / "config.toml"
     cfg.write_text(
         PROFILE_HEAD
         + f'\n[[profiles.acme.sinks]]\npath = "{tmp_path}/ok.token"\n'
         + f'\n[[profiles.acme.sinks]]\nformat = "json"\npath = "{tmp_path}/gone/sub/acme.token"\n'
+        + f'\n[[profiles.acme.sinks]]\npath = "{open_dir}/acme.token"\n'
     )
-    first, second = load_config(str(cfg)).profiles["acme"].sinks
-    assert (first.origin, second.origin) == (f"{cfg}:7", f"{cfg}:11")
+    first, second, third = load_config(str(cfg)).profiles["acme"].sinks
+    assert (first.origin, second.origin, third.origin) == (f"{cfg}:7", f"{cfg}:11", f"{cfg}:14")
     assert second.where == f"{tmp_path}/gone/sub/acme.token ({cfg}:11)"
+    assert third == Sink(path=f"{open_dir}/acme.token")
     assert not (tmp_path / "gone").exists()
+    with pytest.raises(atomic.UnsafeDirectory, match=f"^{open_dir} has mode 0777: "):  # the refusal is here
+        sinks.write_atomically(third.path, b"x\n")
+    assert os.listdir(open_dir) == []
 
 
 @pytest.mark.parametrize(
@@ -159,6 +175,107 @@ def test_write_atomically_mode_group_and_no_leftovers(tmp_path: Path) -> None:
         sinks.write_atomically(str(target), b"x\n", 0o640, "no-such-group-here")
     assert os.listdir(target.parent) == ["acme.token"] and target.read_bytes() == b"two\n"
     assert sinks.remove_file(str(target)) and not sinks.remove_file(str(target))
+
+
+def test_atomic_write_fsyncs_the_file_then_its_directory_after_the_rename(tmp_path: Path, monkeypatch) -> None:
+    """The new file's bytes reach the disk before the rename, and the rename itself after it (the
+    directory's fsync): a power cut leaves the old file or the new one, never an empty one."""
+    target = tmp_path / "d" / "acme.token"
+    target.parent.mkdir()
+    target.write_bytes(b"old\n")
+    synced: list[tuple[str, int, bytes]] = []  # (what, its inode, what the target held then)
+    real_fsync = os.fsync
+
+    def held() -> bytes:
+        return target.read_bytes() if target.exists() else b"(none)"
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append(("directory" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino, held()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic.write(str(target), b"new\n")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert synced == [
+        ("file", target.stat().st_ino, b"old\n"),  # the new file, before it takes the name
+        ("directory", target.parent.stat().st_ino, b"new\n"),  # then its directory, with the rename in it
+    ]
+    synced.clear()
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert atomic.remove(str(target))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert synced == [("directory", target.parent.stat().st_ino, b"(none)")]  # the removal, made to last
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces_unless_told(tmp_path: Path) -> None:
+    target = tmp_path / "config.toml"
+    target.write_text("old\n")
+    target.chmod(0o640)
+    old_umask = os.umask(0o077)
+    try:
+        atomic.write(str(target), b"kept\n")
+        assert (stat.S_IMODE(target.stat().st_mode), target.read_bytes()) == (0o640, b"kept\n")
+        atomic.write(str(target), b"told\n", mode=0o604)
+        assert (stat.S_IMODE(target.stat().st_mode), target.read_bytes()) == (0o604, b"told\n")
+        fresh = tmp_path / "fresh"
+        atomic.write(str(fresh), b"x\n")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o600  # a new file: private, whatever the umask
+    finally:
+        os.umask(old_umask)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a file as another user (chown)")
+def test_atomic_write_keeps_the_owner_and_group_of_the_file_it_replaces(tmp_path: Path) -> None:
+    """A file of another user in a private directory (a config edited with sudo): root's write keeps
+    its owner, group and mode, so its owner can still edit it."""
+    target = tmp_path / "config.toml"
+    target.write_text("old\n")
+    os.chown(target, 65534, 65534)
+    target.chmod(0o640)
+    before = target.stat().st_ino
+    atomic.write(str(target), b"new\n")
+    st = target.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), target.read_bytes()) == (65534, 65534, 0o640, b"new\n")
+    assert st.st_ino != before and os.listdir(tmp_path) == ["config.toml"]
+
+
+def test_systemd_install_writes_each_unit_whole_0644_and_never_through_a_link(tmp_path: Path) -> None:
+    """`dc-broker systemd install` writes with the same writer: a link planted at a unit's path is
+    refused (not followed, not replaced), one at the old fixed temporary name (``NAME.tmp``) is never
+    written through, and the units are 0644 whatever the umask."""
+    from click.testing import CliRunner
+
+    from dc_broker.cli import cli as dc_broker
+    from dc_broker.cli.units import USER_UNITS, render
+
+    dest = tmp_path / "units"
+    dest.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("victim\n")
+    (dest / "dc-broker.socket.tmp").symlink_to(victim)
+    (dest / "dc-broker.service").symlink_to(victim)
+    args = ["systemd", "install", "--user", "--dest", str(dest), "--allow-checkout"]
+    old_umask = os.umask(0o077)
+    try:
+        refused = CliRunner().invoke(dc_broker, args)
+        assert refused.exit_code == 1
+        assert refused.output == (  # nothing printed before: "wrote" comes once every unit is written
+            f"Error: cannot write {dest}/dc-broker.service: is not a regular file (a link, a directory...); not "
+            "replaced\n"
+        )
+        assert (dest / "dc-broker.service").is_symlink() and victim.read_text() == "victim\n"
+        (dest / "dc-broker.service").unlink()
+        done = CliRunner().invoke(dc_broker, args)
+    finally:
+        os.umask(old_umask)
+    assert done.exit_code == 0, done.output
+    exe = next(line for line in (dest / "dc-broker.service").read_text().splitlines() if line.startswith("ExecStart="))
+    for name, text in render(USER_UNITS, exe.removeprefix("ExecStart=").removesuffix(" run")).items():
+        assert (dest / name).read_text() == text
+        assert stat.S_IMODE((dest / name).stat().st_mode) == 0o644
+    assert victim.read_text() == "victim\n"  # the link at the old temporary name was never written through
+    assert sorted(os.listdir(dest)) == ["dc-broker.service", "dc-broker.socket", "dc-broker.socket.tmp"]
 
 
 # ---------------------------------------------------------------- the task, on the autojump clock
@@ -533,7 +650,7 @@ def test_dc_broker_add_with_sinks(tmp_path: Path) -> None:
     refused = run([*base[:2], "dev2", *base[3:], "--sink", f"{shared}/dev2.token"])
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr == (
-        f"Error: --sink {shared}/dev2.token: {shared} has mode 2770: group root may write in it and could "
+        f"Error: --sink {shared}/dev2.token: {shared} has mode 2770: {group_of(shared)} may write in it and could "
         f"replace what is in it; token files are refused there, since {atomic.RULE}\n"
     )
     assert "dev2" not in cfg.read_text()  # nothing written
@@ -587,8 +704,9 @@ async def test_a_sink_in_a_2770_directory_is_refused_with_its_config_line_until_
             while "cannot write the token file" not in caplog.text:
                 await trio.sleep(0.05)
         assert (
-            f"profile demo: cannot write the token file {target} ({cfg}:9): {shared} has mode 2770: group "
-            f"root may write in it and could replace what is in it; refused, since {atomic.RULE}; retrying"
+            f"profile demo: cannot write the token file {target} ({cfg}:9): {shared} has mode 2770: "
+            f"{group_of(shared)} may write in it and could replace what is in it; refused, since {atomic.RULE}; "
+            "retrying"
         ) in caplog.messages
         await trio.sleep(5 * sinks.CHECK_EVERY)
         assert os.listdir(shared) == []  # not one byte, not even a temporary file
@@ -602,20 +720,30 @@ async def test_a_sink_in_a_2770_directory_is_refused_with_its_config_line_until_
 
 def test_every_directory_up_to_the_root_is_checked(tmp_path: Path) -> None:
     """OpenSSH's rule, walked up to /: a private directory below an open one is refused too; a sticky
-    one (like /tmp) is not; a directory of another user is."""
+    one (like /tmp) is not. (A directory of another user: the next test, as root.)"""
     open_dir = tmp_path / "open"
     (open_dir / "private").mkdir(parents=True)
     (open_dir / "private").chmod(0o700)
     open_dir.chmod(0o777)
     with pytest.raises(atomic.UnsafeDirectory) as err:
         sinks.write_atomically(str(open_dir / "private" / "a.token"), b"x\n")
-    assert err.value.directory == str(open_dir) and "0777: group root and every user may write" in str(err.value)
+    assert err.value.directory == str(open_dir) and str(err.value) == (
+        f"{open_dir} has mode 0777: {group_of(open_dir)} and every user may write in it and could replace what is in it"
+    )
     open_dir.chmod(0o1777)  # sticky: others may add files but not replace ours
     sinks.write_atomically(str(open_dir / "private" / "a.token"), b"x\n")
-    open_dir.chmod(0o755)
-    os.chown(open_dir / "private", 65534, -1)  # nobody's
-    with pytest.raises(atomic.UnsafeDirectory, match=r"private belongs to nobody \(uid 65534\)"):
-        sinks.write_atomically(str(open_dir / "private" / "b.token"), b"x\n")
+    assert (open_dir / "private" / "a.token").read_bytes() == b"x\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user (chown)")
+def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    os.chown(private, 65534, -1)  # nobody's
+    with pytest.raises(atomic.UnsafeDirectory) as err:
+        sinks.write_atomically(str(private / "b.token"), b"x\n")
+    assert str(err.value) == f"{private} belongs to nobody (uid 65534), who could replace what is in it"
+    assert os.listdir(private) == []
 
 
 def test_a_directory_swapped_after_the_check_does_not_get_the_file(tmp_path: Path, monkeypatch) -> None:
@@ -703,6 +831,7 @@ def test_a_reader_racing_writes_removals_and_comebacks_sees_whole_files_only(tmp
     assert os.listdir(target.parent) == ["acme.token"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a file as another user (setuid)")
 def test_a_file_someone_else_made_first_in_a_sticky_directory_is_not_taken_over(tmp_path: Path) -> None:
     """In a sticky shared directory (/tmp) any user may create the token file's name first. Root
     replacing it must not give the new file that user as owner (the existing owner is kept for

@@ -44,6 +44,7 @@ __all__ = [
     "EXIT_CODES",
     "EXIT_INTERRUPTED",
     "EXIT_NOT_FOUND",
+    "NOTHING_ANSWERS",
     "BadRequest",
     "BrokerDenied",
     "BrokerError",
@@ -137,6 +138,12 @@ class UpstreamUnavailable(BrokerError):
     hint = "the identity provider could not be reached or did not answer in time; try again shortly"
 
 
+#: how the broker's message for an IdP (or proxy) that refuses the connection begins its cause
+#: (``dc_broker.idp.transport``): nothing listens at that address, so the message says what to check,
+#: and "did not answer in time; try again shortly" (``UpstreamUnavailable.hint``) would mislead
+NOTHING_ANSWERS = "nothing answers at "
+
+
 class UpstreamError(BrokerError):
     code = "upstream_error"
     exit_code = 10
@@ -194,11 +201,11 @@ _BY_CODE: "dict[str, type[BrokerError]]" = {
 
 def hint_for(exc: "DcBrokerError", profile: str | None = None) -> str:
     """The hint to print after ``exc``'s message: ``PROFILE`` filled in, or no hint at all when the
-    profile is not known, when the message already says what to do (a `command`), or when the
-    message already contains the hint's words."""
+    profile is not known, when the message already says what to do (a `command`, or what to check
+    where nothing answers: ``NOTHING_ANSWERS``), or when the message already contains the hint's words."""
     hint = exc.hint
     message = str(exc)
-    if not hint or "`" in message or hint in message:
+    if not hint or "`" in message or hint in message or NOTHING_ANSWERS in message:
         return ""
     if "PROFILE" in hint:
         if not profile:

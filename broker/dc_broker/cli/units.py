@@ -193,14 +193,19 @@ def user_unit_dir() -> Path:
 
 
 def write_units(dest: Path, units: Mapping[str, str]) -> list[Path]:
-    dest.mkdir(parents=True, exist_ok=True)
+    """Each unit file written whole, mode 0644, with dc-broker's one writer (``dc_broker.atomic``):
+    systemd, or a ``daemon-reload`` at any moment, reads the old file or the new one, never a part;
+    a link at a unit's path (or at a temporary file's) is neither followed nor replaced."""
+    from dc_broker import atomic
+
+    dest.mkdir(parents=True, exist_ok=True)  # as the umask says: a packager's DESTDIR keeps its modes
     written = []
     for name, text in units.items():
         path = dest / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o644)
-        tmp.replace(path)
+        try:
+            atomic.write(str(path), text.encode(), mode=0o644)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from None
         written.append(path)
     return written
 

@@ -63,6 +63,7 @@ from cryptography import x509
 from dc_broker.errors import AnswerLost, UpstreamGarbage, UpstreamTransient, causes, telling
 from dc_broker.idp import proxies
 from dc_broker.idp.oidc import HttpRequest, HttpResponse
+from dc_token.errors import NOTHING_ANSWERS
 
 #: requests at the same IdP (scheme, host, port) at once; the rest wait their turn in order. httpcore's
 #: connection pool re-scans every waiting request each time one finishes: 1,000 profiles refreshing
@@ -440,6 +441,16 @@ def _failure(exc: httpx.TransportError, req: HttpRequest, where: str, via: str |
         return lost(f"identity provider timed out ({type(exc).__name__}) at {where}")
     if isinstance(exc, httpx.ProxyError):  # the proxy's answer to CONNECT, e.g. "502 Bad Gateway"
         return _proxy_refused(via or "", req.url, _safe(exc, via, named=False))
+    if _refused(exc):  # not slow, not down for a moment: nothing listens there
+        if via is None:
+            return lost(
+                f"{NOTHING_ANSWERS}{_address(req.url)} (connection refused): the server URL is wrong or the "
+                "identity provider is not running"
+            )
+        return lost(
+            f"{NOTHING_ANSWERS}{_address(via)} (connection refused), the way to {_origin(req.url)} via proxy "
+            f"{proxies.shown(via)}: the proxy setting is wrong or the proxy is not running"
+        )
     hint = ""
     if any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(exc)):
         hint = "; if the IdP's certificate comes from a private CA, give the profile its CA (ca_bundle = PATH)"
@@ -475,6 +486,33 @@ def _maybe_sent(exc: httpx.TransportError) -> bool:
     """Whether the request may have reached the IdP: anything but a failure to connect (or to get
     a connection from the pool) may have come after the request went out."""
     return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+def _refused(exc: httpx.TransportError) -> bool:
+    """Whether every address tried refused the connection (trio tries each one the name resolves to
+    and raises an ``OSError`` over the group of their failures)."""
+    if not isinstance(exc, httpx.ConnectError):
+        return False
+    for cause in causes(exc):
+        if isinstance(cause, BaseExceptionGroup):
+            leaves = _leaves(cause)
+            return bool(leaves) and all(isinstance(e, ConnectionRefusedError) for e in leaves)
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+    return False
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for e in group.exceptions:
+        found.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return found
+
+
+def _address(url: str) -> str:
+    """``HOST:PORT`` that a connection to ``url`` goes to (the scheme's port if the URL names none)."""
+    parts = httpx.URL(url)
+    return proxies.host_port(parts.host, parts.port or proxies.DEFAULT_PORTS.get(parts.scheme, 0))
 
 
 def _proxy_refused(via: str, url: str, answer: str) -> UpstreamTransient:
