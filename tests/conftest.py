@@ -1,9 +1,10 @@
 """Shared fixtures: the dev IdP in-process (ASGI transport, trio clock), session factories, and
 ``running``: a session's (or a server's) background task for the length of an ``async with``.
 
-Under ``CI=true`` a skipped test is a failed one (``pytest_runtest_makereport``): a test that cannot
-run here (not root, a program missing) says why when skipped on a developer's machine, and CI,
-which has root and installs every program first (.ci/packages), never passes by skipping it."""
+Under ``CI=true`` a skipped test is a failed one (``pytest_runtest_makereport``), and a module that
+skips as a whole a collection error (``pytest_make_collect_report``): a test that cannot run here
+(not root, a program missing) says why when skipped on a developer's machine, and CI, which has root
+and installs every program first (.ci/packages), never passes by skipping it."""
 
 from __future__ import annotations
 
@@ -41,14 +42,25 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    outcome = yield
-    report = outcome.get_result()
+def _skip_fails_under_ci(report: pytest.TestReport | pytest.CollectReport, what: str) -> None:
     if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
-        report.longrepr = f"CI=true: this test must run in CI, but it skipped: {reason}"
+        report.longrepr = f"CI=true: {what} must run in CI, but it skipped: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    _skip_fails_under_ci(outcome.get_result(), "this test")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    """A whole module that skips (``pytest.skip(allow_module_level=True)``, ``importorskip``) is a
+    collection report, not a test's: under CI=true it is a collection error, saying why."""
+    outcome = yield
+    _skip_fails_under_ci(outcome.get_result(), collector.nodeid or "this module")
 
 
 #: markers of tests that take long: their files are started first when the suite runs in parallel

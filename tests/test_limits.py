@@ -131,25 +131,36 @@ def every_profile(sock: str) -> list[dict[str, Any]]:
             return entries
 
 
+#: how many of the PROFILES must hold the IdP's own (cut) answer: a profile whose attempt met a reset
+#: or a timeout is retried within seconds (the first backoff is at most backoff_base, 1 s) and then
+#: gets the IdP's answer too, so nearly all do; a run where only a few did checks nearly nothing
+MOST = PROFILES * 95 // 100
+
+
 def test_status_of_a_thousand_profiles_in_an_outage_fits_one_frame(broker: str) -> None:
     """Every profile the IdP refused (state rejected: its 400 carried the 70 KB message) holds that
-    message cut to 240 characters, every one of them. A profile whose first attempt met a reset or a
-    timeout instead (1,000 attempts at once on a loaded machine) is unavailable, and its error is the
-    transport's, short and not the IdP's text: it is held to the length bound only. (An earlier
-    version checked that at least one profile was cut, which let all but one go unchecked.)"""
+    message cut to 240 characters, every one of them, and that is at least ``MOST`` of them. A
+    profile whose latest attempt met a reset or a timeout instead (1,000 attempts at once on a loaded
+    machine) is unavailable, and its error is the transport's, short and not the IdP's text: it is
+    held to the length bound only. (An earlier version checked that at least one profile was cut,
+    which let all but one go unchecked; then that every rejected one was, which one would satisfy.)"""
 
-    def all_failed() -> list[dict[str, Any]] | None:
+    def most_rejected() -> list[dict[str, Any]] | None:
         entries = every_profile(broker)
-        return entries if all(e["last_error"] for e in entries) else None
+        rejected = sum(e["state"] == "rejected" for e in entries)
+        return entries if all(e["last_error"] for e in entries) and rejected >= MOST else None
 
-    entries = wait_for(all_failed, 120, "a last_error on every profile", every=0.5)
+    entries = wait_for(most_rejected, 120, f"a last_error on every profile, the IdP's on {MOST}", every=0.5)
     assert [e["profile"] for e in entries] == [f"p{i:04d}" for i in range(PROFILES)]  # each once, in order
     rejected = [e for e in entries if e["state"] == "rejected"]
-    assert rejected, "no profile got the IdP's answer"
+    unavailable = [e for e in entries if e["state"] == "unavailable"]
+    assert len(rejected) + len(unavailable) == PROFILES, {e["state"] for e in entries}
     for entry in entries:
         assert len(entry["last_error"]) <= 240, entry
     for entry in rejected:
         assert "down for maintenance" in entry["last_error"] and entry["last_error"].endswith("..."), entry
+    for entry in unavailable:
+        assert "down for maintenance" not in entry["last_error"], entry
     [(size, one)] = roundtrip(broker, Request(2, "status", {"profile": "p0500"}))
     assert one["ok"] and size < 4096
 
