@@ -87,7 +87,21 @@ def test_a_failed_add_says_nothing_was_added_and_to_add_it_again(
     )
     for failed in (result, bad_secret, bad_tenant):
         assert "login" not in failed.stderr
-    assert not (tmp_path / "config" / "dc-broker" / "config.toml").exists()
+    config = tmp_path / "config" / "dc-broker" / "config.toml"
+    assert not config.exists()
+    # over a profile that exists, --force with a wrong password changed nothing, and says so
+    assert add_demo(home, idp, name="acme2").returncode == 0
+    before = config.read_bytes()
+    forced = cli(home, "add", "--force", "acme2", "--server", idp, "--tenant", "demo", "--client-id", "dc-cli",
+                 "--username", "demo", "--password-stdin", "--secret-stdin",
+                 stdin="wrong\ndc-cli-secret\n")  # fmt: skip
+    assert (forced.returncode, forced.stdout) == (8, "")
+    assert forced.stderr == (
+        "Error: profile 'acme2': the identity provider refused the password of user 'demo' (HTTP 401: "
+        "invalid_grant: Invalid user credentials); nothing changed: run `dc-broker add --force acme2 ...` again "
+        "once it is fixed\n"
+    )
+    assert config.read_bytes() == before
 
 
 # ---------------------------------------------------------------- files of other users, key directories

@@ -302,7 +302,11 @@ def add(
 
         keys = clientkeys.KeySet(clientkeys.generate(key_type, now=time.time()))
     creds = Credentials(password=password, client_secret=secret, client_keys=None if keys is None else keys.to_secret())
-    again = f"nothing was added: run `dc-broker add {profile} ...` again once it is fixed"
+    again = (
+        f"nothing changed: run `dc-broker add --force {profile} ...` again once it is fixed"
+        if force
+        else f"nothing was added: run `dc-broker add {profile} ...` again once it is fixed"
+    )
     # a new key cannot be checked: the IdP has not seen it yet (register its JWKS first)
     if not no_verify and p.grant not in ("device", "browser") and keys is None:
         _verify(p, creds, again)
