@@ -585,3 +585,41 @@ async def test_a_client_key_others_may_read_is_said_once_and_the_roots_are_every
     ]
     roots = ssl.create_default_context(cafile=certifi.where()).get_ca_certs()
     assert len(contexts) == 1 and len(contexts[0].get_ca_certs()) == len(roots)
+
+
+@pytest.mark.parametrize(
+    ("auth", "line"),
+    [
+        (
+            {"method": "tls_client_auth", "cert": "/c.pem", "cert_subject": "CN=svc", "cert_expires_in": 40 * 86400},
+            "svc: client certificate /c.pem (CN=svc) expires in 40d 0h",
+        ),
+        (
+            {"method": "tls_client_auth", "cert": "/c.pem", "cert_subject": "CN=svc", "cert_expires_in": 2 * 86400},
+            "svc: client certificate /c.pem (CN=svc) expires in 2d 0h; renew it",
+        ),
+        (
+            {"method": "tls_client_auth", "cert": "/c.pem", "cert_expires_in": -3600},
+            "svc: client certificate /c.pem EXPIRED 60m00s ago: renew it",
+        ),
+        # an assertion file lives minutes; the agent that writes it renews it: no "renew it" while it lives
+        (
+            {"method": "client_assertion_file", "assertion_file": "/t.jwt", "assertion_expires_in": 600},
+            "svc: client assertion file /t.jwt expires in 10m00s",
+        ),
+        (
+            {"method": "client_assertion_file", "assertion_file": "/t.jwt", "assertion_expires_in": -120},
+            "svc: client assertion file /t.jwt EXPIRED 2m00s ago: whatever writes it stopped renewing it",
+        ),
+        (
+            {"method": "client_assertion_file", "assertion_file": "/t.jwt", "assertion_expires_in": None},
+            "svc: client assertion file /t.jwt cannot be read",
+        ),
+    ],
+)
+def test_how_a_client_authenticates_is_one_line_and_says_renew_only_where_a_person_renews(
+    auth: dict[str, object], line: str
+) -> None:
+    from dc_broker.cli.talk import _client_auth_note
+
+    assert _client_auth_note({"profile": "svc", "client_auth": auth}) == line

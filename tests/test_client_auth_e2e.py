@@ -404,7 +404,7 @@ def test_a_federated_assertion_file_is_read_for_each_request_and_an_expired_one_
             assert 500 < left <= 600
             shown = cli(home, "status", "fed").stdout
             assert re.search(
-                rf"^fed: client assertion file {re.escape(str(token_file))} expires in 9m\d\ds", shown, re.M
+                rf"^fed: client assertion file {re.escape(str(token_file))} expires in 9m\d\ds$", shown, re.M
             )
             assert token_file.read_text() not in shown
             # the kubelet renews the file: the next grant presents the new one

@@ -183,7 +183,7 @@ def _login_end(row: dict[str, Any]) -> str:
     return f"~{fmt_seconds(ends)}{offline}"
 
 
-#: a client certificate or assertion file that expires within this is flagged (the broker logs it too)
+#: a client certificate that expires within this is flagged (the broker logs it too)
 RENEW_WITHIN = 14 * 86400
 
 
@@ -206,9 +206,18 @@ def _client_auth_note(row: dict[str, object]) -> str | None:
             return f"{name}: no client key readable (vault locked, or none: `dc-broker rotate {name} --key`)"
         shown = ", ".join(f"{k['state']} {k['kid']} ({k['alg']})" for k in keys)
         return f"{name}: client keys {shown}"
-    for what, path_key, left_key in (
-        ("client certificate", "cert", "cert_expires_in"),
-        ("client assertion file", "assertion_file", "assertion_expires_in"),
+    # a certificate is renewed by a person (or a job they set up): say so ahead of time; an assertion
+    # file lives minutes to hours and the agent that writes it (kubelet, a SPIRE agent) renews it
+    # well before it expires, so only one found expired is news (that agent has stopped)
+    for what, path_key, left_key, renew_within, expired in (
+        ("client certificate", "cert", "cert_expires_in", RENEW_WITHIN, "renew it"),
+        (
+            "client assertion file",
+            "assertion_file",
+            "assertion_expires_in",
+            0,
+            "whatever writes it stopped renewing it",
+        ),
     ):
         if path_key in auth:
             left = auth.get(left_key)
@@ -216,8 +225,8 @@ def _client_auth_note(row: dict[str, object]) -> str | None:
             if not isinstance(left, int | float):
                 return f"{name}: {what} {auth[path_key]}{subject} cannot be read"
             if left <= 0:
-                return f"{name}: {what} {auth[path_key]}{subject} EXPIRED {_fmt_long(-left)} ago: renew it"
-            renew = "; renew it" if left < RENEW_WITHIN else ""
+                return f"{name}: {what} {auth[path_key]}{subject} EXPIRED {_fmt_long(-left)} ago: {expired}"
+            renew = "; renew it" if left < renew_within else ""
             return f"{name}: {what} {auth[path_key]}{subject} expires in {_fmt_long(left)}{renew}"
     return None
 
