@@ -238,6 +238,11 @@ async def test_a_running_broker_behind_a_quoting_proxy_shows_its_credentials_in_
     [row] = json.loads(status_json)["profiles"]
     assert f"the proxy http://127.0.0.1:{port}" in row["last_error"], row
     assert f"{status} you sent Basic ***" in row["last_error"], row  # the proxy's answer, its quote scrubbed
+    fix = {
+        407: "https_proxy=http://USER:PASSWORD@HOST:PORT (with the profile's proxy unset)",
+        502: '(no_proxy, or the profile\'s proxy = "direct")',
+    }[status]
+    assert row["last_error"].endswith(fix), row  # whole: status cuts only what an IdP or proxy sent
     assert f"{status} you sent Basic ***" in logged, logged
     assert "Traceback" not in logged
     assert doctor.returncode == 1, doctor.stderr  # `dc-broker doctor` with the broker's environment asks the same way

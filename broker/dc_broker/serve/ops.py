@@ -77,8 +77,10 @@ log = logging.getLogger("dc_broker")
 STATUS_LIMIT = 200
 #: bytes of profile entries in one status reply: the frame is 64 KiB, the rest is headroom
 STATUS_BUDGET = 56 * 1024
-#: a status string (an IdP's error message, a URL) is cut to this many characters
-STATUS_FIELD_MAX = 240
+#: a status string (an IdP's error message, a URL) is cut to this many characters: room for the
+#: longest of the broker's own messages whole (a proxy's 407 with its quoted answer, then what to set,
+#: about 440), so a cut only ever shortens text an IdP or proxy sent
+STATUS_FIELD_MAX = 480
 
 Result = dict[str, Any]
 
