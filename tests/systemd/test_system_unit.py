@@ -408,3 +408,65 @@ def test_root_running_status_on_the_shared_broker_sees_every_profile(machine: Ma
     out = machine.run("dc-broker", "status", env={"DC_BROKER_SOCKET": SOCK}).stdout
     for name in PROFILES:
         assert name in out, out
+
+
+def test_a_consumer_sees_its_own_profiles_in_metrics_check_and_doctor(machine: Machine, broker: str) -> None:
+    """What a member of the socket's group sees of the shared broker (issue 25): `dc-broker metrics`
+    has its profile only, and counts only that one (`status` does the same); `check` and `doctor`
+    check the socket, the broker and that profile, and leave the config, vault and IdPs to the
+    broker's owner; each exact."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = machine
+    env = {"DC_BROKER_SOCKET": SOCK}
+    assert _token(m, "etl", "etl_api")[0] == 0
+    metrics = m.run("dc-broker", "metrics", user="etl", env=env)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.stdout)}
+    labelled = {s.labels["profile"] for f in families.values() for s in f.samples if "profile" in s.labels}
+    assert labelled == {"etl_api"}, metrics.stdout
+    assert [s.value for s in families["dc_broker_profiles"].samples] == [1.0]
+    assert "ana_api" not in metrics.stdout and "report_api" not in metrics.stdout
+    check = m.run("dc-broker", "check", user="etl", env=env, check=False)
+    assert (check.returncode, check.stdout, check.stderr) == (
+        0,
+        "ok: 1 profile(s) can serve a token with at least 1m00s left\n",
+        "",
+    )
+    owner = m.uid("dc-broker")
+    version = m.run("dc-broker", "--version").stdout.split()[-1]
+    doctor = m.run("dc-broker", "doctor", user="etl", env=env, check=False)
+    assert (doctor.returncode, doctor.stderr) == (0, ""), doctor.stderr
+    assert doctor.stdout == (
+        "ok    config: /home/etl/.config/dc-broker/config.toml: 0 profile(s)\n"
+        f"ok    socket: {SOCK} mode 0660, owned by uid {owner}\n"
+        f"ok    broker: dc-broker {version} answers on {SOCK}\n"
+        f"ok    access: you use the broker of uid {owner}: its config, vault and IdPs are for its owner to check\n"
+        "ok    profile etl_api: can serve a token with at least 1m00s left\n"
+        "doctor: no problems found\n"
+    )
+
+
+def test_the_journal_names_the_callers_unit_and_the_logins_generation(machine: Machine, broker: str) -> None:
+    """Journal fields beyond the refusal's uid: a refused caller inside a system unit is found by
+    CALLER_UNIT, and the broker's own re-logins carry the GENERATION they happened in. (A user of its
+    own: refusals are written at most once per caller uid per 10 s, and etl's were just written.)"""
+    m = machine
+    m.add_user("fin", groups=["dc-broker"])
+    refused = m.run(
+        "systemd-run", "--unit=report.service", "--wait", "--pipe", "--collect", "-q", "-p", "User=fin",
+        "-E", f"DC_BROKER_SOCKET={SOCK}", f"{VENV}/bin/dc-token", "ana_api", check=False,
+    )  # fmt: skip
+    assert refused.returncode == 9, refused.stderr
+
+    def entries(*match: str) -> list[dict[str, str]]:
+        out = m.run("journalctl", "-u", "dc-broker.service", "-o", "json", "--no-pager", *match, check=False).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    found = m.wait_until(
+        "fin's refusal from report.service in the journal",
+        lambda: entries("EVENT=caller_refused", "CALLER_UNIT=report.service", "CALLER_USER=fin"),
+    )
+    entry = found[-1]  # type: ignore[index]
+    assert (entry["PROFILE"], entry["CALLER_UID"], entry["REASON"]) == ("ana_api", str(m.uid("fin")), "not_allowed")
+    relogins = entries("EVENT=relogin", "PROFILE=etl_api")
+    assert relogins and all(e["GRANT"] == "client_credentials" and e["GENERATION"].isdigit() for e in relogins)

@@ -141,7 +141,11 @@ class BrokerCollector(Collector):
             "1 while the vault is locked.",
             value=1.0 if store.lockable and store.locked else 0.0,
         )
-        yield GaugeMetricFamily("dc_broker_profiles", "Profiles configured.", value=len(sessions))
+        # the profiles this scrape shows, as `status` counts them: a consumer of a shared broker learns
+        # nothing of the profiles not meant for it, their number included
+        yield GaugeMetricFamily(
+            "dc_broker_profiles", "Profiles configured that this caller may use or administer.", value=len(shown)
+        )
         yield GaugeMetricFamily(
             "dc_broker_start_time_seconds", "When the broker started (unix time).", value=self.started_at
         )
