@@ -17,6 +17,7 @@ import trio
 
 from dc_broker.devserver import DevIdP
 from dc_broker.secret import Secret
+from dc_broker.sessions import flows
 from dc_broker.sessions import registry as registry_module
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session, shift_times
@@ -399,6 +400,36 @@ async def test_logout_forgets_the_narrowed_tokens_too(make_idp, autojump_clock) 
         assert child.peek(0, trio.current_time()) is None
         with pytest.raises(LoginRequired):
             await child.get()
+
+
+async def test_a_logout_the_idp_cannot_take_keeps_the_login_unless_it_is_a_remove(make_idp, autojump_clock) -> None:
+    """`dc-broker logout` (``keep_unreached``) at an IdP that answers 503 everywhere ended nothing:
+    ``UpstreamUnavailable`` naming the profile once, and the login kept and served; once the IdP is
+    back the same logout ends its session. `remove`'s logout forgets it regardless."""
+    idp = make_idp()
+    sessions = registry(idp, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        token = await demo.get()
+        idp.faults.all_endpoints = True
+        idp.faults.fail_next(100)
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await demo.logout(keep_unreached=True)
+        assert caught.value.message == (
+            "profile 'demo': the identity provider could not end the login: identity provider answered HTTP 503; "
+            "nothing changed: the login is kept for `dc-broker logout demo` to end once it answers "
+            "(`dc-broker remove demo` forgets it here regardless)"
+        )
+        assert demo.state is State.FRESH and (await demo.get()).access_token == token.access_token
+        assert demo.store.credentials("demo").password is not None  # nothing forgotten either
+        idp.faults.clear()
+        assert await demo.logout(keep_unreached=True) is flows.Ended.SESSION
+        assert demo.state is State.LOGIN_REQUIRED
+        await demo.password_login(Secret("demo"))
+        idp.faults.all_endpoints = True
+        idp.faults.fail_next(100)
+        assert await demo.logout() is flows.Ended.UNCONFIRMED  # remove's: forgotten here all the same
+        assert demo.state is State.LOGIN_REQUIRED and demo.token is None
 
 
 def test_restored_token_times_round_trip() -> None:

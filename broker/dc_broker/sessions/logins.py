@@ -301,8 +301,9 @@ class PersonLogins(Concluding):
                     ended = await self._drive(flows.end_login(await self._login(creds), tok))
                 except (UpstreamTransient, UpstreamUnavailable) as exc:
                     if keep_unreached:
+                        why = str(exc).removeprefix(f"profile {name!r}: ")  # discovery's error names it already
                         raise UpstreamUnavailable(
-                            f"profile {name!r}: the identity provider could not end the login: {exc}; nothing "
+                            f"profile {name!r}: the identity provider could not end the login: {why}; nothing "
                             f"changed: the login is kept for `dc-broker logout {name}` to end once it answers "
                             f"(`dc-broker remove {name}` forgets it here regardless)",
                             retry_after=getattr(exc, "retry_after", None),
