@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
@@ -41,7 +43,8 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\no
 @contextmanager
 def raw_upstream() -> Iterator[str]:
     """An HTTP/1.1 upstream that answers ``/truncated`` with 1,000 of 100,000 promised bytes and then
-    closes, and anything else with ``ok``; its base URL."""
+    closes, ``/pause/N`` with 64 KiB of its body, a pause of N seconds, the other 64 KiB, and anything
+    else with ``ok``; its base URL."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -54,6 +57,11 @@ def raw_upstream() -> Iterator[str]:
                 if head.split(b" ")[1].startswith(b"/truncated"):
                     conn.sendall(TRUNCATED)
                     return
+                if head.split(b" ")[1].startswith(b"/pause/"):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 131072\r\n\r\n" + b"p" * 65536)
+                    time.sleep(float(head.split(b" ")[1].rsplit(b"/", 1)[1]))
+                    conn.sendall(b"p" * 65536)
+                    continue
                 conn.sendall(BOTH if head.split(b" ")[1] == b"/both" else OK)
 
     accept_in_thread(listener, each_in_thread(handle))
@@ -82,6 +90,25 @@ def test_a_truncated_upstream_body_costs_one_request(proxied: tuple[str, str]) -
         code, message = curl(f"http://{addr}/truncated")
         assert code == -18, message  # curl: "(18) transfer closed with 99000 bytes remaining to read"
         assert curl(f"http://{addr}/next")[0] == 200
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_60_second_pause_mid_body_costs_the_real_proxy_nothing(proxied: tuple[str, str]) -> None:
+    """Finding 5 on the real `dc-broker proxy` process (an upstream that paused 60 s mid-body ended it
+    with httpx.ReadTimeout): the answer comes whole after the pause, the next request is served, and
+    the process lives (the fixture checks it at the end). The limits' edges are tested on trio's
+    clock below; this is the real process, in real time."""
+    addr, _ = proxied
+    started = time.monotonic()
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", f"http://{addr}/pause/61"], capture_output=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    body, _, code = out.stdout.rpartition(b"\n")
+    assert (code, len(body), set(body)) == (b"200", 131072, {ord("p")})
+    assert time.monotonic() - started >= 61
+    assert curl(f"http://{addr}/next")[0] == 200
 
 
 @pytest.mark.e2e
