@@ -14,6 +14,7 @@ import random
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import httpx
@@ -24,6 +25,8 @@ from dc_broker.config import Profile
 from dc_broker.devserver import DevIdP, demo_realm
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
+from dc_broker.serve.listen import bind_unix_socket
+from dc_broker.serve.server import Server
 from dc_broker.sessions.policy import DEFAULT_POLICY, RefreshPolicy
 from dc_broker.sessions.registry import Sessions
 from dc_broker.sessions.session import Session
@@ -206,6 +209,31 @@ def outcome_of(nursery: trio.Nursery, work: Callable[[], Awaitable[Any]]) -> lis
 
     nursery.start_soon(run)
     return outcome
+
+
+async def password_login_at_a_slow_idp(idp: DevIdP, session: Session, nursery: trio.Nursery) -> list[Any]:
+    """A person's `dc-broker login` of ``session`` (user demo's password) at an IdP that now takes 3 s
+    to answer, started in ``nursery``; returns once the login is at the IdP (``session.busy``), with
+    the list that gets its outcome (``outcome_of``)."""
+    idp.faults.latency = 3.0
+    outcome = outcome_of(nursery, lambda: session.password_login(Secret("demo")))
+    while not session.busy:
+        await trio.sleep(0.01)
+    return outcome
+
+
+@asynccontextmanager
+async def listening(server: Server, path: str, *tasks: Callable[..., Awaitable[object]]) -> AsyncIterator[None]:
+    """``server`` answering on a Unix socket bound at ``path`` for the length of the ``async with``,
+    ``tasks`` (``sessions.run``) started before it as ``running`` starts them; the socket and its
+    lock file are closed at the end."""
+    sock, lock = bind_unix_socket(path)
+    try:
+        async with running(*tasks, partial(server.serve, sock)):
+            yield
+    finally:
+        sock.close()
+        lock.close()
 
 
 @pytest.fixture(scope="module")

@@ -214,3 +214,14 @@ def approve_device(base: str, code: str, username: str = "demo", password: str =
     form = {"user_code": code, "username": username, "password": password}
     page = httpx.post(f"{base}/realms/demo/device", data=form)
     assert page.status_code == 200, page.text
+
+
+def device_login(base: str, sock: str, profile: str = "dev") -> None:
+    """`dc-broker login PROFILE --socket SOCK` (a device login), approved by user demo at the dev
+    IdP at ``base`` as a person does; it must end with exit status 0."""
+    login = subprocess.Popen(
+        [DC_BROKER, "login", profile, "--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    approve_device(base, device_code(login))
+    code = login.wait(30)
+    assert code == 0, f"dc-broker login {profile} exited with {code}: {login.stderr.read() if login.stderr else ''}"

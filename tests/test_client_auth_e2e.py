@@ -49,6 +49,30 @@ def printed_jwks(stdout: str) -> dict[str, Any]:
     return jwks
 
 
+class Recorded:
+    """`dc-broker` (``run``) and `dc-token` (``token``) as a test that looks for a secret in every
+    output at its end runs them: each one's stdout and stderr are kept in ``outputs``."""
+
+    def __init__(self, home: dict[str, str]) -> None:
+        self.home = home
+        self.outputs: list[str] = []
+
+    def run(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return self._kept(cli(self.home, *args, stdin=stdin))
+
+    def token(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self._kept(dc_token(self.home["DC_BROKER_SOCKET"], *args))
+
+    def _kept(self, done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+        self.outputs.extend((done.stdout, done.stderr))
+        return done
+
+
+def grants(base: str, grant: str) -> int:
+    """How many token requests of ``grant`` the dev IdP at ``base`` has answered."""
+    return int(idp_stats(base)["token_requests"].get(grant, 0))
+
+
 class Callers:
     """`dc-token PROFILE --min-ttl N` in a loop on its own thread: every exit status, until stopped
     (and every output, into ``outputs`` when given: the key grep reads them)."""
@@ -79,20 +103,8 @@ class Callers:
 def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
     home: dict[str, str], tmp_path: Path
 ) -> None:
-    outputs: list[str] = []
-
-    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        done = cli(home, *args, stdin=stdin)
-        outputs.extend((done.stdout, done.stderr))
-        return done
-
-    def token(*args: str) -> subprocess.CompletedProcess[str]:
-        done = dc_token(sock, *args)
-        outputs.extend((done.stdout, done.stderr))
-        return done
-
-    def grants(grant: str) -> int:
-        return int(idp_stats(base)["token_requests"].get(grant, 0))
+    recorded = Recorded(home)
+    run, token, outputs = recorded.run, recorded.token, recorded.outputs
 
     sock = home["DC_BROKER_SOCKET"]
     vault_path = home["XDG_DATA_HOME"] + "/dc-broker/vault.db"
@@ -144,12 +156,12 @@ def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
         )
         try:
             wait_for_socket(sock, daemon)
-            before_login = grants("refresh_token")  # the checks above: a refresh grant each
+            before_login = grants(base, "refresh_token")  # the checks above: a refresh grant each
             first_token = token("acme")
             assert first_token.returncode == 0, first_token.stderr
             # a refresh with the refresh token, its client authenticated by a new assertion
-            wait_for(lambda: grants("refresh_token") > before_login, 30, "a refresh")
-            logins = grants("password")
+            wait_for(lambda: grants(base, "refresh_token") > before_login, 30, "a refresh")
+            logins = grants(base, "password")
             assert logins == 1  # the one login; from here on only refreshes
             # rotation while callers ask for tokens at least 5 s fresh (a refresh at least every second)
             callers = Callers(sock, "acme", "5", outputs)
@@ -168,15 +180,14 @@ def test_private_key_jwt_from_add_to_logout_with_a_rotation_no_caller_notices(
                 new_kid = both["keys"][1]["kid"]
                 assert f"now signs with key {new_kid} (accepted by the identity provider)" in activated.stdout
                 register(base, client_id="dc-cli", auth="client-jwt", jwks={"keys": [both["keys"][1]]})
-                before = idp_stats(base)["token_requests"].get("refresh_token", 0)
-                wait_for(lambda: idp_stats(base)["token_requests"].get("refresh_token", 0) >= before + 2, 30,
-                         "refreshes signed with the new key")  # fmt: skip
+                before = grants(base, "refresh_token")
+                wait_for(lambda: grants(base, "refresh_token") >= before + 2, 30, "refreshes signed with the new key")
             finally:
                 callers.stop()
             assert callers.codes and set(callers.codes) == {0}, callers.errors[:3]
             # every token the callers got came from a refresh: a refresh the IdP refused would have
             # fallen back to a password login, unseen by the callers
-            assert grants("password") == logins
+            assert grants(base, "password") == logins
             shown = json.loads(run("keys", "acme", "--jwks").stdout)
             assert shown == {"keys": [both["keys"][1]]}
             status = json.loads(run("status", "--json", "acme").stdout)
@@ -409,8 +420,8 @@ def test_a_federated_assertion_file_is_read_for_each_request_and_an_expired_one_
             assert token_file.read_text() not in shown
             # the kubelet renews the file: the next grant presents the new one
             token_file.write_text(federated_token(cluster, issuer, realm_issuer, lifetime=900))
-            before = idp_stats(base)["token_requests"].get("client_credentials", 0)
-            wait_for(lambda: idp_stats(base)["token_requests"].get("client_credentials", 0) > before, 30, "a new grant")
+            before = grants(base, "client_credentials")
+            wait_for(lambda: grants(base, "client_credentials") > before, 30, "a new grant")
             assert dc_token(sock, "fed").returncode == 0
             # an expired one is not sent: the error names the file (and the broker keeps trying)
             token_file.write_text(federated_token(cluster, issuer, realm_issuer, lifetime=-60))
@@ -474,20 +485,8 @@ def test_client_secret_jwt_from_add_to_logout_and_a_wrong_secret_is_refused(
     """The secret signs an HS256 assertion and never crosses the network: add (checked with a real
     login), token, refresh, the IdP's secret changed (exit 8 and Keycloak's words), the new secret
     rotated in, logout."""
-    outputs: list[str] = []
-
-    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        done = cli(home, *args, stdin=stdin)
-        outputs.extend((done.stdout, done.stderr))
-        return done
-
-    def token(*args: str) -> subprocess.CompletedProcess[str]:
-        done = dc_token(sock, *args)
-        outputs.extend((done.stdout, done.stderr))
-        return done
-
-    def grants(grant: str) -> int:
-        return int(idp_stats(base)["token_requests"].get(grant, 0))
+    recorded = Recorded(home)
+    run, token, outputs = recorded.run, recorded.token, recorded.outputs
 
     sock = home["DC_BROKER_SOCKET"]
     new_secret = "the-rotated-secret-of-thirty-two-bytes"
@@ -503,7 +502,7 @@ def test_client_secret_jwt_from_add_to_logout_and_a_wrong_secret_is_refused(
                     stdin=f"demo\n{CLIENT_SECRET}\n")  # fmt: skip
         assert added.returncode == 0, added.stderr  # checked at the IdP with a login first
         assert added.stdout.startswith("Added profile acme (") and "secrets are in the vault" in added.stdout
-        assert grants("password") == 1
+        assert grants(base, "password") == 1
         daemon = subprocess.Popen(
             [DC_BROKER, "run"], env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -511,8 +510,8 @@ def test_client_secret_jwt_from_add_to_logout_and_a_wrong_secret_is_refused(
             wait_for_socket(sock, daemon)
             first = token("acme")
             assert first.returncode == 0, first.stderr
-            wait_for(lambda: grants("refresh_token") >= 1, 30, "a refresh")
-            assert grants("password") == 2  # add's check and the broker's one login; then refreshes
+            wait_for(lambda: grants(base, "refresh_token") >= 1, 30, "a refresh")
+            assert grants(base, "password") == 2  # add's check and the broker's one login; then refreshes
             # the client's secret is changed at the IdP: refused, exit 8, Keycloak's words and the fix
             register(base, client_id="dc-cli", auth="client-secret-jwt", secret=new_secret)
             wrong = run("keys", "acme", "--check")

@@ -37,7 +37,7 @@ from tests.conftest import (
     LockableStore,
     idp_transport,
     make_session,
-    outcome_of,
+    password_login_at_a_slow_idp,
     profile,
     registry,
     running,
@@ -666,10 +666,7 @@ async def test_a_password_login_ending_after_its_profile_was_removed_stores_noth
     sessions = registry(idp, "demo", store=store)
     async with running(sessions.run) as nursery:
         demo = sessions.lookup("demo")
-        idp.faults.latency = 3.0
-        outcome = outcome_of(nursery, lambda: demo.password_login(Secret("demo")))
-        while not demo.busy:
-            await trio.sleep(0.01)
+        outcome = await password_login_at_a_slow_idp(idp, demo, nursery)
         sessions.reload({})
         await trio.sleep(5)
         (err,) = outcome
@@ -731,10 +728,7 @@ async def test_a_password_login_keeps_a_client_secret_rotated_while_it_was_at_th
     sessions = registry(idp, "demo", store=store)
     async with running(sessions.run) as nursery:
         demo = sessions.lookup("demo")
-        idp.faults.latency = 3.0
-        logins = outcome_of(nursery, lambda: demo.password_login(Secret("demo")))
-        while not demo.busy:
-            await trio.sleep(0.01)
+        logins = await password_login_at_a_slow_idp(idp, demo, nursery)
         await trio.sleep(0.5)
         store.set_credentials("demo", Credentials(client_secret=Secret("rotated")))
         await trio.sleep(10)

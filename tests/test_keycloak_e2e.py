@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,10 +18,9 @@ import pytest
 from dc_token import TokenClient
 from tests.e2e import (
     DC_BROKER,
-    approve_device,
     dc_token,
     dev_idp,
-    device_code,
+    device_login,
     idp_stats,
     run,
     start_run,
@@ -37,8 +35,19 @@ SECRETS = '[acme]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n'
 
 
 def profile(name: str, base: str, **settings: str) -> str:
+    """Profile ``name`` at the dev IdP: user demo's password login at client dc-cli, unless ``settings``
+    say otherwise."""
+    return _section(name, base, {"client_id": "dc-cli", "username": "demo", **settings})
+
+
+def device_profile(base: str, **settings: str) -> str:
+    """Profile ``dev``: a device login at the dev IdP's public client dc-public, with ``settings``."""
+    return _section("dev", base, {"client_id": "dc-public", "grant": "device", "auth_method": "none", **settings})
+
+
+def _section(name: str, base: str, settings: dict[str, str]) -> str:
     lines = [f"[profiles.{name}]", f'server = "{base}"', 'tenant = "demo"']
-    lines += [f'{k} = "{v}"' for k, v in {"client_id": "dc-cli", "username": "demo", **settings}.items()]
+    lines += [f'{k} = "{v}"' for k, v in settings.items()]
     return "\n".join(lines) + "\n\n"
 
 
@@ -98,19 +107,11 @@ def test_a_refresh_token_keycloak_says_is_dead_needs_a_person_or_the_stored_pass
     password profile logs in again by itself with exactly one password grant."""
     with dev_idp("--device-interval", "1") as base:
         cfg = tmp_path / "config.toml"
-        cfg.write_text(
-            profile("acme", base)
-            + f'[profiles.dev]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\ngrant = "device"\n'
-            'auth_method = "none"\n'
-        )
+        cfg.write_text(profile("acme", base) + device_profile(base))
         sock = str(tmp_path / "broker.sock")
         broker = start_run(cfg, sock, SECRETS)
         try:
-            login = subprocess.Popen(
-                [DC_BROKER, "login", "dev", "--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-            approve_device(base, device_code(login))
-            assert login.wait(30) == 0
+            device_login(base, sock)
             held = {name: dc_token(sock, name) for name in ("acme", "dev")}
             assert all(got.returncode == 0 for got in held.values()), [got.stderr for got in held.values()]
             before = idp_stats(base)["token_requests"]
@@ -183,19 +184,12 @@ def test_a_device_login_refused_by_a_client_setting_keeps_its_refresh_token(tmp_
     5-minute wait before asking again costs nothing.)"""
     with dev_idp("--device-interval", "1") as base:
         cfg = tmp_path / "config.toml"
-        cfg.write_text(
-            f'[profiles.dev]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\ngrant = "device"\n'
-            'auth_method = "none"\n'
-        )
+        cfg.write_text(device_profile(base))
         sock = str(tmp_path / "broker.sock")
         broker = start_run(cfg, sock, "")
         admin = f"{base}/_dev/realms/demo/clients"
         try:
-            login = subprocess.Popen(
-                [DC_BROKER, "login", "dev", "--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-            approve_device(base, device_code(login))
-            assert login.wait(30) == 0
+            device_login(base, sock)
             first = dc_token(sock, "dev")
             assert first.returncode == 0, first.stderr
             before = idp_stats(base)["token_requests"]
@@ -225,11 +219,7 @@ def test_a_disabled_service_account_and_a_disabled_device_grant_name_the_client_
     off = ("--client-set", "dc-service.service_account_enabled=false", "--client-set", "dc-public.device_grant=false")
     with dev_idp(*off) as base:
         cfg = tmp_path / "config.toml"
-        cfg.write_text(
-            profile("svc", base, client_id="dc-service", grant="client_credentials")
-            + f'[profiles.dev]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\ngrant = "device"\n'
-            'auth_method = "none"\n'
-        )
+        cfg.write_text(profile("svc", base, client_id="dc-service", grant="client_credentials") + device_profile(base))
         sock = str(tmp_path / "broker.sock")
         broker = start_run(cfg, sock, '[svc]\nclient_secret = "dc-service-secret"\n')
         try:
@@ -249,17 +239,12 @@ def test_dc_token_scope_against_rh_sso_never_prints_a_token_wider_than_asked(tmp
         cfg = tmp_path / "config.toml"
         cfg.write_text(
             profile("acme", base, scope="openid phone profile email")
-            + f'[profiles.dev]\nserver = "{base}"\ntenant = "demo"\nclient_id = "dc-public"\ngrant = "device"\n'
-            'auth_method = "none"\nscope = "openid phone profile email"\n'
+            + device_profile(base, scope="openid phone profile email")
         )
         sock = str(tmp_path / "broker.sock")
         broker = start_run(cfg, sock, SECRETS)
         try:
-            login = subprocess.Popen(
-                [DC_BROKER, "login", "dev", "--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-            approve_device(base, device_code(login))
-            assert login.wait(30) == 0
+            device_login(base, sock)
             for asked in ("openid profile email", "profile email"):
                 got = dc_token(sock, "--scope", asked, "acme")
                 assert got.returncode == 0, got.stderr

@@ -16,7 +16,15 @@ from dc_broker.sessions.states import State
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.errors import LoginRequired
-from tests.conftest import CREDENTIALS, LockableStore, outcome_of, profile, registry, running
+from tests.conftest import (
+    CREDENTIALS,
+    LockableStore,
+    outcome_of,
+    password_login_at_a_slow_idp,
+    profile,
+    registry,
+    running,
+)
 
 
 async def until(condition: Any) -> None:
@@ -82,9 +90,7 @@ async def test_a_logout_behind_a_password_login_at_a_slow_idp_logs_out_what_it_f
     sessions = registry(idp, "demo", store=store)
     async with running(sessions.run) as nursery:
         demo = sessions.lookup("demo")
-        idp.faults.latency = 3.0
-        logins = outcome_of(nursery, lambda: demo.password_login(Secret("demo")))
-        await until(lambda: demo.busy)
+        logins = await password_login_at_a_slow_idp(idp, demo, nursery)
         await trio.sleep(0.5)
         await demo.logout()
         assert len(logins) == 1 and isinstance(logins[0], TokenSet), logins  # the login ended first
@@ -172,6 +178,14 @@ def password_grants(sent: list[dict[str, str]]) -> list[tuple[str, str]]:
     return [(f["username"], f["password"]) for f in sent if f.get("grant_type") == "password"]
 
 
+def assert_demos_password_dropped(store: MemoryStore, sent: list[dict[str, str]]) -> None:
+    """The profile became viewer's: demo's password was never sent as viewer's and is gone from the
+    store; the client secret (the same client's) stays."""
+    assert ("viewer", "demo") not in password_grants(sent)
+    assert store.credentials("demo").password is None
+    assert store.credentials("demo").client_secret == Secret("dc-cli-secret")
+
+
 async def test_a_new_username_drops_the_old_users_password_before_any_grant(make_idp, autojump_clock, caplog) -> None:
     """`dc-broker set demo username=viewer` and a reload: the stored password is demo's, and is never
     sent as viewer's; it is dropped from the store (the client secret stays: same client), the
@@ -186,9 +200,7 @@ async def test_a_new_username_drops_the_old_users_password_before_any_grant(make
         sent = sent_grants(sessions)
         sessions.reload({"demo": profile("demo", username="viewer")})
         await trio.sleep(5)
-        assert ("viewer", "demo") not in password_grants(sent)
-        assert store.credentials("demo").password is None
-        assert store.credentials("demo").client_secret == Secret("dc-cli-secret")
+        assert_demos_password_dropped(store, sent)
         assert demo.state is State.LOGIN_REQUIRED and demo.token is None
         assert demo.last_error is not None
         assert "dc-broker rotate demo --password" in demo.last_error.message
@@ -257,9 +269,7 @@ async def test_a_new_username_while_the_vault_is_locked_drops_the_password_at_un
         store.unlock()
         sessions.unlocked()
         await trio.sleep(5)
-        assert ("viewer", "demo") not in password_grants(sent)
-        assert store.credentials("demo").password is None
-        assert store.credentials("demo").client_secret == Secret("dc-cli-secret")
+        assert_demos_password_dropped(store, sent)
         assert demo.state is State.LOGIN_REQUIRED
 
 

@@ -59,7 +59,6 @@ from dc_broker.idp.oidc import HttpRequest
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
 from dc_broker.serve import ops
-from dc_broker.serve.listen import bind_unix_socket
 from dc_broker.serve.ops import HANDLERS, BrokerState
 from dc_broker.serve.server import Server
 from dc_broker.sessions.policy import DEFAULT_POLICY
@@ -77,7 +76,7 @@ from dc_token.errors import (
     UnknownProfile,
     VaultUnusable,
 )
-from tests.conftest import IDP_URL, idp_transport
+from tests.conftest import IDP_URL, idp_transport, listening
 
 TOKEN_URL = "http://127.0.0.1:9/token"  # never asked: every wait here is the test's
 KEPT = f'[profiles.kept]\ntoken_url = "{TOKEN_URL}"\nclient_id = "k"\ngrant = "client_credentials"\n'
@@ -121,17 +120,9 @@ async def broker(tmp_path: Path, cfg: Path, store: SecretStore) -> AsyncIterator
     IdP is asked anything)."""
     sessions = Sessions(load_config(str(cfg)).profiles, store, IdpTransport())
     path = str(tmp_path / "run" / "b.sock")
-    sock, lock = bind_unix_socket(path)
     state = BrokerState(sessions=sessions, socket_path=path, config_path=str(cfg))
-    server = Server(state)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, sock)
-            yield path, state
-            nursery.cancel_scope.cancel()
-    finally:
-        sock.close()
-        lock.close()
+    async with listening(Server(state), path):
+        yield path, state
 
 
 def add_new(cfg: Path, sock: str, *extra: str, secret: str = "s3cret") -> Result:
@@ -698,23 +689,24 @@ async def idp_broker(
     quick = dataclasses.replace(DEFAULT_POLICY, refresh_floor=0.01)
     sessions = Sessions(load_config(str(cfg)).profiles, store, transport, refresh_policy=quick)
     path = str(tmp_path / "run" / "b.sock")
-    sock, lock = bind_unix_socket(path)
     state = BrokerState(sessions=sessions, socket_path=path, config_path=str(cfg))
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sessions.run)
-            await nursery.start(Server(state).serve, sock)
-            yield path, state
-            nursery.cancel_scope.cancel()
-    finally:
-        sock.close()
-        lock.close()
+    async with listening(Server(state), path, sessions.run):
+        yield path, state
 
 
 def _logged_in(store: SecretStore) -> Profile:
     p = Profile(name="p", server=IDP_URL, tenant="demo", client_id="dc-cli", grant="password", username="demo")
     store.set_credentials("p", OLD_SECRETS)
     return p
+
+
+async def _add_force(cfg: Path, sock: str, *login: str, stdin: str) -> Result:
+    """`dc-broker add p --force ... --no-verify` against the broker on ``sock``: profile p at the
+    in-process dev IdP with ``login`` (its client, grant, user, where its secrets come from), the
+    secrets from ``stdin``. In a thread: the broker runs in this one."""
+    args = ["add", "p", "--force", "--config", str(cfg), "--socket", sock, "--server", IDP_URL, "--tenant", "demo",
+            *login, "--no-verify"]  # fmt: skip
+    return await trio.to_thread.run_sync(lambda: CliRunner().invoke(cli, args, input=stdin))
 
 
 def _slow_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -749,12 +741,8 @@ async def test_add_force_for_another_user_never_sends_the_old_users_password(
         p = state.sessions.lookup("p")
         with trio.fail_after(10):
             await p.get()  # demo is logged in
-        args = ["add", "p", "--force", "--config", str(cfg), "--socket", sock, "--server", IDP_URL, "--tenant",
-                "demo", "--client-id", "dc-cli", "--username", "viewer", "--password-stdin", "--secret-stdin",
-                "--no-verify"]  # fmt: skip
-        result = await trio.to_thread.run_sync(
-            lambda: CliRunner().invoke(cli, args, input="viewer-password\ndc-cli-secret\n")
-        )
+        result = await _add_force(cfg, sock, "--client-id", "dc-cli", "--username", "viewer", "--password-stdin",
+                                  "--secret-stdin", stdin="viewer-password\ndc-cli-secret\n")  # fmt: skip
         assert result.exit_code == 0, result.output
         assert "the running broker ended its old login and forgot its secrets first" in result.output
         await trio.sleep(0.5)  # the new login, with the new secrets
@@ -781,10 +769,8 @@ async def test_add_force_to_client_credentials_keeps_no_password_and_sends_no_ol
     async with idp_broker(tmp_path, cfg, any_store, sent) as (sock, state):
         with trio.fail_after(10):
             await state.sessions.lookup("p").get()
-        args = ["add", "p", "--force", "--config", str(cfg), "--socket", sock, "--server", IDP_URL, "--tenant",
-                "demo", "--client-id", "dc-service", "--grant", "client_credentials", "--secret-stdin",
-                "--no-verify"]  # fmt: skip
-        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(cli, args, input="dc-service-secret\n"))
+        result = await _add_force(cfg, sock, "--client-id", "dc-service", "--grant", "client_credentials",
+                                  "--secret-stdin", stdin="dc-service-secret\n")  # fmt: skip
         assert result.exit_code == 0, result.output
         with trio.fail_after(10):
             tok = await state.sessions.lookup("p").get()
@@ -808,10 +794,8 @@ async def test_add_force_for_the_same_login_keeps_the_login_until_the_new_secret
     async with idp_broker(tmp_path, cfg, store, sent) as (sock, state):
         with trio.fail_after(10):
             await state.sessions.lookup("p").get()
-        args = ["add", "p", "--force", "--config", str(cfg), "--socket", sock, "--server", IDP_URL, "--tenant",
-                "demo", "--client-id", "dc-cli", "--username", "demo", "--password-stdin", "--secret-stdin",
-                "--no-verify", "--allow", "uid:7"]  # fmt: skip
-        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(cli, args, input="demo\ndc-cli-secret\n"))
+        result = await _add_force(cfg, sock, "--client-id", "dc-cli", "--username", "demo", "--password-stdin",
+                                  "--secret-stdin", "--allow", "uid:7", stdin="demo\ndc-cli-secret\n")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "forgot its secrets" not in result.output
     assert not [s["url"] for s in sent if s["url"].endswith(ENDINGS)]  # no logout: the login was kept
@@ -835,10 +819,8 @@ async def test_add_force_for_another_login_against_a_broker_that_does_not_know_f
     async with idp_broker(tmp_path, cfg, store, sent) as (sock, state):
         with trio.fail_after(10):
             await state.sessions.lookup("p").get()
-        args = ["add", "p", "--force", "--config", str(cfg), "--socket", sock, "--server", IDP_URL, "--tenant",
-                "demo", "--client-id", "dc-cli", "--username", "viewer", "--password-stdin", "--secret-stdin",
-                "--no-verify"]  # fmt: skip
-        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(cli, args, input="v\ndc-cli-secret\n"))
+        result = await _add_force(cfg, sock, "--client-id", "dc-cli", "--username", "viewer", "--password-stdin",
+                                  "--secret-stdin", stdin="v\ndc-cli-secret\n")  # fmt: skip
         running = state.sessions.lookup("p").profile
     assert result.exit_code == 12, result.output
     assert "too old to forget" in result.output and f"nothing of this add was written to {cfg}" in result.output

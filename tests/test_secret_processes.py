@@ -106,6 +106,24 @@ def with_core_limit() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (CORE_SOFT, resource.RLIM_INFINITY))
 
 
+def holding(site: str, env: dict[str, str], secret: str, *args: str) -> subprocess.Popen[str]:
+    """`dc-broker ARGS` as the user, started with ``CORE_SOFT``, with ``secret`` written to its stdin
+    (a line, flushed; the pipe is left open)."""
+    proc = subprocess.Popen(
+        as_user(USER, site, "dc-broker", *args),
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=with_core_limit,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(secret + "\n")
+    proc.stdin.flush()
+    return proc
+
+
 def core_limit(pid: int) -> list[str]:
     """The process's RLIMIT_CORE as ``/proc/PID/limits`` shows it: [soft, hard]."""
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
@@ -207,19 +225,8 @@ def test_a_waiting_add_keeps_the_password_from_the_users_other_processes(site: s
         idp.settimeout(30)
         args = ["add", "svc", "--server", f"http://127.0.0.1:{idp.getsockname()[1]}", "--tenant", "t"]
         args += ["--client-id", "c", "--grant", "client_credentials", "--secret-stdin"]
-        add = subprocess.Popen(
-            as_user(USER, site, "dc-broker", *args),
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            preexec_fn=with_core_limit,
-        )
+        add = holding(site, env, secret, *args)
         try:
-            assert add.stdin is not None
-            add.stdin.write(secret + "\n")
-            add.stdin.flush()
             conn, _ = idp.accept()  # the check at the IdP: the secret has been read and is in use
             with conn:
                 time.sleep(0.2)  # the request is on its way; the answer never comes
@@ -260,18 +267,7 @@ def test_a_login_waiting_at_the_idp_keeps_the_password_from_the_users_other_proc
             assert broker.stdin is not None
             broker.stdin.close()  # no secrets: the password comes with the login
             wait_for_socket(env["DC_BROKER_SOCKET"], broker)
-            login = subprocess.Popen(
-                as_user(USER, site, "dc-broker", "login", "pw", "--password-stdin"),
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                preexec_fn=with_core_limit,
-            )
-            assert login.stdin is not None
-            login.stdin.write(password + "\n")
-            login.stdin.flush()
+            login = holding(site, env, password, "login", "pw", "--password-stdin")
             conn, _ = idp.accept()
             with conn:
                 sent = b""

@@ -8,7 +8,6 @@ server makes; a real `dc-broker run` where it times what the reaper closes."""
 from __future__ import annotations
 
 import os
-import random
 import select
 import socket
 import subprocess
@@ -26,14 +25,13 @@ from dc_broker.access.caller import Caller
 from dc_broker.config import Profile
 from dc_broker.idp.transport import IdpTransport
 from dc_broker.secret import Secret
-from dc_broker.serve.listen import bind_unix_socket
 from dc_broker.serve.ops import HANDLERS, BrokerState
 from dc_broker.serve.server import BYTES_PER_WAKE, Limits, Server, _Connection
 from dc_broker.sessions.registry import Sessions
 from dc_broker.store import MemoryStore
 from dc_broker.tokens import Credentials, TokenSet
 from dc_token.protocol import Request, encode
-from tests.conftest import CREDENTIALS, LockableStore, idp_transport, profile, running, trio_wall_clock
+from tests.conftest import CREDENTIALS, LockableStore, listening, registry, running
 from tests.e2e import connections_on, start_run, stop, wait_for
 
 TOKEN = encode(Request(1, "token", {"profile": "p", "min_ttl": 60}))
@@ -69,17 +67,9 @@ async def serving(tmp_path: Path, **limits: float) -> AsyncIterator[tuple[str, S
     await store.save_tokens("p", tokens)
     sessions = Sessions({"p": profile}, store, IdpTransport())
     path = str(tmp_path / "run" / "b.sock")
-    sock, lock = bind_unix_socket(path)
     server = Server(BrokerState(sessions=sessions, socket_path=path), limits=Limits(**limits))  # type: ignore[arg-type]
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sessions.run)
-            await nursery.start(server.serve, sock)
-            yield path, server
-            nursery.cancel_scope.cancel()
-    finally:
-        sock.close()
-        lock.close()
+    async with listening(server, path, sessions.run):
+        yield path, server
 
 
 async def ask(client: trio.socket.SocketType, frame: bytes = TOKEN) -> dict[str, object]:
@@ -252,9 +242,7 @@ async def test_a_lock_cut_short_while_a_refresh_is_at_the_idp_still_locks_the_va
     every profile showing locked while the vault's key stays in memory."""
     idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
     store = LockableStore({"demo": CREDENTIALS["demo"]})
-    sessions = Sessions(
-        {"demo": profile("demo")}, store, idp_transport(idp), rng=random.Random(3), wall_clock=trio_wall_clock
-    )
+    sessions = registry(idp, "demo", store=store)
     state = BrokerState(sessions=sessions, socket_path="unused")
     owner = Caller(os.getuid(), os.getgid(), os.getpid())
     async with running(sessions.run):

@@ -19,11 +19,10 @@ import pytest
 
 from tests.e2e import (
     DC_BROKER,
-    approve_device,
     dc_token,
     dev_idp,
     dev_idp_process,
-    device_code,
+    device_login,
     idp_stats,
     run,
     start_run,
@@ -69,14 +68,7 @@ def test_a_device_login_survives_twenty_refreshes_of_an_op_that_never_rotates(tm
         sock = str(tmp_path / "broker.sock")
         broker = start_run(cfg, sock, '[acme]\npassword = "demo"\nclient_secret = "dc-cli-secret"\n')
         try:
-            login = subprocess.Popen(
-                [DC_BROKER, "login", "dev", "--socket", sock],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            approve_device(base, device_code(login))
-            assert login.wait(30) == 0
+            device_login(base, sock)
             wait_for(lambda: status(sock)["dev"]["refreshes"] >= 21, 120, "20 refreshes of the device login")
             shown = status(sock)
             assert shown["dev"]["state"] == "fresh" and shown["acme"]["state"] == "fresh"

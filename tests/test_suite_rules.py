@@ -16,13 +16,25 @@ pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_with_the_suites_conftest(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: str, **files: str
+) -> pytest.RunResult:
+    """pytest in a subprocess over ``files`` (module name: source), with CI=``ci`` and this suite's
+    tests/conftest.py as a plugin; its skip reasons and failures reported (``-rsf``)."""
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    pytester.makepyfile(**files)
+    return pytester.runpytest_subprocess("-p", "tests.conftest", "-p", "no:cacheprovider", "-rsf")
+
+
 @pytest.mark.parametrize(("ci", "outcome"), [("true", "failed"), ("", "skipped")])
 def test_a_skip_fails_under_ci_and_says_why(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: str, outcome: str
 ) -> None:
-    monkeypatch.setenv("CI", ci)
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    pytester.makepyfile(
+    result = run_with_the_suites_conftest(
+        pytester,
+        monkeypatch,
+        ci,
         test_needs="""
 import pytest
 
@@ -32,9 +44,8 @@ def test_needs_a_widget():
 @pytest.mark.xfail(reason="a known bug", strict=True)
 def test_known_bug():
     assert False
-"""
+""",
     )
-    result = pytester.runpytest_subprocess("-p", "tests.conftest", "-p", "no:cacheprovider", "-rsf")
     result.assert_outcomes(**{outcome: 1, "xfailed": 1})
     if ci:
         result.stdout.fnmatch_lines(["*CI=true: this test must run in CI, but it skipped: *no widget here*"])
@@ -46,9 +57,10 @@ def test_known_bug():
 def test_a_module_that_skips_as_a_whole_fails_under_ci_and_says_why(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: str, outcome: str
 ) -> None:
-    monkeypatch.setenv("CI", ci)
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    pytester.makepyfile(
+    result = run_with_the_suites_conftest(
+        pytester,
+        monkeypatch,
+        ci,
         test_skipped_module="""
 import pytest
 
@@ -66,7 +78,6 @@ def test_never_collected_either():
     pass
 """,
     )
-    result = pytester.runpytest_subprocess("-p", "tests.conftest", "-p", "no:cacheprovider", "-rsf")
     result.assert_outcomes(**{outcome: 2})
     if ci:
         assert result.ret == pytest.ExitCode.INTERRUPTED  # "errors during collection": the run fails
