@@ -161,6 +161,42 @@ async def test_a_device_login_landing_while_a_narrowing_holds_the_login(make_idp
     assert idp.stats.refresh_reuse == 0
 
 
+async def test_a_real_device_login_landing_while_a_narrowing_holds_the_login(make_idp, autojump_clock) -> None:
+    """The issue's own case, with a person's device login (the test above adopts a password login): the
+    finished device login lands while a per-scope request of the same profile holds the login at a
+    slow IdP. It is adopted once the narrowing is done (no LifecycleError, no broker ended), the
+    child's token narrowed from the replaced login is forgotten, and no refresh token is used twice."""
+    idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
+    sessions = registry(idp, "device")
+    async with running(sessions.run) as nursery:
+        device = sessions.lookup("device")
+        await approved_device_login(idp, device)
+        first = device.token
+        child = sessions.lookup_scoped(device, "email profile")
+        idp.faults.hang = True  # the IdP holds every token request until released
+        nursery.start_soon(child.get)
+        while not device.busy:
+            await trio.sleep(0.01)
+        adopted = trio.Event()
+
+        async def person() -> None:
+            await approved_device_login(idp, device)
+            adopted.set()
+
+        nursery.start_soon(person)
+        await trio.sleep(15)  # the person approved; the device login's poll (every 5 s) waits at the IdP too
+        assert device.busy and not adopted.is_set() and device.token is first
+        polls = sum(n for (_, _, grant), n in idp.stats.token_requests.items() if grant.endswith("device_code"))
+        assert polls == 2  # the first login's one poll, and this one's, held at the IdP
+        idp.faults.hang = False  # both answers come: the login's lands while the narrowing holds the login
+        await adopted.wait()
+        assert device.token is not first and device.state is State.FRESH
+        assert child.token is None  # narrowed from the login that was replaced
+        await trio.sleep(10)
+        assert (await child.get()).access_token
+    assert idp.stats.refresh_reuse == 0
+
+
 async def test_an_outcome_of_an_old_generation_is_dropped_not_applied(make_idp, autojump_clock) -> None:
     idp = make_idp(access_lifespan=60)
     session = make_session(idp)
