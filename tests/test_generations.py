@@ -345,6 +345,32 @@ async def test_after_a_lost_answer_the_refresh_token_waits_for_the_idp_to_answer
     assert idp.stats.refresh_reuse == 0  # the hung request was never processed: presenting it again was safe
 
 
+@pytest.mark.parametrize(("max_reuse", "password_logins"), [(1, 1), (0, 2)])
+async def test_refresh_token_max_reuse_1_closes_the_window_of_a_lost_rotation(
+    make_idp, autojump_clock, max_reuse: int, password_logins: int
+) -> None:
+    """What docs/keycloak.md tells an administrator to set: the IdP rotates the refresh token and its
+    answer never arrives (finished 200 s late, past the patient read). The broker waits for the IdP
+    to answer a probe and presents the old refresh token once more. With Keycloak's "Refresh Token
+    Max Reuse" 1 that is accepted and nothing is lost; with the default 0 it ends the session, and a
+    password profile logs in again with its password (a device login would need its person)."""
+    idp = make_idp(access_lifespan=600, rotate_refresh_tokens=True, refresh_token_max_reuse=max_reuse)
+    session = make_session(idp)
+    async with running(session.run):
+        await session.get()
+        idp.faults.late = 200.0  # rotated at once; the answer finished only after the broker gave up on it
+        await in_flight(session)
+        while session.last_error is None:  # the answer is given up on at 180 s
+            await trio.sleep(0.1)
+        assert "did not finish answering within 180 s" in session.last_error.message
+        idp.faults.late = 0.0  # answers come at once again, before the broker asks again
+        await trio.sleep(400)
+        assert session.state is State.FRESH
+        assert grants(idp, "refresh_token") == 2  # the lost one, then the same token presented once more
+        assert grants(idp, "password") == password_logins
+    assert idp.stats.refresh_reuse == 1  # the IdP saw the rotated-away token once more, and no more
+
+
 # -- restarts, children, crashes, interactive errors -----------------------------------------------------------
 
 
