@@ -545,23 +545,26 @@ class IdpStub:
         self.server.server_close()
 
 
-@pytest.mark.parametrize(("offset", "said"), [(120.0, r"1(19|20) s behind"), (-300.0, r"(299|300) s ahead of")])
+@pytest.mark.parametrize(("offset", "said"), [(120.0, "behind"), (-300.0, "ahead of")])
 def test_doctor_fails_a_clock_out_of_step_with_the_idps_date(tmp_path: Path, offset: float, said: str) -> None:
-    """The Date is whole seconds and sent a moment before it is read: a second either way."""
+    """The Date is whole seconds and is read a moment after it was written (on a loaded machine, more
+    than a moment: CI once read 301 s for 300): the seconds within 5 of the offset, the rest exact."""
     home = Home(tmp_path)
     with IdpStub(offset=offset) as stub:
         doctor = _doctor_without_broker(home, stub.url)
     assert (doctor.returncode, doctor.stderr) == (1, "")
     expected = (
         re.escape(_no_broker_lines(home) + f"ok    idp acme: discovery served by {stub.url}/auth/realms/demo\n")
-        + f"FAIL  clock: {said} the identity provider's\n"
+        + rf"FAIL  clock: (\d+) s {said} the identity provider's\n"
         + re.escape(
             "      fix: keep the clock in step (`timedatectl set-ntp true`, or chrony/ntpd)\n"
             + SYSTEMD_OK
             + "doctor: 2 problem(s)\n"
         )
     )
-    assert re.fullmatch(expected, doctor.stdout), doctor.stdout
+    matched = re.fullmatch(expected, doctor.stdout)
+    assert matched, doctor.stdout
+    assert abs(int(matched[1]) - abs(offset)) <= 5, doctor.stdout
 
 
 @pytest.mark.parametrize(
