@@ -132,7 +132,18 @@ class TrioThread:
         self.token, self.nursery = ready.get(timeout=30)
 
     def call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        return trio.from_thread.run(fn, *args, trio_token=self.token)
+        """``fn(*args)`` in trio, and then every task it set going (an IdP released, a refresh
+        forced) until all wait again: the rule, and the invariants after it, read a loop at rest.
+        (Returning at once let the invariants read the sessions and the IdP while the loop's thread
+        was changing them: a refresh token rotated at the IdP whose answer the broker had not read
+        yet looked lost, and a replay of the same steps ran differently.)"""
+
+        async def then_settle() -> Any:
+            result = await fn(*args)
+            await settle()
+            return result
+
+        return trio.from_thread.run(then_settle, trio_token=self.token)
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         trio.from_thread.run_sync(self.nursery.start_soon, fn, *args, trio_token=self.token)
