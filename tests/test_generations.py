@@ -37,6 +37,7 @@ from tests.conftest import (
     LockableStore,
     idp_transport,
     make_session,
+    outcome_of,
     password_login_at_a_slow_idp,
     profile,
     registry,
@@ -405,6 +406,28 @@ async def test_a_scoped_childs_failure_during_an_outage_is_the_parents_error(mak
     assert child.state in (State.UNAVAILABLE, State.STALE)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "inside the broker" not in caplog.text
+
+
+async def test_a_childs_attempt_started_just_before_a_lock_does_not_go(make_idp, autojump_clock) -> None:
+    """Found by the model (tests/test_session_model.py): the scheduler starts an attempt as a task of
+    its own (``start_soon``), and `dc-broker lock` locks every session before that task runs; while
+    the lock waits for the refreshes at the IdP, a person's login lands and the login is fresh again.
+    A per-request scope's attempt then went anyway, and its token landed on a session that waits for
+    unlock: ``LifecycleError`` (a crash, restarted by the supervisor). It must not go at all, as the
+    login's own attempt does not."""
+    idp = make_idp(access_lifespan=60)
+    sessions = registry(idp, "demo")
+    async with running(sessions.run):
+        demo = sessions.lookup("demo")
+        await demo.get()
+        child = sessions.lookup_scoped(demo, "email profile")
+        await child.get()
+        sessions.locked()  # `dc-broker lock`'s first step; it then waits for the IdP before the store locks
+        await demo.password_login(Secret("demo"))  # a person's login lands meanwhile: the login is fresh
+        refreshes = grants(idp, "refresh_token")
+        await child.step()  # the attempt the scheduler started just before the lock, running now
+        assert child.state is State.LOCKED and child.token is None and child.crashes == 0
+        assert grants(idp, "refresh_token") == refreshes  # nothing was narrowed for a locked session
 
 
 async def test_a_crashing_session_shows_error_restarts_and_never_ends_the_broker(
@@ -796,3 +819,26 @@ async def test_a_password_login_keeps_a_client_secret_rotated_while_it_was_at_th
         await trio.sleep(10)
         assert store.credentials("demo") == Credentials(password=Secret("demo"), client_secret=Secret("rotated"))
         assert len(logins) == 1 and isinstance(logins[0], TokenSet), logins
+
+
+async def test_a_request_whose_rounds_all_end_without_a_token_is_told_why_and_to_ask_again(
+    make_idp, autojump_clock
+) -> None:
+    """Each refresh round a caller joins ends with its outcome dropped, because the login changed
+    while it was at the IdP (here: a new secret each time). The caller was told "the identity
+    provider grants tokens too short for min_ttl 0 s (last lifetime 0 s)", which names a fault
+    nobody made; it is told what happened, as a retryable error."""
+    idp = make_idp(access_lifespan=60)
+    idp.faults.latency = 3.0
+    session = make_session(idp)
+    async with running(session.run) as nursery:
+        outcome = outcome_of(nursery, lambda: session.get())
+        for _ in range(3):
+            await trio.sleep(1.0)  # this round's attempt is at the IdP
+            session.credentials_changed(relogin=True)  # `dc-broker rotate`: its outcome is dropped
+            await trio.sleep(2.0)
+        await trio.sleep(5.0)
+    [err] = outcome
+    assert isinstance(err, UpstreamUnavailable) and err.retry_after == 1.0
+    assert "3 refreshes in a row ended without a token" in err.message and "ask again" in err.message
+    assert "too short" not in err.message

@@ -58,6 +58,8 @@ log = logging.getLogger("dc_broker.sessions")
 
 #: longest a caller waits for a refresh round before getting upstream_unavailable
 DEFAULT_WAIT_LIMIT: Final = 30.0
+#: refresh rounds a caller joins before it is told why none brought a token it can use
+GET_ROUNDS: Final = 3
 #: distinct oddities of an IdP's answers logged per profile (each once)
 MAX_NOTES: Final = 8
 
@@ -211,10 +213,12 @@ class SessionBase:
         self._lock: trio.Lock | None = None
         #: a caller is waiting for a token the current one cannot give
         self._demanded = False
-        #: per-request scope sessions narrowing this login; they forget their tokens when it changes
-        self._children: set[SessionBase] | None = None
+        #: per-request scope sessions narrowing this login; they forget their tokens when it changes.
+        #: A dict used as a set: in the order they were made, never in the order of their addresses
+        #: (what the scheduler is woken with, and so which child goes first, must not vary by run)
+        self._children: dict[SessionBase, None] | None = None
         if parent is not None:
-            parent.children.add(self)
+            parent.children[self] = None
         #: oddities of the IdP's answers already logged
         self._noted: set[str] | None = None
         #: the scheduler that runs this session's attempts (``Scheduler.add``), and its bookkeeping
@@ -260,9 +264,9 @@ class SessionBase:
         return self._lock
 
     @property
-    def children(self) -> set[SessionBase]:
+    def children(self) -> dict[SessionBase, None]:
         if self._children is None:
-            self._children = set()
+            self._children = {}
         return self._children
 
     @property
@@ -359,7 +363,7 @@ class SessionBase:
     async def get(self, min_ttl: float = 0.0) -> TokenSet:
         """A token with at least min_ttl left: from memory, or by joining/starting a refresh round."""
         deadline = self.clock() + self.wait_limit
-        for _ in range(3):
+        for _ in range(GET_ROUNDS):
             now = self.clock()
             tok = self.peek(min_ttl, now)
             if tok is not None:
@@ -382,9 +386,16 @@ class SessionBase:
                     retry_after=max(1.0, self.policy.backoff_base),
                 )
         tok = self.token
+        if tok is None:  # each round ended with its outcome dropped: the login changed while it was out
+            raise UpstreamUnavailable(
+                f"profile {self.profile.name!r}: {GET_ROUNDS} refreshes in a row ended without a token, each "
+                "dropped because the login changed while it was at the identity provider (a new secret, "
+                "new settings, a lock, a login or a logout); ask again",
+                retry_after=1.0,
+            )
         raise UpstreamError(
             f"profile {self.profile.name!r}: the identity provider grants tokens too short for min_ttl "
-            f"{min_ttl:g} s (last lifetime {tok.lifetime if tok else 0:.0f} s)"
+            f"{min_ttl:g} s (last lifetime {tok.lifetime:.0f} s)"
         )
 
     def _raise_if_blocked(self, now: float) -> None:

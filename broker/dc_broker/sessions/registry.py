@@ -373,7 +373,7 @@ class Sessions:
         session.token = None
         self._scheduler.remove(session)
         if session.parent is not None:
-            session.parent.children.discard(session)
+            session.parent.children.pop(session, None)
         session._changed()
         session._announce()
         session.release_callers()

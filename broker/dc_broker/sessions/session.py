@@ -272,6 +272,8 @@ class Session(PersonLogins):
         try:
             if (parent := self.parent) is not None:
                 assert isinstance(parent, Session)  # a child narrows its parent's login (``logins.narrow``)
+                if self.state in WAITING_FOR_PERSON:
+                    return  # locked (or told to log in) after the scheduler started this task, before it ran
                 gen = self.generation
                 await self._conclude(gen, await _outcome(parent.narrow(self.profile.scope or "")), None)
                 return
