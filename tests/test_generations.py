@@ -689,6 +689,33 @@ async def test_a_scope_evicted_while_its_narrowing_is_at_the_idp_keeps_the_rotat
     assert idp.stats.refresh_reuse == 0 and grants(idp, "password") == 1
 
 
+async def test_a_caller_waiting_on_a_scope_that_leaves_is_told_at_once_why(make_idp, autojump_clock) -> None:
+    """The window ``Sessions._retire`` closes: a caller waits for a per-request scope's round while
+    its narrowing is at a slow IdP, and the scope is evicted. No round of that session will ever
+    come; the caller is told at once that it left (ask again), not after the 30 s wait limit as
+    "the identity provider has not answered"."""
+    idp = make_idp(access_lifespan=60)
+    sessions = registry(idp, "demo")
+    async with running(sessions.run) as nursery:
+        demo = sessions.lookup("demo")
+        await demo.get()
+        scoped = sessions.lookup_scoped(demo, "email profile")
+        idp.faults.latency = 3.0
+        outcome = outcome_of(nursery, scoped.get)
+        await trio.sleep(1.0)  # its narrowing is at the IdP
+        assert demo.busy and not outcome
+        evicted_at = trio.current_time()
+        for i in range(registry_module.MAX_SCOPES_PER_PROFILE):  # the least recently used makes room
+            sessions.lookup_scoped(demo, f"profile x{i}")
+        while not outcome:
+            await trio.sleep(0.01)
+        told_after = trio.current_time() - evicted_at
+    [err] = outcome
+    assert isinstance(err, UpstreamUnavailable) and err.retry_after == 1.0
+    assert "left the broker while this request waited; ask again" in err.message
+    assert told_after < 0.1
+
+
 async def _swallow(get: Any) -> None:
     with contextlib.suppress(Exception):
         await get()
