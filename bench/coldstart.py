@@ -134,7 +134,10 @@ def real_systemd() -> dict[str, object]:
 def main() -> dict[str, object]:
     if ACTIVATE is None:
         print("systemd-socket-activate is not installed; skipped")
-        return {"real_systemd": real_systemd()}
+        real = real_systemd()
+        result = {"real_systemd": real, "verdicts": verdicts(None, real.get("median_ms"))}
+        print(f"  -> {common.write('coldstart', result)}")
+        return result
     idp, base = start_idp()
     try:
         with tempfile.TemporaryDirectory(prefix="dc-bench-") as tmp:
@@ -160,9 +163,21 @@ def main() -> dict[str, object]:
         f"socket-activated cold start to first token (systemd-socket-activate), {RUNS} runs:\n"
         f"  median {median_ms:.0f} ms   max {worst_ms:.0f} ms   (target <= 500 ms)"
     )
-    result["real_systemd"] = real_systemd()
+    result["real_systemd"] = real = real_systemd()
+    result["verdicts"] = verdicts(median_ms, real.get("median_ms"))
+    for verdict in result["verdicts"].values():
+        print(f"  {verdict['line']}")
     print(f"  -> {common.write('coldstart', result)}")
     return result
+
+
+def verdicts(activate_ms: float | None, real_ms: object) -> dict[str, dict[str, object]]:
+    """The cold start's target for each way it was measured (a way not measured here: neither)."""
+    real = float(real_ms) if isinstance(real_ms, int | float) else None
+    return {
+        "median_ms": common.verdict("cold start to first token, systemd-socket-activate", activate_ms, "<=", 500, "ms"),
+        "real_systemd_median_ms": common.verdict("cold start to first token, booted systemd", real, "<=", 500, "ms"),
+    }
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def verdict(what: str, value: float | None, sense: str, target: float, unit: str
             "line": f"{what}: not measured here",
         }
     met = value <= target if sense == "<=" else value >= target
-    shown, limit = (_number(v) + (unit if unit == "x" else f" {unit}") for v in (value, target))
+    shown, limit = (_number(v) + (unit if unit in ("x", "") else f" {unit}") for v in (value, target))
     return {
         "what": what,
         "value": value,

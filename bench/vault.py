@@ -154,6 +154,18 @@ def main() -> dict[str, object]:
             "seconds": kill_s,
         },
         "targets": {"ready_after_unlock_s": 2.0, "peak_rss_mib": 150, "lost_logins": 0},
+        "verdicts": {
+            "lost_logins": common.verdict("vault kill -9 during rotation: lost logins", kills.lost, "<=", 0, ""),
+            "integrity_failures": common.verdict(
+                "vault kill -9 during rotation: integrity failures", len(kills.integrity_failures), "<=", 0, ""
+            ),
+            "ready_after_unlock_s": common.verdict(
+                f"{PROFILES:,} profiles: decrypted after unlock", float(many["ready_after_unlock_s"]), "<=", 2.0, "s"
+            ),
+            "peak_rss_mib": common.verdict(
+                f"{PROFILES:,} profiles: peak RSS", float(many["peak_rss_mib"]), "<=", 150, "MiB"
+            ),
+        },
     }
     save = many["save_tokens"]
     assert isinstance(save, dict)
