@@ -848,21 +848,27 @@ async def test_a_password_login_keeps_a_client_secret_rotated_while_it_was_at_th
         assert len(logins) == 1 and isinstance(logins[0], TokenSet), logins
 
 
+@pytest.mark.parametrize("relogin", [True, False])
 async def test_a_request_whose_rounds_all_end_without_a_token_is_told_why_and_to_ask_again(
-    make_idp, autojump_clock
+    make_idp, autojump_clock, relogin: bool
 ) -> None:
     """Each refresh round a caller joins ends with its outcome dropped, because the login changed
-    while it was at the IdP (here: a new secret each time). The caller was told "the identity
-    provider grants tokens too short for min_ttl 0 s (last lifetime 0 s)", which names a fault
-    nobody made; it is told what happened, as a retryable error."""
-    idp = make_idp(access_lifespan=60)
-    idp.faults.latency = 3.0
+    while it was at the IdP (here: a new secret each time, which drops the login, or keeps it with
+    its token expired by the API's 401 and, from an OP that answers a refresh with the same refresh
+    token, nothing new to keep from the dropped answer). The caller was told "the identity provider
+    grants tokens too short for min_ttl 0 s (last lifetime ...)", which names a fault nobody made;
+    it is told what happened, as a retryable error."""
+    idp = make_idp(access_lifespan=60, refresh_token_answer="same")
     session = make_session(idp)
     async with running(session.run) as nursery:
+        tok = await session.get()
+        idp.faults.latency = 3.0
+        assert session.invalidate(tok.access_token.reveal())  # the API said 401: the token is done
+        await trio.sleep(0.5)
         outcome = outcome_of(nursery, lambda: session.get())
         for _ in range(3):
             await trio.sleep(1.0)  # this round's attempt is at the IdP
-            session.credentials_changed(relogin=True)  # `dc-broker rotate`: its outcome is dropped
+            session.credentials_changed(relogin=relogin)  # `dc-broker rotate`: its outcome is dropped
             await trio.sleep(2.0)
         await trio.sleep(5.0)
     [err] = outcome

@@ -386,7 +386,7 @@ class SessionBase:
                     retry_after=max(1.0, self.policy.backoff_base),
                 )
         tok = self.token
-        if tok is None:  # each round ended with its outcome dropped: the login changed while it was out
+        if tok is None or tok.expires_at <= self.clock():  # every round's outcome was dropped: no usable token
             raise UpstreamUnavailable(
                 f"profile {self.profile.name!r}: {GET_ROUNDS} refreshes in a row ended without a token, each "
                 "dropped because the login changed while it was at the identity provider (a new secret, "
