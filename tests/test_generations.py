@@ -50,6 +50,17 @@ def grants(idp: DevIdP, grant: str) -> int:
     return sum(n for (_, _, g), n in idp.stats.token_requests.items() if g == grant)
 
 
+async def a_login_and_a_scope(sessions: Sessions, *, served: bool = True) -> tuple[Session, Session]:
+    """The demo login, logged in, and its per-request scope "email profile" (``served``: with its
+    narrowed token already fetched)."""
+    demo = sessions.lookup("demo")
+    await demo.get()
+    scoped = sessions.lookup_scoped(demo, "email profile")
+    if served:
+        await scoped.get()
+    return demo, scoped
+
+
 async def in_flight(session: Session) -> None:
     """Force a refresh now and return once it is at the IdP (or, from a fast IdP, back already)."""
     tok = session.token
@@ -147,9 +158,7 @@ async def test_a_device_login_landing_while_a_narrowing_holds_the_login(make_idp
     idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
     sessions = registry(idp, "demo")
     async with running(sessions.run) as nursery:
-        demo = sessions.lookup("demo")
-        await demo.get()
-        child = sessions.lookup_scoped(demo, "email profile")
+        demo, child = await a_login_and_a_scope(sessions, served=False)
         idp.faults.latency = 3.0
         nursery.start_soon(child.get)
         while not demo.busy:
@@ -394,10 +403,7 @@ async def test_a_scoped_childs_failure_during_an_outage_is_the_parents_error(mak
     idp = make_idp(access_lifespan=60)
     sessions = registry(idp, "demo")
     async with running(sessions.run):
-        demo = sessions.lookup("demo")
-        await demo.get()
-        child = sessions.lookup_scoped(demo, "email profile")
-        await child.get()
+        _, child = await a_login_and_a_scope(sessions)
         idp.faults.fail_next(1000)
         with caplog.at_level(logging.WARNING):
             await trio.sleep(120)
@@ -418,10 +424,7 @@ async def test_a_childs_attempt_started_just_before_a_lock_does_not_go(make_idp,
     idp = make_idp(access_lifespan=60)
     sessions = registry(idp, "demo")
     async with running(sessions.run):
-        demo = sessions.lookup("demo")
-        await demo.get()
-        child = sessions.lookup_scoped(demo, "email profile")
-        await child.get()
+        demo, child = await a_login_and_a_scope(sessions)
         sessions.locked()  # `dc-broker lock`'s first step; it then waits for the IdP before the store locks
         await demo.password_login(Secret("demo"))  # a person's login lands meanwhile: the login is fresh
         refreshes = grants(idp, "refresh_token")
@@ -477,10 +480,7 @@ async def test_logout_forgets_the_narrowed_tokens_too(make_idp, autojump_clock) 
     idp = make_idp()
     sessions = registry(idp, "demo")
     async with running(sessions.run):
-        demo = sessions.lookup("demo")
-        await demo.get()
-        child = sessions.lookup_scoped(demo, "email profile")
-        await child.get()
+        demo, child = await a_login_and_a_scope(sessions)
         await demo.logout()
         assert child.peek(0, trio.current_time()) is None
         with pytest.raises(LoginRequired):
@@ -671,9 +671,7 @@ async def test_a_scope_evicted_while_its_narrowing_is_at_the_idp_keeps_the_rotat
     idp = make_idp(access_lifespan=60, rotate_refresh_tokens=True)
     sessions = registry(idp, "demo")
     async with running(sessions.run) as nursery:
-        demo = sessions.lookup("demo")
-        await demo.get()
-        first = sessions.lookup_scoped(demo, "email profile")
+        demo, first = await a_login_and_a_scope(sessions, served=False)
         idp.faults.drip = 0.005  # the IdP has processed the refresh; its answer comes a byte at a time
         nursery.start_soon(partial(_swallow, first.get))
         while not demo.busy:
@@ -697,9 +695,7 @@ async def test_a_caller_waiting_on_a_scope_that_leaves_is_told_at_once_why(make_
     idp = make_idp(access_lifespan=60)
     sessions = registry(idp, "demo")
     async with running(sessions.run) as nursery:
-        demo = sessions.lookup("demo")
-        await demo.get()
-        scoped = sessions.lookup_scoped(demo, "email profile")
+        demo, scoped = await a_login_and_a_scope(sessions, served=False)
         idp.faults.latency = 3.0
         outcome = outcome_of(nursery, scoped.get)
         await trio.sleep(1.0)  # its narrowing is at the IdP

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -60,6 +61,17 @@ def status(sock: str) -> dict[str, dict[str, object]]:
 def scope_of(token: str) -> set[str]:
     payload = token.split(".")[1]
     return set(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["scope"].split())
+
+
+def dc_token_refused(sock: str, broker: subprocess.Popen[str], when: str) -> subprocess.CompletedProcess[str]:
+    """`dc-token dev`'s first refusal (polled: the broker finds out at its next refresh)."""
+    return wait_for(
+        lambda: (got := dc_token(sock, "dev")).returncode != 0 and got,
+        30,
+        f"dc-token dev refused {when}",
+        process=broker,
+        every=0.2,
+    )
 
 
 @pytest.mark.slow
@@ -119,13 +131,7 @@ def test_a_refresh_token_keycloak_says_is_dead_needs_a_person_or_the_stored_pass
             with TokenClient(sock) as client:  # what a caller does when the API answers 401
                 for name, got in held.items():
                     client.invalidate(name, got.stdout.strip())
-            dead = wait_for(
-                lambda: (got := dc_token(sock, "dev")).returncode != 0 and got,
-                30,
-                "dc-token dev refusing once its login was found dead",
-                process=broker,
-                every=0.2,
-            )
+            dead = dc_token_refused(sock, broker, "once its login was found dead")
             assert dead.returncode == 5 and dead.stdout == "", dead.stderr  # login_required: a person acts
             assert dead.stderr == "dc-token: profile 'dev': no valid login; run `dc-broker login dev`\n"
             assert status(sock)["dev"]["state"] == "login_required"
@@ -196,13 +202,7 @@ def test_a_device_login_refused_by_a_client_setting_keeps_its_refresh_token(tmp_
             assert httpx.post(admin, json={"client_id": "dc-public", "dpop": "required"}, timeout=30).status_code == 200
             with TokenClient(sock) as client:
                 client.invalidate("dev", first.stdout.strip())
-            refused = wait_for(
-                lambda: (got := dc_token(sock, "dev")).returncode != 0 and got,
-                30,
-                "dc-token dev refused by the setting",
-                process=broker,
-                every=0.2,
-            )
+            refused = dc_token_refused(sock, broker, "by the setting")
             assert refused.returncode == 10 and "DPoP Bound Access Tokens" in refused.stderr, refused.stderr
             shown = status(sock)["dev"]
             assert shown["state"] != "login_required" and "DPoP" in str(shown["last_error"])
