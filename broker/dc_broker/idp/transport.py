@@ -495,18 +495,11 @@ def _refused(exc: httpx.TransportError) -> bool:
         return False
     for cause in causes(exc):
         if isinstance(cause, BaseExceptionGroup):
-            leaves = _leaves(cause)
-            return bool(leaves) and all(isinstance(e, ConnectionRefusedError) for e in leaves)
+            refused, other = cause.split(ConnectionRefusedError)  # nested groups included
+            return refused is not None and other is None
         if isinstance(cause, ConnectionRefusedError):
             return True
     return False
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for e in group.exceptions:
-        found.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return found
 
 
 def _address(url: str) -> str:
