@@ -177,6 +177,12 @@ class Profile:
         base = self.endpoint_base()
         return f"{base}/protocol/openid-connect/token" if base else None
 
+    def signs_in_with(self) -> str | None:
+        """What a client_credentials profile's client authenticates with where that is no stored
+        secret (``SIGNS_IN_WITH``): it stays through a logout, and `dc-broker login` grants again with
+        it. None for any other profile (a secret, a password or a person's login)."""
+        return SIGNS_IN_WITH.get(self.auth_method) if self.grant == "client_credentials" else None
+
     def same_login(self, other: Profile) -> bool:
         """Whether ``other`` differs from this profile at most in who may use it (``allow``), who may
         change it (``admin``) and where its tokens are written (``sinks``): the same login, which a

@@ -44,7 +44,6 @@ from dc_broker.access.caller import Caller
 from dc_broker.access.programs import ProgramHashes
 from dc_broker.config import Profile
 from dc_broker.config.load import load_config
-from dc_broker.config.values import SIGNS_IN_WITH
 from dc_broker.errors import RecordCorrupt, UpstreamFault, WrongPassphrase
 from dc_broker.idp import clientkeys
 from dc_broker.observe import events
@@ -838,7 +837,7 @@ async def _logout(
     await state.settle_files([session.profile.name])  # its token files are gone before the reply
     grant = session.profile.grant
     forgot = {"password": "password", "client_credentials": "client secret"}.get(grant, "refresh token")
-    if grant == "client_credentials" and session.profile.auth_method in SIGNS_IN_WITH:
+    if session.profile.signs_in_with() is not None:
         forgot = "token"  # its client key, certificate or assertion file is who the client is: it stays
     kept = (
         forgotten is None

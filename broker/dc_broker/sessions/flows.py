@@ -52,7 +52,6 @@ from typing import Final, TypeVar
 from urllib.parse import urlencode
 
 from dc_broker.config import Profile
-from dc_broker.config.values import SIGNS_IN_WITH
 from dc_broker.errors import (
     ConfigError,
     IdpMisconfigured,
@@ -550,9 +549,9 @@ def login_message(p: Profile) -> str:
 
 def logged_out_message(p: Profile) -> str:
     """Why a profile that was logged out has no login: ``login_message``, except for client credentials
-    whose client authenticates with no secret (``SIGNS_IN_WITH``): that stays, and `dc-broker login`
-    signs the profile in again with it."""
-    with_what = SIGNS_IN_WITH.get(p.auth_method) if p.grant == "client_credentials" else None
+    whose client authenticates with no secret (``Profile.signs_in_with``): that stays, and `dc-broker
+    login` signs the profile in again with it."""
+    with_what = p.signs_in_with()
     if with_what is None:
         return login_message(p)
     return f"profile {p.name!r}: logged out; `dc-broker login {p.name}` signs in again with {with_what}"

@@ -14,7 +14,6 @@ from typing import Any, Final
 
 import trio
 
-from dc_broker.config.values import SIGNS_IN_WITH
 from dc_broker.errors import UpstreamFault, UpstreamTransient
 from dc_broker.idp.oidc import Endpoints
 from dc_broker.secret import Secret
@@ -123,7 +122,7 @@ class PersonLogins(Concluding):
         tokens only once it succeeded."""
         name = self.profile.name
         if self.profile.grant == "client_credentials":
-            if self.profile.auth_method not in SIGNS_IN_WITH:
+            if self.profile.signs_in_with() is None:
                 raise CredentialsRejected(
                     f"profile {name!r} uses client credentials: the broker signs in with the stored client "
                     f"secret, so there is nothing to log in; to store a new secret, `dc-broker rotate {name} "
