@@ -165,8 +165,7 @@ def main() -> dict[str, object]:
     )
     result["real_systemd"] = real = real_systemd()
     result["verdicts"] = verdicts(median_ms, real.get("median_ms"))
-    for verdict in result["verdicts"].values():
-        print(f"  {verdict['line']}")
+    common.show_verdicts(result["verdicts"])
     print(f"  -> {common.write('coldstart', result)}")
     return result
 

@@ -65,6 +65,12 @@ def verdict(what: str, value: float | None, sense: str, target: float, unit: str
     }
 
 
+def show_verdicts(verdicts: dict[str, dict[str, object]]) -> None:
+    """Print each verdict's line, indented under the figures it judges."""
+    for verdict in verdicts.values():
+        print(f"  {verdict['line']}")
+
+
 def _number(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}".rstrip("0").rstrip(".")
 

@@ -515,8 +515,7 @@ def _report(
     verdicts = _verdicts(figures)
     result["verdicts"] = verdicts
     print("\ntargets (this tree):")
-    for verdict in verdicts.values():
-        print(f"  {verdict['line']}")
+    common.show_verdicts(verdicts)
     return result
 
 

@@ -36,7 +36,7 @@ def main() -> None:
     rows["verdicts"] = {
         "lost_logins": common.verdict("kill -9 while rotating, Max Reuse 1: lost logins", lost, "<=", 0, "")
     }
-    print(f"  {rows['verdicts']['lost_logins']['line']}")
+    common.show_verdicts(rows["verdicts"])
     print(f"  -> {common.write('crash', rows)}")
 
 

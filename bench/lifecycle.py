@@ -286,8 +286,7 @@ def main() -> None:
             ),
         },
     }
-    for verdict in found["verdicts"].values():
-        print(f"  {verdict['line']}")
+    common.show_verdicts(found["verdicts"])
     print(f"  -> {common.write('lifecycle', found)}")
 
 

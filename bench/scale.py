@@ -183,8 +183,7 @@ def main(n: int) -> dict[str, Any]:
         f"  daemon RSS {result['rss_mib']:.0f} MiB, peak {result['peak_rss_mib']:.0f} MiB;"
         f" locked {result['locked_rss_mib']:.0f} MiB"
     )
-    for verdict in result["verdicts"].values():
-        print(f"  {verdict['line']}")
+    common.show_verdicts(result["verdicts"])
     print(f"  -> {common.write('scale', result)}")
     return result
 
