@@ -298,8 +298,8 @@ class PersonLogins(Concluding):
             if tok is not None:
                 try:
                     ended = await self._drive(flows.end_login(await self._login(creds), tok))
-                except (UpstreamTransient, UpstreamUnavailable) as exc:
-                    if keep_unreached:
+                except (UpstreamFault, BrokerError) as exc:
+                    if keep_unreached and isinstance(exc, UpstreamTransient | UpstreamUnavailable):
                         why = str(exc).removeprefix(f"profile {name!r}: ")  # discovery's error names it already
                         raise UpstreamUnavailable(
                             f"profile {name!r}: the identity provider could not end the login: {why}; nothing "
@@ -307,8 +307,6 @@ class PersonLogins(Concluding):
                             f"(`dc-broker remove {name}` forgets it here regardless)",
                             retry_after=getattr(exc, "retry_after", None),
                         ) from None
-                    log.warning("profile %s: could not end the login at the identity provider: %s", name, exc)
-                except (UpstreamFault, BrokerError) as exc:
                     log.warning("profile %s: could not end the login at the identity provider: %s", name, exc)
             self._changed()
             self._logouts += 1  # a person's login that began before this one is not adopted after it
